@@ -1,0 +1,382 @@
+//! The lockstep trace format: one safetensors file holding every intermediate tensor of one
+//! forward pass, under canonical names in forward order (see `docs/trace-format.md`).
+//!
+//! Both sides write it: the PyTorch reference tracer (`reference/`) and the Rust engine. Any other
+//! port (JAX, ...) that emits these names can be compared too.
+
+pub mod names;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub use names::{forward_rank, sort_forward, LayerTap, TapName};
+
+/// Errors reading or writing a trace. Each renders as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid safetensors file.
+    #[error("{path}: not a valid safetensors trace: {msg}")]
+    Format {
+        /// The file concerned.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor has a dtype a trace cannot hold.
+    #[error("{path}: tensor '{name}' has unsupported dtype {dtype}")]
+    Dtype {
+        /// The file concerned.
+        path: String,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor's data does not match its shape.
+    #[error("tensor '{name}': {len} values do not fill shape {shape:?}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Number of values given.
+        len: usize,
+        /// The declared shape.
+        shape: Vec<usize>,
+    },
+}
+
+/// Storage dtype of a traced tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceDtype {
+    /// float64.
+    F64,
+    /// float32.
+    F32,
+    /// bfloat16 (traces from other producers may store it; lockstep writes f32 for bf16 runs).
+    BF16,
+    /// float16.
+    F16,
+    /// int64 (token ids).
+    I64,
+}
+
+impl std::fmt::Display for TraceDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TraceDtype::F64 => "float64",
+            TraceDtype::F32 => "float32",
+            TraceDtype::BF16 => "bfloat16",
+            TraceDtype::F16 => "float16",
+            TraceDtype::I64 => "int64",
+        })
+    }
+}
+
+/// Values of one traced tensor, in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    /// float64 values.
+    F64(Vec<f64>),
+    /// float32 values.
+    F32(Vec<f32>),
+    /// bfloat16 values.
+    BF16(Vec<half::bf16>),
+    /// float16 values.
+    F16(Vec<half::f16>),
+    /// int64 values.
+    I64(Vec<i64>),
+}
+
+impl TensorData {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F64(v) => v.len(),
+            TensorData::F32(v) => v.len(),
+            TensorData::BF16(v) => v.len(),
+            TensorData::F16(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The storage dtype.
+    pub fn dtype(&self) -> TraceDtype {
+        match self {
+            TensorData::F64(_) => TraceDtype::F64,
+            TensorData::F32(_) => TraceDtype::F32,
+            TensorData::BF16(_) => TraceDtype::BF16,
+            TensorData::F16(_) => TraceDtype::F16,
+            TensorData::I64(_) => TraceDtype::I64,
+        }
+    }
+
+    /// All values widened to f64 (exact for every dtype but very large int64).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            TensorData::F64(v) => v.clone(),
+            TensorData::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+        }
+    }
+
+    fn to_le_bytes(&self) -> Vec<u8> {
+        fn bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            v.iter().flat_map(|&x| f(x)).collect()
+        }
+        match self {
+            TensorData::F64(v) => bytes(v, f64::to_le_bytes),
+            TensorData::F32(v) => bytes(v, f32::to_le_bytes),
+            TensorData::BF16(v) => bytes(v, half::bf16::to_le_bytes),
+            TensorData::F16(v) => bytes(v, half::f16::to_le_bytes),
+            TensorData::I64(v) => bytes(v, i64::to_le_bytes),
+        }
+    }
+}
+
+/// One traced tensor: its shape and values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceTensor {
+    /// Shape, batch dimension included.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: TensorData,
+}
+
+/// A whole trace: tensors in forward order plus string metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    tensors: Vec<(String, TraceTensor)>,
+    /// The `__metadata__` map: producer, versions, dtype, model fingerprint, token ids...
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Trace {
+    /// An empty trace.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tensor (replacing one of the same name). Fails if `data` does not fill `shape`.
+    pub fn insert(
+        &mut self,
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        data: TensorData,
+    ) -> Result<(), TraceError> {
+        let name = name.into();
+        let want: usize = shape.iter().product();
+        if want != data.len() {
+            return Err(TraceError::Shape {
+                name,
+                len: data.len(),
+                shape,
+            });
+        }
+        let t = TraceTensor { shape, data };
+        match self.tensors.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = t,
+            None => self.tensors.push((name, t)),
+        }
+        Ok(())
+    }
+
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<&TraceTensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Mutable access to a tensor by name.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut TraceTensor> {
+        self.tensors
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+    }
+
+    /// Tensor names in forward order (canonical names first by position in the forward pass,
+    /// then any others alphabetically).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        sort_forward(&mut names);
+        names
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when the trace holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Serializes to safetensors bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, TraceError> {
+        let fmt = |msg: String| TraceError::Format {
+            path: "<memory>".into(),
+            msg,
+        };
+        let owned: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let dt = match t.data.dtype() {
+                    TraceDtype::F64 => safetensors::Dtype::F64,
+                    TraceDtype::F32 => safetensors::Dtype::F32,
+                    TraceDtype::BF16 => safetensors::Dtype::BF16,
+                    TraceDtype::F16 => safetensors::Dtype::F16,
+                    TraceDtype::I64 => safetensors::Dtype::I64,
+                };
+                (n.clone(), t.data.to_le_bytes(), dt, t.shape.clone())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, b, dt, s)| {
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| fmt(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let meta: std::collections::HashMap<String, String> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        safetensors::serialize(views, Some(meta)).map_err(|e| fmt(e.to_string()))
+    }
+
+    /// Writes the trace atomically: to a temporary file beside `path`, then renamed, so a
+    /// failure never leaves a half-written trace.
+    pub fn write(&self, path: &Path) -> Result<(), TraceError> {
+        let bytes = self.to_bytes()?;
+        let io = |source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("safetensors.partial");
+        std::fs::write(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+
+    /// Reads a trace from safetensors bytes; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &str) -> Result<Self, TraceError> {
+        let fmt = |msg: String| TraceError::Format {
+            path: path.to_string(),
+            msg,
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| fmt(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| fmt(e.to_string()))?;
+        let mut trace = Trace::new();
+        if let Some(m) = meta.metadata() {
+            trace.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        for (name, view) in st.tensors() {
+            let b = view.data();
+            let data = match view.dtype() {
+                safetensors::Dtype::F64 => TensorData::F64(
+                    b.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                safetensors::Dtype::F32 => TensorData::F32(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                safetensors::Dtype::BF16 => TensorData::BF16(
+                    b.chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                safetensors::Dtype::F16 => TensorData::F16(
+                    b.chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                safetensors::Dtype::I64 => TensorData::I64(
+                    b.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                other => {
+                    return Err(TraceError::Dtype {
+                        path: path.to_string(),
+                        name,
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            trace.insert(name, view.shape().to_vec(), data)?;
+        }
+        Ok(trace)
+    }
+
+    /// Reads a trace file.
+    pub fn read(path: &Path) -> Result<Self, TraceError> {
+        let bytes = std::fs::read(path).map_err(|source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_keeps_values_shapes_and_metadata() {
+        let mut t = Trace::new();
+        t.insert("logits", vec![1, 2, 2], TensorData::F64(vec![1.0, -2.5, 3.25, 1e-300]))
+            .unwrap();
+        t.insert("tokens", vec![1, 2], TensorData::I64(vec![9707, 11]))
+            .unwrap();
+        t.insert("embed", vec![1, 2, 1], TensorData::F32(vec![0.5, -0.25]))
+            .unwrap();
+        t.metadata.insert("producer".into(), "test".into());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        t.write(&p).unwrap();
+        let r = Trace::read(&p).unwrap();
+        assert_eq!(r.names(), vec!["tokens", "embed", "logits"]);
+        assert_eq!(r.get("logits"), t.get("logits"));
+        assert_eq!(r.get("tokens"), t.get("tokens"));
+        assert_eq!(r.metadata.get("producer").map(String::as_str), Some("test"));
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let mut t = Trace::new();
+        assert!(t.insert("x", vec![2, 2], TensorData::F32(vec![1.0])).is_err());
+    }
+
+    #[test]
+    fn truncated_file_is_a_format_error() {
+        let mut t = Trace::new();
+        t.insert("x", vec![4], TensorData::F32(vec![1.0; 4])).unwrap();
+        let b = t.to_bytes().unwrap();
+        let err = Trace::from_bytes(&b[..b.len() - 3], "x").unwrap_err();
+        assert!(matches!(err, TraceError::Format { .. }), "{err}");
+    }
+}
