@@ -1,1 +1,45 @@
-fn main() {}
+//! `lockstep`: run Qwen2 / Llama checkpoints in Rust and prove they compute what PyTorch computes.
+//!
+//! A thin binary: argument parsing and file I/O here; the work lives in `lockstep-engine`
+//! (the model) and `lockstep-verify` (comparison and reports).
+
+mod cli_error;
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Command-line interface.
+#[derive(Parser)]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Run Qwen2/Llama checkpoints in Rust and verify them tensor by tensor against PyTorch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the token ids of a text (JSON array on the last line).
+    Tokenize(commands::tokenize::Args),
+    /// Run one forward pass and write its trace (every intermediate tensor) as safetensors.
+    Trace(commands::trace::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Trace(a) => commands::trace::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

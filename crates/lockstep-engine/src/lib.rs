@@ -1,1 +1,32 @@
-//! placeholder
+//! lockstep's engine: a Rust implementation of the Qwen2 / Qwen2.5 and Llama model families that
+//! loads Hugging Face checkpoints and computes what `transformers` computes, with every
+//! intermediate tensor observable for verification.
+//!
+//! - [`config`]: config.json, v4 and v5 keys.
+//! - [`weights`]: memory-mapped safetensors (single file or shards).
+//! - [`tokenizer`]: tokenizer.json through the `tokenizers` crate.
+//! - [`kernels`]: matmul, RMSNorm, RoPE, attention, activation; each with a reference version.
+//! - [`model`]: the decoder forward pass.
+//! - [`observer`]: taps for traces, free when off.
+//! - [`tracing`]: one traced forward pass written in the lockstep trace format.
+
+pub mod config;
+pub mod error;
+pub mod faults;
+pub mod kernels;
+pub mod model;
+pub mod observer;
+pub mod tokenizer;
+pub mod tracing;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::{EngineError, Result};
+pub use faults::Fault;
+pub use kernels::{Float, Precision};
+pub use model::{KvCache, Model};
+pub use observer::{NoObserver, Observer, TapView, TraceRecorder};
+pub use tokenizer::Tokenizer;
+
+/// The engine's version, recorded in traces.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,47 @@
+//! The CLI's error: one line on stderr and an exit code.
+
+use std::fmt;
+
+/// An error the CLI reports and exits with.
+#[derive(Debug)]
+pub struct CliError {
+    msg: String,
+    code: u8,
+}
+
+impl CliError {
+    /// Bad input or environment (exit 2).
+    pub fn input(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 2,
+        }
+    }
+
+    /// The exit code.
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Always one line.
+        f.write_str(&self.msg.replace('\n', " "))
+    }
+}
+
+impl From<lockstep_engine::EngineError> for CliError {
+    fn from(e: lockstep_engine::EngineError) -> Self {
+        CliError::input(e.to_string())
+    }
+}
+
+impl From<lockstep_trace::TraceError> for CliError {
+    fn from(e: lockstep_trace::TraceError) -> Self {
+        CliError::input(e.to_string())
+    }
+}
+
+/// Result alias for commands.
+pub type CliResult<T> = Result<T, CliError>;

@@ -1,0 +1,387 @@
+//! `config.json` of a Hugging Face Qwen2 / Llama checkpoint, read the way `transformers` 5.x reads it.
+//!
+//! Both the v4 keys (`rope_theta`, `rope_scaling`) and the v5 `rope_parameters` are understood.
+//! Options the engine does not implement are refused with a clear message, never approximated.
+
+use crate::error::{EngineError, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The supported model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `Qwen2ForCausalLM`: q/k/v projections always carry a bias.
+    Qwen2,
+    /// `LlamaForCausalLM`: q/k/v biases only when `attention_bias` is true.
+    Llama,
+}
+
+impl Architecture {
+    /// The `architectures` entry in config.json.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
+        }
+    }
+}
+
+/// Everything the forward pass needs from config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub arch: Architecture,
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: usize,
+    /// Hidden size H.
+    pub hidden_size: usize,
+    /// MLP intermediate size I.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (GQA when fewer than query heads).
+    pub num_kv_heads: usize,
+    /// Per-head dimension D.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Whether the LM head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections have biases.
+    pub qkv_bias: bool,
+    /// Longest sequence the model accepts.
+    pub max_position_embeddings: usize,
+    /// Beginning-of-sequence token id, if any.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token ids.
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint declares (`dtype` / `torch_dtype`), if any.
+    pub declared_dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                EngineError::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "the model's config.json".into(),
+                }
+            } else {
+                EngineError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        Self::from_json_str(&text).map_err(|msg| EngineError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    /// Parses and validates config.json text; the error is a one-line message.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let usize_key = |k: &str| -> std::result::Result<usize, String> {
+            let x = get(k).ok_or_else(|| format!("missing required key '{k}'"))?;
+            x.as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| format!("'{k}' must be a positive integer, got {x}"))
+        };
+        let f64_key = |k: &str| -> std::result::Result<Option<f64>, String> {
+            match get(k) {
+                None => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| format!("'{k}' must be a number, got {x}")),
+            }
+        };
+        let bool_key = |k: &str, default: bool| -> std::result::Result<bool, String> {
+            match get(k) {
+                None => Ok(default),
+                Some(x) => x
+                    .as_bool()
+                    .ok_or_else(|| format!("'{k}' must be true or false, got {x}")),
+            }
+        };
+
+        let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
+        let archs: Vec<&str> = get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let arch = if archs.contains(&"Qwen2ForCausalLM")
+            || (archs.is_empty() && model_type == "qwen2")
+        {
+            Architecture::Qwen2
+        } else if archs.contains(&"LlamaForCausalLM") || (archs.is_empty() && model_type == "llama")
+        {
+            Architecture::Llama
+        } else {
+            return Err(format!(
+                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM and LlamaForCausalLM"
+            ));
+        };
+
+        let hidden_size = usize_key("hidden_size")?;
+        let num_heads = usize_key("num_attention_heads")?;
+        let num_kv_heads = match get("num_key_value_heads") {
+            None => num_heads,
+            Some(_) => usize_key("num_key_value_heads")?,
+        };
+        if num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            ));
+        }
+        let head_dim = match get("head_dim") {
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(format!(
+                        "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"
+                    ));
+                }
+                hidden_size / num_heads
+            }
+            Some(_) => usize_key("head_dim")?,
+        };
+        if head_dim % 2 != 0 {
+            return Err(format!("head_dim must be even for RoPE, got {head_dim}"));
+        }
+
+        if let Some(act) = get("hidden_act") {
+            if act.as_str() != Some("silu") {
+                return Err(format!("hidden_act {act} is not supported (only \"silu\")"));
+            }
+        }
+
+        // RoPE: v5 `rope_parameters`, v4 `rope_theta` + `rope_scaling`.
+        let mut rope_theta = f64_key("rope_theta")?;
+        let mut rope_type: Option<String> = None;
+        for key in ["rope_parameters", "rope_scaling"] {
+            if let Some(p) = get(key) {
+                let p = p
+                    .as_object()
+                    .ok_or_else(|| format!("'{key}' must be an object or null"))?;
+                if let Some(t) = p.get("rope_theta").filter(|x| !x.is_null()) {
+                    rope_theta = Some(
+                        t.as_f64()
+                            .ok_or_else(|| format!("'{key}.rope_theta' must be a number"))?,
+                    );
+                }
+                if let Some(t) = p.get("rope_type").or_else(|| p.get("type")) {
+                    rope_type = Some(t.as_str().unwrap_or("?").to_string());
+                }
+            }
+        }
+        if let Some(t) = &rope_type {
+            if t != "default" {
+                return Err(format!(
+                    "rope type '{t}' is not implemented (only the default RoPE); refusing to compute something else"
+                ));
+            }
+        }
+        let rope_theta = rope_theta.unwrap_or(10000.0);
+        if !(rope_theta > 0.0) {
+            return Err(format!("rope_theta must be positive, got {rope_theta}"));
+        }
+        let rms_norm_eps = f64_key("rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps must be non-negative, got {rms_norm_eps}"
+            ));
+        }
+
+        if arch == Architecture::Qwen2 && bool_key("use_sliding_window", false)? {
+            return Err(
+                "use_sliding_window: true is not implemented (Qwen2.5 checkpoints set it to false)"
+                    .into(),
+            );
+        }
+        if let Some(types) = get("layer_types").and_then(Value::as_array) {
+            if types.iter().any(|t| t.as_str() != Some("full_attention")) {
+                return Err("layer_types other than \"full_attention\" (sliding window) are not implemented".into());
+            }
+        }
+        if bool_key("mlp_bias", false)? {
+            return Err("mlp_bias: true is not implemented".into());
+        }
+        let qkv_bias = match arch {
+            Architecture::Qwen2 => true,
+            Architecture::Llama => bool_key("attention_bias", false)?,
+        };
+        if arch == Architecture::Llama
+            && get("pretraining_tp").and_then(Value::as_u64).unwrap_or(1) != 1
+        {
+            // pretraining_tp > 1 only changes summation order in HF; accepted.
+        }
+
+        let ids = |k: &str| -> Vec<u32> {
+            match get(k) {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect(),
+                Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                None => vec![],
+            }
+        };
+
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: usize_key("vocab_size")?,
+            hidden_size,
+            intermediate_size: usize_key("intermediate_size")?,
+            num_layers: usize_key("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            tie_word_embeddings: bool_key("tie_word_embeddings", false)?,
+            qkv_bias,
+            max_position_embeddings: match get("max_position_embeddings") {
+                None => 32768,
+                Some(_) => usize_key("max_position_embeddings")?,
+            },
+            bos_token_id: ids("bos_token_id").first().copied(),
+            eos_token_ids: ids("eos_token_id"),
+            declared_dtype: get("dtype")
+                .or_else(|| get("torch_dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        };
+        Ok(cfg)
+    }
+
+    /// Number of query heads sharing one key/value head.
+    pub fn kv_group(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Parameter count implied by the config (tied head counted once).
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let q = self.num_heads * d;
+        let kv = self.num_kv_heads * d;
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let layer = h * q + 2 * h * kv + bias + q * h + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_layers * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QWEN: &str = r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":896,
+      "intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,
+      "vocab_size":151936,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true,
+      "max_position_embeddings":32768,"use_sliding_window":false,"sliding_window":32768,"hidden_act":"silu",
+      "eos_token_id":151643}"#;
+
+    #[test]
+    fn parses_qwen2_05b_and_counts_parameters() {
+        let c = ModelConfig::from_json_str(QWEN).unwrap();
+        assert_eq!(c.arch, Architecture::Qwen2);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.kv_group(), 7);
+        assert!(c.qkv_bias && c.tie_word_embeddings);
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.eos_token_ids, vec![151643]);
+        // Qwen2.5-0.5B has 494,032,768 parameters.
+        assert_eq!(c.parameter_count(), 494_032_768);
+    }
+
+    #[test]
+    fn qwen25_7b_parameter_count() {
+        let s = QWEN
+            .replace("896", "3584")
+            .replace("4864", "18944")
+            .replace("\"num_hidden_layers\":24", "\"num_hidden_layers\":28")
+            .replace("\"num_attention_heads\":14", "\"num_attention_heads\":28")
+            .replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":4")
+            .replace("151936", "152064")
+            .replace(
+                "\"tie_word_embeddings\":true",
+                "\"tie_word_embeddings\":false",
+            );
+        let c = ModelConfig::from_json_str(&s).unwrap();
+        assert_eq!(c.parameter_count(), 7_615_616_512);
+    }
+
+    #[test]
+    fn reads_v5_rope_parameters() {
+        let s = QWEN.replace(
+            "\"rope_theta\":1000000.0",
+            "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":500000.0}",
+        );
+        assert_eq!(ModelConfig::from_json_str(&s).unwrap().rope_theta, 500000.0);
+    }
+
+    #[test]
+    fn refuses_unsupported_options() {
+        for (from, to, needle) in [
+            (
+                "Qwen2ForCausalLM",
+                "GPT2LMHeadModel",
+                "unsupported architecture",
+            ),
+            (
+                "\"use_sliding_window\":false",
+                "\"use_sliding_window\":true",
+                "sliding",
+            ),
+            (
+                "\"rope_theta\":1000000.0",
+                "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}",
+                "yarn",
+            ),
+            (
+                "\"num_key_value_heads\":2",
+                "\"num_key_value_heads\":3",
+                "multiple",
+            ),
+            (
+                "\"hidden_size\":896",
+                "\"hidden_size\":-1",
+                "positive integer",
+            ),
+            ("\"hidden_act\":\"silu\"", "\"hidden_act\":\"gelu\"", "gelu"),
+        ] {
+            let s = QWEN.replace(from, to);
+            let e = ModelConfig::from_json_str(&s).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        assert!(ModelConfig::from_json_str("{")
+            .unwrap_err()
+            .contains("JSON"));
+        let e =
+            ModelConfig::from_json_str(&QWEN.replace("\"vocab_size\":151936,", "")).unwrap_err();
+        assert!(e.contains("vocab_size"), "{e}");
+    }
+
+    #[test]
+    fn llama_bias_follows_attention_bias() {
+        let s = QWEN.replace("Qwen2ForCausalLM", "LlamaForCausalLM");
+        assert!(!ModelConfig::from_json_str(&s).unwrap().qkv_bias);
+        let s = s.replace("\"hidden_act\"", "\"attention_bias\":true,\"hidden_act\"");
+        assert!(ModelConfig::from_json_str(&s).unwrap().qkv_bias);
+    }
+}

@@ -1,0 +1,158 @@
+//! Causal scaled-dot-product attention with grouped key/value heads, as HF's eager attention:
+//! `softmax((q · kᵀ) × D^-0.5 + mask) · v`, the product rounded before the scaling.
+
+use super::Float;
+
+/// How query heads map to key/value heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GqaMapping {
+    /// HF `repeat_kv`: query head `h` uses kv head `h / (heads / kv_heads)`.
+    Grouped,
+    /// Query head `h` uses kv head `h % kv_heads` (a classic porting mistake).
+    RoundRobin,
+}
+
+/// Shape and options of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSpec {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension D.
+    pub head_dim: usize,
+    /// Absolute position of the first query (keys before it come from the cache).
+    pub q_start: usize,
+    /// Apply the causal mask (always, except for fault injection).
+    pub causal: bool,
+    /// Query-to-kv head mapping.
+    pub mapping: GqaMapping,
+}
+
+impl AttentionSpec {
+    /// The kv head used by query head `h`.
+    pub fn kv_head(&self, h: usize) -> usize {
+        match self.mapping {
+            GqaMapping::Grouped => h / (self.heads / self.kv_heads),
+            GqaMapping::RoundRobin => h % self.kv_heads,
+        }
+    }
+}
+
+/// `q`: `[T][heads][D]`; `k`, `v`: `[S][kv_heads][D]` (all positions `0..S`); `out`:
+/// `[T][heads][D]`. When `probs` is given (`[heads][T][S]`) the softmax output is stored there.
+pub fn attention<T: Float>(
+    spec: &AttentionSpec,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    mut probs: Option<&mut [T]>,
+) {
+    let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let t_len = q.len() / (h * d);
+    let s_len = k.len() / (kvh * d);
+    assert_eq!(out.len(), q.len());
+    assert!(spec.q_start + t_len <= s_len);
+    if let Some(p) = probs.as_deref() {
+        assert_eq!(p.len(), h * t_len * s_len);
+    }
+    let scale = T::from_f64((d as f64).powf(-0.5));
+    let mut row = vec![T::ZERO; s_len];
+    for head in 0..h {
+        let kv = spec.kv_head(head);
+        for t in 0..t_len {
+            let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
+            let visible = if spec.causal {
+                spec.q_start + t + 1
+            } else {
+                s_len
+            };
+            let mut max = T::NEG_INFINITY;
+            for (s, r) in row.iter_mut().enumerate().take(visible) {
+                let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
+                *r = super::matmul::dot(qv, kr) * scale;
+                if *r > max {
+                    max = *r;
+                }
+            }
+            let mut sum = T::ZERO;
+            for r in row.iter_mut().take(visible) {
+                *r = (*r - max).exp();
+                sum += *r;
+            }
+            for r in row.iter_mut().take(visible) {
+                *r = *r / sum;
+            }
+            for r in row.iter_mut().skip(visible) {
+                *r = T::ZERO;
+            }
+            let o = &mut out[(t * h + head) * d..(t * h + head + 1) * d];
+            o.fill(T::ZERO);
+            for (s, &p) in row.iter().enumerate().take(visible) {
+                let vr = &v[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
+                for (oi, &vi) in o.iter_mut().zip(vr) {
+                    *oi += p * vi;
+                }
+            }
+            if let Some(p) = probs.as_deref_mut() {
+                p[(head * t_len + t) * s_len..(head * t_len + t + 1) * s_len].copy_from_slice(&row);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_key_returns_its_value_and_probs_sum_to_one() {
+        let spec = AttentionSpec {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            q_start: 0,
+            causal: true,
+            mapping: GqaMapping::Grouped,
+        };
+        // Two tokens; token 0 can only see key 0.
+        let q = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, -1.0];
+        let k = [1.0, 2.0, -1.0, 0.5];
+        let v = [3.0, 4.0, -5.0, 6.0];
+        let mut out = [0.0f64; 8];
+        let mut probs = [0.0f64; 8];
+        attention(&spec, &q, &k, &v, &mut out, Some(&mut probs));
+        assert_eq!(&out[0..4], &[3.0, 4.0, 3.0, 4.0]);
+        assert_eq!(probs[1], 0.0, "masked key must get probability 0");
+        for r in probs.chunks(2) {
+            assert!((r.iter().sum::<f64>() - 1.0).abs() < 1e-15);
+        }
+        // Token 1, head 0: softmax over scaled scores, checked by hand.
+        let sc = |a: f64| a / 2f64.sqrt();
+        let (s0, s1) = (sc(0.5 * 1.0 + 0.5 * 2.0), sc(0.5 * -1.0 + 0.5 * 0.5));
+        let p0 = 1.0 / (1.0 + (s1 - s0).exp());
+        assert!((out[4] - (p0 * 3.0 + (1.0 - p0) * -5.0)).abs() < 1e-14);
+    }
+
+    #[test]
+    fn gqa_mapping() {
+        let mut s = AttentionSpec {
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 4,
+            q_start: 0,
+            causal: true,
+            mapping: GqaMapping::Grouped,
+        };
+        assert_eq!(
+            (0..8).map(|h| s.kv_head(h)).collect::<Vec<_>>(),
+            [0, 0, 0, 0, 1, 1, 1, 1]
+        );
+        s.mapping = GqaMapping::RoundRobin;
+        assert_eq!(
+            (0..8).map(|h| s.kv_head(h)).collect::<Vec<_>>(),
+            [0, 1, 0, 1, 0, 1, 0, 1]
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Numeric kernels of the forward pass, each small and testable on its own, with a plain
+//! reference version beside each optimized one (in the spirit of llama2.c).
+//!
+//! Kernels are generic over the compute type [`Float`] (`f32` or `f64`). Weights stay in their
+//! stored dtype ([`crate::weights::Tensor`]) and are decoded row by row inside the kernels, so a
+//! faster bf16 kernel can replace a plain one without touching the model code.
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+use crate::weights::StoredDtype;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// Which floating-point arithmetic a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE binary64 everywhere: no float32 step anywhere (the exact tier).
+    F64,
+    /// IEEE binary32, rounding where `transformers` rounds in float32.
+    F32,
+}
+
+/// A compute type for the kernels: `f32` or `f64`.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + Debug
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
+{
+    /// The precision this type computes in.
+    const PRECISION: Precision;
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Negative infinity.
+    const NEG_INFINITY: Self;
+    /// Converts from f64 (rounding to nearest for f32).
+    fn from_f64(x: f64) -> Self;
+    /// Widens to f64 (exact).
+    fn to_f64(self) -> f64;
+    /// e^self.
+    fn exp(self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Decodes little-endian values stored as `dtype` into `out` (`out.len()` elements).
+    fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]);
+    /// Writes values into a trace tensor of this precision.
+    fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData;
+}
+
+impl Float for f64 {
+    const PRECISION: Precision = Precision::F64;
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
+        decode_with(dtype, bytes, out, |x| x as f64, |x| x)
+    }
+    fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
+        lockstep_trace::TensorData::F64(v)
+    }
+}
+
+impl Float for f32 {
+    const PRECISION: Precision = Precision::F32;
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
+        decode_with(dtype, bytes, out, |x| x, |x| x as f32)
+    }
+    fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
+        lockstep_trace::TensorData::F32(v)
+    }
+}
+
+/// Shared decoding: 16-bit and 32-bit formats go through f32 (exact), f64 through `from64`.
+fn decode_with<T>(
+    dtype: StoredDtype,
+    bytes: &[u8],
+    out: &mut [T],
+    from32: impl Fn(f32) -> T,
+    from64: impl Fn(f64) -> T,
+) {
+    assert_eq!(
+        bytes.len(),
+        out.len() * dtype.size(),
+        "decode length mismatch"
+    );
+    match dtype {
+        StoredDtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = from32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+        }
+        StoredDtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = from32(f32::from_bits(
+                    (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                ));
+            }
+        }
+        StoredDtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = from32(half::f16::from_le_bytes([c[0], c[1]]).to_f32());
+            }
+        }
+        StoredDtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = from64(f64::from_le_bytes(c.try_into().unwrap()));
+            }
+        }
+    }
+}
+
+/// Decodes a whole 1-D weight (norm weights, biases) into the compute type.
+pub fn decode_vec<T: Float>(t: &crate::weights::Tensor) -> Vec<T> {
+    let mut v = vec![T::ZERO; t.numel()];
+    T::decode(t.dtype, t.bytes(), &mut v);
+    v
+}
+
+/// Elementwise `a += b` (residual connections).
+pub fn add_in_place<T: Float>(a: &mut [T], b: &[T]) {
+    assert_eq!(a.len(), b.len());
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_every_stored_dtype_exactly() {
+        let vals = [1.5f32, -0.25, 3.0];
+        let f32b: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let f16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        let f64b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&x| (x as f64).to_le_bytes())
+            .collect();
+        for (dt, b) in [
+            (StoredDtype::F32, &f32b),
+            (StoredDtype::BF16, &bf),
+            (StoredDtype::F16, &f16b),
+            (StoredDtype::F64, &f64b),
+        ] {
+            let mut o = [0f64; 3];
+            f64::decode(dt, b, &mut o);
+            assert_eq!(o, [1.5, -0.25, 3.0], "{dt:?}");
+            let mut o = [0f32; 3];
+            f32::decode(dt, b, &mut o);
+            assert_eq!(o, vals, "{dt:?}");
+        }
+    }
+}

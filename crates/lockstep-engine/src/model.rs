@@ -1,0 +1,399 @@
+//! The Qwen2 / Llama decoder, read top to bottom like the math of `modeling_qwen2.py`.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each layer:
+//!     h = rms_norm(x) ; q, k, v = h·Wq + bq, h·Wk + bk, h·Wv + bv ; q, k = rope(q), rope(k)
+//!     x = x + o_proj(attention(q, k, v))
+//!     h = rms_norm(x) ; x = x + down(silu(gate(h)) * up(h))
+//! logits = lm_head(rms_norm(x))
+//! ```
+//!
+//! Weights stay memory-mapped in their stored dtype; the compute type `T` (f32 or f64) is chosen
+//! per call. Intermediate tensors go to an [`Observer`] (a no-op unless tracing).
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::faults::Fault;
+use crate::kernels::activation::silu_mul_in_place;
+use crate::kernels::attention::{attention, AttentionSpec, GqaMapping};
+use crate::kernels::matmul::linear;
+use crate::kernels::norm::rms_norm;
+use crate::kernels::rope::{RopeLayout, RopeTable};
+use crate::kernels::{add_in_place, decode_vec, Float};
+use crate::observer::{Observer, TapView};
+use crate::weights::{Checkpoint, Tensor};
+use lockstep_trace::{LayerTap, TapName};
+use std::path::Path;
+
+/// Weights of one decoder layer.
+#[derive(Debug)]
+pub struct LayerWeights {
+    /// `input_layernorm.weight`, [H].
+    pub input_norm: Tensor,
+    /// `self_attn.q_proj.weight`, [heads*D, H].
+    pub q_proj: Tensor,
+    /// `self_attn.k_proj.weight`, [kv_heads*D, H].
+    pub k_proj: Tensor,
+    /// `self_attn.v_proj.weight`, [kv_heads*D, H].
+    pub v_proj: Tensor,
+    /// q/k/v biases when the architecture has them.
+    pub qkv_bias: Option<[Tensor; 3]>,
+    /// `self_attn.o_proj.weight`, [H, heads*D].
+    pub o_proj: Tensor,
+    /// `post_attention_layernorm.weight`, [H].
+    pub post_norm: Tensor,
+    /// `mlp.gate_proj.weight`, [I, H].
+    pub gate_proj: Tensor,
+    /// `mlp.up_proj.weight`, [I, H].
+    pub up_proj: Tensor,
+    /// `mlp.down_proj.weight`, [H, I].
+    pub down_proj: Tensor,
+}
+
+/// Numerical settings derived from the config (and, for fault injection, deliberately wrong).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE pairing layout.
+    pub rope_layout: RopeLayout,
+    /// Rounding applied to positions before RoPE (None: exact).
+    pub position_round: Option<fn(f64) -> f64>,
+    /// Query-to-kv head mapping.
+    pub gqa: GqaMapping,
+    /// Causal mask on.
+    pub causal: bool,
+    /// Apply the final norm.
+    pub final_norm: bool,
+}
+
+/// A loaded model: config, memory-mapped weights and settings.
+pub struct Model {
+    /// The parsed config.json.
+    pub config: ModelConfig,
+    /// The checkpoint the weights live in.
+    pub checkpoint: Checkpoint,
+    /// `model.embed_tokens.weight`, [V, H].
+    pub embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// `model.norm.weight`, [H].
+    pub norm: Tensor,
+    /// The LM head, [V, H] (the embedding matrix when tied).
+    pub lm_head: Tensor,
+    /// Numerical settings.
+    pub settings: Settings,
+    /// The injected fault, if any.
+    pub fault: Option<Fault>,
+}
+
+/// Keys and values of past positions, per layer, in the compute type.
+#[derive(Debug, Clone)]
+pub struct KvCache<T> {
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T: Float> KvCache<T> {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn bf16_round(x: f64) -> f64 {
+    half::bf16::from_f64(x).to_f64()
+}
+
+impl Model {
+    /// Loads config.json and the weights of a Hugging Face model folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with_fault(dir, None)
+    }
+
+    /// Loads a model with a deliberate bug (for proving the verifier).
+    pub fn load_with_fault(dir: &Path, fault: Option<Fault>) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "the model folder".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        let c = &config;
+        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
+        let embed_tokens = ck.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let qkv_bias = if c.qkv_bias && fault != Some(Fault::NoQkvBias) {
+                Some([
+                    ck.get(&p("self_attn.q_proj.bias"), &[qd])?,
+                    ck.get(&p("self_attn.k_proj.bias"), &[kvd])?,
+                    ck.get(&p("self_attn.v_proj.bias"), &[kvd])?,
+                ])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                input_norm: ck.get(&p("input_layernorm.weight"), &[h])?,
+                q_proj: ck.get(&p("self_attn.q_proj.weight"), &[qd, h])?,
+                k_proj: ck.get(&p("self_attn.k_proj.weight"), &[kvd, h])?,
+                v_proj: ck.get(&p("self_attn.v_proj.weight"), &[kvd, h])?,
+                qkv_bias,
+                o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
+                post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
+                gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
+                up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
+                down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+            });
+        }
+        let norm = ck.get("model.norm.weight", &[h])?;
+        let head_shape = [c.vocab_size, h];
+        let lm_head = match (c.tie_word_embeddings, fault == Some(Fault::UntiedHead)) {
+            (true, false) => embed_tokens.clone(),
+            (false, false) => ck.get("lm_head.weight", &head_shape)?,
+            // The fault: an untied model tied by mistake, or a tied model given another matrix.
+            (false, true) => embed_tokens.clone(),
+            (true, true) => layers
+                .first()
+                .map(|l| l.gate_proj.clone())
+                .filter(|g| g.shape == head_shape)
+                .or_else(|| ck.tensors.get("lm_head.weight").cloned())
+                .ok_or_else(|| {
+                    EngineError::Input(
+                        "fault untied-head needs an untied checkpoint (this one ties lm_head to the embeddings)"
+                            .into(),
+                    )
+                })?,
+        };
+        let settings = Settings {
+            rms_norm_eps: match fault {
+                Some(Fault::NormEps) => c.rms_norm_eps * 10.0,
+                _ => c.rms_norm_eps,
+            },
+            rope_theta: match fault {
+                Some(Fault::RopeTheta) if c.rope_theta == 10000.0 => 1e6,
+                Some(Fault::RopeTheta) => 10000.0,
+                _ => c.rope_theta,
+            },
+            rope_layout: match fault {
+                Some(Fault::RopeInterleaved) => RopeLayout::Interleaved,
+                _ => RopeLayout::RotateHalf,
+            },
+            position_round: match fault {
+                Some(Fault::Bf16Positions) => Some(bf16_round as fn(f64) -> f64),
+                _ => None,
+            },
+            gqa: match fault {
+                Some(Fault::GqaOrder) => GqaMapping::RoundRobin,
+                _ => GqaMapping::Grouped,
+            },
+            causal: fault != Some(Fault::CausalMaskOff),
+            final_norm: fault != Some(Fault::NoFinalNorm),
+        };
+        Ok(Model {
+            config,
+            checkpoint: ck,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            settings,
+            fault,
+        })
+    }
+
+    /// The model family.
+    pub fn architecture(&self) -> Architecture {
+        self.config.arch
+    }
+
+    /// Checks token ids against the vocabulary and the context length.
+    pub fn check_tokens(&self, tokens: &[u32], past: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(EngineError::Input("no input tokens".into()));
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::Input(format!(
+                "token id {bad} is out of range (vocab_size is {})",
+                self.config.vocab_size
+            )));
+        }
+        let total = past + tokens.len();
+        if total > self.config.max_position_embeddings {
+            return Err(EngineError::Input(format!(
+                "sequence of {total} tokens is longer than the model's context (max_position_embeddings = {})",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// One forward pass over `tokens` following what `cache` holds; returns the logits of every
+    /// new position, `[tokens.len()][vocab]`, and appends the new keys/values to the cache.
+    pub fn forward<T: Float>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<T>,
+        obs: &mut impl Observer<T>,
+    ) -> Result<Vec<T>> {
+        self.check_tokens(tokens, cache.len)?;
+        let c = &self.config;
+        let s = &self.settings;
+        let (n, h, d) = (tokens.len(), c.hidden_size, c.head_dim);
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let past = cache.len;
+        let rope = RopeTable::<T>::new(s.rope_theta, d, past, n, s.rope_layout, s.position_round);
+        obs.tap(TapName::Tokens, TapView::Tokens(tokens));
+
+        // Embedding lookup.
+        let mut x = vec![T::ZERO; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            T::decode(
+                self.embed_tokens.dtype,
+                self.embed_tokens.row_bytes(t as usize),
+                row,
+            );
+        }
+        obs.tap(TapName::Embed, TapView::rows(&x, h));
+
+        let mut normed = vec![T::ZERO; n * h];
+        for (l, w) in self.layers.iter().enumerate() {
+            let tap = |t| TapName::Layer(l, t);
+
+            // Self-attention block.
+            rms_norm(&x, &decode_vec(&w.input_norm), s.rms_norm_eps, &mut normed);
+            obs.tap(tap(LayerTap::InputNorm), TapView::rows(&normed, h));
+
+            let bias = w
+                .qkv_bias
+                .as_ref()
+                .map(|b| b.each_ref().map(decode_vec::<T>));
+            let mut q = vec![T::ZERO; n * heads * d];
+            let mut k = vec![T::ZERO; n * kv_heads * d];
+            let mut v = vec![T::ZERO; n * kv_heads * d];
+            linear(
+                &normed,
+                n,
+                &w.q_proj,
+                bias.as_ref().map(|b| &b[0][..]),
+                &mut q,
+            );
+            linear(
+                &normed,
+                n,
+                &w.k_proj,
+                bias.as_ref().map(|b| &b[1][..]),
+                &mut k,
+            );
+            linear(
+                &normed,
+                n,
+                &w.v_proj,
+                bias.as_ref().map(|b| &b[2][..]),
+                &mut v,
+            );
+            obs.tap(tap(LayerTap::Q), TapView::heads(&q, heads, d));
+            obs.tap(tap(LayerTap::K), TapView::heads(&k, kv_heads, d));
+            obs.tap(tap(LayerTap::V), TapView::heads(&v, kv_heads, d));
+
+            rope.apply(&mut q, heads);
+            rope.apply(&mut k, kv_heads);
+            obs.tap(tap(LayerTap::QRope), TapView::heads(&q, heads, d));
+            obs.tap(tap(LayerTap::KRope), TapView::heads(&k, kv_heads, d));
+
+            cache.k[l].extend_from_slice(&k);
+            cache.v[l].extend_from_slice(&v);
+            let keys = past + n;
+            let spec = AttentionSpec {
+                heads,
+                kv_heads,
+                head_dim: d,
+                q_start: past,
+                causal: s.causal,
+                mapping: s.gqa,
+            };
+            let mut attn = vec![T::ZERO; n * heads * d];
+            let mut probs = obs
+                .wants_attention_probs()
+                .then(|| vec![T::ZERO; heads * n * keys]);
+            attention(
+                &spec,
+                &q,
+                &cache.k[l],
+                &cache.v[l],
+                &mut attn,
+                probs.as_deref_mut(),
+            );
+            if let Some(p) = &probs {
+                obs.tap(
+                    tap(LayerTap::AttnProbs),
+                    TapView::Probs {
+                        data: p,
+                        heads,
+                        keys,
+                    },
+                );
+            }
+            obs.tap(tap(LayerTap::AttnOut), TapView::rows(&attn, heads * d));
+
+            let mut o = vec![T::ZERO; n * h];
+            linear(&attn, n, &w.o_proj, None, &mut o);
+            obs.tap(tap(LayerTap::OProj), TapView::rows(&o, h));
+            add_in_place(&mut x, &o);
+            obs.tap(tap(LayerTap::ResidAttn), TapView::rows(&x, h));
+
+            // MLP block.
+            rms_norm(&x, &decode_vec(&w.post_norm), s.rms_norm_eps, &mut normed);
+            obs.tap(tap(LayerTap::PostNorm), TapView::rows(&normed, h));
+            let inter = c.intermediate_size;
+            let mut gate = vec![T::ZERO; n * inter];
+            let mut up = vec![T::ZERO; n * inter];
+            linear(&normed, n, &w.gate_proj, None, &mut gate);
+            linear(&normed, n, &w.up_proj, None, &mut up);
+            silu_mul_in_place(&mut gate, &up);
+            obs.tap(tap(LayerTap::MlpAct), TapView::rows(&gate, inter));
+            let mut mlp = vec![T::ZERO; n * h];
+            linear(&gate, n, &w.down_proj, None, &mut mlp);
+            obs.tap(tap(LayerTap::MlpOut), TapView::rows(&mlp, h));
+            add_in_place(&mut x, &mlp);
+            obs.tap(tap(LayerTap::Out), TapView::rows(&x, h));
+        }
+        cache.len += n;
+
+        if s.final_norm {
+            rms_norm(&x, &decode_vec(&self.norm), s.rms_norm_eps, &mut normed);
+        } else {
+            normed.copy_from_slice(&x);
+        }
+        obs.tap(TapName::FinalNorm, TapView::rows(&normed, h));
+        let mut logits = vec![T::ZERO; n * c.vocab_size];
+        linear(&normed, n, &self.lm_head, None, &mut logits);
+        obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
+        Ok(logits)
+    }
+}

@@ -1,0 +1,57 @@
+//! One traced forward pass, written in the lockstep trace format (`docs/trace-format.md`).
+
+use crate::error::Result;
+use crate::kernels::{Float, Precision};
+use crate::model::{KvCache, Model};
+use crate::observer::TraceRecorder;
+use lockstep_trace::Trace;
+
+/// Runs one forward pass over `tokens` (batch 1) in precision `T` and returns its full trace with
+/// metadata: producer, version, dtype, model fingerprint, token ids (and the prompt if given).
+pub fn trace_forward<T: Float>(
+    model: &Model,
+    tokens: &[u32],
+    prompt: Option<&str>,
+) -> Result<Trace> {
+    let mut rec = TraceRecorder::default();
+    let mut cache = KvCache::<T>::new(model.config.num_layers);
+    model.forward(tokens, &mut cache, &mut rec)?;
+    let mut trace = rec.trace;
+    let m = &mut trace.metadata;
+    m.insert("producer".into(), "lockstep".into());
+    m.insert("lockstep_version".into(), crate::VERSION.into());
+    m.insert(
+        "dtype".into(),
+        match T::PRECISION {
+            Precision::F64 => "f64",
+            Precision::F32 => "f32",
+        }
+        .into(),
+    );
+    m.insert(
+        "pure_f64".into(),
+        (T::PRECISION == Precision::F64).to_string(),
+    );
+    m.insert("attn_implementation".into(), "eager".into());
+    m.insert(
+        "model_type".into(),
+        match model.config.arch {
+            crate::Architecture::Qwen2 => "qwen2",
+            crate::Architecture::Llama => "llama",
+        }
+        .into(),
+    );
+    m.insert("num_layers".into(), model.config.num_layers.to_string());
+    m.insert(
+        "token_ids".into(),
+        serde_json::to_string(tokens).expect("ids serialize"),
+    );
+    if let Some(p) = prompt {
+        m.insert("prompt".into(), p.into());
+    }
+    if let Some(f) = model.fault {
+        m.insert("injected_fault".into(), f.name().into());
+    }
+    m.insert("model_fingerprint".into(), model.checkpoint.fingerprint()?);
+    Ok(trace)
+}

@@ -1,0 +1,356 @@
+//! Checkpoint tensors: `model.safetensors` or the shards of `model.safetensors.index.json`,
+//! memory-mapped and kept in their stored dtype (F32, BF16, F16, F64). Nothing is copied into RAM
+//! wholesale; kernels decode rows on the fly.
+
+use crate::error::{EngineError, Result};
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Storage dtype of a checkpoint tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    /// IEEE float32.
+    F32,
+    /// bfloat16.
+    BF16,
+    /// IEEE float16.
+    F16,
+    /// IEEE float64.
+    F64,
+}
+
+impl StoredDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::BF16 | StoredDtype::F16 => 2,
+            StoredDtype::F64 => 8,
+        }
+    }
+
+    /// The safetensors name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "F32",
+            StoredDtype::BF16 => "BF16",
+            StoredDtype::F16 => "F16",
+            StoredDtype::F64 => "F64",
+        }
+    }
+}
+
+/// One tensor of the checkpoint: a view into a memory-mapped file.
+#[derive(Clone)]
+pub struct Tensor {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+    /// Stored dtype.
+    pub dtype: StoredDtype,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?})", self.dtype, self.shape)
+    }
+}
+
+impl Tensor {
+    /// The raw little-endian bytes as stored.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of row `r` of a 2-D tensor (or element range of a 1-D one when `r == 0`).
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let w = cols * self.dtype.size();
+        &self.bytes()[r * w..(r + 1) * w]
+    }
+
+    /// sha256 of the stored bytes, hex.
+    pub fn sha256_hex(&self) -> String {
+        hex(&Sha256::digest(self.bytes()))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// All tensors of a checkpoint folder, by name.
+pub struct Checkpoint {
+    /// Model folder.
+    pub dir: PathBuf,
+    /// Tensors by name (sorted).
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The safetensors files that were mapped.
+    pub files: Vec<PathBuf>,
+}
+
+impl Checkpoint {
+    /// Maps `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            shard_files(&index)?
+        } else {
+            return Err(EngineError::MissingFile {
+                path: single,
+                what: "weights: neither model.safetensors nor model.safetensors.index.json exists"
+                    .into(),
+            });
+        };
+        let mut tensors = BTreeMap::new();
+        for f in &files {
+            for (name, t) in map_file(f)? {
+                if tensors.insert(name.clone(), t).is_some() {
+                    return Err(EngineError::Safetensors {
+                        path: f.clone(),
+                        msg: format!("tensor '{name}' appears in more than one shard"),
+                    });
+                }
+            }
+        }
+        if index.exists() && files.len() > 1 {
+            // Every tensor the index promises must be present.
+            let v = read_json(&index)?;
+            if let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) {
+                for name in map.keys() {
+                    if !tensors.contains_key(name) {
+                        return Err(EngineError::MissingTensor { name: name.clone() });
+                    }
+                }
+            }
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            tensors,
+            files,
+        })
+    }
+
+    /// A tensor that must exist with exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor { name: name.into() })?;
+        if t.shape != shape {
+            return Err(EngineError::TensorShape {
+                name: name.into(),
+                got: t.shape.clone(),
+                want: shape.to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// True when the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The model fingerprint shared with the Python reference tracer: sha256 hex of
+    /// `name:sha256(bytes)` lines over tensors in sorted-name order, joined by `\n`, followed by
+    /// `\n` and sha256 hex of the config.json bytes.
+    pub fn fingerprint(&self) -> Result<String> {
+        let cfg_path = self.dir.join("config.json");
+        let cfg = std::fs::read(&cfg_path).map_err(|source| EngineError::Io {
+            path: cfg_path,
+            source,
+        })?;
+        let lines: Vec<String> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| format!("{n}:{}", t.sha256_hex()))
+            .collect();
+        let mut s = lines.join("\n");
+        s.push('\n');
+        s.push_str(&hex(&Sha256::digest(&cfg)));
+        Ok(hex(&Sha256::digest(s.as_bytes())))
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Safetensors {
+        path: path.into(),
+        msg: format!("index is not valid JSON: {e}"),
+    })
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let v = read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| EngineError::Safetensors {
+            path: index.into(),
+            msg: "index has no 'weight_map' object".into(),
+        })?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut out = vec![];
+    for f in files {
+        if f.contains('/') || f.contains("..") {
+            return Err(EngineError::Safetensors {
+                path: index.into(),
+                msg: format!("shard name '{f}' must be a plain file name"),
+            });
+        }
+        let p = dir.join(&f);
+        if !p.exists() {
+            return Err(EngineError::MissingFile {
+                path: p,
+                what: "a shard listed in model.safetensors.index.json".into(),
+            });
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Maps one safetensors file and validates its header completely.
+fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bad = |msg: String| EngineError::Safetensors {
+        path: path.into(),
+        msg,
+    };
+    let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+        path: path.into(),
+        source,
+    })?;
+    // SAFETY: the file is opened read-only; lockstep never writes to checkpoint files, and a
+    // checkpoint changed underneath a running process is outside what any loader can guard.
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let map = Arc::new(map);
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+    let (header_len, _) =
+        safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+    let base = 8 + header_len;
+    let mut out = vec![];
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => StoredDtype::F32,
+            safetensors::Dtype::BF16 => StoredDtype::BF16,
+            safetensors::Dtype::F16 => StoredDtype::F16,
+            safetensors::Dtype::F64 => StoredDtype::F64,
+            other => {
+                return Err(EngineError::TensorDtype {
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let data = view.data();
+        let start = data.as_ptr() as usize - map.as_ptr() as usize;
+        debug_assert!(start >= base);
+        out.push((
+            name,
+            Tensor {
+                map: map.clone(),
+                start,
+                end: start + data.len(),
+                dtype,
+                shape: view.shape().to_vec(),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_st(path: &Path, tensors: &[(&str, Vec<usize>)]) {
+        let bufs: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, s)| vec![0u8; s.iter().product::<usize>() * 4])
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bufs)
+            .map(|((n, s), b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn opens_and_checks_shapes() {
+        let d = tempfile::tempdir().unwrap();
+        write_st(&d.path().join("model.safetensors"), &[("a", vec![2, 3])]);
+        let c = Checkpoint::open(d.path()).unwrap();
+        assert_eq!(c.get("a", &[2, 3]).unwrap().bytes().len(), 24);
+        let e = c.get("a", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("shape [2, 3]"), "{e}");
+        let e = c.get("b", &[1]).unwrap_err().to_string();
+        assert!(e.contains("missing tensor 'b'"), "{e}");
+    }
+
+    #[test]
+    fn truncated_and_corrupt_files_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.safetensors");
+        write_st(&p, &[("a", vec![4, 4])]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        let e = Checkpoint::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("invalid safetensors"), "{e}");
+        let mut corrupt = bytes.clone();
+        corrupt[8] = b'!';
+        std::fs::write(&p, &corrupt).unwrap();
+        assert!(Checkpoint::open(d.path()).is_err());
+        std::fs::write(&p, b"abc").unwrap();
+        assert!(Checkpoint::open(d.path()).is_err());
+    }
+
+    #[test]
+    fn reads_shards_through_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        write_st(&d.path().join("s1.safetensors"), &[("a", vec![2])]);
+        write_st(&d.path().join("s2.safetensors"), &[("b", vec![3])]);
+        std::fs::write(
+            d.path().join("model.safetensors.index.json"),
+            r#"{"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#,
+        )
+        .unwrap();
+        let c = Checkpoint::open(d.path()).unwrap();
+        assert!(c.contains("a") && c.contains("b"));
+        std::fs::remove_file(d.path().join("s2.safetensors")).unwrap();
+        let e = Checkpoint::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("s2.safetensors"), "{e}");
+    }
+}
