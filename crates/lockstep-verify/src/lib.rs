@@ -1,1 +1,45 @@
-//! placeholder
+//! lockstep-verify: proves, tensor by tensor, that a test trace (e.g. the Rust engine's) computes
+//! what a reference trace (Hugging Face transformers) computes, and says where and why when it
+//! does not.
+//!
+//! A trace (crate `lockstep_trace`) holds every intermediate tensor of one forward pass under
+//! canonical names in forward order. This crate compares two of them, optionally with a third:
+//! the *oracle*, a pure-float64 run of the reference on the same weights and tokens, which measures
+//! how far the reference itself is from exact math. Each tensor is judged by the tolerance of the
+//! traces' precision tier ([`tolerance`]): 1e-9 in f64, a small multiple of the reference's own
+//! noise in f32, and no worse than twice the reference's distance from the oracle in bf16.
+//!
+//! ```no_run
+//! use lockstep_trace::Trace;
+//! use lockstep_verify::{compare_traces, report, TolerancePolicy};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let reference = Trace::read("ref.safetensors".as_ref())?;
+//! let test = Trace::read("ours.safetensors".as_ref())?;
+//! let oracle = Some(Trace::read("oracle.safetensors".as_ref())?);
+//! let policy = TolerancePolicy::for_traces(&reference, &test, oracle.as_ref())?;
+//! let cmp = compare_traces(&reference, &test, oracle.as_ref(), &policy);
+//! println!("{}", cmp.verdict());
+//! let inputs = [report::NamedComparison::new("prompt", cmp)];
+//! let md = report::markdown(&inputs);
+//! let js = report::json(&inputs);
+//! let svg = report::svg_per_layer("max |difference| per layer", &inputs);
+//! # let _ = (md, js, svg);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod compare;
+pub mod report;
+pub mod tolerance;
+
+pub use compare::{
+    compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, DiffStats,
+    LayerError, LogitStats, Status, TensorComparison, TraceComparison, Verdict,
+};
+pub use report::{NamedComparison, Phase, PhaseStatus};
+pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
+
+#[cfg(test)]
+mod tests;

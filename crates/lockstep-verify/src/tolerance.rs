@@ -1,0 +1,397 @@
+//! Precision tiers and the tolerance each tier applies to each tensor.
+//!
+//! A fixed tolerance cannot tell a bug from rounding: the old JAX port's bf16 logits were 0.14 to
+//! 3.32 off PyTorch against a 1e-4 tolerance, and PyTorch bf16 is itself 0.13 to 0.40 off its own
+//! float64 run (DESIGN.md, "Precision tiers"). So every tier is judged against the yardstick that
+//! fits it:
+//!
+//! | tier | judged distance | threshold |
+//! |---|---|---|
+//! | f64 | `max|ours − ref|` | `1e-9 · max(1, max|ref|)`; logits `1e-9` |
+//! | f32 | `max|ours − ref|` | logits `max(1e-4, 3 · max|ref − oracle|)`; other tensors `max(3 · max|ref − oracle|, 64 · ε_f32 · max(1, max|ref|))`, or `2e-4 · max(1, max|ref|)` without an oracle |
+//! | bf16 | `max|ours − oracle|` | `max(2 · max|ref − oracle|, bf16 half-ulp of max|oracle|)`; logits also need top-1 agreement with the oracle ≥ the reference's − 0.02 |
+//!
+//! "oracle" is the pure-float64 reference run (RMSNorm, RoPE tables and softmax lifted to f64) on
+//! the same weights and tokens.
+
+use lockstep_trace::{TapName, TensorData, Trace};
+use serde::Serialize;
+
+/// f64 tier: the scale-aware tolerance factor on every tensor, and the absolute one on logits.
+///
+/// DESIGN.md: a pure-f64 reference agrees with an independent numpy f64 implementation to 1e-14 on
+/// logits at 300 tokens, so in this tier any difference above ~1e-9 is a bug, never rounding.
+pub const F64_TOLERANCE: f64 = 1e-9;
+
+/// f32 tier: absolute tolerance on logits (the old report's own threshold, fit for logits of
+/// order 10). DESIGN.md measured PyTorch f32 against its f64 run at 1e-5 to 2e-5 on random models
+/// and 3e-5 to 7e-5 on real SmolLM2 weights.
+pub const F32_LOGITS_TOLERANCE: f64 = 1e-4;
+
+/// f32 tier: how many times the reference's own distance from the oracle ours may be
+/// (DESIGN.md: "a multiple of the reference's own f32 noise (e.g. 3 × |ref_f32 − oracle|)").
+pub const F32_NOISE_MULTIPLE: f64 = 3.0;
+
+/// f32 tier: the floor under the noise multiple, in units of f32 epsilon (1.19e-7) times
+/// `max(1, max|ref|)`. It keeps tensors the reference computes (almost) exactly, such as the
+/// embedding rows, from demanding bit-identity from a different summation order.
+pub const F32_FLOOR_EPSILONS: f64 = 64.0;
+
+/// f32 tier without an oracle: the bound relative to `max(1, max|ref|)`. Twice the logits
+/// tolerance at scale 1; it only catches gross errors, which is why an oracle is recommended.
+pub const F32_NO_ORACLE_REL: f64 = 2e-4;
+
+/// bf16 tier: how many times the reference's distance from the oracle ours may be (DESIGN.md:
+/// "ours passes when its distance from the oracle is no worse than the reference's own (≤ 2×)").
+pub const BF16_NOISE_MULTIPLE: f64 = 2.0;
+
+/// bf16 tier: how far ours' top-1 agreement with the oracle may fall below the reference's
+/// (DESIGN.md measured PyTorch bf16 top-1 agreement of 0.90 to 1.0).
+pub const BF16_TOP1_SLACK: f64 = 0.02;
+
+/// The precision tier a comparison is judged in, from the traces' compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Both sides in float64 against a pure-f64 reference: exact math, 1e-9.
+    F64,
+    /// Both sides in float32: small multiples of the reference's own f32 noise.
+    F32,
+    /// bfloat16: judged against the pure-f64 oracle, no worse than 2× the reference's distance.
+    BF16,
+}
+
+impl Tier {
+    /// The short name used in metadata and reports: `f64`, `f32` or `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::F64 => "f64",
+            Tier::F32 => "f32",
+            Tier::BF16 => "bf16",
+        }
+    }
+
+    /// Parses a compute dtype as written in trace metadata: `f64`/`float64`/`torch.float64`,
+    /// `f32`/`float32`, `bf16`/`bfloat16` (case-insensitive). `None` for anything else.
+    pub fn from_dtype(s: &str) -> Option<Tier> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_prefix("torch.").unwrap_or(&s);
+        match s {
+            "f64" | "float64" | "double" => Some(Tier::F64),
+            "f32" | "float32" | "float" => Some(Tier::F32),
+            "bf16" | "bfloat16" => Some(Tier::BF16),
+            _ => None,
+        }
+    }
+
+    /// Precision rank: higher is more precise.
+    fn precision(self) -> u8 {
+        match self {
+            Tier::F64 => 2,
+            Tier::F32 => 1,
+            Tier::BF16 => 0,
+        }
+    }
+
+    /// One paragraph stating the tier's rule, for reports.
+    pub fn rule_description(self) -> &'static str {
+        match self {
+            Tier::F64 => {
+                "f64 tier (exact math): every tensor within 1e-9 · max(1, max|ref|) of the \
+                 reference, logits within 1e-9. A pure-f64 reference agrees with an independent \
+                 f64 implementation to ~1e-14, so anything above 1e-9 is a bug, not rounding."
+            }
+            Tier::F32 => {
+                "f32 tier: logits within max(1e-4, 3 × max|ref − oracle|) of the reference; every \
+                 other tensor within max(3 × max|ref − oracle|, 64·ε_f32·max(1, max|ref|)) when the \
+                 f64 oracle is given, else within 2e-4 · max(1, max|ref|)."
+            }
+            Tier::BF16 => {
+                "bf16 tier: bit-level agreement with PyTorch bf16 is out of reach, so ours is \
+                 judged against the pure-f64 oracle: max|ours − oracle| ≤ max(2 × max|ref − \
+                 oracle|, bf16 half-ulp of max|oracle|) on every tensor; on logits ours' top-1 \
+                 agreement with the oracle must also be at least the reference's minus 0.02."
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a policy could not be chosen for a set of traces. Each renders as one line.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// A trace names no compute dtype and holds no float logits to infer it from.
+    #[error("cannot tell the compute dtype of the {side} trace: no `dtype` metadata and no float `logits` tensor")]
+    MissingDtype {
+        /// `reference`, `test` or `oracle`.
+        side: &'static str,
+    },
+    /// A trace's `dtype` metadata names no known tier.
+    #[error("the {side} trace has compute dtype '{dtype}', which no precision tier covers (f64, f32, bf16)")]
+    UnknownDtype {
+        /// `reference`, `test` or `oracle`.
+        side: &'static str,
+        /// The dtype as written.
+        dtype: String,
+    },
+    /// The test trace is less precise than the reference, so neither tier's yardstick applies.
+    #[error("the test trace is {test} but the reference is {reference}: compare against a reference run in {test}, or choose the tier explicitly")]
+    TierMismatch {
+        /// The reference's tier.
+        reference: Tier,
+        /// The test's tier.
+        test: Tier,
+    },
+    /// The bf16 tier was chosen but no oracle trace was given.
+    #[error("the bf16 tier judges against the pure-f64 oracle: pass an f64 oracle trace of the same model and tokens")]
+    OracleRequired,
+    /// The oracle trace is not a float64 run.
+    #[error("the oracle trace must be a pure float64 run, but its dtype is {dtype}")]
+    OracleNotF64 {
+        /// The oracle's dtype as written or inferred.
+        dtype: String,
+    },
+}
+
+/// A bound relative to a tensor's magnitude: `max(abs, rel · max(1, magnitude))`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bound {
+    /// Absolute part.
+    pub abs: f64,
+    /// Part relative to `max(1, magnitude)`.
+    pub rel: f64,
+}
+
+impl Bound {
+    /// The bound for a tensor whose largest finite |value| is `magnitude`.
+    pub fn resolve(&self, magnitude: f64) -> f64 {
+        self.abs.max(self.rel * magnitude.max(1.0))
+    }
+
+    /// Human-readable form, e.g. `1e-9·max(1,|ref|)`.
+    pub fn describe(&self) -> String {
+        match (self.abs > 0.0, self.rel > 0.0) {
+            (true, false) => format!("{:.0e}", self.abs),
+            (false, true) => format!("{:.2e}·max(1,|ref|)", self.rel),
+            (true, true) => format!("max({:.0e}, {:.2e}·max(1,|ref|))", self.abs, self.rel),
+            (false, false) => "0".into(),
+        }
+    }
+}
+
+/// The rule one tensor is judged by. [`crate::compare::compare_tensors`] turns it into a number
+/// from the data (the tensor's magnitude and the reference's distance from the oracle).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Tolerance {
+    /// `max|ours − ref| ≤ bound` (f64 tier; also any fixed bound).
+    Fixed {
+        /// The bound.
+        bound: Bound,
+    },
+    /// `max|ours − ref| ≤ max(k · max|ref − oracle|, floor)` when the oracle holds the tensor,
+    /// else `≤ without_oracle` (f32 tier).
+    NoiseMultiple {
+        /// The multiple of the reference's own noise.
+        k: f64,
+        /// The floor under the noise multiple.
+        floor: Bound,
+        /// The bound used when no oracle tensor is available.
+        without_oracle: Bound,
+    },
+    /// `max|ours − oracle| ≤ max(k · max|ref − oracle|, half-ulp_bf16(max|oracle|))` (bf16 tier).
+    /// Without an oracle tensor the tensor cannot be judged.
+    OracleRelative {
+        /// The multiple of the reference's distance from the oracle.
+        k: f64,
+        /// On logits: ours' top-1 agreement with the oracle may be at most this much below the
+        /// reference's.
+        top1_slack: Option<f64>,
+    },
+}
+
+/// Chooses the [`Tolerance`] for every tensor of a comparison, by tier.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TolerancePolicy {
+    /// The tier the comparison is judged in.
+    pub tier: Tier,
+    /// How the tier was chosen, and anything a reader should know (e.g. an inferred dtype).
+    pub notes: Vec<String>,
+}
+
+impl TolerancePolicy {
+    /// The policy for an explicitly chosen tier.
+    pub fn new(tier: Tier) -> Self {
+        Self {
+            tier,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Chooses the tier from the traces' `dtype` metadata (see [`Self::for_traces_with_tier`]).
+    pub fn for_traces(
+        reference: &Trace,
+        test: &Trace,
+        oracle: Option<&Trace>,
+    ) -> Result<Self, PolicyError> {
+        Self::for_traces_with_tier(reference, test, oracle, None)
+    }
+
+    /// Chooses the tier, or takes `tier` when given (an explicit override).
+    ///
+    /// Without an override the tier is the reference's compute dtype (metadata `dtype`; when
+    /// absent, inferred from the storage dtype of `logits`, noted in [`Self::notes`] because a
+    /// bf16 run may store f32 logits). A test trace more precise than the reference is judged in
+    /// the reference's tier (e.g. bf16 weights with f32 activations against PyTorch bf16); a
+    /// less precise one is an error. The bf16 tier requires an oracle, and an oracle must be f64.
+    pub fn for_traces_with_tier(
+        reference: &Trace,
+        test: &Trace,
+        oracle: Option<&Trace>,
+        tier: Option<Tier>,
+    ) -> Result<Self, PolicyError> {
+        let mut notes = Vec::new();
+        if let Some(o) = oracle {
+            match trace_tier(o, "oracle", &mut notes) {
+                Ok(Tier::F64) => {}
+                Ok(t) => {
+                    return Err(PolicyError::OracleNotF64 {
+                        dtype: t.to_string(),
+                    })
+                }
+                Err(PolicyError::UnknownDtype { dtype, .. }) => {
+                    return Err(PolicyError::OracleNotF64 { dtype })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let tier = match tier {
+            Some(t) => {
+                notes.push(format!("tier {t} chosen explicitly"));
+                t
+            }
+            None => {
+                let r = trace_tier(reference, "reference", &mut notes)?;
+                let t = trace_tier(test, "test", &mut notes)?;
+                if t.precision() < r.precision() {
+                    return Err(PolicyError::TierMismatch {
+                        reference: r,
+                        test: t,
+                    });
+                }
+                if t != r {
+                    notes.push(format!(
+                        "test trace is {t}, reference is {r}: judged in the reference's {r} tier"
+                    ));
+                }
+                r
+            }
+        };
+        if tier == Tier::BF16 && oracle.is_none() {
+            return Err(PolicyError::OracleRequired);
+        }
+        Ok(Self { tier, notes })
+    }
+
+    /// The rule for the tensor `name` in this policy's tier.
+    pub fn tolerance_for(&self, name: &str) -> Tolerance {
+        let logits = TapName::parse(name) == Some(TapName::Logits);
+        match self.tier {
+            Tier::F64 => Tolerance::Fixed {
+                bound: if logits {
+                    Bound {
+                        abs: F64_TOLERANCE,
+                        rel: 0.0,
+                    }
+                } else {
+                    Bound {
+                        abs: 0.0,
+                        rel: F64_TOLERANCE,
+                    }
+                },
+            },
+            Tier::F32 if logits => {
+                let b = Bound {
+                    abs: F32_LOGITS_TOLERANCE,
+                    rel: 0.0,
+                };
+                Tolerance::NoiseMultiple {
+                    k: F32_NOISE_MULTIPLE,
+                    floor: b,
+                    without_oracle: b,
+                }
+            }
+            Tier::F32 => Tolerance::NoiseMultiple {
+                k: F32_NOISE_MULTIPLE,
+                floor: Bound {
+                    abs: 0.0,
+                    rel: F32_FLOOR_EPSILONS * f32::EPSILON as f64,
+                },
+                without_oracle: Bound {
+                    abs: 0.0,
+                    rel: F32_NO_ORACLE_REL,
+                },
+            },
+            Tier::BF16 => Tolerance::OracleRelative {
+                k: BF16_NOISE_MULTIPLE,
+                top1_slack: logits.then_some(BF16_TOP1_SLACK),
+            },
+        }
+    }
+}
+
+/// Half a bf16 unit in the last place at magnitude `m` (bf16 keeps 8 significant bits): the
+/// smallest difference a bf16 computation can be expected to resolve there. 0 for `m ≤ 0`.
+pub fn bf16_half_ulp(m: f64) -> f64 {
+    if m > 0.0 && m.is_finite() {
+        2f64.powi(m.log2().floor() as i32 - 8)
+    } else {
+        0.0
+    }
+}
+
+/// The tier of one trace: its `dtype` metadata, else the storage dtype of its `logits`.
+fn trace_tier(t: &Trace, side: &'static str, notes: &mut Vec<String>) -> Result<Tier, PolicyError> {
+    if let Some(d) = t.metadata.get("dtype") {
+        return Tier::from_dtype(d).ok_or_else(|| PolicyError::UnknownDtype {
+            side,
+            dtype: d.clone(),
+        });
+    }
+    let inferred = match t.get("logits").map(|l| &l.data) {
+        Some(TensorData::F64(_)) => Tier::F64,
+        Some(TensorData::F32(_)) => Tier::F32,
+        Some(TensorData::BF16(_)) => Tier::BF16,
+        _ => return Err(PolicyError::MissingDtype { side }),
+    };
+    notes.push(format!(
+        "the {side} trace has no `dtype` metadata: {inferred} inferred from its logits storage"
+    ));
+    Ok(inferred)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_ulp() {
+        assert_eq!(bf16_half_ulp(1.0), 2f64.powi(-8));
+        assert_eq!(bf16_half_ulp(1.5), 2f64.powi(-8));
+        assert_eq!(bf16_half_ulp(8.0), 2f64.powi(-5));
+        assert_eq!(bf16_half_ulp(0.0), 0.0);
+    }
+
+    #[test]
+    fn dtype_names() {
+        assert_eq!(Tier::from_dtype("torch.bfloat16"), Some(Tier::BF16));
+        assert_eq!(Tier::from_dtype("F32"), Some(Tier::F32));
+        assert_eq!(Tier::from_dtype("float64"), Some(Tier::F64));
+        assert_eq!(Tier::from_dtype("f16"), None);
+    }
+}
