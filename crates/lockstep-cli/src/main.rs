@@ -27,6 +27,14 @@ enum Command {
     Tokenize(commands::tokenize::Args),
     /// Run one forward pass and write its trace (every intermediate tensor) as safetensors.
     Trace(commands::trace::Args),
+    /// Write the PyTorch reference trace (transformers, pinned) of one forward pass.
+    Reference(commands::reference::Args),
+    /// Compare two traces tensor by tensor; exit 0 pass, 1 fail, 2 bad input.
+    Compare(commands::compare::Args),
+    /// Verify a model phase by phase against the PyTorch reference (report, JSON, SVG).
+    Verify(commands::verify::Args),
+    /// Inject every known fault and show the verifier detects and localizes each.
+    Selftest(commands::selftest::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +42,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Trace(a) => commands::trace::run(a),
+        Command::Reference(a) => commands::reference::run(a),
+        Command::Compare(a) => commands::compare::run(a),
+        Command::Verify(a) => commands::verify::run(a),
+        Command::Selftest(a) => commands::selftest::run(a),
     };
     match result {
         Ok(code) => code,

@@ -262,7 +262,44 @@ impl ModelConfig {
                 .and_then(Value::as_str)
                 .map(str::to_string),
         };
+        // Sizes whose products overflow would otherwise wrap (or make allocations panic) before
+        // any tensor is compared against them.
+        if cfg.checked_parameter_count().is_none() {
+            return Err(format!(
+                "sizes are impossibly large: the parameter count they imply overflows (num_hidden_layers {}, hidden_size {hidden_size}, intermediate_size {}, num_attention_heads {num_heads}, head_dim {head_dim}, vocab_size {})",
+                cfg.num_layers, cfg.intermediate_size, cfg.vocab_size
+            ));
+        }
         Ok(cfg)
+    }
+
+    /// [`Self::parameter_count`] with overflow checks.
+    fn checked_parameter_count(&self) -> Option<usize> {
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let q = self.num_heads.checked_mul(d)?;
+        let kv = self.num_kv_heads.checked_mul(d)?;
+        let bias = if self.qkv_bias {
+            q.checked_add(kv.checked_mul(2)?)?
+        } else {
+            0
+        };
+        let layer = [
+            h.checked_mul(q)?,
+            h.checked_mul(kv)?.checked_mul(2)?,
+            bias,
+            q.checked_mul(h)?,
+            h.checked_mul(i)?.checked_mul(3)?,
+            h.checked_mul(2)?,
+        ]
+        .into_iter()
+        .try_fold(0usize, usize::checked_add)?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        self.num_layers
+            .checked_mul(layer)?
+            .checked_add(embed)?
+            .checked_add(h)?
+            .checked_add(head)
     }
 
     /// Number of query heads sharing one key/value head.
@@ -272,17 +309,8 @@ impl ModelConfig {
 
     /// Parameter count implied by the config (tied head counted once).
     pub fn parameter_count(&self) -> usize {
-        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_heads * d;
-        let kv = self.num_kv_heads * d;
-        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let layer = h * q + 2 * h * kv + bias + q * h + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
-        self.vocab_size * h + self.num_layers * layer + h + head
+        // Validated configs never overflow; one built by hand saturates.
+        self.checked_parameter_count().unwrap_or(usize::MAX)
     }
 }
 
@@ -364,6 +392,11 @@ mod tests {
                 "positive integer",
             ),
             ("\"hidden_act\":\"silu\"", "\"hidden_act\":\"gelu\"", "gelu"),
+            (
+                "\"num_hidden_layers\":24",
+                "\"num_hidden_layers\":4611686018427387903",
+                "overflows",
+            ),
         ] {
             let s = QWEN.replace(from, to);
             let e = ModelConfig::from_json_str(&s).unwrap_err();

@@ -348,8 +348,12 @@ mod tests {
     #[test]
     fn roundtrip_keeps_values_shapes_and_metadata() {
         let mut t = Trace::new();
-        t.insert("logits", vec![1, 2, 2], TensorData::F64(vec![1.0, -2.5, 3.25, 1e-300]))
-            .unwrap();
+        t.insert(
+            "logits",
+            vec![1, 2, 2],
+            TensorData::F64(vec![1.0, -2.5, 3.25, 1e-300]),
+        )
+        .unwrap();
         t.insert("tokens", vec![1, 2], TensorData::I64(vec![9707, 11]))
             .unwrap();
         t.insert("embed", vec![1, 2, 1], TensorData::F32(vec![0.5, -0.25]))
@@ -368,13 +372,16 @@ mod tests {
     #[test]
     fn shape_mismatch_is_an_error() {
         let mut t = Trace::new();
-        assert!(t.insert("x", vec![2, 2], TensorData::F32(vec![1.0])).is_err());
+        assert!(t
+            .insert("x", vec![2, 2], TensorData::F32(vec![1.0]))
+            .is_err());
     }
 
     #[test]
     fn truncated_file_is_a_format_error() {
         let mut t = Trace::new();
-        t.insert("x", vec![4], TensorData::F32(vec![1.0; 4])).unwrap();
+        t.insert("x", vec![4], TensorData::F32(vec![1.0; 4]))
+            .unwrap();
         let b = t.to_bytes().unwrap();
         let err = Trace::from_bytes(&b[..b.len() - 3], "x").unwrap_err();
         assert!(matches!(err, TraceError::Format { .. }), "{err}");

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod phases;
 pub mod report;
 pub mod tolerance;
 

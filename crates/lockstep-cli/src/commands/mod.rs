@@ -1,5 +1,11 @@
 //! One module per subcommand.
 
 pub mod common;
+pub mod compare;
+pub mod pyref;
+pub mod python;
+pub mod reference;
+pub mod selftest;
 pub mod tokenize;
 pub mod trace;
+pub mod verify;

@@ -1,0 +1,96 @@
+//! `lockstep compare REF TEST [--oracle ORACLE] [--report R.md] [--json R.json] [--plot P.svg]`.
+//! Exit 0 when everything passes, 1 when something fails, 2 on bad input.
+
+use crate::cli_error::{CliError, CliResult};
+use lockstep_trace::Trace;
+use lockstep_verify::{compare_traces, report, NamedComparison, Tier, TolerancePolicy};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Arguments of `compare`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The reference trace (e.g. from `lockstep reference`).
+    reference: PathBuf,
+    /// The trace under test (ours, or any port's).
+    test: PathBuf,
+    /// A pure-float64 reference trace on the same ids: the yardstick for the f32/bf16 tiers.
+    #[arg(long)]
+    oracle: Option<PathBuf>,
+    /// Force the precision tier (default: from the traces' dtype metadata).
+    #[arg(long, value_parser = ["f64", "f32", "bf16"])]
+    tier: Option<String>,
+    /// Write a Markdown report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write a JSON report (top-level "first_divergence").
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of the per-layer error.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Writes a report file atomically (temporary file, then rename).
+pub fn write_atomic(path: &Path, text: &str) -> CliResult<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            CliError::input(format!("cannot write {}: {e}", path.display()))
+        })
+}
+
+/// Compares two traces and prints the verdict.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    let reference = Trace::read(&a.reference)?;
+    let test = Trace::read(&a.test)?;
+    let oracle = a.oracle.as_deref().map(Trace::read).transpose()?;
+    let tier = a.tier.as_deref().and_then(Tier::from_dtype);
+    let policy = TolerancePolicy::for_traces_with_tier(&reference, &test, oracle.as_ref(), tier)
+        .map_err(|e| CliError::input(e.to_string()))?;
+    let cmp = compare_traces(&reference, &test, oracle.as_ref(), &policy);
+    let passed = cmp.passed;
+    let label = a
+        .test
+        .file_name()
+        .map_or("test".into(), |f| f.to_string_lossy().into_owned());
+    let inputs = [NamedComparison::new(label, cmp)];
+    let c = &inputs[0].comparison;
+    println!(
+        "{} tensors compared in the {} tier: {}",
+        c.tensors.len(),
+        c.tier.as_str(),
+        c.verdict()
+    );
+    if let Some((name, ratio)) = c
+        .tensors
+        .iter()
+        .filter_map(|t| t.tolerance_ratio().map(|r| (&t.name, r)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        println!("closest to its tolerance: {name} at {ratio:.3} of the bound");
+    }
+    println!(
+        "first_divergence: {}",
+        c.first_divergence.as_deref().unwrap_or("none")
+    );
+    if let Some(p) = &a.report {
+        write_atomic(p, &report::markdown(&inputs))?;
+    }
+    if let Some(p) = &a.json {
+        write_atomic(p, &report::json(&inputs))?;
+    }
+    if let Some(p) = &a.plot {
+        write_atomic(
+            p,
+            &report::svg_per_layer("max |difference| per layer", &inputs),
+        )?;
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,122 @@
+//! The Python reference as the verifier's [`Reference`]: one Python process per batch of work,
+//! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
+
+use super::python::ReferenceEnv;
+use lockstep_verify::phases::{Reference, ReferenceWeights, TraceJob};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// [`Reference`] backed by `python -m lockstep_reference`.
+pub struct PythonReference {
+    env: ReferenceEnv,
+    scratch: PathBuf,
+    tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
+    weights: HashMap<PathBuf, ReferenceWeights>,
+}
+
+impl PythonReference {
+    /// A reference runner writing its request files under `scratch`.
+    pub fn new(env: ReferenceEnv, scratch: &Path) -> Self {
+        PythonReference {
+            env,
+            scratch: scratch.to_path_buf(),
+            tokenized: HashMap::new(),
+            weights: HashMap::new(),
+        }
+    }
+
+    fn write_request(&self, name: &str, v: &serde_json::Value) -> Result<PathBuf, String> {
+        std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
+        let p = self.scratch.join(name);
+        std::fs::write(&p, v.to_string()).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(p)
+    }
+
+    fn last_json_line(stdout: &str) -> Result<serde_json::Value, String> {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .ok_or("the reference printed nothing")?;
+        serde_json::from_str(line).map_err(|e| format!("unexpected reference output ({e}): {line}"))
+    }
+}
+
+fn job_key(j: &TraceJob) -> String {
+    format!("{}|{:?}|{}", j.model.display(), j.tokens, j.dtype)
+}
+
+impl Reference for PythonReference {
+    fn tokenize(&mut self, model: &Path, texts: &[String]) -> Result<Vec<Vec<u32>>, String> {
+        let key = (model.to_path_buf(), texts.to_vec());
+        if let Some(v) = self.tokenized.get(&key) {
+            return Ok(v.clone());
+        }
+        let req = self.write_request("tokenize.json", &serde_json::json!(texts))?;
+        let out = self
+            .env
+            .run(&[
+                "tokenize-batch",
+                "--model",
+                &model.to_string_lossy(),
+                "--texts",
+                &req.to_string_lossy(),
+            ])
+            .map_err(|e| e.to_string())?;
+        let v: Vec<Vec<u32>> = serde_json::from_value(Self::last_json_line(&out)?)
+            .map_err(|e| format!("unexpected tokenize-batch output: {e}"))?;
+        if v.len() != texts.len() {
+            return Err("tokenize-batch returned the wrong number of results".into());
+        }
+        self.tokenized.insert(key, v.clone());
+        Ok(v)
+    }
+
+    fn weights(&mut self, model: &Path) -> Result<ReferenceWeights, String> {
+        if let Some(w) = self.weights.get(model) {
+            return Ok(w.clone());
+        }
+        let out = self
+            .env
+            .run(&["weights", "--model", &model.to_string_lossy()])
+            .map_err(|e| e.to_string())?;
+        let v = Self::last_json_line(&out)?;
+        let w = ReferenceWeights {
+            checksums: serde_json::from_value(v["checksums"].clone())
+                .map_err(|e| format!("unexpected weights output: {e}"))?,
+            parameter_count: v["parameter_count"].as_u64().unwrap_or(0),
+            tied: v["tied"].as_bool().unwrap_or(false),
+            qkv_bias: v["qkv_bias"].as_bool().unwrap_or(false),
+            dtype: v["dtype"].as_str().unwrap_or("?").to_string(),
+        };
+        self.weights.insert(model.to_path_buf(), w.clone());
+        Ok(w)
+    }
+
+    fn traces(&mut self, jobs: &[TraceJob]) -> Result<(), String> {
+        // A trace is reused when it exists and its sidecar records the same job.
+        let sidecar = |j: &TraceJob| j.out.with_extension("job");
+        let todo: Vec<&TraceJob> = jobs
+            .iter()
+            .filter(|j| {
+                !(j.out.exists()
+                    && std::fs::read_to_string(sidecar(j)).ok().as_deref() == Some(&job_key(j)))
+            })
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<serde_json::Value> = todo
+            .iter()
+            .map(|j| serde_json::json!({"model": j.model, "tokens": j.tokens, "dtype": j.dtype, "out": j.out}))
+            .collect();
+        let req = self.write_request("traces.json", &serde_json::Value::Array(list))?;
+        self.env
+            .run(&["trace-batch", &req.to_string_lossy()])
+            .map_err(|e| e.to_string())?;
+        for j in todo {
+            std::fs::write(sidecar(j), job_key(j)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! `lockstep verify`: the phased verification against the PyTorch reference, with a Markdown
+//! report, JSON and an SVG plot of the per-layer error.
+
+use super::compare::write_atomic;
+use super::pyref::PythonReference;
+use super::python::ReferenceEnv;
+use crate::cli_error::{CliError, CliResult};
+use lockstep_engine::Fault;
+use lockstep_verify::phases::{
+    default_inputs, run_verify, Input, InputKind, VerifyOptions, VerifyOutcome,
+};
+use lockstep_verify::{report, Tier};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Arguments of `verify`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (default: a small random-weight Qwen2 model with the real Qwen tokenizer,
+    /// created on first use in the cache folder).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Precision tier(s): f64 (exact), f32, or all.
+    #[arg(long, default_value = "all", value_parser = ["f64", "f32", "bf16", "all"])]
+    pub dtype: String,
+    /// Prompts for the forward phases (repeatable; default: "Hello", "The", "123", plus a short
+    /// sentence and a ~300-token paragraph).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Markdown report path.
+    #[arg(long, default_value = "reports/verify.md")]
+    pub report: PathBuf,
+    /// JSON report path.
+    #[arg(long, default_value = "reports/verify.json")]
+    pub json: PathBuf,
+    /// SVG plot of the per-layer error.
+    #[arg(long, default_value = "reports/verify.svg")]
+    pub plot: PathBuf,
+    /// Inject a deliberate bug into lockstep's engine (to see the verifier catch it).
+    #[arg(long)]
+    pub inject: Option<Fault>,
+}
+
+/// The cache folder: `$LOCKSTEP_CACHE`, else `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOCKSTEP_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("lockstep");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/lockstep")
+}
+
+/// The built-in default model, created on first use.
+pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
+    let dir = cache_dir().join("models/qwen2-default");
+    if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    eprintln!(
+        "creating the default model in {} (first use)",
+        dir.display()
+    );
+    let partial = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    env.run(&["make-default", "--out", &partial.to_string_lossy()])?;
+    std::fs::rename(&partial, &dir)
+        .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// The tiers `--dtype` asks for.
+pub fn tiers(dtype: &str) -> CliResult<Vec<Tier>> {
+    Ok(match dtype {
+        "f64" => vec![Tier::F64],
+        "f32" => vec![Tier::F32],
+        "all" => vec![Tier::F64, Tier::F32],
+        "bf16" => {
+            return Err(CliError::input(
+                "the bf16 tier is not implemented in lockstep's engine yet; use --dtype f64, f32 or all",
+            ))
+        }
+        other => return Err(CliError::input(format!("unknown --dtype {other}"))),
+    })
+}
+
+/// Inputs from `--prompt` (each a single-pass input) or the defaults.
+pub fn inputs(prompts: &[String]) -> Vec<Input> {
+    if prompts.is_empty() {
+        return default_inputs();
+    }
+    let mut v: Vec<Input> = prompts
+        .iter()
+        .map(|p| Input {
+            label: format!("{:?}", p.chars().take(30).collect::<String>()),
+            text: p.clone(),
+            kind: InputKind::Single,
+        })
+        .collect();
+    v.extend(
+        default_inputs()
+            .into_iter()
+            .filter(|i| i.kind == InputKind::Multi),
+    );
+    v
+}
+
+/// Runs the phases with progress on stderr.
+pub fn run_phases(
+    model: &Path,
+    tiers: Vec<Tier>,
+    inputs: Vec<Input>,
+    fault: Option<Fault>,
+    reference: &mut PythonReference,
+    work_dir: &Path,
+) -> CliResult<VerifyOutcome> {
+    let opts = VerifyOptions {
+        model: model.to_path_buf(),
+        tiers,
+        inputs,
+        fault,
+        work_dir: work_dir.to_path_buf(),
+    };
+    let t0 = Instant::now();
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let hidden = spinner.is_hidden();
+    let mut progress = |msg: &str| {
+        if hidden {
+            eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
+        } else {
+            spinner.set_message(format!("[{:.1}s] {msg}", t0.elapsed().as_secs_f64()));
+        }
+    };
+    let out = run_verify(&opts, reference, &mut progress).map_err(CliError::input);
+    spinner.finish_and_clear();
+    out
+}
+
+/// Work folder for one model's reference traces (kept, so reruns reuse them).
+pub fn work_dir_for(model: &Path) -> PathBuf {
+    let canon = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in canon.to_string_lossy().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    cache_dir().join("work").join(format!("{h:016x}"))
+}
+
+/// Runs `verify`.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    let tiers = tiers(&a.dtype)?;
+    let env = ReferenceEnv::find()?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model(&env)?,
+    };
+    let work = work_dir_for(&model);
+    let mut reference = PythonReference::new(env, &work);
+    let outcome = run_phases(
+        &model,
+        tiers,
+        inputs(&a.prompt),
+        a.inject,
+        &mut reference,
+        &work,
+    )?;
+
+    let mut title = format!("lockstep verify: {}", model.display());
+    if let Some(f) = a.inject {
+        title.push_str(&format!(" (injected fault: {f})"));
+    }
+    let desc = describe_model(&model);
+    let md = report::phased_markdown(&title, &desc, &outcome.phases);
+    let js = report::phased_json(&title, &desc, &outcome.phases);
+    let plot_inputs = outcome
+        .full
+        .iter()
+        .rev()
+        .map(|(_, c)| c.clone())
+        .next()
+        .unwrap_or_default();
+    let svg = report::svg_per_layer(
+        "max |ours - transformers| per layer vs the reference's own noise",
+        &plot_inputs,
+    );
+    for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        write_atomic(p, text)?;
+    }
+
+    println!("{title}");
+    for p in &outcome.phases {
+        println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
+    }
+    println!(
+        "{}: report {}, JSON {}, plot {}",
+        if outcome.passed { "PASS" } else { "FAIL" },
+        a.report.display(),
+        a.json.display(),
+        a.plot.display()
+    );
+    Ok(if outcome.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One line describing the model for report headers.
+pub fn describe_model(model: &Path) -> String {
+    match lockstep_engine::ModelConfig::from_file(&model.join("config.json")) {
+        Ok(c) => format!(
+            "{} at {}: {} layers, hidden {}, {} heads / {} kv heads (head_dim {}), vocab {}, {} parameters, {} embeddings, rope_theta {}, rms_norm_eps {:e}",
+            c.arch.hf_class(),
+            model.display(),
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.parameter_count(),
+            if c.tie_word_embeddings { "tied" } else { "untied" },
+            c.rope_theta,
+            c.rms_norm_eps
+        ),
+        Err(e) => e.to_string(),
+    }
+}

@@ -1,0 +1,436 @@
+//! The phased verification of `lockstep verify`: the plan the old port's report never finished.
+//!
+//! 1. tokenization identity (plain text, special tokens);
+//! 2. weights: every tensor bit-identical to what `transformers` loaded, parameter count, tied
+//!    embeddings, q/k/v biases;
+//! 3. single-token forward (the old report's "Hello", "The", "123");
+//! 4. multi-token sequences (short and several hundred tokens);
+//! 5. layer-by-layer: every tapped tensor, first divergence named;
+//! 6. attention weights.
+//!
+//! Phases 3-6 run per precision tier. The reference side is abstract ([`Reference`]): the CLI
+//! implements it with the project's Python tracer; tests can run it the same way.
+
+use crate::compare::compare_traces;
+use crate::report::{NamedComparison, Phase};
+use crate::tolerance::{Tier, TolerancePolicy};
+use lockstep_engine::tracing::trace_forward;
+use lockstep_engine::{Fault, Model, Tokenizer};
+use lockstep_trace::Trace;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One reference trace to produce.
+#[derive(Debug, Clone)]
+pub struct TraceJob {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Input ids (batch 1).
+    pub tokens: Vec<u32>,
+    /// `f64` (pure float64), `f32` or `bf16`.
+    pub dtype: String,
+    /// Where to write the trace.
+    pub out: PathBuf,
+}
+
+/// What the reference loaded, for the weights phase.
+#[derive(Debug, Clone, Default)]
+pub struct ReferenceWeights {
+    /// sha256 of each loaded tensor's bytes, in its loaded dtype, by checkpoint name.
+    pub checksums: BTreeMap<String, String>,
+    /// Parameters counted by the reference (tied matrices once).
+    pub parameter_count: u64,
+    /// Whether lm_head and the embeddings are the same tensor in the reference.
+    pub tied: bool,
+    /// Whether the reference's attention has q/k/v biases.
+    pub qkv_bias: bool,
+    /// The dtype the reference loaded the weights in.
+    pub dtype: String,
+}
+
+/// The reference implementation, as seen by the verifier.
+pub trait Reference {
+    /// Token ids of each text (no special tokens added).
+    fn tokenize(&mut self, model: &Path, texts: &[String]) -> Result<Vec<Vec<u32>>, String>;
+    /// Checksums and facts of the weights as the reference loaded them (in the stored dtype).
+    fn weights(&mut self, model: &Path) -> Result<ReferenceWeights, String>;
+    /// Writes every requested trace.
+    fn traces(&mut self, jobs: &[TraceJob]) -> Result<(), String>;
+}
+
+/// Which phase an input belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// A prompt of the single-token forward phase (the old report's prompts).
+    Single,
+    /// A multi-token sequence.
+    Multi,
+}
+
+/// One input of the forward phases.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Short label for tables.
+    pub label: String,
+    /// The text.
+    pub text: String,
+    /// The phase it belongs to.
+    pub kind: InputKind,
+}
+
+/// A paragraph long enough (about 300 tokens) to exercise positions beyond 256, where bf16
+/// positions and RoPE errors show.
+pub const LONG_TEXT: &str = "In the spring of that year the observatory on the hill received a new \
+instrument, a refracting telescope with a lens ground by hand over eleven months. The astronomers \
+who worked there kept careful notebooks: the date, the time to the second, the temperature of the \
+dome, the humidity, and the position of every object they measured. They compared each night's \
+numbers with the tables published by other observatories, and when two values disagreed they did \
+not simply average them. They asked which instrument had drifted, which clock had gained a few \
+seconds, which observer had copied a digit wrongly. Most differences turned out to be rounding: the \
+last decimal place of a measurement that no instrument could resolve. A few were real mistakes, and \
+those were the ones that mattered, because a mistake repeated in every table grows into a false \
+discovery. So they wrote down, for every quantity, how precisely it could be known, and they judged \
+each disagreement against that precision rather than against a fixed number chosen in advance. By \
+the end of the decade their catalogue of 4,217 stars was trusted more than any other, not because \
+it was never wrong, but because every entry said how wrong it could be, and every error that was \
+found could be traced back to the step where it first entered the calculation.";
+
+/// The default inputs: the old report's three prompts, a short sentence and a long paragraph.
+pub fn default_inputs() -> Vec<Input> {
+    let mut v: Vec<Input> = ["Hello", "The", "123"]
+        .iter()
+        .map(|p| Input {
+            label: format!("{p:?}"),
+            text: p.to_string(),
+            kind: InputKind::Single,
+        })
+        .collect();
+    v.push(Input {
+        label: "short sentence".into(),
+        text: "The quick brown fox jumps over the lazy dog, and 12 of 15 wizards agree.".into(),
+        kind: InputKind::Multi,
+    });
+    v.push(Input {
+        label: "long paragraph".into(),
+        text: LONG_TEXT.into(),
+        kind: InputKind::Multi,
+    });
+    v
+}
+
+/// Strings with special tokens, checked in the tokenization phase when the tokenizer knows them.
+const SPECIAL_TEXTS: [&str; 2] = [
+    "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
+    "Hello<|endoftext|>",
+];
+
+/// Options of one verification.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Tiers to run, in order (the f64 oracle is always computed).
+    pub tiers: Vec<Tier>,
+    /// Inputs of the forward phases.
+    pub inputs: Vec<Input>,
+    /// A deliberate bug to inject into our engine.
+    pub fault: Option<Fault>,
+    /// Scratch folder for traces.
+    pub work_dir: PathBuf,
+}
+
+/// The outcome: the phases in order, and the full per-input comparisons (for plots and JSON).
+#[derive(Debug)]
+pub struct VerifyOutcome {
+    /// Phases in order.
+    pub phases: Vec<Phase>,
+    /// Full comparisons per tier, labelled "input [tier]".
+    pub full: Vec<(Tier, Vec<NamedComparison>)>,
+    /// True when no phase failed.
+    pub passed: bool,
+}
+
+/// Runs every phase. `progress` receives a short message before each step.
+pub fn run_verify(
+    opts: &VerifyOptions,
+    reference: &mut dyn Reference,
+    progress: &mut dyn FnMut(&str),
+) -> Result<VerifyOutcome, String> {
+    let mut phases = vec![];
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| format!("cannot create {}: {e}", opts.work_dir.display()))?;
+
+    progress("loading the model");
+    let model = Model::load_with_fault(&opts.model, opts.fault).map_err(|e| e.to_string())?;
+
+    // 1. Tokenization.
+    progress("phase 1: tokenization");
+    let (phase, ids) = tokenization_phase(opts, &model, reference)?;
+    phases.push(phase);
+
+    // 2. Weights.
+    progress("phase 2: weights");
+    phases.push(weights_phase(&model, reference)?);
+
+    // Reference traces: the pure-f64 oracle for every input, plus each lower tier's own run.
+    progress("running the reference (transformers)");
+    let mut jobs = vec![];
+    let path = |i: usize, dt: &str| opts.work_dir.join(format!("ref-{i}-{dt}.safetensors"));
+    for (i, tokens) in ids.iter().enumerate() {
+        jobs.push(TraceJob {
+            model: opts.model.clone(),
+            tokens: tokens.clone(),
+            dtype: "f64".into(),
+            out: path(i, "f64"),
+        });
+        for t in &opts.tiers {
+            if *t != Tier::F64 {
+                jobs.push(TraceJob {
+                    model: opts.model.clone(),
+                    tokens: tokens.clone(),
+                    dtype: t.as_str().into(),
+                    out: path(i, t.as_str()),
+                });
+            }
+        }
+    }
+    reference.traces(&jobs)?;
+    let read = |p: &Path| Trace::read(p).map_err(|e| e.to_string());
+
+    let mut full = vec![];
+    for &tier in &opts.tiers {
+        progress(&format!("running lockstep in {tier} and comparing"));
+        let mut comps = vec![];
+        for (i, (input, tokens)) in opts.inputs.iter().zip(&ids).enumerate() {
+            let oracle = read(&path(i, "f64"))?;
+            let ours = match tier {
+                Tier::F64 => trace_forward::<f64>(&model, tokens, Some(&input.text)),
+                Tier::F32 => trace_forward::<f32>(&model, tokens, Some(&input.text)),
+                Tier::BF16 => {
+                    return Err("the bf16 tier is not implemented in the engine yet".into())
+                }
+            }
+            .map_err(|e| e.to_string())?;
+            let (reference_trace, oracle) = if tier == Tier::F64 {
+                (oracle, None)
+            } else {
+                (read(&path(i, tier.as_str()))?, Some(oracle))
+            };
+            let policy = TolerancePolicy::for_traces_with_tier(
+                &reference_trace,
+                &ours,
+                oracle.as_ref(),
+                Some(tier),
+            )
+            .map_err(|e| e.to_string())?;
+            let cmp = compare_traces(&reference_trace, &ours, oracle.as_ref(), &policy);
+            comps.push((input.kind, NamedComparison::new(input.label.clone(), cmp)));
+        }
+        let pick = |kind: Option<InputKind>, keep: &dyn Fn(&str) -> bool| -> Vec<NamedComparison> {
+            comps
+                .iter()
+                .filter(|(k, _)| kind.is_none_or(|x| x == *k))
+                .map(|(_, c)| restrict(c, keep))
+                .collect()
+        };
+        let logits_only = |n: &str| n == "tokens" || n == "logits";
+        let single = pick(Some(InputKind::Single), &logits_only);
+        if !single.is_empty() {
+            phases.push(Phase::from_comparisons(
+                format!("single-token forward [{tier}]"),
+                single,
+            ));
+        }
+        let multi = pick(Some(InputKind::Multi), &logits_only);
+        if !multi.is_empty() {
+            phases.push(Phase::from_comparisons(
+                format!("multi-token sequences [{tier}]"),
+                multi,
+            ));
+        }
+        let all: Vec<NamedComparison> = comps.iter().map(|(_, c)| c.clone()).collect();
+        phases.push(Phase::from_comparisons(
+            format!("layer-by-layer [{tier}]"),
+            all.clone(),
+        ));
+        let attn = pick(None, &|n: &str| n == "tokens" || n.ends_with(".attn_probs"));
+        phases.push(Phase::from_comparisons(
+            format!("attention weights [{tier}]"),
+            attn,
+        ));
+        full.push((tier, all));
+    }
+    let passed = phases
+        .iter()
+        .all(|p| p.status != crate::report::PhaseStatus::Fail);
+    Ok(VerifyOutcome {
+        phases,
+        full,
+        passed,
+    })
+}
+
+/// The same comparison restricted to some tensors (verdict and first divergence recomputed).
+fn restrict(c: &NamedComparison, keep: &dyn Fn(&str) -> bool) -> NamedComparison {
+    let mut cmp = c.comparison.clone();
+    cmp.tensors.retain(|t| keep(&t.name));
+    cmp.first_divergence = cmp
+        .tensors
+        .iter()
+        .find(|t| t.status.is_failure())
+        .map(|t| t.name.clone());
+    cmp.passed = cmp.tensors.iter().all(|t| !t.status.is_failure())
+        && !cmp
+            .tensors
+            .iter()
+            .any(|t| t.status == crate::compare::Status::Unjudged);
+    NamedComparison::new(c.label.clone(), cmp)
+}
+
+fn short(text: &str) -> String {
+    let one = text.replace('\n', "\\n");
+    if one.chars().count() > 40 {
+        format!("{}…", one.chars().take(40).collect::<String>())
+    } else {
+        one
+    }
+}
+
+/// Phase 1: our tokenizer against the reference's on every input and on special-token strings.
+/// Returns the ids the forward phases use (the reference's, so both sides see the same input).
+fn tokenization_phase(
+    opts: &VerifyOptions,
+    model: &Model,
+    reference: &mut dyn Reference,
+) -> Result<(Phase, Vec<Vec<u32>>), String> {
+    let name = "tokenization";
+    let tok = match Tokenizer::from_dir(&opts.model) {
+        Ok(t) => t,
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut texts: Vec<String> = opts.inputs.iter().map(|i| i.text.clone()).collect();
+    let n_inputs = texts.len();
+    if tok.token_to_id("<|im_start|>").is_some() {
+        texts.extend(SPECIAL_TEXTS.iter().map(|s| s.to_string()));
+    }
+    let theirs = reference.tokenize(&opts.model, &texts)?;
+    let mut ok = 0;
+    let mut table = String::from(
+        "| text | tokens (ours) | tokens (transformers) | identical |\n|---|---|---|---|\n",
+    );
+    for (text, r) in texts.iter().zip(&theirs) {
+        let ours = tok.encode(text).map_err(|e| e.to_string())?;
+        let same = &ours == r;
+        ok += same as usize;
+        let show = |v: &[u32]| {
+            if v.len() <= 8 {
+                format!("{v:?}")
+            } else {
+                format!("{} ids", v.len())
+            }
+        };
+        let _ = writeln!(
+            table,
+            "| `{}` | {} | {} | {} |",
+            short(text),
+            show(&ours),
+            show(r),
+            if same { "yes" } else { "**NO**" }
+        );
+    }
+    let ids: Vec<Vec<u32>> = theirs[..n_inputs].to_vec();
+    for (i, v) in ids.iter().enumerate() {
+        if v.is_empty() {
+            return Err(format!(
+                "input {:?} tokenizes to no tokens",
+                opts.inputs[i].text
+            ));
+        }
+        model.check_tokens(v, 0).map_err(|e| e.to_string())?;
+    }
+    let summary = format!(
+        "{ok}/{} texts tokenize identically (incl. {} with special tokens)",
+        texts.len(),
+        texts.len() - n_inputs
+    );
+    let phase = if ok == texts.len() {
+        Phase::pass(name, summary)
+    } else {
+        Phase::fail(name, summary)
+    };
+    Ok((phase.with_details(table), ids))
+}
+
+/// Phase 2: every tensor we use bit-identical to what the reference loaded.
+fn weights_phase(model: &Model, reference: &mut dyn Reference) -> Result<Phase, String> {
+    let name = "weights";
+    let theirs = reference.weights(&model.checkpoint.dir)?;
+    let c = &model.config;
+    let mut problems = vec![];
+    let mut checked = 0;
+    let mut ours_count: u64 = 0;
+    for (n, t) in &model.checkpoint.tensors {
+        if n == "lm_head.weight" && c.tie_word_embeddings {
+            continue;
+        }
+        ours_count += t.numel() as u64;
+        match theirs.checksums.get(n) {
+            Some(h) if *h == t.sha256_hex() => checked += 1,
+            Some(_) => problems.push(format!("`{n}` differs from what transformers loaded")),
+            None => problems.push(format!("`{n}` was not loaded by transformers")),
+        }
+    }
+    for n in theirs.checksums.keys() {
+        let aliased = n == "lm_head.weight" && c.tie_word_embeddings;
+        if !model.checkpoint.contains(n) && !aliased {
+            problems.push(format!("transformers has `{n}`, the checkpoint does not"));
+        }
+    }
+    let expected = c.parameter_count() as u64;
+    if ours_count != expected || theirs.parameter_count != expected {
+        problems.push(format!(
+            "parameter count: config implies {expected}, lockstep loaded {ours_count}, transformers {}",
+            theirs.parameter_count
+        ));
+    }
+    // Tied head: ours must be the embedding matrix exactly when the reference's is.
+    let ours_tied = model.lm_head.bytes().as_ptr() == model.embed_tokens.bytes().as_ptr();
+    if ours_tied != theirs.tied {
+        problems.push(format!(
+            "tied embeddings: lockstep {ours_tied}, transformers {}",
+            theirs.tied
+        ));
+    }
+    let ours_bias = model.layers.iter().all(|l| l.qkv_bias.is_some());
+    if ours_bias != theirs.qkv_bias {
+        problems.push(format!(
+            "q/k/v biases: lockstep {}, transformers {}",
+            if ours_bias { "present" } else { "absent" },
+            if theirs.qkv_bias { "present" } else { "absent" }
+        ));
+    }
+    let details = format!(
+        "| check | result |\n|---|---|\n| tensors bit-identical (sha256, {} dtype) | {checked}/{} |\n| parameters | {ours_count} (transformers {}, config {expected}) |\n| tied embeddings | lockstep {ours_tied}, transformers {} |\n| q/k/v biases | lockstep {ours_bias}, transformers {} |\n{}",
+        theirs.dtype,
+        theirs.checksums.len(),
+        theirs.parameter_count,
+        theirs.tied,
+        theirs.qkv_bias,
+        problems.iter().map(|p| format!("\n- {p}")).collect::<String>()
+    );
+    let summary = format!(
+        "{checked} tensors bit-identical, {ours_count} parameters{}",
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!("; {} problem(s): {}", problems.len(), problems[0])
+        }
+    );
+    Ok(if problems.is_empty() {
+        Phase::pass(name, summary)
+    } else {
+        Phase::fail(name, summary)
+    }
+    .with_details(details))
+}

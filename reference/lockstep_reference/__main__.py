@@ -1,0 +1,197 @@
+"""Command line: python -m lockstep_reference <subcommand> ...  (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Local folders only: never reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parse_tokens(text: str) -> list[int]:
+    text = text.strip()
+    if text.startswith("["):
+        return [int(t) for t in json.loads(text)]
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _add_input(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokens", type=_parse_tokens, help="token ids, e.g. 1,2,3 (or a JSON array)")
+    g.add_argument("--prompt", help="text, tokenized with the model folder's tokenizer (no special tokens)")
+
+
+def cmd_trace(args) -> None:
+    from .tracer import trace
+
+    tensors = trace(args.model, args.out, args.dtype, token_ids=args.tokens, prompt=args.prompt)
+    print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype {args.dtype}")
+
+
+def cmd_tokenize(args) -> None:
+    from .tracer import tokenize
+
+    print(json.dumps(tokenize(args.model, args.text)))
+
+
+def cmd_fingerprint(args) -> None:
+    from .st_io import model_fingerprint
+
+    print(model_fingerprint(args.model))
+
+
+def cmd_oracle(args) -> None:
+    import numpy as np
+    import torch
+
+    from .numpy_oracle import oracle_trace
+    from .st_io import model_fingerprint
+    from .tracer import tokenize, write_safetensors
+
+    ids = args.tokens if args.tokens is not None else tokenize(args.model, args.prompt)
+    arrays = oracle_trace(args.model, ids)
+    with open(f"{args.model}/config.json") as f:
+        config = json.load(f)
+    meta = {
+        "producer": "lockstep_reference.numpy_oracle",
+        "numpy_version": np.__version__,
+        "dtype": "f64",
+        "attn_implementation": "eager",
+        "pure_f64": "true",
+        "model_type": config["model_type"],
+        "num_layers": str(config["num_hidden_layers"]),
+        "token_ids": json.dumps(ids),
+        "model_fingerprint": model_fingerprint(args.model),
+        "config": json.dumps(config, separators=(",", ":")),
+    }
+    if args.prompt is not None:
+        meta["prompt"] = args.prompt
+    write_safetensors(args.out, {k: torch.from_numpy(v) for k, v in arrays.items()}, meta)
+    print(f"wrote {args.out}: {len(arrays)} tensors, {len(ids)} tokens")
+
+
+def cmd_diff(args) -> None:
+    from safetensors.numpy import load_file
+
+    a, b = load_file(args.a), load_file(args.b)
+    worst = 0.0
+    for name in a:
+        if name not in b:
+            print(f"{name:28s} only in {args.a}")
+            continue
+        x, y = a[name].astype("float64"), b[name].astype("float64")
+        if x.shape != y.shape:
+            print(f"{name:28s} shape {x.shape} vs {y.shape}")
+            continue
+        d = float(abs(x - y).max()) if x.size else 0.0
+        worst = max(worst, d) if name != "tokens" else worst
+        print(f"{name:28s} max|a-b| {d:.3e}   max|a| {float(abs(x).max()) if x.size else 0.0:.3e}")
+    for name in b:
+        if name not in a:
+            print(f"{name:28s} only in {args.b}")
+    print(f"max over tensors: {worst:.3e}")
+
+
+def cmd_make_default(args) -> None:
+    from .fixtures import build_default_model
+
+    print(build_default_model(args.out, args.tokenizer))
+
+
+def cmd_fixtures(args) -> None:
+    from . import fixtures as fx
+
+    root = args.root
+    if args.only:
+        tok = fx.qwen_tokenizer(root)
+        for name in args.only:
+            fx.ensure_model(root, name, tok)
+    else:
+        fx.build_all(root, big=not args.no_big)
+
+
+def cmd_vocab_cases(args) -> None:
+    from .vocab_cases import check_tokenizer
+
+    n, bad = check_tokenizer(args.tokenizer, args.inp)
+    for text, expected, got in bad:
+        print(f"MISMATCH {text!r}: expected {expected}, got {got}")
+    print(f"{n - len(bad)}/{n} cases match")
+    sys.exit(1 if bad else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m lockstep_reference`."""
+    ap = argparse.ArgumentParser(prog="python -m lockstep_reference",
+                                 description="lockstep's PyTorch/transformers reference side")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("trace", help="trace one forward pass of a checkpoint (DESIGN.md trace format)")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    _add_input(p)
+    p.add_argument("--dtype", required=True, choices=["f64", "f32", "bf16"],
+                   help="compute dtype; f64 is pure float64 (RMSNorm, RoPE, softmax lifted)")
+    p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.set_defaults(fn=cmd_trace)
+
+    p = sub.add_parser("tokenize", help="print the transformers tokenizer's ids as a JSON array")
+    p.add_argument("--model", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)")
+    p.add_argument("--text", required=True)
+    p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("fingerprint", help="print the model fingerprint of a checkpoint folder")
+    p.add_argument("--model", required=True)
+    p.set_defaults(fn=cmd_fingerprint)
+
+    p = sub.add_parser("oracle", help="trace with the independent numpy float64 implementation")
+    p.add_argument("--model", required=True)
+    _add_input(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_oracle)
+
+    p = sub.add_parser("diff", help="max abs difference per tensor between two traces")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("make-default", help="build the default random Qwen2 model (qwen2-default)")
+    p.add_argument("--out", required=True, help="model folder to create (skipped if complete)")
+    p.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (default: fetch and cache)")
+    p.set_defaults(fn=cmd_make_default)
+
+    p = sub.add_parser("fixtures", help="create the test fixtures (skips what is complete)")
+    p.add_argument("--root", default="fixtures")
+    p.add_argument("--only", nargs="+", metavar="MODEL", help="build only these models")
+    p.add_argument("--no-big", action="store_true", help="skip qwen2.5-0.5b-random")
+    p.set_defaults(fn=cmd_fixtures)
+
+    p = sub.add_parser("vocab-cases", help="check llama.cpp tokenizer test cases against transformers")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+    p.add_argument("--inp", required=True, help="ggml-vocab-*.gguf.inp (the .out beside it)")
+    p.set_defaults(fn=cmd_vocab_cases)
+
+    from . import batch
+
+    p = sub.add_parser("trace-batch", help="run a JSON list of trace jobs in one process")
+    p.add_argument("jobs", help='JSON file: [{"model", "tokens", "dtype", "out"}, ...]')
+    p.set_defaults(fn=lambda a: batch.trace_batch(a.jobs))
+
+    p = sub.add_parser("tokenize-batch", help="ids of each text of a JSON list, as one JSON line")
+    p.add_argument("--model", required=True)
+    p.add_argument("--texts", required=True, help="JSON file with a list of strings")
+    p.set_defaults(fn=lambda a: batch.tokenize_batch(a.model, a.texts))
+
+    p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
+    p.add_argument("--model", required=True)
+    p.set_defaults(fn=lambda a: batch.weights(a.model))
+
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Batch entry points used by `lockstep verify`: many traces, many texts, or the weight checksums,
+in one Python process (importing torch and transformers takes seconds; a verify run needs dozens
+of traces)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import torch
+
+from . import tracer
+from .st_io import checkpoint_files, read_header
+
+_STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
+
+
+def trace_batch(jobs_path: str) -> None:
+    """Run every job of a JSON list `[{"model", "tokens", "dtype", "out"}, ...]`, loading each
+    (model, dtype) once. Prints one line per trace written."""
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    loaded: dict[tuple[str, str], object] = {}
+    for job in jobs:
+        key = (job["model"], job["dtype"])
+        if key not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[key] = tracer.load_model(job["model"], job["dtype"])
+        model = loaded[key]
+        tensors = tracer.trace_model(model, job["tokens"], job["dtype"])
+        meta = tracer.trace_metadata(job["model"], model, job["tokens"], job["dtype"], None)
+        tracer.write_safetensors(job["out"], tensors, meta)
+        print(f"wrote {job['out']}: {len(job['tokens'])} tokens, dtype {job['dtype']}", file=sys.stderr)
+
+
+def tokenize_batch(model_dir: str, texts_path: str) -> None:
+    """Print, as one JSON line, the transformers tokenizer's ids of each text of a JSON list."""
+    import transformers
+
+    with open(texts_path) as f:
+        texts = json.load(f)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    print(json.dumps([list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]))
+
+
+def stored_dtype(model_dir: str) -> str:
+    """The dtype the checkpoint's floating tensors are stored in ("f32", "bf16" or "f64")."""
+    dtypes = set()
+    for path in checkpoint_files(model_dir):
+        header, _ = read_header(path)
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _STORED:
+        raise ValueError(f"checkpoint mixes or uses unsupported dtypes {sorted(dtypes)}")
+    return _STORED[dtypes.pop()]
+
+
+def weights(model_dir: str) -> None:
+    """Print, as one JSON line, what transformers loaded: sha256 of every state_dict tensor's bytes
+    (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias."""
+    dtype = stored_dtype(model_dir)
+    model = tracer.load_model(model_dir, dtype)
+    sums = {}
+    for name, t in model.state_dict().items():
+        raw = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        sums[name] = hashlib.sha256(raw).hexdigest()
+    attn = model.model.layers[0].self_attn
+    print(json.dumps({
+        "checksums": sums,
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+        "tied": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+        "qkv_bias": attn.q_proj.bias is not None,
+        "dtype": dtype,
+    }))

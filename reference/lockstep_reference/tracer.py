@@ -1,0 +1,348 @@
+"""Trace one forward pass of a Hugging Face Qwen2 / Llama model, tensor by tensor.
+
+The trace is one safetensors file whose tensor names are those of the trace table in DESIGN.md,
+written in forward order. Capture uses module hooks plus wrappers around the module-level functions
+`apply_rotary_pos_emb` and `eager_attention_forward` of transformers' qwen2 and llama modeling files
+(in transformers 5.x the attention module looks both up as module globals at call time; for "eager",
+`ALL_ATTENTION_FUNCTIONS.get_interface("eager", eager_attention_forward)` returns that global).
+
+Pure float64 (`pure_f64=True`, used when and only when the dtype is f64): HF computes RMSNorm statistics,
+the RoPE tables and the attention softmax in float32 even for a float64 model. `pure_f64_patches`
+lifts exactly those three to float64 for the duration of a `with` block, so that the f64 run is a true
+float64 computation (it matches `numpy_oracle` to ~1e-14).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import sys
+
+import torch
+from torch import nn
+
+import transformers
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen2 import modeling_qwen2
+
+from .st_io import model_fingerprint
+
+TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
+# bf16 runs are stored as float32, which holds every bf16 value exactly.
+STORE_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.float32}
+_ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64"}
+
+# (modeling module, RMSNorm class, rotary embedding class) per supported model_type.
+_ARCHS = {
+    "qwen2": (modeling_qwen2, modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.Qwen2RotaryEmbedding),
+    "llama": (modeling_llama, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaRotaryEmbedding),
+}
+
+LAYER_TAPS = (
+    "input_norm", "q", "k", "v", "q_rope", "k_rope", "attn_probs", "attn_out", "o_proj",
+    "resid_attn", "post_norm", "mlp_act", "mlp_out", "out",
+)
+
+
+def trace_names(num_layers: int) -> list[str]:
+    """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order."""
+    names = ["tokens", "embed"]
+    for i in range(num_layers):
+        names += [f"layers.{i}.{tap}" for tap in LAYER_TAPS]
+    return names + ["final_norm", "logits"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure float64 replacements (only ever installed for float64 models)
+
+
+def _rmsnorm_forward_f64(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen2RMSNorm/LlamaRMSNorm.forward with the statistics in float64 instead of float32."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float64)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _rotary_forward_f64(self, x: torch.Tensor, position_ids: torch.Tensor):
+    """Rotary embedding forward with inv_freq, freqs, cos and sin all computed in float64.
+
+    inv_freq is recomputed from the config exactly as the default rope init does,
+    1 / theta ** (arange(0, D, 2) / D), but in float64.
+    """
+    params = self.config.rope_parameters
+    if params.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"pure f64 supports only default RoPE, not {params['rope_type']}")
+    theta = float(params["rope_theta"])
+    cfg = self.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * self.attention_scaling
+    sin = emb.sin() * self.attention_scaling
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def _make_eager_attention_f64(repeat_kv):
+    """HF's eager_attention_forward with the softmax in the query dtype (float64) instead of float32."""
+
+    def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key_states = repeat_kv(key, module.num_key_value_groups)
+        value_states = repeat_kv(value, module.num_key_value_groups)
+        attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            attn_weights = attn_weights + attention_mask
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=query.dtype)
+        attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+        attn_output = torch.matmul(attn_weights, value_states)
+        attn_output = attn_output.transpose(1, 2).contiguous()
+        return attn_output, attn_weights
+
+    return eager_attention_forward
+
+
+@contextlib.contextmanager
+def _patched(obj, attr, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+@contextlib.contextmanager
+def pure_f64_patches():
+    """Within the block, Qwen2/Llama RMSNorm, rotary tables and eager softmax compute in float64.
+
+    Patches (and restores on exit): `Qwen2RMSNorm.forward`, `LlamaRMSNorm.forward`,
+    `Qwen2RotaryEmbedding.forward`, `LlamaRotaryEmbedding.forward`, and the module globals
+    `eager_attention_forward` of modeling_qwen2 and modeling_llama. Use only with float64 models.
+    """
+    with contextlib.ExitStack() as stack:
+        for module, norm_cls, rope_cls in _ARCHS.values():
+            stack.enter_context(_patched(norm_cls, "forward", _rmsnorm_forward_f64))
+            stack.enter_context(_patched(rope_cls, "forward", _rotary_forward_f64))
+            stack.enter_context(
+                _patched(module, "eager_attention_forward", _make_eager_attention_f64(module.repeat_kv))
+            )
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture
+
+
+class _Recorder:
+    def __init__(self, store_dtype: torch.dtype):
+        self.store_dtype = store_dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.layer: int | None = None
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        if name in self.tensors:
+            raise RuntimeError(f"trace tensor {name} captured twice")
+        self.tensors[name] = t.detach().to(self.store_dtype).contiguous().clone()
+
+
+@contextlib.contextmanager
+def _capture(model, rec: _Recorder):
+    """Install hooks and function wrappers that fill `rec` during one forward pass."""
+    handles = []
+    inner = model.model
+    n_kv = model.config.num_key_value_heads
+
+    def out_hook(name):
+        def hook(_mod, _args, output):
+            rec.put(name, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def in_hook(name):
+        def hook(_mod, args):
+            rec.put(name, args[0])
+        return hook
+
+    handles.append(inner.embed_tokens.register_forward_hook(out_hook("embed")))
+    for i, layer in enumerate(inner.layers):
+        p = f"layers.{i}."
+
+        def enter_layer(_mod, _args, i=i):
+            rec.layer = i
+
+        def v_hook(_mod, _args, output, p=p):
+            b, t, _ = output.shape
+            rec.put(p + "v", output.view(b, t, n_kv, -1).transpose(1, 2))
+
+        attn = layer.self_attn
+        handles += [
+            layer.register_forward_pre_hook(enter_layer),
+            layer.input_layernorm.register_forward_hook(out_hook(p + "input_norm")),
+            attn.v_proj.register_forward_hook(v_hook),
+            attn.o_proj.register_forward_pre_hook(in_hook(p + "attn_out")),
+            attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
+            layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "resid_attn")),
+            layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_norm")),
+            layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp_act")),
+            layer.mlp.register_forward_hook(out_hook(p + "mlp_out")),
+            layer.register_forward_hook(out_hook(p + "out")),
+        ]
+    handles.append(inner.norm.register_forward_hook(out_hook("final_norm")))
+
+    def rope_wrapper(orig):
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            q_out, k_out = orig(q, k, cos, sin, *args, **kwargs)
+            p = f"layers.{rec.layer}."
+            rec.put(p + "q", q)
+            rec.put(p + "k", k)
+            rec.put(p + "q_rope", q_out)
+            rec.put(p + "k_rope", k_out)
+            return q_out, k_out
+        return apply_rotary_pos_emb
+
+    def eager_wrapper(orig):
+        def eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+            attn_output, attn_weights = orig(module, query, key, value, attention_mask, *args, **kwargs)
+            rec.put(f"layers.{module.layer_idx}.attn_probs", attn_weights)
+            return attn_output, attn_weights
+        return eager_attention_forward
+
+    try:
+        with contextlib.ExitStack() as stack:
+            for module, _norm, _rope in _ARCHS.values():
+                # Look the globals up now, so that wrappers stack on top of pure_f64_patches.
+                stack.enter_context(
+                    _patched(module, "apply_rotary_pos_emb", rope_wrapper(module.apply_rotary_pos_emb))
+                )
+                stack.enter_context(
+                    _patched(module, "eager_attention_forward", eager_wrapper(module.eager_attention_forward))
+                )
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_model(model_dir: str, dtype: str):
+    """Load a Qwen2/Llama checkpoint folder in the compute dtype ("f64", "f32", "bf16"), eager attention.
+
+    The weights are loaded directly in that dtype; the rotary `inv_freq` buffer must stay float32 (as HF
+    computes it) and is asserted to be so.
+    """
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=TORCH_DTYPES[dtype], attn_implementation="eager"
+    )
+    model.eval()
+    if model.config.model_type not in _ARCHS:
+        raise ValueError(f"unsupported model_type {model.config.model_type!r} (supported: {sorted(_ARCHS)})")
+    if model.config._attn_implementation != "eager":
+        raise RuntimeError(f"attention implementation is {model.config._attn_implementation}, not eager")
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32, f"inv_freq is {inv_freq.dtype}, expected float32"
+    for name, param in model.named_parameters():
+        assert param.dtype == TORCH_DTYPES[dtype], f"{name} is {param.dtype}"
+    return model
+
+
+def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tensor]:
+    """Run one forward pass (batch 1, no grad) of a loaded model and return the trace tensors in order.
+
+    With dtype "f64" the pass runs under `pure_f64_patches` (true float64 math).
+    """
+    vocab = model.config.vocab_size
+    if min(token_ids) < 0 or max(token_ids) >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}) for this model")
+    rec = _Recorder(STORE_DTYPES[dtype])
+    ids = torch.tensor([token_ids], dtype=torch.int64)
+    rec.tensors["tokens"] = ids.clone()
+    pure = contextlib.nullcontext() if dtype != "f64" else pure_f64_patches()
+    with torch.no_grad(), pure, _capture(model, rec):
+        out = model(input_ids=ids, use_cache=False)
+    rec.put("logits", out.logits)
+    expected = trace_names(model.config.num_hidden_layers)
+    missing = [n for n in expected if n not in rec.tensors]
+    extra = [n for n in rec.tensors if n not in expected]
+    if missing or extra:
+        raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
+    return {name: rec.tensors[name] for name in expected}
+
+
+def trace_metadata(model_dir: str, model, token_ids: list[int], dtype: str, prompt: str | None) -> dict[str, str]:
+    """The `__metadata__` of a trace (all values strings)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config_text = json.dumps(json.load(f), separators=(",", ":"))
+    meta = {
+        "producer": "transformers",
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "dtype": dtype,
+        "attn_implementation": "eager",
+        "pure_f64": "true" if dtype == "f64" else "false",
+        "model_type": model.config.model_type,
+        "num_layers": str(model.config.num_hidden_layers),
+        "token_ids": json.dumps(list(token_ids)),
+        "model_fingerprint": model_fingerprint(model_dir),
+        "config": config_text,
+    }
+    if prompt is not None:
+        meta["prompt"] = prompt
+    return meta
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors to a safetensors file keeping the given order in header and data (8-byte aligned header)."""
+    assert sys.byteorder == "little"
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    blobs = []
+    for name, t in tensors.items():
+        t = t.contiguous()
+        data = t.numpy().tobytes()  # native order; asserted little-endian below
+        header[name] = {
+            "dtype": _ST_DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for data in blobs:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+def tokenize(model_dir: str, text: str) -> list[int]:
+    """Token ids of `text` from the folder's transformers tokenizer, no special tokens added."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def trace(model_dir: str, out_path: str, dtype: str, token_ids: list[int] | None = None,
+          prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """Trace one forward pass of the model in `model_dir` and write it to `out_path`.
+
+    Give either `token_ids` or `prompt` (tokenized with the folder's tokenizer). Returns the tensors.
+    """
+    if (token_ids is None) == (prompt is None):
+        raise ValueError("give exactly one of token_ids and prompt")
+    if prompt is not None:
+        token_ids = tokenize(model_dir, prompt)
+    if not token_ids:
+        raise ValueError("no tokens to trace")
+    model = load_model(model_dir, dtype)
+    tensors = trace_model(model, token_ids, dtype)
+    write_safetensors(out_path, tensors, trace_metadata(model_dir, model, token_ids, dtype, prompt))
+    return tensors
