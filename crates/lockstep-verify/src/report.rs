@@ -697,14 +697,17 @@ pub fn json(inputs: &[NamedComparison]) -> String {
 }
 
 /// The whole verify report as pretty JSON: `title`, `model`, `passed` (no phase failed),
-/// `first_divergence` (of the first failing comparison, or null) and `phases`, each with
+/// `first_divergence` (the earliest failing tensor in forward order, or null) and `phases`, each with
 /// `name`, `status`, `summary`, `details` and its comparisons rendered as [`json_value`].
 pub fn phased_json(title: &str, model: &str, phases: &[Phase]) -> String {
     let passed = !phases.is_empty() && phases.iter().all(|p| p.status != PhaseStatus::Fail);
+    // The earliest failing tensor in forward order over every phase (phases restricted to the
+    // logits would otherwise hide an earlier divergence found layer by layer).
     let first_divergence = phases
         .iter()
         .flat_map(|p| &p.comparisons)
-        .find_map(|c| c.comparison.first_divergence.clone());
+        .filter_map(|c| c.comparison.first_divergence.clone())
+        .min_by_key(|n| lockstep_trace::forward_rank(n));
     let v = json!({
         "title": title,
         "model": model,

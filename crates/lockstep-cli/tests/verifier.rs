@@ -1,0 +1,227 @@
+//! The verifier end to end: `compare` on doctored traces, `verify` on the default model and with
+//! injected faults, `selftest`, and the reference side's own checks (its logits equal
+//! `model(...).logits` from plain transformers exactly; pure f64 equals an independent numpy f64
+//! implementation).
+
+mod support;
+
+use lockstep_trace::{TensorData, Trace};
+use support::*;
+
+fn json_of(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn compare_passes_identical_traces_and_names_a_changed_tensor() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("compare");
+    let model = fixtures().join("models/qwen2-gqa");
+    let a = dir.join("a.safetensors");
+    lockstep_ok(&[
+        "trace",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "5,17,300,2",
+        "--dtype",
+        "f64",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+
+    let js = dir.join("same.json");
+    let o = lockstep(&[
+        "compare",
+        a.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "--json",
+        js.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(json_of(&js)["first_divergence"].is_null());
+
+    // Change one element of one tensor in the middle of the forward pass.
+    let mut t = Trace::read(&a).unwrap();
+    let k = t.get_mut("layers.1.k").unwrap();
+    if let TensorData::F64(v) = &mut k.data {
+        v[7] += 1e-6;
+    } else {
+        panic!("f64 trace expected");
+    }
+    let b = dir.join("b.safetensors");
+    t.write(&b).unwrap();
+    let js = dir.join("changed.json");
+    let md = dir.join("changed.md");
+    let o = lockstep(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--json",
+        js.to_str().unwrap(),
+        "--report",
+        md.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(json_of(&js)["first_divergence"], "layers.1.k");
+    assert!(std::fs::read_to_string(&md).unwrap().contains("layers.1.k"));
+
+    // Bad input: exit 2, one line.
+    let o = lockstep(&[
+        "compare",
+        a.to_str().unwrap(),
+        dir.join("nope.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim().lines().count(), 1);
+}
+
+#[test]
+fn verify_default_model_passes_every_phase_and_writes_reports() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("verify-default");
+    let (md, js, svg) = (dir.join("r.md"), dir.join("r.json"), dir.join("r.svg"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "verify",
+            "--report",
+            md.to_str().unwrap(),
+            "--json",
+            js.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ])
+        .env("LOCKSTEP_CACHE", dir.join("cache"))
+        .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for phase in [
+        "tokenization",
+        "weights",
+        "single-token forward [f64]",
+        "multi-token sequences [f32]",
+        "layer-by-layer [f64]",
+        "attention weights [f32]",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains("PASS") && l.contains(phase)),
+            "{phase}: {stdout}"
+        );
+    }
+    let j = json_of(&js);
+    assert_eq!(j["passed"], true);
+    assert!(j["first_divergence"].is_null());
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        report.contains("Hello") && report.contains("[9707]"),
+        "report lacks the old report's inputs"
+    );
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"));
+    assert!(plot.contains("<polyline"));
+}
+
+#[test]
+fn verify_with_a_fault_fails_and_names_where_it_enters() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("verify-fault");
+    let js = dir.join("r.json");
+    let model = fixtures().join("models/qwen2-default");
+    let o = lockstep(&[
+        "verify",
+        "--model",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--inject",
+        "no-qkv-bias",
+        "--report",
+        dir.join("r.md").to_str().unwrap(),
+        "--json",
+        js.to_str().unwrap(),
+        "--plot",
+        dir.join("r.svg").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j = json_of(&js);
+    assert_eq!(j["passed"], false);
+    assert_eq!(j["first_divergence"], "layers.0.q");
+}
+
+#[test]
+fn selftest_detects_and_localizes_every_fault() {
+    if reference_python().is_none() {
+        return;
+    }
+    let model = fixtures().join("models/qwen2-default");
+    let o = lockstep(&["selftest", "--model", model.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for f in lockstep_engine::Fault::ALL {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {f} |")))
+            .unwrap_or_else(|| panic!("no row for {f}"));
+        assert!(
+            row.contains(&format!(
+                "| yes | {} | {} | yes |",
+                f.enters_at(),
+                f.enters_at()
+            )),
+            "{row}"
+        );
+    }
+}
+
+#[test]
+fn reference_side_self_checks() {
+    let Some(py) = reference_python() else {
+        return;
+    };
+    let o = std::process::Command::new(py)
+        .arg(repo_root().join("reference/tests/check_reference.py"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains(" 0 failed"), "{out}");
+}
