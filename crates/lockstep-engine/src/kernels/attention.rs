@@ -130,7 +130,7 @@ mod tests {
         }
         // Token 1, head 0: softmax over scaled scores, checked by hand.
         let sc = |a: f64| a / 2f64.sqrt();
-        let (s0, s1) = (sc(0.5 * 1.0 + 0.5 * 2.0), sc(0.5 * -1.0 + 0.5 * 0.5));
+        let (s0, s1) = (sc(0.5 * 1.0 + 0.5 * 2.0), sc(-0.5 + 0.5 * 0.5));
         let p0 = 1.0 / (1.0 + (s1 - s0).exp());
         assert!((out[4] - (p0 * 3.0 + (1.0 - p0) * -5.0)).abs() < 1e-14);
     }
