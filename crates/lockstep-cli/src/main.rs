@@ -38,7 +38,25 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's message without the usage block.
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad arguments");
+            let first = first.trim().trim_start_matches("error: ");
+            eprintln!("error: {first} (see lockstep --help)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Trace(a) => commands::trace::run(a),

@@ -67,6 +67,7 @@ fn fails(args: &[&str], needles: &[&str]) -> String {
             "lockstep {args:?}: error does not mention {n:?}: {line}"
         );
     }
+    eprintln!("{line}");
     line.to_string()
 }
 
@@ -160,7 +161,7 @@ fn write_st(path: &Path, meta: Option<&Value>, entries: &[Entry]) {
         );
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut buf = (h.len() as u64).to_le_bytes().to_vec();
@@ -217,6 +218,9 @@ fn write_index(model: &Path, map: &Map<String, Value>) {
 
 const TOKENS: [&str; 2] = ["--tokens", "1,2,3"];
 
+/// A change to config.json.
+type ConfigEdit = dyn Fn(&mut Map<String, Value>);
+
 // ---- the undamaged control -----------------------------------------------------------------
 
 #[test]
@@ -245,12 +249,25 @@ fn truncated_weights() {
     let m = model_copy("truncated");
     let p = m.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
-    for keep in [bytes.len() - 100, bytes.len() / 2, 100, 7] {
+    for keep in [bytes.len() - 100, bytes.len() / 2] {
         std::fs::write(&p, &bytes[..keep]).unwrap();
-        trace_fails(&m, &TOKENS, &["model.safetensors", "safetensors"]);
+        trace_fails(&m, &TOKENS, &["model.safetensors", "truncated"]);
     }
+    std::fs::write(&p, &bytes[..100]).unwrap();
+    trace_fails(
+        &m,
+        &TOKENS,
+        &["model.safetensors", "header length", "truncated"],
+    );
+    std::fs::write(&p, &bytes[..7]).unwrap();
+    trace_fails(&m, &TOKENS, &["model.safetensors", "7 bytes", "truncated"]);
     std::fs::write(&p, b"").unwrap();
-    trace_fails(&m, &TOKENS, &["model.safetensors"]);
+    trace_fails(&m, &TOKENS, &["model.safetensors", "0 bytes"]);
+    // Extra bytes after the data.
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0; 16]);
+    std::fs::write(&p, &longer).unwrap();
+    trace_fails(&m, &TOKENS, &["model.safetensors", "trailing bytes"]);
 }
 
 #[test]
@@ -283,23 +300,28 @@ fn corrupt_header() {
         let mut bad = good.clone();
         bad[..8].copy_from_slice(&len.to_le_bytes());
         std::fs::write(&p, &bad).unwrap();
-        trace_fails(&m, &TOKENS, &["model.safetensors", "invalid safetensors"]);
+        trace_fails(
+            &m,
+            &TOKENS,
+            &["model.safetensors", "invalid safetensors", &len.to_string()],
+        );
     }
 
     // Offsets that point past the data.
     let raw = good;
     let mut header: Map<String, Value> = serde_json::from_slice(&raw[8..8 + n]).unwrap();
-    let (_, first) = header
+    let (victim, first) = header
         .iter_mut()
         .find(|(k, _)| *k != "__metadata__")
         .unwrap();
+    let victim = victim.clone();
     first["data_offsets"][1] = json!(1u64 << 50);
     let text = serde_json::to_string(&header).unwrap();
     let mut bad = (text.len() as u64).to_le_bytes().to_vec();
     bad.extend_from_slice(text.as_bytes());
     bad.extend_from_slice(&raw[8 + n..]);
     std::fs::write(&p, &bad).unwrap();
-    trace_fails(&m, &TOKENS, &["model.safetensors", "invalid safetensors"]);
+    trace_fails(&m, &TOKENS, &["model.safetensors", &victim, "data_offsets"]);
 }
 
 #[test]
@@ -412,7 +434,7 @@ fn invalid_config() {
     std::fs::write(&cfg, "[1, 2]").unwrap();
     trace_fails(&m, &TOKENS, &["config.json", "object"]);
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Map<String, Value>)>, &[&str])> = vec![
+    let cases: Vec<(&str, Box<ConfigEdit>, &[&str])> = vec![
         (
             "missing hidden_size",
             Box::new(|c| {
@@ -521,6 +543,22 @@ fn absurd_config_sizes_do_not_panic() {
     }
 }
 
+/// A layer count that is large but whose parameter count does not overflow: `Model::load`
+/// reserves `Vec::with_capacity(num_hidden_layers)` before looking at the checkpoint, so this
+/// aborts with "memory allocation of 67200000000 bytes failed" instead of naming the missing
+/// layer. Needs `model.rs` to grow the layer list as it finds layers (e.g. `Vec::new()`).
+#[test]
+fn huge_layer_count_does_not_abort() {
+    if reference_python().is_none() {
+        return;
+    }
+    let m = model_copy("config-many-layers");
+    edit_config(&m, |c| {
+        c.insert("num_hidden_layers".into(), json!(100_000_000u64));
+    });
+    trace_fails(&m, &TOKENS, &["model.layers.2.", "missing"]);
+}
+
 #[test]
 fn missing_files() {
     if reference_python().is_none() {
@@ -557,7 +595,7 @@ fn missing_files() {
     );
     fails(
         &["tokenize", "--model", s(&gone), "--text", "Hello"],
-        &["does-not-exist", "not found"],
+        &["does-not-exist", "not found", "model folder"],
     );
 
     // A file where the model folder should be.
@@ -672,7 +710,7 @@ fn sharded_checkpoint() {
     let p = m.join(&names[0]);
     let b = std::fs::read(&p).unwrap();
     std::fs::write(&p, &b[..b.len() - 10]).unwrap();
-    trace_fails(&m, &TOKENS, &[&names[0], "invalid safetensors"]);
+    trace_fails(&m, &TOKENS, &[&names[0], "truncated"]);
 
     // The index promises a tensor no shard holds.
     let m = model_copy("sharded-promised");

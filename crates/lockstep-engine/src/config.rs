@@ -192,11 +192,11 @@ impl ModelConfig {
             }
         }
         let rope_theta = rope_theta.unwrap_or(10000.0);
-        if !(rope_theta > 0.0) {
+        if rope_theta.is_nan() || rope_theta <= 0.0 {
             return Err(format!("rope_theta must be positive, got {rope_theta}"));
         }
         let rms_norm_eps = f64_key("rms_norm_eps")?.unwrap_or(1e-6);
-        if !(rms_norm_eps >= 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
             return Err(format!(
                 "rms_norm_eps must be non-negative, got {rms_norm_eps}"
             ));

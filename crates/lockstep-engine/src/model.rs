@@ -143,7 +143,7 @@ impl Model {
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
         let embed_tokens = ck.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut layers = Vec::new();
         for l in 0..c.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let qkv_bias = if c.qkv_bias && fault != Some(Fault::NoQkvBias) {

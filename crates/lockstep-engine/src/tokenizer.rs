@@ -11,11 +11,17 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json` from a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "the model folder".into(),
+            });
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(EngineError::MissingFile {
                 path,
-                what: "the tokenizer (tokenizer.json)".into(),
+                what: "the model's tokenizer".into(),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(&path)

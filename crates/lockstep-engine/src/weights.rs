@@ -250,7 +250,7 @@ fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
         source,
     })?;
     let map = Arc::new(map);
-    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(explain(&map, e)))?;
     let (header_len, _) =
         safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
     let base = 8 + header_len;
@@ -283,6 +283,89 @@ fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
         ));
     }
     Ok(out)
+}
+
+/// A clearer one-line account of why `safetensors` refused a file, naming sizes and tensors
+/// where its own message does not.
+fn explain(buf: &[u8], e: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let len = buf.len();
+    let header_len = buf
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match e {
+        E::HeaderTooSmall => format!(
+            "the file is only {len} bytes, too short to hold a header (truncated, or not a safetensors file)"
+        ),
+        E::HeaderTooLarge => format!(
+            "header length {} is beyond the 100 MB limit (corrupt, or not a safetensors file)",
+            header_len.unwrap_or(0)
+        ),
+        E::InvalidHeaderLength => format!(
+            "header length {} runs past the end of the {len}-byte file (truncated, or corrupt)",
+            header_len.unwrap_or(0)
+        ),
+        E::MetadataIncompleteBuffer => match header_json(buf) {
+            Some((n, h)) => {
+                let need = h
+                    .values()
+                    .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                    .max()
+                    .unwrap_or(0);
+                let have = len - 8 - n;
+                let what = if (have as u64) < need {
+                    "truncated"
+                } else {
+                    "trailing bytes after the last tensor"
+                };
+                format!("the header describes {need} bytes of tensor data but the file holds {have} ({what})")
+            }
+            None => e.to_string(),
+        },
+        E::TensorInvalidInfo => match header_json(buf).and_then(|(_, h)| inconsistent_tensor(&h)) {
+            Some(name) => format!(
+                "tensor '{name}': its data_offsets disagree with its shape and dtype (corrupt header)"
+            ),
+            None => e.to_string(),
+        },
+        E::InvalidOffset(name) => format!(
+            "tensor '{name}': its data_offsets are not contiguous with the previous tensor's (corrupt header)"
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The header's length and JSON object, when the header itself is readable.
+fn header_json(buf: &[u8]) -> Option<(usize, serde_json::Map<String, serde_json::Value>)> {
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let h = serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    Some((n, h))
+}
+
+/// The first tensor whose byte range does not match shape × dtype size.
+fn inconsistent_tensor(h: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    h.iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .find(|(_, t)| {
+            let size = || -> Option<u64> {
+                let dtype: safetensors::Dtype =
+                    serde_json::from_value(t.get("dtype")?.clone()).ok()?;
+                let numel = t
+                    .get("shape")?
+                    .as_array()?
+                    .iter()
+                    .try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?))?;
+                numel.checked_mul(dtype.bitsize() as u64).map(|b| b / 8)
+            };
+            let off = t
+                .get("data_offsets")
+                .and_then(|o| Some((o.get(0)?.as_u64()?, o.get(1)?.as_u64()?)));
+            match (size(), off) {
+                (Some(size), Some((a, b))) => b.checked_sub(a) != Some(size),
+                _ => true,
+            }
+        })
+        .map(|(name, _)| name.clone())
 }
 
 #[cfg(test)]
@@ -335,6 +418,45 @@ mod tests {
         assert!(Checkpoint::open(d.path()).is_err());
         std::fs::write(&p, b"abc").unwrap();
         assert!(Checkpoint::open(d.path()).is_err());
+    }
+
+    #[test]
+    fn damage_is_explained() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.safetensors");
+        write_st(&p, &[("a", vec![4, 4]), ("b", vec![2])]);
+        let good = std::fs::read(&p).unwrap();
+        let err = |bytes: &[u8]| {
+            std::fs::write(&p, bytes).unwrap();
+            Checkpoint::open(d.path()).err().unwrap().to_string()
+        };
+        let e = err(&good[..good.len() - 5]);
+        assert!(
+            e.contains("72 bytes") && e.contains("67") && e.contains("truncated"),
+            "{e}"
+        );
+        let mut longer = good.clone();
+        longer.extend_from_slice(b"xyz");
+        assert!(err(&longer).contains("trailing bytes"));
+        assert!(err(&good[..5]).contains("only 5 bytes"));
+        assert!(err(&good[..20]).contains("runs past the end"));
+        let mut huge = good.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(&huge).contains("100 MB"));
+        // Tensor 'b' claims 12 bytes for 2 floats.
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&good[8..8 + n]).unwrap();
+        let bad_header = header.replace("[64,72]", "[64,76]");
+        assert_ne!(header, bad_header, "{header}");
+        let mut bad = (bad_header.len() as u64).to_le_bytes().to_vec();
+        bad.extend_from_slice(bad_header.as_bytes());
+        bad.extend_from_slice(&good[8 + n..]);
+        bad.extend_from_slice(&[0; 4]);
+        let e = err(&bad);
+        assert!(
+            e.contains("tensor 'b'") && e.contains("data_offsets"),
+            "{e}"
+        );
     }
 
     #[test]

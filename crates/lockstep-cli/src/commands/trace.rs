@@ -29,6 +29,15 @@ pub struct Args {
 
 /// Runs one traced forward pass and writes the trace.
 pub fn run(a: Args) -> CliResult<ExitCode> {
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(crate::cli_error::CliError::input(format!(
+                "cannot write {}: folder {} does not exist",
+                a.out.display(),
+                dir.display()
+            )));
+        }
+    }
     let ids = input_ids(&a.model, a.tokens.as_deref(), a.prompt.as_deref())?;
     let t0 = Instant::now();
     let model = Model::load(&a.model)?;
