@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--texts", required=True, help="JSON file with a list of strings")
     p.set_defaults(fn=lambda a: batch.tokenize_batch(a.model, a.texts))
 
+    p = sub.add_parser("chat-batch", help="apply_chat_template to a JSON list of conversations (JSON line)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--conversations", required=True, help='JSON file: [{"messages": [...], "tools": ...}]')
+    p.set_defaults(fn=lambda a: batch.chat_batch(a.model, a.conversations))
+
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
     p.add_argument("--model", required=True)
     p.set_defaults(fn=lambda a: batch.weights(a.model))

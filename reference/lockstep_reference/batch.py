@@ -72,3 +72,20 @@ def weights(model_dir: str) -> None:
         "qkv_bias": attn.q_proj.bias is not None,
         "dtype": dtype,
     }))
+
+
+def chat_batch(model_dir: str, conversations_path: str) -> None:
+    """Print, as one JSON line, `[{"text", "ids"}, ...]`: each conversation of a JSON list
+    `[{"messages": [...], "tools": [...] | null}, ...]` rendered by `apply_chat_template` with
+    `add_generation_prompt=True`, and its ids."""
+    import transformers
+
+    with open(conversations_path) as f:
+        conversations = json.load(f)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for conv in conversations:
+        text = tok.apply_chat_template(conv["messages"], tools=conv.get("tools"), tokenize=False,
+                                       add_generation_prompt=True)
+        out.append({"text": text, "ids": list(tok(text, add_special_tokens=False)["input_ids"])})
+    print(json.dumps(out, ensure_ascii=False))

@@ -69,6 +69,10 @@ QWEN_TOKENIZER_CONFIG = {
     "errors": "replace",
     "model_max_length": 131072,
     "split_special_tokens": False,
+    # Qwen2.5-Instruct's chat template (templates/qwen2.5-instruct.jinja, byte-identical to the copy in
+    # llama.cpp's models/templates/Qwen-Qwen2.5-7B-Instruct.jinja).
+    "chat_template": open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates",
+                                       "qwen2.5-instruct.jinja"), encoding="utf-8").read(),
 }
 
 # The published Qwen2.5-0.5B-Instruct config.json (transformers v4 layout: top-level rope_theta,
@@ -191,6 +195,10 @@ def qwen_tokenizer(root: str) -> str:
     tok_json = os.path.join(out_dir, "tokenizer.json")
     cfg_json = os.path.join(out_dir, "tokenizer_config.json")
     if os.path.exists(tok_json) and sha256_file(tok_json) == QWEN_TOKENIZER_SHA256 and os.path.exists(cfg_json):
+        with open(cfg_json) as f:
+            if json.load(f) == QWEN_TOKENIZER_CONFIG:
+                return out_dir
+        _write_json(cfg_json, QWEN_TOKENIZER_CONFIG)
         return out_dir
     downloads = os.path.join(root, ".downloads")
     os.makedirs(downloads, exist_ok=True)
@@ -374,6 +382,11 @@ def ensure_model(root: str, name: str, tokenizer_dir: str | None) -> str:
     """Build fixtures/models/<name> unless it is already complete; return its folder."""
     out_dir = os.path.join(root, "models", name)
     if is_complete(out_dir, name):
+        if tokenizer_dir is not None:  # keep the tokenizer files current (cheap)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                src, dst = os.path.join(tokenizer_dir, f), os.path.join(out_dir, f)
+                if not os.path.exists(dst) or open(src, "rb").read() != open(dst, "rb").read():
+                    shutil.copyfile(src, dst)
         log(f"{name}: up to date")
         return out_dir
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)

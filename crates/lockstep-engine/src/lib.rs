@@ -10,6 +10,7 @@
 //! - [`observer`]: taps for traces, free when off.
 //! - [`tracing`]: one traced forward pass written in the lockstep trace format.
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -14,6 +14,7 @@
 use crate::compare::compare_traces;
 use crate::report::{NamedComparison, Phase};
 use crate::tolerance::{Tier, TolerancePolicy};
+use lockstep_engine::chat::{ChatTemplate, Message};
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Fault, Model, Tokenizer};
 use lockstep_trace::Trace;
@@ -53,6 +54,13 @@ pub struct ReferenceWeights {
 pub trait Reference {
     /// Token ids of each text (no special tokens added).
     fn tokenize(&mut self, model: &Path, texts: &[String]) -> Result<Vec<Vec<u32>>, String>;
+    /// Each conversation (`[{"messages": [...], "tools": [...]|null}]`) rendered by
+    /// `apply_chat_template(..., add_generation_prompt=True)`, with its ids.
+    fn chat(
+        &mut self,
+        model: &Path,
+        conversations: &serde_json::Value,
+    ) -> Result<Vec<(String, Vec<u32>)>, String>;
     /// Checksums and facts of the weights as the reference loaded them (in the stored dtype).
     fn weights(&mut self, model: &Path) -> Result<ReferenceWeights, String>;
     /// Writes every requested trace.
@@ -124,6 +132,25 @@ const SPECIAL_TEXTS: [&str; 2] = [
     "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
     "Hello<|endoftext|>",
 ];
+
+/// Conversations of the chat-template check: a single turn, system + multi-turn, and a tools list.
+fn chat_conversations() -> serde_json::Value {
+    serde_json::json!([
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}], "tools": null},
+        {"messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hi. What do you need?"},
+            {"role": "user", "content": "Two plus two, please."}
+        ], "tools": null},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [
+            {"type": "function", "function": {"name": "get_weather", "description": "Current weather <for> a city",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        ]}
+    ])
+}
+
+const CHAT_LABELS: [&str; 3] = ["single turn", "system + multi-turn", "tools list"];
 
 /// Options of one verification.
 #[derive(Debug, Clone)]
@@ -339,6 +366,45 @@ fn tokenization_phase(
             if same { "yes" } else { "**NO**" }
         );
     }
+    // The chat template, when the model has one: rendered text and ids must both be identical.
+    let mut n_chat = 0;
+    if let Some(template) = ChatTemplate::from_dir(&opts.model).map_err(|e| e.to_string())? {
+        let convs = chat_conversations();
+        let theirs_chat = reference.chat(&opts.model, &convs)?;
+        for ((label, conv), (their_text, their_ids)) in CHAT_LABELS
+            .iter()
+            .zip(convs.as_array().unwrap())
+            .zip(&theirs_chat)
+        {
+            let messages: Vec<Message> =
+                serde_json::from_value(conv["messages"].clone()).map_err(|e| e.to_string())?;
+            let tools = conv.get("tools").filter(|t| !t.is_null());
+            let (same_text, ours_n) = match template.render(&messages, true, tools) {
+                Ok(text) => {
+                    let ids = tok.encode(&text).map_err(|e| e.to_string())?;
+                    (text == *their_text && ids == *their_ids, ids.len())
+                }
+                Err(e) => {
+                    let _ = writeln!(table, "| chat: {label} | error: {e} | | **NO** |");
+                    n_chat += 1;
+                    continue;
+                }
+            };
+            n_chat += 1;
+            ok += same_text as usize;
+            let _ = writeln!(
+                table,
+                "| chat template: {label} | {ours_n} ids | {} ids | {} |",
+                their_ids.len(),
+                if same_text {
+                    "yes (text and ids)"
+                } else {
+                    "**NO**"
+                }
+            );
+        }
+    }
+    let total = texts.len() + n_chat;
     let ids: Vec<Vec<u32>> = theirs[..n_inputs].to_vec();
     for (i, v) in ids.iter().enumerate() {
         if v.is_empty() {
@@ -350,11 +416,10 @@ fn tokenization_phase(
         model.check_tokens(v, 0).map_err(|e| e.to_string())?;
     }
     let summary = format!(
-        "{ok}/{} texts tokenize identically (incl. {} with special tokens)",
-        texts.len(),
+        "{ok}/{total} texts tokenize identically (incl. {} with special tokens, {n_chat} chat-template renderings)",
         texts.len() - n_inputs
     );
-    let phase = if ok == texts.len() {
+    let phase = if ok == total {
         Phase::pass(name, summary)
     } else {
         Phase::fail(name, summary)

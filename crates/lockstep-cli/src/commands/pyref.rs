@@ -72,6 +72,35 @@ impl Reference for PythonReference {
         Ok(v)
     }
 
+    fn chat(
+        &mut self,
+        model: &Path,
+        conversations: &serde_json::Value,
+    ) -> Result<Vec<(String, Vec<u32>)>, String> {
+        let req = self.write_request("chat.json", conversations)?;
+        let out = self
+            .env
+            .run(&[
+                "chat-batch",
+                "--model",
+                &model.to_string_lossy(),
+                "--conversations",
+                &req.to_string_lossy(),
+            ])
+            .map_err(|e| e.to_string())?;
+        let v = Self::last_json_line(&out)?;
+        v.as_array()
+            .ok_or("unexpected chat-batch output")?
+            .iter()
+            .map(|r| {
+                let text = r["text"].as_str().ok_or("chat-batch: no text")?.to_string();
+                let ids: Vec<u32> =
+                    serde_json::from_value(r["ids"].clone()).map_err(|e| e.to_string())?;
+                Ok((text, ids))
+            })
+            .collect()
+    }
+
     fn weights(&mut self, model: &Path) -> Result<ReferenceWeights, String> {
         if let Some(w) = self.weights.get(model) {
             return Ok(w.clone());
