@@ -119,6 +119,8 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
     for phase in [
         "tokenization",
         "weights",
+        "KV-cache decode [f64]",
+        "KV-cache decode [f32]",
         "single-token forward [f64]",
         "multi-token sequences [f32]",
         "layer-by-layer [f64]",
