@@ -1,9 +1,7 @@
 //! `lockstep selftest`: inject every fault into the engine, verify each against the reference
 //! (f64 tier) and show that each is detected and localized where it enters the computation.
 
-use super::pyref::PythonReference;
-use super::python::ReferenceEnv;
-use super::verify::{default_model, inputs, run_phases, work_dir_for};
+use super::verify::{inputs, open_session, run_phases};
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::Fault;
 use lockstep_trace::forward_rank;
@@ -22,13 +20,7 @@ pub struct Args {
 
 /// Runs every fault and prints the table; exit 0 when all are detected and localized.
 pub fn run(a: Args) -> CliResult<ExitCode> {
-    let env = ReferenceEnv::find()?;
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => default_model(&env)?,
-    };
-    let work = work_dir_for(&model);
-    let mut reference = PythonReference::new(env, &work);
+    let (model, work, mut reference) = open_session(a.model.as_deref())?;
 
     // The clean engine must pass first, or the table means nothing.
     let clean = run_phases(

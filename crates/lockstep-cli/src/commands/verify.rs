@@ -150,16 +150,22 @@ pub fn work_dir_for(model: &Path) -> PathBuf {
     cache_dir().join("work").join(format!("{h:016x}"))
 }
 
-/// Runs `verify`.
-pub fn run(a: Args) -> CliResult<ExitCode> {
-    let tiers = tiers(&a.dtype)?;
+/// The model (given, or the default one), its work folder, and the reference runner.
+pub fn open_session(model: Option<&Path>) -> CliResult<(PathBuf, PathBuf, PythonReference)> {
     let env = ReferenceEnv::find()?;
-    let model = match &a.model {
-        Some(m) => m.clone(),
+    let model = match model {
+        Some(m) => m.to_path_buf(),
         None => default_model(&env)?,
     };
     let work = work_dir_for(&model);
-    let mut reference = PythonReference::new(env, &work);
+    let reference = PythonReference::new(env, &work);
+    Ok((model, work, reference))
+}
+
+/// Runs `verify`.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    let tiers = tiers(&a.dtype)?;
+    let (model, work, mut reference) = open_session(a.model.as_deref())?;
     let outcome = run_phases(
         &model,
         tiers,
