@@ -25,7 +25,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use faults::Fault;
 pub use kernels::{Float, Precision};
-pub use model::{KvCache, Model};
+pub use model::{KvCache, LogitsFor, Model};
 pub use observer::{NoObserver, Observer, TapView, TraceRecorder};
 pub use tokenizer::Tokenizer;
 

@@ -90,6 +90,15 @@ pub struct Model {
     pub fault: Option<Fault>,
 }
 
+/// Which positions' logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new position (traces, verification).
+    All,
+    /// Only the last new position (generation).
+    Last,
+}
+
 /// Keys and values of past positions, per layer, in the compute type.
 #[derive(Debug, Clone)]
 pub struct KvCache<T> {
@@ -261,6 +270,22 @@ impl Model {
         cache: &mut KvCache<T>,
         obs: &mut impl Observer<T>,
     ) -> Result<Vec<T>> {
+        self.forward_logits(tokens, cache, obs, LogitsFor::All)
+    }
+
+    /// The logits of the last new position only, `[vocab]` (generation: prefill and decode).
+    pub fn forward_last<T: Float>(&self, tokens: &[u32], cache: &mut KvCache<T>) -> Result<Vec<T>> {
+        self.forward_logits(tokens, cache, &mut crate::NoObserver, LogitsFor::Last)
+    }
+
+    /// One forward pass, computing the logits of the positions `which` selects.
+    pub fn forward_logits<T: Float>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<T>,
+        obs: &mut impl Observer<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
         self.check_tokens(tokens, cache.len)?;
         let c = &self.config;
         let s = &self.settings;
@@ -391,8 +416,13 @@ impl Model {
             normed.copy_from_slice(&x);
         }
         obs.tap(TapName::FinalNorm, TapView::rows(&normed, h));
-        let mut logits = vec![T::ZERO; n * c.vocab_size];
-        linear(&normed, n, &self.lm_head, None, &mut logits);
+        let rows = match which {
+            LogitsFor::All => &normed[..],
+            LogitsFor::Last => &normed[(n - 1) * h..],
+        };
+        let m = rows.len() / h;
+        let mut logits = vec![T::ZERO; m * c.vocab_size];
+        linear(rows, m, &self.lm_head, None, &mut logits);
         obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
         Ok(logits)
     }
