@@ -24,7 +24,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use faults::Fault;
-pub use kernels::{Float, Precision};
+pub use kernels::{Bf16, Float, Precision};
 pub use model::{KvCache, LogitsFor, Model};
 pub use observer::{NoObserver, Observer, TapView, TraceRecorder};
 pub use tokenizer::Tokenizer;

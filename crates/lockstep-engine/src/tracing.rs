@@ -25,6 +25,7 @@ pub fn trace_forward<T: Float>(
         match T::PRECISION {
             Precision::F64 => "f64",
             Precision::F32 => "f32",
+            Precision::BF16 => "bf16",
         }
         .into(),
     );

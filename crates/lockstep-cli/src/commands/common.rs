@@ -11,6 +11,10 @@ pub enum DtypeArg {
     F64,
     /// float32, rounding where transformers does.
     F32,
+    /// bf16 weights and activations, rounded where transformers' bf16 forward rounds.
+    Bf16,
+    /// bf16 weights as stored, float32 activations (faster and more accurate than bf16).
+    Bf16w,
 }
 
 impl DtypeArg {
@@ -19,6 +23,8 @@ impl DtypeArg {
         match self {
             DtypeArg::F64 => "f64",
             DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::Bf16w => "bf16w",
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::common::{input_ids, DtypeArg};
 use crate::cli_error::CliResult;
-use lockstep_engine::{tracing::trace_forward, Model};
+use lockstep_engine::{tracing::trace_forward, Bf16, Model};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -46,6 +46,12 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let trace = match a.dtype {
         DtypeArg::F64 => trace_forward::<f64>(&model, &ids, a.prompt.as_deref())?,
         DtypeArg::F32 => trace_forward::<f32>(&model, &ids, a.prompt.as_deref())?,
+        DtypeArg::Bf16 => trace_forward::<Bf16>(&model, &ids, a.prompt.as_deref())?,
+        DtypeArg::Bf16w => {
+            let mut t = trace_forward::<f32>(&model, &ids, a.prompt.as_deref())?;
+            t.metadata.insert("mode".into(), "bf16w".into());
+            t
+        }
     };
     let run_s = t1.elapsed().as_secs_f64();
     trace.write(&a.out)?;

@@ -71,7 +71,7 @@ pub fn attention<T: Float>(
             let mut max = T::NEG_INFINITY;
             for (s, r) in row.iter_mut().enumerate().take(visible) {
                 let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
-                *r = super::matmul::dot(qv, kr) * scale;
+                *r = (super::matmul::dot(qv, kr).round() * scale).round();
                 if *r > max {
                     max = *r;
                 }
@@ -82,7 +82,7 @@ pub fn attention<T: Float>(
                 sum += *r;
             }
             for r in row.iter_mut().take(visible) {
-                *r = *r / sum;
+                *r = (*r / sum).round();
             }
             for r in row.iter_mut().skip(visible) {
                 *r = T::ZERO;
@@ -94,6 +94,9 @@ pub fn attention<T: Float>(
                 for (oi, &vi) in o.iter_mut().zip(vr) {
                     *oi += p * vi;
                 }
+            }
+            for oi in o.iter_mut() {
+                *oi = oi.round();
             }
             if let Some(p) = probs.as_deref_mut() {
                 p[(head * t_len + t) * s_len..(head * t_len + t + 1) * s_len].copy_from_slice(&row);

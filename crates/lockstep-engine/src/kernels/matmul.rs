@@ -53,7 +53,7 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
                     if let Some(b) = bias {
                         v += b[r0 + j];
                     }
-                    res[t * (r1 - r0) + j] = v;
+                    res[t * (r1 - r0) + j] = v.round();
                 }
             }
             (r0, res)
@@ -79,7 +79,7 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
             for i in 0..k {
                 s += x[t * k + i] * wd[j * k + i];
             }
-            out[t * m + j] = s + bias.map_or(T::ZERO, |b| b[j]);
+            out[t * m + j] = (s + bias.map_or(T::ZERO, |b| b[j])).round();
         }
     }
     out

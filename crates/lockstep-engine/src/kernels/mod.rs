@@ -22,9 +22,12 @@ pub enum Precision {
     F64,
     /// IEEE binary32, rounding where `transformers` rounds in float32.
     F32,
+    /// bfloat16 activations, rounded at the points where `transformers`' bf16 forward rounds
+    /// (float32 inside matmul accumulation, norms and softmax, as PyTorch does).
+    BF16,
 }
 
-/// A compute type for the kernels: `f32` or `f64`.
+/// A compute type for the kernels: `f32`, `f64`, or [`Bf16`] (bf16 activations).
 pub trait Float:
     Copy
     + Send
@@ -56,6 +59,12 @@ pub trait Float:
     fn exp(self) -> Self;
     /// Square root.
     fn sqrt(self) -> Self;
+    /// Rounds to the activation dtype: bf16 for [`Bf16`], the identity otherwise. Kernels call it
+    /// exactly where PyTorch materializes a tensor in the model dtype.
+    #[inline(always)]
+    fn round(self) -> Self {
+        self
+    }
     /// Decodes little-endian values stored as `dtype` into `out` (`out.len()` elements).
     fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]);
     /// Writes values into a trace tensor of this precision.
@@ -112,6 +121,79 @@ impl Float for f32 {
     }
 }
 
+/// bf16 activations: values held in an `f32` (arithmetic in f32, as PyTorch's bf16 kernels
+/// accumulate in f32) and rounded to bf16 by [`Float::round`] at the model's rounding points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
+pub struct Bf16(pub f32);
+
+macro_rules! bf16_op {
+    ($tr:ident, $f:ident, $op:tt) => {
+        impl $tr for Bf16 {
+            type Output = Bf16;
+            #[inline(always)]
+            fn $f(self, o: Bf16) -> Bf16 {
+                Bf16(self.0 $op o.0)
+            }
+        }
+    };
+}
+bf16_op!(Add, add, +);
+bf16_op!(Sub, sub, -);
+bf16_op!(Mul, mul, *);
+bf16_op!(Div, div, /);
+
+impl Neg for Bf16 {
+    type Output = Bf16;
+    #[inline(always)]
+    fn neg(self) -> Bf16 {
+        Bf16(-self.0)
+    }
+}
+
+impl AddAssign for Bf16 {
+    #[inline(always)]
+    fn add_assign(&mut self, o: Bf16) {
+        self.0 += o.0;
+    }
+}
+
+impl Float for Bf16 {
+    const PRECISION: Precision = Precision::BF16;
+    const ZERO: Self = Bf16(0.0);
+    const ONE: Self = Bf16(1.0);
+    const NEG_INFINITY: Self = Bf16(f32::NEG_INFINITY);
+    fn from_f64(x: f64) -> Self {
+        Bf16(x as f32)
+    }
+    fn to_f64(self) -> f64 {
+        self.0 as f64
+    }
+    fn exp(self) -> Self {
+        Bf16(self.0.exp())
+    }
+    fn sqrt(self) -> Self {
+        Bf16(self.0.sqrt())
+    }
+    #[inline(always)]
+    fn round(self) -> Self {
+        Bf16(half::bf16::from_f32(self.0).to_f32())
+    }
+    fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
+        // Weights are used as stored; an f32/f64 checkpoint is rounded to bf16 like
+        // `from_pretrained(dtype=torch.bfloat16)` does.
+        decode_with(
+            dtype,
+            bytes,
+            out,
+            |x| Bf16(x).round(),
+            |x| Bf16(x as f32).round(),
+        )
+    }
+    fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
+        lockstep_trace::TensorData::F32(v.into_iter().map(|x| x.0).collect())
+    }
+}
+
 /// Shared decoding: 16-bit and 32-bit formats go through f32 (exact), f64 through `from64`.
 fn decode_with<T>(
     dtype: StoredDtype,
@@ -158,11 +240,11 @@ pub fn decode_vec<T: Float>(t: &crate::weights::Tensor) -> Vec<T> {
     v
 }
 
-/// Elementwise `a += b` (residual connections).
+/// Elementwise `a += b` (residual connections), rounded to the activation dtype.
 pub fn add_in_place<T: Float>(a: &mut [T], b: &[T]) {
     assert_eq!(a.len(), b.len());
     for (x, &y) in a.iter_mut().zip(b) {
-        *x += y;
+        *x = (*x + y).round();
     }
 }
 

@@ -1,6 +1,7 @@
 //! RMSNorm, as `transformers` computes it: `weight * (x * rsqrt(mean(x²) + eps))`.
 //!
-//! The statistics are computed in the compute precision (float32 in the f32 tier, which is what
+//! In bf16 the normalized value is rounded to bf16 before the weight multiplies it, and the
+//! product is rounded again (HF's two roundings). The statistics are computed in the compute precision (float32 in the f32 tier, which is what
 //! HF does for float32 models; float64 in the exact tier, where HF's float32 step is lifted).
 
 use super::Float;
@@ -19,7 +20,7 @@ pub fn rms_norm<T: Float>(x: &[T], weight: &[T], eps: f64, out: &mut [T]) {
         let mean = ss / T::from_f64(h as f64);
         let inv = T::ONE / (mean + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = w * (v * inv);
+            *o = (w * (v * inv).round()).round();
         }
     }
 }

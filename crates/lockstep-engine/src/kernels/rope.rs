@@ -36,7 +36,7 @@ pub fn inv_freq<T: Float>(theta: f64, head_dim: usize) -> Vec<T> {
     (0..head_dim / 2)
         .map(|i| match T::PRECISION {
             Precision::F64 => T::from_f64(1.0 / theta.powf((2 * i) as f64 / head_dim as f64)),
-            Precision::F32 => {
+            Precision::F32 | Precision::BF16 => {
                 let e = (2 * i) as f32 / head_dim as f32;
                 T::from_f64((1.0f32 / (theta as f32).powf(e)) as f64)
             }
@@ -71,10 +71,11 @@ impl<T: Float> RopeTable<T> {
                         cos.push(T::from_f64(a.cos()));
                         sin.push(T::from_f64(a.sin()));
                     }
-                    Precision::F32 => {
+                    Precision::F32 | Precision::BF16 => {
+                        // cos/sin in float32, then cast to the model dtype.
                         let a = (pos as f32) * (f.to_f64() as f32);
-                        cos.push(T::from_f64(a.cos() as f64));
-                        sin.push(T::from_f64(a.sin() as f64));
+                        cos.push(T::from_f64(a.cos() as f64).round());
+                        sin.push(T::from_f64(a.sin() as f64).round());
                     }
                 }
             }
@@ -103,8 +104,8 @@ impl<T: Float> RopeTable<T> {
                     };
                     let (x1, x2) = (head[a], head[b]);
                     // q*cos + rotate_half(q)*sin, rotate_half(x) = (-x2, x1).
-                    head[a] = x1 * cos[i] + (-x2) * sin[i];
-                    head[b] = x2 * cos[i] + x1 * sin[i];
+                    head[a] = ((x1 * cos[i]).round() + ((-x2) * sin[i]).round()).round();
+                    head[b] = ((x2 * cos[i]).round() + (x1 * sin[i]).round()).round();
                 }
             }
         }
