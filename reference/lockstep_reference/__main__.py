@@ -109,7 +109,10 @@ def cmd_fixtures(args) -> None:
     if args.only:
         tok = fx.qwen_tokenizer(root)
         for name in args.only:
-            fx.ensure_model(root, name, tok)
+            if name == fx.SMOLLM2_MODEL:
+                fx.ensure_smollm2(root)
+            else:
+                fx.ensure_model(root, name, tok)
     else:
         fx.build_all(root, big=not args.no_big)
 
@@ -189,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--conversations", required=True, help='JSON file: [{"messages": [...], "tools": ...}]')
     p.set_defaults(fn=lambda a: batch.chat_batch(a.model, a.conversations))
+
+    p = sub.add_parser("generate-batch", help="greedy transformers generate (f32, eager) for a JSON list of jobs")
+    p.add_argument("jobs", help='JSON file: [{"model", "tokens", "max_new_tokens", "ignore_eos"}, ...]')
+    p.set_defaults(fn=lambda a: batch.generate_batch(a.jobs))
 
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
     p.add_argument("--model", required=True)

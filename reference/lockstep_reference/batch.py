@@ -89,3 +89,49 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
                                        add_generation_prompt=True)
         out.append({"text": text, "ids": list(tok(text, add_special_tokens=False)["input_ids"])})
     print(json.dumps(out, ensure_ascii=False))
+
+
+def generate_batch(jobs_path: str) -> None:
+    """Greedy `model.generate(do_sample=False, max_new_tokens=N)` in float32 with eager attention for
+    each job of a JSON list `[{"model", "tokens", "max_new_tokens", "ignore_eos"}, ...]`, loading each
+    model once. Prints one JSON line: `[{"generated": [ids...]}, ...]` (new tokens only; an EOS that
+    ended a generation is included, as transformers returns it).
+
+    With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
+    back and the logits are untouched (no EOS suppression)."""
+    import copy
+
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    loaded: dict[str, tuple] = {}
+    out = []
+    for job in jobs:
+        if job["model"] not in loaded:
+            loaded.clear()
+            m = tracer.load_model(job["model"], "f32")
+            loaded[job["model"]] = (m, copy.deepcopy(m.generation_config))
+        model, original = loaded[job["model"]]
+        gc = copy.deepcopy(original)
+        gc.do_sample = False
+        gc.num_beams = 1
+        gc.max_new_tokens = int(job["max_new_tokens"])
+        gc.max_length = None
+        gc.min_length = 0
+        gc.min_new_tokens = None
+        gc.repetition_penalty = None
+        gc.temperature = gc.top_k = gc.top_p = gc.min_p = None
+        if job.get("ignore_eos"):
+            gc.eos_token_id = None
+        if gc.pad_token_id is None:
+            eos = gc.eos_token_id
+            gc.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        # generate() fills every unset (None) field from model.generation_config: install ours there
+        # too, or a cleared eos_token_id would come back from it.
+        model.generation_config = gc
+        ids = torch.tensor([job["tokens"]], dtype=torch.long)
+        with torch.no_grad():
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=copy.deepcopy(gc))
+        new = seq[0, ids.shape[1]:].tolist()
+        out.append({"generated": new})
+        print(f"generated {len(new)} tokens ({job['model']})", file=sys.stderr)
+    print(json.dumps(out))

