@@ -137,8 +137,36 @@ MODEL_SPECS: dict[str, dict] = {
                        rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024,
                        attention_bias=False, mlp_bias=False),
     },
+    # Stored in bfloat16, as real checkpoints are: the bf16 tier's fixtures (the oracle is the
+    # pure-f64 reference on these same bf16 weights).
+    "qwen2-gqa-bf16": {
+        "arch": "qwen2", "seed": 1011, "dtype": "bfloat16",
+        "config": dict(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=1024),
+    },
+    "qwen2-tied-bf16": {
+        "arch": "qwen2", "seed": 1012, "dtype": "bfloat16",
+        "config": dict(vocab_size=2048, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
+                       intermediate_size=384, num_hidden_layers=3, tie_word_embeddings=True,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=1024),
+    },
+    "llama-gqa-bf16": {
+        "arch": "llama", "seed": 1013, "dtype": "bfloat16",
+        "config": dict(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=320, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                       attention_bias=False, mlp_bias=False),
+    },
     "qwen2-default": {
         "arch": "qwen2", "seed": 1006, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       bos_token_id=151643, eos_token_id=151643),
+    },
+    "qwen2-default-bf16": {
+        "arch": "qwen2", "seed": 1016, "dtype": "bfloat16",
         "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
                        rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
@@ -153,7 +181,8 @@ MODEL_SPECS: dict[str, dict] = {
                        bos_token_id=151643, eos_token_id=151645),
     },
 }
-SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa"]
+SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
+                "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16"]
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
