@@ -35,6 +35,10 @@ enum Command {
     Verify(commands::verify::Args),
     /// Inject every known fault and show the verifier detects and localizes each.
     Selftest(commands::selftest::Args),
+    /// Generate text (greedy or sampled), streaming it to stdout; speeds on stderr.
+    Generate(commands::generate::Args),
+    /// An interactive chat session with history (one user message per stdin line).
+    Chat(commands::chat::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,8 @@ fn main() -> ExitCode {
         Command::Compare(a) => commands::compare::run(a),
         Command::Verify(a) => commands::verify::run(a),
         Command::Selftest(a) => commands::selftest::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
     };
     match result {
         Ok(code) => code,

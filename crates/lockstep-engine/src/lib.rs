@@ -9,14 +9,19 @@
 //! - [`model`]: the decoder forward pass.
 //! - [`observer`]: taps for traces, free when off.
 //! - [`tracing`]: one traced forward pass written in the lockstep trace format.
+//! - [`sampling`]: transformers' logits processors (repetition penalty, temperature, top-k, top-p,
+//!   min-p), argmax and a seeded sampler.
+//! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
 
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod faults;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod observer;
+pub mod sampling;
 pub mod tokenizer;
 pub mod tracing;
 pub mod weights;

@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod common;
 pub mod compare;
+pub mod generate;
 pub mod pyref;
 pub mod python;
 pub mod reference;

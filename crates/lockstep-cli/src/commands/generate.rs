@@ -1,0 +1,393 @@
+//! `lockstep generate --model DIR (--prompt TEXT [--chat] | --tokens 1,2,3) [sampling flags] [--json]`.
+//!
+//! Streams the generated text to stdout as it is produced; prefill and decode speed go to stderr
+//! at the end. With `--json` the last stdout line is one JSON object describing the run.
+
+use super::common::{parse_token_list, DtypeArg};
+use crate::cli_error::{CliError, CliResult};
+use lockstep_engine::chat::{ChatTemplate, Message};
+use lockstep_engine::generate::{generate, GenerateOptions, Generation, GenerationDefaults};
+use lockstep_engine::sampling::SamplingParams;
+use lockstep_engine::{Bf16, Float, Model, Tokenizer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// New tokens when neither the command line nor generation_config.json says (transformers'
+/// global default, `max_length` 20 including the prompt, is too short to be useful here).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+/// Sampling and stopping flags shared by `generate` and `chat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most new tokens [default: generation_config.json's max_new_tokens, else 256].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Softmax temperature; 0 is greedy, > 0 samples [default: generation_config.json (greedy unless it sets do_sample)].
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens when sampling; 0 turns it off [default: generation_config.json, else 50].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens holding this probability mass, (0, 1] [default: generation_config.json, else 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than this fraction of the most likely one, [0, 1] [default: generation_config.json, else off].
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (> 0, 1 is off; applies to greedy decoding too) [default: generation_config.json, else 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler's random stream (same seed, same output) [default: from the clock, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating through end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Stop when the text contains this string (repeatable); the output ends before it.
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Compute precision (f32 matches transformers' float32 generate token for token).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+/// Arguments of `generate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text, tokenized with the model's tokenizer.
+    #[arg(long, required_unless_present = "tokens")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, conflicts_with_all = ["prompt", "chat"])]
+    tokens: Option<String>,
+    /// Wrap the prompt as a user message in the checkpoint's chat template (with the generation prompt).
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// A system message before the prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object as the last stdout line (prompt_tokens, generated_tokens, text, speeds, ...).
+    #[arg(long)]
+    json: bool,
+}
+
+/// A seed from the clock, for runs that give none.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl SamplingArgs {
+    /// The generation options: command line over generation_config.json over transformers'
+    /// defaults. Notes about ignored flags go to stderr.
+    pub fn options(
+        &self,
+        defaults: &GenerationDefaults,
+        prompt_len: usize,
+    ) -> CliResult<GenerateOptions> {
+        let mut s: SamplingParams = defaults.sampling.clone();
+        match self.temperature {
+            Some(t) if t.is_nan() || t < 0.0 => {
+                return Err(CliError::input(format!(
+                    "--temperature must be 0 (greedy) or positive, got {t}"
+                )))
+            }
+            Some(0.0) => s.do_sample = false,
+            Some(t) => {
+                s.do_sample = true;
+                s.temperature = t;
+            }
+            None => {}
+        }
+        if let Some(k) = self.top_k {
+            s.top_k = k;
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(CliError::input(format!(
+                    "--top-p must lie in (0, 1], got {p}"
+                )));
+            }
+            s.top_p = p;
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(CliError::input(format!(
+                    "--min-p must lie in [0, 1], got {p}"
+                )));
+            }
+            s.min_p = Some(p);
+        }
+        if let Some(r) = self.repetition_penalty {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(CliError::input(format!(
+                    "--repetition-penalty must be a positive number, got {r}"
+                )));
+            }
+            s.repetition_penalty = r;
+        }
+        s.validate()
+            .map_err(|e| CliError::input(format!("generation settings: {e}")))?;
+        if !s.do_sample {
+            let ignored: Vec<&str> = [
+                (self.top_k.is_some(), "--top-k"),
+                (self.top_p.is_some(), "--top-p"),
+                (self.min_p.is_some(), "--min-p"),
+                (self.seed.is_some(), "--seed"),
+            ]
+            .into_iter()
+            .filter_map(|(given, name)| given.then_some(name))
+            .collect();
+            if !ignored.is_empty() {
+                eprintln!(
+                    "note: greedy decoding ignores {} (give --temperature > 0 to sample)",
+                    ignored.join(", ")
+                );
+            }
+        }
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_new_tokens(defaults, prompt_len),
+            eos_token_ids: defaults.eos_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+            stop: self.stop.clone(),
+            sampling: s,
+            seed: self.seed.unwrap_or_else(clock_seed),
+        })
+    }
+}
+
+impl SamplingArgs {
+    /// `--max-new-tokens`, else generation_config.json's `max_new_tokens`, else its `max_length`
+    /// less the prompt, else [`DEFAULT_MAX_NEW_TOKENS`].
+    pub fn max_new_tokens(&self, defaults: &GenerationDefaults, prompt_len: usize) -> usize {
+        match (
+            self.max_new_tokens,
+            defaults.max_new_tokens,
+            defaults.max_length,
+        ) {
+            (Some(n), _, _) => n,
+            (None, Some(n), _) => n,
+            (None, None, Some(len)) => len.saturating_sub(prompt_len),
+            (None, None, None) => DEFAULT_MAX_NEW_TOKENS,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer and generation defaults.
+pub struct Loaded {
+    /// The model.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// generation_config.json.
+    pub defaults: GenerationDefaults,
+    /// Seconds to load.
+    pub load_s: f64,
+}
+
+/// Loads model, tokenizer and generation defaults.
+pub fn load(dir: &Path) -> CliResult<Loaded> {
+    let t0 = Instant::now();
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let model = Model::load(dir)?;
+    let defaults = GenerationDefaults::from_dir(dir, &model.config)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        defaults,
+        load_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The chat template of a model folder, or a one-line error saying it has none.
+pub fn chat_template(dir: &Path) -> CliResult<ChatTemplate> {
+    ChatTemplate::from_dir(dir)?.ok_or_else(|| {
+        CliError::input(format!(
+            "{} has no chat template (neither chat_template.jinja nor a chat_template in tokenizer_config.json); drop --chat",
+            dir.display()
+        ))
+    })
+}
+
+/// Runs one generation in the chosen precision, streaming text through `on_text`.
+pub fn run_generation(
+    l: &Loaded,
+    dtype: DtypeArg,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: impl FnMut(&str),
+) -> CliResult<Generation> {
+    fn go<T: Float>(
+        l: &Loaded,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> CliResult<Generation> {
+        Ok(generate::<T>(
+            &l.model,
+            &l.tokenizer,
+            prompt,
+            opts,
+            on_text,
+        )?)
+    }
+    match dtype {
+        DtypeArg::F64 => go::<f64>(l, prompt, opts, on_text),
+        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompt, opts, on_text),
+        DtypeArg::Bf16 => go::<Bf16>(l, prompt, opts, on_text),
+    }
+}
+
+/// Prints text to stdout at once.
+pub fn print_flush(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+/// The stderr summary line of a generation.
+pub fn speed_line(g: &Generation) -> String {
+    format!(
+        "prefill: {} tokens in {:.3} s ({:.1} tok/s); decode: {} tokens in {:.3} s ({:.1} tok/s); {} generated, finish: {}",
+        g.prompt.len(),
+        g.prefill_s,
+        g.prefill_tok_s(),
+        g.decode_steps,
+        g.decode_s,
+        g.decode_tok_s(),
+        g.generated.len(),
+        g.finish.name()
+    )
+}
+
+/// Runs `generate`.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    // Cheap argument checks before loading anything.
+    let token_prompt = a.tokens.as_deref().map(parse_token_list).transpose()?;
+    let template = if a.chat {
+        Some(chat_template(&a.model)?)
+    } else {
+        None
+    };
+    let l = load(&a.model)?;
+    let ids = match (token_prompt, &a.prompt) {
+        (Some(ids), _) => ids,
+        (None, Some(p)) => {
+            let text = match &template {
+                Some(t) => {
+                    let mut msgs = vec![];
+                    if let Some(s) = &a.system {
+                        msgs.push(Message::new("system", s));
+                    }
+                    msgs.push(Message::new("user", p));
+                    t.render(&msgs, true, None)?
+                }
+                None => p.clone(),
+            };
+            let ids = l.tokenizer.encode(&text)?;
+            if ids.is_empty() {
+                return Err(CliError::input("the prompt tokenizes to no tokens"));
+            }
+            ids
+        }
+        (None, None) => return Err(CliError::input("give --prompt or --tokens")),
+    };
+    let opts = a.sampling.options(&l.defaults, ids.len())?;
+    eprintln!(
+        "loaded {} in {:.2} s ({} layers, {}); {} prompt tokens; {}",
+        a.model.display(),
+        l.load_s,
+        l.model.config.num_layers,
+        a.sampling.dtype.name(),
+        ids.len(),
+        describe(&opts)
+    );
+    let g = run_generation(&l, a.sampling.dtype, &ids, &opts, print_flush)?;
+    // With --json the text is always followed by one newline, so everything before the JSON line
+    // is exactly the text.
+    if a.json || !g.text.ends_with('\n') {
+        print_flush("\n");
+    }
+    eprintln!("{}", speed_line(&g));
+    if a.json {
+        let s = &opts.sampling;
+        let obj = serde_json::json!({
+            "prompt_tokens": g.prompt.len(),
+            "prompt_ids": g.prompt,
+            "generated_tokens": g.generated,
+            "text": g.text,
+            "finish_reason": g.finish.name(),
+            "prefill_tok_s": g.prefill_tok_s(),
+            "decode_tok_s": g.decode_tok_s(),
+            "prefill_s": g.prefill_s,
+            "decode_s": g.decode_s,
+            "load_s": l.load_s,
+            "dtype": a.sampling.dtype.name(),
+            "seed": opts.seed,
+            "sampling": {
+                "do_sample": s.do_sample,
+                "temperature": s.temperature,
+                "top_k": s.top_k,
+                "top_p": s.top_p,
+                "min_p": s.min_p,
+                "repetition_penalty": s.repetition_penalty,
+                "max_new_tokens": opts.max_new_tokens,
+                "eos_token_ids": if opts.ignore_eos { vec![] } else { opts.eos_token_ids.clone() },
+            },
+        });
+        println!("{obj}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A short description of the decoding settings for stderr.
+pub fn describe(o: &GenerateOptions) -> String {
+    let s = &o.sampling;
+    let mut parts = vec![if s.do_sample {
+        format!("sampling (seed {}, temperature {}", o.seed, s.temperature)
+    } else {
+        "greedy (".to_string()
+    }];
+    if s.do_sample {
+        if s.top_k != 0 {
+            parts.push(format!(", top-k {}", s.top_k));
+        }
+        if s.top_p < 1.0 {
+            parts.push(format!(", top-p {}", s.top_p));
+        }
+        if let Some(m) = s.min_p {
+            parts.push(format!(", min-p {m}"));
+        }
+    }
+    if s.repetition_penalty != 1.0 {
+        parts.push(format!(
+            "{}repetition penalty {}",
+            if s.do_sample { ", " } else { "" },
+            s.repetition_penalty
+        ));
+    }
+    parts.push(format!(
+        "{}max {} new tokens, eos {})",
+        if s.do_sample || s.repetition_penalty != 1.0 {
+            ", "
+        } else {
+            ""
+        },
+        o.max_new_tokens,
+        if o.ignore_eos {
+            "ignored".to_string()
+        } else {
+            format!("{:?}", o.eos_token_ids)
+        }
+    ));
+    parts.concat()
+}

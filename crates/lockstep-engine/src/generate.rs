@@ -1,0 +1,487 @@
+//! Text generation: prefill, KV-cache decode, the next-token choice of [`crate::sampling`], stop
+//! conditions, and UTF-8-safe streaming detokenization.
+//!
+//! Greedy decoding here is what `transformers.generate(do_sample=False)` does: the logits of the
+//! last position (cast to float32), the repetition penalty if any, then argmax; an EOS id ends the
+//! generation and is part of the returned ids.
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kernels::Float;
+use crate::model::{KvCache, Model};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Instant;
+
+/// The generation defaults of a checkpoint, read the way transformers reads them:
+/// `generation_config.json` if present (else the model's config.json), over transformers' global
+/// defaults (greedy, temperature 1, top_k 50, top_p 1, no min_p, repetition penalty 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// `max_new_tokens`, if the file sets it.
+    pub max_new_tokens: Option<usize>,
+    /// `max_length` (prompt + new tokens), if the file sets it.
+    pub max_length: Option<usize>,
+    /// End-of-sequence ids: generation_config.json's `eos_token_id`, else config.json's.
+    pub eos_token_ids: Vec<u32>,
+    /// Where they came from (for messages): "generation_config.json" or "config.json".
+    pub source: &'static str,
+}
+
+fn id_list(v: Option<&Value>) -> Option<Vec<u32>> {
+    match v? {
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
+        ),
+        Value::Number(n) => n.as_u64().map(|x| vec![x as u32]),
+        _ => None,
+    }
+}
+
+impl GenerationDefaults {
+    /// Reads `generation_config.json` of a model folder (falls back to `config`).
+    pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_json_str(&text, config).map_err(|msg| EngineError::Config {
+                path: path.clone(),
+                msg,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Self::from_model_config(config))
+            }
+            Err(source) => Err(EngineError::Io { path, source }),
+        }
+    }
+
+    /// transformers' defaults with the model config's EOS ids (what `GenerationConfig.from_model_config` gives).
+    pub fn from_model_config(config: &ModelConfig) -> Self {
+        GenerationDefaults {
+            sampling: SamplingParams::default(),
+            max_new_tokens: None,
+            max_length: None,
+            eos_token_ids: config.eos_token_ids.clone(),
+            source: "config.json",
+        }
+    }
+
+    /// Parses generation_config.json text; unset or null keys keep transformers' defaults.
+    pub fn from_json_str(text: &str, config: &ModelConfig) -> std::result::Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let num = |k: &str| -> std::result::Result<Option<f64>, String> {
+            get(k)
+                .map(|x| {
+                    x.as_f64()
+                        .ok_or_else(|| format!("'{k}' must be a number, got {x}"))
+                })
+                .transpose()
+        };
+        let count = |k: &str| -> std::result::Result<Option<usize>, String> {
+            get(k)
+                .map(|x| {
+                    x.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| format!("'{k}' must be a non-negative integer, got {x}"))
+                })
+                .transpose()
+        };
+        let mut s = SamplingParams::default();
+        if let Some(x) = get("do_sample") {
+            s.do_sample = x
+                .as_bool()
+                .ok_or_else(|| format!("'do_sample' must be true or false, got {x}"))?;
+        }
+        if let Some(t) = num("temperature")? {
+            s.temperature = t as f32;
+        }
+        if let Some(k) = count("top_k")? {
+            s.top_k = k;
+        }
+        if let Some(p) = num("top_p")? {
+            s.top_p = p as f32;
+        }
+        s.min_p = num("min_p")?.map(|p| p as f32);
+        if let Some(r) = num("repetition_penalty")? {
+            s.repetition_penalty = r as f32;
+        }
+        let (eos_token_ids, source) = match id_list(get("eos_token_id")) {
+            Some(ids) => (ids, "generation_config.json"),
+            None => (config.eos_token_ids.clone(), "config.json"),
+        };
+        Ok(GenerationDefaults {
+            sampling: s,
+            max_new_tokens: count("max_new_tokens")?,
+            max_length: count("max_length")?,
+            eos_token_ids,
+            source,
+        })
+    }
+}
+
+/// Incremental detokenization that never prints half a character.
+///
+/// It decodes a small window of the growing id list (the ids of the last printed piece plus the
+/// new ones), prints only the text beyond what the window's first part decodes to, and holds the
+/// text back while it ends in U+FFFD (a multi-byte character split across tokens). The window keeps
+/// decoders that treat the first token specially (SentencePiece's leading space) consistent.
+#[derive(Debug, Clone, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the newly complete text (possibly empty).
+    pub fn push(&mut self, id: u32, decode: &impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        self.ids.push(id);
+        self.step(decode, false)
+    }
+
+    /// Everything not yet returned, including a trailing U+FFFD that will never complete.
+    pub fn finish(&mut self, decode: &impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        self.step(decode, true)
+    }
+
+    fn step(&mut self, decode: &impl Fn(&[u32]) -> Result<String>, flush: bool) -> Result<String> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = decode(&self.ids[self.prefix_offset..])?;
+        if !flush && full.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
+            full[prefix.len()..].to_string()
+        } else if full.len() <= prefix.len() {
+            // Nothing visible yet (e.g. a skipped special token): keep the window.
+            if flush {
+                self.read_offset = self.ids.len();
+            }
+            return Ok(String::new());
+        } else {
+            // The prefix decodes differently inside the longer window: print from the first
+            // differing character.
+            let common = full
+                .char_indices()
+                .zip(prefix.chars())
+                .find(|((_, a), b)| a != b)
+                .map(|((i, _), _)| i)
+                .unwrap_or(prefix.len().min(full.len()));
+            full[common..].to_string()
+        };
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(new)
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence id was generated.
+    Eos,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// A stop string appeared in the text.
+    Stop,
+    /// The model's context (`max_position_embeddings`) is full.
+    Context,
+}
+
+impl FinishReason {
+    /// Lower-case name for JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Context => "context",
+        }
+    }
+}
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// How many new tokens at most.
+    pub max_new_tokens: usize,
+    /// End-of-sequence ids (ignored with `ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+    /// Keep generating through EOS ids.
+    pub ignore_eos: bool,
+    /// Stop when the generated text contains one of these (the text returned ends before it).
+    pub stop: Vec<String>,
+    /// Next-token choice.
+    pub sampling: SamplingParams,
+    /// Seed of the random stream (sampling only).
+    pub seed: u64,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The prompt's ids.
+    pub prompt: Vec<u32>,
+    /// The generated ids (an EOS that ended the generation included, as transformers returns it).
+    pub generated: Vec<u32>,
+    /// The generated text (special tokens skipped, cut before a stop string).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Seconds spent on the prompt's forward pass.
+    pub prefill_s: f64,
+    /// Seconds spent on the decode forward passes.
+    pub decode_s: f64,
+    /// Number of decode forward passes (one per generated token after the first).
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    /// Prompt tokens per second of the prefill.
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt.len(), self.prefill_s)
+    }
+
+    /// Tokens per second of the decode steps.
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.decode_steps, self.decode_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if n == 0 || s <= 0.0 {
+        0.0
+    } else {
+        n as f64 / s
+    }
+}
+
+/// The byte length of the longest suffix of `text` that is a proper prefix of some stop string
+/// (text that might still become a stop string and must not be printed yet).
+fn stop_holdback(text: &str, stop: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stop {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > hold && text.ends_with(&s[..i]) {
+                hold = i;
+            }
+        }
+    }
+    hold
+}
+
+/// Text of generated ids as a user sees it: special tokens skipped.
+pub fn decode_visible(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .inner()
+        .decode(ids, true)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))
+}
+
+/// Generates from `prompt`, calling `on_text` with each newly complete piece of text as it is
+/// produced (never half a character, never a possible start of a stop string).
+pub fn generate<T: Float>(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    opts.sampling.validate().map_err(EngineError::Input)?;
+    model.check_tokens(prompt, 0)?;
+    let max_ctx = model.config.max_position_embeddings;
+    let mut sampler = Sampler::new(opts.sampling.clone(), opts.seed);
+    let decode = |ids: &[u32]| decode_visible(tokenizer, ids);
+    let mut stream = StreamDecoder::new();
+    let mut context = prompt.to_vec();
+    let mut generated = Vec::new();
+    let mut text = String::new();
+    let mut printed = 0usize;
+    let mut finish = FinishReason::Length;
+
+    let mut cache = KvCache::<T>::new(model.config.num_layers);
+    let t0 = Instant::now();
+    let mut logits = if opts.max_new_tokens > 0 {
+        model.forward_last::<T>(prompt, &mut cache)?
+    } else {
+        Vec::new()
+    };
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut decode_s = 0.0;
+    let mut decode_steps = 0;
+
+    while generated.len() < opts.max_new_tokens {
+        // transformers casts the last position's logits to float32 before any processor.
+        let mut scores: Vec<f32> = logits.iter().map(|x| x.to_f64() as f32).collect();
+        let next = sampler.next_token(&mut scores, &context);
+        generated.push(next);
+        context.push(next);
+        let is_eos = !opts.ignore_eos && opts.eos_token_ids.contains(&next);
+        if !is_eos {
+            text.push_str(&stream.push(next, &decode)?);
+        }
+        if let Some(pos) = opts
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(pos);
+            if pos > printed {
+                on_text(&text[printed..]);
+            }
+            printed = text.len();
+            finish = FinishReason::Stop;
+            break;
+        }
+        if is_eos {
+            finish = FinishReason::Eos;
+            break;
+        }
+        let safe = text.len() - stop_holdback(&text, &opts.stop);
+        if safe > printed {
+            on_text(&text[printed..safe]);
+            printed = safe;
+        }
+        if generated.len() == opts.max_new_tokens {
+            break;
+        }
+        if context.len() >= max_ctx {
+            finish = FinishReason::Context;
+            break;
+        }
+        let t = Instant::now();
+        logits = model.forward_last::<T>(&[next], &mut cache)?;
+        decode_s += t.elapsed().as_secs_f64();
+        decode_steps += 1;
+    }
+    if finish != FinishReason::Stop {
+        text.push_str(&stream.finish(&decode)?);
+        if text.len() > printed {
+            on_text(&text[printed..]);
+        }
+    }
+    Ok(Generation {
+        prompt: prompt.to_vec(),
+        generated,
+        text,
+        finish,
+        prefill_s,
+        decode_s,
+        decode_steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level "tokenizer": each id is one byte; decoding is lossy UTF-8 like byte-level BPE.
+    fn bytes(ids: &[u32]) -> Result<String> {
+        let b: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    #[test]
+    fn stream_decoder_never_splits_a_character() {
+        let text = "né 😀 日本";
+        let mut d = StreamDecoder::new();
+        let mut out = String::new();
+        let mut pieces = vec![];
+        for b in text.bytes() {
+            let piece = d.push(b as u32, &bytes).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+            pieces.push(piece);
+        }
+        out.push_str(&d.finish(&bytes).unwrap());
+        assert_eq!(out, text);
+        // The emoji's 4 bytes come out as one piece, on its last byte.
+        assert!(pieces.contains(&"😀".to_string()), "{pieces:?}");
+    }
+
+    #[test]
+    fn stream_decoder_flushes_an_incomplete_tail() {
+        let mut d = StreamDecoder::new();
+        assert_eq!(d.push(b'a' as u32, &bytes).unwrap(), "a");
+        assert_eq!(d.push(0xE6, &bytes).unwrap(), "");
+        assert_eq!(d.finish(&bytes).unwrap(), "\u{FFFD}");
+    }
+
+    /// A SentencePiece-like decoder: "▁" is a space, and a leading space of the text is dropped.
+    fn spm(ids: &[u32]) -> Result<String> {
+        let vocab = ["▁Hello", "▁world", "!", "▁again"];
+        let s: String = ids.iter().map(|&i| vocab[i as usize]).collect();
+        let s = s.replace('▁', " ");
+        Ok(s.strip_prefix(' ').unwrap_or(&s).to_string())
+    }
+
+    #[test]
+    fn stream_decoder_keeps_spaces_of_sentencepiece_pieces() {
+        let mut d = StreamDecoder::new();
+        let out: String = [0, 1, 2, 3]
+            .iter()
+            .map(|&i| d.push(i, &spm).unwrap())
+            .collect();
+        assert_eq!(out, "Hello world! again");
+    }
+
+    #[test]
+    fn holdback_covers_partial_stop_strings() {
+        let stop = vec!["\nUser:".to_string(), "END".to_string()];
+        assert_eq!(stop_holdback("abc\nUs", &stop), 3);
+        assert_eq!(stop_holdback("abcEN", &stop), 2);
+        assert_eq!(stop_holdback("abc", &stop), 0);
+    }
+
+    fn cfg() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10,"eos_token_id":[2,3]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn generation_config_over_transformers_defaults() {
+        let d = GenerationDefaults::from_json_str(
+            r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "eos_token_id": 5, "max_new_tokens": 12, "top_k": null}"#,
+            &cfg(),
+        )
+        .unwrap();
+        assert!(d.sampling.do_sample);
+        assert_eq!(d.sampling.temperature, 0.7);
+        assert_eq!(d.sampling.top_p, 0.9);
+        assert_eq!(d.sampling.top_k, 50);
+        assert_eq!(d.sampling.min_p, None);
+        assert_eq!(d.eos_token_ids, vec![5]);
+        assert_eq!(d.max_new_tokens, Some(12));
+        // No eos_token_id: config.json's.
+        let d = GenerationDefaults::from_json_str(r#"{"bos_token_id": 1}"#, &cfg()).unwrap();
+        assert_eq!(d.eos_token_ids, vec![2, 3]);
+        assert!(!d.sampling.do_sample);
+        assert_eq!(d.source, "config.json");
+        assert!(
+            GenerationDefaults::from_json_str(r#"{"temperature": "hot"}"#, &cfg())
+                .unwrap_err()
+                .contains("temperature")
+        );
+    }
+}
