@@ -42,6 +42,14 @@ impl PythonReference {
     }
 }
 
+/// Whether the pure-f64 oracle must run layer by layer: a float64 copy of the model would take
+/// more than 6 GB (a 7B model is 61 GB in f64).
+fn too_big_for_f64(model: &Path) -> bool {
+    lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
+        .map(|c| c.parameter_count() as u64 * 8 > 6_000_000_000)
+        .unwrap_or(false)
+}
+
 fn job_key(j: &TraceJob) -> String {
     format!("{}|{:?}|{}", j.model.display(), j.tokens, j.dtype)
 }
@@ -137,7 +145,10 @@ impl Reference for PythonReference {
         }
         let list: Vec<serde_json::Value> = todo
             .iter()
-            .map(|j| serde_json::json!({"model": j.model, "tokens": j.tokens, "dtype": j.dtype, "out": j.out}))
+            .map(|j| {
+                serde_json::json!({"model": j.model, "tokens": j.tokens, "dtype": j.dtype, "out": j.out,
+                    "streamed": j.dtype == "f64" && too_big_for_f64(&j.model)})
+            })
             .collect();
         let req = self.write_request("traces.json", &serde_json::Value::Array(list))?;
         self.env
