@@ -26,10 +26,33 @@ def _add_input(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_trace(args) -> None:
+    if args.streamed:
+        cmd_trace_streamed(args)
+        return
     from .tracer import trace
 
     tensors = trace(args.model, args.out, args.dtype, token_ids=args.tokens, prompt=args.prompt)
     print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype {args.dtype}")
+
+
+def cmd_trace_streamed(args) -> None:
+    import time
+
+    from .streamed import peak_rss_mib, trace_streamed
+
+    if args.dtype != "f64":
+        raise SystemExit("--streamed is the pure-f64 oracle: use it with --dtype f64")
+    t0 = time.time()
+    tensors = trace_streamed(args.model, args.out, token_ids=args.tokens, prompt=args.prompt,
+                             log=lambda m: print(f"[streamed] {m}", file=sys.stderr, flush=True))
+    print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype f64 "
+          f"(streamed), {time.time() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
+
+
+def cmd_make_7b(args) -> None:
+    from .make_7b import make_7b
+
+    print(json.dumps(make_7b(args.out, args.seed, args.tokenizer)))
 
 
 def cmd_tokenize(args) -> None:
@@ -139,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", required=True, choices=["f64", "f32", "bf16"],
                    help="compute dtype; f64 is pure float64 (RMSNorm, RoPE, softmax lifted)")
     p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--streamed", action="store_true",
+                   help="f64 only: the same pure-f64 trace computed layer by layer (one layer's weights in "
+                        "memory; for models too big for float64 in RAM)")
     p.set_defaults(fn=cmd_trace)
 
     p = sub.add_parser("tokenize", help="print the transformers tokenizer's ids as a JSON array")
@@ -166,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (default: fetch and cache)")
     p.set_defaults(fn=cmd_make_default)
 
+    p = sub.add_parser("make-7b", help="random-weight model with the exact Qwen2.5-7B config, bf16 shards (~15.2 GB)")
+    p.add_argument("--out", required=True, help="model folder to create (skipped if complete)")
+    p.add_argument("--seed", type=int, default=7007)
+    p.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (default: fixtures/tokenizer/qwen)")
+    p.set_defaults(fn=cmd_make_7b)
+
     p = sub.add_parser("fixtures", help="create the test fixtures (skips what is complete)")
     p.add_argument("--root", default="fixtures")
     p.add_argument("--only", nargs="+", metavar="MODEL", help="build only these models")
@@ -180,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     from . import batch
 
     p = sub.add_parser("trace-batch", help="run a JSON list of trace jobs in one process")
-    p.add_argument("jobs", help='JSON file: [{"model", "tokens", "dtype", "out"}, ...]')
+    p.add_argument("jobs", help='JSON file: [{"model", "tokens", "dtype", "out", "streamed"?}, ...]')
     p.set_defaults(fn=lambda a: batch.trace_batch(a.jobs))
 
     p = sub.add_parser("tokenize-batch", help="ids of each text of a JSON list, as one JSON line")

@@ -18,11 +18,25 @@ _STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
 
 def trace_batch(jobs_path: str) -> None:
     """Run every job of a JSON list `[{"model", "tokens", "dtype", "out"}, ...]`, loading each
-    (model, dtype) once. Prints one line per trace written."""
+    (model, dtype) once. Prints one line per trace written.
+
+    A job with `"streamed": true` (dtype "f64" only) is the same pure-f64 trace computed layer by
+    layer (streamed.py): for models too big for float64 in RAM; nothing stays loaded for it."""
     with open(jobs_path) as f:
         jobs = json.load(f)
     loaded: dict[tuple[str, str], object] = {}
     for job in jobs:
+        if job.get("streamed"):
+            from . import streamed
+
+            if job["dtype"] != "f64":
+                raise SystemExit(f"streamed job {job['out']}: dtype must be f64, not {job['dtype']}")
+            loaded.clear()  # free any loaded model first
+            model = None
+            streamed.trace_streamed(job["model"], job["out"], token_ids=job["tokens"])
+            print(f"wrote {job['out']}: {len(job['tokens'])} tokens, dtype f64 (streamed, peak RSS "
+                  f"{streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
+            continue
         key = (job["model"], job["dtype"])
         if key not in loaded:
             loaded.clear()  # one model in memory at a time

@@ -309,6 +309,23 @@ def check_vocab_cases(root: str) -> int:
 # Models
 
 
+def random_values(name: str, shape: tuple[int, ...], gen, hidden: int):
+    """The float32 random values of parameter `name` (see module docstring), drawn from `gen`.
+
+    Shared by `_randomize` and make_7b (which draws the same stream tensor by tensor)."""
+    import torch
+
+    if name.endswith("norm.weight"):
+        return torch.rand(shape, generator=gen, dtype=torch.float32) + 0.5
+    if name.endswith(".bias"):
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * 0.3
+    if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * (2.0 / hidden**0.5)
+    if len(shape) == 2:
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * (1.0 / shape[1] ** 0.5)
+    raise ValueError(f"no randomization rule for {name} {shape}")
+
+
 def _randomize(model, seed: int, hidden: int) -> None:
     """Fill every parameter with seeded random values (see module docstring)."""
     import torch
@@ -317,17 +334,7 @@ def _randomize(model, seed: int, hidden: int) -> None:
     params = dict(model.named_parameters())  # tied parameters appear once
     for name in sorted(params):
         p = params[name]
-        shape = tuple(p.shape)
-        if name.endswith("norm.weight"):
-            values = torch.rand(shape, generator=gen, dtype=torch.float32) + 0.5
-        elif name.endswith(".bias"):
-            values = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.3
-        elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
-            values = torch.randn(shape, generator=gen, dtype=torch.float32) * (2.0 / hidden**0.5)
-        elif len(shape) == 2:
-            values = torch.randn(shape, generator=gen, dtype=torch.float32) * (1.0 / shape[1] ** 0.5)
-        else:
-            raise ValueError(f"no randomization rule for {name} {shape}")
+        values = random_values(name, tuple(p.shape), gen, hidden)
         with torch.no_grad():
             p.copy_(values)
         del values

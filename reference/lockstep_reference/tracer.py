@@ -149,12 +149,9 @@ class _Recorder:
         self.tensors[name] = t.detach().to(self.store_dtype).contiguous().clone()
 
 
-@contextlib.contextmanager
-def _capture(model, rec: _Recorder):
-    """Install hooks and function wrappers that fill `rec` during one forward pass."""
-    handles = []
-    inner = model.model
-    n_kv = model.config.num_key_value_heads
+def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
+    """Install the hooks of decoder layer `layer` (taps named layers.{i}.*); return their handles."""
+    p = f"layers.{i}."
 
     def out_hook(name):
         def hook(_mod, _args, output):
@@ -166,31 +163,32 @@ def _capture(model, rec: _Recorder):
             rec.put(name, args[0])
         return hook
 
-    handles.append(inner.embed_tokens.register_forward_hook(out_hook("embed")))
-    for i, layer in enumerate(inner.layers):
-        p = f"layers.{i}."
+    def enter_layer(_mod, _args):
+        rec.layer = i
 
-        def enter_layer(_mod, _args, i=i):
-            rec.layer = i
+    def v_hook(_mod, _args, output):
+        b, t, _ = output.shape
+        rec.put(p + "v", output.view(b, t, n_kv, -1).transpose(1, 2))
 
-        def v_hook(_mod, _args, output, p=p):
-            b, t, _ = output.shape
-            rec.put(p + "v", output.view(b, t, n_kv, -1).transpose(1, 2))
+    attn = layer.self_attn
+    return [
+        layer.register_forward_pre_hook(enter_layer),
+        layer.input_layernorm.register_forward_hook(out_hook(p + "input_norm")),
+        attn.v_proj.register_forward_hook(v_hook),
+        attn.o_proj.register_forward_pre_hook(in_hook(p + "attn_out")),
+        attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
+        layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "resid_attn")),
+        layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_norm")),
+        layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp_act")),
+        layer.mlp.register_forward_hook(out_hook(p + "mlp_out")),
+        layer.register_forward_hook(out_hook(p + "out")),
+    ]
 
-        attn = layer.self_attn
-        handles += [
-            layer.register_forward_pre_hook(enter_layer),
-            layer.input_layernorm.register_forward_hook(out_hook(p + "input_norm")),
-            attn.v_proj.register_forward_hook(v_hook),
-            attn.o_proj.register_forward_pre_hook(in_hook(p + "attn_out")),
-            attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
-            layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "resid_attn")),
-            layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_norm")),
-            layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp_act")),
-            layer.mlp.register_forward_hook(out_hook(p + "mlp_out")),
-            layer.register_forward_hook(out_hook(p + "out")),
-        ]
-    handles.append(inner.norm.register_forward_hook(out_hook("final_norm")))
+
+@contextlib.contextmanager
+def _function_wrappers(rec: _Recorder):
+    """Wrap the module-level apply_rotary_pos_emb and eager_attention_forward (q, k, q_rope, k_rope,
+    attn_probs taps) for the duration of the block."""
 
     def rope_wrapper(orig):
         def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
@@ -210,16 +208,35 @@ def _capture(model, rec: _Recorder):
             return attn_output, attn_weights
         return eager_attention_forward
 
+    with contextlib.ExitStack() as stack:
+        for module, _norm, _rope in _ARCHS.values():
+            # Look the globals up now, so that wrappers stack on top of pure_f64_patches.
+            stack.enter_context(
+                _patched(module, "apply_rotary_pos_emb", rope_wrapper(module.apply_rotary_pos_emb))
+            )
+            stack.enter_context(
+                _patched(module, "eager_attention_forward", eager_wrapper(module.eager_attention_forward))
+            )
+        yield
+
+
+@contextlib.contextmanager
+def _capture(model, rec: _Recorder):
+    """Install hooks and function wrappers that fill `rec` during one forward pass."""
+    inner = model.model
+    n_kv = model.config.num_key_value_heads
+
+    def out_hook(name):
+        def hook(_mod, _args, output):
+            rec.put(name, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    handles = [inner.embed_tokens.register_forward_hook(out_hook("embed"))]
     try:
-        with contextlib.ExitStack() as stack:
-            for module, _norm, _rope in _ARCHS.values():
-                # Look the globals up now, so that wrappers stack on top of pure_f64_patches.
-                stack.enter_context(
-                    _patched(module, "apply_rotary_pos_emb", rope_wrapper(module.apply_rotary_pos_emb))
-                )
-                stack.enter_context(
-                    _patched(module, "eager_attention_forward", eager_wrapper(module.eager_attention_forward))
-                )
+        for i, layer in enumerate(inner.layers):
+            handles += _layer_hooks(layer, i, rec, n_kv)
+        handles.append(inner.norm.register_forward_hook(out_hook("final_norm")))
+        with _function_wrappers(rec):
             yield
     finally:
         for h in handles:

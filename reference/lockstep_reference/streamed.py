@@ -1,0 +1,219 @@
+"""The pure-float64 reference trace, streamed layer by layer, for models too big for float64 in RAM.
+
+    python -m lockstep_reference trace --model DIR --tokens 9707 --dtype f64 --streamed --out F.safetensors
+
+(or a `trace-batch` job with `"dtype": "f64", "streamed": true`). It computes exactly what
+`tracer.trace_model(model, ids, "f64")` computes on a model loaded with `from_pretrained(dtype=float64)`
+(the same transformers modules and functions under the same `pure_f64_patches`, so RMSNorm, RoPE and the
+softmax are float64), and writes the same tensor names, but never holds more than one decoder layer's
+weights: a Qwen2.5-7B-size model is 61 GB in float64, one of its layers ~1.9 GB.
+
+    embed        rows of model.embed_tokens.weight gathered one by one (safe_open get_slice), to float64
+    mask, RoPE   transformers' own create_causal_mask (eager: additive float64 mask) and the rotary
+                 embedding module (patched to float64), with the arguments Qwen2Model/LlamaModel.forward
+                 passes
+    layer i      a Qwen2DecoderLayer/LlamaDecoderLayer(config, i) built on the meta device, its stored
+                 weights loaded (converted to float64, exact) with load_state_dict(assign=True, strict),
+                 run with attention_mask, position_embeddings, position_ids, cache=None,
+                 use_cache=False, with the tracer's per-layer hooks (taps layers.{i}.*); then freed
+    final_norm   the RMSNorm module with the stored model.norm.weight
+    logits       lm_head.weight (model.embed_tokens.weight when tied) in row chunks of `row_chunk`
+                 (the 152064 x 3584 head is 4.4 GB in float64)
+
+Measured on the make-7b model (Qwen2.5-7B config, bf16 shards), token [9707], 2 shared cores: 88 s
+(28 layers 57 s, ~2 s each mostly loading; final norm + lm_head 4 s; the model fingerprint, sha256 of
+15 GB, 27 s), peak RSS 2.7 GB. On the small fixtures the streamed trace is bit-identical to the ordinary
+pure-f64 trace on every tensor.
+
+Metadata is `tracer.trace_metadata`'s (pure_f64 "true") plus "streamed": "true". Checked in
+reference/tests/check_reference.py against the ordinary pure-f64 trace on the small fixtures.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import torch
+
+from . import tracer
+from .st_io import checkpoint_files, read_header
+
+ROW_CHUNK = 16384
+
+
+def _decoder_layer_class(model_type: str):
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    return {"qwen2": modeling_qwen2.Qwen2DecoderLayer, "llama": modeling_llama.LlamaDecoderLayer}[model_type]
+
+
+class _Weights:
+    """Stored tensors of a checkpoint folder read one at a time (safetensors safe_open), as float64."""
+
+    def __init__(self, model_dir: str):
+        self.path: dict[str, str] = {}
+        self.shape: dict[str, list[int]] = {}
+        for path in checkpoint_files(model_dir):
+            header, _ = read_header(path)
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                if name in self.path:
+                    raise ValueError(f"tensor {name} stored twice in {model_dir}")
+                self.path[name] = path
+                self.shape[name] = entry["shape"]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path[name], framework="pt") as f:
+            t = f.get_tensor(name)
+        return t.to(torch.float64)
+
+    def rows(self, name: str, ids: list[int]) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor, gathered one by one, as a [len(ids), cols] float64 tensor."""
+        from safetensors import safe_open
+
+        with safe_open(self.path[name], framework="pt") as f:
+            sl = f.get_slice(name)
+            return torch.cat([sl[i:i + 1].to(torch.float64) for i in ids], dim=0)
+
+    def row_range(self, name: str, begin: int, end: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path[name], framework="pt") as f:
+            return f.get_slice(name)[begin:end].to(torch.float64)
+
+
+def _load_layer(config, i: int, weights: _Weights):
+    """Decoder layer `i` alone, in float64, its weights from the checkpoint (strict: no key missing or extra)."""
+    with torch.device("meta"):
+        layer = _decoder_layer_class(config.model_type)(config, i)
+    prefix = f"model.layers.{i}."
+    state = {name[len(prefix):]: weights.get(name) for name in weights.path if name.startswith(prefix)}
+    layer.load_state_dict(state, strict=True, assign=True)
+    del state
+    for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        if t.device.type != "cpu" or t.dtype != torch.float64:
+            raise RuntimeError(f"layer {i} {name} is {t.dtype} on {t.device}")
+    return layer.eval()
+
+
+def load_config(model_dir: str):
+    """The folder's config (AutoConfig) with eager attention, as `tracer.load_model` sets it."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = "eager"
+    if config.model_type not in tracer._ARCHS:
+        raise ValueError(f"unsupported model_type {config.model_type!r} (supported: {sorted(tracer._ARCHS)})")
+    return config
+
+
+def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = ROW_CHUNK,
+                         log=None) -> tuple[dict[str, torch.Tensor], object]:
+    """The pure-f64 trace of one forward pass (batch 1), layer by layer. Returns (tensors in trace
+    order, config)."""
+    config = load_config(model_dir)
+    module, norm_cls, rope_cls = tracer._ARCHS[config.model_type]
+    vocab = config.vocab_size
+    if not token_ids:
+        raise ValueError("no tokens to trace")
+    if min(token_ids) < 0 or max(token_ids) >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}) for this model")
+    weights = _Weights(model_dir)
+    n_layers = config.num_hidden_layers
+    rec = tracer._Recorder(torch.float64)
+    ids = torch.tensor([token_ids], dtype=torch.int64)
+    rec.tensors["tokens"] = ids.clone()
+    t = len(token_ids)
+
+    with torch.no_grad(), tracer.pure_f64_patches(), tracer._function_wrappers(rec):
+        embeds = weights.rows("model.embed_tokens.weight", token_ids).unsqueeze(0)
+        rec.put("embed", embeds)
+        position_ids = torch.arange(t).unsqueeze(0)
+        mask_kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None,
+                       "position_ids": position_ids}
+        masks = {"full_attention": module.create_causal_mask(**mask_kwargs)}
+        # Qwen2Model picks each layer's mask by config.layer_types; LlamaModel has one causal mask.
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = module.create_sliding_window_causal_mask(**mask_kwargs)
+        position_embeddings = rope_cls(config=config)(embeds, position_ids)
+        hidden = embeds
+        for i in range(n_layers):
+            t0 = time.time()
+            layer = _load_layer(config, i, weights)
+            t_load = time.time() - t0
+            handles = tracer._layer_hooks(layer, i, rec, config.num_key_value_heads)
+            try:
+                hidden = layer(hidden, attention_mask=masks[layer_types[i]],
+                               position_embeddings=position_embeddings, position_ids=position_ids,
+                               cache=None, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            del layer
+            if log is not None:
+                log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s")
+
+        t0 = time.time()
+        norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(torch.float64)
+        norm.weight.copy_(weights.get("model.norm.weight"))
+        hidden = norm(hidden)
+        rec.put("final_norm", hidden)
+
+        head = "lm_head.weight" if "lm_head.weight" in weights.path else None
+        if head is None:
+            if not config.tie_word_embeddings:
+                raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
+            head = "model.embed_tokens.weight"
+        rows = weights.shape[head][0]
+        logits = torch.empty((1, t, rows), dtype=torch.float64)
+        for begin in range(0, rows, row_chunk):
+            end = min(begin + row_chunk, rows)
+            w = weights.row_range(head, begin, end)
+            logits[..., begin:end] = torch.nn.functional.linear(hidden, w)
+            del w
+        rec.put("logits", logits)
+        del logits
+        if log is not None:
+            log(f"final norm + lm_head ({rows} rows, chunks of {row_chunk}): {time.time() - t0:.1f} s")
+
+    expected = tracer.trace_names(n_layers)
+    missing = [n for n in expected if n not in rec.tensors]
+    extra = [n for n in rec.tensors if n not in expected]
+    if missing or extra:
+        raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
+    return {name: rec.tensors[name] for name in expected}, config
+
+
+def streamed_metadata(model_dir: str, config, token_ids: list[int], prompt: str | None) -> dict[str, str]:
+    """`tracer.trace_metadata` for dtype f64 plus "streamed": "true"."""
+    meta = tracer.trace_metadata(model_dir, types.SimpleNamespace(config=config), token_ids, "f64", prompt)
+    meta["streamed"] = "true"
+    return meta
+
+
+def trace_streamed(model_dir: str, out_path: str, token_ids: list[int] | None = None,
+                   prompt: str | None = None, log=None) -> dict[str, torch.Tensor]:
+    """Streamed pure-f64 trace of the model in `model_dir`, written to `out_path`. Returns the tensors."""
+    if (token_ids is None) == (prompt is None):
+        raise ValueError("give exactly one of token_ids and prompt")
+    if prompt is not None:
+        token_ids = tracer.tokenize(model_dir, prompt)
+    tensors, config = trace_model_streamed(model_dir, token_ids, log=log)
+    t0 = time.time()
+    meta = streamed_metadata(model_dir, config, token_ids, prompt)
+    if log is not None:
+        log(f"metadata (model fingerprint: sha256 of every stored tensor): {time.time() - t0:.1f} s")
+    tracer.write_safetensors(out_path, tensors, meta)
+    return tensors
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
