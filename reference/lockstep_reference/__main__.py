@@ -233,6 +233,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True)
     p.set_defaults(fn=lambda a: batch.weights(a.model))
 
+    p = sub.add_parser("gguf-weights",
+                       help="per GGUF file, one JSON line: sha256 of the float32 weights transformers loads from it")
+    p.add_argument("--gguf", required=True, nargs="+", help="GGUF file(s); each loaded with gguf_file=")
+    p.add_argument("--save", help="also save the (one) loaded model as float32 safetensors in this folder")
+    p.set_defaults(fn=lambda a: batch.gguf_weights(a.gguf, a.save))
+
+    p = sub.add_parser("gguf-tokenize", help="ids of each text of a JSON list through a GGUF's own tokenizer (JSON line)")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--texts", required=True, help="JSON file with a list of strings")
+    p.set_defaults(fn=lambda a: batch.gguf_tokenize(a.gguf, a.texts))
+
+    p = sub.add_parser("gguf-make", help="write a checkpoint folder as a llama.cpp-style GGUF (test input)")
+    p.add_argument("--model", required=True, help="folder with config.json + model.safetensors")
+    p.add_argument("--out", required=True, help="GGUF file to write")
+    p.add_argument("--types", default="f32,f16,bf16,q8_0,q4_0,q4_1,q5_0,q5_1",
+                   help="ggml types the 2-D weights cycle through (1-D tensors stay F32)")
+
+    def _gguf_make(a) -> None:
+        from .gguf_make import make_gguf
+
+        print(json.dumps(make_gguf(a.model, a.out, a.types.split(","))))
+
+    p.set_defaults(fn=_gguf_make)
+
     args = ap.parse_args(argv)
     args.fn(args)
 

@@ -149,3 +149,59 @@ def generate_batch(jobs_path: str) -> None:
         out.append({"generated": new})
         print(f"generated {len(new)} tokens ({job['model']})", file=sys.stderr)
     print(json.dumps(out))
+
+
+def gguf_weights(gguf_paths: list[str], save: str | None = None) -> None:
+    """For each GGUF file, print one JSON line of what transformers loads from it with
+    `from_pretrained(folder, gguf_file=name, dtype=torch.float32)`: sha256 of every state_dict
+    tensor's float32 bytes, parameter count, tied head, q/k/v bias, and its config. With `save` (one
+    file only), also write that model as float32 safetensors there (`save_pretrained`, after clearing
+    the GGUF quantizer that otherwise refuses it; the weights are already dequantized tensors)."""
+    import os
+    import time
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if save is not None and len(gguf_paths) != 1:
+        raise SystemExit("--save takes exactly one GGUF file")
+    for path in gguf_paths:
+        t0 = time.time()
+        folder, name = os.path.split(os.path.abspath(path))
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        sums = {}
+        for key, t in model.state_dict().items():
+            assert t.dtype == torch.float32, f"{key} is {t.dtype}"
+            sums[key] = hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        attn = model.model.layers[0].self_attn
+        config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        record = {
+            "gguf": path,
+            "checksums": sums,
+            "parameter_count": sum(p.numel() for p in model.parameters()),
+            "tied": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+            "qkv_bias": attn.q_proj.bias is not None,
+            "config": config,
+            "load_seconds": round(time.time() - t0, 2),
+        }
+        if save is not None:
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(save)
+        print(json.dumps(record, default=str))
+        sys.stdout.flush()
+
+
+def gguf_tokenize(gguf_path: str, texts_path: str) -> None:
+    """Print, as one JSON line, the ids of each text of a JSON list through the tokenizer transformers
+    builds from a GGUF file's metadata (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`)."""
+    import os
+
+    import transformers
+
+    with open(texts_path) as f:
+        texts = json.load(f)
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    print(json.dumps([list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]))

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: config.json, v4 and v5 keys.
 //! - [`weights`]: memory-mapped safetensors (single file or shards).
+//! - [`gguf`]: llama.cpp GGUF files (metadata, dequantization, HF tensor names).
 //! - [`tokenizer`]: tokenizer.json through the `tokenizers` crate.
 //! - [`kernels`]: matmul, RMSNorm, RoPE, attention, activation; each with a reference version.
 //! - [`model`]: the decoder forward pass.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod faults;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod observer;

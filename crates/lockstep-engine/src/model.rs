@@ -140,14 +140,20 @@ impl Model {
 
     /// Loads a model with a deliberate bug (for proving the verifier).
     pub fn load_with_fault(dir: &Path, fault: Option<Fault>) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                what: "the model folder".into(),
-            });
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open(dir)?;
+        // A .gguf file, or a folder holding one and no safetensors: config from its metadata.
+        let (config, ck) = match crate::gguf::locate(dir)? {
+            Some(file) => crate::gguf::load(&file)?,
+            None => {
+                if !dir.is_dir() {
+                    return Err(EngineError::MissingFile {
+                        path: dir.to_path_buf(),
+                        what: "the model folder".into(),
+                    });
+                }
+                let config = ModelConfig::from_file(&dir.join("config.json"))?;
+                (config, Checkpoint::open(dir)?)
+            }
+        };
         let c = &config;
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);

@@ -9,8 +9,14 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` from a model folder.
+    /// Loads `tokenizer.json` from a model folder. For a GGUF checkpoint (a `.gguf` file, or a
+    /// folder holding one and no safetensors): the `tokenizer.json` beside it, else the tokenizer
+    /// its metadata describes ([`crate::gguf::tokenizer`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if let Some(file) = crate::gguf::locate(dir)? {
+            let inner = crate::gguf::tokenizer(&file)?;
+            return Ok(Tokenizer { inner });
+        }
         if !dir.is_dir() {
             return Err(EngineError::MissingFile {
                 path: dir.to_path_buf(),

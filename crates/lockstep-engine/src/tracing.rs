@@ -53,6 +53,25 @@ pub fn trace_forward<T: Float>(
     if let Some(f) = model.fault {
         m.insert("injected_fault".into(), f.name().into());
     }
-    m.insert("model_fingerprint".into(), model.checkpoint.fingerprint()?);
+    m.insert("model_fingerprint".into(), fingerprint(model)?);
     Ok(trace)
+}
+
+/// The model fingerprint, computed once per checkpoint folder per process (hashing a 7B
+/// checkpoint reads 15 GB).
+fn fingerprint(model: &Model) -> Result<String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<std::path::PathBuf, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = model.checkpoint.dir.clone();
+    if let Some(f) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(f.clone());
+    }
+    let f = model.checkpoint.fingerprint()?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, f.clone());
+    Ok(f)
 }

@@ -1,6 +1,10 @@
 //! Checkpoint tensors: `model.safetensors` or the shards of `model.safetensors.index.json`,
 //! memory-mapped and kept in their stored dtype (F32, BF16, F16, F64). Nothing is copied into RAM
 //! wholesale; kernels decode rows on the fly.
+//!
+//! A GGUF file (llama.cpp) opens into the same [`Checkpoint`] with Hugging Face tensor names (see
+//! [`crate::gguf`]): its F32/F16/BF16 tensors stay memory-mapped, quantized ones are dequantized to
+//! F32 at load and held in memory.
 
 use crate::error::{EngineError, Result};
 use memmap2::Mmap;
@@ -43,10 +47,27 @@ impl StoredDtype {
     }
 }
 
-/// One tensor of the checkpoint: a view into a memory-mapped file.
+/// The bytes a tensor lives in: a memory-mapped file, or memory of its own (a GGUF tensor
+/// dequantized or reordered at load).
+#[derive(Clone)]
+enum Storage {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Storage {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// One tensor of the checkpoint: a view into a memory-mapped file, or bytes of its own.
 #[derive(Clone)]
 pub struct Tensor {
-    map: Arc<Mmap>,
+    storage: Storage,
     start: usize,
     end: usize,
     /// Stored dtype.
@@ -62,9 +83,48 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Tensor {
+    /// A tensor holding `bytes` (little-endian values of `dtype`) in memory of its own.
+    ///
+    /// # Panics
+    /// When `bytes` is not exactly `shape`'s element count × the dtype's size.
+    pub fn from_bytes(dtype: StoredDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Tensor {
+        let want = shape.iter().product::<usize>() * dtype.size();
+        assert_eq!(bytes.len(), want, "{dtype:?} tensor of shape {shape:?}");
+        Tensor {
+            start: 0,
+            end: bytes.len(),
+            storage: Storage::Owned(Arc::new(bytes)),
+            dtype,
+            shape,
+        }
+    }
+
+    /// A view of bytes `start..end` of a memory-mapped file (the caller checked the range).
+    pub(crate) fn mapped(
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+        dtype: StoredDtype,
+        shape: Vec<usize>,
+    ) -> Tensor {
+        debug_assert!(start <= end && end <= map.len());
+        Tensor {
+            storage: Storage::Mapped(map),
+            start,
+            end,
+            dtype,
+            shape,
+        }
+    }
+
+    /// True when the bytes are a view of a memory-mapped file (false: held in memory).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_))
+    }
+
     /// The raw little-endian bytes as stored.
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        &self.storage.as_slice()[self.start..self.end]
     }
 
     /// Number of elements.
@@ -83,6 +143,39 @@ impl Tensor {
     pub fn sha256_hex(&self) -> String {
         hex(&Sha256::digest(self.bytes()))
     }
+
+    /// sha256 of the values as little-endian float32 (what `transformers` holds after loading in
+    /// `dtype=torch.float32`): the stored bytes for F32, F16/BF16 widened (exactly), F64 rounded
+    /// to nearest.
+    pub fn sha256_f32_hex(&self) -> String {
+        let b = self.bytes();
+        let f32s: Vec<u8> = match self.dtype {
+            StoredDtype::F32 => return self.sha256_hex(),
+            StoredDtype::F16 => b
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    half::f16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect(),
+            StoredDtype::BF16 => b
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    half::bf16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect(),
+            StoredDtype::F64 => b
+                .chunks_exact(8)
+                .flat_map(|c| {
+                    (f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).to_le_bytes()
+                })
+                .collect(),
+        };
+        hex(&Sha256::digest(&f32s))
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -91,17 +184,27 @@ fn hex(b: &[u8]) -> String {
 
 /// All tensors of a checkpoint folder, by name.
 pub struct Checkpoint {
-    /// Model folder.
+    /// Model folder (for a GGUF checkpoint: the .gguf file).
     pub dir: PathBuf,
     /// Tensors by name (sorted).
     pub tensors: BTreeMap<String, Tensor>,
-    /// The safetensors files that were mapped.
+    /// The safetensors (or GGUF) files that were mapped.
     pub files: Vec<PathBuf>,
+    /// For a GGUF checkpoint, the config.json text its metadata implies (there is no config.json
+    /// to read); `None` for a Hugging Face folder.
+    pub(crate) config_json: Option<String>,
 }
 
 impl Checkpoint {
     /// Maps `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    ///
+    /// `dir` may also be a `.gguf` file, or a folder holding exactly one `.gguf` and no
+    /// safetensors: the GGUF's tensors then come under their Hugging Face names
+    /// ([`crate::gguf::load`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(file) = crate::gguf::locate(dir)? {
+            return Ok(crate::gguf::load(&file)?.1);
+        }
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if single.exists() {
@@ -141,6 +244,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             tensors,
             files,
+            config_json: None,
         })
     }
 
@@ -167,13 +271,19 @@ impl Checkpoint {
 
     /// The model fingerprint shared with the Python reference tracer: sha256 hex of
     /// `name:sha256(bytes)` lines over tensors in sorted-name order, joined by `\n`, followed by
-    /// `\n` and sha256 hex of the config.json bytes.
+    /// `\n` and sha256 hex of the config.json bytes (for a GGUF checkpoint: of the config.json
+    /// text its metadata implies).
     pub fn fingerprint(&self) -> Result<String> {
-        let cfg_path = self.dir.join("config.json");
-        let cfg = std::fs::read(&cfg_path).map_err(|source| EngineError::Io {
-            path: cfg_path,
-            source,
-        })?;
+        let cfg = match &self.config_json {
+            Some(text) => text.as_bytes().to_vec(),
+            None => {
+                let cfg_path = self.dir.join("config.json");
+                std::fs::read(&cfg_path).map_err(|source| EngineError::Io {
+                    path: cfg_path,
+                    source,
+                })?
+            }
+        };
         let lines: Vec<String> = self
             .tensors
             .iter()
@@ -273,13 +383,13 @@ fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
         debug_assert!(start >= base);
         out.push((
             name,
-            Tensor {
-                map: map.clone(),
+            Tensor::mapped(
+                map.clone(),
                 start,
-                end: start + data.len(),
+                start + data.len(),
                 dtype,
-                shape: view.shape().to_vec(),
-            },
+                view.shape().to_vec(),
+            ),
         ));
     }
     Ok(out)
