@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=lambda a: batch.chat_batch(a.model, a.conversations))
 
     p = sub.add_parser("generate-batch", help="greedy transformers generate (f32, eager) for a JSON list of jobs")
-    p.add_argument("jobs", help='JSON file: [{"model", "tokens", "max_new_tokens", "ignore_eos"}, ...]')
+    p.add_argument("jobs", help='JSON file: [{"model", "tokens"|"prompt"|"messages", "max_new_tokens", "ignore_eos"}, ...]')
     p.set_defaults(fn=lambda a: batch.generate_batch(a.jobs))
 
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")

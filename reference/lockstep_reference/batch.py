@@ -107,14 +107,22 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
 
 def generate_batch(jobs_path: str) -> None:
     """Greedy `model.generate(do_sample=False, max_new_tokens=N)` in float32 with eager attention for
-    each job of a JSON list `[{"model", "tokens", "max_new_tokens", "ignore_eos"}, ...]`, loading each
-    model once. Prints one JSON line: `[{"generated": [ids...]}, ...]` (new tokens only; an EOS that
-    ended a generation is included, as transformers returns it).
+    each job of a JSON list, loading each model once. A job is `{"model", "max_new_tokens",
+    "ignore_eos"}` plus its prompt: `"tokens"` (ids), `"prompt"` (text, tokenized without special
+    tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
+    prompt and tokenized the same way). Prints one JSON line: `[{"prompt_ids", "generated"}, ...]`
+    (new tokens only; an EOS that ended a generation is included, as transformers returns it).
 
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
     back and the logits are untouched (no EOS suppression)."""
     import copy
+    import os
 
+    import transformers
+
+    # One thread unless told otherwise: on a busy machine PyTorch's OpenMP threads spin against
+    # other processes and run ~10x slower than one thread (measured here, SmolLM2-135M decode).
+    torch.set_num_threads(int(os.environ.get("LOCKSTEP_REFERENCE_THREADS", "1")))
     with open(jobs_path) as f:
         jobs = json.load(f)
     loaded: dict[str, tuple] = {}
@@ -123,8 +131,18 @@ def generate_batch(jobs_path: str) -> None:
         if job["model"] not in loaded:
             loaded.clear()
             m = tracer.load_model(job["model"], "f32")
-            loaded[job["model"]] = (m, copy.deepcopy(m.generation_config))
-        model, original = loaded[job["model"]]
+            loaded[job["model"]] = (m, copy.deepcopy(m.generation_config), None)
+        model, original, tok = loaded[job["model"]]
+        if tok is None and ("prompt" in job or "messages" in job):
+            tok = transformers.AutoTokenizer.from_pretrained(job["model"])
+            loaded[job["model"]] = (model, original, tok)
+        if "tokens" in job:
+            prompt_ids = [int(t) for t in job["tokens"]]
+        elif "prompt" in job:
+            prompt_ids = list(tok(job["prompt"], add_special_tokens=False)["input_ids"])
+        else:
+            text = tok.apply_chat_template(job["messages"], tokenize=False, add_generation_prompt=True)
+            prompt_ids = list(tok(text, add_special_tokens=False)["input_ids"])
         gc = copy.deepcopy(original)
         gc.do_sample = False
         gc.num_beams = 1
@@ -142,11 +160,11 @@ def generate_batch(jobs_path: str) -> None:
         # generate() fills every unset (None) field from model.generation_config: install ours there
         # too, or a cleared eos_token_id would come back from it.
         model.generation_config = gc
-        ids = torch.tensor([job["tokens"]], dtype=torch.long)
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
         with torch.no_grad():
             seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=copy.deepcopy(gc))
         new = seq[0, ids.shape[1]:].tolist()
-        out.append({"generated": new})
+        out.append({"prompt_ids": prompt_ids, "generated": new})
         print(f"generated {len(new)} tokens ({job['model']})", file=sys.stderr)
     print(json.dumps(out))
 

@@ -301,6 +301,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         }
         (None, None) => return Err(CliError::input("give --prompt or --tokens")),
     };
+    l.model.check_tokens(&ids, 0)?;
     let opts = a.sampling.options(&l.defaults, ids.len())?;
     eprintln!(
         "loaded {} in {:.2} s ({} layers, {}); {} prompt tokens; {}",

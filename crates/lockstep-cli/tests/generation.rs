@@ -1,0 +1,467 @@
+//! Generation tests: `lockstep generate` greedy output token for token against
+//! `transformers.generate` (f32, eager attention) on the real SmolLM2-135M-Instruct weights and on
+//! random fixture models; seeded sampling; the SmolLM2 chat template against `apply_chat_template`;
+//! streaming, stop strings and bad input.
+//!
+//! The transformers side runs in one `generate-batch` process (started first, in parallel with the
+//! lockstep runs).
+
+mod support;
+
+use lockstep_engine::chat::{ChatTemplate, Message};
+use lockstep_engine::Tokenizer;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use support::*;
+
+const SMOLLM2: &str = "smollm2-135m-instruct";
+const NEW_TOKENS: usize = 64;
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+/// The SmolLM2 fixture, or None (skip) when the reference environment is not set up. With the
+/// reference required, a missing fixture is a failure.
+fn smollm2() -> Option<PathBuf> {
+    reference_python()?;
+    let d = model_dir(SMOLLM2);
+    assert!(
+        d.join("lockstep-fixture.json").exists(),
+        "{} missing: run bash scripts/fixtures.sh",
+        d.display()
+    );
+    Some(d)
+}
+
+/// Runs `lockstep generate ARGS --json`; returns (streamed stdout text before the JSON line, JSON).
+fn generate_json(args: &[&str]) -> (String, Value) {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = lockstep_ok(&all);
+    let body = out.strip_suffix('\n').unwrap_or(&out);
+    let (streamed, last) = body.rsplit_once('\n').unwrap_or(("", body));
+    let v: Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"));
+    (streamed.to_string(), v)
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an id list: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// Starts `python -m lockstep_reference generate-batch` on `jobs` in the background.
+fn spawn_reference(py: &Path, jobs: &Value, dir: &Path) -> std::process::Child {
+    let path = dir.join("generate-jobs.json");
+    std::fs::write(&path, jobs.to_string()).unwrap();
+    Command::new(py)
+        .args(["-m", "lockstep_reference", "generate-batch"])
+        .arg(&path)
+        .current_dir(repo_root().join("reference"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the reference")
+}
+
+struct Case {
+    label: String,
+    /// lockstep arguments (model, prompt and limits; --json is added).
+    args: Vec<String>,
+    /// The generate-batch job.
+    job: Value,
+}
+
+#[test]
+fn greedy_generation_matches_transformers_token_for_token() {
+    let Some(smol) = smollm2() else { return };
+    let py = reference_python().unwrap();
+    let smol_s = smol.to_str().unwrap().to_string();
+    let n = NEW_TOKENS.to_string();
+    let mut cases = vec![];
+    // SmolLM2: chat-formatted and plain prompts; EOS on both sides as the checkpoint says.
+    for q in [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+    ] {
+        cases.push(Case {
+            label: format!("smollm2 chat {q:?}"),
+            args: vec!["--model".into(), smol_s.clone(), "--chat".into(), "--prompt".into(), q.into(), "--max-new-tokens".into(), n.clone(), "--temperature".into(), "0".into()],
+            job: json!({"model": smol_s, "messages": [{"role": "user", "content": q}], "max_new_tokens": NEW_TOKENS, "ignore_eos": false}),
+        });
+    }
+    for p in ["The three primary colors are", "def fibonacci(n):"] {
+        cases.push(Case {
+            label: format!("smollm2 {p:?}"),
+            args: vec!["--model".into(), smol_s.clone(), "--prompt".into(), p.into(), "--max-new-tokens".into(), n.clone(), "--temperature".into(), "0".into()],
+            job: json!({"model": smol_s, "prompt": p, "max_new_tokens": NEW_TOKENS, "ignore_eos": false}),
+        });
+    }
+    // Random fixture models: token prompts, EOS ignored on both sides (exactly 64 tokens).
+    for (name, seed) in [
+        ("qwen2-gqa", 11u64),
+        ("llama-gqa", 12),
+        ("qwen2-tied-3layer", 13),
+    ] {
+        let dir = model_dir(name);
+        let d = dir.to_str().unwrap().to_string();
+        let prompt = token_ids(9, 2048, seed);
+        cases.push(Case {
+            label: format!("{name} tokens"),
+            args: vec!["--model".into(), d.clone(), "--tokens".into(), ids_arg(&prompt), "--max-new-tokens".into(), n.clone(), "--ignore-eos".into(), "--temperature".into(), "0".into()],
+            job: json!({"model": d, "tokens": prompt, "max_new_tokens": NEW_TOKENS, "ignore_eos": true}),
+        });
+    }
+    let dir = scratch("generation-greedy");
+    let jobs = Value::Array(cases.iter().map(|c| c.job.clone()).collect());
+    let child = spawn_reference(&py, &jobs, &dir);
+
+    let mut ours = vec![];
+    for c in &cases {
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let (streamed, v) = generate_json(&args);
+        // What streamed is exactly the final text (UTF-8-safe incremental detokenization).
+        assert_eq!(
+            streamed,
+            v["text"].as_str().unwrap(),
+            "{}: streamed text",
+            c.label
+        );
+        ours.push(v);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let theirs: Vec<Value> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+
+    let mut failures = vec![];
+    eprintln!("| case | prompt tokens | lockstep | transformers | identical | decode tok/s |");
+    for ((c, o), t) in cases.iter().zip(&ours).zip(&theirs) {
+        let (op, tp) = (ids(&o["prompt_ids"]), ids(&t["prompt_ids"]));
+        let (og, tg) = (ids(&o["generated_tokens"]), ids(&t["generated"]));
+        let same = og.iter().zip(&tg).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "| {} | {} | {} | {} | {same}/{} | {:.1} |",
+            c.label,
+            op.len(),
+            og.len(),
+            tg.len(),
+            tg.len(),
+            o["decode_tok_s"].as_f64().unwrap()
+        );
+        if op != tp {
+            failures.push(format!(
+                "{}: prompt ids differ: lockstep {op:?}, transformers {tp:?}",
+                c.label
+            ));
+        }
+        if og != tg {
+            failures.push(format!(
+                "{}: generations differ from token {same}: lockstep {og:?}, transformers {tg:?}",
+                c.label
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The real model answers the question (DESIGN.md).
+    assert_eq!(ours[0]["text"], "The capital of France is Paris.");
+    assert_eq!(ours[0]["finish_reason"], "eos");
+    for o in &ours[4..] {
+        assert_eq!(ids(&o["generated_tokens"]).len(), NEW_TOKENS);
+    }
+}
+
+#[test]
+fn same_seed_same_sample_and_seeds_differ() {
+    let Some(smol) = smollm2() else { return };
+    let m = smol.to_str().unwrap();
+    let run = |seed: &str| {
+        generate_json(&[
+            "--model",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.95",
+            "--min-p",
+            "0.02",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+        ])
+        .1
+    };
+    let a = run("1");
+    let b = run("1");
+    let c = run("2");
+    assert_eq!(a["generated_tokens"], b["generated_tokens"]);
+    assert_eq!(a["text"], b["text"]);
+    assert_eq!(a["seed"], 1);
+    assert_eq!(a["sampling"]["do_sample"], true);
+    assert_ne!(
+        a["generated_tokens"], c["generated_tokens"],
+        "seeds 1 and 2 gave the same sample"
+    );
+    // Fast check on a random model too: 5 seeds, 5 different samples, each reproducible.
+    let d = model_dir("qwen2-gqa");
+    let d = d.to_str().unwrap();
+    let sample = |seed: u64| {
+        generate_json(&[
+            "--model",
+            d,
+            "--tokens",
+            "1,2,3",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1",
+            "--ignore-eos",
+            "--seed",
+            &seed.to_string(),
+        ])
+        .1["generated_tokens"]
+            .clone()
+    };
+    let samples: Vec<Value> = (0..5).map(sample).collect();
+    for i in 0..5 {
+        for j in i + 1..5 {
+            assert_ne!(samples[i], samples[j], "seeds {i} and {j}");
+        }
+    }
+    assert_eq!(samples[3], sample(3));
+}
+
+#[test]
+fn smollm2_chat_template_renders_like_apply_chat_template() {
+    let Some(smol) = smollm2() else { return };
+    let py = reference_python().unwrap();
+    let conversations = json!([
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}], "tools": null},
+        {"messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello. What do you need?"},
+            {"role": "user", "content": "Tell me a joke about naïve café owners 😀."}
+        ], "tools": null},
+        {"messages": [
+            {"role": "user", "content": "Weather in Paris?"}
+        ], "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+        {"messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi!"}
+        ], "tools": null}
+    ]);
+    let dir = scratch("generation-chat-template");
+    let path = dir.join("conversations.json");
+    std::fs::write(&path, conversations.to_string()).unwrap();
+    let out = reference(
+        &py,
+        &[
+            "chat-batch",
+            "--model",
+            smol.to_str().unwrap(),
+            "--conversations",
+            path.to_str().unwrap(),
+        ],
+    );
+    let theirs: Vec<Value> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let template = ChatTemplate::from_dir(&smol)
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
+    let tok = Tokenizer::from_dir(&smol).unwrap();
+    for (conv, t) in conversations.as_array().unwrap().iter().zip(&theirs) {
+        let msgs: Vec<Message> = serde_json::from_value(conv["messages"].clone()).unwrap();
+        let tools = conv.get("tools").filter(|t| !t.is_null());
+        let text = template.render(&msgs, true, tools).unwrap();
+        assert_eq!(text, t["text"].as_str().unwrap());
+        let ours: Vec<u64> = tok
+            .encode(&text)
+            .unwrap()
+            .into_iter()
+            .map(u64::from)
+            .collect();
+        assert_eq!(ours, ids(&t["ids"]), "ids of {text:?}");
+    }
+    // The CLI path: --chat with --system renders the same prompt as apply_chat_template (the 4th
+    // conversation).
+    let (_, v) = generate_json(&[
+        "--model",
+        smol.to_str().unwrap(),
+        "--chat",
+        "--system",
+        "You are terse.",
+        "--prompt",
+        "Hi!",
+        "--max-new-tokens",
+        "0",
+    ]);
+    assert_eq!(ids(&v["prompt_ids"]), ids(&theirs[3]["ids"]));
+    assert_eq!(v["generated_tokens"], json!([]));
+}
+
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let Some(smol) = smollm2() else { return };
+    let (streamed, v) = generate_json(&[
+        "--model",
+        smol.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--stop",
+        "Paris",
+        "--stop",
+        "never appears",
+    ]);
+    assert_eq!(v["text"], "The capital of France is ");
+    assert_eq!(v["finish_reason"], "stop");
+    assert_eq!(streamed, "The capital of France is ");
+    // The token that completed the stop string was generated; nothing after it.
+    assert_eq!(
+        ids(&v["generated_tokens"]),
+        vec![504, 3575, 282, 4649, 314, 7042]
+    );
+}
+
+#[test]
+fn bad_generation_input_is_one_line_and_exit_2() {
+    let m = model_dir("qwen2-gqa");
+    if !m.join("config.json").exists() {
+        if std::env::var("LOCKSTEP_REQUIRE_REFERENCE").as_deref() == Ok("1") {
+            panic!("fixtures missing: run bash scripts/setup.sh");
+        }
+        eprintln!("SKIPPED: fixtures not built");
+        return;
+    }
+    // A model folder without a chat template.
+    let bare = scratch("generation-no-template");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(m.join(f), bare.join(f)).unwrap();
+    }
+    let ms = m.to_str().unwrap();
+    let bs = bare.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--model", bs, "--chat", "--prompt", "hi"],
+            "no chat template",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--temperature", "hot"],
+            "--temperature",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--temperature", "-1"],
+            "--temperature",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--top-p", "1.5"],
+            "--top-p",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--top-p", "0"],
+            "--top-p",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--min-p", "2"],
+            "--min-p",
+        ),
+        (
+            vec![
+                "--model",
+                ms,
+                "--tokens",
+                "1,2",
+                "--repetition-penalty",
+                "0",
+            ],
+            "--repetition-penalty",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--top-k", "-3"],
+            "-3",
+        ),
+        (
+            vec!["--model", ms, "--tokens", "1,2", "--max-new-tokens", "many"],
+            "--max-new-tokens",
+        ),
+        (vec!["--model", ms, "--tokens", "1,x"], "--tokens"),
+        (vec!["--model", ms, "--tokens", "99999"], "out of range"),
+        (vec!["--model", ms, "--tokens", "1", "--chat"], "--chat"),
+        (vec!["--model", ms], "required"),
+        (
+            vec!["--model", "/nonexistent", "--prompt", "hi"],
+            "not found",
+        ),
+    ] {
+        let mut all = vec!["generate"];
+        all.extend(args.iter());
+        let o = lockstep(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: not one line: {err}");
+        assert!(lines[0].starts_with("error:"), "{args:?}: {err}");
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: {err} lacks {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn random_model_streams_byte_tokens_without_broken_characters() {
+    // Random models over the byte-level Qwen vocabulary emit lone UTF-8 bytes often; the streamed
+    // text must still equal the final decoded text, and the final text equal the tokenizer's decode.
+    let m = model_dir("qwen2-mqa");
+    if !m.join("config.json").exists() {
+        if std::env::var("LOCKSTEP_REQUIRE_REFERENCE").as_deref() == Ok("1") {
+            panic!("fixtures missing: run bash scripts/setup.sh");
+        }
+        return;
+    }
+    let tok = Tokenizer::from_dir(&m).unwrap();
+    for seed in 0..3 {
+        let (streamed, v) = generate_json(&[
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "151,152,153",
+            "--max-new-tokens",
+            "48",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "0",
+            "--ignore-eos",
+            "--seed",
+            &seed.to_string(),
+        ]);
+        let gen: Vec<u32> = ids(&v["generated_tokens"])
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        let full = tok.inner().decode(&gen, true).unwrap();
+        assert_eq!(v["text"].as_str().unwrap(), full);
+        assert_eq!(streamed, full);
+    }
+}
