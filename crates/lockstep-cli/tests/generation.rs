@@ -465,3 +465,46 @@ fn random_model_streams_byte_tokens_without_broken_characters() {
         assert_eq!(streamed, full);
     }
 }
+
+#[test]
+fn chat_session_keeps_history() {
+    let Some(smol) = smollm2() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "chat",
+            "--model",
+            smol.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // The second question only makes sense with the first one in the history.
+        stdin
+            .write_all(b"What is the capital of France?\nAnd of Germany?\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        replies,
+        [
+            "The capital of France is Paris.",
+            "The capital of Germany is Berlin."
+        ]
+    );
+}
