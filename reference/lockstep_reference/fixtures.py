@@ -499,6 +499,12 @@ def ensure_smollm2(root: str) -> str:
             return out_dir
     except (OSError, ValueError):
         pass
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading path)
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"{SMOLLM2_MODEL} needs the gguf and accelerate packages ({e}); "
+                         ".venv/bin/pip install -r reference/requirements.txt") from e
     gguf_path = smollm2_gguf(root)
     import torch
     import transformers
