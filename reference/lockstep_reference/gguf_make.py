@@ -1,8 +1,9 @@
 """Write a Hugging Face Qwen2/Llama checkpoint as a GGUF file laid out the way llama.cpp's converter
 (`convert_hf_to_gguf.py`) lays it out: llama.cpp tensor names, dims fastest-first, Llama q/k rows
 permuted for llama.cpp's RoPE, metadata under `{arch}.*`. The 2-D weights are stored in the ggml
-types given (cycling through them, so one small model exercises every type), quantized with gguf-py;
-1-D tensors (norms, biases) stay F32 as llama.cpp keeps them.
+types given (cycling through them, so one small model exercises every type), quantized with gguf-py
+(K-quants, which gguf-py cannot quantize to, as random blocks); 1-D tensors (norms, biases) and rows
+that do not fill whole blocks stay F32.
 
 Used by lockstep's GGUF tests: the file is then loaded both by lockstep and by `transformers`
 (`from_pretrained(dir, gguf_file=...)`), and the two must hold bit-identical weights."""
@@ -48,6 +49,26 @@ def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# K-quant blocks: byte offsets of their float16 scale fields. gguf-py cannot quantize to these
+# types, so the test files hold random blocks (every bit pattern is a valid block once the float16
+# fields are finite); what matters is that both loaders read the same values out of them.
+_K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_k_blocks(shape: tuple, qt, rng) -> np.ndarray:
+    """Random `qt` blocks for a tensor of `shape` (uint8, one row of blocks per tensor row), with
+    small finite float16 scales."""
+    import gguf
+
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qt]
+    n_blocks = int(np.prod(shape)) // per_block
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for off in _K_SCALES[qt.name]:
+        scale = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16)
+        blocks[:, off:off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
+
+
 def make_gguf(model_dir: str, out: str, types: list[str]) -> dict:
     """Write `model_dir` (config.json + model.safetensors) to `out`; return {gguf tensor name: type}."""
     import gguf
@@ -82,6 +103,7 @@ def make_gguf(model_dir: str, out: str, types: list[str]) -> dict:
         w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
 
     chosen = {}
+    rng = np.random.default_rng(1234)
     i = 0
     for name in sorted(tensors):
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
@@ -96,10 +118,14 @@ def make_gguf(model_dir: str, out: str, types: list[str]) -> dict:
             continue
         qt = qtypes[i % len(qtypes)]
         i += 1
+        if a.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] != 0:
+            qt = gguf.GGMLQuantizationType.F32  # rows that do not fill whole blocks stay F32
         if qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor(g, a)
         elif qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(g, a.astype(np.float16))
+        elif qt.name in _K_SCALES:
+            w.add_tensor(g, _random_k_blocks(a.shape, qt, rng), raw_dtype=qt)
         else:
             w.add_tensor(g, gguf.quants.quantize(a, qt), raw_dtype=qt)
         chosen[g] = qt.name

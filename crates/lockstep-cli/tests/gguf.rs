@@ -6,8 +6,8 @@
 //!   with the same parameter count and config; `lockstep trace --model <the .gguf>` in f32 matches
 //!   the reference traced on the model transformers saved from it (logits within 1e-4).
 //! - Fixture models written as GGUF in every supported type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
-//!   Q5_1; Llama q/k permuted as llama.cpp's converter does; Qwen2 with biases; tied and untied):
-//!   bit-identical to what transformers loads from the same files.
+//!   Q5_1, Q4_K, Q5_K, Q6_K; Llama q/k permuted as llama.cpp's converter does; Qwen2 with biases;
+//!   tied and untied): bit-identical to what transformers loads from the same files.
 //! - Damaged GGUF files (truncated anywhere, bad magic, unknown tensor types, impossible counts,
 //!   unsupported metadata) give one `error:` line and exit 2 — these need no reference.
 
@@ -277,13 +277,29 @@ fn every_type_matches_transformers() {
     };
     let dir = scratch("gguf-types");
     let mut files = vec![];
-    // Llama (q/k permuted, untied), Qwen2 (biases, untied), Qwen2 MQA (tied).
-    for name in ["llama-gqa", "qwen2-gqa", "qwen2-mqa"] {
+    // Llama (q/k permuted, untied), Qwen2 (biases, untied), Qwen2 MQA (tied): the 2-D weights
+    // cycle through F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1. Qwen2 with 256-wide rows: the
+    // K-quants Q4_K, Q5_K, Q6_K (random blocks; gguf-py cannot quantize to them).
+    let all = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1";
+    for (name, types, want) in [
+        ("llama-gqa", None, all),
+        ("qwen2-gqa", None, all),
+        ("qwen2-mqa", None, all),
+        (
+            "qwen2-mha-d128",
+            Some("q4_k,q5_k,q6_k"),
+            "F32 Q4_K Q5_K Q6_K",
+        ),
+    ] {
         let model = fixtures().join("models").join(name);
         let out_dir = dir.join(name);
         std::fs::create_dir_all(&out_dir).unwrap();
         let out = out_dir.join(format!("{name}.gguf"));
-        let types = reference(&py, &["gguf-make", "--model", s(&model), "--out", s(&out)]);
+        let mut args = vec!["gguf-make", "--model", s(&model), "--out", s(&out)];
+        if let Some(t) = types {
+            args.extend(["--types", t]);
+        }
+        let types = reference(&py, &args);
         let types: Value = serde_json::from_str(types.lines().last().unwrap()).unwrap();
         let used: std::collections::BTreeSet<&str> = types
             .as_object()
@@ -291,7 +307,8 @@ fn every_type_matches_transformers() {
             .values()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert_eq!(used.len(), 8, "{name}: types used {used:?}");
+        let want: std::collections::BTreeSet<&str> = want.split(' ').collect();
+        assert_eq!(used, want, "{name}: types used");
         files.push(out);
     }
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
@@ -516,8 +533,23 @@ fn damaged_gguf_files_are_one_line_errors() {
     ));
     // Q6_K and an id ggml does not define.
     msgs.push(trace_fails(
-        &write("q6k.gguf", &tiny_llama("llama", 14)),
-        &["blk.0.attn_q.weight", "Q6_K", "does not read", "Q4_1"],
+        &write("q2k.gguf", &tiny_llama("llama", 10)),
+        &[
+            "blk.0.attn_q.weight",
+            "Q2_K",
+            "does not read",
+            "Q4_1",
+            "Q6_K",
+        ],
+    ));
+    // A K-quant whose rows do not fill its 256-value blocks.
+    msgs.push(trace_fails(
+        &write("q6k-rows.gguf", &tiny_llama("llama", 14)),
+        &[
+            "blk.0.attn_q.weight",
+            "row length 64",
+            "Q6_K block size 256",
+        ],
     ));
     msgs.push(trace_fails(
         &write("type99.gguf", &tiny_llama("llama", 99)),

@@ -11,13 +11,15 @@
 //!   engine's own config parser validates it.
 //! - **Tensors**: llama.cpp names become Hugging Face names ([`hf_name`]); dims are stored
 //!   fastest-first, so the HF shape is the reverse. F32, F16 and BF16 tensors stay memory-mapped in
-//!   their stored dtype; Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 blocks are dequantized to F32 at load with
-//!   the exact float32 operations of `gguf-py` (which `transformers` calls), so the values match
-//!   bit for bit.
+//!   their stored dtype; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks are dequantized
+//!   to F32 at load with the exact float32 operations of `gguf-py` (which `transformers` calls), so
+//!   the values match bit for bit. Other types (Q2_K, Q3_K, IQ*, ...) are refused by name.
 //! - **Llama q/k**: llama.cpp's converter permutes the rows of Llama's `q_proj`/`k_proj` (weights
 //!   and biases) for its RoPE layout; [`unpermute_rows`] undoes it exactly as `transformers`'
 //!   `LlamaTensorProcessor._reverse_permute_weights` does. Qwen2 files are not permuted.
-//! - **Tokenizer**: a `tokenizer.json` beside the `.gguf` (see [`crate::tokenizer`]).
+//! - **Tokenizer**: a `tokenizer.json` beside the `.gguf` wins; without one, the byte-level BPE
+//!   tokenizer the metadata describes is built as `transformers` builds it ([`tokenizer_json`]).
+//!   `tokenizer.chat_template` is exposed by [`chat_template`].
 //!
 //! Damaged files (bad magic, truncation anywhere, impossible counts, unknown tensor types) are
 //! one-line errors naming the file and the problem.
@@ -127,10 +129,13 @@ impl GgmlType {
     pub const Q5_0: Self = Self(6);
     pub const Q5_1: Self = Self(7);
     pub const Q8_0: Self = Self(8);
+    pub const Q4_K: Self = Self(12);
+    pub const Q5_K: Self = Self(13);
+    pub const Q6_K: Self = Self(14);
     pub const BF16: Self = Self(30);
 
     /// The types lockstep reads.
-    pub const SUPPORTED: [GgmlType; 8] = [
+    pub const SUPPORTED: [GgmlType; 11] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -139,6 +144,9 @@ impl GgmlType {
         Self::Q4_1,
         Self::Q5_0,
         Self::Q5_1,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
     ];
 
     /// ggml's name, (elements, bytes) per block; `None` for an id ggml does not define.
@@ -766,11 +774,23 @@ fn f16(b: &[u8]) -> f32 {
 /// | Q5_0 | f16 d, u32 high bits, 16 bytes of nibbles | `d * (q - 16)` |
 /// | Q5_1 | f16 d, f16 m, u32 high bits, 16 bytes of nibbles | `d * q + m` |
 ///
+/// | Q4_K | f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles (256 values) | `(d * sc) * q - dmin * m` per 32 |
+/// | Q5_K | as Q4_K plus 32 bytes of fifth bits | the same with 5-bit q |
+/// | Q6_K | 128 bytes low nibbles, 64 bytes high pairs, 16 × i8 scales, f16 d | `(d * sc) * (q - 32)` per 16 |
+///
 /// Nibbles: byte `j` holds element `j` in its low four bits and element `j + 16` in its high four;
-/// Q5's fifth bit of element `i` is bit `i` of the little-endian u32.
+/// Q5's fifth bit of element `i` is bit `i` of the little-endian u32. The K layouts follow
+/// `gguf-py`'s `Q4_K`/`Q5_K`/`Q6_K.dequantize_blocks` index for index.
 pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
     let (per_block, block_bytes) = match ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+        GgmlType::Q8_0
+        | GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K => {
             let (e, b) = ty.block().expect("known");
             (e as usize, b as usize)
         }
@@ -828,10 +848,63 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> std::result::Res
                     }
                 }
             }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
+                let (sc, mins) = k_scale_min(&b[4..16]);
+                let (qh, qs) = if ty == GgmlType::Q5_K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
+                // Sub-block j (32 values) = nibble j % 2 of bytes 32·(j / 2)..; Q5_K's fifth bit
+                // of its value i is bit j of qh[i].
+                for j in 0..8 {
+                    let dj = d * sc[j] as f32;
+                    let mj = dmin * mins[j] as f32;
+                    let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                    for i in 0..32 {
+                        let mut q = (bytes[i] >> (4 * (j % 2))) & 0x0F;
+                        if let Some(qh) = qh {
+                            q |= ((qh[i] >> j) & 1) << 4;
+                        }
+                        o[32 * j + i] = dj * q as f32 - mj;
+                    }
+                }
+            }
+            GgmlType::Q6_K => {
+                let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16(&b[208..210]);
+                // Element e = 128·h + r: low nibble r / 64 of ql[64·h + r % 64], high pair r / 32
+                // of qh[32·h + r % 32]; scale scales[e / 16].
+                for h in 0..2 {
+                    for r in 0..128 {
+                        let lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
+                        let hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
+                        let q = ((lo | (hi << 4)) as i8 - 32) as f32;
+                        let e = 128 * h + r;
+                        let de = d * (scales[e / 16] as i8) as f32;
+                        o[e] = de * q;
+                    }
+                }
+            }
             _ => unreachable!(),
         }
     }
     Ok(())
+}
+
+/// The eight 6-bit scales and mins of a Q4_K/Q5_K block (`Q4_K.get_scale_min`).
+fn k_scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (d, m, md) = (&s[0..4], &s[4..8], &s[8..12]);
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..4 {
+        sc[j] = d[j] & 0x3F;
+        mn[j] = m[j] & 0x3F;
+        sc[j + 4] = (md[j] & 0x0F) | ((d[j] >> 2) & 0x30);
+        mn[j + 4] = (md[j] >> 4) | ((m[j] >> 2) & 0x30);
+    }
+    (sc, mn)
 }
 
 /// Undoes llama.cpp's permutation of Llama q/k rows, as `transformers` does
@@ -1391,6 +1464,81 @@ mod tests {
         dequantize(GgmlType::Q5_1, &b, &mut out).unwrap();
         for i in 0..32 {
             assert_eq!(out[i], 0.125 * q[i] as f32 + 3.0, "{i}");
+        }
+    }
+
+    /// Packs eight 6-bit scales and mins as ggml's Q4_K/Q5_K do.
+    fn pack_k_scales(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+        let mut s = [0u8; 12];
+        for j in 0..4 {
+            s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+            s[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6);
+            s[j + 8] = (sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4);
+        }
+        s
+    }
+
+    #[test]
+    fn dequantizes_q4_k_and_q5_k() {
+        let sc = [1, 2, 63, 17, 32, 48, 5, 60];
+        let mn = [0, 9, 33, 63, 16, 47, 1, 62];
+        let scales = pack_k_scales(&sc, &mn);
+        assert_eq!(k_scale_min(&scales), (sc, mn));
+        let q: Vec<u8> = (0..256).map(|i| ((i * 37 + 11) % 32) as u8).collect();
+        // Sub-block j: nibble j % 2 of bytes 32 (j / 2)..; fifth bit j of qh[i].
+        let mut qs = [0u8; 128];
+        let mut qh = [0u8; 32];
+        for j in 0..8 {
+            for i in 0..32 {
+                let v = q[32 * j + i];
+                qs[32 * (j / 2) + i] |= (v & 0x0F) << (4 * (j % 2));
+                qh[i] |= (v >> 4) << j;
+            }
+        }
+        let (d, dmin) = (0.5f32, 0.25f32);
+        let mut b4 = [h16(d), h16(dmin)].concat();
+        b4.extend(scales);
+        let mut b5 = b4.clone();
+        b4.extend(qs);
+        b5.extend(qh);
+        b5.extend(qs);
+        let mut out = [0f32; 256];
+        dequantize(GgmlType::Q4_K, &b4, &mut out).unwrap();
+        for e in 0..256 {
+            let j = e / 32;
+            let want = d * sc[j] as f32 * (q[e] & 0x0F) as f32 - dmin * mn[j] as f32;
+            assert_eq!(out[e], want, "Q4_K {e}");
+        }
+        dequantize(GgmlType::Q5_K, &b5, &mut out).unwrap();
+        for e in 0..256 {
+            let j = e / 32;
+            let want = d * sc[j] as f32 * q[e] as f32 - dmin * mn[j] as f32;
+            assert_eq!(out[e], want, "Q5_K {e}");
+        }
+    }
+
+    #[test]
+    fn dequantizes_q6_k() {
+        let q: Vec<u8> = (0..256).map(|i| ((i * 29 + 7) % 64) as u8).collect();
+        let scales: [i8; 16] = std::array::from_fn(|k| (k as i8 - 8) * 9);
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        for (e, &v) in q.iter().enumerate() {
+            let (h, r) = (e / 128, e % 128);
+            ql[64 * h + r % 64] |= (v & 0x0F) << (4 * (r / 64));
+            qh[32 * h + r % 32] |= (v >> 4) << (2 * (r / 32));
+        }
+        let d = 0.375f32;
+        let mut b = ql.to_vec();
+        b.extend(qh);
+        b.extend(scales.map(|x| x as u8));
+        b.extend(h16(d));
+        assert_eq!(b.len(), 210);
+        let mut out = [0f32; 256];
+        dequantize(GgmlType::Q6_K, &b, &mut out).unwrap();
+        for e in 0..256 {
+            let want = d * scales[e / 16] as f32 * (q[e] as f32 - 32.0);
+            assert_eq!(out[e], want, "{e}");
         }
     }
 
