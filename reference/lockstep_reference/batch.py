@@ -108,7 +108,7 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
 def generate_batch(jobs_path: str) -> None:
     """Greedy `model.generate(do_sample=False, max_new_tokens=N)` in float32 with eager attention for
     each job of a JSON list, loading each model once. A job is `{"model", "max_new_tokens",
-    "ignore_eos"}` plus its prompt: `"tokens"` (ids), `"prompt"` (text, tokenized without special
+    "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies) plus its prompt: `"tokens"` (ids), `"prompt"` (text, tokenized without special
     tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
     prompt and tokenized the same way). Prints one JSON line: `[{"prompt_ids", "generated"}, ...]`
     (new tokens only; an EOS that ended a generation is included, as transformers returns it).
@@ -150,7 +150,7 @@ def generate_batch(jobs_path: str) -> None:
         gc.max_length = None
         gc.min_length = 0
         gc.min_new_tokens = None
-        gc.repetition_penalty = None
+        gc.repetition_penalty = float(job.get("repetition_penalty", 1.0))
         gc.temperature = gc.top_k = gc.top_p = gc.min_p = None
         if job.get("ignore_eos"):
             gc.eos_token_id = None

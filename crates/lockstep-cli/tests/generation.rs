@@ -118,6 +118,26 @@ fn greedy_generation_matches_transformers_token_for_token() {
             job: json!({"model": d, "tokens": prompt, "max_new_tokens": NEW_TOKENS, "ignore_eos": true}),
         });
     }
+    // The repetition penalty applies to greedy decoding too: same processor, same tokens.
+    let d = model_dir("llama-gqa").to_str().unwrap().to_string();
+    let prompt = token_ids(9, 2048, 14);
+    cases.push(Case {
+        label: "llama-gqa tokens, repetition penalty 1.3".into(),
+        args: vec![
+            "--model".into(),
+            d.clone(),
+            "--tokens".into(),
+            ids_arg(&prompt),
+            "--max-new-tokens".into(),
+            n.clone(),
+            "--ignore-eos".into(),
+            "--temperature".into(),
+            "0".into(),
+            "--repetition-penalty".into(),
+            "1.3".into(),
+        ],
+        job: json!({"model": d, "tokens": prompt, "max_new_tokens": NEW_TOKENS, "ignore_eos": true, "repetition_penalty": 1.3}),
+    });
     let dir = scratch("generation-greedy");
     let jobs = Value::Array(cases.iter().map(|c| c.job.clone()).collect());
     let child = spawn_reference(&py, &jobs, &dir);
