@@ -264,6 +264,25 @@ fn smollm2_tokenizer_from_gguf_metadata_matches_transformers() {
         texts.len(),
         theirs.iter().map(Vec::len).sum::<usize>()
     );
+    // The chat template and special tokens it carries are the ones transformers saved beside the
+    // fixture built from it.
+    let fixture = fixtures().join("models/smollm2-135m-instruct");
+    if fixture.join("tokenizer_config.json").exists() {
+        let (_, h) = lockstep_engine::gguf::read(&gguf).unwrap();
+        let ours = lockstep_engine::gguf::tokenizer_config(&h);
+        let theirs: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        for k in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            assert_eq!(ours[k], theirs[k], "{k}");
+        }
+        let template = std::fs::read_to_string(fixture.join("chat_template.jinja"))
+            .ok()
+            .or_else(|| theirs["chat_template"].as_str().map(str::to_string))
+            .unwrap();
+        assert_eq!(ours["chat_template"].as_str().unwrap(), template);
+    }
     // `lockstep tokenize --model <the .gguf>` uses it.
     let out = lockstep_ok(&["tokenize", "--model", s(&gguf), "--text", texts[0]]);
     let ids: Vec<u32> = serde_json::from_str(out.lines().last().unwrap()).unwrap();

@@ -1199,6 +1199,33 @@ pub fn chat_template(h: &Header) -> Option<&str> {
     h.get("tokenizer.chat_template").and_then(Value::as_str)
 }
 
+/// The `tokenizer_config.json` content `transformers` derives from a GGUF's metadata: its
+/// `chat_template` and the text of its special tokens (`bos_token`, `eos_token`, `unk_token`,
+/// `pad_token` from the `tokenizer.ggml.*_token_id` ids), for code that reads a model folder's
+/// tokenizer_config.json (chat templates) to read from a GGUF instead.
+pub fn tokenizer_config(h: &Header) -> serde_json::Value {
+    let mut cfg = serde_json::Map::new();
+    if let Some(t) = chat_template(h) {
+        cfg.insert("chat_template".into(), t.into());
+    }
+    let tokens = h.get("tokenizer.ggml.tokens").and_then(Value::as_array);
+    for (name, key) in [
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ] {
+        let text = h
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(Value::as_u64)
+            .and_then(|id| tokens?.get(id as usize)?.as_str());
+        if let Some(t) = text {
+            cfg.insert(name.into(), t.into());
+        }
+    }
+    serde_json::Value::Object(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
