@@ -50,13 +50,23 @@ impl ChatTemplate {
     /// `chat_template` (a string, or a list of named templates: "default"). `Ok(None)` when the
     /// model has none.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
-        let cfg_path = dir.join("tokenizer_config.json");
+        // A GGUF file: a tokenizer_config.json beside it, else the template in its metadata.
+        let gguf = crate::gguf::locate(dir)?;
+        let folder = match &gguf {
+            Some(file) if dir.is_file() => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            _ => dir.to_path_buf(),
+        };
+        let cfg_path = folder.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| {
                 EngineError::Tokenizer(format!("{}: not valid JSON: {e}", cfg_path.display()))
             })?,
-            Err(_) => Value::Null,
+            Err(_) => match &gguf {
+                Some(file) => crate::gguf::tokenizer_config(&crate::gguf::read(file)?.1),
+                None => Value::Null,
+            },
         };
+        let dir = folder.as_path();
         let mut special = serde_json::Map::new();
         for k in ["bos_token", "eos_token", "pad_token", "unk_token"] {
             if let Some(t) = cfg.get(k).and_then(token_text) {

@@ -48,6 +48,10 @@ fn id_list(v: Option<&Value>) -> Option<Vec<u32>> {
 impl GenerationDefaults {
     /// Reads `generation_config.json` of a model folder (falls back to `config`).
     pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        if !dir.is_dir() {
+            // A single-file checkpoint (GGUF): no generation_config.json.
+            return Ok(Self::from_model_config(config));
+        }
         let path = dir.join("generation_config.json");
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::from_json_str(&text, config).map_err(|msg| EngineError::Config {
