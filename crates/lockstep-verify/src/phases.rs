@@ -573,3 +573,362 @@ fn kv_cache_phase(
     }
     .with_details(table))
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Traces from other ports (`lockstep verify --port-trace FILE...`)
+
+/// A trace written by another port (JAX, C++, ... e.g. through `lockstep_reference.writer`), with
+/// what the verifier needs from its metadata.
+#[derive(Debug)]
+pub struct PortTrace {
+    /// The file.
+    pub path: PathBuf,
+    /// Label for tables: the prompt when the trace names one, else the file name.
+    pub label: String,
+    /// The `producer` metadata (the port's name).
+    pub producer: String,
+    /// The precision tier, from the `dtype` metadata.
+    pub tier: Tier,
+    /// The input ids (`token_ids` metadata, else the `tokens` tensor).
+    pub tokens: Vec<u32>,
+    /// The `prompt` metadata, when the ids came from a text.
+    pub prompt: Option<String>,
+    /// The tensors.
+    pub trace: Trace,
+}
+
+impl PortTrace {
+    /// Reads a port's trace; the error names the file and what is missing.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let p = path.display();
+        let trace = Trace::read(path).map_err(|e| e.to_string())?;
+        let producer = trace
+            .metadata
+            .get("producer")
+            .cloned()
+            .unwrap_or_else(|| "unnamed port".into());
+        let tier = match trace.metadata.get("dtype") {
+            Some(d) => Tier::from_dtype(d).ok_or_else(|| {
+                format!("{p}: dtype '{d}' names no precision tier (f64, f32 or bf16)")
+            })?,
+            None => {
+                return Err(format!(
+                    "{p}: no `dtype` metadata: the verifier runs the reference in the port's compute dtype (f64, f32 or bf16)"
+                ))
+            }
+        };
+        let from_meta: Option<Vec<i64>> = match trace.metadata.get("token_ids") {
+            Some(s) => Some(serde_json::from_str(s).map_err(|e| {
+                format!("{p}: token_ids metadata is not a JSON array of ids ({e})")
+            })?),
+            None => None,
+        };
+        let from_tensor: Option<Vec<i64>> = trace
+            .get("tokens")
+            .map(|t| t.data.to_f64().iter().map(|&v| v as i64).collect());
+        let ids = match (from_meta, from_tensor) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "{p}: token_ids metadata and the tokens tensor disagree"
+                ))
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => {
+                return Err(format!(
+                    "{p}: no token ids (neither `token_ids` metadata nor a `tokens` tensor)"
+                ))
+            }
+        };
+        if ids.is_empty() {
+            return Err(format!("{p}: the trace has no tokens"));
+        }
+        let tokens = ids
+            .iter()
+            .map(|&i| u32::try_from(i).map_err(|_| format!("{p}: token id {i} is not valid")))
+            .collect::<Result<Vec<u32>, String>>()?;
+        let prompt = trace.metadata.get("prompt").cloned();
+        let label = match &prompt {
+            Some(t) => format!("{:?}", t.chars().take(30).collect::<String>()),
+            None => path
+                .file_name()
+                .map_or_else(|| p.to_string(), |f| f.to_string_lossy().into_owned()),
+        };
+        Ok(PortTrace {
+            path: path.to_path_buf(),
+            label,
+            producer,
+            tier,
+            tokens,
+            prompt,
+            trace,
+        })
+    }
+}
+
+/// Options of verifying other ports' traces.
+#[derive(Debug, Clone)]
+pub struct PortVerifyOptions {
+    /// The checkpoint folder the port ran.
+    pub model: PathBuf,
+    /// The port's trace files.
+    pub traces: Vec<PathBuf>,
+    /// Scratch folder for the reference traces.
+    pub work_dir: PathBuf,
+}
+
+/// Verifies traces written by another port: for each, the reference runs on the trace's own ids in
+/// the trace's dtype (plus the pure-f64 oracle), and the trace is compared tensor by tensor in its
+/// tier. Phases: tokenization (the port's ids against the reference tokenizer, when the traces
+/// carry a `prompt`), weights (the traces' `model_fingerprint` against the checkpoint), then per
+/// tier forward logits, layer-by-layer and attention weights. `producers` in the outcome's phases
+/// name the port.
+pub fn run_port_verify(
+    opts: &PortVerifyOptions,
+    reference: &mut dyn Reference,
+    progress: &mut dyn FnMut(&str),
+) -> Result<VerifyOutcome, String> {
+    use lockstep_engine::weights::{Checkpoint, StoredDtype};
+
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| format!("cannot create {}: {e}", opts.work_dir.display()))?;
+    progress("reading the port's traces");
+    let ports = opts
+        .traces
+        .iter()
+        .map(|p| PortTrace::read(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ports.is_empty() {
+        return Err("no port traces given".into());
+    }
+    let config = lockstep_engine::ModelConfig::from_file(&opts.model.join("config.json"))
+        .map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::open(&opts.model).map_err(|e| e.to_string())?;
+    let stored_bf16 = !checkpoint.tensors.is_empty()
+        && checkpoint
+            .tensors
+            .values()
+            .all(|t| t.dtype == StoredDtype::BF16);
+    for port in &ports {
+        if let Some(bad) = port
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return Err(format!(
+                "{}: token id {bad} is outside the model's vocabulary ({} ids)",
+                port.path.display(),
+                config.vocab_size
+            ));
+        }
+        if port.tier == Tier::BF16 && !stored_bf16 {
+            return Err(format!(
+                "{} is a bf16 trace, but {} is not stored in bf16: the bf16 tier's oracle must run on the very weights the bf16 run uses; verify against a bf16-stored copy of the checkpoint (examples/jax_qwen2/to_bf16.py writes one) and run the port on it",
+                port.path.display(),
+                opts.model.display()
+            ));
+        }
+    }
+
+    let mut phases = vec![];
+    progress("phase 1: tokenization");
+    phases.push(port_tokenization_phase(opts, &ports, reference));
+    progress("phase 2: weights");
+    phases.push(port_weights_phase(&checkpoint, &ports));
+
+    // Reference traces: the oracle for every trace's ids, and the reference in the trace's dtype.
+    let path = |tokens: &[u32], dt: &str| {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for t in tokens {
+            for b in t.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+            }
+        }
+        opts.work_dir
+            .join(format!("port-{h:016x}-{}-{dt}.safetensors", tokens.len()))
+    };
+    let mut jobs: Vec<TraceJob> = vec![];
+    for port in &ports {
+        for dt in ["f64", port.tier.as_str()] {
+            let out = path(&port.tokens, dt);
+            if !jobs.iter().any(|j| j.out == out) {
+                jobs.push(TraceJob {
+                    model: opts.model.clone(),
+                    tokens: port.tokens.clone(),
+                    dtype: dt.into(),
+                    out,
+                });
+            }
+        }
+    }
+    progress("running the reference (transformers) on the port's ids");
+    reference.traces(&jobs)?;
+    let read = |p: &Path| Trace::read(p).map_err(|e| e.to_string());
+
+    let mut producers: Vec<&str> = ports.iter().map(|p| p.producer.as_str()).collect();
+    producers.sort_unstable();
+    producers.dedup();
+    let many = producers.len() > 1;
+    let mut full = vec![];
+    for tier in [Tier::F64, Tier::F32, Tier::BF16] {
+        let mine: Vec<&PortTrace> = ports.iter().filter(|p| p.tier == tier).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        progress(&format!("comparing the {tier} trace(s)"));
+        let mut comps = vec![];
+        for port in mine {
+            let oracle = read(&path(&port.tokens, "f64"))?;
+            let (reference_trace, oracle) = if tier == Tier::F64 {
+                (oracle, None)
+            } else {
+                (read(&path(&port.tokens, tier.as_str()))?, Some(oracle))
+            };
+            let policy = TolerancePolicy::for_traces_with_tier(
+                &reference_trace,
+                &port.trace,
+                oracle.as_ref(),
+                Some(tier),
+            )
+            .map_err(|e| format!("{}: {e}", port.path.display()))?;
+            let cmp = compare_traces(&reference_trace, &port.trace, oracle.as_ref(), &policy);
+            let label = if many {
+                format!("{} ({})", port.label, port.producer)
+            } else {
+                port.label.clone()
+            };
+            comps.push(NamedComparison::new(label, cmp));
+        }
+        let logits_only = |n: &str| n == "tokens" || n == "logits";
+        let attn_only = |n: &str| n == "tokens" || n.ends_with(".attn_probs");
+        phases.push(Phase::from_comparisons(
+            format!("forward logits [{tier}]"),
+            comps.iter().map(|c| restrict(c, &logits_only)).collect(),
+        ));
+        phases.push(Phase::from_comparisons(
+            format!("layer-by-layer [{tier}]"),
+            comps.clone(),
+        ));
+        phases.push(Phase::from_comparisons(
+            format!("attention weights [{tier}]"),
+            comps.iter().map(|c| restrict(c, &attn_only)).collect(),
+        ));
+        full.push((tier, comps));
+    }
+    let passed = phases
+        .iter()
+        .all(|p| p.status != crate::report::PhaseStatus::Fail);
+    Ok(VerifyOutcome {
+        phases,
+        full,
+        passed,
+    })
+}
+
+/// The port's token ids against the reference tokenizer, for traces that carry their prompt.
+fn port_tokenization_phase(
+    opts: &PortVerifyOptions,
+    ports: &[PortTrace],
+    reference: &mut dyn Reference,
+) -> Phase {
+    let name = "tokenization";
+    let with_prompt: Vec<&PortTrace> = ports.iter().filter(|p| p.prompt.is_some()).collect();
+    if with_prompt.is_empty() {
+        return Phase::skip(
+            name,
+            "the port's traces carry token ids, no prompt: the reference runs on those same ids (the port's tokenizer is not under test)",
+        );
+    }
+    let texts: Vec<String> = with_prompt
+        .iter()
+        .map(|p| p.prompt.clone().unwrap_or_default())
+        .collect();
+    let theirs = match reference.tokenize(&opts.model, &texts) {
+        Ok(v) => v,
+        Err(e) => return Phase::skip(name, format!("the reference could not tokenize: {e}")),
+    };
+    let mut table = String::from(
+        "| prompt | ids (port) | ids (transformers) | identical |\n|---|---|---|---|\n",
+    );
+    let mut ok = 0;
+    for (port, r) in with_prompt.iter().zip(&theirs) {
+        let same = port.tokens == *r;
+        ok += same as usize;
+        let show = |v: &[u32]| {
+            if v.len() <= 8 {
+                format!("{v:?}")
+            } else {
+                format!("{} ids", v.len())
+            }
+        };
+        let _ = writeln!(
+            table,
+            "| `{}` | {} | {} | {} |",
+            short(port.prompt.as_deref().unwrap_or_default()),
+            show(&port.tokens),
+            show(r),
+            if same { "yes" } else { "**NO**" }
+        );
+    }
+    let n = with_prompt.len();
+    let without = ports.len() - n;
+    let summary = format!(
+        "{ok}/{n} prompt(s): the port's ids equal transformers' tokenization{}",
+        if without > 0 {
+            format!(" ({without} trace(s) without a prompt: ids taken as given)")
+        } else {
+            String::new()
+        }
+    );
+    if ok == n {
+        Phase::pass(name, summary)
+    } else {
+        Phase::fail(name, summary)
+    }
+    .with_details(table)
+}
+
+/// The traces' `model_fingerprint` against the checkpoint's: were they made from these weights?
+fn port_weights_phase(
+    checkpoint: &lockstep_engine::weights::Checkpoint,
+    ports: &[PortTrace],
+) -> Phase {
+    let name = "weights";
+    let with_fp: Vec<(&PortTrace, &String)> = ports
+        .iter()
+        .filter_map(|p| p.trace.metadata.get("model_fingerprint").map(|f| (p, f)))
+        .collect();
+    if with_fp.is_empty() {
+        return Phase::skip(
+            name,
+            "no model_fingerprint in the port's traces: the port's weights are not visible to lockstep (a wrong or missing weight shows as a divergence in the tensors below)",
+        );
+    }
+    let ours = match checkpoint.fingerprint() {
+        Ok(f) => f,
+        Err(e) => return Phase::skip(name, format!("cannot fingerprint the checkpoint: {e}")),
+    };
+    let bad: Vec<String> = with_fp
+        .iter()
+        .filter(|(_, f)| **f != ours)
+        .map(|(p, _)| p.path.display().to_string())
+        .collect();
+    let n = with_fp.len();
+    if bad.is_empty() {
+        Phase::pass(
+            name,
+            format!(
+                "{n}/{} trace(s) made from this checkpoint (model_fingerprint identical: same tensors and config.json)",
+                ports.len()
+            ),
+        )
+    } else {
+        Phase::fail(
+            name,
+            format!(
+                "{} of {n} trace(s) made from other weights or another config (model_fingerprint differs): {}",
+                bad.len(),
+                bad.join(", ")
+            ),
+        )
+    }
+}

@@ -7,7 +7,8 @@ use super::python::ReferenceEnv;
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::Fault;
 use lockstep_verify::phases::{
-    default_inputs, run_verify, Input, InputKind, VerifyOptions, VerifyOutcome,
+    default_inputs, run_port_verify, run_verify, Input, InputKind, PortVerifyOptions,
+    VerifyOptions, VerifyOutcome,
 };
 use lockstep_verify::{report, Tier};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,11 @@ pub struct Args {
     /// Inject a deliberate bug into lockstep's engine (to see the verifier catch it).
     #[arg(long)]
     pub inject: Option<Fault>,
+    /// Verify another port's traces (JAX, C++, ...) instead of lockstep's engine: each trace's
+    /// `token_ids` and `dtype` metadata say what the reference runs (see docs/trace-format.md and
+    /// reference/lockstep_reference/writer.py). `--dtype` does not apply.
+    #[arg(long = "port-trace", value_name = "FILE", num_args = 1.., conflicts_with_all = ["inject", "prompt"])]
+    pub port_trace: Vec<PathBuf>,
 }
 
 /// The cache folder: `$LOCKSTEP_CACHE`, else `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`.
@@ -164,6 +170,9 @@ pub fn open_session(model: Option<&Path>) -> CliResult<(PathBuf, PathBuf, Python
 
 /// Runs `verify`.
 pub fn run(a: Args) -> CliResult<ExitCode> {
+    if !a.port_trace.is_empty() {
+        return run_port(a);
+    }
     let tiers = tiers(&a.dtype)?;
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
     let outcome = run_phases(
@@ -239,4 +248,77 @@ pub fn describe_model(model: &Path) -> String {
         ),
         Err(e) => e.to_string(),
     }
+}
+
+/// Runs `verify --port-trace FILE...`: another port's traces against the reference.
+pub fn run_port(a: Args) -> CliResult<ExitCode> {
+    let (model, work, mut reference) = open_session(a.model.as_deref())?;
+    let opts = PortVerifyOptions {
+        model: model.clone(),
+        traces: a.port_trace.clone(),
+        work_dir: work,
+    };
+    let t0 = Instant::now();
+    let mut progress = |msg: &str| eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
+    let outcome = run_port_verify(&opts, &mut reference, &mut progress).map_err(CliError::input)?;
+
+    let mut producers: Vec<String> = outcome
+        .full
+        .iter()
+        .flat_map(|(_, c)| c.iter().filter_map(|c| c.comparison.test_producer.clone()))
+        .collect();
+    producers.sort();
+    producers.dedup();
+    let title = format!(
+        "lockstep verify: {} (port trace{}) against transformers",
+        if producers.is_empty() {
+            "unnamed port".to_string()
+        } else {
+            producers.join(", ")
+        },
+        if a.port_trace.len() > 1 { "s" } else { "" }
+    );
+    let desc = format!(
+        "{}\n\nPort traces: {}. Each is compared with the reference run on the trace's own token ids in the trace's dtype (and, for f32/bf16, the pure-f64 oracle).",
+        describe_model(&model),
+        a.port_trace
+            .iter()
+            .map(|p| format!("`{}`", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let md = report::phased_markdown(&title, &desc, &outcome.phases);
+    let js = report::phased_json(&title, &desc, &outcome.phases);
+    let plot_inputs = outcome
+        .full
+        .last()
+        .map(|(_, c)| c.clone())
+        .unwrap_or_default();
+    let svg = report::svg_per_layer(
+        "max |port - transformers| per layer vs the reference's own noise",
+        &plot_inputs,
+    );
+    for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        write_atomic(p, text)?;
+    }
+    println!("{title}");
+    for p in &outcome.phases {
+        println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
+    }
+    println!(
+        "{}: report {}, JSON {}, plot {}",
+        if outcome.passed { "PASS" } else { "FAIL" },
+        a.report.display(),
+        a.json.display(),
+        a.plot.display()
+    );
+    Ok(if outcome.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

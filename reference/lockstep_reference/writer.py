@@ -1,0 +1,309 @@
+"""Write a lockstep trace from any Python port (JAX, numpy, PyTorch, ...).
+
+A port taps its intermediate tensors under the canonical names (docs/trace-format.md) and saves one
+safetensors file that `lockstep compare` and `lockstep verify --port-trace` can check:
+
+    from lockstep_reference.writer import TraceWriter
+
+    w = TraceWriter("path/to/model")              # a checkpoint folder, a config.json, or a dict
+    w.tap("embed", h)                             # numpy, JAX or torch arrays, batch dim kept
+    for i, layer in enumerate(layers):
+        ...
+        w.tap(f"layers.{i}.q", q)                 # [1, heads, T, head_dim]
+    w.tap("logits", logits)
+    w.save("port.safetensors", {"producer": "my-jax-port", "dtype": "bf16", "token_ids": ids})
+
+Every name is checked against the canonical names for the config's layer count and every shape
+against the config (hidden size, heads, kv heads, head dim, intermediate size, vocabulary) and
+against the other taps (one T for all of them). bf16 arrays are stored as float32, which holds bf16
+values exactly (numpy has no bf16). Errors are `TraceWriterError`, one line each.
+
+This module needs only numpy and safetensors (no torch, no transformers), so it installs into a JAX
+environment with `pip install ./reference` and nothing else. Files are written with
+`safetensors.numpy.save_file`: the same format `tracer.write_safetensors` writes (tensor order in
+the file differs; readers order tensors by the canonical forward order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+
+from .st_io import model_fingerprint
+
+# The canonical names (shared with the PyTorch tracer; tracer.py itself needs torch and transformers).
+LAYER_TAPS = (
+    "input_norm", "q", "k", "v", "q_rope", "k_rope", "attn_probs", "attn_out", "o_proj",
+    "resid_attn", "post_norm", "mlp_act", "mlp_out", "out",
+)
+DTYPES = ("f64", "f32", "bf16")
+# The numpy dtype each compute dtype stores its floating tensors in.
+STORE = {"f64": np.float64, "f32": np.float32, "bf16": np.float32}
+
+
+def trace_names(num_layers: int) -> list[str]:
+    """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order."""
+    names = ["tokens", "embed"]
+    for i in range(num_layers):
+        names += [f"layers.{i}.{tap}" for tap in LAYER_TAPS]
+    return names + ["final_norm", "logits"]
+
+
+class TraceWriterError(ValueError):
+    """A tap or save that would write a trace lockstep cannot check (unknown name, wrong shape,
+    missing metadata, ...)."""
+
+
+def _load_config(config) -> tuple[dict, str | None]:
+    """(config dict, checkpoint folder or None) from a folder, a config.json path or a dict."""
+    if isinstance(config, Mapping):
+        return dict(config), None
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        model_dir, path = path, os.path.join(path, "config.json")
+    else:
+        model_dir = os.path.dirname(path) or "."
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise TraceWriterError(f"no model config at {path} (give a checkpoint folder, its config.json, "
+                               "or the config as a dict)") from None
+    except json.JSONDecodeError as e:
+        raise TraceWriterError(f"{path} is not valid JSON: {e}") from None
+    return cfg, model_dir
+
+
+def _to_numpy(name: str, x) -> tuple[np.ndarray, str]:
+    """(numpy array, name of the original dtype) of a numpy, JAX or torch array (bf16 -> float32)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        t = x.detach().cpu()
+        src = str(t.dtype).replace("torch.", "")
+        if src in ("bfloat16", "float16"):
+            t = t.float()
+        return t.numpy(), src
+    if mod.startswith("jax"):
+        jax = sys.modules.get("jax")
+        if jax is not None and isinstance(x, jax.core.Tracer):
+            raise TraceWriterError(
+                f"tap({name!r}) got a JAX tracer, not a value: tap outside jax.jit (or return the "
+                "intermediates from the jitted function and tap them afterwards)")
+        src = str(x.dtype)
+        if src == "bfloat16":
+            import jax.numpy as jnp
+
+            x = x.astype(jnp.float32)
+        return np.asarray(x), src
+    a = np.asarray(x)
+    src = str(a.dtype)
+    if src == "bfloat16":  # ml_dtypes bfloat16 arrays
+        a = a.astype(np.float32)
+    return a, src
+
+
+class TraceWriter:
+    """Collects the tapped tensors of one forward pass (batch 1) and writes them as a trace.
+
+    `config`: a checkpoint folder (its config.json is read and the trace records the model
+    fingerprint, so the verifier can tell it was made from the same weights), a path to a
+    config.json, or the config as a dict.
+    """
+
+    def __init__(self, config):
+        self.config, self.model_dir = _load_config(config)
+        c = self.config
+        try:
+            self.hidden = int(c["hidden_size"])
+            self.heads = int(c["num_attention_heads"])
+            self.kv_heads = int(c.get("num_key_value_heads") or self.heads)
+            self.head_dim = int(c.get("head_dim") or self.hidden // self.heads)
+            self.intermediate = int(c["intermediate_size"])
+            self.vocab = int(c["vocab_size"])
+            self.num_layers = int(c["num_hidden_layers"])
+        except KeyError as e:
+            raise TraceWriterError(f"the model config has no {e.args[0]!r}") from None
+        self.names = trace_names(self.num_layers)
+        self._known = set(self.names)
+        self.tensors: dict[str, np.ndarray] = {}
+        self.source_dtypes: dict[str, str] = {}
+        self.tokens: int | None = None  # T, fixed by the first tap that shows it
+
+    # -- shapes -------------------------------------------------------------------------------
+
+    def _expected(self, name: str) -> list:
+        """The expected shape of `name`, with "T" where the token count goes."""
+        if name == "tokens":
+            return [1, "T"]
+        if name in ("embed", "final_norm"):
+            return [1, "T", self.hidden]
+        if name == "logits":
+            return [1, "T", self.vocab]
+        tap = name.split(".", 2)[2]
+        return {
+            "input_norm": [1, "T", self.hidden],
+            "q": [1, self.heads, "T", self.head_dim],
+            "k": [1, self.kv_heads, "T", self.head_dim],
+            "v": [1, self.kv_heads, "T", self.head_dim],
+            "q_rope": [1, self.heads, "T", self.head_dim],
+            "k_rope": [1, self.kv_heads, "T", self.head_dim],
+            "attn_probs": [1, self.heads, "T", "T"],
+            "attn_out": [1, "T", self.heads * self.head_dim],
+            "o_proj": [1, "T", self.hidden],
+            "resid_attn": [1, "T", self.hidden],
+            "post_norm": [1, "T", self.hidden],
+            "mlp_act": [1, "T", self.intermediate],
+            "mlp_out": [1, "T", self.hidden],
+            "out": [1, "T", self.hidden],
+        }[tap]
+
+    @staticmethod
+    def _match(expected: list, shape: tuple, t: int | None) -> int | None:
+        """T implied by `shape` matching `expected` given the known T (None: no match)."""
+        if len(expected) != len(shape):
+            return None
+        for d, s in zip(expected, shape):
+            if d == "T":
+                if t is None:
+                    t = int(s)
+                elif s != t:
+                    return None
+            elif s != d:
+                return None
+        return t
+
+    def _check_shape(self, name: str, shape: tuple) -> None:
+        expected = self._expected(name)
+        t = self.tokens
+        new_t = self._match(expected, shape, t)
+        if not new_t:  # no match, or T = 0
+            why = ""
+            if self._match(expected[1:], shape, t):
+                why = " (the batch dimension is missing: shapes keep it, batch 1)"
+            elif len(shape) == len(expected) and shape[0] != 1 and self._match(expected[1:], shape[1:], t):
+                why = " (traces are batch 1)"
+            elif t is not None and self._match(expected, shape, None):
+                why = f" (T = {t} tokens, set by the earlier taps)"
+            elif new_t == 0:
+                why = " (no tokens)"
+            show = "[" + ", ".join(str(t if (d == "T" and t is not None) else d) for d in expected) + "]"
+            raise TraceWriterError(
+                f"{name} has shape {list(shape)}, expected {show} for this model "
+                f"(H={self.hidden}, heads={self.heads}, kv_heads={self.kv_heads}, D={self.head_dim}, "
+                f"I={self.intermediate}, V={self.vocab}){why}")
+        self.tokens = new_t
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def tap(self, name: str, array) -> None:
+        """Record one tensor under its canonical name (see docs/trace-format.md)."""
+        if name not in self._known:
+            hint = ""
+            if name.startswith("layers."):
+                parts = name.split(".")
+                if len(parts) == 3 and parts[2] in LAYER_TAPS and parts[1].isdigit():
+                    hint = f" (the model has {self.num_layers} layers: 0..{self.num_layers - 1})"
+                elif len(parts) == 3:
+                    hint = f" (layer tensors are {', '.join(LAYER_TAPS)})"
+            if not hint:
+                hint = (f"; names are tokens, embed, layers.{{i}}.{{{','.join(LAYER_TAPS)}}}, "
+                        "final_norm, logits (docs/trace-format.md)")
+            raise TraceWriterError(f"unknown trace name {name!r}{hint}")
+        if name in self.tensors:
+            raise TraceWriterError(f"{name} was tapped twice")
+        a, src = _to_numpy(name, array)
+        if name == "tokens":
+            if a.dtype.kind not in "iu":
+                raise TraceWriterError(f"tokens must be integer ids, got {a.dtype}")
+            if a.ndim == 1:
+                a = a[None, :]
+            self._check_shape(name, a.shape)
+            if a.size and (a.min() < 0 or a.max() >= self.vocab):
+                raise TraceWriterError(f"token ids must lie in [0, {self.vocab}) for this model")
+            a = a.astype(np.int64)
+        else:
+            if a.dtype.kind != "f":
+                raise TraceWriterError(f"{name} must be floating point, got {src}")
+            if a.dtype == np.float16:
+                raise TraceWriterError(f"{name} is float16: lockstep's tiers are f64, f32 and bf16")
+            self._check_shape(name, a.shape)
+        self.tensors[name] = np.ascontiguousarray(a)
+        self.source_dtypes[name] = src
+
+    def missing(self) -> list[str]:
+        """Canonical names not tapped yet (a trace may omit tensors; only common ones are compared)."""
+        return [n for n in self.names if n not in self.tensors]
+
+    def _check_dtypes(self, dtype: str) -> None:
+        allowed = {"f64": ("float64",), "f32": ("float32",), "bf16": ("bfloat16", "float32")}[dtype]
+        hints = {
+            "f64": " (JAX: jax.config.update('jax_enable_x64', True) before creating any array)",
+            "f32": "",
+            "bf16": "",
+        }
+        for name, src in self.source_dtypes.items():
+            if name != "tokens" and src not in allowed:
+                raise TraceWriterError(
+                    f"{name} was computed in {src}, but the trace's dtype is {dtype}: every floating "
+                    f"tensor must be {' or '.join(allowed)}{hints[dtype]}")
+
+    def save(self, path, metadata: Mapping) -> str:
+        """Write the trace. `metadata` needs `producer` (your port's name), `dtype` (`f64`, `f32`
+        or `bf16`, the compute dtype: it selects the precision tier) and `token_ids` (unless
+        `tokens` was tapped); `prompt` and anything else are kept as strings. Returns the path."""
+        meta = dict(metadata or {})
+        for key in ("producer", "dtype"):
+            if not meta.get(key):
+                raise TraceWriterError(f"metadata needs {key!r} (producer: your port's name; "
+                                       "dtype: f64, f32 or bf16)")
+        dtype = str(meta["dtype"])
+        if dtype not in DTYPES:
+            raise TraceWriterError(f"metadata dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        ids = meta.get("token_ids")
+        if isinstance(ids, str):
+            try:
+                ids = json.loads(ids)
+            except json.JSONDecodeError:
+                raise TraceWriterError(f"metadata token_ids must be a JSON array of ids, got {ids!r}") from None
+        if ids is not None:
+            ids = [int(i) for i in np.asarray(ids).reshape(-1).tolist()]
+            if "tokens" in self.tensors:
+                if self.tensors["tokens"].reshape(-1).tolist() != ids:
+                    raise TraceWriterError("metadata token_ids differ from the tapped tokens")
+            else:
+                self.tap("tokens", np.asarray(ids, dtype=np.int64))
+        elif "tokens" in self.tensors:
+            ids = self.tensors["tokens"].reshape(-1).tolist()
+        else:
+            raise TraceWriterError("metadata needs 'token_ids' (the input ids), or tap 'tokens'")
+        if len(self.tensors) < 2:
+            raise TraceWriterError("nothing to save: tap at least one tensor besides tokens")
+        self._check_dtypes(dtype)
+
+        meta["token_ids"] = json.dumps(ids)
+        meta.setdefault("num_layers", str(self.num_layers))
+        if "model_type" in self.config:
+            meta.setdefault("model_type", str(self.config["model_type"]))
+        meta.setdefault("config", json.dumps(self.config, separators=(",", ":")))
+        if self.model_dir is not None and "model_fingerprint" not in meta:
+            try:
+                meta["model_fingerprint"] = model_fingerprint(self.model_dir)
+            except (OSError, ValueError, KeyError):
+                pass  # a config without its checkpoint: no fingerprint
+        meta.setdefault("writer", "lockstep_reference.writer")
+        meta = {k: v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (list, dict, bool))
+                                                 else str(v)) for k, v in meta.items()}
+
+        store = STORE[dtype]
+        out = {n: (t if n == "tokens" else t.astype(store)) for n, t in self.tensors.items()}
+        from safetensors.numpy import save_file
+
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        save_file(out, tmp, metadata=meta)
+        os.replace(tmp, path)
+        return path
