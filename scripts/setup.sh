@@ -8,12 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, jax, lockstep_reference" 2>/dev/null; then
-    echo "==> creating the reference environment in .venv (torch + transformers + jax, ~5 GB, about a minute)"
-    "$PY" -m venv .venv
+# (Re)install when the venv is missing or broken, or reference/requirements.txt changed since.
+REQ_HASH=$(sha256sum reference/requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, jax, lockstep_reference" 2>/dev/null \
+   || [ "$(cat .venv/.lockstep-requirements 2>/dev/null)" != "$REQ_HASH" ]; then
+    echo "==> creating/updating the reference environment in .venv (torch + transformers + jax, ~5 GB, about a minute)"
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -r reference/requirements.txt
     .venv/bin/pip install --quiet --no-deps -e reference
+    echo "$REQ_HASH" > .venv/.lockstep-requirements
 fi
 .venv/bin/python -c "import torch, transformers, jax; print('==> reference: torch', torch.__version__, '/ transformers', transformers.__version__, '/ jax', jax.__version__)"
 

@@ -16,7 +16,7 @@ use crate::report::{NamedComparison, Phase};
 use crate::tolerance::{Tier, TolerancePolicy};
 use lockstep_engine::chat::{ChatTemplate, Message};
 use lockstep_engine::tracing::trace_forward;
-use lockstep_engine::{Fault, Model, Tokenizer};
+use lockstep_engine::{Bf16, Fault, Model, Tokenizer};
 use lockstep_trace::Trace;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -234,9 +234,7 @@ pub fn run_verify(
             let ours = match tier {
                 Tier::F64 => trace_forward::<f64>(&model, tokens, Some(&input.text)),
                 Tier::F32 => trace_forward::<f32>(&model, tokens, Some(&input.text)),
-                Tier::BF16 => {
-                    return Err("the bf16 tier is not implemented in the engine yet".into())
-                }
+                Tier::BF16 => trace_forward::<Bf16>(&model, tokens, Some(&input.text)),
             }
             .map_err(|e| e.to_string())?;
             let (reference_trace, oracle) = if tier == Tier::F64 {
@@ -287,6 +285,10 @@ pub fn run_verify(
             attn,
         ));
         full.push((tier, all));
+        if tier == Tier::BF16 {
+            progress("running lockstep in bf16w (bf16 weights, f32 activations)");
+            phases.push(bf16w_phase(&model, opts, &ids, &path)?);
+        }
         progress(&format!("KV-cache decode in {tier}"));
         phases.push(kv_cache_phase(&model, tier, opts, &ids)?);
     }
@@ -572,6 +574,55 @@ fn kv_cache_phase(
         Phase::fail(name, summary)
     }
     .with_details(table))
+}
+
+/// bf16w: the bf16 weights as stored with float32 activations, judged like the bf16 tier against
+/// the oracle; the summary says how much closer to exact math it lands than PyTorch bf16.
+fn bf16w_phase(
+    model: &Model,
+    opts: &VerifyOptions,
+    ids: &[Vec<u32>],
+    path: &dyn Fn(usize, &str) -> PathBuf,
+) -> Result<Phase, String> {
+    let read = |p: &Path| Trace::read(p).map_err(|e| e.to_string());
+    let mut comps = vec![];
+    let mut table = String::from(
+        "| input | max \\|bf16w − oracle\\| (logits) | max \\|PyTorch bf16 − oracle\\| | closer by |\n|---|---:|---:|---:|\n",
+    );
+    let mut worst_factor = f64::INFINITY;
+    for (i, (input, tokens)) in opts.inputs.iter().zip(ids).enumerate() {
+        let oracle = read(&path(i, "f64"))?;
+        let reference_trace = read(&path(i, "bf16"))?;
+        let mut ours =
+            trace_forward::<f32>(model, tokens, Some(&input.text)).map_err(|e| e.to_string())?;
+        ours.metadata.insert("mode".into(), "bf16w".into());
+        let policy = TolerancePolicy::for_traces_with_tier(
+            &reference_trace,
+            &ours,
+            Some(&oracle),
+            Some(Tier::BF16),
+        )
+        .map_err(|e| e.to_string())?;
+        let cmp = compare_traces(&reference_trace, &ours, Some(&oracle), &policy);
+        if let Some(l) = cmp.get("logits") {
+            if let (Some(t), Some(r)) = (&l.test_vs_oracle, &l.ref_vs_oracle) {
+                let factor = r.max_abs / t.max_abs.max(f64::MIN_POSITIVE);
+                worst_factor = worst_factor.min(factor);
+                let _ = writeln!(
+                    table,
+                    "| {} | {:.2e} | {:.2e} | {:.0}× |",
+                    input.label, t.max_abs, r.max_abs, factor
+                );
+            }
+        }
+        comps.push(NamedComparison::new(input.label.clone(), cmp));
+    }
+    let mut phase = Phase::from_comparisons("bf16w: bf16 weights, f32 activations [bf16]", comps);
+    phase.summary = format!(
+        "{}; at least {worst_factor:.0}× closer to the f64 oracle than PyTorch bf16 on logits",
+        phase.summary
+    );
+    Ok(phase.with_details(table))
 }
 
 // ---------------------------------------------------------------------------------------------------

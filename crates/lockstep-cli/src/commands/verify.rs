@@ -22,7 +22,8 @@ pub struct Args {
     /// created on first use in the cache folder).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Precision tier(s): f64 (exact), f32, or all.
+    /// Precision tier(s): f64 (exact), f32, bf16 (bf16-stored checkpoints; also checks bf16w), or
+    /// all (f64 + f32, + bf16 when the checkpoint is stored in bf16).
     #[arg(long, default_value = "all", value_parser = ["f64", "f32", "bf16", "all"])]
     pub dtype: String,
     /// Prompts for the forward phases (repeatable; default: "Hello", "The", "123", plus a short
@@ -41,6 +42,10 @@ pub struct Args {
     /// Inject a deliberate bug into lockstep's engine (to see the verifier catch it).
     #[arg(long)]
     pub inject: Option<Fault>,
+    /// Only the single-token prompts: skip the multi-token sequences and KV-cache decoding
+    /// (for 7B-scale models on a CPU, where the full set takes long).
+    #[arg(long)]
+    pub single_only: bool,
     /// Verify another port's traces (JAX, C++, ...) instead of lockstep's engine: each trace's
     /// `token_ids` and `dtype` metadata say what the reference runs (see docs/trace-format.md and
     /// reference/lockstep_reference/writer.py). `--dtype` does not apply.
@@ -78,15 +83,26 @@ pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
     Ok(dir)
 }
 
-/// The tiers `--dtype` asks for.
-pub fn tiers(dtype: &str) -> CliResult<Vec<Tier>> {
+/// The tiers `--dtype` asks for. `all` is f64 and f32, plus bf16 when the checkpoint is stored in
+/// bf16 (the bf16 tier's oracle must run on the very weights bf16 uses).
+pub fn tiers(dtype: &str, model: &Path) -> CliResult<Vec<Tier>> {
+    let stored_bf16 = || -> CliResult<bool> {
+        let ck = lockstep_engine::weights::Checkpoint::open(model)?;
+        Ok(!ck.tensors.is_empty()
+            && ck
+                .tensors
+                .values()
+                .all(|t| t.dtype == lockstep_engine::weights::StoredDtype::BF16))
+    };
     Ok(match dtype {
         "f64" => vec![Tier::F64],
         "f32" => vec![Tier::F32],
+        "all" if stored_bf16()? => vec![Tier::F64, Tier::F32, Tier::BF16],
         "all" => vec![Tier::F64, Tier::F32],
+        "bf16" if stored_bf16()? => vec![Tier::BF16],
         "bf16" => {
             return Err(CliError::input(
-                "the bf16 tier is not implemented in lockstep's engine yet; use --dtype f64, f32 or all",
+                "the bf16 tier needs a checkpoint stored in bf16 (its oracle runs on those same weights); this one is not",
             ))
         }
         other => return Err(CliError::input(format!("unknown --dtype {other}"))),
@@ -173,12 +189,15 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     if !a.port_trace.is_empty() {
         return run_port(a);
     }
-    let tiers = tiers(&a.dtype)?;
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
+    let tiers = tiers(&a.dtype, &model)?;
     let outcome = run_phases(
         &model,
         tiers,
-        inputs(&a.prompt),
+        inputs(&a.prompt)
+            .into_iter()
+            .filter(|i| !a.single_only || i.kind == InputKind::Single)
+            .collect(),
         a.inject,
         &mut reference,
         &work,
