@@ -319,6 +319,15 @@ fn restrict(c: &NamedComparison, keep: &dyn Fn(&str) -> bool) -> NamedComparison
     NamedComparison::new(c.label.clone(), cmp)
 }
 
+/// Ids for a table cell: the list when short, else the count.
+fn show_ids(v: &[u32]) -> String {
+    if v.len() <= 8 {
+        format!("{v:?}")
+    } else {
+        format!("{} ids", v.len())
+    }
+}
+
 fn short(text: &str) -> String {
     let one = text.replace('\n', "\\n");
     if one.chars().count() > 40 {
@@ -354,19 +363,12 @@ fn tokenization_phase(
         let ours = tok.encode(text).map_err(|e| e.to_string())?;
         let same = &ours == r;
         ok += same as usize;
-        let show = |v: &[u32]| {
-            if v.len() <= 8 {
-                format!("{v:?}")
-            } else {
-                format!("{} ids", v.len())
-            }
-        };
         let _ = writeln!(
             table,
             "| `{}` | {} | {} | {} |",
             short(text),
-            show(&ours),
-            show(r),
+            show_ids(&ours),
+            show_ids(r),
             if same { "yes" } else { "**NO**" }
         );
     }
@@ -904,19 +906,12 @@ fn port_tokenization_phase(
     for (port, r) in with_prompt.iter().zip(&theirs) {
         let same = port.tokens == *r;
         ok += same as usize;
-        let show = |v: &[u32]| {
-            if v.len() <= 8 {
-                format!("{v:?}")
-            } else {
-                format!("{} ids", v.len())
-            }
-        };
         let _ = writeln!(
             table,
             "| `{}` | {} | {} | {} |",
             short(port.prompt.as_deref().unwrap_or_default()),
-            show(&port.tokens),
-            show(r),
+            show_ids(&port.tokens),
+            show_ids(r),
             if same { "yes" } else { "**NO**" }
         );
     }

@@ -208,19 +208,32 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         title.push_str(&format!(" (injected fault: {f})"));
     }
     let desc = describe_model(&model);
-    let md = report::phased_markdown(&title, &desc, &outcome.phases);
-    let js = report::phased_json(&title, &desc, &outcome.phases);
+    write_reports(
+        &a,
+        &title,
+        &desc,
+        &outcome,
+        "max |ours - transformers| per layer vs the reference's own noise",
+    )
+}
+
+/// Writes the Markdown report, JSON and SVG plot (the plot from the last tier's comparisons),
+/// prints the phase summary, and returns exit 0 when every phase passed, else 1.
+fn write_reports(
+    a: &Args,
+    title: &str,
+    desc: &str,
+    outcome: &VerifyOutcome,
+    plot_title: &str,
+) -> CliResult<ExitCode> {
+    let md = report::phased_markdown(title, desc, &outcome.phases);
+    let js = report::phased_json(title, desc, &outcome.phases);
     let plot_inputs = outcome
         .full
-        .iter()
-        .rev()
+        .last()
         .map(|(_, c)| c.clone())
-        .next()
         .unwrap_or_default();
-    let svg = report::svg_per_layer(
-        "max |ours - transformers| per layer vs the reference's own noise",
-        &plot_inputs,
-    );
+    let svg = report::svg_per_layer(plot_title, &plot_inputs);
     for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -228,7 +241,6 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         }
         write_atomic(p, text)?;
     }
-
     println!("{title}");
     for p in &outcome.phases {
         println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
@@ -306,38 +318,11 @@ pub fn run_port(a: Args) -> CliResult<ExitCode> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let md = report::phased_markdown(&title, &desc, &outcome.phases);
-    let js = report::phased_json(&title, &desc, &outcome.phases);
-    let plot_inputs = outcome
-        .full
-        .last()
-        .map(|(_, c)| c.clone())
-        .unwrap_or_default();
-    let svg = report::svg_per_layer(
+    write_reports(
+        &a,
+        &title,
+        &desc,
+        &outcome,
         "max |port - transformers| per layer vs the reference's own noise",
-        &plot_inputs,
-    );
-    for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        write_atomic(p, text)?;
-    }
-    println!("{title}");
-    for p in &outcome.phases {
-        println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
-    }
-    println!(
-        "{}: report {}, JSON {}, plot {}",
-        if outcome.passed { "PASS" } else { "FAIL" },
-        a.report.display(),
-        a.json.display(),
-        a.plot.display()
-    );
-    Ok(if outcome.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    )
 }
