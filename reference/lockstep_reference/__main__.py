@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("jobs", help='JSON file: [{"model", "tokens"|"prompt"|"messages", "max_new_tokens", "ignore_eos"}, ...]')
     p.set_defaults(fn=lambda a: batch.generate_batch(a.jobs))
 
+    p = sub.add_parser("padded-logits", help="logits of a left-padded batch with its attention mask (safetensors)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--rows", required=True, help="JSON file: a list of token id lists")
+    p.add_argument("--dtype", choices=["f32", "f64"], default="f32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=lambda a: batch.padded_logits(a.model, a.rows, a.dtype, a.out))
+
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
     p.add_argument("--model", required=True)
     p.set_defaults(fn=lambda a: batch.weights(a.model))

@@ -4,6 +4,7 @@ of traces)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -110,8 +111,10 @@ def generate_batch(jobs_path: str) -> None:
     each job of a JSON list, loading each model once. A job is `{"model", "max_new_tokens",
     "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies) plus its prompt: `"tokens"` (ids), `"prompt"` (text, tokenized without special
     tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
-    prompt and tokenized the same way). Prints one JSON line: `[{"prompt_ids", "generated"}, ...]`
-    (new tokens only; an EOS that ended a generation is included, as transformers returns it).
+    prompt and tokenized the same way), or `"token_batch"` (a list of id lists, generated as one
+    batch: left-padded with the pad id and an attention mask, as transformers batches). Prints one
+    JSON line: `[{"prompt_ids", "generated"}, ...]` (new tokens only; an EOS that ended a generation
+    is included, as transformers returns it); a batch job gives lists of lists in both.
 
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
     back and the logits are untouched (no EOS suppression)."""
@@ -136,7 +139,9 @@ def generate_batch(jobs_path: str) -> None:
         if tok is None and ("prompt" in job or "messages" in job):
             tok = transformers.AutoTokenizer.from_pretrained(job["model"])
             loaded[job["model"]] = (model, original, tok)
-        if "tokens" in job:
+        if "token_batch" in job:
+            prompt_ids = [[int(t) for t in row] for row in job["token_batch"]]
+        elif "tokens" in job:
             prompt_ids = [int(t) for t in job["tokens"]]
         elif "prompt" in job:
             prompt_ids = list(tok(job["prompt"], add_special_tokens=False)["input_ids"])
@@ -160,13 +165,48 @@ def generate_batch(jobs_path: str) -> None:
         # generate() fills every unset (None) field from model.generation_config: install ours there
         # too, or a cleared eos_token_id would come back from it.
         model.generation_config = gc
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        if "token_batch" in job:
+            ids, mask, _ = left_padded(prompt_ids, gc.pad_token_id)
+        else:
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            mask = torch.ones_like(ids)
         with torch.no_grad():
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=copy.deepcopy(gc))
-        new = seq[0, ids.shape[1]:].tolist()
-        out.append({"prompt_ids": prompt_ids, "generated": new})
-        print(f"generated {len(new)} tokens ({job['model']})", file=sys.stderr)
+            seq = model.generate(ids, attention_mask=mask, generation_config=copy.deepcopy(gc))
+        new = seq[:, ids.shape[1]:].tolist()
+        out.append({"prompt_ids": prompt_ids, "generated": new if "token_batch" in job else new[0]})
+        print(f"generated {len(new[0])} tokens x {len(new)} rows ({job['model']})", file=sys.stderr)
     print(json.dumps(out))
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `position_ids` of prompts left-padded to one length, the
+    positions derived from the mask as `transformers.generate` derives them
+    (`cumsum(mask) - 1`, padding set to 1)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return ids, mask, positions
+
+
+def padded_logits(model_dir: str, rows_path: str, dtype: str, out_path: str) -> None:
+    """One forward pass of a left-padded batch (`rows_path`: JSON list of id lists) with its
+    attention mask and mask-derived position ids, in `dtype` (f32 or f64, eager attention).
+    Writes a safetensors file with `row{i}`: the logits of row i's real positions, [len_i, vocab]
+    (f64 for the f64 tier, f32 otherwise)."""
+    from safetensors.numpy import save_file
+
+    with open(rows_path) as f:
+        rows = [[int(t) for t in r] for r in json.load(f)]
+    model = tracer.load_model(model_dir, dtype)
+    ids, mask, positions = left_padded(rows, 0)
+    pure = tracer.pure_f64_patches() if dtype == "f64" else contextlib.nullcontext()
+    with pure, torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    width = ids.shape[1]
+    out = {f"row{i}": logits[i, width - len(r):].contiguous().numpy() for i, r in enumerate(rows)}
+    save_file(out, out_path)
+    print(f"padded logits of {len(rows)} rows (width {width}) -> {out_path}", file=sys.stderr)
 
 
 def gguf_weights(gguf_paths: list[str], save: str | None = None) -> None:

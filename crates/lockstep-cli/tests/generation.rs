@@ -48,14 +48,6 @@ fn generate_json(args: &[&str]) -> (String, Value) {
     (streamed.to_string(), v)
 }
 
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not an id list: {v}"))
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
 /// Starts `python -m lockstep_reference generate-batch` on `jobs` in the background.
 fn spawn_reference(py: &Path, jobs: &Value, dir: &Path) -> std::process::Child {
     let path = dir.join("generate-jobs.json");

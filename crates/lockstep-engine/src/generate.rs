@@ -8,7 +8,7 @@
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kernels::Float;
-use crate::model::{KvCache, Model};
+use crate::model::{BatchKvCache, LogitsFor, Model, PaddedBatch};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -307,90 +307,176 @@ pub fn generate<T: Float>(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    opts.sampling.validate().map_err(EngineError::Input)?;
-    model.check_tokens(prompt, 0)?;
-    let max_ctx = model.config.max_position_embeddings;
-    let mut sampler = Sampler::new(opts.sampling.clone(), opts.seed);
-    let decode = |ids: &[u32]| decode_visible(tokenizer, ids);
-    let mut stream = StreamDecoder::new();
-    let mut context = prompt.to_vec();
-    let mut generated = Vec::new();
-    let mut text = String::new();
-    let mut printed = 0usize;
-    let mut finish = FinishReason::Length;
+    let mut rows = generate_batch::<T>(model, tokenizer, &[prompt.to_vec()], opts, |_, t| {
+        on_text(t)
+    })?;
+    Ok(rows.remove(0))
+}
 
-    let mut cache = KvCache::<T>::new(model.config.num_layers);
-    let t0 = Instant::now();
-    let mut logits = if opts.max_new_tokens > 0 {
-        model.forward_last::<T>(prompt, &mut cache)?
-    } else {
-        Vec::new()
-    };
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut decode_s = 0.0;
-    let mut decode_steps = 0;
+/// One row of a generation in progress: its sampler, context, text and stop state.
+struct Row {
+    sampler: Sampler,
+    stream: StreamDecoder,
+    prompt_len: usize,
+    context: Vec<u32>,
+    text: String,
+    printed: usize,
+    finish: Option<FinishReason>,
+}
 
-    while generated.len() < opts.max_new_tokens {
+impl Row {
+    fn generated(&self) -> &[u32] {
+        &self.context[self.prompt_len..]
+    }
+
+    /// Takes the next token from `logits`; returns the text that became printable.
+    fn step<T: Float>(
+        &mut self,
+        logits: &[T],
+        opts: &GenerateOptions,
+        max_ctx: usize,
+        decode: &impl Fn(&[u32]) -> Result<String>,
+    ) -> Result<String> {
         // transformers casts the last position's logits to float32 before any processor.
         let mut scores: Vec<f32> = logits.iter().map(|x| x.to_f64() as f32).collect();
-        let next = sampler.next_token(&mut scores, &context);
-        generated.push(next);
-        context.push(next);
+        let next = self.sampler.next_token(&mut scores, &self.context);
+        self.context.push(next);
         let is_eos = !opts.ignore_eos && opts.eos_token_ids.contains(&next);
         if !is_eos {
-            text.push_str(&stream.push(next, &decode)?);
+            let piece = self.stream.push(next, decode)?;
+            self.text.push_str(&piece);
         }
-        if let Some(pos) = opts
+        let stop_at = opts
             .stop
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(pos);
-            if pos > printed {
-                on_text(&text[printed..]);
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min();
+        let done = if let Some(pos) = stop_at {
+            self.text.truncate(pos);
+            Some(FinishReason::Stop)
+        } else if is_eos {
+            Some(FinishReason::Eos)
+        } else if self.generated().len() == opts.max_new_tokens {
+            Some(FinishReason::Length)
+        } else if self.context.len() >= max_ctx {
+            Some(FinishReason::Context)
+        } else {
+            None
+        };
+        if matches!(done, Some(f) if f != FinishReason::Stop) {
+            let tail = self.stream.finish(decode)?;
+            self.text.push_str(&tail);
+        }
+        self.finish = done;
+        let safe = match done {
+            Some(_) => self.text.len(),
+            None => self.text.len() - stop_holdback(&self.text, &opts.stop),
+        };
+        let out = if safe > self.printed {
+            self.text[self.printed..safe].to_string()
+        } else {
+            String::new()
+        };
+        self.printed = self.printed.max(safe);
+        Ok(out)
+    }
+}
+
+/// Generates from several prompts at once: they are left-padded to one length with an attention
+/// mask (as `transformers.generate` batches), every matmul runs over all rows together, and each
+/// row computes what it would alone (its own positions, padding hidden). A row that finishes
+/// leaves the batch. `on_text(row, piece)` gets each row's text as it becomes printable. Every
+/// row samples from its own random stream seeded with `opts.seed`, so a row's output does not
+/// depend on the rest of the batch.
+pub fn generate_batch<T: Float>(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    opts.sampling.validate().map_err(EngineError::Input)?;
+    if prompts.is_empty() {
+        return Err(EngineError::Input("no prompts to generate from".into()));
+    }
+    for p in prompts {
+        model.check_tokens(p, 0)?;
+    }
+    let max_ctx = model.config.max_position_embeddings;
+    let decode = |ids: &[u32]| decode_visible(tokenizer, ids);
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .map(|p| Row {
+            sampler: Sampler::new(opts.sampling.clone(), opts.seed),
+            stream: StreamDecoder::new(),
+            prompt_len: p.len(),
+            context: p.clone(),
+            text: String::new(),
+            printed: 0,
+            finish: (opts.max_new_tokens == 0).then_some(FinishReason::Length),
+        })
+        .collect();
+    let vocab = model.config.vocab_size;
+    let mut prefill_s = 0.0;
+    let mut decode_s = 0.0;
+    let mut decode_steps = 0;
+
+    if opts.max_new_tokens > 0 {
+        // The padding id is never seen (the mask hides it); 0 is in every vocabulary.
+        let batch = PaddedBatch::left_padded(prompts, 0);
+        let mut cache = BatchKvCache::<T>::new(model.config.num_layers, prompts.len());
+        let t0 = Instant::now();
+        let mut logits =
+            model.forward_batch::<T>(&batch.tokens, &batch.mask, &mut cache, LogitsFor::Last)?;
+        prefill_s = t0.elapsed().as_secs_f64();
+        // `active[slot]` is the row whose logits are at `slot` in the batch.
+        let mut active: Vec<usize> = (0..rows.len()).collect();
+        loop {
+            for (slot, &r) in active.iter().enumerate() {
+                let piece = rows[r].step(
+                    &logits[slot * vocab..(slot + 1) * vocab],
+                    opts,
+                    max_ctx,
+                    &decode,
+                )?;
+                if !piece.is_empty() {
+                    on_text(r, &piece);
+                }
             }
-            printed = text.len();
-            finish = FinishReason::Stop;
-            break;
-        }
-        if is_eos {
-            finish = FinishReason::Eos;
-            break;
-        }
-        let safe = text.len() - stop_holdback(&text, &opts.stop);
-        if safe > printed {
-            on_text(&text[printed..safe]);
-            printed = safe;
-        }
-        if generated.len() == opts.max_new_tokens {
-            break;
-        }
-        if context.len() >= max_ctx {
-            finish = FinishReason::Context;
-            break;
-        }
-        let t = Instant::now();
-        logits = model.forward_last::<T>(&[next], &mut cache)?;
-        decode_s += t.elapsed().as_secs_f64();
-        decode_steps += 1;
-    }
-    if finish != FinishReason::Stop {
-        text.push_str(&stream.finish(&decode)?);
-        if text.len() > printed {
-            on_text(&text[printed..]);
+            let keep: Vec<bool> = active.iter().map(|&r| rows[r].finish.is_none()).collect();
+            cache.keep_rows(&keep);
+            active.retain(|&r| rows[r].finish.is_none());
+            if active.is_empty() {
+                break;
+            }
+            let next: Vec<u32> = active
+                .iter()
+                .map(|&r| *rows[r].context.last().unwrap())
+                .collect();
+            let t = Instant::now();
+            logits = model.forward_batch::<T>(
+                &next,
+                &vec![true; next.len()],
+                &mut cache,
+                LogitsFor::Last,
+            )?;
+            decode_s += t.elapsed().as_secs_f64();
+            decode_steps += 1;
         }
     }
-    Ok(Generation {
-        prompt: prompt.to_vec(),
-        generated,
-        text,
-        finish,
-        prefill_s,
-        decode_s,
-        decode_steps,
-    })
+    Ok(rows
+        .into_iter()
+        .map(|r| Generation {
+            prompt: r.context[..r.prompt_len].to_vec(),
+            generated: r.context[r.prompt_len..].to_vec(),
+            text: r.text,
+            finish: r.finish.unwrap_or(FinishReason::Length),
+            prefill_s,
+            decode_s,
+            decode_steps: decode_steps.min(r.context.len() - r.prompt_len - 1),
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use faults::Fault;
 pub use kernels::{Bf16, Float, Precision};
-pub use model::{KvCache, LogitsFor, Model};
+pub use model::{BatchKvCache, KvCache, LogitsFor, Model, PaddedBatch};
 pub use observer::{NoObserver, Observer, TapView, TraceRecorder};
 pub use tokenizer::Tokenizer;
 

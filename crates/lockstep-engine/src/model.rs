@@ -128,6 +128,81 @@ impl<T: Float> KvCache<T> {
     }
 }
 
+/// Per-row caches of a padded batch, with each row's attention mask over every cached position.
+#[derive(Debug, Clone)]
+pub struct BatchKvCache<T> {
+    rows: Vec<KvCache<T>>,
+    key_mask: Vec<Vec<bool>>,
+}
+
+impl<T: Float> BatchKvCache<T> {
+    /// An empty cache for a batch of `rows` sequences.
+    pub fn new(layers: usize, rows: usize) -> Self {
+        BatchKvCache {
+            rows: vec![KvCache::new(layers); rows],
+            key_mask: vec![Vec::new(); rows],
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Cached positions per row, padding included.
+    pub fn len(&self) -> usize {
+        self.rows.first().map_or(0, KvCache::len)
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the rows whose `keep` entry is true (rows that finished generating leave the batch).
+    pub fn keep_rows(&mut self, keep: &[bool]) {
+        assert_eq!(keep.len(), self.rows.len(), "keep_rows: one flag per row");
+        let mut flags = keep.iter();
+        self.rows.retain(|_| *flags.next().unwrap());
+        let mut flags = keep.iter();
+        self.key_mask.retain(|_| *flags.next().unwrap());
+    }
+}
+
+/// Prompts of different lengths, left-padded to one length as `transformers` pads for
+/// generation: `tokens` and `mask` are `[rows][len]`, padding first (`pad_id`, mask false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaddedBatch {
+    /// Token ids, `[rows][len]`.
+    pub tokens: Vec<u32>,
+    /// The attention mask: true for real tokens.
+    pub mask: Vec<bool>,
+    /// Number of rows.
+    pub rows: usize,
+    /// Padded length.
+    pub len: usize,
+}
+
+impl PaddedBatch {
+    /// Left-pads `prompts` with `pad_id` to the longest one's length.
+    pub fn left_padded(prompts: &[Vec<u32>], pad_id: u32) -> Self {
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(prompts.len() * len);
+        let mut mask = Vec::with_capacity(prompts.len() * len);
+        for p in prompts {
+            let pad = len - p.len();
+            tokens.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+        }
+        PaddedBatch {
+            tokens,
+            mask,
+            rows: prompts.len(),
+            len,
+        }
+    }
+}
+
 fn bf16_round(x: f64) -> f64 {
     half::bf16::from_f64(x).to_f64()
 }
@@ -293,16 +368,99 @@ impl Model {
         which: LogitsFor,
     ) -> Result<Vec<T>> {
         self.check_tokens(tokens, cache.len)?;
+        let positions: Vec<usize> = (cache.len..cache.len + tokens.len()).collect();
+        self.forward_rows(
+            tokens,
+            &positions,
+            std::slice::from_mut(cache),
+            None,
+            obs,
+            which,
+        )
+    }
+
+    /// One forward pass over a batch of rows padded to one length: `tokens` and `mask` are
+    /// `[rows][n]` (transformers' `input_ids` and `attention_mask`, padding on the left). Each
+    /// row's positions count only its real tokens and its padding is hidden from attention, so
+    /// each row computes what it would alone. Returns `[rows][n][vocab]` logits for
+    /// [`LogitsFor::All`], `[rows][vocab]` for [`LogitsFor::Last`].
+    pub fn forward_batch<T: Float>(
+        &self,
+        tokens: &[u32],
+        mask: &[bool],
+        cache: &mut BatchKvCache<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
+        let rows = cache.rows.len();
+        if rows == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(rows) {
+            return Err(EngineError::Input(format!(
+                "a batch of {rows} rows needs a non-empty multiple of {rows} tokens, got {}",
+                tokens.len()
+            )));
+        }
+        if mask.len() != tokens.len() {
+            return Err(EngineError::Input(format!(
+                "attention mask has {} entries for {} tokens",
+                mask.len(),
+                tokens.len()
+            )));
+        }
+        let n = tokens.len() / rows;
+        for (b, row) in tokens.chunks(n).enumerate() {
+            self.check_tokens(row, cache.rows[b].len)?;
+        }
+        let mut positions = Vec::with_capacity(tokens.len());
+        for (seen, row_mask) in cache.key_mask.iter_mut().zip(mask.chunks(n)) {
+            // transformers: position_ids = cumsum(attention_mask) - 1, padding set to 1.
+            let mut real_before = seen.iter().filter(|&&x| x).count();
+            for &m in row_mask {
+                positions.push(if m { real_before } else { 1 });
+                real_before += usize::from(m);
+                seen.push(m);
+            }
+        }
+        let BatchKvCache {
+            rows: caches,
+            key_mask,
+        } = cache;
+        self.forward_rows(
+            tokens,
+            &positions,
+            caches,
+            Some(key_mask),
+            &mut crate::NoObserver,
+            which,
+        )
+    }
+
+    /// The forward pass proper: `caches.len()` rows of `n` new tokens each, run through every
+    /// matmul together; attention per row over that row's cache (minus keys `key_masks` hides).
+    fn forward_rows<T: Float>(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        caches: &mut [KvCache<T>],
+        key_masks: Option<&[Vec<bool>]>,
+        obs: &mut impl Observer<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
         let c = &self.config;
         let s = &self.settings;
-        let (n, h, d) = (tokens.len(), c.hidden_size, c.head_dim);
+        let rows = caches.len();
+        let (n, h, d) = (tokens.len() / rows, c.hidden_size, c.head_dim);
         let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
-        let past = cache.len;
-        let rope = RopeTable::<T>::new(s.rope_theta, d, past, n, s.rope_layout, s.position_round);
+        let tn = rows * n;
+        let rope = RopeTable::<T>::at_positions(
+            s.rope_theta,
+            d,
+            positions,
+            s.rope_layout,
+            s.position_round,
+        );
         obs.tap(TapName::Tokens, TapView::Tokens(tokens));
 
         // Embedding lookup.
-        let mut x = vec![T::ZERO; n * h];
+        let mut x = vec![T::ZERO; tn * h];
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
             T::decode(
                 self.embed_tokens.dtype,
@@ -312,7 +470,7 @@ impl Model {
         }
         obs.tap(TapName::Embed, TapView::rows(&x, h));
 
-        let mut normed = vec![T::ZERO; n * h];
+        let mut normed = vec![T::ZERO; tn * h];
         for (l, w) in self.layers.iter().enumerate() {
             let tap = |t| TapName::Layer(l, t);
 
@@ -324,26 +482,26 @@ impl Model {
                 .qkv_bias
                 .as_ref()
                 .map(|b| b.each_ref().map(decode_vec::<T>));
-            let mut q = vec![T::ZERO; n * heads * d];
-            let mut k = vec![T::ZERO; n * kv_heads * d];
-            let mut v = vec![T::ZERO; n * kv_heads * d];
+            let mut q = vec![T::ZERO; tn * heads * d];
+            let mut k = vec![T::ZERO; tn * kv_heads * d];
+            let mut v = vec![T::ZERO; tn * kv_heads * d];
             linear(
                 &normed,
-                n,
+                tn,
                 &w.q_proj,
                 bias.as_ref().map(|b| &b[0][..]),
                 &mut q,
             );
             linear(
                 &normed,
-                n,
+                tn,
                 &w.k_proj,
                 bias.as_ref().map(|b| &b[1][..]),
                 &mut k,
             );
             linear(
                 &normed,
-                n,
+                tn,
                 &w.v_proj,
                 bias.as_ref().map(|b| &b[2][..]),
                 &mut v,
@@ -357,43 +515,47 @@ impl Model {
             obs.tap(tap(LayerTap::QRope), TapView::heads(&q, heads, d));
             obs.tap(tap(LayerTap::KRope), TapView::heads(&k, kv_heads, d));
 
-            cache.k[l].extend_from_slice(&k);
-            cache.v[l].extend_from_slice(&v);
-            let keys = past + n;
-            let spec = AttentionSpec {
-                heads,
-                kv_heads,
-                head_dim: d,
-                q_start: past,
-                causal: s.causal,
-                mapping: s.gqa,
-            };
-            let mut attn = vec![T::ZERO; n * heads * d];
-            let mut probs = obs
-                .wants_attention_probs()
-                .then(|| vec![T::ZERO; heads * n * keys]);
-            attention(
-                &spec,
-                &q,
-                &cache.k[l],
-                &cache.v[l],
-                &mut attn,
-                probs.as_deref_mut(),
-            );
-            if let Some(p) = &probs {
-                obs.tap(
-                    tap(LayerTap::AttnProbs),
-                    TapView::Probs {
-                        data: p,
-                        heads,
-                        keys,
-                    },
+            let mut attn = vec![T::ZERO; tn * heads * d];
+            let (qd, kvd) = (n * heads * d, n * kv_heads * d);
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let past = cache.len;
+                cache.k[l].extend_from_slice(&k[b * kvd..(b + 1) * kvd]);
+                cache.v[l].extend_from_slice(&v[b * kvd..(b + 1) * kvd]);
+                let keys = past + n;
+                let spec = AttentionSpec {
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                    q_start: past,
+                    causal: s.causal,
+                    mapping: s.gqa,
+                };
+                let mut probs = (rows == 1 && obs.wants_attention_probs())
+                    .then(|| vec![T::ZERO; heads * n * keys]);
+                attention(
+                    &spec,
+                    &q[b * qd..(b + 1) * qd],
+                    &cache.k[l],
+                    &cache.v[l],
+                    key_masks.map(|m| &m[b][..]),
+                    &mut attn[b * qd..(b + 1) * qd],
+                    probs.as_deref_mut(),
                 );
+                if let Some(p) = &probs {
+                    obs.tap(
+                        tap(LayerTap::AttnProbs),
+                        TapView::Probs {
+                            data: p,
+                            heads,
+                            keys,
+                        },
+                    );
+                }
             }
             obs.tap(tap(LayerTap::AttnOut), TapView::rows(&attn, heads * d));
 
-            let mut o = vec![T::ZERO; n * h];
-            linear(&attn, n, &w.o_proj, None, &mut o);
+            let mut o = vec![T::ZERO; tn * h];
+            linear(&attn, tn, &w.o_proj, None, &mut o);
             obs.tap(tap(LayerTap::OProj), TapView::rows(&o, h));
             add_in_place(&mut x, &o);
             obs.tap(tap(LayerTap::ResidAttn), TapView::rows(&x, h));
@@ -402,19 +564,21 @@ impl Model {
             rms_norm(&x, &decode_vec(&w.post_norm), s.rms_norm_eps, &mut normed);
             obs.tap(tap(LayerTap::PostNorm), TapView::rows(&normed, h));
             let inter = c.intermediate_size;
-            let mut gate = vec![T::ZERO; n * inter];
-            let mut up = vec![T::ZERO; n * inter];
-            linear(&normed, n, &w.gate_proj, None, &mut gate);
-            linear(&normed, n, &w.up_proj, None, &mut up);
+            let mut gate = vec![T::ZERO; tn * inter];
+            let mut up = vec![T::ZERO; tn * inter];
+            linear(&normed, tn, &w.gate_proj, None, &mut gate);
+            linear(&normed, tn, &w.up_proj, None, &mut up);
             silu_mul_in_place(&mut gate, &up);
             obs.tap(tap(LayerTap::MlpAct), TapView::rows(&gate, inter));
-            let mut mlp = vec![T::ZERO; n * h];
-            linear(&gate, n, &w.down_proj, None, &mut mlp);
+            let mut mlp = vec![T::ZERO; tn * h];
+            linear(&gate, tn, &w.down_proj, None, &mut mlp);
             obs.tap(tap(LayerTap::MlpOut), TapView::rows(&mlp, h));
             add_in_place(&mut x, &mlp);
             obs.tap(tap(LayerTap::Out), TapView::rows(&x, h));
         }
-        cache.len += n;
+        for cache in caches.iter_mut() {
+            cache.len += n;
+        }
 
         if s.final_norm {
             rms_norm(&x, &decode_vec(&self.norm), s.rms_norm_eps, &mut normed);
@@ -422,13 +586,22 @@ impl Model {
             normed.copy_from_slice(&x);
         }
         obs.tap(TapName::FinalNorm, TapView::rows(&normed, h));
-        let rows = match which {
+        let picked: Vec<T>;
+        let head_in = match which {
             LogitsFor::All => &normed[..],
-            LogitsFor::Last => &normed[(n - 1) * h..],
+            LogitsFor::Last if rows == 1 => &normed[(n - 1) * h..],
+            LogitsFor::Last => {
+                picked = normed
+                    .chunks_exact(n * h)
+                    .flat_map(|row| &row[(n - 1) * h..])
+                    .copied()
+                    .collect();
+                &picked[..]
+            }
         };
-        let m = rows.len() / h;
+        let m = head_in.len() / h;
         let mut logits = vec![T::ZERO; m * c.vocab_size];
-        linear(rows, m, &self.lm_head, None, &mut logits);
+        linear(head_in, m, &self.lm_head, None, &mut logits);
         obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
         Ok(logits)
     }

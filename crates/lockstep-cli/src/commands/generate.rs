@@ -2,11 +2,17 @@
 //!
 //! Streams the generated text to stdout as it is produced; prefill and decode speed go to stderr
 //! at the end. With `--json` the last stdout line is one JSON object describing the run.
+//!
+//! Several `--prompt` (or `--tokens`) flags generate a batch: the prompts are left-padded into
+//! one batch with an attention mask and run together; each row's text is printed when the batch
+//! is done, and with `--json` the last line is one object whose `rows` hold one object per prompt.
 
 use super::common::{parse_token_list, DtypeArg};
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::chat::{ChatTemplate, Message};
-use lockstep_engine::generate::{generate, GenerateOptions, Generation, GenerationDefaults};
+use lockstep_engine::generate::{
+    generate, generate_batch, GenerateOptions, Generation, GenerationDefaults,
+};
 use lockstep_engine::sampling::SamplingParams;
 use lockstep_engine::{Bf16, Float, Model, Tokenizer};
 use std::io::Write;
@@ -59,12 +65,12 @@ pub struct Args {
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text, tokenized with the model's tokenizer.
+    /// Prompt text, tokenized with the model's tokenizer (repeat for a batch).
     #[arg(long, required_unless_present = "tokens")]
-    prompt: Option<String>,
-    /// Prompt as comma-separated token ids.
+    prompt: Vec<String>,
+    /// Prompt as comma-separated token ids (repeat for a batch).
     #[arg(long, conflicts_with_all = ["prompt", "chat"])]
-    tokens: Option<String>,
+    tokens: Vec<String>,
     /// Wrap the prompt as a user message in the checkpoint's chat template (with the generation prompt).
     #[arg(long, requires = "prompt")]
     chat: bool,
@@ -269,19 +275,38 @@ pub fn speed_line(g: &Generation) -> String {
     )
 }
 
+/// The JSON object of one generation (the `--json` line, or one row of a batch's).
+fn generation_json(g: &Generation) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": g.prompt.len(),
+        "prompt_ids": g.prompt,
+        "generated_tokens": g.generated,
+        "text": g.text,
+        "finish_reason": g.finish.name(),
+        "prefill_tok_s": g.prefill_tok_s(),
+        "decode_tok_s": g.decode_tok_s(),
+        "prefill_s": g.prefill_s,
+        "decode_s": g.decode_s,
+    })
+}
+
 /// Runs `generate`.
 pub fn run(a: Args) -> CliResult<ExitCode> {
     // Cheap argument checks before loading anything.
-    let token_prompt = a.tokens.as_deref().map(parse_token_list).transpose()?;
+    let token_prompts = a
+        .tokens
+        .iter()
+        .map(|t| parse_token_list(t))
+        .collect::<CliResult<Vec<_>>>()?;
     let template = if a.chat {
         Some(chat_template(&a.model)?)
     } else {
         None
     };
     let l = load(&a.model)?;
-    let ids = match (token_prompt, &a.prompt) {
-        (Some(ids), _) => ids,
-        (None, Some(p)) => {
+    let prompts = if token_prompts.is_empty() {
+        let mut prompts = Vec::new();
+        for p in &a.prompt {
             let text = match &template {
                 Some(t) => {
                     let mut msgs = vec![];
@@ -295,24 +320,46 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             };
             let ids = l.tokenizer.encode(&text)?;
             if ids.is_empty() {
-                return Err(CliError::input("the prompt tokenizes to no tokens"));
+                return Err(CliError::input(format!(
+                    "the prompt {p:?} tokenizes to no tokens"
+                )));
             }
-            ids
+            prompts.push(ids);
         }
-        (None, None) => return Err(CliError::input("give --prompt or --tokens")),
+        prompts
+    } else {
+        token_prompts
     };
-    l.model.check_tokens(&ids, 0)?;
-    let opts = a.sampling.options(&l.defaults, ids.len())?;
+    if prompts.is_empty() {
+        return Err(CliError::input("give --prompt or --tokens"));
+    }
+    for ids in &prompts {
+        l.model.check_tokens(ids, 0)?;
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let opts = a.sampling.options(&l.defaults, longest)?;
+    let lens: Vec<String> = prompts.iter().map(|p| p.len().to_string()).collect();
     eprintln!(
         "loaded {} in {:.2} s ({} layers, {}); {} prompt tokens; {}",
         a.model.display(),
         l.load_s,
         l.model.config.num_layers,
         a.sampling.dtype.name(),
-        ids.len(),
+        if prompts.len() == 1 {
+            lens[0].clone()
+        } else {
+            format!(
+                "a batch of {} prompts of {}",
+                prompts.len(),
+                lens.join(", ")
+            )
+        },
         describe(&opts)
     );
-    let g = run_generation(&l, a.sampling.dtype, &ids, &opts, print_flush)?;
+    if prompts.len() > 1 {
+        return run_batch(&a, &l, &prompts, &opts);
+    }
+    let g = run_generation(&l, a.sampling.dtype, &prompts[0], &opts, print_flush)?;
     // With --json the text is always followed by one newline, so everything before the JSON line
     // is exactly the text.
     if a.json || !g.text.ends_with('\n') {
@@ -320,30 +367,87 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     eprintln!("{}", speed_line(&g));
     if a.json {
-        let s = &opts.sampling;
+        let mut obj = generation_json(&g);
+        obj["load_s"] = l.load_s.into();
+        obj["dtype"] = a.sampling.dtype.name().into();
+        obj["seed"] = opts.seed.into();
+        obj["sampling"] = sampling_json(&opts);
+        println!("{obj}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The decoding settings as JSON.
+fn sampling_json(opts: &GenerateOptions) -> serde_json::Value {
+    let s = &opts.sampling;
+    serde_json::json!({
+        "do_sample": s.do_sample,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "min_p": s.min_p,
+        "repetition_penalty": s.repetition_penalty,
+        "max_new_tokens": opts.max_new_tokens,
+        "eos_token_ids": if opts.ignore_eos { vec![] } else { opts.eos_token_ids.clone() },
+    })
+}
+
+/// Generates a batch of prompts together and prints each row's text when all are done.
+fn run_batch(
+    a: &Args,
+    l: &Loaded,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> CliResult<ExitCode> {
+    fn go<T: Float>(
+        l: &Loaded,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+    ) -> CliResult<Vec<Generation>> {
+        Ok(generate_batch::<T>(
+            &l.model,
+            &l.tokenizer,
+            prompts,
+            opts,
+            |_, _| {},
+        )?)
+    }
+    let rows = match a.sampling.dtype {
+        DtypeArg::F64 => go::<f64>(l, prompts, opts)?,
+        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts)?,
+        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts)?,
+    };
+    if !a.json {
+        for (i, g) in rows.iter().enumerate() {
+            println!("[{i}] {}", g.text);
+        }
+    }
+    let (prefill_s, decode_s) = (rows[0].prefill_s, rows[0].decode_s);
+    let prompt_tokens: usize = rows.iter().map(|g| g.prompt.len()).sum();
+    let decoded: usize = rows.iter().map(|g| g.decode_steps).sum();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    eprintln!(
+        "batch of {}: prefill: {} tokens in {:.3} s ({:.1} tok/s); decode: {} tokens in {:.3} s ({:.1} tok/s); finish: {}",
+        rows.len(),
+        prompt_tokens,
+        prefill_s,
+        rate(prompt_tokens, prefill_s),
+        decoded,
+        decode_s,
+        rate(decoded, decode_s),
+        rows.iter().map(|g| g.finish.name()).collect::<Vec<_>>().join(", ")
+    );
+    if a.json {
         let obj = serde_json::json!({
-            "prompt_tokens": g.prompt.len(),
-            "prompt_ids": g.prompt,
-            "generated_tokens": g.generated,
-            "text": g.text,
-            "finish_reason": g.finish.name(),
-            "prefill_tok_s": g.prefill_tok_s(),
-            "decode_tok_s": g.decode_tok_s(),
-            "prefill_s": g.prefill_s,
-            "decode_s": g.decode_s,
+            "rows": rows.iter().map(generation_json).collect::<Vec<_>>(),
+            "prefill_tok_s": rate(prompt_tokens, prefill_s),
+            "decode_tok_s": rate(decoded, decode_s),
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
             "load_s": l.load_s,
             "dtype": a.sampling.dtype.name(),
             "seed": opts.seed,
-            "sampling": {
-                "do_sample": s.do_sample,
-                "temperature": s.temperature,
-                "top_k": s.top_k,
-                "top_p": s.top_p,
-                "min_p": s.min_p,
-                "repetition_penalty": s.repetition_penalty,
-                "max_new_tokens": opts.max_new_tokens,
-                "eos_token_ids": if opts.ignore_eos { vec![] } else { opts.eos_token_ids.clone() },
-            },
+            "sampling": sampling_json(opts),
         });
         println!("{obj}");
     }

@@ -41,11 +41,16 @@ impl AttentionSpec {
 
 /// `q`: `[T][heads][D]`; `k`, `v`: `[S][kv_heads][D]` (all positions `0..S`); `out`:
 /// `[T][heads][D]`. When `probs` is given (`[heads][T][S]`) the softmax output is stored there.
+///
+/// `key_mask` (`[S]`, transformers' `attention_mask` of the row) hides keys whose entry is
+/// false, such as left padding. A query that sees no key at all (a padding query at the start
+/// of a row) gets an all-zero output and all-zero probabilities.
 pub fn attention<T: Float>(
     spec: &AttentionSpec,
     q: &[T],
     k: &[T],
     v: &[T],
+    key_mask: Option<&[bool]>,
     out: &mut [T],
     mut probs: Option<&mut [T]>,
 ) {
@@ -57,6 +62,10 @@ pub fn attention<T: Float>(
     if let Some(p) = probs.as_deref() {
         assert_eq!(p.len(), h * t_len * s_len);
     }
+    if let Some(m) = key_mask {
+        assert_eq!(m.len(), s_len, "attention: key mask length");
+    }
+    let hidden = |s: usize| key_mask.is_some_and(|m| !m[s]);
     let scale = T::from_f64((d as f64).powf(-0.5));
     let mut row = vec![T::ZERO; s_len];
     for head in 0..h {
@@ -70,6 +79,10 @@ pub fn attention<T: Float>(
             };
             let mut max = T::NEG_INFINITY;
             for (s, r) in row.iter_mut().enumerate().take(visible) {
+                if hidden(s) {
+                    *r = T::NEG_INFINITY;
+                    continue;
+                }
                 let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
                 *r = (super::matmul::dot(qv, kr).round() * scale).round();
                 if *r > max {
@@ -77,12 +90,16 @@ pub fn attention<T: Float>(
                 }
             }
             let mut sum = T::ZERO;
-            for r in row.iter_mut().take(visible) {
-                *r = (*r - max).exp();
+            for (s, r) in row.iter_mut().enumerate().take(visible) {
+                *r = if hidden(s) { T::ZERO } else { (*r - max).exp() };
                 sum += *r;
             }
             for r in row.iter_mut().take(visible) {
-                *r = (*r / sum).round();
+                *r = if sum > T::ZERO {
+                    (*r / sum).round()
+                } else {
+                    T::ZERO
+                };
             }
             for r in row.iter_mut().skip(visible) {
                 *r = T::ZERO;
@@ -125,7 +142,7 @@ mod tests {
         let v = [3.0, 4.0, -5.0, 6.0];
         let mut out = [0.0f64; 8];
         let mut probs = [0.0f64; 8];
-        attention(&spec, &q, &k, &v, &mut out, Some(&mut probs));
+        attention(&spec, &q, &k, &v, None, &mut out, Some(&mut probs));
         assert_eq!(&out[0..4], &[3.0, 4.0, 3.0, 4.0]);
         assert_eq!(probs[1], 0.0, "masked key must get probability 0");
         for r in probs.chunks(2) {
@@ -136,6 +153,43 @@ mod tests {
         let (s0, s1) = (sc(0.5 * 1.0 + 0.5 * 2.0), sc(-0.5 + 0.5 * 0.5));
         let p0 = 1.0 / (1.0 + (s1 - s0).exp());
         assert!((out[4] - (p0 * 3.0 + (1.0 - p0) * -5.0)).abs() < 1e-14);
+    }
+
+    #[test]
+    fn masked_keys_are_as_if_absent() {
+        let spec = |q_start| AttentionSpec {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            q_start,
+            causal: true,
+            mapping: GqaMapping::Grouped,
+        };
+        // Two real keys; the padded run puts two padding keys (garbage values) in front.
+        let (k, v) = ([1.0, 2.0, -1.0, 0.5], [3.0, 4.0, -5.0, 6.0]);
+        let (kp, vp) = (
+            [9.0, 9.0, -7.0, 8.0, 1.0, 2.0, -1.0, 0.5],
+            [50.0, 60.0, 70.0, 80.0, 3.0, 4.0, -5.0, 6.0],
+        );
+        let q = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, -1.0];
+        let qp: Vec<f64> = [[0.3; 8].as_slice(), &q].concat();
+        let mask = [false, false, true, true];
+        let (mut out, mut outp) = ([0.0f64; 8], [0.0f64; 16]);
+        let mut probsp = [0.0f64; 2 * 4 * 4];
+        attention(&spec(0), &q, &k, &v, None, &mut out, None);
+        attention(
+            &spec(0),
+            &qp,
+            &kp,
+            &vp,
+            Some(&mask),
+            &mut outp,
+            Some(&mut probsp),
+        );
+        assert_eq!(&outp[8..], &out[..]);
+        // Padding queries see nothing: zero output, zero probabilities.
+        assert!(outp[..4].iter().all(|&x| x == 0.0));
+        assert!(probsp[..4].iter().all(|&x| x == 0.0));
     }
 
     #[test]

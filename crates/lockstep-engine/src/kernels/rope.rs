@@ -16,13 +16,11 @@ pub enum RopeLayout {
     Interleaved,
 }
 
-/// cos/sin tables for a range of positions.
+/// cos/sin tables for a list of positions (one per token).
 #[derive(Debug, Clone)]
 pub struct RopeTable<T> {
     /// Head dimension D.
     pub head_dim: usize,
-    /// First position in the table.
-    pub start: usize,
     /// cos, `[positions][D/2]`.
     pub cos: Vec<T>,
     /// sin, `[positions][D/2]`.
@@ -55,11 +53,24 @@ impl<T: Float> RopeTable<T> {
         layout: RopeLayout,
         position_round: Option<fn(f64) -> f64>,
     ) -> Self {
+        let positions: Vec<usize> = (start..start + len).collect();
+        Self::at_positions(theta, head_dim, &positions, layout, position_round)
+    }
+
+    /// Builds the table for explicit positions, one per token (left-padded batches: each row's
+    /// positions count only its real tokens, as transformers derives `position_ids` from the mask).
+    pub fn at_positions(
+        theta: f64,
+        head_dim: usize,
+        positions: &[usize],
+        layout: RopeLayout,
+        position_round: Option<fn(f64) -> f64>,
+    ) -> Self {
         let half = head_dim / 2;
         let inv = inv_freq::<T>(theta, head_dim);
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
             let mut pos = p as f64;
             if let Some(r) = position_round {
                 pos = r(pos);
@@ -82,14 +93,13 @@ impl<T: Float> RopeTable<T> {
         }
         RopeTable {
             head_dim,
-            start,
             cos,
             sin,
             layout,
         }
     }
 
-    /// Rotates `x` (`[T][heads][D]`, token `t` at position `start + t`) in place.
+    /// Rotates `x` (`[T][heads][D]`, token `t` at the table's `t`-th position) in place.
     pub fn apply(&self, x: &mut [T], heads: usize) {
         let d = self.head_dim;
         let half = d / 2;
