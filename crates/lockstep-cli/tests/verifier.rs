@@ -125,6 +125,7 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
         "multi-token sequences [f32]",
         "layer-by-layer [f64]",
         "attention weights [f32]",
+        "greedy generation [f32]",
     ] {
         assert!(
             stdout
@@ -178,6 +179,19 @@ fn verify_with_a_fault_fails_and_names_where_it_enters() {
     let j = json_of(&js);
     assert_eq!(j["passed"], false);
     assert_eq!(j["first_divergence"], "layers.0.q");
+    // The broken engine also generates other tokens, and not by a near-tie.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.lines().any(|l| l.contains("FAIL")
+            && l.contains("greedy generation [f32]")
+            && !l.contains("near-tie")),
+        "{stdout}"
+    );
+    let report = std::fs::read_to_string(dir.join("r.md")).unwrap();
+    assert!(
+        report.contains("apart in our logits"),
+        "no divergence diagnosis in the report"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
 
 use super::python::ReferenceEnv;
-use lockstep_verify::phases::{Reference, ReferenceWeights, TraceJob};
+use lockstep_verify::phases::{GenerateJob, Reference, ReferenceWeights, TraceJob};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,7 @@ pub struct PythonReference {
     scratch: PathBuf,
     tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
     weights: HashMap<PathBuf, ReferenceWeights>,
+    generated: HashMap<String, Vec<Vec<u32>>>,
 }
 
 impl PythonReference {
@@ -22,6 +23,7 @@ impl PythonReference {
             scratch: scratch.to_path_buf(),
             tokenized: HashMap::new(),
             weights: HashMap::new(),
+            generated: HashMap::new(),
         }
     }
 
@@ -48,6 +50,10 @@ fn too_big_for_f64(model: &Path) -> bool {
     lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
         .map(|c| c.parameter_count() as u64 * 8 > 6_000_000_000)
         .unwrap_or(false)
+}
+
+fn generate_key(j: &GenerateJob) -> String {
+    format!("{}|{:?}|{}", j.model.display(), j.prompts, j.max_new_tokens)
 }
 
 fn job_key(j: &TraceJob) -> String {
@@ -128,6 +134,54 @@ impl Reference for PythonReference {
         };
         self.weights.insert(model.to_path_buf(), w.clone());
         Ok(w)
+    }
+
+    fn generate(&mut self, jobs: &[GenerateJob]) -> Result<Vec<Vec<Vec<u32>>>, String> {
+        let todo: Vec<&GenerateJob> = jobs
+            .iter()
+            .filter(|j| !self.generated.contains_key(&generate_key(j)))
+            .collect();
+        if !todo.is_empty() {
+            let request: Vec<serde_json::Value> = todo
+                .iter()
+                .map(|j| {
+                    let mut v = serde_json::json!({
+                        "model": j.model,
+                        "max_new_tokens": j.max_new_tokens,
+                        "ignore_eos": false,
+                    });
+                    if j.prompts.len() == 1 {
+                        v["tokens"] = serde_json::json!(j.prompts[0]);
+                    } else {
+                        v["token_batch"] = serde_json::json!(j.prompts);
+                    }
+                    v
+                })
+                .collect();
+            let req = self.write_request("generate.json", &serde_json::json!(request))?;
+            let out = self
+                .env
+                .run(&["generate-batch", &req.to_string_lossy()])
+                .map_err(|e| e.to_string())?;
+            let v = Self::last_json_line(&out)?;
+            let results = v.as_array().ok_or("unexpected generate-batch output")?;
+            if results.len() != todo.len() {
+                return Err("generate-batch returned the wrong number of results".into());
+            }
+            for (j, r) in todo.iter().zip(results) {
+                let rows: Vec<Vec<u32>> = if j.prompts.len() == 1 {
+                    vec![serde_json::from_value(r["generated"].clone())
+                        .map_err(|e| e.to_string())?]
+                } else {
+                    serde_json::from_value(r["generated"].clone()).map_err(|e| e.to_string())?
+                };
+                self.generated.insert(generate_key(j), rows);
+            }
+        }
+        Ok(jobs
+            .iter()
+            .map(|j| self.generated[&generate_key(j)].clone())
+            .collect())
     }
 
     fn traces(&mut self, jobs: &[TraceJob]) -> Result<(), String> {

@@ -30,6 +30,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         None,
         &mut reference,
         &work,
+        0,
     )?;
     if !clean.passed {
         return Err(CliError::input(
@@ -47,6 +48,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             Some(fault),
             &mut reference,
             &work,
+            0,
         )?;
         let first = out
             .full

@@ -46,6 +46,10 @@ pub struct Args {
     /// (for 7B-scale models on a CPU, where the full set takes long).
     #[arg(long)]
     pub single_only: bool,
+    /// New tokens of the greedy generation phase (f32 tier: lockstep vs transformers.generate,
+    /// alone and batched); 0 skips it [default: 64, or 0 with --single-only].
+    #[arg(long)]
+    pub generate_tokens: Option<usize>,
     /// Verify another port's traces (JAX, C++, ...) instead of lockstep's engine: each trace's
     /// `token_ids` and `dtype` metadata say what the reference runs (see docs/trace-format.md and
     /// reference/lockstep_reference/writer.py). `--dtype` does not apply.
@@ -138,6 +142,7 @@ pub fn run_phases(
     fault: Option<Fault>,
     reference: &mut PythonReference,
     work_dir: &Path,
+    generate_tokens: usize,
 ) -> CliResult<VerifyOutcome> {
     let opts = VerifyOptions {
         model: model.to_path_buf(),
@@ -145,6 +150,7 @@ pub fn run_phases(
         inputs,
         fault,
         work_dir: work_dir.to_path_buf(),
+        generate_tokens,
     };
     let t0 = Instant::now();
     let spinner = indicatif::ProgressBar::new_spinner();
@@ -201,6 +207,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         a.inject,
         &mut reference,
         &work,
+        a.generate_tokens
+            .unwrap_or(if a.single_only { 0 } else { 64 }),
     )?;
 
     let mut title = format!("lockstep verify: {}", model.display());
