@@ -556,6 +556,84 @@ def ensure_smollm2(root: str) -> str:
     return out_dir
 
 
+# SmolLM2's trained weights as a Qwen2 checkpoint, with seeded random q/k/v biases (std 0.02: a
+# missing bias moves the logits by whole units, yet the model still writes English).
+SMOLLM2_QWEN2_MODEL = "smollm2-as-qwen2"
+SMOLLM2_QWEN2_SPEC = {"from": SMOLLM2_MODEL, "architecture": "Qwen2ForCausalLM", "bias_std": 0.02,
+                      "seed": 2025}
+
+
+def ensure_smollm2_qwen2(root: str) -> str:
+    """Build fixtures/models/smollm2-as-qwen2 from the SmolLM2 fixture: the same trained weights
+    under a Qwen2 config (q/k/v biases on, no sliding window) with seeded random biases, saved by
+    transformers' Qwen2ForCausalLM; a realistic Qwen2 case where the biases matter."""
+    out_dir = os.path.join(root, "models", SMOLLM2_QWEN2_MODEL)
+    src_dir = os.path.join(root, "models", SMOLLM2_MODEL)
+    spec = dict(SMOLLM2_QWEN2_SPEC, source_sha256=_spec_hash(SMOLLM2_SPEC))
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            record = json.load(f)
+        if record.get("spec_sha256") == _spec_hash(spec) and all(
+                os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", [])):
+            log(f"{SMOLLM2_QWEN2_MODEL}: up to date")
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.time()
+    llama = transformers.AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    lc = llama.config
+    config = transformers.Qwen2Config(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+        num_hidden_layers=lc.num_hidden_layers, num_attention_heads=lc.num_attention_heads,
+        num_key_value_heads=lc.num_key_value_heads, max_position_embeddings=lc.max_position_embeddings,
+        rms_norm_eps=lc.rms_norm_eps, rope_parameters=dict(lc.rope_parameters),
+        tie_word_embeddings=lc.tie_word_embeddings, use_sliding_window=False,
+        bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
+        dtype="float32")
+    model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+    biases = sorted(k for k in missing if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))
+    if unexpected or sorted(missing) != biases or len(biases) != 3 * lc.num_hidden_layers:
+        raise SystemExit(f"{SMOLLM2_QWEN2_MODEL}: unexpected weights {unexpected}, missing {missing}")
+    gen = torch.Generator().manual_seed(spec["seed"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in biases:
+            params[k].copy_(torch.randn(params[k].shape, generator=gen) * spec["bias_std"])
+    model.tie_weights()
+    model.generation_config = llama.generation_config
+    tmp = out_dir + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    for f in os.listdir(src_dir):
+        if f.startswith("tokenizer") or f in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(os.path.join(src_dir, f), os.path.join(tmp, f))
+    files = sorted(os.listdir(tmp))
+    for f in files:
+        os.chmod(os.path.join(tmp, f), 0o644)
+    record = {
+        "name": SMOLLM2_QWEN2_MODEL,
+        "spec": spec,
+        "spec_sha256": _spec_hash(spec),
+        "how": "SmolLM2 fixture weights loaded into transformers.Qwen2ForCausalLM, q/k/v biases "
+               "N(0, bias_std) from torch.Generator(seed), save_pretrained",
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "files": files,
+        "build_seconds": round(time.time() - t0, 2),
+    }
+    _write_json(os.path.join(tmp, MARKER), record)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    log(f"{SMOLLM2_QWEN2_MODEL}: built in {record['build_seconds']} s")
+    return out_dir
+
+
 def build_all(root: str, big: bool = True) -> None:
     """Create every fixture under `root`, skipping what is already complete."""
     root = os.path.abspath(root)
@@ -565,3 +643,4 @@ def build_all(root: str, big: bool = True) -> None:
     for name in SMALL_MODELS + [DEFAULT_MODEL] + ([BIG_MODEL] if big else []):
         ensure_model(root, name, tok)
     ensure_smollm2(root)
+    ensure_smollm2_qwen2(root)

@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use support::*;
 
 const SMOLLM2: &str = "smollm2-135m-instruct";
+/// SmolLM2's weights saved as Qwen2 with random q/k/v biases (a realistic Qwen2 case).
+const SMOLLM2_QWEN2: &str = "smollm2-as-qwen2";
 const NEW_TOKENS: usize = 64;
 
 fn model_dir(name: &str) -> PathBuf {
@@ -95,6 +97,14 @@ fn greedy_generation_matches_transformers_token_for_token() {
             job: json!({"model": smol_s, "prompt": p, "max_new_tokens": NEW_TOKENS, "ignore_eos": false}),
         });
     }
+    // The same trained weights as a Qwen2 checkpoint with random q/k/v biases.
+    let qwen2_smol = model_dir(SMOLLM2_QWEN2).to_str().unwrap().to_string();
+    let q = "What is the capital of France?";
+    cases.push(Case {
+        label: format!("smollm2-as-qwen2 chat {q:?}"),
+        args: vec!["--model".into(), qwen2_smol.clone(), "--chat".into(), "--prompt".into(), q.into(), "--max-new-tokens".into(), n.clone(), "--temperature".into(), "0".into()],
+        job: json!({"model": qwen2_smol, "messages": [{"role": "user", "content": q}], "max_new_tokens": NEW_TOKENS, "ignore_eos": false}),
+    });
     // Random fixture models: token prompts, EOS ignored on both sides (exactly 64 tokens).
     for (name, seed) in [
         ("qwen2-gqa", 11u64),
@@ -188,7 +198,8 @@ fn greedy_generation_matches_transformers_token_for_token() {
     // The real model answers the question (DESIGN.md).
     assert_eq!(ours[0]["text"], "The capital of France is Paris.");
     assert_eq!(ours[0]["finish_reason"], "eos");
-    for o in &ours[4..] {
+    assert_eq!(ours[4]["text"], "The capital of France is Paris.");
+    for o in &ours[5..] {
         assert_eq!(ids(&o["generated_tokens"]).len(), NEW_TOKENS);
     }
 }
@@ -519,4 +530,56 @@ fn chat_session_keeps_history() {
             "The capital of Germany is Berlin."
         ]
     );
+}
+
+#[test]
+fn smollm2_as_qwen2_verifies_and_a_missing_bias_is_caught() {
+    if smollm2().is_none() {
+        return;
+    }
+    let m = model_dir(SMOLLM2_QWEN2);
+    let dir = scratch("verify-smollm2-qwen2");
+    let (md, js, svg) = (dir.join("r.md"), dir.join("r.json"), dir.join("r.svg"));
+    let run = |fault: Option<&str>| {
+        let mut args = vec![
+            "verify",
+            "--model",
+            m.to_str().unwrap(),
+            "--single-only",
+            "--generate-tokens",
+            "16",
+            "--report",
+            md.to_str().unwrap(),
+            "--json",
+            js.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ];
+        if let Some(f) = fault {
+            args.extend(["--dtype", "f32", "--inject", f]);
+        }
+        let o = lockstep(&args);
+        let j: Value = serde_json::from_str(&std::fs::read_to_string(&js).unwrap()).unwrap();
+        (o, j)
+    };
+    let (o, j) = run(None);
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    for phase in [
+        "weights",
+        "single-token forward [f64]",
+        "single-token forward [f32]",
+        "greedy generation [f32]",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains("PASS") && l.contains(phase)),
+            "{phase}: {stdout}"
+        );
+    }
+    assert_eq!(j["passed"], true);
+    let (o, j) = run(Some("no-qkv-bias"));
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(j["first_divergence"], "layers.0.q");
 }
