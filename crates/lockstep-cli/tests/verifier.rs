@@ -241,3 +241,81 @@ fn reference_side_self_checks() {
     );
     assert!(out.contains(" 0 failed"), "{out}");
 }
+
+/// Rewrites a checkpoint's `model.safetensors` with one value of `name` negated.
+fn negate_one_value(dir: &std::path::Path, name: &str) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    let t = owned.iter_mut().find(|t| t.0 == name).unwrap();
+    assert_eq!(t.1, safetensors::Dtype::F32);
+    t.3[3] ^= 0x80; // the sign bit of the first f32
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    drop(st);
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn verify_traces_again_when_the_checkpoint_changes_in_place() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("verify-changed-in-place");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(fixtures().join("models/qwen2-default")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args([
+                "verify",
+                "--model",
+                model.to_str().unwrap(),
+                "--dtype",
+                "f64",
+            ])
+            .args([
+                "--single-only",
+                "--report",
+                dir.join("r.md").to_str().unwrap(),
+            ])
+            .args(["--json", dir.join("r.json").to_str().unwrap()])
+            .args(["--plot", dir.join("r.svg").to_str().unwrap()])
+            .env("LOCKSTEP_CACHE", dir.join("cache"))
+            .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
+            .output()
+            .unwrap()
+    };
+    let o = verify();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Same folder, new weights: both sides see the new ones, so it must pass again (reference
+    // traces cached from the old weights would make it fail).
+    negate_one_value(&model, "model.layers.0.self_attn.q_proj.weight");
+    let o = verify();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

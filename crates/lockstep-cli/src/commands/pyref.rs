@@ -56,8 +56,41 @@ fn generate_key(j: &GenerateJob) -> String {
     format!("{}|{:?}|{}", j.model.display(), j.prompts, j.max_new_tokens)
 }
 
+/// What a cached reference trace depends on besides the job: the size and modification time of
+/// every file of the model folder, so a checkpoint changed in place is traced again.
+fn model_stamp(model: &Path) -> String {
+    let mut files: Vec<String> = std::fs::read_dir(model)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    let t = m
+                        .modified()
+                        .ok()?
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?;
+                    Some(format!(
+                        "{}:{}:{}",
+                        e.file_name().to_string_lossy(),
+                        m.len(),
+                        t.as_nanos()
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.join(",")
+}
+
 fn job_key(j: &TraceJob) -> String {
-    format!("{}|{:?}|{}", j.model.display(), j.tokens, j.dtype)
+    format!(
+        "{}|{:?}|{}|{}",
+        j.model.display(),
+        j.tokens,
+        j.dtype,
+        model_stamp(&j.model)
+    )
 }
 
 impl Reference for PythonReference {

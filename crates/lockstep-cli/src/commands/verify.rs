@@ -69,21 +69,41 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/lockstep")
 }
 
-/// The built-in default model, created on first use.
+/// Version of the built-in default model's recipe; a cached model of another version is rebuilt.
+/// 2: the tokenizer carries Qwen2.5's chat template.
+const DEFAULT_MODEL_VERSION: &str = "2";
+
+/// File in the default model's folder recording the recipe version it was built with.
+const DEFAULT_MODEL_STAMP: &str = "lockstep-default-version";
+
+/// The built-in default model, created on first use (and rebuilt when its recipe changed).
 pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
     let dir = cache_dir().join("models/qwen2-default");
-    if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
+    let stamp = std::fs::read_to_string(dir.join(DEFAULT_MODEL_STAMP)).unwrap_or_default();
+    let complete = dir.join("config.json").exists() && dir.join("model.safetensors").exists();
+    if complete && stamp.trim() == DEFAULT_MODEL_VERSION {
         return Ok(dir);
     }
-    eprintln!(
-        "creating the default model in {} (first use)",
-        dir.display()
-    );
+    if complete {
+        eprintln!(
+            "the default model in {} was built by an older recipe; rebuilding it",
+            dir.display()
+        );
+    } else {
+        eprintln!(
+            "creating the default model in {} (first use)",
+            dir.display()
+        );
+    }
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     env.run(&["make-default", "--out", &partial.to_string_lossy()])?;
-    std::fs::rename(&partial, &dir)
-        .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
+    let fail = |e: std::io::Error| CliError::input(format!("cannot create {}: {e}", dir.display()));
+    std::fs::write(partial.join(DEFAULT_MODEL_STAMP), DEFAULT_MODEL_VERSION).map_err(fail)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(fail)?;
+    }
+    std::fs::rename(&partial, &dir).map_err(fail)?;
     Ok(dir)
 }
 
