@@ -3,9 +3,13 @@
 //! [`linear`] decodes blocks of weight rows once and reuses them for every token, spread over
 //! threads with rayon; [`linear_reference`] is the plain triple loop it is tested against.
 
-use super::Float;
-use crate::weights::Tensor;
+use super::{Bf16, Float, Precision};
+use crate::weights::{StoredDtype, Tensor};
 use rayon::prelude::*;
+use std::any::TypeId;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Dot product with eight independent accumulators (vectorizes, and keeps rounding error low).
 #[inline]
@@ -28,41 +32,212 @@ pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// `out[n][m] = x[n][k] · w[m][k] + bias[m]` for a `[m, k]` weight in any stored dtype.
+///
+/// Computes what [`linear_reference`] computes up to the order of the f32 (f64) summation:
+/// weight rows are split over threads, and each thread reads the stored weight bytes in place
+/// (no per-call copy of the weights) with the fastest kernel this CPU has (see [`Kernel`]).
 pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: &mut [T]) {
+    linear_with(Kernel::detect(), x, n, w, bias, out)
+}
+
+/// The inner loops [`linear`] can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust for every dtype and compute type: weights decoded a chunk at a time into a
+    /// stack buffer ([`Float::decode`], so exactly the values the reference uses), then [`dot`].
+    Portable,
+    /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
+    /// `f32` and `Bf16` compute; f64 compute and F16/F64 weights as [`Kernel::Portable`].
+    Avx512,
+    /// [`Kernel::Avx512`], and `vdpbf16ps` for `Bf16` compute on BF16 weights with several
+    /// tokens (prefill).
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        *Kernel::available().last().unwrap()
+    }
+
+    /// Every kernel this CPU runs, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            k.push(Kernel::Avx512);
+            if avx512::available_bf16() {
+                k.push(Kernel::Avx512Bf16);
+            }
+        }
+        k
+    }
+}
+
+/// [`linear`] on a chosen kernel (tests and benchmarks force [`Kernel::Portable`] with it).
+///
+/// # Panics
+/// When the lengths do not match `w`'s shape, or `kernel` is not available on this CPU.
+pub fn linear_with<T: Float>(
+    kernel: Kernel,
+    x: &[T],
+    n: usize,
+    w: &Tensor,
+    bias: Option<&[T]>,
+    out: &mut [T],
+) {
     let (m, k) = (w.shape[0], w.shape[1]);
     assert_eq!(x.len(), n * k, "linear: input length");
     assert_eq!(out.len(), n * m, "linear: output length");
     if let Some(b) = bias {
         assert_eq!(b.len(), m);
     }
-    // Enough blocks for the threads, few enough that decoding cost is amortized.
-    let block = (m / (4 * rayon::current_num_threads()).max(1)).clamp(1, 64);
-    let blocks: Vec<(usize, Vec<T>)> = (0..m.div_ceil(block))
+    assert!(
+        Kernel::available().contains(&kernel),
+        "{kernel:?} is not available on this CPU"
+    );
+    if n == 0 || m == 0 {
+        return;
+    }
+    let rows_per_task = task_rows(m, k * w.dtype.size());
+    let dst = Dst(out.as_mut_ptr(), m);
+    // vdpbf16ps reads the activations as bf16: exact only when they are bf16 values already.
+    let x_bf16: Option<Vec<u16>> = (kernel == Kernel::Avx512Bf16
+        && n > 1
+        && w.dtype == StoredDtype::BF16
+        && T::PRECISION == Precision::BF16)
+        .then(|| as_f32(x).and_then(bf16_bits))
+        .flatten();
+    (0..m.div_ceil(rows_per_task))
         .into_par_iter()
-        .map(|bi| {
-            let r0 = bi * block;
-            let r1 = (r0 + block).min(m);
-            let mut wrows = vec![T::ZERO; (r1 - r0) * k];
-            let sz = w.dtype.size();
-            T::decode(w.dtype, &w.bytes()[r0 * k * sz..r1 * k * sz], &mut wrows);
-            let mut res = vec![T::ZERO; n * (r1 - r0)];
-            for t in 0..n {
-                let xt = &x[t * k..(t + 1) * k];
-                for (j, wr) in wrows.chunks_exact(k).enumerate() {
-                    let mut v = dot(xt, wr);
-                    if let Some(b) = bias {
-                        v += b[r0 + j];
+        .for_each(|task| {
+            let rows = task * rows_per_task..((task + 1) * rows_per_task).min(m);
+            // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
+            unsafe {
+                sums(kernel, x, x_bf16.as_deref(), n, k, w, rows.clone(), dst);
+                for t in 0..n {
+                    for (j, o) in dst.row(t, rows.clone()).iter_mut().enumerate() {
+                        *o = (*o + bias.map_or(T::ZERO, |b| b[rows.start + j])).round();
                     }
-                    res[t * (r1 - r0) + j] = v.round();
                 }
             }
-            (r0, res)
-        })
-        .collect();
-    for (r0, res) in blocks {
-        let w = res.len() / n;
-        for t in 0..n {
-            out[t * m + r0..t * m + r0 + w].copy_from_slice(&res[t * w..(t + 1) * w]);
+        });
+}
+
+/// Rows per rayon task: several tasks per thread (load balance) of at least ~64 KiB of weights
+/// (to amortize scheduling), a multiple of the 4-row tiles.
+fn task_rows(m: usize, row_bytes: usize) -> usize {
+    let balanced = m.div_ceil(8 * rayon::current_num_threads());
+    let min = (64usize << 10).div_ceil(row_bytes.max(1));
+    balanced.max(min).next_multiple_of(4)
+}
+
+/// The output `[n][m]` shared by the tasks, each writing its own rows.
+#[derive(Clone, Copy)]
+struct Dst<T>(*mut T, usize);
+// SAFETY: tasks write disjoint entries (see `linear_with`).
+unsafe impl<T: Send> Send for Dst<T> {}
+unsafe impl<T: Sync> Sync for Dst<T> {}
+
+impl<T> Dst<T> {
+    /// Token `t`'s outputs for `rows`.
+    ///
+    /// # Safety
+    /// No other live reference to these entries.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, t: usize, rows: std::ops::Range<usize>) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(t * self.1 + rows.start), rows.len())
+    }
+}
+
+/// `x` as the f32 values it holds, when `T` is `f32` or [`Bf16`] (a `repr(transparent)` f32).
+fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
+    let f32_like =
+        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<Bf16>();
+    // SAFETY: T is f32 or Bf16, which has f32's layout.
+    f32_like.then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// The bf16 bit patterns of `x`, when every value is a bf16 value.
+fn bf16_bits(x: &[f32]) -> Option<Vec<u16>> {
+    x.iter()
+        .map(|v| (v.to_bits() & 0xFFFF == 0).then_some((v.to_bits() >> 16) as u16))
+        .collect()
+}
+
+/// Raw sums (no bias, no rounding) into `dst` for `rows` and every token; `x_bf16` is `x` as
+/// bf16 bits when [`Kernel::Avx512Bf16`] may use them.
+///
+/// # Safety
+/// `kernel` is available; `dst` is `[n][m]`, and no one else accesses its entries in `rows`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums<T: Float>(
+    kernel: Kernel,
+    x: &[T],
+    x_bf16: Option<&[u16]>,
+    n: usize,
+    k: usize,
+    w: &Tensor,
+    rows: std::ops::Range<usize>,
+    dst: Dst<T>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        use avx512::{sums_dp, sums_fma as run, Bf16W, F32AsBf16W, F32W};
+        let (m, bytes) = (w.shape[0], w.bytes());
+        let out = dst.0.cast::<f32>();
+        if let Some(xb) = x_bf16 {
+            return sums_dp(xb, n, k, bytes, m, rows, out);
+        }
+        match (as_f32(x), w.dtype, T::PRECISION) {
+            (Some(xf), StoredDtype::BF16, _) => return run::<Bf16W>(xf, n, k, bytes, m, rows, out),
+            (Some(xf), StoredDtype::F32, Precision::BF16) => {
+                return run::<F32AsBf16W>(xf, n, k, bytes, m, rows, out)
+            }
+            (Some(xf), StoredDtype::F32, _) => return run::<F32W>(xf, n, k, bytes, m, rows, out),
+            _ => {}
+        }
+    }
+    let _ = (kernel, x_bf16);
+    sums_portable(x, n, k, w, rows, dst)
+}
+
+/// Portable sums: for four rows at a time, decode a chunk of each row into a stack buffer and
+/// dot it with every token's matching chunk, accumulating the chunks' sums in `dst`.
+///
+/// # Safety
+/// As [`sums`].
+unsafe fn sums_portable<T: Float>(
+    x: &[T],
+    n: usize,
+    k: usize,
+    w: &Tensor,
+    rows: std::ops::Range<usize>,
+    dst: Dst<T>,
+) {
+    const ROWS: usize = 4;
+    const CHUNK: usize = 256;
+    let (sz, bytes) = (w.dtype.size(), w.bytes());
+    let mut buf = [T::ZERO; ROWS * CHUNK];
+    for r0 in rows.clone().step_by(ROWS) {
+        let group = r0..(r0 + ROWS).min(rows.end);
+        for c0 in (0..k).step_by(CHUNK) {
+            let len = CHUNK.min(k - c0);
+            for (b, j) in buf.chunks_exact_mut(CHUNK).zip(group.clone()) {
+                let at = (j * k + c0) * sz;
+                T::decode(w.dtype, &bytes[at..at + len * sz], &mut b[..len]);
+            }
+            for t in 0..n {
+                let xt = &x[t * k + c0..t * k + c0 + len];
+                for (o, b) in dst
+                    .row(t, group.clone())
+                    .iter_mut()
+                    .zip(buf.chunks_exact(CHUNK))
+                {
+                    let s = dot(xt, &b[..len]);
+                    *o = if c0 == 0 { s } else { *o + s };
+                }
+            }
         }
     }
 }
@@ -101,6 +276,14 @@ pub(crate) mod tests {
                 .iter()
                 .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
                 .collect(),
+            safetensors::Dtype::F16 => vals
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            safetensors::Dtype::F64 => vals
+                .iter()
+                .flat_map(|&v| (v as f64).to_le_bytes())
+                .collect(),
             _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
         let d = tempfile::tempdir().unwrap();
@@ -128,19 +311,118 @@ pub(crate) mod tests {
             .collect()
     }
 
-    #[test]
-    fn fast_linear_matches_reference() {
-        for dtype in [safetensors::Dtype::F32, safetensors::Dtype::BF16] {
-            let (m, k, n) = (37, 29, 5);
-            let (_d, w) = tensor_from(&pseudo(m * k, 1), vec![m, k], dtype);
-            let x: Vec<f64> = pseudo(n * k, 2).iter().map(|&v| v as f64).collect();
-            let b: Vec<f64> = pseudo(m, 3).iter().map(|&v| v as f64).collect();
-            let mut out = vec![0.0; n * m];
-            linear(&x, n, &w, Some(&b), &mut out);
-            let r = linear_reference(&x, n, &w, Some(&b));
-            for (a, c) in out.iter().zip(&r) {
-                assert!((a - c).abs() < 1e-13, "{a} vs {c}");
+    /// Every kernel × stored dtype × `n` × bias on shapes with row and `k` tails (37 rows; k odd,
+    /// not a multiple of 16, one above the portable chunk), against [`linear_reference`].
+    fn check_all<T: Float>(rel: f64) {
+        let kernels = Kernel::available();
+        for dtype in [
+            safetensors::Dtype::F32,
+            safetensors::Dtype::BF16,
+            safetensors::Dtype::F16,
+            safetensors::Dtype::F64,
+        ] {
+            for (m, k) in [(37, 29), (9, 301), (5, 1)] {
+                let (_d, w) = tensor_from(&pseudo(m * k, 1), vec![m, k], dtype);
+                let mut wd = vec![0f64; m * k];
+                f64::decode(w.dtype, w.bytes(), &mut wd);
+                let b: Vec<T> = pseudo(m, 3)
+                    .iter()
+                    .map(|&v| T::from_f64(v as f64).round())
+                    .collect();
+                for n in [1, 3, 17] {
+                    let x: Vec<T> = pseudo(n * k, 2)
+                        .iter()
+                        .map(|&v| T::from_f64(v as f64).round())
+                        .collect();
+                    for bias in [None, Some(&b[..])] {
+                        let r = linear_reference(&x, n, &w, bias);
+                        for &kernel in &kernels {
+                            let mut out = vec![T::ZERO; n * m];
+                            linear_with(kernel, &x, n, &w, bias, &mut out);
+                            for (i, (a, c)) in out.iter().zip(&r).enumerate() {
+                                let (t, j) = (i / m, i % m);
+                                // Error bound of a reordered sum, plus one output rounding.
+                                let scale: f64 = (0..k)
+                                    .map(|i| (x[t * k + i].to_f64() * wd[j * k + i]).abs())
+                                    .sum::<f64>()
+                                    + bias.map_or(0.0, |b| b[j].to_f64().abs());
+                                let tol = rel * scale
+                                    + (c.to_f64() - c.round().to_f64()).abs()
+                                    + if T::PRECISION == Precision::BF16 {
+                                        c.to_f64().abs() / 128.0
+                                    } else {
+                                        0.0
+                                    };
+                                let (a, c) = (a.to_f64(), c.to_f64());
+                                assert!(
+                                    (a - c).abs() <= tol,
+                                    "{kernel:?} {dtype:?} {:?} m={m} k={k} n={n} [{t}][{j}]: {a} vs {c}",
+                                    T::PRECISION
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn linear_matches_reference_f64() {
+        check_all::<f64>(1e-14);
+    }
+
+    #[test]
+    fn linear_matches_reference_f32() {
+        check_all::<f32>(1e-5);
+    }
+
+    #[test]
+    fn linear_matches_reference_bf16() {
+        check_all::<Bf16>(1e-5);
+    }
+
+    /// Bf16 compute rounds F32 weights to bf16 exactly like `half` (nearest-even ties, overflow
+    /// to infinity, NaN stays NaN): one-hot activations pick each weight out unchanged.
+    #[test]
+    fn bf16_compute_rounds_f32_weights_like_half() {
+        let e = f32::EPSILON; // 2^-23; bf16 keeps 7 fraction bits
+        let special = [
+            1.0 + e * 65536.0, // tie, odd last kept bit: rounds up
+            1.0 + e * 32768.0, // tie, even: rounds down
+            1.0 + e * 32769.0,
+            -(1.0 + e * 98304.0),
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::NAN,
+            -0.0,
+            3.0e-3,
+        ];
+        let k = 17;
+        let mut vals = vec![0.0f32; special.len() * k];
+        for (j, &v) in special.iter().enumerate() {
+            vals[j * k] = v;
+        }
+        let (_d, w) = tensor_from(&vals, vec![special.len(), k], safetensors::Dtype::F32);
+        let mut x = vec![Bf16(0.0); k];
+        x[0] = Bf16(1.0);
+        let r = linear_reference(&x, 1, &w, None);
+        for kernel in Kernel::available() {
+            let mut out = vec![Bf16(0.0); special.len()];
+            linear_with(kernel, &x, 1, &w, None, &mut out);
+            for (a, c) in out.iter().zip(&r) {
+                assert!(
+                    a.0.to_bits() == c.0.to_bits() || (a.0.is_nan() && c.0.is_nan()),
+                    "{kernel:?}: {a:?} vs {c:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_handles_empty_inputs() {
+        let (_d, w) = tensor_from(&pseudo(6, 1), vec![3, 2], safetensors::Dtype::BF16);
+        let mut out: Vec<f32> = vec![];
+        linear(&[], 0, &w, None, &mut out);
     }
 }

@@ -123,7 +123,10 @@ impl Float for f32 {
 
 /// bf16 activations: values held in an `f32` (arithmetic in f32, as PyTorch's bf16 kernels
 /// accumulate in f32) and rounded to bf16 by [`Float::round`] at the model's rounding points.
+///
+/// `repr(transparent)`: a `[Bf16]` may be read as the `[f32]` it holds (the matmul kernels do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
+#[repr(transparent)]
 pub struct Bf16(pub f32);
 
 macro_rules! bf16_op {
@@ -180,14 +183,12 @@ impl Float for Bf16 {
     }
     fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
         // Weights are used as stored; an f32/f64 checkpoint is rounded to bf16 like
-        // `from_pretrained(dtype=torch.bfloat16)` does.
-        decode_with(
-            dtype,
-            bytes,
-            out,
-            |x| Bf16(x).round(),
-            |x| Bf16(x as f32).round(),
-        )
+        // `from_pretrained(dtype=torch.bfloat16)` does (BF16 ones are bf16 values already).
+        let from32 = match dtype {
+            StoredDtype::BF16 => Bf16,
+            _ => |x| Bf16(x).round(),
+        };
+        decode_with(dtype, bytes, out, from32, |x| Bf16(x as f32).round())
     }
     fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
         lockstep_trace::TensorData::F32(v.into_iter().map(|x| x.0).collect())
