@@ -51,16 +51,17 @@ def trace_batch(jobs_path: str) -> None:
 
 def tokenize_batch(model_dir: str, texts_path: str) -> None:
     """Print, as one JSON line, the transformers tokenizer's ids of each text of a JSON list."""
-    import transformers
-
     with open(texts_path) as f:
         texts = json.load(f)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = tracer.load_tokenizer(model_dir)
     print(json.dumps([list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]))
 
 
 def stored_dtype(model_dir: str) -> str:
-    """The dtype the checkpoint's floating tensors are stored in ("f32", "bf16" or "f64")."""
+    """The dtype the checkpoint's floating tensors are stored in ("f32", "bf16" or "f64"); "f32" for a
+    GGUF file, whose tensors transformers dequantizes to float32."""
+    if tracer.gguf_file(model_dir) is not None:
+        return "f32"
     dtypes = set()
     for path in checkpoint_files(model_dir):
         header, _ = read_header(path)
@@ -93,11 +94,9 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
     """Print, as one JSON line, `[{"text", "ids"}, ...]`: each conversation of a JSON list
     `[{"messages": [...], "tools": [...] | null}, ...]` rendered by `apply_chat_template` with
     `add_generation_prompt=True`, and its ids."""
-    import transformers
-
     with open(conversations_path) as f:
         conversations = json.load(f)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = tracer.load_tokenizer(model_dir)
     out = []
     for conv in conversations:
         text = tok.apply_chat_template(conv["messages"], tools=conv.get("tools"), tokenize=False,
@@ -137,7 +136,7 @@ def generate_batch(jobs_path: str) -> None:
             loaded[job["model"]] = (m, copy.deepcopy(m.generation_config), None)
         model, original, tok = loaded[job["model"]]
         if tok is None and ("prompt" in job or "messages" in job):
-            tok = transformers.AutoTokenizer.from_pretrained(job["model"])
+            tok = tracer.load_tokenizer(job["model"])
             loaded[job["model"]] = (model, original, tok)
         if "token_batch" in job:
             prompt_ids = [[int(t) for t in row] for row in job["token_batch"]]
@@ -254,12 +253,7 @@ def gguf_weights(gguf_paths: list[str], save: str | None = None) -> None:
 def gguf_tokenize(gguf_path: str, texts_path: str) -> None:
     """Print, as one JSON line, the ids of each text of a JSON list through the tokenizer transformers
     builds from a GGUF file's metadata (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`)."""
-    import os
-
-    import transformers
-
     with open(texts_path) as f:
         texts = json.load(f)
-    folder, name = os.path.split(os.path.abspath(gguf_path))
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok = tracer.load_tokenizer(gguf_path)
     print(json.dumps([list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]))

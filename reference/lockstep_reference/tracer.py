@@ -247,15 +247,46 @@ def _capture(model, rec: _Recorder):
 # Public API
 
 
+def gguf_file(path: str) -> str | None:
+    """The llama.cpp GGUF file a model path names: the path itself when it is a `.gguf` file, or the
+    only `.gguf` of a folder without safetensors weights; None for a safetensors checkpoint."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.abspath(path)
+    if os.path.isdir(path) and not any(
+            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(found) == 1:
+            return os.path.abspath(os.path.join(path, found[0]))
+    return None
+
+
+def pretrained_source(path: str) -> tuple[str, dict]:
+    """`(folder, kwargs)` for transformers' `from_pretrained`: a GGUF model loads from its folder with
+    `gguf_file=name` (tensors dequantized by transformers, tokenizer built from the file's metadata)."""
+    gguf = gguf_file(path)
+    if gguf is None:
+        return path, {}
+    folder, name = os.path.split(gguf)
+    return folder, {"gguf_file": name}
+
+
+def load_tokenizer(model_dir: str):
+    """The transformers tokenizer of a checkpoint folder or GGUF file."""
+    folder, kwargs = pretrained_source(model_dir)
+    return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
 def load_model(model_dir: str, dtype: str):
-    """Load a Qwen2/Llama checkpoint folder in the compute dtype ("f64", "f32", "bf16"), eager attention.
+    """Load a Qwen2/Llama checkpoint folder (or GGUF file) in the compute dtype ("f64", "f32",
+    "bf16"), eager attention.
 
     The weights are loaded directly in that dtype; the rotary `inv_freq` buffer must stay float32 (as HF
     computes it) and is asserted to be so.
     """
     transformers.utils.logging.disable_progress_bar()
+    folder, kwargs = pretrained_source(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=TORCH_DTYPES[dtype], attn_implementation="eager"
+        folder, dtype=TORCH_DTYPES[dtype], attn_implementation="eager", **kwargs
     )
     model.eval()
     if model.config.model_type not in _ARCHS:
@@ -294,8 +325,13 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
 
 def trace_metadata(model_dir: str, model, token_ids: list[int], dtype: str, prompt: str | None) -> dict[str, str]:
     """The `__metadata__` of a trace (all values strings)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config_text = json.dumps(json.load(f), separators=(",", ":"))
+    gguf = gguf_file(model_dir)
+    if gguf is None:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config_text = json.dumps(json.load(f), separators=(",", ":"))
+    else:  # the config transformers derived from the GGUF metadata
+        config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        config_text = json.dumps(config, separators=(",", ":"), default=str)
     meta = {
         "producer": "transformers",
         "torch_version": torch.__version__,
@@ -306,9 +342,10 @@ def trace_metadata(model_dir: str, model, token_ids: list[int], dtype: str, prom
         "model_type": model.config.model_type,
         "num_layers": str(model.config.num_hidden_layers),
         "token_ids": json.dumps(list(token_ids)),
-        "model_fingerprint": model_fingerprint(model_dir),
         "config": config_text,
     }
+    if gguf is None:  # the fingerprint is defined on safetensors checkpoints (docs/trace-format.md)
+        meta["model_fingerprint"] = model_fingerprint(model_dir)
     if prompt is not None:
         meta["prompt"] = prompt
     return meta
@@ -343,7 +380,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
 
 def tokenize(model_dir: str, text: str) -> list[int]:
     """Token ids of `text` from the folder's transformers tokenizer, no special tokens added."""
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

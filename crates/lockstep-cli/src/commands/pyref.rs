@@ -58,26 +58,23 @@ fn generate_key(j: &GenerateJob) -> String {
 
 /// What a cached reference trace depends on besides the job: the size and modification time of
 /// every file of the model folder, so a checkpoint changed in place is traced again.
+/// (A GGUF model given as a file: that file's size and modification time.)
 fn model_stamp(model: &Path) -> String {
+    let stamp = |path: &Path| -> Option<String> {
+        let m = std::fs::metadata(path).ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        let name = path.file_name()?.to_string_lossy();
+        Some(format!("{name}:{}:{}", m.len(), t.as_nanos()))
+    };
+    if model.is_file() {
+        return stamp(model).unwrap_or_default();
+    }
     let mut files: Vec<String> = std::fs::read_dir(model)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let m = e.metadata().ok()?;
-                    let t = m
-                        .modified()
-                        .ok()?
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .ok()?;
-                    Some(format!(
-                        "{}:{}:{}",
-                        e.file_name().to_string_lossy(),
-                        m.len(),
-                        t.as_nanos()
-                    ))
-                })
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| stamp(&e.ok()?.path())).collect())
         .unwrap_or_default();
     files.sort();
     files.join(",")
