@@ -341,3 +341,32 @@ fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
         "The capital of France is Paris."
     );
 }
+
+#[test]
+fn bad_batch_input_is_one_line_and_exit_2() {
+    if reference_python().is_none() {
+        return;
+    }
+    let m = model_dir("qwen2-gqa");
+    let m = m.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--tokens", "1,2,3", "--tokens", "5,99999"],
+            "token id 99999 is out of range",
+        ),
+        (vec!["--tokens", "1,2", "--tokens", "3,x"], "x"),
+        (
+            vec!["--prompt", "a", "--prompt", ""],
+            "tokenizes to no tokens",
+        ),
+    ] {
+        let mut all = vec!["generate", "--model", m, "--max-new-tokens", "2"];
+        all.extend(args.iter().copied());
+        let o = lockstep(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: wrote to stdout");
+    }
+}
