@@ -4,31 +4,29 @@
 //! - [`Fma`]: f32 activations; F32 weights as stored ([`F32W`]), BF16 weights widened exactly
 //!   (`bits << 16`, [`Bf16W`]), or F32 weights rounded to bf16 the way `half` does
 //!   ([`F32AsBf16W`], for bf16 compute on an f32 checkpoint); one f32 FMA per product.
-//! - [`Dp`] (AVX512_BF16): bf16 activations × BF16 weights with `vdpbf16ps`, two products per
-//!   lane per instruction. A bf16×bf16 product is exact in f32, so this is f32 accumulation of
-//!   the exact products like [`Fma`], in another order, except that `vdpbf16ps` treats
-//!   subnormal inputs and results as zero (values below 1.2e-38, which real weights and
-//!   activations do not reach).
 //!
-//! A tile is `R` weight rows × `N` tokens over the full `k`: one load of a weight vector feeds
-//! `N` multiply-adds and one load of an activation vector feeds `R`, so prefill (many tokens) is
-//! compute-bound while decode (one token) streams each weight once. The `k` tail is handled with
-//! masked loads (masked-off lanes read nothing and add zero). Each lane accumulates its own
-//! strided partial sum, reduced at the end, in the same order whatever `R` and `N` are.
+//! `vdpbf16ps` (AVX512_BF16) was tried for bf16 activations × BF16 weights: on this machine it
+//! issues one per cycle (two f32 FMAs do as much work) and measured slower than widening + FMA,
+//! besides flushing subnormals; it is not used.
+//!
+//! A tile is `R` weight rows × `N` tokens over a chunk of [`KC`] elements of `k`: one load of a
+//! weight vector feeds `N` multiply-adds and one load of an activation vector feeds `R`, so
+//! prefill (many tokens) is compute-bound while decode (one token) streams each weight once.
+//! The `k` tail is handled with masked loads (masked-off lanes read nothing and add zero). Each
+//! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
+//! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
+
+/// Elements of `k` per chunk: four tokens' activations (8 KiB) stay in L1.
+const KC: usize = 512;
 
 /// Whether this CPU runs [`Fma`].
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
-}
-
-/// Whether this CPU runs [`Dp`] too.
-pub(super) fn available_bf16() -> bool {
-    available() && is_x86_feature_detected!("avx512bf16")
 }
 
 /// One step of a dot-product tile: a vector of activations and one of weights, multiplied and
@@ -83,15 +81,6 @@ fn mask16(len: usize) -> __mmask16 {
         !0
     } else {
         ((1u32 << len) - 1) as __mmask16
-    }
-}
-
-#[inline]
-fn mask32(len: usize) -> __mmask32 {
-    if len >= 32 {
-        !0
-    } else {
-        ((1u64 << len) - 1) as __mmask32
     }
 }
 
@@ -159,63 +148,38 @@ impl<W: Weights> Step for Fma<W> {
     }
 }
 
-/// bf16 activations (their bit patterns) × BF16 weights, `vdpbf16ps`: two products per lane.
-pub(super) struct Dp;
-
-impl Step for Dp {
-    type X = u16;
-    type V = __m512i;
-    const LANES: usize = 32;
-    const WSIZE: usize = 2;
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn x(p: *const u16, len: usize) -> __m512i {
-        _mm512_maskz_loadu_epi16(mask32(len), p.cast())
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn w(p: *const u8, len: usize) -> __m512i {
-        _mm512_maskz_loadu_epi16(mask32(len), p.cast())
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn madd(acc: __m512, w: __m512i, x: __m512i) -> __m512 {
-        // SAFETY: __m512i and __m512bh are both 64 bytes of lanes.
-        let (w, x) = (
-            std::mem::transmute::<__m512i, __m512bh>(w),
-            std::mem::transmute::<__m512i, __m512bh>(x),
-        );
-        _mm512_dpbf16_ps(acc, w, x)
-    }
-}
-
-/// `acc[r][t] = Σ_i x[t·k + i]·w[r·wrow/WSIZE + i]` for `r < R`, `t < N`.
+/// `acc[r][t] = Σ_{i<k} x[t·xrow + i]·w[r·wrow/WSIZE + i]` for `r < R`, `t < N`.
 ///
 /// `inline(always)` without target features of its own: it is compiled into the callers
-/// ([`sums_fma`], [`sums_dp`]) with theirs.
+/// ([`sums_fma`]) with theirs.
 ///
 /// # Safety
-/// The CPU has `S`'s features; `x` is valid for `N·k` elements, `w` for `R` rows of `k`
-/// elements `wrow` bytes apart.
+/// The CPU has `S`'s features; `x` is valid for `N` rows of `k` elements `xrow` elements
+/// apart, `w` for `R` rows of `k` elements `wrow` bytes apart.
 #[inline(always)]
 unsafe fn tile<S: Step, const R: usize, const N: usize>(
     x: *const S::X,
+    xrow: usize,
     k: usize,
     w: *const u8,
     wrow: usize,
 ) -> [[f32; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
+    // Full vectors (constant masks), then the masked tail.
     let mut i = 0;
-    while i < k {
-        let len = k - i;
-        let xv: [S::V; N] = std::array::from_fn(|t| S::x(x.add(t * k + i), len));
-        for (r, a) in acc.iter_mut().enumerate() {
-            let wv = S::w(w.add(r * wrow + i * S::WSIZE), len);
-            for (a, &xv) in a.iter_mut().zip(&xv) {
-                *a = S::madd(*a, wv, xv);
-            }
-        }
+    while i + S::LANES <= k {
+        step::<S, R, N>(
+            &mut acc,
+            x.add(i),
+            xrow,
+            w.add(i * S::WSIZE),
+            wrow,
+            S::LANES,
+        );
         i += S::LANES;
+    }
+    if i < k {
+        step::<S, R, N>(&mut acc, x.add(i), xrow, w.add(i * S::WSIZE), wrow, k - i);
     }
     let mut sums = [[0.0; N]; R];
     for (s, a) in sums.iter_mut().zip(&acc) {
@@ -224,6 +188,34 @@ unsafe fn tile<S: Step, const R: usize, const N: usize>(
         }
     }
     sums
+}
+
+/// One step of [`tile`]: `len.min(LANES)` elements of each row and token.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn step<S: Step, const R: usize, const N: usize>(
+    acc: &mut [[__m512; N]; R],
+    x: *const S::X,
+    xrow: usize,
+    w: *const u8,
+    wrow: usize,
+    len: usize,
+) {
+    let xv: [S::V; N] = std::array::from_fn(|t| S::x(x.add(t * xrow), len));
+    for (r, a) in acc.iter_mut().enumerate() {
+        let wp = w.add(r * wrow);
+        if N == 1 {
+            // Decode: the next tile's rows follow these; start fetching them (short rows end
+            // before the hardware prefetcher gets going). Past the end it reads nothing.
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(R * wrow).cast());
+        }
+        let wv = S::w(wp, len);
+        for (a, &xv) in a.iter_mut().zip(&xv) {
+            *a = S::madd(*a, wv, xv);
+        }
+    }
 }
 
 /// [`sums`] with [`Fma`] steps.
@@ -244,23 +236,6 @@ pub(super) unsafe fn sums_fma<W: Weights>(
     sums::<Fma<W>>(x, n, k, w, m, rows, out)
 }
 
-/// [`sums`] with [`Dp`] steps.
-///
-/// # Safety
-/// As [`sums`], with [`available_bf16`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) unsafe fn sums_dp(
-    x: &[u16],
-    n: usize,
-    k: usize,
-    w: &[u8],
-    m: usize,
-    rows: Range<usize>,
-    out: *mut f32,
-) {
-    sums::<Dp>(x, n, k, w, m, rows, out)
-}
-
 /// Raw sums `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` for every row `j` in `rows` and token `t`
 /// (no bias, no rounding: the caller finishes those).
 ///
@@ -278,26 +253,75 @@ unsafe fn sums<S: Step>(
     out: *mut f32,
 ) {
     assert!(x.len() == n * k && w.len() == m * k * S::WSIZE && rows.end <= m);
-    let wrow = k * S::WSIZE;
-    // Four rows at a time (one row for the last few), four tokens at a time (then one).
-    let mut j = rows.start;
-    while j < rows.end {
-        let r = if rows.end - j >= 4 { 4 } else { 1 };
-        let wp = w.as_ptr().add(j * wrow);
-        let mut t = 0;
-        while t < n {
-            let xp = x.as_ptr().add(t * k);
-            let nt = if n - t >= 4 { 4 } else { 1 };
-            let mut store = |rr: usize, tt: usize, v: f32| *out.add((t + tt) * m + j + rr) = v;
-            match (r, nt) {
-                (4, 4) => each(tile::<S, 4, 4>(xp, k, wp, wrow), &mut store),
-                (4, _) => each(tile::<S, 4, 1>(xp, k, wp, wrow), &mut store),
-                (_, 4) => each(tile::<S, 1, 4>(xp, k, wp, wrow), &mut store),
-                _ => each(tile::<S, 1, 1>(xp, k, wp, wrow), &mut store),
+    // Rows in blocks whose chunk of weights (≤ 256 KiB) stays in L2; `k` in chunks of KC, so
+    // that four tokens' chunk of activations stays in L1 while the tiles pass over the block.
+    // Each output adds its chunks' sums in chunk order, whatever the loop order.
+    let block = ((256 << 10) / (KC * S::WSIZE)).max(4);
+    for b0 in rows.clone().step_by(block) {
+        let b1 = (b0 + block).min(rows.end);
+        if n >= 4 {
+            // Prefill: each chunk of weights is reused by every token group from the caches.
+            for c0 in (0..k).step_by(KC) {
+                for (t, nt) in groups(0..n) {
+                    for (j, nr) in groups(b0..b1) {
+                        tile_into::<S>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
+                    }
+                }
             }
-            t += nt;
+        } else {
+            // Decode: stream the weights row group by row group.
+            for (j, nr) in groups(b0..b1) {
+                for (t, nt) in groups(0..n) {
+                    for c0 in (0..k).step_by(KC) {
+                        tile_into::<S>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
+                    }
+                }
+            }
         }
-        j += r;
+    }
+}
+
+/// Groups of four (then single ones) covering `r`: `(start, len)`.
+fn groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    let four = r.start + (r.end - r.start) / 4 * 4;
+    (r.start..four)
+        .step_by(4)
+        .map(|j| (j, 4))
+        .chain((four..r.end).map(|j| (j, 1)))
+}
+
+/// Adds the sums over chunk `c0..c0 + KC` of `k` for rows `j..j + nr` and tokens `t..t + nt`
+/// (`nr`, `nt` in {1, 4}) into `out` (stores them for the first chunk).
+///
+/// # Safety
+/// As [`sums`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_into<S: Step>(
+    x: &[S::X],
+    n: usize,
+    k: usize,
+    w: &[u8],
+    m: usize,
+    (j, nr): (usize, usize),
+    (t, nt): (usize, usize),
+    c0: usize,
+    out: *mut f32,
+) {
+    debug_assert!(t + nt <= n);
+    let len = KC.min(k - c0);
+    let wrow = k * S::WSIZE;
+    let xp = x.as_ptr().add(t * k + c0);
+    let wp = w.as_ptr().add(j * wrow + c0 * S::WSIZE);
+    let mut add = |r: usize, tt: usize, v: f32| {
+        let o = out.add((t + tt) * m + j + r);
+        *o = if c0 == 0 { v } else { *o + v };
+    };
+    match (nr, nt) {
+        (4, 4) => each(tile::<S, 4, 4>(xp, k, len, wp, wrow), &mut add),
+        (4, _) => each(tile::<S, 4, 1>(xp, k, len, wp, wrow), &mut add),
+        (_, 4) => each(tile::<S, 1, 4>(xp, k, len, wp, wrow), &mut add),
+        _ => each(tile::<S, 1, 1>(xp, k, len, wp, wrow), &mut add),
     }
 }
 
