@@ -486,19 +486,24 @@ def smollm2_gguf(root: str) -> str:
     return path
 
 
+def _up_to_date(out_dir: str, spec: dict) -> bool:
+    """Whether `out_dir` holds a fixture built from `spec` with every file its marker lists."""
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return record.get("spec_sha256") == _spec_hash(spec) and all(
+        os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", []))
+
+
 def ensure_smollm2(root: str) -> str:
     """Build fixtures/models/smollm2-135m-instruct (float32 safetensors + tokenizer files) from the
     GGUF, unless it is already complete; return its folder."""
     out_dir = os.path.join(root, "models", SMOLLM2_MODEL)
-    try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            record = json.load(f)
-        if record.get("spec_sha256") == _spec_hash(SMOLLM2_SPEC) and all(
-                os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", [])):
-            log(f"{SMOLLM2_MODEL}: up to date")
-            return out_dir
-    except (OSError, ValueError):
-        pass
+    if _up_to_date(out_dir, SMOLLM2_SPEC):
+        log(f"{SMOLLM2_MODEL}: up to date")
+        return out_dir
     try:
         import accelerate  # noqa: F401  (transformers' GGUF loading path)
         import gguf  # noqa: F401
@@ -570,15 +575,9 @@ def ensure_smollm2_qwen2(root: str) -> str:
     out_dir = os.path.join(root, "models", SMOLLM2_QWEN2_MODEL)
     src_dir = os.path.join(root, "models", SMOLLM2_MODEL)
     spec = dict(SMOLLM2_QWEN2_SPEC, source_sha256=_spec_hash(SMOLLM2_SPEC))
-    try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            record = json.load(f)
-        if record.get("spec_sha256") == _spec_hash(spec) and all(
-                os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", [])):
-            log(f"{SMOLLM2_QWEN2_MODEL}: up to date")
-            return out_dir
-    except (OSError, ValueError):
-        pass
+    if _up_to_date(out_dir, spec):
+        log(f"{SMOLLM2_QWEN2_MODEL}: up to date")
+        return out_dir
     import torch
     import transformers
 

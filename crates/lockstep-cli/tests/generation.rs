@@ -539,47 +539,27 @@ fn smollm2_as_qwen2_verifies_and_a_missing_bias_is_caught() {
     }
     let m = model_dir(SMOLLM2_QWEN2);
     let dir = scratch("verify-smollm2-qwen2");
-    let (md, js, svg) = (dir.join("r.md"), dir.join("r.json"), dir.join("r.svg"));
-    let run = |fault: Option<&str>| {
-        let mut args = vec![
-            "verify",
-            "--model",
-            m.to_str().unwrap(),
-            "--single-only",
-            "--generate-tokens",
-            "16",
-            "--report",
-            md.to_str().unwrap(),
-            "--json",
-            js.to_str().unwrap(),
-            "--plot",
-            svg.to_str().unwrap(),
-        ];
-        if let Some(f) = fault {
-            args.extend(["--dtype", "f32", "--inject", f]);
-        }
-        let o = lockstep(&args);
-        let j: Value = serde_json::from_str(&std::fs::read_to_string(&js).unwrap()).unwrap();
-        (o, j)
-    };
-    let (o, j) = run(None);
-    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-    assert_eq!(o.status.code(), Some(0), "{stdout}");
-    for phase in [
+    let args = [
+        "--model",
+        m.to_str().unwrap(),
+        "--single-only",
+        "--generate-tokens",
+        "16",
+    ];
+    let run = verify_in(&dir, &args);
+    run.assert_exit(0);
+    run.assert_pass(&[
         "weights",
         "single-token forward [f64]",
         "single-token forward [f32]",
         "greedy generation [f32]",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.contains("PASS") && l.contains(phase)),
-            "{phase}: {stdout}"
-        );
-    }
-    assert_eq!(j["passed"], true);
-    let (o, j) = run(Some("no-qkv-bias"));
-    assert_eq!(o.status.code(), Some(1));
+    ]);
+    assert_eq!(run.json["passed"], true);
+    let run = verify_in(
+        &dir,
+        &[&args[..], &["--dtype", "f32", "--inject", "no-qkv-bias"]].concat(),
+    );
+    run.assert_exit(1);
+    let j = &run.json;
     assert_eq!(j["first_divergence"], "layers.0.q");
 }

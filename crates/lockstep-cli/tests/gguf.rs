@@ -604,49 +604,29 @@ fn verify_runs_on_a_gguf_file() {
         return;
     };
     let dir = scratch("gguf-verify");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args([
-            "verify",
+    let run = verify_in(
+        &dir,
+        &[
             "--model",
             s(&gguf),
             "--dtype",
             "f32",
             "--prompt",
             "Hello",
-        ])
-        .args(["--single-only", "--generate-tokens", "8"])
-        .args([
-            "--report",
-            s(&dir.join("r.md")),
-            "--json",
-            s(&dir.join("r.json")),
-        ])
-        .args(["--plot", s(&dir.join("r.svg"))])
-        .env("LOCKSTEP_CACHE", dir.join("cache"))
-        .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
+            "--single-only",
+            "--generate-tokens",
+            "8",
+        ],
     );
+    run.assert_exit(0);
     // transformers dequantizes the same file: every tensor bit-identical, then the forward pass
     // and greedy generation (alone and batched, the chat template from the GGUF metadata) agree.
-    for phase in [
+    run.assert_pass(&[
         "weights                          272 tensors bit-identical",
         "single-token forward [f32]",
         "layer-by-layer [f32]",
         "greedy generation [f32]",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.contains("PASS") && l.contains(phase)),
-            "{phase}: {stdout}"
-        );
-    }
+    ]);
+    let stdout = &run.stdout;
     assert!(stdout.contains("3 chat-template renderings"), "{stdout}");
 }

@@ -94,29 +94,9 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
         return;
     }
     let dir = scratch("verify-default");
-    let (md, js, svg) = (dir.join("r.md"), dir.join("r.json"), dir.join("r.svg"));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args([
-            "verify",
-            "--report",
-            md.to_str().unwrap(),
-            "--json",
-            js.to_str().unwrap(),
-            "--plot",
-            svg.to_str().unwrap(),
-        ])
-        .env("LOCKSTEP_CACHE", dir.join("cache"))
-        .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    for phase in [
+    let run = verify_in(&dir, &[]);
+    run.assert_exit(0);
+    run.assert_pass(&[
         "tokenization",
         "weights",
         "KV-cache decode [f64]",
@@ -126,23 +106,16 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
         "layer-by-layer [f64]",
         "attention weights [f32]",
         "greedy generation [f32]",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.contains("PASS") && l.contains(phase)),
-            "{phase}: {stdout}"
-        );
-    }
-    let j = json_of(&js);
+    ]);
+    let j = &run.json;
     assert_eq!(j["passed"], true);
     assert!(j["first_divergence"].is_null());
-    let report = std::fs::read_to_string(&md).unwrap();
+    let report = std::fs::read_to_string(dir.join("r.md")).unwrap();
     assert!(
         report.contains("Hello") && report.contains("[9707]"),
         "report lacks the old report's inputs"
     );
-    let plot = std::fs::read_to_string(&svg).unwrap();
+    let plot = std::fs::read_to_string(dir.join("r.svg")).unwrap();
     assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"));
     assert!(plot.contains("<polyline"));
 }
@@ -153,34 +126,23 @@ fn verify_with_a_fault_fails_and_names_where_it_enters() {
         return;
     }
     let dir = scratch("verify-fault");
-    let js = dir.join("r.json");
     let model = fixtures().join("models/qwen2-default");
-    let o = lockstep(&[
-        "verify",
-        "--model",
-        model.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--inject",
-        "no-qkv-bias",
-        "--report",
-        dir.join("r.md").to_str().unwrap(),
-        "--json",
-        js.to_str().unwrap(),
-        "--plot",
-        dir.join("r.svg").to_str().unwrap(),
-    ]);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    let run = verify_in(
+        &dir,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--inject",
+            "no-qkv-bias",
+        ],
     );
-    let j = json_of(&js);
-    assert_eq!(j["passed"], false);
-    assert_eq!(j["first_divergence"], "layers.0.q");
+    run.assert_exit(1);
+    assert_eq!(run.json["passed"], false);
+    assert_eq!(run.json["first_divergence"], "layers.0.q");
     // The broken engine also generates other tokens, and not by a near-tie.
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = &run.stdout;
     assert!(
         stdout.lines().any(|l| l.contains("FAIL")
             && l.contains("greedy generation [f32]")
@@ -280,42 +242,16 @@ fn verify_traces_again_when_the_checkpoint_changes_in_place() {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    let verify = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args([
-                "verify",
-                "--model",
-                model.to_str().unwrap(),
-                "--dtype",
-                "f64",
-            ])
-            .args([
-                "--single-only",
-                "--report",
-                dir.join("r.md").to_str().unwrap(),
-            ])
-            .args(["--json", dir.join("r.json").to_str().unwrap()])
-            .args(["--plot", dir.join("r.svg").to_str().unwrap()])
-            .env("LOCKSTEP_CACHE", dir.join("cache"))
-            .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
-            .output()
-            .unwrap()
-    };
-    let o = verify();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f64",
+        "--single-only",
+    ];
+    verify_in(&dir, &args).assert_exit(0);
     // Same folder, new weights: both sides see the new ones, so it must pass again (reference
     // traces cached from the old weights would make it fail).
     negate_one_value(&model, "model.layers.0.self_attn.q_proj.weight");
-    let o = verify();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    verify_in(&dir, &args).assert_exit(0);
 }

@@ -138,3 +138,69 @@ pub fn ids(v: &serde_json::Value) -> Vec<u64> {
         .map(|x| x.as_u64().unwrap())
         .collect()
 }
+
+/// What one `lockstep verify` run left: its process output, stdout, and the JSON report.
+pub struct VerifyRun {
+    /// Exit status and streams.
+    pub output: Output,
+    /// stdout as text (the phase table).
+    pub stdout: String,
+    /// The JSON report (`Null` when none was written).
+    pub json: serde_json::Value,
+}
+
+/// Runs `lockstep verify ARGS` with its reports (`r.md`, `r.json`, `r.svg`) and its cache (the
+/// default model, cached reference traces) inside `dir`, so nothing is reused from other runs.
+pub fn verify_in(dir: &Path, args: &[&str]) -> VerifyRun {
+    let s = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .arg("verify")
+        .args(args)
+        .args([
+            "--report",
+            &s("r.md"),
+            "--json",
+            &s("r.json"),
+            "--plot",
+            &s("r.svg"),
+        ])
+        .env("LOCKSTEP_CACHE", dir.join("cache"))
+        .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
+        .output()
+        .expect("run lockstep verify");
+    let json = std::fs::read_to_string(dir.join("r.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    VerifyRun {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        output,
+        json,
+    }
+}
+
+impl VerifyRun {
+    /// Asserts the exit code, showing both streams when it differs.
+    pub fn assert_exit(&self, code: i32) {
+        assert_eq!(
+            self.output.status.code(),
+            Some(code),
+            "{}\n{}",
+            self.stdout,
+            String::from_utf8_lossy(&self.output.stderr)
+        );
+    }
+
+    /// Asserts that each phase has a PASS line in the phase table.
+    pub fn assert_pass(&self, phases: &[&str]) {
+        for phase in phases {
+            assert!(
+                self.stdout
+                    .lines()
+                    .any(|l| l.contains("PASS") && l.contains(phase)),
+                "{phase}: {}",
+                self.stdout
+            );
+        }
+    }
+}
