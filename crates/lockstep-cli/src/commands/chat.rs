@@ -16,7 +16,7 @@ use std::process::ExitCode;
 /// Arguments of `chat`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder with a chat template.
+    /// Hugging Face model folder or .gguf file with a chat template.
     #[arg(long)]
     model: PathBuf,
     /// A system message at the start of the conversation.

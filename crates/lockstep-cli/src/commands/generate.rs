@@ -62,7 +62,7 @@ pub struct SamplingArgs {
 /// Arguments of `generate`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// Prompt text, tokenized with the model's tokenizer (repeat for a batch).

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 /// Arguments of `reference`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder.
+    /// Hugging Face model folder or a llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids.

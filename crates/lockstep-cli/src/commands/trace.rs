@@ -10,7 +10,7 @@ use std::time::Instant;
 /// Arguments of `trace`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama.cpp .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids.

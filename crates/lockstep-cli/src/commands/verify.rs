@@ -18,7 +18,7 @@ use std::time::Instant;
 /// Arguments of `verify`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (default: a small random-weight Qwen2 model with the real Qwen tokenizer,
+    /// Model folder or .gguf file (default: a small random-weight Qwen2 model with the real Qwen tokenizer,
     /// created on first use in the cache folder).
     #[arg(long)]
     pub model: Option<PathBuf>,
