@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p lockstep-engine --example bench_linear [FILTER]`: one line per case
 //! (those whose name contains FILTER), medians of several runs, and the speed-up measured in the
-//! same run.
+//! same run, and the AVX-512 / AMX ratio (AMX runs only for bf16 compute on BF16 weights with
+//! enough tokens; elsewhere its column is the AVX-512 kernel again).
 
 use lockstep_engine::kernels::matmul::{dot, linear, linear_with, Kernel};
 use lockstep_engine::weights::{StoredDtype, Tensor};
@@ -120,10 +121,17 @@ fn case<T: Float>(name: &str, w: &Tensor, n: usize, runs: usize) {
         .iter()
         .map(|t| format!("{:8.3}", t * 1e3))
         .collect();
+    let kt = &t[1..t.len() - 1];
+    let ratio = match Kernel::available()[..] {
+        [.., Kernel::Avx512, Kernel::Amx] => {
+            format!("{:5.2}x", kt[kt.len() - 2] / kt[kt.len() - 1])
+        }
+        _ => "-".into(),
+    };
     let gb = (m * k * w.dtype.size()) as f64 / 1e9;
     let gflop = 2.0 * (n * m * k) as f64 / 1e9;
     println!(
-        "| {name} | {:8.3} | {} | {:8.3} | {:5.1}x | {:5.1} | {:6.1} |",
+        "| {name} | {:8.3} | {} | {ratio} | {:8.3} | {:5.1}x | {:5.1} | {:6.1} |",
         old * 1e3,
         kernels.join(" | "),
         new * 1e3,
@@ -142,7 +150,7 @@ fn main() {
     );
     let kernels = Kernel::available();
     println!(
-        "| case | old ms | {} | linear ms | old/linear | weight GB/s | GFLOP/s |",
+        "| case | old ms | {} | Avx512/Amx | linear ms | old/linear | weight GB/s | GFLOP/s |",
         kernels
             .iter()
             .map(|k| format!("{k:?} ms"))
@@ -151,7 +159,7 @@ fn main() {
     );
     println!(
         "|---|---:|{}---:|---:|---:|",
-        "---:|".repeat(kernels.len() + 1)
+        "---:|".repeat(kernels.len() + 2)
     );
     let shapes = [
         ("0.5B mlp k=896 m=4864", 896, 4864),
@@ -161,7 +169,7 @@ fn main() {
     for (shape, k, m) in shapes {
         for dtype in [StoredDtype::BF16, StoredDtype::F32] {
             let w = weight(m, k, dtype);
-            for n in [1, 64] {
+            for n in [1, 64, 256] {
                 if n > 1 && m > 100_000 {
                     continue; // prefill computes the lm_head for the last token only
                 }

@@ -1,0 +1,284 @@
+//! AMX-BF16 kernel for [`super::linear`]: prefill in the faithful bf16 tier (bf16 activations ×
+//! BF16 weights), where bf16×bf16 products accumulated in f32 are what PyTorch's bf16 matmul
+//! computes up to the order of the sums. Never used for f32 or f64 compute: it would need the
+//! activations rounded to bf16.
+//!
+//! `tdpbf16ps` computes `C[M×N] += A[M×K]·B[K×N]` on tiles of 16 rows × 64 bytes:
+//! - A: 16 consecutive weight rows, 32 bf16 of `k` each, read in place (row stride `k·2` bytes);
+//! - B: 16 tokens' activations in AMX's pair layout, packed once per call by [`Packed::new`]:
+//!   tile row `r` holds, for each token, the pair `(x[tok][2r], x[tok][2r+1])`;
+//! - C: `[16 weight rows][16 tokens]` f32, written transposed into `out[tok][row]`.
+//!
+//! Each product of two bf16 is exact in f32; the instruction adds them to the f32 accumulator
+//! one pair at a time with nearest-even rounding, but treats subnormal inputs as zero and flushes
+//! subnormal results (bf16 subnormals are below 1.2e-38, irrelevant to the activations and
+//! weights of a model). Tails: tokens are zero-padded to a multiple of 16 in the packing, `k` to
+//! a multiple of 32 (the last chunk of weight rows is copied into a zero-padded stack buffer),
+//! and rows not filling a 16-row tile are left to the caller (the AVX-512 kernel).
+//!
+//! The tile intrinsics are unstable in Rust, so the instructions are written with `asm!`. Using
+//! tiles needs the kernel's permission, asked once per process ([`available`]); every thread
+//! loads its own tile configuration before using them and releases them after ([`sums`]).
+
+use std::arch::asm;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Whether this CPU and OS run AMX-BF16 (CPUID, XCR0) and Linux granted this process the tile
+/// data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked on the first call).
+/// Anything missing or refused means `false`: the callers use AVX-512 instead.
+pub(super) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| cpu_has_amx() && request_permission())
+}
+
+/// CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the OS enabled XSAVE (leaf 1 ECX bit 27)
+/// and the tile state in XCR0 (bits 17 XTILECFG, 18 XTILEDATA).
+fn cpu_has_amx() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is queried only when the CPU has it.
+    unsafe {
+        if __cpuid(0).eax < 7 || __cpuid(1).ecx & (1 << 27) == 0 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        // XGETBV with ECX = 0 (allowed when OSXSAVE is set, checked above).
+        let (lo, _hi): (u32, u32);
+        asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") _hi, options(nomem, nostack));
+        lo & (3 << 17) == 3 << 17
+    }
+}
+
+/// Asks Linux for the AMX tile data state for this process (needed before any thread uses
+/// tiles; threads started later inherit it).
+#[cfg(target_os = "linux")]
+fn request_permission() -> bool {
+    const SYS_ARCH_PRCTL: usize = 158;
+    const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+    const XFEATURE_XTILEDATA: usize = 18;
+    let ret: isize;
+    // SAFETY: the arch_prctl syscall only changes this process's permitted XSAVE features.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL as isize => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_permission() -> bool {
+    false
+}
+
+/// Bytes per tile row (all tiles: 16 rows of 64 bytes).
+const ROW: usize = 64;
+/// Elements of `k` per tile (32 bf16 per row of an A tile, 16 pairs down a B tile).
+const KT: usize = 32;
+/// Rows (weight rows, tokens) per tile.
+const T16: usize = 16;
+
+/// The activations packed for B tiles: token group `g` (16 tokens), chunk `c` of 32 elements of
+/// `k` is one 1 KiB tile at `(g·chunks + c)·512` u16, row `r` = 16 pairs
+/// `(x[16g + tok][32c + 2r], x[16g + tok][32c + 2r + 1])`; padding tokens and elements are zero.
+pub(super) struct Packed {
+    data: Vec<u16>,
+    chunks: usize,
+}
+
+impl Packed {
+    /// Packs `n` tokens of `k` activations (bf16 values held in f32: the high half is exact).
+    pub(super) fn new(x: &[f32], n: usize, k: usize) -> Packed {
+        let chunks = k.div_ceil(KT);
+        let groups = n.div_ceil(T16);
+        let mut data = vec![0u16; groups * chunks * T16 * ROW / 2];
+        for (t, xt) in x.chunks_exact(k).enumerate().take(n) {
+            let (g, tok) = (t / T16, t % T16);
+            for (i, &v) in xt.iter().enumerate() {
+                debug_assert_eq!(v.to_bits() & 0xFFFF, 0, "activation not a bf16 value");
+                let (c, r, half) = (i / KT, (i % KT) / 2, i % 2);
+                data[((g * chunks + c) * T16 + r) * T16 * 2 + tok * 2 + half] =
+                    (v.to_bits() >> 16) as u16;
+            }
+        }
+        Packed { data, chunks }
+    }
+
+    /// The B tile of token group `g`, chunk `c`.
+    fn tile(&self, g: usize, c: usize) -> *const u8 {
+        self.data[(g * self.chunks + c) * T16 * ROW / 2..]
+            .as_ptr()
+            .cast()
+    }
+}
+
+/// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [
+        ROW as u16, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0,
+    ],
+    rows: [
+        T16 as u8, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0,
+    ],
+};
+
+// One instruction per helper; tile register numbers are const operands. Tiles 0-3 accumulate
+// (C), 4-5 hold weights (A), 6-7 activations (B).
+
+/// `tileloadd tmm{T}, [p + stride]`: 16 rows of 64 bytes, `stride` bytes apart.
+#[inline(always)]
+unsafe fn load<const T: u8>(p: *const u8, stride: usize) {
+    asm!("tileloadd tmm{t}, [{p} + {s}*1]", t = const T, p = in(reg) p, s = in(reg) stride,
+        options(nostack, readonly, preserves_flags));
+}
+
+/// `tilestored [p + stride], tmm{T}`.
+#[inline(always)]
+unsafe fn store<const T: u8>(p: *mut u8, stride: usize) {
+    asm!("tilestored [{p} + {s}*1], tmm{t}", t = const T, p = in(reg) p, s = in(reg) stride,
+        options(nostack, preserves_flags));
+}
+
+/// `tilezero tmm{T}`.
+#[inline(always)]
+unsafe fn zero<const T: u8>() {
+    asm!("tilezero tmm{t}", t = const T, options(nomem, nostack, preserves_flags));
+}
+
+/// `tdpbf16ps tmm{C}, tmm{A}, tmm{B}`: `C[m][n] += Σ_p A[m][2p..2p+2]·B[p][2n..2n+2]`.
+#[inline(always)]
+unsafe fn dot<const C: u8, const A: u8, const B: u8>() {
+    asm!("tdpbf16ps tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A, b = const B,
+        options(nomem, nostack, preserves_flags));
+}
+
+/// Raw sums `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` for every token and every row `j` of the
+/// whole 16-row tiles in `rows` (from `rows.start`); returns the rows it did not do (fewer than
+/// 16, at the end) for the caller.
+///
+/// # Safety
+/// [`available`]; `w` holds `m` BF16 rows of `k`; `p` packs `n` tokens of `k`; `out` is valid for
+/// `n·m` f32 and nobody else touches the entries in `rows`.
+pub(super) unsafe fn sums(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+) -> Range<usize> {
+    assert!(w.len() == m * k * 2 && rows.end <= m && p.chunks == k.div_ceil(KT));
+    let tiles = (rows.end - rows.start) / T16;
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+    // Pairs of row tiles × pairs of token groups (each A tile feeds two products, each B tile
+    // two), then the odd ones.
+    let groups = n.div_ceil(T16);
+    for rt in (0..tiles).step_by(2) {
+        let j = rows.start + rt * T16;
+        for g in (0..groups).step_by(2) {
+            match (tiles - rt >= 2, groups - g >= 2) {
+                (true, true) => block::<2, 2>(p, n, k, w, m, j, g, out),
+                (true, false) => block::<2, 1>(p, n, k, w, m, j, g, out),
+                (false, true) => block::<1, 2>(p, n, k, w, m, j, g, out),
+                (false, false) => block::<1, 1>(p, n, k, w, m, j, g, out),
+            }
+        }
+    }
+    asm!("tilerelease", options(nomem, nostack, preserves_flags));
+    rows.start + tiles * T16..rows.end
+}
+
+/// `R` row tiles from row `j` × `N` token groups from group `g`, over all of `k`, into `out`.
+///
+/// # Safety
+/// As [`sums`], with the tile configuration loaded; rows `j..j + 16R` exist.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const R: usize, const N: usize>(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    m: usize,
+    j: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    let wrow = k * 2;
+    let a = w.as_ptr().add(j * wrow);
+    zero::<0>();
+    zero::<1>();
+    zero::<2>();
+    zero::<3>();
+    // The last 32 elements of `k` when it is not a multiple of 32: a zero-padded copy (reading
+    // in place would run into the next row or past the tensor).
+    let mut tail = [0u8; 2 * T16 * ROW];
+    let full = k / KT;
+    for c in 0..p.chunks {
+        let (a0, stride) = if c < full {
+            (a.add(c * KT * 2), wrow)
+        } else {
+            let len = (k - c * KT) * 2;
+            for r in 0..R * T16 {
+                let src = std::slice::from_raw_parts(a.add(r * wrow + c * KT * 2), len);
+                tail[r * ROW..r * ROW + len].copy_from_slice(src);
+            }
+            (tail.as_ptr(), ROW)
+        };
+        load::<4>(a0, stride);
+        load::<6>(p.tile(g, c), ROW);
+        dot::<0, 4, 6>();
+        if N == 2 {
+            load::<7>(p.tile(g + 1, c), ROW);
+            dot::<1, 4, 7>();
+        }
+        if R == 2 {
+            load::<5>(a0.add(T16 * stride), stride);
+            dot::<2, 5, 6>();
+            if N == 2 {
+                dot::<3, 5, 7>();
+            }
+        }
+    }
+    // C tile (r, t) is tmm(2r + t): [16 rows][16 tokens] f32, written transposed.
+    let mut c = [[0f32; T16]; T16];
+    for r in 0..R {
+        for t in 0..N {
+            let cp = c.as_mut_ptr().cast::<u8>();
+            match (r, t) {
+                (0, 0) => store::<0>(cp, ROW),
+                (0, _) => store::<1>(cp, ROW),
+                (_, 0) => store::<2>(cp, ROW),
+                _ => store::<3>(cp, ROW),
+            }
+            let (j0, t0) = (j + r * T16, (g + t) * T16);
+            for tok in 0..T16.min(n.saturating_sub(t0)) {
+                for (row, cr) in c.iter().enumerate() {
+                    *out.add((t0 + tok) * m + j0 + row) = cr[tok];
+                }
+            }
+        }
+    }
+}
