@@ -2,6 +2,7 @@
 //! `softmax((q · kᵀ) × D^-0.5 + mask) · v`, the product rounded before the scaling.
 
 use super::Float;
+use rayon::prelude::*;
 
 /// How query heads map to key/value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub fn attention<T: Float>(
     v: &[T],
     key_mask: Option<&[bool]>,
     out: &mut [T],
-    mut probs: Option<&mut [T]>,
+    probs: Option<&mut [T]>,
 ) {
     let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
     let t_len = q.len() / (h * d);
@@ -67,9 +68,11 @@ pub fn attention<T: Float>(
     }
     let hidden = |s: usize| key_mask.is_some_and(|m| !m[s]);
     let scale = T::from_f64((d as f64).powf(-0.5));
-    let mut row = vec![T::ZERO; s_len];
-    for head in 0..h {
+
+    // One head: its queries' outputs `[T][D]` and, if wanted, probabilities `[T][S]`.
+    let one_head = |head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>| {
         let kv = spec.kv_head(head);
+        let mut row = vec![T::ZERO; s_len];
         for t in 0..t_len {
             let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
             let visible = if spec.causal {
@@ -104,7 +107,7 @@ pub fn attention<T: Float>(
             for r in row.iter_mut().skip(visible) {
                 *r = T::ZERO;
             }
-            let o = &mut out[(t * h + head) * d..(t * h + head + 1) * d];
+            let o = &mut o_head[t * d..(t + 1) * d];
             o.fill(T::ZERO);
             for (s, &p) in row.iter().enumerate().take(visible) {
                 let vr = &v[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
@@ -115,12 +118,46 @@ pub fn attention<T: Float>(
             for oi in o.iter_mut() {
                 *oi = oi.round();
             }
-            if let Some(p) = probs.as_deref_mut() {
-                p[(head * t_len + t) * s_len..(head * t_len + t + 1) * s_len].copy_from_slice(&row);
+            if let Some(p) = p_head.as_deref_mut() {
+                p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
             }
+        }
+    };
+
+    // Heads are independent: spread them over threads when there is enough work (a long prompt),
+    // run them in order otherwise (decode steps, where thread wake-ups would cost more).
+    let mut by_head = vec![T::ZERO; h * t_len * d];
+    let parallel = h * t_len * s_len * d >= PARALLEL_MIN_WORK;
+    match (probs, parallel) {
+        (Some(p), true) => by_head
+            .par_chunks_mut(t_len * d)
+            .zip(p.par_chunks_mut(t_len * s_len))
+            .enumerate()
+            .for_each(|(head, (o, p))| one_head(head, o, Some(p))),
+        (None, true) => by_head
+            .par_chunks_mut(t_len * d)
+            .enumerate()
+            .for_each(|(head, o)| one_head(head, o, None)),
+        (Some(p), false) => by_head
+            .chunks_mut(t_len * d)
+            .zip(p.chunks_mut(t_len * s_len))
+            .enumerate()
+            .for_each(|(head, (o, p))| one_head(head, o, Some(p))),
+        (None, false) => by_head
+            .chunks_mut(t_len * d)
+            .enumerate()
+            .for_each(|(head, o)| one_head(head, o, None)),
+    }
+    // `[heads][T][D]` -> `[T][heads][D]`.
+    for (head, o_head) in by_head.chunks_exact(t_len * d).enumerate() {
+        for (t, o) in o_head.chunks_exact(d).enumerate() {
+            out[(t * h + head) * d..(t * h + head + 1) * d].copy_from_slice(o);
         }
     }
 }
+
+/// Multiply-adds (heads x queries x keys x head_dim) below which heads run on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 #[cfg(test)]
 mod tests {
@@ -190,6 +227,70 @@ mod tests {
         // Padding queries see nothing: zero output, zero probabilities.
         assert!(outp[..4].iter().all(|&x| x == 0.0));
         assert!(probsp[..4].iter().all(|&x| x == 0.0));
+    }
+
+    /// Plain causal GQA attention in f64, query by query.
+    fn naive(h: usize, kvh: usize, d: usize, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+        let t_len = q.len() / (h * d);
+        let mut out = vec![0.0; q.len()];
+        for t in 0..t_len {
+            for head in 0..h {
+                let kv = head / (h / kvh);
+                let qv = &q[(t * h + head) * d..][..d];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|s| {
+                        let kr = &k[(s * kvh + kv) * d..][..d];
+                        qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (s, w) in e.iter().enumerate() {
+                    for i in 0..d {
+                        out[(t * h + head) * d + i] += w / z * v[(s * kvh + kv) * d + i];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn many_heads_in_parallel_match_the_plain_loop() {
+        let (h, kvh, d, t) = (8, 2, 32, 48);
+        assert!(
+            h * t * t * d >= PARALLEL_MIN_WORK,
+            "the case must take the parallel path"
+        );
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect()
+        };
+        let (q, k, v) = (rnd(t * h * d), rnd(t * kvh * d), rnd(t * kvh * d));
+        let spec = AttentionSpec {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            q_start: 0,
+            causal: true,
+            mapping: GqaMapping::Grouped,
+        };
+        let mut out = vec![0.0; q.len()];
+        let mut probs = vec![0.0; h * t * t];
+        attention(&spec, &q, &k, &v, None, &mut out, Some(&mut probs));
+        let expected = naive(h, kvh, d, &q, &k, &v);
+        for (a, b) in out.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-14, "{a} vs {b}");
+        }
+        let mut again = vec![0.0; q.len()];
+        attention(&spec, &q, &k, &v, None, &mut again, None);
+        assert_eq!(out, again, "with and without probabilities");
     }
 
     #[test]
