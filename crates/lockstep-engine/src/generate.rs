@@ -474,7 +474,7 @@ pub fn generate_batch<T: Float>(
             finish: r.finish.unwrap_or(FinishReason::Length),
             prefill_s,
             decode_s,
-            decode_steps: decode_steps.min(r.context.len() - r.prompt_len - 1),
+            decode_steps: decode_steps.min((r.context.len() - r.prompt_len).saturating_sub(1)),
         })
         .collect())
 }
