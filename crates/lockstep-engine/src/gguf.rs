@@ -566,16 +566,7 @@ pub fn locate(path: &Path) -> Result<Option<PathBuf>> {
 
 /// Maps a GGUF file and parses its header.
 pub fn read(path: &Path) -> Result<(Arc<Mmap>, Header)> {
-    let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
-        path: path.into(),
-        source,
-    })?;
-    // SAFETY: the file is opened read-only; lockstep never writes to checkpoint files, and a
-    // checkpoint changed underneath a running process is outside what any loader can guard.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let map = crate::weights::map_readonly(path)?;
     let header = Header::parse(&map).map_err(|msg| {
         if msg.starts_with("not a GGUF file") {
             bad(path, msg)

@@ -343,23 +343,27 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Maps one safetensors file and validates its header completely.
-fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let bad = |msg: String| EngineError::Safetensors {
-        path: path.into(),
-        msg,
-    };
+/// Memory-maps a checkpoint file (safetensors or GGUF) read-only.
+pub(crate) fn map_readonly(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
         path: path.into(),
         source,
     })?;
     // SAFETY: the file is opened read-only; lockstep never writes to checkpoint files, and a
     // checkpoint changed underneath a running process is outside what any loader can guard.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+    unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
         path: path.into(),
         source,
-    })?;
-    let map = Arc::new(map);
+    })
+}
+
+/// Maps one safetensors file and validates its header completely.
+fn map_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bad = |msg: String| EngineError::Safetensors {
+        path: path.into(),
+        msg,
+    };
+    let map = Arc::new(map_readonly(path)?);
     let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(explain(&map, e)))?;
     let (header_len, _) =
         safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;

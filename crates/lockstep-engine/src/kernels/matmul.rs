@@ -352,6 +352,15 @@ pub(crate) mod tests {
         (d, t)
     }
 
+    /// `Σ |x_i·w_i| + |bias|`: the magnitude a reordered dot product's error scales with.
+    fn abs_sum<T: Float>(x: &[T], w: &[f64], bias: Option<T>) -> f64 {
+        x.iter()
+            .zip(w)
+            .map(|(a, b)| (a.to_f64() * b).abs())
+            .sum::<f64>()
+            + bias.map_or(0.0, |b| b.to_f64().abs())
+    }
+
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
@@ -396,10 +405,11 @@ pub(crate) mod tests {
                             for (i, (a, c)) in out.iter().zip(&r).enumerate() {
                                 let (t, j) = (i / m, i % m);
                                 // Error bound of a reordered sum, plus one output rounding.
-                                let scale: f64 = (0..k)
-                                    .map(|i| (x[t * k + i].to_f64() * wd[j * k + i]).abs())
-                                    .sum::<f64>()
-                                    + bias.map_or(0.0, |b| b[j].to_f64().abs());
+                                let scale = abs_sum(
+                                    &x[t * k..(t + 1) * k],
+                                    &wd[j * k..(j + 1) * k],
+                                    bias.map(|b| b[j]),
+                                );
                                 let tol = rel * scale
                                     + (c.to_f64() - c.round().to_f64()).abs()
                                     + if T::PRECISION == Precision::BF16 {
@@ -505,10 +515,11 @@ pub(crate) mod tests {
                     linear_min_n(Kernel::Amx, 1, &x, n, &w, bias, &mut out);
                     for (i, (a, c)) in out.iter().zip(&r).enumerate() {
                         let (t, j) = (i / m, i % m);
-                        let scale: f64 = (0..k)
-                            .map(|i| (x[t * k + i].to_f64() * wd[j * k + i]).abs())
-                            .sum::<f64>()
-                            + bias.map_or(0.0, |b| b[j].to_f64().abs());
+                        let scale = abs_sum(
+                            &x[t * k..(t + 1) * k],
+                            &wd[j * k..(j + 1) * k],
+                            bias.map(|b| b[j]),
+                        );
                         // One bf16 ulp of the result (8 significant bits) plus reordering.
                         let ulp = c.0.abs().max(a.0.abs()) as f64 / 128.0;
                         let tol = 1e-5 * scale + ulp;

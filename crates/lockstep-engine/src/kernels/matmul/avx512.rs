@@ -1,7 +1,7 @@
 //! AVX-512 kernels for [`super::linear`]: raw dot-product sums of activations with weight rows
 //! read straight from their stored little-endian bytes, accumulated in f32.
 //!
-//! - [`Fma`]: f32 activations; F32 weights as stored ([`F32W`]), BF16 weights widened exactly
+//! - [`sums_fma`]: f32 activations; F32 weights as stored ([`F32W`]), BF16 weights widened exactly
 //!   (`bits << 16`, [`Bf16W`]), or F32 weights rounded to bf16 the way `half` does
 //!   ([`F32AsBf16W`], for bf16 compute on an f32 checkpoint); one f32 FMA per product.
 //!
@@ -22,42 +22,17 @@ use std::ops::Range;
 /// Elements of `k` per chunk: four tokens' activations (8 KiB) stay in L1.
 const KC: usize = 512;
 
-/// Whether this CPU runs [`Fma`].
+/// f32 lanes per vector.
+const LANES: usize = 16;
+
+/// Whether this CPU runs [`sums_fma`].
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
 }
 
-/// One step of a dot-product tile: a vector of activations and one of weights, multiplied and
-/// added into f32 lanes.
-pub(super) trait Step {
-    /// The activation element read.
-    type X;
-    /// What a load gives.
-    type V: Copy;
-    /// Elements per vector.
-    const LANES: usize;
-    /// Bytes per stored weight element.
-    const WSIZE: usize;
-    /// Loads the first `len.min(LANES)` activations at `p` (other lanes zero).
-    ///
-    /// # Safety
-    /// The CPU has this step's features; `p` is valid for `len.min(LANES)` elements.
-    unsafe fn x(p: *const Self::X, len: usize) -> Self::V;
-    /// Loads the first `len.min(LANES)` weights at `p` (other lanes zero).
-    ///
-    /// # Safety
-    /// As [`Step::x`].
-    unsafe fn w(p: *const u8, len: usize) -> Self::V;
-    /// `acc + w·x`, lane by lane.
-    ///
-    /// # Safety
-    /// The CPU has this step's features.
-    unsafe fn madd(acc: __m512, w: Self::V, x: Self::V) -> __m512;
-}
-
-/// How 16 stored weights become one f32 vector, for [`Fma`].
+/// How 16 stored weights become one f32 vector.
 pub(super) trait Weights {
     /// Bytes per stored element.
     const SIZE: usize;
@@ -123,42 +98,17 @@ impl Weights for F32AsBf16W {
     }
 }
 
-/// f32 activations, weights through `W`, one FMA per product.
-pub(super) struct Fma<W>(std::marker::PhantomData<W>);
-
-impl<W: Weights> Step for Fma<W> {
-    type X = f32;
-    type V = __m512;
-    const LANES: usize = 16;
-    const WSIZE: usize = W::SIZE;
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn x(p: *const f32, len: usize) -> __m512 {
-        _mm512_maskz_loadu_ps(mask16(len), p)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn w(p: *const u8, len: usize) -> __m512 {
-        W::load(p, len)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn madd(acc: __m512, w: __m512, x: __m512) -> __m512 {
-        _mm512_fmadd_ps(w, x, acc)
-    }
-}
-
 /// `acc[r][t] = Σ_{i<k} x[t·xrow + i]·w[r·wrow/WSIZE + i]` for `r < R`, `t < N`.
 ///
 /// `inline(always)` without target features of its own: it is compiled into the callers
 /// ([`sums_fma`]) with theirs.
 ///
 /// # Safety
-/// The CPU has `S`'s features; `x` is valid for `N` rows of `k` elements `xrow` elements
+/// The CPU has AVX-512F/BW/VL; `x` is valid for `N` rows of `k` elements `xrow` elements
 /// apart, `w` for `R` rows of `k` elements `wrow` bytes apart.
 #[inline(always)]
-unsafe fn tile<S: Step, const R: usize, const N: usize>(
-    x: *const S::X,
+unsafe fn tile<W: Weights, const R: usize, const N: usize>(
+    x: *const f32,
     xrow: usize,
     k: usize,
     w: *const u8,
@@ -167,19 +117,12 @@ unsafe fn tile<S: Step, const R: usize, const N: usize>(
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     // Full vectors (constant masks), then the masked tail.
     let mut i = 0;
-    while i + S::LANES <= k {
-        step::<S, R, N>(
-            &mut acc,
-            x.add(i),
-            xrow,
-            w.add(i * S::WSIZE),
-            wrow,
-            S::LANES,
-        );
-        i += S::LANES;
+    while i + LANES <= k {
+        step::<W, R, N>(&mut acc, x.add(i), xrow, w.add(i * W::SIZE), wrow, LANES);
+        i += LANES;
     }
     if i < k {
-        step::<S, R, N>(&mut acc, x.add(i), xrow, w.add(i * S::WSIZE), wrow, k - i);
+        step::<W, R, N>(&mut acc, x.add(i), xrow, w.add(i * W::SIZE), wrow, k - i);
     }
     let mut sums = [[0.0; N]; R];
     for (s, a) in sums.iter_mut().zip(&acc) {
@@ -195,15 +138,16 @@ unsafe fn tile<S: Step, const R: usize, const N: usize>(
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-unsafe fn step<S: Step, const R: usize, const N: usize>(
+unsafe fn step<W: Weights, const R: usize, const N: usize>(
     acc: &mut [[__m512; N]; R],
-    x: *const S::X,
+    x: *const f32,
     xrow: usize,
     w: *const u8,
     wrow: usize,
     len: usize,
 ) {
-    let xv: [S::V; N] = std::array::from_fn(|t| S::x(x.add(t * xrow), len));
+    let xv: [__m512; N] =
+        std::array::from_fn(|t| _mm512_maskz_loadu_ps(mask16(len), x.add(t * xrow)));
     for (r, a) in acc.iter_mut().enumerate() {
         let wp = w.add(r * wrow);
         if N == 1 {
@@ -211,14 +155,14 @@ unsafe fn step<S: Step, const R: usize, const N: usize>(
             // before the hardware prefetcher gets going). Past the end it reads nothing.
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(R * wrow).cast());
         }
-        let wv = S::w(wp, len);
+        let wv = W::load(wp, len);
         for (a, &xv) in a.iter_mut().zip(&xv) {
-            *a = S::madd(*a, wv, xv);
+            *a = _mm512_fmadd_ps(wv, xv, *a);
         }
     }
 }
 
-/// [`sums`] with [`Fma`] steps.
+/// [`sums`] for weights stored as `W`, compiled with AVX-512.
 ///
 /// # Safety
 /// As [`sums`], with [`available`].
@@ -233,18 +177,18 @@ pub(super) unsafe fn sums_fma<W: Weights>(
     rows: Range<usize>,
     out: *mut f32,
 ) {
-    sums::<Fma<W>>(x, n, k, w, m, rows, out)
+    sums::<W>(x, n, k, w, m, rows, out)
 }
 
 /// Raw sums `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` for every row `j` in `rows` and token `t`
 /// (no bias, no rounding: the caller finishes those).
 ///
 /// # Safety
-/// The CPU has `S`'s features; `w` holds `m` rows of `k` elements in `S`'s format, `x` holds
+/// The CPU has AVX-512F/BW/VL; `w` holds `m` rows of `k` elements stored as `W`, `x` holds
 /// `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries in `rows`.
 #[inline(always)]
-unsafe fn sums<S: Step>(
-    x: &[S::X],
+unsafe fn sums<W: Weights>(
+    x: &[f32],
     n: usize,
     k: usize,
     w: &[u8],
@@ -252,11 +196,11 @@ unsafe fn sums<S: Step>(
     rows: Range<usize>,
     out: *mut f32,
 ) {
-    assert!(x.len() == n * k && w.len() == m * k * S::WSIZE && rows.end <= m);
+    assert!(x.len() == n * k && w.len() == m * k * W::SIZE && rows.end <= m);
     // Rows in blocks whose chunk of weights (≤ 256 KiB) stays in L2; `k` in chunks of KC, so
     // that four tokens' chunk of activations stays in L1 while the tiles pass over the block.
     // Each output adds its chunks' sums in chunk order, whatever the loop order.
-    let block = ((256 << 10) / (KC * S::WSIZE)).max(4);
+    let block = ((256 << 10) / (KC * W::SIZE)).max(4);
     for b0 in rows.clone().step_by(block) {
         let b1 = (b0 + block).min(rows.end);
         if n >= 4 {
@@ -264,7 +208,7 @@ unsafe fn sums<S: Step>(
             for c0 in (0..k).step_by(KC) {
                 for (t, nt) in groups(0..n) {
                     for (j, nr) in groups(b0..b1) {
-                        tile_into::<S>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
+                        tile_into::<W>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
                     }
                 }
             }
@@ -273,7 +217,7 @@ unsafe fn sums<S: Step>(
             for (j, nr) in groups(b0..b1) {
                 for (t, nt) in groups(0..n) {
                     for c0 in (0..k).step_by(KC) {
-                        tile_into::<S>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
+                        tile_into::<W>(x, n, k, w, m, (j, nr), (t, nt), c0, out);
                     }
                 }
             }
@@ -297,8 +241,8 @@ fn groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
 /// As [`sums`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_into<S: Step>(
-    x: &[S::X],
+unsafe fn tile_into<W: Weights>(
+    x: &[f32],
     n: usize,
     k: usize,
     w: &[u8],
@@ -310,18 +254,18 @@ unsafe fn tile_into<S: Step>(
 ) {
     debug_assert!(t + nt <= n);
     let len = KC.min(k - c0);
-    let wrow = k * S::WSIZE;
+    let wrow = k * W::SIZE;
     let xp = x.as_ptr().add(t * k + c0);
-    let wp = w.as_ptr().add(j * wrow + c0 * S::WSIZE);
+    let wp = w.as_ptr().add(j * wrow + c0 * W::SIZE);
     let mut add = |r: usize, tt: usize, v: f32| {
         let o = out.add((t + tt) * m + j + r);
         *o = if c0 == 0 { v } else { *o + v };
     };
     match (nr, nt) {
-        (4, 4) => each(tile::<S, 4, 4>(xp, k, len, wp, wrow), &mut add),
-        (4, _) => each(tile::<S, 4, 1>(xp, k, len, wp, wrow), &mut add),
-        (_, 4) => each(tile::<S, 1, 4>(xp, k, len, wp, wrow), &mut add),
-        _ => each(tile::<S, 1, 1>(xp, k, len, wp, wrow), &mut add),
+        (4, 4) => each(tile::<W, 4, 4>(xp, k, len, wp, wrow), &mut add),
+        (4, _) => each(tile::<W, 4, 1>(xp, k, len, wp, wrow), &mut add),
+        (_, 4) => each(tile::<W, 1, 4>(xp, k, len, wp, wrow), &mut add),
+        _ => each(tile::<W, 1, 1>(xp, k, len, wp, wrow), &mut add),
     }
 }
 
