@@ -209,11 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inp", required=True, help="ggml-vocab-*.gguf.inp (the .out beside it)")
     p.set_defaults(fn=cmd_vocab_cases)
 
-    from . import batch
+    from . import batch, ops
 
     p = sub.add_parser("trace-batch", help="run a JSON list of trace jobs in one process")
     p.add_argument("jobs", help='JSON file: [{"model", "tokens", "dtype", "out", "streamed"?}, ...]')
     p.set_defaults(fn=lambda a: batch.trace_batch(a.jobs))
+
+    p = sub.add_parser("ops-batch", help="op-level reference: each op recomputed on a test trace's own inputs")
+    p.add_argument("jobs", help='JSON file: [{"model", "test", "dtype", "out_exact", "out_reference"}, ...]')
+    p.set_defaults(fn=lambda a: ops.ops_batch(a.jobs))
 
     p = sub.add_parser("tokenize-batch", help="ids of each text of a JSON list, as one JSON line")
     p.add_argument("--model", required=True)

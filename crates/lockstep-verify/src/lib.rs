@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod local;
 pub mod phases;
 pub mod report;
 pub mod tolerance;
@@ -39,6 +40,7 @@ pub use compare::{
     compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, DiffStats,
     LayerError, LogitStats, Status, TensorComparison, TraceComparison, Verdict,
 };
+pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};
 pub use report::{NamedComparison, Phase, PhaseStatus};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 

@@ -1,0 +1,511 @@
+//! Op-level judgement ("teacher forcing"): every traced op judged on the test side's own inputs.
+//!
+//! End-to-end comparison judges a tensor after all the rounding accumulated before it, so a
+//! mistake smaller than that noise (a softmax or an RMSNorm variance computed in bf16, RoPE
+//! frequencies rounded to bf16) passes, or shows several ops after it entered. Here each op of the
+//! test trace is recomputed from the test's *own* copies of that op's inputs, twice, by the
+//! reference (`python -m lockstep_reference ops-batch`):
+//!
+//! - the **exact** op: transformers' modules in pure float64 on those inputs;
+//! - the **reference** op: transformers' modules in the tier's dtype on those inputs (its own
+//!   kernels' rounding; absent in the f64 tier, where the reference is the exact op).
+//!
+//! The test's *local error* is `test − exact`; the reference's is `reference − exact`. An op is
+//! fine when the test's local error has the size and the kind of the reference's own (statistics
+//! in [`LocalStats`], rule in [`LocalRule`]; docs/numerics.md has the calibration). The first op
+//! that is not is where a difference is *made*; every tensor after it may only *inherit* it.
+//!
+//! The yardstick comes only from the reference: the exact op and the reference's rounding of it.
+
+use lockstep_trace::{LayerTap, TapName, Trace};
+use serde::Serialize;
+use std::fmt::Write as _;
+
+use crate::compare::{likely_cause, TraceComparison};
+use crate::tolerance::Tier;
+
+/// Significand bits (with the implicit one) of a tier's dtype: a value `x` has an ulp of
+/// `2^(floor(log2 |x|) − (P − 1))`.
+pub fn significand_bits(tier: Tier) -> i32 {
+    match tier {
+        Tier::F64 => 53,
+        Tier::F32 => 24,
+        Tier::BF16 => 8,
+    }
+}
+
+/// The statistics of one side's local error on one op, in units of the tier's ulp.
+///
+/// Each element's error is measured in ulps of `max(|exact|, rms(row)/16)`, a row being the last
+/// dimension: ulps of the value itself, floored so that elements which are near zero only through
+/// cancellation (a dot product of many larger terms) are measured against their row's scale.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalStats {
+    /// Elements compared.
+    pub elements: usize,
+    /// Root mean square of the per-element error in ulps: the error's size.
+    pub rms_ulps: f64,
+    /// Largest per-element error in ulps: the error's tail.
+    pub max_ulps: f64,
+    /// Multi-dimensional index of the largest error.
+    pub max_position: Vec<usize>,
+    /// Mean over rows of the row's relative scale error `|Σ e·x| / Σ x²`, in ulps of 1: the error's
+    /// systematic part. Rounding is unbiased and averages out over a row; a statistic computed at a
+    /// lower precision (an RMSNorm variance in bf16) scales a whole row and does not.
+    pub bias_ulps: f64,
+    /// Largest absolute error.
+    pub max_abs: f64,
+    /// Elements where the side is not finite (never judged equal to anything).
+    pub nonfinite: usize,
+}
+
+/// Computes [`LocalStats`] of `side` against `exact` (same length, row-major, rows of `row`).
+pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> LocalStats {
+    let p = significand_bits(tier);
+    let row = shape.last().copied().unwrap_or(1).max(1);
+    let n = exact.len().min(side.len());
+    let (mut sum_sq, mut max_ulps, mut max_i, mut max_abs) = (0.0f64, 0.0f64, 0usize, 0.0f64);
+    let (mut bias_sum, mut rows, mut nonfinite) = (0.0f64, 0usize, 0usize);
+    let tiny = 2f64.powi(-1022);
+    for start in (0..n).step_by(row) {
+        let end = (start + row).min(n);
+        let xs = &exact[start..end];
+        let rms = (xs.iter().map(|x| x * x).sum::<f64>() / xs.len() as f64).sqrt();
+        let (mut ex, mut xx) = (0.0f64, 0.0f64);
+        for i in start..end {
+            let (x, s) = (exact[i], side[i]);
+            if !x.is_finite() || !s.is_finite() {
+                nonfinite += 1;
+                continue;
+            }
+            let e = s - x;
+            let scale = x.abs().max(rms / 16.0).max(tiny);
+            let ulp = 2f64.powi(scale.log2().floor() as i32 - (p - 1));
+            let u = e.abs() / ulp;
+            sum_sq += u * u;
+            if u > max_ulps {
+                max_ulps = u;
+                max_i = i;
+            }
+            max_abs = max_abs.max(e.abs());
+            ex += e * x;
+            xx += x * x;
+        }
+        if xx > 0.0 {
+            bias_sum += (ex / xx).abs() / 2f64.powi(1 - p);
+            rows += 1;
+        }
+    }
+    LocalStats {
+        elements: n,
+        rms_ulps: if n > 0 {
+            (sum_sq / n as f64).sqrt()
+        } else {
+            0.0
+        },
+        max_ulps,
+        max_position: crate::compare::unravel(max_i, shape),
+        bias_ulps: if rows > 0 {
+            bias_sum / rows as f64
+        } else {
+            0.0
+        },
+        max_abs,
+        nonfinite,
+    }
+}
+
+/// The rule an op's local error is judged by, per tier. `k` factors multiply the reference's own
+/// statistic, `floor`s are added to it (in ulps); calibrated in docs/numerics.md.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LocalRule {
+    /// The test's RMS error may be at most `k_rms ×` the reference's, plus `floor_rms`.
+    pub k_rms: f64,
+    /// Floor of the RMS rule, in ulps.
+    pub floor_rms: f64,
+    /// The test's largest error may be at most `k_max ×` the reference's, plus `floor_max`.
+    pub k_max: f64,
+    /// Floor of the max rule, in ulps.
+    pub floor_max: f64,
+    /// The test's row bias may be at most `k_bias ×` the reference's, plus `floor_bias`.
+    pub k_bias: f64,
+    /// Floor of the bias rule, in ulps.
+    pub floor_bias: f64,
+    /// f64 tier only: the largest error may be at most this times `max(1, max|exact|)` (the f64
+    /// tier's end-to-end bound: above it, a difference is a bug, never rounding).
+    pub f64_rel: f64,
+}
+
+impl LocalRule {
+    /// The rule of a tier.
+    ///
+    /// bf16: a careful bf16 implementation rounds where transformers does, so its local error is
+    /// the reference's to the bit (measured: lockstep's engine, the JAX example and PyTorch's own
+    /// bf16 trace all have ratio 1.00 on every op); the factors leave room for an implementation
+    /// that rounds differently but no worse, and are below what the upcast mistakes give at their
+    /// entry op (softmax in bf16: RMS 1.9×, max 2.3×; RMSNorm variance in bf16: bias 3.3×).
+    /// f32: accumulation orders differ between careful kernels (measured up to 2.2× on RMSNorm's
+    /// RMS and 2.4× on its bias between lockstep and PyTorch); the upcast mistakes are 10-10⁵×.
+    pub fn for_tier(tier: Tier) -> Self {
+        match tier {
+            Tier::BF16 => LocalRule {
+                k_rms: 1.25,
+                floor_rms: 0.05,
+                k_max: 1.5,
+                floor_max: 0.5,
+                k_bias: 2.0,
+                floor_bias: 1.0 / 32.0,
+                f64_rel: 0.0,
+            },
+            Tier::F32 => LocalRule {
+                k_rms: 3.0,
+                floor_rms: 0.25,
+                k_max: 4.0,
+                floor_max: 2.0,
+                k_bias: 4.0,
+                floor_bias: 1.0 / 4.0,
+                f64_rel: 0.0,
+            },
+            Tier::F64 => LocalRule {
+                k_rms: 0.0,
+                floor_rms: 0.0,
+                k_max: 0.0,
+                floor_max: 0.0,
+                k_bias: 0.0,
+                floor_bias: 0.0,
+                f64_rel: 1e-9,
+            },
+        }
+    }
+}
+
+/// The verdict on one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpStatus {
+    /// The test's local error is of the reference's size and kind.
+    Pass,
+    /// It is not: the difference is made at this op.
+    Fail,
+    /// Non-finite values on the test side, in the reference's op or in the exact op.
+    NonFinite,
+    /// The op's output is missing from the test trace, or its shape differs from the exact op's.
+    Missing,
+    /// The test trace lacks the op's inputs, so the op could not be recomputed.
+    Unjudged,
+}
+
+impl OpStatus {
+    /// True for every status that means the op does not compute what the reference does.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            OpStatus::Fail | OpStatus::NonFinite | OpStatus::Missing
+        )
+    }
+
+    /// Upper-case label for reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            OpStatus::Pass => "PASS",
+            OpStatus::Fail => "FAIL",
+            OpStatus::NonFinite => "NON-FINITE",
+            OpStatus::Missing => "MISSING",
+            OpStatus::Unjudged => "UNJUDGED",
+        }
+    }
+}
+
+/// One op judged on its own inputs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpJudgement {
+    /// Trace name of the op's output.
+    pub name: String,
+    /// The verdict.
+    pub status: OpStatus,
+    /// The test's local error.
+    pub test: Option<LocalStats>,
+    /// The reference's local error (None in the f64 tier, where the reference is the exact op).
+    pub reference: Option<LocalStats>,
+    /// Largest ratio of a test statistic to its allowance (≤ 1 passes).
+    pub ratio: f64,
+    /// Which statistics exceeded their allowance, in words.
+    pub reasons: Vec<String>,
+}
+
+/// Every op of one test trace judged on its own inputs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalComparison {
+    /// The tier (decides the dtype whose ulps measure errors, and the rule).
+    pub tier: Tier,
+    /// The rule applied.
+    pub rule: LocalRule,
+    /// Ops in forward order.
+    pub ops: Vec<OpJudgement>,
+    /// The first op whose local error is not the reference's kind: where a difference is made.
+    pub first_divergence: Option<String>,
+    /// No op failed and at least one was judged.
+    pub passed: bool,
+}
+
+fn values(t: &Trace, name: &str) -> Option<(Vec<usize>, Vec<f64>)> {
+    t.get(name).map(|x| (x.shape.clone(), x.data.to_f64()))
+}
+
+/// Judges every op of `test` on its own inputs. `exact` holds the pure-f64 ops recomputed on the
+/// test's inputs, `reference` the reference's ops in the tier's dtype (required unless the tier is
+/// f64). Ops are those of `exact`, in its order (`tokens` is input, not an op).
+pub fn judge_local(
+    test: &Trace,
+    reference: Option<&Trace>,
+    exact: &Trace,
+    tier: Tier,
+) -> LocalComparison {
+    let rule = LocalRule::for_tier(tier);
+    let mut ops = vec![];
+    for name in exact.names() {
+        if name == "tokens" {
+            continue;
+        }
+        ops.push(judge_op(name, test, reference, exact, tier, &rule));
+    }
+    let first_divergence = ops
+        .iter()
+        .find(|o| o.status.is_failure())
+        .map(|o| o.name.clone());
+    let passed = first_divergence.is_none() && ops.iter().any(|o| o.status == OpStatus::Pass);
+    LocalComparison {
+        tier,
+        rule,
+        ops,
+        first_divergence,
+        passed,
+    }
+}
+
+fn judge_op(
+    name: &str,
+    test: &Trace,
+    reference: Option<&Trace>,
+    exact: &Trace,
+    tier: Tier,
+    rule: &LocalRule,
+) -> OpJudgement {
+    let mut j = OpJudgement {
+        name: name.to_string(),
+        status: OpStatus::Unjudged,
+        test: None,
+        reference: None,
+        ratio: 0.0,
+        reasons: vec![],
+    };
+    let Some((shape, x)) = values(exact, name) else {
+        return j;
+    };
+    let Some((tshape, t)) = values(test, name) else {
+        j.status = OpStatus::Missing;
+        j.reasons.push("absent from the test trace".into());
+        return j;
+    };
+    if tshape != shape {
+        j.status = OpStatus::Missing;
+        j.reasons
+            .push(format!("test shape {tshape:?}, the op gives {shape:?}"));
+        return j;
+    }
+    let ts = local_stats(&x, &t, &shape, tier);
+    let exact_bad = x.iter().filter(|v| !v.is_finite()).count();
+    let rs = match (tier, reference) {
+        (Tier::F64, _) => None,
+        (_, Some(r)) => match values(r, name) {
+            Some((rshape, rv)) if rshape == shape => Some(local_stats(&x, &rv, &shape, tier)),
+            _ => {
+                j.reasons
+                    .push("the reference's op is missing: cannot judge".into());
+                j.test = Some(ts);
+                return j;
+            }
+        },
+        (_, None) => {
+            j.reasons
+                .push("no reference op trace for this tier: cannot judge".into());
+            j.test = Some(ts);
+            return j;
+        }
+    };
+    if ts.nonfinite > 0 || exact_bad > 0 || rs.as_ref().is_some_and(|r| r.nonfinite > 0) {
+        j.status = OpStatus::NonFinite;
+        j.reasons.push(format!(
+            "non-finite values: {} in the test, {exact_bad} in the exact op, {} in the reference's op",
+            ts.nonfinite,
+            rs.as_ref().map_or(0, |r| r.nonfinite)
+        ));
+        j.ratio = f64::INFINITY;
+        j.test = Some(ts);
+        j.reference = rs;
+        return j;
+    }
+    let mut worst = 0.0f64;
+    match &rs {
+        None => {
+            let mag = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let allowed = rule.f64_rel * mag.max(1.0);
+            let r = ts.max_abs / allowed;
+            worst = r;
+            if r > 1.0 {
+                j.reasons.push(format!(
+                    "max |test − exact| {:.3e} > {:.0e}·max(1,|x|) = {allowed:.3e}",
+                    ts.max_abs, rule.f64_rel
+                ));
+            }
+        }
+        Some(r) => {
+            let checks = [
+                (
+                    "RMS error",
+                    ts.rms_ulps,
+                    r.rms_ulps,
+                    rule.k_rms,
+                    rule.floor_rms,
+                ),
+                (
+                    "max error",
+                    ts.max_ulps,
+                    r.max_ulps,
+                    rule.k_max,
+                    rule.floor_max,
+                ),
+                (
+                    "row bias",
+                    ts.bias_ulps,
+                    r.bias_ulps,
+                    rule.k_bias,
+                    rule.floor_bias,
+                ),
+            ];
+            for (what, t, reference, k, floor) in checks {
+                let allowed = k * reference + floor;
+                let ratio = t / allowed;
+                worst = worst.max(ratio);
+                if ratio > 1.0 {
+                    j.reasons.push(format!(
+                        "{what} {t:.3} ulp > {k}× the reference's {reference:.3} + {floor} ulp"
+                    ));
+                }
+            }
+        }
+    }
+    j.ratio = worst;
+    j.status = if j.reasons.is_empty() {
+        OpStatus::Pass
+    } else {
+        OpStatus::Fail
+    };
+    j.test = Some(ts);
+    j.reference = rs;
+    j
+}
+
+impl LocalComparison {
+    /// The judgement of one op.
+    pub fn get(&self, name: &str) -> Option<&OpJudgement> {
+        self.ops.iter().find(|o| o.name == name)
+    }
+
+    /// The first failing op, if any.
+    pub fn first_failure(&self) -> Option<&OpJudgement> {
+        self.ops.iter().find(|o| o.status.is_failure())
+    }
+
+    /// One line: where the first difference is made, and why, or that every op is within the
+    /// reference's own local error.
+    pub fn verdict(&self) -> String {
+        match self.first_failure() {
+            None if self.passed => format!(
+                "every op within the reference's own local error ({} ops judged on their own inputs)",
+                self.ops
+                    .iter()
+                    .filter(|o| o.status == OpStatus::Pass)
+                    .count()
+            ),
+            None => "no op could be judged".into(),
+            Some(o) => format!(
+                "first difference made at `{}` ({}): {}; likely cause: {}",
+                o.name,
+                o.status.label(),
+                o.reasons.join("; "),
+                likely_cause(&o.name)
+            ),
+        }
+    }
+
+    /// Markdown: per layer, the worst local ratio (made here) next to the end-to-end one
+    /// (inherited + made), then every failing op.
+    pub fn markdown(&self, end_to_end: Option<&TraceComparison>) -> String {
+        let mut out = String::from(
+            "| where | worst op (local) | local error / allowance | end-to-end error / tolerance |\n|---|---|---:|---:|\n",
+        );
+        let mut groups: Vec<(Option<usize>, Vec<&OpJudgement>)> = vec![];
+        for o in &self.ops {
+            let layer = TapName::parse(&o.name).and_then(|t| match t {
+                TapName::Layer(i, _) => Some(i),
+                _ => None,
+            });
+            match groups.last_mut() {
+                Some((l, v)) if *l == layer => v.push(o),
+                _ => groups.push((layer, vec![o])),
+            }
+        }
+        for (layer, ops) in &groups {
+            let worst = ops
+                .iter()
+                .max_by(|a, b| a.ratio.total_cmp(&b.ratio))
+                .expect("non-empty group");
+            let where_ = layer.map_or_else(|| ops[0].name.clone(), |i| format!("layer {i}"));
+            let names: Vec<&str> = ops.iter().map(|o| o.name.as_str()).collect();
+            let e2e_ratio = end_to_end
+                .and_then(|c| {
+                    c.tensors
+                        .iter()
+                        .filter(|t| names.contains(&t.name.as_str()))
+                        .filter_map(|t| t.tolerance_ratio())
+                        .reduce(f64::max)
+                })
+                .map_or_else(|| "—".to_string(), |r| format!("{r:.2}"));
+            let short = worst
+                .name
+                .rsplit('.')
+                .next()
+                .unwrap_or(&worst.name)
+                .to_string();
+            let mark = if worst.status.is_failure() {
+                format!("**{short} {}**", worst.status.label())
+            } else {
+                short
+            };
+            let _ = writeln!(
+                out,
+                "| {where_} | {mark} | {:.2} | {e2e_ratio} |",
+                worst.ratio
+            );
+        }
+        for o in self.ops.iter().filter(|o| o.status.is_failure()) {
+            let _ = writeln!(
+                out,
+                "\n- `{}` {}: {}",
+                o.name,
+                o.status.label(),
+                o.reasons.join("; ")
+            );
+        }
+        out
+    }
+}
+
+/// The layer tap of a trace name, if it is one (`layers.3.q` → `(3, Q)`).
+pub fn layer_tap(name: &str) -> Option<(usize, LayerTap)> {
+    match TapName::parse(name)? {
+        TapName::Layer(i, t) => Some((i, t)),
+        _ => None,
+    }
+}
