@@ -1,37 +1,64 @@
 //! Deliberate bugs, to prove the verifier catches them (`lockstep verify --inject`).
 //!
 //! Each fault is a classic porting mistake. It is applied by changing the model's settings at load
-//! time (never by branching inside the forward pass), so the model code stays the math.
+//! time (never by branching inside the forward pass), so the model code stays the math; the
+//! settings select a kernel variant where the mistake is in the arithmetic (the upcast mistakes:
+//! softmax, RMSNorm variance, RoPE table or residual adds in the wrong dtype).
 
 use std::fmt;
 use std::str::FromStr;
 
-/// A deliberate bug injected into the engine.
+/// A deliberate bug injected into the engine. Each variant's doc says where it enters (the trace
+/// tensor it first changes, [`Fault::enters_at`]); every fault acts in every compute precision
+/// (f64, f32, bf16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Drop the q/k/v biases.
+    /// Drop the q/k/v biases. Enters at `layers.0.q`.
     NoQkvBias,
-    /// Use the wrong RoPE base (10000 ↔ 1e6).
+    /// Use the wrong RoPE base (10000 ↔ 1e6). Enters at `layers.0.q_rope`.
     RopeTheta,
-    /// Rotate interleaved pairs (2i, 2i+1) instead of rotate_half.
+    /// Rotate interleaved pairs (2i, 2i+1) instead of rotate_half. Enters at `layers.0.q_rope`.
     RopeInterleaved,
-    /// Map query head h to kv head h % kv_heads instead of h / group.
+    /// Map query head h to kv head h % kv_heads instead of h / group. Enters at
+    /// `layers.0.attn_probs`.
     GqaOrder,
-    /// Use a 10× larger RMSNorm epsilon.
+    /// Use a 10× larger RMSNorm epsilon. Enters at `layers.0.input_norm`.
     NormEps,
-    /// Skip the final RMSNorm.
+    /// Skip the final RMSNorm. Enters at `final_norm`.
     NoFinalNorm,
-    /// Let every token attend to future tokens.
+    /// Let every token attend to future tokens. Enters at `layers.0.attn_probs`.
     CausalMaskOff,
-    /// Use the wrong matrix as LM head (embeddings for an untied model, and vice versa).
+    /// Use the wrong matrix as LM head (embeddings for an untied model, and vice versa). Enters
+    /// at `logits`.
     UntiedHead,
-    /// Round RoPE positions to bf16 (wrong beyond position 256).
+    /// Round RoPE positions to bf16 (wrong beyond position 256). Enters at `layers.0.q_rope`.
     Bf16Positions,
+    /// The attention softmax computed in bf16 instead of float32: `s - max`, each exp, the sum
+    /// and each quotient rounded to bf16. Enters at `layers.0.attn_probs` (from the second
+    /// token: one key gets probability 1 either way).
+    SoftmaxBf16,
+    /// RMSNorm's variance computed in bf16, as a port that forgets to upcast does: each x² and
+    /// mean(x²) rounded to bf16 (every norm). Enters at `layers.0.input_norm`.
+    NormVarianceBf16,
+    /// RoPE inverse frequencies computed in bf16 (exponent, power and quotient rounded) and the
+    /// angles position × inv_freq rounded to bf16. Enters at `layers.0.q_rope` (from the second
+    /// token: position 0 is not rotated).
+    RopeBf16InvFreq,
+    /// RMSNorm as `x / (sqrt(mean(x²)) + eps)` instead of `x * rsqrt(mean(x²) + eps)` (every
+    /// norm). A relative change of about eps / (2 mean(x²)) - eps / rms: the smaller the
+    /// activations, the larger (1e-6 at rms 1 with eps 1e-6, 1e-3 at rms 0.02).
+    /// Enters at `layers.0.input_norm`.
+    NormEpsOutsideSqrt,
+    /// The residual adds in the wrong dtype. In the f64 and f32 tiers each residual sum is rounded
+    /// to bf16 (a port whose residual stream stays in bf16 while the rest computes in float32);
+    /// in the bf16 tier no residual sum is rounded (a port whose residual stream is float32,
+    /// its embeddings or first sum upcast and never cast back). Enters at `layers.0.resid_attn`.
+    ResidualBf16,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 14] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -41,6 +68,11 @@ impl Fault {
         Fault::CausalMaskOff,
         Fault::UntiedHead,
         Fault::Bf16Positions,
+        Fault::SoftmaxBf16,
+        Fault::NormVarianceBf16,
+        Fault::RopeBf16InvFreq,
+        Fault::NormEpsOutsideSqrt,
+        Fault::ResidualBf16,
     ];
 
     /// The CLI name.
@@ -55,16 +87,50 @@ impl Fault {
             Fault::CausalMaskOff => "causal-mask-off",
             Fault::UntiedHead => "untied-head",
             Fault::Bf16Positions => "bf16-positions",
+            Fault::SoftmaxBf16 => "softmax-bf16",
+            Fault::NormVarianceBf16 => "norm-variance-bf16",
+            Fault::RopeBf16InvFreq => "rope-bf16-inv-freq",
+            Fault::NormEpsOutsideSqrt => "norm-eps-outside-sqrt",
+            Fault::ResidualBf16 => "residual-bf16",
         }
     }
 
-    /// The tensor (suffix of `layers.0.` or a top-level name) where the fault first enters.
+    /// One line saying what the fault does (the porting mistake it stands for).
+    pub fn description(self) -> &'static str {
+        match self {
+            Fault::NoQkvBias => "q/k/v projection biases dropped",
+            Fault::RopeTheta => "wrong RoPE base (10000 and 1e6 swapped)",
+            Fault::RopeInterleaved => "RoPE rotating interleaved pairs instead of rotate_half",
+            Fault::GqaOrder => "query head h reads kv head h % kv_heads instead of h / group",
+            Fault::NormEps => "RMSNorm epsilon 10x too large",
+            Fault::NoFinalNorm => "final RMSNorm skipped",
+            Fault::CausalMaskOff => "no causal mask: tokens attend to future tokens",
+            Fault::UntiedHead => "wrong LM head matrix (tied vs untied)",
+            Fault::Bf16Positions => "RoPE positions rounded to bf16",
+            Fault::SoftmaxBf16 => "attention softmax in bf16 instead of float32",
+            Fault::NormVarianceBf16 => "RMSNorm variance (x², mean) rounded to bf16",
+            Fault::RopeBf16InvFreq => "RoPE inv_freq and angles computed in bf16",
+            Fault::NormEpsOutsideSqrt => "RMSNorm as x / (sqrt(mean(x²)) + eps)",
+            Fault::ResidualBf16 => {
+                "residual adds in the wrong dtype (bf16 in the f32/f64 tiers, float32 in bf16)"
+            }
+        }
+    }
+
+    /// The tensor (suffix of `layers.0.` or a top-level name) where the fault first enters: the
+    /// first trace tap (in forward order) it changes.
     pub fn enters_at(self) -> &'static str {
         match self {
             Fault::NoQkvBias => "layers.0.q",
-            Fault::RopeTheta | Fault::RopeInterleaved | Fault::Bf16Positions => "layers.0.q_rope",
-            Fault::GqaOrder | Fault::CausalMaskOff => "layers.0.attn_probs",
-            Fault::NormEps => "layers.0.input_norm",
+            Fault::RopeTheta
+            | Fault::RopeInterleaved
+            | Fault::Bf16Positions
+            | Fault::RopeBf16InvFreq => "layers.0.q_rope",
+            Fault::GqaOrder | Fault::CausalMaskOff | Fault::SoftmaxBf16 => "layers.0.attn_probs",
+            Fault::NormEps | Fault::NormVarianceBf16 | Fault::NormEpsOutsideSqrt => {
+                "layers.0.input_norm"
+            }
+            Fault::ResidualBf16 => "layers.0.resid_attn",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }
@@ -88,5 +154,31 @@ impl FromStr for Fault {
                 let names: Vec<_> = Fault::ALL.iter().map(|f| f.name()).collect();
                 format!("unknown fault '{s}' (known: {})", names.join(", "))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_unique() {
+        for f in Fault::ALL {
+            assert_eq!(f.name().parse::<Fault>(), Ok(f));
+            assert!(!f.description().is_empty());
+            assert!(
+                f.enters_at().starts_with("layers.0.")
+                    || ["final_norm", "logits"].contains(&f.enters_at()),
+                "{f}"
+            );
+        }
+        let mut names: Vec<_> = Fault::ALL.iter().map(|f| f.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Fault::ALL.len());
+        assert!("softmax-f16"
+            .parse::<Fault>()
+            .unwrap_err()
+            .contains("softmax-bf16"));
     }
 }

@@ -18,9 +18,9 @@ use crate::faults::Fault;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec, GqaMapping};
 use crate::kernels::matmul::linear;
-use crate::kernels::norm::rms_norm;
-use crate::kernels::rope::{RopeLayout, RopeTable};
-use crate::kernels::{add_in_place, decode_vec, Float};
+use crate::kernels::norm::{rms_norm_with, RmsNormMath};
+use crate::kernels::rope::{RopeLayout, RopeRounding, RopeTable};
+use crate::kernels::{decode_vec, residual_add, Float, ResidualDtype};
 use crate::observer::{Observer, TapView};
 use crate::weights::{Checkpoint, Tensor};
 use lockstep_trace::{LayerTap, TapName};
@@ -60,8 +60,14 @@ pub struct Settings {
     pub rope_theta: f64,
     /// RoPE pairing layout.
     pub rope_layout: RopeLayout,
-    /// Rounding applied to positions before RoPE (None: exact).
-    pub position_round: Option<fn(f64) -> f64>,
+    /// bf16 rounding in the RoPE table (careful: none beyond HF's).
+    pub rope_rounding: RopeRounding,
+    /// How RMSNorm computes its factor.
+    pub norm_math: RmsNormMath,
+    /// Attention softmax in bf16.
+    pub softmax_bf16: bool,
+    /// The dtype of the residual adds.
+    pub residual: ResidualDtype,
     /// Query-to-kv head mapping.
     pub gqa: GqaMapping,
     /// Causal mask on.
@@ -203,10 +209,6 @@ impl PaddedBatch {
     }
 }
 
-fn bf16_round(x: f64) -> f64 {
-    half::bf16::from_f64(x).to_f64()
-}
-
 impl Model {
     /// Loads config.json and the weights of a Hugging Face model folder.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -291,9 +293,20 @@ impl Model {
                 Some(Fault::RopeInterleaved) => RopeLayout::Interleaved,
                 _ => RopeLayout::RotateHalf,
             },
-            position_round: match fault {
-                Some(Fault::Bf16Positions) => Some(bf16_round as fn(f64) -> f64),
-                _ => None,
+            rope_rounding: match fault {
+                Some(Fault::Bf16Positions) => RopeRounding::Bf16Positions,
+                Some(Fault::RopeBf16InvFreq) => RopeRounding::Bf16InvFreq,
+                _ => RopeRounding::Careful,
+            },
+            norm_math: match fault {
+                Some(Fault::NormVarianceBf16) => RmsNormMath::VarianceBf16,
+                Some(Fault::NormEpsOutsideSqrt) => RmsNormMath::EpsOutsideSqrt,
+                _ => RmsNormMath::Careful,
+            },
+            softmax_bf16: fault == Some(Fault::SoftmaxBf16),
+            residual: match fault {
+                Some(Fault::ResidualBf16) => ResidualDtype::Wrong,
+                _ => ResidualDtype::Model,
             },
             gqa: match fault {
                 Some(Fault::GqaOrder) => GqaMapping::RoundRobin,
@@ -455,7 +468,7 @@ impl Model {
             d,
             positions,
             s.rope_layout,
-            s.position_round,
+            s.rope_rounding,
         );
         obs.tap(TapName::Tokens, TapView::Tokens(tokens));
 
@@ -475,7 +488,14 @@ impl Model {
             let tap = |t| TapName::Layer(l, t);
 
             // Self-attention block.
-            rms_norm(&x, &decode_vec(&w.input_norm), s.rms_norm_eps, &mut normed);
+            let eps = s.rms_norm_eps;
+            rms_norm_with(
+                &x,
+                &decode_vec(&w.input_norm),
+                eps,
+                s.norm_math,
+                &mut normed,
+            );
             obs.tap(tap(LayerTap::InputNorm), TapView::rows(&normed, h));
 
             let bias = w
@@ -529,6 +549,7 @@ impl Model {
                     q_start: past,
                     causal: s.causal,
                     mapping: s.gqa,
+                    softmax_bf16: s.softmax_bf16,
                 };
                 let mut probs = (rows == 1 && obs.wants_attention_probs())
                     .then(|| vec![T::ZERO; heads * n * keys]);
@@ -557,11 +578,11 @@ impl Model {
             let mut o = vec![T::ZERO; tn * h];
             linear(&attn, tn, &w.o_proj, None, &mut o);
             obs.tap(tap(LayerTap::OProj), TapView::rows(&o, h));
-            add_in_place(&mut x, &o);
+            residual_add(&mut x, &o, s.residual);
             obs.tap(tap(LayerTap::ResidAttn), TapView::rows(&x, h));
 
             // MLP block.
-            rms_norm(&x, &decode_vec(&w.post_norm), s.rms_norm_eps, &mut normed);
+            rms_norm_with(&x, &decode_vec(&w.post_norm), eps, s.norm_math, &mut normed);
             obs.tap(tap(LayerTap::PostNorm), TapView::rows(&normed, h));
             let inter = c.intermediate_size;
             let mut gate = vec![T::ZERO; tn * inter];
@@ -573,7 +594,7 @@ impl Model {
             let mut mlp = vec![T::ZERO; tn * h];
             linear(&gate, tn, &w.down_proj, None, &mut mlp);
             obs.tap(tap(LayerTap::MlpOut), TapView::rows(&mlp, h));
-            add_in_place(&mut x, &mlp);
+            residual_add(&mut x, &mlp, s.residual);
             obs.tap(tap(LayerTap::Out), TapView::rows(&x, h));
         }
         for cache in caches.iter_mut() {
@@ -581,7 +602,8 @@ impl Model {
         }
 
         if s.final_norm {
-            rms_norm(&x, &decode_vec(&self.norm), s.rms_norm_eps, &mut normed);
+            let eps = s.rms_norm_eps;
+            rms_norm_with(&x, &decode_vec(&self.norm), eps, s.norm_math, &mut normed);
         } else {
             normed.copy_from_slice(&x);
         }

@@ -1,7 +1,10 @@
 //! Causal scaled-dot-product attention with grouped key/value heads, as HF's eager attention:
 //! `softmax((q · kᵀ) × D^-0.5 + mask) · v`, the product rounded before the scaling.
+//!
+//! The softmax is computed in the compute precision (float32 in the bf16 tier, as HF does) and
+//! rounded once; [`AttentionSpec::softmax_bf16`] computes it in bf16 instead (fault injection).
 
-use super::Float;
+use super::{round_bf16, Float};
 use rayon::prelude::*;
 
 /// How query heads map to key/value heads.
@@ -28,6 +31,10 @@ pub struct AttentionSpec {
     pub causal: bool,
     /// Query-to-kv head mapping.
     pub mapping: GqaMapping,
+    /// Compute the softmax in bf16 (a porting mistake, fault `softmax-bf16`): `s - max`, each
+    /// exp, the sum and each quotient rounded to bf16, as `jax.nn.softmax` on a bf16 array does
+    /// (its sum accumulates in float32, here in the compute precision, and is rounded once).
+    pub softmax_bf16: bool,
 }
 
 impl AttentionSpec {
@@ -92,17 +99,21 @@ pub fn attention<T: Float>(
                     max = *r;
                 }
             }
-            let mut sum = T::ZERO;
-            for (s, r) in row.iter_mut().enumerate().take(visible) {
-                *r = if hidden(s) { T::ZERO } else { (*r - max).exp() };
-                sum += *r;
-            }
-            for r in row.iter_mut().take(visible) {
-                *r = if sum > T::ZERO {
-                    (*r / sum).round()
-                } else {
-                    T::ZERO
-                };
+            if spec.softmax_bf16 {
+                softmax_in_bf16(&mut row[..visible], max, hidden);
+            } else {
+                let mut sum = T::ZERO;
+                for (s, r) in row.iter_mut().enumerate().take(visible) {
+                    *r = if hidden(s) { T::ZERO } else { (*r - max).exp() };
+                    sum += *r;
+                }
+                for r in row.iter_mut().take(visible) {
+                    *r = if sum > T::ZERO {
+                        (*r / sum).round()
+                    } else {
+                        T::ZERO
+                    };
+                }
             }
             for r in row.iter_mut().skip(visible) {
                 *r = T::ZERO;
@@ -156,6 +167,28 @@ pub fn attention<T: Float>(
     }
 }
 
+/// The softmax of one row of scores (keys `hidden` says are masked get 0) computed in bf16:
+/// `s - max`, each exp, the sum and each quotient rounded to bf16 (the fault `softmax-bf16`).
+fn softmax_in_bf16<T: Float>(row: &mut [T], max: T, hidden: impl Fn(usize) -> bool) {
+    let mut sum = T::ZERO;
+    for (s, r) in row.iter_mut().enumerate() {
+        *r = if hidden(s) {
+            T::ZERO
+        } else {
+            round_bf16(round_bf16(*r - max).exp())
+        };
+        sum += *r;
+    }
+    let sum = round_bf16(sum);
+    for r in row.iter_mut() {
+        *r = if sum > T::ZERO {
+            round_bf16(*r / sum)
+        } else {
+            T::ZERO
+        };
+    }
+}
+
 /// Multiply-adds (heads x queries x keys x head_dim) below which heads run on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -172,6 +205,7 @@ mod tests {
             q_start: 0,
             causal: true,
             mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
         };
         // Two tokens; token 0 can only see key 0.
         let q = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, -1.0];
@@ -201,6 +235,7 @@ mod tests {
             q_start,
             causal: true,
             mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
         };
         // Two real keys; the padded run puts two padding keys (garbage values) in front.
         let (k, v) = ([1.0, 2.0, -1.0, 0.5], [3.0, 4.0, -5.0, 6.0]);
@@ -280,6 +315,7 @@ mod tests {
             q_start: 0,
             causal: true,
             mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
         };
         let mut out = vec![0.0; q.len()];
         let mut probs = vec![0.0; h * t * t];
@@ -294,6 +330,56 @@ mod tests {
     }
 
     #[test]
+    fn softmax_in_bf16_is_off_by_bf16_rounding_in_every_tier() {
+        fn run<T: Float>(bf16: bool) -> (Vec<f64>, Vec<f64>) {
+            let (h, kvh, d, t) = (2, 1, 8, 12);
+            let mut seed = 5u64;
+            let mut rnd = |n: usize| -> Vec<T> {
+                (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        T::from_f64(3.0 * ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5)).round()
+                    })
+                    .collect()
+            };
+            let (q, k, v) = (rnd(t * h * d), rnd(t * kvh * d), rnd(t * kvh * d));
+            let spec = AttentionSpec {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                q_start: 0,
+                causal: true,
+                mapping: GqaMapping::Grouped,
+                softmax_bf16: bf16,
+            };
+            let mut out = vec![T::ZERO; q.len()];
+            let mut probs = vec![T::ZERO; h * t * t];
+            attention(&spec, &q, &k, &v, None, &mut out, Some(&mut probs));
+            let f = |v: Vec<T>| v.into_iter().map(T::to_f64).collect();
+            (f(probs), f(out))
+        }
+        fn check<T: Float>(tier: &str) {
+            let (careful, _) = run::<T>(false);
+            let (faulty, _) = run::<T>(true);
+            assert_ne!(
+                careful, faulty,
+                "{tier}: the fault changes the probabilities"
+            );
+            for (c, f) in careful.iter().zip(&faulty) {
+                assert_eq!(round_bf16(*f), *f, "{tier}: bf16 values");
+                // Four roundings of at most 2^-8 relative each (plus the careful bf16 tier's one).
+                assert!(
+                    (f - c).abs() <= 5.0 * 2f64.powi(-8) * c.abs() + 1e-300,
+                    "{tier}: {f} vs {c}"
+                );
+            }
+        }
+        check::<f64>("f64");
+        check::<f32>("f32");
+        check::<crate::kernels::Bf16>("bf16");
+    }
+
+    #[test]
     fn gqa_mapping() {
         let mut s = AttentionSpec {
             heads: 8,
@@ -302,6 +388,7 @@ mod tests {
             q_start: 0,
             causal: true,
             mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
         };
         assert_eq!(
             (0..8).map(|h| s.kv_head(h)).collect::<Vec<_>>(),

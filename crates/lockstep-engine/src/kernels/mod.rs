@@ -249,6 +249,43 @@ pub fn add_in_place<T: Float>(a: &mut [T], b: &[T]) {
     }
 }
 
+/// Rounds `x` to the nearest bfloat16 (ties to even) whatever the compute type: a port computing
+/// a step in bf16 where it should not (the upcast mistakes of [`crate::faults`]).
+#[inline]
+pub fn round_bf16<T: Float>(x: T) -> T {
+    T::from_f64(half::bf16::from_f64(x.to_f64()).to_f64())
+}
+
+/// The dtype a residual add is kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResidualDtype {
+    /// The activation dtype, as `transformers` does ([`add_in_place`]).
+    Model,
+    /// The wrong one, a porting mistake (fault `residual-bf16`): in the f32 and f64 tiers every
+    /// residual add is rounded to bf16 (a port whose residual stream stays in bf16 while the rest
+    /// computes in float32); in the bf16 tier no residual add is rounded (a port whose residual
+    /// stream is float32: its embedding or first sum was upcast and never cast back).
+    Wrong,
+}
+
+/// The residual add `a += b` in the dtype `dtype` names.
+pub fn residual_add<T: Float>(a: &mut [T], b: &[T], dtype: ResidualDtype) {
+    match dtype {
+        ResidualDtype::Model => add_in_place(a, b),
+        ResidualDtype::Wrong => {
+            assert_eq!(a.len(), b.len());
+            let bf16_tier = T::PRECISION == Precision::BF16;
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = if bf16_tier {
+                    *x + y
+                } else {
+                    round_bf16(*x + y)
+                };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +319,34 @@ mod tests {
             f32::decode(dt, b, &mut o);
             assert_eq!(o, vals, "{dt:?}");
         }
+    }
+
+    #[test]
+    fn residual_in_the_wrong_dtype() {
+        // 1 + 2^-10 is not a bf16 value (8 significand bits): it rounds to 1.
+        let (a0, b) = ([1.0f64, 0.5], [2f64.powi(-10), 0.25]);
+        let mut a = a0;
+        residual_add(&mut a, &b, ResidualDtype::Model);
+        assert_eq!(a, [1.0 + 2f64.powi(-10), 0.75], "f64: exact");
+        let mut a = a0;
+        residual_add(&mut a, &b, ResidualDtype::Wrong);
+        assert_eq!(a, [1.0, 0.75], "f64 with the fault: rounded to bf16");
+        let mut a = a0.map(|x| x as f32);
+        residual_add(&mut a, &b.map(|x| x as f32), ResidualDtype::Wrong);
+        assert_eq!(a, [1.0, 0.75], "f32 with the fault: rounded to bf16");
+        // The bf16 tier: careful rounds to bf16, the fault keeps float32.
+        let (a0, b) = (a0.map(|x| Bf16(x as f32)), b.map(|x| Bf16(x as f32)));
+        let mut a = a0;
+        residual_add(&mut a, &b, ResidualDtype::Model);
+        assert_eq!(a, [Bf16(1.0), Bf16(0.75)]);
+        let mut a = a0;
+        residual_add(&mut a, &b, ResidualDtype::Wrong);
+        assert_eq!(a, [Bf16(1.0 + 2f32.powi(-10)), Bf16(0.75)]);
+        // round_bf16: ties to even, any compute type.
+        assert_eq!(round_bf16(1.0f64 + 2f64.powi(-8)), 1.0);
+        assert_eq!(
+            round_bf16(1.0f32 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
     }
 }

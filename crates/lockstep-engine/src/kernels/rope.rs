@@ -4,8 +4,11 @@
 //! element `i` pairs with `i + D/2` (not interleaved pairs `2i, 2i+1`). In the f32 tier the table is
 //! computed in float32 exactly where HF computes it in float32 (inv_freq, the position × inv_freq
 //! product, cos and sin); in the f64 tier every step is float64.
+//!
+//! [`RopeRounding`] adds the bf16 rounding mistakes of ports (fault injection): positions rounded
+//! to bf16, or inv_freq and the angles computed in bf16.
 
-use super::{Float, Precision};
+use super::{round_bf16, Float, Precision};
 
 /// How the two halves of a head are paired by the rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +17,20 @@ pub enum RopeLayout {
     RotateHalf,
     /// GPT-J style: `x[2i]` pairs with `x[2i+1]` (a classic porting mistake for these models).
     Interleaved,
+}
+
+/// Where the table rounds to bf16 beyond what HF does: the careful table, or a porting mistake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopeRounding {
+    /// HF's table, in the compute precision.
+    #[default]
+    Careful,
+    /// Positions rounded to bf16 before the angle is taken (exact up to 256, wrong beyond).
+    Bf16Positions,
+    /// inv_freq computed in bf16 and the angles `position × inv_freq` rounded to bf16, as a port
+    /// that builds the table in the model dtype does ([`inv_freq_bf16`]); cos and sin of the
+    /// rounded angle as careful.
+    Bf16InvFreq,
 }
 
 /// cos/sin tables for a list of positions (one per token).
@@ -42,19 +59,35 @@ pub fn inv_freq<T: Float>(theta: f64, head_dim: usize) -> Vec<T> {
         .collect()
 }
 
+/// The inverse frequencies as a port computing them in bf16 gets them:
+/// `1 / theta^(2i / D)` with the exponent, the power and the quotient each rounded to bf16 (each
+/// computed in the compute precision first, as XLA computes a bf16 op in float32 and rounds).
+pub fn inv_freq_bf16<T: Float>(theta: f64, head_dim: usize) -> Vec<T> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let e = round_bf16((2 * i) as f64 / head_dim as f64);
+            let p = match T::PRECISION {
+                Precision::F64 => theta.powf(e),
+                Precision::F32 | Precision::BF16 => (theta as f32).powf(e as f32) as f64,
+            };
+            round_bf16(T::ONE / round_bf16(T::from_f64(p)))
+        })
+        .collect()
+}
+
 impl<T: Float> RopeTable<T> {
-    /// Builds the table for positions `start..start + len`. `position_round` lets a fault
-    /// injection round positions (e.g. to bf16) before the angle is taken.
+    /// Builds the table for positions `start..start + len`. `rounding` lets a fault injection
+    /// put a bf16 rounding mistake into the table.
     pub fn new(
         theta: f64,
         head_dim: usize,
         start: usize,
         len: usize,
         layout: RopeLayout,
-        position_round: Option<fn(f64) -> f64>,
+        rounding: RopeRounding,
     ) -> Self {
         let positions: Vec<usize> = (start..start + len).collect();
-        Self::at_positions(theta, head_dim, &positions, layout, position_round)
+        Self::at_positions(theta, head_dim, &positions, layout, rounding)
     }
 
     /// Builds the table for explicit positions, one per token (left-padded batches: each row's
@@ -64,27 +97,38 @@ impl<T: Float> RopeTable<T> {
         head_dim: usize,
         positions: &[usize],
         layout: RopeLayout,
-        position_round: Option<fn(f64) -> f64>,
+        rounding: RopeRounding,
     ) -> Self {
         let half = head_dim / 2;
-        let inv = inv_freq::<T>(theta, head_dim);
+        let bf16_angles = rounding == RopeRounding::Bf16InvFreq;
+        let inv = if bf16_angles {
+            inv_freq_bf16::<T>(theta, head_dim)
+        } else {
+            inv_freq::<T>(theta, head_dim)
+        };
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
             let mut pos = p as f64;
-            if let Some(r) = position_round {
-                pos = r(pos);
+            if rounding == RopeRounding::Bf16Positions {
+                pos = round_bf16(pos);
             }
             for f in &inv {
                 match T::PRECISION {
                     Precision::F64 => {
-                        let a = pos * f.to_f64();
+                        let mut a = pos * f.to_f64();
+                        if bf16_angles {
+                            a = round_bf16(a);
+                        }
                         cos.push(T::from_f64(a.cos()));
                         sin.push(T::from_f64(a.sin()));
                     }
                     Precision::F32 | Precision::BF16 => {
                         // cos/sin in float32, then cast to the model dtype.
-                        let a = (pos as f32) * (f.to_f64() as f32);
+                        let mut a = (pos as f32) * (f.to_f64() as f32);
+                        if bf16_angles {
+                            a = round_bf16(a);
+                        }
                         cos.push(T::from_f64(a.cos() as f64).round());
                         sin.push(T::from_f64(a.sin() as f64).round());
                     }
@@ -125,11 +169,19 @@ impl<T: Float> RopeTable<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Bf16;
 
     #[test]
     fn rotate_half_matches_complex_rotation() {
         let d = 8;
-        let table = RopeTable::<f64>::new(10000.0, d, 5, 1, RopeLayout::RotateHalf, None);
+        let table = RopeTable::<f64>::new(
+            10000.0,
+            d,
+            5,
+            1,
+            RopeLayout::RotateHalf,
+            RopeRounding::Careful,
+        );
         let x: Vec<f64> = (0..d).map(|i| i as f64 * 0.3 - 1.0).collect();
         let mut y = x.clone();
         table.apply(&mut y, 1);
@@ -141,12 +193,78 @@ mod tests {
             assert!((y[i + d / 2] - (x2 * c + x1 * s)).abs() < 1e-15);
         }
         // Position 0 is the identity; the rotation keeps the norm.
-        let t0 = RopeTable::<f64>::new(10000.0, d, 0, 1, RopeLayout::RotateHalf, None);
+        let t0 = RopeTable::<f64>::new(
+            10000.0,
+            d,
+            0,
+            1,
+            RopeLayout::RotateHalf,
+            RopeRounding::Careful,
+        );
         let mut z = x.clone();
         t0.apply(&mut z, 1);
         assert_eq!(z, x);
         let n = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
         assert!((n(&x) - n(&y)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bf16_positions_change_nothing_up_to_256() {
+        let (d, theta) = (64, 1e6);
+        let t = |r| RopeTable::<f32>::new(theta, d, 250, 20, RopeLayout::RotateHalf, r);
+        let (careful, faulty) = (t(RopeRounding::Careful), t(RopeRounding::Bf16Positions));
+        let half = d / 2;
+        // Positions 250..=256 are bf16 values; 257 rounds to 256.
+        assert_eq!(careful.cos[..7 * half], faulty.cos[..7 * half]);
+        assert_ne!(
+            careful.cos[7 * half..8 * half],
+            faulty.cos[7 * half..8 * half]
+        );
+        assert_eq!(
+            faulty.cos[6 * half..7 * half],
+            faulty.cos[7 * half..8 * half]
+        );
+    }
+
+    #[test]
+    fn bf16_inv_freq_and_angles_in_every_tier() {
+        let (d, theta) = (64, 1e6);
+        // The frequencies: bf16 values, within bf16's rounding of the careful ones.
+        let careful = inv_freq::<f64>(theta, d);
+        let faulty = inv_freq_bf16::<f64>(theta, d);
+        assert_eq!(faulty[0], 1.0);
+        assert_ne!(careful, faulty);
+        for (c, f) in careful.iter().zip(&faulty) {
+            assert_eq!(round_bf16(*f), *f, "a bf16 value");
+            // Three roundings of at most 2^-8 relative each (the exponent's is exact for D = 64).
+            assert!(((f - c) / c).abs() <= 3.0 * 2f64.powi(-8), "{f} vs {c}");
+        }
+        // In f32 the power is taken in float32: the same value or one bf16 ulp off.
+        let f32s: Vec<f64> = inv_freq_bf16::<f32>(theta, d)
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        for (a, b) in f32s.iter().zip(&faulty) {
+            assert!(((a - b) / b).abs() <= 2f64.powi(-7), "{a} vs {b}");
+        }
+        // Position 0 is untouched; later ones move by the angle's bf16 rounding (at most 1/32
+        // below angle 16) plus position × the frequency's error: 0.025-0.027 at positions < 16.
+        fn check<T: Float>(d: usize, theta: f64) {
+            let t = |r| RopeTable::<T>::new(theta, d, 0, 16, RopeLayout::RotateHalf, r);
+            let (careful, faulty) = (t(RopeRounding::Careful), t(RopeRounding::Bf16InvFreq));
+            let half = d / 2;
+            assert_eq!(careful.cos[..half], faulty.cos[..half], "position 0");
+            let worst = careful
+                .sin
+                .iter()
+                .zip(&faulty.sin)
+                .map(|(a, b)| (a.to_f64() - b.to_f64()).abs())
+                .fold(0.0, f64::max);
+            assert!(worst > 0.01 && worst <= 0.05, "{worst}");
+        }
+        check::<f64>(d, theta);
+        check::<f32>(d, theta);
+        check::<Bf16>(d, theta);
     }
 
     #[test]
