@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                                  description="lockstep's PyTorch/transformers reference side")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("trace", help="trace one forward pass of a checkpoint (DESIGN.md trace format)")
+    p = sub.add_parser("trace", help="trace one forward pass of a checkpoint (docs/trace-format.md)")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
     _add_input(p)
     p.add_argument("--dtype", required=True, choices=["f64", "f32", "bf16"],

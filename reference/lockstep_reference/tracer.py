@@ -1,6 +1,6 @@
 """Trace one forward pass of a Hugging Face Qwen2 / Llama model, tensor by tensor.
 
-The trace is one safetensors file whose tensor names are those of the trace table in DESIGN.md,
+The trace is one safetensors file whose tensor names are those of the trace table in docs/trace-format.md,
 written in forward order. Capture uses module hooks plus wrappers around the module-level functions
 `apply_rotary_pos_emb` and `eager_attention_forward` of transformers' qwen2 and llama modeling files
 (in transformers 5.x the attention module looks both up as module globals at call time; for "eager",
