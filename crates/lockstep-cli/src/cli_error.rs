@@ -1,5 +1,6 @@
 //! The CLI's error: one line on stderr and an exit code.
 
+use crate::harness::HarnessError;
 use std::fmt;
 
 /// An error the CLI reports and exits with.
@@ -33,6 +34,12 @@ impl fmt::Display for CliError {
 
 impl From<lockstep_engine::EngineError> for CliError {
     fn from(e: lockstep_engine::EngineError) -> Self {
+        CliError::input(e.to_string())
+    }
+}
+
+impl From<HarnessError> for CliError {
+    fn from(e: HarnessError) -> Self {
         CliError::input(e.to_string())
     }
 }

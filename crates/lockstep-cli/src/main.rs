@@ -1,10 +1,12 @@
 //! `lockstep`: run Qwen2 / Llama checkpoints in Rust and prove they compute what PyTorch computes.
 //!
 //! A thin binary: argument parsing and file I/O here; the work lives in `lockstep-engine`
-//! (the model) and `lockstep-verify` (comparison and reports).
+//! (the model) and `lockstep-verify` (comparison and reports); the `harness` module drives the
+//! engine, other ports' traces and the Python reference for `verify` and `selftest`.
 
 mod cli_error;
 mod commands;
+mod harness;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
