@@ -16,7 +16,8 @@ use std::process::ExitCode;
 #[command(
     name = "lockstep",
     version,
-    about = "Run Qwen2/Llama checkpoints in Rust and verify them tensor by tensor against PyTorch"
+    about = "Run Qwen2/Llama checkpoints in Rust and verify them tensor by tensor against PyTorch",
+    after_help = "Exit codes: 0 success (verification passed), 1 verification failed, 2 bad input or environment (one `error:` line), 3 the Python reference (transformers) failed."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,7 +34,8 @@ enum Command {
     Reference(commands::reference::Args),
     /// Compare two traces tensor by tensor; exit 0 pass, 1 fail, 2 bad input.
     Compare(commands::compare::Args),
-    /// Verify a model phase by phase against the PyTorch reference (report, JSON, SVG).
+    /// Verify a model phase by phase against the PyTorch reference (report, JSON, SVG); exit 0
+    /// pass, 1 fail, 2 bad input, 3 the reference failed.
     Verify(commands::verify::Args),
     /// Inject every known fault and show the verifier detects and localizes each.
     Selftest(commands::selftest::Args),

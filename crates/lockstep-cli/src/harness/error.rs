@@ -1,5 +1,6 @@
 //! What can go wrong while driving the implementations, by side: the user's input, the Python
-//! reference, lockstep's engine, the file system.
+//! reference, lockstep's engine, the file system. The CLI turns each into its exit code: 2 for the
+//! user's input (and environment), 3 when the reference failed.
 
 use lockstep_verify::PolicyError;
 
@@ -10,7 +11,7 @@ pub enum HarnessError {
     #[error("{0}")]
     BadInput(String),
     /// The Python reference (transformers) failed or answered something unexpected.
-    #[error("reference failed: {0}")]
+    #[error("the reference (transformers) failed: {0}")]
     Reference(String),
     /// lockstep's engine refused the model or the input.
     #[error(transparent)]
