@@ -42,7 +42,7 @@ pub use compare::{
     compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, DiffStats,
     LayerError, LogitStats, Status, TensorComparison, TraceComparison, Verdict,
 };
-pub use judge::{judge, restrict, VerifyOutcome};
+pub use judge::{judge, overall_status, restrict, VerifyOutcome};
 pub use port::PortTrace;
 pub use report::{NamedComparison, Phase, PhaseStatus};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};

@@ -274,7 +274,7 @@ fn write_reports(
     }
     println!(
         "{}: report {}, JSON {}, plot {}",
-        if outcome.passed { "PASS" } else { "FAIL" },
+        lockstep_verify::overall_status(&outcome.phases),
         a.report.display(),
         a.json.display(),
         a.plot.display()
