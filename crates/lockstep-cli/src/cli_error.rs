@@ -1,6 +1,11 @@
-//! The CLI's error: one line on stderr and an exit code.
+//! The CLI's error: one line on stderr and an exit code (1 is a failed verification, not an
+//! error): 2 for bad input or environment, [`REFERENCE_FAILED`] when the Python reference failed.
 
+use crate::harness::HarnessError;
 use std::fmt;
+
+/// Exit code of a run whose Python reference (transformers) failed: not the user's input.
+pub const REFERENCE_FAILED: u8 = 3;
 
 /// An error the CLI reports and exits with.
 #[derive(Debug)]
@@ -15,6 +20,14 @@ impl CliError {
         CliError {
             msg: msg.into(),
             code: 2,
+        }
+    }
+
+    /// The Python reference failed (exit [`REFERENCE_FAILED`]).
+    pub fn reference(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: REFERENCE_FAILED,
         }
     }
 
@@ -34,6 +47,15 @@ impl fmt::Display for CliError {
 impl From<lockstep_engine::EngineError> for CliError {
     fn from(e: lockstep_engine::EngineError) -> Self {
         CliError::input(e.to_string())
+    }
+}
+
+impl From<HarnessError> for CliError {
+    fn from(e: HarnessError) -> Self {
+        match e {
+            HarnessError::Reference(_) => CliError::reference(e.to_string()),
+            e => CliError::input(e.to_string()),
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! `lockstep`: run Qwen2 / Llama checkpoints in Rust and prove they compute what PyTorch computes.
 //!
 //! A thin binary: argument parsing and file I/O here; the work lives in `lockstep-engine`
-//! (the model) and `lockstep-verify` (comparison and reports).
+//! (the model) and `lockstep-verify` (comparison and reports); the `harness` module drives the
+//! engine, other ports' traces and the Python reference for `verify` and `selftest`.
 
 mod cli_error;
 mod commands;
+mod harness;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -14,7 +16,8 @@ use std::process::ExitCode;
 #[command(
     name = "lockstep",
     version,
-    about = "Run Qwen2/Llama checkpoints in Rust and verify them tensor by tensor against PyTorch"
+    about = "Run Qwen2/Llama checkpoints in Rust and verify them tensor by tensor against PyTorch",
+    after_help = "Exit codes: 0 success (verification passed), 1 verification failed, 2 bad input or environment (one `error:` line), 3 the Python reference (transformers) failed."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,7 +34,8 @@ enum Command {
     Reference(commands::reference::Args),
     /// Compare two traces tensor by tensor; exit 0 pass, 1 fail, 2 bad input.
     Compare(commands::compare::Args),
-    /// Verify a model phase by phase against the PyTorch reference (report, JSON, SVG).
+    /// Verify a model phase by phase against the PyTorch reference (report, JSON, SVG); exit 0
+    /// pass, 1 fail, 2 bad input, 3 the reference failed.
     Verify(commands::verify::Args),
     /// Inject every known fault and show the verifier detects and localizes each.
     Selftest(commands::selftest::Args),

@@ -255,3 +255,45 @@ fn verify_traces_again_when_the_checkpoint_changes_in_place() {
     negate_one_value(&model, "model.layers.0.self_attn.q_proj.weight");
     verify_in(&dir, &args).assert_exit(0);
 }
+
+/// A Python reference that crashes is not the user's input: exit 3 (not 2), and the one error
+/// line says the reference failed, with its last stderr line.
+#[test]
+fn a_crashed_reference_exits_3_naming_the_reference() {
+    let model = fixtures().join("models/qwen2-default");
+    assert!(
+        model.join("config.json").exists(),
+        "fixture {} missing; run bash scripts/fixtures.sh",
+        model.display()
+    );
+    let dir = scratch("crashed-reference");
+    let fake = dir.join("python");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'loading...' >&2\necho 'RuntimeError: the reference crashed on purpose' >&2\nexit 1\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["verify", "--model", model.to_str().unwrap()])
+        .args(["--dtype", "f64", "--single-only"])
+        .args(["--report", dir.join("r.md").to_str().unwrap()])
+        .args(["--json", dir.join("r.json").to_str().unwrap()])
+        .args(["--plot", dir.join("r.svg").to_str().unwrap()])
+        .env("LOCKSTEP_CACHE", dir.join("cache"))
+        .env("LOCKSTEP_PYTHON", &fake)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        errors,
+        ["error: the reference (transformers) failed: RuntimeError: the reference crashed on purpose"],
+        "{stderr}"
+    );
+    assert!(!dir.join("r.json").exists(), "no report after a crash");
+}

@@ -8,6 +8,8 @@
 //! how far the reference itself is from exact math. Each tensor is judged by the tolerance of the
 //! traces' precision tier ([`tolerance`]): 1e-9 in f64, a small multiple of the reference's own
 //! noise in f32, and no worse than twice the reference's distance from the oracle in bf16.
+//! [`judge`] is that judgement in one call; the crate depends on `lockstep_trace` only: the
+//! pipelines that produce traces (lockstep's engine, the Python reference) live in the CLI.
 //!
 //! ```no_run
 //! use lockstep_trace::Trace;
@@ -31,8 +33,9 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod judge;
 pub mod local;
-pub mod phases;
+pub mod port;
 pub mod report;
 pub mod tolerance;
 
@@ -40,7 +43,9 @@ pub use compare::{
     compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, DiffStats,
     LayerError, LogitStats, Status, TensorComparison, TraceComparison, Verdict,
 };
+pub use judge::{judge, overall_status, restrict, VerifyOutcome};
 pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};
+pub use port::PortTrace;
 pub use report::{NamedComparison, Phase, PhaseStatus};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 

@@ -213,7 +213,8 @@ pub fn phased_markdown(title: &str, model: &str, phases: &[Phase]) -> String {
     } else if failed.is_empty() {
         let _ = writeln!(
             out,
-            "**Overall: PASS** — {run} of {run} phase(s) passed{skip_note}.\n"
+            "**Overall: {}** — {run} of {run} phase(s) passed.\n",
+            crate::judge::overall_status(phases)
         );
     } else {
         let _ = writeln!(

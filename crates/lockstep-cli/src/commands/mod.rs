@@ -4,8 +4,6 @@ pub mod chat;
 pub mod common;
 pub mod compare;
 pub mod generate;
-pub mod pyref;
-pub mod python;
 pub mod reference;
 pub mod selftest;
 pub mod tokenize;

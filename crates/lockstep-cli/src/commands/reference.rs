@@ -1,8 +1,8 @@
 //! `lockstep reference --model DIR (--tokens ..|--prompt ..) --dtype D --out FILE`: the PyTorch
 //! reference trace, through the project's Python tracer.
 
-use super::python::ReferenceEnv;
 use crate::cli_error::CliResult;
+use crate::harness::python::ReferenceEnv;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -2,15 +2,14 @@
 //! report, JSON and an SVG plot of the per-layer error.
 
 use super::compare::write_atomic;
-use super::pyref::PythonReference;
-use super::python::ReferenceEnv;
 use crate::cli_error::{CliError, CliResult};
+use crate::harness::engine_pipeline::{run_verify, VerifyOptions};
+use crate::harness::inputs::{default_inputs, Input, InputKind};
+use crate::harness::port_pipeline::{run_port_verify, PortVerifyOptions};
+use crate::harness::pyref::PythonReference;
+use crate::harness::python::ReferenceEnv;
 use lockstep_engine::Fault;
-use lockstep_verify::phases::{
-    default_inputs, run_port_verify, run_verify, Input, InputKind, PortVerifyOptions,
-    VerifyOptions, VerifyOutcome,
-};
-use lockstep_verify::{report, Tier};
+use lockstep_verify::{report, Tier, VerifyOutcome};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -183,7 +182,7 @@ pub fn run_phases(
             spinner.set_message(format!("[{:.1}s] {msg}", t0.elapsed().as_secs_f64()));
         }
     };
-    let out = run_verify(&opts, reference, &mut progress).map_err(CliError::input);
+    let out = run_verify(&opts, reference, &mut progress).map_err(CliError::from);
     spinner.finish_and_clear();
     out
 }
@@ -275,7 +274,7 @@ fn write_reports(
     }
     println!(
         "{}: report {}, JSON {}, plot {}",
-        if outcome.passed { "PASS" } else { "FAIL" },
+        lockstep_verify::overall_status(&outcome.phases),
         a.report.display(),
         a.json.display(),
         a.plot.display()
@@ -319,7 +318,7 @@ pub fn run_port(a: Args) -> CliResult<ExitCode> {
     };
     let t0 = Instant::now();
     let mut progress = |msg: &str| eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
-    let outcome = run_port_verify(&opts, &mut reference, &mut progress).map_err(CliError::input)?;
+    let outcome = run_port_verify(&opts, &mut reference, &mut progress)?;
 
     let mut producers: Vec<String> = outcome
         .full

@@ -2,7 +2,8 @@
 //! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
 
 use super::python::ReferenceEnv;
-use lockstep_verify::phases::{GenerateJob, Reference, ReferenceWeights, TraceJob};
+use super::reference::{GenerateJob, Reference, ReferenceWeights, TraceJob};
+use super::{HarnessError, HarnessResult};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,20 +28,22 @@ impl PythonReference {
         }
     }
 
-    fn write_request(&self, name: &str, v: &serde_json::Value) -> Result<PathBuf, String> {
-        std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
+    fn write_request(&self, name: &str, v: &serde_json::Value) -> HarnessResult<PathBuf> {
+        super::create_work_dir(&self.scratch)?;
         let p = self.scratch.join(name);
-        std::fs::write(&p, v.to_string()).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, v.to_string())
+            .map_err(|e| HarnessError::io(format!("cannot write {}", p.display()), e))?;
         Ok(p)
     }
 
-    fn last_json_line(stdout: &str) -> Result<serde_json::Value, String> {
+    fn last_json_line(stdout: &str) -> HarnessResult<serde_json::Value> {
         let line = stdout
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .ok_or("the reference printed nothing")?;
-        serde_json::from_str(line).map_err(|e| format!("unexpected reference output ({e}): {line}"))
+            .ok_or_else(|| HarnessError::reference("it printed nothing"))?;
+        serde_json::from_str(line)
+            .map_err(|e| HarnessError::reference(format!("unexpected output ({e}): {line}")))
     }
 }
 
@@ -50,6 +53,11 @@ fn too_big_for_f64(model: &Path) -> bool {
     lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
         .map(|c| c.parameter_count() as u64 * 8 > 6_000_000_000)
         .unwrap_or(false)
+}
+
+/// The reference's answer to `command` is not what the protocol says.
+fn bad_output(command: &str, e: serde_json::Error) -> HarnessError {
+    HarnessError::reference(format!("unexpected {command} output: {e}"))
 }
 
 fn generate_key(j: &GenerateJob) -> String {
@@ -91,26 +99,25 @@ fn job_key(j: &TraceJob) -> String {
 }
 
 impl Reference for PythonReference {
-    fn tokenize(&mut self, model: &Path, texts: &[String]) -> Result<Vec<Vec<u32>>, String> {
+    fn tokenize(&mut self, model: &Path, texts: &[String]) -> HarnessResult<Vec<Vec<u32>>> {
         let key = (model.to_path_buf(), texts.to_vec());
         if let Some(v) = self.tokenized.get(&key) {
             return Ok(v.clone());
         }
         let req = self.write_request("tokenize.json", &serde_json::json!(texts))?;
-        let out = self
-            .env
-            .run(&[
-                "tokenize-batch",
-                "--model",
-                &model.to_string_lossy(),
-                "--texts",
-                &req.to_string_lossy(),
-            ])
-            .map_err(|e| e.to_string())?;
+        let out = self.env.run(&[
+            "tokenize-batch",
+            "--model",
+            &model.to_string_lossy(),
+            "--texts",
+            &req.to_string_lossy(),
+        ])?;
         let v: Vec<Vec<u32>> = serde_json::from_value(Self::last_json_line(&out)?)
-            .map_err(|e| format!("unexpected tokenize-batch output: {e}"))?;
+            .map_err(|e| bad_output("tokenize-batch", e))?;
         if v.len() != texts.len() {
-            return Err("tokenize-batch returned the wrong number of results".into());
+            return Err(HarnessError::reference(
+                "tokenize-batch returned the wrong number of results",
+            ));
         }
         self.tokenized.insert(key, v.clone());
         Ok(v)
@@ -120,43 +127,42 @@ impl Reference for PythonReference {
         &mut self,
         model: &Path,
         conversations: &serde_json::Value,
-    ) -> Result<Vec<(String, Vec<u32>)>, String> {
+    ) -> HarnessResult<Vec<(String, Vec<u32>)>> {
         let req = self.write_request("chat.json", conversations)?;
-        let out = self
-            .env
-            .run(&[
-                "chat-batch",
-                "--model",
-                &model.to_string_lossy(),
-                "--conversations",
-                &req.to_string_lossy(),
-            ])
-            .map_err(|e| e.to_string())?;
+        let out = self.env.run(&[
+            "chat-batch",
+            "--model",
+            &model.to_string_lossy(),
+            "--conversations",
+            &req.to_string_lossy(),
+        ])?;
         let v = Self::last_json_line(&out)?;
         v.as_array()
-            .ok_or("unexpected chat-batch output")?
+            .ok_or_else(|| HarnessError::reference("unexpected chat-batch output"))?
             .iter()
             .map(|r| {
-                let text = r["text"].as_str().ok_or("chat-batch: no text")?.to_string();
-                let ids: Vec<u32> =
-                    serde_json::from_value(r["ids"].clone()).map_err(|e| e.to_string())?;
+                let text = r["text"]
+                    .as_str()
+                    .ok_or_else(|| HarnessError::reference("chat-batch: no text"))?
+                    .to_string();
+                let ids: Vec<u32> = serde_json::from_value(r["ids"].clone())
+                    .map_err(|e| bad_output("chat-batch", e))?;
                 Ok((text, ids))
             })
             .collect()
     }
 
-    fn weights(&mut self, model: &Path) -> Result<ReferenceWeights, String> {
+    fn weights(&mut self, model: &Path) -> HarnessResult<ReferenceWeights> {
         if let Some(w) = self.weights.get(model) {
             return Ok(w.clone());
         }
         let out = self
             .env
-            .run(&["weights", "--model", &model.to_string_lossy()])
-            .map_err(|e| e.to_string())?;
+            .run(&["weights", "--model", &model.to_string_lossy()])?;
         let v = Self::last_json_line(&out)?;
         let w = ReferenceWeights {
             checksums: serde_json::from_value(v["checksums"].clone())
-                .map_err(|e| format!("unexpected weights output: {e}"))?,
+                .map_err(|e| bad_output("weights", e))?,
             parameter_count: v["parameter_count"].as_u64().unwrap_or(0),
             tied: v["tied"].as_bool().unwrap_or(false),
             qkv_bias: v["qkv_bias"].as_bool().unwrap_or(false),
@@ -166,7 +172,7 @@ impl Reference for PythonReference {
         Ok(w)
     }
 
-    fn generate(&mut self, jobs: &[GenerateJob]) -> Result<Vec<Vec<Vec<u32>>>, String> {
+    fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<Vec<u32>>>> {
         let todo: Vec<&GenerateJob> = jobs
             .iter()
             .filter(|j| !self.generated.contains_key(&generate_key(j)))
@@ -189,21 +195,23 @@ impl Reference for PythonReference {
                 })
                 .collect();
             let req = self.write_request("generate.json", &serde_json::json!(request))?;
-            let out = self
-                .env
-                .run(&["generate-batch", &req.to_string_lossy()])
-                .map_err(|e| e.to_string())?;
+            let out = self.env.run(&["generate-batch", &req.to_string_lossy()])?;
             let v = Self::last_json_line(&out)?;
-            let results = v.as_array().ok_or("unexpected generate-batch output")?;
+            let results = v
+                .as_array()
+                .ok_or_else(|| HarnessError::reference("unexpected generate-batch output"))?;
             if results.len() != todo.len() {
-                return Err("generate-batch returned the wrong number of results".into());
+                return Err(HarnessError::reference(
+                    "generate-batch returned the wrong number of results",
+                ));
             }
             for (j, r) in todo.iter().zip(results) {
                 let rows: Vec<Vec<u32>> = if j.prompts.len() == 1 {
                     vec![serde_json::from_value(r["generated"].clone())
-                        .map_err(|e| e.to_string())?]
+                        .map_err(|e| bad_output("generate-batch", e))?]
                 } else {
-                    serde_json::from_value(r["generated"].clone()).map_err(|e| e.to_string())?
+                    serde_json::from_value(r["generated"].clone())
+                        .map_err(|e| bad_output("generate-batch", e))?
                 };
                 self.generated.insert(generate_key(j), rows);
             }
@@ -214,7 +222,7 @@ impl Reference for PythonReference {
             .collect())
     }
 
-    fn traces(&mut self, jobs: &[TraceJob]) -> Result<(), String> {
+    fn traces(&mut self, jobs: &[TraceJob]) -> HarnessResult<()> {
         // A trace is reused when it exists and its sidecar records the same job.
         let sidecar = |j: &TraceJob| j.out.with_extension("job");
         let todo: Vec<&TraceJob> = jobs
@@ -235,11 +243,11 @@ impl Reference for PythonReference {
             })
             .collect();
         let req = self.write_request("traces.json", &serde_json::Value::Array(list))?;
-        self.env
-            .run(&["trace-batch", &req.to_string_lossy()])
-            .map_err(|e| e.to_string())?;
+        self.env.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
-            std::fs::write(sidecar(j), job_key(j)).map_err(|e| e.to_string())?;
+            std::fs::write(sidecar(j), job_key(j)).map_err(|e| {
+                HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
+            })?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Finding and running the Python reference (`reference/lockstep_reference`, pinned torch +
 //! transformers in the project's `.venv`, or `LOCKSTEP_PYTHON`).
 
+use super::{HarnessError, HarnessResult};
 use crate::cli_error::{CliError, CliResult};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -76,14 +77,17 @@ impl ReferenceEnv {
     }
 
     /// Runs the reference; its progress goes to our stderr, its stdout is returned. A failure
-    /// becomes one line: the last line the reference printed on stderr.
-    pub fn run(&self, args: &[&str]) -> CliResult<String> {
+    /// becomes one line, [`HarnessError::Reference`]: the last line the reference printed on
+    /// stderr.
+    pub fn run(&self, args: &[&str]) -> HarnessResult<String> {
         let out = self
             .command(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .output()
-            .map_err(|e| CliError::input(format!("cannot run {}: {e}", self.python.display())))?;
+            .map_err(|e| {
+                HarnessError::reference(format!("cannot run {}: {e}", self.python.display()))
+            })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             let last = stderr
@@ -91,10 +95,7 @@ impl ReferenceEnv {
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("no message");
-            return Err(CliError::input(format!(
-                "reference failed: {}",
-                last.trim()
-            )));
+            return Err(HarnessError::reference(last.trim()));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

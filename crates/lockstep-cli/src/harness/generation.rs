@@ -1,0 +1,177 @@
+//! The greedy generation phase: lockstep's `generate` against `transformers.generate`.
+
+use super::engine_pipeline::VerifyOptions;
+use super::inputs::InputKind;
+use super::reference::{GenerateJob, Reference};
+use super::HarnessResult;
+use lockstep_engine::chat::{ChatTemplate, Message};
+use lockstep_engine::{Model, Tokenizer};
+use lockstep_verify::Phase;
+use std::fmt::Write as _;
+
+/// Greedy generation in f32: our `generate` against `transformers.generate`, token for token, on
+/// the first single-token prompt, the multi-token inputs and (when the checkpoint has a chat
+/// template) a chat-formatted question; then all of them again as one left-padded batch. Where
+/// the two part, our own logits at that step tell a near-tie (the two tokens within the f32
+/// logits tolerance: rounding decides) from a real difference.
+pub fn generation_phase(
+    model: &Model,
+    opts: &VerifyOptions,
+    ids: &[Vec<u32>],
+    reference: &mut dyn Reference,
+) -> HarnessResult<Phase> {
+    use lockstep_engine::generate::{generate_batch, GenerateOptions, GenerationDefaults};
+    let name = "greedy generation [f32]";
+    let tok = Tokenizer::from_dir(&opts.model)?;
+    let mut prompts: Vec<(String, Vec<u32>)> = vec![];
+    let mut singles = opts
+        .inputs
+        .iter()
+        .zip(ids)
+        .filter(|(i, _)| i.kind == InputKind::Single);
+    if let Some((input, t)) = singles.next() {
+        prompts.push((input.label.clone(), t.clone()));
+    }
+    for (input, t) in opts.inputs.iter().zip(ids) {
+        if input.kind == InputKind::Multi {
+            prompts.push((input.label.clone(), t.clone()));
+        }
+    }
+    if let Some(template) = ChatTemplate::from_dir(&opts.model)? {
+        let text = template.render(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+            None,
+        )?;
+        prompts.push(("chat: capital of France".into(), tok.encode(&text)?));
+    }
+    if prompts.is_empty() {
+        return Ok(Phase::skip(name, "no prompt"));
+    }
+    let defaults = GenerationDefaults::from_dir(&opts.model, &model.config)?;
+    let gen_opts = GenerateOptions {
+        max_new_tokens: opts.generate_tokens,
+        eos_token_ids: defaults.eos_token_ids.clone(),
+        ignore_eos: false,
+        stop: vec![],
+        sampling: lockstep_engine::sampling::SamplingParams::greedy(),
+        seed: 0,
+    };
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.clone()).collect();
+    let mut jobs: Vec<GenerateJob> = rows
+        .iter()
+        .map(|p| GenerateJob {
+            model: opts.model.clone(),
+            prompts: vec![p.clone()],
+            max_new_tokens: opts.generate_tokens,
+        })
+        .collect();
+    if rows.len() > 1 {
+        jobs.push(GenerateJob {
+            model: opts.model.clone(),
+            prompts: rows.clone(),
+            max_new_tokens: opts.generate_tokens,
+        });
+    }
+    let theirs = reference.generate(&jobs)?;
+    let ours_alone: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|p| {
+            generate_batch::<f32>(model, &tok, std::slice::from_ref(p), &gen_opts, |_, _| {})
+                .map(|mut g| g.remove(0).generated)
+        })
+        .collect::<Result<_, _>>()?;
+    let ours_batch: Vec<Vec<u32>> = if rows.len() > 1 {
+        generate_batch::<f32>(model, &tok, &rows, &gen_opts, |_, _| {})?
+            .into_iter()
+            .map(|g| g.generated)
+            .collect()
+    } else {
+        vec![]
+    };
+    // The f32 logits tolerance: two tokens closer than this are a tie rounding may break.
+    let tie = 1e-4;
+    let mut table = String::from(
+        "| prompt | run | prompt tokens | lockstep | transformers | identical | verdict |\n|---|---|---:|---:|---:|---:|---|\n",
+    );
+    let (mut identical, mut ties, mut bugs) = (0, 0, vec![]);
+    let mut check = |label: &str,
+                     run: &str,
+                     prompt: &[u32],
+                     ours: &[u32],
+                     theirs: &[u32]|
+     -> HarnessResult<()> {
+        // transformers pads a batch row that ended (EOS) until the batch ends: cut after its EOS.
+        let theirs = match theirs
+            .iter()
+            .position(|t| gen_opts.eos_token_ids.contains(t))
+        {
+            Some(e) if run == "batched" => &theirs[..=e],
+            _ => theirs,
+        };
+        let same = ours.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+        let verdict = if ours == theirs {
+            identical += 1;
+            "PASS".to_string()
+        } else if same < ours.len() && same < theirs.len() {
+            // Our own logits at the step where the two part.
+            let mut context = prompt.to_vec();
+            context.extend_from_slice(&ours[..same]);
+            let mut cache = lockstep_engine::KvCache::<f32>::new(model.config.num_layers);
+            let logits = model.forward_last(&context, &mut cache)?;
+            let gap = (logits[ours[same] as usize] - logits[theirs[same] as usize]) as f64;
+            if gap <= tie {
+                ties += 1;
+                format!("near-tie at token {same}: lockstep {} vs transformers {} are {gap:.1e} apart in our logits (≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same])
+            } else {
+                bugs.push(format!("{label} ({run}) at token {same}"));
+                format!("**FAIL** at token {same}: lockstep {} vs transformers {}, {gap:.2e} apart in our logits (> {tie:.0e})", ours[same], theirs[same])
+            }
+        } else {
+            bugs.push(format!(
+                "{label} ({run}): lengths {} vs {}",
+                ours.len(),
+                theirs.len()
+            ));
+            format!(
+                "**FAIL**: same first {same} tokens, then one side stops ({} vs {})",
+                ours.len(),
+                theirs.len()
+            )
+        };
+        let _ = writeln!(
+            table,
+            "| {label} | {run} | {} | {} | {} | {same}/{} | {verdict} |",
+            prompt.len(),
+            ours.len(),
+            theirs.len(),
+            ours.len().max(theirs.len())
+        );
+        Ok(())
+    };
+    for (i, (label, prompt)) in prompts.iter().enumerate() {
+        check(label, "alone", prompt, &ours_alone[i], &theirs[i][0])?;
+    }
+    for (i, (label, prompt)) in prompts.iter().enumerate().filter(|_| rows.len() > 1) {
+        check(
+            label,
+            "batched",
+            prompt,
+            &ours_batch[i],
+            &theirs[rows.len()][i],
+        )?;
+    }
+    let runs = rows.len() + if rows.len() > 1 { rows.len() } else { 0 };
+    let summary = format!(
+        "greedy {} new tokens on {} prompt(s), alone and as one left-padded batch, vs transformers.generate: {identical}/{runs} identical{}",
+        opts.generate_tokens,
+        rows.len(),
+        if ties > 0 { format!(", {ties} parted on a near-tie (rounding)") } else { String::new() }
+    );
+    Ok(if bugs.is_empty() {
+        Phase::pass(name, summary)
+    } else {
+        Phase::fail(name, format!("{summary}; differs: {}", bugs.join(", ")))
+    }
+    .with_details(table))
+}
