@@ -802,7 +802,7 @@ impl TraceComparison {
                 return format!(
                     "non-finite values (NaN/inf) in {sides}, carried from `{}` where they first appear ({})",
                     s.tensor,
-                    nonfinite_cause(&s.tensor)
+                    nonfinite_source(&s.tensor)
                 );
             }
         }
@@ -1377,7 +1377,15 @@ pub fn nonfinite_summary(
 /// The likely cause when non-finite values first appear at tensor `name` (the inputs of its op
 /// were finite): the weights the op reads, or an overflow in it.
 pub fn nonfinite_cause(name: &str) -> String {
-    let src = match TapName::parse(name) {
+    format!(
+        "non-finite values (NaN/inf) enter here: {}",
+        nonfinite_source(name)
+    )
+}
+
+/// Where NaN/inf entering at tensor `name` come from, e.g. `a NaN/inf in the down_proj weight`.
+pub fn nonfinite_source(name: &str) -> &'static str {
+    match TapName::parse(name) {
         Some(TapName::Tokens) => "token ids",
         Some(TapName::Embed) => "a NaN/inf in the embedding table (embed_tokens)",
         Some(TapName::FinalNorm) => {
@@ -1402,6 +1410,5 @@ pub fn nonfinite_cause(name: &str) -> String {
             LayerTap::MlpOut => "a NaN/inf in the down_proj weight",
         },
         None => "a NaN/inf in the weights this tensor is computed from",
-    };
-    format!("non-finite values (NaN/inf) enter here: {src}")
+    }
 }

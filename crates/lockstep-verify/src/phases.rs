@@ -215,7 +215,19 @@ pub fn run_verify(
 
     // 2. Weights.
     progress("phase 2: weights");
-    phases.push(weights_phase(&model, reference)?);
+    // Non-finite values per checkpoint tensor (issue 10), as plain data for the verifier.
+    let nonfinite_weights: Vec<crate::compare::NonFiniteWeight> = model
+        .checkpoint
+        .nonfinite_report()
+        .into_iter()
+        .map(|w| crate::compare::NonFiniteWeight {
+            name: w.name,
+            nan: w.nan,
+            inf: w.inf,
+            first_index: w.first_index,
+        })
+        .collect();
+    phases.push(weights_phase(&model, reference, &nonfinite_weights)?);
 
     // Reference traces: the pure-f64 oracle for every input, plus each lower tier's own run.
     progress("running the reference (transformers)");
@@ -315,6 +327,18 @@ pub fn run_verify(
             opts.generate_tokens
         ));
         phases.push(generation_phase(&model, opts, &ids, reference)?);
+    }
+    // Non-finite values: where they come from (the checkpoint?) and where they first appear.
+    let all_cmps: Vec<&crate::compare::TraceComparison> = full
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|c| &c.comparison))
+        .collect();
+    if let Some(sentence) = crate::compare::nonfinite_summary(&nonfinite_weights, &all_cmps) {
+        let at = phases
+            .iter()
+            .position(|p| p.name == "weights")
+            .map_or(phases.len(), |i| i + 1);
+        phases.insert(at, Phase::fail("non-finite values", sentence));
     }
     let passed = phases
         .iter()
@@ -458,11 +482,17 @@ fn tokenization_phase(
 }
 
 /// Phase 2: every tensor we use bit-identical to what the reference loaded.
-fn weights_phase(model: &Model, reference: &mut dyn Reference) -> Result<Phase, String> {
+fn weights_phase(
+    model: &Model,
+    reference: &mut dyn Reference,
+    nonfinite: &[crate::compare::NonFiniteWeight],
+) -> Result<Phase, String> {
     let name = "weights";
     let theirs = reference.weights(&model.checkpoint.dir)?;
     let c = &model.config;
     let mut problems = vec![];
+    // Non-finite values are never a valid weight, whatever the reference loaded.
+    problems.extend(nonfinite.iter().map(|w| w.describe()));
     let mut checked = 0;
     let mut ours_count: u64 = 0;
     for (n, t) in &model.checkpoint.tensors {
@@ -552,7 +582,14 @@ fn kv_cache_phase(
                 .forward(std::slice::from_ref(t), &mut cache, &mut obs)
                 .map_err(|e| e.to_string())?;
             for (a, b) in step.iter().zip(&full[i * v..(i + 1) * v]) {
-                worst = worst.max((a.to_f64() - b.to_f64()).abs());
+                let (a, b) = (a.to_f64(), b.to_f64());
+                // NaN/inf never agree (f64::max would drop a NaN difference).
+                let d = if a.is_finite() && b.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f64::INFINITY
+                };
+                worst = worst.max(d);
             }
         }
         Ok(worst)
@@ -673,14 +710,21 @@ fn generation_phase(
         });
     }
     let theirs = reference.generate(&jobs)?;
-    let ours_alone: Vec<Vec<u32>> = rows
+    let ours_alone: Vec<Vec<u32>> = match rows
         .iter()
         .map(|p| {
             generate_batch::<f32>(model, &tok, std::slice::from_ref(p), &gen_opts, |_, _| {})
                 .map(|mut g| g.remove(0).generated)
         })
         .collect::<Result<_, _>>()
-        .map_err(err)?;
+    {
+        Ok(v) => v,
+        // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
+        Err(e @ lockstep_engine::EngineError::NonFinite(_)) => {
+            return Ok(Phase::fail(name, e.to_string()))
+        }
+        Err(e) => return Err(err(e)),
+    };
     let ours_batch: Vec<Vec<u32>> = if rows.len() > 1 {
         generate_batch::<f32>(model, &tok, &rows, &gen_opts, |_, _| {})
             .map_err(err)?
