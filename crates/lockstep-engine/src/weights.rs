@@ -197,26 +197,40 @@ impl NonFiniteCount {
     }
 }
 
-/// Counts NaN and infinities in little-endian IEEE values of `size` bytes whose exponent field is
-/// `exp` and mantissa field `man` (bit masks on the value read as an integer); `offset` is the
-/// flat index of the first value in `bytes`. Non-finite means all exponent bits set; NaN when the
-/// mantissa is not zero.
+/// Counts NaN and infinities in little-endian IEEE values of `size` bytes (2, 4 or 8) whose
+/// exponent field is `exp` and mantissa field `man` (bit masks on the value read as an integer);
+/// `offset` is the flat index of the first value in `bytes`. Non-finite means all exponent bits
+/// set; NaN when the mantissa is not zero. A branch-free pass first asks whether there is any
+/// (the common case is none), so the scan runs at memory speed.
 fn count_nonfinite(bytes: &[u8], size: usize, exp: u64, man: u64, offset: usize) -> NonFiniteCount {
-    let mut c = NonFiniteCount::default();
-    for (i, v) in bytes.chunks_exact(size).enumerate() {
-        let mut b = [0u8; 8];
-        b[..size].copy_from_slice(v);
-        let bits = u64::from_le_bytes(b);
-        if bits & exp == exp {
-            if bits & man != 0 {
-                c.nan += 1;
-            } else {
-                c.inf += 1;
+    macro_rules! scan {
+        ($t:ty, $n:expr) => {{
+            let (exp, man) = (exp as $t, man as $t);
+            let bits = |c: &[u8]| <$t>::from_le_bytes(c.try_into().expect("value size"));
+            let any = bytes
+                .chunks_exact($n)
+                .fold(false, |acc, c| acc | (bits(c) & exp == exp));
+            let mut c = NonFiniteCount::default();
+            if any {
+                for (i, v) in bytes.chunks_exact($n).map(bits).enumerate() {
+                    if v & exp == exp {
+                        if v & man != 0 {
+                            c.nan += 1;
+                        } else {
+                            c.inf += 1;
+                        }
+                        c.first.get_or_insert(offset + i);
+                    }
+                }
             }
-            c.first.get_or_insert(offset + i);
-        }
+            c
+        }};
     }
-    c
+    match size {
+        2 => scan!(u16, 2),
+        4 => scan!(u32, 4),
+        _ => scan!(u64, 8),
+    }
 }
 
 /// A checkpoint tensor holding non-finite values ([`Checkpoint::nonfinite_report`]).
