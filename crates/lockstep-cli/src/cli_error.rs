@@ -31,6 +31,15 @@ impl CliError {
         }
     }
 
+    /// The model computed something wrong, e.g. non-finite logits (exit 1, like a failed
+    /// comparison).
+    pub fn failure(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 1,
+        }
+    }
+
     /// The exit code.
     pub fn exit_code(&self) -> u8 {
         self.code
@@ -46,7 +55,10 @@ impl fmt::Display for CliError {
 
 impl From<lockstep_engine::EngineError> for CliError {
     fn from(e: lockstep_engine::EngineError) -> Self {
-        CliError::input(e.to_string())
+        match e {
+            lockstep_engine::EngineError::NonFinite(_) => CliError::failure(e.to_string()),
+            e => CliError::input(e.to_string()),
+        }
     }
 }
 

@@ -67,6 +67,10 @@ pub enum EngineError {
     /// Bad input to the model (token ids out of range, too long, empty).
     #[error("{0}")]
     Input(String),
+    /// The model computed NaN or infinity where a finite value is needed (e.g. the logits a
+    /// generation step chooses from); the message says where it first appears.
+    #[error("{0}")]
+    NonFinite(String),
     /// Writing a trace failed.
     #[error(transparent)]
     Trace(#[from] lockstep_trace::TraceError),

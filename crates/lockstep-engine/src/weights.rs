@@ -178,6 +178,125 @@ impl Tensor {
     }
 }
 
+/// Non-finite values of one tensor: NaN and infinity counts and the first one's flat index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct NonFiniteCount {
+    nan: usize,
+    inf: usize,
+    first: Option<usize>,
+}
+
+impl NonFiniteCount {
+    /// Adds the counts of a later part of the same tensor.
+    fn merge(self, later: NonFiniteCount) -> NonFiniteCount {
+        NonFiniteCount {
+            nan: self.nan + later.nan,
+            inf: self.inf + later.inf,
+            first: self.first.or(later.first),
+        }
+    }
+}
+
+/// Counts NaN and infinities in little-endian IEEE values of `size` bytes (2, 4 or 8) whose
+/// exponent field is `exp` and mantissa field `man` (bit masks on the value read as an integer);
+/// `offset` is the flat index of the first value in `bytes`. Non-finite means all exponent bits
+/// set; NaN when the mantissa is not zero. A branch-free pass first asks whether there is any
+/// (the common case is none), so the scan runs at memory speed.
+fn count_nonfinite(bytes: &[u8], size: usize, exp: u64, man: u64, offset: usize) -> NonFiniteCount {
+    macro_rules! scan {
+        ($t:ty, $n:expr) => {{
+            let (exp, man) = (exp as $t, man as $t);
+            let bits = |c: &[u8]| <$t>::from_le_bytes(c.try_into().expect("value size"));
+            let any = bytes
+                .chunks_exact($n)
+                .fold(false, |acc, c| acc | (bits(c) & exp == exp));
+            let mut c = NonFiniteCount::default();
+            if any {
+                for (i, v) in bytes.chunks_exact($n).map(bits).enumerate() {
+                    if v & exp == exp {
+                        if v & man != 0 {
+                            c.nan += 1;
+                        } else {
+                            c.inf += 1;
+                        }
+                        c.first.get_or_insert(offset + i);
+                    }
+                }
+            }
+            c
+        }};
+    }
+    match size {
+        2 => scan!(u16, 2),
+        4 => scan!(u32, 4),
+        _ => scan!(u64, 8),
+    }
+}
+
+/// A checkpoint tensor holding non-finite values ([`Checkpoint::nonfinite_report`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonFiniteTensor {
+    /// The tensor's checkpoint name, e.g. `model.layers.1.mlp.down_proj.weight`.
+    pub name: String,
+    /// How many elements are NaN.
+    pub nan: usize,
+    /// How many elements are +∞ or −∞.
+    pub inf: usize,
+    /// Index of the first non-finite element (row-major) in the stored shape.
+    pub first_index: Vec<usize>,
+}
+
+impl NonFiniteTensor {
+    /// NaN plus infinities.
+    pub fn count(&self) -> usize {
+        self.nan + self.inf
+    }
+}
+
+impl std::fmt::Display for NonFiniteTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = vec![];
+        if self.nan > 0 {
+            parts.push(format!("{} NaN", self.nan));
+        }
+        if self.inf > 0 {
+            parts.push(format!("{} infinite", self.inf));
+        }
+        write!(
+            f,
+            "{} ({}, first at {:?})",
+            self.name,
+            parts.join(" and "),
+            self.first_index
+        )
+    }
+}
+
+impl Tensor {
+    /// NaN and infinities of this tensor: `(nan, inf, first flat index)`, `None` when every
+    /// value is finite. Reads the stored bits (F32/BF16/F16/F64) without converting; large
+    /// tensors are scanned in parallel.
+    pub fn nonfinite(&self) -> Option<(usize, usize, usize)> {
+        use rayon::prelude::*;
+        // (exponent mask, mantissa mask) of each storage format.
+        let (exp, man) = match self.dtype {
+            StoredDtype::F32 => (0x7f80_0000, 0x007f_ffff),
+            StoredDtype::BF16 => (0x7f80, 0x007f),
+            StoredDtype::F16 => (0x7c00, 0x03ff),
+            StoredDtype::F64 => (0x7ff0_0000_0000_0000, 0x000f_ffff_ffff_ffff),
+        };
+        let size = self.dtype.size();
+        const CHUNK: usize = 1 << 20;
+        let c = self
+            .bytes()
+            .par_chunks(CHUNK * size)
+            .enumerate()
+            .map(|(i, b)| count_nonfinite(b, size, exp, man, i * CHUNK))
+            .reduce(NonFiniteCount::default, NonFiniteCount::merge);
+        c.first.map(|f| (c.nan, c.inf, f))
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -264,6 +383,24 @@ impl Checkpoint {
         Ok(t.clone())
     }
 
+    /// Every tensor holding NaN or infinity, in name order, with its counts and the index of its
+    /// first non-finite element: one pass over every stored value (memory bandwidth bound; GGUF
+    /// tensors dequantized at load are scanned as the F32 values the engine computes with).
+    pub fn nonfinite_report(&self) -> Vec<NonFiniteTensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(name, t)| {
+                let (nan, inf, first) = t.nonfinite()?;
+                Some(NonFiniteTensor {
+                    name: name.clone(),
+                    nan,
+                    inf,
+                    first_index: unravel(first, &t.shape),
+                })
+            })
+            .collect()
+    }
+
     /// True when the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
@@ -294,6 +431,18 @@ impl Checkpoint {
         s.push_str(&hex(&Sha256::digest(&cfg)));
         Ok(hex(&Sha256::digest(s.as_bytes())))
     }
+}
+
+/// The row-major multi-dimensional index of flat index `i` in `shape`.
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut pos = vec![0; shape.len()];
+    for (d, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            pos[d] = i % n;
+            i /= n;
+        }
+    }
+    pos
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -503,6 +652,97 @@ mod tests {
             })
             .collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    /// A tensor of `dtype` holding `values` (given as f64, converted to the storage format).
+    fn tensor_of(dtype: StoredDtype, shape: Vec<usize>, values: &[f64]) -> Tensor {
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| match dtype {
+                StoredDtype::F32 => (v as f32).to_le_bytes().to_vec(),
+                StoredDtype::F64 => v.to_le_bytes().to_vec(),
+                StoredDtype::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+                StoredDtype::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+            })
+            .collect();
+        Tensor::from_bytes(dtype, shape, bytes)
+    }
+
+    #[test]
+    fn nonfinite_values_are_counted_in_every_storage_dtype() {
+        for dtype in [
+            StoredDtype::F32,
+            StoredDtype::BF16,
+            StoredDtype::F16,
+            StoredDtype::F64,
+        ] {
+            let mut v = vec![0.5; 6 * 9];
+            assert_eq!(tensor_of(dtype, vec![6, 9], &v).nonfinite(), None);
+            // Large finite values (f16's max, bf16's max) are finite.
+            v[0] = if dtype == StoredDtype::F16 {
+                65504.0
+            } else {
+                3.0e38
+            };
+            v[1] = -v[0];
+            assert_eq!(
+                tensor_of(dtype, vec![6, 9], &v).nonfinite(),
+                None,
+                "{dtype:?}"
+            );
+            v[5 * 9 + 7] = f64::NAN;
+            v[5 * 9 + 8] = f64::NEG_INFINITY;
+            v[2 * 9 + 3] = f64::INFINITY;
+            let t = tensor_of(dtype, vec![6, 9], &v);
+            assert_eq!(t.nonfinite(), Some((1, 2, 2 * 9 + 3)), "{dtype:?}");
+        }
+        // A tensor larger than one parallel chunk: the first index is global.
+        let mut v = vec![1.0f64; (1 << 20) * 2 + 10];
+        v[(1 << 20) + 3] = f64::NAN;
+        v[(1 << 21) + 1] = f64::NAN;
+        let n = v.len();
+        let t = tensor_of(StoredDtype::BF16, vec![n], &v);
+        assert_eq!(t.nonfinite(), Some((2, 0, (1 << 20) + 3)));
+    }
+
+    #[test]
+    fn nonfinite_report_names_tensors_and_first_index() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = vec![0.25f32; 8 * 10];
+        a[5 * 10 + 7] = f32::NAN;
+        a[6 * 10] = f32::INFINITY;
+        let b = vec![1.0f32; 4];
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ab, bb) = (bytes(&a), bytes(&b));
+        let views = vec![
+            (
+                "model.layers.1.mlp.down_proj.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![8, 10], &ab)
+                    .unwrap(),
+            ),
+            (
+                "model.norm.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bb)
+                    .unwrap(),
+            ),
+        ];
+        safetensors::serialize_to_file(views, None, &d.path().join("model.safetensors")).unwrap();
+        let c = Checkpoint::open(d.path()).unwrap();
+        let r = c.nonfinite_report();
+        assert_eq!(
+            r,
+            vec![NonFiniteTensor {
+                name: "model.layers.1.mlp.down_proj.weight".into(),
+                nan: 1,
+                inf: 1,
+                first_index: vec![5, 7],
+            }]
+        );
+        assert_eq!(r[0].count(), 2);
+        assert_eq!(
+            r[0].to_string(),
+            "model.layers.1.mlp.down_proj.weight (1 NaN and 1 infinite, first at [5, 7])"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt;
 use lockstep_trace::{LayerTap, TapName, TensorData, Trace, TraceTensor};
 use serde::Serialize;
 
-use crate::tolerance::{bf16_half_ulp, Tier, Tolerance, TolerancePolicy};
+use crate::tolerance::{bf16_half_ulp, finite_noise, Tier, Tolerance, TolerancePolicy};
 
 /// The denominator floor of the relative difference: `|a − b| / max(|a|, REL_DIFF_FLOOR)`.
 /// Informational only (no verdict uses it); elements near zero dominate it.
@@ -24,7 +24,8 @@ pub enum Status {
     Pass,
     /// Beyond tolerance.
     Fail,
-    /// The test holds NaN or infinity where the reference is finite.
+    /// NaN or infinity on either side (test, reference, or the oracle when the tier's rule uses
+    /// it): never equal, never within tolerance. [`TensorComparison::nonfinite`] says which side.
     NonFinite,
     /// The two sides' shapes differ.
     ShapeMismatch,
@@ -65,10 +66,10 @@ impl fmt::Display for Status {
 
 /// Element-wise difference statistics of `actual` against `expected` (all values as f64).
 ///
-/// Where both sides hold the same non-finite value (same infinity, or both NaN) the difference
-/// counts as 0; where only one side is finite it counts as +∞. Sums (mean, NMSE, cosine) use the
-/// positions where both are finite; NMSE and cosine become ∞/NaN when any position is non-finite
-/// on one side only.
+/// A non-finite value (NaN or ±∞) is never equal to anything, itself included: wherever either
+/// side is non-finite the difference counts as +∞, so the first such position is the one
+/// [`DiffStats::max_abs_index`] names. Sums (mean, NMSE, cosine) use the positions where both
+/// are finite; NMSE and cosine become ∞/NaN when any position is non-finite on either side.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DiffStats {
     /// Number of elements.
@@ -93,9 +94,9 @@ pub struct DiffStats {
     pub cosine: f64,
     /// Largest finite |expected|: the tensor's magnitude.
     pub expected_magnitude: f64,
-    /// Elements where actual is non-finite and expected finite.
+    /// Elements where actual is non-finite (whatever expected holds there).
     pub actual_nonfinite: usize,
-    /// Elements where expected is non-finite and actual differs from it.
+    /// Elements where expected is non-finite (whatever actual holds there).
     pub expected_nonfinite: usize,
 }
 
@@ -109,16 +110,12 @@ pub fn diff_stats(expected: &[f64], actual: &[f64], shape: &[usize]) -> DiffStat
     let (mut mag, mut b_bad, mut a_bad) = (0.0f64, 0usize, 0usize);
     for i in 0..n {
         let (a, b) = (expected[i], actual[i]);
-        let d = if a == b || (a.is_nan() && b.is_nan()) {
-            0.0
-        } else if a.is_finite() && b.is_finite() {
+        let d = if a.is_finite() && b.is_finite() {
             (a - b).abs()
         } else {
-            if a.is_finite() {
-                b_bad += 1;
-            } else {
-                a_bad += 1;
-            }
+            // Never "equal", not even NaN against NaN or ∞ against the same ∞.
+            b_bad += !b.is_finite() as usize;
+            a_bad += !a.is_finite() as usize;
             f64::INFINITY
         };
         if a.is_finite() {
@@ -202,7 +199,8 @@ pub struct LogitStats {
     /// Vocabulary size (the last dimension).
     pub vocab: usize,
     /// Mean over positions of KL(expected ‖ actual) of the softmax distributions, in nats,
-    /// computed in f64 from log-softmax (log-sum-exp with the maximum subtracted).
+    /// computed in f64 from log-softmax (log-sum-exp with the maximum subtracted). A position
+    /// with a non-finite logit on either side has KL +∞ and counts as a top-1/top-5 mismatch.
     pub kl_mean: f64,
     /// Largest per-position KL.
     pub kl_max: f64,
@@ -232,6 +230,16 @@ pub fn logit_stats(expected: &[f64], actual: &[f64], vocab: usize) -> Option<Log
     for pos in 0..positions {
         let p = &expected[pos * vocab..(pos + 1) * vocab];
         let q = &actual[pos * vocab..(pos + 1) * vocab];
+        if p.iter().chain(q).any(|v| !v.is_finite()) {
+            // A non-finite logit on either side: no distribution to agree with, never a match.
+            kl_sum = f64::INFINITY;
+            if kl_max != f64::INFINITY {
+                kl_max = f64::INFINITY;
+                kl_at = pos;
+            }
+            first_mismatch.get_or_insert(pos);
+            continue;
+        }
         log_softmax(p, &mut lp);
         log_softmax(q, &mut lq);
         let mut kl = 0.0;
@@ -374,6 +382,9 @@ pub struct TensorComparison {
     pub test_vs_oracle_logits: Option<LogitStats>,
     /// The tolerance applied (`None` when nothing could be judged).
     pub tolerance: Option<AppliedTolerance>,
+    /// Non-finite values (NaN/±∞) on each side, when there are any (`None`: all finite). Any
+    /// makes the status [`Status::NonFinite`].
+    pub nonfinite: Option<NonFiniteCounts>,
     /// Anything else worth saying about this tensor.
     pub note: Option<String>,
 }
@@ -400,6 +411,7 @@ impl TensorComparison {
             ref_vs_oracle_logits: None,
             test_vs_oracle_logits: None,
             tolerance: None,
+            nonfinite: None,
             note: None,
         }
     }
@@ -433,8 +445,9 @@ impl TensorComparison {
 
 /// Compares one tensor of the test against the reference, judged by `tol`.
 ///
-/// Never panics: a shape mismatch gives [`Status::ShapeMismatch`]; non-finite test values where
-/// the reference is finite give [`Status::NonFinite`]. An `oracle` of the wrong shape is ignored
+/// Never panics: a shape mismatch gives [`Status::ShapeMismatch`]; a NaN or infinity in the test,
+/// the reference, or the oracle when the rule uses it gives [`Status::NonFinite`] (never equal,
+/// and never a reason to widen the tolerance). An `oracle` of the wrong shape is ignored
 /// (with a note). On `logits` (last dimension = vocabulary) the per-position softmax KL and
 /// top-1/top-5 agreement are computed too, and against the oracle when given.
 pub fn compare_tensors(
@@ -483,9 +496,24 @@ pub fn compare_tensors(
             }
         }
     }
-    let nonfinite = stats.actual_nonfinite;
+    // The oracle counts when the rule uses it (every rule but a fixed bound).
+    let oracle_used = !matches!(tol, Tolerance::Fixed { .. });
+    let counts = NonFiniteCounts {
+        test: stats.actual_nonfinite,
+        reference: stats.expected_nonfinite,
+        oracle: match (&oracle, oracle_used) {
+            (Some(o), true) => o.iter().filter(|v| !v.is_finite()).count(),
+            _ => 0,
+        },
+    };
     c.stats = Some(stats);
     c.tolerance = apply(tol, &c);
+    if counts.any() {
+        c.nonfinite = Some(counts);
+        c.status = Status::NonFinite;
+        c.add_note(format!("non-finite values: {}", counts.describe()));
+        return c;
+    }
     let Some((within, min_top1)) = c
         .tolerance
         .as_ref()
@@ -499,12 +527,7 @@ pub fn compare_tensors(
         (Some(min), Some(l)) => l.top1_agreement >= min - 1e-12,
         _ => true,
     };
-    c.status = if nonfinite > 0 {
-        c.add_note(format!(
-            "{nonfinite} non-finite value(s) in the test where the reference is finite"
-        ));
-        Status::NonFinite
-    } else if within && top1_ok {
+    c.status = if within && top1_ok {
         Status::Pass
     } else {
         if within && !top1_ok {
@@ -534,7 +557,9 @@ fn values_f64(d: &TensorData) -> Cow<'_, [f64]> {
 fn apply(tol: &Tolerance, c: &TensorComparison) -> Option<AppliedTolerance> {
     let stats = c.stats.as_ref()?;
     let mag = stats.expected_magnitude;
-    let noise = c.ref_vs_oracle.as_ref().map(|s| s.max_abs);
+    // The reference's own noise widens a tolerance only when it is a finite number: a NaN or
+    // infinity in the reference or the oracle measures nothing (the tensor fails as non-finite).
+    let noise = c.ref_vs_oracle.as_ref().map(|s| finite_noise(s.max_abs));
     let (against, measured, threshold, explanation, min_top1) = match *tol {
         Tolerance::Fixed { bound } => {
             let th = bound.resolve(mag);
@@ -550,7 +575,7 @@ fn apply(tol: &Tolerance, c: &TensorComparison) -> Option<AppliedTolerance> {
             k,
             floor,
             without_oracle,
-        } => match noise {
+        } => match noise.flatten() {
             Some(n) => {
                 let fl = floor.resolve(mag);
                 (
@@ -570,7 +595,8 @@ fn apply(tol: &Tolerance, c: &TensorComparison) -> Option<AppliedTolerance> {
             ),
         },
         Tolerance::OracleRelative { k, top1_slack } => {
-            let n = noise?;
+            // No oracle copy: unjudged. A non-finite noise counts as none (the floor only).
+            let n = noise?.unwrap_or(0.0);
             let tvo = c.test_vs_oracle.as_ref()?;
             let floor = bf16_half_ulp(tvo.expected_magnitude);
             let min_top1 = match (top1_slack, c.ref_vs_oracle_logits.as_ref()) {
@@ -676,6 +702,8 @@ pub struct TraceComparison {
     pub passed: bool,
     /// The first failing tensor in forward order (`tokens` when the ids differ).
     pub first_divergence: Option<String>,
+    /// Where each trace first holds a non-finite value (NaN/±∞), in forward order.
+    pub first_nonfinite: FirstNonFinite,
     /// The reference's token ids (flattened), when known.
     pub token_ids: Option<Vec<i64>>,
     /// The reference's `tokens` shape ([B, T]), when present.
@@ -731,7 +759,7 @@ impl TraceComparison {
         if let Some(t) = self.first_failure() {
             return Verdict::Bug {
                 tensor: t.name.clone(),
-                cause: failure_cause(t),
+                cause: self.cause_of(t),
             };
         }
         let unjudged = self
@@ -758,6 +786,27 @@ impl TraceComparison {
         } else {
             Verdict::DriftWithinNoise
         }
+    }
+
+    /// The likely cause of failing tensor `t` ([`failure_cause`]); for a non-finite tensor whose
+    /// NaN/inf first appear at an earlier tensor of the trace (a comparison restricted to some
+    /// tensors, e.g. the logits), it names that tensor instead.
+    pub fn cause_of(&self, t: &TensorComparison) -> String {
+        if t.status == Status::NonFinite {
+            let upstream = [&self.first_nonfinite.reference, &self.first_nonfinite.test]
+                .into_iter()
+                .flatten()
+                .min_by_key(|s| lockstep_trace::forward_rank(&s.tensor));
+            if let Some(s) = upstream.filter(|s| s.tensor != t.name) {
+                let sides = t.nonfinite.map_or("the test".into(), |n| n.sides());
+                return format!(
+                    "non-finite values (NaN/inf) in {sides}, carried from `{}` where they first appear ({})",
+                    s.tensor,
+                    nonfinite_source(&s.tensor)
+                );
+            }
+        }
+        failure_cause(t)
     }
 
     /// The per-layer error table, by ascending layer index.
@@ -805,8 +854,9 @@ impl TraceComparison {
     }
 }
 
-/// The cause shown for a failing tensor: its status-specific reason and the likely cause.
-fn failure_cause(t: &TensorComparison) -> String {
+/// The cause shown for a failing tensor: its status-specific reason and the likely cause
+/// (for a non-finite tensor, where NaN/inf come from, never the tap's numeric suspects).
+pub fn failure_cause(t: &TensorComparison) -> String {
     let cause = likely_cause(&t.name);
     match t.status {
         Status::Missing => format!(
@@ -822,7 +872,10 @@ fn failure_cause(t: &TensorComparison) -> String {
             t.test_shape.as_deref().unwrap_or(&[]),
             t.ref_shape.as_deref().unwrap_or(&[])
         ),
-        Status::NonFinite => format!("NaN/inf in the test ({cause})"),
+        Status::NonFinite => {
+            let sides = t.nonfinite.map_or("the test".into(), |n| n.sides());
+            format!("{} (in {sides})", nonfinite_cause(&t.name))
+        }
         _ => cause.to_string(),
     }
 }
@@ -938,6 +991,11 @@ pub fn compare_traces(
         has_oracle: oracle.is_some(),
         passed,
         first_divergence,
+        first_nonfinite: FirstNonFinite {
+            reference: first_nonfinite(reference),
+            test: first_nonfinite(test),
+            oracle: oracle.and_then(first_nonfinite),
+        },
         token_ids,
         token_shape,
         tensors,
@@ -1018,4 +1076,339 @@ fn check_tokens(
         }
     }
     Some(c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite values
+
+/// How many non-finite values (NaN or ±∞) one tensor holds on each side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct NonFiniteCounts {
+    /// In the test.
+    pub test: usize,
+    /// In the reference.
+    pub reference: usize,
+    /// In the oracle (counted only when the tier's rule uses the oracle; 0 otherwise).
+    pub oracle: usize,
+}
+
+impl NonFiniteCounts {
+    /// True when any side holds a non-finite value.
+    pub fn any(&self) -> bool {
+        self.test + self.reference + self.oracle > 0
+    }
+
+    /// The sides holding non-finite values, e.g. `the reference and the test`.
+    pub fn sides(&self) -> String {
+        let names: Vec<&str> = [
+            (self.reference, "the reference"),
+            (self.test, "the test"),
+            (self.oracle, "the oracle"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(_, s)| s)
+        .collect();
+        match names.as_slice() {
+            [] => "no side".into(),
+            [one] => (*one).into(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        }
+    }
+
+    /// The counts per side, e.g. `8 in the reference, 8 in the test`.
+    pub fn describe(&self) -> String {
+        [
+            (self.reference, "the reference"),
+            (self.test, "the test"),
+            (self.oracle, "the oracle"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, s)| format!("{n} in {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
+}
+
+/// Where a trace first holds a non-finite value, in forward order: the tensor, and within it the
+/// first element (row-major) that is NaN or ±∞.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NonFiniteSite {
+    /// The tensor's canonical name, e.g. `layers.1.mlp_out`.
+    pub tensor: String,
+    /// Its layer, for `layers.{i}.*` tensors.
+    pub layer: Option<usize>,
+    /// The token position of the first non-finite element (its `T` index), when the tensor has
+    /// one.
+    pub token_position: Option<usize>,
+    /// Multi-dimensional index of the first non-finite element.
+    pub index: Vec<usize>,
+    /// Its flat (row-major) index.
+    pub flat_index: usize,
+    /// The value there: `NaN`, `inf` or `-inf`.
+    pub value: String,
+    /// How many elements of the tensor are non-finite.
+    pub count: usize,
+}
+
+impl fmt::Display for NonFiniteSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at `{}`{:?} (", self.value, self.tensor, self.index)?;
+        if let Some(p) = self.token_position {
+            write!(f, "token position {p}, ")?;
+        }
+        write!(
+            f,
+            "{} non-finite element{})",
+            self.count,
+            if self.count == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// `NaN`, `inf` or `-inf`.
+fn nonfinite_name(v: f64) -> &'static str {
+    if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "inf"
+    } else {
+        "-inf"
+    }
+}
+
+/// The token-position dimension of a canonical tensor: 2 for per-head tensors
+/// (`[B, heads, T, ·]`), 1 for everything else (`[B, T, ·]`).
+fn token_dim(name: &str) -> usize {
+    match TapName::parse(name) {
+        Some(TapName::Layer(
+            _,
+            LayerTap::Q
+            | LayerTap::K
+            | LayerTap::V
+            | LayerTap::QRope
+            | LayerTap::KRope
+            | LayerTap::AttnProbs,
+        )) => 2,
+        _ => 1,
+    }
+}
+
+/// Flat index and value of the first non-finite element, and how many there are (no copy).
+fn scan_nonfinite(d: &TensorData) -> Option<(usize, f64, usize)> {
+    fn go<X: Copy>(v: &[X], f: impl Fn(X) -> f64) -> Option<(usize, f64, usize)> {
+        let first = v.iter().position(|&x| !f(x).is_finite())?;
+        let count = v[first..].iter().filter(|&&x| !f(x).is_finite()).count();
+        Some((first, f(v[first]), count))
+    }
+    match d {
+        TensorData::F64(v) => go(v, |x| x),
+        TensorData::F32(v) => go(v, f64::from),
+        TensorData::BF16(v) => go(v, f64::from),
+        TensorData::F16(v) => go(v, f64::from),
+        TensorData::I64(_) => None,
+    }
+}
+
+/// The first non-finite element of one tensor (`None` when all are finite, or the tensor holds
+/// integers).
+pub fn nonfinite_in(name: &str, tensor: &TraceTensor) -> Option<NonFiniteSite> {
+    let (first, value, count) = scan_nonfinite(&tensor.data)?;
+    let index = unravel(first, &tensor.shape);
+    Some(NonFiniteSite {
+        tensor: name.to_string(),
+        layer: match TapName::parse(name) {
+            Some(TapName::Layer(i, _)) => Some(i),
+            _ => None,
+        },
+        token_position: index.get(token_dim(name)).copied(),
+        index,
+        flat_index: first,
+        value: nonfinite_name(value).into(),
+        count,
+    })
+}
+
+/// Where `trace` first holds a non-finite value, scanning its tensors in forward order.
+pub fn first_nonfinite(trace: &Trace) -> Option<NonFiniteSite> {
+    let mut names: Vec<&str> = trace.names();
+    lockstep_trace::sort_forward(&mut names);
+    names
+        .into_iter()
+        .find_map(|n| trace.get(n).and_then(|t| nonfinite_in(n, t)))
+}
+
+/// The first non-finite value of each side of a comparison (`None` where that side is finite
+/// throughout, or absent).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct FirstNonFinite {
+    /// In the reference trace.
+    pub reference: Option<NonFiniteSite>,
+    /// In the test trace.
+    pub test: Option<NonFiniteSite>,
+    /// In the oracle trace.
+    pub oracle: Option<NonFiniteSite>,
+}
+
+impl FirstNonFinite {
+    /// True when any side holds a non-finite value.
+    pub fn any(&self) -> bool {
+        self.reference.is_some() || self.test.is_some() || self.oracle.is_some()
+    }
+
+    /// One line per side holding non-finite values, e.g. `reference: NaN at `layers.1.mlp_out`…`.
+    pub fn lines(&self) -> Vec<String> {
+        [
+            ("reference", &self.reference),
+            ("test", &self.test),
+            ("oracle", &self.oracle),
+        ]
+        .into_iter()
+        .filter_map(|(side, s)| s.as_ref().map(|s| format!("{side}: {s}")))
+        .collect()
+    }
+}
+
+/// One checkpoint tensor holding non-finite values, as plain data (the verifier does not read
+/// checkpoints; the caller scans them, e.g. with the engine's `Checkpoint::nonfinite_report`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NonFiniteWeight {
+    /// The checkpoint name, e.g. `model.layers.1.mlp.down_proj.weight`.
+    pub name: String,
+    /// NaN elements.
+    pub nan: usize,
+    /// +∞ or −∞ elements.
+    pub inf: usize,
+    /// Index of the first non-finite element, in the tensor's stored shape.
+    pub first_index: Vec<usize>,
+}
+
+impl NonFiniteWeight {
+    /// `` `model.layers.1.mlp.down_proj.weight`: 1 NaN, first at [5, 7] ``.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![];
+        if self.nan > 0 {
+            parts.push(format!("{} NaN", self.nan));
+        }
+        if self.inf > 0 {
+            parts.push(format!("{} infinite", self.inf));
+        }
+        format!(
+            "`{}`: {}, first at {:?}",
+            self.name,
+            parts.join(" and "),
+            self.first_index
+        )
+    }
+
+    /// The layer a checkpoint name belongs to (`model.layers.{i}.…` or `layers.{i}.…`).
+    pub fn layer(&self) -> Option<usize> {
+        let rest = self
+            .name
+            .strip_prefix("model.layers.")
+            .or_else(|| self.name.strip_prefix("layers."))?;
+        rest.split('.').next()?.parse().ok()
+    }
+}
+
+/// The overall sentence on non-finite values: where they come from and where they first appear,
+/// e.g. `NaN in model.layers.1.mlp.down_proj.weight[5, 7] reaches layers.1.mlp_out on both
+/// sides`. `None` when neither the checkpoint nor any comparison holds a non-finite value.
+///
+/// `weights` is the checkpoint scan (in checkpoint order); `comparisons` the trace comparisons of
+/// a run (their first non-finite sites per side). The tensor named is the earliest in forward
+/// order over all comparisons; "on both sides" when the reference and the test first turn
+/// non-finite at the same tensor. Without a non-finite weight, the sentence says the checkpoint is
+/// finite, so the run itself (overflow, a bug) produces them.
+pub fn nonfinite_summary(
+    weights: &[NonFiniteWeight],
+    comparisons: &[&TraceComparison],
+) -> Option<String> {
+    let earliest = |pick: fn(&FirstNonFinite) -> &Option<NonFiniteSite>| {
+        comparisons
+            .iter()
+            .filter_map(|c| pick(&c.first_nonfinite).as_ref())
+            .min_by_key(|s| lockstep_trace::forward_rank(&s.tensor))
+    };
+    let r = earliest(|f| &f.reference);
+    let t = earliest(|f| &f.test);
+    let o = earliest(|f| &f.oracle);
+    let reach = match (r, t) {
+        (Some(r), Some(t)) if r.tensor == t.tensor => format!("{} on both sides", r.tensor),
+        (Some(r), Some(t)) => format!("{} in the reference and {} in the test", r.tensor, t.tensor),
+        (Some(r), None) => format!("{} in the reference only (the test stays finite)", r.tensor),
+        (None, Some(t)) => format!("{} in the test only (the reference stays finite)", t.tensor),
+        (None, None) => match o {
+            Some(o) => format!("{} in the oracle only", o.tensor),
+            None => String::new(),
+        },
+    };
+    let reach = if reach.is_empty() { None } else { Some(reach) };
+    match (weights.first(), reach) {
+        (Some(w), Some(reach)) => {
+            let more = if weights.len() > 1 {
+                format!(" (and {} more non-finite weight tensor(s))", weights.len() - 1)
+            } else {
+                String::new()
+            };
+            let kind = if w.nan > 0 { "NaN" } else { "infinity" };
+            Some(format!(
+                "{kind} in {}{:?}{more} reaches {reach}",
+                w.name, w.first_index
+            ))
+        }
+        (Some(w), None) => Some(format!(
+            "the checkpoint holds non-finite values ({}{}); no compared forward pass holds any",
+            w.describe().replace('`', ""),
+            if weights.len() > 1 {
+                format!(" and {} more tensor(s)", weights.len() - 1)
+            } else {
+                String::new()
+            }
+        )),
+        (None, Some(reach)) => Some(format!(
+            "the checkpoint is finite; non-finite values first appear at {reach} (produced by the computation: overflow or a bug)"
+        )),
+        (None, None) => None,
+    }
+}
+
+/// The likely cause when non-finite values first appear at tensor `name` (the inputs of its op
+/// were finite): the weights the op reads, or an overflow in it.
+pub fn nonfinite_cause(name: &str) -> String {
+    format!(
+        "non-finite values (NaN/inf) enter here: {}",
+        nonfinite_source(name)
+    )
+}
+
+/// Where NaN/inf entering at tensor `name` come from, e.g. `a NaN/inf in the down_proj weight`.
+pub fn nonfinite_source(name: &str) -> &'static str {
+    match TapName::parse(name) {
+        Some(TapName::Tokens) => "token ids",
+        Some(TapName::Embed) => "a NaN/inf in the embedding table (embed_tokens)",
+        Some(TapName::FinalNorm) => {
+            "a NaN/inf in the final norm weight, or an overflowing variance"
+        }
+        Some(TapName::Logits) => "a NaN/inf in lm_head (or the tied embedding table)",
+        Some(TapName::Layer(_, tap)) => match tap {
+            LayerTap::InputNorm | LayerTap::PostNorm => {
+                "a NaN/inf in the RMSNorm weight, or an overflowing variance"
+            }
+            LayerTap::Q | LayerTap::K | LayerTap::V => {
+                "a NaN/inf in the q/k/v projection weight or bias"
+            }
+            LayerTap::QRope | LayerTap::KRope => "non-finite RoPE cos/sin tables",
+            LayerTap::AttnProbs => "overflowing attention scores (softmax of inf or NaN)",
+            LayerTap::AttnOut => "non-finite attention probabilities or values",
+            LayerTap::OProj => "a NaN/inf in the o_proj weight",
+            LayerTap::ResidAttn | LayerTap::Out => "an overflowing residual add",
+            LayerTap::MlpAct => {
+                "a NaN/inf in the gate_proj/up_proj weights, or an overflowing activation"
+            }
+            LayerTap::MlpOut => "a NaN/inf in the down_proj weight",
+        },
+        None => "a NaN/inf in the weights this tensor is computed from",
+    }
 }

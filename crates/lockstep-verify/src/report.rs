@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::compare::{
-    likely_cause, sci, Against, LayerError, LogitStats, Status, TensorComparison, TraceComparison,
-    Verdict,
+    failure_cause, likely_cause, sci, Against, LayerError, LogitStats, Status, TensorComparison,
+    TraceComparison, Verdict,
 };
 
 /// One trace comparison with the label it is reported under (an input prompt, a phase step).
@@ -342,13 +342,29 @@ fn comparison_section(out: &mut String, level: usize, c: &NamedComparison) {
         out.push('\n');
     }
 
+    let nonfinite = cmp.first_nonfinite.lines();
+    if !nonfinite.is_empty() {
+        out.push_str(
+            "**Non-finite values (NaN/inf) first appear** (forward order):
+
+",
+        );
+        for l in &nonfinite {
+            let _ = writeln!(out, "- {l}");
+        }
+        out.push('\n');
+    }
     if let Some(f) = cmp.first_failure() {
+        let cause = if f.status == Status::NonFinite {
+            cmp.cause_of(f)
+        } else {
+            likely_cause(&f.name).to_string()
+        };
         let _ = writeln!(
             out,
-            "**First divergence:** `{}` ({}). Likely cause: {}.",
+            "**First divergence:** `{}` ({}). Likely cause: {cause}.",
             f.name,
             f.status.label(),
-            likely_cause(&f.name)
         );
         if let Some(line) = element_line(f) {
             let _ = writeln!(out, "{line}");
@@ -629,9 +645,11 @@ fn fmt_cos(c: f64) -> String {
 
 /// The JSON report as a value: top-level `passed` (bool), `tier` (`"f64"`/`"f32"`/`"bf16"`,
 /// `"mixed"` when inputs differ, null when none), `first_divergence` (the first failing input's
-/// first failing tensor, or null), `verdict` (string), `inputs` (one summary per input, with its
-/// per-layer table and warnings) and `tensors` (every per-tensor record, each tagged with its
-/// `input` label and `likely_cause`). Non-finite numbers are written as null.
+/// first failing tensor, or null), `first_nonfinite` (the first input's that holds any: per
+/// side, where NaN/inf first appear, or null), `verdict` (string), `inputs` (one summary per
+/// input, with its per-layer table, warnings and `first_nonfinite_reference`/`_test`/`_oracle`)
+/// and `tensors` (every per-tensor record, each tagged with its `input` label and
+/// `likely_cause`). Non-finite numbers are written as null.
 pub fn json_value(inputs: &[NamedComparison]) -> Value {
     let passed = !inputs.is_empty() && inputs.iter().all(|c| c.comparison.passed);
     let first_divergence = inputs
@@ -657,6 +675,9 @@ pub fn json_value(inputs: &[NamedComparison]) -> Value {
                 "passed": cmp.passed,
                 "tier": cmp.tier,
                 "first_divergence": cmp.first_divergence,
+                "first_nonfinite_reference": cmp.first_nonfinite.reference,
+                "first_nonfinite_test": cmp.first_nonfinite.test,
+                "first_nonfinite_oracle": cmp.first_nonfinite.oracle,
                 "verdict": cmp.verdict().to_string(),
                 "tokens": cmp.num_tokens(),
                 "token_ids": cmp.token_ids,
@@ -676,7 +697,12 @@ pub fn json_value(inputs: &[NamedComparison]) -> Value {
                 let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
                 if let Value::Object(m) = &mut v {
                     m.insert("input".into(), json!(c.label));
-                    m.insert("likely_cause".into(), json!(likely_cause(&t.name)));
+                    let cause = if t.status == Status::NonFinite {
+                        failure_cause(t)
+                    } else {
+                        likely_cause(&t.name).to_string()
+                    };
+                    m.insert("likely_cause".into(), json!(cause));
                 }
                 v
             })
@@ -686,6 +712,10 @@ pub fn json_value(inputs: &[NamedComparison]) -> Value {
         "passed": passed,
         "tier": tier,
         "first_divergence": first_divergence,
+        "first_nonfinite": inputs
+            .iter()
+            .map(|c| &c.comparison.first_nonfinite)
+            .find(|f| f.any()),
         "verdict": overall_verdict(inputs),
         "inputs": summaries,
         "tensors": tensors,

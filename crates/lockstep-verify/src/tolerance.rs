@@ -13,6 +13,10 @@
 //!
 //! "oracle" is the pure-float64 reference run (RMSNorm, RoPE tables and softmax lifted to f64) on
 //! the same weights and tokens.
+//!
+//! Non-finite values are outside every rule: a NaN or infinity in the test, the reference, or
+//! the oracle a rule measures against fails the tensor ([`crate::compare::Status::NonFinite`]),
+//! and a non-finite `max|ref − oracle|` never widens a threshold ([`finite_noise`]).
 
 use lockstep_trace::{TapName, TensorData, Trace};
 use serde::Serialize;
@@ -345,6 +349,13 @@ impl TolerancePolicy {
     }
 }
 
+/// The reference's noise `max|ref − oracle|` as a tolerance may use it: `None` when it is not a
+/// finite number (a NaN or infinity on either side would otherwise make `k × noise` infinite and
+/// let anything pass).
+pub fn finite_noise(noise: f64) -> Option<f64> {
+    noise.is_finite().then_some(noise)
+}
+
 /// Half a bf16 unit in the last place at magnitude `m` (bf16 keeps 8 significant bits): the
 /// smallest difference a bf16 computation can be expected to resolve there. 0 for `m ≤ 0`.
 pub fn bf16_half_ulp(m: f64) -> f64 {
@@ -385,6 +396,13 @@ mod tests {
         assert_eq!(bf16_half_ulp(1.5), 2f64.powi(-8));
         assert_eq!(bf16_half_ulp(8.0), 2f64.powi(-5));
         assert_eq!(bf16_half_ulp(0.0), 0.0);
+    }
+
+    #[test]
+    fn non_finite_noise_never_widens() {
+        assert_eq!(finite_noise(1e-5), Some(1e-5));
+        assert_eq!(finite_noise(f64::INFINITY), None);
+        assert_eq!(finite_noise(f64::NAN), None);
     }
 
     #[test]

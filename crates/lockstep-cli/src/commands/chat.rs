@@ -2,7 +2,8 @@
 //!
 //! Each stdin line is a user message; the whole conversation is rendered with the checkpoint's chat
 //! template (with the generation prompt) and the reply streams to stdout. `/reset` forgets the
-//! history, `/exit` (or end of input) ends the session.
+//! history, `/exit` (or end of input) ends the session. Non-finite logits (NaN/inf) end the
+//! session with one line naming the first non-finite tensor, exit 1 (as `generate`).
 
 use super::generate::{
     chat_template, describe, load, print_flush, run_generation, speed_line, SamplingArgs,

@@ -1,5 +1,6 @@
 //! `lockstep compare REF TEST [--oracle ORACLE] [--report R.md] [--json R.json] [--plot P.svg]`.
-//! Exit 0 when everything passes, 1 when something fails, 2 on bad input.
+//! Exit 0 when everything passes, 1 when something fails (a NaN or infinity on either side
+//! always fails, even at the same place on both), 2 on bad input.
 
 use crate::cli_error::{CliError, CliResult};
 use lockstep_trace::Trace;
@@ -76,6 +77,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         "first_divergence: {}",
         c.first_divergence.as_deref().unwrap_or("none")
     );
+    for line in c.first_nonfinite.lines() {
+        println!("first non-finite value, {line}");
+    }
     if let Some(p) = &a.report {
         write_atomic(p, &report::markdown(&inputs))?;
     }

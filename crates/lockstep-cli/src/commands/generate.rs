@@ -6,6 +6,10 @@
 //! Several `--prompt` (or `--tokens`) flags generate a batch: the prompts are left-padded into
 //! one batch with an attention mask and run together; each row's text is printed when the batch
 //! is done, and with `--json` the last line is one object whose `rows` hold one object per prompt.
+//!
+//! Exit codes: 0 done, 2 bad input, 1 when the logits of a step are not finite (NaN/inf): the
+//! run stops with one line naming the first non-finite tensor of the forward pass and any
+//! non-finite checkpoint tensors, instead of choosing tokens from garbage.
 
 use super::common::{parse_token_list, DtypeArg};
 use crate::cli_error::{CliError, CliResult};

@@ -1,8 +1,12 @@
 //! `lockstep trace --model DIR (--tokens ..|--prompt ..) --dtype f64|f32 --out FILE`.
+//!
+//! When the forward pass holds NaN or infinity, the trace is still written and one stderr line
+//! says where non-finite values first appear (tensor, index, token position).
 
 use super::common::{input_ids, DtypeArg};
 use crate::cli_error::CliResult;
 use lockstep_engine::{tracing::trace_forward, Bf16, Model};
+use lockstep_verify::compare::first_nonfinite;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -62,5 +66,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         trace.len(),
         a.out.display()
     );
+    // The trace is written either way; say where it stops being finite.
+    if let Some(site) = first_nonfinite(&trace) {
+        eprintln!("warning: the forward pass is not finite: first {site} (trace written anyway)");
+    }
     Ok(ExitCode::SUCCESS)
 }

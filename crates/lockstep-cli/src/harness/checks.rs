@@ -103,11 +103,17 @@ pub fn tokenization_phase(
 }
 
 /// Phase 2: every tensor we use bit-identical to what the reference loaded.
-pub fn weights_phase(model: &Model, reference: &mut dyn Reference) -> HarnessResult<Phase> {
+pub fn weights_phase(
+    model: &Model,
+    reference: &mut dyn Reference,
+    nonfinite: &[lockstep_verify::compare::NonFiniteWeight],
+) -> HarnessResult<Phase> {
     let name = "weights";
     let theirs = reference.weights(&model.checkpoint.dir)?;
     let c = &model.config;
     let mut problems = vec![];
+    // Non-finite values are never a valid weight, whatever the reference loaded.
+    problems.extend(nonfinite.iter().map(|w| w.describe()));
     let mut checked = 0;
     let mut ours_count: u64 = 0;
     for (n, t) in &model.checkpoint.tensors {

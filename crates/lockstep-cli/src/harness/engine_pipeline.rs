@@ -19,7 +19,8 @@ use super::reference::{Reference, TraceJob};
 use super::{create_work_dir, judge_in_tier, read_reference_trace, HarnessResult};
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Bf16, Fault, Model};
-use lockstep_verify::{restrict, NamedComparison, Phase, Tier, VerifyOutcome};
+use lockstep_verify::compare::{nonfinite_summary, NonFiniteWeight};
+use lockstep_verify::{restrict, NamedComparison, Phase, Tier, TraceComparison, VerifyOutcome};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -59,7 +60,19 @@ pub fn run_verify(
 
     // 2. Weights.
     progress("phase 2: weights");
-    phases.push(weights_phase(&model, reference)?);
+    // Non-finite values per checkpoint tensor, as plain data for the verifier.
+    let nonfinite_weights: Vec<NonFiniteWeight> = model
+        .checkpoint
+        .nonfinite_report()
+        .into_iter()
+        .map(|w| NonFiniteWeight {
+            name: w.name,
+            nan: w.nan,
+            inf: w.inf,
+            first_index: w.first_index,
+        })
+        .collect();
+    phases.push(weights_phase(&model, reference, &nonfinite_weights)?);
 
     // Reference traces: the pure-f64 oracle for every input, plus each lower tier's own run.
     progress("running the reference (transformers)");
@@ -146,6 +159,18 @@ pub fn run_verify(
         ));
         phases.push(generation_phase(&model, opts, &ids, reference)?);
     }
+    // Non-finite values: where they come from (the checkpoint?) and where they first appear.
+    let all_cmps: Vec<&TraceComparison> = full
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|c| &c.comparison))
+        .collect();
+    if let Some(sentence) = nonfinite_summary(&nonfinite_weights, &all_cmps) {
+        let at = phases
+            .iter()
+            .position(|p| p.name == "weights")
+            .map_or(phases.len(), |i| i + 1);
+        phases.insert(at, Phase::fail("non-finite values", sentence));
+    }
     Ok(VerifyOutcome::new(phases, full))
 }
 
@@ -167,7 +192,14 @@ fn kv_cache_phase(
         for (i, t) in tokens.iter().enumerate() {
             let step = model.forward(std::slice::from_ref(t), &mut cache, &mut obs)?;
             for (a, b) in step.iter().zip(&full[i * v..(i + 1) * v]) {
-                worst = worst.max((a.to_f64() - b.to_f64()).abs());
+                let (a, b) = (a.to_f64(), b.to_f64());
+                // NaN/inf never agree (f64::max would drop a NaN difference).
+                let d = if a.is_finite() && b.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f64::INFINITY
+                };
+                worst = worst.max(d);
             }
         }
         Ok(worst)

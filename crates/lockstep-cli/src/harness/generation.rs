@@ -74,13 +74,21 @@ pub fn generation_phase(
         });
     }
     let theirs = reference.generate(&jobs)?;
-    let ours_alone: Vec<Vec<u32>> = rows
+    let ours_alone: Vec<Vec<u32>> = match rows
         .iter()
         .map(|p| {
             generate_batch::<f32>(model, &tok, std::slice::from_ref(p), &gen_opts, |_, _| {})
                 .map(|mut g| g.remove(0).generated)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+    {
+        Ok(v) => v,
+        // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
+        Err(e @ lockstep_engine::EngineError::NonFinite(_)) => {
+            return Ok(Phase::fail(name, e.to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let ours_batch: Vec<Vec<u32>> = if rows.len() > 1 {
         generate_batch::<f32>(model, &tok, &rows, &gen_opts, |_, _| {})?
             .into_iter()
