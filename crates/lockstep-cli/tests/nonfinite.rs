@@ -271,3 +271,36 @@ fn trace_says_where_and_compare_fails_nan_at_the_same_places() {
     let o = lockstep(&["compare", c.to_str().unwrap(), c.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
 }
+
+#[test]
+fn chat_stops_with_one_line_naming_the_first_nonfinite_tensor() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = scratch("nonfinite-chat");
+    // A fixture with the full Qwen2 vocabulary: the chat template's special tokens fit.
+    let model = nan_checkpoint(&dir, "qwen2-default");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["chat", "--model", model.to_str().unwrap()])
+        .args(["--max-new-tokens", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\nAnd again\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("first non-finite tensor: NaN at layers.1.mlp_out"),
+        "{err}"
+    );
+    assert!(errors[0].contains(WEIGHT), "{err}");
+}
