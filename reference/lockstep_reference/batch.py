@@ -112,8 +112,11 @@ def generate_batch(jobs_path: str) -> None:
     tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
     prompt and tokenized the same way), or `"token_batch"` (a list of id lists, generated as one
     batch: left-padded with the pad id and an attention mask, as transformers batches). Prints one
-    JSON line: `[{"prompt_ids", "generated"}, ...]` (new tokens only; an EOS that ended a generation
-    is included, as transformers returns it); a batch job gives lists of lists in both.
+    JSON line: `[{"prompt_ids", "generated", "eos_token_ids", "pad_token_id"}, ...]` (new tokens
+    only; an EOS that ended a generation is included, as transformers returns it); a batch job gives
+    lists of lists in both, and a batch row that ended before the others is padded after its EOS
+    with `pad_token_id`, as transformers returns it. `eos_token_ids` (empty with `ignore_eos`) and
+    `pad_token_id` are the ones this generation used, so a reader can cut each row at its own EOS.
 
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
     back and the logits are untouched (no EOS suppression)."""
@@ -172,7 +175,10 @@ def generate_batch(jobs_path: str) -> None:
         with torch.no_grad():
             seq = model.generate(ids, attention_mask=mask, generation_config=copy.deepcopy(gc))
         new = seq[:, ids.shape[1]:].tolist()
-        out.append({"prompt_ids": prompt_ids, "generated": new if "token_batch" in job else new[0]})
+        eos = gc.eos_token_id
+        eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        out.append({"prompt_ids": prompt_ids, "generated": new if "token_batch" in job else new[0],
+                    "eos_token_ids": eos, "pad_token_id": int(gc.pad_token_id)})
         print(f"generated {len(new[0])} tokens x {len(new)} rows ({job['model']})", file=sys.stderr)
     print(json.dumps(out))
 
