@@ -13,6 +13,11 @@ safetensors file that `lockstep compare` and `lockstep verify --port-trace` can 
     w.tap("logits", logits)
     w.save("port.safetensors", {"producer": "my-jax-port", "dtype": "bf16", "token_ids": ids})
 
+A trace must hold every canonical tensor (tokens, embed, the 14 tensors of every layer,
+final_norm, logits): lockstep fails a tensor the reference holds and the port's trace lacks as
+MISSING, naming it. `save` writes a partial trace when asked (`missing()` lists what is not tapped
+yet), but that trace cannot pass `lockstep compare` or `lockstep verify`.
+
 Every name is checked against the canonical names for the config's layer count and every shape
 against the config (hidden size, heads, kv heads, head dim, intermediate size, vocabulary) and
 against the other taps (one T for all of them). bf16 arrays are stored as float32, which holds bf16
@@ -235,7 +240,9 @@ class TraceWriter:
         self.source_dtypes[name] = src
 
     def missing(self) -> list[str]:
-        """Canonical names not tapped yet (a trace may omit tensors; only common ones are compared)."""
+        """Canonical names not tapped yet. Each one fails `lockstep compare` / `lockstep verify` as
+        MISSING (the reference trace holds every canonical name; `tokens` alone may instead come from
+        the `token_ids` metadata, which `save` turns into the tensor)."""
         return [n for n in self.names if n not in self.tensors]
 
     def _check_dtypes(self, dtype: str) -> None:
@@ -254,7 +261,8 @@ class TraceWriter:
     def save(self, path, metadata: Mapping) -> str:
         """Write the trace. `metadata` needs `producer` (your port's name), `dtype` (`f64`, `f32`
         or `bf16`, the compute dtype: it selects the precision tier) and `token_ids` (unless
-        `tokens` was tapped); `prompt` and anything else are kept as strings. Returns the path."""
+        `tokens` was tapped); `prompt` and anything else are kept as strings. Returns the path.
+        A trace saved with tensors still `missing()` is written, but fails verification as MISSING."""
         meta = dict(metadata or {})
         for key in ("producer", "dtype"):
             if not meta.get(key):
