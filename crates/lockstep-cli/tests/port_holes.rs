@@ -2,7 +2,10 @@
 //! that failed before its fix:
 //!
 //! - a port trace that omits a tensor fails, naming it as MISSING (docs/trace-format.md once said
-//!   omitted tensors were skipped; the comparator always failed them, and now the docs say so).
+//!   omitted tensors were skipped; the comparator always failed them, and now the docs say so);
+//! - the weights phase judges the parameter arrays the port computes with (the writer records
+//!   their checksums), not the fingerprint of the folder the writer was given: one perturbed
+//!   value fails it, naming the tensor.
 //!
 //! The port traces are written through the Python writer (`lockstep_reference.writer`) from
 //! lockstep's own f32 trace of the fixture model, so they pass when nothing is wrong.
@@ -17,10 +20,14 @@ use support::*;
 const IDS: &str = "5,17,300,2";
 
 /// A Python "port": writes the tensors of `source` (a trace file) through `TraceWriter`, leaving
-/// out `--omit NAME`.
+/// out `--omit NAME`; with `--weights f32|f64` it gives the writer the checkpoint's parameters
+/// held in that dtype, one value of `--perturb NAME` moved to the next representable number.
 const PORT_SCRIPT: &str = r#"
 import argparse, json
+import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import load_file
+from lockstep_reference.st_io import checkpoint_files
 from lockstep_reference.writer import TraceWriter
 
 ap = argparse.ArgumentParser()
@@ -28,14 +35,28 @@ ap.add_argument("--model", required=True)
 ap.add_argument("--source", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--omit", action="append", default=[])
+ap.add_argument("--weights", choices=["none", "f32", "f64"], default="none")
+ap.add_argument("--perturb")
 a = ap.parse_args()
+params = None
+if a.weights != "none":
+    params = {}
+    for f in checkpoint_files(a.model):
+        params.update(load_file(f))
+    params = {k: v.astype(np.float32 if a.weights == "f32" else np.float64) for k, v in params.items()}
+    if a.perturb:
+        p = params[a.perturb].copy()
+        flat = p.reshape(-1)
+        flat[7] = np.nextafter(flat[7], np.inf)
+        params[a.perturb] = p
 w = TraceWriter(a.model)
 with safe_open(a.source, "np") as f:
     meta = f.metadata()
     for name in w.names:
         if name != "tokens" and name not in a.omit:
             w.tap(name, f.get_tensor(name))
-w.save(a.out, {"producer": "python-port", "dtype": meta["dtype"], "token_ids": json.loads(meta["token_ids"])})
+w.save(a.out, {"producer": "python-port", "dtype": meta["dtype"], "token_ids": json.loads(meta["token_ids"])},
+       weights=params)
 print(json.dumps({"missing": w.missing()}))
 "#;
 
@@ -174,4 +195,51 @@ fn a_port_trace_missing_one_tensor_fails_naming_it() {
     assert_eq!(k["status"], "missing", "{k}");
     assert!(text.contains("layers.1.k"), "{text}");
     assert_eq!(js["passed"], false);
+}
+
+#[test]
+fn the_weights_phase_judges_the_ports_own_parameters() {
+    let Some(s) = setup("port-holes-weights") else {
+        return;
+    };
+    let weights = |js: &Value| phase(js, "weights").clone();
+    // No parameters given: only the folder's fingerprint is known, so the phase is skipped, not
+    // passed.
+    let plain = s.dir.join("plain.safetensors");
+    s.port(&plain, &[]);
+    let (code, js, text) = s.verify(&plain);
+    assert_eq!(code, Some(0), "{text}");
+    let w = weights(&js);
+    assert_eq!(w["status"], "skip", "{w}");
+    assert!(
+        w["summary"].as_str().unwrap().contains("not recorded"),
+        "{w}"
+    );
+
+    // The checkpoint's parameters as stored (f32), and widened to f64: they pass.
+    for (dtype, how) in [("f32", "27 bit-identical"), ("f64", "27 widened exactly")] {
+        let t = s.dir.join(format!("params-{dtype}.safetensors"));
+        s.port(&t, &["--weights", dtype]);
+        let (code, js, text) = s.verify(&t);
+        assert_eq!(code, Some(0), "{text}");
+        let w = weights(&js);
+        assert_eq!(w["status"], "pass", "{w}");
+        assert!(w["summary"].as_str().unwrap().contains(how), "{w}");
+    }
+
+    // One value of one parameter moved by one ulp (the tensors in the trace unchanged): the
+    // weights phase fails naming it, and so does the verdict.
+    for dtype in ["f32", "f64"] {
+        let t = s.dir.join(format!("perturbed-{dtype}.safetensors"));
+        let name = "model.layers.1.mlp.down_proj.weight";
+        s.port(&t, &["--weights", dtype, "--perturb", name]);
+        let (code, js, text) = s.verify(&t);
+        assert_eq!(code, Some(1), "{text}");
+        let w = weights(&js);
+        assert_eq!(w["status"], "fail", "{w}");
+        let summary = w["summary"].as_str().unwrap();
+        assert!(summary.contains(&format!("{name}: ")), "{summary}");
+        assert!(summary.contains("26/27"), "{summary}");
+        assert!(!summary.contains("model.layers.0."), "{summary}");
+    }
 }

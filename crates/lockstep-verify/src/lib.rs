@@ -32,6 +32,7 @@
 
 pub mod compare;
 pub mod phases;
+pub mod port_weights;
 pub mod report;
 pub mod tolerance;
 
