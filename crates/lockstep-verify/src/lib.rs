@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod near_tie;
 pub mod phases;
 pub mod port_weights;
 pub mod report;

@@ -78,8 +78,12 @@ pub trait Reference {
     /// Writes every requested trace.
     fn traces(&mut self, jobs: &[TraceJob]) -> Result<(), String>;
     /// Runs each greedy generation; per job, per prompt, the new ids (as `generate` returns them:
-    /// a batch row that ended keeps being padded after its EOS).
-    fn generate(&mut self, jobs: &[GenerateJob]) -> Result<Vec<Vec<Vec<u32>>>, String>;
+    /// a batch row that ended keeps being padded after its EOS) and the reference's best tokens
+    /// with their scores at each step (for judging a parting a near-tie from its own logits).
+    fn generate(
+        &mut self,
+        jobs: &[GenerateJob],
+    ) -> Result<Vec<Vec<crate::near_tie::GeneratedRow>>, String>;
 }
 
 /// Which phase an input belongs to.
@@ -700,8 +704,9 @@ fn generation_phase(
                      run: &str,
                      prompt: &[u32],
                      ours: &[u32],
-                     theirs: &[u32]|
+                     theirs: &crate::near_tie::GeneratedRow|
      -> Result<(), String> {
+        let (theirs, theirs_top) = (&theirs.ids[..], &theirs.top);
         // transformers pads a batch row that ended (EOS) until the batch ends: cut after its EOS.
         let theirs = match theirs
             .iter()
@@ -715,18 +720,19 @@ fn generation_phase(
             identical += 1;
             "PASS".to_string()
         } else if same < ours.len() && same < theirs.len() {
-            // Our own logits at the step where the two part.
+            // Our own logits at the step where the two part, and the reference's own.
             let mut context = prompt.to_vec();
             context.extend_from_slice(&ours[..same]);
             let mut cache = lockstep_engine::KvCache::<f32>::new(model.config.num_layers);
             let logits = model.forward_last(&context, &mut cache).map_err(err)?;
-            let gap = (logits[ours[same] as usize] - logits[theirs[same] as usize]) as f64;
-            if gap <= tie {
+            let top = theirs_top.get(same).map_or(&[][..], |t| &t[..]);
+            let p = crate::near_tie::judge_parting(ours[same], theirs[same], top, &logits, tie);
+            if p.near_tie {
                 ties += 1;
-                format!("near-tie at token {same}: lockstep {} vs transformers {} are {gap:.1e} apart in our logits (≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same])
+                format!("near-tie at token {same}: lockstep {} vs transformers {}: {} (both ≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same], p.describe())
             } else {
                 bugs.push(format!("{label} ({run}) at token {same}"));
-                format!("**FAIL** at token {same}: lockstep {} vs transformers {}, {gap:.2e} apart in our logits (> {tie:.0e})", ours[same], theirs[same])
+                format!("**FAIL** at token {same}: lockstep {} vs transformers {}: {} (a near-tie needs both ≤ {tie:.0e})", ours[same], theirs[same], p.describe())
             }
         } else {
             bugs.push(format!(

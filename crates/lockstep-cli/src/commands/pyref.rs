@@ -2,6 +2,7 @@
 //! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
 
 use super::python::ReferenceEnv;
+use lockstep_verify::near_tie::GeneratedRow;
 use lockstep_verify::phases::{GenerateJob, Reference, ReferenceWeights, TraceJob};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ pub struct PythonReference {
     scratch: PathBuf,
     tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
     weights: HashMap<PathBuf, ReferenceWeights>,
-    generated: HashMap<String, Vec<Vec<u32>>>,
+    generated: HashMap<String, Vec<GeneratedRow>>,
 }
 
 impl PythonReference {
@@ -50,6 +51,39 @@ fn too_big_for_f64(model: &Path) -> bool {
     lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
         .map(|c| c.parameter_count() as u64 * 8 > 6_000_000_000)
         .unwrap_or(false)
+}
+
+/// The rows of one `generate-batch` result: `generated` ids and, per step, the reference's best
+/// tokens (`top_ids`, `top_logits`: null for a non-finite score). `single`: the job had one prompt
+/// (then each field holds that row, not a list of rows).
+fn generated_rows(r: &serde_json::Value, single: bool) -> Result<Vec<GeneratedRow>, String> {
+    let bad = |e: serde_json::Error| format!("unexpected generate-batch output: {e}");
+    let rows = |v: &serde_json::Value| -> serde_json::Value {
+        if single {
+            serde_json::Value::Array(vec![v.clone()])
+        } else {
+            v.clone()
+        }
+    };
+    let ids: Vec<Vec<u32>> = serde_json::from_value(rows(&r["generated"])).map_err(bad)?;
+    let top_ids: Vec<Vec<Vec<u32>>> = serde_json::from_value(rows(&r["top_ids"])).map_err(bad)?;
+    let top_logits: Vec<Vec<Vec<Option<f32>>>> =
+        serde_json::from_value(rows(&r["top_logits"])).map_err(bad)?;
+    if top_ids.len() != ids.len() || top_logits.len() != ids.len() {
+        return Err("generate-batch: top_ids/top_logits do not match the rows".into());
+    }
+    Ok(ids
+        .into_iter()
+        .zip(top_ids.into_iter().zip(top_logits))
+        .map(|(ids, (ti, tl))| GeneratedRow {
+            ids,
+            top: ti
+                .into_iter()
+                .zip(tl)
+                .map(|(i, l)| i.into_iter().zip(l).collect())
+                .collect(),
+        })
+        .collect())
 }
 
 fn generate_key(j: &GenerateJob) -> String {
@@ -166,7 +200,7 @@ impl Reference for PythonReference {
         Ok(w)
     }
 
-    fn generate(&mut self, jobs: &[GenerateJob]) -> Result<Vec<Vec<Vec<u32>>>, String> {
+    fn generate(&mut self, jobs: &[GenerateJob]) -> Result<Vec<Vec<GeneratedRow>>, String> {
         let todo: Vec<&GenerateJob> = jobs
             .iter()
             .filter(|j| !self.generated.contains_key(&generate_key(j)))
@@ -199,12 +233,7 @@ impl Reference for PythonReference {
                 return Err("generate-batch returned the wrong number of results".into());
             }
             for (j, r) in todo.iter().zip(results) {
-                let rows: Vec<Vec<u32>> = if j.prompts.len() == 1 {
-                    vec![serde_json::from_value(r["generated"].clone())
-                        .map_err(|e| e.to_string())?]
-                } else {
-                    serde_json::from_value(r["generated"].clone()).map_err(|e| e.to_string())?
-                };
+                let rows = generated_rows(r, j.prompts.len() == 1)?;
                 self.generated.insert(generate_key(j), rows);
             }
         }
