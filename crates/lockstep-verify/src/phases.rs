@@ -609,8 +609,9 @@ fn kv_cache_phase(
 /// Greedy generation in f32: our `generate` against `transformers.generate`, token for token, on
 /// the first single-token prompt, the multi-token inputs and (when the checkpoint has a chat
 /// template) a chat-formatted question; then all of them again as one left-padded batch. Where
-/// the two part, our own logits at that step tell a near-tie (the two tokens within the f32
-/// logits tolerance: rounding decides) from a real difference.
+/// the two part, it is a near-tie (rounding decides) only when the two tokens are within the f32
+/// logits tolerance in the reference's own logits and in ours ([`crate::near_tie`]); otherwise a
+/// real difference.
 fn generation_phase(
     model: &Model,
     opts: &VerifyOptions,
@@ -937,7 +938,8 @@ pub struct PortVerifyOptions {
 /// Verifies traces written by another port: for each, the reference runs on the trace's own ids in
 /// the trace's dtype (plus the pure-f64 oracle), and the trace is compared tensor by tensor in its
 /// tier. Phases: tokenization (the port's ids against the reference tokenizer, when the traces
-/// carry a `prompt`), weights (the traces' `model_fingerprint` against the checkpoint), then per
+/// carry a `prompt`), weights (the port's recorded parameters against the checkpoint's tensors,
+/// [`crate::port_weights`]; with only a `model_fingerprint`, skipped), then per
 /// tier forward logits, layer-by-layer and attention weights. `producers` in the outcome's phases
 /// name the port.
 pub fn run_port_verify(
