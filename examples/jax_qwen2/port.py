@@ -114,7 +114,8 @@ def run(model_dir: str, ids: list[int], dtype: str, out: str, mistake: str | Non
         meta["mistake"] = mistake
     if prompt is not None:
         meta["prompt"] = prompt
-    writer.save(out, meta)
+    # The parameters the port computes with: the verifier checks them against the checkpoint.
+    writer.save(out, meta, weights=port.w)
     return producer
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import sys
 
 import torch
@@ -112,8 +113,14 @@ def generate_batch(jobs_path: str) -> None:
     tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
     prompt and tokenized the same way), or `"token_batch"` (a list of id lists, generated as one
     batch: left-padded with the pad id and an attention mask, as transformers batches). Prints one
-    JSON line: `[{"prompt_ids", "generated"}, ...]` (new tokens only; an EOS that ended a generation
-    is included, as transformers returns it); a batch job gives lists of lists in both.
+    JSON line: `[{"prompt_ids", "generated", "eos_token_ids", "pad_token_id"}, ...]` (new tokens
+    only; an EOS that ended a generation is included, as transformers returns it); a batch job gives
+    lists of lists in both, and a batch row that ended before the others is padded after its EOS
+    with `pad_token_id`, as transformers returns it. `eos_token_ids` (empty with `ignore_eos`) and
+    `pad_token_id` are the ones this generation used, so a reader can cut each row at its own EOS.
+    `top_ids` / `top_logits`: per generated step (per row for a batch), the reference's own best
+    `TOP_K` tokens and their scores (`top_of_scores`), so a parting of two implementations can be
+    judged a near-tie from the reference's logits, not only from the other side's.
 
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
     back and the logits are untouched (no EOS suppression)."""
@@ -170,11 +177,41 @@ def generate_batch(jobs_path: str) -> None:
             ids = torch.tensor([prompt_ids], dtype=torch.long)
             mask = torch.ones_like(ids)
         with torch.no_grad():
-            seq = model.generate(ids, attention_mask=mask, generation_config=copy.deepcopy(gc))
+            res = model.generate(ids, attention_mask=mask, generation_config=copy.deepcopy(gc),
+                                 output_scores=True, return_dict_in_generate=True)
+        seq = res.sequences
         new = seq[:, ids.shape[1]:].tolist()
-        out.append({"prompt_ids": prompt_ids, "generated": new if "token_batch" in job else new[0]})
+        top_ids, top_logits = top_of_scores(res.scores)
+        eos = gc.eos_token_id
+        eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        one = "token_batch" not in job
+        out.append({"prompt_ids": prompt_ids, "generated": new[0] if one else new,
+                    "eos_token_ids": eos, "pad_token_id": int(gc.pad_token_id),
+                    "top_ids": top_ids[0] if one else top_ids,
+                    "top_logits": top_logits[0] if one else top_logits})
         print(f"generated {len(new[0])} tokens x {len(new)} rows ({job['model']})", file=sys.stderr)
     print(json.dumps(out))
+
+
+TOP_K = 2
+
+
+def top_of_scores(scores) -> tuple[list, list]:
+    """Per row, per generated step: the ids and the scores of the `TOP_K` best tokens of the
+    reference's own scores at that step (what greedy decoding took its argmax of: the logits after
+    the generation config's processors, e.g. a repetition penalty), best first. A non-finite score
+    is written as null (JSON has no NaN or infinity)."""
+    ids: list[list[list[int]]] = []
+    vals: list[list[list[float | None]]] = []
+    for step in scores:
+        v, i = torch.topk(step.float(), min(TOP_K, step.shape[-1]), dim=-1)
+        for r in range(step.shape[0]):
+            if len(ids) <= r:
+                ids.append([])
+                vals.append([])
+            ids[r].append([int(t) for t in i[r].tolist()])
+            vals[r].append([float(x) if math.isfinite(x) else None for x in v[r].tolist()])
+    return ids, vals
 
 
 def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

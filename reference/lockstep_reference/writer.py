@@ -11,7 +11,20 @@ safetensors file that `lockstep compare` and `lockstep verify --port-trace` can 
         ...
         w.tap(f"layers.{i}.q", q)                 # [1, heads, T, head_dim]
     w.tap("logits", logits)
-    w.save("port.safetensors", {"producer": "my-jax-port", "dtype": "bf16", "token_ids": ids})
+    w.save("port.safetensors", {"producer": "my-jax-port", "dtype": "bf16", "token_ids": ids},
+           weights=params)                        # the parameter arrays the port computes with
+
+`weights` (a dict of checkpoint name -> array: numpy, JAX or torch, e.g.
+`model.layers.0.self_attn.q_proj.weight`) records per-parameter checksums in the `weights_sha256`
+metadata (see `weight_checksums`); `lockstep verify --port-trace` compares them with the
+checkpoint's tensors, so a port that loaded, transposed or cast a weight wrongly fails the weights
+phase naming that tensor. Without it the verifier sees only the fingerprint of the folder the
+writer was given, not the weights the port computes with, and skips the weights phase.
+
+A trace must hold every canonical tensor (tokens, embed, the 14 tensors of every layer,
+final_norm, logits): lockstep fails a tensor the reference holds and the port's trace lacks as
+MISSING, naming it. `save` writes a partial trace when asked (`missing()` lists what is not tapped
+yet), but that trace cannot pass `lockstep compare` or `lockstep verify`.
 
 Every name is checked against the canonical names for the config's layer count and every shape
 against the config (hidden size, heads, kv heads, head dim, intermediate size, vocabulary) and
@@ -26,6 +39,7 @@ the file differs; readers order tensors by the canonical forward order).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -104,6 +118,52 @@ def _to_numpy(name: str, x) -> tuple[np.ndarray, str]:
     if src == "bfloat16":  # ml_dtypes bfloat16 arrays
         a = a.astype(np.float32)
     return a, src
+
+
+# Safetensors names of the floating dtypes a weight may be held in.
+_WEIGHT_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _weight_bytes(name: str, x) -> tuple[str, list[int], bytes]:
+    """(safetensors dtype name, shape, little-endian C-order bytes) of one parameter array in the
+    dtype it is held in (numpy, ml_dtypes bfloat16, JAX or torch)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = x.detach().cpu().contiguous()
+        src = str(t.dtype).replace("torch.", "")
+        if src not in _WEIGHT_DTYPES:
+            raise TraceWriterError(f"weight {name} is {src}: lockstep compares float64/32, bfloat16, float16")
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+        a = t.view(bits).numpy()
+    else:
+        if mod.startswith("jax"):
+            jax = sys.modules.get("jax")
+            if jax is not None and isinstance(x, jax.core.Tracer):
+                raise TraceWriterError(f"weight {name} is a JAX tracer, not a value: pass the concrete arrays")
+        a = np.asarray(x)
+        src = str(a.dtype)
+        if src not in _WEIGHT_DTYPES:
+            raise TraceWriterError(f"weight {name} is {src}: lockstep compares float64/32, bfloat16, float16")
+        a = np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
+    raw = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    return _WEIGHT_DTYPES[src], [int(d) for d in a.shape], raw
+
+
+def weight_checksums(params: Mapping) -> dict:
+    """The `weights_sha256` record of a port's parameters: name -> `{"dtype", "shape", "sha256"}`,
+    with `dtype` the safetensors name of the dtype the array is held in (`F64`, `F32`, `BF16`,
+    `F16`) and `sha256` the hex sha256 of its values in that dtype, little-endian, C order (the
+    bytes safetensors would store). The verifier hashes the checkpoint's tensors the same way:
+    as stored when the dtypes agree, widened exactly when the port holds a wider dtype (an f32 or
+    f64 port of bf16 weights), rounded to nearest even when it holds a narrower one (accepted only
+    when that is the trace's compute dtype)."""
+    out = {}
+    for name in sorted(params):
+        dtype, shape, raw = _weight_bytes(name, params[name])
+        out[str(name)] = {"dtype": dtype, "shape": shape, "sha256": hashlib.sha256(raw).hexdigest()}
+    return out
 
 
 class TraceWriter:
@@ -235,7 +295,9 @@ class TraceWriter:
         self.source_dtypes[name] = src
 
     def missing(self) -> list[str]:
-        """Canonical names not tapped yet (a trace may omit tensors; only common ones are compared)."""
+        """Canonical names not tapped yet. Each one fails `lockstep compare` / `lockstep verify` as
+        MISSING (the reference trace holds every canonical name; `tokens` alone may instead come from
+        the `token_ids` metadata, which `save` turns into the tensor)."""
         return [n for n in self.names if n not in self.tensors]
 
     def _check_dtypes(self, dtype: str) -> None:
@@ -251,10 +313,13 @@ class TraceWriter:
                     f"{name} was computed in {src}, but the trace's dtype is {dtype}: every floating "
                     f"tensor must be {' or '.join(allowed)}{hints[dtype]}")
 
-    def save(self, path, metadata: Mapping) -> str:
+    def save(self, path, metadata: Mapping, weights: Mapping | None = None) -> str:
         """Write the trace. `metadata` needs `producer` (your port's name), `dtype` (`f64`, `f32`
         or `bf16`, the compute dtype: it selects the precision tier) and `token_ids` (unless
-        `tokens` was tapped); `prompt` and anything else are kept as strings. Returns the path."""
+        `tokens` was tapped); `prompt` and anything else are kept as strings. Returns the path.
+        `weights`: the parameter arrays the port computed with, by checkpoint name; their
+        checksums go into the `weights_sha256` metadata (`weight_checksums`).
+        A trace saved with tensors still `missing()` is written, but fails verification as MISSING."""
         meta = dict(metadata or {})
         for key in ("producer", "dtype"):
             if not meta.get(key):
@@ -294,6 +359,10 @@ class TraceWriter:
                 meta["model_fingerprint"] = model_fingerprint(self.model_dir)
             except (OSError, ValueError, KeyError):
                 pass  # a config without its checkpoint: no fingerprint
+        if weights is not None:
+            if not weights:
+                raise TraceWriterError("weights is empty: give the port's parameter arrays by checkpoint name")
+            meta["weights_sha256"] = json.dumps(weight_checksums(weights), separators=(",", ":"))
         meta.setdefault("writer", "lockstep_reference.writer")
         meta = {k: v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (list, dict, bool))
                                                  else str(v)) for k, v in meta.items()}

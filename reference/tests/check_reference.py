@@ -1,4 +1,5 @@
-"""Self-checks of the reference side (needs `bash scripts/fixtures.sh --no-big` first).
+"""Self-checks of the reference side (needs `bash scripts/fixtures.sh` first, the 0.5B-shape model
+included; a missing fixture fails the check that needs it).
 
 Run: .venv/bin/python reference/tests/check_reference.py   (pytest also collects the test_* functions)
 Ends with the line "N passed, M failed".
@@ -119,9 +120,11 @@ def test_streamed_f64_matches_pure_f64():
     # f32- and bf16-stored, Qwen2 and Llama, untied and tied; row chunks that do not divide the vocab.
     # Measured: bit-identical (0.0) on all of them.
     cases = [("qwen2-gqa", 50, 300), ("llama-gqa", 50, 300), ("qwen2-default-bf16", 30, 50000),
-             ("llama-gqa-bf16", 20, 1000)]
-    if os.path.exists(_model("qwen2.5-0.5b-random")):  # built unless fixtures ran with --no-big
-        cases.append(("qwen2.5-0.5b-random", 10, 40000))
+             ("llama-gqa-bf16", 20, 1000), ("qwen2.5-0.5b-random", 10, 40000)]
+    # A missing fixture is a failure, not a skipped case (a check that cannot run must not pass).
+    for name, _, _ in cases:
+        assert os.path.exists(os.path.join(_model(name), "config.json")), \
+            f"fixture {_model(name)} missing: create it with `bash scripts/fixtures.sh` (without --no-big)"
     for name, n, chunk in cases:
         worst = _streamed_vs_pure(name, n, chunk)
         assert worst <= 1e-12, (name, worst)

@@ -178,6 +178,44 @@ class pytest_raises_jit:
         return True
 
 
+def test_weight_checksums_of_numpy_jax_and_torch_arrays():
+    """`weights=` records each parameter's dtype, shape and the sha256 of its little-endian C-order
+    values in the dtype it is held in; the same values from numpy, JAX and torch hash alike."""
+    import hashlib
+
+    import jax.numpy as jnp
+    import ml_dtypes
+    import torch
+    from safetensors import safe_open
+
+    from lockstep_reference.writer import weight_checksums
+
+    a = np.array([[0.1, 2.5], [3.0, 4.0]], dtype=np.float32)
+    sums = weight_checksums({
+        "np": a, "np64": a.astype(np.float64), "np_bf16": a.astype(ml_dtypes.bfloat16),
+        "jax_bf16": jnp.asarray(a).astype(jnp.bfloat16), "torch_bf16": torch.from_numpy(a).to(torch.bfloat16),
+        "torch_t": torch.from_numpy(a).t(),  # a transposed view: hashed in C order of its own shape
+    })
+    assert sums["np"] == {"dtype": "F32", "shape": [2, 2], "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+    assert sums["np64"]["dtype"] == "F64"
+    assert sums["np64"]["sha256"] == hashlib.sha256(a.astype("<f8").tobytes()).hexdigest()
+    assert sums["np_bf16"] == sums["jax_bf16"] == sums["torch_bf16"] and sums["np_bf16"]["dtype"] == "BF16"
+    assert sums["torch_t"]["sha256"] == hashlib.sha256(np.ascontiguousarray(a.T).tobytes()).hexdigest()
+    # The same literals the Rust side's unit test checks (port_weights.rs).
+    assert sums["np_bf16"]["sha256"] == "4af4d0d32f5dd7e2d4faaf481d8a744c6b32f88635b13e80e56c5fd5485d1ccd"
+    assert sums["np64"]["sha256"] == "ca246287678378ced09c02be67de4cc7c1517d6a301a3825f0350aa9a2684972"
+
+    out = os.path.join(TMP, "weights.safetensors")
+    w = TraceWriter(MODEL)
+    w.tap("logits", _oracle()["logits"])
+    w.save(out, {"producer": "p", "dtype": "f64", "token_ids": IDS}, weights={"np": a})
+    with safe_open(out, "np") as f:
+        assert json.loads(f.metadata()["weights_sha256"]) == {"np": sums["np"]}
+    _raises(lambda: weight_checksums({"ids": np.arange(3)}), "weight ids is int64")
+    _raises(lambda: w.save(out, {"producer": "p", "dtype": "f64", "token_ids": IDS}, weights={}),
+            "weights is empty")
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

@@ -200,6 +200,42 @@ fn generate_json(args: &[&str]) -> Value {
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
+/// One row of transformers' batched generation as the row generated it: transformers keeps a
+/// finished row in the batch and pads it after its EOS, so the row ends at its first EOS
+/// (transformers' own EOS ids: never cut to the other side's length), and everything after that
+/// must be `pad`.
+fn their_row(full: &[u64], eos: &[u64], pad: u64) -> Result<Vec<u64>, String> {
+    let end = full
+        .iter()
+        .position(|x| eos.contains(x))
+        .map_or(full.len(), |e| e + 1);
+    let (row, padding) = full.split_at(end);
+    if padding.iter().any(|&x| x != pad) {
+        return Err(format!(
+            "transformers generated {padding:?} after its EOS (pad id {pad}): {full:?}"
+        ));
+    }
+    Ok(row.to_vec())
+}
+
+/// The comparison above never cuts transformers' output to ours: a row that stops early or runs
+/// past its EOS differs (cutting transformers' row to our length, as this test once did, passed
+/// both).
+#[test]
+fn a_row_that_stops_early_or_runs_on_differs() {
+    let theirs = [5, 6, 2, 0, 0];
+    let row = their_row(&theirs, &[2], 0).unwrap();
+    assert_eq!(row, [5, 6, 2]);
+    for ours in [&[5u64, 6][..], &[5, 6, 2, 0], &[5, 6, 2, 7, 8]] {
+        assert_ne!(ours, &row[..], "{ours:?}");
+    }
+    // Without EOS ids (ignore_eos) the whole row is the generation.
+    assert_eq!(their_row(&theirs, &[], 0).unwrap(), theirs);
+    // Anything but padding after the EOS is reported.
+    let e = their_row(&[5, 2, 9], &[2], 0).unwrap_err();
+    assert!(e.contains("[9] after its EOS"), "{e}");
+}
+
 #[test]
 fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
     let Some(py) = reference_python() else { return };
@@ -310,23 +346,32 @@ fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
     eprintln!("| case | row | prompt tokens | lockstep batched | identical to transformers batched | identical alone | finish |");
     for (((label, o), t), a) in labels.iter().zip(&ours).zip(&theirs).zip(&alone) {
         let t_rows = t["generated"].as_array().unwrap();
+        let eos = ids(&t["eos_token_ids"]);
+        let pad = t["pad_token_id"].as_u64().unwrap();
         for (r, row) in o["rows"].as_array().unwrap().iter().enumerate() {
             let og = ids(&row["generated_tokens"]);
-            // transformers keeps a finished row in the batch, padding it after its EOS.
-            let tg: Vec<u64> = ids(&t_rows[r]).into_iter().take(og.len()).collect();
+            let tg = match their_row(&ids(&t_rows[r]), &eos, pad) {
+                Ok(tg) => tg,
+                Err(e) => {
+                    failures.push(format!("{label} row {r}: {e}"));
+                    ids(&t_rows[r])
+                }
+            };
             let ag = ids(&a[r]["generated_tokens"]);
             let same = og.iter().zip(&tg).take_while(|(x, y)| x == y).count();
             eprintln!(
                 "| {label} | {r} | {} | {} | {same}/{} | {} | {} |",
                 ids(&row["prompt_ids"]).len(),
                 og.len(),
-                tg.len(),
+                og.len().max(tg.len()),
                 og == ag,
                 row["finish_reason"]
             );
             if og != tg {
                 failures.push(format!(
-                    "{label} row {r}: differs from transformers at token {same}: {og:?} vs {tg:?}"
+                    "{label} row {r}: differs from transformers at token {same} (lockstep {} tokens, transformers {}): lockstep {og:?} vs transformers {tg:?}",
+                    og.len(),
+                    tg.len()
                 ));
             }
             if og != ag {

@@ -22,21 +22,25 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The SmolLM2 GGUF of the fixtures, if the fixtures script fetched it.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let dir = fixtures().join("gguf");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "gguf")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("SmolLM2"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
+/// The SmolLM2 GGUF the fixtures script fetches.
+const SMOLLM2_GGUF: &str = "gguf/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A fixture file the test needs. Missing, it is a failure naming the file and how to make it (a
+/// test that cannot run must not pass).
+fn required(rel: &str) -> PathBuf {
+    let p = fixtures().join(rel);
+    assert!(
+        p.exists(),
+        "fixture {} missing: create it with `bash scripts/fixtures.sh`",
+        p.display()
+    );
+    p
+}
+
+/// The SmolLM2 GGUF of the fixtures (`fixtures/gguf/SmolLM2-135M-Instruct.Q4_1.gguf`), or a failure
+/// saying how to fetch it.
+fn smollm2_gguf() -> PathBuf {
+    required(SMOLLM2_GGUF)
 }
 
 /// Every JSON line of `gguf-weights` for these files.
@@ -119,13 +123,7 @@ fn smollm2_q4_1_matches_transformers() {
     let Some(py) = reference_python() else {
         return;
     };
-    let Some(gguf) = smollm2_gguf() else {
-        if std::env::var("LOCKSTEP_REQUIRE_REFERENCE").as_deref() == Ok("1") {
-            panic!("fixtures/gguf has no SmolLM2 GGUF; run bash scripts/setup.sh");
-        }
-        eprintln!("SKIPPED: fixtures/gguf has no SmolLM2 GGUF (run bash scripts/setup.sh)");
-        return;
-    };
+    let gguf = smollm2_gguf();
     let dir = scratch("gguf-smollm2");
     let saved = dir.join("saved");
     let t0 = std::time::Instant::now();
@@ -143,11 +141,16 @@ fn smollm2_q4_1_matches_transformers() {
     // The same weights through safetensors: what transformers saved, and the fixture built the
     // same way, hold the very values lockstep dequantized.
     let from_gguf = Model::load(&gguf).unwrap();
-    let fixture = fixtures().join("models/smollm2-135m-instruct");
+    let fixture = required("models/smollm2-135m-instruct/model.safetensors")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        saved.join("model.safetensors").exists(),
+        "transformers saved no model.safetensors in {}",
+        saved.display()
+    );
     for other in [saved.clone(), fixture] {
-        if !other.join("model.safetensors").exists() {
-            continue;
-        }
         let st = Model::load(&other).unwrap();
         assert_eq!(st.config.num_layers, from_gguf.config.num_layers);
         for (name, t) in &from_gguf.checkpoint.tensors {
@@ -229,10 +232,7 @@ fn smollm2_tokenizer_from_gguf_metadata_matches_transformers() {
     let Some(py) = reference_python() else {
         return;
     };
-    let Some(gguf) = smollm2_gguf() else {
-        eprintln!("SKIPPED: fixtures/gguf has no SmolLM2 GGUF (run bash scripts/setup.sh)");
-        return;
-    };
+    let gguf = smollm2_gguf();
     let texts = [
         "Hello, world!",
         "What is the capital of France?",
@@ -266,8 +266,11 @@ fn smollm2_tokenizer_from_gguf_metadata_matches_transformers() {
     );
     // The chat template and special tokens it carries are the ones transformers saved beside the
     // fixture built from it.
-    let fixture = fixtures().join("models/smollm2-135m-instruct");
-    if fixture.join("tokenizer_config.json").exists() {
+    {
+        let fixture = required("models/smollm2-135m-instruct/tokenizer_config.json")
+            .parent()
+            .unwrap()
+            .to_path_buf();
         let (_, h) = lockstep_engine::gguf::read(&gguf).unwrap();
         let ours = lockstep_engine::gguf::tokenizer_config(&h);
         let theirs: Value = serde_json::from_str(
@@ -600,9 +603,10 @@ fn damaged_gguf_files_are_one_line_errors() {
 
 #[test]
 fn verify_runs_on_a_gguf_file() {
-    let Some(gguf) = reference_python().and_then(|_| smollm2_gguf()) else {
+    if reference_python().is_none() {
         return;
-    };
+    }
+    let gguf = smollm2_gguf();
     let dir = scratch("gguf-verify");
     let run = verify_in(
         &dir,

@@ -19,7 +19,8 @@ fn qwen25_05b_hello_f32_matches_transformers() {
     let model = fixtures().join("models").join(MODEL);
     assert!(
         model.join("model.safetensors").exists(),
-        "fixture {MODEL} missing"
+        "fixture {} missing: create it with `bash scripts/fixtures.sh` (without --no-big)",
+        model.display()
     );
     let m = model.to_str().unwrap();
     let dir = scratch("qwen05b");

@@ -35,7 +35,9 @@
 pub mod compare;
 pub mod judge;
 pub mod local;
+pub mod near_tie;
 pub mod port;
+pub mod port_weights;
 pub mod report;
 pub mod tolerance;
 

@@ -6,14 +6,16 @@ use super::reference::{GenerateJob, Reference};
 use super::HarnessResult;
 use lockstep_engine::chat::{ChatTemplate, Message};
 use lockstep_engine::{Model, Tokenizer};
+use lockstep_verify::near_tie::{judge_parting, GeneratedRow};
 use lockstep_verify::Phase;
 use std::fmt::Write as _;
 
 /// Greedy generation in f32: our `generate` against `transformers.generate`, token for token, on
 /// the first single-token prompt, the multi-token inputs and (when the checkpoint has a chat
 /// template) a chat-formatted question; then all of them again as one left-padded batch. Where
-/// the two part, our own logits at that step tell a near-tie (the two tokens within the f32
-/// logits tolerance: rounding decides) from a real difference.
+/// the two part, it is a near-tie (rounding decides) only when the two tokens are within the f32
+/// logits tolerance in the reference's own logits and in ours ([`lockstep_verify::near_tie`]);
+/// otherwise a real difference.
 pub fn generation_phase(
     model: &Model,
     opts: &VerifyOptions,
@@ -107,8 +109,9 @@ pub fn generation_phase(
                      run: &str,
                      prompt: &[u32],
                      ours: &[u32],
-                     theirs: &[u32]|
+                     theirs: &GeneratedRow|
      -> HarnessResult<()> {
+        let (theirs, theirs_top) = (&theirs.ids[..], &theirs.top);
         // transformers pads a batch row that ended (EOS) until the batch ends: cut after its EOS.
         let theirs = match theirs
             .iter()
@@ -122,18 +125,19 @@ pub fn generation_phase(
             identical += 1;
             "PASS".to_string()
         } else if same < ours.len() && same < theirs.len() {
-            // Our own logits at the step where the two part.
+            // Our own logits at the step where the two part, and the reference's own.
             let mut context = prompt.to_vec();
             context.extend_from_slice(&ours[..same]);
             let mut cache = lockstep_engine::KvCache::<f32>::new(model.config.num_layers);
             let logits = model.forward_last(&context, &mut cache)?;
-            let gap = (logits[ours[same] as usize] - logits[theirs[same] as usize]) as f64;
-            if gap <= tie {
+            let top = theirs_top.get(same).map_or(&[][..], |t| &t[..]);
+            let p = judge_parting(ours[same], theirs[same], top, &logits, tie);
+            if p.near_tie {
                 ties += 1;
-                format!("near-tie at token {same}: lockstep {} vs transformers {} are {gap:.1e} apart in our logits (≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same])
+                format!("near-tie at token {same}: lockstep {} vs transformers {}: {} (both ≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same], p.describe())
             } else {
                 bugs.push(format!("{label} ({run}) at token {same}"));
-                format!("**FAIL** at token {same}: lockstep {} vs transformers {}, {gap:.2e} apart in our logits (> {tie:.0e})", ours[same], theirs[same])
+                format!("**FAIL** at token {same}: lockstep {} vs transformers {}: {} (a near-tie needs both ≤ {tie:.0e})", ours[same], theirs[same], p.describe())
             }
         } else {
             bugs.push(format!(

@@ -215,6 +215,20 @@ fn port_weights_phase(
     ports: &[PortTrace],
 ) -> Phase {
     let name = "weights";
+    // The parameters the port computes with, when its writer was given them (port_weights.rs).
+    let stored = checkpoint
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dtype.name(), t.shape.clone(), t.bytes()));
+    if let Ok(ck) = lockstep_verify::port_weights::CheckpointWeights::new(stored) {
+        let traces: Vec<(String, &std::collections::BTreeMap<String, String>)> = ports
+            .iter()
+            .map(|p| (p.path.display().to_string(), &p.trace.metadata))
+            .collect();
+        if let Some(phase) = lockstep_verify::port_weights::weights_phase(&ck, &traces) {
+            return phase;
+        }
+    }
     let with_fp: Vec<(&PortTrace, &String)> = ports
         .iter()
         .filter_map(|p| p.trace.metadata.get("model_fingerprint").map(|f| (p, f)))
@@ -236,10 +250,10 @@ fn port_weights_phase(
         .collect();
     let n = with_fp.len();
     if bad.is_empty() {
-        Phase::pass(
+        Phase::skip(
             name,
             format!(
-                "{n}/{} trace(s) made from this checkpoint (model_fingerprint identical: same tensors and config.json)",
+                "{n}/{} trace(s) written next to this checkpoint (model_fingerprint identical), but the weights the port computes with are not recorded: give its parameters to the writer (TraceWriter.save(..., weights=params))",
                 ports.len()
             ),
         )

@@ -4,6 +4,7 @@
 use super::python::ReferenceEnv;
 use super::reference::{GenerateJob, Reference, ReferenceWeights, TraceJob};
 use super::{HarnessError, HarnessResult};
+use lockstep_verify::near_tie::GeneratedRow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ pub struct PythonReference {
     scratch: PathBuf,
     tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
     weights: HashMap<PathBuf, ReferenceWeights>,
-    generated: HashMap<String, Vec<Vec<u32>>>,
+    generated: HashMap<String, Vec<GeneratedRow>>,
 }
 
 impl PythonReference {
@@ -58,6 +59,41 @@ fn too_big_for_f64(model: &Path) -> bool {
 /// The reference's answer to `command` is not what the protocol says.
 fn bad_output(command: &str, e: serde_json::Error) -> HarnessError {
     HarnessError::reference(format!("unexpected {command} output: {e}"))
+}
+
+/// The rows of one `generate-batch` result: `generated` ids and, per step, the reference's best
+/// tokens (`top_ids`, `top_logits`: null for a non-finite score). `single`: the job had one prompt
+/// (then each field holds that row, not a list of rows).
+fn generated_rows(r: &serde_json::Value, single: bool) -> HarnessResult<Vec<GeneratedRow>> {
+    let bad = |e: serde_json::Error| bad_output("generate-batch", e);
+    let rows = |v: &serde_json::Value| -> serde_json::Value {
+        if single {
+            serde_json::Value::Array(vec![v.clone()])
+        } else {
+            v.clone()
+        }
+    };
+    let ids: Vec<Vec<u32>> = serde_json::from_value(rows(&r["generated"])).map_err(bad)?;
+    let top_ids: Vec<Vec<Vec<u32>>> = serde_json::from_value(rows(&r["top_ids"])).map_err(bad)?;
+    let top_logits: Vec<Vec<Vec<Option<f32>>>> =
+        serde_json::from_value(rows(&r["top_logits"])).map_err(bad)?;
+    if top_ids.len() != ids.len() || top_logits.len() != ids.len() {
+        return Err(HarnessError::reference(
+            "generate-batch: top_ids/top_logits do not match the rows",
+        ));
+    }
+    Ok(ids
+        .into_iter()
+        .zip(top_ids.into_iter().zip(top_logits))
+        .map(|(ids, (ti, tl))| GeneratedRow {
+            ids,
+            top: ti
+                .into_iter()
+                .zip(tl)
+                .map(|(i, l)| i.into_iter().zip(l).collect())
+                .collect(),
+        })
+        .collect())
 }
 
 fn generate_key(j: &GenerateJob) -> String {
@@ -172,7 +208,7 @@ impl Reference for PythonReference {
         Ok(w)
     }
 
-    fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<Vec<u32>>>> {
+    fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<GeneratedRow>>> {
         let todo: Vec<&GenerateJob> = jobs
             .iter()
             .filter(|j| !self.generated.contains_key(&generate_key(j)))
@@ -206,13 +242,7 @@ impl Reference for PythonReference {
                 ));
             }
             for (j, r) in todo.iter().zip(results) {
-                let rows: Vec<Vec<u32>> = if j.prompts.len() == 1 {
-                    vec![serde_json::from_value(r["generated"].clone())
-                        .map_err(|e| bad_output("generate-batch", e))?]
-                } else {
-                    serde_json::from_value(r["generated"].clone())
-                        .map_err(|e| bad_output("generate-batch", e))?
-                };
+                let rows = generated_rows(r, j.prompts.len() == 1)?;
                 self.generated.insert(generate_key(j), rows);
             }
         }

@@ -1,6 +1,7 @@
 //! The reference implementation as the pipelines see it, and the work they ask of it.
 
 use super::HarnessResult;
+use lockstep_verify::near_tie::GeneratedRow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,7 @@ pub trait Reference {
     /// Writes every requested trace.
     fn traces(&mut self, jobs: &[TraceJob]) -> HarnessResult<()>;
     /// Runs each greedy generation; per job, per prompt, the new ids (as `generate` returns them:
-    /// a batch row that ended keeps being padded after its EOS).
-    fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<Vec<u32>>>>;
+    /// a batch row that ended keeps being padded after its EOS) and the reference's best tokens
+    /// with their scores at each step (for judging a parting a near-tie from its own logits).
+    fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<GeneratedRow>>>;
 }
