@@ -10,7 +10,7 @@
 # mistakes change nothing on a single token, where attention and RoPE are trivial).
 #
 # Needs the reference environment with JAX (bash scripts/setup.sh). Writes traces and reports under
-# $REPLAY_DIR (default target/jax-replay). About two minutes on 2 cores.
+# $REPLAY_DIR (default target/jax-replay). About five CPU-minutes (20 min wall on 2 busy cores).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:-fixtures/models/qwen2-default}
