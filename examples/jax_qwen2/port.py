@@ -39,12 +39,24 @@ MISTAKES = {
         "what default precision does on a TPU, emulated on CPU: every f32 matmul's operands rounded "
         "to bf16 (one pass, f32 accumulation)",
     "rope-bf16-inv-freq":
-        "RoPE inv_freq computed in bf16 (theta ** (arange(0, D, 2) / D) in the model dtype)",
+        "RoPE inv_freq computed in bf16 (1 / theta ** (arange(0, D, 2, dtype=bf16) / D): theta, the "
+        "power and the quotient rounded to bf16) and the angles arange(T) * inv_freq left in bf16 "
+        "(an integer array times a bf16 array is bf16 in JAX); cos and sin as careful",
     "no-qkv-bias": "the q/k/v projection biases dropped",
     "interleaved-rope":
         "RoPE rotating interleaved pairs (2i, 2i+1), as Meta's original code does, instead of HF's "
         "rotate_half pairs (i, i + D/2)",
     "eps-outside-sqrt": "RMSNorm as x / (sqrt(mean(x²)) + eps) instead of x · rsqrt(mean(x²) + eps)",
+    "softmax-bf16":
+        "attention softmax in bf16 instead of float32 (jax.nn.softmax on bf16 scores): s - max, each "
+        "exp, the sum (accumulated in float32) and each quotient rounded to bf16",
+    "norm-variance-bf16":
+        "RMSNorm variance in bf16, as a port that forgets to upcast: x² rounded to bf16 and mean(x²) "
+        "(accumulated in float32, as jnp.mean of a bf16 array) rounded to bf16; rsqrt and the rest as "
+        "careful",
+    "residual-bf16":
+        "residual adds in the wrong dtype: rounded to bf16 in the f32 and f64 tiers (a residual stream "
+        "kept in bf16), left in float32 in the bf16 tier (a residual stream upcast and never cast back)",
 }
 
 
@@ -200,7 +212,12 @@ class Qwen2Port:
     def rmsnorm(self, x, weight):
         jnp = self.jnp
         h = x.astype(self.odt)
-        var = jnp.mean(h * h, axis=-1, keepdims=True)
+        if self.mistake == "norm-variance-bf16":
+            bf = jnp.bfloat16
+            sq = (h * h).astype(bf).astype(self.odt)
+            var = jnp.mean(sq, axis=-1, keepdims=True).astype(bf).astype(self.odt)
+        else:
+            var = jnp.mean(h * h, axis=-1, keepdims=True)
         if self.mistake == "eps-outside-sqrt":
             h = h / (jnp.sqrt(var) + self.eps)
         else:
@@ -211,10 +228,11 @@ class Qwen2Port:
         """cos, sin of shape [n, D] (rotate_half layout; interleaved for that mistake), model dtype."""
         jnp, d = self.jnp, self.head_dim
         if self.mistake == "rope-bf16-inv-freq":
-            inv_freq = (1.0 / (self.theta ** (jnp.arange(0, d, 2, dtype=jnp.bfloat16) / d))).astype(self.odt)
+            inv_freq = 1.0 / (self.theta ** (jnp.arange(0, d, 2, dtype=jnp.bfloat16) / d))
+            freqs = (jnp.arange(n)[:, None] * inv_freq[None, :]).astype(self.odt)  # bf16 angles
         else:
             inv_freq = 1.0 / (self.theta ** (jnp.arange(0, d, 2).astype(self.odt) / d))
-        freqs = jnp.arange(n).astype(self.odt)[:, None] * inv_freq[None, :]
+            freqs = jnp.arange(n).astype(self.odt)[:, None] * inv_freq[None, :]
         if self.mistake == "interleaved-rope":
             emb = jnp.repeat(freqs, 2, axis=-1)  # f0 f0 f1 f1 ...
         else:
@@ -231,6 +249,26 @@ class Qwen2Port:
             half = x.shape[-1] // 2
             rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rot * sin
+
+    def softmax(self, scores):
+        """Softmax over the last axis in opmath, rounded once (transformers' eager attention)."""
+        if self.mistake != "softmax-bf16":
+            return self.jax.nn.softmax(scores.astype(self.odt), axis=-1).astype(self.cdt)
+        # jax.nn.softmax on a bf16 array, step by step (each op computed in opmath and rounded).
+        jnp, bf, o = self.jnp, self.jnp.bfloat16, self.odt
+        s = scores.astype(o)
+        e = jnp.exp((s - jnp.max(s, axis=-1, keepdims=True)).astype(bf).astype(o)).astype(bf)
+        total = jnp.sum(e.astype(o), axis=-1, keepdims=True).astype(bf)
+        return (e.astype(o) / total.astype(o)).astype(bf).astype(self.cdt)
+
+    def residual(self, x, y):
+        """x + y in the model dtype (for the residual-bf16 mistake, in the wrong one)."""
+        jnp = self.jnp
+        if self.mistake != "residual-bf16":
+            return x + y
+        if self.cdt == jnp.bfloat16:
+            return x.astype(self.odt) + y.astype(self.odt)  # float32 stream, never cast back
+        return (x + y).astype(jnp.bfloat16).astype(self.cdt)  # bf16 stream in an f32/f64 port
 
     def scale(self, x, s: float):
         """x × a Python scalar in opmath (torch keeps the scalar in float32 for bf16 tensors)."""
@@ -268,13 +306,13 @@ class Qwen2Port:
             k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
             scores = self.scale(self.matmul(q, k.transpose(0, 1, 3, 2)).astype(self.cdt), hd ** -0.5)
             scores = jnp.where(causal, scores, jnp.finfo(self.cdt).min)
-            probs = jax.nn.softmax(scores.astype(self.odt), axis=-1).astype(self.cdt)
+            probs = self.softmax(scores)
             tap(t + "attn_probs", probs)
             a = self.matmul(probs, v).astype(self.cdt).transpose(0, 2, 1, 3).reshape(1, n, self.heads * hd)
             tap(t + "attn_out", a)
             o = self.linear(a, p + "self_attn.o_proj")
             tap(t + "o_proj", o)
-            x = x + o
+            x = self.residual(x, o)
             tap(t + "resid_attn", x)
             h = self.rmsnorm(x, w[p + "post_attention_layernorm.weight"])
             tap(t + "post_norm", h)
@@ -284,7 +322,7 @@ class Qwen2Port:
             tap(t + "mlp_act", act)
             m = self.linear(act, p + "mlp.down_proj")
             tap(t + "mlp_out", m)
-            x = x + m
+            x = self.residual(x, m)
             tap(t + "out", x)
         x = self.rmsnorm(x, w["model.norm.weight"])
         tap("final_norm", x)

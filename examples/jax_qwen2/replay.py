@@ -1,7 +1,7 @@
 """Helpers of replay_old_report.sh: run the JAX port on the old report's prompts once as written and
 once per mistake (`traces`), then tabulate what `lockstep verify --port-trace` said (`summary`).
 
-    python replay.py traces --model DIR --dtype bf16 --out-dir D   # one process per dtype
+    python replay.py traces --model DIR --dtype bf16 --out-dir D [--extra-prompt TEXT]   # one process per dtype
     python replay.py summary D/verify-bf16.json D/verify-f32.json ...
 """
 
@@ -16,11 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 PROMPTS = ["Hello", "The", "123"]  # the old report's three inputs
-VARIANTS = [None, "default-precision", "default-precision-tpu", "rope-bf16-inv-freq", "no-qkv-bias",
-            "interleaved-rope", "eps-outside-sqrt"]
+VARIANTS = [None, "default-precision", "default-precision-tpu", "rope-bf16-inv-freq", "softmax-bf16",
+            "norm-variance-bf16", "residual-bf16", "no-qkv-bias", "interleaved-rope", "eps-outside-sqrt"]
 
 
-def traces(model: str, dtype: str, out_dir: str) -> None:
+def traces(model: str, dtype: str, out_dir: str, extra: list[str] | None = None) -> None:
     import port as jp
 
     jp.setup_jax(dtype)
@@ -32,7 +32,7 @@ def traces(model: str, dtype: str, out_dir: str) -> None:
     loaded = jp.Qwen2Port(jax, jnp, model, cfg, dtype)
     os.makedirs(out_dir, exist_ok=True)
     for variant in VARIANTS:
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(PROMPTS + (extra or [])):
             out = os.path.join(out_dir, f"{dtype}-{variant or 'as-written'}-{i}.safetensors")
             jp.run(model, jp.tokenize(model, prompt), dtype, out, variant, prompt, port=loaded)
             print(out)
@@ -85,10 +85,12 @@ if __name__ == "__main__":
     t.add_argument("--model", required=True)
     t.add_argument("--dtype", required=True, choices=["f64", "f32", "bf16"])
     t.add_argument("--out-dir", required=True)
+    t.add_argument("--extra-prompt", action="append", default=[],
+                   help="a prompt run besides the old report's three (repeatable)")
     s = sub.add_parser("summary")
     s.add_argument("json", nargs="+")
     a = ap.parse_args()
     if a.cmd == "traces":
-        traces(a.model, a.dtype, a.out_dir)
+        traces(a.model, a.dtype, a.out_dir, a.extra_prompt)
     else:
         summary(a.json)

@@ -6,8 +6,11 @@
 #
 #   bash examples/jax_qwen2/replay_old_report.sh [MODEL]      (default: fixtures/models/qwen2-default)
 #
+# REPLAY_EXTRA_PROMPT="some text" adds one prompt to the three (e.g. a 16-token sentence: several
+# mistakes change nothing on a single token, where attention and RoPE are trivial).
+#
 # Needs the reference environment with JAX (bash scripts/setup.sh). Writes traces and reports under
-# $REPLAY_DIR (default target/jax-replay). About two minutes on 2 cores.
+# $REPLAY_DIR (default target/jax-replay). About five CPU-minutes (20 min wall on 2 busy cores).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:-fixtures/models/qwen2-default}
@@ -36,7 +39,9 @@ for dtype in bf16 f32 f64; do
     [ "$dtype" = bf16 ] && model=$BF16_MODEL
     echo "==> JAX port in $dtype on \"Hello\", \"The\", \"123\": as written and with each mistake"
     rm -f "$OUT/$dtype"-*.safetensors
-    mapfile -t traces < <("$PY" examples/jax_qwen2/replay.py traces --model "$model" --dtype "$dtype" --out-dir "$OUT")
+    extra=()
+    [ -n "${REPLAY_EXTRA_PROMPT:-}" ] && extra=(--extra-prompt "$REPLAY_EXTRA_PROMPT")
+    mapfile -t traces < <("$PY" examples/jax_qwen2/replay.py traces --model "$model" --dtype "$dtype" --out-dir "$OUT" "${extra[@]}")
     echo "==> lockstep verify --model $model --port-trace (${#traces[@]} traces)"
     set +e
     "$LOCKSTEP" verify --model "$model" --port-trace "${traces[@]}" \

@@ -9,6 +9,9 @@
 //! fraction of elements it changes there, next to the max |value| of that tensor and the tier's
 //! own error there (max |careful tier - careful f64|), so one sees whether the fault is larger
 //! than the rounding the tier does anyway.
+//!
+//! With `FAULT_EFFECT_TRACES=DIR` set, every trace is also written to
+//! `DIR/engine-{tier}-{fault or careful}.safetensors` (e.g. to compare with a port's traces).
 
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Bf16, Fault, Float, Model, Precision, Tokenizer};
@@ -25,6 +28,16 @@ fn tier_trace(p: Precision, dir: &std::path::Path, fault: Option<Fault>, ids: &[
         Precision::F64 => trace::<f64>(dir, fault, ids),
         Precision::F32 => trace::<f32>(dir, fault, ids),
         Precision::BF16 => trace::<Bf16>(dir, fault, ids),
+    }
+}
+
+/// Writes `t` under `FAULT_EFFECT_TRACES` when that is set.
+fn keep(t: &Trace, p: Precision, fault: Option<Fault>) {
+    if let Ok(dir) = std::env::var("FAULT_EFFECT_TRACES") {
+        let tier = format!("{p:?}").to_lowercase();
+        let name = fault.map_or("careful".to_string(), |f| f.name().to_string());
+        let path = PathBuf::from(dir).join(format!("engine-{tier}-{name}.safetensors"));
+        t.write(&path).expect("trace written");
     }
 }
 
@@ -79,12 +92,16 @@ fn main() {
         .iter()
         .map(|&p| tier_trace(p, &dir, None, &ids))
         .collect();
+    for (t, &p) in careful.iter().zip(&tiers) {
+        keep(t, p, None);
+    }
     println!("| fault | tier | first changed | entry tensor | max |Δ| at entry | elements changed | max |x| there | tier's own error there |");
     println!("|---|---|---|---|---|---|---|---|");
     for f in faults {
         let entry = f.enters_at();
         for (i, &p) in tiers.iter().enumerate() {
             let t = tier_trace(p, &dir, Some(f), &ids);
+            keep(&t, p, Some(f));
             let mut names = careful[i].names();
             names.sort_by_key(|n| forward_rank(n));
             let first = names

@@ -28,8 +28,8 @@ pub enum RopeRounding {
     /// Positions rounded to bf16 before the angle is taken (exact up to 256, wrong beyond).
     Bf16Positions,
     /// inv_freq computed in bf16 and the angles `position × inv_freq` rounded to bf16, as a port
-    /// that builds the table in the model dtype does ([`inv_freq_bf16`]); cos and sin of the
-    /// rounded angle as careful.
+    /// that builds the table in the model dtype does ([`inv_freq_bf16`]; in JAX an integer
+    /// position array times a bf16 array is bf16); cos and sin of the rounded angle as careful.
     Bf16InvFreq,
 }
 
@@ -59,10 +59,12 @@ pub fn inv_freq<T: Float>(theta: f64, head_dim: usize) -> Vec<T> {
         .collect()
 }
 
-/// The inverse frequencies as a port computing them in bf16 gets them:
-/// `1 / theta^(2i / D)` with the exponent, the power and the quotient each rounded to bf16 (each
-/// computed in the compute precision first, as XLA computes a bf16 op in float32 and rounds).
+/// The inverse frequencies as a port computing them in bf16 gets them, e.g. JAX's
+/// `1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.bfloat16) / D))`: the exponent, theta (a
+/// weakly typed Python scalar takes the array's dtype), the power and the quotient each rounded
+/// to bf16 (each computed in the compute precision first, as XLA computes a bf16 op in float32).
 pub fn inv_freq_bf16<T: Float>(theta: f64, head_dim: usize) -> Vec<T> {
+    let theta = round_bf16(theta);
     (0..head_dim / 2)
         .map(|i| {
             let e = round_bf16((2 * i) as f64 / head_dim as f64);
@@ -236,7 +238,8 @@ mod tests {
         assert_ne!(careful, faulty);
         for (c, f) in careful.iter().zip(&faulty) {
             assert_eq!(round_bf16(*f), *f, "a bf16 value");
-            // Three roundings of at most 2^-8 relative each (the exponent's is exact for D = 64).
+            // Two roundings of at most 2^-8 relative each (the exponent's is exact for D = 64),
+            // and theta's (1e6 becomes 999424) moving theta^-e by at most 2^-8 × e.
             assert!(((f - c) / c).abs() <= 3.0 * 2f64.powi(-8), "{f} vs {c}");
         }
         // In f32 the power is taken in float32: the same value or one bf16 ulp off.
