@@ -71,6 +71,8 @@ pub struct VerifyOutcome {
     pub full: Vec<(Tier, Vec<NamedComparison>)>,
     /// True when no phase failed.
     pub passed: bool,
+    /// Op-level judgements per tier (each op on the test's own inputs), where they ran.
+    pub local: Vec<(Tier, Vec<crate::local::NamedLocal>)>,
 }
 
 impl VerifyOutcome {
@@ -81,7 +83,40 @@ impl VerifyOutcome {
             phases,
             full,
             passed,
+            local: vec![],
         }
+    }
+
+    /// The same outcome with its op-level judgements.
+    pub fn with_local(mut self, local: Vec<(Tier, Vec<crate::local::NamedLocal>)>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// Where a difference is first *made*: the earliest (forward order) first failing op of the
+    /// op-level judgements, else the earliest end-to-end first divergence.
+    pub fn first_divergence(&self) -> Option<String> {
+        let earliest = |names: Vec<String>| {
+            names
+                .into_iter()
+                .min_by_key(|n| lockstep_trace::forward_rank(n))
+        };
+        let made: Vec<String> = self
+            .local
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .filter_map(|l| l.local.first_divergence.clone())
+            .collect();
+        if !made.is_empty() {
+            return earliest(made);
+        }
+        earliest(
+            self.full
+                .iter()
+                .flat_map(|(_, v)| v.iter())
+                .filter_map(|c| c.comparison.first_divergence.clone())
+                .collect(),
+        )
     }
 }
 

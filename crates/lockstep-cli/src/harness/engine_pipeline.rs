@@ -16,7 +16,12 @@ use super::checks::{tokenization_phase, weights_phase};
 use super::generation::generation_phase;
 use super::inputs::{Input, InputKind};
 use super::reference::{Reference, TraceJob};
-use super::{create_work_dir, judge_in_tier, read_reference_trace, HarnessResult};
+use super::pyref::local_ops_supported;
+use super::{
+    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, HarnessError, HarnessResult,
+    OpsInput,
+};
+use lockstep_verify::local::local_phase;
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Bf16, Fault, Model};
 use lockstep_verify::compare::{nonfinite_summary, NonFiniteWeight};
@@ -100,9 +105,11 @@ pub fn run_verify(
     let read = read_reference_trace;
 
     let mut full = vec![];
+    let mut local = vec![];
     for &tier in &opts.tiers {
         progress(&format!("running lockstep in {tier} and comparing"));
         let mut comps = vec![];
+        let mut ops_inputs = vec![];
         for (i, (input, tokens)) in opts.inputs.iter().zip(&ids).enumerate() {
             let ours = match tier {
                 Tier::F64 => trace_forward::<f64>(&model, tokens, Some(&input.text)),
@@ -110,6 +117,15 @@ pub fn run_verify(
                 Tier::BF16 => trace_forward::<Bf16>(&model, tokens, Some(&input.text)),
             }?;
             let cmp = judge_in_tier(tier, &ours, &|dt| read(&path(i, dt)))?;
+            let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));
+            ours.write(&ours_path).map_err(|e| {
+                HarnessError::input(format!("cannot write {}: {e}", ours_path.display()))
+            })?;
+            ops_inputs.push(OpsInput {
+                label: input.label.clone(),
+                test: ours_path,
+                end_to_end: Some(cmp.clone()),
+            });
             comps.push((input.kind, NamedComparison::new(input.label.clone(), cmp)));
         }
         let pick = |kind: Option<InputKind>, keep: &dyn Fn(&str) -> bool| -> Vec<NamedComparison> {
@@ -145,6 +161,27 @@ pub fn run_verify(
             attn,
         ));
         full.push((tier, all));
+        let op_name = format!("op-level (each op on its own inputs) [{tier}]");
+        if local_ops_supported(&opts.model) {
+            progress(&format!(
+                "op-level in {tier}: transformers recomputes each op on lockstep's own inputs"
+            ));
+            let items = judge_ops(
+                reference,
+                &opts.model,
+                tier,
+                ops_inputs,
+                &opts.work_dir,
+                "ours",
+            )?;
+            phases.push(local_phase(op_name, &items));
+            local.push((tier, items));
+        } else {
+            phases.push(Phase::skip(
+                op_name,
+                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
+            ));
+        }
         if tier == Tier::BF16 {
             progress("running lockstep in bf16w (bf16 weights, f32 activations)");
             phases.push(bf16w_phase(&model, opts, &ids, &path)?);
@@ -171,7 +208,7 @@ pub fn run_verify(
             .map_or(phases.len(), |i| i + 1);
         phases.insert(at, Phase::fail("non-finite values", sentence));
     }
-    Ok(VerifyOutcome::new(phases, full))
+    Ok(VerifyOutcome::new(phases, full).with_local(local))
 }
 
 /// KV-cache decoding: feeding the multi-token inputs one token at a time through the cache must

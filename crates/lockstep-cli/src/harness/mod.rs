@@ -63,3 +63,62 @@ pub fn create_work_dir(dir: &Path) -> HarnessResult<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| HarnessError::io(format!("cannot create {}", dir.display()), e))
 }
+
+/// One test trace to judge op by op: its label, its file, and its end-to-end comparison.
+pub struct OpsInput {
+    /// Label for tables.
+    pub label: String,
+    /// The test trace file.
+    pub test: std::path::PathBuf,
+    /// The test trace's end-to-end comparison, for the made-vs-inherited table.
+    pub end_to_end: Option<TraceComparison>,
+}
+
+/// Judges every op of each test trace on its own inputs in `tier` (one reference run for all of
+/// them): the reference recomputes each op from the trace's copies of its inputs, in pure f64 and
+/// in the tier's dtype, and [`lockstep_verify::judge_local`] judges the test's local error against
+/// the reference's. `prefix` names the output files in `work`.
+pub fn judge_ops(
+    reference: &mut dyn reference::Reference,
+    model: &Path,
+    tier: Tier,
+    inputs: Vec<OpsInput>,
+    work: &Path,
+    prefix: &str,
+) -> HarnessResult<Vec<lockstep_verify::local::NamedLocal>> {
+    let paths: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)> = (0..inputs.len())
+        .map(|i| {
+            let base = format!("{prefix}-{i}-{tier}");
+            (
+                work.join(format!("{base}.ops-exact.safetensors")),
+                (tier != Tier::F64).then(|| work.join(format!("{base}.ops-ref.safetensors"))),
+            )
+        })
+        .collect();
+    let jobs: Vec<reference::OpsJob> = inputs
+        .iter()
+        .zip(&paths)
+        .map(|(inp, (x, r))| reference::OpsJob {
+            model: model.to_path_buf(),
+            test: inp.test.clone(),
+            dtype: tier.as_str().into(),
+            out_exact: x.clone(),
+            out_reference: r.clone(),
+        })
+        .collect();
+    reference.local_ops(&jobs)?;
+    let mut out = vec![];
+    for (inp, (x, r)) in inputs.into_iter().zip(paths) {
+        let test = Trace::read(&inp.test).map_err(|e| {
+            HarnessError::input(format!("{}: {e}", inp.test.display()))
+        })?;
+        let exact = read_reference_trace(&x)?;
+        let rtrace = r.as_deref().map(read_reference_trace).transpose()?;
+        out.push(lockstep_verify::local::NamedLocal {
+            label: inp.label,
+            local: lockstep_verify::judge_local(&test, rtrace.as_ref(), &exact, tier),
+            end_to_end: inp.end_to_end,
+        });
+    }
+    Ok(out)
+}

@@ -2,7 +2,7 @@
 //! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
 
 use super::python::ReferenceEnv;
-use super::reference::{GenerateJob, Reference, ReferenceWeights, TraceJob};
+use super::reference::{GenerateJob, OpsJob, Reference, ReferenceWeights, TraceJob};
 use super::{HarnessError, HarnessResult};
 use lockstep_verify::near_tie::GeneratedRow;
 use std::collections::HashMap;
@@ -132,6 +132,27 @@ fn job_key(j: &TraceJob) -> String {
         j.dtype,
         model_stamp(&j.model)
     )
+}
+
+/// What an op-level job's result depends on: the model files, the dtype and the test trace's
+/// bytes (a changed engine writes another trace).
+fn ops_key(j: &OpsJob) -> HarnessResult<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(&j.test)
+        .map_err(|e| HarnessError::io(format!("cannot read {}", j.test.display()), e))?;
+    let digest = Sha256::digest(&bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}|{}|{hex}|{}",
+        j.model.display(),
+        j.dtype,
+        model_stamp(&j.model)
+    ))
+}
+
+/// Whether op-level judgement can run on this model: the reference holds a float64 copy of it.
+pub fn local_ops_supported(model: &Path) -> bool {
+    !too_big_for_f64(model)
 }
 
 impl Reference for PythonReference {
@@ -276,6 +297,39 @@ impl Reference for PythonReference {
         self.env.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
             std::fs::write(sidecar(j), job_key(j)).map_err(|e| {
+                HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn local_ops(&mut self, jobs: &[OpsJob]) -> HarnessResult<()> {
+        // Reused when the outputs exist and the sidecar records the same model, dtype and trace.
+        let sidecar = |j: &OpsJob| j.out_exact.with_extension("job");
+        let mut todo = vec![];
+        for j in jobs {
+            let key = ops_key(j)?;
+            let done = j.out_exact.exists()
+                && j.out_reference.as_ref().is_none_or(|p| p.exists())
+                && std::fs::read_to_string(sidecar(j)).ok().as_deref() == Some(&key);
+            if !done {
+                todo.push((j, key));
+            }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<serde_json::Value> = todo
+            .iter()
+            .map(|(j, _)| {
+                serde_json::json!({"model": j.model, "test": j.test, "dtype": j.dtype,
+                    "out_exact": j.out_exact, "out_reference": j.out_reference})
+            })
+            .collect();
+        let req = self.write_request("ops.json", &serde_json::Value::Array(list))?;
+        self.env.run(&["ops-batch", &req.to_string_lossy()])?;
+        for (j, key) in todo {
+            std::fs::write(sidecar(j), key).map_err(|e| {
                 HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
             })?;
         }

@@ -45,6 +45,22 @@ pub struct GenerateJob {
     pub max_new_tokens: usize,
 }
 
+/// One op-level job: every op of a test trace recomputed by the reference on the test's own
+/// inputs of that op (docs/numerics.md, "Op-level judgement").
+#[derive(Debug, Clone)]
+pub struct OpsJob {
+    /// Model folder (or GGUF file).
+    pub model: PathBuf,
+    /// The test trace whose ops are recomputed.
+    pub test: PathBuf,
+    /// The tier's dtype: `f64`, `f32` or `bf16`.
+    pub dtype: String,
+    /// Where to write the ops in pure float64 (the exact op on the test's inputs).
+    pub out_exact: PathBuf,
+    /// Where to write the ops in `dtype` with transformers' own kernels (not for f64).
+    pub out_reference: Option<PathBuf>,
+}
+
 /// The reference implementation, as seen by the verifier.
 pub trait Reference {
     /// Token ids of each text (no special tokens added).
@@ -64,4 +80,6 @@ pub trait Reference {
     /// a batch row that ended keeps being padded after its EOS) and the reference's best tokens
     /// with their scores at each step (for judging a parting a near-tie from its own logits).
     fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<GeneratedRow>>>;
+    /// Writes every op-level job's traces.
+    fn local_ops(&mut self, jobs: &[OpsJob]) -> HarnessResult<()>;
 }
