@@ -284,17 +284,7 @@ fn bad_port_traces_are_refused() {
     let dir = scratch("port-bad");
     let model = fixtures().join("models/qwen2-gqa");
     let good = dir.join("good.safetensors");
-    lockstep_ok(&[
-        "trace",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "5,17,300",
-        "--dtype",
-        "f32",
-        "--out",
-        good.to_str().unwrap(),
-    ]);
+    trace_to(&model, "5,17,300", "f32", &good);
     let edit = |name: &str, f: &dyn Fn(&mut Trace)| {
         let mut t = Trace::read(&good).unwrap();
         f(&mut t);
@@ -369,17 +359,7 @@ fn a_bf16_claim_with_f32_data_is_judged_as_f32() {
     let dir = scratch("port-claim");
     let model = fixtures().join("models/qwen2-gqa");
     let f32_trace = dir.join("f32.safetensors");
-    lockstep_ok(&[
-        "trace",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "5,17,300,2",
-        "--dtype",
-        "f32",
-        "--out",
-        f32_trace.to_str().unwrap(),
-    ]);
+    trace_to(&model, "5,17,300,2", "f32", &f32_trace);
     let mut t = Trace::read(&f32_trace).unwrap();
     t.metadata.insert("dtype".into(), "bf16".into());
     t.metadata
