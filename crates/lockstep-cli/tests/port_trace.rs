@@ -5,7 +5,7 @@
 
 mod support;
 
-use lockstep_trace::Trace;
+use lockstep_trace::{TensorData, Trace};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -284,17 +284,7 @@ fn bad_port_traces_are_refused() {
     let dir = scratch("port-bad");
     let model = fixtures().join("models/qwen2-gqa");
     let good = dir.join("good.safetensors");
-    lockstep_ok(&[
-        "trace",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "5,17,300",
-        "--dtype",
-        "f32",
-        "--out",
-        good.to_str().unwrap(),
-    ]);
+    trace_to(&model, "5,17,300", "f32", &good);
     let edit = |name: &str, f: &dyn Fn(&mut Trace)| {
         let mut t = Trace::read(&good).unwrap();
         f(&mut t);
@@ -305,8 +295,23 @@ fn bad_port_traces_are_refused() {
     let no_dtype = edit("no-dtype.safetensors", &|t| {
         t.metadata.remove("dtype");
     });
+    // A bf16 trace (its values rounded to bf16, so the claim holds) on an f32-stored checkpoint.
     let bf16 = edit("bf16.safetensors", &|t| {
         t.metadata.insert("dtype".into(), "bf16".into());
+        for name in t
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+        {
+            if let TensorData::F32(v) = &mut t.get_mut(&name).unwrap().data {
+                for x in v.iter_mut() {
+                    // Round to nearest even at bf16's 8 mantissa bits (the values are finite).
+                    let b = x.to_bits();
+                    *x = f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
+                }
+            }
+        }
     });
     let ids_disagree = edit("ids.safetensors", &|t| {
         t.metadata.insert("token_ids".into(), "[5, 17, 301]".into());
@@ -340,4 +345,44 @@ fn bad_port_traces_are_refused() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+}
+
+/// A port picks its tier through its `dtype` metadata; the claim is checked against the data. A
+/// trace that says bf16 but holds float32 values (an f32 trace relabelled) did not compute in
+/// bf16: it is judged as f32, against transformers in f32, and the report says so (before, it was
+/// judged with the bf16 yardstick, or refused for the f32-stored checkpoint).
+#[test]
+fn a_bf16_claim_with_f32_data_is_judged_as_f32() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("port-claim");
+    let model = fixtures().join("models/qwen2-gqa");
+    let f32_trace = dir.join("f32.safetensors");
+    trace_to(&model, "5,17,300,2", "f32", &f32_trace);
+    let mut t = Trace::read(&f32_trace).unwrap();
+    t.metadata.insert("dtype".into(), "bf16".into());
+    t.metadata
+        .insert("producer".into(), "relabelled-port".into());
+    let claimed = dir.join("claims-bf16.safetensors");
+    t.write(&claimed).unwrap();
+
+    let (code, js, out) = verify_port(&dir, &model, &[claimed.as_path()]);
+    assert_eq!(code, Some(0), "{out}");
+    let note = "claimed bf16, data is f32: judged as f32";
+    assert!(out.contains(note), "{out}");
+    let logits = phase(&js, "forward logits [f32]");
+    assert_eq!(logits["status"], "pass", "{logits}");
+    assert!(
+        logits["summary"].as_str().unwrap().contains(note),
+        "{logits}"
+    );
+    assert_eq!(phase(&js, "layer-by-layer [f32]")["status"], "pass");
+    let phases = js["phases"].as_array().unwrap();
+    assert!(
+        phases
+            .iter()
+            .all(|p| !p["name"].as_str().unwrap().contains("[bf16]")),
+        "{js}"
+    );
 }

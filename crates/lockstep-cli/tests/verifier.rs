@@ -20,17 +20,7 @@ fn compare_passes_identical_traces_and_names_a_changed_tensor() {
     let dir = scratch("compare");
     let model = fixtures().join("models/qwen2-gqa");
     let a = dir.join("a.safetensors");
-    lockstep_ok(&[
-        "trace",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "5,17,300,2",
-        "--dtype",
-        "f64",
-        "--out",
-        a.to_str().unwrap(),
-    ]);
+    trace_to(&model, "5,17,300,2", "f64", &a);
 
     let js = dir.join("same.json");
     let o = lockstep(&[

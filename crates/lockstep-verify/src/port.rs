@@ -1,7 +1,7 @@
 //! Traces written by other ports (JAX, C++, ...): what the verifier reads from their metadata.
 
 use crate::tolerance::Tier;
-use lockstep_trace::Trace;
+use lockstep_trace::{TensorData, Trace};
 use std::path::{Path, PathBuf};
 
 /// A trace written by another port (JAX, C++, ... e.g. through `lockstep_reference.writer`), with
@@ -14,8 +14,11 @@ pub struct PortTrace {
     pub label: String,
     /// The `producer` metadata (the port's name).
     pub producer: String,
-    /// The precision tier, from the `dtype` metadata.
+    /// The precision tier it is judged in: the `dtype` metadata's, unless the data contradicts it
+    /// (see [`data_tier`]).
     pub tier: Tier,
+    /// The tier the `dtype` metadata claims.
+    pub claimed: Tier,
     /// The input ids (`token_ids` metadata, else the `tokens` tensor).
     pub tokens: Vec<u32>,
     /// The `prompt` metadata, when the ids came from a text.
@@ -34,7 +37,7 @@ impl PortTrace {
             .get("producer")
             .cloned()
             .unwrap_or_else(|| "unnamed port".into());
-        let tier = match trace.metadata.get("dtype") {
+        let claimed = match trace.metadata.get("dtype") {
             Some(d) => Tier::from_dtype(d).ok_or_else(|| {
                 format!("{p}: dtype '{d}' names no precision tier (f64, f32 or bf16)")
             })?,
@@ -80,14 +83,143 @@ impl PortTrace {
                 .file_name()
                 .map_or_else(|| p.to_string(), |f| f.to_string_lossy().into_owned()),
         };
+        let data = data_tier(&trace);
+        let tier = if finer(data, claimed) { data } else { claimed };
         Ok(PortTrace {
             path: path.to_path_buf(),
             label,
             producer,
             tier,
+            claimed,
             tokens,
             prompt,
             trace,
         })
+    }
+}
+
+impl PortTrace {
+    /// When the data contradicts the claimed dtype, what the report says about it, e.g. "claimed
+    /// bf16, data is f32: judged as f32".
+    pub fn tier_note(&self) -> Option<String> {
+        (self.tier != self.claimed).then(|| {
+            format!(
+                "claimed {}, data is {}: judged as {}",
+                self.claimed, self.tier, self.tier
+            )
+        })
+    }
+}
+
+/// The coarsest tier whose dtype holds every value of the trace's floating tensors exactly (the
+/// `tokens` tensor and integer tensors aside; NaN and infinities fit every dtype): bf16 when every
+/// value is a bfloat16, f32 when every value is a float32, else f64. A port claiming a coarser
+/// dtype than its data has did not compute in that dtype: a "bf16" trace holding float32 values
+/// is judged as f32, not with bf16's wider yardstick.
+pub fn data_tier(trace: &Trace) -> Tier {
+    let mut tier = Tier::BF16;
+    for name in trace.names() {
+        let Some(t) = trace.get(name).filter(|_| name != "tokens") else {
+            continue;
+        };
+        let need = match &t.data {
+            TensorData::I64(_) | TensorData::BF16(_) => continue,
+            TensorData::F32(v) => {
+                if v.iter().all(|&x| fits_bf16(x)) {
+                    continue;
+                }
+                Tier::F32
+            }
+            data => {
+                let v = data.to_f64();
+                if v.iter().any(|&x| !fits_f32(x)) {
+                    return Tier::F64;
+                }
+                if v.iter().all(|&x| fits_bf16(x as f32)) {
+                    continue;
+                }
+                Tier::F32
+            }
+        };
+        if finer(need, tier) {
+            tier = need;
+        }
+    }
+    tier
+}
+
+/// Whether `a` is a finer (more precise) tier than `b`.
+fn finer(a: Tier, b: Tier) -> bool {
+    let rank = |t: Tier| match t {
+        Tier::BF16 => 0,
+        Tier::F32 => 1,
+        Tier::F64 => 2,
+    };
+    rank(a) > rank(b)
+}
+
+/// Whether a float64 value is exactly a float32 (NaN counts as one).
+fn fits_f32(x: f64) -> bool {
+    x.is_nan() || (x as f32) as f64 == x
+}
+
+/// Whether a float32 value is exactly a bfloat16: its low 16 bits are zero (NaN counts as one).
+fn fits_bf16(x: f32) -> bool {
+    x.is_nan() || x.to_bits() & 0xffff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(dtype: &str, data: TensorData) -> Trace {
+        let mut t = Trace::new();
+        t.insert("tokens", vec![1, 2], TensorData::I64(vec![5, 7]))
+            .unwrap();
+        t.insert("logits", vec![1, 2, 2], data).unwrap();
+        t.metadata.insert("dtype".into(), dtype.into());
+        t
+    }
+
+    fn read(t: &Trace) -> PortTrace {
+        let dir = std::env::temp_dir().join(format!("lockstep-port-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{}.safetensors", t.metadata["dtype"]));
+        t.write(&p).unwrap();
+        let port = PortTrace::read(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        port
+    }
+
+    #[test]
+    fn the_dtype_claim_is_checked_against_the_data() {
+        let bf16_values = vec![1.0f32, -2.5, 0.15625, f32::INFINITY];
+        let f32_values = vec![1.0f32, -2.5, 0.1, 3.0];
+        let f64_values = vec![1.0f64, -2.5, 0.1, 3.0];
+        // A claim the data bears out stands.
+        let ok = read(&trace("bf16", TensorData::F32(bf16_values.clone())));
+        assert_eq!(
+            (ok.claimed, ok.tier, ok.tier_note()),
+            (Tier::BF16, Tier::BF16, None)
+        );
+        // bf16 claimed, float32 values: judged as f32, and said so.
+        let p = read(&trace("bf16", TensorData::F32(f32_values.clone())));
+        assert_eq!((p.claimed, p.tier), (Tier::BF16, Tier::F32));
+        assert_eq!(
+            p.tier_note().as_deref(),
+            Some("claimed bf16, data is f32: judged as f32")
+        );
+        // f32 claimed, float64 values stored as F64: judged as f64.
+        let p = read(&trace("f32", TensorData::F64(f64_values)));
+        assert_eq!((p.claimed, p.tier), (Tier::F32, Tier::F64));
+        // f32 claimed, stored as F64 but every value a float32: the claim stands.
+        let p = read(&trace(
+            "f32",
+            TensorData::F64(f32_values.iter().map(|&x| x as f64).collect()),
+        ));
+        assert_eq!(p.tier, Tier::F32);
+        // A finer claim than the data needs is not contradicted (f64 compute may land on f32s).
+        let p = read(&trace("f64", TensorData::F32(bf16_values)));
+        assert_eq!(p.tier, Tier::F64);
     }
 }

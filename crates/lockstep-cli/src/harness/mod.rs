@@ -109,9 +109,8 @@ pub fn judge_ops(
     reference.local_ops(&jobs)?;
     let mut out = vec![];
     for (inp, (x, r)) in inputs.into_iter().zip(paths) {
-        let test = Trace::read(&inp.test).map_err(|e| {
-            HarnessError::input(format!("{}: {e}", inp.test.display()))
-        })?;
+        let test = Trace::read(&inp.test)
+            .map_err(|e| HarnessError::input(format!("{}: {e}", inp.test.display())))?;
         let exact = read_reference_trace(&x)?;
         let rtrace = r.as_deref().map(read_reference_trace).transpose()?;
         out.push(lockstep_verify::local::NamedLocal {

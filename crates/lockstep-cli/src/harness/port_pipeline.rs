@@ -41,6 +41,11 @@ pub fn run_port_verify(
         .iter()
         .map(|p| PortTrace::read(p).map_err(HarnessError::BadInput))
         .collect::<Result<Vec<_>, _>>()?;
+    for port in &ports {
+        if let Some(note) = port.tier_note() {
+            progress(&format!("{}: {note}", port.path.display()));
+        }
+    }
     if ports.is_empty() {
         return Err(HarnessError::input("no port traces given"));
     }
@@ -119,14 +124,17 @@ pub fn run_port_verify(
         }
         progress(&format!("comparing the {tier} trace(s)"));
         let mut comps = vec![];
-        for port in mine {
-            let cmp = judge_in_tier(tier, &port.trace, &|dt| read(&path(&port.tokens, dt)))
+        for port in &mine {
+            let mut cmp = judge_in_tier(tier, &port.trace, &|dt| read(&path(&port.tokens, dt)))
                 .map_err(|e| match e {
                     HarnessError::Policy(e) => {
                         HarnessError::input(format!("{}: {e}", port.path.display()))
                     }
                     e => e,
                 })?;
+            if let Some(note) = port.tier_note() {
+                cmp.warnings.push(note);
+            }
             let label = if many {
                 format!("{} ({})", port.label, port.producer)
             } else {
@@ -136,10 +144,16 @@ pub fn run_port_verify(
         }
         let logits_only = |n: &str| n == "tokens" || n == "logits";
         let attn_only = |n: &str| n == "tokens" || n.ends_with(".attn_probs");
-        phases.push(Phase::from_comparisons(
+        let mut logits = Phase::from_comparisons(
             format!("forward logits [{tier}]"),
             comps.iter().map(|c| restrict(c, &logits_only)).collect(),
-        ));
+        );
+        for port in &mine {
+            if let Some(note) = port.tier_note() {
+                logits.summary = format!("{}; {}: {note}", logits.summary, port.label);
+            }
+        }
+        phases.push(logits);
         phases.push(Phase::from_comparisons(
             format!("layer-by-layer [{tier}]"),
             comps.clone(),

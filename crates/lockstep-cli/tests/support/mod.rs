@@ -60,6 +60,21 @@ pub fn lockstep_ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// `lockstep trace --model MODEL --tokens IDS --dtype DTYPE --out OUT` (panics unless it succeeds).
+pub fn trace_to(model: &Path, ids: &str, dtype: &str, out: &Path) {
+    lockstep_ok(&[
+        "trace",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        ids,
+        "--dtype",
+        dtype,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+}
+
 /// Runs `python -m lockstep_reference ARGS` in the reference environment.
 pub fn reference(py: &Path, args: &[&str]) -> String {
     let o = Command::new(py)
