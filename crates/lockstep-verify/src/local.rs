@@ -697,3 +697,26 @@ mod tests {
         assert_eq!(p.status, crate::report::PhaseStatus::Fail);
     }
 }
+
+/// The op-level judgements as JSON: per tier and input, `passed`, `first_divergence` (where a
+/// difference is made) and every op with its status, ratio, reasons and both sides' statistics.
+pub fn local_json(local: &[(Tier, Vec<NamedLocal>)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        local
+            .iter()
+            .flat_map(|(tier, items)| {
+                items.iter().map(move |i| {
+                    serde_json::json!({
+                        "tier": tier,
+                        "input": i.label,
+                        "passed": i.local.passed,
+                        "first_divergence": i.local.first_divergence,
+                        "verdict": i.local.verdict(),
+                        "rule": i.local.rule,
+                        "ops": i.local.ops,
+                    })
+                })
+            })
+            .collect(),
+    )
+}

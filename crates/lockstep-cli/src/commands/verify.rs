@@ -244,6 +244,31 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     )
 }
 
+/// The phased JSON with the op-level judgements (`op_level`) and the first divergence taken from
+/// where a difference is first *made* when an op-level check found one (`first_divergence`; the
+/// end-to-end one stays as `first_divergence_end_to_end`).
+fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
+    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(&js) else {
+        return js;
+    };
+    let e2e = m.get("first_divergence").cloned().unwrap_or_default();
+    m.insert("first_divergence_end_to_end".into(), e2e.clone());
+    if let Some(made) = outcome
+        .local
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .filter_map(|l| l.local.first_divergence.clone())
+        .min_by_key(|n| lockstep_trace::forward_rank(n))
+    {
+        m.insert("first_divergence".into(), serde_json::Value::String(made));
+    }
+    m.insert(
+        "op_level".into(),
+        lockstep_verify::local::local_json(&outcome.local),
+    );
+    serde_json::to_string_pretty(&serde_json::Value::Object(m)).unwrap_or(js)
+}
+
 /// Writes the Markdown report, JSON and SVG plot (the plot from the last tier's comparisons),
 /// prints the phase summary, and returns exit 0 when every phase passed, else 1.
 fn write_reports(
@@ -254,7 +279,7 @@ fn write_reports(
     plot_title: &str,
 ) -> CliResult<ExitCode> {
     let md = report::phased_markdown(title, desc, &outcome.phases);
-    let js = report::phased_json(title, desc, &outcome.phases);
+    let js = with_op_level(report::phased_json(title, desc, &outcome.phases), outcome);
     let plot_inputs = outcome
         .full
         .last()

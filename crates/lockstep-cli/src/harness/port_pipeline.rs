@@ -2,10 +2,12 @@
 //! ...) against the Python reference run on the same ids in the trace's dtype.
 
 use super::reference::{Reference, TraceJob};
+use super::pyref::local_ops_supported;
 use super::{
-    create_work_dir, judge_in_tier, read_reference_trace, short, show_ids, HarnessError,
-    HarnessResult,
+    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, short, show_ids,
+    HarnessError, HarnessResult, OpsInput,
 };
+use lockstep_verify::local::local_phase;
 use lockstep_verify::{restrict, NamedComparison, Phase, PortTrace, Tier, VerifyOutcome};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -117,6 +119,7 @@ pub fn run_port_verify(
     producers.dedup();
     let many = producers.len() > 1;
     let mut full = vec![];
+    let mut local = vec![];
     for tier in [Tier::F64, Tier::F32, Tier::BF16] {
         let mine: Vec<&PortTrace> = ports.iter().filter(|p| p.tier == tier).collect();
         if mine.is_empty() {
@@ -162,9 +165,39 @@ pub fn run_port_verify(
             format!("attention weights [{tier}]"),
             comps.iter().map(|c| restrict(c, &attn_only)).collect(),
         ));
+        let op_name = format!("op-level (each op on its own inputs) [{tier}]");
+        if local_ops_supported(&opts.model) {
+            progress(&format!(
+                "op-level in {tier}: transformers recomputes each op on the port's own inputs"
+            ));
+            let inputs = mine
+                .iter()
+                .zip(&comps)
+                .map(|(port, c)| OpsInput {
+                    label: c.label.clone(),
+                    test: port.path.clone(),
+                    end_to_end: Some(c.comparison.clone()),
+                })
+                .collect();
+            let items = judge_ops(
+                reference,
+                &opts.model,
+                tier,
+                inputs,
+                &opts.work_dir,
+                "port",
+            )?;
+            phases.push(local_phase(op_name, &items));
+            local.push((tier, items));
+        } else {
+            phases.push(Phase::skip(
+                op_name,
+                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
+            ));
+        }
         full.push((tier, comps));
     }
-    Ok(VerifyOutcome::new(phases, full))
+    Ok(VerifyOutcome::new(phases, full).with_local(local))
 }
 
 /// The port's token ids against the reference tokenizer, for traces that carry their prompt.
