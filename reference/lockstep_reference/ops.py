@@ -160,3 +160,39 @@ def ops_batch(jobs_file: str) -> None:
     """`python -m lockstep_reference ops-batch JOBS.json` (see `run_jobs`)."""
     with open(jobs_file) as f:
         run_jobs(json.load(f))
+
+
+def to_bf16(src: str, dst: str) -> None:
+    """Write a bf16-stored copy of the checkpoint folder `src` to `dst` (weights rounded to nearest
+    even, as `from_pretrained(..., dtype=torch.bfloat16)` rounds them; config `dtype` bfloat16; the
+    other files copied). The bf16 tier's oracle must run on the very weights the bf16 run uses, so
+    `selftest` judges its bf16 tier on such a copy. Written to `dst + ".partial"`, then renamed."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .st_io import checkpoint_files
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(src):
+        tensors.update(load_file(f))
+    tmp = dst + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+              os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = "bfloat16"
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = "bfloat16"
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in os.listdir(src):
+        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
+            continue
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)

@@ -248,7 +248,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 /// where a difference is first *made* when an op-level check found one (`first_divergence`; the
 /// end-to-end one stays as `first_divergence_end_to_end`).
 fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
-    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(&js) else {
+    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(&js)
+    else {
         return js;
     };
     let e2e = m.get("first_divergence").cloned().unwrap_or_default();

@@ -1,11 +1,11 @@
 //! The port pipeline of `lockstep verify --port-trace`: traces written by another port (JAX, C++,
 //! ...) against the Python reference run on the same ids in the trace's dtype.
 
-use super::reference::{Reference, TraceJob};
 use super::pyref::local_ops_supported;
+use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, short, show_ids,
-    HarnessError, HarnessResult, OpsInput,
+    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, short, show_ids, HarnessError,
+    HarnessResult, OpsInput,
 };
 use lockstep_verify::local::local_phase;
 use lockstep_verify::{restrict, NamedComparison, Phase, PortTrace, Tier, VerifyOutcome};
@@ -179,14 +179,7 @@ pub fn run_port_verify(
                     end_to_end: Some(c.comparison.clone()),
                 })
                 .collect();
-            let items = judge_ops(
-                reference,
-                &opts.model,
-                tier,
-                inputs,
-                &opts.work_dir,
-                "port",
-            )?;
+            let items = judge_ops(reference, &opts.model, tier, inputs, &opts.work_dir, "port")?;
             phases.push(local_phase(op_name, &items));
             local.push((tier, items));
         } else {

@@ -150,6 +150,22 @@ fn ops_key(j: &OpsJob) -> HarnessResult<String> {
     ))
 }
 
+impl PythonReference {
+    /// A bf16-stored copy of the checkpoint folder `src` in `dst` (rounded to nearest even as
+    /// transformers rounds), made by the reference unless `dst` already holds one of this `src`.
+    pub fn bf16_copy(&self, src: &Path, dst: &Path) -> HarnessResult<()> {
+        let stamp_file = dst.join("lockstep-bf16-of");
+        let stamp = format!("{}|{}", src.display(), model_stamp(src));
+        if std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp) {
+            return Ok(());
+        }
+        self.env
+            .run(&["to-bf16", &src.to_string_lossy(), &dst.to_string_lossy()])?;
+        std::fs::write(&stamp_file, stamp)
+            .map_err(|e| HarnessError::io(format!("cannot write {}", stamp_file.display()), e))
+    }
+}
+
 /// Whether op-level judgement can run on this model: the reference holds a float64 copy of it.
 pub fn local_ops_supported(model: &Path) -> bool {
     !too_big_for_f64(model)
