@@ -38,14 +38,20 @@ def traces(model: str, dtype: str, out_dir: str, extra: list[str] | None = None)
             print(out)
 
 
-def _cell(inputs: list[dict]) -> str:
-    """One table cell: pass, or the first diverging tensor and on which prompts."""
-    failed = [c for c in inputs if not c["passed"]]
+def _cell(inputs: list[dict], ops: dict[str, dict]) -> str:
+    """One table cell: pass, or where the difference is *made* (the op-level judgement: each op on the
+    port's own inputs) and where the end-to-end comparison first fails, and on which prompts."""
+    def op_ok(c):
+        return ops.get(c["label"], {}).get("passed", True)
+    failed = [c for c in inputs if not c["passed"] or not op_ok(c)]
     if not failed:
         return "pass: " + ", ".join(sorted({c["verdict"] for c in inputs}))
-    tensors = sorted({c["first_divergence"] or "?" for c in failed})
+    made = sorted({ops[c["label"]]["first_divergence"] for c in failed
+                   if not op_ok(c) and ops[c["label"]]["first_divergence"]})
+    e2e = sorted({c["first_divergence"] or "?" for c in failed if not c["passed"]})
+    parts = ([f"made at {', '.join(made)}"] if made else []) + ([f"end-to-end at {', '.join(e2e)}"] if e2e else [])
     where = "" if len(failed) == len(inputs) else " (" + ", ".join(c["label"].split(" (")[0] for c in failed) + ")"
-    return "FAIL at " + ", ".join(tensors) + where
+    return "FAIL " + "; ".join(parts) + where
 
 
 def summary(paths: list[str]) -> None:
@@ -61,19 +67,20 @@ def summary(paths: list[str]) -> None:
             variant = producer[len("jax_qwen2["):-1] if "[" in producer else "as written"
             by_variant.setdefault(variant, []).append(c)
         tok = next((ph for ph in js["phases"] if ph["name"] == "tokenization"), None)
-        cols.append((tier, by_variant, tok))
-    header = ["port"] + [f"{t} tier" + (" (the old report's setup)" if t == "bf16" else "") for t, _, _ in cols]
+        ops = {o["input"]: o for o in js.get("op_level", [])}
+        cols.append((tier, by_variant, tok, ops))
+    header = ["port"] + [f"{t} tier" + (" (the old report's setup)" if t == "bf16" else "") for t, _, _, _ in cols]
     rows = []
     for v in ["as written"] + [v for v in VARIANTS if v]:
         rows.append([v if v == "as written" else f"--mistake {v}"]
-                    + [_cell(bv[v]) if v in bv else "-" for _, bv, _ in cols])
+                    + [_cell(bv[v], ops) if v in bv else "-" for _, bv, _, ops in cols])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    for tier, _, tok in cols:
+    for tier, _, tok, _ in cols:
         if tok:
             print(f"tokenization ({tier} run): {tok['status'].upper()} - {tok['summary']}")
 

@@ -386,3 +386,88 @@ fn a_bf16_claim_with_f32_data_is_judged_as_f32() {
         "{js}"
     );
 }
+
+/// The upcast mistakes bf16 ports make, judged op by op on a 15-token sentence in the bf16 tier
+/// (the old report's precision): each fails the op-level phase at the op where it enters, while
+/// the careful JAX port and PyTorch's own bf16 trace, submitted as port traces, pass every op
+/// (zero false alarms). End-to-end tolerances cannot see these: the mistakes are the size of the
+/// rounding accumulated before them.
+#[test]
+fn upcast_mistakes_are_named_where_they_enter_in_bf16() {
+    let Some(py) = jax_python() else {
+        return;
+    };
+    let dir = scratch("port-upcast-bf16");
+    let model = fixtures().join("models/qwen2-default-bf16");
+    let prompt = "The quick brown fox jumps over the lazy dog, and 12 of";
+    let ids = lockstep_ok(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        prompt,
+    ]);
+    let ids = ids.lines().last().unwrap().trim().trim_matches(['[', ']']);
+    let ids: String = ids.split(',').map(str::trim).collect::<Vec<_>>().join(",");
+    assert!(ids.split(',').count() <= 16, "{ids}");
+    let cases: [(&str, Option<&str>); 3] = [
+        ("as-written", None),
+        ("softmax-bf16", Some("layers.0.attn_probs")),
+        ("rope-bf16-inv-freq", Some("layers.0.q_rope")),
+    ];
+    let mut traces = vec![];
+    for (mistake, _) in &cases {
+        let out = dir.join(format!("{mistake}.safetensors"));
+        let m = (*mistake != "as-written").then_some(*mistake);
+        port(&py, &model, &ids, "bf16", m, &out);
+        traces.push(out);
+    }
+    // PyTorch itself, as a port: its own bf16 trace.
+    let torch = dir.join("pytorch-bf16.safetensors");
+    reference(
+        &py,
+        &[
+            "trace",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &ids,
+            "--dtype",
+            "bf16",
+            "--out",
+            torch.to_str().unwrap(),
+        ],
+    );
+    traces.push(torch);
+    let refs: Vec<&Path> = traces.iter().map(PathBuf::as_path).collect();
+    let (code, js, out) = verify_port(&dir, &model, &refs);
+    assert_eq!(code, Some(1), "{out}");
+    let ops = js["op_level"].as_array().expect("op_level in the JSON");
+    let find = |needle: &str| {
+        ops.iter()
+            .find(|o| o["input"].as_str().unwrap().contains(needle))
+            .unwrap_or_else(|| panic!("no op-level entry for {needle}: {out}"))
+    };
+    for (mistake, expected) in &cases {
+        let needle = if *mistake == "as-written" {
+            "(jax_qwen2)".to_string()
+        } else {
+            format!("[{mistake}]")
+        };
+        let o = find(&needle);
+        assert_eq!(o["tier"], "bf16");
+        match expected {
+            None => assert_eq!(o["passed"], true, "{mistake}: {}", o["verdict"]),
+            Some(t) => {
+                assert_eq!(o["passed"], false, "{mistake}: {}", o["verdict"]);
+                assert_eq!(o["first_divergence"], *t, "{mistake}: {}", o["verdict"]);
+            }
+        }
+    }
+    let torch = find("(transformers)");
+    assert_eq!(
+        torch["passed"], true,
+        "PyTorch as a port: {}",
+        torch["verdict"]
+    );
+}

@@ -96,8 +96,17 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
         "layer-by-layer [f64]",
         "attention weights [f32]",
         "greedy generation [f32]",
+        "op-level (each op on its own inputs) [f64]",
+        "op-level (each op on its own inputs) [f32]",
     ]);
     let j = &run.json;
+    // Every op judged on its own inputs, in both tiers, none beyond the reference's own error.
+    let ops = j["op_level"].as_array().expect("op_level in the JSON");
+    assert_eq!(ops.len(), 10, "5 inputs x 2 tiers");
+    for o in ops {
+        assert_eq!(o["passed"], true, "{}", o["verdict"]);
+        assert!(o["ops"].as_array().unwrap().len() >= 30, "{o}");
+    }
     assert_eq!(j["passed"], true);
     assert!(j["first_divergence"].is_null());
     let report = std::fs::read_to_string(dir.join("r.md")).unwrap();
@@ -160,19 +169,50 @@ fn selftest_detects_and_localizes_every_fault() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    for f in lockstep_engine::Fault::ALL {
-        let row = stdout
+    // One table per tier, in order f64, f32, bf16.
+    let tables: Vec<&str> = stdout.split("\n### ").skip(1).collect();
+    assert_eq!(tables.len(), 3, "{stdout}");
+    for (tier, table) in ["f64", "f32", "bf16"].iter().zip(&tables) {
+        assert!(table.starts_with(tier), "{table}");
+        for f in lockstep_engine::Fault::ALL {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {f} |")))
+                .unwrap_or_else(|| panic!("no row for {f} in {tier}"));
+            let localized = format!("| {} | {} | yes |", f.enters_at(), f.enters_at());
+            if *tier == "f64" {
+                // Every fault detected and localized at its entry tensor in the exact tier.
+                assert!(row.starts_with(&format!("| {f} | yes ")), "{row}");
+                assert!(row.ends_with(&localized), "{row}");
+            } else {
+                // Below it: localized, or invisible by the op-level statistics (never a wrong place).
+                assert!(
+                    row.ends_with(&localized) || row.ends_with("| invisible at this precision |"),
+                    "{tier}: {row}"
+                );
+            }
+        }
+    }
+    // The upcast mistakes that matter most are visible and localized in f32 on <= 16 tokens.
+    for f in [
+        "softmax-bf16",
+        "norm-variance-bf16",
+        "rope-bf16-inv-freq",
+        "norm-eps-outside-sqrt",
+    ] {
+        let row = tables[1]
             .lines()
             .find(|l| l.starts_with(&format!("| {f} |")))
-            .unwrap_or_else(|| panic!("no row for {f}"));
-        assert!(
-            row.contains(&format!(
-                "| yes | {} | {} | yes |",
-                f.enters_at(),
-                f.enters_at()
-            )),
-            "{row}"
-        );
+            .unwrap();
+        assert!(row.ends_with("| yes |"), "f32: {row}");
+    }
+    // In bf16, softmax and RoPE frequencies in bf16 are visible and localized.
+    for f in ["softmax-bf16", "rope-bf16-inv-freq"] {
+        let row = tables[2]
+            .lines()
+            .find(|l| l.starts_with(&format!("| {f} |")))
+            .unwrap();
+        assert!(row.ends_with("| yes |"), "bf16: {row}");
     }
 }
 
