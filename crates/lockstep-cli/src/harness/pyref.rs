@@ -31,7 +31,8 @@ impl PythonReference {
 
     fn write_request(&self, name: &str, v: &serde_json::Value) -> HarnessResult<PathBuf> {
         super::create_work_dir(&self.scratch)?;
-        let p = self.scratch.join(name);
+        // One file per process: two lockstep runs on one model share the scratch folder.
+        let p = self.scratch.join(format!("{}-{name}", std::process::id()));
         std::fs::write(&p, v.to_string())
             .map_err(|e| HarnessError::io(format!("cannot write {}", p.display()), e))?;
         Ok(p)
