@@ -543,6 +543,39 @@ fn f32_rule_uses_the_reference_noise_when_an_oracle_is_given() {
 }
 
 #[test]
+fn f32_rule_judges_ours_against_the_oracle_when_the_reference_is_off_the_other_way() {
+    // The reference 1e-2 above the oracle at one element: the bound is 3 × 1e-2.
+    let (o, mut r, t) = noisy("f32", 1e-5, 0.0, "f32");
+    let at = |t: &Trace| get(t, "layers.1.q", 0);
+    set(&mut r, "layers.1.q", 0, at(&o) + 1e-2);
+    // Ours 2.5e-2 below it: 3.5e-2 from the reference, but within the bound of the exact value.
+    let mut t1 = t.clone();
+    set(&mut t1, "layers.1.q", 0, at(&o) - 2.5e-2);
+    let cmp = compare(&r, &t1, Some(&o));
+    let c = cmp.get("layers.1.q").unwrap();
+    let tol = c.tolerance.as_ref().unwrap();
+    assert_eq!(c.status, Status::Pass, "{tol:?}");
+    assert_eq!(tol.against, Against::Oracle);
+    assert!((tol.threshold - 3e-2).abs() < 1e-9, "{tol:?}");
+    assert!((tol.measured - 2.5e-2).abs() < 1e-9, "{tol:?}");
+    assert!(
+        tol.explanation.contains("|ours−ref|"),
+        "{}",
+        tol.explanation
+    );
+    // Ours 3.5e-2 below the oracle: over the bound from both; judged (and failed) on |ours − ref|.
+    let mut t2 = t.clone();
+    set(&mut t2, "layers.1.q", 0, at(&o) - 3.5e-2);
+    let cmp = compare(&r, &t2, Some(&o));
+    let c = cmp.get("layers.1.q").unwrap();
+    let tol = c.tolerance.as_ref().unwrap();
+    assert_eq!(c.status, Status::Fail);
+    assert_eq!(tol.against, Against::Reference);
+    assert!((tol.measured - 4.5e-2).abs() < 1e-9, "{tol:?}");
+    assert_eq!(cmp.first_divergence.as_deref(), Some("layers.1.q"));
+}
+
+#[test]
 fn per_layer_table_takes_the_max_per_layer() {
     let (o, r, t) = noisy("f32", 1e-5, 2e-5, "f32");
     let cmp = compare(&r, &t, Some(&o));
