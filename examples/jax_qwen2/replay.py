@@ -51,7 +51,9 @@ def _cell(inputs: list[dict], ops: dict[str, dict]) -> str:
     e2e = sorted({c["first_divergence"] or "?" for c in failed if not c["passed"]})
     parts = ([f"made at {', '.join(made)}"] if made else []) + ([f"end-to-end at {', '.join(e2e)}"] if e2e else [])
     where = "" if len(failed) == len(inputs) else " (" + ", ".join(c["label"].split(" (")[0] for c in failed) + ")"
-    return "FAIL " + "; ".join(parts) + where
+    judged = sorted({c["judged_as"] for c in inputs if "judged_as" in c})
+    note = f" [data is {', '.join(judged)}: judged as such]" if judged else ""
+    return "FAIL " + "; ".join(parts) + where + note
 
 
 def summary(paths: list[str]) -> None:
@@ -59,13 +61,18 @@ def summary(paths: list[str]) -> None:
     for p in paths:
         with open(p) as f:
             js = json.load(f)
-        phase = next(ph for ph in js["phases"] if ph["name"].startswith("layer-by-layer"))
-        tier = phase["name"].split("[")[1].rstrip("]")
+        # The run's dtype; a trace whose data is finer than its claim is judged in its data's tier
+        # (a separate phase), and its cell says so.
+        tier = os.path.basename(p).removeprefix("verify-").removesuffix(".json")
         by_variant: dict[str, list[dict]] = {}
-        for c in phase["comparisons"]["inputs"]:
-            producer = c.get("test_producer") or "?"
-            variant = producer[len("jax_qwen2["):-1] if "[" in producer else "as written"
-            by_variant.setdefault(variant, []).append(c)
+        for phase in (ph for ph in js["phases"] if ph["name"].startswith("layer-by-layer")):
+            judged = phase["name"].split("[")[1].rstrip("]")
+            for c in phase["comparisons"]["inputs"]:
+                producer = c.get("test_producer") or "?"
+                variant = producer[len("jax_qwen2["):-1] if "[" in producer else "as written"
+                if judged != tier:
+                    c = {**c, "judged_as": judged}
+                by_variant.setdefault(variant, []).append(c)
         tok = next((ph for ph in js["phases"] if ph["name"] == "tokenization"), None)
         ops = {o["input"]: o for o in js.get("op_level", [])}
         cols.append((tier, by_variant, tok, ops))

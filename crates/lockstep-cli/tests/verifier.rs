@@ -150,7 +150,7 @@ fn verify_with_a_fault_fails_and_names_where_it_enters() {
     );
     let report = std::fs::read_to_string(dir.join("r.md")).unwrap();
     assert!(
-        report.contains("apart in our logits"),
+        report.contains("apart in the reference's logits"),
         "no divergence diagnosis in the report"
     );
 }

@@ -49,9 +49,11 @@ pub struct LocalStats {
     pub max_ulps: f64,
     /// Multi-dimensional index of the largest error.
     pub max_position: Vec<usize>,
-    /// Mean over rows of the row's relative scale error `|Σ e·x| / Σ x²`, in ulps of 1: the error's
-    /// systematic part. Rounding is unbiased and averages out over a row; a statistic computed at a
-    /// lower precision (an RMSNorm variance in bf16) scales a whole row and does not.
+    /// Mean over rows of `|mean(e / x)|` over the row's elements with `|x| ≥ rms(row)/16`, in ulps
+    /// of 1: the error's systematic part, a relative scale error shared by the row. Rounding is
+    /// unbiased and averages out over a row; a statistic computed at a lower precision (an RMSNorm
+    /// variance in bf16) scales a whole row and does not. Every element weighs the same, so a row
+    /// dominated by one outlier channel still averages over all of its elements.
     pub bias_ulps: f64,
     /// Largest absolute error.
     pub max_abs: f64,
@@ -71,7 +73,7 @@ pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> 
         let end = (start + row).min(n);
         let xs = &exact[start..end];
         let rms = (xs.iter().map(|x| x * x).sum::<f64>() / xs.len() as f64).sqrt();
-        let (mut ex, mut xx) = (0.0f64, 0.0f64);
+        let (mut rel_sum, mut rel_n) = (0.0f64, 0usize);
         for i in start..end {
             let (x, s) = (exact[i], side[i]);
             if !x.is_finite() || !s.is_finite() {
@@ -88,11 +90,13 @@ pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> 
                 max_i = i;
             }
             max_abs = max_abs.max(e.abs());
-            ex += e * x;
-            xx += x * x;
+            if x != 0.0 && x.abs() >= rms / 16.0 {
+                rel_sum += e / x;
+                rel_n += 1;
+            }
         }
-        if xx > 0.0 {
-            bias_sum += (ex / xx).abs() / 2f64.powi(1 - p);
+        if rel_n > 0 {
+            bias_sum += (rel_sum / rel_n as f64).abs() / 2f64.powi(1 - p);
             rows += 1;
         }
     }
@@ -144,8 +148,9 @@ impl LocalRule {
     /// bf16 trace all have ratio 1.00 on every op); the factors leave room for an implementation
     /// that rounds differently but no worse, and are below what the upcast mistakes give at their
     /// entry op (softmax in bf16: RMS 1.9×, max 2.3×; RMSNorm variance in bf16: bias 3.3×).
-    /// f32: accumulation orders differ between careful kernels (measured up to 2.2× on RMSNorm's
-    /// RMS and 2.4× on its bias between lockstep and PyTorch); the upcast mistakes are 10-10⁵×.
+    /// f32: accumulation orders differ between careful kernels (measured: lockstep against PyTorch
+    /// up to 2.2× on RMSNorm's RMS; the JAX example's XLA dots against PyTorch's up to 3.4× RMS and
+    /// 6.9× max on a one-token q/k); the upcast mistakes are RMS 51-10⁵ ulp against ~1.
     pub fn for_tier(tier: Tier) -> Self {
         match tier {
             Tier::BF16 => LocalRule {
@@ -158,12 +163,15 @@ impl LocalRule {
                 f64_rel: 0.0,
             },
             Tier::F32 => LocalRule {
-                k_rms: 3.0,
-                floor_rms: 0.25,
-                k_max: 4.0,
-                floor_max: 2.0,
+                k_rms: 6.0,
+                floor_rms: 1.0,
+                k_max: 8.0,
+                floor_max: 4.0,
                 k_bias: 4.0,
-                floor_bias: 1.0 / 4.0,
+                // One rounding of a row's normalizing factor (`1/sqrt`: up to ~1 ulp) is no
+                // mistake; with one dominant channel (SmolLM2's 22,568 at index 507) every row's
+                // factor is about the same number and the reference's own bias can be ~0 by luck.
+                floor_bias: 1.0,
                 f64_rel: 0.0,
             },
             Tier::F64 => LocalRule {

@@ -56,7 +56,9 @@ pub fn rms_norm_with<T: Float>(x: &[T], weight: &[T], eps: f64, math: RmsNormMat
             RmsNormMath::Careful => {
                 let ss = pairwise_sum(row, &|v| v * v);
                 let mean = ss / T::from_f64(h as f64);
-                T::ONE / (mean + eps).sqrt()
+                // rsqrt rounded once (1/sqrt rounds twice: up to ~1 ulp on every element of the
+                // row, the same way, which the op-level row-bias statistic sees).
+                T::from_f64(1.0 / (mean + eps).to_f64().sqrt())
             }
             RmsNormMath::VarianceBf16 => {
                 let ss = pairwise_sum(row, &|v| round_bf16(v * v));
