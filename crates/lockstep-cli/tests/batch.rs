@@ -2,7 +2,7 @@
 //!
 //! Each row's logits must equal its unpadded run (ours, f32 within 1e-4 and f64 within 1e-9),
 //! and the logits of transformers' own left-padded forward (mask plus mask-derived position
-//! ids; f32 within max(1e-4, 3x transformers' own f32-vs-f64 distance) as DESIGN.md sets for
+//! ids; f32 within max(1e-4, 3x transformers' own f32-vs-f64 distance) as docs/numerics.md sets for
 //! logits as large as a trained model's); a decode step through the batched KV cache must too. Batched greedy generation must be
 //! token for token what `transformers.generate` gives for the same left-padded batch, and what
 //! each prompt gives alone.

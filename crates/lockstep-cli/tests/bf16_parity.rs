@@ -1,6 +1,6 @@
 //! The bf16 tier on checkpoints stored in bf16, at 10 and 300 tokens, judged against the pure-f64
 //! oracle run on the same bf16 weights (bit-level agreement with PyTorch bf16 is out of reach
-//! without its exact kernels; DESIGN.md):
+//! without its exact kernels; docs/numerics.md):
 //! - `--dtype bf16` (transformers' rounding points): every tapped tensor within 2× PyTorch bf16's
 //!   own distance from the oracle, top-1 agreement with the oracle at least PyTorch's minus 0.02
 //!   (the verifier's bf16 rule, applied through `lockstep_verify`);

@@ -2,7 +2,7 @@
 //!
 //! A fixed tolerance cannot tell a bug from rounding: the old JAX port's bf16 logits were 0.14 to
 //! 3.32 off PyTorch against a 1e-4 tolerance, and PyTorch bf16 is itself 0.13 to 0.40 off its own
-//! float64 run (DESIGN.md, "Precision tiers"). So every tier is judged against the yardstick that
+//! float64 run (docs/numerics.md, "The three tiers"). So every tier is judged against the yardstick that
 //! fits it:
 //!
 //! | tier | judged distance | threshold |
@@ -23,17 +23,17 @@ use serde::Serialize;
 
 /// f64 tier: the scale-aware tolerance factor on every tensor, and the absolute one on logits.
 ///
-/// DESIGN.md: a pure-f64 reference agrees with an independent numpy f64 implementation to 1e-14 on
+/// docs/numerics.md: a pure-f64 reference agrees with an independent numpy f64 implementation to 1e-14 on
 /// logits at 300 tokens, so in this tier any difference above ~1e-9 is a bug, never rounding.
 pub const F64_TOLERANCE: f64 = 1e-9;
 
 /// f32 tier: absolute tolerance on logits (the old report's own threshold, fit for logits of
-/// order 10). DESIGN.md measured PyTorch f32 against its f64 run at 1e-5 to 2e-5 on random models
+/// order 10). docs/numerics.md records PyTorch f32 against its f64 run at 1e-5 to 2e-5 on random models
 /// and 3e-5 to 7e-5 on real SmolLM2 weights.
 pub const F32_LOGITS_TOLERANCE: f64 = 1e-4;
 
 /// f32 tier: how many times the reference's own distance from the oracle ours may be
-/// (DESIGN.md: "a multiple of the reference's own f32 noise (e.g. 3 × |ref_f32 − oracle|)").
+/// (docs/numerics.md: "a multiple of the reference's own f32 noise (e.g. 3 × |ref_f32 − oracle|)").
 pub const F32_NOISE_MULTIPLE: f64 = 3.0;
 
 /// f32 tier: the floor under the noise multiple, in units of f32 epsilon (1.19e-7 = 2⁻²³) times
@@ -46,12 +46,12 @@ pub const F32_FLOOR_EPSILONS: f64 = 64.0;
 /// tolerance at scale 1; it only catches gross errors, which is why an oracle is recommended.
 pub const F32_NO_ORACLE_REL: f64 = 2e-4;
 
-/// bf16 tier: how many times the reference's distance from the oracle ours may be (DESIGN.md:
+/// bf16 tier: how many times the reference's distance from the oracle ours may be (docs/numerics.md:
 /// "ours passes when its distance from the oracle is no worse than the reference's own (≤ 2×)").
 pub const BF16_NOISE_MULTIPLE: f64 = 2.0;
 
 /// bf16 tier: how far ours' top-1 agreement with the oracle may fall below the reference's
-/// (DESIGN.md measured PyTorch bf16 top-1 agreement of 0.90 to 1.0).
+/// (docs/numerics.md: PyTorch bf16 top-1 agreement of 0.90 to 1.0).
 pub const BF16_TOP1_SLACK: f64 = 0.02;
 
 /// The precision tier a comparison is judged in, from the traces' compute dtype.
