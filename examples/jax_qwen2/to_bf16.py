@@ -10,35 +10,14 @@ the f32 test fixtures are not, hence this script.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 
 
 def to_bf16(src: str, dst: str) -> str:
-    import jax.numpy as jnp
-    from safetensors.flax import load_file, save_file
+    """The reference's own bf16 copy (`python -m lockstep_reference to-bf16`); returns `dst`."""
+    from lockstep_reference.ops import to_bf16 as reference_to_bf16
 
-    from lockstep_reference.st_io import checkpoint_files
-
-    tensors = {}
-    for f in checkpoint_files(src):
-        tensors.update(load_file(f))
-    os.makedirs(dst, exist_ok=True)
-    save_file({k: v.astype(jnp.bfloat16) for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["dtype"] = "bfloat16"
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = "bfloat16"
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    for name in os.listdir(src):
-        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
-            continue
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    reference_to_bf16(src, dst)
     return dst
 
 

@@ -15,17 +15,15 @@
 use super::checks::{tokenization_phase, weights_phase};
 use super::generation::generation_phase;
 use super::inputs::{Input, InputKind};
-use super::pyref::local_ops_supported;
 use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, HarnessError, HarnessResult,
-    OpsInput,
+    create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, HarnessError,
+    HarnessResult, OpsInput,
 };
 use lockstep_engine::kernels::matmul::Kernel;
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Bf16, Fault, Model, Precision};
 use lockstep_verify::compare::{nonfinite_summary, NonFiniteWeight};
-use lockstep_verify::local::local_phase;
 use lockstep_verify::{restrict, NamedComparison, Phase, Tier, TraceComparison, VerifyOutcome};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -162,26 +160,18 @@ pub fn run_verify(
             attn,
         ));
         full.push((tier, all));
-        let op_name = format!("op-level (each op on its own inputs) [{tier}]");
-        if local_ops_supported(&opts.model) {
-            progress(&format!(
-                "op-level in {tier}: transformers recomputes each op on lockstep's own inputs"
-            ));
-            let items = judge_ops(
-                reference,
-                &opts.model,
-                tier,
-                ops_inputs,
-                &opts.work_dir,
-                "ours",
-            )?;
-            phases.push(local_phase(op_name, &items));
+        let (op_phase, items) = op_level_phase(
+            reference,
+            &opts.model,
+            tier,
+            ops_inputs,
+            &opts.work_dir,
+            "ours",
+            progress,
+        )?;
+        phases.push(op_phase);
+        if !items.is_empty() {
             local.push((tier, items));
-        } else {
-            phases.push(Phase::skip(
-                op_name,
-                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
-            ));
         }
         if tier == Tier::BF16 {
             progress("running lockstep in bf16w (bf16 weights, f32 activations)");

@@ -121,3 +121,35 @@ pub fn judge_ops(
     }
     Ok(out)
 }
+
+/// The op-level phase of `tier` for these test traces ("ours" or "port" names the side in the
+/// progress line and the output files), with its judgements; skipped when the model's float64
+/// copy would not fit in memory (the op-level reference holds one).
+pub fn op_level_phase(
+    reference: &mut dyn reference::Reference,
+    model: &Path,
+    tier: Tier,
+    inputs: Vec<OpsInput>,
+    work: &Path,
+    side: &str,
+    progress: &mut dyn FnMut(&str),
+) -> HarnessResult<(
+    lockstep_verify::Phase,
+    Vec<lockstep_verify::local::NamedLocal>,
+)> {
+    let name = format!("op-level (each op on its own inputs) [{tier}]");
+    if !pyref::local_ops_supported(model) {
+        return Ok((
+            lockstep_verify::Phase::skip(
+                name,
+                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
+            ),
+            vec![],
+        ));
+    }
+    progress(&format!(
+        "op-level in {tier}: transformers recomputes each op on the test trace's own inputs"
+    ));
+    let items = judge_ops(reference, model, tier, inputs, work, side)?;
+    Ok((lockstep_verify::local::local_phase(name, &items), items))
+}

@@ -1,13 +1,11 @@
 //! The port pipeline of `lockstep verify --port-trace`: traces written by another port (JAX, C++,
 //! ...) against the Python reference run on the same ids in the trace's dtype.
 
-use super::pyref::local_ops_supported;
 use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, judge_ops, read_reference_trace, short, show_ids, HarnessError,
-    HarnessResult, OpsInput,
+    create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, short, show_ids,
+    HarnessError, HarnessResult, OpsInput,
 };
-use lockstep_verify::local::local_phase;
 use lockstep_verify::{restrict, NamedComparison, Phase, PortTrace, Tier, VerifyOutcome};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -165,28 +163,27 @@ pub fn run_port_verify(
             format!("attention weights [{tier}]"),
             comps.iter().map(|c| restrict(c, &attn_only)).collect(),
         ));
-        let op_name = format!("op-level (each op on its own inputs) [{tier}]");
-        if local_ops_supported(&opts.model) {
-            progress(&format!(
-                "op-level in {tier}: transformers recomputes each op on the port's own inputs"
-            ));
-            let inputs = mine
-                .iter()
-                .zip(&comps)
-                .map(|(port, c)| OpsInput {
-                    label: c.label.clone(),
-                    test: port.path.clone(),
-                    end_to_end: Some(c.comparison.clone()),
-                })
-                .collect();
-            let items = judge_ops(reference, &opts.model, tier, inputs, &opts.work_dir, "port")?;
-            phases.push(local_phase(op_name, &items));
+        let inputs = mine
+            .iter()
+            .zip(&comps)
+            .map(|(port, c)| OpsInput {
+                label: c.label.clone(),
+                test: port.path.clone(),
+                end_to_end: Some(c.comparison.clone()),
+            })
+            .collect();
+        let (op_phase, items) = op_level_phase(
+            reference,
+            &opts.model,
+            tier,
+            inputs,
+            &opts.work_dir,
+            "port",
+            progress,
+        )?;
+        phases.push(op_phase);
+        if !items.is_empty() {
             local.push((tier, items));
-        } else {
-            phases.push(Phase::skip(
-                op_name,
-                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
-            ));
         }
         full.push((tier, comps));
     }
