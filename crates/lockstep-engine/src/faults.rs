@@ -5,6 +5,12 @@
 //! settings select a kernel variant where the mistake is in the arithmetic (the upcast mistakes:
 //! softmax, RMSNorm variance, RoPE table or residual adds in the wrong dtype).
 
+use crate::config::ModelConfig;
+use crate::kernels::attention::GqaMapping;
+use crate::kernels::norm::RmsNormMath;
+use crate::kernels::rope::{RopeLayout, RopeRounding};
+use crate::kernels::ResidualDtype;
+use crate::model::Settings;
 use std::fmt;
 use std::str::FromStr;
 
@@ -74,6 +80,28 @@ impl Fault {
         Fault::NormEpsOutsideSqrt,
         Fault::ResidualBf16,
     ];
+
+    /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
+    /// weights themselves (dropped biases, the wrong head) are applied where weights load.
+    pub fn apply(self, settings: &mut Settings, config: &ModelConfig) {
+        let s = settings;
+        match self {
+            Fault::NormEps => s.rms_norm_eps = config.rms_norm_eps * 10.0,
+            Fault::RopeTheta if config.rope_theta == 10000.0 => s.rope_theta = 1e6,
+            Fault::RopeTheta => s.rope_theta = 10000.0,
+            Fault::RopeInterleaved => s.rope_layout = RopeLayout::Interleaved,
+            Fault::Bf16Positions => s.rope_rounding = RopeRounding::Bf16Positions,
+            Fault::RopeBf16InvFreq => s.rope_rounding = RopeRounding::Bf16InvFreq,
+            Fault::NormVarianceBf16 => s.norm_math = RmsNormMath::VarianceBf16,
+            Fault::NormEpsOutsideSqrt => s.norm_math = RmsNormMath::EpsOutsideSqrt,
+            Fault::SoftmaxBf16 => s.softmax_bf16 = true,
+            Fault::ResidualBf16 => s.residual = ResidualDtype::Wrong,
+            Fault::GqaOrder => s.gqa = GqaMapping::RoundRobin,
+            Fault::CausalMaskOff => s.causal = false,
+            Fault::NoFinalNorm => s.final_norm = false,
+            Fault::NoQkvBias | Fault::UntiedHead => {}
+        }
+    }
 
     /// The CLI name.
     pub fn name(self) -> &'static str {

@@ -1,0 +1,180 @@
+//! One decoder layer as `modeling_qwen2.py` writes it: the self-attention block and the MLP
+//! block, each reading the residual stream `x` and adding its output back.
+//!
+//! ```text
+//! h = rms_norm(x) ; q, k, v = h·Wq + bq, h·Wk + bk, h·Wv + bv ; q, k = rope(q), rope(k)
+//! x = x + o_proj(attention(q, k, v))
+//! h = rms_norm(x) ; x = x + down(silu(gate(h)) * up(h))
+//! ```
+
+use super::{KvCache, LayerWeights, Model};
+use crate::config::ModelConfig;
+use crate::kernels::activation::silu_mul_in_place;
+use crate::kernels::attention::{attention, AttentionSpec};
+use crate::kernels::matmul::linear;
+use crate::kernels::norm::rms_norm_with;
+use crate::kernels::rope::RopeTable;
+use crate::kernels::{decode_vec, residual_add, Float};
+use crate::observer::{Observer, TapView};
+use lockstep_trace::{LayerTap, TapName};
+
+/// The buffers of one forward pass, allocated once and reused by every layer.
+pub(crate) struct Scratch<T> {
+    /// The normed residual stream, `[tn][H]`.
+    pub normed: Vec<T>,
+    /// Queries, `[tn][heads][D]`.
+    q: Vec<T>,
+    /// Keys, `[tn][kv_heads][D]`.
+    k: Vec<T>,
+    /// Values, `[tn][kv_heads][D]`.
+    v: Vec<T>,
+    /// Attention output before `o_proj`, `[tn][heads*D]`.
+    attn: Vec<T>,
+    /// A block's output before the residual add, `[tn][H]`.
+    out: Vec<T>,
+    /// `gate_proj` output, then `act(gate) * up`, `[tn][I]`.
+    gate: Vec<T>,
+    /// `up_proj` output, `[tn][I]`.
+    up: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    /// Buffers for `tn` tokens (all rows together) of a model shaped like `c`.
+    pub fn new(c: &ModelConfig, tn: usize) -> Self {
+        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let zeros = |len: usize| vec![T::ZERO; len];
+        Scratch {
+            normed: zeros(tn * h),
+            q: zeros(tn * c.num_heads * d),
+            k: zeros(tn * c.num_kv_heads * d),
+            v: zeros(tn * c.num_kv_heads * d),
+            attn: zeros(tn * c.num_heads * d),
+            out: zeros(tn * h),
+            gate: zeros(tn * i),
+            up: zeros(tn * i),
+        }
+    }
+}
+
+/// What every layer of one forward pass shares: the rows' caches and masks, and the RoPE table.
+pub(crate) struct Pass<'a, T> {
+    /// One cache per row.
+    pub caches: &'a mut [KvCache<T>],
+    /// Per row, which cached positions attention may see (padding hidden); `None`: all.
+    pub key_masks: Option<&'a [Vec<bool>]>,
+    /// cos/sin at every new position.
+    pub rope: &'a RopeTable<T>,
+    /// New tokens per row.
+    pub n: usize,
+}
+
+impl Model {
+    /// The self-attention block of layer `l`: `x = x + o_proj(attention(rope(q), rope(k), v))`.
+    pub(crate) fn attention_block<T: Float>(
+        &self,
+        l: usize,
+        w: &LayerWeights,
+        x: &mut [T],
+        pass: &mut Pass<'_, T>,
+        buf: &mut Scratch<T>,
+        obs: &mut impl Observer<T>,
+    ) {
+        let (c, s) = (&self.config, &self.settings);
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let tap = |t| TapName::Layer(l, t);
+        let rows = pass.caches.len();
+        let (n, tn) = (pass.n, x.len() / h);
+
+        let input_norm = decode_vec(&w.input_norm);
+        rms_norm_with(x, &input_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
+        obs.tap(tap(LayerTap::InputNorm), TapView::rows(&buf.normed, h));
+
+        let bias = w
+            .qkv_bias
+            .as_ref()
+            .map(|b| b.each_ref().map(decode_vec::<T>));
+        let bias_of = |i: usize| bias.as_ref().map(|b| &b[i][..]);
+        linear(&buf.normed, tn, &w.q_proj, bias_of(0), &mut buf.q);
+        linear(&buf.normed, tn, &w.k_proj, bias_of(1), &mut buf.k);
+        linear(&buf.normed, tn, &w.v_proj, bias_of(2), &mut buf.v);
+        obs.tap(tap(LayerTap::Q), TapView::heads(&buf.q, heads, d));
+        obs.tap(tap(LayerTap::K), TapView::heads(&buf.k, kv_heads, d));
+        obs.tap(tap(LayerTap::V), TapView::heads(&buf.v, kv_heads, d));
+
+        pass.rope.apply(&mut buf.q, heads);
+        pass.rope.apply(&mut buf.k, kv_heads);
+        obs.tap(tap(LayerTap::QRope), TapView::heads(&buf.q, heads, d));
+        obs.tap(tap(LayerTap::KRope), TapView::heads(&buf.k, kv_heads, d));
+
+        // Attention per row, over that row's cache with this step's keys and values appended.
+        let (qd, kvd) = (n * heads * d, n * kv_heads * d);
+        for (b, cache) in pass.caches.iter_mut().enumerate() {
+            let past = cache.len;
+            cache.k[l].extend_from_slice(&buf.k[b * kvd..(b + 1) * kvd]);
+            cache.v[l].extend_from_slice(&buf.v[b * kvd..(b + 1) * kvd]);
+            let keys = past + n;
+            let spec = AttentionSpec {
+                heads,
+                kv_heads,
+                head_dim: d,
+                q_start: past,
+                causal: s.causal,
+                mapping: s.gqa,
+                softmax_bf16: s.softmax_bf16,
+            };
+            let mut probs =
+                (rows == 1 && obs.wants_attention_probs()).then(|| vec![T::ZERO; heads * n * keys]);
+            attention(
+                &spec,
+                &buf.q[b * qd..(b + 1) * qd],
+                &cache.k[l],
+                &cache.v[l],
+                pass.key_masks.map(|m| &m[b][..]),
+                &mut buf.attn[b * qd..(b + 1) * qd],
+                probs.as_deref_mut(),
+            );
+            if let Some(p) = &probs {
+                let view = TapView::Probs {
+                    data: p,
+                    heads,
+                    keys,
+                };
+                obs.tap(tap(LayerTap::AttnProbs), view);
+            }
+        }
+        obs.tap(tap(LayerTap::AttnOut), TapView::rows(&buf.attn, heads * d));
+
+        linear(&buf.attn, tn, &w.o_proj, None, &mut buf.out);
+        obs.tap(tap(LayerTap::OProj), TapView::rows(&buf.out, h));
+        residual_add(x, &buf.out, s.residual);
+        obs.tap(tap(LayerTap::ResidAttn), TapView::rows(x, h));
+    }
+
+    /// The MLP block of layer `l`: `x = x + down(act(gate(h)) * up(h))`, `h = rms_norm(x)`.
+    pub(crate) fn mlp_block<T: Float>(
+        &self,
+        l: usize,
+        w: &LayerWeights,
+        x: &mut [T],
+        buf: &mut Scratch<T>,
+        obs: &mut impl Observer<T>,
+    ) {
+        let (c, s) = (&self.config, &self.settings);
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let tap = |t| TapName::Layer(l, t);
+        let tn = x.len() / h;
+
+        let post_norm = decode_vec(&w.post_norm);
+        rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
+        obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
+        linear(&buf.normed, tn, &w.gate_proj, None, &mut buf.gate);
+        linear(&buf.normed, tn, &w.up_proj, None, &mut buf.up);
+        silu_mul_in_place(&mut buf.gate, &buf.up);
+        obs.tap(tap(LayerTap::MlpAct), TapView::rows(&buf.gate, inter));
+        linear(&buf.gate, tn, &w.down_proj, None, &mut buf.out);
+        obs.tap(tap(LayerTap::MlpOut), TapView::rows(&buf.out, h));
+        residual_add(x, &buf.out, s.residual);
+        obs.tap(tap(LayerTap::Out), TapView::rows(x, h));
+    }
+}

@@ -1,0 +1,117 @@
+//! Loading a checkpoint: config, memory-mapped weights, and the numerical settings.
+
+use super::{LayerWeights, Model, Settings};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::faults::Fault;
+use crate::kernels::attention::GqaMapping;
+use crate::kernels::norm::RmsNormMath;
+use crate::kernels::rope::{RopeLayout, RopeRounding};
+use crate::kernels::ResidualDtype;
+use crate::weights::Checkpoint;
+use std::path::Path;
+
+impl Settings {
+    /// The settings `config` asks for: exactly what transformers computes.
+    pub fn from_config(c: &ModelConfig) -> Self {
+        Settings {
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            rope_layout: RopeLayout::RotateHalf,
+            rope_rounding: RopeRounding::Careful,
+            norm_math: RmsNormMath::Careful,
+            softmax_bf16: false,
+            residual: ResidualDtype::Model,
+            gqa: GqaMapping::Grouped,
+            causal: true,
+            final_norm: true,
+        }
+    }
+}
+
+impl Model {
+    /// Loads config.json and the weights of a Hugging Face model folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with_fault(dir, None)
+    }
+
+    /// Loads a model with a deliberate bug (for proving the verifier).
+    pub fn load_with_fault(dir: &Path, fault: Option<Fault>) -> Result<Self> {
+        // A .gguf file, or a folder holding one and no safetensors: config from its metadata.
+        let (config, ck) = match crate::gguf::locate(dir)? {
+            Some(file) => crate::gguf::load(&file)?,
+            None => {
+                if !dir.is_dir() {
+                    return Err(EngineError::MissingFile {
+                        path: dir.to_path_buf(),
+                        what: "the model folder".into(),
+                    });
+                }
+                let config = ModelConfig::from_file(&dir.join("config.json"))?;
+                (config, Checkpoint::open(dir)?)
+            }
+        };
+        let c = &config;
+        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
+        let embed_tokens = ck.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::new();
+        for l in 0..c.num_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let qkv_bias = if c.qkv_bias && fault != Some(Fault::NoQkvBias) {
+                Some([
+                    ck.get(&p("self_attn.q_proj.bias"), &[qd])?,
+                    ck.get(&p("self_attn.k_proj.bias"), &[kvd])?,
+                    ck.get(&p("self_attn.v_proj.bias"), &[kvd])?,
+                ])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                input_norm: ck.get(&p("input_layernorm.weight"), &[h])?,
+                q_proj: ck.get(&p("self_attn.q_proj.weight"), &[qd, h])?,
+                k_proj: ck.get(&p("self_attn.k_proj.weight"), &[kvd, h])?,
+                v_proj: ck.get(&p("self_attn.v_proj.weight"), &[kvd, h])?,
+                qkv_bias,
+                o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
+                post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
+                gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
+                up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
+                down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+            });
+        }
+        let norm = ck.get("model.norm.weight", &[h])?;
+        let head_shape = [c.vocab_size, h];
+        let lm_head = match (c.tie_word_embeddings, fault == Some(Fault::UntiedHead)) {
+            (true, false) => embed_tokens.clone(),
+            (false, false) => ck.get("lm_head.weight", &head_shape)?,
+            // The fault: an untied model tied by mistake, or a tied model given another matrix.
+            (false, true) => embed_tokens.clone(),
+            (true, true) => layers
+                .first()
+                .map(|l| l.gate_proj.clone())
+                .filter(|g| g.shape == head_shape)
+                .or_else(|| ck.tensors.get("lm_head.weight").cloned())
+                .ok_or_else(|| {
+                    EngineError::Input(
+                        "fault untied-head needs an untied checkpoint (this one ties lm_head to the embeddings)"
+                            .into(),
+                    )
+                })?,
+        };
+        let mut settings = Settings::from_config(c);
+        if let Some(f) = fault {
+            f.apply(&mut settings, c);
+        }
+        Ok(Model {
+            config,
+            checkpoint: ck,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            settings,
+            fault,
+        })
+    }
+}

@@ -1,0 +1,311 @@
+//! The Qwen2 / Llama decoder, read top to bottom like the math of `modeling_qwen2.py`.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each layer:
+//!     x = x + self_attention(rms_norm(x))      (blocks.rs)
+//!     x = x + mlp(rms_norm(x))                 (blocks.rs)
+//! logits = lm_head(rms_norm(x))
+//! ```
+//!
+//! `load.rs` reads the checkpoint and the settings, `cache.rs` holds the KV cache.
+//!
+//! Weights stay memory-mapped in their stored dtype; the compute type `T` (f32 or f64) is chosen
+//! per call. Intermediate tensors go to an [`Observer`] (a no-op unless tracing).
+
+mod blocks;
+mod cache;
+mod load;
+
+pub use cache::{BatchKvCache, KvCache, PaddedBatch};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::faults::Fault;
+use crate::kernels::attention::GqaMapping;
+use crate::kernels::matmul::linear;
+use crate::kernels::norm::{rms_norm_with, RmsNormMath};
+use crate::kernels::rope::{RopeLayout, RopeRounding, RopeTable};
+use crate::kernels::{decode_vec, Float, ResidualDtype};
+use crate::observer::{Observer, TapView};
+use crate::weights::{Checkpoint, Tensor};
+use blocks::{Pass, Scratch};
+use lockstep_trace::TapName;
+
+/// Weights of one decoder layer.
+#[derive(Debug)]
+pub struct LayerWeights {
+    /// `input_layernorm.weight`, [H].
+    pub input_norm: Tensor,
+    /// `self_attn.q_proj.weight`, [heads*D, H].
+    pub q_proj: Tensor,
+    /// `self_attn.k_proj.weight`, [kv_heads*D, H].
+    pub k_proj: Tensor,
+    /// `self_attn.v_proj.weight`, [kv_heads*D, H].
+    pub v_proj: Tensor,
+    /// q/k/v biases when the architecture has them.
+    pub qkv_bias: Option<[Tensor; 3]>,
+    /// `self_attn.o_proj.weight`, [H, heads*D].
+    pub o_proj: Tensor,
+    /// `post_attention_layernorm.weight`, [H].
+    pub post_norm: Tensor,
+    /// `mlp.gate_proj.weight`, [I, H].
+    pub gate_proj: Tensor,
+    /// `mlp.up_proj.weight`, [I, H].
+    pub up_proj: Tensor,
+    /// `mlp.down_proj.weight`, [H, I].
+    pub down_proj: Tensor,
+}
+
+/// Numerical settings derived from the config (and, for fault injection, deliberately wrong).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE pairing layout.
+    pub rope_layout: RopeLayout,
+    /// bf16 rounding in the RoPE table (careful: none beyond HF's).
+    pub rope_rounding: RopeRounding,
+    /// How RMSNorm computes its factor.
+    pub norm_math: RmsNormMath,
+    /// Attention softmax in bf16.
+    pub softmax_bf16: bool,
+    /// The dtype of the residual adds.
+    pub residual: ResidualDtype,
+    /// Query-to-kv head mapping.
+    pub gqa: GqaMapping,
+    /// Causal mask on.
+    pub causal: bool,
+    /// Apply the final norm.
+    pub final_norm: bool,
+}
+
+/// A loaded model: config, memory-mapped weights and settings.
+pub struct Model {
+    /// The parsed config.json.
+    pub config: ModelConfig,
+    /// The checkpoint the weights live in.
+    pub checkpoint: Checkpoint,
+    /// `model.embed_tokens.weight`, [V, H].
+    pub embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// `model.norm.weight`, [H].
+    pub norm: Tensor,
+    /// The LM head, [V, H] (the embedding matrix when tied).
+    pub lm_head: Tensor,
+    /// Numerical settings.
+    pub settings: Settings,
+    /// The injected fault, if any.
+    pub fault: Option<Fault>,
+}
+
+/// Which positions' logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new position (traces, verification).
+    All,
+    /// Only the last new position (generation).
+    Last,
+}
+
+impl Model {
+    /// The model family.
+    pub fn architecture(&self) -> Architecture {
+        self.config.arch
+    }
+
+    /// Checks token ids against the vocabulary and the context length.
+    pub fn check_tokens(&self, tokens: &[u32], past: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(EngineError::Input("no input tokens".into()));
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::Input(format!(
+                "token id {bad} is out of range (vocab_size is {})",
+                self.config.vocab_size
+            )));
+        }
+        let total = past + tokens.len();
+        if total > self.config.max_position_embeddings {
+            return Err(EngineError::Input(format!(
+                "sequence of {total} tokens is longer than the model's context (max_position_embeddings = {})",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// One forward pass over `tokens` following what `cache` holds; returns the logits of every
+    /// new position, `[tokens.len()][vocab]`, and appends the new keys/values to the cache.
+    pub fn forward<T: Float>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<T>,
+        obs: &mut impl Observer<T>,
+    ) -> Result<Vec<T>> {
+        self.forward_logits(tokens, cache, obs, LogitsFor::All)
+    }
+
+    /// The logits of the last new position only, `[vocab]` (generation: prefill and decode).
+    pub fn forward_last<T: Float>(&self, tokens: &[u32], cache: &mut KvCache<T>) -> Result<Vec<T>> {
+        self.forward_logits(tokens, cache, &mut crate::NoObserver, LogitsFor::Last)
+    }
+
+    /// One forward pass, computing the logits of the positions `which` selects.
+    pub fn forward_logits<T: Float>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<T>,
+        obs: &mut impl Observer<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
+        self.check_tokens(tokens, cache.len)?;
+        let positions: Vec<usize> = (cache.len..cache.len + tokens.len()).collect();
+        self.forward_rows(
+            tokens,
+            &positions,
+            std::slice::from_mut(cache),
+            None,
+            obs,
+            which,
+        )
+    }
+
+    /// One forward pass over a batch of rows padded to one length: `tokens` and `mask` are
+    /// `[rows][n]` (transformers' `input_ids` and `attention_mask`, padding on the left). Each
+    /// row's positions count only its real tokens and its padding is hidden from attention, so
+    /// each row computes what it would alone. Returns `[rows][n][vocab]` logits for
+    /// [`LogitsFor::All`], `[rows][vocab]` for [`LogitsFor::Last`].
+    pub fn forward_batch<T: Float>(
+        &self,
+        tokens: &[u32],
+        mask: &[bool],
+        cache: &mut BatchKvCache<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
+        let rows = cache.rows.len();
+        if rows == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(rows) {
+            return Err(EngineError::Input(format!(
+                "a batch of {rows} rows needs a non-empty multiple of {rows} tokens, got {}",
+                tokens.len()
+            )));
+        }
+        if mask.len() != tokens.len() {
+            return Err(EngineError::Input(format!(
+                "attention mask has {} entries for {} tokens",
+                mask.len(),
+                tokens.len()
+            )));
+        }
+        let n = tokens.len() / rows;
+        for (b, row) in tokens.chunks(n).enumerate() {
+            self.check_tokens(row, cache.rows[b].len)?;
+        }
+        let mut positions = Vec::with_capacity(tokens.len());
+        for (seen, row_mask) in cache.key_mask.iter_mut().zip(mask.chunks(n)) {
+            // transformers: position_ids = cumsum(attention_mask) - 1, padding set to 1.
+            let mut real_before = seen.iter().filter(|&&x| x).count();
+            for &m in row_mask {
+                positions.push(if m { real_before } else { 1 });
+                real_before += usize::from(m);
+                seen.push(m);
+            }
+        }
+        let BatchKvCache {
+            rows: caches,
+            key_mask,
+        } = cache;
+        self.forward_rows(
+            tokens,
+            &positions,
+            caches,
+            Some(key_mask),
+            &mut crate::NoObserver,
+            which,
+        )
+    }
+
+    /// The forward pass proper: `caches.len()` rows of `n` new tokens each, run through every
+    /// matmul together; attention per row over that row's cache (minus keys `key_masks` hides).
+    fn forward_rows<T: Float>(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        caches: &mut [KvCache<T>],
+        key_masks: Option<&[Vec<bool>]>,
+        obs: &mut impl Observer<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
+        let (c, s) = (&self.config, &self.settings);
+        let rows = caches.len();
+        let (n, h) = (tokens.len() / rows, c.hidden_size);
+        let rope = RopeTable::<T>::at_positions(
+            s.rope_theta,
+            c.head_dim,
+            positions,
+            s.rope_layout,
+            s.rope_rounding,
+        );
+        obs.tap(TapName::Tokens, TapView::Tokens(tokens));
+
+        let mut x = vec![T::ZERO; tokens.len() * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            let e = &self.embed_tokens;
+            T::decode(e.dtype, e.row_bytes(t as usize), row);
+        }
+        obs.tap(TapName::Embed, TapView::rows(&x, h));
+
+        let mut buf = Scratch::new(c, tokens.len());
+        let mut pass = Pass {
+            caches,
+            key_masks,
+            rope: &rope,
+            n,
+        };
+        for (l, w) in self.layers.iter().enumerate() {
+            self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
+            self.mlp_block(l, w, &mut x, &mut buf, obs);
+        }
+        for cache in pass.caches.iter_mut() {
+            cache.len += n;
+        }
+
+        let normed = &mut buf.normed;
+        if s.final_norm {
+            rms_norm_with(
+                &x,
+                &decode_vec(&self.norm),
+                s.rms_norm_eps,
+                s.norm_math,
+                normed,
+            );
+        } else {
+            normed.copy_from_slice(&x);
+        }
+        obs.tap(TapName::FinalNorm, TapView::rows(normed, h));
+        let picked: Vec<T>;
+        let head_in = match which {
+            LogitsFor::All => &normed[..],
+            LogitsFor::Last if rows == 1 => &normed[(n - 1) * h..],
+            LogitsFor::Last => {
+                picked = normed
+                    .chunks_exact(n * h)
+                    .flat_map(|row| &row[(n - 1) * h..])
+                    .copied()
+                    .collect();
+                &picked[..]
+            }
+        };
+        let m = head_in.len() / h;
+        let mut logits = vec![T::ZERO; m * c.vocab_size];
+        linear(head_in, m, &self.lm_head, None, &mut logits);
+        obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
+        Ok(logits)
+    }
+}
