@@ -13,6 +13,8 @@ import sys
 import torch
 
 from . import tracer
+from .protocol import (ChatAnswer, Conversation, GenerateAnswer, GenerateJob, TraceJob, WeightsAnswer,
+                       answer_line, parse_list)
 from .st_io import checkpoint_files, read_header
 
 _STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
@@ -24,30 +26,28 @@ def trace_batch(jobs_path: str) -> None:
 
     A job with `"streamed": true` (dtype "f64" only) is the same pure-f64 trace computed layer by
     layer (streamed.py): for models too big for float64 in RAM; nothing stays loaded for it."""
-    with open(jobs_path) as f:
-        jobs = json.load(f)
     loaded: dict[tuple[str, str], object] = {}
-    for job in jobs:
-        if job.get("streamed"):
+    for job in parse_list(TraceJob, jobs_path):
+        if job.streamed:
             from . import streamed
 
-            if job["dtype"] != "f64":
-                raise SystemExit(f"streamed job {job['out']}: dtype must be f64, not {job['dtype']}")
+            if job.dtype != "f64":
+                raise SystemExit(f"streamed job {job.out}: dtype must be f64, not {job.dtype}")
             loaded.clear()  # free any loaded model first
             model = None
-            streamed.trace_streamed(job["model"], job["out"], token_ids=job["tokens"])
-            print(f"wrote {job['out']}: {len(job['tokens'])} tokens, dtype f64 (streamed, peak RSS "
+            streamed.trace_streamed(job.model, job.out, token_ids=job.tokens)
+            print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype f64 (streamed, peak RSS "
                   f"{streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
             continue
-        key = (job["model"], job["dtype"])
+        key = (job.model, job.dtype)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[key] = tracer.load_model(job["model"], job["dtype"])
+            loaded[key] = tracer.load_model(job.model, job.dtype)
         model = loaded[key]
-        tensors = tracer.trace_model(model, job["tokens"], job["dtype"])
-        meta = tracer.trace_metadata(job["model"], model, job["tokens"], job["dtype"], None)
-        tracer.write_safetensors(job["out"], tensors, meta)
-        print(f"wrote {job['out']}: {len(job['tokens'])} tokens, dtype {job['dtype']}", file=sys.stderr)
+        tensors = tracer.trace_model(model, job.tokens, job.dtype)
+        meta = tracer.trace_metadata(job.model, model, job.tokens, job.dtype, None)
+        tracer.write_safetensors(job.out, tensors, meta)
+        print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype}", file=sys.stderr)
 
 
 def tokenize_batch(model_dir: str, texts_path: str) -> None:
@@ -82,28 +82,26 @@ def weights(model_dir: str) -> None:
         raw = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
         sums[name] = hashlib.sha256(raw).hexdigest()
     attn = model.model.layers[0].self_attn
-    print(json.dumps({
-        "checksums": sums,
-        "parameter_count": sum(p.numel() for p in model.parameters()),
-        "tied": model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
-        "qkv_bias": attn.q_proj.bias is not None,
-        "dtype": dtype,
-    }))
+    print(answer_line(WeightsAnswer(
+        checksums=sums,
+        parameter_count=sum(p.numel() for p in model.parameters()),
+        tied=model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+        qkv_bias=attn.q_proj.bias is not None,
+        dtype=dtype,
+    )))
 
 
 def chat_batch(model_dir: str, conversations_path: str) -> None:
     """Print, as one JSON line, `[{"text", "ids"}, ...]`: each conversation of a JSON list
     `[{"messages": [...], "tools": [...] | null}, ...]` rendered by `apply_chat_template` with
     `add_generation_prompt=True`, and its ids."""
-    with open(conversations_path) as f:
-        conversations = json.load(f)
     tok = tracer.load_tokenizer(model_dir)
     out = []
-    for conv in conversations:
-        text = tok.apply_chat_template(conv["messages"], tools=conv.get("tools"), tokenize=False,
+    for conv in parse_list(Conversation, conversations_path):
+        text = tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=False,
                                        add_generation_prompt=True)
-        out.append({"text": text, "ids": list(tok(text, add_special_tokens=False)["input_ids"])})
-    print(json.dumps(out, ensure_ascii=False))
+        out.append(ChatAnswer(text=text, ids=list(tok(text, add_special_tokens=False)["input_ids"])))
+    print(answer_line(out))
 
 
 def generate_batch(jobs_path: str) -> None:
@@ -132,38 +130,36 @@ def generate_batch(jobs_path: str) -> None:
     # One thread unless told otherwise: on a busy machine PyTorch's OpenMP threads spin against
     # other processes and run ~10x slower than one thread (measured here, SmolLM2-135M decode).
     torch.set_num_threads(int(os.environ.get("LOCKSTEP_REFERENCE_THREADS", "1")))
-    with open(jobs_path) as f:
-        jobs = json.load(f)
     loaded: dict[str, tuple] = {}
     out = []
-    for job in jobs:
-        if job["model"] not in loaded:
+    for job in parse_list(GenerateJob, jobs_path):
+        if job.model not in loaded:
             loaded.clear()
-            m = tracer.load_model(job["model"], "f32")
-            loaded[job["model"]] = (m, copy.deepcopy(m.generation_config), None)
-        model, original, tok = loaded[job["model"]]
-        if tok is None and ("prompt" in job or "messages" in job):
-            tok = tracer.load_tokenizer(job["model"])
-            loaded[job["model"]] = (model, original, tok)
-        if "token_batch" in job:
-            prompt_ids = [[int(t) for t in row] for row in job["token_batch"]]
-        elif "tokens" in job:
-            prompt_ids = [int(t) for t in job["tokens"]]
-        elif "prompt" in job:
-            prompt_ids = list(tok(job["prompt"], add_special_tokens=False)["input_ids"])
+            m = tracer.load_model(job.model, "f32")
+            loaded[job.model] = (m, copy.deepcopy(m.generation_config), None)
+        model, original, tok = loaded[job.model]
+        if tok is None and (job.prompt is not None or job.messages is not None):
+            tok = tracer.load_tokenizer(job.model)
+            loaded[job.model] = (model, original, tok)
+        if job.token_batch is not None:
+            prompt_ids = [[int(t) for t in row] for row in job.token_batch]
+        elif job.tokens is not None:
+            prompt_ids = [int(t) for t in job.tokens]
+        elif job.prompt is not None:
+            prompt_ids = list(tok(job.prompt, add_special_tokens=False)["input_ids"])
         else:
-            text = tok.apply_chat_template(job["messages"], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
             prompt_ids = list(tok(text, add_special_tokens=False)["input_ids"])
         gc = copy.deepcopy(original)
         gc.do_sample = False
         gc.num_beams = 1
-        gc.max_new_tokens = int(job["max_new_tokens"])
+        gc.max_new_tokens = job.max_new_tokens
         gc.max_length = None
         gc.min_length = 0
         gc.min_new_tokens = None
-        gc.repetition_penalty = float(job.get("repetition_penalty", 1.0))
+        gc.repetition_penalty = float(job.repetition_penalty)
         gc.temperature = gc.top_k = gc.top_p = gc.min_p = None
-        if job.get("ignore_eos"):
+        if job.ignore_eos:
             gc.eos_token_id = None
         if gc.pad_token_id is None:
             eos = gc.eos_token_id
@@ -171,7 +167,7 @@ def generate_batch(jobs_path: str) -> None:
         # generate() fills every unset (None) field from model.generation_config: install ours there
         # too, or a cleared eos_token_id would come back from it.
         model.generation_config = gc
-        if "token_batch" in job:
+        if job.token_batch is not None:
             ids, mask, _ = left_padded(prompt_ids, gc.pad_token_id)
         else:
             ids = torch.tensor([prompt_ids], dtype=torch.long)
@@ -184,13 +180,13 @@ def generate_batch(jobs_path: str) -> None:
         top_ids, top_logits = top_of_scores(res.scores)
         eos = gc.eos_token_id
         eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-        one = "token_batch" not in job
-        out.append({"prompt_ids": prompt_ids, "generated": new[0] if one else new,
-                    "eos_token_ids": eos, "pad_token_id": int(gc.pad_token_id),
-                    "top_ids": top_ids[0] if one else top_ids,
-                    "top_logits": top_logits[0] if one else top_logits})
-        print(f"generated {len(new[0])} tokens x {len(new)} rows ({job['model']})", file=sys.stderr)
-    print(json.dumps(out))
+        one = job.token_batch is None
+        out.append(GenerateAnswer(prompt_ids=prompt_ids, generated=new[0] if one else new,
+                                  eos_token_ids=eos, pad_token_id=int(gc.pad_token_id),
+                                  top_ids=top_ids[0] if one else top_ids,
+                                  top_logits=top_logits[0] if one else top_logits))
+        print(f"generated {len(new[0])} tokens x {len(new)} rows ({job.model})", file=sys.stderr)
+    print(answer_line(out))
 
 
 TOP_K = 2

@@ -33,6 +33,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from .protocol import OpsJob, parse_list
 from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
 
 def _causal_mask(t: int, dtype: torch.dtype) -> torch.Tensor:
@@ -122,7 +123,7 @@ def _ordered(model, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens
             res[name] = tensors[name].detach().to(store).contiguous()
     return res
 
-def run_jobs(jobs: list[dict]) -> None:
+def run_jobs(jobs: list[OpsJob]) -> None:
     """Run op-level jobs: each `{"model", "test", "dtype", "out_exact", "out_reference"}` writes the
     pure-f64 local ops (`out_exact`) and, unless dtype is f64, transformers' own local ops in `dtype`
     (`out_reference`) for the test trace `test`. Models are loaded once per (model, dtype)."""
@@ -139,27 +140,26 @@ def run_jobs(jobs: list[dict]) -> None:
         return models[key]
 
     for job in jobs:
-        test = load_file(job["test"])
+        test = load_file(job.test)
         if "tokens" not in test:
-            raise ValueError(f"{job['test']}: no tokens tensor")
+            raise ValueError(f"{job.test}: no tokens tensor")
         tokens = test["tokens"].to(torch.int64)
         meta = {"producer": "transformers (op-level, on the test trace's inputs)",
-                "test_trace": job["test"], "token_ids": json.dumps(tokens.flatten().tolist())}
-        exact_model = get(job["model"], "f64")
+                "test_trace": job.test, "token_ids": json.dumps(tokens.flatten().tolist())}
+        exact_model = get(job.model, "f64")
         exact = local_ops(exact_model, test, pure=True)
-        write_safetensors(job["out_exact"], _ordered(exact_model, exact, torch.float64, tokens),
+        write_safetensors(job.out_exact, _ordered(exact_model, exact, torch.float64, tokens),
                           {**meta, "dtype": "f64", "pure_f64": "true"})
-        if job["dtype"] != "f64":
-            m = get(job["model"], job["dtype"])
+        if job.dtype != "f64":
+            m = get(job.model, job.dtype)
             ref = local_ops(m, test, pure=False)
-            write_safetensors(job["out_reference"], _ordered(m, ref, STORE_DTYPES[job["dtype"]], tokens),
-                              {**meta, "dtype": job["dtype"], "pure_f64": "false"})
+            write_safetensors(job.out_reference, _ordered(m, ref, STORE_DTYPES[job.dtype], tokens),
+                              {**meta, "dtype": job.dtype, "pure_f64": "false"})
 
 
 def ops_batch(jobs_file: str) -> None:
     """`python -m lockstep_reference ops-batch JOBS.json` (see `run_jobs`)."""
-    with open(jobs_file) as f:
-        run_jobs(json.load(f))
+    run_jobs(parse_list(OpsJob, jobs_file))
 
 
 def to_bf16(src: str, dst: str) -> None:

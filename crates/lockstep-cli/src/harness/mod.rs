@@ -9,6 +9,7 @@ pub mod error;
 pub mod generation;
 pub mod inputs;
 pub mod port_pipeline;
+pub mod protocol;
 pub mod pyref;
 pub mod python;
 pub mod reference;

@@ -1,6 +1,7 @@
 //! The Python reference as the verifier's [`Reference`]: one Python process per batch of work,
 //! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
 
+use super::protocol::{ChatAnswer, GenerateAnswer, GenerateRequest, OpsRequest, TraceRequest};
 use super::python::ReferenceEnv;
 use super::reference::{GenerateJob, OpsJob, Reference, ReferenceWeights, TraceJob};
 use super::{HarnessError, HarnessResult};
@@ -29,11 +30,12 @@ impl PythonReference {
         }
     }
 
-    fn write_request(&self, name: &str, v: &serde_json::Value) -> HarnessResult<PathBuf> {
+    fn write_request(&self, name: &str, v: &impl serde::Serialize) -> HarnessResult<PathBuf> {
         super::create_work_dir(&self.scratch)?;
         // One file per process: two lockstep runs on one model share the scratch folder.
         let p = self.scratch.join(format!("{}-{name}", std::process::id()));
-        std::fs::write(&p, v.to_string())
+        let text = serde_json::to_string(v).map_err(|e| HarnessError::reference(e.to_string()))?;
+        std::fs::write(&p, text)
             .map_err(|e| HarnessError::io(format!("cannot write {}", p.display()), e))?;
         Ok(p)
     }
@@ -63,9 +65,10 @@ fn bad_output(command: &str, e: serde_json::Error) -> HarnessError {
 }
 
 /// The rows of one `generate-batch` result: `generated` ids and, per step, the reference's best
-/// tokens (`top_ids`, `top_logits`: null for a non-finite score). `single`: the job had one prompt
-/// (then each field holds that row, not a list of rows).
-fn generated_rows(r: &serde_json::Value, single: bool) -> HarnessResult<Vec<GeneratedRow>> {
+/// tokens (`top_ids`, `top_logits`: null for a non-finite score). With one prompt each field
+/// holds that row, not a list of rows; the reference's `prompt_ids` must be `prompts`.
+fn generated_rows(r: &GenerateAnswer, prompts: &[Vec<u32>]) -> HarnessResult<Vec<GeneratedRow>> {
+    let single = prompts.len() == 1;
     let bad = |e: serde_json::Error| bad_output("generate-batch", e);
     let rows = |v: &serde_json::Value| -> serde_json::Value {
         if single {
@@ -74,10 +77,16 @@ fn generated_rows(r: &serde_json::Value, single: bool) -> HarnessResult<Vec<Gene
             v.clone()
         }
     };
-    let ids: Vec<Vec<u32>> = serde_json::from_value(rows(&r["generated"])).map_err(bad)?;
-    let top_ids: Vec<Vec<Vec<u32>>> = serde_json::from_value(rows(&r["top_ids"])).map_err(bad)?;
+    let prompt_ids: Vec<Vec<u32>> = serde_json::from_value(rows(&r.prompt_ids)).map_err(bad)?;
+    if prompt_ids != prompts {
+        return Err(HarnessError::reference(
+            "generate-batch: the reference generated from other prompt ids than requested",
+        ));
+    }
+    let ids: Vec<Vec<u32>> = serde_json::from_value(rows(&r.generated)).map_err(bad)?;
+    let top_ids: Vec<Vec<Vec<u32>>> = serde_json::from_value(rows(&r.top_ids)).map_err(bad)?;
     let top_logits: Vec<Vec<Vec<Option<f32>>>> =
-        serde_json::from_value(rows(&r["top_logits"])).map_err(bad)?;
+        serde_json::from_value(rows(&r.top_logits)).map_err(bad)?;
     if top_ids.len() != ids.len() || top_logits.len() != ids.len() {
         return Err(HarnessError::reference(
             "generate-batch: top_ids/top_logits do not match the rows",
@@ -210,20 +219,9 @@ impl Reference for PythonReference {
             "--conversations",
             &req.to_string_lossy(),
         ])?;
-        let v = Self::last_json_line(&out)?;
-        v.as_array()
-            .ok_or_else(|| HarnessError::reference("unexpected chat-batch output"))?
-            .iter()
-            .map(|r| {
-                let text = r["text"]
-                    .as_str()
-                    .ok_or_else(|| HarnessError::reference("chat-batch: no text"))?
-                    .to_string();
-                let ids: Vec<u32> = serde_json::from_value(r["ids"].clone())
-                    .map_err(|e| bad_output("chat-batch", e))?;
-                Ok((text, ids))
-            })
-            .collect()
+        let answers: Vec<ChatAnswer> = serde_json::from_value(Self::last_json_line(&out)?)
+            .map_err(|e| bad_output("chat-batch", e))?;
+        Ok(answers.into_iter().map(|a| (a.text, a.ids)).collect())
     }
 
     fn weights(&mut self, model: &Path) -> HarnessResult<ReferenceWeights> {
@@ -233,15 +231,8 @@ impl Reference for PythonReference {
         let out = self
             .env
             .run(&["weights", "--model", &model.to_string_lossy()])?;
-        let v = Self::last_json_line(&out)?;
-        let w = ReferenceWeights {
-            checksums: serde_json::from_value(v["checksums"].clone())
-                .map_err(|e| bad_output("weights", e))?,
-            parameter_count: v["parameter_count"].as_u64().unwrap_or(0),
-            tied: v["tied"].as_bool().unwrap_or(false),
-            qkv_bias: v["qkv_bias"].as_bool().unwrap_or(false),
-            dtype: v["dtype"].as_str().unwrap_or("?").to_string(),
-        };
+        let w: ReferenceWeights = serde_json::from_value(Self::last_json_line(&out)?)
+            .map_err(|e| bad_output("weights", e))?;
         self.weights.insert(model.to_path_buf(), w.clone());
         Ok(w)
     }
@@ -252,35 +243,30 @@ impl Reference for PythonReference {
             .filter(|j| !self.generated.contains_key(&generate_key(j)))
             .collect();
         if !todo.is_empty() {
-            let request: Vec<serde_json::Value> = todo
+            let request: Vec<GenerateRequest> = todo
                 .iter()
                 .map(|j| {
-                    let mut v = serde_json::json!({
-                        "model": j.model,
-                        "max_new_tokens": j.max_new_tokens,
-                        "ignore_eos": false,
-                    });
-                    if j.prompts.len() == 1 {
-                        v["tokens"] = serde_json::json!(j.prompts[0]);
-                    } else {
-                        v["token_batch"] = serde_json::json!(j.prompts);
+                    let one = j.prompts.len() == 1;
+                    GenerateRequest {
+                        model: &j.model,
+                        max_new_tokens: j.max_new_tokens,
+                        ignore_eos: false,
+                        tokens: one.then(|| &j.prompts[0][..]),
+                        token_batch: (!one).then_some(&j.prompts[..]),
                     }
-                    v
                 })
                 .collect();
-            let req = self.write_request("generate.json", &serde_json::json!(request))?;
+            let req = self.write_request("generate.json", &request)?;
             let out = self.env.run(&["generate-batch", &req.to_string_lossy()])?;
-            let v = Self::last_json_line(&out)?;
-            let results = v
-                .as_array()
-                .ok_or_else(|| HarnessError::reference("unexpected generate-batch output"))?;
+            let results: Vec<GenerateAnswer> = serde_json::from_value(Self::last_json_line(&out)?)
+                .map_err(|e| bad_output("generate-batch", e))?;
             if results.len() != todo.len() {
                 return Err(HarnessError::reference(
                     "generate-batch returned the wrong number of results",
                 ));
             }
-            for (j, r) in todo.iter().zip(results) {
-                let rows = generated_rows(r, j.prompts.len() == 1)?;
+            for (j, r) in todo.iter().zip(&results) {
+                let rows = generated_rows(r, &j.prompts)?;
                 self.generated.insert(generate_key(j), rows);
             }
         }
@@ -303,14 +289,17 @@ impl Reference for PythonReference {
         if todo.is_empty() {
             return Ok(());
         }
-        let list: Vec<serde_json::Value> = todo
+        let list: Vec<TraceRequest> = todo
             .iter()
-            .map(|j| {
-                serde_json::json!({"model": j.model, "tokens": j.tokens, "dtype": j.dtype, "out": j.out,
-                    "streamed": j.dtype == "f64" && too_big_for_f64(&j.model)})
+            .map(|j| TraceRequest {
+                model: &j.model,
+                tokens: &j.tokens,
+                dtype: &j.dtype,
+                out: &j.out,
+                streamed: j.dtype == "f64" && too_big_for_f64(&j.model),
             })
             .collect();
-        let req = self.write_request("traces.json", &serde_json::Value::Array(list))?;
+        let req = self.write_request("traces.json", &list)?;
         self.env.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
             std::fs::write(sidecar(j), job_key(j)).map_err(|e| {
@@ -336,14 +325,17 @@ impl Reference for PythonReference {
         if todo.is_empty() {
             return Ok(());
         }
-        let list: Vec<serde_json::Value> = todo
+        let list: Vec<OpsRequest> = todo
             .iter()
-            .map(|(j, _)| {
-                serde_json::json!({"model": j.model, "test": j.test, "dtype": j.dtype,
-                    "out_exact": j.out_exact, "out_reference": j.out_reference})
+            .map(|(j, _)| OpsRequest {
+                model: &j.model,
+                test: &j.test,
+                dtype: &j.dtype,
+                out_exact: &j.out_exact,
+                out_reference: j.out_reference.as_deref(),
             })
             .collect();
-        let req = self.write_request("ops.json", &serde_json::Value::Array(list))?;
+        let req = self.write_request("ops.json", &list)?;
         self.env.run(&["ops-batch", &req.to_string_lossy()])?;
         for (j, key) in todo {
             std::fs::write(sidecar(j), key).map_err(|e| {

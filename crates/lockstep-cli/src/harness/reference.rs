@@ -18,8 +18,10 @@ pub struct TraceJob {
     pub out: PathBuf,
 }
 
-/// What the reference loaded, for the weights phase.
-#[derive(Debug, Clone, Default)]
+/// What the reference loaded, for the weights phase (the `weights` answer, Python
+/// `WeightsAnswer`: every field required).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReferenceWeights {
     /// sha256 of each loaded tensor's bytes, in its loaded dtype, by checkpoint name.
     pub checksums: BTreeMap<String, String>,
