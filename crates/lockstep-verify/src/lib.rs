@@ -36,20 +36,25 @@ pub mod compare;
 pub mod judge;
 pub mod local;
 pub mod near_tie;
+pub mod nonfinite;
 pub mod port;
 pub mod port_weights;
 pub mod report;
+pub mod stats;
 pub mod tolerance;
 
 pub use compare::{
-    compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, DiffStats,
-    LayerError, LogitStats, Status, TensorComparison, TraceComparison, Verdict,
+    compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, LayerError, Status,
+    TensorComparison, TraceComparison, Verdict,
 };
 pub use judge::{judge, overall_status, restrict, VerifyOutcome};
 pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};
 pub use port::PortTrace;
 pub use report::{NamedComparison, Phase, PhaseStatus};
+pub use stats::{DiffStats, LogitStats};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 
+#[cfg(test)]
+mod nonfinite_tests;
 #[cfg(test)]
 mod tests;

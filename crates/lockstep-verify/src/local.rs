@@ -108,7 +108,7 @@ pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> 
             0.0
         },
         max_ulps,
-        max_position: crate::compare::unravel(max_i, shape),
+        max_position: crate::stats::unravel(max_i, shape),
         bias_ulps: if rows > 0 {
             bias_sum / rows as f64
         } else {

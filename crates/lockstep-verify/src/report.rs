@@ -7,9 +7,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::compare::{
-    failure_cause, likely_cause, sci, Against, LayerError, LogitStats, Status, TensorComparison,
+    failure_cause, likely_cause, sci, Against, LayerError, Status, TensorComparison,
     TraceComparison, Verdict,
 };
+use crate::stats::LogitStats;
 
 /// One trace comparison with the label it is reported under (an input prompt, a phase step).
 #[derive(Debug, Clone, PartialEq, Serialize)]

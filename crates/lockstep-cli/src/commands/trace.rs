@@ -6,7 +6,7 @@
 use super::common::{input_ids, DtypeArg};
 use crate::cli_error::CliResult;
 use lockstep_engine::{tracing::trace_forward, Bf16, Model};
-use lockstep_verify::compare::first_nonfinite;
+use lockstep_verify::nonfinite::first_nonfinite;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;

@@ -106,7 +106,7 @@ pub fn tokenization_phase(
 pub fn weights_phase(
     model: &Model,
     reference: &mut dyn Reference,
-    nonfinite: &[lockstep_verify::compare::NonFiniteWeight],
+    nonfinite: &[lockstep_verify::nonfinite::NonFiniteWeight],
 ) -> HarnessResult<Phase> {
     let name = "weights";
     let theirs = reference.weights(&model.checkpoint.dir)?;

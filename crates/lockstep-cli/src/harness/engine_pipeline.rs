@@ -23,7 +23,7 @@ use super::{
 use lockstep_engine::kernels::matmul::Kernel;
 use lockstep_engine::tracing::trace_forward;
 use lockstep_engine::{Bf16, Fault, Model, Precision};
-use lockstep_verify::compare::{nonfinite_summary, NonFiniteWeight};
+use lockstep_verify::nonfinite::{nonfinite_summary, NonFiniteWeight};
 use lockstep_verify::{restrict, NamedComparison, Phase, Tier, TraceComparison, VerifyOutcome};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -134,7 +134,7 @@ pub fn run_verify(
                 .map(|(_, c)| restrict(c, keep))
                 .collect()
         };
-        let logits_only = |n: &str| n == "tokens" || n == "logits";
+        let logits_only = super::is_logits_or_tokens;
         let single = pick(Some(InputKind::Single), &logits_only);
         if !single.is_empty() {
             phases.push(Phase::from_comparisons(
@@ -154,7 +154,7 @@ pub fn run_verify(
             format!("layer-by-layer [{tier}]"),
             all.clone(),
         ));
-        let attn = pick(None, &|n: &str| n == "tokens" || n.ends_with(".attn_probs"));
+        let attn = pick(None, &super::is_attention_probs_or_tokens);
         phases.push(Phase::from_comparisons(
             format!("attention weights [{tier}]"),
             attn,

@@ -15,9 +15,26 @@ pub mod python;
 pub mod reference;
 
 pub use error::{HarnessError, HarnessResult};
-use lockstep_trace::Trace;
+use lockstep_trace::{LayerTap, TapName, Trace};
 use lockstep_verify::{judge, Tier, TraceComparison};
 use std::path::Path;
+
+/// The tensors the logits phases judge: the input ids and the logits.
+pub fn is_logits_or_tokens(name: &str) -> bool {
+    matches!(
+        TapName::parse(name),
+        Some(TapName::Tokens | TapName::Logits)
+    )
+}
+
+/// The tensors the attention-weights phase judges: the input ids and every layer's
+/// attention probabilities.
+pub fn is_attention_probs_or_tokens(name: &str) -> bool {
+    matches!(
+        TapName::parse(name),
+        Some(TapName::Tokens | TapName::Layer(_, LayerTap::AttnProbs))
+    )
+}
 
 /// Ids for a table cell: the list when short, else the count.
 pub fn show_ids(v: &[u32]) -> String {

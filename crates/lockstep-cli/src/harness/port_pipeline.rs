@@ -143,8 +143,8 @@ pub fn run_port_verify(
             };
             comps.push(NamedComparison::new(label, cmp));
         }
-        let logits_only = |n: &str| n == "tokens" || n == "logits";
-        let attn_only = |n: &str| n == "tokens" || n.ends_with(".attn_probs");
+        let logits_only = super::is_logits_or_tokens;
+        let attn_only = super::is_attention_probs_or_tokens;
         let mut logits = Phase::from_comparisons(
             format!("forward logits [{tier}]"),
             comps.iter().map(|c| restrict(c, &logits_only)).collect(),
