@@ -14,7 +14,7 @@ const KV: usize = 1;
 const D: usize = 4;
 const INTER: usize = 16;
 const VOCAB: usize = 32;
-const LAYERS: usize = 3;
+pub(crate) const LAYERS: usize = 3;
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -82,11 +82,11 @@ fn make_trace(tensors: &[(String, Vec<usize>, Vec<f64>)], dtype: &str, ids: &[i6
 
 const IDS: [i64; T] = [9707, 11, 1879, 0];
 
-fn f64_trace() -> Trace {
+pub(crate) fn f64_trace() -> Trace {
     make_trace(&base_tensors(), "f64", &IDS)
 }
 
-fn set(t: &mut Trace, name: &str, idx: usize, value: f64) {
+pub(crate) fn set(t: &mut Trace, name: &str, idx: usize, value: f64) {
     let x = t.get_mut(name).unwrap();
     match &mut x.data {
         TensorData::F64(v) => v[idx] = value,
@@ -99,7 +99,7 @@ fn get(t: &Trace, name: &str, idx: usize) -> f64 {
     t.get(name).unwrap().data.to_f64()[idx]
 }
 
-fn compare(r: &Trace, t: &Trace, o: Option<&Trace>) -> TraceComparison {
+pub(crate) fn compare(r: &Trace, t: &Trace, o: Option<&Trace>) -> TraceComparison {
     let policy = TolerancePolicy::for_traces(r, t, o).unwrap();
     compare_traces(r, t, o, &policy)
 }
@@ -628,7 +628,7 @@ fn json_has_the_top_level_fields() {
 }
 
 /// Checks that tags are balanced and properly nested (an XML-ish well-formedness test).
-fn balanced_tags(s: &str) -> Result<usize, String> {
+pub(crate) fn balanced_tags(s: &str) -> Result<usize, String> {
     let mut stack: Vec<String> = Vec::new();
     let mut count = 0;
     let mut rest = s;
@@ -736,6 +736,13 @@ fn markdown_reports_read_well() {
     assert!(md.contains("| 5 | layer-by-layer | **SKIP** |"));
     assert!(md.contains("## 3. multi-token forward — FAIL"));
     assert!(md.contains("### Input `p1` — FAIL"));
+    // Shortest first: the failures (with where and why) before the phase sections; per-tensor
+    // tables only for failing inputs.
+    let failures = md.find("## Failures").expect("a failures section");
+    assert!(failures < md.find("## 1. tokenization").unwrap());
+    assert!(md
+        .contains("  - input `p1`: first divergence `layers.0.q_rope` (FAIL); likely cause: RoPE"));
+    assert_eq!(md.matches("Per-tensor comparison").count(), 1, "{md}");
     assert!(md.contains("checksum differs"));
     let js: serde_json::Value =
         serde_json::from_str(&report::phased_json("v", "m", &phases)).unwrap();

@@ -1,5 +1,5 @@
 //! `lockstep verify`: the phased verification against the PyTorch reference, with a Markdown
-//! report, JSON and an SVG plot of the per-layer error.
+//! report, JSON, an SVG plot of the per-layer error and a self-contained HTML report.
 
 use super::compare::write_atomic;
 use crate::cli_error::{CliError, CliResult};
@@ -38,6 +38,10 @@ pub struct Args {
     /// SVG plot of the per-layer error.
     #[arg(long, default_value = "reports/verify.svg")]
     pub plot: PathBuf,
+    /// Self-contained HTML report (summary, first divergence, per-layer charts of every tier,
+    /// details folded away); opens offline in any browser.
+    #[arg(long, default_value = "reports/verify.html")]
+    pub html: PathBuf,
     /// Inject a deliberate bug into lockstep's engine (to see the verifier catch it).
     #[arg(long)]
     pub inject: Option<Fault>,
@@ -287,7 +291,13 @@ fn write_reports(
         .map(|(_, c)| c.clone())
         .unwrap_or_default();
     let svg = report::svg_per_layer(plot_title, &plot_inputs);
-    for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
+    let html = lockstep_verify::html::verify_html(title, desc, outcome);
+    for (p, text) in [
+        (&a.report, &md),
+        (&a.json, &js),
+        (&a.plot, &svg),
+        (&a.html, &html),
+    ] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
@@ -299,11 +309,12 @@ fn write_reports(
         println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
     }
     println!(
-        "{}: report {}, JSON {}, plot {}",
+        "{}: report {}, JSON {}, plot {}, HTML {}",
         lockstep_verify::overall_status(&outcome.phases),
         a.report.display(),
         a.json.display(),
-        a.plot.display()
+        a.plot.display(),
+        a.html.display()
     );
     Ok(if outcome.passed {
         ExitCode::SUCCESS
