@@ -12,7 +12,6 @@ use lockstep_engine::Fault;
 use lockstep_verify::{report, Tier, VerifyOutcome};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// Arguments of `verify`.
 #[derive(clap::Args)]
@@ -100,7 +99,9 @@ pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
     }
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    env.run(&["make-default", "--out", &partial.to_string_lossy()])?;
+    crate::progress::with_spinner("building the default model (transformers)", || {
+        env.run(&["make-default", "--out", &partial.to_string_lossy()])
+    })?;
     let fail = |e: std::io::Error| CliError::input(format!("cannot create {}: {e}", dir.display()));
     std::fs::write(partial.join(DEFAULT_MODEL_STAMP), DEFAULT_MODEL_VERSION).map_err(fail)?;
     if dir.exists() {
@@ -175,20 +176,9 @@ pub fn run_phases(
         work_dir: work_dir.to_path_buf(),
         generate_tokens,
     };
-    let t0 = Instant::now();
-    let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let hidden = spinner.is_hidden();
-    let mut progress = |msg: &str| {
-        if hidden {
-            eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
-        } else {
-            spinner.set_message(format!("[{:.1}s] {msg}", t0.elapsed().as_secs_f64()));
-        }
-    };
-    let out = run_verify(&opts, reference, &mut progress).map_err(CliError::from);
-    spinner.finish_and_clear();
-    out
+    let steps = crate::progress::Steps::start();
+    let mut progress = |msg: &str| steps.step(msg);
+    run_verify(&opts, reference, &mut progress).map_err(CliError::from)
 }
 
 /// Work folder for one model's reference traces (kept, so reruns reuse them).
@@ -353,9 +343,10 @@ pub fn run_port(a: Args) -> CliResult<ExitCode> {
         traces: a.port_trace.clone(),
         work_dir: work,
     };
-    let t0 = Instant::now();
-    let mut progress = |msg: &str| eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
+    let steps = crate::progress::Steps::start();
+    let mut progress = |msg: &str| steps.step(msg);
     let outcome = run_port_verify(&opts, &mut reference, &mut progress)?;
+    drop(steps);
 
     let mut producers: Vec<String> = outcome
         .full

@@ -91,6 +91,7 @@ pub fn json(inputs: &[NamedComparison]) -> String {
 }
 
 /// The whole verify report as pretty JSON: `title`, `model`, `passed` (no phase failed),
+/// `status` (the overall status line: `PASS`, `FAIL` or `PASS with N phase(s) skipped`),
 /// `first_divergence` (the earliest failing tensor in forward order, or null) and `phases`, each with
 /// `name`, `status`, `summary`, `details` and its comparisons rendered as [`json_value`].
 pub fn phased_json(title: &str, model: &str, phases: &[Phase]) -> String {
@@ -106,6 +107,7 @@ pub fn phased_json(title: &str, model: &str, phases: &[Phase]) -> String {
         "title": title,
         "model": model,
         "passed": passed,
+        "status": crate::judge::overall_status(phases),
         "first_divergence": first_divergence,
         "phases": phases.iter().map(|p| json!({
             "name": p.name,
