@@ -131,7 +131,9 @@ pub fn render(r: &HtmlReport) -> String {
         esc(r.title)
     );
     if !r.model.trim().is_empty() {
-        let _ = writeln!(out, "<p class=\"model\">{}</p>", esc(r.model.trim()));
+        // The description is written for Markdown: drop its code backticks.
+        let model = r.model.trim().replace('`', "");
+        let _ = writeln!(out, "<p class=\"model\">{}</p>", esc(&model));
     }
     let badge = if overall.starts_with("PASS") {
         "PASS"
