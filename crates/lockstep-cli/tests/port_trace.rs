@@ -83,6 +83,7 @@ fn verify_port(dir: &Path, model: &Path, traces: &[&Path]) -> (Option<i32>, Valu
         ("--report", "verify.md"),
         ("--json", "verify.json"),
         ("--plot", "verify.svg"),
+        ("--html", "verify.html"),
     ] {
         args.push(flag.into());
         args.push(path_str(&dir.join(name)));
@@ -186,6 +187,11 @@ fn jax_port_passes_f64_f32_and_bf16_tiers() {
     assert!(d64 <= 1e-9, "f64 logits differ by {d64:e}");
     assert!(d32 <= 1e-4, "f32 logits differ by {d32:e}");
     eprintln!("llama-gqa: JAX port vs transformers, max |Δlogits|: f64 {d64:.2e}, f32 {d32:.2e}");
+    // The port's HTML report renders: one chart per tier (f64, f32), one group per layer.
+    let layers: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let layers = layers["num_hidden_layers"].as_u64().unwrap() as usize;
+    assert_html_renders(&dir.join("verify.html"), 2, layers, "port-pass");
 
     for name in ["qwen2-gqa-bf16", "llama-gqa-bf16"] {
         let model = fixtures().join("models").join(name);

@@ -50,6 +50,7 @@ fn compare_passes_identical_traces_and_names_a_changed_tensor() {
     t.write(&b).unwrap();
     let js = dir.join("changed.json");
     let md = dir.join("changed.md");
+    let html = dir.join("changed.html");
     let o = lockstep(&[
         "compare",
         a.to_str().unwrap(),
@@ -58,6 +59,8 @@ fn compare_passes_identical_traces_and_names_a_changed_tensor() {
         js.to_str().unwrap(),
         "--report",
         md.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
     ]);
     assert_eq!(
         o.status.code(),
@@ -67,6 +70,10 @@ fn compare_passes_identical_traces_and_names_a_changed_tensor() {
     );
     assert_eq!(json_of(&js)["first_divergence"], "layers.1.k");
     assert!(std::fs::read_to_string(&md).unwrap().contains("layers.1.k"));
+    assert_html_renders(&html, 1, num_layers(&model), "compare-fail");
+    assert!(std::fs::read_to_string(&html)
+        .unwrap()
+        .contains("class=\"layer diverge\" data-layer=\"1\""));
 
     // Bad input: exit 2, one line.
     let o = lockstep(&[
@@ -117,6 +124,17 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
     let plot = std::fs::read_to_string(dir.join("r.svg")).unwrap();
     assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"));
     assert!(plot.contains("<polyline"));
+    // The HTML report renders in a real browser: one chart per tier (f64, f32), one group per layer.
+    let layers = num_layers(&dir.join("cache/models/qwen2-default"));
+    assert_html_renders(&dir.join("r.html"), 2, layers, "verify-pass");
+    let html = std::fs::read_to_string(dir.join("r.html")).unwrap();
+    assert!(html.contains("<b>No divergence</b>"));
+}
+
+/// `num_hidden_layers` of a model folder.
+fn num_layers(model: &std::path::Path) -> usize {
+    let c = json_of(&model.join("config.json"));
+    c["num_hidden_layers"].as_u64().expect("num_hidden_layers") as usize
 }
 
 #[test]
@@ -153,6 +171,15 @@ fn verify_with_a_fault_fails_and_names_where_it_enters() {
         report.contains("apart in the reference's logits"),
         "no divergence diagnosis in the report"
     );
+    // The HTML report renders with the first divergence highlighted in the f32 chart.
+    assert_html_renders(&dir.join("r.html"), 1, num_layers(&model), "verify-fail");
+    let html = std::fs::read_to_string(dir.join("r.html")).unwrap();
+    assert!(
+        html.contains("<code>layers.0.q</code> — made (op-level"),
+        "first divergence box"
+    );
+    assert!(html.contains("class=\"layer diverge\" data-layer=\"0\""));
+    assert!(html.contains("Likely cause:</b> missing or wrong q/k/v bias"));
 }
 
 #[test]

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod html;
 pub mod judge;
 pub mod local;
 pub mod near_tie;

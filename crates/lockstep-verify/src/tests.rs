@@ -632,7 +632,7 @@ fn json_has_the_top_level_fields() {
 }
 
 /// Checks that tags are balanced and properly nested (an XML-ish well-formedness test).
-fn balanced_tags(s: &str) -> Result<usize, String> {
+pub(crate) fn balanced_tags(s: &str) -> Result<usize, String> {
     let mut stack: Vec<String> = Vec::new();
     let mut count = 0;
     let mut rest = s;
@@ -740,6 +740,13 @@ fn markdown_reports_read_well() {
     assert!(md.contains("| 5 | layer-by-layer | **SKIP** |"));
     assert!(md.contains("## 3. multi-token forward — FAIL"));
     assert!(md.contains("### Input `p1` — FAIL"));
+    // Shortest first: the failures (with where and why) before the phase sections; per-tensor
+    // tables only for failing inputs.
+    let failures = md.find("## Failures").expect("a failures section");
+    assert!(failures < md.find("## 1. tokenization").unwrap());
+    assert!(md
+        .contains("  - input `p1`: first divergence `layers.0.q_rope` (FAIL); likely cause: RoPE"));
+    assert_eq!(md.matches("Per-tensor comparison").count(), 1, "{md}");
     assert!(md.contains("checksum differs"));
     let js: serde_json::Value =
         serde_json::from_str(&report::phased_json("v", "m", &phases)).unwrap();

@@ -1,4 +1,5 @@
-//! `lockstep compare REF TEST [--oracle ORACLE] [--report R.md] [--json R.json] [--plot P.svg]`.
+//! `lockstep compare REF TEST [--oracle ORACLE] [--report R.md] [--json R.json] [--plot P.svg]
+//! [--html R.html]`.
 //! Exit 0 when everything passes, 1 when something fails (a NaN or infinity on either side
 //! always fails, even at the same place on both), 2 on bad input.
 
@@ -30,6 +31,9 @@ pub struct Args {
     /// Write an SVG plot of the per-layer error.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Write a self-contained HTML report (summary, first divergence, per-layer chart, details).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 /// Writes a report file atomically (temporary file, then rename).
@@ -91,6 +95,14 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             p,
             &report::svg_per_layer("max |difference| per layer", &inputs),
         )?;
+    }
+    if let Some(p) = &a.html {
+        let title = format!(
+            "lockstep compare: {} against {}",
+            a.test.display(),
+            a.reference.display()
+        );
+        write_atomic(p, &lockstep_verify::html::compare_html(&title, &inputs))?;
     }
     Ok(if passed {
         ExitCode::SUCCESS

@@ -208,7 +208,8 @@ pub struct Loaded {
 pub fn load(dir: &Path) -> CliResult<Loaded> {
     let t0 = Instant::now();
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let model = Model::load(dir)?;
+    let model =
+        crate::progress::with_spinner(format!("loading {}", dir.display()), || Model::load(dir))?;
     let defaults = GenerationDefaults::from_dir(dir, &model.config)?;
     Ok(Loaded {
         model,

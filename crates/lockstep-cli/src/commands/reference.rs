@@ -40,7 +40,10 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     if let Some(p) = &a.prompt {
         args.extend(["--prompt", p]);
     }
-    let stdout = env.run(&args)?;
+    let stdout = crate::progress::with_spinner(
+        format!("running the reference (transformers) on {model}"),
+        || env.run(&args),
+    )?;
     print!("{stdout}");
     Ok(ExitCode::SUCCESS)
 }

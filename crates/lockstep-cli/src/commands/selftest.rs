@@ -94,6 +94,11 @@ fn run_tier(
             });
         }
     }
+    let steps = crate::progress::Steps::quiet();
+    steps.step(&format!(
+        "selftest [{tier}]: {} reference trace(s) (transformers)",
+        jobs.len()
+    ));
     reference.traces(&jobs)?;
 
     let variants: Vec<Option<Fault>> = std::iter::once(None)
@@ -102,6 +107,12 @@ fn run_tier(
     let mut e2e: Vec<Vec<TraceComparison>> = vec![];
     let mut ops_inputs = vec![];
     for (v, fault) in variants.iter().enumerate() {
+        steps.step(&format!(
+            "selftest [{tier}]: engine with fault {} ({}/{})",
+            fault.map_or("none", |f| f.name()),
+            v + 1,
+            variants.len()
+        ));
         let model = Model::load_with_fault(model_dir, *fault)?;
         let mut cmps = vec![];
         for (i, t) in ids.iter().enumerate() {
@@ -123,7 +134,9 @@ fn run_tier(
         "selftest [{tier}]: op-level reference on {} traces",
         ops_inputs.len()
     );
+    steps.step(&format!("selftest [{tier}]: op-level judgement"));
     let local = judge_ops(reference, model_dir, tier, ops_inputs, &dir, "selftest")?;
+    drop(steps);
     let per: Vec<&[NamedLocal]> = local.chunks(ids.len()).collect();
 
     let clean_ok = e2e[0].iter().all(|c| c.passed) && per[0].iter().all(|l| l.local.passed);

@@ -44,7 +44,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let ids = input_ids(&a.model, a.tokens.as_deref(), a.prompt.as_deref())?;
     let t0 = Instant::now();
-    let model = Model::load(&a.model)?;
+    let model = crate::progress::with_spinner(format!("loading {}", a.model.display()), || {
+        Model::load(&a.model)
+    })?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let trace = match a.dtype {

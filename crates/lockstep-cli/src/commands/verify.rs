@@ -1,5 +1,5 @@
 //! `lockstep verify`: the phased verification against the PyTorch reference, with a Markdown
-//! report, JSON and an SVG plot of the per-layer error.
+//! report, JSON, an SVG plot of the per-layer error and a self-contained HTML report.
 
 use super::compare::write_atomic;
 use crate::cli_error::{CliError, CliResult};
@@ -12,7 +12,6 @@ use lockstep_engine::Fault;
 use lockstep_verify::{report, Tier, VerifyOutcome};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// Arguments of `verify`.
 #[derive(clap::Args)]
@@ -38,6 +37,10 @@ pub struct Args {
     /// SVG plot of the per-layer error.
     #[arg(long, default_value = "reports/verify.svg")]
     pub plot: PathBuf,
+    /// Self-contained HTML report (summary, first divergence, per-layer charts of every tier,
+    /// details folded away); opens offline in any browser.
+    #[arg(long, default_value = "reports/verify.html")]
+    pub html: PathBuf,
     /// Inject a deliberate bug into lockstep's engine (to see the verifier catch it).
     #[arg(long)]
     pub inject: Option<Fault>,
@@ -96,7 +99,9 @@ pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
     }
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    env.run(&["make-default", "--out", &partial.to_string_lossy()])?;
+    crate::progress::with_spinner("building the default model (transformers)", || {
+        env.run(&["make-default", "--out", &partial.to_string_lossy()])
+    })?;
     let fail = |e: std::io::Error| CliError::input(format!("cannot create {}: {e}", dir.display()));
     std::fs::write(partial.join(DEFAULT_MODEL_STAMP), DEFAULT_MODEL_VERSION).map_err(fail)?;
     if dir.exists() {
@@ -171,20 +176,9 @@ pub fn run_phases(
         work_dir: work_dir.to_path_buf(),
         generate_tokens,
     };
-    let t0 = Instant::now();
-    let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let hidden = spinner.is_hidden();
-    let mut progress = |msg: &str| {
-        if hidden {
-            eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
-        } else {
-            spinner.set_message(format!("[{:.1}s] {msg}", t0.elapsed().as_secs_f64()));
-        }
-    };
-    let out = run_verify(&opts, reference, &mut progress).map_err(CliError::from);
-    spinner.finish_and_clear();
-    out
+    let steps = crate::progress::Steps::start();
+    let mut progress = |msg: &str| steps.step(msg);
+    run_verify(&opts, reference, &mut progress).map_err(CliError::from)
 }
 
 /// Work folder for one model's reference traces (kept, so reruns reuse them).
@@ -287,7 +281,13 @@ fn write_reports(
         .map(|(_, c)| c.clone())
         .unwrap_or_default();
     let svg = report::svg_per_layer(plot_title, &plot_inputs);
-    for (p, text) in [(&a.report, &md), (&a.json, &js), (&a.plot, &svg)] {
+    let html = lockstep_verify::html::verify_html(title, desc, outcome);
+    for (p, text) in [
+        (&a.report, &md),
+        (&a.json, &js),
+        (&a.plot, &svg),
+        (&a.html, &html),
+    ] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
@@ -299,11 +299,12 @@ fn write_reports(
         println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
     }
     println!(
-        "{}: report {}, JSON {}, plot {}",
+        "{}: report {}, JSON {}, plot {}, HTML {}",
         lockstep_verify::overall_status(&outcome.phases),
         a.report.display(),
         a.json.display(),
-        a.plot.display()
+        a.plot.display(),
+        a.html.display()
     );
     Ok(if outcome.passed {
         ExitCode::SUCCESS
@@ -342,9 +343,10 @@ pub fn run_port(a: Args) -> CliResult<ExitCode> {
         traces: a.port_trace.clone(),
         work_dir: work,
     };
-    let t0 = Instant::now();
-    let mut progress = |msg: &str| eprintln!("[{:6.1}s] {msg}", t0.elapsed().as_secs_f64());
+    let steps = crate::progress::Steps::start();
+    let mut progress = |msg: &str| steps.step(msg);
     let outcome = run_port_verify(&opts, &mut reference, &mut progress)?;
+    drop(steps);
 
     let mut producers: Vec<String> = outcome
         .full

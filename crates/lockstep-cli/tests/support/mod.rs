@@ -164,7 +164,7 @@ pub struct VerifyRun {
     pub json: serde_json::Value,
 }
 
-/// Runs `lockstep verify ARGS` with its reports (`r.md`, `r.json`, `r.svg`) and its cache (the
+/// Runs `lockstep verify ARGS` with its reports (`r.md`, `r.json`, `r.svg`, `r.html`) and its cache (the
 /// default model, cached reference traces) inside `dir`, so nothing is reused from other runs.
 pub fn verify_in(dir: &Path, args: &[&str]) -> VerifyRun {
     let s = |name: &str| dir.join(name).to_str().unwrap().to_string();
@@ -178,6 +178,8 @@ pub fn verify_in(dir: &Path, args: &[&str]) -> VerifyRun {
             &s("r.json"),
             "--plot",
             &s("r.svg"),
+            "--html",
+            &s("r.html"),
         ])
         .env("LOCKSTEP_CACHE", dir.join("cache"))
         .env("LOCKSTEP_PYTHON", repo_root().join(".venv/bin/python"))
@@ -217,5 +219,87 @@ impl VerifyRun {
                 self.stdout
             );
         }
+    }
+}
+
+/// Debian's Chromium, the headless browser the HTML reports are checked in (installed by
+/// `scripts/setup.sh`); a missing one fails the test.
+pub fn chromium() -> PathBuf {
+    let p = std::env::var_os("LOCKSTEP_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        p.exists(),
+        "{} not found: the HTML report tests need Chromium (bash scripts/setup.sh installs it)",
+        p.display()
+    );
+    p
+}
+
+/// Runs headless Chromium on `html` with `mode` (`--dump-dom`, `--screenshot=PATH`, ...) and
+/// returns (stdout, the console lines it logged).
+fn chromium_run(html: &Path, mode: &str) -> (String, Vec<String>) {
+    let profile = tempfile::tempdir().expect("temp profile");
+    let url = format!(
+        "file://{}",
+        html.canonicalize().expect("html report").display()
+    );
+    let o = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1200,1400",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(mode)
+        .arg(&url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        o.status.success(),
+        "chromium {mode} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let console = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE") || l.contains("Uncaught"))
+        .map(str::to_string)
+        .collect();
+    (String::from_utf8_lossy(&o.stdout).into_owned(), console)
+}
+
+/// Renders the HTML report `html` in headless Chromium and checks that it rendered: its script
+/// ran to the end (the `data-lockstep-report="ok"` marker), nothing was logged on the console,
+/// and each tier's chart holds `layers` layer groups after the scripts ran (`tiers` charts in
+/// all). With `LOCKSTEP_SCREENSHOTS=DIR` it also saves a screenshot as `DIR/<name>.png`.
+pub fn assert_html_renders(html: &Path, tiers: usize, layers: usize, name: &str) {
+    let (dom, console) = chromium_run(html, "--dump-dom");
+    assert!(console.is_empty(), "console output: {console:?}");
+    assert!(
+        dom.contains("data-lockstep-report=\"ok\""),
+        "the report's script did not run to the end"
+    );
+    let drawn: Vec<&str> = dom
+        .split("data-layers-drawn=\"")
+        .skip(1)
+        .map(|s| &s[..s.find('"').unwrap_or(0)])
+        .collect();
+    assert_eq!(drawn.len(), tiers, "one chart per tier");
+    for d in drawn {
+        assert_eq!(d, layers.to_string(), "layer groups in a chart");
+    }
+    if let Some(dir) = std::env::var_os("LOCKSTEP_SCREENSHOTS") {
+        let png = Path::new(&dir).join(format!("{name}.png"));
+        let (_, console) = chromium_run(html, &format!("--screenshot={}", png.display()));
+        assert!(console.is_empty(), "console output: {console:?}");
+        assert!(png.exists());
     }
 }
