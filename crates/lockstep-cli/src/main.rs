@@ -44,6 +44,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// An interactive chat session with history (one user message per stdin line).
     Chat(commands::chat::Args),
+    /// Measure load time, prefill and decode speed, peak RSS and decode weight bandwidth.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Selftest(a) => commands::selftest::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -11,6 +11,8 @@ use std::any::TypeId;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
@@ -54,6 +56,9 @@ pub enum Kernel {
     /// Plain Rust for every dtype and compute type: weights decoded a chunk at a time into a
     /// stack buffer ([`Float::decode`], so exactly the values the reference uses), then [`dot`].
     Portable,
+    /// AVX2 + FMA (x86-64 without AVX-512): the sums of [`Kernel::Avx512`] on 8-lane vectors,
+    /// for `f32` and `Bf16` compute on F32 or BF16 weights; the rest as [`Kernel::Portable`].
+    Avx2,
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
     /// `f32` and `Bf16` compute; f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
@@ -74,6 +79,10 @@ impl Kernel {
     /// Every kernel this CPU runs, slowest first.
     pub fn available() -> Vec<Kernel> {
         let mut k = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            k.push(Kernel::Avx2);
+        }
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             k.push(Kernel::Avx512);
@@ -238,17 +247,40 @@ unsafe fn sums<T: Float>(
     dst: Dst<T>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Portable {
-        use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
+    if let Some(xf) = as_f32(x) {
         let (m, bytes) = (w.shape[0], w.bytes());
         let out = dst.0.cast::<f32>();
-        match (as_f32(x), w.dtype, T::PRECISION) {
-            (Some(xf), StoredDtype::BF16, _) => return run::<Bf16W>(xf, n, k, bytes, m, rows, out),
-            (Some(xf), StoredDtype::F32, Precision::BF16) => {
-                return run::<F32AsBf16W>(xf, n, k, bytes, m, rows, out)
+        // Which stored-weight reader: BF16 as stored, F32 rounded to bf16 for bf16 compute
+        // (as `half` rounds it), F32 as stored; anything else runs portable.
+        enum Reader {
+            Bf16,
+            F32AsBf16,
+            F32,
+        }
+        let reader = match (w.dtype, T::PRECISION) {
+            (StoredDtype::BF16, _) => Some(Reader::Bf16),
+            (StoredDtype::F32, Precision::BF16) => Some(Reader::F32AsBf16),
+            (StoredDtype::F32, _) => Some(Reader::F32),
+            _ => None,
+        };
+        match (kernel, reader) {
+            (_, None) | (Kernel::Portable, _) => {}
+            (Kernel::Avx2, Some(r)) => {
+                use avx2::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
+                return match r {
+                    Reader::Bf16 => run::<Bf16W>(xf, n, k, bytes, m, rows, out),
+                    Reader::F32AsBf16 => run::<F32AsBf16W>(xf, n, k, bytes, m, rows, out),
+                    Reader::F32 => run::<F32W>(xf, n, k, bytes, m, rows, out),
+                };
             }
-            (Some(xf), StoredDtype::F32, _) => return run::<F32W>(xf, n, k, bytes, m, rows, out),
-            _ => {}
+            (Kernel::Avx512 | Kernel::Amx, Some(r)) => {
+                use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
+                return match r {
+                    Reader::Bf16 => run::<Bf16W>(xf, n, k, bytes, m, rows, out),
+                    Reader::F32AsBf16 => run::<F32AsBf16W>(xf, n, k, bytes, m, rows, out),
+                    Reader::F32 => run::<F32W>(xf, n, k, bytes, m, rows, out),
+                };
+            }
         }
     }
     let _ = kernel;
@@ -570,6 +602,55 @@ pub(crate) mod tests {
                         (a - s).abs() <= 1e-5 * scale,
                         "m={m} k={k} n={n} [{t}][{j}]: {a} vs {s}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The SIMD kernels' sums do not depend on the tile shape or loop order: every token of a
+    /// prefill (tiles of several tokens, the prefill loop order) gets bit for bit what it gets
+    /// alone (one-token tiles, the decode order), on row, token and `k` tails.
+    #[test]
+    fn simd_sums_do_not_depend_on_batch() {
+        let kernels: Vec<Kernel> = Kernel::available()
+            .into_iter()
+            .filter(|k| matches!(k, Kernel::Avx2 | Kernel::Avx512))
+            .collect();
+        assert!(
+            cfg!(not(target_arch = "x86_64")) || !kernels.is_empty(),
+            "an x86-64 CPU without AVX2: no SIMD kernel to check"
+        );
+        for dtype in [safetensors::Dtype::F32, safetensors::Dtype::BF16] {
+            for (m, k) in [(37, 29), (9, 301), (11, 1037)] {
+                let (_d, w) = tensor_from(&pseudo(m * k, 8), vec![m, k], dtype);
+                let n = 17;
+                let x: Vec<f32> = pseudo(n * k, 9);
+                let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v).round()).collect();
+                for &kernel in &kernels {
+                    let mut all = vec![0f32; n * m];
+                    linear_with(kernel, &x, n, &w, None, &mut all);
+                    let mut allb = vec![Bf16(0.0); n * m];
+                    linear_with(kernel, &xb, n, &w, None, &mut allb);
+                    for t in 0..n {
+                        let mut one = vec![0f32; m];
+                        linear_with(kernel, &x[t * k..(t + 1) * k], 1, &w, None, &mut one);
+                        let mut oneb = vec![Bf16(0.0); m];
+                        linear_with(kernel, &xb[t * k..(t + 1) * k], 1, &w, None, &mut oneb);
+                        for j in 0..m {
+                            let (a, b) = (all[t * m + j], one[j]);
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{kernel:?} {dtype:?} m={m} k={k} [{t}][{j}]"
+                            );
+                            let (a, b) = (allb[t * m + j].0, oneb[j].0);
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{kernel:?} {dtype:?} bf16 m={m} k={k} [{t}][{j}]"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -1,0 +1,284 @@
+//! `lockstep bench --model DIR|FILE.gguf [--dtype ..] [--prompt-tokens N] [--new-tokens N]
+//! [--batch B] [--repeat R] [--json]`: how fast this machine runs a model.
+//!
+//! Loads the model (timed), then `R` times: a greedy generation from fixed token prompts (`B`
+//! rows of `N` tokens, EOS ignored, so every repeat does the same work). Reports the median
+//! prefill and decode speeds, the peak resident memory (`VmHWM`), and the weight bandwidth the
+//! decode achieves (bytes of weights one decode step streams × steps per second) as a fraction
+//! of the machine's read bandwidth, which it measures itself at the end (a multi-threaded read
+//! of a buffer much larger than the caches, best of a few passes).
+
+use super::common::DtypeArg;
+use super::generate::{load, Loaded};
+use crate::cli_error::{CliError, CliResult};
+use lockstep_engine::generate::{generate_batch, GenerateOptions, Generation};
+use lockstep_engine::sampling::SamplingParams;
+use lockstep_engine::{Bf16, Float, Model};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Arguments of `bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama.cpp .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Tokens in each prompt (fixed pseudo-random ids).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// New tokens generated after each prompt (greedy, EOS ignored).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Prompts run together as one batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Repeats; speeds are medians over them.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Print one JSON object as the last stdout line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bytes of weights one decode step reads: every linear layer and the LM head, as stored (the
+/// norms and the one embedding row are too small to count).
+pub fn decode_weight_bytes(m: &Model) -> u64 {
+    let layers: usize = m
+        .layers
+        .iter()
+        .map(|l| {
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+            .iter()
+            .map(|t| t.bytes().len())
+            .sum::<usize>()
+        })
+        .sum();
+    (layers + m.lm_head.bytes().len()) as u64
+}
+
+/// The machine's read bandwidth in bytes/s: one thread per core sums its own part of a 512 MiB
+/// buffer (far beyond any cache), best of five passes after one that faults the pages in.
+pub fn read_bandwidth() -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = threads();
+    let part = words.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for pass in 0..6 {
+        let t = Instant::now();
+        let s = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf
+                .chunks(part)
+                .map(|c| sc.spawn(move || sum_words(c)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(s);
+        if pass > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    (words * 8) as f64 / best
+}
+
+/// Wrapping sum of `c` in eight independent lanes (the loop vectorizes and is bound by memory).
+fn sum_words(c: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for v in c.chunks_exact(8) {
+        for l in 0..8 {
+            acc[l] = acc[l].wrapping_add(v[l]);
+        }
+    }
+    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+/// Threads the engine's kernels run on: `RAYON_NUM_THREADS` when set, else the cores.
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM` in /proc/self/status), when the OS
+/// reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `rows` prompts of `len` fixed pseudo-random ids below `vocab` (the same every run).
+fn prompts(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    (0..rows)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((s >> 33) % vocab as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One greedy batch generation in `dtype`.
+fn run_once(
+    l: &Loaded,
+    dtype: DtypeArg,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> CliResult<Vec<Generation>> {
+    fn go<T: Float>(
+        l: &Loaded,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+    ) -> CliResult<Vec<Generation>> {
+        Ok(generate_batch::<T>(
+            &l.model,
+            &l.tokenizer,
+            prompts,
+            opts,
+            |_, _| {},
+        )?)
+    }
+    match dtype {
+        DtypeArg::F64 => go::<f64>(l, prompts, opts),
+        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts),
+        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts),
+    }
+}
+
+/// Runs `bench`.
+pub fn run(a: Args) -> CliResult<ExitCode> {
+    if a.prompt_tokens == 0 || a.new_tokens < 2 || a.batch == 0 || a.repeat == 0 {
+        return Err(CliError::input(
+            "--prompt-tokens, --batch and --repeat must be at least 1, --new-tokens at least 2 (one decode step)",
+        ));
+    }
+    let l = load(&a.model)?;
+    let max_ctx = l.model.config.max_position_embeddings;
+    if a.prompt_tokens + a.new_tokens > max_ctx {
+        return Err(CliError::input(format!(
+            "--prompt-tokens + --new-tokens = {} exceeds the model's {max_ctx} positions",
+            a.prompt_tokens + a.new_tokens
+        )));
+    }
+    let prompts = prompts(a.batch, a.prompt_tokens, l.model.config.vocab_size);
+    let opts = GenerateOptions {
+        max_new_tokens: a.new_tokens,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+        stop: vec![],
+        sampling: SamplingParams {
+            do_sample: false,
+            repetition_penalty: 1.0,
+            ..l.defaults.sampling.clone()
+        },
+        seed: 0,
+    };
+    eprintln!(
+        "loaded {} in {:.2} s ({}, {} layers); {} × {} prompt tokens, {} new, {} repeats",
+        a.model.display(),
+        l.load_s,
+        a.dtype.name(),
+        l.model.config.num_layers,
+        a.batch,
+        a.prompt_tokens,
+        a.new_tokens,
+        a.repeat
+    );
+    let (mut prefill, mut decode, mut steps_s) = (vec![], vec![], vec![]);
+    for r in 0..a.repeat {
+        let g = run_once(&l, a.dtype, &prompts, &opts)?;
+        let g0 = &g[0];
+        let p = rate(a.batch * a.prompt_tokens, g0.prefill_s);
+        let steps = rate(g0.decode_steps, g0.decode_s);
+        eprintln!(
+            "repeat {}: prefill {p:.1} tok/s, decode {:.2} tok/s",
+            r + 1,
+            steps * a.batch as f64
+        );
+        prefill.push(p);
+        decode.push(steps * a.batch as f64);
+        steps_s.push(steps);
+    }
+    let peak_rss = peak_rss_bytes().unwrap_or(0);
+    let wbytes = decode_weight_bytes(&l.model);
+    let steps = median(steps_s);
+    let achieved = wbytes as f64 * steps;
+    let machine = read_bandwidth();
+    let (prefill, decode) = (median(prefill), median(decode));
+    eprintln!(
+        "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
+         weights {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads)",
+        l.load_s,
+        peak_rss as f64 / 1e9,
+        achieved / 1e9,
+        100.0 * achieved / machine,
+        machine / 1e9,
+        threads()
+    );
+    if a.json {
+        let obj = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "dtype": a.dtype.name(),
+            "threads": threads(),
+            "batch": a.batch,
+            "prompt_tokens": a.prompt_tokens,
+            "new_tokens": a.new_tokens,
+            "repeat": a.repeat,
+            "load_s": l.load_s,
+            "prefill_tok_s": prefill,
+            "decode_tok_s": decode,
+            "peak_rss_bytes": peak_rss,
+            "decode_weight_bytes": wbytes,
+            "achieved_weight_bytes_per_s": achieved,
+            "read_bandwidth_bytes_per_s": machine,
+            "bandwidth_fraction": achieved / machine,
+        });
+        println!("{obj}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if n == 0 || s <= 0.0 {
+        0.0
+    } else {
+        n as f64 / s
+    }
+}

@@ -1,0 +1,85 @@
+//! `lockstep bench` on a small fixture: every JSON field is present and positive (numbers that
+//! depend on the machine are not asserted beyond that), and bad arguments exit 2.
+
+mod support;
+
+use serde_json::Value;
+use support::*;
+
+#[test]
+fn bench_json_fields_are_present_and_positive() {
+    let model = fixtures().join("models/qwen2-tied-bf16");
+    assert!(
+        model.join("config.json").is_file(),
+        "fixture {} missing; run bash scripts/fixtures.sh",
+        model.display()
+    );
+    for dtype in ["bf16", "f32"] {
+        let out = lockstep_ok(&[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            dtype,
+            "--prompt-tokens",
+            "16",
+            "--new-tokens",
+            "4",
+            "--batch",
+            "2",
+            "--repeat",
+            "2",
+            "--json",
+        ]);
+        let v: Value = serde_json::from_str(out.lines().last().expect("a JSON line")).unwrap();
+        assert_eq!(v["dtype"], dtype);
+        assert_eq!(v["batch"], 2);
+        for field in [
+            "threads",
+            "load_s",
+            "prefill_tok_s",
+            "decode_tok_s",
+            "peak_rss_bytes",
+            "decode_weight_bytes",
+            "achieved_weight_bytes_per_s",
+            "read_bandwidth_bytes_per_s",
+            "bandwidth_fraction",
+        ] {
+            let x = v[field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"));
+            assert!(x > 0.0 && x.is_finite(), "{field} = {x} in {v}");
+        }
+        // The fixture's linear layers and head, as stored: bf16, 2 bytes per parameter.
+        let c: Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        let (h, i, l, vocab) = (
+            c["hidden_size"].as_u64().unwrap(),
+            c["intermediate_size"].as_u64().unwrap(),
+            c["num_hidden_layers"].as_u64().unwrap(),
+            c["vocab_size"].as_u64().unwrap(),
+        );
+        let hd = c["head_dim"]
+            .as_u64()
+            .unwrap_or(h / c["num_attention_heads"].as_u64().unwrap());
+        let (q, kv) = (
+            c["num_attention_heads"].as_u64().unwrap() * hd,
+            c["num_key_value_heads"].as_u64().unwrap() * hd,
+        );
+        let params = l * (h * q + 2 * h * kv + q * h + 3 * h * i) + vocab * h;
+        assert_eq!(v["decode_weight_bytes"].as_u64(), Some(2 * params), "{v}");
+    }
+}
+
+#[test]
+fn bench_rejects_bad_arguments() {
+    let model = fixtures().join("models/qwen2-tied-bf16");
+    for bad in [["--new-tokens", "1"], ["--repeat", "0"], ["--batch", "0"]] {
+        let o = lockstep(&["bench", "--model", model.to_str().unwrap(), bad[0], bad[1]]);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error:"), "{err}");
+    }
+}

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of lockstep and PyTorch + transformers on this machine (a benchmark, not a test).
+
+For each model: lockstep in each dtype (`lockstep bench --json`, one greedy run per measurement)
+and PyTorch (transformers, bf16 with sdpa attention and f32) measured in turns, round after round,
+so a load elsewhere on the machine hits them alike; each number is the median over the rounds.
+Prefill: one forward pass over P random token ids (P = 128 and 512 by default). Decode: greedy
+steps with the KV cache after a short prompt. Prints a Markdown table with each row's ratio to
+PyTorch bf16.
+
+Run with the reference environment's python from the repository root, after a release build:
+
+    cargo build --release -p lockstep-cli
+    .venv/bin/python scripts/bench_compare.py [--models DIR ...] [--rounds 3] [--prefill 128 512] [--decode 32]
+
+(`LOCKSTEP_BIN` overrides the lockstep binary.)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCKSTEP = Path(os.environ.get("LOCKSTEP_BIN", ROOT / "target" / "release" / "lockstep"))
+DEFAULT_MODELS = [
+    ROOT / "fixtures" / "models" / "qwen2.5-0.5b-random",
+    ROOT / "fixtures" / "models" / "smollm2-135m-instruct",
+]
+DECODE_PROMPT = 16
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def stored_dtype(model):
+    cfg = json.loads((model / "config.json").read_text())
+    return cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+
+
+def lockstep_run(model, dtype, prompt_tokens, new_tokens):
+    """(prefill tok/s, decode tok/s) of one `lockstep bench` run."""
+    out = subprocess.run(
+        [
+            str(LOCKSTEP),
+            "bench",
+            "--model",
+            str(model),
+            "--dtype",
+            dtype,
+            "--prompt-tokens",
+            str(prompt_tokens),
+            "--new-tokens",
+            str(new_tokens),
+            "--repeat",
+            "1",
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    v = json.loads(out.stdout.strip().splitlines()[-1])
+    return v["prefill_tok_s"], v["decode_tok_s"]
+
+
+class Torch:
+    """A transformers model held in memory, timed in-process."""
+
+    def __init__(self, model, dtype, attn):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.m = AutoModelForCausalLM.from_pretrained(
+            model, dtype=getattr(torch, dtype), attn_implementation=attn
+        ).eval()
+        self.vocab = self.m.config.vocab_size
+
+    def ids(self, n, seed):
+        g = self.torch.Generator().manual_seed(seed)
+        return self.torch.randint(0, min(self.vocab, 1000), (1, n), generator=g)
+
+    def prefill(self, n):
+        x = self.ids(n, 1)
+        with self.torch.inference_mode():
+            t = time.perf_counter()
+            self.m(input_ids=x, use_cache=False, logits_to_keep=1)
+            return n / (time.perf_counter() - t)
+
+    def decode(self, steps):
+        from transformers import DynamicCache
+
+        x = self.ids(DECODE_PROMPT, 2)
+        with self.torch.inference_mode():
+            cache = DynamicCache(config=self.m.config)
+            out = self.m(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(steps):
+                out = self.m(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+            return steps / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", type=Path, default=DEFAULT_MODELS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill", nargs="+", type=int, default=[128, 512])
+    ap.add_argument("--decode", type=int, default=32, help="decode steps per measurement")
+    args = ap.parse_args()
+    if not LOCKSTEP.exists():
+        sys.exit(f"error: {LOCKSTEP} missing; run cargo build --release -p lockstep-cli")
+    import torch
+
+    threads = int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    rows = []
+    for model in args.models:
+        lock_dtypes = ["f32", "bf16"] + (["bf16w"] if stored_dtype(model) == "bfloat16" else [])
+        engines = {f"lockstep {d}": ("lockstep", d) for d in lock_dtypes}
+        torch_models = {
+            "PyTorch bf16 sdpa": Torch(model, "bfloat16", "sdpa"),
+            "PyTorch f32 sdpa": Torch(model, "float32", "sdpa"),
+        }
+        engines.update({k: ("torch", v) for k, v in torch_models.items()})
+        cols = [f"prefill {p}" for p in args.prefill] + ["decode"]
+        res = {e: {c: [] for c in cols} for e in engines}
+        for r in range(args.rounds):
+            for name, (kind, h) in engines.items():
+                for p in args.prefill:
+                    if kind == "lockstep":
+                        v, _ = lockstep_run(model, h, p, 2)
+                    else:
+                        h.prefill(p)  # warm-up at this length
+                        v = h.prefill(p)
+                    res[name][f"prefill {p}"].append(v)
+                if kind == "lockstep":
+                    _, v = lockstep_run(model, h, DECODE_PROMPT, args.decode + 1)
+                else:
+                    v = h.decode(args.decode)
+                res[name]["decode"].append(v)
+                print(f"round {r + 1} {model.name} {name}: "
+                      + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols),
+                      file=sys.stderr, flush=True)
+        med = {e: {c: statistics.median(v) for c, v in cs.items()} for e, cs in res.items()}
+        base = med["PyTorch bf16 sdpa"]
+        for e in engines:
+            rows.append((model.name, e, [(med[e][c], med[e][c] / base[c]) for c in cols]))
+        del torch_models, engines
+    print(f"\n{datetime.date.today()}, {cpu_name()}, {threads} threads, medians of {args.rounds} "
+          f"alternating rounds; prefill: one forward pass over P random token ids; decode: "
+          f"{args.decode} greedy steps after a {DECODE_PROMPT}-token prompt; (×) = ratio to "
+          f"PyTorch bf16 sdpa in the same run\n")
+    print("| model | engine | " + " | ".join(f"{c} tok/s" for c in cols) + " |")
+    print("|---|---|" + "---:|" * len(cols))
+    for model, e, vals in rows:
+        print(f"| {model} | {e} | " + " | ".join(f"{v:.1f} ({r:.2f}×)" for v, r in vals) + " |")
+
+
+if __name__ == "__main__":
+    main()
