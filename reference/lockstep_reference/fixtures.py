@@ -172,6 +172,25 @@ MODEL_SPECS: dict[str, dict] = {
                        rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
                        bos_token_id=151643, eos_token_id=151643),
     },
+    # Sliding-window attention, windows far shorter than the test sequences (300 tokens; batch rows
+    # of up to 13, the short selftest sentence of up to 16): Mistral windows every layer (and has an
+    # explicit head_dim, 2 x hidden / heads); Qwen2 only the layers from max_window_layers (layer 0
+    # full, layers 1 and 2 windowed). The real Qwen vocabulary, so `lockstep verify` runs on text.
+    "mistral-swa": {
+        "arch": "mistral", "seed": 1021, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=4096, sliding_window=8,
+                       bos_token_id=151643, eos_token_id=151643),
+    },
+    "qwen2-swa": {
+        "arch": "qwen2", "seed": 1022, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=False,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                       bos_token_id=151643, eos_token_id=151643),
+    },
     "qwen2.5-0.5b-random": {
         "arch": "qwen2", "seed": 1007, "dtype": "bfloat16", "config_json": "qwen2.5-0.5b-instruct-v4",
         "config": dict(vocab_size=151936, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
@@ -182,7 +201,8 @@ MODEL_SPECS: dict[str, dict] = {
     },
 }
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
-                "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16"]
+                "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
+                "mistral-swa", "qwen2-swa"]
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
@@ -349,13 +369,15 @@ def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
     """
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     transformers.utils.logging.disable_progress_bar()
     spec = MODEL_SPECS[name]
     t0 = time.time()
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "llama": (LlamaConfig, LlamaForCausalLM)}[spec["arch"]]
+                             "llama": (LlamaConfig, LlamaForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM)}[spec["arch"]]
     config = config_cls(**spec["config"])
     config._attn_implementation = "eager"
     dtype = getattr(torch, spec["dtype"])

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from .st_io import load_f64
+from .windows import blocked, layer_windows
 
 
 def rope_theta(config: dict) -> float:
@@ -58,7 +59,7 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
     freqs = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]
     emb = np.concatenate((freqs, freqs), axis=-1)
     cos, sin = np.cos(emb), np.sin(emb)  # [T, D]
-    causal = np.triu(np.ones((t, t), dtype=bool), k=1)
+    windows = layer_windows(config)  # per layer: None (causal) or a sliding window
 
     x = weights["model.embed_tokens.weight"][np.asarray(token_ids)]
     out["embed"] = x
@@ -77,7 +78,7 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
         k_full = np.repeat(k_rope, group, axis=0)  # query head h uses kv head h // group
         v_full = np.repeat(v, group, axis=0)
         scores = (q_rope @ k_full.transpose(0, 2, 1)) * head_dim**-0.5
-        scores = np.where(causal, -np.inf, scores)
+        scores = np.where(blocked(t, t, windows[i]), -np.inf, scores)
         scores = scores - scores.max(axis=-1, keepdims=True)
         e = np.exp(scores)
         probs = e / e.sum(axis=-1, keepdims=True)
@@ -109,6 +110,6 @@ def oracle_trace(model_dir: str, token_ids: list[int]) -> dict[str, np.ndarray]:
     """Load a checkpoint folder and run `forward` on it."""
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    if config.get("model_type") not in ("qwen2", "llama"):
+    if config.get("model_type") not in ("qwen2", "llama", "mistral"):
         raise ValueError(f"unsupported model_type {config.get('model_type')!r}")
     return forward(load_f64(model_dir), config, token_ids)

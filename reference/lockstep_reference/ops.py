@@ -7,7 +7,8 @@ from the test trace's own copies of that op's inputs:
 
     embed        <- tokens                     q, k, v        <- input_norm
     input_norm   <- embed / layers.{i-1}.out   q_rope, k_rope <- q, k (positions 0..T-1)
-    attn_probs   <- q_rope, k_rope (causal)    attn_out       <- attn_probs, v
+    attn_probs   <- q_rope, k_rope (causal,     attn_out       <- attn_probs, v
+                    the layer's sliding window)
     o_proj       <- attn_out                   resid_attn     <- layer input + o_proj
     post_norm    <- resid_attn                 mlp_act        <- post_norm
     mlp_out      <- mlp_act                    out            <- resid_attn + mlp_out
@@ -35,11 +36,15 @@ from safetensors.torch import load_file
 
 from .protocol import OpsJob, parse_list
 from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
+from .windows import hf_layer_windows
 
-def _causal_mask(t: int, dtype: torch.dtype) -> torch.Tensor:
+def _causal_mask(t: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """The additive eager mask transformers builds for a causal batch without padding: 0 where a
-    query may attend, the dtype's most negative value where it may not. Shape [1, 1, t, t]."""
+    query may attend, the dtype's most negative value where it may not. Shape [1, 1, t, t]. With a
+    sliding `window`, query i also may not see keys j <= i - window (`sliding_window_overlay`)."""
     blocked = torch.ones(t, t, dtype=torch.bool).triu(1)
+    if window is not None:
+        blocked |= torch.ones(t, t, dtype=torch.bool).tril(-window)
     return torch.zeros(t, t, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, torch.Tensor]:
@@ -67,7 +72,8 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
         out["embed"] = inner.embed_tokens(tokens)
         positions = torch.arange(t, dtype=torch.int64).unsqueeze(0).expand(b, t)
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dt), positions)
-        mask = _causal_mask(t, dt)
+        windows = hf_layer_windows(model.config)
+        masks = {w: _causal_mask(t, dt, w) for w in set(windows)}
         prev = "embed"
         for i, layer in enumerate(inner.layers):
             p = f"layers.{i}."
@@ -89,7 +95,7 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
                 out[p + "q_rope"], out[p + "k_rope"] = q_rope, k_rope
             if have(p + "q_rope", p + "k_rope", p + "v"):
                 _, probs = modeling.eager_attention_forward(
-                    attn, x(p + "q_rope"), x(p + "k_rope"), x(p + "v"), mask,
+                    attn, x(p + "q_rope"), x(p + "k_rope"), x(p + "v"), masks[windows[i]],
                     scaling=attn.scaling, dropout=0.0)
                 out[p + "attn_probs"] = probs
             if have(p + "attn_probs", p + "v"):

@@ -44,9 +44,11 @@ ROW_CHUNK = 16384
 
 def _decoder_layer_class(model_type: str):
     from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
 
-    return {"qwen2": modeling_qwen2.Qwen2DecoderLayer, "llama": modeling_llama.LlamaDecoderLayer}[model_type]
+    return {"qwen2": modeling_qwen2.Qwen2DecoderLayer, "llama": modeling_llama.LlamaDecoderLayer,
+            "mistral": modeling_mistral.MistralDecoderLayer}[model_type]
 
 
 class _Weights:
@@ -136,8 +138,13 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
         mask_kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None,
                        "position_ids": position_ids}
         masks = {"full_attention": module.create_causal_mask(**mask_kwargs)}
-        # Qwen2Model picks each layer's mask by config.layer_types; LlamaModel has one causal mask.
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
+        # Qwen2Model picks each layer's mask by config.layer_types; LlamaModel has one causal mask;
+        # MistralModel one sliding-window mask for every layer when config.sliding_window is set.
+        if config.model_type == "mistral":
+            kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+            layer_types = [kind] * n_layers
+        else:
+            layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
         if "sliding_attention" in layer_types:
             masks["sliding_attention"] = module.create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = rope_cls(config=config)(embeds, position_ids)

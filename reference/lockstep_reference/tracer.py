@@ -25,6 +25,7 @@ from torch import nn
 
 import transformers
 from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from .st_io import model_fingerprint
@@ -38,6 +39,7 @@ _ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64
 _ARCHS = {
     "qwen2": (modeling_qwen2, modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.Qwen2RotaryEmbedding),
     "llama": (modeling_llama, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaRotaryEmbedding),
+    "mistral": (modeling_mistral, modeling_mistral.MistralRMSNorm, modeling_mistral.MistralRotaryEmbedding),
 }
 
 LAYER_TAPS = (

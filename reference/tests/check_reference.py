@@ -56,6 +56,35 @@ def test_pure_f64_matches_numpy_oracle_llama():
     assert worst < 1e-12, worst
 
 
+def test_sliding_windows_oracle_streamed_and_config():
+    """Sliding windows (mistral-swa: 8 on every layer; qwen2-swa: 6 on layers 1-2): the numpy oracle
+    and the streamed trace agree with the pure-f64 tracer past the window; the oracle's per-layer
+    windows (from config.json) are those transformers' config gives; each query's probabilities
+    cover exactly the keys i - w < j <= i."""
+    import json
+
+    from lockstep_reference import streamed
+    from lockstep_reference.windows import hf_layer_windows, layer_windows
+
+    expected = {"mistral-swa": [8, 8], "qwen2-swa": [None, 6, 6]}
+    for name, windows in expected.items():
+        d = _model(name)
+        assert os.path.exists(os.path.join(d, "config.json")), f"fixture {d} missing"
+        with open(os.path.join(d, "config.json")) as f:
+            assert layer_windows(json.load(f)) == windows, name
+        assert hf_layer_windows(streamed.load_config(d)) == windows, name
+        worst, _ = _pure_vs_oracle(name, 40)
+        assert worst < 1e-12, (name, worst)
+        assert _streamed_vs_pure(name, 30, 50000) <= 1e-12, name
+        pure = tracer.trace_model(tracer.load_model(d, "f64"), _ids(20, 2048), "f64")
+        for layer, w in enumerate(windows):
+            seen = pure[f"layers.{layer}.attn_probs"][0] > 0  # [heads, T, T]
+            q = torch.arange(20)[:, None]
+            k = torch.arange(20)[None, :]
+            want = (k <= q) & ((k > q - w) if w is not None else True)
+            assert torch.equal(seen, want.expand_as(seen)), (name, layer)
+
+
 def test_patches_are_restored():
     before = (modeling_qwen2.Qwen2RMSNorm.forward, modeling_qwen2.Qwen2RotaryEmbedding.forward,
               modeling_qwen2.eager_attention_forward, modeling_qwen2.apply_rotary_pos_emb,

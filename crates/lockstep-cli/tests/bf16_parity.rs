@@ -14,8 +14,21 @@ use lockstep_verify::{compare_traces, Tier, TolerancePolicy};
 use support::*;
 
 fn check(py: &std::path::Path, name: &str) {
-    let model = fixtures().join("models").join(name);
     let dir = scratch(&format!("bf16-{name}"));
+    let model = match name.strip_suffix("+to-bf16") {
+        // A float32 fixture rounded to a bf16-stored copy by the reference (`to-bf16`).
+        Some(f32_name) => {
+            let copy = dir.join("model");
+            let src = fixtures().join("models").join(f32_name);
+            reference(
+                py,
+                &["to-bf16", src.to_str().unwrap(), copy.to_str().unwrap()],
+            );
+            copy
+        }
+        None => fixtures().join("models").join(name),
+    };
+    assert!(model.join("config.json").exists(), "fixture {name} missing");
     let m = model.to_str().unwrap();
     let mut jobs = vec![];
     for n in [10usize, 300] {
@@ -110,3 +123,6 @@ macro_rules! bf16_test {
 bf16_test!(bf16_qwen2_gqa, "qwen2-gqa-bf16");
 bf16_test!(bf16_qwen2_tied, "qwen2-tied-bf16");
 bf16_test!(bf16_llama_gqa, "llama-gqa-bf16");
+// Sliding windows (8 and 6 keys), past the window at both lengths.
+bf16_test!(bf16_mistral_swa, "mistral-swa+to-bf16");
+bf16_test!(bf16_qwen2_swa, "qwen2-swa+to-bf16");

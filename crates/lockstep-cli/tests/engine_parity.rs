@@ -160,3 +160,7 @@ parity_test!(parity_qwen2_mqa, "qwen2-mqa");
 parity_test!(parity_qwen2_mha_d128, "qwen2-mha-d128");
 parity_test!(parity_qwen2_tied_3layer, "qwen2-tied-3layer");
 parity_test!(parity_llama_gqa, "llama-gqa");
+// Sliding windows (8 on every Mistral layer; 6 on Qwen2's layers 1-2, layer 0 full): 10 and 300
+// tokens run past them.
+parity_test!(parity_mistral_swa, "mistral-swa");
+parity_test!(parity_qwen2_swa, "qwen2-swa");

@@ -188,6 +188,7 @@ fn selftest_detects_and_localizes_every_fault() {
         return;
     }
     let model = fixtures().join("models/qwen2-default");
+    let config = lockstep_engine::ModelConfig::from_file(&model.join("config.json")).unwrap();
     let o = lockstep(&["selftest", "--model", model.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
@@ -206,6 +207,11 @@ fn selftest_detects_and_localizes_every_fault() {
                 .lines()
                 .find(|l| l.starts_with(&format!("| {f} |")))
                 .unwrap_or_else(|| panic!("no row for {f} in {tier}"));
+            if !f.applies_to(&config) {
+                // A window off by one cannot change a model without a sliding window.
+                assert!(row.ends_with("| not applicable to this model |"), "{row}");
+                continue;
+            }
             let localized = format!("| {} | {} | yes |", f.enters_at(), f.enters_at());
             if *tier == "f64" {
                 // Every fault detected and localized at its entry tensor in the exact tier.
@@ -240,6 +246,44 @@ fn selftest_detects_and_localizes_every_fault() {
             .find(|l| l.starts_with(&format!("| {f} |")))
             .unwrap();
         assert!(row.ends_with("| yes |"), "bf16: {row}");
+    }
+}
+
+/// An injected off-by-one sliding window (one key too many) is caught where it enters: the
+/// attention probabilities of the first windowed layer (Qwen2's layer 0 is full), on a sentence
+/// longer than the window.
+#[test]
+fn an_off_by_one_window_is_located_at_the_first_windowed_layer() {
+    if reference_python().is_none() {
+        return;
+    }
+    for (name, entry) in [
+        ("qwen2-swa", "layers.1.attn_probs"),
+        ("mistral-swa", "layers.0.attn_probs"),
+    ] {
+        let dir = scratch(&format!("verify-window-{name}"));
+        let model = fixtures().join("models").join(name);
+        let run = verify_in(
+            &dir,
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                "--dtype",
+                "f64",
+                "--prompt",
+                "The quick brown fox jumps over the lazy dog, and 12 of them ran away.",
+                "--generate-tokens",
+                "0",
+                "--inject",
+                "window-off-by-one",
+            ],
+        );
+        run.assert_exit(1);
+        assert_eq!(
+            run.json["first_divergence"], entry,
+            "{name}: {}",
+            run.stdout
+        );
     }
 }
 

@@ -7,6 +7,9 @@ use crate::error::{EngineError, Result};
 use serde_json::Value;
 use std::path::Path;
 
+mod windows;
+pub use windows::layer_windows;
+
 /// The supported model families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -14,6 +17,9 @@ pub enum Architecture {
     Qwen2,
     /// `LlamaForCausalLM`: q/k/v biases only when `attention_bias` is true.
     Llama,
+    /// `MistralForCausalLM`: Llama's layout without biases, every layer's attention limited to
+    /// `sliding_window` keys when that is set.
+    Mistral,
 }
 
 impl Architecture {
@@ -22,6 +28,7 @@ impl Architecture {
         match self {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
         }
     }
 }
@@ -61,6 +68,9 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint declares (`dtype` / `torch_dtype`), if any.
     pub declared_dtype: Option<String>,
+    /// Per layer, the sliding attention window (a query sees itself and the `w - 1` keys before
+    /// it), or `None` for full causal attention; see [`layer_windows`].
+    pub sliding_windows: Vec<Option<usize>>,
 }
 
 impl ModelConfig {
@@ -127,9 +137,13 @@ impl ModelConfig {
         } else if archs.contains(&"LlamaForCausalLM") || (archs.is_empty() && model_type == "llama")
         {
             Architecture::Llama
+        } else if archs.contains(&"MistralForCausalLM")
+            || (archs.is_empty() && model_type == "mistral")
+        {
+            Architecture::Mistral
         } else {
             return Err(format!(
-                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM and LlamaForCausalLM"
+                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM and MistralForCausalLM"
             ));
         };
 
@@ -202,23 +216,14 @@ impl ModelConfig {
             ));
         }
 
-        if arch == Architecture::Qwen2 && bool_key("use_sliding_window", false)? {
-            return Err(
-                "use_sliding_window: true is not implemented (Qwen2.5 checkpoints set it to false)"
-                    .into(),
-            );
-        }
-        if let Some(types) = get("layer_types").and_then(Value::as_array) {
-            if types.iter().any(|t| t.as_str() != Some("full_attention")) {
-                return Err("layer_types other than \"full_attention\" (sliding window) are not implemented".into());
-            }
-        }
+        let num_layers = usize_key("num_hidden_layers")?;
         if bool_key("mlp_bias", false)? {
             return Err("mlp_bias: true is not implemented".into());
         }
         let qkv_bias = match arch {
             Architecture::Qwen2 => true,
             Architecture::Llama => bool_key("attention_bias", false)?,
+            Architecture::Mistral => false,
         };
         if arch == Architecture::Llama
             && get("pretraining_tp").and_then(Value::as_u64).unwrap_or(1) != 1
@@ -238,12 +243,12 @@ impl ModelConfig {
             }
         };
 
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             arch,
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
             intermediate_size: usize_key("intermediate_size")?,
-            num_layers: usize_key("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -261,6 +266,7 @@ impl ModelConfig {
                 .or_else(|| get("torch_dtype"))
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            sliding_windows: Vec::new(),
         };
         // Sizes whose products overflow would otherwise wrap (or make allocations panic) before
         // any tensor is compared against them.
@@ -270,6 +276,8 @@ impl ModelConfig {
                 cfg.num_layers, cfg.intermediate_size, cfg.vocab_size
             ));
         }
+        // After the size check: one entry per layer.
+        cfg.sliding_windows = layer_windows(&v, num_layers)?;
         Ok(cfg)
     }
 
@@ -372,11 +380,6 @@ mod tests {
                 "unsupported architecture",
             ),
             (
-                "\"use_sliding_window\":false",
-                "\"use_sliding_window\":true",
-                "sliding",
-            ),
-            (
                 "\"rope_theta\":1000000.0",
                 "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}",
                 "yarn",
@@ -416,5 +419,94 @@ mod tests {
         assert!(!ModelConfig::from_json_str(&s).unwrap().qkv_bias);
         let s = s.replace("\"hidden_act\"", "\"attention_bias\":true,\"hidden_act\"");
         assert!(ModelConfig::from_json_str(&s).unwrap().qkv_bias);
+    }
+
+    #[test]
+    fn qwen2_windows_from_max_window_layers_and_layer_types() {
+        let on = QWEN
+            .replace(
+                "\"use_sliding_window\":false",
+                "\"use_sliding_window\":true",
+            )
+            .replace(
+                "\"sliding_window\":32768",
+                "\"sliding_window\":24,\"max_window_layers\":22",
+            );
+        let c = ModelConfig::from_json_str(&on).unwrap();
+        let mut expected = vec![None; 22];
+        expected.extend([Some(24), Some(24)]);
+        assert_eq!(c.sliding_windows, expected);
+        // Without max_window_layers: transformers' default 28, past the 24 layers: all full.
+        let c = ModelConfig::from_json_str(&on.replace(",\"max_window_layers\":22", "")).unwrap();
+        assert_eq!(c.sliding_windows, vec![None; 24]);
+        // The window off (Qwen2.5's configs): all full, whatever sliding_window says.
+        let c = ModelConfig::from_json_str(QWEN).unwrap();
+        assert_eq!(c.sliding_windows, vec![None; 24]);
+        // v5 layer_types wins over max_window_layers; "attention" is the legacy full name.
+        let types: Vec<&str> = (0..24)
+            .map(|i| match i % 3 {
+                0 => "\"sliding_attention\"",
+                1 => "\"full_attention\"",
+                _ => "\"attention\"",
+            })
+            .collect();
+        let typed = on.replace(
+            "\"hidden_act\"",
+            &format!("\"layer_types\":[{}],\"hidden_act\"", types.join(",")),
+        );
+        let c = ModelConfig::from_json_str(&typed).unwrap();
+        let w: Vec<Option<usize>> = (0..24).map(|i| (i % 3 == 0).then_some(24)).collect();
+        assert_eq!(c.sliding_windows, w);
+        // Sliding layers with the window off: transformers fails building their mask.
+        let e = ModelConfig::from_json_str(&typed.replace(
+            "\"use_sliding_window\":true",
+            "\"use_sliding_window\":false",
+        ))
+        .unwrap_err();
+        assert!(e.contains("no sliding window"), "{e}");
+        for (from, to, needle) in [
+            (
+                "\"sliding_attention\"",
+                "\"chunked_attention\"",
+                "chunked_attention",
+            ),
+            ("[\"sliding_attention\",", "[", "23 entries"),
+            (
+                "\"sliding_window\":24",
+                "\"sliding_window\":0",
+                "positive integer",
+            ),
+        ] {
+            let e = ModelConfig::from_json_str(&typed.replacen(from, to, 1)).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn mistral_windows_every_layer_and_has_no_bias() {
+        let m = QWEN
+            .replace("Qwen2ForCausalLM", "MistralForCausalLM")
+            .replace("\"model_type\":\"qwen2\"", "\"model_type\":\"mistral\"")
+            .replace(
+                "\"sliding_window\":32768",
+                "\"sliding_window\":16,\"head_dim\":32",
+            );
+        let c = ModelConfig::from_json_str(&m).unwrap();
+        assert_eq!(c.arch, Architecture::Mistral);
+        assert!(!c.qkv_bias);
+        assert_eq!(c.head_dim, 32, "explicit head_dim");
+        // use_sliding_window and layer_types mean nothing to Mistral.
+        assert_eq!(c.sliding_windows, vec![Some(16); 24]);
+        let null = m.replace("\"sliding_window\":16", "\"sliding_window\":null");
+        assert_eq!(
+            ModelConfig::from_json_str(&null).unwrap().sliding_windows,
+            vec![None; 24]
+        );
+        // Absent: MistralConfig's default, 4096.
+        let absent = m.replace("\"sliding_window\":16,", "");
+        assert_eq!(
+            ModelConfig::from_json_str(&absent).unwrap().sliding_windows,
+            vec![Some(4096); 24]
+        );
     }
 }

@@ -60,11 +60,16 @@ pub enum Fault {
     /// in the bf16 tier no residual sum is rounded (a port whose residual stream is float32,
     /// its embeddings or first sum upcast and never cast back). Enters at `layers.0.resid_attn`.
     ResidualBf16,
+    /// The sliding window one key too wide: the query at `i` also sees key `i - w`
+    /// (`kv_idx >= q_idx - w` instead of `>`). Enters at the first windowed layer's `attn_probs`
+    /// ([`Fault::enters_at_in`]) once a sequence is longer than the window; only models with a
+    /// sliding window ([`Fault::applies_to`]).
+    WindowOffByOne,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -79,6 +84,7 @@ impl Fault {
         Fault::RopeBf16InvFreq,
         Fault::NormEpsOutsideSqrt,
         Fault::ResidualBf16,
+        Fault::WindowOffByOne,
     ];
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
@@ -99,6 +105,11 @@ impl Fault {
             Fault::GqaOrder => s.gqa = GqaMapping::RoundRobin,
             Fault::CausalMaskOff => s.causal = false,
             Fault::NoFinalNorm => s.final_norm = false,
+            Fault::WindowOffByOne => {
+                for w in s.windows.iter_mut().flatten() {
+                    *w += 1;
+                }
+            }
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -120,6 +131,7 @@ impl Fault {
             Fault::RopeBf16InvFreq => "rope-bf16-inv-freq",
             Fault::NormEpsOutsideSqrt => "norm-eps-outside-sqrt",
             Fault::ResidualBf16 => "residual-bf16",
+            Fault::WindowOffByOne => "window-off-by-one",
         }
     }
 
@@ -142,6 +154,7 @@ impl Fault {
             Fault::ResidualBf16 => {
                 "residual adds in the wrong dtype (bf16 in the f32/f64 tiers, float32 in bf16)"
             }
+            Fault::WindowOffByOne => "sliding window one key too wide (kv_idx >= q_idx - window)",
         }
     }
 
@@ -154,13 +167,38 @@ impl Fault {
             | Fault::RopeInterleaved
             | Fault::Bf16Positions
             | Fault::RopeBf16InvFreq => "layers.0.q_rope",
-            Fault::GqaOrder | Fault::CausalMaskOff | Fault::SoftmaxBf16 => "layers.0.attn_probs",
+            Fault::GqaOrder | Fault::CausalMaskOff | Fault::SoftmaxBf16 | Fault::WindowOffByOne => {
+                "layers.0.attn_probs"
+            }
             Fault::NormEps | Fault::NormVarianceBf16 | Fault::NormEpsOutsideSqrt => {
                 "layers.0.input_norm"
             }
             Fault::ResidualBf16 => "layers.0.resid_attn",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
+        }
+    }
+}
+
+impl Fault {
+    /// Whether the fault can change anything on a model configured like `config`: a window off by
+    /// one needs a sliding window; every other fault applies to every model.
+    pub fn applies_to(self, config: &ModelConfig) -> bool {
+        match self {
+            Fault::WindowOffByOne => config.sliding_windows.iter().any(Option::is_some),
+            _ => true,
+        }
+    }
+
+    /// [`Fault::enters_at`] on a model configured like `config`: the window fault enters at the
+    /// first layer that has a window (Qwen2's first layers can be full).
+    pub fn enters_at_in(self, config: &ModelConfig) -> String {
+        match self {
+            Fault::WindowOffByOne => {
+                let first = config.sliding_windows.iter().position(Option::is_some);
+                format!("layers.{}.attn_probs", first.unwrap_or(0))
+            }
+            _ => self.enters_at().to_string(),
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn trace_forward<T: Float>(
         match model.config.arch {
             crate::Architecture::Qwen2 => "qwen2",
             crate::Architecture::Llama => "llama",
+            crate::Architecture::Mistral => "mistral",
         }
         .into(),
     );

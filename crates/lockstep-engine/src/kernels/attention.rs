@@ -1,6 +1,11 @@
 //! Causal scaled-dot-product attention with grouped key/value heads, as HF's eager attention:
 //! `softmax((q · kᵀ) × D^-0.5 + mask) · v`, the product rounded before the scaling.
 //!
+//! With a sliding window `w` ([`AttentionSpec::window`]) the query at absolute position `i` sees
+//! only keys `j` with `i - w < j <= i`: itself and the `w - 1` keys before it, as transformers'
+//! `sliding_window_overlay` (`kv_idx > q_idx - sliding_window`). Positions count every cached key,
+//! left padding included, as transformers' cache indices do.
+//!
 //! The softmax is computed in the compute precision (float32 in the bf16 tier, as HF does) and
 //! rounded once; [`AttentionSpec::softmax_bf16`] computes it in bf16 instead (fault injection).
 
@@ -29,6 +34,9 @@ pub struct AttentionSpec {
     pub q_start: usize,
     /// Apply the causal mask (always, except for fault injection).
     pub causal: bool,
+    /// Sliding window: the query at absolute position `i` sees keys `i - w < j <= i` only;
+    /// `None`: every earlier key.
+    pub window: Option<usize>,
     /// Query-to-kv head mapping.
     pub mapping: GqaMapping,
     /// Compute the softmax in bf16 (a porting mistake, fault `softmax-bf16`): `s - max`, each
@@ -87,6 +95,11 @@ pub fn attention<T: Float>(
             } else {
                 s_len
             };
+            // The first key inside the window.
+            let lo = spec
+                .window
+                .map_or(0, |w| (spec.q_start + t + 1).saturating_sub(w));
+            let hidden = |s: usize| s < lo || hidden(s);
             let mut max = T::NEG_INFINITY;
             for (s, r) in row.iter_mut().enumerate().take(visible) {
                 if hidden(s) {
@@ -204,6 +217,7 @@ mod tests {
             head_dim: 2,
             q_start: 0,
             causal: true,
+            window: None,
             mapping: GqaMapping::Grouped,
             softmax_bf16: false,
         };
@@ -234,6 +248,7 @@ mod tests {
             head_dim: 2,
             q_start,
             causal: true,
+            window: None,
             mapping: GqaMapping::Grouped,
             softmax_bf16: false,
         };
@@ -264,16 +279,29 @@ mod tests {
         assert!(probsp[..4].iter().all(|&x| x == 0.0));
     }
 
-    /// Plain causal GQA attention in f64, query by query.
-    fn naive(h: usize, kvh: usize, d: usize, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    /// Plain causal GQA attention in f64, query by query; with a window, query `t` sees the keys
+    /// `t - w < s <= t` (transformers' `kv_idx > q_idx - sliding_window`).
+    fn naive(
+        h: usize,
+        kvh: usize,
+        d: usize,
+        window: Option<usize>,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+    ) -> Vec<f64> {
         let t_len = q.len() / (h * d);
         let mut out = vec![0.0; q.len()];
         for t in 0..t_len {
             for head in 0..h {
                 let kv = head / (h / kvh);
                 let qv = &q[(t * h + head) * d..][..d];
-                let scores: Vec<f64> = (0..=t)
-                    .map(|s| {
+                let seen: Vec<usize> = (0..=t)
+                    .filter(|&s| window.is_none_or(|w| s as i64 > t as i64 - w as i64))
+                    .collect();
+                let scores: Vec<f64> = seen
+                    .iter()
+                    .map(|&s| {
                         let kr = &k[(s * kvh + kv) * d..][..d];
                         qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
                     })
@@ -281,7 +309,7 @@ mod tests {
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let z: f64 = e.iter().sum();
-                for (s, w) in e.iter().enumerate() {
+                for (&s, w) in seen.iter().zip(&e) {
                     for i in 0..d {
                         out[(t * h + head) * d + i] += w / z * v[(s * kvh + kv) * d + i];
                     }
@@ -314,13 +342,14 @@ mod tests {
             head_dim: d,
             q_start: 0,
             causal: true,
+            window: None,
             mapping: GqaMapping::Grouped,
             softmax_bf16: false,
         };
         let mut out = vec![0.0; q.len()];
         let mut probs = vec![0.0; h * t * t];
         attention(&spec, &q, &k, &v, None, &mut out, Some(&mut probs));
-        let expected = naive(h, kvh, d, &q, &k, &v);
+        let expected = naive(h, kvh, d, None, &q, &k, &v);
         for (a, b) in out.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-14, "{a} vs {b}");
         }
@@ -349,6 +378,7 @@ mod tests {
                 head_dim: d,
                 q_start: 0,
                 causal: true,
+                window: None,
                 mapping: GqaMapping::Grouped,
                 softmax_bf16: bf16,
             };
@@ -387,6 +417,7 @@ mod tests {
             head_dim: 4,
             q_start: 0,
             causal: true,
+            window: None,
             mapping: GqaMapping::Grouped,
             softmax_bf16: false,
         };
@@ -399,5 +430,134 @@ mod tests {
             (0..8).map(|h| s.kv_head(h)).collect::<Vec<_>>(),
             [0, 1, 0, 1, 0, 1, 0, 1]
         );
+    }
+
+    fn random(n: usize, seed: &mut u64) -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (*seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sliding_window_sees_itself_and_the_keys_before_it() {
+        let (h, kvh, d, t) = (4, 2, 8, 20);
+        let mut seed = 3u64;
+        let (q, k, v) = (
+            random(t * h * d, &mut seed),
+            random(t * kvh * d, &mut seed),
+            random(t * kvh * d, &mut seed),
+        );
+        let spec = |window, q_start| AttentionSpec {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            q_start,
+            causal: true,
+            window,
+            mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
+        };
+        let run = |window| {
+            let mut out = vec![0.0; q.len()];
+            let mut probs = vec![0.0; h * t * t];
+            attention(
+                &spec(window, 0),
+                &q,
+                &k,
+                &v,
+                None,
+                &mut out,
+                Some(&mut probs),
+            );
+            (out, probs)
+        };
+        for w in [1, 2, 5, 19, 20, 64] {
+            let (out, probs) = run(Some(w));
+            let expected = naive(h, kvh, d, Some(w), &q, &k, &v);
+            for (a, b) in out.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-14, "w={w}: {a} vs {b}");
+            }
+            // Exactly the keys t-w < s <= t carry probability.
+            for head in 0..h {
+                for qi in 0..t {
+                    for s in 0..t {
+                        let p = probs[(head * t + qi) * t + s];
+                        let inside = s <= qi && s + w > qi;
+                        assert_eq!(p > 0.0, inside, "w={w} q={qi} key={s}: {p}");
+                    }
+                }
+            }
+        }
+        // A window as long as the sequence is no window at all; one key shorter is not.
+        assert_eq!(run(Some(t)), run(None));
+        assert_ne!(run(Some(t - 1)).0, run(None).0);
+        // Window 1: each query sees only itself.
+        let (out, _) = run(Some(1));
+        for qi in 0..t {
+            for head in 0..h {
+                let kv = head / (h / kvh);
+                assert_eq!(
+                    out[(qi * h + head) * d..][..d],
+                    v[(qi * kvh + kv) * d..][..d]
+                );
+            }
+        }
+        // Decode: the last queries alone over the whole cache give the same rows.
+        let w = Some(6);
+        let (full, _) = run(w);
+        let start = 13;
+        let mut tail = vec![0.0; (t - start) * h * d];
+        attention(
+            &spec(w, start),
+            &q[start * h * d..],
+            &k,
+            &v,
+            None,
+            &mut tail,
+            None,
+        );
+        assert_eq!(tail, full[start * h * d..]);
+    }
+
+    #[test]
+    fn window_counts_left_padding_like_transformers_cache_indices() {
+        // A row left-padded by `pad` keys sees the same real keys as the unpadded row: the
+        // window slides over cache indices, and padding shifts queries and keys alike.
+        let (h, kvh, d, t, pad, w) = (2, 1, 4, 9, 3, 4);
+        let mut seed = 11u64;
+        let (q, k, v) = (
+            random(t * h * d, &mut seed),
+            random(t * kvh * d, &mut seed),
+            random(t * kvh * d, &mut seed),
+        );
+        let spec = AttentionSpec {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            q_start: 0,
+            causal: true,
+            window: Some(w),
+            mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
+        };
+        let mut out = vec![0.0; q.len()];
+        attention(&spec, &q, &k, &v, None, &mut out, None);
+        let padded =
+            |x: &[f64], width: usize| -> Vec<f64> { [vec![7.0; pad * width], x.to_vec()].concat() };
+        let mask: Vec<bool> = (0..pad + t).map(|i| i >= pad).collect();
+        let mut outp = vec![0.0; (pad + t) * h * d];
+        attention(
+            &spec,
+            &padded(&q, h * d),
+            &padded(&k, kvh * d),
+            &padded(&v, kvh * d),
+            Some(&mask),
+            &mut outp,
+            None,
+        );
+        assert_eq!(outp[pad * h * d..], out[..]);
     }
 }

@@ -120,6 +120,7 @@ impl Model {
                 head_dim: d,
                 q_start: past,
                 causal: s.causal,
+                window: s.windows[l],
                 mapping: s.gqa,
                 softmax_bf16: s.softmax_bf16,
             };

@@ -24,6 +24,7 @@ impl Settings {
             residual: ResidualDtype::Model,
             gqa: GqaMapping::Grouped,
             causal: true,
+            windows: c.sliding_windows.clone(),
             final_norm: true,
         }
     }

@@ -78,6 +78,8 @@ pub struct Settings {
     pub gqa: GqaMapping,
     /// Causal mask on.
     pub causal: bool,
+    /// Per layer, the sliding attention window (`None`: full causal attention).
+    pub windows: Vec<Option<usize>>,
     /// Apply the final norm.
     pub final_norm: bool,
 }
