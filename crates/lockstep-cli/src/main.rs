@@ -43,6 +43,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// An interactive chat session with history (one user message per stdin line).
     Chat(commands::chat::Args),
+    /// An OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching.
+    Serve(commands::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Selftest(a) => commands::selftest::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(code) => code,
