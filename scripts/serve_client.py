@@ -81,17 +81,28 @@ def alone_text(c: openai.OpenAI, model: str, req: dict) -> str:
     return c.completions.create(model=model, **args).choices[0].text
 
 
-def requests_mix(n: int, max_tokens: int) -> list[dict]:
-    """`n` requests: prompts and lengths differ; every other one samples with its own seed."""
+def token_prompt(i: int, vocab: int) -> list[int]:
+    """A deterministic prompt of 3 to 17 token ids below `vocab` (for random-weight fixtures)."""
+    x = 2654435761 * (i + 1) % 2**32
+    out = []
+    for _ in range(3 + (i * 5) % 15):
+        x = (1103515245 * x + 12345) % 2**31
+        out.append(x % vocab)
+    return out
+
+
+def requests_mix(n: int, max_tokens: int, vocab: int | None = None) -> list[dict]:
+    """`n` requests: prompts and lengths differ; every other one samples with its own seed.
+    With `vocab`, prompts are token ids below it and every request is a completion."""
     out = []
     for i in range(n):
-        p = PROMPTS[i % len(PROMPTS)]
+        p = PROMPTS[i % len(PROMPTS)] if vocab is None else token_prompt(i, vocab)
         req = {"max_tokens": max_tokens - 3 * (i % 4)}
         if i % 2:
             req.update(temperature=0.8, top_p=0.95, seed=1000 + i)
         else:
             req.update(temperature=0)
-        if i % 3 == 2:
+        if i % 3 == 2 and vocab is None:
             req.update(kind="chat", messages=[{"role": "user", "content": p}])
         else:
             req.update(kind="completion", prompt=p)
@@ -179,7 +190,7 @@ def errors(a) -> dict:
         "model": dict(model="no-such-model"),
     }
     for name, kw in cases.items():
-        kw = {"model": model, "prompt": "hi", "max_tokens": 4, **kw}
+        kw = {"model": model, "prompt": [1, 2, 3], "max_tokens": 4, **kw}
         try:
             c.completions.create(**kw)
             out[name] = None
@@ -229,7 +240,7 @@ def concurrent(a) -> dict:
 def load(a) -> dict:
     c = client(a.base_url)
     model = model_id(c)
-    kinds = requests_mix(len(PROMPTS) * 2, a.max_tokens)
+    kinds = requests_mix(len(PROMPTS) * 2, a.max_tokens, a.token_vocab)
     expected = [alone_text(c, model, r) for r in kinds]
     # One round at full concurrency first, so the idle level below has seen a full batch.
     with ThreadPoolExecutor(a.concurrency) as ex:
@@ -283,7 +294,7 @@ def disconnect(a) -> dict:
     model = model_id(c)
     before = health(a.base_url)
     s = c.completions.create(
-        model=model, prompt=PROMPTS[2], max_tokens=100000, temperature=0, stream=True,
+        model=model, prompt=[1, 2, 3], max_tokens=100000, temperature=0, stream=True,
         extra_body={"ignore_eos": True},
     )
     got = 0
@@ -308,7 +319,10 @@ def disconnect(a) -> dict:
 def drain(a) -> dict:
     c = client(a.base_url)
     model = model_id(c)
-    s = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=a.max_tokens, temperature=0, stream=True)
+    s = c.completions.create(
+        model=model, prompt=[1, 2, 3], max_tokens=a.max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
     text, finish, n = "", None, 0
     for ch in s:
         n += 1
@@ -334,6 +348,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--token-vocab", type=int, help="load: prompts as token ids below this (random-weight fixtures)")
     ap.add_argument("mode", choices=["basic", "errors", "concurrent", "load", "disconnect", "drain"])
     a = ap.parse_args()
     out = globals()[a.mode](a)

@@ -435,13 +435,15 @@ fn chat_prompt(f: &Fields, info: &ModelInfo) -> Result<Vec<u32>, ApiError> {
             {
                 r.clone()
             }
-            other => return Err(ApiError::invalid(
-                &format!("{param}.role"),
-                format!(
+            other => {
+                return Err(ApiError::invalid(
+                    &format!("{param}.role"),
+                    format!(
                     "{param}.role must be one of system, developer, user, assistant, tool; got {}",
                     other.unwrap_or(&Value::Null)
                 ),
-            )),
+                ))
+            }
         };
         let content = match o.get("content") {
             Some(Value::String(s)) => s.clone(),
@@ -529,7 +531,7 @@ fn options(
                 format!("'temperature' must be 0 (greedy) or positive, got {t}"),
             ))
         }
-        Some(t) if t == 0.0 => s.do_sample = false,
+        Some(0.0) => s.do_sample = false,
         Some(t) => {
             s.do_sample = true;
             s.temperature = t as f32;

@@ -92,15 +92,17 @@ async fn respond(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         Err(e) => return e.into_response(),
     };
     let (tx, rx) = unbounded_channel();
-    let queued = s.jobs.lock().unwrap().as_ref().map(|q| {
-        q.send(Job {
-            prompt: req.prompt.clone(),
-            opts: req.opts.clone(),
-            logprobs: req.logprobs,
-            events: tx,
-        })
-    });
-    if !matches!(queued, Some(Ok(()))) {
+    let job = Job {
+        prompt: req.prompt.clone(),
+        opts: req.opts.clone(),
+        logprobs: req.logprobs,
+        events: tx,
+    };
+    let queued = match s.jobs.lock().unwrap().as_ref() {
+        Some(q) => q.send(job).is_ok(),
+        None => false,
+    };
+    if !queued {
         return ApiError {
             status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
             ..ApiError::server("the server is shutting down")
