@@ -8,7 +8,9 @@ Every request streams a greedy completion of exactly --max-tokens tokens (EOS ig
 short prompt of its own. A request's decode rate is (tokens - 1) / (time of its last token - time
 of its first), so the prompt's prefill is left out; "alone" is the median over --rounds single
 requests, "together" the median over --rounds rounds of --clients requests started at once of
-(every client's tokens - 1, summed) / (last token of the round - first first token). Prints one
+(every client's tokens - 1, summed) / (last token of the round - first first token), which includes the stalls while the
+round's prompts are prefilled; "steady state" counts the text chunks (about one per token) while
+all clients are decoding. Prints one
 table and a last JSON line. A benchmark, not a test: the numbers depend on the machine and its load.
 """
 
@@ -37,10 +39,12 @@ PROMPTS = [
 ]
 
 
-def one(c: openai.OpenAI, model: str, prompt: str, n: int) -> tuple[float, float, int]:
-    """(time of the first token, time of the last, tokens) of one streaming request."""
+def one(c: openai.OpenAI, model: str, prompt: str, n: int) -> tuple[float, float, int, list[float]]:
+    """(time of the first token, time of the last, tokens, every text chunk's time) of one
+    streaming request."""
     first = last = None
     tokens = 0
+    times = []
     s = c.completions.create(
         model=model, prompt=prompt, max_tokens=n, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
@@ -50,9 +54,10 @@ def one(c: openai.OpenAI, model: str, prompt: str, n: int) -> tuple[float, float
         if ch.choices and ch.choices[0].text:
             first = first or now
             last = now
+            times.append(now)
         if ch.usage:
             tokens = ch.usage.completion_tokens
-    return first, last, tokens
+    return first, last, tokens, times
 
 
 def main() -> None:
@@ -86,9 +91,9 @@ def main() -> None:
         one(c, model, PROMPTS[0], 4)  # warm-up
         alone = []
         for r in range(a.rounds):
-            f, l, n = one(c, model, PROMPTS[r % len(PROMPTS)], a.max_tokens)
+            f, l, n, _ = one(c, model, PROMPTS[r % len(PROMPTS)], a.max_tokens)
             alone.append((n - 1) / (l - f))
-        together = []
+        together, steady = [], []
         for _ in range(a.rounds):
             res = [None] * a.clients
             barrier = threading.Barrier(a.clients)
@@ -105,14 +110,22 @@ def main() -> None:
             start = min(r[0] for r in res)
             end = max(r[1] for r in res)
             together.append(sum(r[2] - 1 for r in res) / (end - start))
+            # While every client is decoding: from the last first token to the first last one.
+            lo, hi = max(r[0] for r in res), min(r[1] for r in res)
+            if hi > lo:
+                chunks = sum(sum(1 for t in r[3] if lo < t <= hi) for r in res)
+                steady.append(chunks / (hi - lo))
         a1, an = statistics.median(alone), statistics.median(together)
         print(f"one client alone:      {a1:8.1f} tok/s decode (median of {a.rounds})")
         print(f"{a.clients} clients together: {an:8.1f} tok/s aggregate decode (median of {a.rounds})")
         print(f"ratio:                 {an / a1:8.2f}x (ideal {a.clients}x)")
+        st = statistics.median(steady) if steady else float("nan")
+        print(f"steady state (all {a.clients} decoding): {st:8.1f} text chunks/s, {st / a1:.2f}x one client")
         print(json.dumps({
             "clients": a.clients, "max_tokens": a.max_tokens, "rounds": a.rounds, "dtype": a.dtype,
             "alone_tok_s": alone, "together_tok_s": together,
             "alone_median": a1, "together_median": an, "ratio": an / a1,
+            "steady_chunks_s": steady, "steady_ratio": st / a1,
         }))
     finally:
         if server is not None:
