@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # (Re)install when the venv is missing or broken, or reference/requirements.txt changed since.
 REQ_HASH=$(sha256sum reference/requirements.txt | cut -d' ' -f1)
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, jax, lockstep_reference" 2>/dev/null \
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, jax, openai, lockstep_reference" 2>/dev/null \
    || [ "$(cat .venv/.lockstep-requirements 2>/dev/null)" != "$REQ_HASH" ]; then
     echo "==> creating/updating the reference environment in .venv (torch + transformers + jax, ~5 GB, about a minute)"
     [ -x .venv/bin/python ] || "$PY" -m venv .venv

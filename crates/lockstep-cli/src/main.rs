@@ -46,6 +46,8 @@ enum Command {
     Chat(commands::chat::Args),
     /// Measure load time, prefill and decode speed, peak RSS and decode weight bandwidth.
     Bench(commands::bench::Args),
+    /// An OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching.
+    Serve(commands::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(code) => code,

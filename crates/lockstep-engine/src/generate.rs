@@ -10,7 +10,8 @@ use crate::error::{EngineError, Result};
 use crate::kernels::Float;
 use crate::model::{BatchKvCache, KvCache, LogitsFor, Model, PaddedBatch};
 use crate::observer::{Observer, TapView};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
+use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::Path;
@@ -277,20 +278,6 @@ fn rate(n: usize, s: f64) -> f64 {
     }
 }
 
-/// The byte length of the longest suffix of `text` that is a proper prefix of some stop string
-/// (text that might still become a stop string and must not be printed yet).
-fn stop_holdback(text: &str, stop: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stop {
-        for (i, _) in s.char_indices().skip(1) {
-            if i > hold && text.ends_with(&s[..i]) {
-                hold = i;
-            }
-        }
-    }
-    hold
-}
-
 /// Text of generated ids as a user sees it: special tokens skipped.
 pub fn decode_visible(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
     tokenizer
@@ -312,76 +299,6 @@ pub fn generate<T: Float>(
         on_text(t)
     })?;
     Ok(rows.remove(0))
-}
-
-/// One row of a generation in progress: its sampler, context, text and stop state.
-struct Row {
-    sampler: Sampler,
-    stream: StreamDecoder,
-    prompt_len: usize,
-    context: Vec<u32>,
-    text: String,
-    printed: usize,
-    finish: Option<FinishReason>,
-}
-
-impl Row {
-    fn generated(&self) -> &[u32] {
-        &self.context[self.prompt_len..]
-    }
-
-    /// Takes the next token from `logits`; returns the text that became printable.
-    fn step<T: Float>(
-        &mut self,
-        logits: &[T],
-        opts: &GenerateOptions,
-        max_ctx: usize,
-        decode: &impl Fn(&[u32]) -> Result<String>,
-    ) -> Result<String> {
-        // transformers casts the last position's logits to float32 before any processor.
-        let mut scores: Vec<f32> = logits.iter().map(|x| x.to_f64() as f32).collect();
-        let next = self.sampler.next_token(&mut scores, &self.context);
-        self.context.push(next);
-        let is_eos = !opts.ignore_eos && opts.eos_token_ids.contains(&next);
-        if !is_eos {
-            let piece = self.stream.push(next, decode)?;
-            self.text.push_str(&piece);
-        }
-        let stop_at = opts
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min();
-        let done = if let Some(pos) = stop_at {
-            self.text.truncate(pos);
-            Some(FinishReason::Stop)
-        } else if is_eos {
-            Some(FinishReason::Eos)
-        } else if self.generated().len() == opts.max_new_tokens {
-            Some(FinishReason::Length)
-        } else if self.context.len() >= max_ctx {
-            Some(FinishReason::Context)
-        } else {
-            None
-        };
-        if matches!(done, Some(f) if f != FinishReason::Stop) {
-            let tail = self.stream.finish(decode)?;
-            self.text.push_str(&tail);
-        }
-        self.finish = done;
-        let safe = match done {
-            Some(_) => self.text.len(),
-            None => self.text.len() - stop_holdback(&self.text, &opts.stop),
-        };
-        let out = if safe > self.printed {
-            self.text[self.printed..safe].to_string()
-        } else {
-            String::new()
-        };
-        self.printed = self.printed.max(safe);
-        Ok(out)
-    }
 }
 
 /// Generates from several prompts at once: they are left-padded to one length with an attention
@@ -406,17 +323,9 @@ pub fn generate_batch<T: Float>(
     }
     let max_ctx = model.config.max_position_embeddings;
     let decode = |ids: &[u32]| decode_visible(tokenizer, ids);
-    let mut rows: Vec<Row> = prompts
+    let mut rows: Vec<Sequence> = prompts
         .iter()
-        .map(|p| Row {
-            sampler: Sampler::new(opts.sampling.clone(), opts.seed),
-            stream: StreamDecoder::new(),
-            prompt_len: p.len(),
-            context: p.clone(),
-            text: String::new(),
-            printed: 0,
-            finish: (opts.max_new_tokens == 0).then_some(FinishReason::Length),
-        })
+        .map(|p| Sequence::new(p.clone(), opts))
         .collect();
     let vocab = model.config.vocab_size;
     let mut prefill_s = 0.0;
@@ -440,7 +349,7 @@ pub fn generate_batch<T: Float>(
                     let row = &rows[r];
                     return Err(nonfinite_logits_error::<T>(
                         model,
-                        &row.context,
+                        row.context(),
                         row.generated().len(),
                         bad.to_f64(),
                     ));
@@ -450,15 +359,15 @@ pub fn generate_batch<T: Float>(
                     on_text(r, &piece);
                 }
             }
-            let keep: Vec<bool> = active.iter().map(|&r| rows[r].finish.is_none()).collect();
+            let keep: Vec<bool> = active.iter().map(|&r| rows[r].finish().is_none()).collect();
             cache.keep_rows(&keep);
-            active.retain(|&r| rows[r].finish.is_none());
+            active.retain(|&r| rows[r].finish().is_none());
             if active.is_empty() {
                 break;
             }
             let next: Vec<u32> = active
                 .iter()
-                .map(|&r| *rows[r].context.last().unwrap())
+                .map(|&r| *rows[r].context().last().unwrap())
                 .collect();
             let t = Instant::now();
             logits = model.forward_batch::<T>(
@@ -473,14 +382,18 @@ pub fn generate_batch<T: Float>(
     }
     Ok(rows
         .into_iter()
-        .map(|r| Generation {
-            prompt: r.context[..r.prompt_len].to_vec(),
-            generated: r.context[r.prompt_len..].to_vec(),
-            text: r.text,
-            finish: r.finish.unwrap_or(FinishReason::Length),
-            prefill_s,
-            decode_s,
-            decode_steps: decode_steps.min((r.context.len() - r.prompt_len).saturating_sub(1)),
+        .map(|r| {
+            let decoded = r.generated().len().saturating_sub(1);
+            let (prompt, generated, text, finish) = r.into_parts();
+            Generation {
+                prompt,
+                generated,
+                text,
+                finish,
+                prefill_s,
+                decode_s,
+                decode_steps: decode_steps.min(decoded),
+            }
         })
         .collect())
 }
@@ -764,14 +677,6 @@ mod tests {
             .map(|&i| d.push(i, &spm).unwrap())
             .collect();
         assert_eq!(out, "Hello world! again");
-    }
-
-    #[test]
-    fn holdback_covers_partial_stop_strings() {
-        let stop = vec!["\nUser:".to_string(), "END".to_string()];
-        assert_eq!(stop_holdback("abc\nUs", &stop), 3);
-        assert_eq!(stop_holdback("abcEN", &stop), 2);
-        assert_eq!(stop_holdback("abc", &stop), 0);
     }
 
     fn cfg() -> ModelConfig {

@@ -13,6 +13,8 @@
 //! - [`sampling`]: transformers' logits processors (repetition penalty, temperature, top-k, top-p,
 //!   min-p), argmax and a seeded sampler.
 //! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
+//! - [`sequence`]: one generating row, and the decode step of rows with their own caches
+//!   (continuous batching).
 
 pub mod chat;
 pub mod config;
@@ -24,6 +26,7 @@ pub mod kernels;
 pub mod model;
 pub mod observer;
 pub mod sampling;
+pub mod sequence;
 pub mod tokenizer;
 pub mod tracing;
 pub mod weights;

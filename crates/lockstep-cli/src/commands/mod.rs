@@ -7,6 +7,7 @@ pub mod compare;
 pub mod generate;
 pub mod reference;
 pub mod selftest;
+pub mod serve;
 pub mod tokenize;
 pub mod trace;
 pub mod verify;

@@ -235,7 +235,7 @@ impl Model {
 
     /// The forward pass proper: `caches.len()` rows of `n` new tokens each, run through every
     /// matmul together; attention per row over that row's cache (minus keys `key_masks` hides).
-    fn forward_rows<T: Float>(
+    pub(crate) fn forward_rows<T: Float>(
         &self,
         tokens: &[u32],
         positions: &[usize],

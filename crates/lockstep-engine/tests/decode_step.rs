@@ -1,0 +1,89 @@
+//! `sequence::decode_step`: rows of different lengths, each with its own cache and position,
+//! decoded together, give bit for bit the logits each row gives alone (f64, f32 and bf16), step
+//! after step, also after a row leaves the batch.
+
+use lockstep_engine::sequence::decode_step;
+use lockstep_engine::{Bf16, Float, KvCache, Model};
+use std::path::PathBuf;
+
+/// A random-weight GQA fixture. Missing fixtures fail the test.
+fn model() -> Model {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-gqa");
+    assert!(
+        dir.join("config.json").exists(),
+        "fixture {} is missing: run scripts/fixtures.sh",
+        dir.display()
+    );
+    Model::load(&dir).unwrap()
+}
+
+fn bits<T: Float>(x: &[T]) -> Vec<u64> {
+    x.iter().map(|v| v.to_f64().to_bits()).collect()
+}
+
+fn check<T: Float>(m: &Model) {
+    let vocab = m.config.vocab_size;
+    let prompts: Vec<Vec<u32>> = [7usize, 1, 12, 3]
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            (0..n)
+                .map(|i| ((i * 131 + r * 977 + 5) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let next = |r: usize, step: usize| ((r * 53 + step * 301 + 11) % vocab) as u32;
+    let layers = m.config.num_layers;
+    // Together: each prompt prefilled alone, then decode steps over all rows; row 1 leaves
+    // after step 2.
+    let mut caches: Vec<KvCache<T>> = Vec::new();
+    for p in &prompts {
+        let mut c = KvCache::new(layers);
+        m.forward_last::<T>(p, &mut c).unwrap();
+        caches.push(c);
+    }
+    let mut rows: Vec<usize> = (0..prompts.len()).collect();
+    let mut together: Vec<Vec<Vec<u64>>> = vec![vec![]; prompts.len()];
+    for step in 0..5 {
+        if step == 3 {
+            rows.remove(1);
+            caches.remove(1);
+        }
+        let toks: Vec<u32> = rows.iter().map(|&r| next(r, step)).collect();
+        let logits = decode_step::<T>(m, &toks, &mut caches).unwrap();
+        for (&r, l) in rows.iter().zip(logits.chunks(vocab)) {
+            together[r].push(bits(l));
+        }
+    }
+    // Alone.
+    for (r, p) in prompts.iter().enumerate() {
+        let mut c = KvCache::<T>::new(layers);
+        m.forward_last::<T>(p, &mut c).unwrap();
+        for (step, want) in together[r].iter().enumerate() {
+            let l = m.forward_last::<T>(&[next(r, step)], &mut c).unwrap();
+            assert!(
+                bits(&l) == *want,
+                "row {r}, step {step}: batched logits differ from alone"
+            );
+        }
+        assert_eq!(together[r].len(), if r == 1 { 3 } else { 5 });
+    }
+}
+
+#[test]
+fn decode_step_rows_equal_each_row_alone() {
+    let m = model();
+    check::<f64>(&m);
+    check::<f32>(&m);
+    check::<Bf16>(&m);
+}
+
+#[test]
+fn decode_step_refuses_mismatched_inputs() {
+    let m = model();
+    let mut caches = vec![KvCache::<f32>::new(m.config.num_layers)];
+    assert!(decode_step::<f32>(&m, &[1, 2], &mut caches).is_err());
+    assert!(decode_step::<f32>(&m, &[], &mut []).is_err());
+    let bad = m.config.vocab_size as u32;
+    assert!(decode_step::<f32>(&m, &[bad], &mut caches).is_err());
+}
