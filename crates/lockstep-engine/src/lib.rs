@@ -23,6 +23,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod observer;
+pub mod resources;
 pub mod sampling;
 pub mod tokenizer;
 pub mod tracing;

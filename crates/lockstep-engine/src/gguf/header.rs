@@ -250,6 +250,31 @@ pub struct Header {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes of memory the parsed metadata may still take ([`METADATA_MEMORY_LIMIT`]).
+    budget: u64,
+}
+
+/// Longest metadata key or tensor name accepted (llama.cpp's own names are under 64 bytes).
+pub const MAX_NAME_BYTES: u64 = 1 << 16;
+
+/// Longest metadata string value accepted (chat templates are tens of kilobytes).
+pub const MAX_STRING_BYTES: u64 = 16 << 20;
+
+/// Memory the parsed metadata may take in all (each value costs its in-memory size plus its
+/// text): a real vocabulary of 256k tokens and its merges take ~25 MiB. One corrupted count in a
+/// large file must not become a reservation of many times the file's size.
+pub const METADATA_MEMORY_LIMIT: u64 = 512 << 20;
+
+/// Smallest encoding of one element of metadata type `ty` (unknown types: 1).
+fn min_value_bytes(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -282,9 +307,26 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn bytes_of_string(&mut self, what: &str) -> std::result::Result<&'a [u8], String> {
+    fn bytes_of_string(&mut self, what: &str, cap: u64) -> std::result::Result<&'a [u8], String> {
         let n = self.u64(what)?;
+        if n > cap {
+            return Err(format!(
+                "{what}: a string of {n} bytes is longer than the {cap} accepted (corrupt)"
+            ));
+        }
+        self.charge(n, what)?;
         self.take(n, what)
+    }
+
+    /// Takes `n` bytes from the metadata memory budget.
+    fn charge(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+        self.budget = self.budget.checked_sub(n).ok_or_else(|| {
+            format!(
+                "{what}: the metadata would take more than {} MiB of memory (corrupt or hostile)",
+                METADATA_MEMORY_LIMIT >> 20
+            )
+        })?;
+        Ok(())
     }
 
     fn value(&mut self, ty: u32, what: &str, depth: u32) -> std::result::Result<Value, String> {
@@ -305,21 +347,28 @@ impl<'a> Reader<'a> {
                     ))
                 }
             },
-            8 => Value::String(String::from_utf8_lossy(self.bytes_of_string(what)?).into_owned()),
+            8 => Value::String(
+                String::from_utf8_lossy(self.bytes_of_string(what, MAX_STRING_BYTES)?).into_owned(),
+            ),
             9 => {
                 if depth >= 4 {
                     return Err(format!("{what}: arrays nested too deep (corrupt)"));
                 }
                 let elem = self.u32(what)?;
                 let count = self.u64(what)?;
-                // Every element takes at least one byte: a count beyond what is left is damage,
-                // and must not become an allocation.
-                if count > self.remaining() as u64 {
+                // Every element takes at least its smallest encoding: a count beyond what is left
+                // is damage, and must not become an allocation. Each parsed element also costs
+                // its in-memory size, charged to the budget before anything is reserved.
+                if count.saturating_mul(min_value_bytes(elem)) > self.remaining() as u64 {
                     return Err(format!(
                         "{what}: an array of {count} elements cannot fit in the {} bytes left (truncated or corrupt)",
                         self.remaining()
                     ));
                 }
+                self.charge(
+                    count.saturating_mul(std::mem::size_of::<Value>() as u64),
+                    what,
+                )?;
                 let mut v = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     v.push(self.value(elem, what, depth + 1)?);
@@ -358,7 +407,11 @@ impl Header {
                 "not a GGUF file: it starts with {shown}, not the magic \"GGUF\" (a model is a Hugging Face folder or a .gguf file)"
             ));
         }
-        let mut r = Reader { buf, pos: 4 };
+        let mut r = Reader {
+            buf,
+            pos: 4,
+            budget: METADATA_MEMORY_LIMIT,
+        };
         let version = r.u32("the version")?;
         if version != 2 && version != 3 {
             return Err(format!(
@@ -387,11 +440,12 @@ impl Header {
         }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
-            let key = r.bytes_of_string(&format!("metadata key #{i}"))?;
+            let key = r.bytes_of_string(&format!("metadata key #{i}"), MAX_NAME_BYTES)?;
             let key = std::str::from_utf8(key)
                 .map_err(|_| format!("metadata key #{i} is not UTF-8 (corrupt)"))?
                 .to_string();
             let what = format!("metadata '{key}'");
+            r.charge(std::mem::size_of::<Value>() as u64 + 64, &what)?;
             let ty = r.u32(&what)?;
             let v = r.value(ty, &what, 0)?;
             if metadata.insert(key.clone(), v).is_some() {
@@ -409,10 +463,14 @@ impl Header {
                 }
             },
         };
+        r.charge(
+            n_tensors.saturating_mul(std::mem::size_of::<TensorInfo>() as u64 + 64),
+            "the tensor table",
+        )?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
-            let name = r.bytes_of_string(&format!("the name of tensor #{i}"))?;
+            let name = r.bytes_of_string(&format!("the name of tensor #{i}"), MAX_NAME_BYTES)?;
             let name = String::from_utf8_lossy(name).into_owned();
             let what = format!("tensor '{name}'");
             let n_dims = r.u32(&what)?;
@@ -585,6 +643,9 @@ mod tests {
         // A string length far beyond the file.
         let mut long = bytes.clone();
         long[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Header::parse(&long).unwrap_err().contains("longer than"));
+        // A string within the cap but beyond the file.
+        long[24..32].copy_from_slice(&(1u64 << 12).to_le_bytes());
         assert!(Header::parse(&long).unwrap_err().contains("truncated"));
         // An array count beyond the file.
         let mut payload = 4u32.to_le_bytes().to_vec();
@@ -594,5 +655,32 @@ mod tests {
         // A row that does not fill whole blocks.
         let odd = file(&[], &[("q", vec![40], GgmlType::Q8_0, vec![0; 68])], 32);
         assert!(Header::parse(&odd).unwrap_err().contains("not a multiple"));
+    }
+
+    #[test]
+    fn counts_are_bounded_by_bytes_left_and_memory() {
+        // 1000 u64 elements need 8000 bytes; the file holds far fewer.
+        let mut payload = 10u32.to_le_bytes().to_vec();
+        payload.extend(1000u64.to_le_bytes());
+        payload.extend([0u8; 1000]);
+        let arr = file(&[("a", kv(9, payload))], &[], 32);
+        assert!(Header::parse(&arr).unwrap_err().contains("cannot fit"));
+        // Elements of one byte each, but more of them than the memory budget allows: refused
+        // before anything is reserved.
+        let n = METADATA_MEMORY_LIMIT / std::mem::size_of::<Value>() as u64 + 1;
+        let mut payload = 0u32.to_le_bytes().to_vec();
+        payload.extend(n.to_le_bytes());
+        payload.resize(payload.len() + n as usize, 0);
+        let arr = file(&[("a", kv(9, payload))], &[], 32);
+        let e = Header::parse(&arr).unwrap_err();
+        assert!(e.contains("MiB of memory"), "{e}");
+        // A key longer than the name cap.
+        let mut b = MAGIC.to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend((MAX_NAME_BYTES + 1).to_le_bytes());
+        b.resize(b.len() + MAX_NAME_BYTES as usize + 16, b'k');
+        assert!(Header::parse(&b).unwrap_err().contains("longer than"));
     }
 }

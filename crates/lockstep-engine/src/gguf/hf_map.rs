@@ -2,6 +2,7 @@
 //! metadata implies.
 
 use super::header::{GgmlType, Header, Value};
+use crate::config::ModelConfig;
 
 /// The Hugging Face name of a llama.cpp tensor of a Llama / Qwen2 model, `None` when it has none.
 pub fn hf_name(gguf: &str) -> Option<String> {
@@ -33,6 +34,35 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     }
     Some(format!("model.layers.{layer}.{module}.{kind}"))
+}
+
+/// The Hugging Face shape the config implies for a tensor under its Hugging Face name, `None` for
+/// a name the model does not have (a layer beyond `num_hidden_layers`, an unknown module).
+pub fn expected_shape(hf: &str, c: &ModelConfig) -> Option<Vec<usize>> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let qd = c.num_heads.checked_mul(c.head_dim)?;
+    let kvd = c.num_kv_heads.checked_mul(c.head_dim)?;
+    match hf {
+        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![c.vocab_size, h]),
+        "model.norm.weight" => return Some(vec![h]),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, module) = rest.split_once('.')?;
+    if layer.parse::<usize>().ok()? >= c.num_layers {
+        return None;
+    }
+    Some(match module {
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
+        "self_attn.q_proj.weight" => vec![qd, h],
+        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kvd, h],
+        "self_attn.q_proj.bias" => vec![qd],
+        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kvd],
+        "self_attn.o_proj.weight" => vec![h, qd],
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
+        "mlp.down_proj.weight" => vec![h, i],
+        _ => return None,
+    })
 }
 
 /// The config.json text a GGUF's metadata implies, read as `transformers` reads it (its
@@ -69,10 +99,12 @@ pub fn config_json(h: &Header) -> std::result::Result<String, String> {
     let float = |k: &str| -> std::result::Result<Option<f64>, String> {
         match h.get(&key(k)) {
             None => Ok(None),
+            // A NaN or infinity would become JSON null, i.e. the default, silently.
             Some(v) => v
                 .as_f64()
+                .filter(|x| x.is_finite())
                 .map(Some)
-                .ok_or_else(|| format!("{} must be a number, got {v:?}", key(k))),
+                .ok_or_else(|| format!("{} must be a finite number, got {v:?}", key(k))),
         }
     };
     let hidden = need("embedding_length")?;
@@ -172,7 +204,6 @@ pub fn config_json(h: &Header) -> std::result::Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use crate::gguf::test_util::*;
     #[test]
     fn maps_llama_cpp_names_to_hugging_face() {
@@ -318,5 +349,17 @@ mod tests {
         assert!(config_json(&header(&kvs, &[]))
             .unwrap_err()
             .contains("key_length"));
+        for bad in [f32::NAN, f32::INFINITY] {
+            for key in [
+                "llama.rope.freq_base",
+                "llama.attention.layer_norm_rms_epsilon",
+            ] {
+                let mut kvs = smollm2_like("llama");
+                kvs.retain(|(k, _)| k != key);
+                kvs.push((key.into(), f32v(bad)));
+                let e = config_json(&header(&kvs, &[])).unwrap_err();
+                assert!(e.contains(key) && e.contains("finite"), "{e}");
+            }
+        }
     }
 }

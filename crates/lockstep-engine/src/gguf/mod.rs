@@ -33,7 +33,7 @@ mod tokenizer_meta;
 
 pub use dequant::{dequantize, unpermute_rows};
 pub use header::{GgmlType, Header, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC};
-pub use hf_map::{config_json, hf_name};
+pub use hf_map::{config_json, expected_shape, hf_name};
 pub use tokenizer_meta::{chat_template, tokenizer, tokenizer_config, tokenizer_json};
 
 use crate::config::ModelConfig;
@@ -135,12 +135,33 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
                 ),
             ));
         }
-        if hf_name(&t.name).is_none() {
+        let Some(name) = hf_name(&t.name) else {
             return Err(bad(
                 path,
                 format!(
                     "tensor '{}' has no counterpart in a Hugging Face {:?} model",
                     t.name, config.arch
+                ),
+            ));
+        };
+        // Before anything is dequantized or copied: a damaged table must not turn into an
+        // allocation the model could never use.
+        let want = expected_shape(&name, &config).ok_or_else(|| {
+            bad(
+                path,
+                format!(
+                    "tensor '{}' ({name}) is not part of a model of {} layers",
+                    t.name, config.num_layers
+                ),
+            )
+        })?;
+        if t.shape() != want {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor '{}' ({name}) has shape {:?} but the metadata implies {want:?}",
+                    t.name,
+                    t.dims.iter().rev().collect::<Vec<_>>()
                 ),
             ));
         }
@@ -177,7 +198,12 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
             let tensor = match (n_head, owned) {
                 (Some(n), owned) => {
                     let data = owned.as_deref().unwrap_or(raw);
-                    let row = *shape.get(1).unwrap_or(&1) * dtype.size();
+                    // The shape matched the config above, so this cannot overflow.
+                    let row = shape
+                        .get(1)
+                        .copied()
+                        .unwrap_or(1)
+                        .saturating_mul(dtype.size());
                     let out = unpermute_rows(data, row, n)
                         .map_err(|m| bad(path, format!("tensor '{}': {m}", t.name)))?;
                     Tensor::from_bytes(dtype, shape, out)
