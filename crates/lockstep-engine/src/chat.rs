@@ -164,9 +164,9 @@ impl ChatTemplate {
     }
 }
 
-/// Instructions a chat template may execute in one rendering (real templates with tools and a
-/// long conversation use well under a million).
-pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// Instructions a chat template may execute in one rendering (about 2 s; real templates with
+/// tools and a long conversation use well under a million).
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
 
 /// Nesting depth (calls, includes, nested expressions) a chat template may reach.
 pub const TEMPLATE_RECURSION_LIMIT: usize = 200;

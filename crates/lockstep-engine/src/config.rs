@@ -196,7 +196,7 @@ impl ModelConfig {
         // NaN angles); real checkpoints use 1e4 to 1e8.
         if !(ROPE_THETA_RANGE.0..=ROPE_THETA_RANGE.1).contains(&rope_theta) {
             return Err(format!(
-                "rope_theta must be a finite number in [{:e}, {:e}], got {rope_theta}",
+                "rope_theta must be a finite number in [{:e}, {:e}], got {rope_theta:e}",
                 ROPE_THETA_RANGE.0, ROPE_THETA_RANGE.1
             ));
         }
