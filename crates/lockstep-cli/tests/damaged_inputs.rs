@@ -17,6 +17,8 @@ mod support;
 use damaged::*;
 use serde_json::json;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use support::*;
 
 // ---- the table -----------------------------------------------------------------------------
@@ -591,4 +593,43 @@ fn the_undamaged_inputs_run() {
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
+}
+
+#[test]
+fn ctrl_c_during_a_trace_leaves_no_file() {
+    // SIGINT while the forward runs (the trace is written by temp file + rename at the end):
+    // neither the trace nor a temporary file may remain.
+    let root = scratch("damaged-sigint");
+    let m = fixtures().join("models/smollm2-135m-instruct");
+    assert!(m.is_dir(), "fixture {} missing", m.display());
+    let out = root.join("out.safetensors");
+    let ids: Vec<String> = (0..256).map(|i| (i % 2000).to_string()).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "trace",
+            "--model",
+            &p(&m),
+            "--dtype",
+            "f64",
+            "--out",
+            &p(&out),
+        ])
+        .args(["--tokens", &ids.join(",")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the run finished before the signal; make it longer"
+    );
+    let left = files_under(&root);
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
