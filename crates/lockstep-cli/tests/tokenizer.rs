@@ -243,3 +243,42 @@ fn matches_live_transformers_tokenizer() {
         assert_eq!(&cli_tokenize(&model, text), want, "CLI ids of {text:?}");
     }
 }
+
+/// A tokenizer.json asking for truncation to 4 tokens and fixed padding to 64 (and a stride the
+/// tokenizers crate would assert on): transformers turns both off when it encodes a prompt, so
+/// lockstep must give the same, whole, unpadded ids.
+#[test]
+fn file_truncation_and_padding_are_ignored_like_transformers() {
+    let Some(py) = reference_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer_config.json", "config.json"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let mut tj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir().join("tokenizer.json")).unwrap())
+            .unwrap();
+    tj["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4,
+        "strategy": "LongestFirst", "stride": 0});
+    tj["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+    std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+    let texts = [
+        LIVE[2],
+        "Hello world, this is a prompt longer than four tokens.",
+    ];
+    let wants = reference_tokenize_batch(&py, dir.path(), &texts);
+    let tok = Tokenizer::from_dir(dir.path()).expect("load tokenizer");
+    for (text, want) in texts.iter().zip(&wants) {
+        assert!(want.len() > 4 && want.len() < 64, "transformers: {want:?}");
+        assert_eq!(&tok.encode(text).unwrap(), want, "ids of {text:?}");
+        assert_eq!(&cli_tokenize(dir.path(), text), want, "CLI ids of {text:?}");
+    }
+    // A stride at or beyond max_length and padding to 2^40: still whole prompts, no panic and
+    // no allocation.
+    tj["truncation"]["stride"] = 8.into();
+    tj["padding"]["strategy"] = serde_json::json!({"Fixed": 1u64 << 40});
+    std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+    assert_eq!(&cli_tokenize(dir.path(), texts[1]), &wants[1]);
+}

@@ -113,6 +113,10 @@ impl ChatTemplate {
     ) -> Result<String> {
         let err = |e: minijinja::Error| EngineError::Tokenizer(format!("chat template: {e}"));
         let mut env = minijinja::Environment::new();
+        // A template is code from whoever published the model: bound its work, its nesting and
+        // its output so that none can hang, overflow the stack or fill memory.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function(
@@ -138,9 +142,57 @@ impl ChatTemplate {
         if let Some(t) = tools {
             ctx.insert("tools".into(), t.clone());
         }
+        let mut out = CappedOutput::default();
         env.get_template("chat")
-            .and_then(|t| t.render(Value::Object(ctx)))
-            .map_err(err)
+            .and_then(|t| t.render_captured_to(Value::Object(ctx), &mut out))
+            .map_err(|e| {
+                if out.over {
+                    EngineError::Tokenizer(format!(
+                        "chat template: its output exceeds {} MiB (refused)",
+                        TEMPLATE_OUTPUT_LIMIT >> 20
+                    ))
+                } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                    EngineError::Tokenizer(format!(
+                        "chat template: rendering took more than {TEMPLATE_FUEL} steps (a runaway loop?); refused"
+                    ))
+                } else {
+                    err(e)
+                }
+            })?;
+        String::from_utf8(out.buf)
+            .map_err(|_| EngineError::Tokenizer("chat template: output is not UTF-8".into()))
+    }
+}
+
+/// Instructions a chat template may execute in one rendering (about 2 s; real templates with
+/// tools and a long conversation use well under a million).
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// Nesting depth (calls, includes, nested expressions) a chat template may reach.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 200;
+
+/// Bytes a rendered chat template may produce (a prompt far beyond any model's context).
+pub const TEMPLATE_OUTPUT_LIMIT: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_OUTPUT_LIMIT`].
+#[derive(Default)]
+struct CappedOutput {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(buf.len()) > TEMPLATE_OUTPUT_LIMIT {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -229,5 +281,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no system"));
+    }
+
+    fn refusal(src: &str) -> String {
+        let t = ChatTemplate::new(src, serde_json::Map::new());
+        let t0 = std::time::Instant::now();
+        let e = t
+            .render(&[Message::new("user", "hi")], true, None)
+            .unwrap_err();
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "{src}: took {:?}",
+            t0.elapsed()
+        );
+        e.to_string()
+    }
+
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let e = refusal(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        assert!(e.contains("steps"), "{e}");
+        let e = refusal("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}");
+        assert!(e.contains("MiB") || e.contains("steps"), "{e}");
+        let deep = format!("{{{{ {}1{} }}}}", "[".repeat(5000), "]".repeat(5000));
+        let e = refusal(&deep);
+        assert!(e.starts_with("tokenizer: chat template:"), "{e}");
+        let e = refusal("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+        assert!(e.starts_with("tokenizer: chat template:"), "{e}");
     }
 }

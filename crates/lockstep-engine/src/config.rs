@@ -206,13 +206,19 @@ impl ModelConfig {
             }
         }
         let rope_theta = rope_theta.unwrap_or(10000.0);
-        if rope_theta.is_nan() || rope_theta <= 0.0 {
-            return Err(format!("rope_theta must be positive, got {rope_theta}"));
+        // Below 1 the inverse frequencies exceed 1 and grow without bound (1e-300 gives inf and
+        // NaN angles); real checkpoints use 1e4 to 1e8.
+        if !(ROPE_THETA_RANGE.0..=ROPE_THETA_RANGE.1).contains(&rope_theta) {
+            return Err(format!(
+                "rope_theta must be a finite number in [{:e}, {:e}], got {rope_theta:e}",
+                ROPE_THETA_RANGE.0, ROPE_THETA_RANGE.1
+            ));
         }
         let rms_norm_eps = f64_key("rms_norm_eps")?.unwrap_or(1e-6);
-        if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
+        // 0 makes an all-zero row 0 * inf = NaN; real checkpoints use 1e-6 or 1e-5.
+        if !(rms_norm_eps > 0.0 && rms_norm_eps <= 1.0) {
             return Err(format!(
-                "rms_norm_eps must be non-negative, got {rms_norm_eps}"
+                "rms_norm_eps must be a finite number in (0, 1], got {rms_norm_eps}"
             ));
         }
 
@@ -231,16 +237,8 @@ impl ModelConfig {
             // pretraining_tp > 1 only changes summation order in HF; accepted.
         }
 
-        let ids = |k: &str| -> Vec<u32> {
-            match get(k) {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
-                Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                None => vec![],
-            }
+        let ids = |k: &str| -> std::result::Result<Vec<u32>, String> {
+            token_ids(get(k)).map_err(|m| format!("'{k}' {m}"))
         };
 
         let mut cfg = ModelConfig {
@@ -260,8 +258,8 @@ impl ModelConfig {
                 None => 32768,
                 Some(_) => usize_key("max_position_embeddings")?,
             },
-            bos_token_id: ids("bos_token_id").first().copied(),
-            eos_token_ids: ids("eos_token_id"),
+            bos_token_id: ids("bos_token_id")?.first().copied(),
+            eos_token_ids: ids("eos_token_id")?,
             declared_dtype: get("dtype")
                 .or_else(|| get("torch_dtype"))
                 .and_then(Value::as_str)
@@ -319,6 +317,27 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         // Validated configs never overflow; one built by hand saturates.
         self.checked_parameter_count().unwrap_or(usize::MAX)
+    }
+}
+
+/// The range of `rope_theta` accepted: finite, at least 1 (no inverse frequency above 1) and
+/// at most 1e15.
+pub const ROPE_THETA_RANGE: (f64, f64) = (1.0, 1e15);
+
+/// Token ids from a config value: one integer, a list of them, or nothing (absent or null). An id
+/// that is not a non-negative integer within u32 is an error (never truncated).
+pub fn token_ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
+    let one = |x: &Value| -> std::result::Result<u32, String> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                format!("holds {x}, which is not a token id (an integer in 0..=4294967295)")
+            })
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().filter(|x| !x.is_null()).map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
 }
 
@@ -507,6 +526,35 @@ mod tests {
         assert_eq!(
             ModelConfig::from_json_str(&absent).unwrap().sliding_windows,
             vec![Some(4096); 24]
+        );
+    }
+
+    #[test]
+    fn refuses_floats_and_ids_that_would_compute_garbage() {
+        let with = |k: &str, v: &str| {
+            let mut j: serde_json::Value = serde_json::from_str(QWEN).unwrap();
+            j[k] = serde_json::from_str(v).unwrap();
+            ModelConfig::from_json_str(&j.to_string())
+        };
+        for (k, v, says) in [
+            ("rms_norm_eps", "0", "rms_norm_eps"),
+            ("rms_norm_eps", "-1e-6", "rms_norm_eps"),
+            ("rms_norm_eps", "1e300", "rms_norm_eps"),
+            ("rope_theta", "1e-300", "rope_theta"),
+            ("rope_theta", "0.5", "rope_theta"),
+            ("rope_theta", "1e300", "rope_theta"),
+            ("eos_token_id", "4294967298", "not a token id"),
+            ("eos_token_id", "[1, -2]", "not a token id"),
+            ("bos_token_id", "\"<s>\"", "not a token id"),
+        ] {
+            let e = with(k, v).unwrap_err();
+            assert!(e.contains(says), "{k}={v}: {e}");
+        }
+        assert_eq!(
+            with("eos_token_id", "[4294967295, null]")
+                .unwrap()
+                .eos_token_ids,
+            vec![u32::MAX]
         );
     }
 }

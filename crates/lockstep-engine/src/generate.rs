@@ -34,19 +34,6 @@ pub struct GenerationDefaults {
     pub source: &'static str,
 }
 
-fn id_list(v: Option<&Value>) -> Option<Vec<u32>> {
-    match v? {
-        Value::Array(a) => Some(
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-        ),
-        Value::Number(n) => n.as_u64().map(|x| vec![x as u32]),
-        _ => None,
-    }
-}
-
 impl GenerationDefaults {
     /// Reads `generation_config.json` of a model folder (falls back to `config`).
     pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
@@ -119,8 +106,11 @@ impl GenerationDefaults {
         if let Some(r) = num("repetition_penalty")? {
             s.repetition_penalty = r as f32;
         }
-        let (eos_token_ids, source) = match id_list(get("eos_token_id")) {
-            Some(ids) => (ids, "generation_config.json"),
+        let (eos_token_ids, source) = match get("eos_token_id") {
+            Some(v) => (
+                crate::config::token_ids(Some(v)).map_err(|m| format!("'eos_token_id' {m}"))?,
+                "generation_config.json",
+            ),
             None => (config.eos_token_ids.clone(), "config.json"),
         };
         Ok(GenerationDefaults {
@@ -169,7 +159,12 @@ impl StreamDecoder {
         }
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if !flush && full.ends_with('\u{FFFD}') {
+        // A character is at most 4 bytes, so more pending tokens than that can never complete
+        // one: print them (with U+FFFD) instead of re-decoding a window that grows forever.
+        if !flush
+            && full.ends_with('\u{FFFD}')
+            && self.ids.len() - self.read_offset <= MAX_PENDING_IDS
+        {
             return Ok(String::new());
         }
         let new = if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
@@ -196,6 +191,9 @@ impl StreamDecoder {
         Ok(new)
     }
 }
+
+/// Tokens [`StreamDecoder`] holds back while their text ends in an incomplete character.
+const MAX_PENDING_IDS: usize = 8;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -659,6 +657,29 @@ mod tests {
         assert_eq!(d.push(b'a' as u32, &bytes).unwrap(), "a");
         assert_eq!(d.push(0xE6, &bytes).unwrap(), "");
         assert_eq!(d.finish(&bytes).unwrap(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn stream_decoder_stays_linear_on_text_that_never_completes_a_character() {
+        // 0xFF is never valid UTF-8: every window ends in U+FFFD. Count the bytes decoded.
+        let decoded = std::cell::Cell::new(0usize);
+        let counting = |ids: &[u32]| {
+            decoded.set(decoded.get() + ids.len());
+            bytes(ids)
+        };
+        let mut d = StreamDecoder::new();
+        let n = 20_000;
+        let mut out = String::new();
+        for _ in 0..n {
+            out.push_str(&d.push(0xFF, &counting).unwrap());
+        }
+        out.push_str(&d.finish(&counting).unwrap());
+        assert_eq!(out.chars().filter(|&c| c == '\u{FFFD}').count(), n);
+        assert!(
+            decoded.get() < 4 * MAX_PENDING_IDS * n,
+            "{} ids decoded",
+            decoded.get()
+        );
     }
 
     /// A SentencePiece-like decoder: "▁" is a space, and a leading space of the text is dropped.

@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod observer;
+pub mod resources;
 pub mod sampling;
 pub mod sequence;
 pub mod tokenizer;

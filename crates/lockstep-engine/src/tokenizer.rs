@@ -15,7 +15,7 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if let Some(file) = crate::gguf::locate(dir)? {
             let inner = crate::gguf::tokenizer(&file)?;
-            return Ok(Tokenizer { inner });
+            return Ok(Tokenizer::for_prompts(inner));
         }
         if !dir.is_dir() {
             return Err(EngineError::MissingFile {
@@ -32,7 +32,18 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer::for_prompts(inner))
+    }
+
+    /// Turns off the file's `truncation` and `padding`, as `transformers` does whenever it
+    /// encodes a prompt (`set_truncation_and_padding` with `DO_NOT_TRUNCATE` / `DO_NOT_PAD`): a
+    /// file asking for `max_length 8` must not cut prompts, a stride at or beyond the length must
+    /// not reach the crate's assertion, and `Fixed` padding of 2^40 must not become an allocation.
+    fn for_prompts(mut inner: tokenizers::Tokenizer) -> Self {
+        inner.with_padding(None);
+        // Removing truncation cannot fail (only a stride check on new parameters can).
+        let _ = inner.with_truncation(None);
+        Tokenizer { inner }
     }
 
     /// Token ids of `text`, without adding special tokens (what `transformers` gives with

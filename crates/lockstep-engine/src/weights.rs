@@ -493,6 +493,13 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps a checkpoint file (safetensors or GGUF) read-only.
+///
+/// Every tensor's byte range is checked against the file's length (the safetensors header, or
+/// [`crate::gguf::Header::parse`]) before any tensor byte is read, so a file truncated *before*
+/// it is opened is a one-line error. What no loader of mapped files can guard against: a file
+/// truncated or rewritten by another process *while* it is mapped makes the next read of a page
+/// past its new end raise SIGBUS, which ends the process. Do not modify a checkpoint while
+/// lockstep runs on it.
 pub(crate) fn map_readonly(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
         path: path.into(),

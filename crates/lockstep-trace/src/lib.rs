@@ -160,6 +160,8 @@ pub struct TraceTensor {
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     tensors: Vec<(String, TraceTensor)>,
+    /// Position of each name in `tensors` (a lookup must not scan millions of entries).
+    index: std::collections::HashMap<String, usize>,
     /// The `__metadata__` map: producer, versions, dtype, model fingerprint, token ids...
     pub metadata: BTreeMap<String, String>,
 }
@@ -178,8 +180,14 @@ impl Trace {
         data: TensorData,
     ) -> Result<(), TraceError> {
         let name = name.into();
-        let want: usize = shape.iter().product();
-        if want != data.len() {
+        // A zero dimension makes the product 0 whatever the others are; otherwise an overflow
+        // can never match the data's length.
+        let want = if shape.contains(&0) {
+            Some(0)
+        } else {
+            shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+        };
+        if want != Some(data.len()) {
             return Err(TraceError::Shape {
                 name,
                 len: data.len(),
@@ -187,24 +195,25 @@ impl Trace {
             });
         }
         let t = TraceTensor { shape, data };
-        match self.tensors.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = t,
-            None => self.tensors.push((name, t)),
+        match self.index.get(&name) {
+            Some(&i) => self.tensors[i].1 = t,
+            None => {
+                self.index.insert(name.clone(), self.tensors.len());
+                self.tensors.push((name, t));
+            }
         }
         Ok(())
     }
 
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TraceTensor> {
-        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+        self.index.get(name).map(|&i| &self.tensors[i].1)
     }
 
     /// Mutable access to a tensor by name.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut TraceTensor> {
-        self.tensors
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
+        let i = *self.index.get(name)?;
+        Some(&mut self.tensors[i].1)
     }
 
     /// Tensor names in forward order (canonical names first by position in the forward pass,
@@ -269,12 +278,7 @@ impl Trace {
             path: path.display().to_string(),
             source,
         };
-        let tmp = path.with_extension("safetensors.partial");
-        std::fs::write(&tmp, &bytes).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
+        write_atomic(path, &bytes).map_err(io)
     }
 
     /// Reads a trace from safetensors bytes; `path` names it in errors.
@@ -291,6 +295,15 @@ impl Trace {
             trace.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
         for (name, view) in st.tensors() {
+            // Zero elements make zero bytes whatever the shape claims ([0, 2^60] is accepted by
+            // safetensors); a tensor without values says nothing, and its shape must not size
+            // anything downstream.
+            if view.shape().contains(&0) {
+                return Err(fmt(format!(
+                    "tensor '{name}' has shape {:?}, which holds no values",
+                    view.shape()
+                )));
+            }
             let b = view.data();
             let data = match view.dtype() {
                 safetensors::Dtype::F64 => TensorData::F64(
@@ -332,13 +345,90 @@ impl Trace {
     }
 
     /// Reads a trace file.
+    /// The header is checked against the file's size before the file is read whole.
     pub fn read(path: &Path) -> Result<Self, TraceError> {
-        let bytes = std::fs::read(path).map_err(|source| TraceError::Io {
-            path: path.display().to_string(),
+        let shown = path.display().to_string();
+        let io = |source| TraceError::Io {
+            path: shown.clone(),
             source,
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        check_header(&mut f).map_err(|msg| TraceError::Format {
+            path: shown.clone(),
+            msg,
         })?;
-        Self::from_bytes(&bytes, &path.display().to_string())
+        let mut bytes = vec![];
+        std::io::Read::read_to_end(&mut f, &mut bytes).map_err(io)?;
+        Self::from_bytes(&bytes, &shown)
     }
+}
+
+/// Largest safetensors header accepted (the format's own limit).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads a safetensors header from `f` and checks that the data it describes fills the file
+/// exactly; leaves `f` at its start.
+fn check_header(f: &mut std::fs::File) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| format!("{len} bytes is too short for a safetensors header (truncated?)"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
+        return Err(format!(
+            "its header claims {n} bytes but the file has {len} (truncated, or not a trace)"
+        ));
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&head)
+        .map_err(|e| format!("its header is not JSON ({e}); not a trace"))?;
+    let obj = v
+        .as_object()
+        .ok_or("its header is not a JSON object; not a trace")?;
+    let mut end = 0u64;
+    for (k, t) in obj {
+        if k == "__metadata__" {
+            continue;
+        }
+        let off = t
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| format!("tensor '{k}' has no data_offsets"))?;
+        end = end.max(off);
+    }
+    let want = 8 + n + end;
+    if want != len {
+        return Err(format!(
+            "its header describes {want} bytes but the file has {len} (truncated or corrupt)"
+        ));
+    }
+    f.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: into a new temporary file beside it (a random name,
+/// created exclusively, so no symlink or other writer's file is followed), then renamed over
+/// `path`. A failure or an interruption leaves at most a `.NAME.*.partial` file, never a
+/// half-written `path`; the temporary file is removed on failure.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".partial")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

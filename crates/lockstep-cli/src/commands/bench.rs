@@ -9,7 +9,7 @@
 //! of a buffer much larger than the caches, best of a few passes).
 
 use super::common::DtypeArg;
-use super::generate::{load, Loaded};
+use super::generate::{preload, Loaded};
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::generate::{generate_batch, GenerateOptions, Generation};
 use lockstep_engine::sampling::SamplingParams;
@@ -189,14 +189,16 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "--prompt-tokens, --batch and --repeat must be at least 1, --new-tokens at least 2 (one decode step)",
         ));
     }
-    let l = load(&a.model)?;
-    let max_ctx = l.model.config.max_position_embeddings;
-    if a.prompt_tokens + a.new_tokens > max_ctx {
+    let pre = preload(&a.model)?;
+    let max_ctx = pre.config.max_position_embeddings;
+    let context = a.prompt_tokens + a.new_tokens;
+    if context > max_ctx {
         return Err(CliError::input(format!(
-            "--prompt-tokens + --new-tokens = {} exceeds the model's {max_ctx} positions",
-            a.prompt_tokens + a.new_tokens
+            "--prompt-tokens + --new-tokens = {context} exceeds the model's {max_ctx} positions"
         )));
     }
+    pre.check_memory(a.dtype, a.batch, a.prompt_tokens, context, false)?;
+    let l = pre.load_model()?;
     let prompts = prompts(a.batch, a.prompt_tokens, l.model.config.vocab_size);
     let opts = GenerateOptions {
         max_new_tokens: a.new_tokens,

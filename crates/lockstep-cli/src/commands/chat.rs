@@ -6,7 +6,7 @@
 //! session with one line naming the first non-finite tensor, exit 1 (as `generate`).
 
 use super::generate::{
-    chat_template, describe, load, print_flush, run_generation, speed_line, SamplingArgs,
+    chat_template, describe, preload, print_flush, run_generation, speed_line, SamplingArgs,
 };
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::chat::Message;
@@ -27,10 +27,21 @@ pub struct Args {
     sampling: SamplingArgs,
 }
 
+/// Tokens of history the memory estimate allows for besides one turn's new tokens.
+const CHAT_HISTORY_ALLOWANCE: usize = 8192;
+
 /// Runs the session.
 pub fn run(a: Args) -> CliResult<ExitCode> {
     let template = chat_template(&a.model)?;
-    let l = load(&a.model)?;
+    let pre = preload(&a.model)?;
+    // A conversation grows to at most the context; size the run by one turn of new tokens after
+    // a long history (the whole context when that is smaller).
+    let turn = a.sampling.max_new_tokens(&pre.defaults, 0);
+    let context = turn
+        .saturating_add(CHAT_HISTORY_ALLOWANCE)
+        .min(pre.config.max_position_embeddings);
+    pre.check_memory(a.sampling.dtype, 1, 0, context, a.sampling.force)?;
+    let l = pre.load_model()?;
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = vec![];
     let reset = |h: &mut Vec<Message>| {

@@ -38,13 +38,8 @@ pub struct Args {
 
 /// Writes a report file atomically (temporary file, then rename).
 pub fn write_atomic(path: &Path, text: &str) -> CliResult<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            CliError::input(format!("cannot write {}: {e}", path.display()))
-        })
+    lockstep_trace::write_atomic(path, text.as_bytes())
+        .map_err(|e| CliError::input(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Compares two traces and prints the verdict.

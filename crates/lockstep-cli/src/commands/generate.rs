@@ -17,8 +17,9 @@ use lockstep_engine::chat::{ChatTemplate, Message};
 use lockstep_engine::generate::{
     generate, generate_batch, GenerateOptions, Generation, GenerationDefaults,
 };
+use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
 use lockstep_engine::sampling::SamplingParams;
-use lockstep_engine::{Bf16, Float, Model, Tokenizer};
+use lockstep_engine::{Bf16, Float, Model, ModelConfig, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -61,6 +62,10 @@ pub struct SamplingArgs {
     /// Compute precision (f32 matches transformers' float32 generate token for token).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Run even when the memory estimate (weights, KV cache, activations) exceeds the available
+    /// memory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `generate`.
@@ -204,19 +209,84 @@ pub struct Loaded {
     pub load_s: f64,
 }
 
-/// Loads model, tokenizer and generation defaults.
-pub fn load(dir: &Path) -> CliResult<Loaded> {
+/// Everything of a model but its weights: read first, so that a run can be sized (and refused)
+/// before anything is mapped or allocated.
+pub struct Preloaded {
+    dir: PathBuf,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its config.
+    pub config: ModelConfig,
+    /// generation_config.json.
+    pub defaults: GenerationDefaults,
+    t0: Instant,
+}
+
+/// Reads tokenizer, config and generation defaults (no weights).
+pub fn preload(dir: &Path) -> CliResult<Preloaded> {
     let t0 = Instant::now();
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let model =
-        crate::progress::with_spinner(format!("loading {}", dir.display()), || Model::load(dir))?;
-    let defaults = GenerationDefaults::from_dir(dir, &model.config)?;
-    Ok(Loaded {
-        model,
+    let config = resources::config_of(dir)?;
+    let defaults = GenerationDefaults::from_dir(dir, &config)?;
+    Ok(Preloaded {
+        dir: dir.to_path_buf(),
         tokenizer,
+        config,
         defaults,
-        load_s: t0.elapsed().as_secs_f64(),
+        t0,
     })
+}
+
+impl Preloaded {
+    /// Refuses a run whose memory estimate exceeds the available memory (a warning with
+    /// `force`). `context` is the most tokens a row may reach (prompt plus new tokens).
+    pub fn check_memory(
+        &self,
+        dtype: DtypeArg,
+        batch: usize,
+        prompt_len: usize,
+        context: usize,
+        force: bool,
+    ) -> CliResult<()> {
+        let act_bytes = match dtype {
+            DtypeArg::F64 => 8,
+            DtypeArg::F32 | DtypeArg::Bf16w => 4,
+            DtypeArg::Bf16 => 2,
+        };
+        let weights = resources::weight_bytes(&self.dir, &self.config)?;
+        let run = RunShape {
+            batch,
+            prompt_len,
+            context,
+            act_bytes,
+        };
+        let estimate = MemoryEstimate::new(&self.config, weights, run);
+        let Some(available) = resources::available_memory() else {
+            return Ok(());
+        };
+        match estimate.check(available) {
+            Ok(()) => Ok(()),
+            Err(m) if force => {
+                eprintln!("warning (--force): {m}");
+                Ok(())
+            }
+            Err(m) => Err(CliError::input(format!("{}: {m}", self.dir.display()))),
+        }
+    }
+
+    /// Maps (or loads) the weights.
+    pub fn load_model(self) -> CliResult<Loaded> {
+        let dir = &self.dir;
+        let model = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
+            Model::load(dir)
+        })?;
+        Ok(Loaded {
+            model,
+            tokenizer: self.tokenizer,
+            defaults: self.defaults,
+            load_s: self.t0.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// The chat template of a model folder, or a one-line error saying it has none.
@@ -308,7 +378,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     } else {
         None
     };
-    let l = load(&a.model)?;
+    let pre = preload(&a.model)?;
     let prompts = if token_prompts.is_empty() {
         let mut prompts = Vec::new();
         for p in &a.prompt {
@@ -323,7 +393,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
                 }
                 None => p.clone(),
             };
-            let ids = l.tokenizer.encode(&text)?;
+            let ids = pre.tokenizer.encode(&text)?;
             if ids.is_empty() {
                 return Err(CliError::input(format!(
                     "the prompt {p:?} tokenizes to no tokens"
@@ -338,11 +408,23 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     if prompts.is_empty() {
         return Err(CliError::input("give --prompt or --tokens"));
     }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let opts = a.sampling.options(&pre.defaults, longest)?;
+    // Generation stops when the context is full, so that bounds what a row can reach.
+    let context = longest
+        .saturating_add(opts.max_new_tokens)
+        .min(pre.config.max_position_embeddings);
+    pre.check_memory(
+        a.sampling.dtype,
+        prompts.len(),
+        longest,
+        context,
+        a.sampling.force,
+    )?;
+    let l = pre.load_model()?;
     for ids in &prompts {
         l.model.check_tokens(ids, 0)?;
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let opts = a.sampling.options(&l.defaults, longest)?;
     let lens: Vec<String> = prompts.iter().map(|p| p.len().to_string()).collect();
     eprintln!(
         "loaded {} in {:.2} s ({} layers, {}); {} prompt tokens; {}",

@@ -1,0 +1,211 @@
+//! Memory a run will need, estimated from the config before anything is mapped or allocated,
+//! against what the machine has (`MemAvailable` in `/proc/meminfo`).
+//!
+//! The estimate is deliberately simple and errs high: weights as they will be held (memory-mapped
+//! files at their size, GGUF blocks dequantized to f32), the KV cache for the whole requested
+//! context of every row, and the largest activations of a prefill (every row's hidden states,
+//! MLP intermediates and attention scores at once, and one row of logits each).
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use std::path::Path;
+
+/// What a run will hold, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Weights as held.
+    pub weights: u64,
+    /// Keys and values of every layer for the requested context and batch.
+    pub kv_cache: u64,
+    /// The largest activations of a prefill.
+    pub activations: u64,
+}
+
+/// What a run asks for, besides the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShape {
+    /// Rows generated together.
+    pub batch: usize,
+    /// Longest prompt, in tokens.
+    pub prompt_len: usize,
+    /// Tokens each row may reach (prompt plus new tokens; capped by the context length).
+    pub context: usize,
+    /// Bytes of one activation value (8 for f64, 4 for f32, 2 for bf16).
+    pub act_bytes: usize,
+}
+
+impl MemoryEstimate {
+    /// The estimate for `config` run as `run`, with `weights` bytes of weights.
+    pub fn new(config: &ModelConfig, weights: u64, run: RunShape) -> Self {
+        let c = config;
+        let s = run.act_bytes as u128;
+        let batch = run.batch as u128;
+        let ctx = run.context.min(c.max_position_embeddings) as u128;
+        let prompt = run.prompt_len as u128;
+        let kvd = (c.num_kv_heads as u128) * (c.head_dim as u128);
+        let qd = (c.num_heads as u128) * (c.head_dim as u128);
+        let kv_cache = 2 * (c.num_layers as u128) * kvd * ctx * batch * s;
+        let per_token = 4 * c.hidden_size as u128 + 3 * c.intermediate_size as u128 + qd + 2 * kvd;
+        let activations = batch * prompt * per_token * s
+            + batch * (c.num_heads as u128) * prompt * prompt * s
+            + 2 * batch * (c.vocab_size as u128) * s;
+        let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+        MemoryEstimate {
+            weights,
+            kv_cache: clamp(kv_cache),
+            activations: clamp(activations),
+        }
+    }
+
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.weights
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.activations)
+    }
+
+    /// One line: the total and its parts, in GiB.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (weights {}, KV cache {}, activations {})",
+            gib(self.total()),
+            gib(self.weights),
+            gib(self.kv_cache),
+            gib(self.activations)
+        )
+    }
+
+    /// Refuses (one line, with the numbers) when the estimate exceeds `available` bytes.
+    pub fn check(&self, available: u64) -> std::result::Result<(), String> {
+        if self.total() > available {
+            return Err(format!(
+                "this run needs about {} but only {} is available (MemAvailable); lower --max-new-tokens or the batch, use a smaller dtype, or pass --force to try anyway",
+                self.describe(),
+                gib(available)
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn gib(b: u64) -> String {
+    let g = b as f64 / (1u64 << 30) as f64;
+    if g >= 1e6 {
+        format!("{g:.3e} GiB")
+    } else {
+        format!("{g:.2} GiB")
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (`None` where there is no such file).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Bytes the weights of the checkpoint at `dir` will take as held: the size of its safetensors
+/// files (memory-mapped), or for a GGUF file its size with quantized tensors counted as f32.
+pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|source| EngineError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+    };
+    if let Some(file) = crate::gguf::locate(dir)? {
+        let (_, h) = crate::gguf::read(&file)?;
+        let float = [
+            crate::gguf::GgmlType::F32,
+            crate::gguf::GgmlType::F16,
+            crate::gguf::GgmlType::BF16,
+        ];
+        let quantized: u64 = h
+            .tensors
+            .iter()
+            .filter(|t| !float.contains(&t.ty))
+            .map(|t| t.numel().unwrap_or(u64::MAX).saturating_mul(4))
+            .fold(0, u64::saturating_add);
+        return Ok(size(&file)?.saturating_add(quantized));
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return size(&single);
+    }
+    // Shards: every *.safetensors in the folder (the index is validated when the model loads);
+    // without any, the parameter count at 4 bytes.
+    let mut total = 0u64;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                total = total.saturating_add(size(&p)?);
+            }
+        }
+    }
+    if total == 0 {
+        total = (config.parameter_count() as u64).saturating_mul(4);
+    }
+    Ok(total)
+}
+
+/// The config of the model at `dir` (a Hugging Face folder or a GGUF checkpoint), read without
+/// mapping or loading any weights.
+pub fn config_of(dir: &Path) -> Result<ModelConfig> {
+    match crate::gguf::locate(dir)? {
+        Some(file) => {
+            let (_, h) = crate::gguf::read(&file)?;
+            let json = crate::gguf::config_json(&h).map_err(|m| EngineError::Config {
+                path: file.clone(),
+                msg: format!("GGUF metadata: {m}"),
+            })?;
+            ModelConfig::from_json_str(&json).map_err(|m| EngineError::Config {
+                path: file,
+                msg: format!("GGUF metadata: {m}"),
+            })
+        }
+        None => ModelConfig::from_file(&dir.join("config.json")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_memavailable() {
+        let t = "MemTotal:       131072000 kB\nMemFree:  1 kB\nMemAvailable:   1024 kB\n";
+        assert_eq!(parse_meminfo(t), Some(1024 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn kv_cache_of_a_long_context_is_refused_with_the_numbers() {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,
+            "max_position_embeddings":1000000000000}"#,
+        )
+        .unwrap();
+        let run = |context| RunShape {
+            batch: 2,
+            prompt_len: 10,
+            context,
+            act_bytes: 8,
+        };
+        let small = MemoryEstimate::new(&c, 1000, run(100));
+        // 2 (k, v) x 2 layers x 2 heads x 16 x 100 positions x 2 rows x 8 bytes.
+        assert_eq!(small.kv_cache, 2 * 2 * 32 * 100 * 2 * 8);
+        assert!(small.check(1 << 30).is_ok());
+        let huge = MemoryEstimate::new(&c, 1000, run(usize::MAX));
+        let e = huge.check(1 << 30).unwrap_err();
+        assert!(e.contains("KV cache") && e.contains("--force"), "{e}");
+    }
+}

@@ -1,0 +1,36 @@
+//! A safetensors checkpoint and its shard index, opened as `Checkpoint::open` opens a model
+//! folder. The first byte picks the file the rest becomes: `model.safetensors`, or
+//! `model.safetensors.index.json` beside a small valid shard.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use lockstep_engine::weights::Checkpoint;
+
+/// A valid one-tensor shard: `model.norm.weight`, F32, two values.
+fn shard() -> Vec<u8> {
+    let h = br#"{"model.norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend(h);
+    b.extend([0u8; 8]);
+    b
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let d = tempfile::Builder::new()
+        .prefix("lockstep-fuzz-st")
+        .tempdir_in(if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" })
+        .unwrap();
+    if mode % 2 == 0 {
+        std::fs::write(d.path().join("model.safetensors"), rest).unwrap();
+    } else {
+        std::fs::write(d.path().join("model.safetensors.index.json"), rest).unwrap();
+        std::fs::write(d.path().join("model-00001-of-00001.safetensors"), shard()).unwrap();
+    }
+    if let Ok(ck) = Checkpoint::open(d.path()) {
+        let _ = ck.nonfinite_report();
+        let _ = ck.get("model.norm.weight", &[2]);
+    }
+});

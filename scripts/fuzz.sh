@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every fuzz target of fuzz/ for SECONDS each (default 15) from its committed seed corpus.
+# Needs a nightly toolchain; cargo-fuzz is not needed (this passes the flags it would). New
+# corpus entries go to a scratch folder, so the committed corpus stays as make_corpus.py wrote it.
+# A crash stops the script with the input saved under fuzz/artifacts/<target>/.
+#   bash scripts/fuzz.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+secs=${1:-15}
+shift || true
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  targets=(safetensors_checkpoint gguf_header config_json tokenizer_json chat_template trace_read)
+fi
+export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+# --target keeps the flags off build scripts and proc macros (as cargo-fuzz does).
+triple=$(rustc +nightly -vV | sed -n "s/^host: //p")
+cargo +nightly build --release --target "$triple" --target-dir target/sancov --bins
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+for t in "${targets[@]}"; do
+  mkdir -p "$scratch/$t" "artifacts/$t"
+  echo "==> fuzz $t (${secs}s)"
+  "target/sancov/$triple/release/$t" "$scratch/$t" "corpus/$t" -max_total_time="$secs" \
+    -rss_limit_mb=2048 -timeout=30 -artifact_prefix="artifacts/$t/" -print_final_stats=1 2>&1 |
+    grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|#[0-9]+ *DONE)" || true
+  if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then
+    echo "fuzz $t found a failure: $(ls artifacts/$t)"
+    exit 1
+  fi
+done
