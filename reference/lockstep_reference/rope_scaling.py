@@ -170,3 +170,20 @@ def hf_table() -> list[dict]:
 if __name__ == "__main__":
     json.dump(hf_table(), sys.stdout, indent=None)
     sys.stdout.write("\n")
+
+
+def hf_inv_freq_f64(config, head_dim: int, seq_len: int) -> tuple[np.ndarray, float]:
+    """`inv_freq_f64` for a transformers config object (its standardized `rope_parameters`)."""
+    return inv_freq_f64({"rope_parameters": dict(config.rope_parameters),
+                         "max_position_embeddings": config.max_position_embeddings}, head_dim, seq_len)
+
+
+def reset_dynamic_rope(model) -> None:
+    """Put a loaded model's rotary embedding back in its state at load (transformers' `dynamic`
+    rope keeps the frequencies of the longest sequence seen while later passes stay past the
+    original length): every forward pass of the reference then computes as a fresh model's."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None or "dynamic" not in str(getattr(rotary, "rope_type", "")):
+        return
+    rotary.inv_freq = rotary.original_inv_freq.clone()
+    rotary.max_seq_len_cached = rotary.original_max_seq_len

@@ -110,3 +110,5 @@ macro_rules! bf16_test {
 bf16_test!(bf16_qwen2_gqa, "qwen2-gqa-bf16");
 bf16_test!(bf16_qwen2_tied, "qwen2-tied-bf16");
 bf16_test!(bf16_llama_gqa, "llama-gqa-bf16");
+bf16_test!(bf16_llama3_rope_tied, "llama3-rope-tied-bf16");
+bf16_test!(bf16_qwen2_yarn, "qwen2-yarn-bf16");

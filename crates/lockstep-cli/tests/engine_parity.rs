@@ -160,3 +160,10 @@ parity_test!(parity_qwen2_mqa, "qwen2-mqa");
 parity_test!(parity_qwen2_mha_d128, "qwen2-mha-d128");
 parity_test!(parity_qwen2_tied_3layer, "qwen2-tied-3layer");
 parity_test!(parity_llama_gqa, "llama-gqa");
+// RoPE scaling: llama3 (Llama 3.1 and 3.2 parameters, untied and tied), yarn (Qwen2.5's block),
+// linear, dynamic (300 tokens past its 128-token original length).
+parity_test!(parity_llama3_rope, "llama3-rope");
+parity_test!(parity_llama3_rope_tied, "llama3-rope-tied-bf16");
+parity_test!(parity_qwen2_yarn, "qwen2-yarn-bf16");
+parity_test!(parity_llama_linear, "llama-linear");
+parity_test!(parity_qwen2_dynamic, "qwen2-dynamic");
