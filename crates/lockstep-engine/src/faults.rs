@@ -8,7 +8,7 @@
 use crate::config::ModelConfig;
 use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
-use crate::kernels::rope::{RopeLayout, RopeRounding};
+use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, ScalingMistake};
 use crate::kernels::ResidualDtype;
 use crate::model::Settings;
 use std::fmt;
@@ -60,11 +60,17 @@ pub enum Fault {
     /// in the bf16 tier no residual sum is rounded (a port whose residual stream is float32,
     /// its embeddings or first sum upcast and never cast back). Enters at `layers.0.resid_attn`.
     ResidualBf16,
+    /// yarn RoPE without its attention factor: cos and sin not multiplied by it (only for models
+    /// with yarn scaling). Enters at `layers.0.q_rope`.
+    YarnNoAttentionFactor,
+    /// llama3 RoPE with the medium band not smoothed (those frequencies left unscaled; only for
+    /// models with llama3 scaling). Enters at `layers.0.q_rope` (from the second token).
+    Llama3NoSmoothing,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -79,7 +85,21 @@ impl Fault {
         Fault::RopeBf16InvFreq,
         Fault::NormEpsOutsideSqrt,
         Fault::ResidualBf16,
+        Fault::YarnNoAttentionFactor,
+        Fault::Llama3NoSmoothing,
     ];
+
+    /// Whether the fault changes anything on a model with this config (the RoPE-scaling faults
+    /// need their scaling type; a fault that cannot apply is left out of `selftest`).
+    pub fn applies_to(self, config: &ModelConfig) -> bool {
+        match self {
+            Fault::YarnNoAttentionFactor => {
+                matches!(config.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor != 1.0)
+            }
+            Fault::Llama3NoSmoothing => matches!(config.rope_scaling, RopeScaling::Llama3 { .. }),
+            _ => true,
+        }
+    }
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
     /// weights themselves (dropped biases, the wrong head) are applied where weights load.
@@ -99,6 +119,8 @@ impl Fault {
             Fault::GqaOrder => s.gqa = GqaMapping::RoundRobin,
             Fault::CausalMaskOff => s.causal = false,
             Fault::NoFinalNorm => s.final_norm = false,
+            Fault::YarnNoAttentionFactor => s.rope_mistake = ScalingMistake::YarnNoAttentionFactor,
+            Fault::Llama3NoSmoothing => s.rope_mistake = ScalingMistake::Llama3NoSmoothing,
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -120,6 +142,8 @@ impl Fault {
             Fault::RopeBf16InvFreq => "rope-bf16-inv-freq",
             Fault::NormEpsOutsideSqrt => "norm-eps-outside-sqrt",
             Fault::ResidualBf16 => "residual-bf16",
+            Fault::YarnNoAttentionFactor => "yarn-no-attention-factor",
+            Fault::Llama3NoSmoothing => "llama3-no-smoothing",
         }
     }
 
@@ -142,6 +166,8 @@ impl Fault {
             Fault::ResidualBf16 => {
                 "residual adds in the wrong dtype (bf16 in the f32/f64 tiers, float32 in bf16)"
             }
+            Fault::YarnNoAttentionFactor => "yarn RoPE without its attention factor on cos/sin",
+            Fault::Llama3NoSmoothing => "llama3 RoPE with the medium band not smoothed",
         }
     }
 
@@ -159,6 +185,7 @@ impl Fault {
                 "layers.0.input_norm"
             }
             Fault::ResidualBf16 => "layers.0.resid_attn",
+            Fault::YarnNoAttentionFactor | Fault::Llama3NoSmoothing => "layers.0.q_rope",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }

@@ -96,8 +96,16 @@ fn run_tier(
     }
     reference.traces(&jobs)?;
 
+    // A folder or a GGUF file: the config as the engine reads it.
+    let config = Model::load(model_dir)?.config;
     let variants: Vec<Option<Fault>> = std::iter::once(None)
-        .chain(Fault::ALL.iter().copied().map(Some))
+        .chain(
+            Fault::ALL
+                .iter()
+                .copied()
+                .filter(|f| f.applies_to(&config))
+                .map(Some),
+        )
         .collect();
     let mut e2e: Vec<Vec<TraceComparison>> = vec![];
     let mut ops_inputs = vec![];
