@@ -15,6 +15,7 @@ import torch
 from . import tracer
 from .protocol import (ChatAnswer, Conversation, GenerateAnswer, GenerateJob, TraceJob, WeightsAnswer,
                        answer_line, parse_list)
+from .rope_scaling import reset_dynamic_rope
 from .st_io import checkpoint_files, read_header
 
 _STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
@@ -172,6 +173,7 @@ def generate_batch(jobs_path: str) -> None:
         else:
             ids = torch.tensor([prompt_ids], dtype=torch.long)
             mask = torch.ones_like(ids)
+        reset_dynamic_rope(model)
         with torch.no_grad():
             res = model.generate(ids, attention_mask=mask, generation_config=copy.deepcopy(gc),
                                  output_scores=True, return_dict_in_generate=True)
@@ -233,6 +235,7 @@ def padded_logits(model_dir: str, rows_path: str, dtype: str, out_path: str) -> 
     model = tracer.load_model(model_dir, dtype)
     ids, mask, positions = left_padded(rows, 0)
     pure = tracer.pure_f64_patches() if dtype == "f64" else contextlib.nullcontext()
+    reset_dynamic_rope(model)
     with pure, torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     width = ids.shape[1]

@@ -200,9 +200,63 @@ MODEL_SPECS: dict[str, dict] = {
                        bos_token_id=151643, eos_token_id=151645),
     },
 }
+# RoPE scaling (rope_type llama3, yarn, linear, dynamic). llama3: Llama 3.1's parameters (8192
+# original, factor 8) and Llama 3.2's (factor 32) with head_dim 64, so the smoothed medium band is
+# non-empty (i = 15..17 of 32). yarn: Qwen2.5's long-context block (v4 `rope_scaling`, factor 4,
+# original 32768; attention factor 1.1386). dynamic: a 128-token original length, so 300-token
+# sequences are scaled and 10-token ones not. The Qwen tokenizer's vocabulary, so `lockstep verify`
+# runs its text prompts on them.
+ROPE_SPECS: dict[str, dict] = {
+    "llama3-rope": {
+        "arch": "llama", "seed": 1301, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                       rms_norm_eps=1e-5, max_position_embeddings=131072, attention_bias=False,
+                       mlp_bias=False, bos_token_id=151643, eos_token_id=151643,
+                       rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                            low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192)),
+    },
+    "llama3-rope-tied-bf16": {
+        "arch": "llama", "seed": 1302, "dtype": "bfloat16",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=True,
+                       rms_norm_eps=1e-5, max_position_embeddings=131072, attention_bias=False,
+                       mlp_bias=False, bos_token_id=151643, eos_token_id=151643,
+                       rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                            low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192)),
+    },
+    "qwen2-yarn-bf16": {
+        "arch": "qwen2", "seed": 1303, "dtype": "bfloat16",
+        "config": dict(vocab_size=151936, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=False,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                       bos_token_id=151643, eos_token_id=151643,
+                       rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32768)),
+    },
+    "llama-linear": {
+        "arch": "llama", "seed": 1304, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                       rms_norm_eps=1e-5, max_position_embeddings=4096, attention_bias=False,
+                       mlp_bias=False, bos_token_id=151643, eos_token_id=151643,
+                       rope_scaling=dict(type="linear", factor=2.0), rope_theta=10000.0),
+    },
+    "qwen2-dynamic": {
+        "arch": "qwen2", "seed": 1305, "dtype": "float32",
+        "config": dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=True,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=128,
+                       bos_token_id=151643, eos_token_id=151643,
+                       rope_scaling=dict(type="dynamic", factor=4.0)),
+    },
+}
+MODEL_SPECS.update(ROPE_SPECS)
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
                 "mistral-swa", "qwen2-swa"]
+SMALL_MODELS += list(ROPE_SPECS)
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 

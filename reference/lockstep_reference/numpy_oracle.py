@@ -12,21 +12,14 @@ import os
 
 import numpy as np
 
+from .rope_scaling import inv_freq_f64, rope_params
 from .st_io import load_f64
 from .windows import blocked, layer_windows
 
 
 def rope_theta(config: dict) -> float:
     """rope_theta from a config dict: v5 `rope_parameters.rope_theta`, else v4 top-level `rope_theta`."""
-    params = config.get("rope_parameters") or {}
-    if "rope_theta" in params:
-        if params.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"rope_type {params['rope_type']}")
-        return float(params["rope_theta"])
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise NotImplementedError(f"rope_scaling {scaling}")
-    return float(config.get("rope_theta", 10000.0))
+    return float(rope_params(config)["rope_theta"])
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -55,10 +48,11 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
         bias = weights.get(prefix + ".bias")
         return y if bias is None else y + bias
 
-    inv_freq = 1.0 / (rope_theta(config) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    # RoPE (scaled as config.json asks: rope_scaling.inv_freq_f64; dynamic for this length).
+    inv_freq, attention = inv_freq_f64(config, head_dim, t)
     freqs = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]
     emb = np.concatenate((freqs, freqs), axis=-1)
-    cos, sin = np.cos(emb), np.sin(emb)  # [T, D]
+    cos, sin = np.cos(emb) * attention, np.sin(emb) * attention  # [T, D]
     windows = layer_windows(config)  # per layer: None (causal) or a sliding window
 
     x = weights["model.embed_tokens.weight"][np.asarray(token_ids)]

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from .protocol import OpsJob, parse_list
+from .rope_scaling import reset_dynamic_rope
 from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
 from .windows import hf_layer_windows
 
@@ -71,6 +72,7 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
     with torch.no_grad(), ctx:
         out["embed"] = inner.embed_tokens(tokens)
         positions = torch.arange(t, dtype=torch.int64).unsqueeze(0).expand(b, t)
+        reset_dynamic_rope(inner)
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dt), positions)
         windows = hf_layer_windows(model.config)
         masks = {w: _causal_mask(t, dt, w) for w in set(windows)}

@@ -28,6 +28,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
+from .rope_scaling import hf_inv_freq_f64, reset_dynamic_rope
 from .st_io import model_fingerprint
 
 TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
@@ -72,20 +73,19 @@ def _rmsnorm_forward_f64(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _rotary_forward_f64(self, x: torch.Tensor, position_ids: torch.Tensor):
     """Rotary embedding forward with inv_freq, freqs, cos and sin all computed in float64.
 
-    inv_freq is recomputed from the config exactly as the default rope init does,
-    1 / theta ** (arange(0, D, 2) / D), but in float64.
+    inv_freq is recomputed from the config as transformers' rope init computes it (default,
+    linear, dynamic, yarn, llama3: `rope_scaling.inv_freq_f64`), but in float64; dynamic's
+    sequence length is the largest position + 1, and cos/sin carry the attention factor (yarn).
     """
-    params = self.config.rope_parameters
-    if params.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"pure f64 supports only default RoPE, not {params['rope_type']}")
-    theta = float(params["rope_theta"])
     cfg = self.config
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
+    seq_len = int(position_ids.max()) + 1
+    inv, attention = hf_inv_freq_f64(cfg, dim, seq_len)
+    inv_freq = torch.from_numpy(inv).to(device=x.device)
     freqs = position_ids[..., None].to(torch.float64) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos() * self.attention_scaling
-    sin = emb.sin() * self.attention_scaling
+    cos = emb.cos() * attention
+    sin = emb.sin() * attention
     return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
@@ -315,6 +315,7 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
     rec.tensors["tokens"] = ids.clone()
     pure = contextlib.nullcontext() if dtype != "f64" else pure_f64_patches()
     with torch.no_grad(), pure, _capture(model, rec):
+        reset_dynamic_rope(model)
         out = model(input_ids=ids, use_cache=False)
     rec.put("logits", out.logits)
     expected = trace_names(model.config.num_hidden_layers)

@@ -465,27 +465,27 @@ fn invalid_config() {
             &["config.json", "architecture", "MistralForCausalLM"],
         ),
         (
-            "rope_parameters yarn",
+            "rope_parameters longrope",
             Box::new(|c| {
                 c.insert(
                     "rope_parameters".into(),
-                    json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+                    json!({"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}),
                 );
             }),
-            &["config.json", "yarn"],
+            &["config.json", "longrope"],
         ),
         (
-            "v4 rope_scaling yarn",
+            "v4 rope_scaling llama3 without high_freq_factor",
             Box::new(|c| {
                 c.remove("rope_parameters");
                 c.insert("rope_theta".into(), json!(10000.0));
                 c.insert(
                     "rope_scaling".into(),
-                    json!({"type": "yarn", "factor": 4.0,
+                    json!({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                     "original_max_position_embeddings": 32768}),
                 );
             }),
-            &["config.json", "yarn"],
+            &["config.json", "llama3", "high_freq_factor"],
         ),
         (
             "sliding window on",

@@ -126,3 +126,19 @@ bf16_test!(bf16_llama_gqa, "llama-gqa-bf16");
 // Sliding windows (8 and 6 keys), past the window at both lengths.
 bf16_test!(bf16_mistral_swa, "mistral-swa+to-bf16");
 bf16_test!(bf16_qwen2_swa, "qwen2-swa+to-bf16");
+// RoPE scaling in bf16 (llama3 tied, yarn): heavy on the Qwen vocabulary (151936), outside CI:
+//   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test bf16_parity -- --ignored
+#[test]
+#[ignore = "heavy (vocab 151936): run with --ignored"]
+fn bf16_llama3_rope_tied() {
+    if let Some(py) = reference_python() {
+        check(&py, "llama3-rope-tied-bf16");
+    }
+}
+#[test]
+#[ignore = "heavy (vocab 151936): run with --ignored"]
+fn bf16_qwen2_yarn() {
+    if let Some(py) = reference_python() {
+        check(&py, "qwen2-yarn-bf16");
+    }
+}

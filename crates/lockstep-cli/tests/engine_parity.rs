@@ -164,3 +164,24 @@ parity_test!(parity_llama_gqa, "llama-gqa");
 // tokens run past them.
 parity_test!(parity_mistral_swa, "mistral-swa");
 parity_test!(parity_qwen2_swa, "qwen2-swa");
+// RoPE scaling: llama3 (Llama 3.1 and 3.2 parameters, untied and tied), yarn (Qwen2.5's block),
+// linear, dynamic (300 tokens past its 128-token original length). On the Qwen tokenizer's
+// vocabulary (151936, for `verify`'s text prompts) these cost ~3 min each on the shared CI machine
+// (16 min for the five), beyond the CI budget: run them with
+//   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test engine_parity -- --ignored
+macro_rules! heavy_parity_test {
+    ($fn:ident, $name:expr) => {
+        #[test]
+        #[ignore = "heavy (vocab 151936 at 300 tokens): run with --ignored"]
+        fn $fn() {
+            if let Some(py) = reference_python() {
+                check_model(&py, $name);
+            }
+        }
+    };
+}
+heavy_parity_test!(parity_llama3_rope, "llama3-rope");
+heavy_parity_test!(parity_llama3_rope_tied, "llama3-rope-tied-bf16");
+heavy_parity_test!(parity_qwen2_yarn, "qwen2-yarn-bf16");
+heavy_parity_test!(parity_llama_linear, "llama-linear");
+heavy_parity_test!(parity_qwen2_dynamic, "qwen2-dynamic");

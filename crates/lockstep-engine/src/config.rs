@@ -4,11 +4,13 @@
 //! Options the engine does not implement are refused with a clear message, never approximated.
 
 use crate::error::{EngineError, Result};
+use crate::kernels::rope::RopeScaling;
 use serde_json::Value;
 use std::path::Path;
 
 mod windows;
 pub use windows::layer_windows;
+mod rope;
 
 /// The supported model families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE scaling (`rope_type` linear, dynamic, yarn or llama3).
+    pub rope_scaling: RopeScaling,
     /// Whether the LM head reuses the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Whether q/k/v projections have biases.
@@ -180,32 +184,12 @@ impl ModelConfig {
         }
 
         // RoPE: v5 `rope_parameters`, v4 `rope_theta` + `rope_scaling`.
-        let mut rope_theta = f64_key("rope_theta")?;
-        let mut rope_type: Option<String> = None;
-        for key in ["rope_parameters", "rope_scaling"] {
-            if let Some(p) = get(key) {
-                let p = p
-                    .as_object()
-                    .ok_or_else(|| format!("'{key}' must be an object or null"))?;
-                if let Some(t) = p.get("rope_theta").filter(|x| !x.is_null()) {
-                    rope_theta = Some(
-                        t.as_f64()
-                            .ok_or_else(|| format!("'{key}.rope_theta' must be a number"))?,
-                    );
-                }
-                if let Some(t) = p.get("rope_type").or_else(|| p.get("type")) {
-                    rope_type = Some(t.as_str().unwrap_or("?").to_string());
-                }
-            }
-        }
-        if let Some(t) = &rope_type {
-            if t != "default" {
-                return Err(format!(
-                    "rope type '{t}' is not implemented (only the default RoPE); refusing to compute something else"
-                ));
-            }
-        }
-        let rope_theta = rope_theta.unwrap_or(10000.0);
+        let max_position_embeddings = match get("max_position_embeddings") {
+            None => 32768,
+            Some(_) => usize_key("max_position_embeddings")?,
+        };
+        let rope = rope::parse(obj, max_position_embeddings)?;
+        let rope_theta = rope.theta;
         // Below 1 the inverse frequencies exceed 1 and grow without bound (1e-300 gives inf and
         // NaN angles); real checkpoints use 1e4 to 1e8.
         if !(ROPE_THETA_RANGE.0..=ROPE_THETA_RANGE.1).contains(&rope_theta) {
@@ -252,12 +236,10 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps,
             rope_theta,
+            rope_scaling: rope.scaling,
             tie_word_embeddings: bool_key("tie_word_embeddings", false)?,
             qkv_bias,
-            max_position_embeddings: match get("max_position_embeddings") {
-                None => 32768,
-                Some(_) => usize_key("max_position_embeddings")?,
-            },
+            max_position_embeddings,
             bos_token_id: ids("bos_token_id")?.first().copied(),
             eos_token_ids: ids("eos_token_id")?,
             declared_dtype: get("dtype")
@@ -306,6 +288,17 @@ impl ModelConfig {
             .checked_add(embed)?
             .checked_add(h)?
             .checked_add(head)
+    }
+
+    /// The longest sequence the engine accepts: `max_position_embeddings`, except for `dynamic`
+    /// RoPE, where that is the original length the scaling extends by `factor`.
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            RopeScaling::Dynamic { factor, .. } if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
     }
 
     /// Number of query heads sharing one key/value head.
@@ -400,8 +393,8 @@ mod tests {
             ),
             (
                 "\"rope_theta\":1000000.0",
-                "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}",
-                "yarn",
+                "\"rope_scaling\":{\"type\":\"longrope\",\"factor\":4.0}",
+                "longrope",
             ),
             (
                 "\"num_key_value_heads\":2",

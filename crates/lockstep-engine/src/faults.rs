@@ -8,7 +8,7 @@
 use crate::config::ModelConfig;
 use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
-use crate::kernels::rope::{RopeLayout, RopeRounding};
+use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, ScalingMistake};
 use crate::kernels::ResidualDtype;
 use crate::model::Settings;
 use std::fmt;
@@ -65,11 +65,17 @@ pub enum Fault {
     /// ([`Fault::enters_at_in`]) once a sequence is longer than the window; only models with a
     /// sliding window ([`Fault::applies_to`]).
     WindowOffByOne,
+    /// yarn RoPE without its attention factor: cos and sin not multiplied by it (only for models
+    /// with yarn scaling). Enters at `layers.0.q_rope`.
+    YarnNoAttentionFactor,
+    /// llama3 RoPE with the medium band not smoothed (those frequencies left unscaled; only for
+    /// models with llama3 scaling). Enters at `layers.0.q_rope` (from the second token).
+    Llama3NoSmoothing,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 17] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -85,6 +91,8 @@ impl Fault {
         Fault::NormEpsOutsideSqrt,
         Fault::ResidualBf16,
         Fault::WindowOffByOne,
+        Fault::YarnNoAttentionFactor,
+        Fault::Llama3NoSmoothing,
     ];
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
@@ -110,6 +118,8 @@ impl Fault {
                     *w += 1;
                 }
             }
+            Fault::YarnNoAttentionFactor => s.rope_mistake = ScalingMistake::YarnNoAttentionFactor,
+            Fault::Llama3NoSmoothing => s.rope_mistake = ScalingMistake::Llama3NoSmoothing,
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -132,6 +142,8 @@ impl Fault {
             Fault::NormEpsOutsideSqrt => "norm-eps-outside-sqrt",
             Fault::ResidualBf16 => "residual-bf16",
             Fault::WindowOffByOne => "window-off-by-one",
+            Fault::YarnNoAttentionFactor => "yarn-no-attention-factor",
+            Fault::Llama3NoSmoothing => "llama3-no-smoothing",
         }
     }
 
@@ -155,6 +167,8 @@ impl Fault {
                 "residual adds in the wrong dtype (bf16 in the f32/f64 tiers, float32 in bf16)"
             }
             Fault::WindowOffByOne => "sliding window one key too wide (kv_idx >= q_idx - window)",
+            Fault::YarnNoAttentionFactor => "yarn RoPE without its attention factor on cos/sin",
+            Fault::Llama3NoSmoothing => "llama3 RoPE with the medium band not smoothed",
         }
     }
 
@@ -174,6 +188,7 @@ impl Fault {
                 "layers.0.input_norm"
             }
             Fault::ResidualBf16 => "layers.0.resid_attn",
+            Fault::YarnNoAttentionFactor | Fault::Llama3NoSmoothing => "layers.0.q_rope",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }
@@ -181,11 +196,16 @@ impl Fault {
 }
 
 impl Fault {
-    /// Whether the fault can change anything on a model configured like `config`: a window off by
-    /// one needs a sliding window; every other fault applies to every model.
+    /// Whether the fault can change anything on a model configured like `config` (a fault that
+    /// cannot is left out of `selftest`): a window off by one needs a sliding window, the
+    /// RoPE-scaling faults their scaling type; every other fault applies to every model.
     pub fn applies_to(self, config: &ModelConfig) -> bool {
         match self {
             Fault::WindowOffByOne => config.sliding_windows.iter().any(Option::is_some),
+            Fault::YarnNoAttentionFactor => {
+                matches!(config.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor != 1.0)
+            }
+            Fault::Llama3NoSmoothing => matches!(config.rope_scaling, RopeScaling::Llama3 { .. }),
             _ => true,
         }
     }

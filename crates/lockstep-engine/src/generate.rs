@@ -319,7 +319,7 @@ pub fn generate_batch<T: Float>(
     for p in prompts {
         model.check_tokens(p, 0)?;
     }
-    let max_ctx = model.config.max_position_embeddings;
+    let max_ctx = model.config.context_length();
     let decode = |ids: &[u32]| decode_visible(tokenizer, ids);
     let mut rows: Vec<Sequence> = prompts
         .iter()

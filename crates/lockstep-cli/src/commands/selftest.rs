@@ -103,7 +103,9 @@ fn run_tier(
     ));
     reference.traces(&jobs)?;
 
-    // Faults that cannot change this model (a window off by one without a window) are left out.
+    // The config as the engine reads it (a folder or a GGUF file); faults that cannot change
+    // this model (a window off by one without a window, a RoPE-scaling fault without that
+    // scaling) are left out.
     let config = Model::load(model_dir)?.config;
     let variants: Vec<Option<Fault>> = std::iter::once(None)
         .chain(

@@ -7,6 +7,10 @@
 //!
 //! [`RopeRounding`] adds the bf16 rounding mistakes of ports (fault injection): positions rounded
 //! to bf16, or inv_freq and the angles computed in bf16.
+//!
+//! [`RopeScaling`] is `rope_parameters.rope_type` (`linear`, `dynamic`, `yarn`, `llama3`), computed
+//! as transformers 5.24's `modeling_rope_utils.py` does (see [`scaled_inv_freq`] for the dtype of
+//! each step).
 
 use super::{round_bf16, Float, Precision};
 
@@ -31,6 +35,238 @@ pub enum RopeRounding {
     /// that builds the table in the model dtype does ([`inv_freq_bf16`]; in JAX an integer
     /// position array times a bf16 array is bf16); cos and sin of the rounded angle as careful.
     Bf16InvFreq,
+}
+
+/// RoPE scaling (`rope_parameters` / `rope_scaling` of config.json), one variant per
+/// `rope_type` transformers 5.24 computes in `modeling_rope_utils.py`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    /// `default`: no scaling.
+    #[default]
+    None,
+    /// `linear`: every inverse frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// `dynamic` (NTK): past `max_position_embeddings` the base grows with the sequence length
+    /// (the largest position of the forward pass + 1), recomputed every forward pass.
+    Dynamic {
+        /// The scaling factor.
+        factor: f64,
+        /// config.json's `max_position_embeddings` (dynamic's original length).
+        max_position_embeddings: usize,
+    },
+    /// `yarn`: a ramp between extrapolated and interpolated frequencies, and cos/sin multiplied by
+    /// `attention_factor`.
+    Yarn {
+        /// The interpolation factor.
+        factor: f64,
+        /// The pretraining length the correction range is computed for.
+        original_max_position_embeddings: usize,
+        /// The factor on cos and sin (given, or `0.1 ln(factor) + 1` as transformers infers it).
+        attention_factor: f64,
+        /// Ramp boundary for extrapolation (default 32).
+        beta_fast: f64,
+        /// Ramp boundary for interpolation (default 1).
+        beta_slow: f64,
+        /// Floor/ceil the correction range (default true).
+        truncate: bool,
+    },
+    /// `llama3`: low frequencies divided by `factor`, high ones kept, the band between smoothed.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// `low_freq_factor` (1 in Llama 3.1).
+        low_freq_factor: f64,
+        /// `high_freq_factor` (4 in Llama 3.1).
+        high_freq_factor: f64,
+        /// The pretraining length (8192 in Llama 3.1).
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// A deliberate porting mistake in the RoPE scaling (fault injection); `None` computes it as HF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScalingMistake {
+    /// HF's computation.
+    #[default]
+    None,
+    /// yarn's attention factor left out (cos and sin not multiplied by it).
+    YarnNoAttentionFactor,
+    /// llama3's medium band not smoothed: those frequencies kept unscaled.
+    Llama3NoSmoothing,
+}
+
+/// `f32` power as torch computes `float ** float` on the CPU.
+fn pow32(b: f32, e: f32) -> f32 {
+    b.powf(e)
+}
+
+/// `1 / x` of a float32 tensor (torch's `scalar / tensor` is `tensor.reciprocal() * scalar`).
+fn recip32(x: f32) -> f32 {
+    1.0 / x
+}
+
+/// The inverse frequencies and the attention factor (the factor on cos and sin) of `scaling`
+/// for a forward pass whose largest position is `seq_len - 1`, as transformers 5.24 computes
+/// them: in the f32 and bf16 tiers every tensor step in float32 and every Python scalar step in
+/// float64 exactly where `modeling_rope_utils.py` has them (`dynamic`'s new base is a float32
+/// tensor in the forward pass, from the `seq_len` tensor; `scalar / tensor` is the reciprocal
+/// times the scalar); in the f64 tier every step in float64. Returns the frequencies as f64
+/// values of the tier's precision.
+pub fn scaled_inv_freq(
+    precision: Precision,
+    theta: f64,
+    head_dim: usize,
+    scaling: RopeScaling,
+    seq_len: usize,
+    mistake: ScalingMistake,
+) -> (Vec<f64>, f64) {
+    let half = head_dim / 2;
+    let f64_tier = precision == Precision::F64;
+    // The default frequencies for a base (a Python float, or dynamic's float32 tensor).
+    let default = |base: f64| -> Vec<f64> {
+        (0..half)
+            .map(|i| {
+                if f64_tier {
+                    1.0 / base.powf((2 * i) as f64 / head_dim as f64)
+                } else {
+                    let e = (2 * i) as f32 / head_dim as f32;
+                    recip32(pow32(base as f32, e)) as f64
+                }
+            })
+            .collect()
+    };
+    match scaling {
+        RopeScaling::None => (default(theta), 1.0),
+        RopeScaling::Linear { factor } => {
+            let inv = default(theta);
+            let inv = if f64_tier {
+                inv.iter().map(|x| x / factor).collect()
+            } else {
+                inv.iter()
+                    .map(|&x| (x as f32 / factor as f32) as f64)
+                    .collect()
+            };
+            (inv, 1.0)
+        }
+        RopeScaling::Dynamic {
+            factor,
+            max_position_embeddings: max_pos,
+        } => {
+            let dim = head_dim as f64;
+            let exponent = dim / (dim - 2.0);
+            if seq_len <= max_pos {
+                // The frequencies computed at init (seq_len = max_position_embeddings, Python
+                // floats): HF keeps (or resets to) them while the sequence fits.
+                let m = max_pos as f64;
+                let base = theta * ((factor * m / m) - (factor - 1.0)).powf(exponent);
+                (default(base), 1.0)
+            } else if f64_tier {
+                let s = seq_len as f64;
+                let base = theta * ((factor * s / max_pos as f64) - (factor - 1.0)).powf(exponent);
+                (default(base), 1.0)
+            } else {
+                // `factor * seq_len / max_pos - (factor - 1)` on an int64 tensor: float32.
+                let t = (factor as f32 * seq_len as f32) / max_pos as f32 - (factor - 1.0) as f32;
+                // `tensor ** python_float`: torch keeps the exponent in double.
+                let base = theta as f32 * ((t as f64).powf(exponent) as f32);
+                (default(base as f64), 1.0)
+            }
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: orig,
+            attention_factor,
+            beta_fast,
+            beta_slow,
+            truncate,
+        } => {
+            let dim = head_dim as f64;
+            let correction_dim = |rot: f64| {
+                (dim * (orig as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let low = low.max(0.0);
+            let mut high = high.min(dim - 1.0);
+            if low == high {
+                high += 0.001;
+            }
+            let inv = (0..half)
+                .map(|i| {
+                    if f64_tier {
+                        let pos_freq = theta.powf((2 * i) as f64 / dim);
+                        let extrapolation = 1.0 / pos_freq;
+                        let interpolation = 1.0 / (factor * pos_freq);
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extra = 1.0 - ramp;
+                        interpolation * (1.0 - extra) + extrapolation * extra
+                    } else {
+                        let pos_freq = pow32(theta as f32, (2 * i) as f32 / head_dim as f32);
+                        let extrapolation = recip32(pos_freq);
+                        let interpolation = recip32(factor as f32 * pos_freq);
+                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                        let extra = 1.0 - ramp;
+                        (interpolation * (1.0 - extra) + extrapolation * extra) as f64
+                    }
+                })
+                .collect();
+            let attention = match mistake {
+                ScalingMistake::YarnNoAttentionFactor => 1.0,
+                _ => attention_factor,
+            };
+            (inv, attention)
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: lo,
+            high_freq_factor: hi,
+            original_max_position_embeddings: orig,
+        } => {
+            let old = orig as f64;
+            let (low_wl, high_wl) = (old / lo, old / hi);
+            let smooth_on = mistake != ScalingMistake::Llama3NoSmoothing;
+            let inv = default(theta)
+                .into_iter()
+                .map(|inv| {
+                    if f64_tier {
+                        let wl = 2.0 * std::f64::consts::PI / inv;
+                        let scaled = if wl > low_wl { inv / factor } else { inv };
+                        let s = (old / wl - lo) / (hi - lo);
+                        let smoothed = (1.0 - s) * scaled / factor + s * scaled;
+                        let medium = wl >= high_wl && wl <= low_wl;
+                        if medium && smooth_on {
+                            smoothed
+                        } else {
+                            scaled
+                        }
+                    } else {
+                        let inv = inv as f32;
+                        let wl = recip32(inv) * (2.0 * std::f64::consts::PI) as f32;
+                        let scaled = if wl > low_wl as f32 {
+                            inv / factor as f32
+                        } else {
+                            inv
+                        };
+                        let s = (recip32(wl) * old as f32 - lo as f32) / (hi - lo) as f32;
+                        let smoothed = (1.0 - s) * scaled / factor as f32 + s * scaled;
+                        let medium = wl >= high_wl as f32 && wl <= low_wl as f32;
+                        (if medium && smooth_on {
+                            smoothed
+                        } else {
+                            scaled
+                        }) as f64
+                    }
+                })
+                .collect();
+            (inv, 1.0)
+        }
+    }
 }
 
 /// cos/sin tables for a list of positions (one per token).
@@ -101,12 +337,39 @@ impl<T: Float> RopeTable<T> {
         layout: RopeLayout,
         rounding: RopeRounding,
     ) -> Self {
+        Self::scaled(
+            theta,
+            RopeScaling::None,
+            ScalingMistake::None,
+            head_dim,
+            positions,
+            layout,
+            rounding,
+        )
+    }
+
+    /// [`Self::at_positions`] with RoPE scaling: the frequencies of [`scaled_inv_freq`] for this
+    /// pass (`dynamic` takes the largest position + 1 as the sequence length, as HF's
+    /// `dynamic_rope_update` does from `position_ids`), cos and sin multiplied by the attention
+    /// factor in the table's compute precision before the cast to the model dtype.
+    pub fn scaled(
+        theta: f64,
+        scaling: RopeScaling,
+        mistake: ScalingMistake,
+        head_dim: usize,
+        positions: &[usize],
+        layout: RopeLayout,
+        rounding: RopeRounding,
+    ) -> Self {
         let half = head_dim / 2;
         let bf16_angles = rounding == RopeRounding::Bf16InvFreq;
-        let inv = if bf16_angles {
-            inv_freq_bf16::<T>(theta, head_dim)
+        let seq_len = positions.iter().max().map_or(0, |&p| p + 1);
+        let (inv, attention): (Vec<T>, f64) = if bf16_angles {
+            (inv_freq_bf16::<T>(theta, head_dim), 1.0)
         } else {
-            inv_freq::<T>(theta, head_dim)
+            let (inv, a) =
+                scaled_inv_freq(T::PRECISION, theta, head_dim, scaling, seq_len, mistake);
+            (inv.into_iter().map(T::from_f64).collect(), a)
         };
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -122,17 +385,19 @@ impl<T: Float> RopeTable<T> {
                         if bf16_angles {
                             a = round_bf16(a);
                         }
-                        cos.push(T::from_f64(a.cos()));
-                        sin.push(T::from_f64(a.sin()));
+                        cos.push(T::from_f64(a.cos() * attention));
+                        sin.push(T::from_f64(a.sin() * attention));
                     }
                     Precision::F32 | Precision::BF16 => {
-                        // cos/sin in float32, then cast to the model dtype.
+                        // cos/sin (times the attention factor) in float32, then cast to the
+                        // model dtype.
                         let mut a = (pos as f32) * (f.to_f64() as f32);
                         if bf16_angles {
                             a = round_bf16(a);
                         }
-                        cos.push(T::from_f64(a.cos() as f64).round());
-                        sin.push(T::from_f64(a.sin() as f64).round());
+                        let att = attention as f32;
+                        cos.push(T::from_f64((a.cos() * att) as f64).round());
+                        sin.push(T::from_f64((a.sin() * att) as f64).round());
                     }
                 }
             }

@@ -6,7 +6,7 @@ use crate::error::{EngineError, Result};
 use crate::faults::Fault;
 use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
-use crate::kernels::rope::{RopeLayout, RopeRounding};
+use crate::kernels::rope::{RopeLayout, RopeRounding, ScalingMistake};
 use crate::kernels::ResidualDtype;
 use crate::weights::Checkpoint;
 use std::path::Path;
@@ -17,6 +17,8 @@ impl Settings {
         Settings {
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling,
+            rope_mistake: ScalingMistake::None,
             rope_layout: RopeLayout::RotateHalf,
             rope_rounding: RopeRounding::Careful,
             norm_math: RmsNormMath::Careful,

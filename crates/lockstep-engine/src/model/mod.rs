@@ -25,7 +25,7 @@ use crate::faults::Fault;
 use crate::kernels::attention::GqaMapping;
 use crate::kernels::matmul::linear;
 use crate::kernels::norm::{rms_norm_with, RmsNormMath};
-use crate::kernels::rope::{RopeLayout, RopeRounding, RopeTable};
+use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
 use crate::kernels::{decode_vec, Float, ResidualDtype};
 use crate::observer::{Observer, TapView};
 use crate::weights::{Checkpoint, Tensor};
@@ -64,6 +64,10 @@ pub struct Settings {
     pub rms_norm_eps: f64,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// A deliberate mistake in the RoPE scaling (fault injection).
+    pub rope_mistake: ScalingMistake,
     /// RoPE pairing layout.
     pub rope_layout: RopeLayout,
     /// bf16 rounding in the RoPE table (careful: none beyond HF's).
@@ -134,10 +138,14 @@ impl Model {
             )));
         }
         let total = past + tokens.len();
-        if total > self.config.max_position_embeddings {
+        if total > self.config.context_length() {
             return Err(EngineError::Input(format!(
-                "sequence of {total} tokens is longer than the model's context (max_position_embeddings = {})",
-                self.config.max_position_embeddings
+                "sequence of {total} tokens is longer than the model's context (max_position_embeddings = {}{})",
+                self.config.max_position_embeddings,
+                match self.config.context_length() {
+                    n if n != self.config.max_position_embeddings => format!(", {n} with dynamic RoPE"),
+                    _ => String::new(),
+                }
             )));
         }
         Ok(())
@@ -247,8 +255,10 @@ impl Model {
         let (c, s) = (&self.config, &self.settings);
         let rows = caches.len();
         let (n, h) = (tokens.len() / rows, c.hidden_size);
-        let rope = RopeTable::<T>::at_positions(
+        let rope = RopeTable::<T>::scaled(
             s.rope_theta,
+            s.rope_scaling,
+            s.rope_mistake,
             c.head_dim,
             positions,
             s.rope_layout,
