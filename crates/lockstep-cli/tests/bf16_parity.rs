@@ -110,3 +110,4 @@ macro_rules! bf16_test {
 bf16_test!(bf16_qwen2_gqa, "qwen2-gqa-bf16");
 bf16_test!(bf16_qwen2_tied, "qwen2-tied-bf16");
 bf16_test!(bf16_llama_gqa, "llama-gqa-bf16");
+bf16_test!(bf16_qwen3, "qwen3-bf16");

@@ -160,3 +160,4 @@ parity_test!(parity_qwen2_mqa, "qwen2-mqa");
 parity_test!(parity_qwen2_mha_d128, "qwen2-mha-d128");
 parity_test!(parity_qwen2_tied_3layer, "qwen2-tied-3layer");
 parity_test!(parity_llama_gqa, "llama-gqa");
+parity_test!(parity_qwen3, "qwen3-small");

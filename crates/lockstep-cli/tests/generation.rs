@@ -124,6 +124,7 @@ fn greedy_generation_matches_transformers_token_for_token() {
         ("qwen2-gqa", 11u64),
         ("llama-gqa", 12),
         ("qwen2-tied-3layer", 13),
+        ("qwen3-small", 14),
     ] {
         let dir = model_dir(name);
         let d = dir.to_str().unwrap().to_string();

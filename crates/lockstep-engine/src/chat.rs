@@ -125,6 +125,7 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
+        env.set_unknown_method_callback(crate::chat_py::string_method);
         env.add_template("chat", &self.source).map_err(err)?;
         let mut ctx = self.special.clone();
         ctx.insert(

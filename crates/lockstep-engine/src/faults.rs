@@ -10,7 +10,7 @@ use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
 use crate::kernels::rope::{RopeLayout, RopeRounding};
 use crate::kernels::ResidualDtype;
-use crate::model::Settings;
+use crate::model::{QkNorm, Settings};
 use std::fmt;
 use std::str::FromStr;
 
@@ -60,11 +60,16 @@ pub enum Fault {
     /// in the bf16 tier no residual sum is rounded (a port whose residual stream is float32,
     /// its embeddings or first sum upcast and never cast back). Enters at `layers.0.resid_attn`.
     ResidualBf16,
+    /// Qwen3's per-head q/k RMSNorm (`q_norm`, `k_norm`) left out. Enters at `layers.0.q_norm`.
+    QkNormSkipped,
+    /// Qwen3's per-head q/k RMSNorm applied after RoPE instead of before. Enters at
+    /// `layers.0.q_norm` (which then still holds the unnormalized projection).
+    QkNormAfterRope,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -79,7 +84,19 @@ impl Fault {
         Fault::RopeBf16InvFreq,
         Fault::NormEpsOutsideSqrt,
         Fault::ResidualBf16,
+        Fault::QkNormSkipped,
+        Fault::QkNormAfterRope,
     ];
+
+    /// Whether the fault changes anything on a model of this config (a model without q/k biases
+    /// cannot lose them; only models with a q/k norm can misplace it).
+    pub fn applies_to(self, config: &ModelConfig) -> bool {
+        match self {
+            Fault::NoQkvBias => config.qkv_bias,
+            Fault::QkNormSkipped | Fault::QkNormAfterRope => config.arch.has_qk_norm(),
+            _ => true,
+        }
+    }
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
     /// weights themselves (dropped biases, the wrong head) are applied where weights load.
@@ -99,6 +116,8 @@ impl Fault {
             Fault::GqaOrder => s.gqa = GqaMapping::RoundRobin,
             Fault::CausalMaskOff => s.causal = false,
             Fault::NoFinalNorm => s.final_norm = false,
+            Fault::QkNormSkipped => s.qk_norm = QkNorm::Skipped,
+            Fault::QkNormAfterRope => s.qk_norm = QkNorm::AfterRope,
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -120,6 +139,8 @@ impl Fault {
             Fault::RopeBf16InvFreq => "rope-bf16-inv-freq",
             Fault::NormEpsOutsideSqrt => "norm-eps-outside-sqrt",
             Fault::ResidualBf16 => "residual-bf16",
+            Fault::QkNormSkipped => "qk-norm-skipped",
+            Fault::QkNormAfterRope => "qk-norm-after-rope",
         }
     }
 
@@ -142,6 +163,8 @@ impl Fault {
             Fault::ResidualBf16 => {
                 "residual adds in the wrong dtype (bf16 in the f32/f64 tiers, float32 in bf16)"
             }
+            Fault::QkNormSkipped => "per-head q/k RMSNorm (q_norm, k_norm) skipped",
+            Fault::QkNormAfterRope => "per-head q/k RMSNorm applied after RoPE instead of before",
         }
     }
 
@@ -159,6 +182,7 @@ impl Fault {
                 "layers.0.input_norm"
             }
             Fault::ResidualBf16 => "layers.0.resid_attn",
+            Fault::QkNormSkipped | Fault::QkNormAfterRope => "layers.0.q_norm",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }

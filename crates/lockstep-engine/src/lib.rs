@@ -15,6 +15,7 @@
 //! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
 
 pub mod chat;
+pub mod chat_py;
 pub mod config;
 pub mod error;
 pub mod faults;

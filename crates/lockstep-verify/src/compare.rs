@@ -911,6 +911,9 @@ pub fn likely_cause(name: &str) -> &'static str {
             LayerTap::Q | LayerTap::K | LayerTap::V => {
                 "missing or wrong q/k/v bias, projection weight transposed or swapped"
             }
+            LayerTap::QNorm | LayerTap::KNorm => {
+                "per-head q/k RMSNorm skipped, applied after RoPE, wrong weight or eps"
+            }
             LayerTap::QRope | LayerTap::KRope => {
                 "RoPE: theta, rotate_half vs interleaved layout, position ids, cos/sin dtype"
             }
@@ -1206,6 +1209,8 @@ fn token_dim(name: &str) -> usize {
             LayerTap::Q
             | LayerTap::K
             | LayerTap::V
+            | LayerTap::QNorm
+            | LayerTap::KNorm
             | LayerTap::QRope
             | LayerTap::KRope
             | LayerTap::AttnProbs,
@@ -1418,6 +1423,7 @@ pub fn nonfinite_source(name: &str) -> &'static str {
             LayerTap::Q | LayerTap::K | LayerTap::V => {
                 "a NaN/inf in the q/k/v projection weight or bias"
             }
+            LayerTap::QNorm | LayerTap::KNorm => "a NaN/inf in the q_norm/k_norm weight",
             LayerTap::QRope | LayerTap::KRope => "non-finite RoPE cos/sin tables",
             LayerTap::AttnProbs => "overflowing attention scores (softmax of inf or NaN)",
             LayerTap::AttnOut => "non-finite attention probabilities or values",

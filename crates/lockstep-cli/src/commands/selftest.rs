@@ -96,8 +96,15 @@ fn run_tier(
     }
     reference.traces(&jobs)?;
 
+    let config = Model::load(model_dir)?.config;
     let variants: Vec<Option<Fault>> = std::iter::once(None)
-        .chain(Fault::ALL.iter().copied().map(Some))
+        .chain(
+            Fault::ALL
+                .iter()
+                .copied()
+                .filter(|f| f.applies_to(&config))
+                .map(Some),
+        )
         .collect();
     let mut e2e: Vec<Vec<TraceComparison>> = vec![];
     let mut ops_inputs = vec![];
