@@ -111,6 +111,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&Value>,
     ) -> Result<String> {
+        self.render_with_vars(messages, add_generation_prompt, tools, &Default::default())
+    }
+
+    /// [`Self::render`] with extra template variables, as transformers'
+    /// `apply_chat_template(..., **kwargs)` passes them (Qwen3's `enable_thinking: false`).
+    pub fn render_with_vars(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+        vars: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
         let err = |e: minijinja::Error| EngineError::Tokenizer(format!("chat template: {e}"));
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
@@ -138,6 +150,9 @@ impl ChatTemplate {
         );
         if let Some(t) = tools {
             ctx.insert("tools".into(), t.clone());
+        }
+        for (k, v) in vars {
+            ctx.insert(k.clone(), v.clone());
         }
         env.get_template("chat")
             .and_then(|t| t.render(Value::Object(ctx)))
