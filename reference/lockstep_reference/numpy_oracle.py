@@ -36,7 +36,9 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
     hidden = config["hidden_size"]
     n_heads = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_heads
-    head_dim = config.get("head_dim") or hidden // n_heads
+    qwen3 = config.get("model_type") == "qwen3"
+    # Qwen3Config's head_dim defaults to 128, not hidden_size / heads.
+    head_dim = config.get("head_dim") or (128 if qwen3 else hidden // n_heads)
     eps = float(config["rms_norm_eps"])
     n_layers = config["num_hidden_layers"]
     group = n_heads // n_kv
@@ -65,9 +67,13 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
         q = linear(h, p + "self_attn.q_proj").reshape(t, n_heads, head_dim).transpose(1, 0, 2)
         k = linear(h, p + "self_attn.k_proj").reshape(t, n_kv, head_dim).transpose(1, 0, 2)
         v = linear(h, p + "self_attn.v_proj").reshape(t, n_kv, head_dim).transpose(1, 0, 2)
+        out[tp + "q"], out[tp + "k"], out[tp + "v"] = q, k, v
+        if qwen3:  # RMSNorm over each head's D values, before RoPE
+            q = _rms_norm(q, weights[p + "self_attn.q_norm.weight"], eps)
+            k = _rms_norm(k, weights[p + "self_attn.k_norm.weight"], eps)
+            out[tp + "q_norm"], out[tp + "k_norm"] = q, k
         q_rope = q * cos + _rotate_half(q) * sin
         k_rope = k * cos + _rotate_half(k) * sin
-        out[tp + "q"], out[tp + "k"], out[tp + "v"] = q, k, v
         out[tp + "q_rope"], out[tp + "k_rope"] = q_rope, k_rope
         k_full = np.repeat(k_rope, group, axis=0)  # query head h uses kv head h // group
         v_full = np.repeat(v, group, axis=0)
@@ -104,6 +110,6 @@ def oracle_trace(model_dir: str, token_ids: list[int]) -> dict[str, np.ndarray]:
     """Load a checkpoint folder and run `forward` on it."""
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    if config.get("model_type") not in ("qwen2", "llama", "mistral"):
+    if config.get("model_type") not in ("qwen2", "llama", "mistral", "qwen3"):
         raise ValueError(f"unsupported model_type {config.get('model_type')!r}")
     return forward(load_f64(model_dir), config, token_ids)

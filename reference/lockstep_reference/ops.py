@@ -6,7 +6,8 @@ rounded to bf16) hides in it, or shows several ops later. Here each op of a test
 from the test trace's own copies of that op's inputs:
 
     embed        <- tokens                     q, k, v        <- input_norm
-    input_norm   <- embed / layers.{i-1}.out   q_rope, k_rope <- q, k (positions 0..T-1)
+    input_norm   <- embed / layers.{i-1}.out   q_norm, k_norm <- q, k (Qwen3: per-head RMSNorm)
+    q_rope, k_rope <- q_norm, k_norm (Qwen3) or q, k (positions 0..T-1)
     attn_probs   <- q_rope, k_rope (causal,     attn_out       <- attn_probs, v
                     the layer's sliding window)
     o_proj       <- attn_out                   resid_attn     <- layer input + o_proj
@@ -92,8 +93,14 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
                 out[p + "q"] = heads(attn.q_proj(h))
                 out[p + "k"] = heads(attn.k_proj(h))
                 out[p + "v"] = heads(attn.v_proj(h))
-            if have(p + "q", p + "k"):
-                q_rope, k_rope = modeling.apply_rotary_pos_emb(x(p + "q"), x(p + "k"), cos, sin)
+            qk = (p + "q", p + "k")
+            if hasattr(attn, "q_norm"):  # Qwen3: the norm acts on [b, t, heads, D], as the module does
+                if have(*qk):
+                    out[p + "q_norm"] = attn.q_norm(x(p + "q").transpose(1, 2)).transpose(1, 2)
+                    out[p + "k_norm"] = attn.k_norm(x(p + "k").transpose(1, 2)).transpose(1, 2)
+                qk = (p + "q_norm", p + "k_norm")
+            if have(*qk):
+                q_rope, k_rope = modeling.apply_rotary_pos_emb(x(qk[0]), x(qk[1]), cos, sin)
                 out[p + "q_rope"], out[p + "k_rope"] = q_rope, k_rope
             if have(p + "q_rope", p + "k_rope", p + "v"):
                 _, probs = modeling.eager_attention_forward(
@@ -126,7 +133,7 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
 
 def _ordered(model, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
     res = {"tokens": tokens}
-    for name in trace_names(model.config.num_hidden_layers):
+    for name in trace_names(model.config.num_hidden_layers, model.config.model_type):
         if name in tensors:
             res[name] = tensors[name].detach().to(store).contiguous()
     return res

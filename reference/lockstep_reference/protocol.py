@@ -71,6 +71,9 @@ class Conversation:
 
     messages: list[dict]
     tools: list[dict] | None = None
+    #: Extra variables for the template, as `apply_chat_template(**kwargs)` passes them
+    #: (Qwen3's `enable_thinking`).
+    template_kwargs: dict | None = None
 
 
 @dataclass(frozen=True)

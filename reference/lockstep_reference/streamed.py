@@ -46,9 +46,11 @@ def _decoder_layer_class(model_type: str):
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
     return {"qwen2": modeling_qwen2.Qwen2DecoderLayer, "llama": modeling_llama.LlamaDecoderLayer,
-            "mistral": modeling_mistral.MistralDecoderLayer}[model_type]
+            "mistral": modeling_mistral.MistralDecoderLayer,
+            "qwen3": modeling_qwen3.Qwen3DecoderLayer}[model_type]
 
 
 class _Weights:
@@ -129,6 +131,7 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
     rec = tracer._Recorder(torch.float64)
     ids = torch.tensor([token_ids], dtype=torch.int64)
     rec.tensors["tokens"] = ids.clone()
+    rec.qk_norm = config.model_type in tracer.QK_NORM_TYPES
     t = len(token_ids)
 
     with torch.no_grad(), tracer.pure_f64_patches(), tracer._function_wrappers(rec):
@@ -188,7 +191,7 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
         if log is not None:
             log(f"final norm + lm_head ({rows} rows, chunks of {row_chunk}): {time.time() - t0:.1f} s")
 
-    expected = tracer.trace_names(n_layers)
+    expected = tracer.trace_names(n_layers, config.model_type)
     missing = [n for n in expected if n not in rec.tensors]
     extra = [n for n in rec.tensors if n not in expected]
     if missing or extra:

@@ -27,6 +27,7 @@ import transformers
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
 
 from .rope_scaling import hf_inv_freq_f64, reset_dynamic_rope
 from .st_io import model_fingerprint
@@ -41,7 +42,11 @@ _ARCHS = {
     "qwen2": (modeling_qwen2, modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.Qwen2RotaryEmbedding),
     "llama": (modeling_llama, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaRotaryEmbedding),
     "mistral": (modeling_mistral, modeling_mistral.MistralRMSNorm, modeling_mistral.MistralRotaryEmbedding),
+    "qwen3": (modeling_qwen3, modeling_qwen3.Qwen3RMSNorm, modeling_qwen3.Qwen3RotaryEmbedding),
 }
+
+# Model types whose attention normalizes each head of q and k (q_norm, k_norm) before RoPE.
+QK_NORM_TYPES = ("qwen3",)
 
 LAYER_TAPS = (
     "input_norm", "q", "k", "v", "q_rope", "k_rope", "attn_probs", "attn_out", "o_proj",
@@ -49,11 +54,19 @@ LAYER_TAPS = (
 )
 
 
-def trace_names(num_layers: int) -> list[str]:
+def layer_taps(model_type: str = "qwen2") -> tuple[str, ...]:
+    """The per-layer taps of a model type, in forward order (q_norm, k_norm after v for Qwen3)."""
+    if model_type in QK_NORM_TYPES:
+        i = LAYER_TAPS.index("v") + 1
+        return LAYER_TAPS[:i] + ("q_norm", "k_norm") + LAYER_TAPS[i:]
+    return LAYER_TAPS
+
+
+def trace_names(num_layers: int, model_type: str = "qwen2") -> list[str]:
     """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order."""
     names = ["tokens", "embed"]
     for i in range(num_layers):
-        names += [f"layers.{i}.{tap}" for tap in LAYER_TAPS]
+        names += [f"layers.{i}.{tap}" for tap in layer_taps(model_type)]
     return names + ["final_norm", "logits"]
 
 
@@ -144,6 +157,7 @@ class _Recorder:
         self.store_dtype = store_dtype
         self.tensors: dict[str, torch.Tensor] = {}
         self.layer: int | None = None
+        self.qk_norm = False
 
     def put(self, name: str, t: torch.Tensor) -> None:
         if name in self.tensors:
@@ -168,12 +182,19 @@ def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
     def enter_layer(_mod, _args):
         rec.layer = i
 
-    def v_hook(_mod, _args, output):
-        b, t, _ = output.shape
-        rec.put(p + "v", output.view(b, t, n_kv, -1).transpose(1, 2))
+    def heads_hook(name, n):
+        def hook(_mod, _args, output):
+            b, t, _ = output.shape
+            rec.put(p + name, output.view(b, t, n, -1).transpose(1, 2))
+        return hook
 
+    v_hook = heads_hook("v", n_kv)
     attn = layer.self_attn
-    return [
+    extra = []
+    if rec.qk_norm:  # q, k are the projections; the rope wrapper's inputs are q_norm, k_norm
+        extra = [attn.q_proj.register_forward_hook(heads_hook("q", attn.config.num_attention_heads)),
+                 attn.k_proj.register_forward_hook(heads_hook("k", n_kv))]
+    return extra + [
         layer.register_forward_pre_hook(enter_layer),
         layer.input_layernorm.register_forward_hook(out_hook(p + "input_norm")),
         attn.v_proj.register_forward_hook(v_hook),
@@ -196,8 +217,8 @@ def _function_wrappers(rec: _Recorder):
         def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
             q_out, k_out = orig(q, k, cos, sin, *args, **kwargs)
             p = f"layers.{rec.layer}."
-            rec.put(p + "q", q)
-            rec.put(p + "k", k)
+            rec.put(p + ("q_norm" if rec.qk_norm else "q"), q)
+            rec.put(p + ("k_norm" if rec.qk_norm else "k"), k)
             rec.put(p + "q_rope", q_out)
             rec.put(p + "k_rope", k_out)
             return q_out, k_out
@@ -227,6 +248,7 @@ def _capture(model, rec: _Recorder):
     """Install hooks and function wrappers that fill `rec` during one forward pass."""
     inner = model.model
     n_kv = model.config.num_key_value_heads
+    rec.qk_norm = model.config.model_type in QK_NORM_TYPES
 
     def out_hook(name):
         def hook(_mod, _args, output):
@@ -318,7 +340,7 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
         reset_dynamic_rope(model)
         out = model(input_ids=ids, use_cache=False)
     rec.put("logits", out.logits)
-    expected = trace_names(model.config.num_hidden_layers)
+    expected = trace_names(model.config.num_hidden_layers, model.config.model_type)
     missing = [n for n in expected if n not in rec.tensors]
     extra = [n for n in rec.tensors if n not in expected]
     if missing or extra:

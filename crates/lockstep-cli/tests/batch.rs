@@ -148,6 +148,8 @@ fn batched_logits_equal_each_rows_unpadded_run_and_transformers() {
         // as transformers' cache indices do.
         ("mistral-swa", "f32", 1e-4),
         ("qwen2-swa", "f64", 1e-9),
+        ("qwen3-small", "f32", 1e-4),
+        ("qwen3-small", "f64", 1e-9),
     ];
     let mut failures = vec![];
     eprintln!("| model | dtype | rows (lengths) | batched vs alone | batched vs transformers padded | decode step batched vs alone |");
@@ -250,9 +252,15 @@ fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
     let mut alone = vec![];
     let mut labels = vec![];
     // Random fixtures, EOS ignored (every row generates NEW tokens).
-    for (i, name) in ["qwen2-gqa", "llama-gqa", "mistral-swa", "qwen2-swa"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "qwen2-gqa",
+        "llama-gqa",
+        "mistral-swa",
+        "qwen2-swa",
+        "qwen3-small",
+    ]
+    .iter()
+    .enumerate()
     {
         let dir = model_dir(name);
         let d = dir.to_str().unwrap();
@@ -388,8 +396,9 @@ fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The real model still answers when batched.
+    let smol = labels.iter().position(|l| l == "smollm2 chat").unwrap();
     assert_eq!(
-        ours.last().unwrap()["rows"][0]["text"],
+        ours[smol]["rows"][0]["text"],
         "The capital of France is Paris."
     );
 }

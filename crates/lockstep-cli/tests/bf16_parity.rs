@@ -142,3 +142,4 @@ fn bf16_qwen2_yarn() {
         check(&py, "qwen2-yarn-bf16");
     }
 }
+bf16_test!(bf16_qwen3, "qwen3-bf16");

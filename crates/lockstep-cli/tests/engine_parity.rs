@@ -185,3 +185,31 @@ heavy_parity_test!(parity_llama3_rope_tied, "llama3-rope-tied-bf16");
 heavy_parity_test!(parity_qwen2_yarn, "qwen2-yarn-bf16");
 heavy_parity_test!(parity_llama_linear, "llama-linear");
 heavy_parity_test!(parity_qwen2_dynamic, "qwen2-dynamic");
+parity_test!(parity_qwen3, "qwen3-small");
+
+/// The q/k-norm faults enter exactly at `layers.0.q_norm` (every tensor before it unchanged,
+/// it changed) on the Qwen3 fixture, in f64 (engine only; selftest judges them against the
+/// reference).
+#[test]
+fn qk_norm_faults_enter_at_q_norm() {
+    use lockstep_engine::{tracing::trace_forward, Fault, Model};
+    let model = fixtures().join("models/qwen3-small");
+    assert!(
+        model.join("config.json").exists(),
+        "fixture qwen3-small missing"
+    );
+    let ids = token_ids(12, 2048, 5);
+    let clean = trace_forward::<f64>(&Model::load(&model).unwrap(), &ids, None).unwrap();
+    let mut names: Vec<String> = clean.names().iter().map(|s| s.to_string()).collect();
+    lockstep_trace::sort_forward(&mut names);
+    for fault in [Fault::QkNormSkipped, Fault::QkNormAfterRope] {
+        let m = Model::load_with_fault(&model, Some(fault)).unwrap();
+        let t = trace_forward::<f64>(&m, &ids, None).unwrap();
+        let first = names
+            .iter()
+            .find(|n| max_abs_diff(&t, &clean, n) > 0.0)
+            .cloned();
+        assert_eq!(first.as_deref(), Some(fault.enters_at()), "{fault}");
+        assert!(max_abs_diff(&t, &clean, "logits") > 1e-3, "{fault}");
+    }
+}

@@ -127,6 +127,7 @@ fn greedy_generation_matches_transformers_token_for_token() {
         // Sliding windows of 8 and 6 keys: 9 prompt + 64 new tokens run far past them.
         ("mistral-swa", 15),
         ("qwen2-swa", 16),
+        ("qwen3-small", 14),
     ] {
         let dir = model_dir(name);
         let d = dir.to_str().unwrap().to_string();
@@ -355,6 +356,128 @@ fn smollm2_chat_template_renders_like_apply_chat_template() {
     ]);
     assert_eq!(ids(&v["prompt_ids"]), ids(&theirs[3]["ids"]));
     assert_eq!(v["generated_tokens"], json!([]));
+}
+
+/// Qwen3's tokenizer and chat template (fixture `qwen3`): 24 texts tokenize as transformers does,
+/// and conversations render identically in text and ids with thinking on (the default, and
+/// `enable_thinking: true`) and off (`enable_thinking: false`), including an assistant turn
+/// whose `<think>` block the template strips.
+#[test]
+fn qwen3_tokenizer_and_chat_template_with_and_without_thinking() {
+    let model = model_dir("qwen3");
+    assert!(
+        model.join("tokenizer_config.json").exists(),
+        "fixture qwen3 missing"
+    );
+    let py = reference_python().expect("the reference environment");
+    let mut conversations = vec![];
+    let convs = [
+        json!([{"role": "user", "content": "What is the capital of France?"}]),
+        json!([
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello. What do you need?"},
+            {"role": "user", "content": "Tell me a joke about naïve café owners 😀."}
+        ]),
+        json!([
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "<tool_response>ok</tool_response>"}
+        ]),
+    ];
+    for c in &convs {
+        for kw in [
+            json!({}),
+            json!({"enable_thinking": true}),
+            json!({"enable_thinking": false}),
+        ] {
+            conversations.push(json!({"messages": c, "tools": null, "template_kwargs": kw}));
+        }
+    }
+    let conversations = Value::Array(conversations);
+    let dir = scratch("generation-qwen3-chat");
+    let path = dir.join("conversations.json");
+    std::fs::write(&path, conversations.to_string()).unwrap();
+    let m = model.to_str().unwrap();
+    let out = reference(
+        &py,
+        &[
+            "chat-batch",
+            "--model",
+            m,
+            "--conversations",
+            path.to_str().unwrap(),
+        ],
+    );
+    let theirs: Vec<Value> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let template = ChatTemplate::from_dir(&model)
+        .unwrap()
+        .expect("Qwen3 has a chat template");
+    let tok = Tokenizer::from_dir(&model).unwrap();
+    let mut texts = vec![];
+    for (conv, t) in conversations.as_array().unwrap().iter().zip(&theirs) {
+        let msgs: Vec<Message> = serde_json::from_value(conv["messages"].clone()).unwrap();
+        let vars = conv["template_kwargs"].as_object().unwrap();
+        let text = template.render_with_vars(&msgs, true, None, vars).unwrap();
+        assert_eq!(text, t["text"].as_str().unwrap(), "{vars:?}");
+        let ours: Vec<u64> = tok
+            .encode(&text)
+            .unwrap()
+            .into_iter()
+            .map(u64::from)
+            .collect();
+        assert_eq!(ours, ids(&t["ids"]), "ids of {text:?}");
+        texts.push(text);
+    }
+    assert!(texts[2].ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
+    assert!(texts[0].ends_with("<|im_start|>assistant\n") && texts[0] == texts[1]);
+    // Plain texts (seed-style prompts and 20 more) through the reference's tokenize-batch.
+    let plain: Vec<String> = [
+        "Hello",
+        "Hello, world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "1+1=2",
+        "  leading and trailing spaces  ",
+        "tabs\tand\nnewlines\r\n",
+        "naïve café 😀 日本語のテキスト",
+        "fn main() { println!(\"hi\"); }",
+        "<think>reasoning</think> answer",
+        "<|im_start|>user\nHi<|im_end|>",
+        "3.14159 2.71828 1e-9",
+        "don't won't y'all",
+        "ALL CAPS AND lowercase",
+        "emoji 👩‍👩‍👧 family",
+        "Ünïcödé àccents",
+        "\u{a0}non-breaking space",
+        "a\n\n\nb",
+        "https://example.org/path?q=1",
+        "def f(x):\n    return x * 2\n",
+        "Привет, мир",
+        "مرحبا بالعالم",
+        "12345678901234567890",
+        "<tool_call>{\"name\": \"f\"}</tool_call>",
+        "  ",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert!(plain.len() >= 24);
+    let tpath = dir.join("texts.json");
+    std::fs::write(&tpath, serde_json::to_string(&plain).unwrap()).unwrap();
+    let out = reference(
+        &py,
+        &[
+            "tokenize-batch",
+            "--model",
+            m,
+            "--texts",
+            tpath.to_str().unwrap(),
+        ],
+    );
+    let want: Vec<Vec<u32>> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    for (text, w) in plain.iter().zip(&want) {
+        assert_eq!(&tok.encode(text).unwrap(), w, "ids of {text:?}");
+    }
 }
 
 #[test]

@@ -111,6 +111,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&Value>,
     ) -> Result<String> {
+        self.render_with_vars(messages, add_generation_prompt, tools, &Default::default())
+    }
+
+    /// [`Self::render`] with extra template variables, as transformers'
+    /// `apply_chat_template(..., **kwargs)` passes them (Qwen3's `enable_thinking: false`).
+    pub fn render_with_vars(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+        vars: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
         let err = |e: minijinja::Error| EngineError::Tokenizer(format!("chat template: {e}"));
         let mut env = minijinja::Environment::new();
         // A template is code from whoever published the model: bound its work, its nesting and
@@ -129,6 +141,7 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson);
+        env.set_unknown_method_callback(crate::chat_py::string_method);
         env.add_template("chat", &self.source).map_err(err)?;
         let mut ctx = self.special.clone();
         ctx.insert(
@@ -141,6 +154,9 @@ impl ChatTemplate {
         );
         if let Some(t) = tools {
             ctx.insert("tools".into(), t.clone());
+        }
+        for (k, v) in vars {
+            ctx.insert(k.clone(), v.clone());
         }
         let mut out = CappedOutput::default();
         env.get_template("chat")

@@ -22,6 +22,9 @@ pub enum Architecture {
     /// `MistralForCausalLM`: Llama's layout without biases, every layer's attention limited to
     /// `sliding_window` keys when that is set.
     Mistral,
+    /// `Qwen3ForCausalLM`: no q/k/v bias, RMSNorm per head on q and k before RoPE (`q_norm`,
+    /// `k_norm`), `head_dim` 128 unless config.json gives it.
+    Qwen3,
 }
 
 impl Architecture {
@@ -31,7 +34,23 @@ impl Architecture {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
+    }
+
+    /// The `model_type` transformers gives this family.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Llama => "llama",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Mistral => "mistral",
+        }
+    }
+
+    /// Whether q and k get a per-head RMSNorm (`self_attn.q_norm` / `k_norm`) before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Architecture::Qwen3)
     }
 }
 
@@ -141,13 +160,16 @@ impl ModelConfig {
         } else if archs.contains(&"LlamaForCausalLM") || (archs.is_empty() && model_type == "llama")
         {
             Architecture::Llama
+        } else if archs.contains(&"Qwen3ForCausalLM") || (archs.is_empty() && model_type == "qwen3")
+        {
+            Architecture::Qwen3
         } else if archs.contains(&"MistralForCausalLM")
             || (archs.is_empty() && model_type == "mistral")
         {
             Architecture::Mistral
         } else {
             return Err(format!(
-                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM and MistralForCausalLM"
+                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM and Qwen3ForCausalLM"
             ));
         };
 
@@ -163,6 +185,8 @@ impl ModelConfig {
             ));
         }
         let head_dim = match get("head_dim") {
+            // Qwen3Config's default, whatever hidden_size / num_attention_heads is.
+            None if arch == Architecture::Qwen3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(format!(
@@ -214,6 +238,12 @@ impl ModelConfig {
             Architecture::Qwen2 => true,
             Architecture::Llama => bool_key("attention_bias", false)?,
             Architecture::Mistral => false,
+            Architecture::Qwen3 => {
+                if bool_key("attention_bias", false)? {
+                    return Err("Qwen3 with attention_bias: true (biases on q/k/v and o_proj) is not implemented".into());
+                }
+                false
+            }
         };
         if arch == Architecture::Llama
             && get("pretraining_tp").and_then(Value::as_u64).unwrap_or(1) != 1
@@ -278,6 +308,7 @@ impl ModelConfig {
             q.checked_mul(h)?,
             h.checked_mul(i)?.checked_mul(3)?,
             h.checked_mul(2)?,
+            if self.arch.has_qk_norm() { d * 2 } else { 0 },
         ]
         .into_iter()
         .try_fold(0usize, usize::checked_add)?;
@@ -423,6 +454,34 @@ mod tests {
         let e =
             ModelConfig::from_json_str(&QWEN.replace("\"vocab_size\":151936,", "")).unwrap_err();
         assert!(e.contains("vocab_size"), "{e}");
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_no_bias_and_head_dim_128_by_default() {
+        let s = QWEN
+            .replace("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+            .replace("\"model_type\":\"qwen2\"", "\"model_type\":\"qwen3\"");
+        let c = ModelConfig::from_json_str(&s).unwrap();
+        assert_eq!(c.arch, Architecture::Qwen3);
+        assert!(c.arch.has_qk_norm() && !c.qkv_bias);
+        assert_eq!(c.head_dim, 128, "Qwen3Config's default, not 896 / 14");
+        let with = s.replace("\"hidden_act\"", "\"head_dim\":32,\"hidden_act\"");
+        assert_eq!(ModelConfig::from_json_str(&with).unwrap().head_dim, 32);
+        for (from, to, needle) in [
+            (
+                "\"use_sliding_window\":false",
+                "\"use_sliding_window\":true",
+                "sliding",
+            ),
+            (
+                "\"hidden_act\"",
+                "\"attention_bias\":true,\"hidden_act\"",
+                "attention_bias",
+            ),
+        ] {
+            let e = ModelConfig::from_json_str(&s.replace(from, to)).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, ScalingMistake};
 use crate::kernels::ResidualDtype;
-use crate::model::Settings;
+use crate::model::{QkNorm, Settings};
 use std::fmt;
 use std::str::FromStr;
 
@@ -71,11 +71,16 @@ pub enum Fault {
     /// llama3 RoPE with the medium band not smoothed (those frequencies left unscaled; only for
     /// models with llama3 scaling). Enters at `layers.0.q_rope` (from the second token).
     Llama3NoSmoothing,
+    /// Qwen3's per-head q/k RMSNorm (`q_norm`, `k_norm`) left out. Enters at `layers.0.q_norm`.
+    QkNormSkipped,
+    /// Qwen3's per-head q/k RMSNorm applied after RoPE instead of before. Enters at
+    /// `layers.0.q_norm` (which then still holds the unnormalized projection).
+    QkNormAfterRope,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 17] = [
+    pub const ALL: [Fault; 19] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -93,6 +98,8 @@ impl Fault {
         Fault::WindowOffByOne,
         Fault::YarnNoAttentionFactor,
         Fault::Llama3NoSmoothing,
+        Fault::QkNormSkipped,
+        Fault::QkNormAfterRope,
     ];
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
@@ -120,6 +127,8 @@ impl Fault {
             }
             Fault::YarnNoAttentionFactor => s.rope_mistake = ScalingMistake::YarnNoAttentionFactor,
             Fault::Llama3NoSmoothing => s.rope_mistake = ScalingMistake::Llama3NoSmoothing,
+            Fault::QkNormSkipped => s.qk_norm = QkNorm::Skipped,
+            Fault::QkNormAfterRope => s.qk_norm = QkNorm::AfterRope,
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -144,6 +153,8 @@ impl Fault {
             Fault::WindowOffByOne => "window-off-by-one",
             Fault::YarnNoAttentionFactor => "yarn-no-attention-factor",
             Fault::Llama3NoSmoothing => "llama3-no-smoothing",
+            Fault::QkNormSkipped => "qk-norm-skipped",
+            Fault::QkNormAfterRope => "qk-norm-after-rope",
         }
     }
 
@@ -169,6 +180,8 @@ impl Fault {
             Fault::WindowOffByOne => "sliding window one key too wide (kv_idx >= q_idx - window)",
             Fault::YarnNoAttentionFactor => "yarn RoPE without its attention factor on cos/sin",
             Fault::Llama3NoSmoothing => "llama3 RoPE with the medium band not smoothed",
+            Fault::QkNormSkipped => "per-head q/k RMSNorm (q_norm, k_norm) skipped",
+            Fault::QkNormAfterRope => "per-head q/k RMSNorm applied after RoPE instead of before",
         }
     }
 
@@ -189,6 +202,7 @@ impl Fault {
             }
             Fault::ResidualBf16 => "layers.0.resid_attn",
             Fault::YarnNoAttentionFactor | Fault::Llama3NoSmoothing => "layers.0.q_rope",
+            Fault::QkNormSkipped | Fault::QkNormAfterRope => "layers.0.q_norm",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }
@@ -198,9 +212,12 @@ impl Fault {
 impl Fault {
     /// Whether the fault can change anything on a model configured like `config` (a fault that
     /// cannot is left out of `selftest`): a window off by one needs a sliding window, the
-    /// RoPE-scaling faults their scaling type; every other fault applies to every model.
+    /// RoPE-scaling faults their scaling type, the q/k-norm faults a q/k norm, dropping the q/k/v
+    /// biases a model that has them; every other fault applies to every model.
     pub fn applies_to(self, config: &ModelConfig) -> bool {
         match self {
+            Fault::NoQkvBias => config.qkv_bias,
+            Fault::QkNormSkipped | Fault::QkNormAfterRope => config.arch.has_qk_norm(),
             Fault::WindowOffByOne => config.sliding_windows.iter().any(Option::is_some),
             Fault::YarnNoAttentionFactor => {
                 matches!(config.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor != 1.0)

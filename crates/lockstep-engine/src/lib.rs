@@ -17,6 +17,7 @@
 //!   (continuous batching).
 
 pub mod chat;
+pub mod chat_py;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -34,15 +34,7 @@ pub fn trace_forward<T: Float>(
         (T::PRECISION == Precision::F64).to_string(),
     );
     m.insert("attn_implementation".into(), "eager".into());
-    m.insert(
-        "model_type".into(),
-        match model.config.arch {
-            crate::Architecture::Qwen2 => "qwen2",
-            crate::Architecture::Llama => "llama",
-            crate::Architecture::Mistral => "mistral",
-        }
-        .into(),
-    );
+    m.insert("model_type".into(), model.config.arch.model_type().into());
     m.insert("num_layers".into(), model.config.num_layers.to_string());
     m.insert(
         "token_ids".into(),

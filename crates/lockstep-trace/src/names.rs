@@ -13,6 +13,10 @@ pub enum LayerTap {
     K,
     /// Value projection after bias, [B, kv_heads, T, D].
     V,
+    /// Query after the per-head RMSNorm `q_norm` (Qwen3 only), before RoPE, [B, heads, T, D].
+    QNorm,
+    /// Key after the per-head RMSNorm `k_norm` (Qwen3 only), before RoPE, [B, kv_heads, T, D].
+    KNorm,
     /// Query after RoPE.
     QRope,
     /// Key after RoPE.
@@ -37,11 +41,13 @@ pub enum LayerTap {
 
 impl LayerTap {
     /// All layer taps in forward order.
-    pub const ALL: [LayerTap; 14] = [
+    pub const ALL: [LayerTap; 16] = [
         LayerTap::InputNorm,
         LayerTap::Q,
         LayerTap::K,
         LayerTap::V,
+        LayerTap::QNorm,
+        LayerTap::KNorm,
         LayerTap::QRope,
         LayerTap::KRope,
         LayerTap::AttnProbs,
@@ -61,6 +67,8 @@ impl LayerTap {
             LayerTap::Q => "q",
             LayerTap::K => "k",
             LayerTap::V => "v",
+            LayerTap::QNorm => "q_norm",
+            LayerTap::KNorm => "k_norm",
             LayerTap::QRope => "q_rope",
             LayerTap::KRope => "k_rope",
             LayerTap::AttnProbs => "attn_probs",

@@ -655,6 +655,9 @@ pub fn likely_cause(name: &str) -> &'static str {
             LayerTap::Q | LayerTap::K | LayerTap::V => {
                 "missing or wrong q/k/v bias, projection weight transposed or swapped"
             }
+            LayerTap::QNorm | LayerTap::KNorm => {
+                "per-head q/k RMSNorm skipped, applied after RoPE, wrong weight or eps"
+            }
             LayerTap::QRope | LayerTap::KRope => {
                 "RoPE: theta, rotate_half vs interleaved layout, position ids, cos/sin dtype"
             }

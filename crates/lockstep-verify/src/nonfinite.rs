@@ -115,6 +115,8 @@ fn token_dim(name: &str) -> usize {
             LayerTap::Q
             | LayerTap::K
             | LayerTap::V
+            | LayerTap::QNorm
+            | LayerTap::KNorm
             | LayerTap::QRope
             | LayerTap::KRope
             | LayerTap::AttnProbs,
@@ -327,6 +329,7 @@ pub fn nonfinite_source(name: &str) -> &'static str {
             LayerTap::Q | LayerTap::K | LayerTap::V => {
                 "a NaN/inf in the q/k/v projection weight or bias"
             }
+            LayerTap::QNorm | LayerTap::KNorm => "a NaN/inf in the q_norm/k_norm weight",
             LayerTap::QRope | LayerTap::KRope => "non-finite RoPE cos/sin tables",
             LayerTap::AttnProbs => "overflowing attention scores (softmax of inf or NaN)",
             LayerTap::AttnOut => "non-finite attention probabilities or values",

@@ -33,8 +33,8 @@ pub(crate) fn values(seed: u64, n: usize, scale: f64) -> Vec<f64> {
 
 pub(crate) fn tap_shape(tap: LayerTap) -> Vec<usize> {
     match tap {
-        LayerTap::Q | LayerTap::QRope => vec![B, HEADS, T, D],
-        LayerTap::K | LayerTap::V | LayerTap::KRope => vec![B, KV, T, D],
+        LayerTap::Q | LayerTap::QNorm | LayerTap::QRope => vec![B, HEADS, T, D],
+        LayerTap::K | LayerTap::KNorm | LayerTap::V | LayerTap::KRope => vec![B, KV, T, D],
         LayerTap::AttnProbs => vec![B, HEADS, T, T],
         LayerTap::AttnOut => vec![B, T, HEADS * D],
         LayerTap::MlpAct => vec![B, T, INTER],

@@ -7,7 +7,7 @@
 //! h = rms_norm(x) ; x = x + down(silu(gate(h)) * up(h))
 //! ```
 
-use super::{KvCache, LayerWeights, Model};
+use super::{KvCache, LayerWeights, Model, QkNorm};
 use crate::config::ModelConfig;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec};
@@ -28,7 +28,7 @@ pub(crate) struct Scratch<T> {
     k: Vec<T>,
     /// Values, `[tn][kv_heads][D]`.
     v: Vec<T>,
-    /// Attention output before `o_proj`, `[tn][heads*D]`.
+    /// Attention output before `o_proj`, `[tn][heads*D]` (before that, the q/k norm's output).
     attn: Vec<T>,
     /// A block's output before the residual add, `[tn][H]`.
     out: Vec<T>,
@@ -102,8 +102,26 @@ impl Model {
         obs.tap(tap(LayerTap::K), TapView::heads(&buf.k, kv_heads, d));
         obs.tap(tap(LayerTap::V), TapView::heads(&buf.v, kv_heads, d));
 
+        // Qwen3: RMSNorm over each head's D values of q and k, before RoPE.
+        let qk_norm = w
+            .qk_norm
+            .as_ref()
+            .map(|n| n.each_ref().map(decode_vec::<T>));
+        if let Some([qn, kn]) = &qk_norm {
+            if s.qk_norm == QkNorm::BeforeRope {
+                self.head_norm(&mut buf.q, qn, &mut buf.attn);
+                self.head_norm(&mut buf.k, kn, &mut buf.attn);
+            }
+            obs.tap(tap(LayerTap::QNorm), TapView::heads(&buf.q, heads, d));
+            obs.tap(tap(LayerTap::KNorm), TapView::heads(&buf.k, kv_heads, d));
+        }
+
         pass.rope.apply(&mut buf.q, heads);
         pass.rope.apply(&mut buf.k, kv_heads);
+        if let (Some([qn, kn]), QkNorm::AfterRope) = (&qk_norm, s.qk_norm) {
+            self.head_norm(&mut buf.q, qn, &mut buf.attn);
+            self.head_norm(&mut buf.k, kn, &mut buf.attn);
+        }
         obs.tap(tap(LayerTap::QRope), TapView::heads(&buf.q, heads, d));
         obs.tap(tap(LayerTap::KRope), TapView::heads(&buf.k, kv_heads, d));
 
@@ -150,6 +168,15 @@ impl Model {
         obs.tap(tap(LayerTap::OProj), TapView::rows(&buf.out, h));
         residual_add(x, &buf.out, s.residual);
         obs.tap(tap(LayerTap::ResidAttn), TapView::rows(x, h));
+    }
+
+    /// RMSNorm of every head vector (`weight.len()` = D values) of `x`, in place; `tmp` is
+    /// scratch at least as long as `x`.
+    fn head_norm<T: Float>(&self, x: &mut [T], weight: &[T], tmp: &mut [T]) {
+        let s = &self.settings;
+        let tmp = &mut tmp[..x.len()];
+        rms_norm_with(x, weight, s.rms_norm_eps, s.norm_math, tmp);
+        x.copy_from_slice(tmp);
     }
 
     /// The MLP block of layer `l`: `x = x + down(act(gate(h)) * up(h))`, `h = rms_norm(x)`.

@@ -1,6 +1,6 @@
 //! Loading a checkpoint: config, memory-mapped weights, and the numerical settings.
 
-use super::{LayerWeights, Model, Settings};
+use super::{LayerWeights, Model, QkNorm, Settings};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
@@ -28,6 +28,7 @@ impl Settings {
             causal: true,
             windows: c.sliding_windows.clone(),
             final_norm: true,
+            qk_norm: QkNorm::BeforeRope,
         }
     }
 }
@@ -76,6 +77,14 @@ impl Model {
                 k_proj: ck.get(&p("self_attn.k_proj.weight"), &[kvd, h])?,
                 v_proj: ck.get(&p("self_attn.v_proj.weight"), &[kvd, h])?,
                 qkv_bias,
+                qk_norm: if c.arch.has_qk_norm() {
+                    Some([
+                        ck.get(&p("self_attn.q_norm.weight"), &[d])?,
+                        ck.get(&p("self_attn.k_norm.weight"), &[d])?,
+                    ])
+                } else {
+                    None
+                },
                 o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
                 post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
                 gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,

@@ -45,6 +45,8 @@ pub struct LayerWeights {
     pub v_proj: Tensor,
     /// q/k/v biases when the architecture has them.
     pub qkv_bias: Option<[Tensor; 3]>,
+    /// `self_attn.q_norm.weight` and `self_attn.k_norm.weight`, [D] each (Qwen3).
+    pub qk_norm: Option<[Tensor; 2]>,
     /// `self_attn.o_proj.weight`, [H, heads*D].
     pub o_proj: Tensor,
     /// `post_attention_layernorm.weight`, [H].
@@ -86,6 +88,19 @@ pub struct Settings {
     pub windows: Vec<Option<usize>>,
     /// Apply the final norm.
     pub final_norm: bool,
+    /// Where the per-head q/k RMSNorm goes (models that have one).
+    pub qk_norm: QkNorm,
+}
+
+/// Where the per-head q/k RMSNorm (Qwen3's `q_norm` / `k_norm`) is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// On the projections, before RoPE, as transformers does.
+    BeforeRope,
+    /// After RoPE (a porting mistake).
+    AfterRope,
+    /// Not at all (a porting mistake).
+    Skipped,
 }
 
 /// A loaded model: config, memory-mapped weights and settings.
