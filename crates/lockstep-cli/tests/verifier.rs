@@ -263,31 +263,30 @@ fn an_off_by_one_window_is_located_at_the_first_windowed_layer() {
     if reference_python().is_none() {
         return;
     }
-    for (name, entry) in [("qwen2-swa", "layers.1.attn_probs")] {
-        let dir = scratch(&format!("verify-window-{name}"));
-        let model = fixtures().join("models").join(name);
-        let run = verify_in(
-            &dir,
-            &[
-                "--model",
-                model.to_str().unwrap(),
-                "--dtype",
-                "f64",
-                "--prompt",
-                "The quick brown fox jumps over the lazy dog, and 12 of them ran away.",
-                "--generate-tokens",
-                "0",
-                "--inject",
-                "window-off-by-one",
-            ],
-        );
-        run.assert_exit(1);
-        assert_eq!(
-            run.json["first_divergence"], entry,
-            "{name}: {}",
-            run.stdout
-        );
-    }
+    let (name, entry) = ("qwen2-swa", "layers.1.attn_probs");
+    let dir = scratch(&format!("verify-window-{name}"));
+    let model = fixtures().join("models").join(name);
+    let run = verify_in(
+        &dir,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            "f64",
+            "--prompt",
+            "The quick brown fox jumps over the lazy dog, and 12 of them ran away.",
+            "--generate-tokens",
+            "0",
+            "--inject",
+            "window-off-by-one",
+        ],
+    );
+    run.assert_exit(1);
+    assert_eq!(
+        run.json["first_divergence"], entry,
+        "{name}: {}",
+        run.stdout
+    );
 }
 
 #[test]
