@@ -34,7 +34,7 @@ fn linear_blockwise<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>,
                     if let Some(b) = bias {
                         v += b[r0 + j];
                     }
-                    res[t * (r1 - r0) + j] = v.round();
+                    res[t * (r1 - r0) + j] = v.to_act_dtype();
                 }
             }
             (r0, res)
@@ -97,7 +97,7 @@ fn case<T: Float>(name: &str, w: &Tensor, n: usize, runs: usize) {
     let (m, k) = (w.shape[0], w.shape[1]);
     let x: Vec<T> = pseudo(n * k, 3)
         .iter()
-        .map(|&v| T::from_f64(v as f64).round())
+        .map(|&v| T::from_f64(v as f64).to_act_dtype())
         .collect();
     let x = &x;
     // The old implementation, every kernel, then `linear` itself (the kernel it picks).

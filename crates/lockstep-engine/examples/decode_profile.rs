@@ -40,7 +40,7 @@ fn linears<T: Float>(m: &Model, x: &[T], out: &mut [T]) {
 fn run<T: Float>(m: &Model, context: usize) {
     let widest = m.config.intermediate_size.max(m.config.hidden_size);
     let x: Vec<T> = (0..widest)
-        .map(|i| T::from_f64(((i * 7919) % 1000) as f64 / 1000.0 - 0.5).round())
+        .map(|i| T::from_f64(((i * 7919) % 1000) as f64 / 1000.0 - 0.5).to_act_dtype())
         .collect();
     let mut out = vec![T::ZERO; m.config.vocab_size.max(widest)];
     let prompt: Vec<u32> = (0..context as u32).map(|i| (i * 31 + 7) % 1000).collect();

@@ -467,21 +467,27 @@ mod tests {
         assert_eq!(c.head_dim, 128, "Qwen3Config's default, not 896 / 14");
         let with = s.replace("\"hidden_act\"", "\"head_dim\":32,\"hidden_act\"");
         assert_eq!(ModelConfig::from_json_str(&with).unwrap().head_dim, 32);
-        for (from, to, needle) in [
-            (
+        let e = ModelConfig::from_json_str(
+            &s.replace("\"hidden_act\"", "\"attention_bias\":true,\"hidden_act\""),
+        )
+        .unwrap_err();
+        assert!(e.contains("attention_bias"), "{e}");
+        // Qwen3's sliding window: Qwen2's keys (layers from max_window_layers).
+        let windowed = s
+            .replace(
                 "\"use_sliding_window\":false",
                 "\"use_sliding_window\":true",
-                "sliding",
-            ),
-            (
-                "\"hidden_act\"",
-                "\"attention_bias\":true,\"hidden_act\"",
-                "attention_bias",
-            ),
-        ] {
-            let e = ModelConfig::from_json_str(&s.replace(from, to)).unwrap_err();
-            assert!(e.contains(needle), "{e}");
-        }
+            )
+            .replace(
+                "\"sliding_window\":32768",
+                "\"sliding_window\":16,\"max_window_layers\":20",
+            );
+        let w = ModelConfig::from_json_str(&windowed)
+            .unwrap()
+            .sliding_windows;
+        let mut expected = vec![None; 20];
+        expected.extend([Some(16); 4]);
+        assert_eq!(w, expected);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub fn silu<T: Float>(x: T) -> T {
 pub fn silu_mul_in_place<T: Float>(gate: &mut [T], up: &[T]) {
     assert_eq!(gate.len(), up.len());
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = (silu(*g).round() * u).round();
+        *g = (silu(*g).to_act_dtype() * u).to_act_dtype();
     }
 }
 

@@ -107,7 +107,7 @@ pub fn attention<T: Float>(
                     continue;
                 }
                 let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
-                *r = (super::matmul::dot(qv, kr).round() * scale).round();
+                *r = (super::matmul::dot(qv, kr).to_act_dtype() * scale).to_act_dtype();
                 if *r > max {
                     max = *r;
                 }
@@ -122,7 +122,7 @@ pub fn attention<T: Float>(
                 }
                 for r in row.iter_mut().take(visible) {
                     *r = if sum > T::ZERO {
-                        (*r / sum).round()
+                        (*r / sum).to_act_dtype()
                     } else {
                         T::ZERO
                     };
@@ -140,7 +140,7 @@ pub fn attention<T: Float>(
                 }
             }
             for oi in o.iter_mut() {
-                *oi = oi.round();
+                *oi = oi.to_act_dtype();
             }
             if let Some(p) = p_head.as_deref_mut() {
                 p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
@@ -367,7 +367,8 @@ mod tests {
                 (0..n)
                     .map(|_| {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                        T::from_f64(3.0 * ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5)).round()
+                        T::from_f64(3.0 * ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5))
+                            .to_act_dtype()
                     })
                     .collect()
             };

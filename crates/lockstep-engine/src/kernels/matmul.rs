@@ -168,7 +168,7 @@ fn linear_min_n<T: Float>(
         });
 }
 
-/// `o[j] = (o[j] + bias[j]).round()`: for [`Bf16`], a branch-free copy of its rounding that
+/// `o[j] = (o[j] + bias[j]).to_act_dtype()`: for [`Bf16`], a branch-free copy of its rounding that
 /// vectorizes (the scalar `half` call took longer than the AMX sums themselves).
 fn finish<T: Float>(o: &mut [T], bias: Option<&[T]>) {
     if TypeId::of::<T>() == TypeId::of::<Bf16>() {
@@ -185,7 +185,7 @@ fn finish<T: Float>(o: &mut [T], bias: Option<&[T]>) {
         return;
     }
     for (j, o) in o.iter_mut().enumerate() {
-        *o = (*o + bias.map_or(T::ZERO, |b| b[j])).round();
+        *o = (*o + bias.map_or(T::ZERO, |b| b[j])).to_act_dtype();
     }
 }
 
@@ -339,7 +339,7 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
             for i in 0..k {
                 s += x[t * k + i] * wd[j * k + i];
             }
-            out[t * m + j] = (s + bias.map_or(T::ZERO, |b| b[j])).round();
+            out[t * m + j] = (s + bias.map_or(T::ZERO, |b| b[j])).to_act_dtype();
         }
     }
     out
@@ -422,12 +422,12 @@ pub(crate) mod tests {
                 f64::decode(w.dtype, w.bytes(), &mut wd);
                 let b: Vec<T> = pseudo(m, 3)
                     .iter()
-                    .map(|&v| T::from_f64(v as f64).round())
+                    .map(|&v| T::from_f64(v as f64).to_act_dtype())
                     .collect();
                 for n in [1, 3, 17] {
                     let x: Vec<T> = pseudo(n * k, 2)
                         .iter()
-                        .map(|&v| T::from_f64(v as f64).round())
+                        .map(|&v| T::from_f64(v as f64).to_act_dtype())
                         .collect();
                     for bias in [None, Some(&b[..])] {
                         let r = linear_reference(&x, n, &w, bias);
@@ -443,7 +443,7 @@ pub(crate) mod tests {
                                     bias.map(|b| b[j]),
                                 );
                                 let tol = rel * scale
-                                    + (c.to_f64() - c.round().to_f64()).abs()
+                                    + (c.to_f64() - c.to_act_dtype().to_f64()).abs()
                                     + if T::PRECISION == Precision::BF16 {
                                         c.to_f64().abs() / 128.0
                                     } else {
@@ -517,7 +517,7 @@ pub(crate) mod tests {
 
     /// The AMX path (forced from one token) against [`linear_reference`], Bf16 compute on BF16
     /// weights, with row, token and `k` tails (m, n, k not multiples of 16/16/32) and `k` over
-    /// several chunks: raw sums within f32 reordering error, so after the bf16 `.round()` one
+    /// several chunks: raw sums within f32 reordering error, so after the bf16 `.to_act_dtype()` one
     /// bf16 ulp at most (plus the reordering error near a rounding boundary).
     #[test]
     fn amx_matches_reference() {
@@ -538,9 +538,15 @@ pub(crate) mod tests {
             let (_d, w) = tensor_from(&pseudo(m * k, 1), vec![m, k], safetensors::Dtype::BF16);
             let mut wd = vec![0f64; m * k];
             f64::decode(w.dtype, w.bytes(), &mut wd);
-            let b: Vec<Bf16> = pseudo(m, 3).iter().map(|&v| Bf16(v).round()).collect();
+            let b: Vec<Bf16> = pseudo(m, 3)
+                .iter()
+                .map(|&v| Bf16(v).to_act_dtype())
+                .collect();
             for n in [1, 3, 16, 17, 33, 64] {
-                let x: Vec<Bf16> = pseudo(n * k, 2).iter().map(|&v| Bf16(v).round()).collect();
+                let x: Vec<Bf16> = pseudo(n * k, 2)
+                    .iter()
+                    .map(|&v| Bf16(v).to_act_dtype())
+                    .collect();
                 for bias in [None, Some(&b[..])] {
                     let r = linear_reference(&x, n, &w, bias);
                     let mut out = vec![Bf16(f32::NAN); n * m];
@@ -566,7 +572,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// The AMX path's raw f32 sums (no bias, no `.round()`: f32 compute on the same bf16
+    /// The AMX path's raw f32 sums (no bias, no `.to_act_dtype()`: f32 compute on the same bf16
     /// values would differ, so this compares the packed sums directly) within 1e-5 of the
     /// magnitude of the dot.
     #[cfg(target_arch = "x86_64")]
@@ -582,7 +588,7 @@ pub(crate) mod tests {
             f64::decode(w.dtype, w.bytes(), &mut wd);
             let x: Vec<f32> = pseudo(n * k, 6)
                 .iter()
-                .map(|&v| Bf16(v).round().0)
+                .map(|&v| Bf16(v).to_act_dtype().0)
                 .collect();
             let p = amx::Packed::new(&x, n, k);
             let mut out = vec![f32::NAN; n * m];
@@ -625,7 +631,7 @@ pub(crate) mod tests {
                 let (_d, w) = tensor_from(&pseudo(m * k, 8), vec![m, k], dtype);
                 let n = 17;
                 let x: Vec<f32> = pseudo(n * k, 9);
-                let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v).round()).collect();
+                let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v).to_act_dtype()).collect();
                 for &kernel in &kernels {
                     let mut all = vec![0f32; n * m];
                     linear_with(kernel, &x, n, &w, None, &mut all);

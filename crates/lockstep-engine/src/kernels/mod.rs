@@ -62,7 +62,7 @@ pub trait Float:
     /// Rounds to the activation dtype: bf16 for [`Bf16`], the identity otherwise. Kernels call it
     /// exactly where PyTorch materializes a tensor in the model dtype.
     #[inline(always)]
-    fn round(self) -> Self {
+    fn to_act_dtype(self) -> Self {
         self
     }
     /// Decodes little-endian values stored as `dtype` into `out` (`out.len()` elements).
@@ -122,7 +122,7 @@ impl Float for f32 {
 }
 
 /// bf16 activations: values held in an `f32` (arithmetic in f32, as PyTorch's bf16 kernels
-/// accumulate in f32) and rounded to bf16 by [`Float::round`] at the model's rounding points.
+/// accumulate in f32) and rounded to bf16 by [`Float::to_act_dtype`] at the model's rounding points.
 ///
 /// `repr(transparent)`: a `[Bf16]` may be read as the `[f32]` it holds (the matmul kernels do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
@@ -178,7 +178,7 @@ impl Float for Bf16 {
         Bf16(self.0.sqrt())
     }
     #[inline(always)]
-    fn round(self) -> Self {
+    fn to_act_dtype(self) -> Self {
         Bf16(half::bf16::from_f32(self.0).to_f32())
     }
     fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
@@ -186,9 +186,9 @@ impl Float for Bf16 {
         // `from_pretrained(dtype=torch.bfloat16)` does (BF16 ones are bf16 values already).
         let from32 = match dtype {
             StoredDtype::BF16 => Bf16,
-            _ => |x| Bf16(x).round(),
+            _ => |x| Bf16(x).to_act_dtype(),
         };
-        decode_with(dtype, bytes, out, from32, |x| Bf16(x as f32).round())
+        decode_with(dtype, bytes, out, from32, |x| Bf16(x as f32).to_act_dtype())
     }
     fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
         lockstep_trace::TensorData::F32(v.into_iter().map(|x| x.0).collect())
@@ -245,7 +245,7 @@ pub fn decode_vec<T: Float>(t: &crate::weights::Tensor) -> Vec<T> {
 pub fn add_in_place<T: Float>(a: &mut [T], b: &[T]) {
     assert_eq!(a.len(), b.len());
     for (x, &y) in a.iter_mut().zip(b) {
-        *x = (*x + y).round();
+        *x = (*x + y).to_act_dtype();
     }
 }
 

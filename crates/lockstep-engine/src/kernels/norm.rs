@@ -72,7 +72,7 @@ pub fn rms_norm_with<T: Float>(x: &[T], weight: &[T], eps: f64, math: RmsNormMat
             }
         };
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = (w * (v * inv).round()).round();
+            *o = (w * (v * inv).to_act_dtype()).to_act_dtype();
         }
     }
 }
@@ -177,8 +177,8 @@ mod tests {
         );
         // bf16: the output is rounded to bf16 anyway, so the fault moves some elements by a
         // bf16 ulp and leaves others alone.
-        let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v as f32).round()).collect();
-        let wb: Vec<Bf16> = w.iter().map(|&v| Bf16(v as f32).round()).collect();
+        let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v as f32).to_act_dtype()).collect();
+        let wb: Vec<Bf16> = w.iter().map(|&v| Bf16(v as f32).to_act_dtype()).collect();
         let mut careful = vec![Bf16(0.0); x.len()];
         let mut faulty = vec![Bf16(0.0); x.len()];
         rms_norm(&xb, &wb, 1e-6, &mut careful);

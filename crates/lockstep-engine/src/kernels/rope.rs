@@ -396,8 +396,8 @@ impl<T: Float> RopeTable<T> {
                             a = round_bf16(a);
                         }
                         let att = attention as f32;
-                        cos.push(T::from_f64((a.cos() * att) as f64).round());
-                        sin.push(T::from_f64((a.sin() * att) as f64).round());
+                        cos.push(T::from_f64((a.cos() * att) as f64).to_act_dtype());
+                        sin.push(T::from_f64((a.sin() * att) as f64).to_act_dtype());
                     }
                 }
             }
@@ -425,8 +425,10 @@ impl<T: Float> RopeTable<T> {
                     };
                     let (x1, x2) = (head[a], head[b]);
                     // q*cos + rotate_half(q)*sin, rotate_half(x) = (-x2, x1).
-                    head[a] = ((x1 * cos[i]).round() + ((-x2) * sin[i]).round()).round();
-                    head[b] = ((x2 * cos[i]).round() + (x1 * sin[i]).round()).round();
+                    head[a] = ((x1 * cos[i]).to_act_dtype() + ((-x2) * sin[i]).to_act_dtype())
+                        .to_act_dtype();
+                    head[b] = ((x2 * cos[i]).to_act_dtype() + (x1 * sin[i]).to_act_dtype())
+                        .to_act_dtype();
                 }
             }
         }
