@@ -203,16 +203,13 @@ fn selftest_detects_and_localizes_every_fault() {
     for (tier, table) in ["f64", "f32", "bf16"].iter().zip(&tables) {
         assert!(table.starts_with(tier), "{table}");
         for f in lockstep_engine::Fault::ALL {
-            if !f.applies_to(&config) {
-                assert!(!table.contains(&format!("| {f} |")), "{table}");
-                continue;
-            }
             let row = table
                 .lines()
                 .find(|l| l.starts_with(&format!("| {f} |")))
                 .unwrap_or_else(|| panic!("no row for {f} in {tier}"));
             if !f.applies_to(&config) {
-                // A window off by one cannot change a model without a sliding window.
+                // A fault that cannot change this model (a window off by one without a window, a
+                // q/k-norm or RoPE-scaling fault without those) is listed, never run.
                 assert!(row.ends_with("| not applicable to this model |"), "{row}");
                 continue;
             }
