@@ -412,6 +412,8 @@ fn tensor_shape_disagrees_with_config() {
     let m = model_copy("shape-layers");
     edit_config(&m, |c| {
         c.insert("num_hidden_layers".into(), json!(3));
+        // transformers' config requires one layer type per layer.
+        c.insert("layer_types".into(), json!(vec!["full_attention"; 3]));
     });
     trace_fails(&m, &TOKENS, &["model.layers.2.", "missing"]);
 }
@@ -459,10 +461,10 @@ fn invalid_config() {
         (
             "unsupported architecture",
             Box::new(|c| {
-                c.insert("architectures".into(), json!(["MistralForCausalLM"]));
-                c.insert("model_type".into(), json!("mistral"));
+                c.insert("architectures".into(), json!(["GemmaForCausalLM"]));
+                c.insert("model_type".into(), json!("gemma"));
             }),
-            &["config.json", "architecture", "MistralForCausalLM"],
+            &["config.json", "architecture", "GemmaForCausalLM"],
         ),
         (
             "rope_parameters longrope",
@@ -488,11 +490,15 @@ fn invalid_config() {
             &["config.json", "llama3", "high_freq_factor"],
         ),
         (
-            "sliding window on",
+            "sliding layers with the window off (transformers fails building their mask)",
             Box::new(|c| {
-                c.insert("use_sliding_window".into(), json!(true));
+                c.insert("use_sliding_window".into(), json!(false));
+                c.insert(
+                    "layer_types".into(),
+                    json!(["sliding_attention", "full_attention"]),
+                );
             }),
-            &["sliding"],
+            &["config.json", "sliding"],
         ),
         (
             "heads not a multiple of kv heads",
@@ -555,6 +561,8 @@ fn huge_layer_count_does_not_abort() {
     let m = model_copy("config-many-layers");
     edit_config(&m, |c| {
         c.insert("num_hidden_layers".into(), json!(100_000_000u64));
+        // Without layer_types (v4 configs): a per-layer list would be refused for its length.
+        c.remove("layer_types");
     });
     trace_fails(&m, &TOKENS, &["model.layers.2.", "missing"]);
 }
