@@ -560,11 +560,16 @@ fn huge_layer_count_does_not_abort() {
     }
     let m = model_copy("config-many-layers");
     edit_config(&m, |c| {
-        c.insert("num_hidden_layers".into(), json!(100_000_000u64));
+        c.insert("num_hidden_layers".into(), json!(40_000u64));
         // Without layer_types (v4 configs): a per-layer list would be refused for its length.
         c.remove("layer_types");
     });
     trace_fails(&m, &TOKENS, &["model.layers.2.", "missing"]);
+    // Beyond any real model: refused by the config itself.
+    edit_config(&m, |c| {
+        c.insert("num_hidden_layers".into(), json!(100_000_000u64));
+    });
+    trace_fails(&m, &TOKENS, &["num_hidden_layers", "beyond"]);
 }
 
 #[test]

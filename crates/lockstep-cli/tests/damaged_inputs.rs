@@ -310,7 +310,7 @@ fn cases() -> Vec<Case> {
                     &[],
                 )
             },
-            "MemAvailable",
+            "num_hidden_layers",
         ),
         // tokenizer.json
         c(
@@ -603,8 +603,21 @@ fn ctrl_c_during_a_trace_leaves_no_file() {
     let m = fixtures().join("models/smollm2-135m-instruct");
     assert!(m.is_dir(), "fixture {} missing", m.display());
     let out = root.join("out.safetensors");
-    let ids: Vec<String> = (0..256).map(|i| (i % 2000).to_string()).collect();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    // 512 tokens in f64 take seconds even with the SIMD kernels; the signal comes at 400 ms,
+    // while the model loads or the forward runs.
+    let ids: Vec<String> = (0..512).map(|i| (i % 2000).to_string()).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    // A test run started in the background (`cmd &`, nohup) ignores SIGINT, and the child would
+    // inherit that: give it the default disposition, as a terminal's Ctrl-C finds it.
+    // SAFETY: `signal` is async-signal-safe, the only call between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .args([
             "trace",
             "--model",
@@ -619,7 +632,7 @@ fn ctrl_c_during_a_trace_leaves_no_file() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(400));
     let killed = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -286,7 +286,12 @@ impl ModelConfig {
                 cfg.num_layers, cfg.intermediate_size, cfg.vocab_size
             ));
         }
-        // After the size check: one entry per layer.
+        // Per-layer settings are held per layer: bound the count by any real model's first.
+        if num_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {num_layers} is beyond any real model (at most {MAX_LAYERS} accepted)"
+            ));
+        }
         cfg.sliding_windows = layer_windows(&v, num_layers)?;
         Ok(cfg)
     }
@@ -343,6 +348,10 @@ impl ModelConfig {
         self.checked_parameter_count().unwrap_or(usize::MAX)
     }
 }
+
+/// The most decoder layers a config may declare (the largest real models have ~130): per-layer
+/// settings are allocated per layer, so the count is bounded before anything is.
+pub const MAX_LAYERS: usize = 1 << 16;
 
 /// The range of `rope_theta` accepted: finite, at least 1 (no inverse frequency above 1) and
 /// at most 1e15.
