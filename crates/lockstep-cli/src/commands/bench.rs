@@ -9,11 +9,11 @@
 //! of a buffer much larger than the caches, best of a few passes).
 
 use super::common::DtypeArg;
-use super::generate::{preload, Loaded};
+use super::generate::{generate_rows, preload};
 use crate::cli_error::{CliError, CliResult};
-use lockstep_engine::generate::{generate_batch, GenerateOptions, Generation};
+use lockstep_engine::generate::GenerateOptions;
 use lockstep_engine::sampling::SamplingParams;
-use lockstep_engine::{Bf16, Float, Model};
+use lockstep_engine::Model;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -155,33 +155,6 @@ fn prompts(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One greedy batch generation in `dtype`.
-fn run_once(
-    l: &Loaded,
-    dtype: DtypeArg,
-    prompts: &[Vec<u32>],
-    opts: &GenerateOptions,
-) -> CliResult<Vec<Generation>> {
-    fn go<T: Float>(
-        l: &Loaded,
-        prompts: &[Vec<u32>],
-        opts: &GenerateOptions,
-    ) -> CliResult<Vec<Generation>> {
-        Ok(generate_batch::<T>(
-            &l.model,
-            &l.tokenizer,
-            prompts,
-            opts,
-            |_, _| {},
-        )?)
-    }
-    match dtype {
-        DtypeArg::F64 => go::<f64>(l, prompts, opts),
-        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts),
-        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts),
-    }
-}
-
 /// Runs `bench`.
 pub fn run(a: Args) -> CliResult<ExitCode> {
     if a.prompt_tokens == 0 || a.new_tokens < 2 || a.batch == 0 || a.repeat == 0 {
@@ -225,7 +198,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     );
     let (mut prefill, mut decode, mut steps_s) = (vec![], vec![], vec![]);
     for r in 0..a.repeat {
-        let g = run_once(&l, a.dtype, &prompts, &opts)?;
+        let g = generate_rows(&l, a.dtype, &prompts, &opts)?;
         let g0 = &g[0];
         let p = rate(a.batch * a.prompt_tokens, g0.prefill_s);
         let steps = rate(g0.decode_steps, g0.decode_s);

@@ -479,13 +479,13 @@ fn sampling_json(opts: &GenerateOptions) -> serde_json::Value {
     })
 }
 
-/// Generates a batch of prompts together and prints each row's text when all are done.
-fn run_batch(
-    a: &Args,
+/// One batch generation of `prompts` in `dtype` (no streaming): each row's [`Generation`].
+pub fn generate_rows(
     l: &Loaded,
+    dtype: DtypeArg,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-) -> CliResult<ExitCode> {
+) -> CliResult<Vec<Generation>> {
     fn go<T: Float>(
         l: &Loaded,
         prompts: &[Vec<u32>],
@@ -499,11 +499,21 @@ fn run_batch(
             |_, _| {},
         )?)
     }
-    let rows = match a.sampling.dtype {
-        DtypeArg::F64 => go::<f64>(l, prompts, opts)?,
-        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts)?,
-        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts)?,
-    };
+    match dtype {
+        DtypeArg::F64 => go::<f64>(l, prompts, opts),
+        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts),
+        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts),
+    }
+}
+
+/// Generates a batch of prompts together and prints each row's text when all are done.
+fn run_batch(
+    a: &Args,
+    l: &Loaded,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> CliResult<ExitCode> {
+    let rows = generate_rows(l, a.sampling.dtype, prompts, opts)?;
     if !a.json {
         for (i, g) in rows.iter().enumerate() {
             println!("[{i}] {}", g.text);
