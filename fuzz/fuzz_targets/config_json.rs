@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = c.parameter_count();
             let _ = GenerationDefaults::from_json_str(text, &c);
         }
-        Err(e) => assert!(!e.contains('\n') || e.contains("JSON"), "{e}"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(!e.contains('\n') || e.contains("JSON"), "{e}")
+        }
     }
 });

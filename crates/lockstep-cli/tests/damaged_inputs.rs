@@ -303,6 +303,23 @@ fn cases() -> Vec<Case> {
             "KV cache",
         ),
         c(
+            "verify-kv-cache-cannot-fit",
+            |d| {
+                let m = with_config(d, "max_position_embeddings", json!(1_000_000_000_000u64));
+                let m = p(&m);
+                args(&[
+                    "verify",
+                    "--model",
+                    &m,
+                    "--dtype",
+                    "f32",
+                    "--generate-tokens",
+                    "100000000000",
+                ])
+            },
+            "KV cache",
+        ),
+        c(
             "config-billion-layers",
             |d| {
                 generate(

@@ -8,6 +8,8 @@ use crate::kernels::rope::RopeScaling;
 use serde_json::Value;
 use std::path::Path;
 
+pub mod json;
+pub use json::{ConfigError, Fields};
 mod windows;
 pub use windows::layer_windows;
 mod rope;
@@ -112,41 +114,20 @@ impl ModelConfig {
                 }
             }
         })?;
-        Self::from_json_str(&text).map_err(|msg| EngineError::Config {
+        Self::from_json_str(&text).map_err(|source| EngineError::ConfigFile {
             path: path.to_path_buf(),
-            msg,
+            source,
         })
     }
 
-    /// Parses and validates config.json text; the error is a one-line message.
-    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        let obj = v.as_object().ok_or("expected a JSON object")?;
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        let usize_key = |k: &str| -> std::result::Result<usize, String> {
-            let x = get(k).ok_or_else(|| format!("missing required key '{k}'"))?;
-            x.as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| format!("'{k}' must be a positive integer, got {x}"))
-        };
-        let f64_key = |k: &str| -> std::result::Result<Option<f64>, String> {
-            match get(k) {
-                None => Ok(None),
-                Some(x) => x
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| format!("'{k}' must be a number, got {x}")),
-            }
-        };
-        let bool_key = |k: &str, default: bool| -> std::result::Result<bool, String> {
-            match get(k) {
-                None => Ok(default),
-                Some(x) => x
-                    .as_bool()
-                    .ok_or_else(|| format!("'{k}' must be true or false, got {x}")),
-            }
-        };
+    /// Parses and validates config.json text; the error is one line.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, ConfigError> {
+        let v = json::parse(text)?;
+        let fields = Fields::of(&v)?;
+        let get = |k: &str| fields.get(k);
+        let usize_key = |k: &str| fields.positive(k);
+        let f64_key = |k: &str| fields.number(k);
+        let bool_key = |k: &str, default: bool| fields.flag_or(k, default);
 
         let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
         let archs: Vec<&str> = get("architectures")
@@ -168,9 +149,9 @@ impl ModelConfig {
         {
             Architecture::Mistral
         } else {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM and Qwen3ForCausalLM"
-            ));
+            )));
         };
 
         let hidden_size = usize_key("hidden_size")?;
@@ -180,30 +161,34 @@ impl ModelConfig {
             Some(_) => usize_key("num_key_value_heads")?,
         };
         if num_heads % num_kv_heads != 0 {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
-            ));
+            )));
         }
         let head_dim = match get("head_dim") {
             // Qwen3Config's default, whatever hidden_size / num_attention_heads is.
             None if arch == Architecture::Qwen3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
-                    return Err(format!(
+                    return Err(ConfigError::from(format!(
                         "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"
-                    ));
+                    )));
                 }
                 hidden_size / num_heads
             }
             Some(_) => usize_key("head_dim")?,
         };
         if head_dim % 2 != 0 {
-            return Err(format!("head_dim must be even for RoPE, got {head_dim}"));
+            return Err(ConfigError::from(format!(
+                "head_dim must be even for RoPE, got {head_dim}"
+            )));
         }
 
         if let Some(act) = get("hidden_act") {
             if act.as_str() != Some("silu") {
-                return Err(format!("hidden_act {act} is not supported (only \"silu\")"));
+                return Err(ConfigError::from(format!(
+                    "hidden_act {act} is not supported (only \"silu\")"
+                )));
             }
         }
 
@@ -212,27 +197,27 @@ impl ModelConfig {
             None => 32768,
             Some(_) => usize_key("max_position_embeddings")?,
         };
-        let rope = rope::parse(obj, max_position_embeddings)?;
+        let rope = rope::parse(fields.map(), max_position_embeddings)?;
         let rope_theta = rope.theta;
         // Below 1 the inverse frequencies exceed 1 and grow without bound (1e-300 gives inf and
         // NaN angles); real checkpoints use 1e4 to 1e8.
         if !(ROPE_THETA_RANGE.0..=ROPE_THETA_RANGE.1).contains(&rope_theta) {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "rope_theta must be a finite number in [{:e}, {:e}], got {rope_theta:e}",
                 ROPE_THETA_RANGE.0, ROPE_THETA_RANGE.1
-            ));
+            )));
         }
         let rms_norm_eps = f64_key("rms_norm_eps")?.unwrap_or(1e-6);
         // 0 makes an all-zero row 0 * inf = NaN; real checkpoints use 1e-6 or 1e-5.
         if !(rms_norm_eps > 0.0 && rms_norm_eps <= 1.0) {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "rms_norm_eps must be a finite number in (0, 1], got {rms_norm_eps}"
-            ));
+            )));
         }
 
         let num_layers = usize_key("num_hidden_layers")?;
         if bool_key("mlp_bias", false)? {
-            return Err("mlp_bias: true is not implemented".into());
+            return Err(ConfigError::from("mlp_bias: true is not implemented"));
         }
         let qkv_bias = match arch {
             Architecture::Qwen2 => true,
@@ -240,7 +225,7 @@ impl ModelConfig {
             Architecture::Mistral => false,
             Architecture::Qwen3 => {
                 if bool_key("attention_bias", false)? {
-                    return Err("Qwen3 with attention_bias: true (biases on q/k/v and o_proj) is not implemented".into());
+                    return Err(ConfigError::from("Qwen3 with attention_bias: true (biases on q/k/v and o_proj) is not implemented"));
                 }
                 false
             }
@@ -251,9 +236,7 @@ impl ModelConfig {
             // pretraining_tp > 1 only changes summation order in HF; accepted.
         }
 
-        let ids = |k: &str| -> std::result::Result<Vec<u32>, String> {
-            token_ids(get(k)).map_err(|m| format!("'{k}' {m}"))
-        };
+        let ids = |k: &str| fields.token_ids(k);
 
         let mut cfg = ModelConfig {
             arch,
@@ -281,16 +264,16 @@ impl ModelConfig {
         // Sizes whose products overflow would otherwise wrap (or make allocations panic) before
         // any tensor is compared against them.
         if cfg.checked_parameter_count().is_none() {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "sizes are impossibly large: the parameter count they imply overflows (num_hidden_layers {}, hidden_size {hidden_size}, intermediate_size {}, num_attention_heads {num_heads}, head_dim {head_dim}, vocab_size {})",
                 cfg.num_layers, cfg.intermediate_size, cfg.vocab_size
-            ));
+            )));
         }
         // Per-layer settings are held per layer: bound the count by any real model's first.
         if num_layers > MAX_LAYERS {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "num_hidden_layers {num_layers} is beyond any real model (at most {MAX_LAYERS} accepted)"
-            ));
+            )));
         }
         cfg.sliding_windows = layer_windows(&v, num_layers)?;
         Ok(cfg)
@@ -356,23 +339,6 @@ pub const MAX_LAYERS: usize = 1 << 16;
 /// The range of `rope_theta` accepted: finite, at least 1 (no inverse frequency above 1) and
 /// at most 1e15.
 pub const ROPE_THETA_RANGE: (f64, f64) = (1.0, 1e15);
-
-/// Token ids from a config value: one integer, a list of them, or nothing (absent or null). An id
-/// that is not a non-negative integer within u32 is an error (never truncated).
-pub fn token_ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
-    let one = |x: &Value| -> std::result::Result<u32, String> {
-        x.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| {
-                format!("holds {x}, which is not a token id (an integer in 0..=4294967295)")
-            })
-    };
-    match v {
-        None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(a)) => a.iter().filter(|x| !x.is_null()).map(one).collect(),
-        Some(x) => Ok(vec![one(x)?]),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -454,14 +420,16 @@ mod tests {
             ),
         ] {
             let s = QWEN.replace(from, to);
-            let e = ModelConfig::from_json_str(&s).unwrap_err();
+            let e = ModelConfig::from_json_str(&s).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
         }
         assert!(ModelConfig::from_json_str("{")
             .unwrap_err()
+            .to_string()
             .contains("JSON"));
-        let e =
-            ModelConfig::from_json_str(&QWEN.replace("\"vocab_size\":151936,", "")).unwrap_err();
+        let e = ModelConfig::from_json_str(&QWEN.replace("\"vocab_size\":151936,", ""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vocab_size"), "{e}");
     }
 
@@ -479,7 +447,8 @@ mod tests {
         let e = ModelConfig::from_json_str(
             &s.replace("\"hidden_act\"", "\"attention_bias\":true,\"hidden_act\""),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("attention_bias"), "{e}");
         // Qwen3's sliding window: Qwen2's keys (layers from max_window_layers).
         let windowed = s
@@ -548,7 +517,8 @@ mod tests {
             "\"use_sliding_window\":true",
             "\"use_sliding_window\":false",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("no sliding window"), "{e}");
         for (from, to, needle) in [
             (
@@ -563,7 +533,9 @@ mod tests {
                 "positive integer",
             ),
         ] {
-            let e = ModelConfig::from_json_str(&typed.replacen(from, to, 1)).unwrap_err();
+            let e = ModelConfig::from_json_str(&typed.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{e}");
         }
     }
@@ -614,7 +586,7 @@ mod tests {
             ("eos_token_id", "[1, -2]", "not a token id"),
             ("bos_token_id", "\"<s>\"", "not a token id"),
         ] {
-            let e = with(k, v).unwrap_err();
+            let e = with(k, v).unwrap_err().to_string();
             assert!(e.contains(says), "{k}={v}: {e}");
         }
         assert_eq!(

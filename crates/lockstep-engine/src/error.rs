@@ -29,6 +29,16 @@ pub enum EngineError {
         /// What is wrong.
         msg: String,
     },
+    /// config.json or generation_config.json is not valid (a typed [`ConfigError`]).
+    ///
+    /// [`ConfigError`]: crate::config::ConfigError
+    #[error("{path}: {source}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: crate::config::ConfigError,
+    },
     /// A safetensors file is damaged (truncated, corrupt header, bad offsets).
     #[error("{path}: invalid safetensors file: {msg}")]
     Safetensors {
@@ -71,6 +81,9 @@ pub enum EngineError {
     /// generation step chooses from); the message says where it first appears.
     #[error("{0}")]
     NonFinite(String),
+    /// A sampling setting is out of range.
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::InvalidSampling),
     /// Writing a trace failed.
     #[error(transparent)]
     Trace(#[from] lockstep_trace::TraceError),

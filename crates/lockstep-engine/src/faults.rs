@@ -246,17 +246,22 @@ impl fmt::Display for Fault {
     }
 }
 
+/// A fault name that names no fault; the message lists the known ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown fault '{name}' (known: {})", Fault::ALL.map(|f| f.name()).join(", "))]
+pub struct UnknownFault {
+    /// The name given.
+    pub name: String,
+}
+
 impl FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFault;
+    fn from_str(s: &str) -> Result<Self, UnknownFault> {
         Fault::ALL
             .iter()
             .copied()
             .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Fault::ALL.iter().map(|f| f.name()).collect();
-                format!("unknown fault '{s}' (known: {})", names.join(", "))
-            })
+            .ok_or_else(|| UnknownFault { name: s.into() })
     }
 }
 
@@ -282,6 +287,7 @@ mod tests {
         assert!("softmax-f16"
             .parse::<Fault>()
             .unwrap_err()
+            .to_string()
             .contains("softmax-bf16"));
     }
 }

@@ -5,7 +5,7 @@
 //! last position (cast to float32), the repetition penalty if any, then argmax; an EOS id ends the
 //! generation and is part of the returned ids.
 
-use crate::config::ModelConfig;
+use crate::config::{ConfigError, Fields, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels::Float;
 use crate::model::{BatchKvCache, KvCache, LogitsFor, Model, PaddedBatch};
@@ -13,7 +13,6 @@ use crate::observer::{Observer, TapView};
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
-use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
 
@@ -43,10 +42,12 @@ impl GenerationDefaults {
         }
         let path = dir.join("generation_config.json");
         match std::fs::read_to_string(&path) {
-            Ok(text) => Self::from_json_str(&text, config).map_err(|msg| EngineError::Config {
-                path: path.clone(),
-                msg,
-            }),
+            Ok(text) => {
+                Self::from_json_str(&text, config).map_err(|source| EngineError::ConfigFile {
+                    path: path.clone(),
+                    source,
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(Self::from_model_config(config))
             }
@@ -66,32 +67,18 @@ impl GenerationDefaults {
     }
 
     /// Parses generation_config.json text; unset or null keys keep transformers' defaults.
-    pub fn from_json_str(text: &str, config: &ModelConfig) -> std::result::Result<Self, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        let obj = v.as_object().ok_or("expected a JSON object")?;
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        let num = |k: &str| -> std::result::Result<Option<f64>, String> {
-            get(k)
-                .map(|x| {
-                    x.as_f64()
-                        .ok_or_else(|| format!("'{k}' must be a number, got {x}"))
-                })
-                .transpose()
-        };
-        let count = |k: &str| -> std::result::Result<Option<usize>, String> {
-            get(k)
-                .map(|x| {
-                    x.as_u64()
-                        .map(|n| n as usize)
-                        .ok_or_else(|| format!("'{k}' must be a non-negative integer, got {x}"))
-                })
-                .transpose()
-        };
+    pub fn from_json_str(
+        text: &str,
+        config: &ModelConfig,
+    ) -> std::result::Result<Self, ConfigError> {
+        let v = crate::config::json::parse(text)?;
+        let fields = Fields::of(&v)?;
+        let get = |k: &str| fields.get(k);
+        let num = |k: &str| fields.number(k);
+        let count = |k: &str| fields.count(k);
         let mut s = SamplingParams::default();
-        if let Some(x) = get("do_sample") {
-            s.do_sample = x
-                .as_bool()
-                .ok_or_else(|| format!("'do_sample' must be true or false, got {x}"))?;
+        if let Some(x) = fields.flag("do_sample")? {
+            s.do_sample = x;
         }
         if let Some(t) = num("temperature")? {
             s.temperature = t as f32;
@@ -107,10 +94,7 @@ impl GenerationDefaults {
             s.repetition_penalty = r as f32;
         }
         let (eos_token_ids, source) = match get("eos_token_id") {
-            Some(v) => (
-                crate::config::token_ids(Some(v)).map_err(|m| format!("'eos_token_id' {m}"))?,
-                "generation_config.json",
-            ),
+            Some(_) => (fields.token_ids("eos_token_id")?, "generation_config.json"),
             None => (config.eos_token_ids.clone(), "config.json"),
         };
         Ok(GenerationDefaults {
@@ -312,7 +296,7 @@ pub fn generate_batch<T: Float>(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
-    opts.sampling.validate().map_err(EngineError::Input)?;
+    opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(EngineError::Input("no prompts to generate from".into()));
     }
@@ -730,6 +714,7 @@ mod tests {
         assert!(
             GenerationDefaults::from_json_str(r#"{"temperature": "hot"}"#, &cfg())
                 .unwrap_err()
+                .to_string()
                 .contains("temperature")
         );
     }

@@ -19,6 +19,11 @@ pub struct MemoryEstimate {
     pub kv_cache: u64,
     /// The largest activations of a prefill.
     pub activations: u64,
+    /// Traces held at once by `verify` (0 for other runs).
+    pub traces: u64,
+    /// The Python reference's process (its model, as `verify` runs it; 0 for other runs). It
+    /// runs in its own phases, so [`Self::total`] counts the larger of it and lockstep's side.
+    pub reference: u64,
 }
 
 /// What a run asks for, besides the model.
@@ -54,38 +59,97 @@ impl MemoryEstimate {
             weights,
             kv_cache: clamp(kv_cache),
             activations: clamp(activations),
+            traces: 0,
+            reference: 0,
         }
     }
 
-    /// Everything together.
+    /// The estimate for `lockstep verify` on `config` run as `run` (its longest input, the
+    /// finest tier's value size): the engine's run, plus every tap of that input held three times
+    /// at f64 (lockstep's trace, the reference's and the oracle's are compared together: hidden
+    /// states, q/k/v, MLP intermediates, the attention probabilities and the logits of every
+    /// position), plus the Python reference's model (`reference_bytes_per_param` bytes per
+    /// parameter: 4 for the f32 reference, 2 for bf16; the f64 oracle streams one layer at a time
+    /// and adds one layer at 8 bytes).
+    pub fn for_verify(
+        config: &ModelConfig,
+        weights: u64,
+        run: RunShape,
+        reference_bytes_per_param: u64,
+    ) -> Self {
+        let c = config;
+        let mut e = Self::new(config, weights, run);
+        let pos = run.prompt_len as u128;
+        let qd = (c.num_heads as u128) * (c.head_dim as u128);
+        let kvd = (c.num_kv_heads as u128) * (c.head_dim as u128);
+        let per_layer = 10 * c.hidden_size as u128
+            + 3 * c.intermediate_size as u128
+            + 2 * qd
+            + 2 * kvd
+            + (c.num_heads as u128) * pos;
+        let per_position = (c.num_layers as u128) * per_layer + c.vocab_size as u128;
+        let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+        e.traces = clamp(3 * 8 * per_position * pos);
+        let params = c.parameter_count() as u128;
+        let one_layer = params / (c.num_layers as u128).max(1);
+        e.reference = clamp(params * reference_bytes_per_param as u128 + 8 * one_layer);
+        e
+    }
+
+    /// Everything held at once: lockstep's side (weights, KV cache, activations, traces), or the
+    /// Python reference's model when that is larger (`verify` runs the reference in its own phases,
+    /// not while lockstep's engine computes, so the two are not added).
     pub fn total(&self) -> u64 {
         self.weights
             .saturating_add(self.kv_cache)
             .saturating_add(self.activations)
+            .saturating_add(self.traces)
+            .max(self.reference)
     }
 
     /// One line: the total and its parts, in GiB.
     pub fn describe(&self) -> String {
-        format!(
-            "{} (weights {}, KV cache {}, activations {})",
-            gib(self.total()),
+        let mut parts = format!(
+            "weights {}, KV cache {}, activations {}",
             gib(self.weights),
             gib(self.kv_cache),
             gib(self.activations)
-        )
+        );
+        if self.traces > 0 || self.reference > 0 {
+            parts.push_str(&format!(
+                ", traces {}, the Python reference {}",
+                gib(self.traces),
+                gib(self.reference)
+            ));
+        }
+        format!("{} ({parts})", gib(self.total()))
     }
 
     /// Refuses (one line, with the numbers) when the estimate exceeds `available` bytes.
-    pub fn check(&self, available: u64) -> std::result::Result<(), String> {
+    pub fn check(&self, available: u64) -> std::result::Result<(), OutOfMemory> {
         if self.total() > available {
-            return Err(format!(
-                "this run needs about {} but only {} is available (MemAvailable); lower --max-new-tokens or the batch, use a smaller dtype, or pass --force to try anyway",
-                self.describe(),
-                gib(available)
-            ));
+            return Err(OutOfMemory {
+                needed: *self,
+                available,
+            });
         }
         Ok(())
     }
+}
+
+/// A run refused because its estimate exceeds the memory available; renders as one line with the
+/// numbers and what to change.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "this run needs about {} but only {} is available (MemAvailable); lower --max-new-tokens or the batch, use a smaller dtype, or pass --force to try anyway",
+    needed.describe(),
+    gib(*available)
+)]
+pub struct OutOfMemory {
+    /// The estimate.
+    pub needed: MemoryEstimate,
+    /// Bytes available.
+    pub available: u64,
 }
 
 fn gib(b: u64) -> String {
@@ -205,7 +269,40 @@ mod tests {
         assert_eq!(small.kv_cache, 2 * 2 * 32 * 100 * 2 * 8);
         assert!(small.check(1 << 30).is_ok());
         let huge = MemoryEstimate::new(&c, 1000, run(usize::MAX));
-        let e = huge.check(1 << 30).unwrap_err();
+        let e = huge.check(1 << 30).unwrap_err().to_string();
         assert!(e.contains("KV cache") && e.contains("--force"), "{e}");
+    }
+
+    #[test]
+    fn verify_counts_traces_and_the_larger_of_the_two_sides() {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100}"#,
+        )
+        .unwrap();
+        let run = |prompt_len| RunShape {
+            batch: 2,
+            prompt_len,
+            context: prompt_len + 8,
+            act_bytes: 8,
+        };
+        let plain = MemoryEstimate::new(&c, 1000, run(10));
+        let v = MemoryEstimate::for_verify(&c, 1000, run(10), 4);
+        assert_eq!(
+            (v.weights, v.kv_cache, v.activations),
+            (plain.weights, plain.kv_cache, plain.activations)
+        );
+        // 3 traces x 8 bytes x 10 positions x (2 layers x (640 + 384 + 128 + 64 + 4 x 10) + 100).
+        assert_eq!(
+            v.traces,
+            3 * 8 * 10 * (2 * (640 + 384 + 128 + 64 + 40) + 100)
+        );
+        let params = c.parameter_count() as u64;
+        assert_eq!(v.reference, 4 * params + 8 * (params / 2));
+        assert_eq!(v.total(), (plain.total() + v.traces).max(v.reference));
+        assert!(v.describe().contains("traces") && !plain.describe().contains("traces"));
+        // Attention probabilities grow with the square of the prompt: a million-token input is refused.
+        let long = MemoryEstimate::for_verify(&c, 1000, run(1 << 20), 4);
+        assert!(long.check(64 << 30).is_err());
     }
 }

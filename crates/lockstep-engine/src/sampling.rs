@@ -104,29 +104,47 @@ impl SamplingParams {
     }
 
     /// Checks every value's range; the error is one line naming the flag's meaning.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSampling> {
+        let bad = |param, msg| Err(InvalidSampling { param, msg });
         let t = self.temperature;
         if self.do_sample && !(t > 0.0 && t.is_finite()) {
-            return Err(format!(
-                "temperature must be a positive number when sampling, got {t} (0 means greedy)"
-            ));
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be a positive number when sampling, got {t} (0 means greedy)"
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must lie in (0, 1], got {}", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must lie in (0, 1], got {}", self.top_p),
+            );
         }
         if let Some(m) = self.min_p {
             if !(0.0..=1.0).contains(&m) {
-                return Err(format!("min_p must lie in [0, 1], got {m}"));
+                return bad("min_p", format!("min_p must lie in [0, 1], got {m}"));
             }
         }
         let r = self.repetition_penalty;
         if !(r > 0.0 && r.is_finite()) {
-            return Err(format!(
-                "repetition_penalty must be a positive number, got {r}"
-            ));
+            return bad(
+                "repetition_penalty",
+                format!("repetition_penalty must be a positive number, got {r}"),
+            );
         }
         Ok(())
     }
+}
+
+/// A sampling setting out of range; renders as the one-line message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{msg}")]
+pub struct InvalidSampling {
+    /// The setting (`temperature`, `top_p`, `min_p`, `repetition_penalty`).
+    pub param: &'static str,
+    /// What is wrong, with the value.
+    pub msg: String,
 }
 
 /// `RepetitionPenaltyLogitsProcessor`: every distinct token of `context` gets `s * penalty` when its
@@ -507,7 +525,7 @@ mod tests {
                 "repetition_penalty",
             ),
         ] {
-            assert!(p.validate().unwrap_err().contains(needle));
+            assert!(p.validate().unwrap_err().to_string().contains(needle));
         }
     }
 }

@@ -577,7 +577,8 @@ fn options(
         }
         s.repetition_penalty = r as f32;
     }
-    s.validate().map_err(ApiError::bad_request)?;
+    s.validate()
+        .map_err(|e| ApiError::invalid(e.param, e.msg))?;
     let stop = match f.get("stop") {
         None => vec![],
         Some(Value::String(t)) => vec![t.clone()],

@@ -353,10 +353,7 @@ impl Trace {
             source,
         };
         let mut f = std::fs::File::open(path).map_err(io)?;
-        check_header(&mut f).map_err(|msg| TraceError::Format {
-            path: shown.clone(),
-            msg,
-        })?;
+        check_header(&mut f, &shown)?;
         let mut bytes = vec![];
         std::io::Read::read_to_end(&mut f, &mut bytes).map_err(io)?;
         Self::from_bytes(&bytes, &shown)
@@ -368,25 +365,36 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Reads a safetensors header from `f` and checks that the data it describes fills the file
 /// exactly; leaves `f` at its start.
-fn check_header(f: &mut std::fs::File) -> Result<(), String> {
+fn check_header(f: &mut std::fs::File, path: &str) -> Result<(), TraceError> {
     use std::io::{Read, Seek, SeekFrom};
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let io = |source| TraceError::Io {
+        path: path.to_string(),
+        source,
+    };
+    let bad = |msg: String| TraceError::Format {
+        path: path.to_string(),
+        msg,
+    };
+    let len = f.metadata().map_err(io)?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| format!("{len} bytes is too short for a safetensors header (truncated?)"))?;
+    f.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "{len} bytes is too short for a safetensors header (truncated?)"
+        ))
+    })?;
     let n = u64::from_le_bytes(n);
     if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
-        return Err(format!(
+        return Err(bad(format!(
             "its header claims {n} bytes but the file has {len} (truncated, or not a trace)"
-        ));
+        )));
     }
     let mut head = vec![0u8; n as usize];
-    f.read_exact(&mut head).map_err(|e| e.to_string())?;
+    f.read_exact(&mut head).map_err(io)?;
     let v: serde_json::Value = serde_json::from_slice(&head)
-        .map_err(|e| format!("its header is not JSON ({e}); not a trace"))?;
+        .map_err(|e| bad(format!("its header is not JSON ({e}); not a trace")))?;
     let obj = v
         .as_object()
-        .ok_or("its header is not a JSON object; not a trace")?;
+        .ok_or_else(|| bad("its header is not a JSON object; not a trace".into()))?;
     let mut end = 0u64;
     for (k, t) in obj {
         if k == "__metadata__" {
@@ -396,16 +404,16 @@ fn check_header(f: &mut std::fs::File) -> Result<(), String> {
             .get("data_offsets")
             .and_then(|o| o.get(1))
             .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| format!("tensor '{k}' has no data_offsets"))?;
+            .ok_or_else(|| bad(format!("tensor '{k}' has no data_offsets")))?;
         end = end.max(off);
     }
     let want = 8 + n + end;
     if want != len {
-        return Err(format!(
+        return Err(bad(format!(
             "its header describes {want} bytes but the file has {len} (truncated or corrupt)"
-        ));
+        )));
     }
-    f.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
     Ok(())
 }
 

@@ -27,11 +27,32 @@ pub struct PortTrace {
     pub trace: Trace,
 }
 
+/// Why a port's trace cannot be judged: the file is unreadable, or its metadata does not say what
+/// the verifier needs. Each renders as one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PortTraceError {
+    /// The file is not a readable trace.
+    #[error(transparent)]
+    Trace(#[from] lockstep_trace::TraceError),
+    /// The trace's metadata or token ids are missing or contradictory.
+    #[error("{path}: {msg}")]
+    Metadata {
+        /// The file.
+        path: String,
+        /// What is missing or wrong.
+        msg: String,
+    },
+}
+
 impl PortTrace {
     /// Reads a port's trace; the error names the file and what is missing.
-    pub fn read(path: &Path) -> Result<Self, String> {
+    pub fn read(path: &Path) -> Result<Self, PortTraceError> {
         let p = path.display();
-        let trace = Trace::read(path).map_err(|e| e.to_string())?;
+        let meta = |msg: String| PortTraceError::Metadata {
+            path: p.to_string(),
+            msg,
+        };
+        let trace = Trace::read(path)?;
         let producer = trace
             .metadata
             .get("producer")
@@ -39,17 +60,17 @@ impl PortTrace {
             .unwrap_or_else(|| "unnamed port".into());
         let claimed = match trace.metadata.get("dtype") {
             Some(d) => Tier::from_dtype(d).ok_or_else(|| {
-                format!("{p}: dtype '{d}' names no precision tier (f64, f32 or bf16)")
+                meta(format!("dtype '{d}' names no precision tier (f64, f32 or bf16)"))
             })?,
             None => {
-                return Err(format!(
-                    "{p}: no `dtype` metadata: the verifier runs the reference in the port's compute dtype (f64, f32 or bf16)"
-                ))
+                return Err(meta("no `dtype` metadata: the verifier runs the reference in the port's compute dtype (f64, f32 or bf16)".into()))
             }
         };
         let from_meta: Option<Vec<i64>> = match trace.metadata.get("token_ids") {
             Some(s) => Some(serde_json::from_str(s).map_err(|e| {
-                format!("{p}: token_ids metadata is not a JSON array of ids ({e})")
+                meta(format!(
+                    "token_ids metadata is not a JSON array of ids ({e})"
+                ))
             })?),
             None => None,
         };
@@ -58,24 +79,24 @@ impl PortTrace {
             .map(|t| t.data.to_f64().iter().map(|&v| v as i64).collect());
         let ids = match (from_meta, from_tensor) {
             (Some(a), Some(b)) if a != b => {
-                return Err(format!(
-                    "{p}: token_ids metadata and the tokens tensor disagree"
+                return Err(meta(
+                    "token_ids metadata and the tokens tensor disagree".into(),
                 ))
             }
             (Some(a), _) | (None, Some(a)) => a,
             (None, None) => {
-                return Err(format!(
-                    "{p}: no token ids (neither `token_ids` metadata nor a `tokens` tensor)"
+                return Err(meta(
+                    "no token ids (neither `token_ids` metadata nor a `tokens` tensor)".into(),
                 ))
             }
         };
         if ids.is_empty() {
-            return Err(format!("{p}: the trace has no tokens"));
+            return Err(meta("the trace has no tokens".into()));
         }
         let tokens = ids
             .iter()
-            .map(|&i| u32::try_from(i).map_err(|_| format!("{p}: token id {i} is not valid")))
-            .collect::<Result<Vec<u32>, String>>()?;
+            .map(|&i| u32::try_from(i).map_err(|_| meta(format!("token id {i} is not valid"))))
+            .collect::<Result<Vec<u32>, PortTraceError>>()?;
         let prompt = trace.metadata.get("prompt").cloned();
         let label = match &prompt {
             Some(t) => format!("{:?}", t.chars().take(30).collect::<String>()),

@@ -138,16 +138,43 @@ pub struct PortWeight {
     pub sha256: String,
 }
 
+/// Why recorded or stored weights cannot be compared. Each renders as one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortWeightsError {
+    /// The `weights_sha256` metadata is not JSON or misses a field.
+    #[error("{METADATA_KEY} metadata {0}")]
+    Metadata(String),
+    /// A recorded entry is malformed.
+    #[error("{METADATA_KEY}: {name}: {what}")]
+    Entry {
+        /// The parameter's name.
+        name: String,
+        /// What is wrong with its entry.
+        what: String,
+    },
+    /// A checkpoint tensor has a dtype whose values cannot be hashed as weights.
+    #[error("checkpoint tensor {name} has dtype {dtype}")]
+    CheckpointDtype {
+        /// The tensor.
+        name: String,
+        /// Its stored dtype.
+        dtype: String,
+    },
+}
+
 /// Parses the `weights_sha256` metadata: a JSON object name → `{"dtype", "shape", "sha256"}`.
-pub fn parse_port_weights(text: &str) -> Result<BTreeMap<String, PortWeight>, String> {
+pub fn parse_port_weights(text: &str) -> Result<BTreeMap<String, PortWeight>, PortWeightsError> {
     let v: Value = serde_json::from_str(text)
-        .map_err(|e| format!("{METADATA_KEY} metadata is not JSON ({e})"))?;
+        .map_err(|e| PortWeightsError::Metadata(format!("is not JSON ({e})")))?;
     let obj = v
         .as_object()
-        .ok_or_else(|| format!("{METADATA_KEY} metadata is not a JSON object"))?;
+        .ok_or_else(|| PortWeightsError::Metadata("is not a JSON object".into()))?;
     let mut out = BTreeMap::new();
     for (name, r) in obj {
-        let bad = |what: &str| format!("{METADATA_KEY}: {name}: {what}");
+        let bad = |what: &str| PortWeightsError::Entry {
+            name: name.clone(),
+            what: what.to_string(),
+        };
         let dtype = r["dtype"]
             .as_str()
             .ok_or_else(|| bad("no dtype"))
@@ -204,11 +231,14 @@ impl<'a> CheckpointWeights<'a> {
     /// buffer) is an error naming it.
     pub fn new(
         tensors: impl IntoIterator<Item = (String, &'a str, Vec<usize>, &'a [u8])>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PortWeightsError> {
         let mut map = BTreeMap::new();
         for (name, dtype, shape, bytes) in tensors {
-            let dtype = WeightDtype::parse(dtype)
-                .ok_or_else(|| format!("checkpoint tensor {name} has dtype {dtype}"))?;
+            let dtype =
+                WeightDtype::parse(dtype).ok_or_else(|| PortWeightsError::CheckpointDtype {
+                    name: name.clone(),
+                    dtype: dtype.to_string(),
+                })?;
             map.insert(
                 name,
                 CheckpointWeight {
@@ -388,7 +418,7 @@ pub fn weights_phase(
             None => Err(format!(
                 "no {METADATA_KEY}: the port's parameters were not given to the writer"
             )),
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => Err(e.to_string()),
             Some(Ok(p)) => {
                 let held: Vec<&str> = {
                     let mut v: Vec<&str> = p.values().map(|w| w.dtype.name()).collect();
@@ -625,7 +655,7 @@ mod tests {
             ),
             (r#"{"a": {"dtype": "F32", "sha256": "xyz"}}"#, "no shape"),
         ] {
-            let e = parse_port_weights(text).unwrap_err();
+            let e = parse_port_weights(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");
         }
     }

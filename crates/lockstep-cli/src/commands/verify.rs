@@ -57,6 +57,10 @@ pub struct Args {
     /// reference/lockstep_reference/writer.py). `--dtype` does not apply.
     #[arg(long = "port-trace", value_name = "FILE", num_args = 1.., conflicts_with_all = ["inject", "prompt"])]
     pub port_trace: Vec<PathBuf>,
+    /// Run even when the memory estimate (weights, KV cache, activations, traces, the Python
+    /// reference) exceeds the memory available; without it such a run is refused before loading.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The cache folder: `$LOCKSTEP_CACHE`, else `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`.
@@ -209,19 +213,23 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         return run_port(a);
     }
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
+    let inputs: Vec<Input> = inputs(&a.prompt)
+        .into_iter()
+        .filter(|i| !a.single_only || i.kind == InputKind::Single)
+        .collect();
+    let generate_tokens = a
+        .generate_tokens
+        .unwrap_or(if a.single_only { 0 } else { 64 });
+    check_memory(&model, &a.dtype, &inputs, generate_tokens, a.force)?;
     let tiers = tiers(&a.dtype, &model)?;
     let outcome = run_phases(
         &model,
         tiers,
-        inputs(&a.prompt)
-            .into_iter()
-            .filter(|i| !a.single_only || i.kind == InputKind::Single)
-            .collect(),
+        inputs,
         a.inject,
         &mut reference,
         &work,
-        a.generate_tokens
-            .unwrap_or(if a.single_only { 0 } else { 64 }),
+        generate_tokens,
     )?;
 
     let mut title = format!("lockstep verify: {}", model.display());
@@ -236,6 +244,46 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         &outcome,
         "max |ours - transformers| per layer vs the reference's own noise",
     )
+}
+
+/// Refuses a `verify` whose memory estimate exceeds the available memory, before any weights are
+/// mapped (a warning with `--force`). The longest input counts one token per byte (a byte-level
+/// BPE token covers at least one byte), the finest tier's activations, and the Python reference's
+/// model in its dtype.
+fn check_memory(
+    model: &Path,
+    dtype: &str,
+    inputs: &[Input],
+    generate_tokens: usize,
+    force: bool,
+) -> CliResult<()> {
+    use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
+    let config = resources::config_of(model)?;
+    let weights = resources::weight_bytes(model, &config)?;
+    let prompt_len = inputs.iter().map(|i| i.text.len() + 16).max().unwrap_or(16);
+    let (act_bytes, reference_bytes) = match dtype {
+        "f64" | "all" => (8, 4),
+        "bf16" => (4, 2),
+        _ => (4, 4),
+    };
+    let run = RunShape {
+        batch: 2,
+        prompt_len,
+        context: prompt_len + generate_tokens,
+        act_bytes,
+    };
+    let estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
+    let Some(available) = resources::available_memory() else {
+        return Ok(());
+    };
+    match estimate.check(available) {
+        Ok(()) => Ok(()),
+        Err(e) if force => {
+            eprintln!("warning (--force): {e}");
+            Ok(())
+        }
+        Err(e) => Err(CliError::input(format!("{}: {e}", model.display()))),
+    }
 }
 
 /// The phased JSON with the op-level judgements (`op_level`) and the first divergence taken from

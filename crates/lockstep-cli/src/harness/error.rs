@@ -16,6 +16,9 @@ pub enum HarnessError {
     /// lockstep's engine refused the model or the input.
     #[error(transparent)]
     Engine(#[from] lockstep_engine::EngineError),
+    /// A port's trace cannot be read or says too little to be judged.
+    #[error(transparent)]
+    PortTrace(#[from] lockstep_verify::PortTraceError),
     /// Two traces cannot be judged together (dtype metadata, oracle).
     #[error(transparent)]
     Policy(#[from] PolicyError),

@@ -39,7 +39,7 @@ pub fn run_port_verify(
     let ports = opts
         .traces
         .iter()
-        .map(|p| PortTrace::read(p).map_err(HarnessError::BadInput))
+        .map(|p| PortTrace::read(p).map_err(HarnessError::from))
         .collect::<Result<Vec<_>, _>>()?;
     for port in &ports {
         if let Some(note) = port.tier_note() {

@@ -2,6 +2,7 @@
 //! standardizes them (`convert_rope_params_to_dict`, `standardize_rope_params`) and its rope init
 //! functions read them (`modeling_rope_utils.py`).
 
+use super::ConfigError;
 use crate::kernels::rope::RopeScaling;
 use serde_json::{Map, Value};
 
@@ -19,21 +20,21 @@ pub struct RopeConfig {
 pub fn parse(
     obj: &Map<String, Value>,
     max_position_embeddings: usize,
-) -> Result<RopeConfig, String> {
+) -> Result<RopeConfig, ConfigError> {
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let mut theta = match get("rope_theta") {
-        None => None,
-        Some(x) => Some(
-            x.as_f64()
-                .ok_or_else(|| format!("'rope_theta' must be a number, got {x}"))?,
-        ),
-    };
+    let mut theta =
+        match get("rope_theta") {
+            None => None,
+            Some(x) => Some(x.as_f64().ok_or_else(|| {
+                ConfigError::from(format!("'rope_theta' must be a number, got {x}"))
+            })?),
+        };
     let mut params: Option<(&str, &Map<String, Value>)> = None;
     for key in ["rope_parameters", "rope_scaling"] {
         if let Some(p) = get(key) {
             let p = p
                 .as_object()
-                .ok_or_else(|| format!("'{key}' must be an object or null"))?;
+                .ok_or_else(|| ConfigError::from(format!("'{key}' must be an object or null")))?;
             if !p.is_empty() || params.is_none() {
                 params = Some((key, p));
             }
@@ -46,13 +47,13 @@ pub fn parse(
         });
     };
     let pget = |k: &str| p.get(k).filter(|v| !v.is_null());
-    let num = |k: &str| -> Result<Option<f64>, String> {
+    let num = |k: &str| -> Result<Option<f64>, ConfigError> {
         match pget(k) {
             None => Ok(None),
             Some(x) => x
                 .as_f64()
                 .map(Some)
-                .ok_or_else(|| format!("'{key}.{k}' must be a number, got {x}")),
+                .ok_or_else(|| ConfigError::from(format!("'{key}.{k}' must be a number, got {x}"))),
         }
     };
     if let Some(t) = num("rope_theta")? {
@@ -61,31 +62,35 @@ pub fn parse(
     let theta = theta.unwrap_or(10000.0);
     if let Some(f) = num("partial_rotary_factor")? {
         if f != 1.0 {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "'{key}.partial_rotary_factor' {f} is not implemented (only 1.0)"
-            ));
+            )));
         }
     }
     let rope_type = match pget("rope_type").or_else(|| pget("type")) {
         None => "default".to_string(),
         Some(t) => t
             .as_str()
-            .ok_or_else(|| format!("'{key}.rope_type' must be a string, got {t}"))?
+            .ok_or_else(|| {
+                ConfigError::from(format!("'{key}.rope_type' must be a string, got {t}"))
+            })?
             .to_string(),
     };
-    let factor = |required: bool| -> Result<Option<f64>, String> {
+    let factor = |required: bool| -> Result<Option<f64>, ConfigError> {
         match num("factor")? {
             Some(f) if f.is_finite() && f > 0.0 => Ok(Some(f)),
-            Some(f) => Err(format!("'{key}.factor' must be positive, got {f}")),
-            None if required => Err(format!(
+            Some(f) => Err(ConfigError::from(format!(
+                "'{key}.factor' must be positive, got {f}"
+            ))),
+            None if required => Err(ConfigError::from(format!(
                 "rope type '{rope_type}' needs '{key}.factor', which is missing"
-            )),
+            ))),
             None => Ok(None),
         }
     };
     // llama3 and yarn: a top-level original_max_position_embeddings wins (Phi3's layout), then
     // the parameters', then max_position_embeddings.
-    let original = || -> Result<usize, String> {
+    let original = || -> Result<usize, ConfigError> {
         let v = get("original_max_position_embeddings")
             .or_else(|| pget("original_max_position_embeddings"));
         match v {
@@ -95,9 +100,9 @@ pub fn parse(
                 .filter(|&n| n > 0)
                 .map(|n| n as usize)
                 .ok_or_else(|| {
-                    format!(
+                    ConfigError::from(format!(
                         "'original_max_position_embeddings' must be a positive integer, got {x}"
-                    )
+                    ))
                 }),
         }
     };
@@ -112,13 +117,13 @@ pub fn parse(
         },
         "llama3" => {
             let need = |k: &str| {
-                num(k)?.ok_or_else(|| format!("rope type 'llama3' needs '{key}.{k}', which is missing"))
+                num(k)?.ok_or_else(|| ConfigError::from(format!("rope type 'llama3' needs '{key}.{k}', which is missing")))
             };
             let (lo, hi) = (need("low_freq_factor")?, need("high_freq_factor")?);
             if !(lo > 0.0 && hi > lo) {
-                return Err(format!(
+                return Err(ConfigError::from(format!(
                     "llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo} and {hi}"
-                ));
+                )));
             }
             RopeScaling::Llama3 {
                 factor: factor(true)?.unwrap_or(1.0),
@@ -149,14 +154,14 @@ pub fn parse(
                 },
             };
             // `rope_parameters.get("beta_fast") or 32`: absent, null or 0 takes the default.
-            let beta = |k: &str, default: f64| -> Result<f64, String> {
+            let beta = |k: &str, default: f64| -> Result<f64, ConfigError> {
                 Ok(num(k)?.filter(|&b| b != 0.0).unwrap_or(default))
             };
             let truncate = match p.get("truncate") {
                 None => true,
                 Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
-                Some(x) => return Err(format!("'{key}.truncate' must be true or false, got {x}")),
+                Some(x) => return Err(ConfigError::from(format!("'{key}.truncate' must be true or false, got {x}"))),
             };
             RopeScaling::Yarn {
                 factor,
@@ -168,9 +173,9 @@ pub fn parse(
             }
         }
         t => {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "rope type '{t}' is not implemented (default, linear, dynamic, yarn and llama3 are); refusing to compute something else"
-            ))
+            )))
         }
     };
     Ok(RopeConfig { theta, scaling })
@@ -302,7 +307,7 @@ mod tests {
             ),
         ] {
             let v: Value = serde_json::from_str(json).unwrap();
-            let e = parse(v.as_object().unwrap(), 4096).unwrap_err();
+            let e = parse(v.as_object().unwrap(), 4096).unwrap_err().to_string();
             assert!(e.contains(needle), "{json}: {e}");
         }
         // rope_scaling replaces rope_parameters (transformers' convert_rope_params_to_dict).

@@ -1,6 +1,7 @@
 //! The sliding attention window of each layer, read from config.json the way transformers 5.24's
 //! Mistral, Qwen2, Qwen3 and Qwen3-MoE config classes derive it.
 
+use super::ConfigError;
 use serde_json::Value;
 
 /// The attention window of every layer, as transformers 5.24 derives it from config.json:
@@ -21,7 +22,7 @@ use serde_json::Value;
 pub fn layer_windows(
     config: &Value,
     num_layers: usize,
-) -> std::result::Result<Vec<Option<usize>>, String> {
+) -> std::result::Result<Vec<Option<usize>>, ConfigError> {
     let obj = config.as_object().ok_or("expected a JSON object")?;
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let model_type = get("model_type").and_then(Value::as_str).unwrap_or("");
@@ -38,9 +39,11 @@ pub fn layer_windows(
     };
     let use_sliding = match get("use_sliding_window") {
         None => false,
-        Some(x) => x
-            .as_bool()
-            .ok_or_else(|| format!("'use_sliding_window' must be true or false, got {x}"))?,
+        Some(x) => x.as_bool().ok_or_else(|| {
+            ConfigError::from(format!(
+                "'use_sliding_window' must be true or false, got {x}"
+            ))
+        })?,
     };
     // `sliding_window` as the config class stores it: the class default when absent, None when null.
     let window = match obj.get("sliding_window") {
@@ -51,7 +54,9 @@ pub fn layer_windows(
                 .filter(|&n| n > 0)
                 .map(|n| n as usize)
                 .ok_or_else(|| {
-                    format!("'sliding_window' must be a positive integer or null, got {x}")
+                    ConfigError::from(format!(
+                        "'sliding_window' must be a positive integer or null, got {x}"
+                    ))
                 })?,
         ),
     };
@@ -70,26 +75,34 @@ pub fn layer_windows(
                             }
                             .to_string()
                         })
-                        .ok_or_else(|| format!("'layer_types' entries must be strings, got {t}"))
+                        .ok_or_else(|| {
+                            ConfigError::from(format!(
+                                "'layer_types' entries must be strings, got {t}"
+                            ))
+                        })
                 })
                 .collect::<std::result::Result<_, _>>()?,
         ),
-        Some(x) => return Err(format!("'layer_types' must be a list, got {x}")),
+        Some(x) => {
+            return Err(ConfigError::from(format!(
+                "'layer_types' must be a list, got {x}"
+            )))
+        }
     };
     if let Some(types) = &layer_types {
         if types.len() != num_layers {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "layer_types has {} entries for num_hidden_layers {num_layers}",
                 types.len()
-            ));
+            )));
         }
         if let Some(t) = types
             .iter()
             .find(|t| !["full_attention", "sliding_attention"].contains(&t.as_str()))
         {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "layer type \"{t}\" is not implemented (only full_attention and sliding_attention)"
-            ));
+            )));
         }
     }
     match family {
@@ -103,7 +116,9 @@ pub fn layer_windows(
                     let first = match get("max_window_layers") {
                         None => 28,
                         Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                            format!("'max_window_layers' must be a non-negative integer, got {x}")
+                            ConfigError::from(format!(
+                                "'max_window_layers' must be a non-negative integer, got {x}"
+                            ))
                         })?,
                     };
                     (0..num_layers)
@@ -121,10 +136,10 @@ pub fn layer_windows(
             types
                 .iter()
                 .map(|t| match (t.as_str(), window) {
-                    ("sliding_attention", None) => Err(
+                    ("sliding_attention", None) => Err(ConfigError::from(
                         "layer_types has sliding_attention layers but no sliding window (use_sliding_window is false or sliding_window is null)"
                             .to_string(),
-                    ),
+                    )),
                     ("sliding_attention", w) => Ok(w),
                     _ => Ok(None),
                 })
@@ -132,10 +147,9 @@ pub fn layer_windows(
         }
         _ => {
             if layer_types.is_some_and(|t| t.iter().any(|t| t != "full_attention")) {
-                return Err(
-                    "layer_types other than \"full_attention\" (sliding window) are not implemented for this architecture"
-                        .into(),
-                );
+                return Err(ConfigError::from(
+                    "layer_types other than \"full_attention\" (sliding window) are not implemented for this architecture",
+                ));
             }
             Ok(vec![None; num_layers])
         }
@@ -157,6 +171,7 @@ mod tests {
             r#"{"model_type":"llama","sliding_window":8,"layer_types":["sliding_attention"]}"#;
         assert!(layer_windows(&v(llama), 1)
             .unwrap_err()
+            .to_string()
             .contains("not implemented"));
     }
 }

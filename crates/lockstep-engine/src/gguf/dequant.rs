@@ -1,6 +1,7 @@
 //! Dequantization of ggml blocks to f32 (bit-identical to `gguf-py`) and the Llama q/k row
 //! un-permutation.
 
+use super::error::GgufError;
 use super::header::GgmlType;
 
 fn f16(b: &[u8]) -> f32 {
@@ -25,7 +26,7 @@ fn f16(b: &[u8]) -> f32 {
 /// Nibbles: byte `j` holds element `j` in its low four bits and element `j + 16` in its high four;
 /// Q5's fifth bit of element `i` is bit `i` of the little-endian u32. The K layouts follow
 /// `gguf-py`'s `Q4_K`/`Q5_K`/`Q6_K.dequantize_blocks` index for index.
-pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> std::result::Result<(), GgufError> {
     let (per_block, block_bytes) = match ty {
         GgmlType::Q8_0
         | GgmlType::Q4_0
@@ -38,14 +39,18 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> std::result::Res
             let (e, b) = ty.block().expect("known");
             (e as usize, b as usize)
         }
-        other => return Err(format!("{other} is not a block type lockstep dequantizes")),
+        other => {
+            return Err(GgufError::Unsupported(format!(
+                "{other} is not a block type lockstep dequantizes"
+            )))
+        }
     };
     if !src.len().is_multiple_of(block_bytes) || out.len() != src.len() / block_bytes * per_block {
-        return Err(format!(
+        return Err(GgufError::from(format!(
             "{ty}: {} bytes do not make {} values",
             src.len(),
             out.len()
-        ));
+        )));
     }
     let nibbles = |qs: &[u8], o: &mut [f32], f: &dyn Fn(u8) -> f32| {
         for j in 0..16 {
@@ -159,16 +164,16 @@ pub fn unpermute_rows(
     data: &[u8],
     row_bytes: usize,
     n_head: usize,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, GgufError> {
     let rows = data.len() / row_bytes.max(1);
     if row_bytes == 0
         || n_head == 0
         || !data.len().is_multiple_of(row_bytes)
         || !rows.is_multiple_of(2 * n_head)
     {
-        return Err(format!(
+        return Err(GgufError::from(format!(
             "cannot undo the q/k permutation: {rows} rows do not split into {n_head} heads of pairs"
-        ));
+        )));
     }
     let dim = rows / n_head / 2;
     let mut out = vec![0u8; data.len()];

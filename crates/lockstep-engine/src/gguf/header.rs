@@ -1,6 +1,7 @@
 //! The GGUF header: metadata values, ggml tensor types, the tensor table, and the
 //! bounds-checked reader that parses them.
 
+use super::error::GgufError;
 use std::collections::BTreeMap;
 
 /// The four bytes every GGUF file starts with.
@@ -211,23 +212,28 @@ impl TensorInfo {
     }
 
     /// Bytes of data, when the type is known and the row length fills whole blocks.
-    pub fn nbytes(&self) -> std::result::Result<u64, String> {
+    pub fn nbytes(&self) -> std::result::Result<u64, GgufError> {
         let (per_block, block_bytes) = self.ty.block().ok_or_else(|| {
-            format!(
+            GgufError::Unsupported(format!(
                 "tensor '{}' has unknown ggml type id {}",
                 self.name, self.ty.0
-            )
+            ))
         })?;
         let row = self.dims.first().copied().unwrap_or(1);
         if !row.is_multiple_of(per_block) {
-            return Err(format!(
+            return Err(GgufError::from(format!(
                 "tensor '{}': its row length {row} is not a multiple of the {} block size {per_block}",
                 self.name, self.ty
-            ));
+            )));
         }
         self.numel()
             .and_then(|n| (n / per_block).checked_mul(block_bytes))
-            .ok_or_else(|| format!("tensor '{}': dims {:?} overflow", self.name, self.dims))
+            .ok_or_else(|| {
+                GgufError::from(format!(
+                    "tensor '{}': dims {:?} overflow",
+                    self.name, self.dims
+                ))
+            })
     }
 }
 
@@ -282,54 +288,59 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
-    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
+    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], GgufError> {
         if n > self.remaining() as u64 {
-            return Err(format!(
-                "truncated: {what} needs {n} bytes at offset {} but the file ends at {}",
-                self.pos,
-                self.buf.len()
-            ));
+            return Err(GgufError::Truncated {
+                what: what.to_string(),
+                need: n,
+                offset: self.pos,
+                len: self.buf.len(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n as usize];
         self.pos += n as usize;
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], GgufError> {
         Ok(self.take(N as u64, what)?.try_into().expect("N bytes"))
     }
 
-    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, GgufError> {
         Ok(u32::from_le_bytes(self.array(what)?))
     }
 
-    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn bytes_of_string(&mut self, what: &str, cap: u64) -> std::result::Result<&'a [u8], String> {
+    fn bytes_of_string(
+        &mut self,
+        what: &str,
+        cap: u64,
+    ) -> std::result::Result<&'a [u8], GgufError> {
         let n = self.u64(what)?;
         if n > cap {
-            return Err(format!(
+            return Err(GgufError::Limit(format!(
                 "{what}: a string of {n} bytes is longer than the {cap} accepted (corrupt)"
-            ));
+            )));
         }
         self.charge(n, what)?;
         self.take(n, what)
     }
 
     /// Takes `n` bytes from the metadata memory budget.
-    fn charge(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+    fn charge(&mut self, n: u64, what: &str) -> std::result::Result<(), GgufError> {
         self.budget = self.budget.checked_sub(n).ok_or_else(|| {
-            format!(
+            GgufError::Limit(format!(
                 "{what}: the metadata would take more than {} MiB of memory (corrupt or hostile)",
                 METADATA_MEMORY_LIMIT >> 20
-            )
+            ))
         })?;
         Ok(())
     }
 
-    fn value(&mut self, ty: u32, what: &str, depth: u32) -> std::result::Result<Value, String> {
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> std::result::Result<Value, GgufError> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>(what)?[0]),
             1 => Value::I8(self.array::<1>(what)?[0] as i8),
@@ -342,9 +353,9 @@ impl<'a> Reader<'a> {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 b => {
-                    return Err(format!(
+                    return Err(GgufError::from(format!(
                         "{what}: bool byte {b} is neither 0 nor 1 (corrupt)"
-                    ))
+                    )))
                 }
             },
             8 => Value::String(
@@ -352,7 +363,9 @@ impl<'a> Reader<'a> {
             ),
             9 => {
                 if depth >= 4 {
-                    return Err(format!("{what}: arrays nested too deep (corrupt)"));
+                    return Err(GgufError::from(format!(
+                        "{what}: arrays nested too deep (corrupt)"
+                    )));
                 }
                 let elem = self.u32(what)?;
                 let count = self.u64(what)?;
@@ -360,10 +373,10 @@ impl<'a> Reader<'a> {
                 // is damage, and must not become an allocation. Each parsed element also costs
                 // its in-memory size, charged to the budget before anything is reserved.
                 if count.saturating_mul(min_value_bytes(elem)) > self.remaining() as u64 {
-                    return Err(format!(
+                    return Err(GgufError::Limit(format!(
                         "{what}: an array of {count} elements cannot fit in the {} bytes left (truncated or corrupt)",
                         self.remaining()
-                    ));
+                    )));
                 }
                 self.charge(
                     count.saturating_mul(std::mem::size_of::<Value>() as u64),
@@ -378,7 +391,11 @@ impl<'a> Reader<'a> {
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
-            t => return Err(format!("{what}: unknown metadata value type {t} (corrupt)")),
+            t => {
+                return Err(GgufError::from(format!(
+                    "{what}: unknown metadata value type {t} (corrupt)"
+                )))
+            }
         })
     }
 }
@@ -386,12 +403,12 @@ impl<'a> Reader<'a> {
 impl Header {
     /// Parses the header of a GGUF file held in `buf` and checks that every tensor of a type
     /// lockstep reads lies inside the file. The error is one line without the path.
-    pub fn parse(buf: &[u8]) -> std::result::Result<Header, String> {
+    pub fn parse(buf: &[u8]) -> std::result::Result<Header, GgufError> {
         if buf.len() < 4 {
-            return Err(format!(
+            return Err(GgufError::from(format!(
                 "the file is only {} bytes, too short for the GGUF magic (truncated, or not a GGUF file)",
                 buf.len()
-            ));
+            )));
         }
         if &buf[..4] != MAGIC {
             let head = &buf[..4];
@@ -403,9 +420,9 @@ impl Header {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            return Err(format!(
+            return Err(GgufError::NotGguf(format!(
                 "not a GGUF file: it starts with {shown}, not the magic \"GGUF\" (a model is a Hugging Face folder or a .gguf file)"
-            ));
+            )));
         }
         let mut r = Reader {
             buf,
@@ -414,42 +431,44 @@ impl Header {
         };
         let version = r.u32("the version")?;
         if version != 2 && version != 3 {
-            return Err(format!(
+            return Err(GgufError::Unsupported(format!(
                 "GGUF version {version} is not supported (2 and 3 are{})",
                 if version.swap_bytes() <= 3 {
                     "; this looks like a big-endian file"
                 } else {
                     ""
                 }
-            ));
+            )));
         }
         let n_tensors = r.u64("the tensor count")?;
         let n_kv = r.u64("the metadata count")?;
         // A metadata entry takes at least 13 bytes, a tensor entry at least 24.
         if n_kv.saturating_mul(13) > r.remaining() as u64 {
-            return Err(format!(
+            return Err(GgufError::Limit(format!(
                 "metadata count {n_kv} cannot fit in a {}-byte file (truncated or corrupt)",
                 buf.len()
-            ));
+            )));
         }
         if n_tensors.saturating_mul(24) > r.remaining() as u64 {
-            return Err(format!(
+            return Err(GgufError::Limit(format!(
                 "tensor count {n_tensors} cannot fit in a {}-byte file (truncated or corrupt)",
                 buf.len()
-            ));
+            )));
         }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = r.bytes_of_string(&format!("metadata key #{i}"), MAX_NAME_BYTES)?;
             let key = std::str::from_utf8(key)
-                .map_err(|_| format!("metadata key #{i} is not UTF-8 (corrupt)"))?
+                .map_err(|_| GgufError::from(format!("metadata key #{i} is not UTF-8 (corrupt)")))?
                 .to_string();
             let what = format!("metadata '{key}'");
             r.charge(std::mem::size_of::<Value>() as u64 + 64, &what)?;
             let ty = r.u32(&what)?;
             let v = r.value(ty, &what, 0)?;
             if metadata.insert(key.clone(), v).is_some() {
-                return Err(format!("metadata key '{key}' appears twice (corrupt)"));
+                return Err(GgufError::from(format!(
+                    "metadata key '{key}' appears twice (corrupt)"
+                )));
             }
         }
         let alignment = match metadata.get("general.alignment") {
@@ -457,9 +476,9 @@ impl Header {
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
                 _ => {
-                    return Err(format!(
+                    return Err(GgufError::from(format!(
                         "general.alignment {v:?} is not a positive power of two"
-                    ))
+                    )))
                 }
             },
         };
@@ -475,7 +494,9 @@ impl Header {
             let what = format!("tensor '{name}'");
             let n_dims = r.u32(&what)?;
             if n_dims > 8 {
-                return Err(format!("{what} claims {n_dims} dimensions (corrupt)"));
+                return Err(GgufError::from(format!(
+                    "{what} claims {n_dims} dimensions (corrupt)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -484,9 +505,9 @@ impl Header {
             let ty = GgmlType(r.u32(&what)?);
             let offset = r.u64(&what)?;
             if !names.insert(name.clone()) {
-                return Err(format!(
+                return Err(GgufError::from(format!(
                     "tensor '{name}' appears twice in the tensor table (corrupt)"
-                ));
+                )));
             }
             tensors.push(TensorInfo {
                 name,
@@ -498,9 +519,9 @@ impl Header {
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
         let len = buf.len() as u64;
         if data_start > len && !tensors.is_empty() {
-            return Err(format!(
+            return Err(GgufError::from(format!(
                 "truncated: the tensor data should start at offset {data_start} but the file ends at {len}"
-            ));
+            )));
         }
         for t in &tensors {
             if !t.ty.is_supported() {
@@ -511,13 +532,13 @@ impl Header {
             match start.checked_add(n) {
                 Some(end) if end <= len => {}
                 _ => {
-                    return Err(format!(
+                    return Err(GgufError::from(format!(
                         "truncated: tensor '{}' ({} {:?}) needs bytes {start}..{} of the file but it ends at {len}",
                         t.name,
                         t.ty,
                         t.shape(),
                         start.saturating_add(n)
-                    ))
+                    )))
                 }
             }
         }
@@ -628,33 +649,49 @@ mod tests {
         );
         assert!(Header::parse(&bytes).is_ok());
         for cut in 0..bytes.len() {
-            let e = Header::parse(&bytes[..cut]).unwrap_err();
+            let e = Header::parse(&bytes[..cut]).unwrap_err().to_string();
             assert!(e.contains("truncated") || e.contains("only"), "{cut}: {e}");
             assert!(!e.contains('\n'));
         }
         let mut bad = bytes.clone();
         bad[0] = b'X';
-        assert!(Header::parse(&bad).unwrap_err().contains("not a GGUF file"));
+        assert!(Header::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not a GGUF file"));
         let mut big_endian = bytes.clone();
         big_endian[4..8].copy_from_slice(&3u32.to_be_bytes());
         assert!(Header::parse(&big_endian)
             .unwrap_err()
+            .to_string()
             .contains("big-endian"));
         // A string length far beyond the file.
         let mut long = bytes.clone();
         long[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(Header::parse(&long).unwrap_err().contains("longer than"));
+        assert!(Header::parse(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
         // A string within the cap but beyond the file.
         long[24..32].copy_from_slice(&(1u64 << 12).to_le_bytes());
-        assert!(Header::parse(&long).unwrap_err().contains("truncated"));
+        assert!(Header::parse(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         // An array count beyond the file.
         let mut payload = 4u32.to_le_bytes().to_vec();
         payload.extend((1u64 << 40).to_le_bytes());
         let arr = file(&[("a", kv(9, payload))], &[], 32);
-        assert!(Header::parse(&arr).unwrap_err().contains("cannot fit"));
+        assert!(Header::parse(&arr)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot fit"));
         // A row that does not fill whole blocks.
         let odd = file(&[], &[("q", vec![40], GgmlType::Q8_0, vec![0; 68])], 32);
-        assert!(Header::parse(&odd).unwrap_err().contains("not a multiple"));
+        assert!(Header::parse(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple"));
     }
 
     #[test]
@@ -664,7 +701,10 @@ mod tests {
         payload.extend(1000u64.to_le_bytes());
         payload.extend([0u8; 1000]);
         let arr = file(&[("a", kv(9, payload))], &[], 32);
-        assert!(Header::parse(&arr).unwrap_err().contains("cannot fit"));
+        assert!(Header::parse(&arr)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot fit"));
         // Elements of one byte each, but more of them than the memory budget allows: refused
         // before anything is reserved.
         let n = METADATA_MEMORY_LIMIT / std::mem::size_of::<Value>() as u64 + 1;
@@ -672,7 +712,7 @@ mod tests {
         payload.extend(n.to_le_bytes());
         payload.resize(payload.len() + n as usize, 0);
         let arr = file(&[("a", kv(9, payload))], &[], 32);
-        let e = Header::parse(&arr).unwrap_err();
+        let e = Header::parse(&arr).unwrap_err().to_string();
         assert!(e.contains("MiB of memory"), "{e}");
         // A key longer than the name cap.
         let mut b = MAGIC.to_vec();
@@ -681,6 +721,9 @@ mod tests {
         b.extend(1u64.to_le_bytes());
         b.extend((MAX_NAME_BYTES + 1).to_le_bytes());
         b.resize(b.len() + MAX_NAME_BYTES as usize + 16, b'k');
-        assert!(Header::parse(&b).unwrap_err().contains("longer than"));
+        assert!(Header::parse(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
     }
 }

@@ -25,6 +25,7 @@
 //! one-line errors naming the file and the problem.
 
 mod dequant;
+mod error;
 mod header;
 mod hf_map;
 #[cfg(test)]
@@ -32,6 +33,7 @@ mod test_util;
 mod tokenizer_meta;
 
 pub use dequant::{dequantize, unpermute_rows};
+pub use error::GgufError;
 pub use header::{GgmlType, Header, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC};
 pub use hf_map::{config_json, expected_shape, hf_name};
 pub use tokenizer_meta::{chat_template, tokenizer, tokenizer_config, tokenizer_json};
@@ -98,12 +100,9 @@ pub fn locate(path: &Path) -> Result<Option<PathBuf>> {
 /// Maps a GGUF file and parses its header.
 pub fn read(path: &Path) -> Result<(Arc<Mmap>, Header)> {
     let map = crate::weights::map_readonly(path)?;
-    let header = Header::parse(&map).map_err(|msg| {
-        if msg.starts_with("not a GGUF file") {
-            bad(path, msg)
-        } else {
-            bad(path, format!("invalid GGUF file: {msg}"))
-        }
+    let header = Header::parse(&map).map_err(|e| match e {
+        GgufError::NotGguf(_) => bad(path, e.to_string()),
+        e => bad(path, format!("invalid GGUF file: {e}")),
     })?;
     Ok((Arc::new(map), header))
 }
@@ -173,7 +172,7 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
             let name = hf_name(&t.name).expect("checked");
             let shape = t.shape();
             let start = (h.data_start + t.offset) as usize;
-            let end = start + t.nbytes().map_err(|m| bad(path, m))? as usize;
+            let end = start + t.nbytes().map_err(|e| bad(path, e.to_string()))? as usize;
             let raw = &map[start..end];
             let (dtype, owned): (StoredDtype, Option<Vec<u8>>) = match t.ty {
                 GgmlType::F32 => (StoredDtype::F32, None),
@@ -181,7 +180,7 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
                 GgmlType::BF16 => (StoredDtype::BF16, None),
                 ty => {
                     let mut vals = vec![0f32; t.numel().expect("checked") as usize];
-                    dequantize(ty, raw, &mut vals).map_err(|m| bad(path, m))?;
+                    dequantize(ty, raw, &mut vals).map_err(|e| bad(path, e.to_string()))?;
                     let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
                     (StoredDtype::F32, Some(bytes))
                 }
