@@ -37,7 +37,7 @@ def gguf(kvs, tensors, align=32):
         off += -(-len(data) // align) * align
     b += b"\0" * (-len(b) % align)
     base = len(b)
-    for (_, _, _, data), o in zip(tensors, offs):
+    for (_, _, _, data), o in zip(tensors, offs, strict=False):
         b += b"\0" * (base + o - len(b)) + data
     return b
 
@@ -67,8 +67,11 @@ def tiny_gguf(arch, quant):
            kv("tokenizer.ggml.token_type", 9, struct.pack("<IQ", 5, 8) + struct.pack("<8i", 1, 1, 1, 1, 1, 1, 3, 3)),
            u32("tokenizer.ggml.bos_token_id", 6), u32("tokenizer.ggml.eos_token_id", 7),
            kv("tokenizer.chat_template", 8, gstr("{% for m in messages %}{{ m.content }}{% endfor %}"))]
-    q8 = lambda rows, cols: (struct.pack("<e", 0.01) + bytes(range(32))) * (rows * cols // 32)
-    t = lambda n, dims: (n, dims, 0, struct.pack(f"<{dims[0] * (dims[1] if len(dims) > 1 else 1)}f", *([0.5] * (dims[0] * (dims[1] if len(dims) > 1 else 1)))))
+    def q8(rows, cols):
+        return (struct.pack("<e", 0.01) + bytes(range(32))) * (rows * cols // 32)
+    def t(n, dims):
+        count = dims[0] * (dims[1] if len(dims) > 1 else 1)
+        return (n, dims, 0, struct.pack(f"<{count}f", *([0.5] * count)))
     tensors = [t("token_embd.weight", [h, v]), t("blk.0.attn_norm.weight", [h]),
                ("blk.0.attn_q.weight", [h, h], 8, q8(h, h)) if quant else t("blk.0.attn_q.weight", [h, h]),
                t("blk.0.attn_k.weight", [h, 16]), t("blk.0.attn_v.weight", [h, 16]),
@@ -100,7 +103,8 @@ for m in ("qwen2-gqa", "llama-gqa", "smollm2-135m-instruct"):
         if os.path.exists(p):
             put("config_json", f"{m}-{f}", open(p, "rb").read())
 
-put("chat_template", "smollm2.jinja", open(os.path.join(FIX, "models/smollm2-135m-instruct/chat_template.jinja"), "rb").read())
+put("chat_template", "smollm2.jinja",
+    open(os.path.join(FIX, "models/smollm2-135m-instruct/chat_template.jinja"), "rb").read())
 put("chat_template", "qwen2.5.jinja", open(os.path.join(FIX, "llama-cpp/Qwen-Qwen2.5-7B-Instruct.jinja"), "rb").read())
 
 bpe = {"version": "1.0", "truncation": {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0},
@@ -114,13 +118,15 @@ bpe = {"version": "1.0", "truncation": {"direction": "Right", "max_length": 4, "
        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                 "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5, "<s>": 6}, "merges": ["a b", "b c", "ab c"]}}
+                 "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5, "<s>": 6},
+                 "merges": ["a b", "b c", "ab c"]}}
 put("tokenizer_json", "bpe-with-truncation-padding.json", json.dumps(bpe))
 wl = dict(bpe, truncation=None, padding=None, pre_tokenizer={"type": "Whitespace"}, decoder=None,
           model={"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2}, "unk_token": "[UNK]"})
 put("tokenizer_json", "wordlevel.json", json.dumps(wl))
 
-f32s = lambda xs: struct.pack(f"<{len(xs)}f", *xs)
+def f32s(xs):
+    return struct.pack(f"<{len(xs)}f", *xs)
 trace = safetensors([("tokens", "I64", [1, 3], struct.pack("<3q", 1, 2, 3)),
                      ("embed", "F32", [1, 3, 2], f32s([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])),
                      ("layers.0.attn_out", "F64", [1, 3, 2], struct.pack("<6d", *[0.25] * 6)),
@@ -131,6 +137,7 @@ put("trace_read", "f16-only.safetensors", safetensors([("logits", "F16", [2, 2],
 
 norm = safetensors([("model.norm.weight", "F32", [2], f32s([1.0, 2.0]))])
 put("safetensors_checkpoint", "single", b"\0" + norm)
-put("safetensors_checkpoint", "single-bf16", b"\0" + safetensors([("model.norm.weight", "BF16", [2], b"\x80\x3f\x80\x7f")]))
+put("safetensors_checkpoint", "single-bf16",
+    b"\0" + safetensors([("model.norm.weight", "BF16", [2], b"\x80\x3f\x80\x7f")]))
 idx = {"metadata": {"total_size": 8}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
 put("safetensors_checkpoint", "index", b"\1" + json.dumps(idx).encode())

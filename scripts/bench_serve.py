@@ -91,14 +91,14 @@ def main() -> None:
         one(c, model, PROMPTS[0], 4)  # warm-up
         alone = []
         for r in range(a.rounds):
-            f, l, n, _ = one(c, model, PROMPTS[r % len(PROMPTS)], a.max_tokens)
-            alone.append((n - 1) / (l - f))
+            f, last, n, _ = one(c, model, PROMPTS[r % len(PROMPTS)], a.max_tokens)
+            alone.append((n - 1) / (last - f))
         together, steady = [], []
         for _ in range(a.rounds):
             res = [None] * a.clients
             barrier = threading.Barrier(a.clients)
 
-            def run(i):
+            def run(i, barrier=barrier, res=res):
                 barrier.wait()
                 res[i] = one(c, model, PROMPTS[i % len(PROMPTS)], a.max_tokens)
 

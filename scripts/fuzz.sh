@@ -20,14 +20,26 @@ triple=$(rustc +nightly -vV | sed -n "s/^host: //p")
 cargo +nightly build --release --target "$triple" --target-dir target/sancov --bins
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+total=0
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t" "artifacts/$t"
   echo "==> fuzz $t (${secs}s)"
+  status=0
   "target/sancov/$triple/release/$t" "$scratch/$t" "corpus/$t" -max_total_time="$secs" \
-    -rss_limit_mb=2048 -timeout=30 -artifact_prefix="artifacts/$t/" -print_final_stats=1 2>&1 |
-    grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|#[0-9]+ *DONE)" || true
-  if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then
-    echo "fuzz $t found a failure: $(ls artifacts/$t)"
+    -rss_limit_mb=2048 -timeout=30 -artifact_prefix="artifacts/$t/" -print_final_stats=1 \
+    >"$scratch/$t.log" 2>&1 || status=$?
+  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY)" "$scratch/$t.log" || true
+  if [ "$status" -ne 0 ] || ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then
+    tail -n 30 "$scratch/$t.log"
+    echo "fuzz $t failed (exit $status): $(ls "artifacts/$t")"
     exit 1
   fi
+  execs=$(sed -n "s/^stat::number_of_executed_units: *//p" "$scratch/$t.log")
+  if [ -z "$execs" ] || [ "$execs" -eq 0 ]; then
+    tail -n 30 "$scratch/$t.log"
+    echo "fuzz $t ran no input"
+    exit 1
+  fi
+  total=$((total + execs))
 done
+echo "==> fuzzing: ${#targets[@]} targets, $total executions, no crash"

@@ -151,13 +151,15 @@ def basic(a) -> dict:
         extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
     )
     lp = c.completions.create(model=model, prompt=a.prompt, max_tokens=8, temperature=0, logprobs=3)
-    l = lp.choices[0].logprobs
+    lps = lp.choices[0].logprobs
     # Greedy: each chosen token is the most likely one, and its logprob is the top one's.
-    for tok_lp, top in zip(l.token_logprobs, l.top_logprobs):
+    for tok_lp, top in zip(lps.token_logprobs, lps.top_logprobs, strict=False):
         assert tok_lp <= 0 and len(top) == 3, (tok_lp, top)
         assert abs(max(top.values()) - tok_lp) < 1e-9, (tok_lp, top)
-    assert len(l.tokens) == lp.usage.completion_tokens
-    stop = c.completions.create(model=model, prompt=a.prompt, max_tokens=n, temperature=0, stop=[comp.choices[0].text[5:9]])
+    assert len(lps.tokens) == lp.usage.completion_tokens
+    stop = c.completions.create(
+        model=model, prompt=a.prompt, max_tokens=n, temperature=0, stop=[comp.choices[0].text[5:9]]
+    )
     return {
         "model": model,
         "completion": comp.choices[0].text,

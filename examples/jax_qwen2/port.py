@@ -91,7 +91,7 @@ def tokenize(model_dir: str, text: str) -> list[int]:
 
 
 def run(model_dir: str, ids: list[int], dtype: str, out: str, mistake: str | None = None,
-        prompt: str | None = None, port: "Qwen2Port | None" = None) -> str:
+        prompt: str | None = None, port: Qwen2Port | None = None) -> str:
     """One forward pass of the port on `ids`, every tensor tapped, saved as a trace at `out`.
     Returns the producer name. (`setup_jax(dtype)` first; pass `port` to reuse loaded weights.)"""
     import jax
@@ -331,9 +331,8 @@ class Qwen2Port:
 
 def load_safetensors(model_dir: str) -> dict:
     """Every tensor of a checkpoint folder (model.safetensors or shards) as JAX arrays, stored dtype."""
-    from safetensors.flax import load_file
-
     from lockstep_reference.st_io import checkpoint_files  # model.safetensors, else the index's shards
+    from safetensors.flax import load_file
 
     out = {}
     for f in checkpoint_files(model_dir):

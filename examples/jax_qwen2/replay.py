@@ -82,7 +82,7 @@ def summary(paths: list[str]) -> None:
         rows.append([v if v == "as written" else f"--mistake {v}"]
                     + [_cell(bv[v], ops) if v in bv else "-" for _, bv, _, ops in cols])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths, strict=False)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:

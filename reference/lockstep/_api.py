@@ -11,9 +11,10 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 
 class LockstepError(RuntimeError):
@@ -254,7 +255,7 @@ def verify_port(
             text=True,
         )
         if proc.returncode not in (0, 1) or not js.is_file():
-            lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
+            lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
             msg = lines[-1] if lines else f"lockstep exited with {proc.returncode}"
             raise LockstepError(msg, proc.returncode)
         raw = json.loads(js.read_text())

@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=lambda a: batch.chat_batch(a.model, a.conversations))
 
     p = sub.add_parser("generate-batch", help="greedy transformers generate (f32, eager) for a JSON list of jobs")
-    p.add_argument("jobs", help='JSON file: [{"model", "tokens"|"prompt"|"messages", "max_new_tokens", "ignore_eos"}, ...]')
+    p.add_argument(
+        "jobs", help='JSON file: [{"model", "tokens"|"prompt"|"messages", "max_new_tokens", "ignore_eos"}, ...]'
+    )
     p.set_defaults(fn=lambda a: batch.generate_batch(a.jobs))
 
     p = sub.add_parser("padded-logits", help="logits of a left-padded batch with its attention mask (safetensors)")
@@ -255,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save", help="also save the (one) loaded model as float32 safetensors in this folder")
     p.set_defaults(fn=lambda a: batch.gguf_weights(a.gguf, a.save))
 
-    p = sub.add_parser("gguf-tokenize", help="ids of each text of a JSON list through a GGUF's own tokenizer (JSON line)")
+    p = sub.add_parser(
+        "gguf-tokenize", help="ids of each text of a JSON list through a GGUF's own tokenizer (JSON line)"
+    )
     p.add_argument("--gguf", required=True)
     p.add_argument("--texts", required=True, help="JSON file with a list of strings")
     p.set_defaults(fn=lambda a: batch.gguf_tokenize(a.gguf, a.texts))

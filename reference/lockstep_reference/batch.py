@@ -13,8 +13,16 @@ import sys
 import torch
 
 from . import tracer
-from .protocol import (ChatAnswer, Conversation, GenerateAnswer, GenerateJob, TraceJob, WeightsAnswer,
-                       answer_line, parse_list)
+from .protocol import (
+    ChatAnswer,
+    Conversation,
+    GenerateAnswer,
+    GenerateJob,
+    TraceJob,
+    WeightsAnswer,
+    answer_line,
+    parse_list,
+)
 from .rope_scaling import reset_dynamic_rope
 from .st_io import checkpoint_files, read_header
 
@@ -109,9 +117,10 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
 def generate_batch(jobs_path: str) -> None:
     """Greedy `model.generate(do_sample=False, max_new_tokens=N)` in float32 with eager attention for
     each job of a JSON list, loading each model once. A job is `{"model", "max_new_tokens",
-    "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies) plus its prompt: `"tokens"` (ids), `"prompt"` (text, tokenized without special
-    tokens), or `"messages"` (a conversation, rendered by `apply_chat_template` with the generation
-    prompt and tokenized the same way), or `"token_batch"` (a list of id lists, generated as one
+    "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies) plus its prompt:
+    `"tokens"` (ids), `"prompt"` (text, tokenized without special tokens), or `"messages"` (a
+    conversation, rendered by `apply_chat_template` with the generation prompt and tokenized the
+    same way), or `"token_batch"` (a list of id lists, generated as one
     batch: left-padded with the pad id and an attention mask, as transformers batches). Prints one
     JSON line: `[{"prompt_ids", "generated", "eos_token_ids", "pad_token_id"}, ...]` (new tokens
     only; an EOS that ended a generation is included, as transformers returns it); a batch job gives
@@ -127,7 +136,6 @@ def generate_batch(jobs_path: str) -> None:
     import copy
     import os
 
-    import transformers
 
     # One thread unless told otherwise: on a busy machine PyTorch's OpenMP threads spin against
     # other processes and run ~10x slower than one thread (measured here, SmolLM2-135M decode).

@@ -32,7 +32,9 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) -> dict[str, np.ndarray]:
-    """Compute every trace tensor (docs/trace-format.md names, batch dim 1) in float64. Returns them in forward order."""
+    """Compute every trace tensor (docs/trace-format.md names, batch dim 1) in float64.
+
+    Returns them in forward order."""
     hidden = config["hidden_size"]
     n_heads = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_heads

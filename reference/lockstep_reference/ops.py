@@ -40,6 +40,7 @@ from .rope_scaling import reset_dynamic_rope
 from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
 from .windows import hf_layer_windows
 
+
 def _causal_mask(t: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """The additive eager mask transformers builds for a causal batch without padding: 0 where a
     query may attend, the dtype's most negative value where it may not. Shape [1, 1, t, t]. With a
@@ -83,7 +84,7 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
             attn, mlp = layer.self_attn, layer.mlp
             hd = attn.head_dim
 
-            def heads(y: torch.Tensor) -> torch.Tensor:
+            def heads(y: torch.Tensor, hd: int = hd) -> torch.Tensor:
                 return y.view(b, t, -1, hd).transpose(1, 2)
 
             if have(prev):

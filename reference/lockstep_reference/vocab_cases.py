@@ -30,7 +30,7 @@ def parse(inp: bytes, out: bytes) -> list[tuple[str, list[int]]]:
     lines = lines[:-1]
     if len(lines) != len(texts):
         raise ValueError(f"{len(texts)} inputs but {len(lines)} output lines")
-    return [(text, [int(tok) for tok in line.split()]) for text, line in zip(texts, lines)]
+    return [(text, [int(tok) for tok in line.split()]) for text, line in zip(texts, lines, strict=False)]
 
 
 def read_cases(inp_path: str, out_path: str | None = None) -> list[tuple[str, list[int]]]:

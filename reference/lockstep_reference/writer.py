@@ -226,7 +226,7 @@ class TraceWriter:
         """T implied by `shape` matching `expected` given the known T (None: no match)."""
         if len(expected) != len(shape):
             return None
-        for d, s in zip(expected, shape):
+        for d, s in zip(expected, shape, strict=False):
             if d == "T":
                 if t is None:
                     t = int(s)

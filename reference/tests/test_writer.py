@@ -119,9 +119,8 @@ def test_metadata_written():
 def test_same_content_as_tracer_write_safetensors():
     """The writer's file holds what the PyTorch tracer's writer would write for the same tensors."""
     import torch
-    from safetensors import safe_open
-
     from lockstep_reference.tracer import write_safetensors
+    from safetensors import safe_open
 
     arrays = _oracle()
     ours = os.path.join(TMP, "ours.safetensors")
@@ -186,9 +185,8 @@ def test_weight_checksums_of_numpy_jax_and_torch_arrays():
     import jax.numpy as jnp
     import ml_dtypes
     import torch
-    from safetensors import safe_open
-
     from lockstep_reference.writer import weight_checksums
+    from safetensors import safe_open
 
     a = np.array([[0.1, 2.5], [3.0, 4.0]], dtype=np.float32)
     sums = weight_checksums({
