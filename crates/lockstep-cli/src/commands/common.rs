@@ -64,3 +64,27 @@ pub fn input_ids(
         _ => Err(CliError::input("give exactly one of --tokens and --prompt")),
     }
 }
+
+/// Refuses a run of the model at `model` whose memory estimate exceeds the memory available now
+/// (`MemAvailable`), with the numbers; with `force` it only warns. Where the available memory
+/// cannot be read, the run goes ahead.
+pub fn enforce_memory_estimate(
+    estimate: &lockstep_engine::resources::MemoryEstimate,
+    model: &std::path::Path,
+    force: bool,
+) -> crate::cli_error::CliResult<()> {
+    let Some(available) = lockstep_engine::resources::available_memory() else {
+        return Ok(());
+    };
+    match estimate.check(available) {
+        Ok(()) => Ok(()),
+        Err(e) if force => {
+            eprintln!("warning (--force): {e}");
+            Ok(())
+        }
+        Err(e) => Err(crate::cli_error::CliError::input(format!(
+            "{}: {e}",
+            model.display()
+        ))),
+    }
+}

@@ -261,17 +261,7 @@ impl Preloaded {
             act_bytes,
         };
         let estimate = MemoryEstimate::new(&self.config, weights, run);
-        let Some(available) = resources::available_memory() else {
-            return Ok(());
-        };
-        match estimate.check(available) {
-            Ok(()) => Ok(()),
-            Err(m) if force => {
-                eprintln!("warning (--force): {m}");
-                Ok(())
-            }
-            Err(m) => Err(CliError::input(format!("{}: {m}", self.dir.display()))),
-        }
+        super::common::enforce_memory_estimate(&estimate, &self.dir, force)
     }
 
     /// Maps (or loads) the weights.

@@ -273,17 +273,7 @@ fn check_memory(
         act_bytes,
     };
     let estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
-    let Some(available) = resources::available_memory() else {
-        return Ok(());
-    };
-    match estimate.check(available) {
-        Ok(()) => Ok(()),
-        Err(e) if force => {
-            eprintln!("warning (--force): {e}");
-            Ok(())
-        }
-        Err(e) => Err(CliError::input(format!("{}: {e}", model.display()))),
-    }
+    super::common::enforce_memory_estimate(&estimate, model, force)
 }
 
 /// The phased JSON with the op-level judgements (`op_level`) and the first divergence taken from
