@@ -181,7 +181,7 @@ impl LocalRule {
                 floor_max: 0.0,
                 k_bias: 0.0,
                 floor_bias: 0.0,
-                f64_rel: 1e-9,
+                f64_rel: crate::tolerance::F64_TOLERANCE,
             },
         }
     }

@@ -281,8 +281,8 @@ fn kv_cache_phase(
     let amx = Kernel::detect() == Kernel::Amx;
     let tol_for = |i: usize| -> HarnessResult<f64> {
         Ok(match tier {
-            Tier::F64 => 1e-9,
-            Tier::F32 => 1e-4,
+            Tier::F64 => lockstep_verify::tolerance::F64_TOLERANCE,
+            Tier::F32 => lockstep_verify::tolerance::F32_LOGITS_TOLERANCE,
             Tier::BF16 if amx => bf16_noise(i)?,
             Tier::BF16 => 0.0,
         })

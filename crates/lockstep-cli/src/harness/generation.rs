@@ -100,7 +100,7 @@ pub fn generation_phase(
         vec![]
     };
     // The f32 logits tolerance: two tokens closer than this are a tie rounding may break.
-    let tie = 1e-4;
+    let tie = lockstep_verify::tolerance::F32_LOGITS_TOLERANCE;
     let mut table = String::from(
         "| prompt | run | prompt tokens | lockstep | transformers | identical | verdict |\n|---|---|---:|---:|---:|---:|---|\n",
     );
