@@ -13,6 +13,9 @@ Each mode prints one JSON object on its last stdout line; the Rust test compares
               stream must equal its request's text alone; the server's RSS before and after
   disconnect  a streaming client that leaves early frees its slot
   drain       SIGINT while a stream runs: the stream still completes, then the server exits
+  thinking    a chat with and without `chat_template_kwargs: {"enable_thinking": false}`: the
+              prompt token counts the server reports, and those of transformers'
+              `apply_chat_template` on the model folder (--model-dir) with the same kwargs
 """
 
 from __future__ import annotations
@@ -341,6 +344,33 @@ def drain(a) -> dict:
     return {"text": text, "finish": finish, "refused_after": refused}
 
 
+def thinking(a) -> dict:
+    from transformers import AutoTokenizer
+
+    c = client(a.base_url)
+    model = model_id(c)
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    messages = [{"role": "user", "content": a.prompt}]
+    out = {}
+    for name, kwargs in [("default", {}), ("no_thinking", {"enable_thinking": False})]:
+        extra = {"chat_template_kwargs": kwargs} if kwargs else {}
+        r = c.chat.completions.create(
+            model=model, messages=messages, max_tokens=1, temperature=0, extra_body=extra
+        )
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        out[name] = {"served_prompt_tokens": r.usage.prompt_tokens, "transformers_prompt_tokens": len(ids)}
+    try:
+        c.chat.completions.create(
+            model=model, messages=messages, max_tokens=1, extra_body={"chat_template_kwargs": [1]}
+        )
+        out["bad_kwargs"] = {"status": 200}
+    except openai.BadRequestError as e:
+        out["bad_kwargs"] = {"status": e.status_code, "param": e.body.get("param") if e.body else None}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", required=True)
@@ -351,7 +381,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--token-vocab", type=int, help="load: prompts as token ids below this (random-weight fixtures)")
-    ap.add_argument("mode", choices=["basic", "errors", "concurrent", "load", "disconnect", "drain"])
+    ap.add_argument("--model-dir", help="thinking: the served model's folder, for transformers' tokenizer")
+    ap.add_argument("mode", choices=["basic", "errors", "concurrent", "load", "disconnect", "drain", "thinking"])
     a = ap.parse_args()
     out = globals()[a.mode](a)
     print(json.dumps({"openai": openai.__version__, **out}))

@@ -325,6 +325,31 @@ fn load_run_disconnects_errors_and_ctrl_c_on_a_small_model() {
     );
 }
 
+/// Qwen3's template with `chat_template_kwargs: {"enable_thinking": false}` (vLLM's field): the
+/// prompt the server tokenizes has as many tokens as transformers' `apply_chat_template` with the
+/// same kwargs gives, with and without it; a kwargs value that is not an object is a 400.
+#[test]
+fn chat_template_kwargs_reach_the_template_as_transformers_passes_them() {
+    let py = python();
+    // The full-vocabulary Qwen3 fixture: a text's token ids fit its embedding.
+    let model = fixtures().join("models").join("qwen3");
+    let server = Server::start(&model, &[]);
+    let dir = model.display().to_string();
+    let r = server.client(&py, "thinking", &["--model-dir", &dir]);
+    for case in ["default", "no_thinking"] {
+        assert_eq!(
+            r[case]["served_prompt_tokens"], r[case]["transformers_prompt_tokens"],
+            "{case}: {r}"
+        );
+    }
+    assert_ne!(
+        r["default"]["served_prompt_tokens"], r["no_thinking"]["served_prompt_tokens"],
+        "enable_thinking false must change the prompt: {r}"
+    );
+    assert_eq!(r["bad_kwargs"]["status"], 400, "{r}");
+    assert_eq!(r["bad_kwargs"]["param"], "chat_template_kwargs", "{r}");
+}
+
 #[test]
 fn serve_refuses_bad_arguments_in_one_line() {
     for (args, needle) in [

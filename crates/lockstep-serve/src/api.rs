@@ -127,6 +127,7 @@ const CHAT: &[&str] = &[
     "tool_choice",
     "parallel_tool_calls",
     "response_format",
+    "chat_template_kwargs",
 ];
 
 /// A request body's fields, with `null` read as absent.
@@ -478,8 +479,20 @@ fn chat_prompt(f: &Fields, info: &ModelInfo) -> Result<Vec<u32>, ApiError> {
         }
         messages.push(msg);
     }
+    // Extra template variables, as vLLM takes them and transformers' `apply_chat_template(...,
+    // **kwargs)` passes them (Qwen3's `{"enable_thinking": false}`).
+    let vars = match f.get("chat_template_kwargs") {
+        None => Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                "'chat_template_kwargs' must be an object of template variables",
+            ))
+        }
+    };
     let text = template
-        .render(&messages, true, None)
+        .render_with_vars(&messages, true, None, &vars)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     encode(info, &text, "messages")
 }
