@@ -50,12 +50,14 @@ impl ChatTemplate {
     /// `chat_template` (a string, or a list of named templates: "default"). `Ok(None)` when the
     /// model has none.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
-        // A GGUF file: a tokenizer_config.json beside it, else the template in its metadata.
-        let gguf = crate::gguf::locate(dir)?;
-        let folder = match &gguf {
-            Some(file) if dir.is_file() => file.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            _ => dir.to_path_buf(),
-        };
+        Self::from_source(&crate::source::ModelSource::resolve(dir)?)
+    }
+
+    /// [`Self::from_dir`] for a resolved source.
+    pub fn from_source(source: &crate::source::ModelSource) -> Result<Option<Self>> {
+        // A GGUF: a tokenizer_config.json beside it, else the template in its metadata.
+        let gguf = source.gguf().map(Path::to_path_buf);
+        let folder = source.side_folder().to_path_buf();
         let cfg_path = folder.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| {

@@ -36,10 +36,15 @@ pub struct GenerationDefaults {
 impl GenerationDefaults {
     /// Reads `generation_config.json` of a model folder (falls back to `config`).
     pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
-        if !dir.is_dir() {
-            // A single-file checkpoint (GGUF): no generation_config.json.
+        Self::from_source(&crate::source::ModelSource::resolve(dir)?, config)
+    }
+
+    /// [`Self::from_dir`] for a resolved source: a GGUF named as a file has no
+    /// generation_config.json, so `config`'s defaults apply.
+    pub fn from_source(source: &crate::source::ModelSource, config: &ModelConfig) -> Result<Self> {
+        let Some(dir) = source.generation_config_folder() else {
             return Ok(Self::from_model_config(config));
-        }
+        };
         let path = dir.join("generation_config.json");
         match std::fs::read_to_string(&path) {
             Ok(text) => {

@@ -29,6 +29,7 @@ pub mod observer;
 pub mod resources;
 pub mod sampling;
 pub mod sequence;
+pub mod source;
 pub mod tokenizer;
 pub mod tracing;
 pub mod weights;

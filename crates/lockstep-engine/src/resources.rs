@@ -8,7 +8,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use std::path::Path;
+use crate::source::ModelSource;
 
 /// What a run will hold, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,10 +173,10 @@ fn parse_meminfo(text: &str) -> Option<u64> {
     kb.checked_mul(1024)
 }
 
-/// Bytes the weights of the checkpoint at `dir` will take as held: the size of its safetensors
+/// Bytes the weights of the checkpoint at `source` will take as held: the size of its safetensors
 /// files (memory-mapped), or for a GGUF file its size with quantized tensors counted as f32.
-pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
-    let size = |p: &Path| {
+pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
+    let size = |p: &std::path::Path| {
         std::fs::metadata(p)
             .map(|m| m.len())
             .map_err(|source| EngineError::Io {
@@ -184,8 +184,8 @@ pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
                 source,
             })
     };
-    if let Some(file) = crate::gguf::locate(dir)? {
-        let (_, h) = crate::gguf::read(&file)?;
+    if let Some(file) = source.gguf() {
+        let (_, h) = crate::gguf::read(file)?;
         let float = [
             crate::gguf::GgmlType::F32,
             crate::gguf::GgmlType::F16,
@@ -197,8 +197,9 @@ pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
             .filter(|t| !float.contains(&t.ty))
             .map(|t| t.numel().unwrap_or(u64::MAX).saturating_mul(4))
             .fold(0, u64::saturating_add);
-        return Ok(size(&file)?.saturating_add(quantized));
+        return Ok(size(file)?.saturating_add(quantized));
     }
+    let dir = source.side_folder();
     let single = dir.join("model.safetensors");
     if single.exists() {
         return size(&single);
@@ -220,22 +221,22 @@ pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
     Ok(total)
 }
 
-/// The config of the model at `dir` (a Hugging Face folder or a GGUF checkpoint), read without
+/// The config of the model at `source` (a Hugging Face folder or a GGUF checkpoint), read without
 /// mapping or loading any weights.
-pub fn config_of(dir: &Path) -> Result<ModelConfig> {
-    match crate::gguf::locate(dir)? {
-        Some(file) => {
-            let (_, h) = crate::gguf::read(&file)?;
+pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
+    match source {
+        ModelSource::Gguf { file, .. } => {
+            let (_, h) = crate::gguf::read(file)?;
             let json = crate::gguf::config_json(&h).map_err(|m| EngineError::Config {
                 path: file.clone(),
                 msg: format!("GGUF metadata: {m}"),
             })?;
             ModelConfig::from_json_str(&json).map_err(|m| EngineError::Config {
-                path: file,
+                path: file.clone(),
                 msg: format!("GGUF metadata: {m}"),
             })
         }
-        None => ModelConfig::from_file(&dir.join("config.json")),
+        ModelSource::Folder(dir) => ModelConfig::from_file(&dir.join("config.json")),
     }
 }
 

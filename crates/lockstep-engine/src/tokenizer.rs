@@ -13,10 +13,18 @@ impl Tokenizer {
     /// folder holding one and no safetensors): the `tokenizer.json` beside it, else the tokenizer
     /// its metadata describes ([`crate::gguf::tokenizer`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        if let Some(file) = crate::gguf::locate(dir)? {
-            let inner = crate::gguf::tokenizer(&file)?;
-            return Ok(Tokenizer::for_prompts(inner));
-        }
+        Self::from_source(&crate::source::ModelSource::resolve(dir)?)
+    }
+
+    /// [`Self::from_dir`] for a resolved source.
+    pub fn from_source(source: &crate::source::ModelSource) -> Result<Self> {
+        let dir = match source {
+            crate::source::ModelSource::Gguf { file, .. } => {
+                let inner = crate::gguf::tokenizer(file)?;
+                return Ok(Tokenizer::for_prompts(inner));
+            }
+            crate::source::ModelSource::Folder(dir) => dir.as_path(),
+        };
         if !dir.is_dir() {
             return Err(EngineError::MissingFile {
                 path: dir.to_path_buf(),

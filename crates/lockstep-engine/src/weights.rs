@@ -321,9 +321,15 @@ impl Checkpoint {
     /// safetensors: the GGUF's tensors then come under their Hugging Face names
     /// ([`crate::gguf::load`]).
     pub fn open(dir: &Path) -> Result<Self> {
-        if let Some(file) = crate::gguf::locate(dir)? {
-            return Ok(crate::gguf::load(&file)?.1);
-        }
+        Self::open_source(&crate::source::ModelSource::resolve(dir)?)
+    }
+
+    /// [`Self::open`] for a resolved source.
+    pub fn open_source(source: &crate::source::ModelSource) -> Result<Self> {
+        let dir = match source {
+            crate::source::ModelSource::Gguf { file, .. } => return Ok(crate::gguf::load(file)?.1),
+            crate::source::ModelSource::Folder(dir) => dir.as_path(),
+        };
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if single.exists() {

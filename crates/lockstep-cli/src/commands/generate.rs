@@ -19,6 +19,7 @@ use lockstep_engine::generate::{
 };
 use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
 use lockstep_engine::sampling::SamplingParams;
+use lockstep_engine::source::ModelSource;
 use lockstep_engine::{Bf16, Float, Model, ModelConfig, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -213,6 +214,8 @@ pub struct Loaded {
 /// before anything is mapped or allocated.
 pub struct Preloaded {
     dir: PathBuf,
+    /// Where its files are, resolved once.
+    source: ModelSource,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its config.
@@ -225,11 +228,13 @@ pub struct Preloaded {
 /// Reads tokenizer, config and generation defaults (no weights).
 pub fn preload(dir: &Path) -> CliResult<Preloaded> {
     let t0 = Instant::now();
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let config = resources::config_of(dir)?;
-    let defaults = GenerationDefaults::from_dir(dir, &config)?;
+    let source = ModelSource::resolve(dir)?;
+    let tokenizer = Tokenizer::from_source(&source)?;
+    let config = resources::config_of(&source)?;
+    let defaults = GenerationDefaults::from_source(&source, &config)?;
     Ok(Preloaded {
         dir: dir.to_path_buf(),
+        source,
         tokenizer,
         config,
         defaults,
@@ -253,7 +258,7 @@ impl Preloaded {
             DtypeArg::F32 | DtypeArg::Bf16w => 4,
             DtypeArg::Bf16 => 2,
         };
-        let weights = resources::weight_bytes(&self.dir, &self.config)?;
+        let weights = resources::weight_bytes(&self.source, &self.config)?;
         let run = RunShape {
             batch,
             prompt_len,
@@ -267,8 +272,9 @@ impl Preloaded {
     /// Maps (or loads) the weights.
     pub fn load_model(self) -> CliResult<Loaded> {
         let dir = &self.dir;
+        let source = &self.source;
         let model = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
-            Model::load(dir)
+            Model::load_source(source, None)
         })?;
         Ok(Loaded {
             model,

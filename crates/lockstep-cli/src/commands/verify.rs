@@ -258,8 +258,9 @@ fn check_memory(
     force: bool,
 ) -> CliResult<()> {
     use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
-    let config = resources::config_of(model)?;
-    let weights = resources::weight_bytes(model, &config)?;
+    let source = lockstep_engine::source::ModelSource::resolve(model)?;
+    let config = resources::config_of(&source)?;
+    let weights = resources::weight_bytes(&source, &config)?;
     let prompt_len = inputs.iter().map(|i| i.text.len() + 16).max().unwrap_or(16);
     let (act_bytes, reference_bytes) = match dtype {
         "f64" | "all" => (8, 4),

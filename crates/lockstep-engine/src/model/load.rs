@@ -8,6 +8,7 @@ use crate::kernels::attention::GqaMapping;
 use crate::kernels::norm::RmsNormMath;
 use crate::kernels::rope::{RopeLayout, RopeRounding, ScalingMistake};
 use crate::kernels::ResidualDtype;
+use crate::source::ModelSource;
 use crate::weights::Checkpoint;
 use std::path::Path;
 
@@ -41,10 +42,15 @@ impl Model {
 
     /// Loads a model with a deliberate bug (for proving the verifier).
     pub fn load_with_fault(dir: &Path, fault: Option<Fault>) -> Result<Self> {
-        // A .gguf file, or a folder holding one and no safetensors: config from its metadata.
-        let (config, ck) = match crate::gguf::locate(dir)? {
-            Some(file) => crate::gguf::load(&file)?,
-            None => {
+        Self::load_source(&ModelSource::resolve(dir)?, fault)
+    }
+
+    /// Loads the model at a resolved [`ModelSource`], with a deliberate bug when `fault` is given.
+    pub fn load_source(source: &ModelSource, fault: Option<Fault>) -> Result<Self> {
+        // A GGUF: config from its metadata.
+        let (config, ck) = match source {
+            ModelSource::Gguf { file, .. } => crate::gguf::load(file)?,
+            ModelSource::Folder(dir) => {
                 if !dir.is_dir() {
                     return Err(EngineError::MissingFile {
                         path: dir.to_path_buf(),
