@@ -1,6 +1,7 @@
 //! `lockstep verify`: the phased verification against the PyTorch reference, with a Markdown
 //! report, JSON, an SVG plot of the per-layer error and a self-contained HTML report.
 
+use super::common::TierChoice;
 use super::compare::write_atomic;
 use crate::cli_error::{CliError, CliResult};
 use crate::harness::engine_pipeline::{run_verify, VerifyOptions};
@@ -22,8 +23,8 @@ pub struct Args {
     pub model: Option<PathBuf>,
     /// Precision tier(s): f64 (exact), f32, bf16 (bf16-stored checkpoints; also checks bf16w), or
     /// all (f64 + f32, + bf16 when the checkpoint is stored in bf16).
-    #[arg(long, default_value = "all", value_parser = ["f64", "f32", "bf16", "all"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "all")]
+    pub dtype: TierChoice,
     /// Prompts for the forward phases (repeatable; default: "Hello", "The", "123", plus a short
     /// sentence and a ~300-token paragraph).
     #[arg(long)]
@@ -113,7 +114,7 @@ pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
 
 /// The tiers `--dtype` asks for. `all` is f64 and f32, plus bf16 when the checkpoint is stored in
 /// bf16 (the bf16 tier's oracle must run on the very weights bf16 uses).
-pub fn tiers(dtype: &str, model: &Path) -> CliResult<Vec<Tier>> {
+pub fn tiers(dtype: TierChoice, model: &Path) -> CliResult<Vec<Tier>> {
     let stored_bf16 = || -> CliResult<bool> {
         let ck = lockstep_engine::weights::Checkpoint::open(model)?;
         Ok(!ck.tensors.is_empty()
@@ -123,17 +124,16 @@ pub fn tiers(dtype: &str, model: &Path) -> CliResult<Vec<Tier>> {
                 .all(|t| t.dtype == lockstep_engine::weights::StoredDtype::BF16))
     };
     Ok(match dtype {
-        "f64" => vec![Tier::F64],
-        "f32" => vec![Tier::F32],
-        "all" if stored_bf16()? => vec![Tier::F64, Tier::F32, Tier::BF16],
-        "all" => vec![Tier::F64, Tier::F32],
-        "bf16" if stored_bf16()? => vec![Tier::BF16],
-        "bf16" => {
+        TierChoice::One(Tier::F64) => vec![Tier::F64],
+        TierChoice::One(Tier::F32) => vec![Tier::F32],
+        TierChoice::All if stored_bf16()? => vec![Tier::F64, Tier::F32, Tier::BF16],
+        TierChoice::All => vec![Tier::F64, Tier::F32],
+        TierChoice::One(Tier::BF16) if stored_bf16()? => vec![Tier::BF16],
+        TierChoice::One(Tier::BF16) => {
             return Err(CliError::input(
                 "the bf16 tier needs a checkpoint stored in bf16 (its oracle runs on those same weights); this one is not",
             ))
         }
-        other => return Err(CliError::input(format!("unknown --dtype {other}"))),
     })
 }
 
@@ -209,7 +209,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         return run_port(a);
     }
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
-    let tiers = tiers(&a.dtype, &model)?;
+    let tiers = tiers(a.dtype, &model)?;
     let outcome = run_phases(
         &model,
         tiers,

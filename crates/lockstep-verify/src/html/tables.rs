@@ -7,6 +7,7 @@ use super::chart::LayerRow;
 use super::{esc, ratio_cell};
 use crate::compare::{likely_cause, sci, Against, Status};
 use crate::report::NamedComparison;
+use crate::tolerance::TierRule;
 
 /// The per-layer table of one tier; row ids `row-{tier}-{layer}` (the chart links to them).
 pub(super) fn layer_table(out: &mut String, tier: &str, rows: &[LayerRow]) {

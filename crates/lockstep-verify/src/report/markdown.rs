@@ -8,6 +8,7 @@ use crate::compare::{
     likely_cause, sci, Against, LayerError, Status, TensorComparison, TraceComparison,
 };
 use crate::stats::LogitStats;
+use crate::tolerance::TierRule;
 
 /// Renders a Markdown report of one or more labelled trace comparisons: the verdict, a summary
 /// table (input, tokens, logits shape, max abs difference, tolerance, status), then per input the
