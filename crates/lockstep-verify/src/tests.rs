@@ -128,6 +128,23 @@ fn identical_traces_pass_with_no_divergence() {
     assert_eq!(js["first_divergence"], serde_json::Value::Null);
     assert_eq!(js["passed"], true);
     assert_eq!(js["tier"], "f64");
+    assert_eq!(js["schema_version"], report::SCHEMA_VERSION);
+    let keys: Vec<&str> = js.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "schema_version",
+            "passed",
+            "tier",
+            "first_divergence",
+            "first_nonfinite",
+            "verdict",
+            "inputs",
+            "tensors"
+        ]
+    );
+    assert_eq!(js["tensors"][0]["input"], "hello");
+    assert!(js["tensors"][0]["likely_cause"].is_string());
 }
 
 #[test]
@@ -753,6 +770,11 @@ fn markdown_reports_read_well() {
     assert_eq!(js["passed"], false);
     assert_eq!(js["first_divergence"], "layers.0.q_rope");
     assert_eq!(js["phases"][4]["status"], "skip");
+    assert_eq!(js["schema_version"], report::SCHEMA_VERSION);
+    assert_eq!(js["phases"][4]["comparisons"], serde_json::Value::Null);
+    assert!(js["phases"][0]["comparisons"]
+        .get("schema_version")
+        .is_none());
 }
 
 #[test]

@@ -34,6 +34,25 @@ impl clap::ValueEnum for DtypeArg {
     }
 }
 
+/// A [`Precision`] on the command line (`compare --tier`), by its shared name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionArg(pub Precision);
+
+impl clap::ValueEnum for PrecisionArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [PrecisionArg; 3] = [
+            PrecisionArg(Precision::ALL[0]),
+            PrecisionArg(Precision::ALL[1]),
+            PrecisionArg(Precision::ALL[2]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.0.as_str()))
+    }
+}
+
 /// `verify --dtype`: one precision tier, or `all`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TierChoice {

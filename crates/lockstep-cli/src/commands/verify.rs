@@ -241,13 +241,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 /// The phased JSON with the op-level judgements (`op_level`) and the first divergence taken from
 /// where a difference is first *made* when an op-level check found one (`first_divergence`; the
 /// end-to-end one stays as `first_divergence_end_to_end`).
-fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
-    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(&js)
-    else {
-        return js;
-    };
-    let e2e = m.get("first_divergence").cloned().unwrap_or_default();
-    m.insert("first_divergence_end_to_end".into(), e2e.clone());
+fn verify_json(title: &str, desc: &str, outcome: &VerifyOutcome) -> String {
+    let mut r = report::verify_report(title, desc, &outcome.phases);
+    let end_to_end = r.first_divergence.clone();
     if let Some(made) = outcome
         .local
         .iter()
@@ -255,13 +251,13 @@ fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
         .filter_map(|l| l.local.first_divergence.clone())
         .min_by_key(|n| lockstep_trace::forward_rank(n))
     {
-        m.insert("first_divergence".into(), serde_json::Value::String(made));
+        r.first_divergence = Some(made);
     }
-    m.insert(
-        "op_level".into(),
-        lockstep_verify::local::local_json(&outcome.local),
-    );
-    serde_json::to_string_pretty(&serde_json::Value::Object(m)).unwrap_or(js)
+    r.op_level = Some(report::OpLevel {
+        first_divergence_end_to_end: end_to_end,
+        op_level: lockstep_verify::local::local_json(&outcome.local),
+    });
+    report::Versioned::new(r).to_json()
 }
 
 /// Writes the Markdown report, JSON and SVG plot (the plot from the last tier's comparisons),
@@ -274,7 +270,7 @@ fn write_reports(
     plot_title: &str,
 ) -> CliResult<ExitCode> {
     let md = report::phased_markdown(title, desc, &outcome.phases);
-    let js = with_op_level(report::phased_json(title, desc, &outcome.phases), outcome);
+    let js = verify_json(title, desc, outcome);
     let plot_inputs = outcome
         .full
         .last()
