@@ -168,6 +168,22 @@ impl TraceComparison {
     /// NaN/inf first appear at an earlier tensor of the trace (a comparison restricted to some
     /// tensors, e.g. the logits), it names that tensor instead.
     pub fn cause_of(&self, t: &TensorComparison) -> String {
+        self.nonfinite_cause_of(t)
+            .unwrap_or_else(|| failure_cause(t))
+    }
+
+    /// The cause the reports print beside a first divergence: [`Self::cause_of`] for a
+    /// non-finite tensor, else the usual suspects of its kind ([`likely_cause`]).
+    pub fn headline_cause(&self, t: &TensorComparison) -> String {
+        if t.status == Status::NonFinite {
+            self.cause_of(t)
+        } else {
+            likely_cause(&t.name).to_string()
+        }
+    }
+
+    /// [`Self::cause_of`] for a non-finite tensor carried from an earlier one.
+    fn nonfinite_cause_of(&self, t: &TensorComparison) -> Option<String> {
         if t.status == Status::NonFinite {
             let upstream = [&self.first_nonfinite.reference, &self.first_nonfinite.test]
                 .into_iter()
@@ -175,14 +191,14 @@ impl TraceComparison {
                 .min_by_key(|s| lockstep_trace::forward_rank(&s.tensor));
             if let Some(s) = upstream.filter(|s| s.tensor != t.name) {
                 let sides = t.nonfinite.map_or("the test".into(), |n| n.sides());
-                return format!(
+                return Some(format!(
                     "non-finite values (NaN/inf) in {sides}, carried from `{}` where they first appear ({})",
                     s.tensor,
                     nonfinite_source(&s.tensor)
-                );
+                ));
             }
         }
-        failure_cause(t)
+        None
     }
 
     /// The per-layer error table, by ascending layer index.
