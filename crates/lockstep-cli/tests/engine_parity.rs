@@ -192,7 +192,7 @@ parity_test!(parity_qwen3, "qwen3-small");
 /// reference).
 #[test]
 fn qk_norm_faults_enter_at_q_norm() {
-    use lockstep_engine::{tracing::trace_forward, Fault, Model};
+    use lockstep_engine::{trace_capture::trace_forward, Fault, Model};
     let model = fixtures().join("models/qwen3-small");
     assert!(
         model.join("config.json").exists(),

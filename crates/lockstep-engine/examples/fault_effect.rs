@@ -13,8 +13,8 @@
 //! With `FAULT_EFFECT_TRACES=DIR` set, every trace is also written to
 //! `DIR/engine-{tier}-{fault or careful}.safetensors` (e.g. to compare with a port's traces).
 
-use lockstep_engine::tracing::trace_forward;
-use lockstep_engine::{Bf16, Fault, Float, Model, Precision, Tokenizer};
+use lockstep_engine::trace_capture::trace_forward;
+use lockstep_engine::{Fault, Float, Model, Precision, Tokenizer};
 use lockstep_trace::{forward_rank, Trace};
 use std::path::PathBuf;
 
@@ -24,11 +24,7 @@ fn trace<T: Float>(dir: &std::path::Path, fault: Option<Fault>, ids: &[u32]) -> 
 }
 
 fn tier_trace(p: Precision, dir: &std::path::Path, fault: Option<Fault>, ids: &[u32]) -> Trace {
-    match p {
-        Precision::F64 => trace::<f64>(dir, fault, ids),
-        Precision::F32 => trace::<f32>(dir, fault, ids),
-        Precision::BF16 => trace::<Bf16>(dir, fault, ids),
-    }
+    lockstep_engine::with_float!(p, T => trace::<T>(dir, fault, ids))
 }
 
 /// Writes `t` under `FAULT_EFFECT_TRACES` when that is set.

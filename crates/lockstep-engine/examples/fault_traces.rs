@@ -1,6 +1,6 @@
 //! Writes the engine's trace with each fault, per tier (calibration of the op-level judgement).
 //! `cargo run --release -p lockstep-engine --example fault_traces -- MODEL OUT_DIR TIER IDS`
-use lockstep_engine::tracing::trace_forward;
+use lockstep_engine::trace_capture::trace_forward;
 use lockstep_engine::{Bf16, Fault, Model};
 
 fn main() {

@@ -9,7 +9,7 @@
 //! - [`kernels`]: matmul, RMSNorm, RoPE, attention, activation; each with a reference version.
 //! - [`model`]: the decoder forward pass.
 //! - [`observer`]: taps for traces, free when off.
-//! - [`tracing`]: one traced forward pass written in the lockstep trace format.
+//! - [`trace_capture`]: one traced forward pass written in the lockstep trace format.
 //! - [`sampling`]: transformers' logits processors (repetition penalty, temperature, top-k, top-p,
 //!   min-p), argmax and a seeded sampler.
 //! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
@@ -31,13 +31,14 @@ pub mod sampling;
 pub mod sequence;
 pub mod source;
 pub mod tokenizer;
-pub mod tracing;
+pub mod trace_capture;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use faults::Fault;
 pub use kernels::{Bf16, Float, Precision};
+pub use lockstep_trace::Dtype;
 pub use model::{BatchKvCache, KvCache, LogitsFor, Model, PaddedBatch};
 pub use observer::{NoObserver, Observer, TapView, TraceRecorder};
 pub use tokenizer::Tokenizer;

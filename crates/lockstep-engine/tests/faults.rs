@@ -1,8 +1,8 @@
 //! Every injected fault first changes the tensor it says it enters at, in every compute precision,
 //! and the upcast faults change it by bf16-rounding amounts (visible above f32 noise in f32/f64).
 
-use lockstep_engine::tracing::trace_forward;
-use lockstep_engine::{Bf16, Fault, Float, Model, Precision};
+use lockstep_engine::trace_capture::trace_forward;
+use lockstep_engine::{Fault, Float, Model, Precision};
 use lockstep_trace::{forward_rank, Trace};
 use std::path::PathBuf;
 
@@ -27,11 +27,7 @@ fn trace<T: Float>(fault: Option<Fault>) -> Trace {
 }
 
 fn tier(p: Precision, fault: Option<Fault>) -> Trace {
-    match p {
-        Precision::F64 => trace::<f64>(fault),
-        Precision::F32 => trace::<f32>(fault),
-        Precision::BF16 => trace::<Bf16>(fault),
-    }
+    lockstep_engine::with_float!(p, T => trace::<T>(fault))
 }
 
 fn values(t: &Trace, name: &str) -> Vec<f64> {

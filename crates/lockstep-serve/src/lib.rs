@@ -25,23 +25,13 @@ pub use error::{ApiError, ServeError};
 
 use lockstep_engine::chat::ChatTemplate;
 use lockstep_engine::generate::GenerationDefaults;
-use lockstep_engine::{Bf16, Model, Tokenizer};
+use lockstep_engine::{with_float, Model, Tokenizer};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 /// The compute precision of the served model (as `lockstep generate --dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dtype {
-    /// float64 everywhere.
-    F64,
-    /// float32, rounding where transformers does.
-    F32,
-    /// bf16 weights and activations, rounded where transformers' bf16 forward rounds.
-    Bf16,
-    /// bf16 weights as stored, float32 activations.
-    Bf16w,
-}
+pub use lockstep_engine::Dtype;
 
 /// How to serve.
 #[derive(Debug, Clone)]
@@ -114,11 +104,7 @@ pub fn serve(o: &ServeOptions) -> Result<(), ServeError> {
     let dtype = o.dtype;
     let decode_loop = std::thread::Builder::new()
         .name("lockstep-decode".into())
-        .spawn(move || match dtype {
-            Dtype::F64 => scheduler::run::<f64>(engine, rx),
-            Dtype::F32 | Dtype::Bf16w => scheduler::run::<f32>(engine, rx),
-            Dtype::Bf16 => scheduler::run::<Bf16>(engine, rx),
-        })
+        .spawn(move || with_float!(dtype.precision(), T => scheduler::run::<T>(engine, rx)))
         .map_err(|source| ServeError::Io {
             what: "cannot start the decode thread".into(),
             source,

@@ -5,11 +5,13 @@
 //! port (JAX, ...) that emits these names can be compared too.
 
 pub mod names;
+pub mod precision;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use names::{forward_rank, sort_forward, LayerTap, TapName};
+pub use precision::{Dtype, Precision};
 
 /// Errors reading or writing a trace. Each renders as one line.
 #[derive(Debug, thiserror::Error)]

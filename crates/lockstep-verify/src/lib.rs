@@ -58,4 +58,10 @@ pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 #[cfg(test)]
 mod nonfinite_tests;
 #[cfg(test)]
+#[path = "report_tests.rs"]
+mod report_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+#[path = "tier_tests.rs"]
+mod tier_tests;

@@ -5,17 +5,7 @@ use lockstep_trace::TensorData;
 
 /// Deterministic pseudo-random values in [-2, 2).
 fn values(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-        })
-        .collect()
+    crate::tests::values(seed, n, 2.0)
 }
 
 fn bf16(v: &[f64]) -> Vec<f64> {

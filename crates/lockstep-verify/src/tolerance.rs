@@ -18,6 +18,7 @@
 //! the oracle a rule measures against fails the tensor ([`crate::compare::Status::NonFinite`]),
 //! and a non-finite `max|ref − oracle|` never widens a threshold ([`finite_noise`]).
 
+use lockstep_trace::Precision;
 use lockstep_trace::{TapName, TensorData, Trace};
 use serde::Serialize;
 
@@ -54,52 +55,22 @@ pub const BF16_NOISE_MULTIPLE: f64 = 2.0;
 /// (docs/numerics.md: PyTorch bf16 top-1 agreement of 0.90 to 1.0).
 pub const BF16_TOP1_SLACK: f64 = 0.02;
 
-/// The precision tier a comparison is judged in, from the traces' compute dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    /// Both sides in float64 against a pure-f64 reference: exact math, 1e-9.
-    F64,
-    /// Both sides in float32: small multiples of the reference's own f32 noise.
-    F32,
-    /// bfloat16: judged against the pure-f64 oracle, no worse than 2× the reference's distance.
-    BF16,
+/// The precision tier a comparison is judged in, from the traces' compute dtype: the shared
+/// [`Precision`] (`F64 < F32 < BF16`, most precise first).
+///
+/// - `F64`: both sides in float64 against a pure-f64 reference: exact math, 1e-9.
+/// - `F32`: both sides in float32: small multiples of the reference's own f32 noise.
+/// - `BF16`: judged against the pure-f64 oracle, no worse than 2× the reference's distance.
+pub type Tier = Precision;
+
+/// The rule each tier is judged by, stated for reports.
+pub trait TierRule {
+    /// One paragraph stating the tier's rule, for reports.
+    fn rule_description(self) -> &'static str;
 }
 
-impl Tier {
-    /// The short name used in metadata and reports: `f64`, `f32` or `bf16`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::F64 => "f64",
-            Tier::F32 => "f32",
-            Tier::BF16 => "bf16",
-        }
-    }
-
-    /// Parses a compute dtype as written in trace metadata: `f64`/`float64`/`torch.float64`,
-    /// `f32`/`float32`, `bf16`/`bfloat16` (case-insensitive). `None` for anything else.
-    pub fn from_dtype(s: &str) -> Option<Tier> {
-        let s = s.trim().to_ascii_lowercase();
-        let s = s.strip_prefix("torch.").unwrap_or(&s);
-        match s {
-            "f64" | "float64" | "double" => Some(Tier::F64),
-            "f32" | "float32" | "float" => Some(Tier::F32),
-            "bf16" | "bfloat16" => Some(Tier::BF16),
-            _ => None,
-        }
-    }
-
-    /// Precision rank: higher is more precise.
-    fn precision(self) -> u8 {
-        match self {
-            Tier::F64 => 2,
-            Tier::F32 => 1,
-            Tier::BF16 => 0,
-        }
-    }
-
-    /// One paragraph stating the tier's rule, for reports.
-    pub fn rule_description(self) -> &'static str {
+impl TierRule for Tier {
+    fn rule_description(self) -> &'static str {
         match self {
             Tier::F64 => {
                 "f64 tier (exact math): every tensor within 1e-9 · max(1, max|ref|) of the \
@@ -120,12 +91,6 @@ impl Tier {
                  agreement with the oracle must also be at least the reference's minus 0.02."
             }
         }
-    }
-}
-
-impl std::fmt::Display for Tier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -287,7 +252,7 @@ impl TolerancePolicy {
             None => {
                 let r = trace_tier(reference, "reference", &mut notes)?;
                 let t = trace_tier(test, "test", &mut notes)?;
-                if t.precision() < r.precision() {
+                if t > r {
                     return Err(PolicyError::TierMismatch {
                         reference: r,
                         test: t,

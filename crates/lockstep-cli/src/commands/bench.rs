@@ -171,8 +171,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         )));
     }
     pre.check_memory(a.dtype, a.batch, a.prompt_tokens, context, false)?;
-    let l = pre.load_model()?;
-    let prompts = prompts(a.batch, a.prompt_tokens, l.model.config.vocab_size);
+    let loaded = pre.load_model()?;
+    let prompts = prompts(a.batch, a.prompt_tokens, loaded.model.config.vocab_size);
     let opts = GenerateOptions {
         max_new_tokens: a.new_tokens,
         eos_token_ids: vec![],
@@ -181,16 +181,16 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         sampling: SamplingParams {
             do_sample: false,
             repetition_penalty: 1.0,
-            ..l.defaults.sampling.clone()
+            ..loaded.defaults.sampling.clone()
         },
         seed: 0,
     };
     eprintln!(
         "loaded {} in {:.2} s ({}, {} layers); {} × {} prompt tokens, {} new, {} repeats",
         a.model.display(),
-        l.load_s,
+        loaded.load_s,
         a.dtype.name(),
-        l.model.config.num_layers,
+        loaded.model.config.num_layers,
         a.batch,
         a.prompt_tokens,
         a.new_tokens,
@@ -198,7 +198,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     );
     let (mut prefill, mut decode, mut steps_s) = (vec![], vec![], vec![]);
     for r in 0..a.repeat {
-        let g = generate_rows(&l, a.dtype, &prompts, &opts)?;
+        let g = generate_rows(&loaded, a.dtype, &prompts, &opts)?;
         let g0 = &g[0];
         let p = rate(a.batch * a.prompt_tokens, g0.prefill_s);
         let steps = rate(g0.decode_steps, g0.decode_s);
@@ -212,7 +212,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         steps_s.push(steps);
     }
     let peak_rss = peak_rss_bytes().unwrap_or(0);
-    let wbytes = decode_weight_bytes(&l.model);
+    let wbytes = decode_weight_bytes(&loaded.model);
     let steps = median(steps_s);
     let achieved = wbytes as f64 * steps;
     let machine = read_bandwidth();
@@ -220,7 +220,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     eprintln!(
         "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
          weights {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads)",
-        l.load_s,
+        loaded.load_s,
         peak_rss as f64 / 1e9,
         achieved / 1e9,
         100.0 * achieved / machine,
@@ -236,7 +236,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,
             "repeat": a.repeat,
-            "load_s": l.load_s,
+            "load_s": loaded.load_s,
             "prefill_tok_s": prefill,
             "decode_tok_s": decode,
             "peak_rss_bytes": peak_rss,

@@ -41,7 +41,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         .saturating_add(CHAT_HISTORY_ALLOWANCE)
         .min(pre.config.max_position_embeddings);
     pre.check_memory(a.sampling.dtype, 1, 0, context, a.sampling.force)?;
-    let l = pre.load_model()?;
+    let loaded = pre.load_model()?;
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = vec![];
     let reset = |h: &mut Vec<Message>| {
@@ -51,11 +51,11 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         }
     };
     reset(&mut history);
-    let opts0 = a.sampling.options(&l.defaults, 0)?;
+    let opts0 = a.sampling.options(&loaded.defaults, 0)?;
     eprintln!(
         "loaded {} in {:.2} s; {}. One message per line; /reset forgets, /exit or end of input quits.",
         a.model.display(),
-        l.load_s,
+        loaded.load_s,
         describe(&opts0)
     );
     let stdin = std::io::stdin();
@@ -80,13 +80,13 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         }
         history.push(Message::new("user", msg));
         let text = template.render(&history, true, None)?;
-        let ids = l.tokenizer.encode(&text)?;
+        let ids = loaded.tokenizer.encode(&text)?;
         let mut opts = opts0.clone();
-        opts.max_new_tokens = a.sampling.max_new_tokens(&l.defaults, ids.len());
+        opts.max_new_tokens = a.sampling.max_new_tokens(&loaded.defaults, ids.len());
         // One seed per session, a different stream per turn.
         opts.seed = opts0.seed.wrapping_add(turn);
         turn += 1;
-        let g = run_generation(&l, a.sampling.dtype, &ids, &opts, print_flush)?;
+        let g = run_generation(&loaded, a.sampling.dtype, &ids, &opts, print_flush)?;
         print_flush("\n");
         eprintln!("[{}]", speed_line(&g));
         history.push(Message::new("assistant", g.text.trim()));

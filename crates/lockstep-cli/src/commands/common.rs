@@ -1,31 +1,83 @@
 //! Argument pieces shared by several subcommands.
 
 use crate::cli_error::{CliError, CliResult};
+use clap::builder::PossibleValue;
 use lockstep_engine::Tokenizer;
+use lockstep_engine::{Dtype, Precision};
 use std::path::Path;
 
-/// Compute precision chosen on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeArg {
-    /// float64 everywhere (the exact tier).
-    F64,
-    /// float32, rounding where transformers does.
-    F32,
-    /// bf16 weights and activations, rounded where transformers' bf16 forward rounds.
-    Bf16,
-    /// bf16 weights as stored, float32 activations (faster and more accurate than bf16).
-    Bf16w,
+/// `--dtype` of generate, chat, bench, serve and trace: the shared [`Dtype`], offered to clap
+/// with its names and help (no name table of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtypeArg(pub Dtype);
+
+impl std::ops::Deref for DtypeArg {
+    type Target = Dtype;
+    fn deref(&self) -> &Dtype {
+        &self.0
+    }
 }
 
-impl DtypeArg {
-    /// The trace metadata name.
-    pub fn name(self) -> &'static str {
-        match self {
-            DtypeArg::F64 => "f64",
-            DtypeArg::F32 => "f32",
-            DtypeArg::Bf16 => "bf16",
-            DtypeArg::Bf16w => "bf16w",
-        }
+impl clap::ValueEnum for DtypeArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [DtypeArg; 4] = [
+            DtypeArg(Dtype::ALL[0]),
+            DtypeArg(Dtype::ALL[1]),
+            DtypeArg(Dtype::ALL[2]),
+            DtypeArg(Dtype::ALL[3]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()).help(self.help()))
+    }
+}
+
+/// A [`Precision`] on the command line (`compare --tier`), by its shared name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionArg(pub Precision);
+
+impl clap::ValueEnum for PrecisionArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [PrecisionArg; 3] = [
+            PrecisionArg(Precision::ALL[0]),
+            PrecisionArg(Precision::ALL[1]),
+            PrecisionArg(Precision::ALL[2]),
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.0.as_str()))
+    }
+}
+
+/// `verify --dtype`: one precision tier, or `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierChoice {
+    /// Just this tier.
+    One(Precision),
+    /// f64 and f32, plus bf16 when the checkpoint is stored in bf16.
+    All,
+}
+
+impl clap::ValueEnum for TierChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [TierChoice; 4] = [
+            TierChoice::One(Precision::ALL[0]),
+            TierChoice::One(Precision::ALL[1]),
+            TierChoice::One(Precision::ALL[2]),
+            TierChoice::All,
+        ];
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            TierChoice::One(p) => p.as_str(),
+            TierChoice::All => "all",
+        }))
     }
 }
 

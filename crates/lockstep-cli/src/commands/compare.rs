@@ -3,9 +3,10 @@
 //! Exit 0 when everything passes, 1 when something fails (a NaN or infinity on either side
 //! always fails, even at the same place on both), 2 on bad input.
 
+use super::common::PrecisionArg;
 use crate::cli_error::{CliError, CliResult};
 use lockstep_trace::Trace;
-use lockstep_verify::{compare_traces, report, NamedComparison, Tier, TolerancePolicy};
+use lockstep_verify::{compare_traces, report, NamedComparison, TolerancePolicy};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -20,8 +21,8 @@ pub struct Args {
     #[arg(long)]
     oracle: Option<PathBuf>,
     /// Force the precision tier (default: from the traces' dtype metadata).
-    #[arg(long, value_parser = ["f64", "f32", "bf16"])]
-    tier: Option<String>,
+    #[arg(long, value_enum)]
+    tier: Option<PrecisionArg>,
     /// Write a Markdown report.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -47,7 +48,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let reference = Trace::read(&a.reference)?;
     let test = Trace::read(&a.test)?;
     let oracle = a.oracle.as_deref().map(Trace::read).transpose()?;
-    let tier = a.tier.as_deref().and_then(Tier::from_dtype);
+    let tier = a.tier.map(|t| t.0);
     let policy = TolerancePolicy::for_traces_with_tier(&reference, &test, oracle.as_ref(), tier)
         .map_err(|e| CliError::input(e.to_string()))?;
     let cmp = compare_traces(&reference, &test, oracle.as_ref(), &policy);

@@ -20,7 +20,7 @@ use lockstep_engine::generate::{
 use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
 use lockstep_engine::sampling::SamplingParams;
 use lockstep_engine::source::ModelSource;
-use lockstep_engine::{Bf16, Float, Model, ModelConfig, Tokenizer};
+use lockstep_engine::{with_float, Model, ModelConfig, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -198,8 +198,8 @@ impl SamplingArgs {
     }
 }
 
-/// A loaded model with its tokenizer and generation defaults.
-pub struct Loaded {
+/// A model with its weights loaded, its tokenizer and generation defaults.
+pub struct LoadedModel {
     /// The model.
     pub model: Model,
     /// Its tokenizer.
@@ -253,11 +253,7 @@ impl Preloaded {
         context: usize,
         force: bool,
     ) -> CliResult<()> {
-        let act_bytes = match dtype {
-            DtypeArg::F64 => 8,
-            DtypeArg::F32 | DtypeArg::Bf16w => 4,
-            DtypeArg::Bf16 => 2,
-        };
+        let act_bytes = dtype.activation_bytes();
         let weights = resources::weight_bytes(&self.source, &self.config)?;
         let run = RunShape {
             batch,
@@ -270,13 +266,13 @@ impl Preloaded {
     }
 
     /// Maps (or loads) the weights.
-    pub fn load_model(self) -> CliResult<Loaded> {
+    pub fn load_model(self) -> CliResult<LoadedModel> {
         let dir = &self.dir;
         let source = &self.source;
         let model = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
             Model::load_source(source, None)
         })?;
-        Ok(Loaded {
+        Ok(LoadedModel {
             model,
             tokenizer: self.tokenizer,
             defaults: self.defaults,
@@ -297,31 +293,15 @@ pub fn chat_template(dir: &Path) -> CliResult<ChatTemplate> {
 
 /// Runs one generation in the chosen precision, streaming text through `on_text`.
 pub fn run_generation(
-    l: &Loaded,
+    loaded: &LoadedModel,
     dtype: DtypeArg,
     prompt: &[u32],
     opts: &GenerateOptions,
     on_text: impl FnMut(&str),
 ) -> CliResult<Generation> {
-    fn go<T: Float>(
-        l: &Loaded,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        on_text: impl FnMut(&str),
-    ) -> CliResult<Generation> {
-        Ok(generate::<T>(
-            &l.model,
-            &l.tokenizer,
-            prompt,
-            opts,
-            on_text,
-        )?)
-    }
-    match dtype {
-        DtypeArg::F64 => go::<f64>(l, prompt, opts, on_text),
-        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompt, opts, on_text),
-        DtypeArg::Bf16 => go::<Bf16>(l, prompt, opts, on_text),
-    }
+    Ok(with_float!(dtype.precision(), T => {
+        generate::<T>(&loaded.model, &loaded.tokenizer, prompt, opts, on_text)?
+    }))
 }
 
 /// Prints text to stdout at once.
@@ -417,16 +397,16 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         context,
         a.sampling.force,
     )?;
-    let l = pre.load_model()?;
+    let loaded = pre.load_model()?;
     for ids in &prompts {
-        l.model.check_tokens(ids, 0)?;
+        loaded.model.check_tokens(ids, 0)?;
     }
     let lens: Vec<String> = prompts.iter().map(|p| p.len().to_string()).collect();
     eprintln!(
         "loaded {} in {:.2} s ({} layers, {}); {} prompt tokens; {}",
         a.model.display(),
-        l.load_s,
-        l.model.config.num_layers,
+        loaded.load_s,
+        loaded.model.config.num_layers,
         a.sampling.dtype.name(),
         if prompts.len() == 1 {
             lens[0].clone()
@@ -440,9 +420,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         describe(&opts)
     );
     if prompts.len() > 1 {
-        return run_batch(&a, &l, &prompts, &opts);
+        return run_batch(&a, &loaded, &prompts, &opts);
     }
-    let g = run_generation(&l, a.sampling.dtype, &prompts[0], &opts, print_flush)?;
+    let g = run_generation(&loaded, a.sampling.dtype, &prompts[0], &opts, print_flush)?;
     // With --json the text is always followed by one newline, so everything before the JSON line
     // is exactly the text.
     if a.json || !g.text.ends_with('\n') {
@@ -451,7 +431,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     eprintln!("{}", speed_line(&g));
     if a.json {
         let mut obj = generation_json(&g);
-        obj["load_s"] = l.load_s.into();
+        obj["load_s"] = loaded.load_s.into();
         obj["dtype"] = a.sampling.dtype.name().into();
         obj["seed"] = opts.seed.into();
         obj["sampling"] = sampling_json(&opts);
@@ -477,39 +457,24 @@ fn sampling_json(opts: &GenerateOptions) -> serde_json::Value {
 
 /// One batch generation of `prompts` in `dtype` (no streaming): each row's [`Generation`].
 pub fn generate_rows(
-    l: &Loaded,
+    loaded: &LoadedModel,
     dtype: DtypeArg,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> CliResult<Vec<Generation>> {
-    fn go<T: Float>(
-        l: &Loaded,
-        prompts: &[Vec<u32>],
-        opts: &GenerateOptions,
-    ) -> CliResult<Vec<Generation>> {
-        Ok(generate_batch::<T>(
-            &l.model,
-            &l.tokenizer,
-            prompts,
-            opts,
-            |_, _| {},
-        )?)
-    }
-    match dtype {
-        DtypeArg::F64 => go::<f64>(l, prompts, opts),
-        DtypeArg::F32 | DtypeArg::Bf16w => go::<f32>(l, prompts, opts),
-        DtypeArg::Bf16 => go::<Bf16>(l, prompts, opts),
-    }
+    Ok(with_float!(dtype.precision(), T => {
+        generate_batch::<T>(&loaded.model, &loaded.tokenizer, prompts, opts, |_, _| {})?
+    }))
 }
 
 /// Generates a batch of prompts together and prints each row's text when all are done.
 fn run_batch(
     a: &Args,
-    l: &Loaded,
+    loaded: &LoadedModel,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> CliResult<ExitCode> {
-    let rows = generate_rows(l, a.sampling.dtype, prompts, opts)?;
+    let rows = generate_rows(loaded, a.sampling.dtype, prompts, opts)?;
     if !a.json {
         for (i, g) in rows.iter().enumerate() {
             println!("[{i}] {}", g.text);
@@ -537,7 +502,7 @@ fn run_batch(
             "decode_tok_s": rate(decoded, decode_s),
             "prefill_s": prefill_s,
             "decode_s": decode_s,
-            "load_s": l.load_s,
+            "load_s": loaded.load_s,
             "dtype": a.sampling.dtype.name(),
             "seed": opts.seed,
             "sampling": sampling_json(opts),

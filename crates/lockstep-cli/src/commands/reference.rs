@@ -1,6 +1,7 @@
 //! `lockstep reference --model DIR (--tokens ..|--prompt ..) --dtype D --out FILE`: the PyTorch
 //! reference trace, through the project's Python tracer.
 
+use super::common::PrecisionArg;
 use crate::cli_error::CliResult;
 use crate::harness::python::ReferenceEnv;
 use std::path::PathBuf;
@@ -19,8 +20,8 @@ pub struct Args {
     #[arg(long)]
     prompt: Option<String>,
     /// Reference precision: f64 (pure float64), f32, or bf16.
-    #[arg(long, default_value = "f32", value_parser = ["f64", "f32", "bf16"])]
-    dtype: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: PrecisionArg,
     /// Output trace file.
     #[arg(long)]
     out: PathBuf,
@@ -32,7 +33,13 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let model = a.model.to_string_lossy().into_owned();
     let out = a.out.to_string_lossy().into_owned();
     let mut args = vec![
-        "trace", "--model", &model, "--dtype", &a.dtype, "--out", &out,
+        "trace",
+        "--model",
+        &model,
+        "--dtype",
+        a.dtype.0.as_str(),
+        "--out",
+        &out,
     ];
     if let Some(t) = &a.tokens {
         args.extend(["--tokens", t]);

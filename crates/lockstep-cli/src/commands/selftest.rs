@@ -15,8 +15,8 @@ use crate::harness::inputs::{default_inputs, InputKind};
 use crate::harness::pyref::PythonReference;
 use crate::harness::reference::{Reference, TraceJob};
 use crate::harness::{judge_in_tier, judge_ops, read_reference_trace, OpsInput};
-use lockstep_engine::tracing::trace_forward;
-use lockstep_engine::{Bf16, Fault, Model};
+use lockstep_engine::trace_capture::trace_forward;
+use lockstep_engine::{with_float, Fault, Model};
 use lockstep_trace::{forward_rank, Trace};
 use lockstep_verify::local::NamedLocal;
 use lockstep_verify::{Tier, TraceComparison};
@@ -57,11 +57,7 @@ impl Row {
 
 /// The engine's trace of `tokens` in `tier`.
 fn engine_trace(model: &Model, tier: Tier, tokens: &[u32]) -> CliResult<Trace> {
-    Ok(match tier {
-        Tier::F64 => trace_forward::<f64>(model, tokens, None),
-        Tier::F32 => trace_forward::<f32>(model, tokens, None),
-        Tier::BF16 => trace_forward::<Bf16>(model, tokens, None),
-    }?)
+    Ok(with_float!(tier, T => trace_forward::<T>(model, tokens, None))?)
 }
 
 /// Runs one tier: the clean engine and every fault, judged end to end and op by op.

@@ -3,7 +3,7 @@
 
 use super::common::DtypeArg;
 use crate::cli_error::{CliError, CliResult};
-use lockstep_serve::{Dtype, ServeError, ServeOptions};
+use lockstep_serve::{ServeError, ServeOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,12 +29,7 @@ pub struct Args {
 
 /// Runs `serve` until Ctrl-C.
 pub fn run(a: Args) -> CliResult<ExitCode> {
-    let dtype = match a.dtype {
-        DtypeArg::F64 => Dtype::F64,
-        DtypeArg::F32 => Dtype::F32,
-        DtypeArg::Bf16 => Dtype::Bf16,
-        DtypeArg::Bf16w => Dtype::Bf16w,
-    };
+    let dtype = *a.dtype;
     let opts = ServeOptions {
         model: a.model,
         host: a.host,

@@ -5,7 +5,7 @@
 
 use super::common::{input_ids, DtypeArg};
 use crate::cli_error::CliResult;
-use lockstep_engine::{tracing::trace_forward, Bf16, Model};
+use lockstep_engine::{trace_capture::trace_forward, with_float, Dtype, Model};
 use lockstep_verify::nonfinite::first_nonfinite;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,16 +49,12 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     })?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let trace = match a.dtype {
-        DtypeArg::F64 => trace_forward::<f64>(&model, &ids, a.prompt.as_deref())?,
-        DtypeArg::F32 => trace_forward::<f32>(&model, &ids, a.prompt.as_deref())?,
-        DtypeArg::Bf16 => trace_forward::<Bf16>(&model, &ids, a.prompt.as_deref())?,
-        DtypeArg::Bf16w => {
-            let mut t = trace_forward::<f32>(&model, &ids, a.prompt.as_deref())?;
-            t.metadata.insert("mode".into(), "bf16w".into());
-            t
-        }
-    };
+    let mut trace = with_float!(a.dtype.precision(), T => {
+        trace_forward::<T>(&model, &ids, a.prompt.as_deref())?
+    });
+    if *a.dtype == Dtype::Bf16w {
+        trace.metadata.insert("mode".into(), a.dtype.name().into());
+    }
     let run_s = t1.elapsed().as_secs_f64();
     trace.write(&a.out)?;
     eprintln!(

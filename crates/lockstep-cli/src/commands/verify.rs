@@ -1,6 +1,7 @@
 //! `lockstep verify`: the phased verification against the PyTorch reference, with a Markdown
 //! report, JSON, an SVG plot of the per-layer error and a self-contained HTML report.
 
+use super::common::TierChoice;
 use super::compare::write_atomic;
 use crate::cli_error::{CliError, CliResult};
 use crate::harness::engine_pipeline::{run_verify, VerifyOptions};
@@ -8,7 +9,7 @@ use crate::harness::inputs::{default_inputs, Input, InputKind};
 use crate::harness::port_pipeline::{run_port_verify, PortVerifyOptions};
 use crate::harness::pyref::PythonReference;
 use crate::harness::python::ReferenceEnv;
-use lockstep_engine::Fault;
+use lockstep_engine::{Fault, Precision};
 use lockstep_verify::{report, Tier, VerifyOutcome};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,8 +23,8 @@ pub struct Args {
     pub model: Option<PathBuf>,
     /// Precision tier(s): f64 (exact), f32, bf16 (bf16-stored checkpoints; also checks bf16w), or
     /// all (f64 + f32, + bf16 when the checkpoint is stored in bf16).
-    #[arg(long, default_value = "all", value_parser = ["f64", "f32", "bf16", "all"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "all")]
+    pub dtype: TierChoice,
     /// Prompts for the forward phases (repeatable; default: "Hello", "The", "123", plus a short
     /// sentence and a ~300-token paragraph).
     #[arg(long)]
@@ -117,7 +118,7 @@ pub fn default_model(env: &ReferenceEnv) -> CliResult<PathBuf> {
 
 /// The tiers `--dtype` asks for. `all` is f64 and f32, plus bf16 when the checkpoint is stored in
 /// bf16 (the bf16 tier's oracle must run on the very weights bf16 uses).
-pub fn tiers(dtype: &str, model: &Path) -> CliResult<Vec<Tier>> {
+pub fn tiers(dtype: TierChoice, model: &Path) -> CliResult<Vec<Tier>> {
     let stored_bf16 = || -> CliResult<bool> {
         let ck = lockstep_engine::weights::Checkpoint::open(model)?;
         Ok(!ck.tensors.is_empty()
@@ -127,17 +128,16 @@ pub fn tiers(dtype: &str, model: &Path) -> CliResult<Vec<Tier>> {
                 .all(|t| t.dtype == lockstep_engine::weights::StoredDtype::BF16))
     };
     Ok(match dtype {
-        "f64" => vec![Tier::F64],
-        "f32" => vec![Tier::F32],
-        "all" if stored_bf16()? => vec![Tier::F64, Tier::F32, Tier::BF16],
-        "all" => vec![Tier::F64, Tier::F32],
-        "bf16" if stored_bf16()? => vec![Tier::BF16],
-        "bf16" => {
+        TierChoice::One(Tier::F64) => vec![Tier::F64],
+        TierChoice::One(Tier::F32) => vec![Tier::F32],
+        TierChoice::All if stored_bf16()? => vec![Tier::F64, Tier::F32, Tier::BF16],
+        TierChoice::All => vec![Tier::F64, Tier::F32],
+        TierChoice::One(Tier::BF16) if stored_bf16()? => vec![Tier::BF16],
+        TierChoice::One(Tier::BF16) => {
             return Err(CliError::input(
                 "the bf16 tier needs a checkpoint stored in bf16 (its oracle runs on those same weights); this one is not",
             ))
         }
-        other => return Err(CliError::input(format!("unknown --dtype {other}"))),
     })
 }
 
@@ -220,8 +220,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let generate_tokens = a
         .generate_tokens
         .unwrap_or(if a.single_only { 0 } else { 64 });
-    check_memory(&model, &a.dtype, &inputs, generate_tokens, a.force)?;
-    let tiers = tiers(&a.dtype, &model)?;
+    check_memory(&model, a.dtype, &inputs, generate_tokens, a.force)?;
+    let tiers = tiers(a.dtype, &model)?;
     let outcome = run_phases(
         &model,
         tiers,
@@ -252,7 +252,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 /// model in its dtype.
 fn check_memory(
     model: &Path,
-    dtype: &str,
+    dtype: TierChoice,
     inputs: &[Input],
     generate_tokens: usize,
     force: bool,
@@ -263,9 +263,9 @@ fn check_memory(
     let weights = resources::weight_bytes(&source, &config)?;
     let prompt_len = inputs.iter().map(|i| i.text.len() + 16).max().unwrap_or(16);
     let (act_bytes, reference_bytes) = match dtype {
-        "f64" | "all" => (8, 4),
-        "bf16" => (4, 2),
-        _ => (4, 4),
+        TierChoice::One(Precision::F64) | TierChoice::All => (8, 4),
+        TierChoice::One(Precision::BF16) => (4, 2),
+        TierChoice::One(Precision::F32) => (4, 4),
     };
     let run = RunShape {
         batch: 2,
@@ -280,13 +280,9 @@ fn check_memory(
 /// The phased JSON with the op-level judgements (`op_level`) and the first divergence taken from
 /// where a difference is first *made* when an op-level check found one (`first_divergence`; the
 /// end-to-end one stays as `first_divergence_end_to_end`).
-fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
-    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(&js)
-    else {
-        return js;
-    };
-    let e2e = m.get("first_divergence").cloned().unwrap_or_default();
-    m.insert("first_divergence_end_to_end".into(), e2e.clone());
+fn verify_json(title: &str, desc: &str, outcome: &VerifyOutcome) -> String {
+    let mut r = report::verify_report(title, desc, &outcome.phases);
+    let end_to_end = r.first_divergence.clone();
     if let Some(made) = outcome
         .local
         .iter()
@@ -294,13 +290,13 @@ fn with_op_level(js: String, outcome: &VerifyOutcome) -> String {
         .filter_map(|l| l.local.first_divergence.clone())
         .min_by_key(|n| lockstep_trace::forward_rank(n))
     {
-        m.insert("first_divergence".into(), serde_json::Value::String(made));
+        r.first_divergence = Some(made);
     }
-    m.insert(
-        "op_level".into(),
-        lockstep_verify::local::local_json(&outcome.local),
-    );
-    serde_json::to_string_pretty(&serde_json::Value::Object(m)).unwrap_or(js)
+    r.op_level = Some(report::OpLevel {
+        first_divergence_end_to_end: end_to_end,
+        op_level: lockstep_verify::local::local_json(&outcome.local),
+    });
+    report::Versioned::new(r).to_json()
 }
 
 /// Writes the Markdown report, JSON and SVG plot (the plot from the last tier's comparisons),
@@ -313,7 +309,7 @@ fn write_reports(
     plot_title: &str,
 ) -> CliResult<ExitCode> {
     let md = report::phased_markdown(title, desc, &outcome.phases);
-    let js = with_op_level(report::phased_json(title, desc, &outcome.phases), outcome);
+    let js = verify_json(title, desc, outcome);
     let plot_inputs = outcome
         .full
         .last()

@@ -21,8 +21,8 @@ use super::{
     HarnessResult, OpsInput,
 };
 use lockstep_engine::kernels::matmul::Kernel;
-use lockstep_engine::tracing::trace_forward;
-use lockstep_engine::{Bf16, Fault, Model, Precision};
+use lockstep_engine::trace_capture::trace_forward;
+use lockstep_engine::{with_float, Fault, Model};
 use lockstep_verify::nonfinite::{nonfinite_summary, NonFiniteWeight};
 use lockstep_verify::{restrict, NamedComparison, Phase, Tier, TraceComparison, VerifyOutcome};
 use std::fmt::Write as _;
@@ -110,11 +110,8 @@ pub fn run_verify(
         let mut comps = vec![];
         let mut ops_inputs = vec![];
         for (i, (input, tokens)) in opts.inputs.iter().zip(&ids).enumerate() {
-            let ours = match tier {
-                Tier::F64 => trace_forward::<f64>(&model, tokens, Some(&input.text)),
-                Tier::F32 => trace_forward::<f32>(&model, tokens, Some(&input.text)),
-                Tier::BF16 => trace_forward::<Bf16>(&model, tokens, Some(&input.text)),
-            }?;
+            let ours =
+                with_float!(tier, T => trace_forward::<T>(&model, tokens, Some(&input.text)))?;
             let cmp = judge_in_tier(tier, &ours, &|dt| read(&path(i, dt)))?;
             let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));
             ours.write(&ours_path).map_err(|e| {
@@ -270,12 +267,7 @@ fn kv_cache_phase(
                 worst = worst.max(d);
             }
         }
-        let arithmetic = match T::PRECISION {
-            Precision::F64 => "f64",
-            Precision::F32 => "f32",
-            Precision::BF16 => "bf16",
-        };
-        Ok((worst, arithmetic))
+        Ok((worst, T::PRECISION.as_str()))
     }
     let name = format!("KV-cache decode [{tier}]");
     let amx = Kernel::detect() == Kernel::Amx;
@@ -307,11 +299,7 @@ fn kv_cache_phase(
         let tol = tol_for(i)?;
         tol_all = tol_all.max(tol);
         let worst;
-        (worst, arithmetic) = match tier {
-            Tier::F64 => run::<f64>(model, tokens)?,
-            Tier::F32 => run::<f32>(model, tokens)?,
-            Tier::BF16 => run::<Bf16>(model, tokens)?,
-        };
+        (worst, arithmetic) = with_float!(tier, T => run::<T>(model, tokens)?);
         let ok = worst <= tol;
         all_ok &= ok;
         worst_all = worst_all.max(worst);
@@ -360,7 +348,8 @@ fn bf16w_phase(
     let mut worst_factor = f64::INFINITY;
     for (i, (input, tokens)) in opts.inputs.iter().zip(ids).enumerate() {
         let mut ours = trace_forward::<f32>(model, tokens, Some(&input.text))?;
-        ours.metadata.insert("mode".into(), "bf16w".into());
+        ours.metadata
+            .insert("mode".into(), lockstep_engine::Dtype::Bf16w.name().into());
         let cmp = judge_in_tier(Tier::BF16, &ours, &|dt| read(&path(i, dt)))?;
         if let Some(l) = cmp.get("logits") {
             if let (Some(t), Some(r)) = (&l.test_vs_oracle, &l.ref_vs_oracle) {

@@ -3,10 +3,9 @@
 //! [`linear`] decodes blocks of weight rows once and reuses them for every token, spread over
 //! threads with rayon; [`linear_reference`] is the plain triple loop it is tested against.
 
-use super::{Bf16, Float, Precision};
+use super::{Float, Precision};
 use crate::weights::{StoredDtype, Tensor};
 use rayon::prelude::*;
-use std::any::TypeId;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -62,8 +61,8 @@ pub enum Kernel {
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
     /// `f32` and `Bf16` compute; f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
-    /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only: [`Bf16`]
-    /// compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
+    /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
+    /// [`Bf16`](super::Bf16) compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
     /// f32, as PyTorch's bf16 matmul); everything else as [`Kernel::Avx512`]. Its sums are
     /// added in another order than AVX-512's, so there a prefill and a one-token decode of the
     /// same token may differ in the last bit of a sum (both within f32 reordering error).
@@ -133,16 +132,20 @@ fn linear_min_n<T: Float>(
         return;
     }
     let rows_per_task = task_rows(m, k * w.dtype.size());
-    let dst = Dst(out.as_mut_ptr(), m);
+    let dst = Dst {
+        ptr: out.as_mut_ptr(),
+        row_len: m,
+    };
     // AMX: Bf16 compute (never f32/f64: it would round their activations), BF16 weights,
     // enough tokens; the activations are packed once for every task.
     #[cfg(target_arch = "x86_64")]
     let packed = (kernel == Kernel::Amx
-        && TypeId::of::<T>() == TypeId::of::<Bf16>()
+        && T::PRECISION == Precision::BF16
         && w.dtype == StoredDtype::BF16
         && n >= amx_min_n
         && k > 0)
-        .then(|| amx::Packed::new(as_f32(x).unwrap(), n, k));
+        .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
+        .flatten();
     #[cfg(not(target_arch = "x86_64"))]
     let _ = amx_min_n;
     (0..m.div_ceil(rows_per_task))
@@ -152,9 +155,9 @@ fn linear_min_n<T: Float>(
             // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
             unsafe {
                 #[cfg(target_arch = "x86_64")]
-                let rest = match &packed {
-                    Some(p) => amx::sums(p, n, k, w.bytes(), m, rows.clone(), dst.0.cast()),
-                    None => rows.clone(),
+                let rest = match (&packed, T::f32_ptr(dst.ptr)) {
+                    (Some(p), Some(out)) => amx::sums(p, n, k, w.bytes(), m, rows.clone(), out),
+                    _ => rows.clone(),
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let rest = rows.clone();
@@ -162,41 +165,10 @@ fn linear_min_n<T: Float>(
                 sums(kernel, x, n, k, w, rest, dst);
                 let bias = bias.map(|b| &b[rows.clone()]);
                 for t in 0..n {
-                    finish(dst.row(t, rows.clone()), bias);
+                    T::add_bias_to_act_dtype(dst.row(t, rows.clone()), bias);
                 }
             }
         });
-}
-
-/// `o[j] = (o[j] + bias[j]).to_act_dtype()`: for [`Bf16`], a branch-free copy of its rounding that
-/// vectorizes (the scalar `half` call took longer than the AMX sums themselves).
-fn finish<T: Float>(o: &mut [T], bias: Option<&[T]>) {
-    if TypeId::of::<T>() == TypeId::of::<Bf16>() {
-        // SAFETY: T is Bf16, a repr(transparent) f32.
-        let o: &mut [f32] =
-            unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast(), o.len()) };
-        match bias.map(|b| as_f32(b).unwrap()) {
-            Some(b) => o
-                .iter_mut()
-                .zip(b)
-                .for_each(|(o, &b)| *o = round_bf16(*o + b)),
-            None => o.iter_mut().for_each(|o| *o = round_bf16(*o)),
-        }
-        return;
-    }
-    for (j, o) in o.iter_mut().enumerate() {
-        *o = (*o + bias.map_or(T::ZERO, |b| b[j])).to_act_dtype();
-    }
-}
-
-/// `half::bf16::from_f32(v).to_f32()` without branches: nearest-even at bit 16 (overflow to
-/// infinity), a NaN kept NaN with its quiet bit set.
-#[inline(always)]
-fn round_bf16(v: f32) -> f32 {
-    let b = v.to_bits();
-    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
-    let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
-    f32::from_bits(if nan { b | 0x0040_0000 } else { rounded } & 0xFFFF_0000)
 }
 
 /// Rows per rayon task: several tasks per thread (load balance) of at least ~64 KiB of weights
@@ -209,7 +181,12 @@ fn task_rows(m: usize, row_bytes: usize) -> usize {
 
 /// The output `[n][m]` shared by the tasks, each writing its own rows.
 #[derive(Clone, Copy)]
-struct Dst<T>(*mut T, usize);
+struct Dst<T> {
+    /// Start of the `n·m` outputs.
+    ptr: *mut T,
+    /// `m`: the outputs per token.
+    row_len: usize,
+}
 // SAFETY: tasks write disjoint entries (see `linear_with`).
 unsafe impl<T: Send> Send for Dst<T> {}
 unsafe impl<T: Sync> Sync for Dst<T> {}
@@ -221,16 +198,8 @@ impl<T> Dst<T> {
     /// No other live reference to these entries.
     #[allow(clippy::mut_from_ref)]
     unsafe fn row(&self, t: usize, rows: std::ops::Range<usize>) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(t * self.1 + rows.start), rows.len())
+        std::slice::from_raw_parts_mut(self.ptr.add(t * self.row_len + rows.start), rows.len())
     }
-}
-
-/// `x` as the f32 values it holds, when `T` is `f32` or [`Bf16`] (a `repr(transparent)` f32).
-fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
-    let f32_like =
-        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<Bf16>();
-    // SAFETY: T is f32 or Bf16, which has f32's layout.
-    f32_like.then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
 }
 
 /// Raw sums (no bias, no rounding) into `dst` for `rows` and every token.
@@ -247,9 +216,8 @@ unsafe fn sums<T: Float>(
     dst: Dst<T>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(xf) = as_f32(x) {
+    if let (Some(xf), Some(out)) = (T::as_f32s(x), T::f32_ptr(dst.ptr)) {
         let (m, bytes) = (w.shape[0], w.bytes());
-        let out = dst.0.cast::<f32>();
         // Which stored-weight reader: BF16 as stored, F32 rounded to bf16 for bf16 compute
         // (as `half` rounds it), F32 as stored; anything else runs portable.
         enum Reader {
@@ -348,6 +316,7 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kernels::Bf16;
     use crate::weights::Checkpoint;
 
     /// Writes a one-tensor checkpoint and returns the tensor (kept alive by its map).
@@ -659,19 +628,6 @@ pub(crate) mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// [`round_bf16`] is `half`'s rounding, bit for bit (ties, overflow, NaNs, subnormals).
-    #[test]
-    fn round_bf16_is_halfs() {
-        for b in (0..=u32::MAX)
-            .step_by(997)
-            .chain([0x3F80_8000, 0x3F81_8000, 0x7F7F_FFFF])
-        {
-            let v = f32::from_bits(b);
-            let h = half::bf16::from_f32(v).to_f32();
-            assert_eq!(round_bf16(v).to_bits(), h.to_bits(), "{b:#x}");
         }
     }
 

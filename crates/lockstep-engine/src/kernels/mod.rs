@@ -15,16 +15,36 @@ use crate::weights::StoredDtype;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
-/// Which floating-point arithmetic a forward pass uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    /// IEEE binary64 everywhere: no float32 step anywhere (the exact tier).
-    F64,
-    /// IEEE binary32, rounding where `transformers` rounds in float32.
-    F32,
-    /// bfloat16 activations, rounded at the points where `transformers`' bf16 forward rounds
-    /// (float32 inside matmul accumulation, norms and softmax, as PyTorch does).
-    BF16,
+pub use lockstep_trace::Precision;
+
+/// Runs `$body` with the type alias `$T` set to the compute type of a [`Precision`] (`f64`,
+/// `f32` or [`Bf16`]): the one place a precision chosen at run time becomes a [`Float`] type.
+///
+/// ```
+/// use lockstep_engine::{with_float, Float, Precision};
+/// fn zero<T: Float>() -> f64 {
+///     T::ZERO.to_f64()
+/// }
+/// assert_eq!(with_float!(Precision::BF16, T => zero::<T>()), 0.0);
+/// ```
+#[macro_export]
+macro_rules! with_float {
+    ($precision:expr, $T:ident => $body:expr) => {
+        match $precision {
+            $crate::Precision::F64 => {
+                type $T = f64;
+                $body
+            }
+            $crate::Precision::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::Precision::BF16 => {
+                type $T = $crate::Bf16;
+                $body
+            }
+        }
+    };
 }
 
 /// A compute type for the kernels: `f32`, `f64`, or [`Bf16`] (bf16 activations).
@@ -69,6 +89,30 @@ pub trait Float:
     fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]);
     /// Writes values into a trace tensor of this precision.
     fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData;
+    /// The `f32` values a slice of this type holds, for the SIMD matmul kernels: `Some` for
+    /// `f32` and [`Bf16`] (an `f32` inside), `None` for `f64`.
+    #[inline(always)]
+    fn as_f32s(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// `p` as a pointer to the `f32` it holds, when this type is `f32` or [`Bf16`] (as
+    /// [`Float::as_f32s`]); `None` for `f64`.
+    #[inline(always)]
+    fn f32_ptr(_p: *mut Self) -> Option<*mut f32> {
+        None
+    }
+    /// `o[j] = (o[j] + bias[j]).to_act_dtype()` for a whole row of matmul outputs (types may
+    /// override it with a faster loop computing the same values).
+    #[inline]
+    fn add_bias_to_act_dtype(o: &mut [Self], bias: Option<&[Self]>) {
+        match bias {
+            Some(b) => o
+                .iter_mut()
+                .zip(b)
+                .for_each(|(o, &b)| *o = (*o + b).to_act_dtype()),
+            None => o.iter_mut().for_each(|o| *o = o.to_act_dtype()),
+        }
+    }
 }
 
 impl Float for f64 {
@@ -118,6 +162,14 @@ impl Float for f32 {
     }
     fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
         lockstep_trace::TensorData::F32(v)
+    }
+    #[inline(always)]
+    fn as_f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    #[inline(always)]
+    fn f32_ptr(p: *mut Self) -> Option<*mut f32> {
+        Some(p)
     }
 }
 
@@ -193,6 +245,53 @@ impl Float for Bf16 {
     fn to_trace(v: Vec<Self>) -> lockstep_trace::TensorData {
         lockstep_trace::TensorData::F32(v.into_iter().map(|x| x.0).collect())
     }
+    #[inline(always)]
+    fn as_f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(Bf16::slice_as_f32(x))
+    }
+    #[inline(always)]
+    fn f32_ptr(p: *mut Self) -> Option<*mut f32> {
+        Some(p.cast())
+    }
+    /// A branch-free copy of [`Float::to_act_dtype`] that vectorizes (the scalar `half` call
+    /// took longer than the AMX sums themselves).
+    #[inline]
+    fn add_bias_to_act_dtype(o: &mut [Self], bias: Option<&[Self]>) {
+        let o = Bf16::slice_as_f32_mut(o);
+        match bias.map(Bf16::slice_as_f32) {
+            Some(b) => o
+                .iter_mut()
+                .zip(b)
+                .for_each(|(o, &b)| *o = round_bf16_branch_free(*o + b)),
+            None => o.iter_mut().for_each(|o| *o = round_bf16_branch_free(*o)),
+        }
+    }
+}
+
+impl Bf16 {
+    /// The `f32` values a `[Bf16]` holds, read in place.
+    #[inline(always)]
+    fn slice_as_f32(x: &[Bf16]) -> &[f32] {
+        // SAFETY: Bf16 is a repr(transparent) f32, so the slices have the same layout.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+    }
+
+    /// [`Bf16::slice_as_f32`], writable.
+    #[inline(always)]
+    fn slice_as_f32_mut(x: &mut [Bf16]) -> &mut [f32] {
+        // SAFETY: as `slice_as_f32`; the borrow of `x` moves to the result.
+        unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
+    }
+}
+
+/// `half::bf16::from_f32(v).to_f32()` without branches: nearest-even at bit 16 (overflow to
+/// infinity), a NaN kept NaN with its quiet bit set.
+#[inline(always)]
+fn round_bf16_branch_free(v: f32) -> f32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
+    let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+    f32::from_bits(if nan { b | 0x0040_0000 } else { rounded } & 0xFFFF_0000)
 }
 
 /// Shared decoding: 16-bit and 32-bit formats go through f32 (exact), f64 through `from64`.
@@ -348,5 +447,18 @@ mod tests {
             round_bf16(1.0f32 + 3.0 * 2f32.powi(-8)),
             1.0 + 2f32.powi(-6)
         );
+    }
+
+    /// [`round_bf16_branch_free`] is `half`'s rounding, bit for bit (ties, overflow, NaNs, subnormals).
+    #[test]
+    fn branch_free_bf16_rounding_is_halfs() {
+        for b in (0..=u32::MAX)
+            .step_by(997)
+            .chain([0x3F80_8000, 0x3F81_8000, 0x7F7F_FFFF])
+        {
+            let v = f32::from_bits(b);
+            let h = half::bf16::from_f32(v).to_f32();
+            assert_eq!(round_bf16_branch_free(v).to_bits(), h.to_bits(), "{b:#x}");
+        }
     }
 }

@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 
 use super::chart::LayerRow;
 use super::{esc, ratio_cell};
-use crate::compare::{likely_cause, sci, Against, Status};
+use crate::compare::{sci, Against};
 use crate::report::NamedComparison;
+use crate::tolerance::TierRule;
 
 /// The per-layer table of one tier; row ids `row-{tier}-{layer}` (the chart links to them).
 pub(super) fn layer_table(out: &mut String, tier: &str, rows: &[LayerRow]) {
@@ -88,11 +89,7 @@ pub(super) fn comparison_details(out: &mut String, c: &NamedComparison) {
         let _ = writeln!(out, "<p>First non-finite value (NaN/inf): {}</p>", esc(&l));
     }
     if let Some(f) = cmp.first_failure() {
-        let cause = if f.status == Status::NonFinite {
-            cmp.cause_of(f)
-        } else {
-            likely_cause(&f.name).to_string()
-        };
+        let cause = cmp.headline_cause(f);
         let _ = writeln!(
             out,
             "<p><b>First divergence:</b> <code>{}</code> ({}). Likely cause: {}. {}</p>",

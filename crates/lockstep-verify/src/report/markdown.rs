@@ -4,10 +4,9 @@
 use std::fmt::Write as _;
 
 use super::{overall_verdict, NamedComparison, Phase, PhaseStatus};
-use crate::compare::{
-    likely_cause, sci, Against, LayerError, Status, TensorComparison, TraceComparison,
-};
+use crate::compare::{sci, Against, LayerError, Status, TensorComparison, TraceComparison};
 use crate::stats::LogitStats;
+use crate::tolerance::TierRule;
 
 /// Renders a Markdown report of one or more labelled trace comparisons: the verdict, a summary
 /// table (input, tokens, logits shape, max abs difference, tolerance, status), then per input the
@@ -158,11 +157,7 @@ fn failures(out: &mut String, phases: &[Phase]) {
             let cmp = &c.comparison;
             match cmp.first_failure() {
                 Some(f) => {
-                    let cause = if f.status == Status::NonFinite {
-                        cmp.cause_of(f)
-                    } else {
-                        likely_cause(&f.name).to_string()
-                    };
+                    let cause = cmp.headline_cause(f);
                     let _ = writeln!(
                         out,
                         "  - input `{}`: first divergence `{}` ({}); likely cause: {cause}",
@@ -241,11 +236,7 @@ fn comparison_section(out: &mut String, level: usize, c: &NamedComparison, tenso
         out.push('\n');
     }
     if let Some(f) = cmp.first_failure() {
-        let cause = if f.status == Status::NonFinite {
-            cmp.cause_of(f)
-        } else {
-            likely_cause(&f.name).to_string()
-        };
+        let cause = cmp.headline_cause(f);
         let _ = writeln!(
             out,
             "**First divergence:** `{}` ({}). Likely cause: {cause}.",

@@ -165,7 +165,10 @@ mod json;
 mod markdown;
 mod svg;
 
-pub use json::{json, json_value, phased_json};
+pub use json::{
+    comparison_report, json, json_value, phased_json, verify_report, ComparisonReport,
+    InputSummary, OpLevel, PhaseRecord, TensorRecord, VerifyReport, Versioned, SCHEMA_VERSION,
+};
 pub(crate) use markdown::element_line;
 pub use markdown::{markdown, phased_markdown};
 pub(crate) use svg::merged_layers;

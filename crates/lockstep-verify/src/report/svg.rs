@@ -5,8 +5,17 @@ use std::fmt::Write as _;
 use super::NamedComparison;
 use crate::compare::{sci, LayerError};
 
-/// One plotted line: legend name, colour, extra stroke attributes, (layer, value) points.
-type Series = (&'static str, &'static str, &'static str, Vec<(usize, f64)>);
+/// One plotted line.
+struct Series {
+    /// Legend name.
+    name: &'static str,
+    /// Stroke and marker colour.
+    color: &'static str,
+    /// Extra stroke attributes (a dash pattern), with a leading space, or empty.
+    dash: &'static str,
+    /// (layer, value) points.
+    points: Vec<(usize, f64)>,
+}
 
 /// Per-layer maxima over several inputs (each series the max over inputs at that layer).
 pub(crate) fn merged_layers(inputs: &[NamedComparison]) -> Vec<LayerError> {
@@ -51,36 +60,38 @@ pub fn svg_per_layer(title: &str, inputs: &[NamedComparison]) -> String {
     const H: f64 = 460.0;
     let rows = merged_layers(inputs);
     let series: Vec<Series> = <[Series; 3]>::into_iter([
-        (
-            "ours vs reference",
-            "#d62728",
-            "",
-            rows.iter().map(|r| (r.layer, r.ours_vs_ref)).collect(),
-        ),
-        (
-            "reference vs oracle (noise floor)",
-            "#1f77b4",
-            " stroke-dasharray=\"6 4\"",
-            rows.iter()
+        Series {
+            name: "ours vs reference",
+            color: "#d62728",
+            dash: "",
+            points: rows.iter().map(|r| (r.layer, r.ours_vs_ref)).collect(),
+        },
+        Series {
+            name: "reference vs oracle (noise floor)",
+            color: "#1f77b4",
+            dash: " stroke-dasharray=\"6 4\"",
+            points: rows
+                .iter()
                 .filter_map(|r| r.ref_vs_oracle.map(|v| (r.layer, v)))
                 .collect(),
-        ),
-        (
-            "ours vs oracle",
-            "#2ca02c",
-            " stroke-dasharray=\"2 3\"",
-            rows.iter()
+        },
+        Series {
+            name: "ours vs oracle",
+            color: "#2ca02c",
+            dash: " stroke-dasharray=\"2 3\"",
+            points: rows
+                .iter()
                 .filter_map(|r| r.ours_vs_oracle.map(|v| (r.layer, v)))
                 .collect(),
-        ),
+        },
     ])
-    .filter(|s| !s.3.is_empty())
+    .filter(|s| !s.points.is_empty())
     .collect();
     let legend_w = 60.0
         + 7.0
             * series
                 .iter()
-                .map(|s| s.0.chars().count())
+                .map(|s| s.name.chars().count())
                 .max()
                 .unwrap_or(10) as f64;
     let w = (X1 + 20.0 + legend_w + 20.0).ceil();
@@ -114,7 +125,7 @@ pub fn svg_per_layer(title: &str, inputs: &[NamedComparison]) -> String {
     // y range in whole decades over the finite positive values; separate rows for 0 and inf.
     let all: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.3.iter().map(|p| p.1))
+        .flat_map(|s| s.points.iter().map(|p| p.1))
         .collect();
     let logs: Vec<f64> = all
         .iter()
@@ -229,7 +240,13 @@ pub fn svg_per_layer(title: &str, inputs: &[NamedComparison]) -> String {
     );
 
     // Series.
-    for (name, color, dash, pts) in &series {
+    for Series {
+        name,
+        color,
+        dash,
+        points: pts,
+    } in &series
+    {
         let points: Vec<String> = pts
             .iter()
             .map(|&(l, v)| format!("{:.1},{:.1}", px(l), py(v)))
@@ -260,7 +277,13 @@ pub fn svg_per_layer(title: &str, inputs: &[NamedComparison]) -> String {
         "<rect x=\"{lx}\" y=\"{Y0}\" width=\"{legend_w}\" height=\"{}\" fill=\"white\" stroke=\"#999999\"/>",
         10.0 + 20.0 * series.len() as f64
     );
-    for (i, (name, color, dash, _)) in series.iter().enumerate() {
+    for (
+        i,
+        Series {
+            name, color, dash, ..
+        },
+    ) in series.iter().enumerate()
+    {
         let y = Y0 + 15.0 + 20.0 * i as f64;
         let _ = writeln!(
             out,

@@ -20,15 +20,7 @@ pub fn trace_forward<T: Float>(
     let m = &mut trace.metadata;
     m.insert("producer".into(), "lockstep".into());
     m.insert("lockstep_version".into(), crate::VERSION.into());
-    m.insert(
-        "dtype".into(),
-        match T::PRECISION {
-            Precision::F64 => "f64",
-            Precision::F32 => "f32",
-            Precision::BF16 => "bf16",
-        }
-        .into(),
-    );
+    m.insert("dtype".into(), T::PRECISION.as_str().into());
     m.insert(
         "pure_f64".into(),
         (T::PRECISION == Precision::F64).to_string(),
