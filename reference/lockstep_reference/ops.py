@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from .protocol import OpsJob, parse_list
 from .rope_scaling import reset_dynamic_rope
-from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
+from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names_for, write_safetensors
 from .windows import hf_layer_windows
 
 def _causal_mask(t: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
@@ -133,7 +133,7 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
 
 def _ordered(model, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
     res = {"tokens": tokens}
-    for name in trace_names(model.config.num_hidden_layers, model.config.model_type):
+    for name in trace_names_for(model.config):
         if name in tensors:
             res[name] = tensors[name].detach().to(store).contiguous()
     return res

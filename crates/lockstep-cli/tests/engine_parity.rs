@@ -186,6 +186,8 @@ heavy_parity_test!(parity_qwen2_yarn, "qwen2-yarn-bf16");
 heavy_parity_test!(parity_llama_linear, "llama-linear");
 heavy_parity_test!(parity_qwen2_dynamic, "qwen2-dynamic");
 parity_test!(parity_qwen3, "qwen3-small");
+// Qwen3-MoE: 8 experts, top-2, layers 0 and 2 sparse, layer 1 dense (router taps, ids exact).
+parity_test!(parity_qwen3_moe, "qwen3-moe-small");
 
 /// The q/k-norm faults enter exactly at `layers.0.q_norm` (every tensor before it unchanged,
 /// it changed) on the Qwen3 fixture, in f64 (engine only; selftest judges them against the

@@ -668,7 +668,14 @@ pub fn likely_cause(name: &str) -> &'static str {
             LayerTap::OProj => "o_proj weight",
             LayerTap::ResidAttn | LayerTap::Out => "residual connection",
             LayerTap::MlpAct => "activation (SiLU), gate/up swapped",
-            LayerTap::MlpOut => "down_proj",
+            LayerTap::MlpOut => "down_proj; for experts: which experts ran, the weighting of their outputs",
+            LayerTap::RouterLogits => "MoE router (mlp.gate) weight",
+            LayerTap::RouterTopkIds => {
+                "router softmax dtype or order (softmax before the top-k), top-k tie-breaking"
+            }
+            LayerTap::RouterTopkWeights => {
+                "top-k normalisation (norm_topk_prob), softmax before vs after the top-k, router dtype"
+            }
         },
         None => "not a canonical tensor: check what the producer tapped",
     }

@@ -1,6 +1,6 @@
 //! Loading a checkpoint: config, memory-mapped weights, and the numerical settings.
 
-use super::{LayerWeights, Model, QkNorm, Settings};
+use super::{LayerWeights, Mlp, MlpWeights, Model, MoeWeights, QkNorm, RouterMath, Settings};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
@@ -29,6 +29,10 @@ impl Settings {
             windows: c.sliding_windows.clone(),
             final_norm: true,
             qk_norm: QkNorm::BeforeRope,
+            router: RouterMath {
+                normalize: c.moe.as_ref().is_some_and(|m| m.norm_topk_prob),
+                softmax_after_topk: false,
+            },
         }
     }
 }
@@ -87,9 +91,28 @@ impl Model {
                 },
                 o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
                 post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
-                gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
-                up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
-                down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+                mlp: match &c.moe {
+                    Some(m) if m.is_sparse(l) => {
+                        let mi = m.moe_intermediate_size;
+                        let expert = |e: usize| -> Result<MlpWeights> {
+                            let q = |s: &str| p(&format!("mlp.experts.{e}.{s}.weight"));
+                            Ok(MlpWeights {
+                                gate_proj: ck.get(&q("gate_proj"), &[mi, h])?,
+                                up_proj: ck.get(&q("up_proj"), &[mi, h])?,
+                                down_proj: ck.get(&q("down_proj"), &[h, mi])?,
+                            })
+                        };
+                        Mlp::Sparse(MoeWeights {
+                            router: ck.get(&p("mlp.gate.weight"), &[m.num_experts, h])?,
+                            experts: (0..m.num_experts).map(expert).collect::<Result<_>>()?,
+                        })
+                    }
+                    _ => Mlp::Dense(MlpWeights {
+                        gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
+                        up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
+                        down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+                    }),
+                },
             });
         }
         let norm = ck.get("model.norm.weight", &[h])?;
@@ -100,8 +123,11 @@ impl Model {
             // The fault: an untied model tied by mistake, or a tied model given another matrix.
             (false, true) => embed_tokens.clone(),
             (true, true) => layers
-                .first()
-                .map(|l| l.gate_proj.clone())
+                .iter()
+                .find_map(|l| match &l.mlp {
+                    Mlp::Dense(d) => Some(d.gate_proj.clone()),
+                    Mlp::Sparse(_) => None,
+                })
                 .filter(|g| g.shape == head_shape)
                 .or_else(|| ck.tensors.get("lm_head.weight").cloned())
                 .ok_or_else(|| {
