@@ -1,6 +1,7 @@
 //! Loading a checkpoint: config, memory-mapped weights, and the numerical settings.
 
 use super::{LayerWeights, Mlp, MlpWeights, Model, MoeWeights, QkNorm, RouterMath, Settings};
+
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
@@ -92,21 +93,10 @@ impl Model {
                 o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
                 post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
                 mlp: match &c.moe {
-                    Some(m) if m.is_sparse(l) => {
-                        let mi = m.moe_intermediate_size;
-                        let expert = |e: usize| -> Result<MlpWeights> {
-                            let q = |s: &str| p(&format!("mlp.experts.{e}.{s}.weight"));
-                            Ok(MlpWeights {
-                                gate_proj: ck.get(&q("gate_proj"), &[mi, h])?,
-                                up_proj: ck.get(&q("up_proj"), &[mi, h])?,
-                                down_proj: ck.get(&q("down_proj"), &[h, mi])?,
-                            })
-                        };
-                        Mlp::Sparse(MoeWeights {
-                            router: ck.get(&p("mlp.gate.weight"), &[m.num_experts, h])?,
-                            experts: (0..m.num_experts).map(expert).collect::<Result<_>>()?,
-                        })
-                    }
+                    Some(m) if m.is_sparse(l) => Mlp::Sparse(MoeWeights {
+                        router: ck.get(&p("mlp.gate.weight"), &[m.num_experts, h])?,
+                        experts: super::moe::load_experts(&ck, &p("mlp."), m, h)?,
+                    }),
                     _ => Mlp::Dense(MlpWeights {
                         gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
                         up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,

@@ -19,12 +19,14 @@
 //! `index_add_` does.
 
 use super::{LayerWeights, Mlp, MlpWeights, Model};
+use crate::config::MoeConfig;
+use crate::error::Result;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::matmul::linear;
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::{decode_vec, residual_add, Float, Precision};
 use crate::observer::{Observer, TapView};
-use crate::weights::Tensor;
+use crate::weights::{Checkpoint, Tensor};
 use lockstep_trace::{LayerTap, TapName};
 
 /// The weights of one layer's sparse MLP.
@@ -92,6 +94,45 @@ pub fn route<R: Float>(logits: &[R], k: usize, math: RouterMath) -> (Vec<u32>, V
         }
     }
     (ids, weights)
+}
+
+/// The experts of one sparse layer (`p` is its `model.layers.{l}.mlp.` prefix): stored per expert
+/// (`experts.{e}.gate_proj.weight`, ..., as transformers 5.24 saves them), or fused
+/// (`experts.gate_up_proj` [E, 2I, H] with gate rows first, `experts.down_proj` [E, H, I], the
+/// module's own parameters), viewed per expert without copying.
+pub(crate) fn load_experts(
+    ck: &Checkpoint,
+    p: &str,
+    m: &MoeConfig,
+    h: usize,
+) -> Result<Vec<MlpWeights>> {
+    let (e, mi) = (m.num_experts, m.moe_intermediate_size);
+    let fused = format!("{p}experts.gate_up_proj");
+    if ck.contains(&fused) && !ck.contains(&format!("{p}experts.0.gate_proj.weight")) {
+        let gate_up = ck.get(&fused, &[e, 2 * mi, h])?;
+        let down = ck.get(&format!("{p}experts.down_proj"), &[e, h, mi])?;
+        let view = |t: &Tensor, first: usize, rows: usize, cols: usize| {
+            t.matrix_view(first, rows, cols)
+                .expect("a view inside a tensor of the checked shape")
+        };
+        return Ok((0..e)
+            .map(|x| MlpWeights {
+                gate_proj: view(&gate_up, x * 2 * mi * h, mi, h),
+                up_proj: view(&gate_up, x * 2 * mi * h + mi * h, mi, h),
+                down_proj: view(&down, x * h * mi, h, mi),
+            })
+            .collect());
+    }
+    (0..e)
+        .map(|x| {
+            let q = |s: &str| format!("{p}experts.{x}.{s}.weight");
+            Ok(MlpWeights {
+                gate_proj: ck.get(&q("gate_proj"), &[mi, h])?,
+                up_proj: ck.get(&q("up_proj"), &[mi, h])?,
+                down_proj: ck.get(&q("down_proj"), &[h, mi])?,
+            })
+        })
+        .collect()
 }
 
 impl Model {
