@@ -668,7 +668,7 @@ pub fn likely_cause(name: &str) -> &'static str {
             LayerTap::OProj => "o_proj weight",
             LayerTap::ResidAttn | LayerTap::Out => "residual connection",
             LayerTap::MlpAct => "activation (SiLU), gate/up swapped",
-            LayerTap::MlpOut => "down_proj; for experts: which experts ran, the weighting of their outputs",
+            LayerTap::MlpOut => "down_proj",
             LayerTap::RouterLogits => "MoE router (mlp.gate) weight",
             LayerTap::RouterTopkIds => {
                 "router softmax dtype or order (softmax before the top-k), top-k tie-breaking"
