@@ -81,15 +81,35 @@ def stored_dtype(model_dir: str) -> str:
     return _STORED[dtypes.pop()]
 
 
+def _as_stored(name: str, t, stored: set[str]):
+    """`(checkpoint name, tensor)` pairs of a state_dict entry: itself, or for Qwen3-MoE's fused
+    experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) in a checkpoint that
+    stores them per expert (as save_pretrained writes them), each expert's gate/up/down matrix
+    under its checkpoint name (transformers fused them at load: gate rows first)."""
+    prefix, _, proj = name.rpartition("experts.")
+    if proj not in ("gate_up_proj", "down_proj") or f"{prefix}experts.0.{proj.split('_')[0]}_proj.weight" not in stored:
+        return [(name, t)]
+    if proj == "down_proj":
+        return [(f"{prefix}experts.{e}.down_proj.weight", t[e]) for e in range(t.shape[0])]
+    half = t.shape[1] // 2
+    return [pair for e in range(t.shape[0]) for pair in (
+        (f"{prefix}experts.{e}.gate_proj.weight", t[e, :half]),
+        (f"{prefix}experts.{e}.up_proj.weight", t[e, half:]))]
+
+
 def weights(model_dir: str) -> None:
     """Print, as one JSON line, what transformers loaded: sha256 of every state_dict tensor's bytes
     (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias."""
     dtype = stored_dtype(model_dir)
     model = tracer.load_model(model_dir, dtype)
     sums = {}
+    stored = set()
+    for path in checkpoint_files(model_dir):
+        stored |= set(read_header(path)[0])
     for name, t in model.state_dict().items():
-        raw = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
-        sums[name] = hashlib.sha256(raw).hexdigest()
+        for part, x in _as_stored(name, t, stored):
+            raw = x.detach().contiguous().view(torch.uint8).numpy().tobytes()
+            sums[part] = hashlib.sha256(raw).hexdigest()
     attn = model.model.layers[0].self_attn
     print(answer_line(WeightsAnswer(
         checksums=sums,

@@ -18,7 +18,8 @@ from one torch.Generator seeded with the spec's seed:
   * RMSNorm weights:           uniform(0.5, 1.5)
   * biases (q/k/v):            normal(0, 0.3)
   * embedding / lm_head:       normal(0, 2 / sqrt(hidden))   (logits of order 1-10)
-  * every other Linear weight: normal(0, 1 / sqrt(fan_in))
+  * every other Linear weight: normal(0, 1 / sqrt(fan_in)) (fused 3-D expert weights [experts, out, in]
+    and the MoE router alike)
 """
 
 from __future__ import annotations
@@ -246,6 +247,24 @@ MODEL_SPECS["qwen3-small"] = {"arch": "qwen3", "seed": 1022, "dtype": "float32",
 MODEL_SPECS["qwen3-bf16"] = {"arch": "qwen3", "seed": 1023, "dtype": "bfloat16", "tokenizer": "qwen3",
                              "config": dict(QWEN3_CONFIG, vocab_size=2048, bos_token_id=None, eos_token_id=None)}
 QWEN3_MODELS = ["qwen3", "qwen3-small", "qwen3-bf16"]
+# Qwen3-MoE: 8 experts, top-2, norm_topk_prob false (Qwen3MoeConfig's default: the top-2 weights are
+# the softmax's own probabilities, so both the wrong normalisation and a softmax after the top-k
+# change them; with true the two orders give the same weights), layer 1 dense (mlp_only_layers) so
+# both MLP paths run; q/k norm as Qwen3, head_dim 32 explicit.
+QWEN3_MOE_CONFIG = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                        num_hidden_layers=3, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6,
+                        max_position_embeddings=4096, bos_token_id=151643, eos_token_id=151645)
+MODEL_SPECS["qwen3-moe"] = {"arch": "qwen3_moe", "seed": 1031, "dtype": "float32", "tokenizer": "qwen3",
+                            "config": QWEN3_MOE_CONFIG}
+MODEL_SPECS["qwen3-moe-small"] = {"arch": "qwen3_moe", "seed": 1032, "dtype": "float32", "tokenizer": "qwen3",
+                                  "config": dict(QWEN3_MOE_CONFIG, vocab_size=2048, bos_token_id=None,
+                                                 eos_token_id=None)}
+MODEL_SPECS["qwen3-moe-bf16"] = {"arch": "qwen3_moe", "seed": 1033, "dtype": "bfloat16", "tokenizer": "qwen3",
+                                 "config": dict(QWEN3_MOE_CONFIG, vocab_size=2048, bos_token_id=None,
+                                                eos_token_id=None)}
+QWEN3_MODELS += ["qwen3-moe", "qwen3-moe-small", "qwen3-moe-bf16"]
 
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
@@ -286,6 +305,8 @@ def random_values(name: str, shape: tuple[int, ...], gen, hidden: int):
         return torch.randn(shape, generator=gen, dtype=torch.float32) * (2.0 / hidden**0.5)
     if len(shape) == 2:
         return torch.randn(shape, generator=gen, dtype=torch.float32) * (1.0 / shape[1] ** 0.5)
+    if len(shape) == 3:  # fused experts [experts, out, in] (Qwen3-MoE gate_up_proj, down_proj)
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * (1.0 / shape[2] ** 0.5)
     raise ValueError(f"no randomization rule for {name} {shape}")
 
 
@@ -313,7 +334,8 @@ def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
     import torch
     import transformers
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     transformers.utils.logging.disable_progress_bar()
     spec = MODEL_SPECS[name]
@@ -321,7 +343,8 @@ def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "llama": (LlamaConfig, LlamaForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[spec["arch"]]
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[spec["arch"]]
     config = config_cls(**spec["config"])
     config._attn_implementation = "eager"
     dtype = getattr(torch, spec["dtype"])

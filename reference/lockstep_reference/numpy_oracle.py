@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from .moe import sparse_layers
 from .rope_scaling import inv_freq_f64, rope_params
 from .st_io import load_f64
 from .windows import blocked, layer_windows
@@ -38,9 +39,10 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
     hidden = config["hidden_size"]
     n_heads = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_heads
-    qwen3 = config.get("model_type") == "qwen3"
-    # Qwen3Config's head_dim defaults to 128, not hidden_size / heads.
-    head_dim = config.get("head_dim") or (128 if qwen3 else hidden // n_heads)
+    qwen3 = config.get("model_type") in ("qwen3", "qwen3_moe")
+    # Qwen3Config's head_dim defaults to 128, not hidden_size / heads (Qwen3-MoE's does not).
+    head_dim = config.get("head_dim") or (128 if config.get("model_type") == "qwen3" else hidden // n_heads)
+    sparse = sparse_layers(config)
     eps = float(config["rms_norm_eps"])
     n_layers = config["num_hidden_layers"]
     group = n_heads // n_kv
@@ -93,6 +95,10 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
         out[tp + "resid_attn"] = x
         h = _rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
         out[tp + "post_norm"] = h
+        if sparse[i]:
+            x = x + _moe(h, weights, p + "mlp.", config, out, tp)
+            out[tp + "out"] = x
+            continue
         gate = linear(h, p + "mlp.gate_proj")
         act = gate / (1.0 + np.exp(-gate)) * linear(h, p + "mlp.up_proj")
         out[tp + "mlp_act"] = act
@@ -108,10 +114,34 @@ def forward(weights: dict[str, np.ndarray], config: dict, token_ids: list[int]) 
     return {name: (a if name == "tokens" else np.ascontiguousarray(a[None])) for name, a in out.items()}
 
 
+def _moe(h, weights, p, config, out, tp):
+    """Qwen3-MoE's sparse block in float64: softmax over every expert, top-k, optional
+    renormalisation, each expert on its tokens; records the router taps and mlp_out."""
+    k = config.get("num_experts_per_tok", 8)
+    logits = h @ weights[p + "gate.weight"].T  # [T, E]
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(probs, ids, axis=-1)
+    if config.get("norm_topk_prob", False):
+        w = w / w.sum(axis=-1, keepdims=True)
+    out[tp + "router_logits"], out[tp + "router_topk_ids"], out[tp + "router_topk_weights"] = logits, ids, w
+    m = np.zeros_like(h)
+    for ex in np.unique(ids):
+        tok, slot = np.nonzero(ids == ex)
+        q = f"{p}experts.{ex}."
+        x = h[tok]
+        gate = x @ weights[q + "gate_proj.weight"].T
+        act = gate / (1.0 + np.exp(-gate)) * (x @ weights[q + "up_proj.weight"].T)
+        m[tok] += (act @ weights[q + "down_proj.weight"].T) * w[tok, slot][:, None]
+    out[tp + "mlp_out"] = m
+    return m
+
+
 def oracle_trace(model_dir: str, token_ids: list[int]) -> dict[str, np.ndarray]:
     """Load a checkpoint folder and run `forward` on it."""
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    if config.get("model_type") not in ("qwen2", "llama", "mistral", "qwen3"):
+    if config.get("model_type") not in ("qwen2", "llama", "mistral", "qwen3", "qwen3_moe"):
         raise ValueError(f"unsupported model_type {config.get('model_type')!r}")
     return forward(load_f64(model_dir), config, token_ids)

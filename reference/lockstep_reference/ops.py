@@ -15,6 +15,11 @@ from the test trace's own copies of that op's inputs:
     mlp_out      <- mlp_act                    out            <- resid_attn + mlp_out
     final_norm   <- layers.{L-1}.out           logits         <- final_norm
 
+and in Qwen3-MoE's sparse layers, in place of mlp_act / mlp_out:
+
+    router_logits <- post_norm                 router_topk_weights <- router_logits
+    mlp_out       <- post_norm, router_topk_ids, router_topk_weights (the experts on the test's routing)
+
 twice: with transformers' own modules and functions in the tier's dtype (what the reference's kernels
 make of exactly these inputs: its *local* rounding) and in pure float64 (`pure_f64_patches`: the exact
 value of the op on these inputs). The verifier then judges the test's local error (test − exact)
@@ -33,11 +38,12 @@ import contextlib
 import json
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from .protocol import OpsJob, parse_list
 from .rope_scaling import reset_dynamic_rope
-from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names, write_safetensors
+from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names_for, write_safetensors
 from .windows import hf_layer_windows
 
 
@@ -118,7 +124,9 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
                 out[p + "resid_attn"] = x(prev) + x(p + "o_proj")
             if have(p + "resid_attn"):
                 out[p + "post_norm"] = layer.post_attention_layernorm(x(p + "resid_attn"))
-            if have(p + "post_norm"):
+            if hasattr(mlp, "experts"):  # Qwen3-MoE sparse layer
+                _moe_ops(mlp, p, x, lambda n: test[n].to(torch.int64), have, out, pure)
+            elif have(p + "post_norm"):
                 h = x(p + "post_norm")
                 out[p + "mlp_act"] = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
             if have(p + "mlp_act"):
@@ -132,9 +140,32 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
             out["logits"] = model.lm_head(x("final_norm"))
     return out
 
+def _moe_ops(mlp, p: str, x, ids_of, have, out: dict, pure: bool) -> None:
+    """The sparse block's ops: router_logits <- post_norm; router_topk_weights <- router_logits
+    (softmax in float32, float64 when `pure`, top-k, norm_topk_prob, cast to the model dtype);
+    mlp_out <- post_norm, router_topk_ids, router_topk_weights (the experts on the test's routing).
+    The ids are integers, not judged as an op (the end-to-end comparison checks them)."""
+    gate = mlp.gate
+    if have(p + "post_norm"):
+        out[p + "router_logits"] = nn.functional.linear(x(p + "post_norm"), gate.weight)
+    if have(p + "router_logits"):
+        logits = x(p + "router_logits")
+        probs = nn.functional.softmax(logits, dim=-1, dtype=logits.dtype if pure else torch.float)
+        top, _ = torch.topk(probs, gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        out[p + "router_topk_weights"] = top.to(logits.dtype)
+    if have(p + "post_norm", p + "router_topk_ids", p + "router_topk_weights"):
+        h = x(p + "post_norm")
+        b, t, hid = h.shape
+        ids = ids_of(p + "router_topk_ids").reshape(b * t, -1)
+        weights = x(p + "router_topk_weights").reshape(b * t, -1)
+        out[p + "mlp_out"] = mlp.experts(h.reshape(b * t, hid), ids, weights).reshape(b, t, hid)
+
+
 def _ordered(model, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
     res = {"tokens": tokens}
-    for name in trace_names(model.config.num_hidden_layers, model.config.model_type):
+    for name in trace_names_for(model.config):
         if name in tensors:
             res[name] = tensors[name].detach().to(store).contiguous()
     return res

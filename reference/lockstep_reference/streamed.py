@@ -191,7 +191,7 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
         if log is not None:
             log(f"final norm + lm_head ({rows} rows, chunks of {row_chunk}): {time.time() - t0:.1f} s")
 
-    expected = tracer.trace_names(n_layers, config.model_type)
+    expected = tracer.trace_names_for(config)
     missing = [n for n in expected if n not in rec.tensors]
     extra = [n for n in rec.tensors if n not in expected]
     if missing or extra:

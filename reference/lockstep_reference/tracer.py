@@ -28,7 +28,9 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe
 
+from .moe import sparse_layers
 from .rope_scaling import hf_inv_freq_f64, reset_dynamic_rope
 from .st_io import model_fingerprint
 
@@ -43,10 +45,14 @@ _ARCHS = {
     "llama": (modeling_llama, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaRotaryEmbedding),
     "mistral": (modeling_mistral, modeling_mistral.MistralRMSNorm, modeling_mistral.MistralRotaryEmbedding),
     "qwen3": (modeling_qwen3, modeling_qwen3.Qwen3RMSNorm, modeling_qwen3.Qwen3RotaryEmbedding),
+    "qwen3_moe": (modeling_qwen3_moe, modeling_qwen3_moe.Qwen3MoeRMSNorm,
+                  modeling_qwen3_moe.Qwen3MoeRotaryEmbedding),
 }
 
 # Model types whose attention normalizes each head of q and k (q_norm, k_norm) before RoPE.
-QK_NORM_TYPES = ("qwen3",)
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+# The taps of a sparse (mixture-of-experts) layer in place of mlp_act.
+ROUTER_TAPS = ("router_logits", "router_topk_ids", "router_topk_weights")
 
 LAYER_TAPS = (
     "input_norm", "q", "k", "v", "q_rope", "k_rope", "attn_probs", "attn_out", "o_proj",
@@ -54,20 +60,32 @@ LAYER_TAPS = (
 )
 
 
-def layer_taps(model_type: str = "qwen2") -> tuple[str, ...]:
-    """The per-layer taps of a model type, in forward order (q_norm, k_norm after v for Qwen3)."""
+def layer_taps(model_type: str = "qwen2", sparse: bool = False) -> tuple[str, ...]:
+    """The per-layer taps of a model type, in forward order (q_norm, k_norm after v for Qwen3; a
+    sparse MoE layer has the router taps in place of mlp_act)."""
+    taps = LAYER_TAPS
     if model_type in QK_NORM_TYPES:
-        i = LAYER_TAPS.index("v") + 1
-        return LAYER_TAPS[:i] + ("q_norm", "k_norm") + LAYER_TAPS[i:]
-    return LAYER_TAPS
+        i = taps.index("v") + 1
+        taps = taps[:i] + ("q_norm", "k_norm") + taps[i:]
+    if sparse:
+        i = taps.index("mlp_act")
+        taps = taps[:i] + ROUTER_TAPS + taps[i + 1:]
+    return taps
 
 
-def trace_names(num_layers: int, model_type: str = "qwen2") -> list[str]:
-    """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order."""
+def trace_names(num_layers: int, model_type: str = "qwen2", sparse: list[bool] | None = None) -> list[str]:
+    """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order
+    (`sparse`: per layer, whether it is a mixture-of-experts layer)."""
     names = ["tokens", "embed"]
     for i in range(num_layers):
-        names += [f"layers.{i}.{tap}" for tap in layer_taps(model_type)]
+        names += [f"layers.{i}.{tap}" for tap in layer_taps(model_type, bool(sparse and sparse[i]))]
     return names + ["final_norm", "logits"]
+
+
+def trace_names_for(config) -> list[str]:
+    """`trace_names` of a model configured like `config` (transformers config or config.json dict)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return trace_names(get("num_hidden_layers"), get("model_type"), sparse_layers(config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,6 +138,19 @@ def _make_eager_attention_f64(repeat_kv):
     return eager_attention_forward
 
 
+def _router_forward_f64(self, hidden_states):
+    """Qwen3MoeTopKRouter.forward with the softmax and the renormalisation in the logits' dtype
+    (float64) instead of float32."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = nn.functional.linear(hidden_states, self.weight)
+    router_probs = torch.nn.functional.softmax(router_logits, dtype=router_logits.dtype, dim=-1)
+    router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+    if self.norm_topk_prob:
+        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+    router_top_value = router_top_value.to(router_logits.dtype)
+    return router_logits, router_top_value, router_indices
+
+
 @contextlib.contextmanager
 def _patched(obj, attr, value):
     old = getattr(obj, attr)
@@ -136,9 +167,11 @@ def pure_f64_patches():
 
     Patches (and restores on exit): `Qwen2RMSNorm.forward`, `LlamaRMSNorm.forward`,
     `Qwen2RotaryEmbedding.forward`, `LlamaRotaryEmbedding.forward`, and the module globals
-    `eager_attention_forward` of modeling_qwen2 and modeling_llama. Use only with float64 models.
+    `eager_attention_forward` of modeling_qwen2 and modeling_llama, and Qwen3-MoE's router
+    (`Qwen3MoeTopKRouter.forward`: its softmax in float64). Use only with float64 models.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(modeling_qwen3_moe.Qwen3MoeTopKRouter, "forward", _router_forward_f64))
         for module, norm_cls, rope_cls in _ARCHS.values():
             stack.enter_context(_patched(norm_cls, "forward", _rmsnorm_forward_f64))
             stack.enter_context(_patched(rope_cls, "forward", _rotary_forward_f64))
@@ -158,11 +191,18 @@ class _Recorder:
         self.tensors: dict[str, torch.Tensor] = {}
         self.layer: int | None = None
         self.qk_norm = False
+        self.batch = 1
 
     def put(self, name: str, t: torch.Tensor) -> None:
         if name in self.tensors:
             raise RuntimeError(f"trace tensor {name} captured twice")
         self.tensors[name] = t.detach().to(self.store_dtype).contiguous().clone()
+
+    def put_ids(self, name: str, t: torch.Tensor) -> None:
+        """Integer ids, stored as int64 whatever the trace's float dtype."""
+        if name in self.tensors:
+            raise RuntimeError(f"trace tensor {name} captured twice")
+        self.tensors[name] = t.detach().to(torch.int64).contiguous().clone()
 
 
 def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
@@ -194,6 +234,16 @@ def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
     if rec.qk_norm:  # q, k are the projections; the rope wrapper's inputs are q_norm, k_norm
         extra = [attn.q_proj.register_forward_hook(heads_hook("q", attn.config.num_attention_heads)),
                  attn.k_proj.register_forward_hook(heads_hook("k", n_kv))]
+    if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts"):  # Qwen3-MoE sparse layer
+        def router_hook(_mod, _args, output):
+            logits, weights, ids = output
+            b = rec.batch
+            rec.put(p + "router_logits", logits.view(b, -1, logits.shape[-1]))
+            rec.put_ids(p + "router_topk_ids", ids.view(b, -1, ids.shape[-1]))
+            rec.put(p + "router_topk_weights", weights.view(b, -1, weights.shape[-1]))
+        extra.append(layer.mlp.gate.register_forward_hook(router_hook))
+    else:
+        extra.append(layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp_act")))
     return extra + [
         layer.register_forward_pre_hook(enter_layer),
         layer.input_layernorm.register_forward_hook(out_hook(p + "input_norm")),
@@ -202,7 +252,6 @@ def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
         attn.o_proj.register_forward_hook(out_hook(p + "o_proj")),
         layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "resid_attn")),
         layer.post_attention_layernorm.register_forward_hook(out_hook(p + "post_norm")),
-        layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp_act")),
         layer.mlp.register_forward_hook(out_hook(p + "mlp_out")),
         layer.register_forward_hook(out_hook(p + "out")),
     ]
@@ -300,6 +349,18 @@ def load_tokenizer(model_dir: str):
     return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
+def experts_kwargs(folder: str) -> dict:
+    """`experts_implementation="eager"` for a mixture-of-experts checkpoint: transformers' own loop
+    over the experts hit (each on its tokens only, `index_add_` in expert order), the computation
+    lockstep mirrors (its default, grouped_mm where available, orders the sums otherwise)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            moe = json.load(f).get("model_type") == "qwen3_moe"
+    except (OSError, ValueError):
+        moe = False
+    return {"experts_implementation": "eager"} if moe else {}
+
+
 def load_model(model_dir: str, dtype: str):
     """Load a Qwen2/Llama checkpoint folder (or GGUF file) in the compute dtype ("f64", "f32",
     "bf16"), eager attention.
@@ -310,7 +371,7 @@ def load_model(model_dir: str, dtype: str):
     transformers.utils.logging.disable_progress_bar()
     folder, kwargs = pretrained_source(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=TORCH_DTYPES[dtype], attn_implementation="eager", **kwargs
+        folder, dtype=TORCH_DTYPES[dtype], attn_implementation="eager", **experts_kwargs(folder), **kwargs
     )
     model.eval()
     if model.config.model_type not in _ARCHS:
@@ -340,7 +401,7 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
         reset_dynamic_rope(model)
         out = model(input_ids=ids, use_cache=False)
     rec.put("logits", out.logits)
-    expected = trace_names(model.config.num_hidden_layers, model.config.model_type)
+    expected = trace_names_for(model.config)
     missing = [n for n in expected if n not in rec.tensors]
     extra = [n for n in rec.tensors if n not in expected]
     if missing or extra:

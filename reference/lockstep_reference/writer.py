@@ -47,6 +47,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .moe import sparse_layers
 from .st_io import model_fingerprint
 
 # The canonical names (shared with the PyTorch tracer; tracer.py itself needs torch and transformers).
@@ -59,11 +60,30 @@ DTYPES = ("f64", "f32", "bf16")
 STORE = {"f64": np.float64, "f32": np.float32, "bf16": np.float32}
 
 
-def trace_names(num_layers: int) -> list[str]:
+# Qwen3 / Qwen3-MoE: q_norm, k_norm after v; a sparse (MoE) layer: the router taps instead of mlp_act.
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+ROUTER_TAPS = ("router_logits", "router_topk_ids", "router_topk_weights")
+# Taps holding integer ids (int64 in the trace).
+ID_TAPS = ("router_topk_ids",)
+
+
+def layer_taps(model_type: str = "qwen2", sparse: bool = False) -> tuple[str, ...]:
+    """The per-layer taps of a model type in forward order (as tracer.layer_taps)."""
+    taps = LAYER_TAPS
+    if model_type in QK_NORM_TYPES:
+        i = taps.index("v") + 1
+        taps = taps[:i] + ("q_norm", "k_norm") + taps[i:]
+    if sparse:
+        i = taps.index("mlp_act")
+        taps = taps[:i] + ROUTER_TAPS + taps[i + 1:]
+    return taps
+
+
+def trace_names(num_layers: int, model_type: str = "qwen2", sparse: list[bool] | None = None) -> list[str]:
     """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order."""
     names = ["tokens", "embed"]
     for i in range(num_layers):
-        names += [f"layers.{i}.{tap}" for tap in LAYER_TAPS]
+        names += [f"layers.{i}.{tap}" for tap in layer_taps(model_type, bool(sparse and sparse[i]))]
     return names + ["final_norm", "logits"]
 
 
@@ -185,9 +205,11 @@ class TraceWriter:
             self.intermediate = int(c["intermediate_size"])
             self.vocab = int(c["vocab_size"])
             self.num_layers = int(c["num_hidden_layers"])
+            self.experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)
+            self.top_k = int(c.get("num_experts_per_tok") or 0)
         except KeyError as e:
             raise TraceWriterError(f"the model config has no {e.args[0]!r}") from None
-        self.names = trace_names(self.num_layers)
+        self.names = trace_names(self.num_layers, c.get("model_type", ""), sparse_layers(c))
         self._known = set(self.names)
         self.tensors: dict[str, np.ndarray] = {}
         self.source_dtypes: dict[str, str] = {}
@@ -209,6 +231,11 @@ class TraceWriter:
             "q": [1, self.heads, "T", self.head_dim],
             "k": [1, self.kv_heads, "T", self.head_dim],
             "v": [1, self.kv_heads, "T", self.head_dim],
+            "q_norm": [1, self.heads, "T", self.head_dim],
+            "k_norm": [1, self.kv_heads, "T", self.head_dim],
+            "router_logits": [1, "T", self.experts],
+            "router_topk_ids": [1, "T", self.top_k],
+            "router_topk_weights": [1, "T", self.top_k],
             "q_rope": [1, self.heads, "T", self.head_dim],
             "k_rope": [1, self.kv_heads, "T", self.head_dim],
             "attn_probs": [1, self.heads, "T", "T"],
@@ -265,7 +292,8 @@ class TraceWriter:
             hint = ""
             if name.startswith("layers."):
                 parts = name.split(".")
-                if len(parts) == 3 and parts[2] in LAYER_TAPS and parts[1].isdigit():
+                if len(parts) == 3 and parts[2] in LAYER_TAPS + ROUTER_TAPS + ("q_norm", "k_norm") \
+                        and parts[1].isdigit():
                     hint = f" (the model has {self.num_layers} layers: 0..{self.num_layers - 1})"
                 elif len(parts) == 3:
                     hint = f" (layer tensors are {', '.join(LAYER_TAPS)})"
@@ -284,6 +312,13 @@ class TraceWriter:
             self._check_shape(name, a.shape)
             if a.size and (a.min() < 0 or a.max() >= self.vocab):
                 raise TraceWriterError(f"token ids must lie in [0, {self.vocab}) for this model")
+            a = a.astype(np.int64)
+        elif name.rsplit(".", 1)[-1] in ID_TAPS:
+            if a.dtype.kind not in "iu":
+                raise TraceWriterError(f"{name} must be integer expert ids, got {src}")
+            self._check_shape(name, a.shape)
+            if a.size and (a.min() < 0 or a.max() >= self.experts):
+                raise TraceWriterError(f"{name}: expert ids must lie in [0, {self.experts})")
             a = a.astype(np.int64)
         else:
             if a.dtype.kind != "f":
@@ -308,7 +343,7 @@ class TraceWriter:
             "bf16": "",
         }
         for name, src in self.source_dtypes.items():
-            if name != "tokens" and src not in allowed:
+            if name != "tokens" and name.rsplit(".", 1)[-1] not in ID_TAPS and src not in allowed:
                 raise TraceWriterError(
                     f"{name} was computed in {src}, but the trace's dtype is {dtype}: every floating "
                     f"tensor must be {' or '.join(allowed)}{hints[dtype]}")
@@ -368,7 +403,7 @@ class TraceWriter:
                                                  else str(v)) for k, v in meta.items()}
 
         store = STORE[dtype]
-        out = {n: (t if n == "tokens" else t.astype(store)) for n, t in self.tensors.items()}
+        out = {n: (t if t.dtype == np.int64 else t.astype(store)) for n, t in self.tensors.items()}
         from safetensors.numpy import save_file
 
         path = os.fspath(path)

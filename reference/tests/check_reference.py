@@ -56,6 +56,15 @@ def test_pure_f64_matches_numpy_oracle_llama():
     assert worst < 1e-12, worst
 
 
+def test_pure_f64_matches_numpy_oracle_qwen3_moe():
+    """Qwen3-MoE (router softmax lifted to float64 by pure_f64_patches; the expert ids exact)."""
+    worst, f32_diff = _pure_vs_oracle("qwen3-moe-small", 300)
+    assert worst < 1e-12, worst
+    assert 1e-7 < f32_diff < 1e-4, f32_diff
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+    assert modeling_qwen3_moe.Qwen3MoeTopKRouter.forward is not tracer._router_forward_f64
+
+
 def test_sliding_windows_oracle_streamed_and_config():
     """Sliding windows (mistral-swa: 8 on every layer; qwen2-swa: 6 on layers 1-2): the numpy oracle
     and the streamed trace agree with the pure-f64 tracer past the window; the oracle's per-layer

@@ -150,6 +150,9 @@ fn batched_logits_equal_each_rows_unpadded_run_and_transformers() {
         ("qwen2-swa", "f64", 1e-9),
         ("qwen3-small", "f32", 1e-4),
         ("qwen3-small", "f64", 1e-9),
+        // Mixture of experts: padding tokens are routed too, never mixed into real rows.
+        ("qwen3-moe-small", "f32", 1e-4),
+        ("qwen3-moe-small", "f64", 1e-9),
     ];
     let mut failures = vec![];
     eprintln!("| model | dtype | rows (lengths) | batched vs alone | batched vs transformers padded | decode step batched vs alone |");
@@ -258,6 +261,7 @@ fn batched_greedy_generation_matches_transformers_and_each_prompt_alone() {
         "mistral-swa",
         "qwen2-swa",
         "qwen3-small",
+        "qwen3-moe-small",
     ]
     .iter()
     .enumerate()

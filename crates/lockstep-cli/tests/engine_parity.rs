@@ -186,30 +186,112 @@ heavy_parity_test!(parity_qwen2_yarn, "qwen2-yarn-bf16");
 heavy_parity_test!(parity_llama_linear, "llama-linear");
 heavy_parity_test!(parity_qwen2_dynamic, "qwen2-dynamic");
 parity_test!(parity_qwen3, "qwen3-small");
+// Qwen3-MoE: 8 experts, top-2, layers 0 and 2 sparse, layer 1 dense (router taps, ids exact).
+parity_test!(parity_qwen3_moe, "qwen3-moe-small");
 
-/// The q/k-norm faults enter exactly at `layers.0.q_norm` (every tensor before it unchanged,
-/// it changed) on the Qwen3 fixture, in f64 (engine only; selftest judges them against the
-/// reference).
+/// The q/k-norm faults (Qwen3) and the router faults (Qwen3-MoE) enter exactly where they say
+/// (every tensor before it unchanged, it changed), in f64 (engine only; selftest judges them
+/// against the reference).
 #[test]
-fn qk_norm_faults_enter_at_q_norm() {
+fn qwen3_faults_enter_where_they_say() {
     use lockstep_engine::{trace_capture::trace_forward, Fault, Model};
-    let model = fixtures().join("models/qwen3-small");
+    for (name, faults) in [
+        (
+            "qwen3-small",
+            [Fault::QkNormSkipped, Fault::QkNormAfterRope],
+        ),
+        (
+            "qwen3-moe-small",
+            [Fault::TopkNormWrong, Fault::SoftmaxAfterTopk],
+        ),
+    ] {
+        let model = fixtures().join("models").join(name);
+        assert!(model.join("config.json").exists(), "fixture {name} missing");
+        let ids = token_ids(12, 2048, 5);
+        let clean = trace_forward::<f64>(&Model::load(&model).unwrap(), &ids, None).unwrap();
+        let mut names: Vec<String> = clean.names().iter().map(|s| s.to_string()).collect();
+        lockstep_trace::sort_forward(&mut names);
+        for fault in faults {
+            let m = Model::load_with_fault(&model, Some(fault)).unwrap();
+            assert!(fault.applies_to(&m.config), "{name} {fault}");
+            let t = trace_forward::<f64>(&m, &ids, None).unwrap();
+            let first = names
+                .iter()
+                .find(|n| max_abs_diff(&t, &clean, n) > 0.0)
+                .cloned();
+            assert_eq!(first.as_deref(), Some(fault.enters_at()), "{name} {fault}");
+            assert!(max_abs_diff(&t, &clean, "logits") > 1e-3, "{name} {fault}");
+        }
+    }
+}
+
+/// A Qwen3-MoE checkpoint with its experts fused as the module holds them
+/// (`experts.gate_up_proj` [E, 2I, H], gate rows first; `experts.down_proj` [E, H, I]) computes
+/// bit for bit what the per-expert checkpoint transformers saves computes.
+#[test]
+fn qwen3_moe_fused_experts_load_like_per_expert() {
+    use lockstep_engine::{trace_capture::trace_forward, Model};
+    let src = fixtures().join("models/qwen3-moe-small");
     assert!(
-        model.join("config.json").exists(),
-        "fixture qwen3-small missing"
+        src.join("config.json").exists(),
+        "fixture qwen3-moe-small missing"
     );
-    let ids = token_ids(12, 2048, 5);
-    let clean = trace_forward::<f64>(&Model::load(&model).unwrap(), &ids, None).unwrap();
-    let mut names: Vec<String> = clean.names().iter().map(|s| s.to_string()).collect();
-    lockstep_trace::sort_forward(&mut names);
-    for fault in [Fault::QkNormSkipped, Fault::QkNormAfterRope] {
-        let m = Model::load_with_fault(&model, Some(fault)).unwrap();
-        let t = trace_forward::<f64>(&m, &ids, None).unwrap();
-        let first = names
-            .iter()
-            .find(|n| max_abs_diff(&t, &clean, n) > 0.0)
-            .cloned();
-        assert_eq!(first.as_deref(), Some(fault.enters_at()), "{fault}");
-        assert!(max_abs_diff(&t, &clean, "logits") > 1e-3, "{fault}");
+    let dir = scratch("qwen3-moe-fused");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    let mut fused: std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> = Default::default();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort_by_key(|n| {
+        // experts in numeric order
+        let e = n
+            .split(".experts.")
+            .nth(1)
+            .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+        (
+            n.split(".experts.").next().unwrap().to_string(),
+            e.unwrap_or(0),
+            n.clone(),
+        )
+    });
+    for name in &names {
+        let t = st.tensor(name).unwrap();
+        let Some((prefix, rest)) = name.split_once(".experts.") else {
+            out.push((name.clone(), t.shape().to_vec(), t.data().to_vec()));
+            continue;
+        };
+        let (_, proj) = rest.split_once('.').unwrap();
+        let key = match proj {
+            "gate_proj.weight" | "up_proj.weight" => format!("{prefix}.experts.gate_up_proj"),
+            _ => format!("{prefix}.experts.down_proj"),
+        };
+        let entry = fused.entry(key).or_default();
+        entry.1.extend_from_slice(t.data());
+        entry.0 = t.shape().to_vec();
+    }
+    // gate and up of one expert are adjacent (sorted: down, gate, up per expert).
+    for (name, (shape, data)) in fused {
+        let rows = if name.ends_with("gate_up_proj") {
+            2 * shape[0]
+        } else {
+            shape[0]
+        };
+        let e = data.len() / (rows * shape[1] * 4);
+        out.push((name, vec![e, rows, shape[1]], data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = out
+        .iter()
+        .map(|(n, s, b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), v.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let ids = token_ids(40, 2048, 9);
+    let a = trace_forward::<f64>(&Model::load(&src).unwrap(), &ids, None).unwrap();
+    let b = trace_forward::<f64>(&Model::load(&dir).unwrap(), &ids, None).unwrap();
+    for n in a.names() {
+        assert_eq!(a.get(n), b.get(n), "{n}");
     }
 }

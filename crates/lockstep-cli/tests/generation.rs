@@ -128,6 +128,7 @@ fn greedy_generation_matches_transformers_token_for_token() {
         ("mistral-swa", 15),
         ("qwen2-swa", 16),
         ("qwen3-small", 14),
+        ("qwen3-moe-small", 17),
     ] {
         let dir = model_dir(name);
         let d = dir.to_str().unwrap().to_string();

@@ -20,15 +20,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn linears<T: Float>(m: &Model, x: &[T], out: &mut [T]) {
     let h = m.config.hidden_size;
     for l in &m.layers {
-        for w in [
-            &l.q_proj,
-            &l.k_proj,
-            &l.v_proj,
-            &l.o_proj,
-            &l.gate_proj,
-            &l.up_proj,
-            &l.down_proj,
-        ] {
+        for w in l.linears() {
             let (rows, k) = (w.shape[0], w.shape[1]);
             linear(&x[..k], 1, w, None, &mut out[..rows]);
         }

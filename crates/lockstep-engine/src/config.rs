@@ -12,7 +12,9 @@ pub mod json;
 pub use json::{ConfigError, Fields};
 mod windows;
 pub use windows::layer_windows;
+mod moe;
 mod rope;
+pub use moe::MoeConfig;
 
 /// The supported model families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub enum Architecture {
     /// `Qwen3ForCausalLM`: no q/k/v bias, RMSNorm per head on q and k before RoPE (`q_norm`,
     /// `k_norm`), `head_dim` 128 unless config.json gives it.
     Qwen3,
+    /// `Qwen3MoeForCausalLM`: Qwen3's attention (q/k norm, no bias; `head_dim` from config.json
+    /// or hidden_size / heads) with a routed mixture of experts as the MLP of its sparse layers
+    /// ([`MoeConfig`]).
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -37,6 +43,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -47,12 +54,13 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen3 => "qwen3",
             Architecture::Mistral => "mistral",
+            Architecture::Qwen3Moe => "qwen3_moe",
         }
     }
 
     /// Whether q and k get a per-head RMSNorm (`self_attn.q_norm` / `k_norm`) before RoPE.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Architecture::Qwen3)
+        matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
     }
 }
 
@@ -96,6 +104,8 @@ pub struct ModelConfig {
     /// Per layer, the sliding attention window (a query sees itself and the `w - 1` keys before
     /// it), or `None` for full causal attention; see [`layer_windows`].
     pub sliding_windows: Vec<Option<usize>>,
+    /// The mixture-of-experts settings (Qwen3-MoE), `None` for dense models.
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -144,13 +154,17 @@ impl ModelConfig {
         } else if archs.contains(&"Qwen3ForCausalLM") || (archs.is_empty() && model_type == "qwen3")
         {
             Architecture::Qwen3
+        } else if archs.contains(&"Qwen3MoeForCausalLM")
+            || (archs.is_empty() && model_type == "qwen3_moe")
+        {
+            Architecture::Qwen3Moe
         } else if archs.contains(&"MistralForCausalLM")
             || (archs.is_empty() && model_type == "mistral")
         {
             Architecture::Mistral
         } else {
             return Err(ConfigError::from(format!(
-                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM and Qwen3ForCausalLM"
+                "unsupported architecture {archs:?} (model_type '{model_type}'); lockstep supports Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen3ForCausalLM and Qwen3MoeForCausalLM"
             )));
         };
 
@@ -223,7 +237,7 @@ impl ModelConfig {
             Architecture::Qwen2 => true,
             Architecture::Llama => bool_key("attention_bias", false)?,
             Architecture::Mistral => false,
-            Architecture::Qwen3 => {
+            Architecture::Qwen3 | Architecture::Qwen3Moe => {
                 if bool_key("attention_bias", false)? {
                     return Err(ConfigError::from("Qwen3 with attention_bias: true (biases on q/k/v and o_proj) is not implemented"));
                 }
@@ -260,6 +274,7 @@ impl ModelConfig {
                 .and_then(Value::as_str)
                 .map(str::to_string),
             sliding_windows: Vec::new(),
+            moe: None,
         };
         // Sizes whose products overflow would otherwise wrap (or make allocations panic) before
         // any tensor is compared against them.
@@ -276,6 +291,14 @@ impl ModelConfig {
             )));
         }
         cfg.sliding_windows = layer_windows(&v, num_layers)?;
+        if arch == Architecture::Qwen3Moe {
+            cfg.moe = Some(moe::parse(fields.map(), num_layers)?);
+            if cfg.checked_parameter_count().is_none() {
+                return Err(
+                    "sizes are impossibly large: the experts' parameter count overflows".into(),
+                );
+            }
+        }
         Ok(cfg)
     }
 
@@ -294,16 +317,32 @@ impl ModelConfig {
             h.checked_mul(kv)?.checked_mul(2)?,
             bias,
             q.checked_mul(h)?,
-            h.checked_mul(i)?.checked_mul(3)?,
             h.checked_mul(2)?,
             if self.arch.has_qk_norm() { d * 2 } else { 0 },
         ]
         .into_iter()
         .try_fold(0usize, usize::checked_add)?;
+        let dense_mlp = h.checked_mul(i)?.checked_mul(3)?;
+        // Sparse layers: the router [E, H] and E experts of 3 [moe_I, H] matrices, no dense MLP.
+        let (sparse, sparse_mlp) = match &self.moe {
+            Some(m) => (
+                m.num_sparse(),
+                m.num_experts.checked_mul(
+                    h.checked_mul(m.moe_intermediate_size)?
+                        .checked_mul(3)?
+                        .checked_add(h)?,
+                )?,
+            ),
+            None => (0, 0),
+        };
+        let mlps = (self.num_layers - sparse)
+            .checked_mul(dense_mlp)?
+            .checked_add(sparse.checked_mul(sparse_mlp)?)?;
         let embed = self.vocab_size.checked_mul(h)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_layers
             .checked_mul(layer)?
+            .checked_add(mlps)?
             .checked_add(embed)?
             .checked_add(h)?
             .checked_add(head)

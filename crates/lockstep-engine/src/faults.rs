@@ -76,11 +76,19 @@ pub enum Fault {
     /// Qwen3's per-head q/k RMSNorm applied after RoPE instead of before. Enters at
     /// `layers.0.q_norm` (which then still holds the unnormalized projection).
     QkNormAfterRope,
+    /// The MoE router's top-k weights normalised the wrong way: renormalised to sum to 1 when
+    /// `norm_topk_prob` is false, left as probabilities when it is true (only for models with
+    /// experts). Enters at the first sparse layer's `router_topk_weights`.
+    TopkNormWrong,
+    /// The MoE router's softmax taken over the top-k logits instead of over every expert before
+    /// the top-k (only for models with experts and `norm_topk_prob` false: with it true both
+    /// orders give the same weights). Enters at the first sparse layer's `router_topk_weights`.
+    SoftmaxAfterTopk,
 }
 
 impl Fault {
     /// Every fault, in the order `lockstep selftest` runs them.
-    pub const ALL: [Fault; 19] = [
+    pub const ALL: [Fault; 21] = [
         Fault::NoQkvBias,
         Fault::RopeTheta,
         Fault::RopeInterleaved,
@@ -100,6 +108,8 @@ impl Fault {
         Fault::Llama3NoSmoothing,
         Fault::QkNormSkipped,
         Fault::QkNormAfterRope,
+        Fault::TopkNormWrong,
+        Fault::SoftmaxAfterTopk,
     ];
 
     /// Makes `settings` (those `config` asks for) wrong the way this fault is. Faults in the
@@ -129,6 +139,8 @@ impl Fault {
             Fault::Llama3NoSmoothing => s.rope_mistake = ScalingMistake::Llama3NoSmoothing,
             Fault::QkNormSkipped => s.qk_norm = QkNorm::Skipped,
             Fault::QkNormAfterRope => s.qk_norm = QkNorm::AfterRope,
+            Fault::TopkNormWrong => s.router.normalize = !s.router.normalize,
+            Fault::SoftmaxAfterTopk => s.router.softmax_after_topk = true,
             Fault::NoQkvBias | Fault::UntiedHead => {}
         }
     }
@@ -155,6 +167,8 @@ impl Fault {
             Fault::Llama3NoSmoothing => "llama3-no-smoothing",
             Fault::QkNormSkipped => "qk-norm-skipped",
             Fault::QkNormAfterRope => "qk-norm-after-rope",
+            Fault::TopkNormWrong => "topk-norm-wrong",
+            Fault::SoftmaxAfterTopk => "softmax-after-topk",
         }
     }
 
@@ -182,6 +196,12 @@ impl Fault {
             Fault::Llama3NoSmoothing => "llama3 RoPE with the medium band not smoothed",
             Fault::QkNormSkipped => "per-head q/k RMSNorm (q_norm, k_norm) skipped",
             Fault::QkNormAfterRope => "per-head q/k RMSNorm applied after RoPE instead of before",
+            Fault::TopkNormWrong => {
+                "MoE top-k weights normalised the wrong way (norm_topk_prob inverted)"
+            }
+            Fault::SoftmaxAfterTopk => {
+                "MoE router softmax over the top-k logits instead of before the top-k"
+            }
         }
     }
 
@@ -203,6 +223,7 @@ impl Fault {
             Fault::ResidualBf16 => "layers.0.resid_attn",
             Fault::YarnNoAttentionFactor | Fault::Llama3NoSmoothing => "layers.0.q_rope",
             Fault::QkNormSkipped | Fault::QkNormAfterRope => "layers.0.q_norm",
+            Fault::TopkNormWrong | Fault::SoftmaxAfterTopk => "layers.0.router_topk_weights",
             Fault::NoFinalNorm => "final_norm",
             Fault::UntiedHead => "logits",
         }
@@ -213,7 +234,8 @@ impl Fault {
     /// Whether the fault can change anything on a model configured like `config` (a fault that
     /// cannot is left out of `selftest`): a window off by one needs a sliding window, the
     /// RoPE-scaling faults their scaling type, the q/k-norm faults a q/k norm, dropping the q/k/v
-    /// biases a model that has them; every other fault applies to every model.
+    /// biases a model that has them, the router faults a model with experts (a softmax after the
+    /// top-k only without `norm_topk_prob`); every other fault applies to every model.
     pub fn applies_to(self, config: &ModelConfig) -> bool {
         match self {
             Fault::NoQkvBias => config.qkv_bias,
@@ -223,6 +245,12 @@ impl Fault {
                 matches!(config.rope_scaling, RopeScaling::Yarn { attention_factor, .. } if attention_factor != 1.0)
             }
             Fault::Llama3NoSmoothing => matches!(config.rope_scaling, RopeScaling::Llama3 { .. }),
+            Fault::TopkNormWrong => config.moe.as_ref().is_some_and(|m| m.num_sparse() > 0),
+            // k = 1 with norm_topk_prob false still changes (p becomes 1).
+            Fault::SoftmaxAfterTopk => config
+                .moe
+                .as_ref()
+                .is_some_and(|m| m.num_sparse() > 0 && !m.norm_topk_prob),
             _ => true,
         }
     }
@@ -234,6 +262,13 @@ impl Fault {
             Fault::WindowOffByOne => {
                 let first = config.sliding_windows.iter().position(Option::is_some);
                 format!("layers.{}.attn_probs", first.unwrap_or(0))
+            }
+            Fault::TopkNormWrong | Fault::SoftmaxAfterTopk => {
+                let first = config
+                    .moe
+                    .as_ref()
+                    .and_then(|m| m.sparse_layers.iter().position(|&s| s));
+                format!("layers.{}.router_topk_weights", first.unwrap_or(0))
             }
             _ => self.enters_at().to_string(),
         }

@@ -26,6 +26,13 @@ pub enum TapView<'a, T> {
         /// Head dimension.
         head_dim: usize,
     },
+    /// Integer ids `[T][cols]` (the router's top-k experts); traced as `[1, T, cols]` int64.
+    Ids {
+        /// The ids.
+        data: &'a [u32],
+        /// Ids per token.
+        cols: usize,
+    },
     /// Attention probabilities `[heads][T][S]`; traced as `[1, heads, T, S]`.
     Probs {
         /// The values.
@@ -85,6 +92,10 @@ impl<T: Float> Observer<T> for TraceRecorder {
             TapView::Tokens(ids) => (
                 vec![1, ids.len()],
                 TensorData::I64(ids.iter().map(|&x| x as i64).collect()),
+            ),
+            TapView::Ids { data, cols } => (
+                vec![1, data.len() / cols, cols],
+                TensorData::I64(data.iter().map(|&x| x as i64).collect()),
             ),
             TapView::Rows { data, cols } => {
                 (vec![1, data.len() / cols, cols], T::to_trace(data.to_vec()))

@@ -31,9 +31,17 @@ pub enum LayerTap {
     ResidAttn,
     /// Post-attention RMSNorm output, [B, T, H].
     PostNorm,
-    /// silu(gate) * up, [B, T, I].
+    /// The MoE router's logits (sparse layers of Qwen3-MoE), [B, T, experts].
+    RouterLogits,
+    /// The experts each token is routed to, by descending routing probability (sparse layers),
+    /// [B, T, top_k] int64.
+    RouterTopkIds,
+    /// The routing weights of those experts (after `norm_topk_prob`'s renormalisation, in the
+    /// model dtype), [B, T, top_k].
+    RouterTopkWeights,
+    /// silu(gate) * up, [B, T, I] (dense MLP layers only).
     MlpAct,
-    /// After down_proj, [B, T, H].
+    /// After down_proj, [B, T, H]; in sparse layers the weighted sum of the routed experts.
     MlpOut,
     /// Layer output, [B, T, H].
     Out,
@@ -41,7 +49,7 @@ pub enum LayerTap {
 
 impl LayerTap {
     /// All layer taps in forward order.
-    pub const ALL: [LayerTap; 16] = [
+    pub const ALL: [LayerTap; 19] = [
         LayerTap::InputNorm,
         LayerTap::Q,
         LayerTap::K,
@@ -55,6 +63,9 @@ impl LayerTap {
         LayerTap::OProj,
         LayerTap::ResidAttn,
         LayerTap::PostNorm,
+        LayerTap::RouterLogits,
+        LayerTap::RouterTopkIds,
+        LayerTap::RouterTopkWeights,
         LayerTap::MlpAct,
         LayerTap::MlpOut,
         LayerTap::Out,
@@ -76,6 +87,9 @@ impl LayerTap {
             LayerTap::OProj => "o_proj",
             LayerTap::ResidAttn => "resid_attn",
             LayerTap::PostNorm => "post_norm",
+            LayerTap::RouterLogits => "router_logits",
+            LayerTap::RouterTopkIds => "router_topk_ids",
+            LayerTap::RouterTopkWeights => "router_topk_weights",
             LayerTap::MlpAct => "mlp_act",
             LayerTap::MlpOut => "mlp_out",
             LayerTap::Out => "out",

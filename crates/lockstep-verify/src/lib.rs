@@ -41,6 +41,7 @@ pub mod nonfinite;
 pub mod port;
 pub mod port_weights;
 pub mod report;
+pub mod router;
 pub mod stats;
 pub mod tolerance;
 

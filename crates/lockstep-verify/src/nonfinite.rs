@@ -338,7 +338,11 @@ pub fn nonfinite_source(name: &str) -> &'static str {
             LayerTap::MlpAct => {
                 "a NaN/inf in the gate_proj/up_proj weights, or an overflowing activation"
             }
-            LayerTap::MlpOut => "a NaN/inf in the down_proj weight",
+            LayerTap::MlpOut => "a NaN/inf in the down_proj weight (or an expert's)",
+            LayerTap::RouterLogits => "a NaN/inf in the MoE router (mlp.gate) weight",
+            LayerTap::RouterTopkIds | LayerTap::RouterTopkWeights => {
+                "non-finite router logits (softmax of inf or NaN)"
+            }
         },
         None => "a NaN/inf in the weights this tensor is computed from",
     }

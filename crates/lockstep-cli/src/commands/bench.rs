@@ -44,26 +44,14 @@ pub struct Args {
     json: bool,
 }
 
-/// Bytes of weights one decode step reads: every linear layer and the LM head, as stored (the
+/// Bytes of weights one decode step reads: every linear layer and the LM head, as stored (for a
+/// mixture of experts every expert, more than one step reads; the
 /// norms and the one embedding row are too small to count).
 pub fn decode_weight_bytes(m: &Model) -> u64 {
     let layers: usize = m
         .layers
         .iter()
-        .map(|l| {
-            [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]
-            .iter()
-            .map(|t| t.bytes().len())
-            .sum::<usize>()
-        })
+        .map(|l| l.linears().iter().map(|t| t.bytes().len()).sum::<usize>())
         .sum();
     (layers + m.lm_head.bytes().len()) as u64
 }

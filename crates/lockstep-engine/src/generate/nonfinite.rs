@@ -51,7 +51,7 @@ impl<T: Float> Observer<T> for FirstNonFinite {
         let bad = |x: &T| !x.to_f64().is_finite();
         // (index in the canonical shape, token position, value) of the first non-finite element.
         let hit = match view {
-            TapView::Tokens(_) => None,
+            TapView::Tokens(_) | TapView::Ids { .. } => None,
             TapView::Rows { data, cols } => data.iter().position(bad).map(|i| {
                 let (t, c) = (i / cols.max(1), i % cols.max(1));
                 (vec![0, t, c], t, data[i].to_f64())

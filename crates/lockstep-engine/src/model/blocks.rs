@@ -7,7 +7,7 @@
 //! h = rms_norm(x) ; x = x + down(silu(gate(h)) * up(h))
 //! ```
 
-use super::{KvCache, LayerWeights, Model, QkNorm};
+use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec};
@@ -31,7 +31,7 @@ pub(crate) struct Scratch<T> {
     /// Attention output before `o_proj`, `[tn][heads*D]` (before that, the q/k norm's output).
     attn: Vec<T>,
     /// A block's output before the residual add, `[tn][H]`.
-    out: Vec<T>,
+    pub out: Vec<T>,
     /// `gate_proj` output, then `act(gate) * up`, `[tn][I]`.
     gate: Vec<T>,
     /// `up_proj` output, `[tn][I]`.
@@ -184,6 +184,7 @@ impl Model {
         &self,
         l: usize,
         w: &LayerWeights,
+        mlp: &MlpWeights,
         x: &mut [T],
         buf: &mut Scratch<T>,
         obs: &mut impl Observer<T>,
@@ -196,11 +197,11 @@ impl Model {
         let post_norm = decode_vec(&w.post_norm);
         rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
-        linear(&buf.normed, tn, &w.gate_proj, None, &mut buf.gate);
-        linear(&buf.normed, tn, &w.up_proj, None, &mut buf.up);
+        linear(&buf.normed, tn, &mlp.gate_proj, None, &mut buf.gate);
+        linear(&buf.normed, tn, &mlp.up_proj, None, &mut buf.up);
         silu_mul_in_place(&mut buf.gate, &buf.up);
         obs.tap(tap(LayerTap::MlpAct), TapView::rows(&buf.gate, inter));
-        linear(&buf.gate, tn, &w.down_proj, None, &mut buf.out);
+        linear(&buf.gate, tn, &mlp.down_proj, None, &mut buf.out);
         obs.tap(tap(LayerTap::MlpOut), TapView::rows(&buf.out, h));
         residual_add(x, &buf.out, s.residual);
         obs.tap(tap(LayerTap::Out), TapView::rows(x, h));

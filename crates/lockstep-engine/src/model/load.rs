@@ -1,6 +1,7 @@
 //! Loading a checkpoint: config, memory-mapped weights, and the numerical settings.
 
-use super::{LayerWeights, Model, QkNorm, Settings};
+use super::{LayerWeights, Mlp, MlpWeights, Model, MoeWeights, QkNorm, RouterMath, Settings};
+
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
@@ -30,6 +31,10 @@ impl Settings {
             windows: c.sliding_windows.clone(),
             final_norm: true,
             qk_norm: QkNorm::BeforeRope,
+            router: RouterMath {
+                normalize: c.moe.as_ref().is_some_and(|m| m.norm_topk_prob),
+                softmax_after_topk: false,
+            },
         }
     }
 }
@@ -93,9 +98,17 @@ impl Model {
                 },
                 o_proj: ck.get(&p("self_attn.o_proj.weight"), &[h, qd])?,
                 post_norm: ck.get(&p("post_attention_layernorm.weight"), &[h])?,
-                gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
-                up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
-                down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+                mlp: match &c.moe {
+                    Some(m) if m.is_sparse(l) => Mlp::Sparse(MoeWeights {
+                        router: ck.get(&p("mlp.gate.weight"), &[m.num_experts, h])?,
+                        experts: super::moe::load_experts(&ck, &p("mlp."), m, h)?,
+                    }),
+                    _ => Mlp::Dense(MlpWeights {
+                        gate_proj: ck.get(&p("mlp.gate_proj.weight"), &[i, h])?,
+                        up_proj: ck.get(&p("mlp.up_proj.weight"), &[i, h])?,
+                        down_proj: ck.get(&p("mlp.down_proj.weight"), &[h, i])?,
+                    }),
+                },
             });
         }
         let norm = ck.get("model.norm.weight", &[h])?;
@@ -106,8 +119,11 @@ impl Model {
             // The fault: an untied model tied by mistake, or a tied model given another matrix.
             (false, true) => embed_tokens.clone(),
             (true, true) => layers
-                .first()
-                .map(|l| l.gate_proj.clone())
+                .iter()
+                .find_map(|l| match &l.mlp {
+                    Mlp::Dense(d) => Some(d.gate_proj.clone()),
+                    Mlp::Sparse(_) => None,
+                })
                 .filter(|g| g.shape == head_shape)
                 .or_else(|| ck.tensors.get("lm_head.weight").cloned())
                 .ok_or_else(|| {

@@ -16,8 +16,10 @@
 mod blocks;
 mod cache;
 mod load;
+mod moe;
 
 pub use cache::{BatchKvCache, KvCache, PaddedBatch};
+pub use moe::{route, MoeWeights, RouterMath};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -51,12 +53,51 @@ pub struct LayerWeights {
     pub o_proj: Tensor,
     /// `post_attention_layernorm.weight`, [H].
     pub post_norm: Tensor,
-    /// `mlp.gate_proj.weight`, [I, H].
+    /// The MLP: dense, or (Qwen3-MoE's sparse layers) routed experts.
+    pub mlp: Mlp,
+}
+
+impl LayerWeights {
+    /// Every matrix of the layer (attention, then the MLP's; for a sparse MLP the router and
+    /// every expert's).
+    pub fn linears(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+        match &self.mlp {
+            Mlp::Dense(d) => v.extend(d.linears()),
+            Mlp::Sparse(m) => {
+                v.push(&m.router);
+                v.extend(m.experts.iter().flat_map(MlpWeights::linears));
+            }
+        }
+        v
+    }
+}
+
+/// The MLP of one decoder layer.
+#[derive(Debug)]
+pub enum Mlp {
+    /// `down(silu(gate(h)) * up(h))`.
+    Dense(MlpWeights),
+    /// Routed experts (Qwen3-MoE).
+    Sparse(MoeWeights),
+}
+
+/// The three matrices of a SwiGLU MLP (the dense MLP, or one expert).
+#[derive(Debug)]
+pub struct MlpWeights {
+    /// `gate_proj.weight`, [I, H].
     pub gate_proj: Tensor,
-    /// `mlp.up_proj.weight`, [I, H].
+    /// `up_proj.weight`, [I, H].
     pub up_proj: Tensor,
-    /// `mlp.down_proj.weight`, [H, I].
+    /// `down_proj.weight`, [H, I].
     pub down_proj: Tensor,
+}
+
+impl MlpWeights {
+    /// gate, up, down.
+    pub fn linears(&self) -> [&Tensor; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
 }
 
 /// Numerical settings derived from the config (and, for fault injection, deliberately wrong).
@@ -90,6 +131,8 @@ pub struct Settings {
     pub final_norm: bool,
     /// Where the per-head q/k RMSNorm goes (models that have one).
     pub qk_norm: QkNorm,
+    /// How the MoE router computes its weights (models with experts).
+    pub router: RouterMath,
 }
 
 /// Where the per-head q/k RMSNorm (Qwen3's `q_norm` / `k_norm`) is applied.
@@ -297,7 +340,7 @@ impl Model {
         };
         for (l, w) in self.layers.iter().enumerate() {
             self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
-            self.mlp_block(l, w, &mut x, &mut buf, obs);
+            self.mlp_or_moe_block(l, w, &mut x, &mut buf, obs);
         }
         for cache in pass.caches.iter_mut() {
             cache.len += n;

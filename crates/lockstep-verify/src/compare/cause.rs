@@ -57,6 +57,13 @@ pub fn likely_cause(name: &str) -> &'static str {
             LayerTap::ResidAttn | LayerTap::Out => "residual connection",
             LayerTap::MlpAct => "activation (SiLU), gate/up swapped",
             LayerTap::MlpOut => "down_proj",
+            LayerTap::RouterLogits => "MoE router (mlp.gate) weight",
+            LayerTap::RouterTopkIds => {
+                "router softmax dtype or order (softmax before the top-k), top-k tie-breaking"
+            }
+            LayerTap::RouterTopkWeights => {
+                "top-k normalisation (norm_topk_prob), softmax before vs after the top-k, router dtype"
+            }
         },
         None => "not a canonical tensor: check what the producer tapped",
     }

@@ -280,13 +280,14 @@ pub fn compare_traces(
     }
     for name in names.iter().filter(|n| n.as_str() != "tokens") {
         let c = match (reference.get(name), test.get(name)) {
-            (Some(r), Some(t)) => compare_tensors(
-                name,
-                r,
-                t,
-                oracle.and_then(|o| o.get(name)),
-                &policy.tolerance_for(name),
-            ),
+            (Some(r), Some(t)) => {
+                let tol = policy.tolerance_for(name);
+                let mut c = compare_tensors(name, r, t, oracle.and_then(|o| o.get(name)), &tol);
+                if crate::router::is_topk_ids(name) {
+                    crate::router::judge_topk_ids(&mut c, name, reference, test, &tensors, tol);
+                }
+                c
+            }
             (r, t) => {
                 let mut c = TensorComparison::bare(name, Status::Missing);
                 c.ref_shape = r.map(|x| x.shape.clone());
