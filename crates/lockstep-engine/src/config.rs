@@ -383,6 +383,23 @@ pub const ROPE_THETA_RANGE: (f64, f64) = (1.0, 1e15);
 mod tests {
     use super::*;
 
+    /// Found by fuzzing (fuzz/artifacts config_json crash-7b12fad5): a model_type holding
+    /// newlines made the unsupported-architecture error span several lines.
+    #[test]
+    fn errors_stay_one_line_whatever_the_file_holds() {
+        for (k, v) in [("model_type", r"llan\n0000\r\n"), ("hidden_act", r"silu\nyy")] {
+            let text = QWEN.replace("\"architectures\":[\"Qwen2ForCausalLM\"],", "");
+            let text = text.replacen(
+                &format!("\"{k}\":"),
+                &format!("\"{k}\":\"{v}\",\"x_{k}\":"),
+                1,
+            );
+            let e = ModelConfig::from_json_str(&text).unwrap_err().to_string();
+            assert!(!e.contains('\n') && !e.contains('\r'), "{k}: {e}");
+            assert!(e.contains("\\n"), "{k}: {e}");
+        }
+    }
+
     const QWEN: &str = r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":896,
       "intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,
       "vocab_size":151936,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true,

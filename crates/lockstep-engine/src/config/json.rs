@@ -42,14 +42,32 @@ pub enum ConfigError {
 
 impl From<String> for ConfigError {
     fn from(msg: String) -> Self {
-        ConfigError::Invalid(msg)
+        ConfigError::Invalid(one_line(&msg))
     }
 }
 
 impl From<&str> for ConfigError {
     fn from(msg: &str) -> Self {
-        ConfigError::Invalid(msg.to_string())
+        ConfigError::Invalid(one_line(msg))
     }
+}
+
+/// `msg` with control characters escaped (`\n`, `\u{1b}`, ...): messages quote values from
+/// the file, and an error is one line whatever the file holds (found by fuzzing: a `model_type`
+/// holding newlines gave a multi-line error).
+pub fn one_line(msg: &str) -> String {
+    if !msg.chars().any(char::is_control) {
+        return msg.to_string();
+    }
+    msg.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Parses `text` as JSON (the error is [`ConfigError::Json`]).
@@ -205,5 +223,9 @@ mod tests {
             Err(ConfigError::NotObject)
         );
         assert!(matches!(parse("{"), Err(ConfigError::Json(_))));
+        assert_eq!(
+            ConfigError::from("model_type 'a\nb\r\u{1b}'").to_string(),
+            "model_type 'a\\nb\\r\\u{1b}'"
+        );
     }
 }

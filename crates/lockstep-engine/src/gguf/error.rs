@@ -33,12 +33,12 @@ pub enum GgufError {
 
 impl From<String> for GgufError {
     fn from(msg: String) -> Self {
-        GgufError::Corrupt(msg)
+        GgufError::Corrupt(crate::config::json::one_line(&msg))
     }
 }
 
 impl From<&str> for GgufError {
     fn from(msg: &str) -> Self {
-        GgufError::Corrupt(msg.to_string())
+        GgufError::Corrupt(crate::config::json::one_line(msg))
     }
 }
