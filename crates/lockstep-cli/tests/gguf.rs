@@ -363,6 +363,132 @@ fn every_type_matches_transformers() {
     assert_eq!(out.lines().last().unwrap(), "[9707,11,1879,0]");
 }
 
+/// Llama 3 checkpoints (`rope_scaling` of type `llama3`; untied float32 with Llama 3.1's factor 8,
+/// tied bfloat16 with Llama 3.2's factor 32) written as GGUF the way llama.cpp's converter writes
+/// them: no scaling metadata, a `rope_freqs.weight` of per-frequency divisors. lockstep rebuilds
+/// the `llama3` parameters from it; `transformers` 5.24's GGUF loader drops the tensor and runs
+/// plain RoPE, so the parity reference is the original safetensors checkpoint in `transformers`:
+/// the weights are bit-identical to what transformers loads from the GGUF, the RoPE scaling is the
+/// safetensors config's, and lockstep's run of the GGUF equals its run of the safetensors bit for
+/// bit in the f32 and bf16 tiers (f64: within 1e-9 of pure-f64 transformers on the safetensors;
+/// the GGUF stores `rms_norm_eps` as float32, so f64 is not bit-identical).
+#[test]
+fn llama3_rope_scaling_loads_from_gguf() {
+    let Some(py) = reference_python() else {
+        return;
+    };
+    let dir = scratch("gguf-llama3");
+    // (fixture, the 2-D weight type, the tiers)
+    for (name, ty, tiers) in [
+        ("llama3-rope", "f32", &["f32", "f64"][..]),
+        ("llama3-rope-tied-bf16", "bf16", &["bf16", "f32", "f64"][..]),
+    ] {
+        let st = fixtures().join("models").join(name);
+        assert!(
+            st.join("model.safetensors").exists(),
+            "fixture {name} missing: bash scripts/fixtures.sh"
+        );
+        let out_dir = dir.join(name);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let gguf = out_dir.join(format!("{name}.gguf"));
+        let types = reference(
+            &py,
+            &[
+                "gguf-make",
+                "--model",
+                s(&st),
+                "--out",
+                s(&gguf),
+                "--types",
+                ty,
+            ],
+        );
+        let types: Value = serde_json::from_str(types.lines().last().unwrap()).unwrap();
+        assert_eq!(types["rope_freqs.weight"], "F32", "{name}: {types}");
+        // Weights: bit-identical to what transformers loads from the file; its config has no
+        // RoPE scaling (it ignores rope_freqs.weight), ours has the safetensors config's.
+        let theirs = transformers_weights(&py, &[&gguf], None);
+        let (n, params) = check_weights(&gguf, &theirs[0]);
+        let their_rope = &theirs[0]["config"]["rope_parameters"];
+        assert_eq!(their_rope["rope_type"], "default", "{name}: {their_rope}");
+        let from_gguf = Model::load(&gguf).unwrap();
+        let from_st = Model::load(&st).unwrap();
+        assert_eq!(
+            from_gguf.config.rope_scaling, from_st.config.rope_scaling,
+            "{name}"
+        );
+        assert_eq!(
+            from_gguf.config.rope_theta, from_st.config.rope_theta,
+            "{name}"
+        );
+        assert!(matches!(
+            from_gguf.config.rope_scaling,
+            lockstep_engine::kernels::rope::RopeScaling::Llama3 { .. }
+        ));
+        assert_eq!(
+            from_gguf.config.tie_word_embeddings,
+            from_st.config.tie_word_embeddings
+        );
+        eprintln!(
+            "{name}: {n} tensors bit-identical to transformers' GGUF load, {params} parameters, rope {:?}",
+            from_gguf.config.rope_scaling
+        );
+        // Forward passes past the positions where scaling matters little: 64 tokens.
+        let ids = ids_arg(&token_ids(64, from_st.config.vocab_size, 11));
+        for &dtype in tiers {
+            let run = |model: &Path, who: &str| -> lockstep_trace::Trace {
+                let out = out_dir.join(format!("{who}-{dtype}.safetensors"));
+                if who == "ref" {
+                    let args = [
+                        "trace",
+                        "--model",
+                        s(model),
+                        "--tokens",
+                        &ids,
+                        "--dtype",
+                        dtype,
+                        "--out",
+                        s(&out),
+                    ];
+                    reference(&py, &args);
+                } else {
+                    trace_to(model, &ids, dtype, &out);
+                }
+                lockstep_trace::Trace::read(&out).unwrap()
+            };
+            let ours = run(&gguf, "gguf");
+            let same = run(&st, "st");
+            let logits = max_abs_diff(&ours, &same, "logits");
+            if dtype == "f64" {
+                let oracle = run(&st, "ref");
+                let d = max_abs_diff(&ours, &oracle, "logits");
+                eprintln!("{name} f64: GGUF vs pure-f64 transformers on the safetensors {d:.2e}, vs lockstep on the safetensors {logits:.2e}");
+                assert!(
+                    d <= 1e-9,
+                    "{name}: f64 logits differ from the reference by {d:e}"
+                );
+            } else {
+                for t in same.names() {
+                    assert_eq!(
+                        max_abs_diff(&ours, &same, t),
+                        0.0,
+                        "{name} {dtype}: {t} differs between the GGUF and the safetensors run"
+                    );
+                }
+                if dtype == "f32" {
+                    let r = run(&st, "ref");
+                    let d = max_abs_diff(&ours, &r, "logits");
+                    eprintln!("{name} f32: GGUF bit-identical to the safetensors run; vs transformers f32 on the safetensors {d:.2e}");
+                    assert!(
+                        d <= 1e-4,
+                        "{name}: f32 logits differ from transformers by {d:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 // ---- damaged files (no reference needed) ---------------------------------------------------------
 
 /// A GGUF metadata value for the writer below.

@@ -161,8 +161,8 @@ pub fn weight_bytes(dir: &Path, config: &ModelConfig) -> Result<u64> {
 pub fn config_of(dir: &Path) -> Result<ModelConfig> {
     match crate::gguf::locate(dir)? {
         Some(file) => {
-            let (_, h) = crate::gguf::read(&file)?;
-            let json = crate::gguf::config_json(&h).map_err(|m| EngineError::Config {
+            let (map, h) = crate::gguf::read(&file)?;
+            let json = crate::gguf::config_json(&h, &map).map_err(|m| EngineError::Config {
                 path: file.clone(),
                 msg: format!("GGUF metadata: {m}"),
             })?;
