@@ -256,6 +256,15 @@ ROPE_SPECS: dict[str, dict] = {
     },
 }
 MODEL_SPECS.update(ROPE_SPECS)
+# The same five on a 2048-token vocabulary (no BOS/EOS ids): the RoPE-scaling parity tests that run
+# in CI (1, 10 and 300 tokens in f64, f32 and bf16; greedy generation; GGUF). The 151936-wide ones
+# above stay for `lockstep verify` on text and the heavy tests outside CI.
+SMALL_ROPE_SPECS: dict[str, dict] = {
+    f"{name}-small": {**spec, "seed": spec["seed"] + 100,
+                      "config": dict(spec["config"], vocab_size=2048, bos_token_id=None, eos_token_id=None)}
+    for name, spec in ROPE_SPECS.items()
+}
+MODEL_SPECS.update(SMALL_ROPE_SPECS)
 # Qwen3: per-head q/k RMSNorm, no q/k/v bias, an explicit head_dim (32) that is not
 # hidden_size / heads (16), the real Qwen3 tokenizer and chat template.
 QWEN3_CONFIG = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -276,7 +285,7 @@ QWEN3_MODELS = ["qwen3", "qwen3-small", "qwen3-bf16"]
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
                 "mistral-swa", "qwen2-swa"]
-SMALL_MODELS += list(ROPE_SPECS)
+SMALL_MODELS += list(ROPE_SPECS) + list(SMALL_ROPE_SPECS)
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
