@@ -256,15 +256,25 @@ ROPE_SPECS: dict[str, dict] = {
     },
 }
 MODEL_SPECS.update(ROPE_SPECS)
-# The same five on a 2048-token vocabulary (no BOS/EOS ids): the RoPE-scaling parity tests that run
-# in CI (1, 10 and 300 tokens in f64, f32 and bf16; greedy generation; GGUF). The 151936-wide ones
-# above stay for `lockstep verify` on text and the heavy tests outside CI.
+# The same five on a 2048-token vocabulary (no BOS/EOS ids) with the Qwen tokenizer cut to it
+# (`qwen_small_tokenizer`, so `verify` and `selftest` run text on them): the RoPE-scaling parity
+# tests that run in CI (1, 10 and 300 tokens in f64, f32 and bf16; greedy generation; GGUF). The
+# 151936-wide ones above stay for the heavy tests outside CI.
 SMALL_ROPE_SPECS: dict[str, dict] = {
-    f"{name}-small": {**spec, "seed": spec["seed"] + 100,
+    f"{name}-small": {**spec, "seed": spec["seed"] + 100, "tokenizer": "qwen-2048",
                       "config": dict(spec["config"], vocab_size=2048, bos_token_id=None, eos_token_id=None)}
     for name, spec in ROPE_SPECS.items()
 }
 MODEL_SPECS.update(SMALL_ROPE_SPECS)
+# selftest's cheap subject for the new faults: one Qwen3 model (q/k norms) with llama3 RoPE scaling
+# and a sliding window of 6 from layer 1 (layer 0 full), so qk-norm-skipped, qk-norm-after-rope,
+# llama3-no-smoothing and window-off-by-one all apply to it; 2048-token vocabulary and tokenizer.
+MODEL_SPECS["qwen3-llama3-swa-small"] = {
+    "arch": "qwen3", "seed": 1501, "dtype": "float32", "tokenizer": "qwen-2048",
+    "config": dict(dict(vocab_size=2048, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False, rms_norm_eps=1e-6, max_position_embeddings=131072, bos_token_id=None, eos_token_id=None), use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
 # Qwen3: per-head q/k RMSNorm, no q/k/v bias, an explicit head_dim (32) that is not
 # hidden_size / heads (16), the real Qwen3 tokenizer and chat template.
 QWEN3_CONFIG = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -285,7 +295,7 @@ QWEN3_MODELS = ["qwen3", "qwen3-small", "qwen3-bf16"]
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
                 "mistral-swa", "qwen2-swa"]
-SMALL_MODELS += list(ROPE_SPECS) + list(SMALL_ROPE_SPECS)
+SMALL_MODELS += list(ROPE_SPECS) + list(SMALL_ROPE_SPECS) + ["qwen3-llama3-swa-small"]
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
@@ -361,6 +371,42 @@ def qwen_tokenizer(root: str) -> str:
     os.replace(tok_json + ".tmp", tok_json)
     _write_json(cfg_json, QWEN_TOKENIZER_CONFIG)
     log(f"tokenizer -> {out_dir}")
+    return out_dir
+
+
+SMALL_VOCAB = 2048
+
+
+def qwen_small_tokenizer(root: str) -> str:
+    """Ensure fixtures/tokenizer/qwen-2048/: the Qwen tokenizer cut to the 2048-token vocabulary of
+    the small fixtures, so text (verify's and selftest's inputs) tokenizes below 2048: the first
+    2048 - 26 byte-level BPE tokens, the merges among them, and the 26 special tokens renumbered to
+    the last ids (2022..2047); the same tokenizer_config.json. Both sides load this one file, so
+    they tokenize alike; return the folder."""
+    src = qwen_tokenizer(root)
+    out_dir = os.path.join(root, "tokenizer", f"qwen-{SMALL_VOCAB}")
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        tok = json.load(f)
+    added = tok["added_tokens"]
+    keep = SMALL_VOCAB - len(added)
+    model = tok["model"]
+    vocab = {t: i for t, i in model["vocab"].items() if i < keep}
+    model["vocab"] = vocab
+    model["merges"] = [m for m in model["merges"]
+                       if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    for i, a in enumerate(added):
+        a["id"] = keep + i
+        vocab[a["content"]] = keep + i
+    data = json.dumps(tok, ensure_ascii=False, indent=2).encode()
+    tok_json = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(tok_json) and open(tok_json, "rb").read() == data:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(tok_json + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(tok_json + ".tmp", tok_json)
+    shutil.copyfile(os.path.join(src, "tokenizer_config.json"), os.path.join(out_dir, "tokenizer_config.json"))
+    log(f"tokenizer ({SMALL_VOCAB} tokens) -> {out_dir}")
     return out_dir
 
 
@@ -560,6 +606,8 @@ def ensure_model(root: str, name: str, tokenizer_dir: str | None) -> str:
     out_dir = os.path.join(root, "models", name)
     if MODEL_SPECS[name].get("tokenizer") == "qwen3":
         tokenizer_dir = qwen3_tokenizer(root)
+    elif MODEL_SPECS[name].get("tokenizer") == f"qwen-{SMALL_VOCAB}":
+        tokenizer_dir = qwen_small_tokenizer(root)
     if is_complete(out_dir, name):
         if tokenizer_dir is not None:  # keep the tokenizer files current (cheap)
             for f in ("tokenizer.json", "tokenizer_config.json"):
