@@ -254,8 +254,11 @@ fn selftest_detects_and_localizes_every_fault() {
 /// small fixtures where they apply: `qwen3-llama3-swa-small` (Qwen3 q/k norms, llama3 scaling, a
 /// window from layer 1) and `qwen2-yarn-bf16-small`. f64: each detected and localized; f32 and
 /// bf16: localized or invisible to the op-level statistics, never at a wrong place. The faults not
-/// asked for are listed as not run.
+/// asked for are listed as not run. Two selftest runs, three tiers each: ~7 and ~4 minutes on the
+/// shared 2-core machine, beyond the CI budget; run it with
+///   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test verifier -- --ignored selftest_localizes_the_new_faults
 #[test]
+#[ignore = "heavy (two selftest runs, ~11 min): run with --ignored"]
 fn selftest_localizes_the_new_faults() {
     if reference_python().is_none() {
         return;
