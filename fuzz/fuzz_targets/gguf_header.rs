@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(h) = gguf::Header::parse(data) else {
         return;
     };
-    if let Ok(json) = gguf::config_json(&h) {
+    if let Ok(json) = gguf::config_json(&h, data) {
         if let Ok(c) = lockstep_engine::ModelConfig::from_json_str(&json) {
             for t in &h.tensors {
                 if let Some(name) = gguf::hf_name(&t.name) {

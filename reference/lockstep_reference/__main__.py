@@ -219,10 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("jobs", help='JSON file: [{"model", "test", "dtype", "out_exact", "out_reference"}, ...]')
     p.set_defaults(fn=lambda a: ops.ops_batch(a.jobs))
 
-    p = sub.add_parser("to-bf16", help="write a bf16-stored copy of a checkpoint folder")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.set_defaults(fn=lambda a: ops.to_bf16(a.src, a.dst))
+    p = sub.add_parser("to-bf16", help="write a bf16-stored copy of a checkpoint folder (SRC DST, repeatable)")
+    p.add_argument("pairs", nargs="+", metavar="SRC DST")
+
+    def _to_bf16(a) -> None:
+        if len(a.pairs) % 2:
+            raise SystemExit("to-bf16 takes SRC DST pairs")
+        for src, dst in zip(a.pairs[::2], a.pairs[1::2], strict=True):
+            ops.to_bf16(src, dst)
+
+    p.set_defaults(fn=_to_bf16)
 
     p = sub.add_parser("tokenize-batch", help="ids of each text of a JSON list, as one JSON line")
     p.add_argument("--model", required=True)

@@ -122,6 +122,42 @@ def qwen_tokenizer(root: str) -> str:
     return out_dir
 
 
+SMALL_VOCAB = 2048
+
+
+def qwen_small_tokenizer(root: str) -> str:
+    """Ensure fixtures/tokenizer/qwen-2048/: the Qwen tokenizer cut to the 2048-token vocabulary of
+    the small fixtures, so text (verify's and selftest's inputs) tokenizes below 2048: the first
+    2048 - 26 byte-level BPE tokens, the merges among them, and the 26 special tokens renumbered to
+    the last ids (2022..2047); the same tokenizer_config.json. Both sides load this one file, so
+    they tokenize alike; return the folder."""
+    src = qwen_tokenizer(root)
+    out_dir = os.path.join(root, "tokenizer", f"qwen-{SMALL_VOCAB}")
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        tok = json.load(f)
+    added = tok["added_tokens"]
+    keep = SMALL_VOCAB - len(added)
+    model = tok["model"]
+    vocab = {t: i for t, i in model["vocab"].items() if i < keep}
+    model["vocab"] = vocab
+    model["merges"] = [m for m in model["merges"]
+                       if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    for i, a in enumerate(added):
+        a["id"] = keep + i
+        vocab[a["content"]] = keep + i
+    data = json.dumps(tok, ensure_ascii=False, indent=2).encode()
+    tok_json = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(tok_json) and open(tok_json, "rb").read() == data:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(tok_json + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(tok_json + ".tmp", tok_json)
+    shutil.copyfile(os.path.join(src, "tokenizer_config.json"), os.path.join(out_dir, "tokenizer_config.json"))
+    log(f"tokenizer ({SMALL_VOCAB} tokens) -> {out_dir}")
+    return out_dir
+
+
 def qwen3_tokenizer(root: str) -> str:
     """Ensure fixtures/tokenizer/qwen3/: the same tokenizer.json as fixtures/tokenizer/qwen with the
     package's own tokenizer_config.json (Qwen3's, chat template with `enable_thinking`), both

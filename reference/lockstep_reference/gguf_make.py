@@ -5,6 +5,10 @@ types given (cycling through them, so one small model exercises every type), qua
 (K-quants, which gguf-py cannot quantize to, as random blocks); 1-D tensors (norms, biases) and rows
 that do not fill whole blocks stay F32.
 
+Llama 3 RoPE scaling (`rope_type: llama3`) is written as the converter writes it: no scaling
+metadata, a `rope_freqs.weight` tensor of per-frequency divisors (`LlamaModel.generate_extra_tensors`,
+[`llama3_rope_freqs`]).
+
 Used by lockstep's GGUF tests: the file is then loaded both by lockstep and by `transformers`
 (`from_pretrained(dir, gguf_file=...)`), and the two must hold bit-identical weights."""
 
@@ -69,17 +73,57 @@ def _random_k_blocks(shape: tuple, qt, rng) -> np.ndarray:
     return blocks.reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
 
 
+def llama3_rope_freqs(cfg: dict) -> np.ndarray | None:
+    """The `rope_freqs.weight` llama.cpp's converter writes for a config with `llama3` RoPE scaling
+    (`LlamaModel.generate_extra_tensors`, computed as it computes it: float32 torch frequencies,
+    its defaults, and `original_max_position_embeddings` read from the top level of config.json,
+    i.e. 8192 for the Llama 3.x configs, which keep it inside `rope_scaling`); None without llama3."""
+    import math
+
+    import torch
+
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
+        return None
+    base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = cfg.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor([float(f) for f in factors], dtype=torch.float32).numpy()
+
+
+def _load_f32(path: str) -> dict:
+    """Every tensor of a safetensors file as float32 numpy (bfloat16 included, exactly)."""
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
 def make_gguf(model_dir: str, out: str, types: list[str]) -> dict:
     """Write `model_dir` (config.json + model.safetensors) to `out`; return {gguf tensor name: type}."""
     import gguf
-    from safetensors.numpy import load_file
 
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     arch = _ARCH[cfg["architectures"][0]]
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    tensors = _load_f32(os.path.join(model_dir, "model.safetensors"))
     qtypes = [gguf.GGMLQuantizationType[t.upper()] for t in types]
 
     w = gguf.GGUFWriter(out, arch)
@@ -103,6 +147,10 @@ def make_gguf(model_dir: str, out: str, types: list[str]) -> dict:
         w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
 
     chosen = {}
+    rope_freqs = llama3_rope_freqs(cfg) if arch == "llama" else None
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+        chosen["rope_freqs.weight"] = "F32"
     rng = np.random.default_rng(1234)
     i = 0
     for name in sorted(tensors):

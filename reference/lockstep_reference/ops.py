@@ -38,8 +38,8 @@ import contextlib
 import json
 
 import torch
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 
 from .protocol import OpsJob, parse_list
 from .rope_scaling import reset_dynamic_rope

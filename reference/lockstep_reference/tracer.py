@@ -21,9 +21,8 @@ import struct
 import sys
 
 import torch
-from torch import nn
-
 import transformers
+from torch import nn
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2

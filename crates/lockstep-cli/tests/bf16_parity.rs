@@ -14,33 +14,58 @@ use lockstep_verify::{compare_traces, Tier, TolerancePolicy};
 use support::*;
 
 fn check(py: &std::path::Path, name: &str) {
-    let dir = scratch(&format!("bf16-{name}"));
-    let model = match name.strip_suffix("+to-bf16") {
-        // A float32 fixture rounded to a bf16-stored copy by the reference (`to-bf16`).
-        Some(f32_name) => {
-            let copy = dir.join("model");
-            let src = fixtures().join("models").join(f32_name);
-            reference(
-                py,
-                &["to-bf16", src.to_str().unwrap(), copy.to_str().unwrap()],
-            );
-            copy
-        }
-        None => fixtures().join("models").join(name),
-    };
-    assert!(model.join("config.json").exists(), "fixture {name} missing");
-    let m = model.to_str().unwrap();
+    check_all(py, &[name]);
+}
+
+/// The bf16 tier on several fixtures: their bf16 copies made and their reference traces computed
+/// in one Python process each (a Python start costs ~18 s on the CI machine).
+fn check_all(py: &std::path::Path, names: &[&str]) {
+    let mut copies: Vec<String> = vec![];
+    let mut models = vec![];
+    for name in names {
+        let dir = scratch(&format!("bf16-{name}"));
+        let model = match name.strip_suffix("+to-bf16") {
+            // A float32 fixture rounded to a bf16-stored copy by the reference (`to-bf16`).
+            Some(f32_name) => {
+                let copy = dir.join("model");
+                let src = fixtures().join("models").join(f32_name);
+                copies.push(src.to_str().unwrap().into());
+                copies.push(copy.to_str().unwrap().into());
+                copy
+            }
+            None => fixtures().join("models").join(name),
+        };
+        models.push((name.to_string(), dir, model));
+    }
+    if !copies.is_empty() {
+        let mut args = vec!["to-bf16"];
+        args.extend(copies.iter().map(String::as_str));
+        reference(py, &args);
+    }
     let mut jobs = vec![];
-    for n in [10usize, 300] {
-        let ids = token_ids(n, 2048, n as u64 + 11);
-        for dt in ["bf16", "f64"] {
-            jobs.push(serde_json::json!({"model": m, "tokens": ids, "dtype": dt,
-                "out": dir.join(format!("ref-{n}-{dt}.safetensors"))}));
+    for (name, dir, model) in &models {
+        assert!(model.join("config.json").exists(), "fixture {name} missing");
+        for n in [10usize, 300] {
+            let ids = token_ids(n, 2048, n as u64 + 11);
+            for dt in ["bf16", "f64"] {
+                jobs.push(
+                    serde_json::json!({"model": model, "tokens": ids, "dtype": dt,
+                    "out": dir.join(format!("ref-{n}-{dt}.safetensors"))}),
+                );
+            }
         }
     }
-    let spec = dir.join("jobs.json");
+    let spec = models[0].1.join("jobs.json");
     std::fs::write(&spec, serde_json::Value::Array(jobs).to_string()).unwrap();
     reference(py, &["trace-batch", spec.to_str().unwrap()]);
+    for (name, dir, model) in &models {
+        check_ours(name, dir, model);
+    }
+}
+
+/// lockstep's bf16 and bf16w traces of `model` against the reference's in `dir`.
+fn check_ours(name: &str, dir: &std::path::Path, model: &std::path::Path) {
+    let m = model.to_str().unwrap();
     for n in [10usize, 300] {
         let ids = ids_arg(&token_ids(n, 2048, n as u64 + 11));
         for dt in ["bf16", "bf16w"] {
@@ -126,7 +151,23 @@ bf16_test!(bf16_llama_gqa, "llama-gqa-bf16");
 // Sliding windows (8 and 6 keys), past the window at both lengths.
 bf16_test!(bf16_mistral_swa, "mistral-swa+to-bf16");
 bf16_test!(bf16_qwen2_swa, "qwen2-swa+to-bf16");
-// RoPE scaling in bf16 (llama3 tied, yarn): heavy on the Qwen vocabulary (151936), outside CI:
+// RoPE scaling in bf16 on a 2048-token vocabulary: llama3 (tied, factor 32) and yarn stored in
+// bf16; linear and dynamic (300 tokens past its 128-token original length) rounded to bf16.
+#[test]
+fn bf16_rope_scaling_small() {
+    if let Some(py) = reference_python() {
+        check_all(
+            &py,
+            &[
+                "llama3-rope-tied-bf16-small",
+                "qwen2-yarn-bf16-small",
+                "llama-linear-small+to-bf16",
+                "qwen2-dynamic-small+to-bf16",
+            ],
+        );
+    }
+}
+// The same (llama3 tied, yarn) on the Qwen vocabulary (151936), heavy, outside CI:
 //   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test bf16_parity -- --ignored
 #[test]
 #[ignore = "heavy (vocab 151936): run with --ignored"]

@@ -42,7 +42,15 @@ fn out_dir(p: &Path) -> std::path::PathBuf {
     p.parent().unwrap().to_path_buf()
 }
 
-fn check_model(py: &Path, name: &str) {
+/// The reference jobs of one fixture, written under its fresh scratch folder.
+type Job = (
+    std::path::PathBuf,
+    Vec<u32>,
+    &'static str,
+    std::path::PathBuf,
+);
+
+fn model_jobs(name: &str) -> Vec<Job> {
     let model = fixtures().join("models").join(name);
     assert!(model.join("config.json").exists(), "fixture {name} missing");
     let dir = scratch(&format!("parity-{name}"));
@@ -59,7 +67,29 @@ fn check_model(py: &Path, name: &str) {
             ));
         }
     }
+    jobs
+}
+
+fn check_model(py: &Path, name: &str) {
+    check_models(py, &[name]);
+}
+
+/// Parity of several fixtures, their reference traces computed in one Python process.
+fn check_models(py: &Path, names: &[&str]) {
+    let jobs: Vec<Job> = names.iter().flat_map(|n| model_jobs(n)).collect();
     reference_batch(py, &jobs);
+    for name in names {
+        check_ours(name);
+    }
+}
+
+/// Compares lockstep's traces of `name` with the reference's already written by [`model_jobs`].
+fn check_ours(name: &str) {
+    let model = fixtures().join("models").join(name);
+    let dir = repo_root()
+        .join("target/test-scratch")
+        .join(format!("parity-{name}"));
+    let vocab = vocab_of(&model);
     let mut report = vec![];
     for &n in &LENGTHS {
         let ids = token_ids(n, vocab, n as u64 + 7);
@@ -165,9 +195,26 @@ parity_test!(parity_llama_gqa, "llama-gqa");
 parity_test!(parity_mistral_swa, "mistral-swa");
 parity_test!(parity_qwen2_swa, "qwen2-swa");
 // RoPE scaling: llama3 (Llama 3.1 and 3.2 parameters, untied and tied), yarn (Qwen2.5's block),
-// linear, dynamic (300 tokens past its 128-token original length). On the Qwen tokenizer's
-// vocabulary (151936, for `verify`'s text prompts) these cost ~3 min each on the shared CI machine
-// (16 min for the five), beyond the CI budget: run them with
+// linear, dynamic (300 tokens past its 128-token original length; 1, 3 and 10 below it), on a
+// 2048-token vocabulary.
+// One test, one reference process for the five (a Python start costs ~18 s on the CI machine).
+#[test]
+fn parity_rope_scaling_small() {
+    if let Some(py) = reference_python() {
+        check_models(
+            &py,
+            &[
+                "llama3-rope-small",
+                "llama3-rope-tied-bf16-small",
+                "qwen2-yarn-bf16-small",
+                "llama-linear-small",
+                "qwen2-dynamic-small",
+            ],
+        );
+    }
+}
+// The same on the Qwen tokenizer's vocabulary (151936, for `verify`'s text prompts): ~3 min each
+// on the shared CI machine (16 min for the five), beyond the CI budget: run them with
 //   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test engine_parity -- --ignored
 macro_rules! heavy_parity_test {
     ($fn:ident, $name:expr) => {

@@ -129,6 +129,9 @@ fn greedy_generation_matches_transformers_token_for_token() {
         ("qwen2-swa", 16),
         ("qwen3-small", 14),
         ("qwen3-moe-small", 17),
+        // RoPE scaling: llama3 (Llama 3.1's) and yarn (Qwen2.5's, bf16-stored, run in f32).
+        ("llama3-rope-small", 17),
+        ("qwen2-yarn-bf16-small", 18),
     ] {
         let dir = model_dir(name);
         let d = dir.to_str().unwrap().to_string();

@@ -387,7 +387,10 @@ mod tests {
     /// newlines made the unsupported-architecture error span several lines.
     #[test]
     fn errors_stay_one_line_whatever_the_file_holds() {
-        for (k, v) in [("model_type", r"llan\n0000\r\n"), ("hidden_act", r"silu\nyy")] {
+        for (k, v) in [
+            ("model_type", r"llan\n0000\r\n"),
+            ("hidden_act", r"silu\nyy"),
+        ] {
             let text = QWEN.replace("\"architectures\":[\"Qwen2ForCausalLM\"],", "");
             let text = text.replacen(
                 &format!("\"{k}\":"),

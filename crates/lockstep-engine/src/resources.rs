@@ -226,8 +226,8 @@ pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
 pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
     match source {
         ModelSource::Gguf { file, .. } => {
-            let (_, h) = crate::gguf::read(file)?;
-            let json = crate::gguf::config_json(&h).map_err(|m| EngineError::Config {
+            let (map, h) = crate::gguf::read(file)?;
+            let json = crate::gguf::config_json(&h, &map).map_err(|m| EngineError::Config {
                 path: file.clone(),
                 msg: format!("GGUF metadata: {m}"),
             })?;

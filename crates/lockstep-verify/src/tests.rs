@@ -435,7 +435,7 @@ pub(crate) fn noisy(
 }
 
 /// Checks that tags are balanced and properly nested (an XML-ish well-formedness test).
-pub(crate) fn balanced_tags(s: &str) -> Result<usize, String> {
+pub(crate) fn balanced_tags(s: &str) -> Result<usize, Box<dyn std::error::Error>> {
     let mut stack: Vec<String> = Vec::new();
     let mut count = 0;
     let mut rest = s;
@@ -443,13 +443,13 @@ pub(crate) fn balanced_tags(s: &str) -> Result<usize, String> {
         let j = rest[i..].find('>').ok_or("unterminated tag")? + i;
         let tag = &rest[i + 1..j];
         if tag.contains('<') {
-            return Err(format!("'<' inside tag: {tag}"));
+            return Err(format!("'<' inside tag: {tag}").into());
         }
         count += 1;
         if let Some(name) = tag.strip_prefix('/') {
-            let top = stack.pop().ok_or(format!("unopened </{name}>"))?;
+            let top = stack.pop().ok_or_else(|| format!("unopened </{name}>"))?;
             if top != name.trim() {
-                return Err(format!("<{top}> closed by </{name}>"));
+                return Err(format!("<{top}> closed by </{name}>").into());
             }
         } else if !tag.ends_with('/') && !tag.starts_with('?') && !tag.starts_with('!') {
             let name = tag.split_whitespace().next().ok_or("empty tag")?;
@@ -460,6 +460,6 @@ pub(crate) fn balanced_tags(s: &str) -> Result<usize, String> {
     if stack.is_empty() {
         Ok(count)
     } else {
-        Err(format!("unclosed: {stack:?}"))
+        Err(format!("unclosed: {stack:?}").into())
     }
 }

@@ -30,6 +30,10 @@ pub struct Args {
     /// for every fault to be observable.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Run only these faults (comma-separated names, e.g. `--faults qk-norm-skipped,window-off-by-one`);
+    /// each must apply to the model. Default: every fault that applies.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(Fault))]
+    faults: Vec<Fault>,
 }
 
 /// The f32/bf16 input: one sentence, cut to at most [`SHORT_MAX_TOKENS`] tokens.
@@ -67,6 +71,7 @@ fn run_tier(
     texts: &[String],
     reference: &mut PythonReference,
     work: &Path,
+    only: &[Fault],
 ) -> CliResult<(bool, Vec<Row>)> {
     let mut ids = reference.tokenize(model_dir, texts)?;
     if tier != Tier::F64 {
@@ -108,7 +113,7 @@ fn run_tier(
             Fault::ALL
                 .iter()
                 .copied()
-                .filter(|f| f.applies_to(&config))
+                .filter(|f| f.applies_to(&config) && (only.is_empty() || only.contains(f)))
                 .map(Some),
         )
         .collect();
@@ -193,6 +198,15 @@ fn run_tier(
 /// fault the op-level statistics call visible is localized at its entry tensor.
 pub fn run(a: Args) -> CliResult<ExitCode> {
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
+    if !a.faults.is_empty() {
+        let config = Model::load(&model)?.config;
+        if let Some(f) = a.faults.iter().find(|f| !f.applies_to(&config)) {
+            return Err(CliError::input(format!(
+                "--faults: {f} cannot change this model ({}), so selftest cannot show it",
+                model.display()
+            )));
+        }
+    }
     let bf16_model = work.join("selftest-bf16-model");
     reference.bf16_copy(&model, &bf16_model)?;
     let long: Vec<String> = default_inputs()
@@ -208,7 +222,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         (Tier::F32, &model, &short),
         (Tier::BF16, &bf16_model, &short),
     ] {
-        let (clean_ok, rows) = run_tier(tier, dir, texts, &mut reference, &work)?;
+        let (clean_ok, rows) = run_tier(tier, dir, texts, &mut reference, &work, &a.faults)?;
         all_ok &= clean_ok;
         println!(
             "\n### {tier} ({})\n",
@@ -248,8 +262,13 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             );
         }
         for f in Fault::ALL {
-            if !rows.iter().any(|r| r.fault == f) {
+            if rows.iter().any(|r| r.fault == f) {
+                continue;
+            }
+            if a.faults.is_empty() {
                 println!("| {f} | - | - | - | not applicable to this model |");
+            } else {
+                println!("| {f} | - | - | - | not run (--faults) |");
             }
         }
         println!(

@@ -2,6 +2,8 @@
 //! environment, and running `lockstep` and the Python reference tracer.
 #![allow(dead_code)]
 
+pub mod gguf;
+
 use lockstep_trace::Trace;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

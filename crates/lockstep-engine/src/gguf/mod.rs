@@ -8,7 +8,9 @@
 //!   (`general.architecture`, `{arch}.embedding_length`, `.block_count`, `.feed_forward_length`,
 //!   `.attention.head_count(_kv)`, `.rope.freq_base`, `.attention.layer_norm_rms_epsilon`,
 //!   `.context_length`, the vocabulary size, tied when there is no `output.weight`) and the
-//!   engine's own config parser validates it.
+//!   engine's own config parser validates it. Llama 3 RoPE scaling, which llama.cpp's converter
+//!   stores only as a `rope_freqs.weight` of per-frequency divisors, becomes `rope_parameters` of
+//!   type `llama3` ([`llama3_rope_parameters`]; `transformers` drops that tensor).
 //! - **Tensors**: llama.cpp names become Hugging Face names ([`hf_name`]); dims are stored
 //!   fastest-first, so the HF shape is the reverse. F32, F16 and BF16 tensors stay memory-mapped in
 //!   their stored dtype; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks are dequantized
@@ -35,7 +37,7 @@ mod tokenizer_meta;
 pub use dequant::{dequantize, unpermute_rows};
 pub use error::GgufError;
 pub use header::{GgmlType, Header, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC};
-pub use hf_map::{config_json, expected_shape, hf_name};
+pub use hf_map::{config_json, expected_shape, hf_name, llama3_rope_freqs, llama3_rope_parameters};
 pub use tokenizer_meta::{chat_template, tokenizer, tokenizer_config, tokenizer_json};
 
 use crate::config::ModelConfig;
@@ -46,6 +48,9 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// llama.cpp's tensor of per-frequency RoPE divisors (Llama 3 scaling).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 /// Whether `path` names a GGUF checkpoint: a file named `*.gguf` or starting with the GGUF magic,
 /// or a folder holding exactly one `*.gguf` and neither `model.safetensors` nor
 /// `model.safetensors.index.json`. `Ok(None)`: not GGUF (a Hugging Face folder, nothing there, or
@@ -118,11 +123,13 @@ fn bad(path: &Path, msg: String) -> EngineError {
 /// Face name (see the module docs). Every tensor in the file must be one the model uses.
 pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
     let (map, h) = read(path)?;
-    let json = config_json(&h).map_err(|m| bad(path, format!("GGUF metadata: {m}")))?;
+    let json = config_json(&h, &map).map_err(|m| bad(path, format!("GGUF metadata: {m}")))?;
     let config =
         ModelConfig::from_json_str(&json).map_err(|m| bad(path, format!("GGUF metadata: {m}")))?;
     let llama = h.get("general.architecture").and_then(Value::as_str) == Some("llama");
-    for t in &h.tensors {
+    // rope_freqs.weight became the config's RoPE scaling; it is no weight of the model.
+    let weights: Vec<&TensorInfo> = h.tensors.iter().filter(|t| t.name != ROPE_FREQS).collect();
+    for t in &weights {
         if !t.ty.is_supported() {
             return Err(bad(
                 path,
@@ -165,8 +172,7 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
             ));
         }
     }
-    let loaded: Result<Vec<(String, Tensor)>> = h
-        .tensors
+    let loaded: Result<Vec<(String, Tensor)>> = weights
         .par_iter()
         .map(|t| {
             let name = hf_name(&t.name).expect("checked");

@@ -1,5 +1,6 @@
 //! The tokenizer, chat template and special tokens a GGUF's metadata describes.
 
+use super::error::GgufError;
 use super::header::{Header, Value};
 use super::read;
 use crate::error::{EngineError, Result};
@@ -48,25 +49,25 @@ fn byte_alphabet() -> [char; 256] {
 /// the file's merges, control tokens (type 3) as special added tokens and user-defined ones
 /// (type 4) as plain added tokens, the split regex its `tokenizer.ggml.pre` calls for, and a BOS
 /// prepended only when `tokenizer.ggml.add_bos_token` says so.
-pub fn tokenizer_json(h: &Header) -> std::result::Result<String, String> {
+pub fn tokenizer_json(h: &Header) -> std::result::Result<String, GgufError> {
     use serde_json::{json, Map, Value as J};
     let model = h
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
         .ok_or("no tokenizer in its metadata (tokenizer.ggml.model)")?;
     if model != "gpt2" {
-        return Err(format!(
+        return Err(GgufError::from(format!(
             "its tokenizer is '{model}'; lockstep builds only byte-level BPE ('gpt2') tokenizers from GGUF metadata"
-        ));
+        )));
     }
-    let strings = |key: &str| -> std::result::Result<Vec<&str>, String> {
+    let strings = |key: &str| -> std::result::Result<Vec<&str>, GgufError> {
         h.get(key)
             .and_then(Value::as_array)
-            .ok_or_else(|| format!("no {key} in its metadata"))?
+            .ok_or_else(|| GgufError::from(format!("no {key} in its metadata")))?
             .iter()
             .map(|v| {
                 v.as_str()
-                    .ok_or_else(|| format!("{key} holds a non-string"))
+                    .ok_or_else(|| GgufError::from(format!("{key} holds a non-string")))
             })
             .collect()
     };
