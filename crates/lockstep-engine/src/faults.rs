@@ -275,6 +275,34 @@ impl Fault {
     }
 }
 
+impl Fault {
+    /// Whether the fault is made at `tap` on a model configured like `config`: its entry
+    /// ([`Self::enters_at_in`]), or, for a mistake in the RMSNorm arithmetic, any RMSNorm (input,
+    /// Qwen3's per-head q/k norms, post-attention, final): the same mistake is made in each, so
+    /// where one is lost in the tier's rounding the op-level judgement rightly names the next.
+    pub fn is_made_at(self, tap: &str, config: &ModelConfig) -> bool {
+        use lockstep_trace::{LayerTap, TapName};
+        if tap == self.enters_at_in(config) {
+            return true;
+        }
+        match self {
+            Fault::NormEps | Fault::NormVarianceBf16 | Fault::NormEpsOutsideSqrt => matches!(
+                TapName::parse(tap),
+                Some(
+                    TapName::Layer(
+                        _,
+                        LayerTap::InputNorm
+                            | LayerTap::QNorm
+                            | LayerTap::KNorm
+                            | LayerTap::PostNorm
+                    ) | TapName::FinalNorm
+                )
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -303,6 +331,31 @@ impl FromStr for Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_norm_mistake_is_made_at_every_rmsnorm_and_others_only_at_their_entry() {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures":["Qwen3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,
+            "head_dim":16}"#,
+        )
+        .unwrap();
+        for tap in [
+            "layers.0.input_norm",
+            "layers.0.q_norm",
+            "layers.1.k_norm",
+            "layers.0.post_norm",
+            "final_norm",
+        ] {
+            assert!(Fault::NormVarianceBf16.is_made_at(tap, &c), "{tap}");
+        }
+        for tap in ["layers.0.q_rope", "layers.0.mlp_out", "logits", "nonsense"] {
+            assert!(!Fault::NormVarianceBf16.is_made_at(tap, &c), "{tap}");
+        }
+        assert!(Fault::QkNormSkipped.is_made_at("layers.0.q_norm", &c));
+        assert!(!Fault::QkNormSkipped.is_made_at("layers.0.k_norm", &c));
+        assert!(!Fault::SoftmaxBf16.is_made_at("layers.0.input_norm", &c));
+    }
 
     #[test]
     fn names_round_trip_and_are_unique() {

@@ -48,6 +48,8 @@ struct Row {
     fault: Fault,
     /// Where the fault enters on this model ([`Fault::enters_at_in`]).
     entry: String,
+    /// Whether the first divergence is a tap where the fault is made ([`Fault::is_made_at`]).
+    made_at_first: bool,
     detected: bool,
     first: Option<String>,
     visible: bool,
@@ -55,7 +57,7 @@ struct Row {
 
 impl Row {
     fn localized(&self) -> bool {
-        self.first.as_deref() == Some(self.entry.as_str())
+        self.made_at_first
     }
 }
 
@@ -181,12 +183,16 @@ fn run_tier(
                 .filter_map(|c| c.first_divergence.clone())
                 .min_by_key(|n| forward_rank(n));
             let fault = fault.expect("faults after the clean run");
+            let first = made.clone().or(e2e_first);
             Row {
                 fault,
                 entry: fault.enters_at_in(&config),
+                made_at_first: first
+                    .as_deref()
+                    .is_some_and(|t| fault.is_made_at(t, &config)),
                 detected: made.is_some() || e2e[v].iter().any(|c| !c.passed),
                 visible: made.is_some(),
-                first: made.or(e2e_first),
+                first,
             }
         })
         .collect();

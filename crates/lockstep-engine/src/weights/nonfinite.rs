@@ -28,13 +28,7 @@ impl NonFiniteCount {
 /// `offset` is the flat index of the first value in `bytes`. Non-finite means all exponent bits
 /// set; NaN when the mantissa is not zero. A branch-free pass first asks whether there is any
 /// (the common case is none), so the scan runs at memory speed.
-fn count_nonfinite(
-    bytes: &[u8],
-    size: usize,
-    exp: u64,
-    man: u64,
-    offset: usize,
-) -> NonFiniteCount {
+fn count_nonfinite(bytes: &[u8], size: usize, exp: u64, man: u64, offset: usize) -> NonFiniteCount {
     macro_rules! scan {
         ($t:ty, $n:expr) => {{
             let (exp, man) = (exp as $t, man as $t);
