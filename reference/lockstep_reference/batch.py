@@ -103,9 +103,11 @@ def weights(model_dir: str) -> None:
     dtype = stored_dtype(model_dir)
     model = tracer.load_model(model_dir, dtype)
     sums = {}
+    # The checkpoint's tensor names (a GGUF's are llama.cpp's: nothing to map fused experts to).
     stored = set()
-    for path in checkpoint_files(model_dir):
-        stored |= set(read_header(path)[0])
+    if tracer.gguf_file(model_dir) is None:
+        for path in checkpoint_files(model_dir):
+            stored |= set(read_header(path)[0])
     for name, t in model.state_dict().items():
         for part, x in _as_stored(name, t, stored):
             raw = x.detach().contiguous().view(torch.uint8).numpy().tobytes()
