@@ -38,8 +38,19 @@ impl Tokenizer {
                 what: "the model's tokenizer".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let bad = |msg: String| EngineError::Tokenizer(format!("{}: {msg}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // The tokenizers crate panics (`expect("Helper")`) on some files that are not JSON, so
+        // the text is checked as JSON first (found by fuzzing tokenizer_json); a panic left in
+        // its parser is still an error, not a crash.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| bad("the tokenizers library could not read it (it panicked)".into()))?;
+        let inner = parsed.map_err(|e| bad(crate::config::json::one_line(&e.to_string())))?;
         Ok(Tokenizer::for_prompts(inner))
     }
 
@@ -84,5 +95,28 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing (fuzz/ tokenizer_json): tokenizer.json files that are not JSON inside
+    /// `decoder` made the tokenizers crate panic (`expect("Helper")`); they are one-line errors.
+    #[test]
+    fn a_tokenizer_file_that_is_not_json_is_an_error_not_a_panic() {
+        for data in [
+            &include_bytes!("testdata/tokenizer-decoder-not-json.json")[..],
+            &include_bytes!("testdata/tokenizer-decoder-not-json-2.json")[..],
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("tokenizer.json"), data).unwrap();
+            let e = Tokenizer::from_dir(d.path())
+                .err()
+                .expect("an error")
+                .to_string();
+            assert!(e.contains("not valid JSON") && !e.contains('\n'), "{e}");
+        }
     }
 }
