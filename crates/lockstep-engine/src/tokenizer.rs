@@ -48,7 +48,7 @@ impl Tokenizer {
         // its parser is still an error, not a crash.
         serde_json::from_str::<serde::de::IgnoredAny>(&text)
             .map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+        let parsed = without_panic_output(|| text.parse::<tokenizers::Tokenizer>())
             .map_err(|_| bad("the tokenizers library could not read it (it panicked)".into()))?;
         let inner = parsed.map_err(|e| bad(crate::config::json::one_line(&e.to_string())))?;
         Ok(Tokenizer::for_prompts(inner))
@@ -98,6 +98,18 @@ impl Tokenizer {
     }
 }
 
+/// Runs `f`, turning a panic into `Err` without the panic message on stderr (the error the caller
+/// makes of it is the one line). The panic hook is process-wide: this is for loading, which
+/// happens before any other thread uses the tokenizer (the tokenizers crate panics on some
+/// malformed files: found by fuzzing, e.g. a BPE `continuing_subword_prefix` longer than a token).
+fn without_panic_output<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +130,22 @@ mod tests {
                 .to_string();
             assert!(e.contains("not valid JSON") && !e.contains('\n'), "{e}");
         }
+    }
+
+    /// Found by fuzzing: a BPE whose `continuing_subword_prefix` is longer than its tokens makes
+    /// the tokenizers crate panic while loading (a string index out of bounds); an error instead.
+    #[test]
+    fn a_tokenizer_the_library_panics_on_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("tokenizer.json"),
+            include_bytes!("testdata/tokenizer-bpe-prefix-longer-than-token.json"),
+        )
+        .unwrap();
+        let e = Tokenizer::from_dir(d.path())
+            .err()
+            .expect("an error")
+            .to_string();
+        assert!(e.contains("panicked") && !e.contains('\n'), "{e}");
     }
 }
