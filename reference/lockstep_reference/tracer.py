@@ -32,6 +32,13 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe
 from .moe import sparse_layers
 from .rope_scaling import hf_inv_freq_f64, reset_dynamic_rope
 from .st_io import model_fingerprint
+from .writer import (  # noqa: F401 (re-exported for callers of tracer.*)
+    LAYER_TAPS,
+    QK_NORM_TYPES,
+    ROUTER_TAPS,
+    layer_taps,
+    trace_names,
+)
 
 TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
 # bf16 runs are stored as float32, which holds every bf16 value exactly.
@@ -48,39 +55,7 @@ _ARCHS = {
                   modeling_qwen3_moe.Qwen3MoeRotaryEmbedding),
 }
 
-# Model types whose attention normalizes each head of q and k (q_norm, k_norm) before RoPE.
-QK_NORM_TYPES = ("qwen3", "qwen3_moe")
-# The taps of a sparse (mixture-of-experts) layer in place of mlp_act.
-ROUTER_TAPS = ("router_logits", "router_topk_ids", "router_topk_weights")
-
-LAYER_TAPS = (
-    "input_norm", "q", "k", "v", "q_rope", "k_rope", "attn_probs", "attn_out", "o_proj",
-    "resid_attn", "post_norm", "mlp_act", "mlp_out", "out",
-)
-
-
-def layer_taps(model_type: str = "qwen2", sparse: bool = False) -> tuple[str, ...]:
-    """The per-layer taps of a model type, in forward order (q_norm, k_norm after v for Qwen3; a
-    sparse MoE layer has the router taps in place of mlp_act)."""
-    taps = LAYER_TAPS
-    if model_type in QK_NORM_TYPES:
-        i = taps.index("v") + 1
-        taps = taps[:i] + ("q_norm", "k_norm") + taps[i:]
-    if sparse:
-        i = taps.index("mlp_act")
-        taps = taps[:i] + ROUTER_TAPS + taps[i + 1:]
-    return taps
-
-
-def trace_names(num_layers: int, model_type: str = "qwen2", sparse: list[bool] | None = None) -> list[str]:
-    """All tensor names of a trace of a model with `num_layers` decoder layers, in forward order
-    (`sparse`: per layer, whether it is a mixture-of-experts layer)."""
-    names = ["tokens", "embed"]
-    for i in range(num_layers):
-        names += [f"layers.{i}.{tap}" for tap in layer_taps(model_type, bool(sparse and sparse[i]))]
-    return names + ["final_norm", "logits"]
-
-
+# The tap names and their order are defined once, in the torch-free writer (other ports import it).
 def trace_names_for(config) -> list[str]:
     """`trace_names` of a model configured like `config` (transformers config or config.json dict)."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)

@@ -68,7 +68,8 @@ ID_TAPS = ("router_topk_ids",)
 
 
 def layer_taps(model_type: str = "qwen2", sparse: bool = False) -> tuple[str, ...]:
-    """The per-layer taps of a model type in forward order (as tracer.layer_taps)."""
+    """The per-layer taps of a model type, in forward order (q_norm, k_norm after v for Qwen3; a
+    sparse MoE layer has the router taps in place of mlp_act)."""
     taps = LAYER_TAPS
     if model_type in QK_NORM_TYPES:
         i = taps.index("v") + 1
