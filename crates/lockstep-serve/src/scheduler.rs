@@ -103,6 +103,8 @@ pub fn run<T: Float>(engine: Engine, jobs: Receiver<Job>) {
             if !open {
                 break;
             }
+            stats.waiting.store(0, Ordering::Relaxed);
+            stats.running.store(0, Ordering::Relaxed);
             match jobs.recv() {
                 Ok(j) => waiting.push_back(j),
                 Err(_) => break,
@@ -128,11 +130,11 @@ pub fn run<T: Float>(engine: Engine, jobs: Receiver<Job>) {
                 caches.push(cache);
             }
         }
-        stats.waiting.store(waiting.len(), Ordering::Relaxed);
-        stats.running.store(rows.len(), Ordering::Relaxed);
         // Clients that left free their slot before the step.
         let gone: Vec<bool> = rows.iter().map(|r| r.job.events.is_closed()).collect();
         drop_rows(&mut rows, &mut caches, &gone);
+        stats.waiting.store(waiting.len(), Ordering::Relaxed);
+        stats.running.store(rows.len(), Ordering::Relaxed);
         if rows.is_empty() {
             continue;
         }
