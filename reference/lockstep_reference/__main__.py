@@ -40,12 +40,10 @@ def cmd_trace_streamed(args) -> None:
 
     from .streamed import peak_rss_mib, trace_streamed
 
-    if args.dtype != "f64":
-        raise SystemExit("--streamed is the pure-f64 oracle: use it with --dtype f64")
     t0 = time.time()
-    tensors = trace_streamed(args.model, args.out, token_ids=args.tokens, prompt=args.prompt,
+    tensors = trace_streamed(args.model, args.out, token_ids=args.tokens, prompt=args.prompt, dtype=args.dtype,
                              log=lambda m: print(f"[streamed] {m}", file=sys.stderr, flush=True))
-    print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype f64 "
+    print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype {args.dtype} "
           f"(streamed), {time.time() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
 
 
@@ -163,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="compute dtype; f64 is pure float64 (RMSNorm, RoPE, softmax lifted)")
     p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
     p.add_argument("--streamed", action="store_true",
-                   help="f64 only: the same pure-f64 trace computed layer by layer (one layer's weights in "
-                        "memory; for models too big for float64 in RAM)")
+                   help="the same trace computed layer by layer (one layer's weights in memory; for models "
+                        "too big for RAM in --dtype)")
     p.set_defaults(fn=cmd_trace)
 
     p = sub.add_parser("tokenize", help="print the transformers tokenizer's ids as a JSON array")

@@ -33,19 +33,17 @@ def trace_batch(jobs_path: str) -> None:
     """Run every job of a JSON list `[{"model", "tokens", "dtype", "out"}, ...]`, loading each
     (model, dtype) once. Prints one line per trace written.
 
-    A job with `"streamed": true` (dtype "f64" only) is the same pure-f64 trace computed layer by
-    layer (streamed.py): for models too big for float64 in RAM; nothing stays loaded for it."""
+    A job with `"streamed": true` is the same trace computed layer by layer (streamed.py): for models
+    too big for RAM in the job's dtype; nothing stays loaded for it."""
     loaded: dict[tuple[str, str], object] = {}
     for job in parse_list(TraceJob, jobs_path):
         if job.streamed:
             from . import streamed
 
-            if job.dtype != "f64":
-                raise SystemExit(f"streamed job {job.out}: dtype must be f64, not {job.dtype}")
             loaded.clear()  # free any loaded model first
             model = None
-            streamed.trace_streamed(job.model, job.out, token_ids=job.tokens)
-            print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype f64 (streamed, peak RSS "
+            streamed.trace_streamed(job.model, job.out, token_ids=job.tokens, dtype=job.dtype)
+            print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype} (streamed, peak RSS "
                   f"{streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
             continue
         key = (job.model, job.dtype)

@@ -29,7 +29,7 @@ class TraceJob:
     tokens: list[int]
     dtype: str
     out: str
-    #: Pure-f64 trace computed layer by layer (streamed.py), for models too big for f64 in RAM.
+    #: The trace computed layer by layer (streamed.py), for models too big for RAM in `dtype`.
     streamed: bool = False
 
 

@@ -1,32 +1,36 @@
-"""The pure-float64 reference trace, streamed layer by layer, for models too big for float64 in RAM.
+"""A reference trace streamed layer by layer, for models too big for RAM in the trace's dtype.
 
     python -m lockstep_reference trace --model DIR --tokens 9707 --dtype f64 --streamed --out F.safetensors
 
-(or a `trace-batch` job with `"dtype": "f64", "streamed": true`). It computes exactly what
-`tracer.trace_model(model, ids, "f64")` computes on a model loaded with `from_pretrained(dtype=float64)`
-(the same transformers modules and functions under the same `pure_f64_patches`, so RMSNorm, RoPE and the
-softmax are float64), and writes the same tensor names, but never holds more than one decoder layer's
-weights: a Qwen2.5-7B-size model is 61 GB in float64, one of its layers ~1.9 GB.
+(or a `trace-batch` job with `"streamed": true`), in any dtype: f64 (the pure-float64 oracle), f32 or
+bf16 (the PyTorch reference). It computes exactly what `tracer.trace_model(model, ids, dtype)` computes
+on a model loaded with `from_pretrained(dtype=...)` (the same transformers modules and functions, under
+the same `pure_f64_patches` for f64, so there RMSNorm, RoPE and the softmax are float64), and writes the
+same tensor names, but never holds more than one decoder layer's weights: a Qwen2.5-7B-size model is
+61 GB in float64, one of its layers ~1.9 GB; a Qwen2.5-14B-size one is 29.5 GB in bf16 (more than this
+machine's RAM), one of its layers 0.6 GB.
 
-    embed        rows of model.embed_tokens.weight gathered one by one (safe_open get_slice), to float64
-    mask, RoPE   transformers' own create_causal_mask (eager: additive float64 mask) and the rotary
-                 embedding module (patched to float64), with the arguments Qwen2Model/LlamaModel.forward
+    embed        rows of model.embed_tokens.weight gathered one by one (safe_open get_slice), converted
+                 to the dtype as from_pretrained converts them
+    mask, RoPE   transformers' own create_causal_mask (eager: additive mask) and the rotary embedding
+                 module (patched to float64 for f64), with the arguments Qwen2Model/LlamaModel.forward
                  passes
     layer i      a Qwen2DecoderLayer/LlamaDecoderLayer(config, i) built on the meta device, its stored
-                 weights loaded (converted to float64, exact) with load_state_dict(assign=True, strict),
+                 weights loaded (converted to the dtype) with load_state_dict(assign=True, strict),
                  run with attention_mask, position_embeddings, position_ids, cache=None,
                  use_cache=False, with the tracer's per-layer hooks (taps layers.{i}.*); then freed
     final_norm   the RMSNorm module with the stored model.norm.weight
-    logits       lm_head.weight (model.embed_tokens.weight when tied) in row chunks of `row_chunk`
-                 (the 152064 x 3584 head is 4.4 GB in float64)
+    logits       lm_head.weight (model.embed_tokens.weight when tied): in f64 in row chunks of
+                 `row_chunk` (the 152064 x 3584 head is 4.4 GB in float64); in f32 and bf16 in one
+                 matmul, as the model's lm_head runs it (a GEMM's summation order may depend on its shape)
 
-Measured on the make-7b model (Qwen2.5-7B config, bf16 shards), token [9707], 2 shared cores: 88 s
+Measured on the make-7b model (Qwen2.5-7B config, bf16 shards), token [9707], 2 shared cores, f64: 88 s
 (28 layers 57 s, ~2 s each mostly loading; final norm + lm_head 4 s; the model fingerprint, sha256 of
 15 GB, 27 s), peak RSS 2.7 GB. On the small fixtures the streamed trace is bit-identical to the ordinary
-pure-f64 trace on every tensor.
+trace on every tensor, in every dtype.
 
-Metadata is `tracer.trace_metadata`'s (pure_f64 "true") plus "streamed": "true". Checked in
-reference/tests/check_reference.py against the ordinary pure-f64 trace on the small fixtures.
+Metadata is `tracer.trace_metadata`'s plus "streamed": "true". Checked in
+reference/tests/check_reference.py against the ordinary trace on the small fixtures, in each dtype.
 """
 
 from __future__ import annotations
@@ -53,10 +57,17 @@ def _decoder_layer_class(model_type: str):
             "qwen3": modeling_qwen3.Qwen3DecoderLayer}[model_type]
 
 
-class _Weights:
-    """Stored tensors of a checkpoint folder read one at a time (safetensors safe_open), as float64."""
+# The decoder layers `_decoder_layer_class` builds (Qwen3-MoE is not streamed: its experts are fused
+# from per-expert tensors at load time).
+_STREAMED_TYPES = ("qwen2", "llama", "mistral", "qwen3")
 
-    def __init__(self, model_dir: str):
+
+class _Weights:
+    """Stored tensors of a checkpoint folder read one at a time (safetensors safe_open), converted to
+    `dtype` (as `from_pretrained(dtype=...)` converts them)."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype):
+        self.dtype = dtype
         self.path: dict[str, str] = {}
         self.shape: dict[str, list[int]] = {}
         for path in checkpoint_files(model_dir):
@@ -73,25 +84,26 @@ class _Weights:
 
         with safe_open(self.path[name], framework="pt") as f:
             t = f.get_tensor(name)
-        return t.to(torch.float64)
+        return t.to(self.dtype)
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
-        """Rows `ids` of a 2-D tensor, gathered one by one, as a [len(ids), cols] float64 tensor."""
+        """Rows `ids` of a 2-D tensor, gathered one by one, as a [len(ids), cols] tensor."""
         from safetensors import safe_open
 
         with safe_open(self.path[name], framework="pt") as f:
             sl = f.get_slice(name)
-            return torch.cat([sl[i:i + 1].to(torch.float64) for i in ids], dim=0)
+            return torch.cat([sl[i:i + 1].to(self.dtype) for i in ids], dim=0)
 
     def row_range(self, name: str, begin: int, end: int) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(self.path[name], framework="pt") as f:
-            return f.get_slice(name)[begin:end].to(torch.float64)
+            return f.get_slice(name)[begin:end].to(self.dtype)
 
 
 def _load_layer(config, i: int, weights: _Weights):
-    """Decoder layer `i` alone, in float64, its weights from the checkpoint (strict: no key missing or extra)."""
+    """Decoder layer `i` alone, in the weights' dtype, its weights from the checkpoint (strict: no key
+    missing or extra)."""
     with torch.device("meta"):
         layer = _decoder_layer_class(config.model_type)(config, i)
     prefix = f"model.layers.{i}."
@@ -99,7 +111,7 @@ def _load_layer(config, i: int, weights: _Weights):
     layer.load_state_dict(state, strict=True, assign=True)
     del state
     for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
-        if t.device.type != "cpu" or t.dtype != torch.float64:
+        if t.device.type != "cpu" or t.dtype != weights.dtype:
             raise RuntimeError(f"layer {i} {name} is {t.dtype} on {t.device}")
     return layer.eval()
 
@@ -115,26 +127,32 @@ def load_config(model_dir: str):
     return config
 
 
-def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = ROW_CHUNK,
+def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64", row_chunk: int = ROW_CHUNK,
                          log=None) -> tuple[dict[str, torch.Tensor], object]:
-    """The pure-f64 trace of one forward pass (batch 1), layer by layer. Returns (tensors in trace
-    order, config)."""
+    """The trace in `dtype` ("f64": pure float64; "f32"; "bf16") of one forward pass (batch 1), layer by
+    layer. Returns (tensors in trace order, config)."""
+    import contextlib
+
     config = load_config(model_dir)
+    if config.model_type not in _STREAMED_TYPES:
+        raise ValueError(f"streamed traces support {sorted(_STREAMED_TYPES)}, not {config.model_type!r}")
+    torch_dtype = tracer.TORCH_DTYPES[dtype]
     module, norm_cls, rope_cls = tracer._ARCHS[config.model_type]
     vocab = config.vocab_size
     if not token_ids:
         raise ValueError("no tokens to trace")
     if min(token_ids) < 0 or max(token_ids) >= vocab:
         raise ValueError(f"token ids must lie in [0, {vocab}) for this model")
-    weights = _Weights(model_dir)
+    weights = _Weights(model_dir, torch_dtype)
     n_layers = config.num_hidden_layers
-    rec = tracer._Recorder(torch.float64)
+    rec = tracer._Recorder(tracer.STORE_DTYPES[dtype])
     ids = torch.tensor([token_ids], dtype=torch.int64)
     rec.tensors["tokens"] = ids.clone()
     rec.qk_norm = config.model_type in tracer.QK_NORM_TYPES
     t = len(token_ids)
 
-    with torch.no_grad(), tracer.pure_f64_patches(), tracer._function_wrappers(rec):
+    pure = tracer.pure_f64_patches() if dtype == "f64" else contextlib.nullcontext()
+    with torch.no_grad(), pure, tracer._function_wrappers(rec):
         embeds = weights.rows("model.embed_tokens.weight", token_ids).unsqueeze(0)
         rec.put("embed", embeds)
         position_ids = torch.arange(t).unsqueeze(0)
@@ -169,7 +187,7 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
                 log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s")
 
         t0 = time.time()
-        norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(torch.float64)
+        norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(torch_dtype)
         norm.weight.copy_(weights.get("model.norm.weight"))
         hidden = norm(hidden)
         rec.put("final_norm", hidden)
@@ -180,7 +198,9 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
                 raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
             head = "model.embed_tokens.weight"
         rows = weights.shape[head][0]
-        logits = torch.empty((1, t, rows), dtype=torch.float64)
+        if dtype != "f64":
+            row_chunk = rows
+        logits = torch.empty((1, t, rows), dtype=torch_dtype)
         for begin in range(0, rows, row_chunk):
             end = min(begin + row_chunk, rows)
             w = weights.row_range(head, begin, end)
@@ -199,23 +219,24 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], row_chunk: int = 
     return {name: rec.tensors[name] for name in expected}, config
 
 
-def streamed_metadata(model_dir: str, config, token_ids: list[int], prompt: str | None) -> dict[str, str]:
-    """`tracer.trace_metadata` for dtype f64 plus "streamed": "true"."""
-    meta = tracer.trace_metadata(model_dir, types.SimpleNamespace(config=config), token_ids, "f64", prompt)
+def streamed_metadata(model_dir: str, config, token_ids: list[int], dtype: str,
+                      prompt: str | None) -> dict[str, str]:
+    """`tracer.trace_metadata` plus "streamed": "true"."""
+    meta = tracer.trace_metadata(model_dir, types.SimpleNamespace(config=config), token_ids, dtype, prompt)
     meta["streamed"] = "true"
     return meta
 
 
 def trace_streamed(model_dir: str, out_path: str, token_ids: list[int] | None = None,
-                   prompt: str | None = None, log=None) -> dict[str, torch.Tensor]:
-    """Streamed pure-f64 trace of the model in `model_dir`, written to `out_path`. Returns the tensors."""
+                   prompt: str | None = None, dtype: str = "f64", log=None) -> dict[str, torch.Tensor]:
+    """Streamed trace in `dtype` of the model in `model_dir`, written to `out_path`. Returns the tensors."""
     if (token_ids is None) == (prompt is None):
         raise ValueError("give exactly one of token_ids and prompt")
     if prompt is not None:
         token_ids = tracer.tokenize(model_dir, prompt)
-    tensors, config = trace_model_streamed(model_dir, token_ids, log=log)
+    tensors, config = trace_model_streamed(model_dir, token_ids, dtype=dtype, log=log)
     t0 = time.time()
-    meta = streamed_metadata(model_dir, config, token_ids, prompt)
+    meta = streamed_metadata(model_dir, config, token_ids, dtype, prompt)
     if log is not None:
         log(f"metadata (model fingerprint: sha256 of every stored tensor): {time.time() - t0:.1f} s")
     tracer.write_safetensors(out_path, tensors, meta)
