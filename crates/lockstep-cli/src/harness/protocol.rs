@@ -17,7 +17,7 @@ pub struct TraceRequest<'a> {
     pub dtype: &'a str,
     /// Where the trace is written.
     pub out: &'a Path,
-    /// Pure-f64 trace computed layer by layer (for models too big for f64 in memory).
+    /// The trace computed layer by layer (for models too big for memory in `dtype`).
     pub streamed: bool,
 }
 

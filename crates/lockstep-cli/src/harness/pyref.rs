@@ -51,12 +51,22 @@ impl PythonReference {
     }
 }
 
-/// Whether the pure-f64 oracle must run layer by layer: a float64 copy of the model would take
-/// more than 6 GB (a 7B model is 61 GB in f64).
-fn too_big_for_f64(model: &Path) -> bool {
-    lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
-        .map(|c| c.parameter_count() as u64 * 8 > 6_000_000_000)
-        .unwrap_or(false)
+/// Whether the reference runs the model layer by layer (one decoder layer's weights in memory;
+/// bit-identical to the whole-model run): the pure-f64 oracle when a float64 copy of the model
+/// would take more than 6 GB (a 7B model is 61 GB in f64), and any dtype when the model in it
+/// would take more than half the memory available now (a 14B model is 29.5 GB in bf16).
+fn streamed(model: &Path, dtype: &str) -> bool {
+    let Ok(c) = lockstep_engine::ModelConfig::from_file(&model.join("config.json")) else {
+        return false;
+    };
+    let bytes_per_param = match dtype {
+        "f64" => 8,
+        "f32" => 4,
+        _ => 2,
+    };
+    let bytes = c.parameter_count() as u64 * bytes_per_param;
+    let half_available = lockstep_engine::resources::available_memory().unwrap_or(u64::MAX) / 2;
+    (dtype == "f64" && bytes > 6_000_000_000) || bytes > half_available
 }
 
 /// The reference's answer to `command` is not what the protocol says.
@@ -178,7 +188,7 @@ impl PythonReference {
 
 /// Whether op-level judgement can run on this model: the reference holds a float64 copy of it.
 pub fn local_ops_supported(model: &Path) -> bool {
-    !too_big_for_f64(model)
+    !streamed(model, "f64")
 }
 
 impl Reference for PythonReference {
@@ -296,7 +306,7 @@ impl Reference for PythonReference {
                 tokens: &j.tokens,
                 dtype: &j.dtype,
                 out: &j.out,
-                streamed: j.dtype == "f64" && too_big_for_f64(&j.model),
+                streamed: streamed(&j.model, &j.dtype),
             })
             .collect();
         let req = self.write_request("traces.json", &list)?;
