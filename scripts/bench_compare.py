@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Side-by-side speed of lockstep and PyTorch + transformers on this machine (a benchmark, not a test).
 
-For each model: lockstep in each dtype (`lockstep bench --json`, one greedy run per measurement)
-and PyTorch (transformers, bf16 with sdpa attention and f32) measured in turns, round after round,
-so a load elsewhere on the machine hits them alike; each number is the median over the rounds.
-Prefill: one forward pass over P random token ids (P = 128 and 512 by default). Decode: greedy
-steps with the KV cache after a short prompt. Prints a Markdown table with each row's ratio to
+For each model: lockstep in each dtype (`lockstep bench --json`, one greedy run per measurement),
+PyTorch (transformers, bf16 with sdpa attention and f32) and, with `--llama-cpp`, llama.cpp
+(`llama-bench`, on bf16 and f16 GGUF files its own `convert_hf_to_gguf.py` makes from the folder)
+measured in turns, round after round, so a load elsewhere on the machine hits them alike; each
+number is the median over the rounds. Prefill: one forward pass over P random token ids (P = 128
+and 512 by default). Decode: greedy steps with the KV cache after a short prompt, and with
+`--depth D` also after D tokens of context. Prints a Markdown table with each row's ratio to
 PyTorch bf16.
 
 Run with the reference environment's python from the repository root, after a release build:
 
     cargo build --release -p lockstep-cli
     .venv/bin/python scripts/bench_compare.py [--models DIR ...] [--rounds 3] [--prefill 128 512] [--decode 32]
+        [--depth 2048] [--llama-cpp]
 
+`--llama-cpp` builds llama.cpp first when needed (`bash scripts/llama_cpp.sh`, ~10 min once).
 (`LOCKSTEP_BIN` overrides the lockstep binary.)
 """
 
@@ -77,6 +81,59 @@ def lockstep_run(model, dtype, prompt_tokens, new_tokens):
     return v["prefill_tok_s"], v["decode_tok_s"]
 
 
+def llama_cpp_bin() -> Path:
+    """The folder of llama.cpp's programs (built by scripts/llama_cpp.sh when missing)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp.sh")], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_gguf(model: Path, outtype: str) -> Path:
+    """`model` converted to a GGUF file of `outtype` by llama.cpp's own convert_hf_to_gguf.py (cached
+    beside the other caches; remade when the folder's config or weights are newer)."""
+    src = Path(subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp.sh"), "--src"], check=True,
+                              capture_output=True, text=True).stdout.strip())
+    cache = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep")) / "gguf"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{model.resolve().name}-{outtype}.gguf"
+    newest = max(f.stat().st_mtime for f in model.iterdir())
+    if not out.exists() or out.stat().st_mtime < newest:
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype,
+                        "--outfile", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+class LlamaCpp:
+    """llama.cpp's `llama-bench` on one GGUF file (its defaults: flash attention auto, f16 KV cache)."""
+
+    def __init__(self, binary: Path, gguf: Path, threads: int):
+        self.bench, self.gguf, self.threads = binary / "llama-bench", gguf, threads
+
+    def _run(self, *args) -> float:
+        out = subprocess.run([str(self.bench), "-m", str(self.gguf), "-t", str(self.threads), "-r", "1",
+                              "-o", "json", *map(str, args)], check=True, capture_output=True, text=True)
+        return float(json.loads(out.stdout)[0]["avg_ts"])
+
+    def prefill(self, n):
+        return self._run("-p", n, "-n", 0)
+
+    def decode(self, steps, depth=0):
+        return self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+
+
+class Lockstep:
+    """`lockstep bench` in one dtype."""
+
+    def __init__(self, model: Path, dtype: str):
+        self.model, self.dtype = model, dtype
+
+    def prefill(self, n):
+        return lockstep_run(self.model, self.dtype, n, 2)[0]
+
+    def decode(self, steps, depth=0):
+        return lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1)[1]
+
+
 class Torch:
     """A transformers model held in memory, timed in-process."""
 
@@ -101,10 +158,10 @@ class Torch:
             self.m(input_ids=x, use_cache=False, logits_to_keep=1)
             return n / (time.perf_counter() - t)
 
-    def decode(self, steps):
+    def decode(self, steps, depth=0):
         from transformers import DynamicCache
 
-        x = self.ids(DECODE_PROMPT, 2)
+        x = self.ids(max(depth, DECODE_PROMPT), 2)
         with self.torch.inference_mode():
             cache = DynamicCache(config=self.m.config)
             out = self.m(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -122,6 +179,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefill", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--decode", type=int, default=32, help="decode steps per measurement")
+    ap.add_argument("--depth", type=int, default=0, help="also decode after this many tokens of context")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on bf16 and f16 GGUF conversions")
     args = ap.parse_args()
     if not LOCKSTEP.exists():
         sys.exit(f"error: {LOCKSTEP} missing; run cargo build --release -p lockstep-cli")
@@ -129,31 +188,27 @@ def main():
 
     threads = int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
+    llama_bin = llama_cpp_bin() if args.llama_cpp else None
     rows = []
     for model in args.models:
         lock_dtypes = ["f32", "bf16"] + (["bf16w"] if stored_dtype(model) == "bfloat16" else [])
-        engines = {f"lockstep {d}": ("lockstep", d) for d in lock_dtypes}
-        torch_models = {
-            "PyTorch bf16 sdpa": Torch(model, "bfloat16", "sdpa"),
-            "PyTorch f32 sdpa": Torch(model, "float32", "sdpa"),
-        }
-        engines.update({k: ("torch", v) for k, v in torch_models.items()})
-        cols = [f"prefill {p}" for p in args.prefill] + ["decode"]
+        engines = {f"lockstep {d}": Lockstep(model, d) for d in lock_dtypes}
+        engines["PyTorch bf16 sdpa"] = Torch(model, "bfloat16", "sdpa")
+        engines["PyTorch f32 sdpa"] = Torch(model, "float32", "sdpa")
+        if llama_bin is not None:
+            for outtype in ("bf16", "f16"):
+                engines[f"llama.cpp {outtype}"] = LlamaCpp(llama_bin, llama_cpp_gguf(model, outtype), threads)
+        cols = [f"prefill {p}" for p in args.prefill] + ["decode"] + ([f"decode @{args.depth}"] if args.depth else [])
         res = {e: {c: [] for c in cols} for e in engines}
         for r in range(args.rounds):
-            for name, (kind, h) in engines.items():
+            for name, h in engines.items():
                 for p in args.prefill:
-                    if kind == "lockstep":
-                        v, _ = lockstep_run(model, h, p, 2)
-                    else:
+                    if isinstance(h, Torch):
                         h.prefill(p)  # warm-up at this length
-                        v = h.prefill(p)
-                    res[name][f"prefill {p}"].append(v)
-                if kind == "lockstep":
-                    _, v = lockstep_run(model, h, DECODE_PROMPT, args.decode + 1)
-                else:
-                    v = h.decode(args.decode)
-                res[name]["decode"].append(v)
+                    res[name][f"prefill {p}"].append(h.prefill(p))
+                res[name]["decode"].append(h.decode(args.decode))
+                if args.depth:
+                    res[name][f"decode @{args.depth}"].append(h.decode(args.decode, args.depth))
                 print(f"round {r + 1} {model.name} {name}: "
                       + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols),
                       file=sys.stderr, flush=True)
@@ -161,10 +216,11 @@ def main():
         base = med["PyTorch bf16 sdpa"]
         for e in engines:
             rows.append((model.name, e, [(med[e][c], med[e][c] / base[c]) for c in cols]))
-        del torch_models, engines
+        del engines
     print(f"\n{datetime.date.today()}, {cpu_name()}, {threads} threads, medians of {args.rounds} "
           f"alternating rounds; prefill: one forward pass over P random token ids; decode: "
-          f"{args.decode} greedy steps after a {DECODE_PROMPT}-token prompt; (×) = ratio to "
+          f"{args.decode} greedy steps after a {DECODE_PROMPT}-token prompt (decode @D: after D tokens); "
+          f"llama.cpp: llama-bench, its defaults; (×) = ratio to "
           f"PyTorch bf16 sdpa in the same run\n")
     print("| model | engine | " + " | ".join(f"{c} tok/s" for c in cols) + " |")
     print("|---|---|" + "---:|" * len(cols))
