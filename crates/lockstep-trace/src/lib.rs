@@ -6,12 +6,14 @@
 
 pub mod names;
 pub mod precision;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use names::{forward_rank, sort_forward, LayerTap, TapName};
 pub use precision::{Dtype, Precision};
+pub use store::{write_parts, Part, TraceStore};
 
 /// Errors reading or writing a trace. Each renders as one line.
 #[derive(Debug, thiserror::Error)]
@@ -306,41 +308,8 @@ impl Trace {
                     view.shape()
                 )));
             }
-            let b = view.data();
-            let data = match view.dtype() {
-                safetensors::Dtype::F64 => TensorData::F64(
-                    b.chunks_exact(8)
-                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                ),
-                safetensors::Dtype::F32 => TensorData::F32(
-                    b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                ),
-                safetensors::Dtype::BF16 => TensorData::BF16(
-                    b.chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                ),
-                safetensors::Dtype::F16 => TensorData::F16(
-                    b.chunks_exact(2)
-                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                ),
-                safetensors::Dtype::I64 => TensorData::I64(
-                    b.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                ),
-                other => {
-                    return Err(TraceError::Dtype {
-                        path: path.to_string(),
-                        name,
-                        dtype: format!("{other:?}"),
-                    })
-                }
-            };
+            let dtype = format!("{:?}", view.dtype());
+            let data = decode_tensor(path, &name, &dtype, view.data())?;
             trace.insert(name, view.shape().to_vec(), data)?;
         }
         Ok(trace)
@@ -360,6 +329,45 @@ impl Trace {
         std::io::Read::read_to_end(&mut f, &mut bytes).map_err(io)?;
         Self::from_bytes(&bytes, &shown)
     }
+}
+
+/// The values of a stored tensor: its little-endian `bytes` as safetensors' `dtype` (`F64`,
+/// `F32`, `BF16`, `F16` or `I64`); `path` and `name` name it in errors.
+fn decode_tensor(path: &str, name: &str, dtype: &str, b: &[u8]) -> Result<TensorData, TraceError> {
+    Ok(match dtype {
+        "F64" => TensorData::F64(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "F32" => TensorData::F32(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "BF16" => TensorData::BF16(
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        "F16" => TensorData::F16(
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        "I64" => TensorData::I64(
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        other => {
+            return Err(TraceError::Dtype {
+                path: path.to_string(),
+                name: name.to_string(),
+                dtype: other.to_string(),
+            })
+        }
+    })
 }
 
 /// Largest safetensors header accepted (the format's own limit).

@@ -46,8 +46,9 @@ pub mod stats;
 pub mod tolerance;
 
 pub use compare::{
-    compare_tensors, compare_traces, likely_cause, Against, AppliedTolerance, LayerError, Status,
-    TensorComparison, TraceComparison, Verdict,
+    compare_stores, compare_tensors, compare_traces, likely_cause, policy_for_stores, Against,
+    AppliedTolerance, LayerError, Status, StreamCompareError, TensorComparison, TraceComparison,
+    Verdict,
 };
 pub use judge::{judge, overall_status, restrict, VerifyOutcome};
 pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};

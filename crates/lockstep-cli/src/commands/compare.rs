@@ -5,19 +5,21 @@
 
 use super::common::PrecisionArg;
 use crate::cli_error::{CliError, CliResult};
-use lockstep_trace::Trace;
-use lockstep_verify::{compare_traces, report, NamedComparison, TolerancePolicy};
+use lockstep_trace::TraceStore;
+use lockstep_verify::{compare_stores, policy_for_stores, report, NamedComparison};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Arguments of `compare`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The reference trace (e.g. from `lockstep reference`).
+    /// The reference trace (e.g. from `lockstep reference`): a file, or a folder of per-layer
+    /// part files (`lockstep reference --out DIR/`).
     reference: PathBuf,
-    /// The trace under test (ours, or any port's).
+    /// The trace under test (ours, or any port's): a file or a folder.
     test: PathBuf,
-    /// A pure-float64 reference trace on the same ids: the yardstick for the f32/bf16 tiers.
+    /// A pure-float64 reference trace on the same ids (file or folder): the yardstick for the
+    /// f32/bf16 tiers.
     #[arg(long)]
     oracle: Option<PathBuf>,
     /// Force the precision tier (default: from the traces' dtype metadata).
@@ -45,13 +47,14 @@ pub fn write_atomic(path: &Path, text: &str) -> CliResult<()> {
 
 /// Compares two traces and prints the verdict.
 pub fn run(a: Args) -> CliResult<ExitCode> {
-    let reference = Trace::read(&a.reference)?;
-    let test = Trace::read(&a.test)?;
-    let oracle = a.oracle.as_deref().map(Trace::read).transpose()?;
+    // Each side is a trace file or a trace folder (one file per layer), read a layer at a time.
+    let reference = TraceStore::open(&a.reference)?;
+    let test = TraceStore::open(&a.test)?;
+    let oracle = a.oracle.as_deref().map(TraceStore::open).transpose()?;
     let tier = a.tier.map(|t| t.0);
-    let policy = TolerancePolicy::for_traces_with_tier(&reference, &test, oracle.as_ref(), tier)
+    let policy = policy_for_stores(&reference, &test, oracle.as_ref(), tier)
         .map_err(|e| CliError::input(e.to_string()))?;
-    let cmp = compare_traces(&reference, &test, oracle.as_ref(), &policy);
+    let cmp = compare_stores(&reference, &test, oracle.as_ref(), &policy)?;
     let passed = cmp.passed;
     let label = a
         .test

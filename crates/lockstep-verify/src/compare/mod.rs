@@ -2,9 +2,11 @@
 //! oracle, each tensor judged by the [`TolerancePolicy`] of its precision tier.
 
 mod cause;
+mod stream;
 mod tensor;
 
 pub use cause::{failure_cause, likely_cause};
+pub use stream::{compare_stores, policy_for_stores, StreamCompareError};
 pub use tensor::{compare_tensors, sci, Against, AppliedTolerance, Status, TensorComparison};
 
 use std::fmt;
