@@ -6,7 +6,8 @@
 //! `temperature` decodes greedily unless the checkpoint asks for sampling, and `temperature: 0`
 //! is greedy. Fields lockstep does not implement (`frequency_penalty`, `presence_penalty`, `n`
 //! above 1, `best_of`, `echo`, `suffix`, `logit_bias`, `tools`) are refused with a 400 naming
-//! them, as is any field OpenAI does not define.
+//! them, as is any field OpenAI does not define. vLLM's `return_tokens_as_token_ids` is taken:
+//! the log-probabilities then name each token `token_id:N` (two tokens may share a text).
 
 use crate::error::ApiError;
 use lockstep_engine::chat::{ChatTemplate, Message};
@@ -62,6 +63,8 @@ pub struct Request {
     pub stream: bool,
     /// With `stream`: end with a chunk holding the usage counts.
     pub include_usage: bool,
+    /// vLLM's `return_tokens_as_token_ids`: tokens in log-probabilities as `token_id:N`.
+    pub token_ids: bool,
 }
 
 /// A chosen token's log-probability and the most likely tokens at its step (of the model's
@@ -117,6 +120,7 @@ const COMMON: &[&str] = &[
     "logit_bias",
     "user",
     "ignore_eos",
+    "return_tokens_as_token_ids",
 ];
 const COMPLETION: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 const CHAT: &[&str] = &[
@@ -296,6 +300,7 @@ pub fn parse(kind: Kind, body: &[u8], info: &ModelInfo) -> Result<Request, ApiEr
         logprobs: logprobs(kind, &f)?,
         stream,
         include_usage,
+        token_ids: f.boolean("return_tokens_as_token_ids")?.unwrap_or(false),
     })
 }
 

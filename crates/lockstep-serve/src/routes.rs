@@ -120,6 +120,7 @@ async fn respond(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         created: now(),
         model: s.info.id.clone(),
         kind,
+        token_ids: req.token_ids,
     };
     if req.stream {
         stream(s, req, meta, rx).into_response()
@@ -134,6 +135,8 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
+    /// `return_tokens_as_token_ids`: log-probability tokens as `token_id:N`.
+    token_ids: bool,
 }
 
 impl Meta {
@@ -171,9 +174,17 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 /// Log-probabilities in the endpoint's format: completions' `tokens` / `token_logprobs` /
 /// `top_logprobs` / `text_offset` lists, chat's `content` list.
-fn logprobs_json(info: &ModelInfo, kind: Kind, lps: &[TokenLogprob], offset: &mut usize) -> Value {
-    let text = |id: u32| info.tokenizer.decode(&[id]).unwrap_or_default();
-    match kind {
+/// With `token_ids` (vLLM's `return_tokens_as_token_ids`) each token is written `token_id:N`, so
+/// a client can tell apart tokens whose text is the same (a lone byte of a multi-byte character).
+fn logprobs_json(info: &ModelInfo, meta: &Meta, lps: &[TokenLogprob], offset: &mut usize) -> Value {
+    let text = |id: u32| {
+        if meta.token_ids {
+            format!("token_id:{id}")
+        } else {
+            info.tokenizer.decode(&[id]).unwrap_or_default()
+        }
+    };
+    match meta.kind {
         Kind::Completion => {
             let tokens: Vec<String> = lps.iter().map(|l| text(l.token)).collect();
             let mut offsets = Vec::with_capacity(tokens.len());
@@ -226,7 +237,7 @@ async fn whole(
             }) => {
                 let logprobs = req
                     .logprobs
-                    .map(|_| logprobs_json(&s.info, meta.kind, &lps, &mut 0))
+                    .map(|_| logprobs_json(&s.info, meta, &lps, &mut 0))
                     .unwrap_or(Value::Null);
                 let choice = match meta.kind {
                     Kind::Completion => json!({
@@ -340,7 +351,7 @@ async fn next_event(
                         continue;
                     }
                     let lp = if want_lp {
-                        logprobs_json(&s.info, kind, &std::mem::take(&mut lps), &mut offset)
+                        logprobs_json(&s.info, meta, &std::mem::take(&mut lps), &mut offset)
                     } else {
                         Value::Null
                     };
@@ -356,7 +367,7 @@ async fn next_event(
                     completion_tokens,
                 }) => {
                     let lp = if want_lp && !lps.is_empty() {
-                        logprobs_json(&s.info, kind, &std::mem::take(&mut lps), &mut offset)
+                        logprobs_json(&s.info, meta, &std::mem::take(&mut lps), &mut offset)
                     } else {
                         Value::Null
                     };
