@@ -46,10 +46,13 @@ pub struct ServerInfo {
     pub echo: bool,
     /// Whether the server accepted `return_tokens_as_token_ids`.
     pub token_ids: bool,
+    /// Whether the server needed llama.cpp's `n_probs` to return log-probabilities.
+    pub n_probs: bool,
 }
 
 /// The request extras tried, most informative first: prompt log-probabilities through `echo`,
-/// token ids through `return_tokens_as_token_ids`.
+/// token ids through `return_tokens_as_token_ids` (vLLM's; lockstep serve takes it too); each
+/// round again with llama.cpp's `n_probs` when no round without it returned log-probabilities.
 const PROBES: [(bool, bool); 4] = [(true, true), (true, false), (false, true), (false, false)];
 
 fn completion_body(
@@ -57,6 +60,7 @@ fn completion_body(
     prompt: &[u32],
     o: &EndpointOptions,
     (echo, token_ids): (bool, bool),
+    n_probs: bool,
 ) -> Value {
     let mut b = json!({
         "model": id,
@@ -70,6 +74,9 @@ fn completion_body(
     }
     if token_ids {
         b["return_tokens_as_token_ids"] = json!(true);
+    }
+    if n_probs {
+        b["n_probs"] = json!(o.top_logprobs);
     }
     b
 }
@@ -109,7 +116,17 @@ fn probe(
     progress(&format!("asking {url}/models"));
     let r = request(base, "GET", "/models", None)?;
     let v = r.json(&format!("GET {url}/models"))?;
-    let first = v.get("data").and_then(|d| d.get(0)).ok_or_else(|| {
+    // The model named after the checkpoint's folder when the server lists several, else the first.
+    let name = o
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let listed = v.get("data").and_then(Value::as_array);
+    let named = listed.and_then(|l| {
+        l.iter()
+            .find(|m| m.get("id").and_then(Value::as_str) == name.as_deref())
+    });
+    let first = named.or(listed.and_then(|l| l.first())).ok_or_else(|| {
         HarnessError::input(format!(
             "GET {url}/models: not an OpenAI-compatible answer (no `data` list of models): {}",
             super::short(&r.body)
@@ -127,12 +144,17 @@ fn probe(
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut last = String::new();
-    for extras in PROBES {
+    for (n_probs, extras) in [false, true]
+        .into_iter()
+        .flat_map(|n| PROBES.into_iter().map(move |e| (n, e)))
+    {
         progress(&format!(
-            "probing /completions (echo: {}, token ids: {})",
-            extras.0, extras.1
+            "probing /completions (echo: {}, token ids: {}{})",
+            extras.0,
+            extras.1,
+            if n_probs { ", n_probs" } else { "" }
         ));
-        let body = completion_body(&model_id, prompt, o, extras);
+        let body = completion_body(&model_id, prompt, o, extras, n_probs);
         let r = request(base, "POST", "/completions", Some(&body))?;
         let v = serde_json::from_str::<Value>(&r.body).ok();
         if r.status != 200 {
@@ -140,8 +162,13 @@ fn probe(
             continue;
         }
         let v = r.json(&format!("POST {url}/completions"))?;
-        let lp = choice_logprobs(&v)
-            .map_err(|e| HarnessError::input(format!("POST {url}/completions: {e}")))?;
+        let lp = match choice_logprobs(&v) {
+            Ok(lp) => lp,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
         // A server that ignores `echo` returns the generated entries only.
         let entries = lp
             .get("content")
@@ -161,10 +188,11 @@ fn probe(
             owned_by,
             echo: extras.0 && echoed,
             token_ids: extras.1,
+            n_probs,
         });
     }
     Err(HarnessError::input(format!(
-        "POST {url}/completions refused a greedy completion of token ids with logprobs: {last}"
+        "POST {url}/completions gave no greedy completion of token ids with log-probabilities: {last}"
     )))
 }
 
@@ -217,7 +245,7 @@ pub fn run_endpoint_verify(
             "{}: greedy completion from the server",
             input.label
         ));
-        let body = completion_body(&info.model_id, prompt, o, extras);
+        let body = completion_body(&info.model_id, prompt, o, extras, info.n_probs);
         let r = request(&base, "POST", "/completions", Some(&body))?;
         let what = format!("POST {url}/completions ({})", input.label);
         if r.status != 200 {
@@ -345,6 +373,10 @@ fn server_phase(info: &ServerInfo, o: &EndpointOptions) -> Phase {
             } else {
                 "no (token texts mapped through the vocabulary)"
             }
-        ),
+        ) + if info.n_probs {
+            "; log-probabilities through llama.cpp's n_probs"
+        } else {
+            ""
+        },
     )
 }
