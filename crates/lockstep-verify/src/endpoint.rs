@@ -137,6 +137,9 @@ pub struct EndpointJudgement {
     pub max_dlogprob: f64,
     /// Where it is: (position, token).
     pub max_at: Option<(usize, u32)>,
+    /// The largest |server − oracle| logprob over the returned entries: how far the server is
+    /// from exact math, to set beside `noise` (the reference's own distance).
+    pub from_oracle: f64,
     /// The largest KL over the returned top-k, reference ‖ server.
     pub max_kl: f64,
     /// Its bound: `ENDPOINT_KL_FACTOR · bound²`.
@@ -208,6 +211,7 @@ pub fn judge_endpoint(
         bound,
         max_dlogprob: 0.0,
         max_at: None,
+        from_oracle: 0.0,
         max_kl: 0.0,
         kl_bound,
         top1_agree: 0,
@@ -236,6 +240,7 @@ pub fn judge_endpoint(
                 },
             )
         };
+        j.from_oracle = j.from_oracle.max(dist(o).0);
         let (d, t) = match tier {
             Tier::BF16 => dist(o),
             Tier::F32 => {
@@ -370,6 +375,26 @@ fn bound_words(tier: Tier, noise: f64) -> String {
     }
 }
 
+/// What the server's distance from exact math means, beside PyTorch's own at the tier's dtype.
+fn oracle_words(tier: Tier, from_oracle: f64, noise: f64) -> String {
+    if tier == Tier::F64 {
+        return format!("the server is {from_oracle:.1e} from the f64 oracle");
+    }
+    let ratio = if noise > 0.0 {
+        format!("{:.1}×", from_oracle / noise)
+    } else {
+        "∞×".into()
+    };
+    format!(
+        "the server is {from_oracle:.1e} from the f64 oracle, {ratio} PyTorch {tier}'s own distance ({noise:.1e}){}",
+        if from_oracle <= noise {
+            ": as close to exact math as PyTorch at this dtype"
+        } else {
+            ""
+        }
+    )
+}
+
 /// The returned entries of a step: its top-k and its chosen token.
 fn entries(s: &ServerStep) -> impl Iterator<Item = (u32, f64)> + '_ {
     s.top.iter().copied().chain(s.token.zip(s.logprob))
@@ -388,7 +413,7 @@ pub fn endpoint_phases(
         "| input | prompt tokens | generated | identical | partings |\n|---|---:|---:|---:|---|\n",
     );
     let mut ltable = String::from(
-        "| input | positions | max \\|Δ logprob\\| | bound | reference vs oracle | max top-k KL | KL bound | top-1 agreement | unresolved entries | verdict |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| input | positions | max \\|Δ logprob\\| | bound | reference vs oracle | server vs oracle | max top-k KL | KL bound | top-1 agreement | unresolved entries | verdict |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     let (mut gfail, mut lfail) = (vec![], vec![]);
     let (mut gen, mut same, mut ties) = (0, 0, 0);
@@ -431,13 +456,14 @@ pub fn endpoint_phases(
         lfail.extend(&j.failures);
         let _ = writeln!(
             ltable,
-            "| {} | {} gen + {} prompt | {:.2e} | {:.1e} | {:.1e} | {:.2e} | {:.1e} | {}/{} | {} | {} |",
+            "| {} | {} gen + {} prompt | {:.2e} | {:.1e} | {:.1e} | {:.1e} | {:.2e} | {:.1e} | {}/{} | {} | {} |",
             j.label,
             j.generated,
             j.echoed,
             j.max_dlogprob,
             j.bound,
             j.noise,
+            j.from_oracle,
             j.max_kl,
             j.kl_bound,
             j.top1_agree,
@@ -469,13 +495,16 @@ pub fn endpoint_phases(
     let worst = judgements
         .iter()
         .max_by(|a, b| (a.max_dlogprob / a.bound).total_cmp(&(b.max_dlogprob / b.bound)));
+    let from_oracle = judgements.iter().map(|j| j.from_oracle).fold(0.0, f64::max);
+    let noise = judgements.iter().map(|j| j.noise).fold(0.0, f64::max);
     let lsummary = match worst {
         Some(w) => format!(
-            "{} input(s); largest |Δ logprob| {:.2e} ({}) against a bound of {:.1e} from the reference's own distance from the oracle; prompt log-probabilities: {prompt_logprobs}",
+            "{} input(s); largest |Δ logprob| {:.2e} ({}) against a bound of {:.1e} from the reference's own distance from the oracle; {}; prompt log-probabilities: {prompt_logprobs}",
             judgements.len(),
             w.max_dlogprob,
             w.label,
-            w.bound
+            w.bound,
+            oracle_words(tier, from_oracle, noise)
         ),
         None => "no input".into(),
     };

@@ -68,6 +68,16 @@ fn a_faithful_server_passes_and_the_bound_comes_from_the_reference() {
     assert_eq!(j.bound, 1e-4);
     assert!(j.max_dlogprob < 1e-12);
     assert_eq!((j.top1_agree, j.top1_of), (2, 2));
+    // The server is the reference here: exactly as far from the oracle as PyTorch itself.
+    assert!(j.from_oracle > 0.0 && j.from_oracle <= j.noise + 1e-15);
+    let phases = endpoint_phases(Tier::F32, std::slice::from_ref(&j), "echo");
+    assert!(
+        phases[1]
+            .summary
+            .contains("as close to exact math as PyTorch"),
+        "{}",
+        phases[1].summary
+    );
     // A noisier reference widens the bound (3 × its distance), never the server.
     let noisy = logits(1e-3);
     let j = judge_endpoint("p", 4, &steps, Tier::F32, rows(&reference), rows(&noisy));
@@ -100,6 +110,12 @@ fn shifted_logprobs_fail_and_say_where_and_how_far() {
     assert_eq!(phases[1].status, PhaseStatus::Fail);
     assert!(
         phases[1].summary.contains("generated step 1"),
+        "{}",
+        phases[1].summary
+    );
+    // What the distance means: how many times PyTorch f32's own distance from the oracle.
+    assert!(
+        phases[1].summary.contains("× PyTorch f32's own distance"),
         "{}",
         phases[1].summary
     );
