@@ -421,9 +421,10 @@ pub fn endpoint_phases(
         gen += j.generated;
         same += j.greedy_identical;
         ties += j.partings.iter().filter(|p| p.near_tie).count();
-        let partings: Vec<String> = j
+        let mut partings: Vec<String> = j
             .partings
             .iter()
+            .take(5)
             .map(|p| {
                 format!(
                     "step {}: server {} vs reference {}{}",
@@ -438,6 +439,9 @@ pub fn endpoint_phases(
                 )
             })
             .collect();
+        if j.partings.len() > 5 {
+            partings.push(format!("{} more", j.partings.len() - 5));
+        }
         let _ = writeln!(
             gtable,
             "| {} | {} | {} | {}/{} | {} |",
