@@ -109,6 +109,20 @@ fn a_correct_server_passes_and_injected_faults_fail_saying_where() {
         title.contains(&server.url()) && title.contains(MODEL),
         "the report names the server: {title}"
     );
+    // lockstep serve takes `echo` and token ids: the prompt positions are judged too.
+    let ep = phase(&run, "endpoint")["summary"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        ep.contains("(echo): yes") && ep.contains("return_tokens_as_token_ids"),
+        "{ep}"
+    );
+    let lp = phase(&run, "top-k log-probabilities [f32]")["summary"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(lp.contains("judged (echo: true)"), "{lp}");
     let greedy = phase(&run, "greedy continuation [f32]");
     let summary = greedy["summary"].as_str().unwrap();
     // 5 inputs × 32 tokens, each the reference's argmax (an EOS may end one early).
@@ -119,6 +133,18 @@ fn a_correct_server_passes_and_injected_faults_fail_saying_where() {
     );
     let md = std::fs::read_to_string(dir.join("r.md")).unwrap();
     assert!(md.contains("max \\|Δ logprob\\|"), "{md}");
+    // The long paragraph's prompt positions (about 300) were judged beside its 32 tokens.
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| long paragraph | 32 gen + "))
+        .unwrap_or_else(|| panic!("{md}"));
+    let echoed: usize = row["| long paragraph | 32 gen + ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(echoed > 250, "{row}");
     drop(server);
 
     // The attention softmax in bf16: greedy still identical, the log-probabilities are not.

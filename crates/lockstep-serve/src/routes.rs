@@ -96,6 +96,7 @@ async fn respond(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         prompt: req.prompt.clone(),
         opts: req.opts.clone(),
         logprobs: req.logprobs,
+        prompt_logprobs: req.echo,
         events: tx,
     };
     let queued = match s.jobs.lock().unwrap().as_ref() {
@@ -215,6 +216,27 @@ fn logprobs_json(info: &ModelInfo, meta: &Meta, lps: &[TokenLogprob], offset: &m
     }
 }
 
+/// Completions' log-probabilities with `echo`: the first prompt token (which nothing predicts,
+/// so its log-probability and alternatives are null), then `lps` (the other prompt tokens and the
+/// generated ones).
+fn echo_logprobs(info: &ModelInfo, meta: &Meta, first: u32, lps: &[TokenLogprob]) -> Value {
+    let first_text = if meta.token_ids {
+        format!("token_id:{first}")
+    } else {
+        info.tokenizer.decode(&[first]).unwrap_or_default()
+    };
+    let shift = first_text.chars().count();
+    let mut v = logprobs_json(info, meta, lps, &mut shift.clone());
+    let lists = ["tokens", "token_logprobs", "top_logprobs", "text_offset"];
+    let firsts = [json!(first_text), Value::Null, Value::Null, json!(0)];
+    for (k, f) in lists.into_iter().zip(firsts) {
+        if let Some(Value::Array(a)) = v.get_mut(k) {
+            a.insert(0, f);
+        }
+    }
+    v
+}
+
 /// Waits for the whole generation and answers with one object.
 async fn whole(
     s: &AppState,
@@ -224,8 +246,10 @@ async fn whole(
 ) -> Response {
     let mut text = String::new();
     let mut lps = Vec::new();
+    let mut prompt_lps: Vec<TokenLogprob> = Vec::new();
     loop {
         match rx.recv().await {
+            Some(Event::Prompt(p)) => prompt_lps = p,
             Some(Event::Token { text: t, logprob }) => {
                 text.push_str(&t);
                 lps.extend(logprob);
@@ -235,10 +259,18 @@ async fn whole(
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                let logprobs = req
-                    .logprobs
-                    .map(|_| logprobs_json(&s.info, meta, &lps, &mut 0))
-                    .unwrap_or(Value::Null);
+                let logprobs = match (req.logprobs, req.echo) {
+                    (None, _) => Value::Null,
+                    (Some(_), false) => logprobs_json(&s.info, meta, &lps, &mut 0),
+                    (Some(_), true) => {
+                        prompt_lps.append(&mut lps);
+                        echo_logprobs(&s.info, meta, req.prompt[0], &prompt_lps)
+                    }
+                };
+                if req.echo {
+                    let prompt = s.info.tokenizer.decode(&req.prompt).unwrap_or_default();
+                    text.insert_str(0, &prompt);
+                }
                 let choice = match meta.kind {
                     Kind::Completion => json!({
                         "index": 0, "text": text, "logprobs": logprobs,
@@ -345,6 +377,8 @@ async fn next_event(
         }
         Phase::Start | Phase::Tokens => loop {
             match rx.recv().await {
+                // `echo` is refused with `stream`: no prompt log-probabilities come here.
+                Some(Event::Prompt(_)) => continue,
                 Some(Event::Token { text, logprob }) => {
                     lps.extend(logprob);
                     if text.is_empty() {
