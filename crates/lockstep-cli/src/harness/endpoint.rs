@@ -48,6 +48,9 @@ pub struct ServerInfo {
     pub token_ids: bool,
     /// Whether the server needed llama.cpp's `n_probs` to return log-probabilities.
     pub n_probs: bool,
+    /// Whether the prompts go as text (the server refused token ids): its tokenization is then
+    /// taken to be the model tokenizer's (checked against the echoed tokens when it echoes).
+    pub text_prompt: bool,
 }
 
 /// The request extras tried, most informative first: prompt log-probabilities through `echo`,
@@ -57,7 +60,7 @@ const PROBES: [(bool, bool); 4] = [(true, true), (true, false), (false, true), (
 
 fn completion_body(
     id: &str,
-    prompt: &[u32],
+    prompt: Value,
     o: &EndpointOptions,
     (echo, token_ids): (bool, bool),
     n_probs: bool,
@@ -110,6 +113,7 @@ fn probe(
     base: &BaseUrl,
     o: &EndpointOptions,
     prompt: &[u32],
+    text: Option<&str>,
     progress: &mut dyn FnMut(&str),
 ) -> HarnessResult<ServerInfo> {
     let url = base.display();
@@ -144,17 +148,23 @@ fn probe(
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut last = String::new();
-    for (n_probs, extras) in [false, true]
-        .into_iter()
-        .flat_map(|n| PROBES.into_iter().map(move |e| (n, e)))
-    {
+    // Token-id prompts first; the text (when it is the model's own) only if every form is refused.
+    let forms: Vec<(bool, Value)> = std::iter::once((false, json!(prompt)))
+        .chain(text.map(|t| (true, json!(t))))
+        .collect();
+    for (text_prompt, prompt_value, n_probs, extras) in forms.iter().flat_map(|(t, p)| {
+        [false, true]
+            .into_iter()
+            .flat_map(move |n| PROBES.into_iter().map(move |e| (*t, p.clone(), n, e)))
+    }) {
         progress(&format!(
-            "probing /completions (echo: {}, token ids: {}{})",
+            "probing /completions ({} prompt, echo: {}, token ids: {}{})",
+            if text_prompt { "text" } else { "token-id" },
             extras.0,
             extras.1,
             if n_probs { ", n_probs" } else { "" }
         ));
-        let body = completion_body(&model_id, prompt, o, extras, n_probs);
+        let body = completion_body(&model_id, prompt_value, o, extras, n_probs);
         let r = request(base, "POST", "/completions", Some(&body))?;
         let v = serde_json::from_str::<Value>(&r.body).ok();
         if r.status != 200 {
@@ -189,10 +199,11 @@ fn probe(
             echo: extras.0 && echoed,
             token_ids: extras.1,
             n_probs,
+            text_prompt,
         });
     }
     Err(HarnessError::input(format!(
-        "POST {url}/completions gave no greedy completion of token ids with log-probabilities: {last}"
+        "POST {url}/completions gave no greedy completion with log-probabilities: {last}"
     )))
 }
 
@@ -229,7 +240,13 @@ pub fn run_endpoint_verify(
         .iter()
         .find(|p| !p.is_empty())
         .ok_or_else(|| HarnessError::input("no input tokenizes to any token"))?;
-    let info = probe(&base, o, first, progress)?;
+    let first_text = o
+        .inputs
+        .iter()
+        .zip(&prompts)
+        .find(|(_, p)| !p.is_empty())
+        .map(|(i, _)| i.text.as_str());
+    let info = probe(&base, o, first, first_text.filter(|_| !folded), progress)?;
     let extras = (info.echo, info.token_ids);
     let decode = |id: u32| tok.decode(&[id]).ok();
     let mut vocab = Vocab::new(config.vocab_size, &decode);
@@ -245,7 +262,12 @@ pub fn run_endpoint_verify(
             "{}: greedy completion from the server",
             input.label
         ));
-        let body = completion_body(&info.model_id, prompt, o, extras, info.n_probs);
+        let prompt_value = if info.text_prompt {
+            json!(input.text)
+        } else {
+            json!(prompt)
+        };
+        let body = completion_body(&info.model_id, prompt_value, o, extras, info.n_probs);
         let r = request(&base, "POST", "/completions", Some(&body))?;
         let what = format!("POST {url}/completions ({})", input.label);
         if r.status != 200 {
@@ -359,12 +381,17 @@ fn server_phase(info: &ServerInfo, o: &EndpointOptions) -> Phase {
     Phase::pass(
         "endpoint",
         format!(
-            "{} serves `{}`{}; greedy completions of token-id prompts, {} new tokens, top-{} log-probabilities; prompt log-probabilities (echo): {}; token ids in log-probabilities: {}",
+            "{} serves `{}`{}; greedy completions of {}, {} new tokens, top-{} log-probabilities; prompt log-probabilities (echo): {}; token ids in log-probabilities: {}",
             info.url,
             info.model_id,
             info.owned_by
                 .as_deref()
                 .map_or(String::new(), |b| format!(" (owned_by `{b}`)")),
+            if info.text_prompt {
+                "text prompts (token ids refused; the server's tokenization taken to be the model tokenizer's)"
+            } else {
+                "token-id prompts"
+            },
             o.max_tokens,
             o.top_logprobs,
             if info.echo { "yes" } else { "no" },

@@ -130,6 +130,14 @@ pub fn parse_steps(
     for (i, (id, lp, top)) in raw.into_iter().enumerate() {
         let position = i + skip;
         let generated = position >= prompt.len();
+        if let (false, Some(echoed)) = (generated, id) {
+            if echoed != prompt[position] {
+                return Err(format!(
+                    "the server echoed token {echoed} at prompt position {position}, where the prompt has {}: it tokenized or received the prompt differently",
+                    prompt[position]
+                ));
+            }
+        }
         if position == 0 {
             continue;
         }
@@ -211,6 +219,9 @@ mod tests {
         assert_eq!(steps[0].top, vec![(2, -0.5)]);
         assert!(steps[1].generated && steps[1].token == Some(3));
         assert!(parse_steps(&json!({"content": []}), &[0, 1], true, &mut v).is_err());
+        // An echoed prompt token other than the one sent.
+        let e = parse_steps(&lp, &[0, 1], true, &mut v).unwrap_err();
+        assert!(e.contains("echoed token 2 at prompt position 1"), "{e}");
         assert!(parse_steps(&json!({"x": 1}), &[0], false, &mut v).is_err());
     }
 }
