@@ -46,6 +46,8 @@ pub struct ServerInfo {
     pub echo: bool,
     /// Whether the server accepted `return_tokens_as_token_ids`.
     pub token_ids: bool,
+    /// How its answers name tokens: `token_id:N`, `id` fields, or (None) by text only.
+    pub ids_in_answer: Option<&'static str>,
     /// Whether the server needed llama.cpp's `n_probs` to return log-probabilities.
     pub n_probs: bool,
     /// Whether the prompts go as text (the server refused token ids): its tokenization is then
@@ -192,7 +194,24 @@ fn probe(
             Some(n) => entries >= prompt.len() + n as usize,
             None => entries > o.max_tokens,
         };
+        let first_entry = lp
+            .get("content")
+            .and_then(|c| c.get(0))
+            .or(lp.get("tokens").and_then(|t| t.get(0)));
+        let ids_in_answer = match first_entry {
+            Some(e) if e.get("id").is_some_and(Value::is_u64) => Some("`id` fields"),
+            Some(e)
+                if e.get("token")
+                    .unwrap_or(e)
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("token_id:")) =>
+            {
+                Some("return_tokens_as_token_ids")
+            }
+            _ => None,
+        };
         return Ok(ServerInfo {
+            ids_in_answer,
             url: url.clone(),
             model_id,
             owned_by,
@@ -395,10 +414,9 @@ fn server_phase(info: &ServerInfo, o: &EndpointOptions) -> Phase {
             o.max_tokens,
             o.top_logprobs,
             if info.echo { "yes" } else { "no" },
-            if info.token_ids {
-                "yes (return_tokens_as_token_ids)"
-            } else {
-                "no (token texts mapped through the vocabulary)"
+            match info.ids_in_answer {
+                Some(how) => format!("yes ({how})"),
+                None => "no (token texts mapped through the vocabulary)".into(),
             }
         ) + if info.n_probs {
             "; log-probabilities through llama.cpp's n_probs"
