@@ -5,8 +5,10 @@
 //! the checkpoint's `generation_config.json` over transformers' defaults, so a request without
 //! `temperature` decodes greedily unless the checkpoint asks for sampling, and `temperature: 0`
 //! is greedy. Fields lockstep does not implement (`frequency_penalty`, `presence_penalty`, `n`
-//! above 1, `best_of`, `echo`, `suffix`, `logit_bias`, `tools`) are refused with a 400 naming
-//! them, as is any field OpenAI does not define.
+//! above 1, `best_of`, `suffix`, `logit_bias`, `tools`, `echo` with `stream`) are refused with a
+//! 400 naming them, as is any field OpenAI does not define. A completion's `echo: true` puts the
+//! prompt before the text and, with `logprobs`, each prompt token's log-probability first. vLLM's `return_tokens_as_token_ids` is taken:
+//! the log-probabilities then name each token `token_id:N` (two tokens may share a text).
 
 use crate::error::ApiError;
 use lockstep_engine::chat::{ChatTemplate, Message};
@@ -62,6 +64,10 @@ pub struct Request {
     pub stream: bool,
     /// With `stream`: end with a chunk holding the usage counts.
     pub include_usage: bool,
+    /// vLLM's `return_tokens_as_token_ids`: tokens in log-probabilities as `token_id:N`.
+    pub token_ids: bool,
+    /// Completions' `echo`: the prompt before the text (and its log-probabilities first).
+    pub echo: bool,
 }
 
 /// A chosen token's log-probability and the most likely tokens at its step (of the model's
@@ -117,6 +123,7 @@ const COMMON: &[&str] = &[
     "logit_bias",
     "user",
     "ignore_eos",
+    "return_tokens_as_token_ids",
 ];
 const COMPLETION: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 const CHAT: &[&str] = &[
@@ -296,6 +303,17 @@ pub fn parse(kind: Kind, body: &[u8], info: &ModelInfo) -> Result<Request, ApiEr
         logprobs: logprobs(kind, &f)?,
         stream,
         include_usage,
+        token_ids: f.boolean("return_tokens_as_token_ids")?.unwrap_or(false),
+        echo: match (kind, f.boolean("echo")?.unwrap_or(false)) {
+            (Kind::Completion, true) if stream => {
+                return Err(ApiError::unsupported(
+                    "echo",
+                    "'echo' with 'stream' is not supported by lockstep serve",
+                ))
+            }
+            (Kind::Completion, e) => e,
+            (Kind::Chat, _) => false,
+        },
     })
 }
 
@@ -318,7 +336,6 @@ fn refuse_unsupported(kind: Kind, f: &Fields) -> Result<(), ApiError> {
         }
     }
     if kind == Kind::Completion {
-        f.refuse_unless("echo", &Value::Bool(false), "")?;
         f.refuse_unless("best_of", &Value::from(1), "")?;
         if f.get("suffix").is_some() {
             return Err(ApiError::unsupported(
@@ -644,6 +661,38 @@ fn options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echo_is_a_completion_flag_refused_with_stream() {
+        let tok = std::sync::Arc::new(
+            Tokenizer::from_dir(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../fixtures/models/qwen2-gqa"),
+            )
+            .expect("fixture qwen2-gqa (bash scripts/fixtures.sh)"),
+        );
+        let info = ModelInfo {
+            id: "m".into(),
+            created: 0,
+            defaults: GenerationDefaults {
+                sampling: lockstep_engine::sampling::SamplingParams::greedy(),
+                max_new_tokens: None,
+                max_length: None,
+                eos_token_ids: vec![],
+                source: "test",
+            },
+            template: None,
+            tokenizer: tok,
+            vocab_size: 2048,
+            max_ctx: 64,
+        };
+        let req = |body: &str| parse(Kind::Completion, body.as_bytes(), &info);
+        let r = req(r#"{"model":"m","prompt":[1,2],"echo":true,"logprobs":2,"return_tokens_as_token_ids":true}"#).unwrap();
+        assert!(r.echo && r.token_ids && r.logprobs == Some(2));
+        assert!(!req(r#"{"model":"m","prompt":[1,2]}"#).unwrap().echo);
+        let e = req(r#"{"model":"m","prompt":[1],"echo":true,"stream":true}"#).unwrap_err();
+        assert!(format!("{e:?}").contains("'echo' with 'stream'"), "{e:?}");
+    }
 
     #[test]
     fn logprobs_are_a_log_softmax_with_the_top_first() {

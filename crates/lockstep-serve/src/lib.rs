@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub dtype: Dtype,
     /// Most requests decoding at once; more wait for a slot.
     pub max_batch: usize,
+    /// A deliberate bug in the engine (a testing aid: a server `lockstep verify --endpoint` must
+    /// fail); `None` in normal use.
+    pub fault: Option<lockstep_engine::Fault>,
 }
 
 /// The id a model is served under: its folder's (or file's) name.
@@ -68,7 +71,7 @@ pub fn serve(o: &ServeOptions) -> Result<(), ServeError> {
     }
     let t0 = std::time::Instant::now();
     let tokenizer = Arc::new(Tokenizer::from_dir(&o.model)?);
-    let model = Model::load(&o.model)?;
+    let model = Model::load_with_fault(&o.model, o.fault)?;
     let defaults = GenerationDefaults::from_dir(&o.model, &model.config)?;
     let template = ChatTemplate::from_dir(&o.model)?;
     let stats = Arc::new(scheduler::Stats::default());
@@ -85,6 +88,9 @@ pub fn serve(o: &ServeOptions) -> Result<(), ServeError> {
         vocab_size: model.config.vocab_size,
         max_ctx: model.config.max_position_embeddings,
     };
+    if let Some(f) = o.fault {
+        eprintln!("warning: serving with the injected fault `{f}` (a testing aid; its answers are wrong on purpose)");
+    }
     eprintln!(
         "loaded {} in {:.2} s ({} layers, {:?}); serving it as `{}`, up to {} requests at once",
         o.model.display(),

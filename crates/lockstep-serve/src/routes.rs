@@ -96,6 +96,7 @@ async fn respond(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         prompt: req.prompt.clone(),
         opts: req.opts.clone(),
         logprobs: req.logprobs,
+        prompt_logprobs: req.echo,
         events: tx,
     };
     let queued = match s.jobs.lock().unwrap().as_ref() {
@@ -120,6 +121,7 @@ async fn respond(s: Arc<AppState>, kind: Kind, body: Bytes) -> Response {
         created: now(),
         model: s.info.id.clone(),
         kind,
+        token_ids: req.token_ids,
     };
     if req.stream {
         stream(s, req, meta, rx).into_response()
@@ -134,6 +136,8 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
+    /// `return_tokens_as_token_ids`: log-probability tokens as `token_id:N`.
+    token_ids: bool,
 }
 
 impl Meta {
@@ -171,9 +175,17 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 /// Log-probabilities in the endpoint's format: completions' `tokens` / `token_logprobs` /
 /// `top_logprobs` / `text_offset` lists, chat's `content` list.
-fn logprobs_json(info: &ModelInfo, kind: Kind, lps: &[TokenLogprob], offset: &mut usize) -> Value {
-    let text = |id: u32| info.tokenizer.decode(&[id]).unwrap_or_default();
-    match kind {
+/// With `token_ids` (vLLM's `return_tokens_as_token_ids`) each token is written `token_id:N`, so
+/// a client can tell apart tokens whose text is the same (a lone byte of a multi-byte character).
+fn logprobs_json(info: &ModelInfo, meta: &Meta, lps: &[TokenLogprob], offset: &mut usize) -> Value {
+    let text = |id: u32| {
+        if meta.token_ids {
+            format!("token_id:{id}")
+        } else {
+            info.tokenizer.decode(&[id]).unwrap_or_default()
+        }
+    };
+    match meta.kind {
         Kind::Completion => {
             let tokens: Vec<String> = lps.iter().map(|l| text(l.token)).collect();
             let mut offsets = Vec::with_capacity(tokens.len());
@@ -204,6 +216,27 @@ fn logprobs_json(info: &ModelInfo, kind: Kind, lps: &[TokenLogprob], offset: &mu
     }
 }
 
+/// Completions' log-probabilities with `echo`: the first prompt token (which nothing predicts,
+/// so its log-probability and alternatives are null), then `lps` (the other prompt tokens and the
+/// generated ones).
+fn echo_logprobs(info: &ModelInfo, meta: &Meta, first: u32, lps: &[TokenLogprob]) -> Value {
+    let first_text = if meta.token_ids {
+        format!("token_id:{first}")
+    } else {
+        info.tokenizer.decode(&[first]).unwrap_or_default()
+    };
+    let shift = first_text.chars().count();
+    let mut v = logprobs_json(info, meta, lps, &mut shift.clone());
+    let lists = ["tokens", "token_logprobs", "top_logprobs", "text_offset"];
+    let firsts = [json!(first_text), Value::Null, Value::Null, json!(0)];
+    for (k, f) in lists.into_iter().zip(firsts) {
+        if let Some(Value::Array(a)) = v.get_mut(k) {
+            a.insert(0, f);
+        }
+    }
+    v
+}
+
 /// Waits for the whole generation and answers with one object.
 async fn whole(
     s: &AppState,
@@ -213,8 +246,10 @@ async fn whole(
 ) -> Response {
     let mut text = String::new();
     let mut lps = Vec::new();
+    let mut prompt_lps: Vec<TokenLogprob> = Vec::new();
     loop {
         match rx.recv().await {
+            Some(Event::Prompt(p)) => prompt_lps = p,
             Some(Event::Token { text: t, logprob }) => {
                 text.push_str(&t);
                 lps.extend(logprob);
@@ -224,10 +259,18 @@ async fn whole(
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                let logprobs = req
-                    .logprobs
-                    .map(|_| logprobs_json(&s.info, meta.kind, &lps, &mut 0))
-                    .unwrap_or(Value::Null);
+                let logprobs = match (req.logprobs, req.echo) {
+                    (None, _) => Value::Null,
+                    (Some(_), false) => logprobs_json(&s.info, meta, &lps, &mut 0),
+                    (Some(_), true) => {
+                        prompt_lps.append(&mut lps);
+                        echo_logprobs(&s.info, meta, req.prompt[0], &prompt_lps)
+                    }
+                };
+                if req.echo {
+                    let prompt = s.info.tokenizer.decode(&req.prompt).unwrap_or_default();
+                    text.insert_str(0, &prompt);
+                }
                 let choice = match meta.kind {
                     Kind::Completion => json!({
                         "index": 0, "text": text, "logprobs": logprobs,
@@ -334,13 +377,15 @@ async fn next_event(
         }
         Phase::Start | Phase::Tokens => loop {
             match rx.recv().await {
+                // `echo` is refused with `stream`: no prompt log-probabilities come here.
+                Some(Event::Prompt(_)) => continue,
                 Some(Event::Token { text, logprob }) => {
                     lps.extend(logprob);
                     if text.is_empty() {
                         continue;
                     }
                     let lp = if want_lp {
-                        logprobs_json(&s.info, kind, &std::mem::take(&mut lps), &mut offset)
+                        logprobs_json(&s.info, meta, &std::mem::take(&mut lps), &mut offset)
                     } else {
                         Value::Null
                     };
@@ -356,7 +401,7 @@ async fn next_event(
                     completion_tokens,
                 }) => {
                     let lp = if want_lp && !lps.is_empty() {
-                        logprobs_json(&s.info, kind, &std::mem::take(&mut lps), &mut offset)
+                        logprobs_json(&s.info, meta, &std::mem::take(&mut lps), &mut offset)
                     } else {
                         Value::Null
                     };

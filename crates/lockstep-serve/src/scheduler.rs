@@ -26,6 +26,8 @@ pub struct Job {
     pub opts: GenerateOptions,
     /// `Some(k)`: report each chosen token's log-probability and the `k` most likely.
     pub logprobs: Option<usize>,
+    /// With `logprobs`: also each prompt token's (after the first), before the first token.
+    pub prompt_logprobs: bool,
     /// Where the request's events go; closed when the client has gone.
     pub events: UnboundedSender<Event>,
 }
@@ -33,6 +35,9 @@ pub struct Job {
 /// What the loop tells a request.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt's tokens after the first, each with its log-probability and the most likely
+    /// tokens at its position (`echo` with `logprobs`), from a forward pass of its own.
+    Prompt(Vec<TokenLogprob>),
     /// One generated token and the text it made printable (possibly empty).
     Token {
         /// The text.
@@ -189,6 +194,25 @@ fn admit<T: Float>(
     if row.seq.finish().is_some() {
         finish(&row, stats);
         return None;
+    }
+    if let (Some(k), true) = (row.job.logprobs, row.job.prompt_logprobs) {
+        // Every position's logits from a pass of its own, so the generation's prefill is the
+        // same as without `echo`.
+        let p = &row.job.prompt;
+        let mut scratch = KvCache::<T>::new(model.config.num_layers);
+        match model.forward::<T>(p, &mut scratch, &mut lockstep_engine::NoObserver) {
+            Ok(all) => {
+                let v = model.config.vocab_size;
+                let lps = (1..p.len())
+                    .map(|i| crate::api::token_logprob(&all[(i - 1) * v..i * v], p[i], k))
+                    .collect();
+                let _ = row.job.events.send(Event::Prompt(lps));
+            }
+            Err(e) => {
+                let _ = row.job.events.send(Event::Error(e.to_string()));
+                return None;
+            }
+        }
     }
     let mut cache = KvCache::<T>::new(model.config.num_layers);
     match model.forward_last::<T>(&row.job.prompt, &mut cache) {

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod endpoint;
 pub mod html;
 pub mod judge;
 pub mod local;
@@ -57,6 +58,8 @@ pub use report::{NamedComparison, Phase, PhaseStatus};
 pub use stats::{DiffStats, LogitStats};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 
+#[cfg(test)]
+mod endpoint_tests;
 #[cfg(test)]
 mod nonfinite_tests;
 #[cfg(test)]

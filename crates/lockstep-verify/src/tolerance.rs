@@ -55,6 +55,13 @@ pub const BF16_NOISE_MULTIPLE: f64 = 2.0;
 /// (docs/numerics.md: PyTorch bf16 top-1 agreement of 0.90 to 1.0).
 pub const BF16_TOP1_SLACK: f64 = 0.02;
 
+/// Endpoint verification (`verify --endpoint`): the bound on the KL divergence over a server's
+/// returned top-k, as a multiple of the square of the tier's |Δ logprob| bound `b`. When every
+/// log-probability is within `b` of the reference's, the log-ratio of the two renormalised
+/// distributions spans at most `2b`, and Hoeffding's lemma bounds their KL by `(2b)²/8 = b²/2`;
+/// a KL above it means the returned distribution is shaped differently, not just shifted.
+pub const ENDPOINT_KL_FACTOR: f64 = 0.5;
+
 /// The precision tier a comparison is judged in, from the traces' compute dtype: the shared
 /// [`Precision`] (`F64 < F32 < BF16`, most precise first).
 ///

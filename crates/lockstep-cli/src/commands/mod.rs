@@ -11,3 +11,4 @@ pub mod serve;
 pub mod tokenize;
 pub mod trace;
 pub mod verify;
+pub mod verify_endpoint;

@@ -25,6 +25,10 @@ pub struct Args {
     /// Most requests decoding together; more wait for a free slot.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Testing aid: serve with a deliberate bug injected into the engine (the faults of
+    /// `lockstep verify --inject`), to see `lockstep verify --endpoint` catch a wrong server.
+    #[arg(long)]
+    inject: Option<lockstep_engine::Fault>,
 }
 
 /// Runs `serve` until Ctrl-C.
@@ -36,6 +40,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         port: a.port,
         dtype,
         max_batch: a.max_batch,
+        fault: a.inject,
     };
     match lockstep_serve::serve(&opts) {
         Ok(()) => Ok(ExitCode::SUCCESS),

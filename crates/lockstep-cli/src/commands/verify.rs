@@ -58,6 +58,17 @@ pub struct Args {
     /// reference/lockstep_reference/writer.py). `--dtype` does not apply.
     #[arg(long = "port-trace", value_name = "FILE", num_args = 1.., conflicts_with_all = ["inject", "prompt"])]
     pub port_trace: Vec<PathBuf>,
+    /// Verify a running OpenAI-compatible server (lockstep serve, vLLM, SGLang, llama.cpp's
+    /// server, ...) at this base URL (`http://HOST:PORT/v1`) as a black box: greedy completions of
+    /// the verify prompts with top-k log-probabilities, judged against the reference and the f64
+    /// oracle run here on the server's own sequences. `--model` is the checkpoint it serves;
+    /// `--dtype` the tier it is judged in (default f32; `all` means f32 here).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["inject", "port_trace"])]
+    pub endpoint: Option<String>,
+    /// With `--endpoint`: top log-probabilities asked for per step (OpenAI's completions allow 5,
+    /// most servers 20).
+    #[arg(long, default_value_t = 5, requires = "endpoint")]
+    pub top_logprobs: usize,
     /// Run even when the memory estimate (weights, KV cache, activations, traces, the Python
     /// reference) exceeds the memory available; without it such a run is refused before loading.
     #[arg(long)]
@@ -212,6 +223,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     if !a.port_trace.is_empty() {
         return run_port(a);
     }
+    if a.endpoint.is_some() {
+        return super::verify_endpoint::run_endpoint(a);
+    }
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
     let inputs: Vec<Input> = inputs(&a.prompt)
         .into_iter()
@@ -301,7 +315,7 @@ fn verify_json(title: &str, desc: &str, outcome: &VerifyOutcome) -> String {
 
 /// Writes the Markdown report, JSON and SVG plot (the plot from the last tier's comparisons),
 /// prints the phase summary, and returns exit 0 when every phase passed, else 1.
-fn write_reports(
+pub fn write_reports(
     a: &Args,
     title: &str,
     desc: &str,

@@ -4,9 +4,12 @@
 //! depends on the trace format only.
 
 pub mod checks;
+pub mod endpoint;
+pub mod endpoint_response;
 pub mod engine_pipeline;
 pub mod error;
 pub mod generation;
+pub mod http;
 pub mod inputs;
 pub mod port_pipeline;
 pub mod protocol;
