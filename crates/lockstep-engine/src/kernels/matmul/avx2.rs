@@ -225,7 +225,7 @@ unsafe fn sums<W: Weights>(
     rows: Range<usize>,
     out: *mut f32,
 ) {
-    assert!(x.len() == n * k && w.len() == m * k * W::SIZE && rows.end <= m);
+    assert!(x.len() == n * k && w.len() >= rows.end * k * W::SIZE && rows.end <= m);
     // Rows in blocks whose chunk of weights (≤ 256 KiB) stays in L2; `k` in chunks of KC, so
     // that four tokens' chunk of activations stays in L1 while the tiles pass over the block.
     // Each output adds its chunks' sums in chunk order, whatever the loop order.
