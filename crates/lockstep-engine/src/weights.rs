@@ -230,10 +230,23 @@ impl Tensor {
         hex(&h.finalize())
     }
 
-    /// sha256 hex of what the model fingerprint hashes for this tensor: the stored bytes, except
-    /// for ggml blocks, whose float32 values it hashes (as when GGUF tensors were dequantized at
-    /// load, so fingerprints stay as they were).
-    pub fn fingerprint_sha256_hex(&self) -> String {
+    /// The values as little-endian float32 bytes (as [`Self::sha256_f32_hex`] hashes them): a
+    /// copy, for the few readers that need a block tensor's values as F32.
+    pub fn to_f32_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.numel() * 4);
+        let mut vals = Vec::new();
+        for (b, n) in self.element_chunks() {
+            vals.resize(n, 0f32);
+            f32::decode(self.dtype, b, &mut vals);
+            out.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        out
+    }
+
+    /// sha256 hex of the tensor as loaded, what the model fingerprint and the weights check hash:
+    /// the stored bytes, except for ggml blocks, whose float32 values it hashes (what
+    /// `transformers` loads from a GGUF; fingerprints stay as when blocks were dequantized at load).
+    pub fn sha256_as_loaded_hex(&self) -> String {
         if self.dtype.is_block() {
             self.sha256_f32_hex()
         } else {
@@ -386,7 +399,7 @@ impl Checkpoint {
         let lines: Vec<String> = self
             .tensors
             .iter()
-            .map(|(n, t)| format!("{n}:{}", t.fingerprint_sha256_hex()))
+            .map(|(n, t)| format!("{n}:{}", t.sha256_as_loaded_hex()))
             .collect();
         let mut s = lines.join("\n");
         s.push('\n');

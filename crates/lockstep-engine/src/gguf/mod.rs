@@ -33,7 +33,7 @@ mod error;
 mod header;
 mod hf_map;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 mod tokenizer_meta;
 
 pub use dequant::{dequantize, unpermute_rows};

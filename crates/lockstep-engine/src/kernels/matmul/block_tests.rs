@@ -114,7 +114,7 @@ fn block_tensors_hash_and_scan_as_their_f32_values() {
     for (dtype, ty) in BLOCK_TYPES {
         let (q, f) = pair(dtype, ty, 12, 512, 5);
         assert_eq!(q.sha256_f32_hex(), f.sha256_hex(), "{dtype:?}");
-        assert_eq!(q.fingerprint_sha256_hex(), f.sha256_hex(), "{dtype:?}");
+        assert_eq!(q.sha256_as_loaded_hex(), f.sha256_hex(), "{dtype:?}");
         assert_ne!(q.sha256_hex(), f.sha256_hex());
         assert_eq!(q.nonfinite(), None);
         // A NaN scale in the third block of row 5 (flat index 5·512 + 2·per).
