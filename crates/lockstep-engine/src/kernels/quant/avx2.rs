@@ -6,12 +6,42 @@ use std::arch::x86_64::*;
 
 /// Whether this CPU runs these decoders.
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
 }
 
+/// The f16 at `b` widened (exactly, F16C's conversion, which `half` also uses where present).
 #[inline(always)]
-fn f16(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+unsafe fn f16(b: &[u8]) -> f32 {
+    let bits = u16::from_le_bytes([b[0], b[1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Decodes whole blocks of `dtype` (checked by the caller) from `bytes` into `out`, the block
+/// function inlined into one loop.
+///
+/// # Safety
+/// [`available`]; `bytes` is whole blocks and `out` holds their values.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn decode(dtype: crate::weights::StoredDtype, bytes: &[u8], out: &mut [f32]) {
+    use crate::weights::StoredDtype as D;
+    macro_rules! run {
+        ($f:ident, $per:expr, $bb:expr) => {
+            for (b, o) in bytes.chunks_exact($bb).zip(out.chunks_exact_mut($per)) {
+                $f(b, o)
+            }
+        };
+    }
+    match dtype {
+        D::Q8_0 => run!(q8_0, 32, 34),
+        D::Q4_0 => run!(q4_0, 32, 18),
+        D::Q4_1 => run!(q4_1, 32, 20),
+        D::Q5_0 => run!(q5_0, 32, 22),
+        D::Q5_1 => run!(q5_1, 32, 24),
+        D::Q4_K => run!(q4_k, 256, 144),
+        D::Q5_K => run!(q5_k, 256, 176),
+        D::Q6_K => run!(q6_k, 256, 210),
+        _ => unreachable!("block dtypes only"),
+    }
 }
 
 /// The 8 bytes at `p` as unsigned i32 lanes.
@@ -57,8 +87,8 @@ unsafe fn nibbles(qs: *const u8) -> [__m256i; 4] {
 }
 
 /// Q8_0: `q * d`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q8_0(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q8_0(b: &[u8], o: &mut [f32]) {
     let d = _mm256_set1_ps(f16(&b[0..2]));
     let (p, o) = (b[2..34].as_ptr(), o[..32].as_mut_ptr());
     for g in 0..4 {
@@ -68,8 +98,8 @@ pub(super) unsafe fn q8_0(b: &[u8], o: &mut [f32]) {
 }
 
 /// Q4_0: `d * (q - 8)`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q4_0(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q4_0(b: &[u8], o: &mut [f32]) {
     let d = f16(&b[0..2]);
     let o = o[..32].as_mut_ptr();
     for (g, q) in nibbles(b[2..18].as_ptr()).into_iter().enumerate() {
@@ -78,8 +108,8 @@ pub(super) unsafe fn q4_0(b: &[u8], o: &mut [f32]) {
 }
 
 /// Q4_1: `d * q + m`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q4_1(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q4_1(b: &[u8], o: &mut [f32]) {
     let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
     let o = o[..32].as_mut_ptr();
     for (g, q) in nibbles(b[4..20].as_ptr()).into_iter().enumerate() {
@@ -100,8 +130,8 @@ unsafe fn five_bit(qh: &[u8], qs: *const u8) -> [__m256i; 4] {
 }
 
 /// Q5_0: `d * (q - 16)`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q5_0(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q5_0(b: &[u8], o: &mut [f32]) {
     let d = f16(&b[0..2]);
     let o = o[..32].as_mut_ptr();
     for (g, q) in five_bit(&b[2..6], b[6..22].as_ptr())
@@ -113,8 +143,8 @@ pub(super) unsafe fn q5_0(b: &[u8], o: &mut [f32]) {
 }
 
 /// Q5_1: `d * q + m`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q5_1(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q5_1(b: &[u8], o: &mut [f32]) {
     let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
     let o = o[..32].as_mut_ptr();
     for (g, q) in five_bit(&b[4..8], b[8..24].as_ptr())
@@ -151,20 +181,20 @@ unsafe fn q45_k(b: &[u8], qh: Option<&[u8]>, qs: &[u8], o: &mut [f32]) {
 }
 
 /// Q4_K.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q4_k(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q4_k(b: &[u8], o: &mut [f32]) {
     q45_k(b, None, &b[16..144], o);
 }
 
 /// Q5_K.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q5_k(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q5_k(b: &[u8], o: &mut [f32]) {
     q45_k(b, Some(&b[16..48]), &b[48..176], o);
 }
 
 /// Q6_K: `(d * sc[e / 16]) * (q - 32)`, 8 consecutive elements sharing their shifts and scale.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn q6_k(b: &[u8], o: &mut [f32]) {
+#[inline(always)]
+unsafe fn q6_k(b: &[u8], o: &mut [f32]) {
     let (ql, qh, scales) = (b[0..128].as_ptr(), b[128..192].as_ptr(), &b[192..208]);
     let d = f16(&b[208..210]);
     let (f, three) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(3));

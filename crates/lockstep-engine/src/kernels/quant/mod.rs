@@ -49,32 +49,20 @@ pub fn decode_blocks(dtype: StoredDtype, bytes: &[u8], out: &mut [f32]) {
         bytes.len(),
         out.len()
     );
-    let f = decoder(dtype, true);
-    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(per)) {
-        f(b, o);
-    }
+    decode_with(dtype, bytes, out, true);
 }
 
-/// One block's decoder for `dtype`: the AVX2 one when `simd` and this CPU has AVX2, else the
-/// plain one (the same bits either way).
-fn decoder(dtype: StoredDtype, simd: bool) -> fn(&[u8], &mut [f32]) {
+/// [`decode_blocks`] (lengths checked) with the AVX2 decoders when `simd` and this CPU has them,
+/// else the plain ones (the same bits either way).
+fn decode_with(dtype: StoredDtype, bytes: &[u8], out: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd && avx2::available() {
-        // SAFETY (each): AVX2 is present; the block functions index their slices checked.
-        return match dtype {
-            StoredDtype::Q8_0 => |b, o| unsafe { avx2::q8_0(b, o) },
-            StoredDtype::Q4_0 => |b, o| unsafe { avx2::q4_0(b, o) },
-            StoredDtype::Q4_1 => |b, o| unsafe { avx2::q4_1(b, o) },
-            StoredDtype::Q5_0 => |b, o| unsafe { avx2::q5_0(b, o) },
-            StoredDtype::Q5_1 => |b, o| unsafe { avx2::q5_1(b, o) },
-            StoredDtype::Q4_K => |b, o| unsafe { avx2::q4_k(b, o) },
-            StoredDtype::Q5_K => |b, o| unsafe { avx2::q5_k(b, o) },
-            StoredDtype::Q6_K => |b, o| unsafe { avx2::q6_k(b, o) },
-            _ => unreachable!("block dtypes only"),
-        };
+        // SAFETY: AVX2 and F16C are present; whole blocks, checked by the callers.
+        return unsafe { avx2::decode(dtype, bytes, out) };
     }
     let _ = simd;
-    match dtype {
+    let (per, bb) = block(dtype);
+    let f: fn(&[u8], &mut [f32]) = match dtype {
         StoredDtype::Q8_0 => scalar::q8_0,
         StoredDtype::Q4_0 => scalar::q4_0,
         StoredDtype::Q4_1 => scalar::q4_1,
@@ -84,6 +72,9 @@ fn decoder(dtype: StoredDtype, simd: bool) -> fn(&[u8], &mut [f32]) {
         StoredDtype::Q5_K => scalar::q5_k,
         StoredDtype::Q6_K => scalar::q6_k,
         _ => unreachable!("block dtypes only"),
+    };
+    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(per)) {
+        f(b, o);
     }
 }
 
@@ -155,10 +146,7 @@ pub(crate) mod tests {
                 dequantize(ty, &b, &mut want).unwrap();
                 for simd in [false, true] {
                     let mut got = vec![f32::NAN; 37 * per];
-                    let f = decoder(dtype, simd);
-                    for (b, o) in b.chunks_exact(bb).zip(got.chunks_exact_mut(per)) {
-                        f(b, o);
-                    }
+                    decode_with(dtype, &b, &mut got, simd);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert_eq!(
                             g.to_bits(),
@@ -181,10 +169,7 @@ pub(crate) mod tests {
             dequantize(ty, &raw, &mut want).unwrap();
             for simd in [false, true] {
                 let mut got = vec![0f32; 64 * per];
-                let f = decoder(dtype, simd);
-                for (b, o) in raw.chunks_exact(bb).zip(got.chunks_exact_mut(per)) {
-                    f(b, o);
-                }
+                decode_with(dtype, &raw, &mut got, simd);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
