@@ -197,7 +197,8 @@ pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
             .tensors
             .iter()
             .filter(|t| llama && (t.name.contains(".attn_q.") || t.name.contains(".attn_k.")))
-            .map(|t| t.nbytes().unwrap_or(u64::MAX))
+            // A tensor of unknown type or size is refused with its reason at load.
+            .filter_map(|t| t.nbytes().ok())
             .fold(0, u64::saturating_add);
         return Ok(size(file)?.saturating_add(copied));
     }

@@ -58,10 +58,12 @@ pub enum Kernel {
     /// stack buffer ([`Float::decode`], so exactly the values the reference uses), then [`dot`].
     Portable,
     /// AVX2 + FMA (x86-64 without AVX-512): the sums of [`Kernel::Avx512`] on 8-lane vectors,
-    /// for `f32` and `Bf16` compute on F32 or BF16 weights; the rest as [`Kernel::Portable`].
+    /// for `f32` and `Bf16` compute on F32 or BF16 weights, and on GGUF block weights (a group
+    /// of rows decoded to f32, then summed as F32 weights); the rest as [`Kernel::Portable`].
     Avx2,
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
-    /// `f32` and `Bf16` compute; f64 compute and F16/F64 weights as [`Kernel::Portable`].
+    /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
+    /// run on an AVX-512 machine yet); f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
     /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
     /// [`Bf16`](super::Bf16) compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
@@ -138,7 +140,9 @@ fn linear_min_n<T: Float>(
         .row_bytes(k)
         .unwrap_or_else(|e| panic!("linear: {e}"));
     assert_eq!(w.bytes().len(), m * row_bytes, "linear: weight bytes");
-    let rows_per_task = task_rows(m, row_bytes);
+    // Block rows are sized by their decoded f32 (decoding them is the work, not reading them).
+    let task_bytes = if w.dtype.is_block() { k * 4 } else { row_bytes };
+    let rows_per_task = task_rows(m, task_bytes);
     let dst = Dst {
         ptr: out.as_mut_ptr(),
         row_len: m,

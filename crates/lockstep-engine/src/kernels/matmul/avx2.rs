@@ -213,8 +213,10 @@ pub(super) unsafe fn sums_fma<W: Weights>(
 /// (no bias, no rounding: the caller finishes those).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `w` holds `m` rows of `k` elements stored as `W`, `x` holds `n`
-/// rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries in `rows`.
+/// The CPU has AVX2 and FMA; `w` holds at least `rows.end` rows (of `m`) of `k` elements
+/// stored as `W` (the block path passes a buffer of the rows it decoded, with `out` offset to
+/// match); `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
+/// entries in `rows`.
 #[inline(always)]
 unsafe fn sums<W: Weights>(
     x: &[f32],
