@@ -2,7 +2,7 @@
 //! against what the machine has (`MemAvailable` in `/proc/meminfo`).
 //!
 //! The estimate is deliberately simple and errs high: weights as they will be held (memory-mapped
-//! files at their size, GGUF blocks dequantized to f32), the KV cache for the whole requested
+//! files at their size, GGUF blocks at their stored size), the KV cache for the whole requested
 //! context of every row, and the largest activations of a prefill (every row's hidden states,
 //! MLP intermediates and attention scores at once, and one row of logits each).
 
@@ -174,7 +174,8 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 }
 
 /// Bytes the weights of the checkpoint at `source` will take as held: the size of its safetensors
-/// files (memory-mapped), or for a GGUF file its size with quantized tensors counted as f32.
+/// files (memory-mapped), or for a GGUF file its size (quantized tensors stay as their stored
+/// blocks) plus the copy of a Llama file's q/k tensors whose rows are reordered.
 pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
     let size = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -186,18 +187,20 @@ pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
     };
     if let Some(file) = source.gguf() {
         let (_, h) = crate::gguf::read(file)?;
-        let float = [
-            crate::gguf::GgmlType::F32,
-            crate::gguf::GgmlType::F16,
-            crate::gguf::GgmlType::BF16,
-        ];
-        let quantized: u64 = h
+        // Every tensor stays mapped at its stored size (quantized ones as their blocks); a Llama
+        // file's q/k rows are reordered into a copy of those tensors.
+        let llama = h
+            .get("general.architecture")
+            .and_then(crate::gguf::Value::as_str)
+            == Some("llama");
+        let copied: u64 = h
             .tensors
             .iter()
-            .filter(|t| !float.contains(&t.ty))
-            .map(|t| t.numel().unwrap_or(u64::MAX).saturating_mul(4))
+            .filter(|t| llama && (t.name.contains(".attn_q.") || t.name.contains(".attn_k.")))
+            // A tensor of unknown type or size is refused with its reason at load.
+            .filter_map(|t| t.nbytes().ok())
             .fold(0, u64::saturating_add);
-        return Ok(size(file)?.saturating_add(quantized));
+        return Ok(size(file)?.saturating_add(copied));
     }
     let dir = source.side_folder();
     let single = dir.join("model.safetensors");
@@ -243,6 +246,49 @@ pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quantized GGUF counts at its file size (plus Llama's reordered q/k copy), not as f32.
+    #[test]
+    fn gguf_weights_count_at_their_stored_size() {
+        use crate::gguf::test_util::*;
+        use crate::gguf::GgmlType;
+        let d = tempfile::tempdir().unwrap();
+        let kvs = |arch: &str| {
+            vec![
+                ("general.architecture", strv(arch)),
+                ("x.block_count", u32v(1)),
+            ]
+        };
+        // 64 x 64 Q4_0 (18 bytes per 32) for q, 64 x 256 Q8_0 for another tensor.
+        let tensors = vec![
+            (
+                "blk.0.attn_q.weight",
+                vec![64u64, 64],
+                GgmlType::Q4_0,
+                vec![0u8; 64 * 2 * 18],
+            ),
+            (
+                "blk.0.ffn_up.weight",
+                vec![64u64, 256],
+                GgmlType::Q8_0,
+                vec![0u8; 256 * 2 * 34],
+            ),
+        ];
+        for (arch, copy) in [("qwen2", 0u64), ("llama", 64 * 2 * 18)] {
+            let p = d.path().join(format!("{arch}.gguf"));
+            std::fs::write(&p, file(&kvs(arch), &tensors, 32)).unwrap();
+            let src = ModelSource::resolve(&p).unwrap();
+            let c = ModelConfig::from_json_str(
+                r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":256,
+                "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"vocab_size":100}"#,
+            )
+            .unwrap();
+            let len = std::fs::metadata(&p).unwrap().len();
+            assert_eq!(weight_bytes(&src, &c).unwrap(), len + copy, "{arch}");
+            // Well under the f32 size of the weights (4 bytes x 20480 values).
+            assert!(len + copy < 4 * 20480);
+        }
+    }
 
     #[test]
     fn reads_memavailable() {

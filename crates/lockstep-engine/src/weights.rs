@@ -3,10 +3,11 @@
 //! wholesale; kernels decode rows on the fly.
 //!
 //! A GGUF file (llama.cpp) opens into the same [`Checkpoint`] with Hugging Face tensor names (see
-//! [`crate::gguf`]): its F32/F16/BF16 tensors stay memory-mapped, quantized ones are dequantized to
-//! F32 at load and held in memory.
+//! [`crate::gguf`]): its tensors stay memory-mapped in their stored dtype, quantized ones as ggml
+//! blocks the kernels decode ([`crate::kernels::quant`]).
 
 use crate::error::{EngineError, Result};
+use crate::kernels::Float;
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -21,8 +22,10 @@ pub use nonfinite::NonFiniteTensor;
 pub(crate) use safetensors_files::map_readonly;
 use safetensors_files::{map_file, read_json, shard_files};
 
-/// Storage dtype of a checkpoint tensor.
+/// Storage dtype of a checkpoint tensor: an IEEE/bfloat format, or a ggml block format (GGUF
+/// tensors kept quantized; the kernels decode their blocks, see [`crate::kernels::quant`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
 pub enum StoredDtype {
     /// IEEE float32.
     F32,
@@ -32,25 +35,76 @@ pub enum StoredDtype {
     F16,
     /// IEEE float64.
     F64,
+    /// ggml Q8_0: blocks of 32 values, 34 bytes.
+    Q8_0,
+    /// ggml Q4_0: blocks of 32 values, 18 bytes.
+    Q4_0,
+    /// ggml Q4_1: blocks of 32 values, 20 bytes.
+    Q4_1,
+    /// ggml Q5_0: blocks of 32 values, 22 bytes.
+    Q5_0,
+    /// ggml Q5_1: blocks of 32 values, 24 bytes.
+    Q5_1,
+    /// ggml Q4_K: blocks of 256 values, 144 bytes.
+    Q4_K,
+    /// ggml Q5_K: blocks of 256 values, 176 bytes.
+    Q5_K,
+    /// ggml Q6_K: blocks of 256 values, 210 bytes.
+    Q6_K,
 }
 
 impl StoredDtype {
-    /// Bytes per element.
+    /// Bytes per element of a float dtype; for a block dtype, bytes per block (of
+    /// [`Self::block_len`] elements). [`Self::bytes_for`] covers both.
     pub fn size(self) -> usize {
-        match self {
-            StoredDtype::F32 => 4,
-            StoredDtype::BF16 | StoredDtype::F16 => 2,
-            StoredDtype::F64 => 8,
-        }
+        crate::kernels::quant::block(self).1
     }
 
-    /// The safetensors name.
+    /// Elements per block: 1 for the float dtypes, 32 or 256 for the block ones.
+    pub fn block_len(self) -> usize {
+        crate::kernels::quant::block(self).0
+    }
+
+    /// True for the ggml block dtypes.
+    pub fn is_block(self) -> bool {
+        self.block_len() > 1
+    }
+
+    /// Bytes `n` elements take, `None` when `n` is not a whole number of blocks (or overflows).
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        let (per, bytes) = crate::kernels::quant::block(self);
+        n.is_multiple_of(per)
+            .then(|| (n / per).checked_mul(bytes))
+            .flatten()
+    }
+
+    /// Bytes of a row of `cols` elements, or a one-line reason when the row is not a whole
+    /// number of blocks.
+    pub fn row_bytes(self, cols: usize) -> std::result::Result<usize, String> {
+        self.bytes_for(cols).ok_or_else(|| {
+            format!(
+                "a row of {cols} elements is not a whole number of {} blocks of {}",
+                self.name(),
+                self.block_len()
+            )
+        })
+    }
+
+    /// The safetensors name (ggml's for the block dtypes).
     pub fn name(self) -> &'static str {
         match self {
             StoredDtype::F32 => "F32",
             StoredDtype::BF16 => "BF16",
             StoredDtype::F16 => "F16",
             StoredDtype::F64 => "F64",
+            StoredDtype::Q8_0 => "Q8_0",
+            StoredDtype::Q4_0 => "Q4_0",
+            StoredDtype::Q4_1 => "Q4_1",
+            StoredDtype::Q5_0 => "Q5_0",
+            StoredDtype::Q5_1 => "Q5_1",
+            StoredDtype::Q4_K => "Q4_K",
+            StoredDtype::Q5_K => "Q5_K",
+            StoredDtype::Q6_K => "Q6_K",
         }
     }
 }
@@ -94,10 +148,13 @@ impl Tensor {
     /// A tensor holding `bytes` (little-endian values of `dtype`) in memory of its own.
     ///
     /// # Panics
-    /// When `bytes` is not exactly `shape`'s element count × the dtype's size.
+    /// When `bytes` is not exactly the size of `shape`'s elements in `dtype` (for a block dtype,
+    /// when the row length is not a whole number of blocks).
     pub fn from_bytes(dtype: StoredDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Tensor {
-        let want = shape.iter().product::<usize>() * dtype.size();
-        assert_eq!(bytes.len(), want, "{dtype:?} tensor of shape {shape:?}");
+        let cols = *shape.last().unwrap_or(&1);
+        let rows = shape.iter().product::<usize>() / cols.max(1);
+        let want = dtype.row_bytes(cols).map(|r| r * rows);
+        assert_eq!(Ok(bytes.len()), want, "{dtype:?} tensor of shape {shape:?}");
         Tensor {
             start: 0,
             end: bytes.len(),
@@ -140,10 +197,11 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    /// Bytes of row `r` of a 2-D tensor (or element range of a 1-D one when `r == 0`).
+    /// Bytes of row `r` of a 2-D tensor (or element range of a 1-D one when `r == 0`); for a
+    /// block dtype, the row's whole blocks.
     pub fn row_bytes(&self, r: usize) -> &[u8] {
         let cols = *self.shape.last().unwrap_or(&1);
-        let w = cols * self.dtype.size();
+        let w = self.dtype.bytes_for(cols).expect("rows of whole blocks");
         &self.bytes()[r * w..(r + 1) * w]
     }
 
@@ -154,35 +212,57 @@ impl Tensor {
 
     /// sha256 of the values as little-endian float32 (what `transformers` holds after loading in
     /// `dtype=torch.float32`): the stored bytes for F32, F16/BF16 widened (exactly), F64 rounded
-    /// to nearest.
+    /// to nearest, ggml blocks dequantized (exactly as [`crate::gguf::dequantize`]).
     pub fn sha256_f32_hex(&self) -> String {
-        let b = self.bytes();
-        let f32s: Vec<u8> = match self.dtype {
-            StoredDtype::F32 => return self.sha256_hex(),
-            StoredDtype::F16 => b
-                .chunks_exact(2)
-                .flat_map(|c| {
-                    half::f16::from_le_bytes([c[0], c[1]])
-                        .to_f32()
-                        .to_le_bytes()
-                })
-                .collect(),
-            StoredDtype::BF16 => b
-                .chunks_exact(2)
-                .flat_map(|c| {
-                    half::bf16::from_le_bytes([c[0], c[1]])
-                        .to_f32()
-                        .to_le_bytes()
-                })
-                .collect(),
-            StoredDtype::F64 => b
-                .chunks_exact(8)
-                .flat_map(|c| {
-                    (f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).to_le_bytes()
-                })
-                .collect(),
-        };
-        hex(&Sha256::digest(&f32s))
+        if self.dtype == StoredDtype::F32 {
+            return self.sha256_hex();
+        }
+        let mut h = Sha256::new();
+        let mut vals = Vec::new();
+        let mut buf = Vec::new();
+        for chunk in self.element_chunks() {
+            vals.resize(chunk.1, 0f32);
+            f32::decode(self.dtype, chunk.0, &mut vals);
+            buf.clear();
+            buf.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
+            h.update(&buf);
+        }
+        hex(&h.finalize())
+    }
+
+    /// The values as little-endian float32 bytes (as [`Self::sha256_f32_hex`] hashes them): a
+    /// copy, for the few readers that need a block tensor's values as F32.
+    pub fn to_f32_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.numel() * 4);
+        let mut vals = Vec::new();
+        for (b, n) in self.element_chunks() {
+            vals.resize(n, 0f32);
+            f32::decode(self.dtype, b, &mut vals);
+            out.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        out
+    }
+
+    /// sha256 hex of the tensor as loaded, what the model fingerprint and the weights check hash:
+    /// the stored bytes, except for ggml blocks, whose float32 values it hashes (what
+    /// `transformers` loads from a GGUF; fingerprints stay as when blocks were dequantized at load).
+    pub fn sha256_as_loaded_hex(&self) -> String {
+        if self.dtype.is_block() {
+            self.sha256_f32_hex()
+        } else {
+            self.sha256_hex()
+        }
+    }
+
+    /// The stored bytes in consecutive pieces of whole rows (about 64 Ki elements each), with
+    /// their element counts.
+    fn element_chunks(&self) -> impl Iterator<Item = (&[u8], usize)> {
+        let cols = (*self.shape.last().unwrap_or(&1)).max(1);
+        let row = self.dtype.bytes_for(cols).expect("rows of whole blocks");
+        let rows = (65536 / cols).max(1);
+        self.bytes()
+            .chunks(row.max(1) * rows)
+            .map(move |b| (b, b.len() / row.max(1) * cols))
     }
 }
 
@@ -319,7 +399,7 @@ impl Checkpoint {
         let lines: Vec<String> = self
             .tensors
             .iter()
-            .map(|(n, t)| format!("{n}:{}", t.sha256_hex()))
+            .map(|(n, t)| format!("{n}:{}", t.sha256_as_loaded_hex()))
             .collect();
         let mut s = lines.join("\n");
         s.push('\n');
@@ -372,6 +452,7 @@ mod tests {
                 StoredDtype::F64 => v.to_le_bytes().to_vec(),
                 StoredDtype::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
                 StoredDtype::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+                _ => unreachable!("float dtypes only"),
             })
             .collect();
         Tensor::from_bytes(dtype, shape, bytes)

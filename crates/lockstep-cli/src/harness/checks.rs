@@ -122,7 +122,7 @@ pub fn weights_phase(
         }
         ours_count += t.numel() as u64;
         match theirs.checksums.get(n) {
-            Some(h) if *h == t.sha256_hex() => checked += 1,
+            Some(h) if *h == t.sha256_as_loaded_hex() => checked += 1,
             Some(_) => problems.push(format!("`{n}` differs from what transformers loaded")),
             None => problems.push(format!("`{n}` was not loaded by transformers")),
         }

@@ -253,10 +253,20 @@ fn port_weights_phase(
 ) -> Phase {
     let name = "weights";
     // The parameters the port computes with, when its writer was given them (port_weights.rs).
+    // GGUF blocks are checked as the float32 values they decode to (a copy of just those).
+    let decoded: std::collections::BTreeMap<&String, Vec<u8>> = checkpoint
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.dtype.is_block())
+        .map(|(n, t)| (n, t.to_f32_bytes()))
+        .collect();
     let stored = checkpoint
         .tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.dtype.name(), t.shape.clone(), t.bytes()));
+        .map(|(n, t)| match decoded.get(n) {
+            Some(b) => (n.clone(), "F32", t.shape.clone(), &b[..]),
+            None => (n.clone(), t.dtype.name(), t.shape.clone(), t.bytes()),
+        });
     if let Ok(ck) = lockstep_verify::port_weights::CheckpointWeights::new(stored) {
         let traces: Vec<(String, &std::collections::BTreeMap<String, String>)> = ports
             .iter()

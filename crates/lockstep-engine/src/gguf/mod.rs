@@ -12,13 +12,15 @@
 //!   stores only as a `rope_freqs.weight` of per-frequency divisors, becomes `rope_parameters` of
 //!   type `llama3` ([`llama3_rope_parameters`]; `transformers` drops that tensor).
 //! - **Tensors**: llama.cpp names become Hugging Face names ([`hf_name`]); dims are stored
-//!   fastest-first, so the HF shape is the reverse. F32, F16 and BF16 tensors stay memory-mapped in
-//!   their stored dtype; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks are dequantized
-//!   to F32 at load with the exact float32 operations of `gguf-py` (which `transformers` calls), so
-//!   the values match bit for bit. Other types (Q2_K, Q3_K, IQ*, ...) are refused by name.
+//!   fastest-first, so the HF shape is the reverse. Every tensor stays memory-mapped in its stored
+//!   dtype: F32, F16, BF16, and the ggml blocks Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K,
+//!   which the kernels decode ([`crate::kernels::quant`]) to exactly the float32 values
+//!   [`dequantize`] gives (the operations of `gguf-py`, which `transformers` calls), so the values
+//!   match bit for bit. Other types (Q2_K, Q3_K, IQ*, ...) are refused by name.
 //! - **Llama q/k**: llama.cpp's converter permutes the rows of Llama's `q_proj`/`k_proj` (weights
 //!   and biases) for its RoPE layout; [`unpermute_rows`] undoes it exactly as `transformers`'
-//!   `LlamaTensorProcessor._reverse_permute_weights` does. Qwen2 files are not permuted.
+//!   `LlamaTensorProcessor._reverse_permute_weights` does, moving stored rows (whole blocks for a
+//!   quantized tensor) into a copy of just those tensors. Qwen2 files are not permuted.
 //! - **Tokenizer**: a `tokenizer.json` beside the `.gguf` wins; without one, the byte-level BPE
 //!   tokenizer the metadata describes is built as `transformers` builds it ([`tokenizer_json`]).
 //!   `tokenizer.chat_template` is exposed by [`chat_template`].
@@ -31,7 +33,7 @@ mod error;
 mod header;
 mod hf_map;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 mod tokenizer_meta;
 
 pub use dequant::{dequantize, unpermute_rows};
@@ -119,6 +121,24 @@ fn bad(path: &Path, msg: String) -> EngineError {
     }
 }
 
+/// The stored dtype a supported ggml type is kept in (`None` for the others).
+pub fn stored_dtype(ty: GgmlType) -> Option<StoredDtype> {
+    Some(match ty {
+        GgmlType::F32 => StoredDtype::F32,
+        GgmlType::F16 => StoredDtype::F16,
+        GgmlType::BF16 => StoredDtype::BF16,
+        GgmlType::Q8_0 => StoredDtype::Q8_0,
+        GgmlType::Q4_0 => StoredDtype::Q4_0,
+        GgmlType::Q4_1 => StoredDtype::Q4_1,
+        GgmlType::Q5_0 => StoredDtype::Q5_0,
+        GgmlType::Q5_1 => StoredDtype::Q5_1,
+        GgmlType::Q4_K => StoredDtype::Q4_K,
+        GgmlType::Q5_K => StoredDtype::Q5_K,
+        GgmlType::Q6_K => StoredDtype::Q6_K,
+        _ => return None,
+    })
+}
+
 /// Opens a GGUF checkpoint: the config its metadata implies and every tensor under its Hugging
 /// Face name (see the module docs). Every tensor in the file must be one the model uses.
 pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
@@ -180,17 +200,11 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
             let start = (h.data_start + t.offset) as usize;
             let end = start + t.nbytes().map_err(|e| bad(path, e.to_string()))? as usize;
             let raw = &map[start..end];
-            let (dtype, owned): (StoredDtype, Option<Vec<u8>>) = match t.ty {
-                GgmlType::F32 => (StoredDtype::F32, None),
-                GgmlType::F16 => (StoredDtype::F16, None),
-                GgmlType::BF16 => (StoredDtype::BF16, None),
-                ty => {
-                    let mut vals = vec![0f32; t.numel().expect("checked") as usize];
-                    dequantize(ty, raw, &mut vals).map_err(|e| bad(path, e.to_string()))?;
-                    let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    (StoredDtype::F32, Some(bytes))
-                }
-            };
+            let dtype = stored_dtype(t.ty).expect("supported types checked above");
+            // Rows of whole blocks (the header check refused any other row length).
+            let row = dtype
+                .row_bytes(shape.last().copied().unwrap_or(1))
+                .map_err(|m| bad(path, format!("tensor '{}': {m}", t.name)))?;
             let n_head = if !llama {
                 None
             } else if t.name.contains(".attn_q.") {
@@ -200,21 +214,14 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
             } else {
                 None
             };
-            let tensor = match (n_head, owned) {
-                (Some(n), owned) => {
-                    let data = owned.as_deref().unwrap_or(raw);
-                    // The shape matched the config above, so this cannot overflow.
-                    let row = shape
-                        .get(1)
-                        .copied()
-                        .unwrap_or(1)
-                        .saturating_mul(dtype.size());
-                    let out = unpermute_rows(data, row, n)
+            let tensor = match n_head {
+                // Stored rows (of whole blocks for a quantized tensor) move; nothing is decoded.
+                Some(n) => {
+                    let out = unpermute_rows(raw, row, n)
                         .map_err(|m| bad(path, format!("tensor '{}': {m}", t.name)))?;
                     Tensor::from_bytes(dtype, shape, out)
                 }
-                (None, Some(bytes)) => Tensor::from_bytes(dtype, shape, bytes),
-                (None, None) => Tensor::mapped(map.clone(), start, end, dtype, shape),
+                None => Tensor::mapped(map.clone(), start, end, dtype, shape),
             };
             Ok((name, tensor))
         })
@@ -233,6 +240,7 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
 mod tests {
     use super::*;
     use crate::gguf::test_util::*;
+    use crate::kernels::Float;
     /// A tiny Llama GGUF: hidden 64, 2 heads of 32 / 1 kv head, vocab 8, intermediate 32, one layer;
     /// q in Q8_0, k in F16, the rest F32; tied.
     fn tiny_llama() -> (Vec<u8>, Vec<f32>) {
@@ -294,20 +302,21 @@ mod tests {
             let m = crate::Model::load(&path).unwrap();
             assert!(m.config.tie_word_embeddings);
             assert_eq!(m.lm_head.bytes().as_ptr(), m.embed_tokens.bytes().as_ptr());
-            // q: dequantized (row r holds (r - 32)/64 in stored order), then unpermuted per head
-            // of 32 rows: HF row a*16 + b is stored row 2b + a.
+            // q: kept as Q8_0 blocks (row r holds (r - 32)/64 in stored order), its rows moved
+            // per head of 32 rows: HF row a*16 + b is stored row 2b + a.
             let qp = &m.layers[0].q_proj;
             assert_eq!(
                 (qp.dtype, qp.shape.clone(), qp.is_mapped()),
-                (StoredDtype::F32, vec![64, 64], false)
+                (StoredDtype::Q8_0, vec![64, 64], false)
             );
+            assert_eq!(qp.bytes().len(), 64 * 2 * 34);
             for hf_row in 0..64 {
                 let (head, within) = (hf_row / 32, hf_row % 32);
                 let (a, b) = (within / 16, within % 16);
                 let stored = head * 32 + 2 * b + a;
-                let row = qp.row_bytes(hf_row);
-                let v = f32::from_le_bytes(row[..4].try_into().unwrap());
-                assert_eq!(v, q_rows[stored], "row {hf_row}");
+                let mut row = [0f32; 64];
+                f32::decode(qp.dtype, qp.row_bytes(hf_row), &mut row);
+                assert!(row.iter().all(|&v| v == q_rows[stored]), "row {hf_row}");
             }
             // k: F16 kept as F16, reordered in memory; v: F32 mapped.
             assert_eq!(m.layers[0].k_proj.dtype, StoredDtype::F16);

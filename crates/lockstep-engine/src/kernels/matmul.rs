@@ -13,6 +13,8 @@ mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod blocks;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
 /// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
@@ -56,10 +58,12 @@ pub enum Kernel {
     /// stack buffer ([`Float::decode`], so exactly the values the reference uses), then [`dot`].
     Portable,
     /// AVX2 + FMA (x86-64 without AVX-512): the sums of [`Kernel::Avx512`] on 8-lane vectors,
-    /// for `f32` and `Bf16` compute on F32 or BF16 weights; the rest as [`Kernel::Portable`].
+    /// for `f32` and `Bf16` compute on F32 or BF16 weights, and on GGUF block weights (a group
+    /// of rows decoded to f32, then summed as F32 weights); the rest as [`Kernel::Portable`].
     Avx2,
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
-    /// `f32` and `Bf16` compute; f64 compute and F16/F64 weights as [`Kernel::Portable`].
+    /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
+    /// run on an AVX-512 machine yet); f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
     /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
     /// [`Bf16`](super::Bf16) compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
@@ -131,7 +135,14 @@ fn linear_min_n<T: Float>(
     if n == 0 || m == 0 {
         return;
     }
-    let rows_per_task = task_rows(m, k * w.dtype.size());
+    let row_bytes = w
+        .dtype
+        .row_bytes(k)
+        .unwrap_or_else(|e| panic!("linear: {e}"));
+    assert_eq!(w.bytes().len(), m * row_bytes, "linear: weight bytes");
+    // Block rows are sized by their decoded f32 (decoding them is the work, not reading them).
+    let task_bytes = if w.dtype.is_block() { k * 4 } else { row_bytes };
+    let rows_per_task = task_rows(m, task_bytes);
     let dst = Dst {
         ptr: out.as_mut_ptr(),
         row_len: m,
@@ -217,6 +228,11 @@ unsafe fn sums<T: Float>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if let (Some(xf), Some(out)) = (T::as_f32s(x), T::f32_ptr(dst.ptr)) {
+        // ggml blocks: decoded a group of rows at a time into f32, then summed as F32 weights.
+        if w.dtype.is_block() && kernel != Kernel::Portable {
+            let bf16 = T::PRECISION == Precision::BF16;
+            return blocks::sums(kernel == Kernel::Avx2, bf16, xf, n, k, w, rows, out);
+        }
         let (m, bytes) = (w.shape[0], w.bytes());
         // Which stored-weight reader: BF16 as stored, F32 rounded to bf16 for bf16 compute
         // (as `half` rounds it), F32 as stored; anything else runs portable.
@@ -270,15 +286,17 @@ unsafe fn sums_portable<T: Float>(
 ) {
     const ROWS: usize = 4;
     const CHUNK: usize = 256;
-    let (sz, bytes) = (w.dtype.size(), w.bytes());
+    // A chunk is whole blocks of every block dtype (32 or 256 elements), as is `k`.
+    let (per, sz) = (w.dtype.block_len(), w.dtype.size());
+    let (row, bytes) = (k / per * sz, w.bytes());
     let mut buf = [T::ZERO; ROWS * CHUNK];
     for r0 in rows.clone().step_by(ROWS) {
         let group = r0..(r0 + ROWS).min(rows.end);
         for c0 in (0..k).step_by(CHUNK) {
             let len = CHUNK.min(k - c0);
             for (b, j) in buf.chunks_exact_mut(CHUNK).zip(group.clone()) {
-                let at = (j * k + c0) * sz;
-                T::decode(w.dtype, &bytes[at..at + len * sz], &mut b[..len]);
+                let at = j * row + c0 / per * sz;
+                T::decode(w.dtype, &bytes[at..at + len / per * sz], &mut b[..len]);
             }
             for t in 0..n {
                 let xt = &x[t * k + c0..t * k + c0 + len];
@@ -312,6 +330,9 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
     }
     out
 }
+
+#[cfg(test)]
+mod block_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

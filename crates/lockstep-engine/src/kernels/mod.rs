@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 
 use crate::weights::StoredDtype;
@@ -303,11 +304,23 @@ fn decode_with<T>(
     from64: impl Fn(f64) -> T,
 ) {
     assert_eq!(
-        bytes.len(),
-        out.len() * dtype.size(),
+        Some(bytes.len()),
+        dtype.bytes_for(out.len()),
         "decode length mismatch"
     );
     match dtype {
+        d if d.is_block() => {
+            // Whole blocks through an f32 buffer (exactly the values a GGUF dequantized to F32
+            // holds), then as F32 weights are.
+            let (per, bb) = quant::block(d);
+            let mut vals = [0f32; 256];
+            for (b, o) in bytes.chunks(bb * (256 / per)).zip(out.chunks_mut(256)) {
+                quant::decode_blocks(d, b, &mut vals[..o.len()]);
+                for (o, &v) in o.iter_mut().zip(&vals) {
+                    *o = from32(v);
+                }
+            }
+        }
         StoredDtype::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = from32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
@@ -330,6 +343,7 @@ fn decode_with<T>(
                 *o = from64(f64::from_le_bytes(c.try_into().unwrap()));
             }
         }
+        _ => unreachable!("block dtypes above"),
     }
 }
 

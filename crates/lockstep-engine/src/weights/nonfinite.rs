@@ -104,12 +104,16 @@ impl Tensor {
     /// tensors are scanned in parallel.
     pub fn nonfinite(&self) -> Option<(usize, usize, usize)> {
         use rayon::prelude::*;
+        if self.dtype.is_block() {
+            return self.nonfinite_blocks();
+        }
         // (exponent mask, mantissa mask) of each storage format.
         let (exp, man) = match self.dtype {
             StoredDtype::F32 => (0x7f80_0000, 0x007f_ffff),
             StoredDtype::BF16 => (0x7f80, 0x007f),
             StoredDtype::F16 => (0x7c00, 0x03ff),
             StoredDtype::F64 => (0x7ff0_0000_0000_0000, 0x000f_ffff_ffff_ffff),
+            _ => unreachable!("block dtypes above"),
         };
         let size = self.dtype.size();
         const CHUNK: usize = 1 << 20;
@@ -118,6 +122,26 @@ impl Tensor {
             .par_chunks(CHUNK * size)
             .enumerate()
             .map(|(i, b)| count_nonfinite(b, size, exp, man, i * CHUNK))
+            .reduce(NonFiniteCount::default, NonFiniteCount::merge);
+        c.first.map(|f| (c.nan, c.inf, f))
+    }
+
+    /// [`Self::nonfinite`] of a ggml block tensor: its blocks decoded to the float32 values the
+    /// engine computes with, a piece of whole blocks at a time, in parallel.
+    fn nonfinite_blocks(&self) -> Option<(usize, usize, usize)> {
+        use rayon::prelude::*;
+        let (per, bb) = crate::kernels::quant::block(self.dtype);
+        const BLOCKS: usize = 4096;
+        let c = self
+            .bytes()
+            .par_chunks(BLOCKS * bb)
+            .enumerate()
+            .map(|(i, b)| {
+                let mut vals = vec![0f32; b.len() / bb * per];
+                crate::kernels::quant::decode_blocks(self.dtype, b, &mut vals);
+                let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+                count_nonfinite(&bytes, 4, 0x7f80_0000, 0x007f_ffff, i * BLOCKS * per)
+            })
             .reduce(NonFiniteCount::default, NonFiniteCount::merge);
         c.first.map(|f| (c.nan, c.inf, f))
     }

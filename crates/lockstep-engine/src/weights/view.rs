@@ -8,9 +8,10 @@ impl Tensor {
     /// The `rows` × `cols` matrix whose first element is element `first` of this tensor
     /// (row-major), sharing its bytes; `None` when it does not lie inside the tensor.
     pub fn matrix_view(&self, first: usize, rows: usize, cols: usize) -> Option<Tensor> {
-        let size = self.dtype.size();
-        let start = self.start.checked_add(first.checked_mul(size)?)?;
-        let end = start.checked_add(rows.checked_mul(cols)?.checked_mul(size)?)?;
+        // Block dtypes: the view must start on a block and hold rows of whole blocks.
+        let start = self.start.checked_add(self.dtype.bytes_for(first)?)?;
+        let row = self.dtype.bytes_for(cols)?;
+        let end = start.checked_add(rows.checked_mul(row)?)?;
         (end <= self.end).then(|| Tensor {
             storage: self.storage.clone(),
             start,

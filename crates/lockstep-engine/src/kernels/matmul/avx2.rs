@@ -213,8 +213,10 @@ pub(super) unsafe fn sums_fma<W: Weights>(
 /// (no bias, no rounding: the caller finishes those).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `w` holds `m` rows of `k` elements stored as `W`, `x` holds `n`
-/// rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries in `rows`.
+/// The CPU has AVX2 and FMA; `w` holds at least `rows.end` rows (of `m`) of `k` elements
+/// stored as `W` (the block path passes a buffer of the rows it decoded, with `out` offset to
+/// match); `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
+/// entries in `rows`.
 #[inline(always)]
 unsafe fn sums<W: Weights>(
     x: &[f32],
@@ -225,7 +227,7 @@ unsafe fn sums<W: Weights>(
     rows: Range<usize>,
     out: *mut f32,
 ) {
-    assert!(x.len() == n * k && w.len() == m * k * W::SIZE && rows.end <= m);
+    assert!(x.len() == n * k && w.len() >= rows.end * k * W::SIZE && rows.end <= m);
     // Rows in blocks whose chunk of weights (≤ 256 KiB) stays in L2; `k` in chunks of KC, so
     // that four tokens' chunk of activations stays in L1 while the tiles pass over the block.
     // Each output adds its chunks' sums in chunk order, whatever the loop order.
