@@ -26,12 +26,18 @@ def _add_input(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_trace(args) -> None:
+    if args.streamed and (args.device or args.device_map):
+        raise SystemExit("--streamed runs on this CPU: it takes no --device or --device-map")
     if args.streamed:
         cmd_trace_streamed(args)
         return
     from .tracer import trace
 
-    tensors = trace(args.model, args.out, args.dtype, token_ids=args.tokens, prompt=args.prompt)
+    device_map = args.device_map
+    if device_map is not None and device_map.startswith("{"):
+        device_map = json.loads(device_map)
+    tensors = trace(args.model, args.out, args.dtype, token_ids=args.tokens, prompt=args.prompt,
+                    device=args.device, device_map=device_map)
     print(f"wrote {args.out}: {len(tensors)} tensors, {tensors['tokens'].shape[1]} tokens, dtype {args.dtype}")
 
 
@@ -159,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     _add_input(p)
     p.add_argument("--dtype", required=True, choices=["f64", "f32", "bf16"],
                    help="compute dtype; f64 is pure float64 (RMSNorm, RoPE, softmax lifted)")
-    p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--out", required=True,
+                   help="trace file to write (.safetensors), or a folder (an existing one, or a path ending in /): "
+                        "one part file per layer (docs/trace-format.md)")
+    p.add_argument("--device", help="torch device to run on (cuda:0, ...; default: this CPU)")
+    p.add_argument("--device-map",
+                   help="accelerate's device_map: auto, balanced, sequential, or a JSON {module: device} map")
     p.add_argument("--streamed", action="store_true",
                    help="the same trace computed layer by layer (one layer's weights in memory; for models "
                         "too big for RAM in --dtype)")

@@ -128,9 +128,13 @@ def load_config(model_dir: str):
 
 
 def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64", row_chunk: int = ROW_CHUNK,
-                         log=None) -> tuple[dict[str, torch.Tensor], object]:
+                         log=None, flush=None) -> tuple[dict[str, torch.Tensor], object]:
     """The trace in `dtype` ("f64": pure float64; "f32"; "bf16") of one forward pass (batch 1), layer by
-    layer. Returns (tensors in trace order, config)."""
+    layer. Returns (tensors in trace order, config).
+
+    With `flush(index, tensors)`, each part of a trace folder (before the layers, each layer, after them)
+    is handed over as soon as it is complete and not kept: the returned dict is then empty, and at most
+    one layer's taps are ever held."""
     import contextlib
 
     config = load_config(model_dir)
@@ -155,6 +159,16 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
     with torch.no_grad(), pure, tracer._function_wrappers(rec):
         embeds = weights.rows("model.embed_tokens.weight", token_ids).unsqueeze(0)
         rec.put("embed", embeds)
+        flushed: list[str] = []
+
+        def hand_over(index: int) -> None:
+            if flush is not None:
+                part = dict(rec.tensors)
+                flushed.extend(part)
+                rec.tensors.clear()
+                flush(index, part)
+
+        hand_over(0)
         position_ids = torch.arange(t).unsqueeze(0)
         mask_kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None,
                        "position_ids": position_ids}
@@ -183,6 +197,7 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
                 for h in handles:
                     h.remove()
             del layer
+            hand_over(i + 1)
             if log is not None:
                 log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s")
 
@@ -208,15 +223,17 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
             del w
         rec.put("logits", logits)
         del logits
+        hand_over(n_layers + 1)
         if log is not None:
             log(f"final norm + lm_head ({rows} rows, chunks of {row_chunk}): {time.time() - t0:.1f} s")
 
     expected = tracer.trace_names_for(config)
-    missing = [n for n in expected if n not in rec.tensors]
-    extra = [n for n in rec.tensors if n not in expected]
+    seen = set(rec.tensors) | set(flushed)
+    missing = [n for n in expected if n not in seen]
+    extra = [n for n in seen if n not in expected]
     if missing or extra:
         raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
-    return {name: rec.tensors[name] for name in expected}, config
+    return {name: rec.tensors[name] for name in expected if name in rec.tensors}, config
 
 
 def streamed_metadata(model_dir: str, config, token_ids: list[int], dtype: str,
@@ -234,6 +251,22 @@ def trace_streamed(model_dir: str, out_path: str, token_ids: list[int] | None = 
         raise ValueError("give exactly one of token_ids and prompt")
     if prompt is not None:
         token_ids = tracer.tokenize(model_dir, prompt)
+    if tracer.is_trace_folder(out_path):
+        # A folder: every part written as soon as it is complete, with the metadata computed first.
+        t0 = time.time()
+        meta = streamed_metadata(model_dir, load_config(model_dir), token_ids, dtype, prompt)
+        if log is not None:
+            log(f"metadata (model fingerprint: sha256 of every stored tensor): {time.time() - t0:.1f} s")
+        tracer.clear_parts(out_path)
+        written: dict[str, torch.Tensor] = {}
+
+        def flush(index: int, part: dict[str, torch.Tensor]) -> None:
+            tracer.write_part(out_path, index, part, meta)
+            # Names, dtypes and the token ids only: the values are in the files.
+            written.update({k: (v if k == "tokens" else v[..., :0]) for k, v in part.items()})
+
+        trace_model_streamed(model_dir, token_ids, dtype=dtype, log=log, flush=flush)
+        return written
     tensors, config = trace_model_streamed(model_dir, token_ids, dtype=dtype, log=log)
     t0 = time.time()
     meta = streamed_metadata(model_dir, config, token_ids, dtype, prompt)

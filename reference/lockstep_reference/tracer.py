@@ -44,6 +44,8 @@ TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat
 # bf16 runs are stored as float32, which holds every bf16 value exactly.
 STORE_DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.float32}
 _ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64"}
+# Every layer tap suffix (a trace folder puts `layers.{i}.<suffix>` in layer i's part).
+LAYER_TAP_SET = frozenset(LAYER_TAPS) | {"q_norm", "k_norm"} | frozenset(ROUTER_TAPS)
 
 # (modeling module, RMSNorm class, rotary embedding class) per supported model_type.
 _ARCHS = {
@@ -170,13 +172,13 @@ class _Recorder:
     def put(self, name: str, t: torch.Tensor) -> None:
         if name in self.tensors:
             raise RuntimeError(f"trace tensor {name} captured twice")
-        self.tensors[name] = t.detach().to(self.store_dtype).contiguous().clone()
+        self.tensors[name] = t.detach().to("cpu", self.store_dtype).contiguous().clone()
 
     def put_ids(self, name: str, t: torch.Tensor) -> None:
         """Integer ids, stored as int64 whatever the trace's float dtype."""
         if name in self.tensors:
             raise RuntimeError(f"trace tensor {name} captured twice")
-        self.tensors[name] = t.detach().to(torch.int64).contiguous().clone()
+        self.tensors[name] = t.detach().to("cpu", torch.int64).contiguous().clone()
 
 
 def _layer_hooks(layer, i: int, rec: _Recorder, n_kv: int) -> list:
@@ -335,18 +337,25 @@ def experts_kwargs(folder: str) -> dict:
     return {"experts_implementation": "eager"} if moe else {}
 
 
-def load_model(model_dir: str, dtype: str):
+def load_model(model_dir: str, dtype: str, device: str | None = None, device_map=None):
     """Load a Qwen2/Llama checkpoint folder (or GGUF file) in the compute dtype ("f64", "f32",
     "bf16"), eager attention.
 
     The weights are loaded directly in that dtype; the rotary `inv_freq` buffer must stay float32 (as HF
-    computes it) and is asserted to be so.
+    computes it) and is asserted to be so. `device` ("cuda:0", ...) moves the model there; `device_map`
+    ("auto", or accelerate's {module: device} map) spreads it over devices as accelerate does, for a
+    reference made on another machine's GPUs (the trace records where it ran; its numbers are that
+    device's, not this CPU's).
     """
     transformers.utils.logging.disable_progress_bar()
     folder, kwargs = pretrained_source(model_dir)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=TORCH_DTYPES[dtype], attn_implementation="eager", **experts_kwargs(folder), **kwargs
     )
+    if device is not None and device_map is None:
+        model = model.to(device)
     model.eval()
     if model.config.model_type not in _ARCHS:
         raise ValueError(f"unsupported model_type {model.config.model_type!r} (supported: {sorted(_ARCHS)})")
@@ -373,7 +382,7 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
     pure = contextlib.nullcontext() if dtype != "f64" else pure_f64_patches()
     with torch.no_grad(), pure, _capture(model, rec):
         reset_dynamic_rope(model)
-        out = model(input_ids=ids, use_cache=False)
+        out = model(input_ids=ids.to(model.device), use_cache=False)
     rec.put("logits", out.logits)
     expected = trace_names_for(model.config)
     missing = [n for n in expected if n not in rec.tensors]
@@ -381,6 +390,15 @@ def trace_model(model, token_ids: list[int], dtype: str) -> dict[str, torch.Tens
     if missing or extra:
         raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
     return {name: rec.tensors[name] for name in expected}
+
+
+def _placement(model) -> str:
+    """Where a loaded model runs: "cpu", one device, or accelerate's device map as JSON."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map and set(map(str, device_map.values())) - {"cpu"}:
+        return json.dumps({k: str(v) for k, v in device_map.items()}, separators=(",", ":"))
+    device = getattr(model, "device", None)
+    return "cpu" if device is None else str(device)
 
 
 def trace_metadata(model_dir: str, model, token_ids: list[int], dtype: str, prompt: str | None) -> dict[str, str]:
@@ -404,6 +422,9 @@ def trace_metadata(model_dir: str, model, token_ids: list[int], dtype: str, prom
         "token_ids": json.dumps(list(token_ids)),
         "config": config_text,
     }
+    placement = _placement(model)
+    if placement != "cpu":  # traces made elsewhere say where (CPU traces keep the metadata they had)
+        meta["device"] = placement
     if gguf is None:  # the fingerprint is defined on safetensors checkpoints (docs/trace-format.md)
         meta["model_fingerprint"] = model_fingerprint(model_dir)
     if prompt is not None:
@@ -438,6 +459,60 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
     os.replace(tmp, path)
 
 
+def is_trace_folder(path: str) -> bool:
+    """Whether `path` names a trace folder (an existing folder, or a path ending in a separator)."""
+    return path.endswith(os.sep) or path.endswith("/") or os.path.isdir(path)
+
+
+def trace_part(name: str) -> int | None:
+    """The layer a canonical `layers.{i}.*` name belongs to; None for the rest (docs/trace-format.md)."""
+    if name.startswith("layers."):
+        i, _, suffix = name[len("layers."):].partition(".")
+        if i.isdigit() and suffix in LAYER_TAP_SET:
+            return int(i)
+    return None
+
+
+def clear_parts(folder: str) -> None:
+    """Creates `folder` when missing and removes the part files of an earlier trace in it."""
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        if f.startswith("part-") and f.endswith(".safetensors"):
+            os.remove(os.path.join(folder, f))
+
+
+def write_part(folder: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One part file of a trace folder: `part-{index:05}.safetensors`."""
+    write_safetensors(os.path.join(folder, f"part-{index:05}.safetensors"), tensors, metadata)
+
+
+def write_parts(folder: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A trace as a folder of part files, as lockstep's `write_parts` splits one: part 0 what comes before
+    the first layer (tokens, embed), then one part per layer, then the rest (final_norm, logits). Every
+    part carries the same metadata."""
+    before = {k: v for k, v in tensors.items() if k in ("tokens", "embed")}
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    after = {}
+    for k, v in tensors.items():
+        i = trace_part(k)
+        if i is not None:
+            layers.setdefault(i, {})[k] = v
+        elif k not in before:
+            after[k] = v
+    clear_parts(folder)
+    parts = ([before] if before else []) + [layers[i] for i in sorted(layers)] + ([after] if after else [])
+    for index, part in enumerate(parts):
+        write_part(folder, index, part, metadata)
+
+
+def write_trace(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A trace file, or a trace folder when `path` is a folder (see `is_trace_folder`)."""
+    if is_trace_folder(path):
+        write_parts(path, tensors, metadata)
+    else:
+        write_safetensors(path, tensors, metadata)
+
+
 def tokenize(model_dir: str, text: str) -> list[int]:
     """Token ids of `text` from the folder's transformers tokenizer, no special tokens added."""
     tok = load_tokenizer(model_dir)
@@ -445,7 +520,7 @@ def tokenize(model_dir: str, text: str) -> list[int]:
 
 
 def trace(model_dir: str, out_path: str, dtype: str, token_ids: list[int] | None = None,
-          prompt: str | None = None) -> dict[str, torch.Tensor]:
+          prompt: str | None = None, device: str | None = None, device_map=None) -> dict[str, torch.Tensor]:
     """Trace one forward pass of the model in `model_dir` and write it to `out_path`.
 
     Give either `token_ids` or `prompt` (tokenized with the folder's tokenizer). Returns the tensors.
@@ -456,7 +531,7 @@ def trace(model_dir: str, out_path: str, dtype: str, token_ids: list[int] | None
         token_ids = tokenize(model_dir, prompt)
     if not token_ids:
         raise ValueError("no tokens to trace")
-    model = load_model(model_dir, dtype)
+    model = load_model(model_dir, dtype, device=device, device_map=device_map)
     tensors = trace_model(model, token_ids, dtype)
-    write_safetensors(out_path, tensors, trace_metadata(model_dir, model, token_ids, dtype, prompt))
+    write_trace(out_path, tensors, trace_metadata(model_dir, model, token_ids, dtype, prompt))
     return tensors

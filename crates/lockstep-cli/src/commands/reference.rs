@@ -1,5 +1,6 @@
-//! `lockstep reference --model DIR (--tokens ..|--prompt ..) --dtype D --out FILE`: the PyTorch
-//! reference trace, through the project's Python tracer.
+//! `lockstep reference --model DIR (--tokens ..|--prompt ..) --dtype D --out FILE|DIR/
+//! [--device D | --device-map M]`: the PyTorch reference trace, through the project's Python
+//! tracer.
 
 use super::common::PrecisionArg;
 use crate::cli_error::CliResult;
@@ -22,9 +23,18 @@ pub struct Args {
     /// Reference precision: f64 (pure float64), f32, or bf16.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: PrecisionArg,
-    /// Output trace file.
+    /// Output trace file, or a folder (an existing one, or a path ending in `/`): one part file
+    /// per layer, which `lockstep compare` reads a layer at a time.
     #[arg(long)]
     out: PathBuf,
+    /// Torch device to run the reference on (`cuda:0`, ...; default: this CPU), for traces made
+    /// on another machine and verified here.
+    #[arg(long)]
+    device: Option<String>,
+    /// accelerate's `device_map` (`auto`, `balanced`, `sequential`, or a JSON {module: device}
+    /// map): the model spread over several devices.
+    #[arg(long)]
+    device_map: Option<String>,
 }
 
 /// Runs the reference tracer.
@@ -46,6 +56,12 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     if let Some(p) = &a.prompt {
         args.extend(["--prompt", p]);
+    }
+    if let Some(d) = &a.device {
+        args.extend(["--device", d]);
+    }
+    if let Some(d) = &a.device_map {
+        args.extend(["--device-map", d]);
     }
     let stdout = crate::progress::with_spinner(
         format!("running the reference (transformers) on {model}"),
