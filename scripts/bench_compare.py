@@ -97,7 +97,9 @@ def llama_cpp_gguf(model: Path, outtype: str) -> Path:
     out = cache / f"{model.resolve().name}-{outtype}.gguf"
     newest = max(f.stat().st_mtime for f in model.iterdir())
     if not out.exists() or out.stat().st_mtime < newest:
-        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        pythonpath = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp.sh"), "--pythonpath"], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+        env = dict(os.environ, PYTHONPATH=pythonpath)
         subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype,
                         "--outfile", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
     return out

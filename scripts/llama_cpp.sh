@@ -9,6 +9,8 @@
 #
 #     bash scripts/llama_cpp.sh            # build (once; ~10 min on 2 cores), print the bin folder
 #     bash scripts/llama_cpp.sh --src      # print the source folder (convert_hf_to_gguf.py)
+#     bash scripts/llama_cpp.sh --pythonpath   # the PYTHONPATH convert_hf_to_gguf.py needs with
+#                                              # the reference venv's python (gguf-py, sentencepiece)
 #
 # Needs python3 and network access to the package registry; cmake comes from its PyPI wheel in a
 # venv of its own. Everything goes under ${LOCKSTEP_CACHE:-~/.cache/lockstep}/llama.cpp-VERSION.
@@ -19,9 +21,19 @@ ROOT=${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}/llama.cpp-$VERSION
 SRC=$ROOT/src
 BIN=$ROOT/build/bin
 TARGETS=(llama-server llama-bench llama-quantize llama-cli)
+SENTENCEPIECE_VERSION=0.2.3
 
 if [ "${1:-}" = "--src" ]; then
     echo "$SRC"
+    exit 0
+fi
+if [ "${1:-}" = "--pythonpath" ]; then
+    # What convert_hf_to_gguf.py needs beside the reference environment (torch, transformers,
+    # numpy): the vendored gguf-py and sentencepiece, installed into a folder of their own.
+    if [ ! -d "$ROOT/convert-deps/sentencepiece" ]; then
+        python3 -m pip install --quiet --target "$ROOT/convert-deps" "sentencepiece==$SENTENCEPIECE_VERSION" >&2
+    fi
+    echo "$SRC/gguf-py:$ROOT/convert-deps"
     exit 0
 fi
 
