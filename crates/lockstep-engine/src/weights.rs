@@ -14,10 +14,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod advice;
 mod nonfinite;
 mod safetensors_files;
 mod view;
 
+pub use advice::{advise_all, PageAdvice};
 pub use nonfinite::NonFiniteTensor;
 pub(crate) use safetensors_files::map_readonly;
 use safetensors_files::{map_file, read_json, shard_files};
@@ -185,6 +187,15 @@ impl Tensor {
     /// True when the bytes are a view of a memory-mapped file (false: held in memory).
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped(_))
+    }
+
+    /// Bytes of the tensor that live in a memory-mapped file (0 when held in memory).
+    pub fn mapped_bytes(&self) -> usize {
+        if self.is_mapped() {
+            self.end - self.start
+        } else {
+            0
+        }
     }
 
     /// The raw little-endian bytes as stored.

@@ -133,6 +133,9 @@ impl Model {
                     )
                 })?,
         };
+        let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
+        let stream_layers = crate::streaming::StreamMode::from_env()?
+            .decide(mapped, crate::resources::available_memory());
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);
@@ -146,6 +149,7 @@ impl Model {
             lm_head,
             settings,
             fault,
+            stream_layers,
         })
     }
 }
