@@ -1,8 +1,9 @@
 //! Peak memory of `lockstep generate` streaming the layers through the page cache
 //! (`LOCKSTEP_STREAM_LAYERS=1`) on the 0.5B-shape fixture (988 MB of bf16 safetensors, 24
 //! layers): the process holds the embeddings (tied to the LM head), a few layers and the KV
-//! cache, not the whole file; the same run without streaming holds the whole file, and generates
-//! the same tokens.
+//! cache, not the whole file; so does `lockstep trace`, whose model fingerprint reads every
+//! tensor. The same generation without streaming holds the whole file, and generates the same
+//! tokens.
 //!
 //! The peak is the kernel's (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of the child processes),
 //! never a number lockstep prints; a running maximum, so the runs go from the smallest to the
@@ -78,6 +79,30 @@ fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
     ];
     let (text_on, speed_on) = generate("1", &args);
     let peak_on = children_max_rss();
+    // A trace also hashes every tensor for the model fingerprint: one tensor resident at a time.
+    let out = scratch("streaming_memory").join("trace.safetensors");
+    let short: Vec<&str> = ids.split(',').take(8).collect();
+    let o = lockstep_streaming(
+        "1",
+        &[
+            "trace",
+            "--model",
+            m,
+            "--tokens",
+            &short.join(","),
+            "--dtype",
+            "f32",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "trace failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let peak_trace = children_max_rss();
+    let trace_bytes = std::fs::metadata(&out).unwrap().len();
     let (text_off, speed_off) = generate("0", &args);
     let peak_off = children_max_rss();
 
@@ -94,8 +119,9 @@ fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
     let bound = base + (1.15 * est.total() as f64) as u64;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
-        "qwen2.5-0.5b-random generate: peak RSS streaming {:.1} MiB ({speed_on}), not streaming {:.1} MiB ({speed_off}); file {:.1} MiB, tokenize {:.1} MiB, estimate {}; bound {:.1} MiB",
+        "qwen2.5-0.5b-random generate: peak RSS streaming {:.1} MiB ({speed_on}), trace streaming {:.1} MiB, not streaming {:.1} MiB ({speed_off}); file {:.1} MiB, tokenize {:.1} MiB, estimate {}; bound {:.1} MiB",
         mib(peak_on),
+        mib(peak_trace),
         mib(peak_off),
         mib(bytes),
         mib(base),
@@ -110,6 +136,14 @@ fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
         mib(bound),
         mib(base),
         est.describe()
+    );
+    // The trace: the same bound plus the trace it holds (written out, counted twice).
+    assert!(
+        peak_trace <= bound + 2 * trace_bytes,
+        "peak RSS of trace streaming {:.1} MiB exceeds {:.1} MiB + twice the {:.1} MiB trace",
+        mib(peak_trace),
+        mib(bound),
+        mib(trace_bytes)
     );
     assert!(
         peak_on < bytes / 2,
