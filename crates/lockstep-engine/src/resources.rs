@@ -105,6 +105,26 @@ impl MemoryEstimate {
         e
     }
 
+    /// The estimate with the Python reference streamed layer by layer (what it does when the
+    /// whole model in its dtype would not fit, `reference/lockstep_reference/streamed.py`): the LM
+    /// head and two decoder layers at `reference_bytes_per_param`, plus the f64 oracle's layer at
+    /// 8 bytes, instead of the whole model.
+    pub fn with_streamed_reference(
+        mut self,
+        config: &ModelConfig,
+        reference_bytes_per_param: u64,
+    ) -> Self {
+        let c = config;
+        let params = c.parameter_count() as u128;
+        let head = (c.vocab_size as u128) * (c.hidden_size as u128);
+        let embed = if c.tie_word_embeddings { 0 } else { head };
+        let one_layer = params.saturating_sub(head + embed) / (c.num_layers as u128).max(1);
+        let held =
+            (head + 2 * one_layer).min(params) * reference_bytes_per_param as u128 + 8 * one_layer;
+        self.reference = u64::try_from(held).unwrap_or(u64::MAX);
+        self
+    }
+
     /// Everything held at once: lockstep's side (weights, KV cache, activations, traces), or the
     /// Python reference's model when that is larger (`verify` runs the reference in its own phases,
     /// not while lockstep's engine computes, so the two are not added).
@@ -438,6 +458,11 @@ mod tests {
         assert_eq!(v.reference, 4 * params + 8 * (params / 2));
         assert_eq!(v.total(), (plain.total() + v.traces).max(v.reference));
         assert!(v.describe().contains("traces") && !plain.describe().contains("traces"));
+        // A streamed reference holds the head and two layers, not the model.
+        let s = MemoryEstimate::for_verify(&c, 1000, run(10), 4).with_streamed_reference(&c, 4);
+        let layer = (params - 2 * 6400) / 2;
+        assert_eq!(s.reference, 4 * (6400 + 2 * layer) + 8 * layer);
+        assert!(s.reference < v.reference);
         // Attention probabilities grow with the square of the prompt: a million-token input is refused.
         let long = MemoryEstimate::for_verify(&c, 1000, run(1 << 20), 4);
         assert!(long.check(64 << 30).is_err());

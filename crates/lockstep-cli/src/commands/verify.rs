@@ -289,6 +289,10 @@ fn check_memory(
     };
     let mut estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
     estimate.weights_streamed = streamed;
+    let reference_dtype = if reference_bytes == 2 { "bf16" } else { "f32" };
+    if crate::harness::pyref::streamed(model, reference_dtype) {
+        estimate = estimate.with_streamed_reference(&config, reference_bytes);
+    }
     super::common::enforce_memory_estimate(&estimate, model, force)
 }
 
