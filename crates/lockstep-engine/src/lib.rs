@@ -12,6 +12,7 @@
 //! - [`trace_capture`]: one traced forward pass written in the lockstep trace format.
 //! - [`sampling`]: transformers' logits processors (repetition penalty, temperature, top-k, top-p,
 //!   min-p), argmax and a seeded sampler.
+//! - [`streaming`]: whether a forward pass streams the layers through the page cache.
 //! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
 //! - [`sequence`]: one generating row, and the decode step of rows with their own caches
 //!   (continuous batching).
@@ -30,6 +31,7 @@ pub mod resources;
 pub mod sampling;
 pub mod sequence;
 pub mod source;
+pub mod streaming;
 pub mod tokenizer;
 pub mod trace_capture;
 pub mod weights;

@@ -5,6 +5,11 @@
 //! files at their size, GGUF blocks at their stored size), the KV cache for the whole requested
 //! context of every row, and the largest activations of a prefill (every row's hidden states,
 //! MLP intermediates and attention scores at once, and one row of logits each).
+//!
+//! When the forward pass streams the layers through the page cache ([`crate::streaming`]), the
+//! mapped weights count as held only in part ([`held_weight_bytes`]): the embeddings, the LM head
+//! and three layers (the one running, the one read ahead, the one being dropped), so a checkpoint
+//! larger than memory is no longer refused.
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -15,6 +20,9 @@ use crate::source::ModelSource;
 pub struct MemoryEstimate {
     /// Weights as held.
     pub weights: u64,
+    /// True when `weights` counts a forward pass streaming the layers
+    /// ([`streamed_weight_bytes`]), not the whole file.
+    pub weights_streamed: bool,
     /// Keys and values of every layer for the requested context and batch.
     pub kv_cache: u64,
     /// The largest activations of a prefill.
@@ -57,6 +65,7 @@ impl MemoryEstimate {
         let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
         MemoryEstimate {
             weights,
+            weights_streamed: false,
             kv_cache: clamp(kv_cache),
             activations: clamp(activations),
             traces: 0,
@@ -96,6 +105,26 @@ impl MemoryEstimate {
         e
     }
 
+    /// The estimate with the Python reference streamed layer by layer (what it does when the
+    /// whole model in its dtype would not fit, `reference/lockstep_reference/streamed.py`): the LM
+    /// head and two decoder layers at `reference_bytes_per_param`, plus the f64 oracle's layer at
+    /// 8 bytes, instead of the whole model.
+    pub fn with_streamed_reference(
+        mut self,
+        config: &ModelConfig,
+        reference_bytes_per_param: u64,
+    ) -> Self {
+        let c = config;
+        let params = c.parameter_count() as u128;
+        let head = (c.vocab_size as u128) * (c.hidden_size as u128);
+        let embed = if c.tie_word_embeddings { 0 } else { head };
+        let one_layer = params.saturating_sub(head + embed) / (c.num_layers as u128).max(1);
+        let held =
+            (head + 2 * one_layer).min(params) * reference_bytes_per_param as u128 + 8 * one_layer;
+        self.reference = u64::try_from(held).unwrap_or(u64::MAX);
+        self
+    }
+
     /// Everything held at once: lockstep's side (weights, KV cache, activations, traces), or the
     /// Python reference's model when that is larger (`verify` runs the reference in its own phases,
     /// not while lockstep's engine computes, so the two are not added).
@@ -110,8 +139,13 @@ impl MemoryEstimate {
     /// One line: the total and its parts, in GiB.
     pub fn describe(&self) -> String {
         let mut parts = format!(
-            "weights {}, KV cache {}, activations {}",
+            "weights {}{}, KV cache {}, activations {}",
             gib(self.weights),
+            if self.weights_streamed {
+                " (streamed by layer)"
+            } else {
+                ""
+            },
             gib(self.kv_cache),
             gib(self.activations)
         );
@@ -224,6 +258,35 @@ pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
     Ok(total)
 }
 
+/// Bytes of weights a run holds: [`weight_bytes`], or, when the forward pass will stream the
+/// layers ([`crate::streaming::StreamMode::from_env`] decides on the file's bytes against
+/// `MemAvailable`), [`streamed_weight_bytes`] of it. Also returns whether it streams.
+pub fn held_weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<(u64, bool)> {
+    let file = weight_bytes(source, config)?;
+    let stream = crate::streaming::StreamMode::from_env()?.decide(file, available_memory());
+    Ok(if stream {
+        (streamed_weight_bytes(config, file), true)
+    } else {
+        (file, false)
+    })
+}
+
+/// Of `file` bytes of weights, those a streaming forward pass holds at once: the embeddings, the
+/// LM head when untied, and three decoder layers, each counted at the file's average bytes per
+/// parameter (exact for a single-dtype checkpoint, an approximation for a mixed GGUF). Never more
+/// than `file`.
+pub fn streamed_weight_bytes(config: &ModelConfig, file: u64) -> u64 {
+    let c = config;
+    let params = c.parameter_count() as u128;
+    let embed = (c.vocab_size as u128) * (c.hidden_size as u128);
+    let head = if c.tie_word_embeddings { 0 } else { embed };
+    let layers = params.saturating_sub(embed + head + c.hidden_size as u128);
+    let one_layer = layers / (c.num_layers as u128).max(1);
+    let held_params = embed + head + c.hidden_size as u128 + 3 * one_layer;
+    let held = (file as u128) * held_params.min(params) / params.max(1);
+    u64::try_from(held).unwrap_or(u64::MAX).min(file)
+}
+
 /// The config of the model at `source` (a Hugging Face folder or a GGUF checkpoint), read without
 /// mapping or loading any weights.
 pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
@@ -290,6 +353,53 @@ mod tests {
         }
     }
 
+    /// Streaming holds the embeddings and three layers: a 0.5B-shape checkpoint of 24 layers
+    /// counts well under its file, a model of three layers or fewer at its whole file.
+    #[test]
+    fn streamed_weights_count_embeddings_and_three_layers() {
+        let cfg = |layers: usize, tied: bool| {
+            ModelConfig::from_json_str(&format!(
+                r#"{{"architectures":["Qwen2ForCausalLM"],"hidden_size":896,"intermediate_size":4864,
+                "num_hidden_layers":{layers},"num_attention_heads":14,"num_key_value_heads":2,
+                "vocab_size":151936,"tie_word_embeddings":{tied}}}"#
+            ))
+            .unwrap()
+        };
+        let c = cfg(24, true);
+        let params = c.parameter_count() as u64;
+        let file = 2 * params;
+        let embed = 2 * 151936 * 896;
+        let layer = (file - embed - 2 * 896) / 24;
+        let held = streamed_weight_bytes(&c, file);
+        // The embeddings, the final norm and three layers.
+        assert!(held.abs_diff(embed + 2 * 896 + 3 * layer) < 64, "{held}");
+        assert!(held < file / 2, "{held} of {file}");
+        // An untied head counts too.
+        let u = cfg(24, false);
+        let held_u = streamed_weight_bytes(&u, 2 * u.parameter_count() as u64);
+        assert!(
+            held_u.abs_diff(2 * embed + 2 * 896 + 3 * layer) < 64,
+            "{held_u}"
+        );
+        // Few layers: the whole file, never more.
+        let small = cfg(2, true);
+        let f = 2 * small.parameter_count() as u64;
+        assert_eq!(streamed_weight_bytes(&small, f), f);
+        // The estimate with streamed weights fits where the whole file would not.
+        let run = RunShape {
+            batch: 1,
+            prompt_len: 16,
+            context: 64,
+            act_bytes: 4,
+        };
+        let avail = file * 3 / 4;
+        assert!(MemoryEstimate::new(&c, file, run).check(avail).is_err());
+        let mut streamed = MemoryEstimate::new(&c, held, run);
+        streamed.weights_streamed = true;
+        assert!(streamed.check(avail).is_ok());
+        assert!(streamed.describe().contains("streamed by layer"));
+    }
+
     #[test]
     fn reads_memavailable() {
         let t = "MemTotal:       131072000 kB\nMemFree:  1 kB\nMemAvailable:   1024 kB\n";
@@ -348,6 +458,11 @@ mod tests {
         assert_eq!(v.reference, 4 * params + 8 * (params / 2));
         assert_eq!(v.total(), (plain.total() + v.traces).max(v.reference));
         assert!(v.describe().contains("traces") && !plain.describe().contains("traces"));
+        // A streamed reference holds the head and two layers, not the model.
+        let s = MemoryEstimate::for_verify(&c, 1000, run(10), 4).with_streamed_reference(&c, 4);
+        let layer = (params - 2 * 6400) / 2;
+        assert_eq!(s.reference, 4 * (6400 + 2 * layer) + 8 * layer);
+        assert!(s.reference < v.reference);
         // Attention probabilities grow with the square of the prompt: a million-token input is refused.
         let long = MemoryEstimate::for_verify(&c, 1000, run(1 << 20), 4);
         assert!(long.check(64 << 30).is_err());

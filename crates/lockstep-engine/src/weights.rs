@@ -14,10 +14,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod advice;
 mod nonfinite;
 mod safetensors_files;
 mod view;
 
+pub use advice::{advise_all, PageAdvice};
 pub use nonfinite::NonFiniteTensor;
 pub(crate) use safetensors_files::map_readonly;
 use safetensors_files::{map_file, read_json, shard_files};
@@ -187,6 +189,15 @@ impl Tensor {
         matches!(self.storage, Storage::Mapped(_))
     }
 
+    /// Bytes of the tensor that live in a memory-mapped file (0 when held in memory).
+    pub fn mapped_bytes(&self) -> usize {
+        if self.is_mapped() {
+            self.end - self.start
+        } else {
+            0
+        }
+    }
+
     /// The raw little-endian bytes as stored.
     pub fn bytes(&self) -> &[u8] {
         &self.storage.as_slice()[self.start..self.end]
@@ -281,6 +292,11 @@ pub struct Checkpoint {
     /// For a GGUF checkpoint, the config.json text its metadata implies (there is no config.json
     /// to read); `None` for a Hugging Face folder.
     pub(crate) config_json: Option<String>,
+    /// Drop each tensor's pages from the mapping once a pass over the whole checkpoint (the
+    /// fingerprint, the non-finite scan) has read it, so such a pass holds one tensor at a time
+    /// instead of the whole file ([`PageAdvice::DontNeed`]). Set at load when the forward pass
+    /// streams the layers ([`crate::model::Model::stream_layers`]); false when opened alone.
+    pub stream_pages: bool,
 }
 
 impl Checkpoint {
@@ -339,6 +355,7 @@ impl Checkpoint {
             tensors,
             files,
             config_json: None,
+            stream_pages: false,
         })
     }
 
@@ -365,7 +382,9 @@ impl Checkpoint {
         self.tensors
             .iter()
             .filter_map(|(name, t)| {
-                let (nan, inf, first) = t.nonfinite()?;
+                let found = t.nonfinite();
+                self.done_with(t);
+                let (nan, inf, first) = found?;
                 Some(NonFiniteTensor {
                     name: name.clone(),
                     nan,
@@ -374,6 +393,14 @@ impl Checkpoint {
                 })
             })
             .collect()
+    }
+
+    /// After a whole-checkpoint pass has read `t`: drops its pages when [`Self::stream_pages`]
+    /// is set (a no-op otherwise).
+    pub fn done_with(&self, t: &Tensor) {
+        if self.stream_pages {
+            t.advise(PageAdvice::DontNeed);
+        }
     }
 
     /// True when the checkpoint holds `name`.
@@ -399,7 +426,11 @@ impl Checkpoint {
         let lines: Vec<String> = self
             .tensors
             .iter()
-            .map(|(n, t)| format!("{n}:{}", t.sha256_as_loaded_hex()))
+            .map(|(n, t)| {
+                let line = format!("{n}:{}", t.sha256_as_loaded_hex());
+                self.done_with(t);
+                line
+            })
             .collect();
         let mut s = lines.join("\n");
         s.push('\n');

@@ -254,14 +254,15 @@ impl Preloaded {
         force: bool,
     ) -> CliResult<()> {
         let act_bytes = dtype.activation_bytes();
-        let weights = resources::weight_bytes(&self.source, &self.config)?;
+        let (weights, streamed) = resources::held_weight_bytes(&self.source, &self.config)?;
         let run = RunShape {
             batch,
             prompt_len,
             context,
             act_bytes,
         };
-        let estimate = MemoryEstimate::new(&self.config, weights, run);
+        let mut estimate = MemoryEstimate::new(&self.config, weights, run);
+        estimate.weights_streamed = streamed;
         super::common::enforce_memory_estimate(&estimate, &self.dir, force)
     }
 

@@ -274,7 +274,7 @@ fn check_memory(
     use lockstep_engine::resources::{self, MemoryEstimate, RunShape};
     let source = lockstep_engine::source::ModelSource::resolve(model)?;
     let config = resources::config_of(&source)?;
-    let weights = resources::weight_bytes(&source, &config)?;
+    let (weights, streamed) = resources::held_weight_bytes(&source, &config)?;
     let prompt_len = inputs.iter().map(|i| i.text.len() + 16).max().unwrap_or(16);
     let (act_bytes, reference_bytes) = match dtype {
         TierChoice::One(Precision::F64) | TierChoice::All => (8, 4),
@@ -287,7 +287,12 @@ fn check_memory(
         context: prompt_len + generate_tokens,
         act_bytes,
     };
-    let estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
+    let mut estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
+    estimate.weights_streamed = streamed;
+    let reference_dtype = if reference_bytes == 2 { "bf16" } else { "f32" };
+    if crate::harness::pyref::streamed(model, reference_dtype) {
+        estimate = estimate.with_streamed_reference(&config, reference_bytes);
+    }
     super::common::enforce_memory_estimate(&estimate, model, force)
 }
 

@@ -121,8 +121,10 @@ pub fn weights_phase(
             continue;
         }
         ours_count += t.numel() as u64;
+        let ours = t.sha256_as_loaded_hex();
+        model.checkpoint.done_with(t);
         match theirs.checksums.get(n) {
-            Some(h) if *h == t.sha256_as_loaded_hex() => checked += 1,
+            Some(h) if *h == ours => checked += 1,
             Some(_) => problems.push(format!("`{n}` differs from what transformers loaded")),
             None => problems.push(format!("`{n}` was not loaded by transformers")),
         }

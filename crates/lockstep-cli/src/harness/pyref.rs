@@ -55,7 +55,7 @@ impl PythonReference {
 /// bit-identical to the whole-model run): the pure-f64 oracle when a float64 copy of the model
 /// would take more than 6 GB (a 7B model is 61 GB in f64), and any dtype when the model in it
 /// would take more than half the memory available now (a 14B model is 29.5 GB in bf16).
-fn streamed(model: &Path, dtype: &str) -> bool {
+pub fn streamed(model: &Path, dtype: &str) -> bool {
     let Ok(c) = lockstep_engine::ModelConfig::from_file(&model.join("config.json")) else {
         return false;
     };

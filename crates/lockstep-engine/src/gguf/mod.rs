@@ -232,6 +232,7 @@ pub fn load(path: &Path) -> Result<(ModelConfig, Checkpoint)> {
         tensors,
         files: vec![path.to_path_buf()],
         config_json: Some(json),
+        stream_pages: false,
     };
     Ok((config, ck))
 }

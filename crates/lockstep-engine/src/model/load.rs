@@ -53,7 +53,7 @@ impl Model {
     /// Loads the model at a resolved [`ModelSource`], with a deliberate bug when `fault` is given.
     pub fn load_source(source: &ModelSource, fault: Option<Fault>) -> Result<Self> {
         // A GGUF: config from its metadata.
-        let (config, ck) = match source {
+        let (config, mut ck) = match source {
             ModelSource::Gguf { file, .. } => crate::gguf::load(file)?,
             ModelSource::Folder(dir) => {
                 if !dir.is_dir() {
@@ -133,6 +133,10 @@ impl Model {
                     )
                 })?,
         };
+        let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
+        let stream_layers = crate::streaming::StreamMode::from_env()?
+            .decide(mapped, crate::resources::available_memory());
+        ck.stream_pages = stream_layers;
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);
@@ -146,6 +150,7 @@ impl Model {
             lm_head,
             settings,
             fault,
+            stream_layers,
         })
     }
 }

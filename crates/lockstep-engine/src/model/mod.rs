@@ -30,7 +30,7 @@ use crate::kernels::norm::{rms_norm_with, RmsNormMath};
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
 use crate::kernels::{decode_vec, Float, ResidualDtype};
 use crate::observer::{Observer, TapView};
-use crate::weights::{Checkpoint, Tensor};
+use crate::weights::{advise_all, Checkpoint, PageAdvice, Tensor};
 use blocks::{Pass, Scratch};
 use lockstep_trace::TapName;
 
@@ -69,6 +69,16 @@ impl LayerWeights {
                 v.extend(m.experts.iter().flat_map(MlpWeights::linears));
             }
         }
+        v
+    }
+
+    /// Every tensor of the layer: the matrices of [`Self::linears`], the norms and the biases
+    /// (what streaming reads ahead and drops, [`Model::stream_layers`]).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = self.linears();
+        v.extend([&self.input_norm, &self.post_norm]);
+        v.extend(self.qkv_bias.iter().flatten());
+        v.extend(self.qk_norm.iter().flatten());
         v
     }
 }
@@ -164,6 +174,12 @@ pub struct Model {
     pub settings: Settings,
     /// The injected fault, if any.
     pub fault: Option<Fault>,
+    /// Stream the decoder layers through the page cache: before layer `i` runs, read layer
+    /// `i + 1`'s mapped weights ahead; after it, drop layer `i`'s pages from the mapping, so the
+    /// process holds a few layers instead of the whole file. Chosen at load by
+    /// [`crate::streaming::StreamMode`] (`LOCKSTEP_STREAM_LAYERS`); may be set by hand. Never
+    /// changes a value.
+    pub stream_layers: bool,
 }
 
 /// Which positions' logits a forward pass computes.
@@ -338,9 +354,17 @@ impl Model {
             rope: &rope,
             n,
         };
+        let stream = |l: usize, advice| {
+            if let Some(w) = self.layers.get(l).filter(|_| self.stream_layers) {
+                advise_all(w.tensors(), advice);
+            }
+        };
+        stream(0, PageAdvice::WillNeed);
         for (l, w) in self.layers.iter().enumerate() {
+            stream(l + 1, PageAdvice::WillNeed);
             self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
             self.mlp_or_moe_block(l, w, &mut x, &mut buf, obs);
+            stream(l, PageAdvice::DontNeed);
         }
         for cache in pass.caches.iter_mut() {
             cache.len += n;
