@@ -291,6 +291,32 @@ fn read_header(path: &Path) -> Result<Header, TraceError> {
                 "tensor '{k}' has data_offsets [{begin}, {end}]"
             )));
         }
+        // As `Trace::from_bytes` checks them: a shape without values must not size anything
+        // downstream, and the data must be exactly the shape's values in the dtype.
+        if shape.contains(&0) {
+            return Err(bad(format!(
+                "tensor '{k}' has shape {shape:?}, which holds no values"
+            )));
+        }
+        let size: u64 = match dtype.as_str() {
+            "F64" | "I64" => 8,
+            "F32" => 4,
+            "BF16" | "F16" => 2,
+            other => {
+                return Err(TraceError::Dtype {
+                    path: shown.clone(),
+                    name: k.clone(),
+                    dtype: other.to_string(),
+                })
+            }
+        };
+        let want = shape.iter().try_fold(size, |a, &d| a.checked_mul(d as u64));
+        if want != Some(end - begin) {
+            return Err(bad(format!(
+                "tensor '{k}' has shape {shape:?} but {} bytes of {dtype}",
+                end - begin
+            )));
+        }
         tensors.push((k.clone(), dtype, shape, begin, end));
     }
     Ok((8 + n, meta, tensors))
@@ -375,6 +401,14 @@ mod tests {
         dup.write(&d.path().join("part-99999.safetensors")).unwrap();
         let e = TraceStore::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("'embed' is also in"), "{e}");
+        let zero = d.path().join("zero.safetensors");
+        let head =
+            br#"{"logits":{"dtype":"F32","shape":[0,1152921504606846976],"data_offsets":[0,0]}}"#;
+        let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(head);
+        std::fs::write(&zero, bytes).unwrap();
+        let e = TraceStore::open(&zero).unwrap_err().to_string();
+        assert!(e.contains("holds no values"), "{e}");
         let empty = tempfile::tempdir().unwrap();
         let e = TraceStore::open(empty.path()).unwrap_err().to_string();
         assert!(e.contains("no .safetensors part files"), "{e}");
