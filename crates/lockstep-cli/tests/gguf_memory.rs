@@ -13,15 +13,6 @@ mod support;
 
 use support::*;
 
-/// The largest peak RSS of any child process waited for so far, in bytes.
-fn children_max_rss() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    assert_eq!(rc, 0, "getrusage");
-    ru.ru_maxrss as u64 * 1024
-}
-
 #[test]
 fn generate_on_a_q4_gguf_holds_about_the_file_plus_kv_cache() {
     let gguf = fixtures().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf");

@@ -11,11 +11,9 @@
 mod support;
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use support::*;
 
 /// The reference environment's python with the `openai` client (a failure, never a skip).
@@ -35,51 +33,7 @@ fn python() -> PathBuf {
     py
 }
 
-/// A running `lockstep serve` on 127.0.0.1 and a free port.
-struct Server {
-    child: Child,
-    port: u16,
-    stderr: Arc<Mutex<String>>,
-}
-
 impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start lockstep serve");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = BufReader::new(child.stderr.take().unwrap());
-        let log = stderr.clone();
-        std::thread::spawn(move || {
-            for line in lines.lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
-                }
-                log.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("lockstep serve did not start: {}", stderr.lock().unwrap())
-            });
-        Server {
-            child,
-            port,
-            stderr,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.port)
-    }
-
     /// Runs `scripts/serve_client.py MODE ARGS` against this server; its JSON line.
     fn client(&self, py: &Path, mode: &str, args: &[&str]) -> Value {
         let pid = self.child.id().to_string();
@@ -98,39 +52,6 @@ impl Server {
         );
         let out = String::from_utf8(o.stdout).unwrap();
         serde_json::from_str(out.lines().last().unwrap()).unwrap()
-    }
-
-    /// Waits for the server to exit (after a SIGINT); its exit success and stderr.
-    fn wait(mut self, limit: Duration) -> (bool, String) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return (status.success(), self.stderr.lock().unwrap().clone());
-            }
-            assert!(
-                t0.elapsed() < limit,
-                "lockstep serve did not exit: {}",
-                self.stderr.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn interrupt(&self) {
-        let ok = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -INT failed");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -18,15 +18,6 @@ use lockstep_engine::resources::{streamed_weight_bytes, MemoryEstimate, RunShape
 use std::process::{Command, Output};
 use support::*;
 
-/// The largest peak RSS of any child process waited for so far, in bytes.
-fn children_max_rss() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    assert_eq!(rc, 0, "getrusage");
-    ru.ru_maxrss as u64 * 1024
-}
-
 fn lockstep_streaming(mode: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args(args)

@@ -3,6 +3,10 @@
 #![allow(dead_code)]
 
 pub mod gguf;
+pub mod server;
+
+#[allow(unused_imports)] // not every test binary starts a server
+pub use server::Server;
 
 use lockstep_trace::Trace;
 use std::path::{Path, PathBuf};
@@ -304,4 +308,13 @@ pub fn assert_html_renders(html: &Path, tiers: usize, layers: usize, name: &str)
         assert!(console.is_empty(), "console output: {console:?}");
         assert!(png.exists());
     }
+}
+
+/// The largest peak RSS of any child process waited for so far, in bytes.
+pub fn children_max_rss() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    assert_eq!(rc, 0, "getrusage");
+    ru.ru_maxrss as u64 * 1024
 }
