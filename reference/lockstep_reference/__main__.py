@@ -56,7 +56,10 @@ def cmd_trace_streamed(args) -> None:
 def cmd_make_7b(args) -> None:
     from .make_7b import make_7b
 
-    print(json.dumps(make_7b(args.out, args.seed, args.tokenizer)))
+    from .make_7b import SHAPES
+
+    seed = SHAPES[args.shape].seed if args.seed is None else args.seed
+    print(json.dumps(make_7b(args.out, seed, args.tokenizer, args.shape)))
 
 
 def cmd_tokenize(args) -> None:
@@ -201,9 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (default: fetch and cache)")
     p.set_defaults(fn=cmd_make_default)
 
-    p = sub.add_parser("make-7b", help="random-weight model with the exact Qwen2.5-7B config, bf16 shards (~15.2 GB)")
+    p = sub.add_parser("make-7b", help="random-weight model with the exact Qwen2.5-7B config, bf16 shards (~15.2 GB); "
+                                       "--shape 14b: Qwen2.5-14B's (~29.5 GB)")
     p.add_argument("--out", required=True, help="model folder to create (skipped if complete)")
-    p.add_argument("--seed", type=int, default=7007)
+    p.add_argument("--shape", choices=["7b", "14b"], default="7b", help="which Qwen2.5 config (default 7b)")
+    p.add_argument("--seed", type=int, help="generator seed (default 7007 for 7b, 14014 for 14b)")
     p.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (default: fixtures/tokenizer/qwen)")
     p.set_defaults(fn=cmd_make_7b)
 

@@ -57,6 +57,29 @@ DEFAULT_SEED = 7007
 SHARD_BYTES = 4_000_000_000
 NAME = "qwen2.5-7b-random"
 
+# Qwen2.5-14B's published config.json (Qwen2ForCausalLM; 48 layers, 40 heads, 8 KV heads, rms_norm_eps 1e-5).
+QWEN25_14B_CONFIG = dict(
+    vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=1000000.0,
+    rms_norm_eps=1e-5, max_position_embeddings=131072, use_sliding_window=False, sliding_window=131072,
+    max_window_layers=48, bos_token_id=151643, eos_token_id=151643, hidden_act="silu",
+    attention_dropout=0.0, initializer_range=0.02, use_cache=True,
+)
+QWEN25_14B_PARAMETERS = 14_770_033_664
+
+
+class Shape:
+    """One published Qwen2.5 size: its config, parameter count, default seed and folder name."""
+
+    def __init__(self, name: str, config: dict, parameters: int, seed: int):
+        self.name, self.config, self.parameters, self.seed = name, config, parameters, seed
+
+
+SHAPES = {
+    "7b": Shape(NAME, QWEN25_7B_CONFIG, QWEN25_7B_PARAMETERS, DEFAULT_SEED),
+    "14b": Shape("qwen2.5-14b-random", QWEN25_14B_CONFIG, QWEN25_14B_PARAMETERS, 14014),
+}
+
 _ST_NAMES = {"bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -223,8 +246,8 @@ def check_checkpoint(model_dir: str, expected_parameters: int | None = None, dty
     return {"parameters": count, "tensors": len(stored), "files": len(set(file_of.values()))}
 
 
-def _spec(seed: int) -> dict:
-    return {"arch": "qwen2", "seed": seed, "dtype": "bfloat16", "config": QWEN25_7B_CONFIG,
+def _spec(seed: int, shape: Shape = SHAPES["7b"]) -> dict:
+    return {"arch": "qwen2", "seed": seed, "dtype": "bfloat16", "config": shape.config,
             "shard_bytes": SHARD_BYTES}
 
 
@@ -232,26 +255,29 @@ def _spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def is_complete(out_dir: str, seed: int) -> bool:
-    """Whether `out_dir` holds a finished build of this spec and seed."""
+def is_complete(out_dir: str, seed: int, shape: Shape = SHAPES["7b"]) -> bool:
+    """Whether `out_dir` holds a finished build of this shape and seed."""
     try:
         with open(os.path.join(out_dir, fx.MARKER)) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return False
-    return record.get("spec_sha256") == _spec_hash(_spec(seed)) and all(
+    return record.get("spec_sha256") == _spec_hash(_spec(seed, shape)) and all(
         os.path.exists(os.path.join(out_dir, f)) for f in record.get("files", []))
 
 
-def make_7b(out_dir: str, seed: int = DEFAULT_SEED, tokenizer_dir: str | None = None) -> dict:
-    """Build the random Qwen2.5-7B-config model into `out_dir` (atomically, via `out_dir`.partial);
-    return its record (also written to lockstep-fixture.json). Skips a complete build."""
+def make_7b(out_dir: str, seed: int = DEFAULT_SEED, tokenizer_dir: str | None = None,
+            shape: str = "7b") -> dict:
+    """Build the random model of the Qwen2.5 `shape` ("7b" or "14b") into `out_dir` (atomically, via
+    `out_dir`.partial); return its record (also written to lockstep-fixture.json). Skips a complete
+    build."""
     import torch
     import transformers
     from transformers import GenerationConfig, Qwen2Config
 
+    size = SHAPES[shape]
     out_dir = os.path.abspath(out_dir)
-    if is_complete(out_dir, seed):
+    if is_complete(out_dir, seed, size):
         with open(os.path.join(out_dir, fx.MARKER)) as f:
             record = json.load(f)
         fx.log(f"{out_dir}: up to date")
@@ -260,8 +286,8 @@ def make_7b(out_dir: str, seed: int = DEFAULT_SEED, tokenizer_dir: str | None = 
         tokenizer_dir = fx.qwen_tokenizer(os.path.join(_REPO_ROOT, "fixtures"))
     transformers.utils.logging.disable_progress_bar()
     t0 = time.time()
-    spec = _spec(seed)
-    config = Qwen2Config(**QWEN25_7B_CONFIG)
+    spec = _spec(seed, size)
+    config = Qwen2Config(**size.config)
     config.architectures = ["Qwen2ForCausalLM"]
     config.dtype = torch.bfloat16
 
@@ -276,10 +302,10 @@ def make_7b(out_dir: str, seed: int = DEFAULT_SEED, tokenizer_dir: str | None = 
     written = write_random_checkpoint(config, tmp, seed, SHARD_BYTES, "bfloat16")
     write_seconds = time.time() - t0
     fx._check_same_config(config, transformers.AutoConfig.from_pretrained(tmp))
-    checked = check_checkpoint(tmp, QWEN25_7B_PARAMETERS)
+    checked = check_checkpoint(tmp, size.parameters)
     files = sorted(os.listdir(tmp))
     record = {
-        "name": NAME,
+        "name": size.name,
         "spec": spec,
         "spec_sha256": _spec_hash(spec),
         "randomization": "every parameter, sorted-name order, one torch.Generator(seed), float32 rounded to "

@@ -74,8 +74,20 @@ def _iter_raw(model_dir: str):
             yield name, path, entry, base + begin, base + end
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _stat_key(model_dir: str) -> tuple:
+    """(path, size, mtime_ns) of every checkpoint file and config.json: what a fingerprint depends on."""
+    paths = list(checkpoint_files(model_dir)) + [os.path.join(model_dir, "config.json")]
+    return tuple((os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+
+
 def model_fingerprint(model_dir: str) -> str:
     """Fingerprint of a checkpoint folder: weights as stored, plus config.json.
+
+    Computed once per process for the same files (same paths, sizes and modification times): a
+    trace-batch of several streamed traces of a 14B model would otherwise hash its 29.5 GB each time.
 
     Definition (the Rust engine implements the same):
 
@@ -89,6 +101,13 @@ def model_fingerprint(model_dir: str) -> str:
     `__metadata__` entry excluded; names sort by Unicode code point (= UTF-8 byte order). sha256hex is
     lowercase hex. Nothing is converted: a bf16 checkpoint and its f32 copy have different fingerprints.
     """
+    key = _stat_key(model_dir)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _fingerprint_uncached(model_dir)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint_uncached(model_dir: str) -> str:
     lines = {}
     handles = {}
     try:
