@@ -54,9 +54,7 @@ def cmd_trace_streamed(args) -> None:
 
 
 def cmd_make_7b(args) -> None:
-    from .make_7b import make_7b
-
-    from .make_7b import SHAPES
+    from .make_7b import SHAPES, make_7b
 
     seed = SHAPES[args.shape].seed if args.seed is None else args.seed
     print(json.dumps(make_7b(args.out, seed, args.tokenizer, args.shape)))
