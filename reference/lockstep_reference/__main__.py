@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
     p.add_argument("--model", required=True)
-    p.set_defaults(fn=lambda a: batch.weights(a.model))
+    p.add_argument("--streamed", action="store_true",
+                   help="never load the model: each tensor read and hashed alone (models bigger than RAM)")
+    p.set_defaults(fn=lambda a: batch.weights(a.model, a.streamed))
 
     p = sub.add_parser("gguf-weights",
                        help="per GGUF file, one JSON line: sha256 of the float32 weights transformers loads from it")

@@ -120,9 +120,16 @@ def _as_stored(name: str, t, stored: set[str]):
         (f"{prefix}experts.{e}.up_proj.weight", t[e, half:]))]
 
 
-def weights(model_dir: str) -> None:
+def weights(model_dir: str, streamed: bool = False) -> None:
     """Print, as one JSON line, what transformers loaded: sha256 of every state_dict tensor's bytes
-    (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias."""
+    (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias.
+
+    `streamed`: for a model bigger than RAM, the answer of the streamed reference (streamed.py), which
+    never loads the model: the names and facts from a meta-device model, each tensor read from the
+    checkpoint alone (as the streamed trace reads it) and hashed (`streamed_weights`)."""
+    if streamed:
+        print(answer_line(streamed_weights(model_dir)))
+        return
     dtype = stored_dtype(model_dir)
     model = tracer.load_model(model_dir, dtype)
     sums = {}
@@ -143,6 +150,43 @@ def weights(model_dir: str) -> None:
         qkv_bias=attn.q_proj.bias is not None,
         dtype=dtype,
     )))
+
+
+def streamed_weights(model_dir: str) -> WeightsAnswer:
+    """`weights` without loading the model: the state_dict names, parameter count, tied head and q/k/v
+    bias of a meta-device model built from the config, and the sha256 of each tensor read alone in the
+    stored dtype (a tied lm_head is the stored embedding). The same answer as `weights` gives on every
+    model it streams (checked in reference/tests/check_reference.py)."""
+    import transformers
+
+    from . import streamed
+
+    dtype = stored_dtype(model_dir)
+    config = streamed.load_config(model_dir)
+    if config.model_type not in streamed._STREAMED_TYPES:
+        raise ValueError(f"streamed weights support {sorted(streamed._STREAMED_TYPES)}, not {config.model_type!r}")
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config)
+    tensors = streamed._Weights(model_dir, tracer.TORCH_DTYPES[dtype])
+    sums = {}
+    tied = meta.lm_head.weight is meta.model.embed_tokens.weight
+    for name in meta.state_dict():
+        source = name
+        if name not in tensors.path and name == "lm_head.weight" and tied:
+            source = "model.embed_tokens.weight"
+        if source not in tensors.path:
+            raise ValueError(f"{name} is not stored in {model_dir}")
+        t = tensors.get(source)
+        sums[name] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        del t
+    attn = meta.model.layers[0].self_attn
+    return WeightsAnswer(
+        checksums=sums,
+        parameter_count=sum(p.numel() for p in meta.parameters()),
+        tied=tied,
+        qkv_bias=attn.q_proj.bias is not None,
+        dtype=dtype,
+    )
 
 
 def chat_batch(model_dir: str, conversations_path: str) -> None:

@@ -248,6 +248,27 @@ def test_streamed_group_equals_each_input_alone():
     assert groups == [["m-1-f64", "m-1-f64", "m-3-f64"], ["m-300-f64"], ["m-2-f64"], ["n-1-f64"], ["m-1-bf16"]], groups
 
 
+def test_streamed_weights_answer_equals_the_loaded_models():
+    """`weights --streamed` (tensor by tensor, the model never loaded) gives the same checksums and facts
+    as `weights` on the loaded model: untied and tied, f32- and bf16-stored, with and without biases."""
+    import contextlib
+    import io
+    import json
+
+    from lockstep_reference import batch
+
+    for name in ("qwen2-gqa", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen3-small", "mistral-swa"):
+        d = _model(name)
+        assert os.path.exists(os.path.join(d, "config.json")), f"fixture {d} missing: bash scripts/fixtures.sh"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            batch.weights(d)
+        loaded = json.loads(out.getvalue().strip().splitlines()[-1])
+        streamed = json.loads(batch.answer_line(batch.streamed_weights(d)))
+        assert streamed == loaded, name
+        assert len(loaded["checksums"]) > 10, name
+
+
 def test_streamed_trace_file_and_metadata():
     import tempfile
 
