@@ -54,9 +54,7 @@ def cmd_trace_streamed(args) -> None:
 
 
 def cmd_make_7b(args) -> None:
-    from .make_7b import make_7b
-
-    from .make_7b import SHAPES
+    from .make_7b import SHAPES, make_7b
 
     seed = SHAPES[args.shape].seed if args.seed is None else args.seed
     print(json.dumps(make_7b(args.out, seed, args.tokenizer, args.shape)))
@@ -269,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("weights", help="checksums and facts of the weights transformers loaded (JSON line)")
     p.add_argument("--model", required=True)
-    p.set_defaults(fn=lambda a: batch.weights(a.model))
+    p.add_argument("--streamed", action="store_true",
+                   help="never load the model: each tensor read and hashed alone (models bigger than RAM)")
+    p.set_defaults(fn=lambda a: batch.weights(a.model, a.streamed))
 
     p = sub.add_parser("gguf-weights",
                        help="per GGUF file, one JSON line: sha256 of the float32 weights transformers loads from it")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 
 import torch
 
@@ -28,23 +29,22 @@ from .st_io import checkpoint_files, read_header
 
 _STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
 
+# Tokens of one group of streamed traces run together (`streamed_groups`): at a 14B model's size one
+# token's f64 trace is ~40 MB, so a group holds ~2.5 GB at most (or one longer input alone).
+STREAMED_GROUP_TOKENS = 64
+
 
 def trace_batch(jobs_path: str) -> None:
     """Run every job of a JSON list `[{"model", "tokens", "dtype", "out"}, ...]`, loading each
     (model, dtype) once. Prints one line per trace written.
 
     A job with `"streamed": true` is the same trace computed layer by layer (streamed.py): for models
-    too big for RAM in the job's dtype; nothing stays loaded for it."""
+    too big for RAM in the job's dtype; nothing stays loaded for it. Streamed jobs of the same model
+    and dtype run together, each layer read once for the group (`streamed_groups`)."""
+    jobs = parse_list(TraceJob, jobs_path)
     loaded: dict[tuple[str, str], object] = {}
-    for job in parse_list(TraceJob, jobs_path):
+    for job in jobs:
         if job.streamed:
-            from . import streamed
-
-            loaded.clear()  # free any loaded model first
-            model = None
-            streamed.trace_streamed(job.model, job.out, token_ids=job.tokens, dtype=job.dtype)
-            print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype} (streamed, peak RSS "
-                  f"{streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
             continue
         key = (job.model, job.dtype)
         if key not in loaded:
@@ -55,6 +55,31 @@ def trace_batch(jobs_path: str) -> None:
         meta = tracer.trace_metadata(job.model, model, job.tokens, job.dtype, None)
         tracer.write_safetensors(job.out, tensors, meta)
         print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype}", file=sys.stderr)
+    loaded.clear()
+    groups = streamed_groups([j for j in jobs if j.streamed])
+    if groups:
+        from . import streamed
+
+        for group in groups:
+            t0 = time.time()
+            streamed.trace_streamed_many(group[0].model, [(j.out, j.tokens) for j in group], group[0].dtype)
+            print(f"wrote {len(group)} streamed trace(s) of {group[0].model} in dtype {group[0].dtype} "
+                  f"({sum(len(j.tokens) for j in group)} tokens, each layer read once, {time.time() - t0:.0f} s, "
+                  f"peak RSS {streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
+
+
+def streamed_groups(jobs: list[TraceJob], token_budget: int = STREAMED_GROUP_TOKENS) -> list[list[TraceJob]]:
+    """Streamed jobs grouped by (model, dtype), in order, each group holding at most `token_budget`
+    tokens in all or a single longer job: a group holds its traces in memory like one input of its
+    total length, so a group is never bigger than the longest input (or the budget) alone."""
+    by_key: dict[tuple[str, str], list[list[TraceJob]]] = {}
+    for job in jobs:
+        groups = by_key.setdefault((job.model, job.dtype), [[]])
+        last = groups[-1]
+        if last and sum(len(j.tokens) for j in last) + len(job.tokens) > token_budget:
+            groups.append([])
+        groups[-1].append(job)
+    return [g for groups in by_key.values() for g in groups]
 
 
 def tokenize_batch(model_dir: str, texts_path: str) -> None:
@@ -95,9 +120,16 @@ def _as_stored(name: str, t, stored: set[str]):
         (f"{prefix}experts.{e}.up_proj.weight", t[e, half:]))]
 
 
-def weights(model_dir: str) -> None:
+def weights(model_dir: str, streamed: bool = False) -> None:
     """Print, as one JSON line, what transformers loaded: sha256 of every state_dict tensor's bytes
-    (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias."""
+    (loaded in the stored dtype, so bytes are comparable), parameter count, tied head, q/k/v bias.
+
+    `streamed`: for a model bigger than RAM, the answer of the streamed reference (streamed.py), which
+    never loads the model: the names and facts from a meta-device model, each tensor read from the
+    checkpoint alone (as the streamed trace reads it) and hashed (`streamed_weights`)."""
+    if streamed:
+        print(answer_line(streamed_weights(model_dir)))
+        return
     dtype = stored_dtype(model_dir)
     model = tracer.load_model(model_dir, dtype)
     sums = {}
@@ -118,6 +150,43 @@ def weights(model_dir: str) -> None:
         qkv_bias=attn.q_proj.bias is not None,
         dtype=dtype,
     )))
+
+
+def streamed_weights(model_dir: str) -> WeightsAnswer:
+    """`weights` without loading the model: the state_dict names, parameter count, tied head and q/k/v
+    bias of a meta-device model built from the config, and the sha256 of each tensor read alone in the
+    stored dtype (a tied lm_head is the stored embedding). The same answer as `weights` gives on every
+    model it streams (checked in reference/tests/check_reference.py)."""
+    import transformers
+
+    from . import streamed
+
+    dtype = stored_dtype(model_dir)
+    config = streamed.load_config(model_dir)
+    if config.model_type not in streamed._STREAMED_TYPES:
+        raise ValueError(f"streamed weights support {sorted(streamed._STREAMED_TYPES)}, not {config.model_type!r}")
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config)
+    tensors = streamed._Weights(model_dir, tracer.TORCH_DTYPES[dtype])
+    sums = {}
+    tied = meta.lm_head.weight is meta.model.embed_tokens.weight
+    for name in meta.state_dict():
+        source = name
+        if name not in tensors.path and name == "lm_head.weight" and tied:
+            source = "model.embed_tokens.weight"
+        if source not in tensors.path:
+            raise ValueError(f"{name} is not stored in {model_dir}")
+        t = tensors.get(source)
+        sums[name] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        del t
+    attn = meta.model.layers[0].self_attn
+    return WeightsAnswer(
+        checksums=sums,
+        parameter_count=sum(p.numel() for p in meta.parameters()),
+        tied=tied,
+        qkv_bias=attn.q_proj.bias is not None,
+        dtype=dtype,
+    )
 
 
 def chat_batch(model_dir: str, conversations_path: str) -> None:

@@ -127,6 +127,23 @@ def load_config(model_dir: str):
     return config
 
 
+class _Switch:
+    """A recorder that forwards to `current`: the function wrappers and hooks are installed once per
+    layer while several inputs run through it, each recorded into its own `_Recorder`."""
+
+    def __init__(self, current):
+        object.__setattr__(self, "current", current)
+
+    def __getattr__(self, name):
+        return getattr(self.current, name)
+
+    def __setattr__(self, name, value):
+        if name == "current":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.current, name, value)
+
+
 def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64", row_chunk: int = ROW_CHUNK,
                          log=None, flush=None) -> tuple[dict[str, torch.Tensor], object]:
     """The trace in `dtype` ("f64": pure float64; "f32"; "bf16") of one forward pass (batch 1), layer by
@@ -135,6 +152,19 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
     With `flush(index, tensors)`, each part of a trace folder (before the layers, each layer, after them)
     is handed over as soon as it is complete and not kept: the returned dict is then empty, and at most
     one layer's taps are ever held."""
+    flushes = None if flush is None else [flush]
+    traces, config = trace_models_streamed(model_dir, [token_ids], dtype, row_chunk, log, flushes)
+    return traces[0], config
+
+
+def trace_models_streamed(model_dir: str, token_id_lists: list[list[int]], dtype: str = "f64",
+                          row_chunk: int = ROW_CHUNK, log=None,
+                          flushes=None) -> tuple[list[dict[str, torch.Tensor]], object]:
+    """`trace_model_streamed` of several inputs at once: each decoder layer (and the lm_head) is read
+    from the checkpoint once and every input runs through it in turn, each a separate batch-1 forward
+    pass with its own trace (so each trace is exactly the one `trace_model_streamed` gives alone). For a
+    model bigger than RAM this reads the checkpoint once instead of once per input. `flushes[j]` is
+    input j's `flush`. Returns (one dict per input, config)."""
     import contextlib
 
     config = load_config(model_dir)
@@ -143,69 +173,86 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
     torch_dtype = tracer.TORCH_DTYPES[dtype]
     module, norm_cls, rope_cls = tracer._ARCHS[config.model_type]
     vocab = config.vocab_size
-    if not token_ids:
-        raise ValueError("no tokens to trace")
-    if min(token_ids) < 0 or max(token_ids) >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}) for this model")
+    if not token_id_lists:
+        raise ValueError("no inputs to trace")
+    for token_ids in token_id_lists:
+        if not token_ids:
+            raise ValueError("no tokens to trace")
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}) for this model")
+    if flushes is not None and len(flushes) != len(token_id_lists):
+        raise ValueError("one flush per input")
     weights = _Weights(model_dir, torch_dtype)
     n_layers = config.num_hidden_layers
-    rec = tracer._Recorder(tracer.STORE_DTYPES[dtype])
-    ids = torch.tensor([token_ids], dtype=torch.int64)
-    rec.tensors["tokens"] = ids.clone()
-    rec.qk_norm = config.model_type in tracer.QK_NORM_TYPES
-    t = len(token_ids)
+    inputs = range(len(token_id_lists))
+    recs = [tracer._Recorder(tracer.STORE_DTYPES[dtype]) for _ in inputs]
+    for rec, token_ids in zip(recs, token_id_lists, strict=True):
+        rec.tensors["tokens"] = torch.tensor([token_ids], dtype=torch.int64).clone()
+        rec.qk_norm = config.model_type in tracer.QK_NORM_TYPES
+    switch = _Switch(recs[0])
+    flushed: list[list[str]] = [[] for _ in inputs]
+
+    def hand_over(j: int, index: int) -> None:
+        if flushes is not None:
+            part = dict(recs[j].tensors)
+            flushed[j].extend(part)
+            recs[j].tensors.clear()
+            flushes[j](index, part)
+
+    # Qwen2Model picks each layer's mask by config.layer_types; LlamaModel has one causal mask;
+    # MistralModel one sliding-window mask for every layer when config.sliding_window is set.
+    if config.model_type == "mistral":
+        kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+        layer_types = [kind] * n_layers
+    else:
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
 
     pure = tracer.pure_f64_patches() if dtype == "f64" else contextlib.nullcontext()
-    with torch.no_grad(), pure, tracer._function_wrappers(rec):
-        embeds = weights.rows("model.embed_tokens.weight", token_ids).unsqueeze(0)
-        rec.put("embed", embeds)
-        flushed: list[str] = []
-
-        def hand_over(index: int) -> None:
-            if flush is not None:
-                part = dict(rec.tensors)
-                flushed.extend(part)
-                rec.tensors.clear()
-                flush(index, part)
-
-        hand_over(0)
-        position_ids = torch.arange(t).unsqueeze(0)
-        mask_kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None,
-                       "position_ids": position_ids}
-        masks = {"full_attention": module.create_causal_mask(**mask_kwargs)}
-        # Qwen2Model picks each layer's mask by config.layer_types; LlamaModel has one causal mask;
-        # MistralModel one sliding-window mask for every layer when config.sliding_window is set.
-        if config.model_type == "mistral":
-            kind = "full_attention" if config.sliding_window is None else "sliding_attention"
-            layer_types = [kind] * n_layers
-        else:
-            layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
-        if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = module.create_sliding_window_causal_mask(**mask_kwargs)
-        position_embeddings = rope_cls(config=config)(embeds, position_ids)
-        hidden = embeds
+    with torch.no_grad(), pure, tracer._function_wrappers(switch):
+        rope = rope_cls(config=config)
+        states = []  # per input: (hidden, masks, position_embeddings, position_ids)
+        for j, token_ids in enumerate(token_id_lists):
+            switch.current = recs[j]
+            embeds = weights.rows("model.embed_tokens.weight", token_ids).unsqueeze(0)
+            recs[j].put("embed", embeds)
+            hand_over(j, 0)
+            position_ids = torch.arange(len(token_ids)).unsqueeze(0)
+            mask_kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None,
+                           "position_ids": position_ids}
+            masks = {"full_attention": module.create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = module.create_sliding_window_causal_mask(**mask_kwargs)
+            states.append([embeds, masks, rope(embeds, position_ids), position_ids])
         for i in range(n_layers):
             t0 = time.time()
             layer = _load_layer(config, i, weights)
             t_load = time.time() - t0
-            handles = tracer._layer_hooks(layer, i, rec, config.num_key_value_heads)
-            try:
-                hidden = layer(hidden, attention_mask=masks[layer_types[i]],
-                               position_embeddings=position_embeddings, position_ids=position_ids,
-                               cache=None, use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
+            for j, state in enumerate(states):
+                switch.current = recs[j]
+                hidden, masks, position_embeddings, position_ids = state
+                handles = tracer._layer_hooks(layer, i, switch, config.num_key_value_heads)
+                try:
+                    state[0] = layer(hidden, attention_mask=masks[layer_types[i]],
+                                     position_embeddings=position_embeddings, position_ids=position_ids,
+                                     cache=None, use_cache=False)
+                finally:
+                    for h in handles:
+                        h.remove()
+                hand_over(j, i + 1)
             del layer
-            hand_over(i + 1)
             if log is not None:
-                log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s")
+                log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s "
+                    f"({len(states)} input(s))")
 
         t0 = time.time()
         norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(torch_dtype)
         norm.weight.copy_(weights.get("model.norm.weight"))
-        hidden = norm(hidden)
-        rec.put("final_norm", hidden)
+        finals = []
+        for j, state in enumerate(states):
+            switch.current = recs[j]
+            finals.append(norm(state[0]))
+            recs[j].put("final_norm", finals[-1])
+        del states
 
         head = "lm_head.weight" if "lm_head.weight" in weights.path else None
         if head is None:
@@ -215,25 +262,30 @@ def trace_model_streamed(model_dir: str, token_ids: list[int], dtype: str = "f64
         rows = weights.shape[head][0]
         if dtype != "f64":
             row_chunk = rows
-        logits = torch.empty((1, t, rows), dtype=torch_dtype)
+        logits = [torch.empty((1, len(ids), rows), dtype=torch_dtype) for ids in token_id_lists]
         for begin in range(0, rows, row_chunk):
             end = min(begin + row_chunk, rows)
             w = weights.row_range(head, begin, end)
-            logits[..., begin:end] = torch.nn.functional.linear(hidden, w)
+            for j, hidden in enumerate(finals):
+                logits[j][..., begin:end] = torch.nn.functional.linear(hidden, w)
             del w
-        rec.put("logits", logits)
-        del logits
-        hand_over(n_layers + 1)
+        for j in inputs:
+            recs[j].put("logits", logits[j])
+            logits[j] = None
+            hand_over(j, n_layers + 1)
         if log is not None:
             log(f"final norm + lm_head ({rows} rows, chunks of {row_chunk}): {time.time() - t0:.1f} s")
 
     expected = tracer.trace_names_for(config)
-    seen = set(rec.tensors) | set(flushed)
-    missing = [n for n in expected if n not in seen]
-    extra = [n for n in seen if n not in expected]
-    if missing or extra:
-        raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
-    return {name: rec.tensors[name] for name in expected if name in rec.tensors}, config
+    out = []
+    for j in inputs:
+        seen = set(recs[j].tensors) | set(flushed[j])
+        missing = [n for n in expected if n not in seen]
+        extra = [n for n in seen if n not in expected]
+        if missing or extra:
+            raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
+        out.append({name: recs[j].tensors[name] for name in expected if name in recs[j].tensors})
+    return out, config
 
 
 def streamed_metadata(model_dir: str, config, token_ids: list[int], dtype: str,
@@ -274,6 +326,32 @@ def trace_streamed(model_dir: str, out_path: str, token_ids: list[int] | None = 
         log(f"metadata (model fingerprint: sha256 of every stored tensor): {time.time() - t0:.1f} s")
     tracer.write_safetensors(out_path, tensors, meta)
     return tensors
+
+
+def trace_streamed_many(model_dir: str, jobs: list[tuple[str, list[int]]], dtype: str = "f64",
+                        log=None) -> None:
+    """Streamed traces in `dtype` of several token lists `(out_path, token_ids)` of one model, each
+    layer read once for all of them (`trace_models_streamed`); each file (or trace folder) is exactly
+    what `trace_streamed` writes for that job alone."""
+    if not jobs:
+        return
+    config = load_config(model_dir)
+    metas = [streamed_metadata(model_dir, config, ids, dtype, None) for _, ids in jobs]
+    # Folders are written part by part as each is complete; files are written whole at the end.
+    collected: list[dict[str, torch.Tensor]] = [{} for _ in jobs]
+    flushes = []
+    for j, ((out, _), meta) in enumerate(zip(jobs, metas, strict=True)):
+        if tracer.is_trace_folder(out):
+            tracer.clear_parts(out)
+            flushes.append(lambda index, part, out=out, meta=meta: tracer.write_part(out, index, part, meta))
+        else:
+            flushes.append(lambda index, part, c=collected[j]: c.update(part))
+    trace_models_streamed(model_dir, [ids for _, ids in jobs], dtype=dtype, log=log, flushes=flushes)
+    expected = tracer.trace_names_for(config)
+    for j, ((out, _), meta) in enumerate(zip(jobs, metas, strict=True)):
+        if not tracer.is_trace_folder(out):
+            tracer.write_safetensors(out, {n: collected[j][n] for n in expected}, meta)
+            collected[j].clear()
 
 
 def peak_rss_mib() -> float:

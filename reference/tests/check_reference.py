@@ -195,6 +195,80 @@ def test_streamed_bf16_and_f32_match_the_whole_model():
     assert checked >= 20, checked
 
 
+def test_streamed_group_equals_each_input_alone():
+    """Several inputs streamed together (each layer read once for all) give each input exactly the trace
+    it gets streamed alone: Qwen2, Llama (bf16-stored), Qwen3 and a sliding window, f64/f32/bf16, inputs
+    of different lengths; and trace_streamed_many writes each file and folder as trace_streamed does."""
+    import tempfile
+
+    from lockstep_reference import streamed
+    from lockstep_reference.batch import streamed_groups
+    from lockstep_reference.protocol import TraceJob
+    from safetensors import safe_open
+
+    for name in ("qwen2-gqa", "llama-gqa-bf16", "qwen3-small", "mistral-swa"):
+        d = _model(name)
+        assert os.path.exists(os.path.join(d, "config.json")), f"fixture {d} missing: bash scripts/fixtures.sh"
+        vocab = streamed.load_config(d).vocab_size
+        lists = [_ids(n, vocab, seed=20 + n) for n in (3, 12, 1)]
+        for dtype in ("f64", "f32", "bf16"):
+            together, _ = streamed.trace_models_streamed(d, lists, dtype=dtype, row_chunk=700)
+            for ids, got in zip(lists, together, strict=True):
+                alone, _ = streamed.trace_model_streamed(d, ids, dtype=dtype, row_chunk=700)
+                assert list(got) == list(alone), (name, dtype)
+                for k in alone:
+                    assert torch.equal(got[k], alone[k]), (name, dtype, len(ids), k)
+
+    d = _model("qwen2-mqa")
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(os.path.join(tmp, "a.safetensors"), [5, 6, 7]), (os.path.join(tmp, "b") + os.sep, [9]),
+                (os.path.join(tmp, "c.safetensors"), [1, 2])]
+        streamed.trace_streamed_many(d, jobs, dtype="bf16")
+        for out, ids in jobs:
+            one = os.path.join(tmp, "one.safetensors")
+            alone = streamed.trace_streamed(d, one, token_ids=ids, dtype="bf16")
+            if out.endswith(os.sep):
+                parts = sorted(os.listdir(out))
+                got = {}
+                for p in parts:
+                    with safe_open(os.path.join(out, p), "pt") as f:
+                        got.update({k: f.get_tensor(k) for k in f.keys()})
+            else:
+                with safe_open(out, "pt") as f, safe_open(one, "pt") as g:
+                    assert f.metadata() == g.metadata() and list(f.keys()) == list(g.keys())
+                    got = {k: f.get_tensor(k) for k in f.keys()}
+            assert sorted(got) == sorted(alone) and all(torch.equal(got[k], alone[k]) for k in alone), out
+
+    # Grouping: by (model, dtype), in order, at most the budget of tokens or one longer job alone.
+    def job(model, n, dtype="f64"):
+        return TraceJob(model=model, tokens=[1] * n, dtype=dtype, out=f"{model}-{n}-{dtype}", streamed=True)
+
+    jobs = [job("m", 1), job("m", 1), job("m", 3), job("m", 300), job("m", 2), job("n", 1), job("m", 1, "bf16")]
+    groups = [[j.out for j in g] for g in streamed_groups(jobs, token_budget=64)]
+    assert groups == [["m-1-f64", "m-1-f64", "m-3-f64"], ["m-300-f64"], ["m-2-f64"], ["n-1-f64"], ["m-1-bf16"]], groups
+
+
+def test_streamed_weights_answer_equals_the_loaded_models():
+    """`weights --streamed` (tensor by tensor, the model never loaded) gives the same checksums and facts
+    as `weights` on the loaded model: untied and tied, f32- and bf16-stored, with and without biases."""
+    import contextlib
+    import io
+    import json
+
+    from lockstep_reference import batch
+
+    for name in ("qwen2-gqa", "qwen2-tied-bf16", "llama-gqa-bf16", "qwen3-small", "mistral-swa"):
+        d = _model(name)
+        assert os.path.exists(os.path.join(d, "config.json")), f"fixture {d} missing: bash scripts/fixtures.sh"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            batch.weights(d)
+        loaded = json.loads(out.getvalue().strip().splitlines()[-1])
+        streamed = json.loads(batch.answer_line(batch.streamed_weights(d)))
+        assert streamed == loaded, name
+        assert len(loaded["checksums"]) > 10, name
+
+
 def test_streamed_trace_file_and_metadata():
     import tempfile
 
@@ -258,6 +332,9 @@ def test_qwen25_7b_config_count():
     plan = make_7b.parameter_plan(Qwen2Config(**make_7b.QWEN25_7B_CONFIG))
     assert sum(make_7b._numel(s) for _, s in plan) == make_7b.QWEN25_7B_PARAMETERS == 7_615_616_512
     assert len(plan) == 339 and not any(n.endswith("o_proj.bias") for n, _ in plan)
+    plan = make_7b.parameter_plan(Qwen2Config(**make_7b.QWEN25_14B_CONFIG))
+    assert sum(make_7b._numel(s) for _, s in plan) == make_7b.QWEN25_14B_PARAMETERS == 14_770_033_664
+    assert len(plan) == 579
 
 
 if __name__ == "__main__":

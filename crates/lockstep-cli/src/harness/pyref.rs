@@ -69,6 +69,23 @@ pub fn streamed(model: &Path, dtype: &str) -> bool {
     (dtype == "f64" && bytes > 6_000_000_000) || bytes > half_available
 }
 
+/// Whether the reference's weights check reads the checkpoint tensor by tensor instead of loading
+/// the model (`weights --streamed`): by the rule of [`streamed`] for the dtype the check loads in,
+/// the stored one, when the stored tensors (the safetensors files) take more than half the memory
+/// available now. A 14B bf16 model loaded whole maps 29.5 GB, ~20 GB of it resident here.
+fn weights_streamed(model: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(model) else {
+        return false;
+    };
+    let stored: u64 = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    stored > lockstep_engine::resources::available_memory().unwrap_or(u64::MAX) / 2
+}
+
 /// The reference's answer to `command` is not what the protocol says.
 fn bad_output(command: &str, e: serde_json::Error) -> HarnessError {
     HarnessError::reference(format!("unexpected {command} output: {e}"))
@@ -238,9 +255,12 @@ impl Reference for PythonReference {
         if let Some(w) = self.weights.get(model) {
             return Ok(w.clone());
         }
-        let out = self
-            .env
-            .run(&["weights", "--model", &model.to_string_lossy()])?;
+        let m = model.to_string_lossy();
+        let mut args = vec!["weights", "--model", &m];
+        if weights_streamed(model) {
+            args.push("--streamed");
+        }
+        let out = self.env.run(&args)?;
         let w: ReferenceWeights = serde_json::from_value(Self::last_json_line(&out)?)
             .map_err(|e| bad_output("weights", e))?;
         self.weights.insert(model.to_path_buf(), w.clone());
