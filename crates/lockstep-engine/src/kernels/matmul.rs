@@ -15,6 +15,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx2;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
 /// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
@@ -333,6 +335,8 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
 
 #[cfg(test)]
 mod block_tests;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod fused_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -17,6 +17,8 @@
 mod avx2;
 mod scalar;
 
+pub(crate) use scalar::k_scale_min;
+
 use crate::weights::StoredDtype;
 
 /// Elements and bytes of one block of `dtype` (`(1, size)` for the float dtypes).
