@@ -57,12 +57,31 @@ unsafe fn u8x8(p: *const u8) -> __m256i {
     _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))
 }
 
-/// Lane `l` = bit `l` of `bits` (low 8 bits) times `value`.
+/// A Q5 block's u32 of fifth bits (bit `i`: element `i`), broadcast as `qh << 4` and `qh` for
+/// [`fifth8`].
 #[inline(always)]
-unsafe fn bits8(bits: u32, value: i32) -> __m256i {
-    let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    let on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits as i32), sel), sel);
-    _mm256_and_si256(on, _mm256_set1_epi32(value))
+unsafe fn fifth_bits(p: *const u8) -> (__m256i, __m256i) {
+    let qh = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    (
+        _mm256_set1_epi32((qh << 4) as i32),
+        _mm256_set1_epi32(qh as i32),
+    )
+}
+
+/// Lane `l` = bit `8·g + l` of the fifth bits times 16 (one variable shift and a mask: bit
+/// `i < 28` of `qh << 4` shifted right by `i`, bits 24.. of `qh` by `i - 4`).
+#[inline(always)]
+unsafe fn fifth8((q4, q): (__m256i, __m256i), g: usize) -> __m256i {
+    let i = 8 * g as i32;
+    let h = if g < 3 {
+        _mm256_srlv_epi32(
+            q4,
+            _mm256_setr_epi32(i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7),
+        )
+    } else {
+        _mm256_srlv_epi32(q, _mm256_setr_epi32(20, 21, 22, 23, 24, 25, 26, 27))
+    };
+    _mm256_and_si256(h, _mm256_set1_epi32(16))
 }
 
 /// Nibbles of group `g` of a 32-value block whose byte `j` holds element `j` (low nibble) and
@@ -138,25 +157,19 @@ impl Fused for Q4_1 {
     }
 }
 
-/// The u32 of fifth bits at `p` (bit `i`: element `i`).
-#[inline(always)]
-unsafe fn qh32(p: *const u8) -> u32 {
-    u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
-}
-
 /// Q5_0: f16 d, u32 fifth bits, 16 bytes of nibbles; `d * (q - 16)`.
 struct Q5_0;
 impl Fused for Q5_0 {
     const PER: usize = 32;
     const BYTES: usize = 22;
-    type Scales = (__m256, u32);
+    type Scales = (__m256, (__m256i, __m256i));
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m256, u32) {
-        (_mm256_set1_ps(f16(b)), qh32(b.add(2)))
+    unsafe fn scales(b: *const u8) -> Self::Scales {
+        (_mm256_set1_ps(f16(b)), fifth_bits(b.add(2)))
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, &(d, qh): &(__m256, u32), g: usize) -> __m256 {
-        let q = _mm256_or_si256(nibble8(b.add(6), g), bits8(qh >> (8 * g), 16));
+    unsafe fn eight(b: *const u8, &(d, qh): &Self::Scales, g: usize) -> __m256 {
+        let q = _mm256_or_si256(nibble8(b.add(6), g), fifth8(qh, g));
         scaled(q, 16.0, d)
     }
 }
@@ -166,15 +179,15 @@ struct Q5_1;
 impl Fused for Q5_1 {
     const PER: usize = 32;
     const BYTES: usize = 24;
-    type Scales = (__m256, __m256, u32);
+    type Scales = (__m256, __m256, (__m256i, __m256i));
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m256, __m256, u32) {
+    unsafe fn scales(b: *const u8) -> Self::Scales {
         let (d, m) = (f16(b), f16(b.add(2)));
-        (_mm256_set1_ps(d), _mm256_set1_ps(m), qh32(b.add(4)))
+        (_mm256_set1_ps(d), _mm256_set1_ps(m), fifth_bits(b.add(4)))
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, &(d, m, qh): &(__m256, __m256, u32), g: usize) -> __m256 {
-        let q = _mm256_or_si256(nibble8(b.add(8), g), bits8(qh >> (8 * g), 16));
+    unsafe fn eight(b: *const u8, &(d, m, qh): &Self::Scales, g: usize) -> __m256 {
+        let q = _mm256_or_si256(nibble8(b.add(8), g), fifth8(qh, g));
         affine(q, d, m)
     }
 }
@@ -186,10 +199,12 @@ unsafe fn k_factors(b: *const u8) -> ([f32; 8], [f32; 8]) {
     let (d, dmin) = (f16(b), f16(b.add(2)));
     let s = std::slice::from_raw_parts(b.add(4), 12);
     let (sc, mins) = crate::kernels::quant::k_scale_min(s);
-    (
-        std::array::from_fn(|j| d * sc[j] as f32),
-        std::array::from_fn(|j| dmin * mins[j] as f32),
-    )
+    let (mut ds, mut ms) = ([0f32; 8], [0f32; 8]);
+    for j in 0..8 {
+        ds[j] = d * sc[j] as f32;
+        ms[j] = dmin * mins[j] as f32;
+    }
+    (ds, ms)
 }
 
 /// Group `g` of a Q4_K/Q5_K block's 4-bit values at `qs`: sub-block `g / 4` is nibble
@@ -258,7 +273,11 @@ impl Fused for Q6K {
     #[inline(always)]
     unsafe fn scales(b: *const u8) -> [f32; 16] {
         let d = f16(b.add(208));
-        std::array::from_fn(|i| d * (*b.add(192 + i) as i8) as f32)
+        let mut de = [0f32; 16];
+        for (i, de) in de.iter_mut().enumerate() {
+            *de = d * (*b.add(192 + i) as i8) as f32;
+        }
+        de
     }
     #[inline(always)]
     unsafe fn eight(b: *const u8, de: &[f32; 16], g: usize) -> __m256 {
@@ -296,23 +315,26 @@ unsafe fn tile<B: Fused, const BF: bool, const R: usize, const N: usize>(
 ) -> [[f32; N]; R] {
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     for blk in 0..len / B::PER {
-        let bp: [*const u8; R] = std::array::from_fn(|r| w.add(r * wrow + blk * B::BYTES));
-        let sc: [B::Scales; R] = std::array::from_fn(|r| {
+        // Plain loops, not `array::from_fn`: its closures are not inlined into the caller's
+        // target features, and every intrinsic in them becomes a call.
+        let mut bp = [w; R];
+        for (r, p) in bp.iter_mut().enumerate() {
+            *p = w.add(r * wrow + blk * B::BYTES);
             // The next tile's rows follow these: start fetching them (short rows end before
             // the hardware prefetcher gets going). Past the end it reads nothing.
-            _mm_prefetch::<_MM_HINT_T0>(bp[r].wrapping_add(R * wrow).cast());
-            B::scales(bp[r])
-        });
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(R * wrow).cast());
+        }
+        let mut sc = [B::scales(bp[0]); R];
+        for r in 1..R {
+            sc[r] = B::scales(bp[r]);
+        }
         let xb = x.add(blk * B::PER);
         for g in 0..B::PER / 8 {
-            let wv: [__m256; R] = std::array::from_fn(|r| {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
                 let v = B::eight(bp[r], &sc[r], g);
-                if BF {
-                    avx2::to_bf16(v)
-                } else {
-                    v
-                }
-            });
+                wv[r] = if BF { avx2::to_bf16(v) } else { v };
+            }
             for t in 0..N {
                 let xv = _mm256_loadu_ps(xb.add(t * xrow + 8 * g));
                 for (a, &wv) in acc.iter_mut().zip(&wv) {
