@@ -10,8 +10,9 @@
 //! `l` summing elements `≡ l (mod 8)` of a chunk in order). Row blocks of whole ggml blocks and
 //! `k` a multiple of 32 make every chunk whole blocks and whole vectors (no masked tail).
 //!
-//! Per block work is hoisted out of the 8-value loop: the f16 scales (and a Q5 block's fifth
-//! bits, a K-quant block's sub-block scales and mins) are decoded once per block and row.
+//! Per block work is hoisted out of the 8-value loop: the f16 scales, a 32-value nibble block's
+//! values unpacked once to 32 bytes (fifth bits and offset included), a K-quant block's
+//! sub-block scales and mins.
 
 use super::avx2::{self, KC, PN};
 use crate::weights::StoredDtype;
@@ -57,55 +58,69 @@ unsafe fn u8x8(p: *const u8) -> __m256i {
     _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))
 }
 
-/// A Q5 block's u32 of fifth bits (bit `i`: element `i`), broadcast as `qh << 4` and `qh` for
-/// [`fifth8`].
+/// A 32-value block's 16 bytes of nibbles at `qs` (byte `j`: element `j` low, `j + 16` high) as
+/// 32 bytes in element order.
 #[inline(always)]
-unsafe fn fifth_bits(p: *const u8) -> (__m256i, __m256i) {
-    let qh = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
-    (
-        _mm256_set1_epi32((qh << 4) as i32),
-        _mm256_set1_epi32(qh as i32),
-    )
+unsafe fn nibbles32(qs: *const u8) -> __m256i {
+    let v = _mm_loadu_si128(qs.cast());
+    let f = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(v, f);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), f);
+    _mm256_set_m128i(hi, lo)
 }
 
-/// Lane `l` = bit `8·g + l` of the fifth bits times 16 (one variable shift and a mask: bit
-/// `i < 28` of `qh << 4` shifted right by `i`, bits 24.. of `qh` by `i - 4`).
+/// Byte `i` all ones where bit `i` of the u32 at `p` is set, else zero: byte `i` gets byte
+/// `i / 8` of the u32 with every bit but `i % 8` set, then compares equal to all ones.
 #[inline(always)]
-unsafe fn fifth8((q4, q): (__m256i, __m256i), g: usize) -> __m256i {
-    let i = 8 * g as i32;
-    let h = if g < 3 {
-        _mm256_srlv_epi32(
-            q4,
-            _mm256_setr_epi32(i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7),
-        )
+unsafe fn bit_bytes(p: *const u8) -> __m256i {
+    let bits = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7FBF_DFEF_F7FB_FDFE);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}
+
+/// Signed bytes `8·g..8·g + 8` of `q` widened to i32 lanes.
+#[inline(always)]
+unsafe fn bytes8(q: __m256i, g: usize) -> __m256i {
+    let half = if g < 2 {
+        _mm256_castsi256_si128(q)
     } else {
-        _mm256_srlv_epi32(q, _mm256_setr_epi32(20, 21, 22, 23, 24, 25, 26, 27))
+        _mm256_extracti128_si256::<1>(q)
     };
-    _mm256_and_si256(h, _mm256_set1_epi32(16))
+    let half = if g % 2 == 0 {
+        half
+    } else {
+        _mm_unpackhi_epi64(half, half)
+    };
+    _mm256_cvtepi8_epi32(half)
 }
 
-/// Nibbles of group `g` of a 32-value block whose byte `j` holds element `j` (low nibble) and
-/// `j + 16` (high): groups 0 and 1 are low nibbles of bytes 0..16, groups 2 and 3 high ones.
+/// `d * q'` for the 8 small integers `q' = q - off` of group `g` (the block's bytes `q` hold
+/// them already offset): the bits of `quant`'s `d * (float(q) - off)`, whose subtraction of
+/// small integers is exact.
 #[inline(always)]
-unsafe fn nibble8(qs: *const u8, g: usize) -> __m256i {
-    let v = u8x8(qs.add(8 * (g % 2)));
-    if g < 2 {
-        _mm256_and_si256(v, _mm256_set1_epi32(0x0F))
-    } else {
-        _mm256_srli_epi32::<4>(v)
-    }
+unsafe fn scaled8(q: __m256i, g: usize, d: __m256) -> __m256 {
+    _mm256_mul_ps(d, _mm256_cvtepi32_ps(bytes8(q, g)))
+}
+
+/// `d * q + m` (two roundings) for group `g` of the block's bytes, as `quant`'s `store_affine`.
+#[inline(always)]
+unsafe fn affine8(q: __m256i, g: usize, d: __m256, m: __m256) -> __m256 {
+    _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(bytes8(q, g))), m)
 }
 
 /// `d * (q - off)` (two exact steps, one rounding), as `quant`'s `store_scaled`.
 #[inline(always)]
 unsafe fn scaled(q: __m256i, off: f32, d: __m256) -> __m256 {
     _mm256_mul_ps(d, _mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(off)))
-}
-
-/// `d * q + m` (two roundings), as `quant`'s `store_affine`.
-#[inline(always)]
-unsafe fn affine(q: __m256i, d: __m256, m: __m256) -> __m256 {
-    _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m)
 }
 
 /// Q8_0: f16 d, 32 × i8; `q * d`.
@@ -130,14 +145,15 @@ struct Q4_0;
 impl Fused for Q4_0 {
     const PER: usize = 32;
     const BYTES: usize = 18;
-    type Scales = __m256;
+    type Scales = (__m256, __m256i);
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> __m256 {
-        _mm256_set1_ps(f16(b))
+    unsafe fn scales(b: *const u8) -> Self::Scales {
+        let q = _mm256_sub_epi8(nibbles32(b.add(2)), _mm256_set1_epi8(8));
+        (_mm256_set1_ps(f16(b)), q)
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, d: &__m256, g: usize) -> __m256 {
-        scaled(nibble8(b.add(2), g), 8.0, *d)
+    unsafe fn eight(_: *const u8, &(d, q): &Self::Scales, g: usize) -> __m256 {
+        scaled8(q, g, d)
     }
 }
 
@@ -146,14 +162,15 @@ struct Q4_1;
 impl Fused for Q4_1 {
     const PER: usize = 32;
     const BYTES: usize = 20;
-    type Scales = (__m256, __m256);
+    type Scales = (__m256, __m256, __m256i);
     #[inline(always)]
-    unsafe fn scales(b: *const u8) -> (__m256, __m256) {
-        (_mm256_set1_ps(f16(b)), _mm256_set1_ps(f16(b.add(2))))
+    unsafe fn scales(b: *const u8) -> Self::Scales {
+        let (d, m) = (f16(b), f16(b.add(2)));
+        (_mm256_set1_ps(d), _mm256_set1_ps(m), nibbles32(b.add(4)))
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, &(d, m): &(__m256, __m256), g: usize) -> __m256 {
-        affine(nibble8(b.add(4), g), d, m)
+    unsafe fn eight(_: *const u8, &(d, m, q): &Self::Scales, g: usize) -> __m256 {
+        affine8(q, g, d, m)
     }
 }
 
@@ -162,15 +179,17 @@ struct Q5_0;
 impl Fused for Q5_0 {
     const PER: usize = 32;
     const BYTES: usize = 22;
-    type Scales = (__m256, (__m256i, __m256i));
+    type Scales = (__m256, __m256i);
     #[inline(always)]
     unsafe fn scales(b: *const u8) -> Self::Scales {
-        (_mm256_set1_ps(f16(b)), fifth_bits(b.add(2)))
+        // `nibble + 16·bit - 16`: the nibble with 0xF0 (-16) or'd in where the bit is clear.
+        let minus = _mm256_andnot_si256(bit_bytes(b.add(2)), _mm256_set1_epi8(-16));
+        let q = _mm256_or_si256(nibbles32(b.add(6)), minus);
+        (_mm256_set1_ps(f16(b)), q)
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, &(d, qh): &Self::Scales, g: usize) -> __m256 {
-        let q = _mm256_or_si256(nibble8(b.add(6), g), fifth8(qh, g));
-        scaled(q, 16.0, d)
+    unsafe fn eight(_: *const u8, &(d, q): &Self::Scales, g: usize) -> __m256 {
+        scaled8(q, g, d)
     }
 }
 
@@ -179,16 +198,17 @@ struct Q5_1;
 impl Fused for Q5_1 {
     const PER: usize = 32;
     const BYTES: usize = 24;
-    type Scales = (__m256, __m256, (__m256i, __m256i));
+    type Scales = (__m256, __m256, __m256i);
     #[inline(always)]
     unsafe fn scales(b: *const u8) -> Self::Scales {
         let (d, m) = (f16(b), f16(b.add(2)));
-        (_mm256_set1_ps(d), _mm256_set1_ps(m), fifth_bits(b.add(4)))
+        let high = _mm256_and_si256(bit_bytes(b.add(4)), _mm256_set1_epi8(16));
+        let q = _mm256_or_si256(nibbles32(b.add(8)), high);
+        (_mm256_set1_ps(d), _mm256_set1_ps(m), q)
     }
     #[inline(always)]
-    unsafe fn eight(b: *const u8, &(d, m, qh): &Self::Scales, g: usize) -> __m256 {
-        let q = _mm256_or_si256(nibble8(b.add(8), g), fifth8(qh, g));
-        affine(q, d, m)
+    unsafe fn eight(_: *const u8, &(d, m, q): &Self::Scales, g: usize) -> __m256 {
+        affine8(q, g, d, m)
     }
 }
 
