@@ -95,7 +95,7 @@ unsafe fn bytes8(q: __m256i, g: usize) -> __m256i {
     } else {
         _mm256_extracti128_si256::<1>(q)
     };
-    let half = if g % 2 == 0 {
+    let half = if g.is_multiple_of(2) {
         half
     } else {
         _mm_unpackhi_epi64(half, half)
