@@ -61,7 +61,9 @@ pub enum Kernel {
     Portable,
     /// AVX2 + FMA (x86-64 without AVX-512): the sums of [`Kernel::Avx512`] on 8-lane vectors,
     /// for `f32` and `Bf16` compute on F32 or BF16 weights, and on GGUF block weights (a group
-    /// of rows decoded to f32, then summed as F32 weights); the rest as [`Kernel::Portable`].
+    /// of rows decoded to f32, then summed as F32 weights; for decode's few tokens each 8
+    /// weights decoded in a register and summed at once, the same bits); the rest as
+    /// [`Kernel::Portable`].
     Avx2,
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
     /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
