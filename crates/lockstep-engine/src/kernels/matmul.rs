@@ -15,6 +15,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx2;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
 /// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
@@ -59,7 +61,9 @@ pub enum Kernel {
     Portable,
     /// AVX2 + FMA (x86-64 without AVX-512): the sums of [`Kernel::Avx512`] on 8-lane vectors,
     /// for `f32` and `Bf16` compute on F32 or BF16 weights, and on GGUF block weights (a group
-    /// of rows decoded to f32, then summed as F32 weights); the rest as [`Kernel::Portable`].
+    /// of rows decoded to f32, then summed as F32 weights; for decode's few tokens each 8
+    /// weights decoded in a register and summed at once, the same bits); the rest as
+    /// [`Kernel::Portable`].
     Avx2,
     /// AVX-512F/BW/VL (x86-64): f32 FMA on F32 or BF16 weights read from the stored bytes, for
     /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
@@ -333,6 +337,8 @@ pub fn linear_reference<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[
 
 #[cfg(test)]
 mod block_tests;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod fused_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 /// Elements of `k` per chunk: four tokens' activations (8 KiB) stay in L1.
-const KC: usize = 512;
+pub(super) const KC: usize = 512;
 
 /// f32 lanes per vector.
 const LANES: usize = 8;
@@ -25,7 +25,7 @@ const LANES: usize = 8;
 /// Weight rows per prefill tile.
 const PR: usize = 2;
 /// Tokens per prefill tile (and the fewest tokens for the prefill loop order).
-const PN: usize = 4;
+pub(super) const PN: usize = 4;
 /// Weight rows per decode tile.
 const DR: usize = 4;
 
@@ -102,25 +102,35 @@ impl Weights for F32AsBf16W {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load(p: *const u8, len: usize) -> __m256 {
-        let b = _mm256_castps_si256(load_f32(p.cast(), len));
-        // Nearest-even at bit 16: add 0x7FFF plus the lowest kept bit, drop the low half.
-        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-        let r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-        let abs = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF));
-        // Both sides non-negative as i32, so the signed compare is the unsigned one.
-        let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
-        let quiet = _mm256_or_si256(b, _mm256_set1_epi32(0x0040_0000));
-        let r = _mm256_blendv_epi8(r, quiet, nan);
-        _mm256_castsi256_ps(_mm256_and_si256(
-            r,
-            _mm256_set1_epi32(0xFFFF_0000u32 as i32),
-        ))
+        to_bf16(load_f32(p.cast(), len))
     }
+}
+
+/// `v` rounded to bf16 (nearest-even; NaN kept quiet) and widened back, as
+/// `half::bf16::from_f32(v).to_f32()` per lane.
+///
+/// # Safety
+/// AVX2 present.
+#[inline(always)]
+pub(super) unsafe fn to_bf16(v: __m256) -> __m256 {
+    let b = _mm256_castps_si256(v);
+    // Nearest-even at bit 16: add 0x7FFF plus the lowest kept bit, drop the low half.
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+    let r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    let abs = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF));
+    // Both sides non-negative as i32, so the signed compare is the unsigned one.
+    let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+    let quiet = _mm256_or_si256(b, _mm256_set1_epi32(0x0040_0000));
+    let r = _mm256_blendv_epi8(r, quiet, nan);
+    _mm256_castsi256_ps(_mm256_and_si256(
+        r,
+        _mm256_set1_epi32(0xFFFF_0000u32 as i32),
+    ))
 }
 
 /// The sum of a vector's 8 lanes in a fixed order: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
 #[inline(always)]
-unsafe fn reduce(v: __m256) -> f32 {
+pub(super) unsafe fn reduce(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -257,7 +267,7 @@ unsafe fn sums<W: Weights>(
 }
 
 /// Groups of `size` (then single ones) covering `r`: `(start, len)`.
-fn groups(r: Range<usize>, size: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn groups(r: Range<usize>, size: usize) -> impl Iterator<Item = (usize, usize)> {
     let full = r.start + (r.end - r.start) / size * size;
     (r.start..full)
         .step_by(size)

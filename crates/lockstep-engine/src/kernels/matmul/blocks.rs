@@ -3,8 +3,11 @@
 //! full dequantization gives) and summed by the F32-weight kernels of the same ISA, so the result
 //! equals `linear` on the dequantized F32 tensor bit for bit (the SIMD sums do not depend on how
 //! the rows are grouped). Each weight byte is decoded once per call, whatever the token count.
+//!
+//! On AVX2, fewer than `avx2::PN` tokens (decode) skip the buffer: [`super::blocks_avx2`]
+//! decodes each 8 weights in a register and sums them at once, with the same bits.
 
-use super::{avx2, avx512};
+use super::{avx2, avx512, blocks_avx2};
 use crate::kernels::quant;
 use crate::weights::Tensor;
 use std::ops::Range;
@@ -33,6 +36,10 @@ pub(super) unsafe fn sums(
     let m = w.shape[0];
     let row = w.dtype.bytes_for(k).expect("rows of whole blocks");
     assert!(rows.end <= m && w.bytes().len() == m * row);
+    if avx2 && n < avx2::PN && blocks_avx2::available() {
+        // Decode: each 8 weights decoded in a register and summed at once (the same bits).
+        return blocks_avx2::sums(w.dtype, bf16, x, n, k, w.bytes(), m, rows, out);
+    }
     // Groups of a multiple of four rows (the decode tile).
     let g = (GROUP_ELEMS / k.max(1)).max(4) / 4 * 4;
     let mut buf = vec![0f32; g.min(rows.len()) * k];

@@ -9,13 +9,16 @@
 //! - **Per ISA**: `avx2` decodes 8 values at a time with the same float32 operations;
 //!   [`decode_blocks`] picks the fastest decoder this CPU has (every one gives the same bits).
 //!
-//! The matmul kernels decode a group of weight rows into an f32 buffer and sum it exactly as they
+//! The matmul kernels decode a group of weight rows into an f32 buffer (or, on AVX2 for a few
+//! tokens, each 8 weights into a register with the same operations) and sum it exactly as they
 //! sum an F32 weight, so `linear` on a quantized tensor equals `linear` on its dequantized F32
 //! copy bit for bit (f32, f64 and bf16 compute).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod scalar;
+
+pub(crate) use scalar::k_scale_min;
 
 use crate::weights::StoredDtype;
 

@@ -61,7 +61,7 @@ pub(super) fn q5_1(b: &[u8], o: &mut [f32]) {
 
 /// The eight 6-bit scales and mins of a Q4_K/Q5_K block (`Q4_K.get_scale_min`).
 #[inline(always)]
-pub(super) fn k_scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn k_scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (d, m, md) = (&s[0..4], &s[4..8], &s[8..12]);
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
