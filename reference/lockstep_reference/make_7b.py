@@ -1,6 +1,10 @@
 """A random-weight model with the exact Qwen2.5-7B configuration, written tensor by tensor in bfloat16.
 
     python -m lockstep_reference make-7b --out fixtures/big/qwen2.5-7b-random [--seed 7007]
+    python -m lockstep_reference make-7b --shape 14b --out fixtures/big/qwen2.5-14b-random [--seed 14014]
+
+(`--shape 14b`: Qwen2.5-14B's config, 14,770,033,664 parameters in 8 shards, 29.5 GB: more than this
+machine's memory; built here in 228 s, peak RSS 6.7 GB.)
 
 makes (about 15.2 GB, skipped when the folder already holds a complete build of the same spec and seed):
 
