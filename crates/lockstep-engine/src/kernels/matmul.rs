@@ -389,7 +389,9 @@ pub(crate) mod tests {
             + bias.map_or(0.0, |b| b.to_f64().abs())
     }
 
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` deterministic pseudo-random values in [-0.5, 0.5) from `seed` (an LCG): the test
+    /// inputs of the matmul kernels' tests.
+    pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

@@ -2,6 +2,7 @@
 //! F32 by [`crate::gguf::dequantize`]: bit for bit, every block type, kernel, compute type, token
 //! count and bias, on shapes of several blocks per row and several row groups and tasks.
 
+use super::tests::pseudo;
 use super::*;
 use crate::gguf::dequantize;
 use crate::kernels::quant::tests::{random_blocks, BLOCK_TYPES};
@@ -24,18 +25,6 @@ fn pair(
         Tensor::from_bytes(dtype, vec![m, k], b),
         Tensor::from_bytes(StoredDtype::F32, vec![m, k], f32b),
     )
-}
-
-fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
 }
 
 fn same_bits<T: Float>(a: &[T], b: &[T]) -> bool {

@@ -4,22 +4,11 @@
 //! and not starting at 0, `k` of one block, of whole chunks plus a tail, and scales tiny,
 //! ordinary and large; then through [`linear_with`] against `linear` on the dequantized F32.
 
+use super::tests::pseudo;
 use super::*;
 use crate::kernels::quant::decode_blocks;
 use crate::kernels::quant::tests::{random_blocks, BLOCK_TYPES};
 use crate::kernels::Bf16;
-
-fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
 
 /// `(m, k)` shapes for blocks of `per` elements: one block per row; a chunk plus one block;
 /// two chunks plus a partial one (rows not a multiple of the 4- or 2-row tiles).
