@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from . import tracer
+from . import q8act, tracer
 from .protocol import (
     ChatAnswer,
     Conversation,
@@ -36,7 +36,9 @@ STREAMED_GROUP_TOKENS = 64
 
 def trace_batch(jobs_path: str) -> None:
     """Run every job of a JSON list `[{"model", "tokens", "dtype", "out"}, ...]`, loading each
-    (model, dtype) once. Prints one line per trace written.
+    (model, dtype) once. Prints one line per trace written. The dtype "q8dot" (GGUF files only) is
+    float32 with llama.cpp's 8-bit activations on the quantized matmuls (q8act.py), the reference of
+    lockstep's `q8dot` mode.
 
     A job with `"streamed": true` is the same trace computed layer by layer (streamed.py): for models
     too big for RAM in the job's dtype; nothing stays loaded for it. Streamed jobs of the same model
@@ -46,13 +48,24 @@ def trace_batch(jobs_path: str) -> None:
     for job in jobs:
         if job.streamed:
             continue
-        key = (job.model, job.dtype)
+        # "q8dot": float32 with llama.cpp's 8-bit activations on the GGUF's quantized matmuls.
+        dtype = "f32" if job.dtype == "q8dot" else job.dtype
+        key = (job.model, dtype)
         if key not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[key] = tracer.load_model(job.model, job.dtype)
+            loaded[key] = tracer.load_model(job.model, dtype)
         model = loaded[key]
-        tensors = tracer.trace_model(model, job.tokens, job.dtype)
-        meta = tracer.trace_metadata(job.model, model, job.tokens, job.dtype, None)
+        if job.dtype == "q8dot":
+            gguf = tracer.gguf_file(job.model)
+            if gguf is None:
+                raise ValueError(f"{job.model}: the q8dot reference needs a GGUF file")
+            with q8act.quantized_inputs(model, q8act.activation_formats(gguf)):
+                tensors = tracer.trace_model(model, job.tokens, dtype)
+        else:
+            tensors = tracer.trace_model(model, job.tokens, dtype)
+        meta = tracer.trace_metadata(job.model, model, job.tokens, dtype, None)
+        if job.dtype == "q8dot":
+            meta["mode"] = "q8dot"
         tracer.write_safetensors(job.out, tensors, meta)
         print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype}", file=sys.stderr)
     loaded.clear()

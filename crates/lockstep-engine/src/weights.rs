@@ -138,6 +138,11 @@ pub struct Tensor {
     pub dtype: StoredDtype,
     /// Shape as stored.
     pub shape: Vec<usize>,
+    /// For a ggml block dtype: `linear` in f32 rounds its input to 8-bit blocks and sums with
+    /// integer dot products, as llama.cpp's CPU backend does ([`crate::Dtype::Q8dot`], set by
+    /// [`crate::Model::use_dtype`]). False (exact dequantized math) unless asked for; ignored
+    /// for other dtypes and other compute precisions.
+    pub q8_dot: bool,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -163,6 +168,7 @@ impl Tensor {
             storage: Storage::Owned(Arc::new(bytes)),
             dtype,
             shape,
+            q8_dot: false,
         }
     }
 
@@ -181,6 +187,7 @@ impl Tensor {
             end,
             dtype,
             shape,
+            q8_dot: false,
         }
     }
 

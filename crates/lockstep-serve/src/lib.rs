@@ -71,7 +71,8 @@ pub fn serve(o: &ServeOptions) -> Result<(), ServeError> {
     }
     let t0 = std::time::Instant::now();
     let tokenizer = Arc::new(Tokenizer::from_dir(&o.model)?);
-    let model = Model::load_with_fault(&o.model, o.fault)?;
+    let mut model = Model::load_with_fault(&o.model, o.fault)?;
+    model.use_dtype(o.dtype)?;
     let defaults = GenerationDefaults::from_dir(&o.model, &model.config)?;
     let template = ChatTemplate::from_dir(&o.model)?;
     let stats = Arc::new(scheduler::Stats::default());

@@ -58,7 +58,7 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// What a run computes in, as `--dtype` chooses it: a [`Precision`], or `bf16w`.
+/// What a run computes in, as `--dtype` chooses it: a [`Precision`], `bf16w`, or `q8dot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
     /// float64 everywhere (the exact tier).
@@ -69,25 +69,36 @@ pub enum Dtype {
     Bf16,
     /// bf16 weights as stored, float32 activations (faster and more accurate than bf16).
     Bf16w,
+    /// float32, except that a matmul with a ggml block-quantized weight (GGUF) rounds its input
+    /// to 8-bit blocks and sums with integer dot products, as llama.cpp's CPU backend does:
+    /// faster than exact dequantized math, and not equal to it.
+    Q8dot,
 }
 
 impl Dtype {
     /// Every choice, in the order the command line lists them.
-    pub const ALL: [Dtype; 4] = [Dtype::F64, Dtype::F32, Dtype::Bf16, Dtype::Bf16w];
+    pub const ALL: [Dtype; 5] = [
+        Dtype::F64,
+        Dtype::F32,
+        Dtype::Bf16,
+        Dtype::Bf16w,
+        Dtype::Q8dot,
+    ];
 
-    /// The arithmetic the forward pass runs in (`bf16w` computes in float32).
+    /// The arithmetic the forward pass runs in (`bf16w` and `q8dot` compute in float32).
     pub fn precision(self) -> Precision {
         match self {
             Dtype::F64 => Precision::F64,
-            Dtype::F32 | Dtype::Bf16w => Precision::F32,
+            Dtype::F32 | Dtype::Bf16w | Dtype::Q8dot => Precision::F32,
             Dtype::Bf16 => Precision::BF16,
         }
     }
 
-    /// The command-line (and trace `mode`) name: the precision's name, or `bf16w`.
+    /// The command-line (and trace `mode`) name: the precision's name, `bf16w` or `q8dot`.
     pub fn name(self) -> &'static str {
         match self {
             Dtype::Bf16w => "bf16w",
+            Dtype::Q8dot => "q8dot",
             d => d.precision().as_str(),
         }
     }
@@ -102,6 +113,9 @@ impl Dtype {
             }
             Dtype::Bf16w => {
                 "bf16 weights as stored, float32 activations (faster and more accurate than bf16)"
+            }
+            Dtype::Q8dot => {
+                "quantized GGUF: float32, matmul inputs rounded to 8 bits for integer dot products, as llama.cpp's CPU backend (fast, not exact)"
             }
         }
     }
@@ -133,7 +147,7 @@ mod tests {
         assert_eq!(Precision::from_dtype("f16"), None);
         assert_eq!(Precision::from_name("float32"), None);
         let names: Vec<_> = Dtype::ALL.iter().map(|d| d.name()).collect();
-        assert_eq!(names, ["f64", "f32", "bf16", "bf16w"]);
+        assert_eq!(names, ["f64", "f32", "bf16", "bf16w", "q8dot"]);
         assert_eq!(Dtype::Bf16w.precision(), Precision::F32);
         assert!(Precision::F64 < Precision::F32 && Precision::F32 < Precision::BF16);
     }

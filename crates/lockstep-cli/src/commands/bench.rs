@@ -159,7 +159,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         )));
     }
     pre.check_memory(a.dtype, a.batch, a.prompt_tokens, context, false)?;
-    let loaded = pre.load_model()?;
+    let loaded = pre.load_model(a.dtype)?;
     let prompts = prompts(a.batch, a.prompt_tokens, loaded.model.config.vocab_size);
     let opts = GenerateOptions {
         max_new_tokens: a.new_tokens,

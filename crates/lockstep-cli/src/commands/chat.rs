@@ -41,7 +41,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         .saturating_add(CHAT_HISTORY_ALLOWANCE)
         .min(pre.config.max_position_embeddings);
     pre.check_memory(a.sampling.dtype, 1, 0, context, a.sampling.force)?;
-    let loaded = pre.load_model()?;
+    let loaded = pre.load_model(a.sampling.dtype)?;
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = vec![];
     let reset = |h: &mut Vec<Message>| {

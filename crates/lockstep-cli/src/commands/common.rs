@@ -20,11 +20,12 @@ impl std::ops::Deref for DtypeArg {
 
 impl clap::ValueEnum for DtypeArg {
     fn value_variants<'a>() -> &'a [Self] {
-        const ALL: [DtypeArg; 4] = [
+        const ALL: [DtypeArg; 5] = [
             DtypeArg(Dtype::ALL[0]),
             DtypeArg(Dtype::ALL[1]),
             DtypeArg(Dtype::ALL[2]),
             DtypeArg(Dtype::ALL[3]),
+            DtypeArg(Dtype::ALL[4]),
         ];
         &ALL
     }

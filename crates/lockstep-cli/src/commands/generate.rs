@@ -266,13 +266,15 @@ impl Preloaded {
         super::common::enforce_memory_estimate(&estimate, &self.dir, force)
     }
 
-    /// Maps (or loads) the weights.
-    pub fn load_model(self) -> CliResult<LoadedModel> {
+    /// Maps (or loads) the weights, prepared for computing in `dtype`.
+    pub fn load_model(self, dtype: DtypeArg) -> CliResult<LoadedModel> {
         let dir = &self.dir;
         let source = &self.source;
-        let model = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
-            Model::load_source(source, None)
-        })?;
+        let mut model =
+            crate::progress::with_spinner(format!("loading {}", dir.display()), || {
+                Model::load_source(source, None)
+            })?;
+        model.use_dtype(*dtype)?;
         Ok(LoadedModel {
             model,
             tokenizer: self.tokenizer,
@@ -398,7 +400,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         context,
         a.sampling.force,
     )?;
-    let loaded = pre.load_model()?;
+    let loaded = pre.load_model(a.sampling.dtype)?;
     for ids in &prompts {
         loaded.model.check_tokens(ids, 0)?;
     }

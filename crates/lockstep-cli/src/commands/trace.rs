@@ -44,15 +44,17 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let ids = input_ids(&a.model, a.tokens.as_deref(), a.prompt.as_deref())?;
     let t0 = Instant::now();
-    let model = crate::progress::with_spinner(format!("loading {}", a.model.display()), || {
-        Model::load(&a.model)
-    })?;
+    let mut model =
+        crate::progress::with_spinner(format!("loading {}", a.model.display()), || {
+            Model::load(&a.model)
+        })?;
+    model.use_dtype(*a.dtype)?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut trace = with_float!(a.dtype.precision(), T => {
         trace_forward::<T>(&model, &ids, a.prompt.as_deref())?
     });
-    if *a.dtype == Dtype::Bf16w {
+    if matches!(*a.dtype, Dtype::Bf16w | Dtype::Q8dot) {
         trace.metadata.insert("mode".into(), a.dtype.name().into());
     }
     let run_s = t1.elapsed().as_secs_f64();

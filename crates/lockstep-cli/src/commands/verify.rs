@@ -261,9 +261,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 }
 
 /// Refuses a `verify` whose memory estimate exceeds the available memory, before any weights are
-/// mapped (a warning with `--force`). The longest input counts one token per byte (a byte-level
-/// BPE token covers at least one byte), the finest tier's activations, and the Python reference's
-/// model in its dtype.
+/// mapped (a warning with `--force`). The longest input counts its tokens (one per byte when the
+/// tokenizer does not load: a byte-level BPE token covers at least one byte), the finest tier's
+/// activations, and the Python reference's model in its dtype.
 fn check_memory(
     model: &Path,
     dtype: TierChoice,
@@ -275,7 +275,16 @@ fn check_memory(
     let source = lockstep_engine::source::ModelSource::resolve(model)?;
     let config = resources::config_of(&source)?;
     let (weights, streamed) = resources::held_weight_bytes(&source, &config)?;
-    let prompt_len = inputs.iter().map(|i| i.text.len() + 16).max().unwrap_or(16);
+    // The longest input in tokens when the model's tokenizer loads (the paragraph is ~300 tokens
+    // of ~1,700 bytes, and the traces grow with its square), else one token per byte.
+    let tokenizer = lockstep_engine::Tokenizer::from_dir(model).ok();
+    let tokens = |text: &str| {
+        tokenizer
+            .as_ref()
+            .and_then(|t| t.encode(text).ok())
+            .map_or(text.len(), |ids| ids.len())
+    };
+    let prompt_len = inputs.iter().map(|i| tokens(&i.text) + 16).max().unwrap_or(16);
     let (act_bytes, reference_bytes) = match dtype {
         TierChoice::One(Precision::F64) | TierChoice::All => (8, 4),
         TierChoice::One(Precision::BF16) => (4, 2),

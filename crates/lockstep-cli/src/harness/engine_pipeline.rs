@@ -8,13 +8,15 @@
 //! 4. multi-token sequences (short and several hundred tokens);
 //! 5. layer-by-layer: every tapped tensor, first divergence named;
 //! 6. attention weights;
-//! 7. bf16w (bf16 tier), KV-cache decode per tier, greedy generation (f32).
+//! 7. bf16w (bf16 tier), q8dot (f32 tier, quantized GGUF), KV-cache decode per tier, greedy
+//!    generation (f32).
 //!
 //! Phases 3-6 run per precision tier; each comparison is [`lockstep_verify::judge`]'s.
 
 use super::checks::{tokenization_phase, weights_phase};
 use super::generation::generation_phase;
 use super::inputs::{Input, InputKind};
+use super::q8dot_phase::{q8dot_model, q8dot_phase};
 use super::reference::{Reference, TraceJob};
 use super::{
     create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, HarnessError,
@@ -78,26 +80,36 @@ pub fn run_verify(
         .collect();
     phases.push(weights_phase(&model, reference, &nonfinite_weights)?);
 
-    // Reference traces: the pure-f64 oracle for every input, plus each lower tier's own run.
+    // A quantized GGUF in the f32 tier: lockstep's fast mode too (q8dot_phase.rs).
+    let q8_model = if opts.tiers.contains(&Tier::F32) {
+        q8dot_model(&model, &opts.model, opts.fault)?
+    } else {
+        None
+    };
+
+    // Reference traces: the pure-f64 oracle for every input, plus each lower tier's own run (and
+    // the q8dot arithmetic's, where that phase runs).
     progress("running the reference (transformers)");
     let mut jobs = vec![];
     let path = |i: usize, dt: &str| opts.work_dir.join(format!("ref-{i}-{dt}.safetensors"));
     for (i, tokens) in ids.iter().enumerate() {
-        jobs.push(TraceJob {
-            model: opts.model.clone(),
-            tokens: tokens.clone(),
-            dtype: "f64".into(),
-            out: path(i, "f64"),
-        });
-        for t in &opts.tiers {
-            if *t != Tier::F64 {
-                jobs.push(TraceJob {
-                    model: opts.model.clone(),
-                    tokens: tokens.clone(),
-                    dtype: t.as_str().into(),
-                    out: path(i, t.as_str()),
-                });
-            }
+        let mut dtypes = vec!["f64"];
+        dtypes.extend(
+            opts.tiers
+                .iter()
+                .filter(|t| **t != Tier::F64)
+                .map(|t| t.as_str()),
+        );
+        if q8_model.is_some() {
+            dtypes.push("q8dot");
+        }
+        for dt in dtypes {
+            jobs.push(TraceJob {
+                model: opts.model.clone(),
+                tokens: tokens.clone(),
+                dtype: dt.into(),
+                out: path(i, dt),
+            });
         }
     }
     reference.traces(&jobs)?;
@@ -173,6 +185,10 @@ pub fn run_verify(
         if tier == Tier::BF16 {
             progress("running lockstep in bf16w (bf16 weights, f32 activations)");
             phases.push(bf16w_phase(&model, opts, &ids, &path)?);
+        }
+        if let (Tier::F32, Some(q8)) = (tier, &q8_model) {
+            progress("running lockstep in q8dot (8-bit activations, integer dot products)");
+            phases.push(q8dot_phase(q8, &opts.inputs, &ids, &path)?);
         }
         progress(&format!("KV-cache decode in {tier}"));
         let bf16_noise = |i: usize| -> HarnessResult<f64> {

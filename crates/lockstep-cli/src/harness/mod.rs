@@ -15,6 +15,7 @@ pub mod port_pipeline;
 pub mod protocol;
 pub mod pyref;
 pub mod python;
+pub mod q8dot_phase;
 pub mod reference;
 
 pub use error::{HarnessError, HarnessResult};

@@ -10,7 +10,8 @@ use crate::kernels::norm::RmsNormMath;
 use crate::kernels::rope::{RopeLayout, RopeRounding, ScalingMistake};
 use crate::kernels::ResidualDtype;
 use crate::source::ModelSource;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, Tensor};
+use lockstep_trace::Dtype;
 use std::path::Path;
 
 impl Settings {
@@ -152,5 +153,32 @@ impl Model {
             fault,
             stream_layers,
         })
+    }
+}
+
+impl Model {
+    /// Prepares the loaded weights for computing in `dtype`: for [`Dtype::Q8dot`], every
+    /// ggml block-quantized matrix (the layers' and the LM head) is marked for 8-bit integer dot
+    /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math).
+    ///
+    /// # Errors
+    /// `q8dot` on a model without a block-quantized matrix: it would run plain f32, so say so.
+    pub fn use_dtype(&mut self, dtype: Dtype) -> Result<()> {
+        let on = dtype == Dtype::Q8dot;
+        let mut marked = 0usize;
+        let mut mark = |t: &mut Tensor| {
+            t.q8_dot = on && t.dtype.is_block();
+            marked += usize::from(t.q8_dot);
+        };
+        for layer in &mut self.layers {
+            layer.linears_mut().into_iter().for_each(&mut mark);
+        }
+        mark(&mut self.lm_head);
+        if on && marked == 0 {
+            return Err(EngineError::Input(
+                "--dtype q8dot needs a GGUF whose matrices are block-quantized (Q8_0, Q4_K, ...); this model has none (use f32)".into(),
+            ));
+        }
+        Ok(())
     }
 }

@@ -72,6 +72,26 @@ impl LayerWeights {
         v
     }
 
+    /// [`Self::linears`], mutable (to mark them for a compute mode, [`Model::use_dtype`]).
+    pub fn linears_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ];
+        match &mut self.mlp {
+            Mlp::Dense(d) => v.extend([&mut d.gate_proj, &mut d.up_proj, &mut d.down_proj]),
+            Mlp::Sparse(m) => {
+                v.push(&mut m.router);
+                for e in &mut m.experts {
+                    v.extend([&mut e.gate_proj, &mut e.up_proj, &mut e.down_proj]);
+                }
+            }
+        }
+        v
+    }
+
     /// Every tensor of the layer: the matrices of [`Self::linears`], the norms and the biases
     /// (what streaming reads ahead and drops, [`Model::stream_layers`]).
     pub fn tensors(&self) -> Vec<&Tensor> {

@@ -18,6 +18,7 @@ impl Tensor {
             end,
             dtype: self.dtype,
             shape: vec![rows, cols],
+            q8_dot: self.q8_dot,
         })
     }
 }
