@@ -17,6 +17,7 @@ mod avx512;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod blocks_avx2;
+mod q8dot;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
 /// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
@@ -315,6 +316,19 @@ unsafe fn sums_portable<T: Float>(
             }
         }
     }
+}
+
+/// `out[n][m] = x[n][k] · w[m][k] + bias[m]` in the fast `q8dot` mode, llama.cpp's CPU
+/// arithmetic, for a block-quantized (GGUF) `w`: each activation row is quantized once to the
+/// 8-bit format llama.cpp pairs with `w`'s type ([`super::quant::q8act`]) and dotted with the
+/// stored weight quants in integers ([`super::quant::dot_scalar`]; AVX2 kernels where the CPU
+/// has them), rows split over threads as in [`linear`]; the bias is added in f32. Not exact: the
+/// activations lose up to half a quantization step each.
+///
+/// # Panics
+/// When `w` is not a block dtype, or the lengths do not match `w`'s shape.
+pub fn linear_q8dot(x: &[f32], n: usize, w: &Tensor, bias: Option<&[f32]>, out: &mut [f32]) {
+    q8dot::linear(true, x, n, w, bias, out)
 }
 
 /// Plain reference: decode the whole weight, triple loop, sequential sums.

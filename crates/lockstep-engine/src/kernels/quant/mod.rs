@@ -9,6 +9,11 @@
 //! - **Per ISA**: `avx2` decodes 8 values at a time with the same float32 operations;
 //!   [`decode_blocks`] picks the fastest decoder this CPU has (every one gives the same bits).
 //!
+//! - **Fast `q8dot` mode**: [`q8act`] quantizes activations to llama.cpp's 8-bit formats,
+//!   [`dot_scalar`] is the reference integer dot of a weight row with them (llama.cpp's
+//!   generic `vec_dot`s), `dot_avx2` the AVX2 kernels tested against it. Not exact: it is
+//!   llama.cpp's arithmetic, used only when asked for.
+//!
 //! The matmul kernels decode a group of weight rows into an f32 buffer (or, on AVX2 for a few
 //! tokens, each 8 weights into a register with the same operations) and sum it exactly as they
 //! sum an F32 weight, so `linear` on a quantized tensor equals `linear` on its dequantized F32
@@ -16,6 +21,12 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod dot_avx2;
+pub mod dot_scalar;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod dot_tests;
+pub mod q8act;
 mod scalar;
 
 pub(crate) use scalar::k_scale_min;
@@ -134,6 +145,41 @@ pub(crate) mod tests {
             out.extend(b);
         }
         out
+    }
+
+    /// The byte ranges of a block that are not quants (scales, mins).
+    fn scale_bytes(dtype: StoredDtype) -> std::ops::Range<usize> {
+        match dtype {
+            StoredDtype::Q8_0 | StoredDtype::Q4_0 | StoredDtype::Q5_0 => 0..2,
+            StoredDtype::Q4_1 | StoredDtype::Q5_1 => 0..4,
+            StoredDtype::Q4_K | StoredDtype::Q5_K => 0..16,
+            StoredDtype::Q6_K => 192..210,
+            _ => unreachable!(),
+        }
+    }
+
+    /// The blocks with every quant byte zeroed (scales and mins kept).
+    pub(crate) fn zero_quants(dtype: StoredDtype, b: &[u8]) -> Vec<u8> {
+        let (_, bb) = block(dtype);
+        let keep = scale_bytes(dtype);
+        b.iter()
+            .enumerate()
+            .map(|(i, &v)| if keep.contains(&(i % bb)) { v } else { 0 })
+            .collect()
+    }
+
+    /// `[n][k]` activations of varied magnitude per block (and some exact zeros).
+    pub(crate) fn activations(n: usize, k: usize, seed: u64) -> Vec<f32> {
+        crate::kernels::matmul::tests::pseudo(n * k, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match (i / 32) % 5 {
+                0 => v * 8.0,
+                1 => v * 0.01,
+                2 if i % 3 == 0 => 0.0,
+                _ => v,
+            })
+            .collect()
     }
 
     /// Every block type, random blocks (scales of every size, including tiny and large ones, and
