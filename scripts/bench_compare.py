@@ -10,11 +10,17 @@ and 512 by default). Decode: greedy steps with the KV cache after a short prompt
 `--depth D` also after D tokens of context. Prints a Markdown table with each row's ratio to
 PyTorch bf16.
 
+`--quantized Q8_0 Q4_K_M` (needs `--llama-cpp`) adds quantized GGUF files that llama.cpp's own
+`llama-quantize` makes from the bf16 conversion: lockstep in the exact mode (`--dtype f32`: the
+stored blocks decoded to exactly transformers' dequantized values) and in the fast mode
+(`--dtype q8dot`: llama.cpp's 8-bit activations and integer dot products) against llama.cpp on the
+same file; those rows give the ratio to llama.cpp on that file.
+
 Run with the reference environment's python from the repository root, after a release build:
 
     cargo build --release -p lockstep-cli
     .venv/bin/python scripts/bench_compare.py [--models DIR ...] [--rounds 3] [--prefill 128 512] [--decode 32]
-        [--depth 2048] [--llama-cpp]
+        [--depth 2048] [--llama-cpp] [--quantized Q8_0 Q4_K_M]
 
 `--llama-cpp` builds llama.cpp first when needed (`bash scripts/llama_cpp.sh`, ~10 min once).
 (`LOCKSTEP_BIN` overrides the lockstep binary.)
@@ -105,6 +111,20 @@ def llama_cpp_gguf(model: Path, outtype: str) -> Path:
     return out
 
 
+def llama_cpp_quantized(binary: Path, model: Path, qtype: str) -> Path:
+    """The bf16 conversion of `model` quantized to `qtype` by llama.cpp's own llama-quantize (cached;
+    remade when the bf16 file is newer)."""
+    src = llama_cpp_gguf(model, "bf16")
+    out = src.with_name(f"{model.resolve().name}-{qtype}.gguf")
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        partial = out.with_suffix(".partial")
+        env = dict(os.environ, LD_LIBRARY_PATH=str(binary))
+        subprocess.run([str(binary / "llama-quantize"), str(src), str(partial), qtype, str(os.cpu_count() or 1)],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial.rename(out)
+    return out
+
+
 class LlamaCpp:
     """llama.cpp's `llama-bench` on one GGUF file (its defaults: flash attention auto, f16 KV cache)."""
 
@@ -183,7 +203,12 @@ def main():
     ap.add_argument("--decode", type=int, default=32, help="decode steps per measurement")
     ap.add_argument("--depth", type=int, default=0, help="also decode after this many tokens of context")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on bf16 and f16 GGUF conversions")
+    ap.add_argument("--quantized", nargs="+", default=[], metavar="TYPE",
+                    help="with --llama-cpp: also these llama-quantize types (Q8_0, Q4_K_M, ...): lockstep exact "
+                         "and q8dot against llama.cpp on the same file")
     args = ap.parse_args()
+    if args.quantized and not args.llama_cpp:
+        sys.exit("error: --quantized needs --llama-cpp (the files are made and compared with llama.cpp)")
     if not LOCKSTEP.exists():
         sys.exit(f"error: {LOCKSTEP} missing; run cargo build --release -p lockstep-cli")
     import torch
@@ -200,6 +225,16 @@ def main():
         if llama_bin is not None:
             for outtype in ("bf16", "f16"):
                 engines[f"llama.cpp {outtype}"] = LlamaCpp(llama_bin, llama_cpp_gguf(model, outtype), threads)
+        # Quantized files: each row's ratio is to llama.cpp on the same file.
+        baseline = {e: "PyTorch bf16 sdpa" for e in engines}
+        for qtype in args.quantized:
+            gguf = llama_cpp_quantized(llama_bin, model, qtype)
+            llama = f"llama.cpp {qtype}"
+            engines[llama] = LlamaCpp(llama_bin, gguf, threads)
+            for d, mode in (("f32", "exact"), ("q8dot", "fast")):
+                engines[f"lockstep {qtype} {mode} ({d})"] = Lockstep(gguf, d)
+                baseline[f"lockstep {qtype} {mode} ({d})"] = llama
+            baseline[llama] = llama
         cols = [f"prefill {p}" for p in args.prefill] + ["decode"] + ([f"decode @{args.depth}"] if args.depth else [])
         res = {e: {c: [] for c in cols} for e in engines}
         for r in range(args.rounds):
@@ -215,15 +250,15 @@ def main():
                       + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols),
                       file=sys.stderr, flush=True)
         med = {e: {c: statistics.median(v) for c, v in cs.items()} for e, cs in res.items()}
-        base = med["PyTorch bf16 sdpa"]
         for e in engines:
+            base = med[baseline[e]]
             rows.append((model.name, e, [(med[e][c], med[e][c] / base[c]) for c in cols]))
         del engines
     print(f"\n{datetime.date.today()}, {cpu_name()}, {threads} threads, medians of {args.rounds} "
           f"alternating rounds; prefill: one forward pass over P random token ids; decode: "
           f"{args.decode} greedy steps after a {DECODE_PROMPT}-token prompt (decode @D: after D tokens); "
           f"llama.cpp: llama-bench, its defaults; (×) = ratio to "
-          f"PyTorch bf16 sdpa in the same run\n")
+          f"PyTorch bf16 sdpa in the same run (quantized rows: to llama.cpp on the same file)\n")
     print("| model | engine | " + " | ".join(f"{c} tok/s" for c in cols) + " |")
     print("|---|---|" + "---:|" * len(cols))
     for model, e, vals in rows:

@@ -59,7 +59,7 @@ def trace_batch(jobs_path: str) -> None:
             gguf = tracer.gguf_file(job.model)
             if gguf is None:
                 raise ValueError(f"{job.model}: the q8dot reference needs a GGUF file")
-            with q8act.quantized_inputs(model, q8act.activation_formats(gguf)):
+            with q8act.quantized_inputs(model, q8act.activation_plan(gguf, model.config)):
                 tensors = tracer.trace_model(model, job.tokens, dtype)
         else:
             tensors = tracer.trace_model(model, job.tokens, dtype)

@@ -285,6 +285,57 @@ fn every_type_matches_transformers() {
     assert_eq!(out.lines().last().unwrap(), "[9707,11,1879,0]");
 }
 
+/// `--dtype q8dot` (llama.cpp's 8-bit activations and integer dot products on block-quantized
+/// matrices) runs on the SmolLM2 Q4_1 file, says so in the trace, and lands near exact f32 but
+/// not on it; on a checkpoint without block-quantized matrices it is a one-line error. (How far
+/// from exact math, judged against the reference's own q8 run: `verify_runs_on_a_gguf_file`.)
+#[test]
+fn q8dot_runs_on_quantized_files_only() {
+    let gguf = smollm2_gguf();
+    let dir = scratch("gguf-q8dot");
+    let trace = |dtype: &str| {
+        let out = dir.join(format!("{dtype}.safetensors"));
+        lockstep_ok(&[
+            "trace",
+            "--model",
+            s(&gguf),
+            "--tokens",
+            "1,504,3458,282,4790",
+            "--dtype",
+            dtype,
+            "--out",
+            s(&out),
+        ]);
+        lockstep_trace::Trace::read(&out).unwrap()
+    };
+    let (exact, fast) = (trace("f32"), trace("q8dot"));
+    assert_eq!(fast.metadata.get("mode").map(String::as_str), Some("q8dot"));
+    let d = max_abs_diff(&exact, &fast, "logits");
+    assert!(d > 1e-3 && d < 5.0, "q8dot vs f32 logits: {d}");
+    let folder = fixtures().join("models/qwen2-gqa");
+    let out = dir.join("safetensors-q8dot.safetensors");
+    let o = lockstep(&[
+        "trace",
+        "--model",
+        s(&folder),
+        "--tokens",
+        "1,2,3",
+        "--dtype",
+        "q8dot",
+        "--out",
+        s(&out),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("q8dot") && lines[0].contains("block-quantized"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
 // ---- damaged files (no reference needed) ---------------------------------------------------------
 
 /// A GGUF metadata value for the writer below.

@@ -284,7 +284,11 @@ fn check_memory(
             .and_then(|t| t.encode(text).ok())
             .map_or(text.len(), |ids| ids.len())
     };
-    let prompt_len = inputs.iter().map(|i| tokens(&i.text) + 16).max().unwrap_or(16);
+    let prompt_len = inputs
+        .iter()
+        .map(|i| tokens(&i.text) + 16)
+        .max()
+        .unwrap_or(16);
     let (act_bytes, reference_bytes) = match dtype {
         TierChoice::One(Precision::F64) | TierChoice::All => (8, 4),
         TierChoice::One(Precision::BF16) => (4, 2),

@@ -16,17 +16,20 @@ pub struct PythonReference {
     tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
     weights: HashMap<PathBuf, ReferenceWeights>,
     generated: HashMap<String, Vec<GeneratedRow>>,
+    /// [`code_stamp`] of the reference's code, part of every cached trace's key.
+    code: String,
 }
 
 impl PythonReference {
     /// A reference runner writing its request files under `scratch`.
     pub fn new(env: ReferenceEnv, scratch: &Path) -> Self {
         PythonReference {
-            env,
             scratch: scratch.to_path_buf(),
             tokenized: HashMap::new(),
             weights: HashMap::new(),
             generated: HashMap::new(),
+            code: code_stamp(&env),
+            env,
         }
     }
 
@@ -156,6 +159,33 @@ fn model_stamp(model: &Path) -> String {
     }
     let mut files: Vec<String> = std::fs::read_dir(model)
         .map(|rd| rd.filter_map(|e| stamp(&e.ok()?.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    files.join(",")
+}
+
+/// What cached traces depend on in the reference's own code: the size and modification time of
+/// every `.py` file of the `lockstep_reference` package (a changed reference runs again); for an
+/// installed package, the python that runs it.
+fn code_stamp(env: &ReferenceEnv) -> String {
+    let Some(dir) = &env.package_dir else {
+        return env.python.display().to_string();
+    };
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("lockstep_reference"))
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let path = e.ok()?.path();
+                if path.extension()? != "py" {
+                    return None;
+                }
+                let m = std::fs::metadata(&path).ok()?;
+                let t = m.modified().ok()?;
+                let t = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+                let name = path.file_name()?.to_string_lossy().into_owned();
+                Some(format!("{name}:{}:{t}", m.len()))
+            })
+            .collect()
+        })
         .unwrap_or_default();
     files.sort();
     files.join(",")
@@ -313,7 +343,8 @@ impl Reference for PythonReference {
             .iter()
             .filter(|j| {
                 !(j.out.exists()
-                    && std::fs::read_to_string(sidecar(j)).ok().as_deref() == Some(&job_key(j)))
+                    && std::fs::read_to_string(sidecar(j)).ok().as_deref()
+                        == Some(&format!("{}|{}", job_key(j), self.code)))
             })
             .collect();
         if todo.is_empty() {
@@ -332,7 +363,7 @@ impl Reference for PythonReference {
         let req = self.write_request("traces.json", &list)?;
         self.env.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
-            std::fs::write(sidecar(j), job_key(j)).map_err(|e| {
+            std::fs::write(sidecar(j), format!("{}|{}", job_key(j), self.code)).map_err(|e| {
                 HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
             })?;
         }
@@ -344,7 +375,7 @@ impl Reference for PythonReference {
         let sidecar = |j: &OpsJob| j.out_exact.with_extension("job");
         let mut todo = vec![];
         for j in jobs {
-            let key = ops_key(j)?;
+            let key = format!("{}|{}", ops_key(j)?, self.code);
             let done = j.out_exact.exists()
                 && j.out_reference.as_ref().is_none_or(|p| p.exists())
                 && std::fs::read_to_string(sidecar(j)).ok().as_deref() == Some(&key);

@@ -50,7 +50,18 @@ pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 /// Computes what [`linear_reference`] computes up to the order of the f32 (f64) summation:
 /// weight rows are split over threads, and each thread reads the stored weight bytes in place
 /// (no per-call copy of the weights) with the fastest kernel this CPU has (see [`Kernel`]).
+///
+/// A block weight marked [`Tensor::q8_dot`] in f32 compute runs [`linear_q8dot`] instead
+/// (llama.cpp's 8-bit arithmetic, not exact; `--dtype q8dot`).
 pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: &mut [T]) {
+    if w.q8_dot && w.dtype.is_block() && T::PRECISION == Precision::F32 {
+        if let (Some(xf), Some(of)) = (T::as_f32s(x), T::f32_ptr(out.as_mut_ptr())) {
+            // SAFETY: an f32-compute type holds exactly one f32 per value (`f32_ptr`).
+            let of = unsafe { std::slice::from_raw_parts_mut(of, out.len()) };
+            let bias = bias.map(|b| T::as_f32s(b).expect("f32 compute"));
+            return linear_q8dot(xf, n, w, bias, of);
+        }
+    }
     linear_with(Kernel::detect(), x, n, w, bias, out)
 }
 
