@@ -216,8 +216,8 @@ mod tests {
     }
 }
 
-/// One-thread decode throughput (`n = 1`) of the q8dot kernels against the exact fused block
-/// kernels, in GB/s of stored weight bytes, on 0.5B-shaped matrices (896 → 4864, 4864 → 896)
+/// One-thread decode throughput (`n = 1`, or `Q8DOT_N` tokens) of the q8dot kernels against
+/// the exact kernels (for decode, the fused block kernels), in GB/s of stored weight bytes, on 0.5B-shaped matrices (896 → 4864, 4864 → 896)
 /// cycled through a working set larger than the L3 cache. Not in CI: run with
 /// `cargo test --release -p lockstep-engine --lib -- --ignored bench_q8dot --nocapture`.
 #[cfg(test)]
@@ -264,8 +264,9 @@ mod bench {
                 })
                 .collect();
             let total: usize = ws.iter().map(|w| w.bytes().len()).sum();
-            let x: Vec<f32> = super::super::tests::pseudo(4864, 3);
-            let mut out = vec![0f32; 4864];
+            let n: usize = std::env::var("Q8DOT_N").map_or(1, |v| v.parse().unwrap());
+            let x: Vec<f32> = super::super::tests::pseudo(n * 4864, 3);
+            let mut out = vec![0f32; n * 4864];
             let mut time = |q8: bool| {
                 let mut best = f64::INFINITY;
                 for _ in 0..if total < 64 << 20 { 100 } else { 3 } {
@@ -275,14 +276,15 @@ mod bench {
                         pool.install(|| {
                             if q8 {
                                 crate::kernels::matmul::linear_q8dot(
-                                    &x[..k],
-                                    1,
+                                    &x[..n * k],
+                                    n,
                                     w,
                                     None,
-                                    &mut out[..m],
+                                    &mut out[..n * m],
                                 )
                             } else {
-                                linear_with(Kernel::Avx2, &x[..k], 1, w, None, &mut out[..m])
+                                let (x, o) = (&x[..n * k], &mut out[..n * m]);
+                                linear_with(Kernel::Avx2, x, n, w, None, o)
                             }
                         });
                     }
@@ -292,7 +294,7 @@ mod bench {
             };
             let (exact, fast) = (time(false), time(true));
             eprintln!(
-                "{dtype:?}: {} MB, exact fused {exact:.1} GB/s, q8dot {fast:.1} GB/s ({:.2}x)",
+                "{dtype:?} n={n}: {} MB, exact {exact:.1} GB/s, q8dot {fast:.1} GB/s ({:.2}x)",
                 total >> 20,
                 fast / exact
             );

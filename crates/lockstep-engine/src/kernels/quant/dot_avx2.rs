@@ -1,19 +1,24 @@
 //! The integer dot products of [`super::dot_scalar`] on AVX2, modeled on llama.cpp's AVX2
 //! `ggml_vec_dot_*_q8_*` (`ggml-cpu/arch/x86/quants.c`): 32 weight quants unpacked to bytes,
-//! multiplied with 32 activation quants by `maddubs` (u8 × i8, pairs summed to i16; a signed
-//! weight goes through the sign trick `|x| × sign(y, x)`), `madd` to i32 lanes, then each block's
-//! 8 lanes converted to f32 and FMA'd with the block's scale product into 8 f32 lanes. K-quants
-//! weight the i16 pair sums by their sub-block scales with `madd` and sum a block's 256 products
-//! in i32 lanes before the one FMA; their mins meet the activations' 16-sums.
+//! multiplied with 32 activation quants by `maddubs` (u8 × i8, pairs summed to i16), `madd` to
+//! i32 lanes, then each block's 8 lanes converted to f32 and FMA'd with the block's scale product
+//! `dx·dy` into 8 f32 lanes, reduced at the end as llama.cpp's `hsum_float_8`. Q8_0's signed
+//! weights go through llama.cpp's sign trick `|x| × sign(y, x)`; Q4_0/Q5_0's `q - 8`/`q - 16`
+//! are taken unsigned, and the lanes of `8·y`/`16·y` (once per activation block, for every row)
+//! subtracted after the `madd` (the same i32 lanes as the sign trick gives). K-quants weight the
+//! i16 pair sums by their sub-block scales with `madd` and sum a block's 256 products in i32
+//! lanes before the one FMA; Q4_K/Q5_K's mins meet the activations' 16-sums, Q6_K's offset 32
+//! is removed as `32·Σ scale·bsum`.
 //!
-//! Unlike llama.cpp's one row by one token, a call computes a tile of up to 4 weight rows by up
-//! to 3 tokens, unpacking each weight block once for all the tile's tokens, so each weight byte
-//! is read once per call when the call has at most 3 tokens.
+//! Unlike llama.cpp's one row by one token, a call computes tiles of 4 weight rows (then single
+//! rows) by up to 3 tokens, unpacking each weight block once for all the tile's tokens, so each
+//! weight byte is read from memory once per call when the call has at most 3 tokens (more
+//! tokens re-read a tile's rows from L1). Each block also prefetches the next tile's block.
 //!
 //! The integer sums are exact and the same as the reference's (no i16 saturation: at most
-//! 2 · 128 · 127 per pair); only the f32 additions are grouped differently (8 lanes reduced at
-//! the end, as llama.cpp's `hsum_float_8`), so results differ from [`super::dot_scalar`] by f32
-//! reordering error.
+//! 2 · 128 · 127 per `maddubs` pair); only the f32 products and additions are grouped
+//! differently, so results differ from [`super::dot_scalar`] by f32 reordering error (the bound
+//! is derived in `dot_tests`).
 
 use super::q8act::Q8Acts;
 use crate::weights::StoredDtype;
