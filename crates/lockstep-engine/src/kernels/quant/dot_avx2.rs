@@ -39,6 +39,14 @@ unsafe fn f16(b: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The two f16 at `b` and `b + 2` widened exactly (one 4-byte load: the block's `d` and the
+/// next field, which is `m` for Q4_1/Q5_1 and ignored otherwise).
+#[inline(always)]
+unsafe fn f16x2(b: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(b.cast::<i32>().read_unaligned()));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
 /// llama.cpp's `hsum_float_8`: high half + low half, then pairs, then the last two.
 #[inline(always)]
 unsafe fn hsum(x: __m256) -> f32 {
@@ -99,7 +107,7 @@ impl Small for Q8_0 {
     const MIN: bool = false;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        (_mm256_loadu_si256(b.add(2).cast()), f16(b), 0.0)
+        (_mm256_loadu_si256(b.add(2).cast()), f16x2(b).0, 0.0)
     }
 }
 
@@ -112,7 +120,7 @@ impl Small for Q4_0 {
     const MIN: bool = false;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        (nibbles32(b.add(2)), f16(b), 0.0)
+        (nibbles32(b.add(2)), f16x2(b).0, 0.0)
     }
 }
 
@@ -125,7 +133,8 @@ impl Small for Q4_1 {
     const MIN: bool = true;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        (nibbles32(b.add(4)), f16(b), f16(b.add(2)))
+        let (d, m) = f16x2(b);
+        (nibbles32(b.add(4)), d, m)
     }
 }
 
@@ -139,7 +148,7 @@ impl Small for Q5_0 {
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
         let high = _mm256_and_si256(bits32(b.add(2)), _mm256_set1_epi8(16));
-        (_mm256_or_si256(nibbles32(b.add(6)), high), f16(b), 0.0)
+        (_mm256_or_si256(nibbles32(b.add(6)), high), f16x2(b).0, 0.0)
     }
 }
 
@@ -155,8 +164,8 @@ impl Small for Q5_1 {
         let high = _mm256_and_si256(bits32(b.add(4)), _mm256_set1_epi8(16));
         (
             _mm256_or_si256(nibbles32(b.add(8)), high),
-            f16(b),
-            f16(b.add(2)),
+            f16x2(b).0,
+            f16x2(b).1,
         )
     }
 }
@@ -324,7 +333,7 @@ impl<const FIVE: bool> Kern for K45<FIVE> {
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow).cast());
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow + 64).cast());
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow + 128).cast());
-                let (xd, xmin) = (f16(bp), f16(bp.add(2)));
+                let (xd, xmin) = f16x2(bp);
                 let ms = k_mins_and_scales(bp.add(4));
                 let mins = _mm256_extracti128_si256::<1>(ms);
                 let sc128 = _mm256_castsi256_si128(ms);
