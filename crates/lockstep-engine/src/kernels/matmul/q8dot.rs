@@ -216,7 +216,7 @@ mod tests {
     }
 }
 
-/// One-thread decode throughput (`n = 1`, or `Q8DOT_N` tokens) of the q8dot kernels against
+/// One-thread (or `Q8DOT_THREADS`) decode throughput (`n = 1`, or `Q8DOT_N` tokens) of the q8dot kernels against
 /// the exact kernels (for decode, the fused block kernels), in GB/s of stored weight bytes, on 0.5B-shaped matrices (896 → 4864, 4864 → 896)
 /// cycled through a working set larger than the L3 cache. Not in CI: run with
 /// `cargo test --release -p lockstep-engine --lib -- --ignored bench_q8dot --nocapture`.
@@ -230,8 +230,9 @@ mod bench {
     #[test]
     #[ignore]
     fn bench_q8dot_decode() {
+        let threads = std::env::var("Q8DOT_THREADS").map_or(1, |v| v.parse().unwrap());
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
+            .num_threads(threads)
             .build()
             .unwrap();
         let only = std::env::var("Q8DOT_TYPES").unwrap_or_default();
@@ -294,7 +295,7 @@ mod bench {
             };
             let (exact, fast) = (time(false), time(true));
             eprintln!(
-                "{dtype:?} n={n}: {} MB, exact {exact:.1} GB/s, q8dot {fast:.1} GB/s ({:.2}x)",
+                "{dtype:?} n={n} threads={threads}: {} MB, exact {exact:.1} GB/s, q8dot {fast:.1} GB/s ({:.2}x)",
                 total >> 20,
                 fast / exact
             );
