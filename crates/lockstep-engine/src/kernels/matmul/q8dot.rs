@@ -215,3 +215,90 @@ mod tests {
         crate::kernels::matmul::linear_q8dot(&[0.0; 32], 1, &w, None, &mut [0.0; 2]);
     }
 }
+
+/// One-thread (or `Q8DOT_THREADS`) decode throughput (`n = 1`, or `Q8DOT_N` tokens) of the q8dot kernels against
+/// the exact kernels (for decode, the fused block kernels), in GB/s of stored weight bytes, on 0.5B-shaped matrices (896 → 4864, 4864 → 896)
+/// cycled through a working set larger than the L3 cache. Not in CI: run with
+/// `cargo test --release -p lockstep-engine --lib -- --ignored bench_q8dot --nocapture`.
+#[cfg(test)]
+mod bench {
+    use super::super::{linear_with, Kernel};
+    use crate::kernels::quant::tests::{random_blocks, BLOCK_TYPES};
+    use crate::weights::Tensor;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn bench_q8dot_decode() {
+        let threads = std::env::var("Q8DOT_THREADS").map_or(1, |v| v.parse().unwrap());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let only = std::env::var("Q8DOT_TYPES").unwrap_or_default();
+        for (dtype, _) in BLOCK_TYPES {
+            if !only.is_empty() && !only.split(',').any(|t| t == format!("{dtype:?}")) {
+                continue;
+            }
+            let per = dtype.block_len();
+            // ~160 MB of weights (or ~4 MB, in cache, with `Q8DOT_CACHED`): 2 shapes x
+            // `copies`; K-quant rows need k a multiple of 256 (the 0.5B model's are 4864 long).
+            let shapes = if per == 32 {
+                [(4864, 896), (896, 4864)]
+            } else {
+                [(896, 4864), (1536, 4864)]
+            };
+            let one: usize = shapes.iter().map(|&(m, k)| m * k).sum();
+            let bytes_per = dtype.bytes_for(one).unwrap();
+            let set = if std::env::var("Q8DOT_CACHED").is_ok() {
+                4usize << 20
+            } else {
+                160 << 20
+            };
+            let copies = set.div_ceil(bytes_per);
+            let ws: Vec<Tensor> = (0..copies)
+                .flat_map(|c| {
+                    shapes.map(|(m, k)| {
+                        let b = random_blocks(dtype, m * k / per, 1 + c as u64, 0.05);
+                        Tensor::from_bytes(dtype, vec![m, k], b)
+                    })
+                })
+                .collect();
+            let total: usize = ws.iter().map(|w| w.bytes().len()).sum();
+            let n: usize = std::env::var("Q8DOT_N").map_or(1, |v| v.parse().unwrap());
+            let x: Vec<f32> = super::super::tests::pseudo(n * 4864, 3);
+            let mut out = vec![0f32; n * 4864];
+            let mut time = |q8: bool| {
+                let mut best = f64::INFINITY;
+                for _ in 0..if total < 64 << 20 { 100 } else { 3 } {
+                    let t = Instant::now();
+                    for w in &ws {
+                        let (m, k) = (w.shape[0], w.shape[1]);
+                        pool.install(|| {
+                            if q8 {
+                                crate::kernels::matmul::linear_q8dot(
+                                    &x[..n * k],
+                                    n,
+                                    w,
+                                    None,
+                                    &mut out[..n * m],
+                                )
+                            } else {
+                                let (x, o) = (&x[..n * k], &mut out[..n * m]);
+                                linear_with(Kernel::Avx2, x, n, w, None, o)
+                            }
+                        });
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                total as f64 / best / 1e9
+            };
+            let (exact, fast) = (time(false), time(true));
+            eprintln!(
+                "{dtype:?} n={n} threads={threads}: {} MB, exact {exact:.1} GB/s, q8dot {fast:.1} GB/s ({:.2}x)",
+                total >> 20,
+                fast / exact
+            );
+        }
+    }
+}

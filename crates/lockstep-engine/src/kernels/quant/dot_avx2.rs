@@ -1,19 +1,24 @@
 //! The integer dot products of [`super::dot_scalar`] on AVX2, modeled on llama.cpp's AVX2
 //! `ggml_vec_dot_*_q8_*` (`ggml-cpu/arch/x86/quants.c`): 32 weight quants unpacked to bytes,
-//! multiplied with 32 activation quants by `maddubs` (u8 × i8, pairs summed to i16; a signed
-//! weight goes through the sign trick `|x| × sign(y, x)`), `madd` to i32 lanes, then each block's
-//! 8 lanes converted to f32 and FMA'd with the block's scale product into 8 f32 lanes. K-quants
-//! weight the i16 pair sums by their sub-block scales with `madd` and sum a block's 256 products
-//! in i32 lanes before the one FMA; their mins meet the activations' 16-sums.
+//! multiplied with 32 activation quants by `maddubs` (u8 × i8, pairs summed to i16), `madd` to
+//! i32 lanes, then each block's 8 lanes converted to f32 and FMA'd with the block's scale product
+//! `dx·dy` into 8 f32 lanes, reduced at the end as llama.cpp's `hsum_float_8`. Q8_0's signed
+//! weights go through llama.cpp's sign trick `|x| × sign(y, x)`; Q4_0/Q5_0's `q - 8`/`q - 16`
+//! are taken unsigned, and the lanes of `8·y`/`16·y` (once per activation block, for every row)
+//! subtracted after the `madd` (the same i32 lanes as the sign trick gives). K-quants weight the
+//! i16 pair sums by their sub-block scales with `madd` and sum a block's 256 products in i32
+//! lanes before the one FMA; Q4_K/Q5_K's mins meet the activations' 16-sums, Q6_K's offset 32
+//! is removed as `32·Σ scale·bsum`.
 //!
-//! Unlike llama.cpp's one row by one token, a call computes a tile of up to 4 weight rows by up
-//! to 3 tokens, unpacking each weight block once for all the tile's tokens, so each weight byte
-//! is read once per call when the call has at most 3 tokens.
+//! Unlike llama.cpp's one row by one token, a call computes tiles of 4 weight rows (then single
+//! rows) by up to 3 tokens, unpacking each weight block once for all the tile's tokens, so each
+//! weight byte is read from memory once per call when the call has at most 3 tokens (more
+//! tokens re-read a tile's rows from L1). Each block also prefetches the next tile's block.
 //!
 //! The integer sums are exact and the same as the reference's (no i16 saturation: at most
-//! 2 · 128 · 127 per pair); only the f32 additions are grouped differently (8 lanes reduced at
-//! the end, as llama.cpp's `hsum_float_8`), so results differ from [`super::dot_scalar`] by f32
-//! reordering error.
+//! 2 · 128 · 127 per `maddubs` pair); only the f32 products and additions are grouped
+//! differently, so results differ from [`super::dot_scalar`] by f32 reordering error (the bound
+//! is derived in `dot_tests`).
 
 use super::q8act::Q8Acts;
 use crate::weights::StoredDtype;
@@ -34,6 +39,14 @@ unsafe fn f16(b: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The two f16 at `b` and `b + 2` widened exactly (one 4-byte load: the block's `d` and the
+/// next field, which is `m` for Q4_1/Q5_1 and ignored otherwise).
+#[inline(always)]
+unsafe fn f16x2(b: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(b.cast::<i32>().read_unaligned()));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
 /// llama.cpp's `hsum_float_8`: high half + low half, then pairs, then the last two.
 #[inline(always)]
 unsafe fn hsum(x: __m256) -> f32 {
@@ -47,11 +60,8 @@ unsafe fn hsum(x: __m256) -> f32 {
 #[inline(always)]
 unsafe fn nibbles32(p: *const u8) -> __m256i {
     let v = _mm_loadu_si128(p.cast());
-    let f = _mm_set1_epi8(0x0F);
-    _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16::<4>(v), f),
-        _mm_and_si128(v, f),
-    )
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(v), v);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
 /// Byte `i` all ones where bit `i` of the u32 at `p` is set (`bytes_from_bits_32`).
@@ -75,8 +85,13 @@ unsafe fn bits32(p: *const u8) -> __m256i {
 trait Small {
     /// Bytes per block.
     const BYTES: usize;
-    /// Whether the quants are signed (multiplied with the sign trick).
+    /// Whether the quants are signed i8 (multiplied with the sign trick).
     const SIGNED: bool;
+    /// The offset subtracted from the unsigned quants (`q - OFF`), 0 for none. Rather than
+    /// llama.cpp's `q - OFF` then the sign trick, `maddubs` takes the unsigned `q` and the
+    /// lanes of `OFF·y`, computed once per activation block for every row, are subtracted
+    /// after the `madd`: the same i32 lanes, fewer instructions per weight block.
+    const OFF: i8;
     /// Whether the block has a min `m` (times the activations' `s`).
     const MIN: bool;
     /// `(quants, d, m)` of the block at `b`.
@@ -88,10 +103,11 @@ struct Q8_0;
 impl Small for Q8_0 {
     const BYTES: usize = 34;
     const SIGNED: bool = true;
+    const OFF: i8 = 0;
     const MIN: bool = false;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        (_mm256_loadu_si256(b.add(2).cast()), f16(b), 0.0)
+        (_mm256_loadu_si256(b.add(2).cast()), f16x2(b).0, 0.0)
     }
 }
 
@@ -99,12 +115,12 @@ impl Small for Q8_0 {
 struct Q4_0;
 impl Small for Q4_0 {
     const BYTES: usize = 18;
-    const SIGNED: bool = true;
+    const SIGNED: bool = false;
+    const OFF: i8 = 8;
     const MIN: bool = false;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        let q = _mm256_sub_epi8(nibbles32(b.add(2)), _mm256_set1_epi8(8));
-        (q, f16(b), 0.0)
+        (nibbles32(b.add(2)), f16x2(b).0, 0.0)
     }
 }
 
@@ -113,23 +129,26 @@ struct Q4_1;
 impl Small for Q4_1 {
     const BYTES: usize = 20;
     const SIGNED: bool = false;
+    const OFF: i8 = 0;
     const MIN: bool = true;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        (nibbles32(b.add(4)), f16(b), f16(b.add(2)))
+        let (d, m) = f16x2(b);
+        (nibbles32(b.add(4)), d, m)
     }
 }
 
-/// Q5_0: f16 d, u32 fifth bits, nibbles; `q - 16` (0xF0 or'd in where the bit is clear).
+/// Q5_0: f16 d, u32 fifth bits, nibbles; `q - 16`.
 struct Q5_0;
 impl Small for Q5_0 {
     const BYTES: usize = 22;
-    const SIGNED: bool = true;
+    const SIGNED: bool = false;
+    const OFF: i8 = 16;
     const MIN: bool = false;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        let minus = _mm256_andnot_si256(bits32(b.add(2)), _mm256_set1_epi8(-16));
-        (_mm256_or_si256(nibbles32(b.add(6)), minus), f16(b), 0.0)
+        let high = _mm256_and_si256(bits32(b.add(2)), _mm256_set1_epi8(16));
+        (_mm256_or_si256(nibbles32(b.add(6)), high), f16x2(b).0, 0.0)
     }
 }
 
@@ -138,14 +157,15 @@ struct Q5_1;
 impl Small for Q5_1 {
     const BYTES: usize = 24;
     const SIGNED: bool = false;
+    const OFF: i8 = 0;
     const MIN: bool = true;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
         let high = _mm256_and_si256(bits32(b.add(4)), _mm256_set1_epi8(16));
         (
             _mm256_or_si256(nibbles32(b.add(8)), high),
-            f16(b),
-            f16(b.add(2)),
+            f16x2(b).0,
+            f16x2(b).1,
         )
     }
 }
@@ -188,9 +208,14 @@ impl<B: Small> Kern for SmallKern<B> {
         let mut summs = [[0f32; N]; R];
         for ib in 0..nb {
             let mut qy = [_mm256_setzero_si256(); N];
+            let mut off = [_mm256_setzero_si256(); N];
             let (mut dy, mut sy) = ([0f32; N], [0f32; N]);
             for t in 0..N {
                 qy[t] = _mm256_loadu_si256(a.qs.as_ptr().add((t0 + t) * k + 32 * ib).cast());
+                if B::OFF != 0 {
+                    let o = _mm256_maddubs_epi16(_mm256_set1_epi8(B::OFF), qy[t]);
+                    off[t] = _mm256_madd_epi16(o, ones);
+                }
                 dy[t] = *a.d.get_unchecked((t0 + t) * nb + ib);
                 if B::MIN {
                     sy[t] = *a.s.get_unchecked((t0 + t) * nb + ib);
@@ -212,7 +237,10 @@ impl<B: Small> Kern for SmallKern<B> {
                     } else {
                         qy[t]
                     };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, y), ones);
+                    let mut p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, y), ones);
+                    if B::OFF != 0 {
+                        p = _mm256_sub_epi32(p, off[t]);
+                    }
                     let d = _mm256_set1_ps(dx * dy[t]);
                     acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
                     if B::MIN {
@@ -231,15 +259,26 @@ impl<B: Small> Kern for SmallKern<B> {
     }
 }
 
-/// A Q4_K/Q5_K block's 6-bit scales (low 128 bits) and mins (high) as 16 × u16, as llama.cpp's
-/// `utmp` shuffle then `_mm256_cvtepu8_epi16`.
+/// A Q4_K/Q5_K block's 6-bit scales (low 128 bits) and mins (high) as 16 × u16, with llama.cpp's
+/// `utmp` shuffle of the 12 bytes at `s` (plain u32 operations), then `_mm256_cvtepu8_epi16`.
 #[inline(always)]
 unsafe fn k_mins_and_scales(s: *const u8) -> __m256i {
-    let (sc, mn) = super::k_scale_min(std::slice::from_raw_parts(s, 12));
-    let mut all = [0u8; 16];
-    all[..8].copy_from_slice(&sc);
-    all[8..].copy_from_slice(&mn);
-    _mm256_cvtepu8_epi16(_mm_loadu_si128(all.as_ptr().cast()))
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u0 = s.cast::<u32>().read_unaligned();
+    let u1 = s.add(4).cast::<u32>().read_unaligned();
+    let u2 = s.add(8).cast::<u32>().read_unaligned();
+    let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mins01 = u1 & KMASK1;
+    let sc47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let sc03 = u0 & KMASK1;
+    _mm256_cvtepu8_epi16(_mm_set_epi32(
+        u3 as i32,
+        mins01 as i32,
+        sc47 as i32,
+        sc03 as i32,
+    ))
 }
 
 /// Bit `s` of each byte of `hbits`, times 16 (a Q5_K sub-block's fifth bits).
@@ -294,7 +333,7 @@ impl<const FIVE: bool> Kern for K45<FIVE> {
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow).cast());
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow + 64).cast());
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(R * wrow + 128).cast());
-                let (xd, xmin) = (f16(bp), f16(bp.add(2)));
+                let (xd, xmin) = f16x2(bp);
                 let ms = k_mins_and_scales(bp.add(4));
                 let mins = _mm256_extracti128_si256::<1>(ms);
                 let sc128 = _mm256_castsi256_si128(ms);
