@@ -602,8 +602,15 @@ fn verify_runs_on_a_gguf_file() {
         "weights                          272 tensors bit-identical",
         "single-token forward [f32]",
         "layer-by-layer [f32]",
+        "q8dot: 8-bit activations, integer dot products [f32, fast mode]",
         "greedy generation [f32]",
     ]);
     let stdout = &run.stdout;
     assert!(stdout.contains("3 chat-template renderings"), "{stdout}");
+    // The fast mode ran llama.cpp's arithmetic (the first quantized matmul agrees with the
+    // reference's 8-bit run to f32 rounding).
+    assert!(
+        stdout.contains("llama.cpp's arithmetic: 1/1 positions"),
+        "{stdout}"
+    );
 }
