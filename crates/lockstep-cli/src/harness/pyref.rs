@@ -218,6 +218,12 @@ fn ops_key(j: &OpsJob) -> HarnessResult<String> {
 }
 
 impl PythonReference {
+    /// A cache `key` (a trace's or an op job's) tied to this reference's code: a trace cached by
+    /// other reference code never matches it.
+    fn keyed(&self, key: String) -> String {
+        format!("{key}|{}", self.code)
+    }
+
     /// A bf16-stored copy of the checkpoint folder `src` in `dst` (rounded to nearest even as
     /// transformers rounds), made by the reference unless `dst` already holds one of this `src`.
     pub fn bf16_copy(&self, src: &Path, dst: &Path) -> HarnessResult<()> {
@@ -344,7 +350,7 @@ impl Reference for PythonReference {
             .filter(|j| {
                 !(j.out.exists()
                     && std::fs::read_to_string(sidecar(j)).ok().as_deref()
-                        == Some(&format!("{}|{}", job_key(j), self.code)))
+                        == Some(&self.keyed(job_key(j))))
             })
             .collect();
         if todo.is_empty() {
@@ -363,7 +369,7 @@ impl Reference for PythonReference {
         let req = self.write_request("traces.json", &list)?;
         self.env.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
-            std::fs::write(sidecar(j), format!("{}|{}", job_key(j), self.code)).map_err(|e| {
+            std::fs::write(sidecar(j), self.keyed(job_key(j))).map_err(|e| {
                 HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
             })?;
         }
@@ -375,7 +381,7 @@ impl Reference for PythonReference {
         let sidecar = |j: &OpsJob| j.out_exact.with_extension("job");
         let mut todo = vec![];
         for j in jobs {
-            let key = format!("{}|{}", ops_key(j)?, self.code);
+            let key = self.keyed(ops_key(j)?);
             let done = j.out_exact.exists()
                 && j.out_reference.as_ref().is_none_or(|p| p.exists())
                 && std::fs::read_to_string(sidecar(j)).ok().as_deref() == Some(&key);

@@ -69,13 +69,12 @@ fn agreeing_positions(ours: &Trace, reference: &Trace, oracle: &Trace) -> Option
     if a.shape != r.shape || r.shape != o.shape {
         return None;
     }
-    let (a, r, o) = (a.data.to_f64(), r.data.to_f64(), o.data.to_f64());
-    let shape = &reference.get(FIRST_MATMUL)?.shape;
-    let (outer, positions, inner) = match shape.as_slice() {
+    let (outer, positions, inner) = match r.shape.as_slice() {
         [1, heads, p, d] => (*heads, *p, *d),
         [1, p, f] => (1, *p, *f),
         _ => return None,
     };
+    let (a, r, o) = (a.data.to_f64(), r.data.to_f64(), o.data.to_f64());
     let mut worst = vec![(0.0f64, 0.0f64); positions];
     for h in 0..outer {
         for (p, w) in worst.iter_mut().enumerate() {
@@ -98,19 +97,14 @@ fn agreeing_positions(ours: &Trace, reference: &Trace, oracle: &Trace) -> Option
     Some((agree, positions))
 }
 
-/// The model marked for `q8dot` when its checkpoint has block-quantized matrices (a GGUF), else
+/// The model marked for `q8dot` when its matmuls include block-quantized ones (a GGUF), else
 /// `None` (the phase does not apply). Loaded again (the same mapped files) with the same fault.
 pub fn q8dot_model(
     loaded: &Model,
     path: &Path,
     fault: Option<Fault>,
 ) -> HarnessResult<Option<Model>> {
-    if !loaded
-        .checkpoint
-        .tensors
-        .values()
-        .any(|t| t.dtype.is_block())
-    {
+    if !loaded.has_block_matmuls() {
         return Ok(None);
     }
     let mut model = Model::load_with_fault(path, fault)?;
@@ -182,6 +176,7 @@ fn judge_input(ours: &Trace, reference: &Trace, oracle: &Trace) -> InputJudgemen
             );
             continue;
         };
+        let vocab = r.shape.last().copied().unwrap_or(1);
         let (a, r, o) = (a.data.to_f64(), r.data.to_f64(), o.data.to_f64());
         j.judged += 1;
         if a.iter().any(|v| !v.is_finite()) {
@@ -190,10 +185,6 @@ fn judge_input(ours: &Trace, reference: &Trace, oracle: &Trace) -> InputJudgemen
         }
         let magnitude = o.iter().fold(1.0f64, |m, v| m.max(v.abs()));
         let floor = F32_FLOOR_EPSILONS * f32::EPSILON as f64 * magnitude;
-        let vocab = reference
-            .get(name)
-            .and_then(|t| t.shape.last().copied())
-            .unwrap_or(1);
         let (d_ours, d_ref) = if name == "logits" {
             (
                 mean_abs_centred(&a, &o, vocab),

@@ -165,20 +165,26 @@ impl Model {
     /// `q8dot` on a model without a block-quantized matrix: it would run plain f32, so say so.
     pub fn use_dtype(&mut self, dtype: Dtype) -> Result<()> {
         let on = dtype == Dtype::Q8dot;
-        let mut marked = 0usize;
-        let mut mark = |t: &mut Tensor| {
-            t.q8_dot = on && t.dtype.is_block();
-            marked += usize::from(t.q8_dot);
-        };
-        for layer in &mut self.layers {
-            layer.linears_mut().into_iter().for_each(&mut mark);
-        }
-        mark(&mut self.lm_head);
-        if on && marked == 0 {
+        if on && !self.has_block_matmuls() {
             return Err(EngineError::Input(
                 "--dtype q8dot needs a GGUF whose matrices are block-quantized (Q8_0, Q4_K, ...); this model has none (use f32)".into(),
             ));
         }
+        let mark = |t: &mut Tensor| t.q8_dot = on && t.dtype.is_block();
+        for layer in &mut self.layers {
+            layer.linears_mut().into_iter().for_each(mark);
+        }
+        mark(&mut self.lm_head);
         Ok(())
+    }
+
+    /// Whether a layer's linear or the LM head is stored ggml block-quantized: the matmuls
+    /// [`Dtype::Q8dot`] changes (a GGUF quantizing only its embedding has none).
+    pub fn has_block_matmuls(&self) -> bool {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain([&self.lm_head])
+            .any(|t| t.dtype.is_block())
     }
 }
