@@ -17,6 +17,8 @@ mod avx512;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod blocks_avx2;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx512;
 mod q8dot;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as

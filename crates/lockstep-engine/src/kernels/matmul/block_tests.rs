@@ -48,7 +48,7 @@ fn check<T: Float>() {
                 .iter()
                 .map(|&v| T::from_f64(v as f64).to_act_dtype())
                 .collect();
-            for n in [1, 3, 17] {
+            for n in [1, 2, 3, 17] {
                 let x: Vec<T> = pseudo(n * k, 2 + n as u64)
                     .iter()
                     .map(|&v| T::from_f64(v as f64).to_act_dtype())

@@ -5,12 +5,13 @@
 //! the rows are grouped). Each weight byte is decoded once per call, whatever the token count.
 //!
 //! Fewer than `avx2::PN` tokens (decode) skip the buffer: [`super::blocks_avx2`] decodes each 8
-//! weights in a register and sums them at once, with the AVX2 kernel's bits. AVX-512 CPUs take
-//! that path too (there is no 16-lane fused decode yet): decode streams the stored bytes, and the
-//! buffer path ran at 0.27x its speed there (Q8_0, 0.5B shape: 9.4 against 34 tok/s), so on
-//! AVX-512 a decode step sums in the AVX2 kernel's order, not the AVX-512 one's (both exact f32).
+//! weights in a register and sums them at once, with the AVX2 kernel's bits, and on AVX-512
+//! [`super::blocks_avx512`] does the same for two rows per register, with the same bits. Decode
+//! streams the stored bytes, and the buffer path ran at 0.27x the fused one's speed on AVX-512
+//! (Q8_0, 0.5B shape: 9.4 against 34 tok/s), so on AVX-512 a decode step sums in the AVX2
+//! kernel's order, not the AVX-512 one's (both exact f32).
 
-use super::{avx2, avx512, blocks_avx2};
+use super::{avx2, avx512, blocks_avx2, blocks_avx512};
 use crate::kernels::quant;
 use crate::weights::Tensor;
 use std::ops::Range;
@@ -39,6 +40,11 @@ pub(super) unsafe fn sums(
     let m = w.shape[0];
     let row = w.dtype.bytes_for(k).expect("rows of whole blocks");
     assert!(rows.end <= m && w.bytes().len() == m * row);
+    if n < avx2::PN && !avx2 && blocks_avx512::available() {
+        // Decode: each 8 weights of two rows decoded in a register and summed at once (the
+        // same bits as the AVX2 path below).
+        return blocks_avx512::sums(w.dtype, bf16, x, n, k, w.bytes(), m, rows, out);
+    }
     if n < avx2::PN && blocks_avx2::available() {
         // Decode: each 8 weights decoded in a register and summed at once (the same bits).
         return blocks_avx2::sums(w.dtype, bf16, x, n, k, w.bytes(), m, rows, out);

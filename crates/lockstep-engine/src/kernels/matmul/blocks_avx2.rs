@@ -47,7 +47,7 @@ trait Fused {
 
 /// The f16 at `b` widened exactly (F16C, as `quant`'s decoders do).
 #[inline(always)]
-unsafe fn f16(b: *const u8) -> f32 {
+pub(super) unsafe fn f16(b: *const u8) -> f32 {
     let bits = u16::from_le_bytes([*b, *b.add(1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
@@ -215,7 +215,7 @@ impl Fused for Q5_1 {
 /// A Q4_K/Q5_K block's sub-block factors `d * sc[j]` and `dmin * m[j]` (the scalar products the
 /// decoders form once per sub-block).
 #[inline(always)]
-unsafe fn k_factors(b: *const u8) -> ([f32; 8], [f32; 8]) {
+pub(super) unsafe fn k_factors(b: *const u8) -> ([f32; 8], [f32; 8]) {
     let (d, dmin) = (f16(b), f16(b.add(2)));
     let s = std::slice::from_raw_parts(b.add(4), 12);
     let (sc, mins) = crate::kernels::quant::k_scale_min(s);
