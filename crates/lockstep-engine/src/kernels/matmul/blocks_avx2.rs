@@ -215,7 +215,7 @@ impl Fused for Q5_1 {
 /// A Q4_K/Q5_K block's sub-block factors `d * sc[j]` and `dmin * m[j]` (the scalar products the
 /// decoders form once per sub-block).
 #[inline(always)]
-pub(super) unsafe fn k_factors(b: *const u8) -> ([f32; 8], [f32; 8]) {
+unsafe fn k_factors(b: *const u8) -> ([f32; 8], [f32; 8]) {
     let (d, dmin) = (f16(b), f16(b.add(2)));
     let s = std::slice::from_raw_parts(b.add(4), 12);
     let (sc, mins) = crate::kernels::quant::k_scale_min(s);

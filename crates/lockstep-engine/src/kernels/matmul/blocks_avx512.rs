@@ -19,7 +19,7 @@
 
 use super::avx2::{self, KC, PN};
 use super::avx512;
-use super::blocks_avx2::{self, f16, k_factors};
+use super::blocks_avx2::{self, f16};
 use crate::weights::StoredDtype;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -29,6 +29,7 @@ pub(super) fn available() -> bool {
     blocks_avx2::available()
         && avx512::available()
         && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("bmi2")
 }
 
@@ -53,13 +54,8 @@ trait Paired {
     unsafe fn sixteen(a: *const u8, b: *const u8, p: &Self::Prep, g: usize) -> __m512;
 }
 
-/// `x` in lanes 0-7, `y` in lanes 8-15.
-#[inline(always)]
-unsafe fn halves(x: f32, y: f32) -> __m512 {
-    _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(x), _mm512_set1_ps(y))
-}
-
-/// The f16s at `a` and `b` widened exactly (F16C, as `quant`'s decoders do), as [`halves`].
+/// The f16s at `a` and `b` widened exactly (F16C, as `quant`'s decoders do): `a`'s in lanes 0-7, `b`'s in
+/// lanes 8-15.
 #[inline(always)]
 unsafe fn f16_halves(a: *const u8, b: *const u8) -> __m512 {
     let bits = u16::from_le_bytes([*a, *a.add(1)]) as u32
@@ -243,8 +239,8 @@ impl Paired for Q5_1 {
     }
 }
 
-/// A Q4_K/Q5_K block pair: per sub-block `j`, `d·sc[j]` and `−dmin·m[j]` of each row (as
-/// [`halves`]), and the 256 + 256 integers in the pair layout (64 bytes per sub-block).
+/// A Q4_K/Q5_K block pair: per sub-block `j`, `d·sc[j]` and `−dmin·m[j]` of each row (in
+/// lanes 0-7 and 8-15), and the 256 + 256 integers in the pair layout (64 bytes per sub-block).
 #[derive(Clone, Copy)]
 struct KPrep {
     ds: [__m512; 8],
@@ -256,16 +252,17 @@ struct KPrep {
 /// block.
 #[inline(always)]
 unsafe fn k_prep(a: *const u8, b: *const u8, qs: usize) -> KPrep {
-    let (dsa, ma) = k_factors(a);
-    let (dsb, mb) = k_factors(b);
+    let (ds, dm) = k_factors_pair(a, b);
+    let neg_dm = _mm512_sub_ps(_mm512_setzero_ps(), dm);
     let mut p = KPrep {
         ds: [_mm512_setzero_ps(); 8],
         neg_dm: [_mm512_setzero_ps(); 8],
         q: [Bytes64([0; 64]); 8],
     };
     for j in 0..8 {
-        p.ds[j] = halves(dsa[j], dsb[j]);
-        p.neg_dm[j] = halves(-ma[j], -mb[j]);
+        let idx = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(j), _mm512_set1_epi32(8 + j));
+        p.ds[j as usize] = _mm512_permutexvar_ps(idx, ds);
+        p.neg_dm[j as usize] = _mm512_permutexvar_ps(idx, neg_dm);
     }
     // Sub-blocks 2c and 2c + 1: the low and high nibbles of bytes 32c..32c + 32.
     let f = _mm512_set1_epi8(0x0F);
@@ -278,6 +275,65 @@ unsafe fn k_prep(a: *const u8, b: *const u8, qs: usize) -> KPrep {
         p.q[2 * c + 1] = Bytes64::new(_mm512_and_si512(_mm512_srli_epi16::<4>(z), f));
     }
     p
+}
+
+/// A Q4_K/Q5_K block pair's sub-block factors `d * sc[j]` (first) and `dmin * m[j]` of the
+/// block at `a` in lanes `j` and of the block at `b` in lanes `8 + j`: the products
+/// `blocks_avx2::k_factors` forms, the 6-bit scales and mins unpacked as `quant::k_scale_min` does, 16 at
+/// once.
+#[inline(always)]
+unsafe fn k_factors_pair(a: *const u8, b: *const u8) -> (__m512, __m512) {
+    // Scale bytes s[0..12] of a at bytes 0.., of b at 16.. (16 read, 12 used).
+    let v = _mm512_castsi256_si512(_mm256_loadu2_m128i(b.add(4).cast(), a.add(4).cast()));
+    // Lane j gathers [lo, hi] bytes of its scale and of its min: j < 4: s[j], -, s[j + 4], -;
+    // j >= 4: s[j + 4], s[j - 4], s[j + 4], s[j].
+    let lane = |j: i32| -> i32 {
+        let [b0, b1, c0, c1] = if j < 4 {
+            [j, j, j + 4, j + 4]
+        } else {
+            [j + 4, j - 4, j + 4, j]
+        };
+        b0 | b1 << 8 | c0 << 16 | c1 << 24
+    };
+    let idx_a = _mm256_setr_epi32(
+        lane(0),
+        lane(1),
+        lane(2),
+        lane(3),
+        lane(4),
+        lane(5),
+        lane(6),
+        lane(7),
+    );
+    let idx_b = _mm256_add_epi8(idx_a, _mm256_set1_epi8(16));
+    let idx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(idx_a), idx_b);
+    let l = _mm512_permutexvar_epi8(idx, v);
+    // Per lane: j < 4 (lanes 0-3, 8-11): sc = lo & 63, m = (l >> 16) & 63; j >= 4:
+    // sc = (lo & 15) | (hi >> 6) << 4, m = (c0 >> 4) | (c1 >> 6) << 4.
+    let low4 = 0xF0F0u16;
+    let (m63, m15, m30) = (
+        _mm512_set1_epi32(63),
+        _mm512_set1_epi32(15),
+        _mm512_set1_epi32(0x30),
+    );
+    let keep = _mm512_mask_blend_epi32(low4, m63, m15);
+    let high = _mm512_maskz_mov_epi32(low4, m30);
+    let shift = _mm512_mask_blend_epi32(low4, _mm512_set1_epi32(16), _mm512_set1_epi32(20));
+    let sc = _mm512_or_si512(
+        _mm512_and_si512(l, keep),
+        _mm512_and_si512(_mm512_srli_epi32::<10>(l), high),
+    );
+    let m = _mm512_or_si512(
+        _mm512_and_si512(_mm512_srlv_epi32(l, shift), keep),
+        _mm512_and_si512(_mm512_srli_epi32::<26>(l), high),
+    );
+    // Lanes 0-7 a's d (dmin), 8-15 b's.
+    let d = f16_halves(a, b);
+    let dmin = f16_halves(a.add(2), b.add(2));
+    (
+        _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)),
+        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)),
+    )
 }
 
 /// `fma(d·sc, q, −dmin·m)` for group `g` (sub-block `g / 4`): `(d·sc)·q` is exact, so the bits
@@ -332,8 +388,8 @@ impl Paired for Q5K {
     }
 }
 
-/// A Q6_K block pair: `d·sc[i]` of each row for its 16 scales (as [`halves`]) and the 256 +
-/// 256 values `q − 32` in the pair layout (64 bytes per 32 elements).
+/// A Q6_K block pair: `d·sc[i]` of each row for its 16 scales (in lanes 0-7 and 8-15) and the
+/// 256 + 256 values `q − 32` in the pair layout (64 bytes per 32 elements).
 #[derive(Clone, Copy)]
 struct Q6Prep {
     de: [__m512; 16],
@@ -349,16 +405,20 @@ impl Paired for Q6K {
     type Prep = Q6Prep;
     #[inline(always)]
     unsafe fn prep(a: *const u8, b: *const u8) -> Q6Prep {
-        let (da, db) = (f16(a.add(208)), f16(b.add(208)));
         let mut p = Q6Prep {
             de: [_mm512_setzero_ps(); 16],
             q: [Bytes64([0; 64]); 8],
         };
+        // d * sc[i] of a's 16 scales and of b's, then lanes i (8 copies) and 16 + i.
+        let de = |x: *const u8| {
+            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(x.add(192).cast()));
+            _mm512_mul_ps(_mm512_set1_ps(f16(x.add(208))), _mm512_cvtepi32_ps(sc))
+        };
+        let (da, db) = (de(a), de(b));
         for i in 0..16 {
-            p.de[i] = halves(
-                da * (*a.add(192 + i) as i8) as f32,
-                db * (*b.add(192 + i) as i8) as f32,
-            );
+            let idx =
+                _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(i), _mm512_set1_epi32(16 + i));
+            p.de[i as usize] = _mm512_permutex2var_ps(da, idx, db);
         }
         let load = |o: usize| {
             pair_layout(
@@ -500,7 +560,7 @@ pub(super) unsafe fn sums(
 ///
 /// # Safety
 /// As [`sums`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,bmi2,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,bmi2,avx2,fma,f16c")]
 unsafe fn sums_fma<B: Paired, const BF: bool>(
     x: &[f32],
     n: usize,
