@@ -81,72 +81,18 @@ pub fn attention<T: Float>(
     if let Some(m) = key_mask {
         assert_eq!(m.len(), s_len, "attention: key mask length");
     }
-    let hidden = |s: usize| key_mask.is_some_and(|m| !m[s]);
-    let scale = T::from_f64((d as f64).powf(-0.5));
-
-    // One head: its queries' outputs `[T][D]` and, if wanted, probabilities `[T][S]`.
-    let one_head = |head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>| {
-        let kv = spec.kv_head(head);
-        let mut row = vec![T::ZERO; s_len];
-        for t in 0..t_len {
-            let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
-            let visible = if spec.causal {
-                spec.q_start + t + 1
-            } else {
-                s_len
-            };
-            // The first key inside the window.
-            let lo = spec
-                .window
-                .map_or(0, |w| (spec.q_start + t + 1).saturating_sub(w));
-            let hidden = |s: usize| s < lo || hidden(s);
-            let mut max = T::NEG_INFINITY;
-            for (s, r) in row.iter_mut().enumerate().take(visible) {
-                if hidden(s) {
-                    *r = T::NEG_INFINITY;
-                    continue;
-                }
-                let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
-                *r = (super::matmul::dot(qv, kr).to_act_dtype() * scale).to_act_dtype();
-                if *r > max {
-                    max = *r;
-                }
-            }
-            if spec.softmax_bf16 {
-                softmax_in_bf16(&mut row[..visible], max, hidden);
-            } else {
-                let mut sum = T::ZERO;
-                for (s, r) in row.iter_mut().enumerate().take(visible) {
-                    *r = if hidden(s) { T::ZERO } else { (*r - max).exp() };
-                    sum += *r;
-                }
-                for r in row.iter_mut().take(visible) {
-                    *r = if sum > T::ZERO {
-                        (*r / sum).to_act_dtype()
-                    } else {
-                        T::ZERO
-                    };
-                }
-            }
-            for r in row.iter_mut().skip(visible) {
-                *r = T::ZERO;
-            }
-            let o = &mut o_head[t * d..(t + 1) * d];
-            o.fill(T::ZERO);
-            for (s, &p) in row.iter().enumerate().take(visible) {
-                let vr = &v[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
-                for (oi, &vi) in o.iter_mut().zip(vr) {
-                    *oi += p * vi;
-                }
-            }
-            for oi in o.iter_mut() {
-                *oi = oi.to_act_dtype();
-            }
-            if let Some(p) = p_head.as_deref_mut() {
-                p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
-            }
-        }
+    let heads = Heads {
+        spec,
+        q,
+        k,
+        v,
+        key_mask,
+        t_len,
+        s_len,
+        scale: T::from_f64((d as f64).powf(-0.5)),
     };
+    let one_head =
+        |head: usize, o_head: &mut [T], p_head: Option<&mut [T]>| heads.run(head, o_head, p_head);
 
     // Heads are independent: spread them over threads when there is enough work (a long prompt),
     // run them in order otherwise (decode steps, where thread wake-ups would cost more).
@@ -176,6 +122,123 @@ pub fn attention<T: Float>(
     for (head, o_head) in by_head.chunks_exact(t_len * d).enumerate() {
         for (t, o) in o_head.chunks_exact(d).enumerate() {
             out[(t * h + head) * d..(t * h + head + 1) * d].copy_from_slice(o);
+        }
+    }
+}
+
+/// One attention call's inputs, for computing it head by head.
+struct Heads<'a, T> {
+    spec: &'a AttentionSpec,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    key_mask: Option<&'a [bool]>,
+    t_len: usize,
+    s_len: usize,
+    scale: T,
+}
+
+impl<T: Float> Heads<'_, T> {
+    /// Head `head`'s queries' outputs `[T][D]` into `o_head` and, if wanted, probabilities
+    /// `[T][S]` into `p_head`: with this CPU's widest vectors where it has them (the compiler
+    /// vectorizes the same element-wise operations, never reassociating or fusing them, so the
+    /// bits are the plain build's).
+    fn run(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU has the features the function is compiled with.
+            return unsafe { self.run_avx512(head, o_head, p_head) };
+        }
+        self.head(head, o_head, p_head)
+    }
+
+    /// [`Heads::head`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    unsafe fn run_avx512(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
+        self.head(head, o_head, p_head)
+    }
+
+    /// Whether key `s` is masked for a query whose window starts at `lo`.
+    #[inline(always)]
+    fn hidden(&self, s: usize, lo: usize) -> bool {
+        s < lo || self.key_mask.is_some_and(|m| !m[s])
+    }
+
+    /// The body of [`Heads::run`].
+    #[inline(always)]
+    fn head(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+        let spec = self.spec;
+        let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let (q, k, v, s_len) = (self.q, self.k, self.v, self.s_len);
+        let kv = spec.kv_head(head);
+        let mut row = vec![T::ZERO; s_len];
+        for t in 0..self.t_len {
+            let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
+            let visible = if spec.causal {
+                spec.q_start + t + 1
+            } else {
+                s_len
+            };
+            // The first key inside the window.
+            let lo = spec
+                .window
+                .map_or(0, |w| (spec.q_start + t + 1).saturating_sub(w));
+            let mut max = T::NEG_INFINITY;
+            for (s, r) in row.iter_mut().enumerate().take(visible) {
+                if self.hidden(s, lo) {
+                    *r = T::NEG_INFINITY;
+                    continue;
+                }
+                let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
+                *r = (super::matmul::dot(qv, kr).to_act_dtype() * self.scale).to_act_dtype();
+                if *r > max {
+                    max = *r;
+                }
+            }
+            if spec.softmax_bf16 {
+                softmax_in_bf16(&mut row[..visible], max, |s| self.hidden(s, lo));
+            } else {
+                let mut sum = T::ZERO;
+                for (s, r) in row.iter_mut().enumerate().take(visible) {
+                    *r = if self.hidden(s, lo) {
+                        T::ZERO
+                    } else {
+                        (*r - max).exp()
+                    };
+                    sum += *r;
+                }
+                for r in row.iter_mut().take(visible) {
+                    *r = if sum > T::ZERO {
+                        (*r / sum).to_act_dtype()
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
+            for r in row.iter_mut().skip(visible) {
+                *r = T::ZERO;
+            }
+            let o = &mut o_head[t * d..(t + 1) * d];
+            o.fill(T::ZERO);
+            for (s, &p) in row.iter().enumerate().take(visible) {
+                let vr = &v[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
+                for (oi, &vi) in o.iter_mut().zip(vr) {
+                    *oi += p * vi;
+                }
+            }
+            for oi in o.iter_mut() {
+                *oi = oi.to_act_dtype();
+            }
+            if let Some(p) = p_head.as_deref_mut() {
+                p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
+            }
         }
     }
 }
