@@ -74,6 +74,7 @@ fn dot_plain<T: Float>(a: &[T], b: &[T]) -> T {
 /// The CPU has AVX; `a.len() == b.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
+#[inline]
 unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let whole = a.len() / 8 * 8;
