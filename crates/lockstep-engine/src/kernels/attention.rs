@@ -191,13 +191,19 @@ impl<T: Float> Heads<'_, T> {
                 .window
                 .map_or(0, |w| (spec.q_start + t + 1).saturating_sub(w));
             let mut max = T::NEG_INFINITY;
+            // Every visible key's `dot(q, k)` at once where there is a fast path for it.
+            let dots = key_dots(qv, &k[kv * d..], kvh * d, &mut row[..visible]);
             for (s, r) in row.iter_mut().enumerate().take(visible) {
                 if self.hidden(s, lo) {
                     *r = T::NEG_INFINITY;
                     continue;
                 }
-                let kr = &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d];
-                *r = (super::matmul::dot(qv, kr).to_act_dtype() * self.scale).to_act_dtype();
+                let dot = if dots {
+                    *r
+                } else {
+                    super::matmul::dot(qv, &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d])
+                };
+                *r = (dot.to_act_dtype() * self.scale).to_act_dtype();
                 if *r > max {
                     max = *r;
                 }
@@ -234,6 +240,70 @@ impl<T: Float> Heads<'_, T> {
                 p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
             }
         }
+    }
+}
+
+/// `out[s] = matmul::dot(q, k[s·stride..s·stride + d])` for every `s < out.len()`, bit for bit,
+/// when there is a fast path for it (f32, a head dimension that is a multiple of 8, AVX2):
+/// returns whether it computed them.
+#[inline(always)]
+fn key_dots<T: Float>(q: &[T], k: &[T], stride: usize, out: &mut [T]) -> bool {
+    let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && d.is_multiple_of(8)
+        && (out.is_empty() || (out.len() - 1) * stride + d <= k.len())
+        && is_x86_feature_detected!("avx2")
+    {
+        // SAFETY: T is f32 (same layout); AVX2 present; every key read is inside `k`.
+        unsafe {
+            let q = std::slice::from_raw_parts(q.as_ptr().cast::<f32>(), d);
+            let k = std::slice::from_raw_parts(k.as_ptr().cast::<f32>(), k.len());
+            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
+            key_dots_avx2(q, k, stride, out);
+        }
+        return true;
+    }
+    let _ = (d, q, k, stride, out);
+    false
+}
+
+/// [`key_dots`] for f32: each key's eight accumulators in one register, as `dot_f32_avx`, and
+/// four keys' final sums `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7)) + 0` formed together with
+/// horizontal adds (the same additions).
+///
+/// # Safety
+/// AVX2 present; `q.len()` a multiple of 8; `k` holds `(out.len() - 1)·stride + q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn key_dots_avx2(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    // `[l0+l4, l1+l5, l2+l6, l3+l7]` of key `s`'s accumulators.
+    let halves = |s: usize| {
+        let kp = k.as_ptr().add(s * stride);
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..d).step_by(8) {
+            let p = _mm256_mul_ps(
+                _mm256_loadu_ps(q.as_ptr().add(i)),
+                _mm256_loadu_ps(kp.add(i)),
+            );
+            acc = _mm256_add_ps(acc, p);
+        }
+        _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc))
+    };
+    let n4 = out.len() / 4 * 4;
+    for s in (0..n4).step_by(4) {
+        // hadd: [a0+a1, a2+a3] of each key, then their sum, then the empty tail's zero.
+        let ab = _mm_hadd_ps(halves(s), halves(s + 1));
+        let cd = _mm_hadd_ps(halves(s + 2), halves(s + 3));
+        let sums = _mm_add_ps(_mm_hadd_ps(ab, cd), _mm_setzero_ps());
+        _mm_storeu_ps(out.as_mut_ptr().add(s), sums);
+    }
+    for (s, o) in out.iter_mut().enumerate().skip(n4) {
+        let a = halves(s);
+        let a = _mm_hadd_ps(a, a);
+        *o = _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(a, a), _mm_setzero_ps()));
     }
 }
 
@@ -553,6 +623,38 @@ mod tests {
                     .zip(&want)
                     .all(|(g, w)| g.to_bits() == w.to_bits());
                 assert!(same, "d {d} keys {keys}");
+            }
+        }
+    }
+
+    /// Every key's dot product at once (f32, AVX2) is `matmul::dot` per key bit for bit, for
+    /// key counts around the groups of four, head dimensions of whole vectors, strides, and
+    /// values of mixed magnitude with signed zeros.
+    #[test]
+    fn key_dots_are_each_keys_dot() {
+        let mut seed = 9u64;
+        for d in [8, 24, 64, 128] {
+            for keys in [0, 1, 3, 4, 5, 9, 257] {
+                let stride = 3 * d;
+                let q: Vec<f32> = random(d, &mut seed).iter().map(|&x| x as f32).collect();
+                let k: Vec<f32> = random(keys.max(1) * stride, &mut seed)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| match i % 6 {
+                        0 => -0.0,
+                        1 => x as f32 * 1e6,
+                        _ => x as f32,
+                    })
+                    .collect();
+                let mut got = vec![f32::NAN; keys];
+                if !key_dots(&q, &k, stride, &mut got) {
+                    assert!(!is_x86_feature_detected!("avx2"), "AVX2 has the fast path");
+                    continue;
+                }
+                for (s, g) in got.iter().enumerate() {
+                    let want = crate::kernels::matmul::dot(&q, &k[s * stride..s * stride + d]);
+                    assert_eq!(g.to_bits(), want.to_bits(), "d {d} keys {keys} key {s}");
+                }
             }
         }
     }
