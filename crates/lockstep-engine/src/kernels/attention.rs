@@ -9,7 +9,9 @@
 //! The softmax is computed in the compute precision (float32 in the bf16 tier, as HF does) and
 //! rounded once; [`AttentionSpec::softmax_bf16`] computes it in bf16 instead (fault injection).
 
-use super::{round_bf16, Float};
+#[cfg(target_arch = "x86_64")]
+use super::matmul::dot_lane_pairs;
+use super::{as_f32, as_f32_mut, round_bf16, Float};
 use rayon::prelude::*;
 
 /// How query heads map to key/value heads.
@@ -250,25 +252,21 @@ impl<T: Float> Heads<'_, T> {
 fn key_dots<T: Float>(q: &[T], k: &[T], stride: usize, out: &mut [T]) -> bool {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && d.is_multiple_of(8)
-        && (out.is_empty() || (out.len() - 1) * stride + d <= k.len())
-        && is_x86_feature_detected!("avx2")
-    {
-        // SAFETY: T is f32 (same layout); AVX2 present; every key read is inside `k`.
-        unsafe {
-            let q = std::slice::from_raw_parts(q.as_ptr().cast::<f32>(), d);
-            let k = std::slice::from_raw_parts(k.as_ptr().cast::<f32>(), k.len());
-            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
-            key_dots_avx2(q, k, stride, out);
+    if let (Some(q), Some(k), Some(out)) = (as_f32(q), as_f32(k), as_f32_mut(out)) {
+        if d.is_multiple_of(8)
+            && (out.is_empty() || (out.len() - 1) * stride + d <= k.len())
+            && is_x86_feature_detected!("avx2")
+        {
+            // SAFETY: AVX2 present; every key read is inside `k`.
+            unsafe { key_dots_avx2(q, k, stride, out) };
+            return true;
         }
-        return true;
     }
     let _ = (d, q, k, stride, out);
     false
 }
 
-/// [`key_dots`] for f32: each key's eight accumulators in one register, as `dot_f32_avx`, and
+/// [`key_dots`] for f32: each key's eight accumulators by `matmul::dot_lane_pairs`, and
 /// four keys' final sums `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7)) + 0` formed together with
 /// horizontal adds (the same additions).
 ///
@@ -280,18 +278,7 @@ unsafe fn key_dots_avx2(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
     // `[l0+l4, l1+l5, l2+l6, l3+l7]` of key `s`'s accumulators.
-    let halves = |s: usize| {
-        let kp = k.as_ptr().add(s * stride);
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..d).step_by(8) {
-            let p = _mm256_mul_ps(
-                _mm256_loadu_ps(q.as_ptr().add(i)),
-                _mm256_loadu_ps(kp.add(i)),
-            );
-            acc = _mm256_add_ps(acc, p);
-        }
-        _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc))
-    };
+    let halves = |s: usize| dot_lane_pairs(q.as_ptr(), k.as_ptr().add(s * stride), d);
     let n4 = out.len() / 4 * 4;
     for s in (0..n4).step_by(4) {
         // hadd: [a0+a1, a2+a3] of each key, then their sum, then the empty tail's zero.
@@ -315,22 +302,20 @@ unsafe fn key_dots_avx2(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
 fn weighted_sum<T: Float>(o: &mut [T], p: &[T], v: &[T], stride: usize) {
     let d = o.len();
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && (d == 64 || d == 128)
-        && (p.is_empty() || (p.len() - 1) * stride + d <= v.len())
-        && is_x86_feature_detected!("avx512f")
-    {
-        // SAFETY: T is f32 (same layout); AVX-512F present; every row read is inside `v`.
-        unsafe {
-            let o = std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<f32>(), d);
-            let p = std::slice::from_raw_parts(p.as_ptr().cast::<f32>(), p.len());
-            let v = std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len());
-            match d {
-                64 => weighted_sum_avx512::<4>(o, p, v, stride),
-                _ => weighted_sum_avx512::<8>(o, p, v, stride),
+    if let (Some(o), Some(p), Some(v)) = (as_f32_mut(o), as_f32(p), as_f32(v)) {
+        if (d == 64 || d == 128)
+            && (p.is_empty() || (p.len() - 1) * stride + d <= v.len())
+            && is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F present; every row read is inside `v`.
+            unsafe {
+                match d {
+                    64 => weighted_sum_avx512::<4>(o, p, v, stride),
+                    _ => weighted_sum_avx512::<8>(o, p, v, stride),
+                }
             }
+            return;
         }
-        return;
     }
     o.fill(T::ZERO);
     for (s, &ps) in p.iter().enumerate() {
@@ -591,6 +576,20 @@ mod tests {
         check::<crate::kernels::Bf16>("bf16");
     }
 
+    /// `n` f32 test values of mixed magnitude: every `every`-th a negative zero, the one after
+    /// it scaled by `big`, the rest [`random`]'s.
+    fn mixed(n: usize, seed: &mut u64, every: usize, big: f32) -> Vec<f32> {
+        random(n, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| match i % every {
+                0 => -0.0,
+                1 => x as f32 * big,
+                _ => x as f32,
+            })
+            .collect()
+    }
+
     /// The weighted sum of values (registers on AVX-512 for head dimensions 64 and 128) is the
     /// plain loop bit for bit, for every head dimension, key count and stride, with signed
     /// zeros and values of mixed magnitude.
@@ -601,15 +600,7 @@ mod tests {
             for keys in [0, 1, 7, 300] {
                 let stride = 2 * d;
                 let p: Vec<f32> = random(keys, &mut seed).iter().map(|&x| x as f32).collect();
-                let v: Vec<f32> = random(keys.max(1) * stride, &mut seed)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| match i % 5 {
-                        0 => -0.0,
-                        1 => x as f32 * 1e5,
-                        _ => x as f32,
-                    })
-                    .collect();
+                let v = mixed(keys.max(1) * stride, &mut seed, 5, 1e5);
                 let mut want = vec![0f32; d];
                 for (s, &ps) in p.iter().enumerate() {
                     for (i, w) in want.iter_mut().enumerate() {
@@ -637,15 +628,7 @@ mod tests {
             for keys in [0, 1, 3, 4, 5, 9, 257] {
                 let stride = 3 * d;
                 let q: Vec<f32> = random(d, &mut seed).iter().map(|&x| x as f32).collect();
-                let k: Vec<f32> = random(keys.max(1) * stride, &mut seed)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| match i % 6 {
-                        0 => -0.0,
-                        1 => x as f32 * 1e6,
-                        _ => x as f32,
-                    })
-                    .collect();
+                let k = mixed(keys.max(1) * stride, &mut seed, 6, 1e6);
                 let mut got = vec![f32::NAN; keys];
                 if !key_dots(&q, &k, stride, &mut got) {
                     assert!(!is_x86_feature_detected!("avx2"), "AVX2 has the fast path");

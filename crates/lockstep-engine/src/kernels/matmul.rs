@@ -32,16 +32,10 @@ pub const AMX_MIN_N: usize = 8;
 pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && is_x86_feature_detected!("avx")
-    {
-        // SAFETY: T is f32 (same layout); the CPU has AVX.
-        unsafe {
-            let (a, b) = (
-                std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len()),
-                std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), b.len()),
-            );
-            return std::mem::transmute_copy::<f32, T>(&dot_f32_avx(a, b));
+    if let (Some(a), Some(b)) = (super::as_f32(a), super::as_f32(b)) {
+        if is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX; T is f32, so the result is a T.
+            return unsafe { std::mem::transmute_copy::<f32, T>(&dot_f32_avx(a, b)) };
         }
     }
     dot_plain(a, b)
@@ -78,21 +72,41 @@ fn dot_plain<T: Float>(a: &[T], b: &[T]) -> T {
 unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let whole = a.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..whole).step_by(8) {
-        let p = _mm256_mul_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-        );
-        acc = _mm256_add_ps(acc, p);
-    }
     let mut tail = 0f32;
     for (&x, &y) in a[whole..].iter().zip(&b[whole..]) {
         tail += x * y;
     }
-    let mut l = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), acc);
-    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
+    let mut l = [0f32; 4];
+    _mm_storeu_ps(
+        l.as_mut_ptr(),
+        dot_lane_pairs(a.as_ptr(), b.as_ptr(), whole),
+    );
+    (l[0] + l[1]) + (l[2] + l[3]) + tail
+}
+
+/// [`dot`]'s eight accumulators over the first `whole` (a multiple of 8) elements at `a` and
+/// `b`, in one AVX register (`acc[l] += a[i]·b[i]` for `i ≡ l (mod 8)`, in order), folded to
+/// `[l0+l4, l1+l5, l2+l6, l3+l7]`: what is left of the final sum is `(p0+p1) + (p2+p3) + tail`.
+///
+/// # Safety
+/// The CPU has AVX; `a` and `b` valid for `whole` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) unsafe fn dot_lane_pairs(
+    a: *const f32,
+    b: *const f32,
+    whole: usize,
+) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..whole).step_by(8) {
+        acc = _mm256_add_ps(
+            acc,
+            _mm256_mul_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i))),
+        );
+    }
+    _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc))
 }
 
 /// `out[n][m] = x[n][k] · w[m][k] + bias[m]` for a `[m, k]` weight in any stored dtype.

@@ -399,6 +399,22 @@ pub fn residual_add<T: Float>(a: &mut [T], b: &[T], dtype: ResidualDtype) {
     }
 }
 
+/// `s` as f32 values when `T` is `f32` (for kernels with an f32-only fast path).
+#[inline(always)]
+pub(crate) fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32: same layout.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+#[inline(always)]
+pub(crate) fn as_f32_mut<T: Float>(s: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32: same layout.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

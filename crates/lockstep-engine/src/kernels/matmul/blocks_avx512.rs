@@ -54,8 +54,8 @@ trait Paired {
     unsafe fn sixteen(a: *const u8, b: *const u8, p: &Self::Prep, g: usize) -> __m512;
 }
 
-/// The f16s at `a` and `b` widened exactly (F16C, as `quant`'s decoders do): `a`'s in lanes 0-7, `b`'s in
-/// lanes 8-15.
+/// The f16s at `a` and `b` widened exactly (F16C, as `quant`'s decoders do): `a`'s in lanes
+/// 0-7, `b`'s in lanes 8-15.
 #[inline(always)]
 unsafe fn f16_halves(a: *const u8, b: *const u8) -> __m512 {
     let bits = u16::from_le_bytes([*a, *a.add(1)]) as u32
@@ -279,8 +279,8 @@ unsafe fn k_prep(a: *const u8, b: *const u8, qs: usize) -> KPrep {
 
 /// A Q4_K/Q5_K block pair's sub-block factors `d * sc[j]` (first) and `dmin * m[j]` of the
 /// block at `a` in lanes `j` and of the block at `b` in lanes `8 + j`: the products
-/// `blocks_avx2::k_factors` forms, the 6-bit scales and mins unpacked as `quant::k_scale_min` does, 16 at
-/// once.
+/// `blocks_avx2::k_factors` forms, the 6-bit scales and mins unpacked as `quant::k_scale_min`
+/// does, 16 at once.
 #[inline(always)]
 unsafe fn k_factors_pair(a: *const u8, b: *const u8) -> (__m512, __m512) {
     // Scale bytes s[0..12] of a at bytes 0.., of b at 16.. (16 read, 12 used).
