@@ -14,6 +14,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
+#[cfg(target_arch = "x86_64")]
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod blocks_avx2;
@@ -34,7 +36,7 @@ pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     #[cfg(target_arch = "x86_64")]
     if let (Some(a), Some(b)) = (super::as_f32(a), super::as_f32(b)) {
         if is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has AVX; T is f32, so the result is a T.
+            // SAFETY: the CPU has AVX; T holds one f32 (`as_f32`), so the result is a T.
             return unsafe { std::mem::transmute_copy::<f32, T>(&dot_f32_avx(a, b)) };
         }
     }
@@ -145,6 +147,11 @@ pub enum Kernel {
     /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
     /// run on an AVX-512 machine yet); f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
+    /// AVX512_BF16 where it is the faster way (AMD Zen 4/5): [`Bf16`](super::Bf16) compute on
+    /// BF16 weights summed with `vdpbf16ps` (bf16×bf16 products summed in f32, as PyTorch's
+    /// bf16 matmul, in another order than [`Kernel::Avx512`]'s) for any number of tokens, with
+    /// the same bits whatever the batch; everything else as [`Kernel::Avx512`].
+    Avx512Bf16,
     /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
     /// [`Bf16`](super::Bf16) compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
     /// f32, as PyTorch's bf16 matmul); everything else as [`Kernel::Avx512`]. Its sums are
@@ -169,6 +176,9 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             k.push(Kernel::Avx512);
+            if avx512_bf16::available() {
+                k.push(Kernel::Avx512Bf16);
+            }
             if amx::available() {
                 k.push(Kernel::Amx);
             }
@@ -237,6 +247,14 @@ fn linear_min_n<T: Float>(
         && k > 0)
         .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
         .flatten();
+    // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens.
+    #[cfg(target_arch = "x86_64")]
+    let paired = (kernel == Kernel::Avx512Bf16
+        && T::PRECISION == Precision::BF16
+        && w.dtype == StoredDtype::BF16
+        && k > 0)
+        .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
+        .flatten();
     #[cfg(not(target_arch = "x86_64"))]
     let _ = amx_min_n;
     (0..m.div_ceil(rows_per_task))
@@ -246,8 +264,12 @@ fn linear_min_n<T: Float>(
             // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
             unsafe {
                 #[cfg(target_arch = "x86_64")]
-                let rest = match (&packed, T::f32_ptr(dst.ptr)) {
-                    (Some(p), Some(out)) => amx::sums(p, n, k, w.bytes(), m, rows.clone(), out),
+                let rest = match (&packed, &paired, T::f32_ptr(dst.ptr)) {
+                    (Some(p), _, Some(out)) => amx::sums(p, n, k, w.bytes(), m, rows.clone(), out),
+                    (_, Some(p), Some(out)) => {
+                        avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out);
+                        rows.end..rows.end
+                    }
                     _ => rows.clone(),
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -337,7 +359,7 @@ unsafe fn sums<T: Float>(
                     Reader::F32 => run::<F32W>(xf, n, k, bytes, m, rows, out),
                 };
             }
-            (Kernel::Avx512 | Kernel::Amx, Some(r)) => {
+            (Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx, Some(r)) => {
                 use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
                 return match r {
                     Reader::Bf16 => run::<Bf16W>(xf, n, k, bytes, m, rows, out),
@@ -731,6 +753,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// The AVX512_BF16 path's raw f32 sums bit for bit against
+    /// [`avx512_bf16::sums_emulated`] (the instruction's documented per-lane order and the
+    /// kernel's reduction tree in plain Rust), with row, token and `k` tails, `k` over several
+    /// chunks, and within 1e-5 of the magnitude of the exact (f64) dot.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_bf16_sums_match_emulation() {
+        if !Kernel::available().contains(&Kernel::Avx512Bf16) {
+            eprintln!("avx512_bf16_sums_match_emulation: skipped, not used on this CPU");
+            return;
+        }
+        for (m, k, n) in [
+            (37, 29, 17),
+            (48, 1037, 13),
+            (8, 2100, 7),
+            (5, 64, 1),
+            (12, 896, 6),
+        ] {
+            let (_d, w) = tensor_from(&pseudo(m * k, 5), vec![m, k], safetensors::Dtype::BF16);
+            let mut wd = vec![0f32; m * k];
+            f32::decode(w.dtype, w.bytes(), &mut wd);
+            let x: Vec<f32> = pseudo(n * k, 6)
+                .iter()
+                .map(|&v| Bf16(v).to_act_dtype().0)
+                .collect();
+            let p = avx512_bf16::Packed::new(&x, n, k);
+            let mut out = vec![f32::NAN; n * m];
+            // SAFETY: the kernel is available; shapes as `avx512_bf16::sums` requires; one caller.
+            unsafe { avx512_bf16::sums(&p, n, k, w.bytes(), m, 0..m, out.as_mut_ptr()) };
+            let want = avx512_bf16::sums_emulated(&x, n, k, &wd, m);
+            for t in 0..n {
+                for j in 0..m {
+                    let (a, e) = (out[t * m + j], want[t * m + j]);
+                    assert_eq!(
+                        a.to_bits(),
+                        e.to_bits(),
+                        "m={m} k={k} n={n} [{t}][{j}]: {a} vs {e}"
+                    );
+                    let (mut s, mut scale) = (0f64, 0f64);
+                    for i in 0..k {
+                        let p = x[t * k + i] as f64 * wd[j * k + i] as f64;
+                        s += p;
+                        scale += p.abs();
+                    }
+                    assert!(
+                        (a as f64 - s).abs() <= 1e-5 * scale,
+                        "[{t}][{j}]: {a} vs {s}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The SIMD kernels' sums do not depend on the tile shape or loop order: every token of a
     /// prefill (tiles of several tokens, the prefill loop order) gets bit for bit what it gets
     /// alone (one-token tiles, the decode order), on row, token and `k` tails.
@@ -738,7 +813,7 @@ pub(crate) mod tests {
     fn simd_sums_do_not_depend_on_batch() {
         let kernels: Vec<Kernel> = Kernel::available()
             .into_iter()
-            .filter(|k| matches!(k, Kernel::Avx2 | Kernel::Avx512))
+            .filter(|k| matches!(k, Kernel::Avx2 | Kernel::Avx512 | Kernel::Avx512Bf16))
             .collect();
         assert!(
             cfg!(not(target_arch = "x86_64")) || !kernels.is_empty(),

@@ -232,7 +232,8 @@ impl Float for Bf16 {
     }
     #[inline(always)]
     fn to_act_dtype(self) -> Self {
-        Bf16(half::bf16::from_f32(self.0).to_f32())
+        // `half::bf16::from_f32(v).to_f32()`, bit for bit (tested), without its branches.
+        Bf16(round_bf16_branch_free(self.0))
     }
     fn decode(dtype: StoredDtype, bytes: &[u8], out: &mut [Self]) {
         // Weights are used as stored; an f32/f64 checkpoint is rounded to bf16 like
@@ -399,19 +400,28 @@ pub fn residual_add<T: Float>(a: &mut [T], b: &[T], dtype: ResidualDtype) {
     }
 }
 
-/// `s` as f32 values when `T` is `f32` (for kernels with an f32-only fast path).
+/// Whether `T` holds exactly one `f32` with f32 arithmetic: `f32` itself, or [`Bf16`] (whose
+/// `+ - * /` are the f32 operations; only [`Float::to_act_dtype`] rounds).
+#[inline(always)]
+fn is_f32_inside<T: Float>() -> bool {
+    use std::any::TypeId;
+    TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<Bf16>()
+}
+
+/// `s` as the f32 values it holds when `T` is `f32` or [`Bf16`], for kernels with an f32 fast
+/// path of pure f32 arithmetic (the same bits for both types; no rounding to bf16 inside).
 #[inline(always)]
 pub(crate) fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32: same layout.
+    is_f32_inside::<T>()
+        // SAFETY: T is f32 or the repr(transparent) Bf16: the layout of f32.
         .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
 }
 
 /// [`as_f32`] for a mutable slice.
 #[inline(always)]
 pub(crate) fn as_f32_mut<T: Float>(s: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32: same layout.
+    is_f32_inside::<T>()
+        // SAFETY: as `as_f32`.
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
 }
 

@@ -5,9 +5,9 @@
 //!   (`bits << 16`, [`Bf16W`]), or F32 weights rounded to bf16 the way `half` does
 //!   ([`F32AsBf16W`], for bf16 compute on an f32 checkpoint); one f32 FMA per product.
 //!
-//! `vdpbf16ps` (AVX512_BF16) was tried for bf16 activations × BF16 weights: on this machine it
-//! issues one per cycle (two f32 FMAs do as much work) and measured slower than widening + FMA,
-//! besides flushing subnormals; it is not used.
+//! `vdpbf16ps` (AVX512_BF16) for bf16 activations × BF16 weights: on Intel's Sapphire Rapids it
+//! issues one per cycle (two f32 FMAs do as much work) and measured slower than widening + FMA;
+//! on AMD Zen 4/5 it issues as often as an FMA and [`super::avx512_bf16`] uses it.
 //!
 //! A tile is `R` weight rows × `N` tokens over a chunk of [`KC`] elements of `k`: one load of a
 //! weight vector feeds `N` multiply-adds and one load of an activation vector feeds `R`, so
@@ -241,7 +241,7 @@ unsafe fn sums<W: Weights>(
 }
 
 /// Groups of four (then single ones) covering `r`: `(start, len)`.
-fn groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
     let four = r.start + (r.end - r.start) / 4 * 4;
     (r.start..four)
         .step_by(4)
@@ -286,7 +286,10 @@ unsafe fn tile_into<W: Weights>(
 
 /// Calls `f(row, token, value)` for every entry of a tile.
 #[inline(always)]
-fn each<const R: usize, const N: usize>(acc: [[f32; N]; R], f: &mut impl FnMut(usize, usize, f32)) {
+pub(super) fn each<const R: usize, const N: usize>(
+    acc: [[f32; N]; R],
+    f: &mut impl FnMut(usize, usize, f32),
+) {
     for (r, a) in acc.iter().enumerate() {
         for (t, &v) in a.iter().enumerate() {
             f(r, t, v);

@@ -1,0 +1,315 @@
+//! AVX512_BF16 kernel for [`super::linear`]: the faithful bf16 tier (bf16 activations × BF16
+//! weights) with `vdpbf16ps`, which multiplies 32 pairs of bf16 and adds each lane's two
+//! products into an f32 accumulator. Each product of two bf16 is exact in f32, so this is
+//! PyTorch's bf16 matmul (bf16 × bf16 products summed in f32) up to the order of the sums, as
+//! the AMX tiles are; it treats subnormal inputs as zero and flushes subnormal results (bf16
+//! subnormals are below 1.2e-38, irrelevant to a model's activations and weights). Never used
+//! for f32 or f64 compute: it would need their activations rounded to bf16.
+//!
+//! Used only where it is the faster way ([`available`]): on AMD Zen 4/5 `vdpbf16ps` issues as
+//! often as an f32 FMA, so it does twice the work per instruction and needs no widening of the
+//! weights (measured here, AMD EPYC with 2 cores: 0.127 ns per `vdpbf16ps` against 0.115 ns per
+//! FMA, both on 512-bit vectors, 12 independent accumulators). On Intel's Sapphire Rapids it
+//! issues once per cycle against two FMAs and measured slower than widening + FMA
+//! ([`super::avx512`]); there the AMX tiles serve prefill.
+//!
+//! The activations are packed once per call as bf16 ([`Packed`], each token's row zero-padded
+//! to a multiple of 32); the weights are read in place. A tile is `R` weight rows × `N` tokens
+//! over a chunk of [`KC`] elements of `k`: per 32 elements one load of each weight row feeds
+//! `N` products and one load of each token's activations feeds `R`. Each lane accumulates its
+//! own strided partial sum over the chunk; the 16 lanes are then added in one fixed tree
+//! ([`reduce4`]) and the chunks' sums in chunk order, so every output gets the same bits
+//! whatever `R`, `N` and the loop order: a prefill and a one-token decode of the same token
+//! agree exactly, as the bf16 tier's KV-cache check requires.
+
+use super::avx512::{each, groups};
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Elements of `k` per chunk: six tokens' activations (12 KiB) stay in L1.
+const KC: usize = 1024;
+
+/// bf16 elements per vector (16 lanes of pairs).
+const PAIRS: usize = 32;
+
+/// Tokens per prefill tile: 4 × 6 accumulators, 4 weight vectors and one activation vector
+/// fit the 32 vector registers.
+const NT: usize = 6;
+
+/// Whether this CPU runs `vdpbf16ps` and it is the faster kernel (AMD: see the module docs).
+pub(super) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        super::avx512::available() && is_x86_feature_detected!("avx512bf16") && is_amd()
+    })
+}
+
+/// CPUID leaf 0's vendor string is "AuthenticAMD".
+fn is_amd() -> bool {
+    let r = __cpuid(0);
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    &v == b"AuthenticAMD"
+}
+
+/// The activations as bf16: token `t`'s `k` values at `t·stride`, zero-padded to `stride`
+/// (`k` rounded up to a multiple of 32).
+pub(super) struct Packed {
+    data: Vec<u16>,
+    stride: usize,
+}
+
+impl Packed {
+    /// Packs `n` tokens of `k > 0` activations (bf16 values held in f32: the high half is
+    /// exact).
+    pub(super) fn new(x: &[f32], n: usize, k: usize) -> Packed {
+        assert!(k > 0 && x.len() == n * k);
+        let stride = k.next_multiple_of(PAIRS);
+        let mut data = vec![0u16; n * stride];
+        for (d, xt) in data.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+            for (d, &v) in d.iter_mut().zip(xt) {
+                debug_assert_eq!(v.to_bits() & 0xFFFF, 0, "activation not a bf16 value");
+                *d = (v.to_bits() >> 16) as u16;
+            }
+        }
+        Packed { data, stride }
+    }
+}
+
+/// Raw sums `out[t·m + j] = Σ_i x[t][i]·w[j][i]` for every row `j` in `rows` and token `t` of
+/// `p` (no bias, no rounding: the caller finishes those).
+///
+/// # Safety
+/// [`available`]; `w` holds `m` BF16 rows of `k`; `p` packs `n` tokens of `k`; `out` is valid
+/// for `n·m` f32 and nobody else touches the entries in `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn sums(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    assert!(
+        w.len() == m * k * 2
+            && rows.end <= m
+            && p.data.len() == n * p.stride
+            && p.stride == k.next_multiple_of(PAIRS)
+    );
+    // Rows in blocks whose chunk of weights (256 KiB) stays in L2 while every token group
+    // passes over it (prefill); one-token decode streams the weights row group by row group.
+    let block = (256 << 10) / (KC * 2);
+    for b0 in rows.clone().step_by(block) {
+        let b1 = (b0 + block).min(rows.end);
+        if n >= 4 {
+            for c0 in (0..k).step_by(KC) {
+                for (t, nt) in token_groups(n) {
+                    for (j, nr) in groups(b0..b1) {
+                        tile_into(p, k, w, m, (j, nr), (t, nt), c0, out);
+                    }
+                }
+            }
+        } else {
+            for (j, nr) in groups(b0..b1) {
+                for (t, nt) in token_groups(n) {
+                    for c0 in (0..k).step_by(KC) {
+                        tile_into(p, k, w, m, (j, nr), (t, nt), c0, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Groups of [`NT`] tokens, then one group of the rest: `(start, len)`.
+fn token_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(NT).map(move |t| (t, NT.min(n - t)))
+}
+
+/// Adds the sums over chunk `c0..c0 + KC` of `k` for rows `j..j + nr` (`nr` 1 or 4) and
+/// tokens `t..t + nt` (`nt` 1 to [`NT`]) into `out` (stores them for the first chunk).
+///
+/// # Safety
+/// As [`sums`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_into(
+    p: &Packed,
+    k: usize,
+    w: &[u8],
+    m: usize,
+    (j, nr): (usize, usize),
+    (t, nt): (usize, usize),
+    c0: usize,
+    out: *mut f32,
+) {
+    let len = KC.min(k - c0);
+    let xp = p.data.as_ptr().add(t * p.stride + c0);
+    let wp = w.as_ptr().add((j * k + c0) * 2);
+    let (xs, ws) = (p.stride, k * 2);
+    let mut add = |r: usize, tt: usize, v: f32| {
+        let o = out.add((t + tt) * m + j + r);
+        *o = if c0 == 0 { v } else { *o + v };
+    };
+    macro_rules! run {
+        ($r:literal, $($n:literal)*) => {
+            match nt {
+                $($n => each(tile::<$r, $n>(xp, xs, len, wp, ws), &mut add),)*
+                _ => unreachable!("token group of {nt}"),
+            }
+        };
+    }
+    if nr == 4 {
+        run!(4, 1 2 3 4 5 6)
+    } else {
+        run!(1, 1 2 3 4 5 6)
+    }
+}
+
+/// `sum[r][t] = Σ_{i<len} x[t·xs + i]·w[r·ws/2 + i]` for `r < R`, `t < N`: lane `l` of each
+/// accumulator adds elements `32s + 2l + 1` then `32s + 2l` (the instruction's order) for
+/// `s = 0, 1, …`, then [`reduce4`] adds the lanes.
+///
+/// # Safety
+/// AVX512_BF16 present; `x` valid for `N` rows of `len` rounded up to 32 elements, `xs` apart;
+/// `w` for `R` rows of `len` bf16, `ws` bytes apart.
+#[inline(always)]
+unsafe fn tile<const R: usize, const N: usize>(
+    x: *const u16,
+    xs: usize,
+    len: usize,
+    w: *const u8,
+    ws: usize,
+) -> [[f32; N]; R] {
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    let mut i = 0;
+    while i + PAIRS <= len {
+        step::<R, N>(&mut acc, x.add(i), xs, w.add(i * 2), ws, !0);
+        i += PAIRS;
+    }
+    if i < len {
+        let mask = (1u32 << (len - i)) - 1;
+        step::<R, N>(&mut acc, x.add(i), xs, w.add(i * 2), ws, mask);
+    }
+    // The accumulators four at a time (zero vectors fill the last four; each output's sum
+    // uses its own lanes only).
+    let z = _mm512_setzero_ps();
+    let get = |e: usize| if e < R * N { acc[e / N][e % N] } else { z };
+    let mut sums = [[0f32; N]; R];
+    for e0 in (0..R * N).step_by(4) {
+        let s = reduce4(get(e0), get(e0 + 1), get(e0 + 2), get(e0 + 3));
+        for (e, &v) in (e0..R * N).zip(&s) {
+            sums[e / N][e % N] = v;
+        }
+    }
+    sums
+}
+
+/// One step of [`tile`]: the 32 elements under `mask` (1 bits: lanes read) of each row, and
+/// the 32 at `x` of each token (zero where the row ends: the packing pads it).
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn step<const R: usize, const N: usize>(
+    acc: &mut [[__m512; N]; R],
+    x: *const u16,
+    xs: usize,
+    w: *const u8,
+    ws: usize,
+    mask: u32,
+) {
+    let xv: [__m512bh; N] = std::array::from_fn(|t| {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(x.add(t * xs).cast()))
+    });
+    for (r, a) in acc.iter_mut().enumerate() {
+        let wp = w.add(r * ws);
+        if N == 1 {
+            // Decode: the next tile's rows follow these; start fetching them. Past the end it
+            // reads nothing.
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(R * ws).cast());
+        }
+        let wv = if mask == !0 {
+            _mm512_loadu_si512(wp.cast())
+        } else {
+            _mm512_maskz_loadu_epi16(mask, wp.cast())
+        };
+        let wv = std::mem::transmute::<__m512i, __m512bh>(wv);
+        for (a, &xv) in a.iter_mut().zip(&xv) {
+            *a = _mm512_dpbf16_ps(*a, wv, xv);
+        }
+    }
+}
+
+/// The lane sums of four vectors, each in the same tree: `h_i = v_i + v_{i+8}` (i < 8), then
+/// `q_i = h_i + h_{i+4}`, `e_i = q_i + q_{i+2}`, and `e_0 + e_1`.
+///
+/// # Safety
+/// AVX-512F present.
+#[inline(always)]
+unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> [f32; 4] {
+    // [a.h | b.h] and [c.h | d.h].
+    let ab = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x44>(a, b),
+        _mm512_shuffle_f32x4::<0xEE>(a, b),
+    );
+    let cd = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x44>(c, d),
+        _mm512_shuffle_f32x4::<0xEE>(c, d),
+    );
+    // [a.q | b.q | c.q | d.q].
+    let q = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(ab, cd),
+        _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+    );
+    let e = _mm512_add_ps(q, _mm512_permute_ps::<0b01_00_11_10>(q));
+    let s = _mm512_add_ps(e, _mm512_permute_ps::<0b10_11_00_01>(e));
+    let s = _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        s,
+    );
+    let mut r = [0f32; 4];
+    _mm_storeu_ps(r.as_mut_ptr(), _mm512_castps512_ps128(s));
+    r
+}
+
+/// The sums [`sums`] computes, in plain Rust: the instruction's per-lane order (the odd
+/// element's product, then the even one's, each added with one rounding), [`reduce4`]'s tree,
+/// chunks added in order. Subnormals are not flushed (the tests use none).
+#[cfg(test)]
+pub(super) fn sums_emulated(x: &[f32], n: usize, k: usize, w: &[f32], m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    for t in 0..n {
+        for j in 0..m {
+            let (xt, wj) = (&x[t * k..(t + 1) * k], &w[j * k..(j + 1) * k]);
+            let mut total = 0f32;
+            for c0 in (0..k).step_by(KC) {
+                let len = KC.min(k - c0);
+                let mut lanes = [0f32; 16];
+                // Elements past the chunk's end are zero (the masked weight loads and the
+                // packing's padding).
+                let end = c0 + len;
+                let prod = |i: usize| if i < end { xt[i] * wj[i] } else { 0.0 };
+                for s in (0..len).step_by(PAIRS) {
+                    for (l, acc) in lanes.iter_mut().enumerate() {
+                        let i = c0 + s + 2 * l;
+                        *acc += prod(i + 1);
+                        *acc += prod(i);
+                    }
+                }
+                let h: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
+                let q: [f32; 4] = std::array::from_fn(|i| h[i] + h[i + 4]);
+                let e: [f32; 2] = std::array::from_fn(|i| q[i] + q[i + 2]);
+                let s = e[0] + e[1];
+                total = if c0 == 0 { s } else { total + s };
+            }
+            out[t * m + j] = total;
+        }
+    }
+    out
+}
