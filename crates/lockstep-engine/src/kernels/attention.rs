@@ -195,7 +195,18 @@ impl<T: Float> Heads<'_, T> {
             let mut max = T::NEG_INFINITY;
             // Every visible key's `dot(q, k)` at once where there is a fast path for it.
             let dots = key_dots(qv, &k[kv * d..], kvh * d, &mut row[..visible]);
+            // No key hidden (no padding, no window start): whole-row passes that vectorize.
+            let unmasked = dots && lo == 0 && self.key_mask.is_none();
+            if unmasked {
+                for r in row.iter_mut().take(visible) {
+                    *r = (r.to_act_dtype() * self.scale).to_act_dtype();
+                }
+                max = row_max(&row[..visible]);
+            }
             for (s, r) in row.iter_mut().enumerate().take(visible) {
+                if unmasked {
+                    break;
+                }
                 if self.hidden(s, lo) {
                     *r = T::NEG_INFINITY;
                     continue;
@@ -212,6 +223,8 @@ impl<T: Float> Heads<'_, T> {
             }
             if spec.softmax_bf16 {
                 softmax_in_bf16(&mut row[..visible], max, |s| self.hidden(s, lo));
+            } else if unmasked {
+                softmax_unmasked(&mut row[..visible], max);
             } else {
                 let mut sum = T::ZERO;
                 for (s, r) in row.iter_mut().enumerate().take(visible) {
@@ -242,6 +255,82 @@ impl<T: Float> Heads<'_, T> {
                 p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
             }
         }
+    }
+}
+
+/// The largest value of `row` (NaNs ignored; `-inf` when empty or all NaN): the value of the
+/// loop `if r > max { max = r }` from `-inf`, up to the sign of a zero maximum, which no use of
+/// it can see (`r - max` is the same for either zero, but for `r = ±0`, whose exp is 1 either
+/// way).
+#[inline(always)]
+fn row_max<T: Float>(row: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(r) = as_f32(row) {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F present; T holds one f32 (`as_f32`), so the result is a T.
+            return unsafe { std::mem::transmute_copy::<f32, T>(&row_max_avx512(r)) };
+        }
+    }
+    let mut max = T::NEG_INFINITY;
+    for &r in row {
+        if r > max {
+            max = r;
+        }
+    }
+    max
+}
+
+/// [`row_max`] on f32 with sixteen running maxima in one register.
+///
+/// # Safety
+/// AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+    let chunks = row.chunks_exact(16);
+    let mut max = f32::NEG_INFINITY;
+    for &r in chunks.remainder() {
+        if r > max {
+            max = r;
+        }
+    }
+    for c in chunks {
+        // `max_ps(a, b)` is `a > b ? a : b`: a NaN in `a` keeps `b`.
+        acc = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), acc);
+    }
+    let m = _mm512_reduce_max_ps(acc);
+    if m > max {
+        m
+    } else {
+        max
+    }
+}
+
+/// The softmax of a row of scores with no key hidden, given its maximum: the operations of
+/// the general loop in [`Heads::head`] (`exp(r - max)`, their sum in key order, each quotient
+/// rounded to the activation dtype), with the element-wise steps over the whole row (the exps
+/// through [`super::expf::exp_in_place`], the scalar call's bits).
+#[inline(always)]
+fn softmax_unmasked<T: Float>(row: &mut [T], max: T) {
+    for r in row.iter_mut() {
+        *r = *r - max;
+    }
+    match as_f32_mut(row) {
+        Some(rf) => super::expf::exp_in_place(rf),
+        None => row.iter_mut().for_each(|r| *r = r.exp()),
+    }
+    let mut sum = T::ZERO;
+    for &r in row.iter() {
+        sum += r;
+    }
+    if sum > T::ZERO {
+        for r in row.iter_mut() {
+            *r = (*r / sum).to_act_dtype();
+        }
+    } else {
+        row.fill(T::ZERO);
     }
 }
 
@@ -522,6 +611,50 @@ mod tests {
         let mut again = vec![0.0; q.len()];
         attention(&spec, &q, &k, &v, None, &mut again, None);
         assert_eq!(out, again, "with and without probabilities");
+    }
+
+    /// The whole-row passes taken when no key is hidden give the general per-key loop's bits
+    /// (forced with an all-true key mask): outputs and probabilities, f32 and bf16, over rows
+    /// long enough for the vector exp and maximum (with remainders), large scores included.
+    #[test]
+    fn unmasked_rows_are_the_general_loops_bits() {
+        fn check<T: Float>() {
+            let (h, kvh, d, t) = (4, 2, 64, 70);
+            let mut seed = 11u64;
+            let v = |n: usize, seed: &mut u64| -> Vec<T> {
+                mixed(n, seed, 13, 40.0)
+                    .into_iter()
+                    .map(|x| T::from_f64(x as f64).to_act_dtype())
+                    .collect()
+            };
+            let (q, k, vv) = (
+                v(t * h * d, &mut seed),
+                v(t * kvh * d, &mut seed),
+                v(t * kvh * d, &mut seed),
+            );
+            let spec = AttentionSpec {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                q_start: 0,
+                causal: true,
+                window: None,
+                mapping: GqaMapping::Grouped,
+                softmax_bf16: false,
+            };
+            let run = |mask: Option<&[bool]>| {
+                let mut out = vec![T::ZERO; q.len()];
+                let mut probs = vec![T::ZERO; h * t * t];
+                attention(&spec, &q, &k, &vv, mask, &mut out, Some(&mut probs));
+                let bits = |x: Vec<T>| x.into_iter().map(|x| x.to_f64().to_bits()).collect();
+                (bits(out), bits(probs))
+            };
+            let fast: (Vec<u64>, Vec<u64>) = run(None);
+            let general = run(Some(&vec![true; t]));
+            assert!(fast == general, "{:?}", T::PRECISION);
+        }
+        check::<f32>();
+        check::<crate::kernels::Bf16>();
     }
 
     #[test]
