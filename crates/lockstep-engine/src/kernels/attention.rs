@@ -83,6 +83,9 @@ pub fn attention<T: Float>(
     if let Some(m) = key_mask {
         assert_eq!(m.len(), s_len, "attention: key mask length");
     }
+    // A mask hiding nothing (a batch row without padding) is dropped: its rows then take the
+    // whole-row passes, with the same bits.
+    let key_mask = key_mask.filter(|m| m.contains(&false));
     let heads = Heads {
         spec,
         q,
@@ -642,10 +645,27 @@ mod tests {
                 mapping: GqaMapping::Grouped,
                 softmax_bf16: false,
             };
-            let run = |mask: Option<&[bool]>| {
-                let mut out = vec![T::ZERO; q.len()];
+            // `Heads` directly: `attention` drops an all-true mask.
+            let run = |key_mask: Option<&[bool]>| {
+                let heads = Heads {
+                    spec: &spec,
+                    q: &q,
+                    k: &k,
+                    v: &vv,
+                    key_mask,
+                    t_len: t,
+                    s_len: t,
+                    scale: T::from_f64((d as f64).powf(-0.5)),
+                };
+                let mut out = vec![T::ZERO; h * t * d];
                 let mut probs = vec![T::ZERO; h * t * t];
-                attention(&spec, &q, &k, &vv, mask, &mut out, Some(&mut probs));
+                for (head, (o, p)) in out
+                    .chunks_mut(t * d)
+                    .zip(probs.chunks_mut(t * t))
+                    .enumerate()
+                {
+                    heads.run(head, o, Some(p));
+                }
                 let bits = |x: Vec<T>| x.into_iter().map(|x| x.to_f64().to_bits()).collect();
                 (bits(out), bits(probs))
             };
