@@ -202,6 +202,30 @@ pub fn linear_with<T: Float>(
     linear_min_n(kernel, AMX_MIN_N, x, n, w, bias, out)
 }
 
+/// One product of [`linear_many`]: `out[n][m] = x · wᵀ (+ bias)`.
+pub struct Product<'a, T> {
+    /// The `[m, k]` weight.
+    pub w: &'a Tensor,
+    /// `[m]`, added before the rounding to the activation dtype.
+    pub bias: Option<&'a [T]>,
+    /// `[n][m]`.
+    pub out: &'a mut [T],
+}
+
+/// [`linear`] for several weights applied to the same input (q/k/v, gate/up) in one parallel
+/// region: one wake-up of the threads instead of one per weight, and the activations packed
+/// once. Each output gets exactly what [`linear`] gives it (the tasks only split rows).
+pub fn linear_many<T: Float>(x: &[T], n: usize, products: &mut [Product<'_, T>]) {
+    let q8 = |w: &Tensor| w.q8_dot && w.dtype.is_block() && T::PRECISION == Precision::F32;
+    if products.iter().any(|p| q8(p.w)) {
+        for p in products {
+            linear(x, n, p.w, p.bias, p.out);
+        }
+        return;
+    }
+    linear_min_n_many(Kernel::detect(), AMX_MIN_N, x, n, products)
+}
+
 /// [`linear_with`] with AMX used from `amx_min_n` tokens (the tests force it on small `n`).
 fn linear_min_n<T: Float>(
     kernel: Kernel,
@@ -212,76 +236,109 @@ fn linear_min_n<T: Float>(
     bias: Option<&[T]>,
     out: &mut [T],
 ) {
-    let (m, k) = (w.shape[0], w.shape[1]);
-    assert_eq!(x.len(), n * k, "linear: input length");
-    assert_eq!(out.len(), n * m, "linear: output length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), m);
-    }
+    let mut one = [Product { w, bias, out }];
+    linear_min_n_many(kernel, amx_min_n, x, n, &mut one)
+}
+
+/// [`linear_min_n`] for several weights of the same `k` at once (see [`linear_many`]).
+fn linear_min_n_many<T: Float>(
+    kernel: Kernel,
+    amx_min_n: usize,
+    x: &[T],
+    n: usize,
+    products: &mut [Product<'_, T>],
+) {
     assert!(
         Kernel::available().contains(&kernel),
         "{kernel:?} is not available on this CPU"
     );
-    if n == 0 || m == 0 {
+    let Some(first) = products.first() else {
+        return;
+    };
+    let k = first.w.shape[1];
+    assert_eq!(x.len(), n * k, "linear: input length");
+    // Per product: its output, and its rows cut into tasks.
+    let mut tasks = Vec::new();
+    let mut dsts = Vec::with_capacity(products.len());
+    for (i, p) in products.iter_mut().enumerate() {
+        let (m, wk) = (p.w.shape[0], p.w.shape[1]);
+        assert_eq!(wk, k, "linear_many: weights of different input sizes");
+        assert_eq!(p.out.len(), n * m, "linear: output length");
+        if let Some(b) = p.bias {
+            assert_eq!(b.len(), m);
+        }
+        let row_bytes =
+            p.w.dtype
+                .row_bytes(k)
+                .unwrap_or_else(|e| panic!("linear: {e}"));
+        assert_eq!(p.w.bytes().len(), m * row_bytes, "linear: weight bytes");
+        dsts.push(Dst {
+            ptr: p.out.as_mut_ptr(),
+            row_len: m,
+        });
+        if n == 0 || m == 0 {
+            continue;
+        }
+        // Block rows are sized by their decoded f32 (decoding them is the work, not reading
+        // them).
+        let task_bytes = if p.w.dtype.is_block() {
+            k * 4
+        } else {
+            row_bytes
+        };
+        let per = task_rows(m, task_bytes);
+        tasks.extend((0..m.div_ceil(per)).map(|t| (i, t * per..((t + 1) * per).min(m))));
+    }
+    if tasks.is_empty() {
         return;
     }
-    let row_bytes = w
-        .dtype
-        .row_bytes(k)
-        .unwrap_or_else(|e| panic!("linear: {e}"));
-    assert_eq!(w.bytes().len(), m * row_bytes, "linear: weight bytes");
-    // Block rows are sized by their decoded f32 (decoding them is the work, not reading them).
-    let task_bytes = if w.dtype.is_block() { k * 4 } else { row_bytes };
-    let rows_per_task = task_rows(m, task_bytes);
-    let dst = Dst {
-        ptr: out.as_mut_ptr(),
-        row_len: m,
-    };
+    let bf16_weights = products.iter().any(|p| p.w.dtype == StoredDtype::BF16);
     // AMX: Bf16 compute (never f32/f64: it would round their activations), BF16 weights,
     // enough tokens; the activations are packed once for every task.
     #[cfg(target_arch = "x86_64")]
     let packed = (kernel == Kernel::Amx
         && T::PRECISION == Precision::BF16
-        && w.dtype == StoredDtype::BF16
+        && bf16_weights
         && n >= amx_min_n
         && k > 0)
         .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
         .flatten();
     // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens.
     #[cfg(target_arch = "x86_64")]
-    let paired = (kernel == Kernel::Avx512Bf16
-        && T::PRECISION == Precision::BF16
-        && w.dtype == StoredDtype::BF16
-        && k > 0)
-        .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
-        .flatten();
+    let paired =
+        (kernel == Kernel::Avx512Bf16 && T::PRECISION == Precision::BF16 && bf16_weights && k > 0)
+            .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
+            .flatten();
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = amx_min_n;
-    (0..m.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let rows = task * rows_per_task..((task + 1) * rows_per_task).min(m);
-            // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
-            unsafe {
-                #[cfg(target_arch = "x86_64")]
-                let rest = match (&packed, &paired, T::f32_ptr(dst.ptr)) {
-                    (Some(p), _, Some(out)) => amx::sums(p, n, k, w.bytes(), m, rows.clone(), out),
-                    (_, Some(p), Some(out)) => {
-                        avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out);
-                        rows.end..rows.end
-                    }
-                    _ => rows.clone(),
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let rest = rows.clone();
-                // The kernel's rows (or the rows not filling an AMX tile, on AVX-512).
-                sums(kernel, x, n, k, w, rest, dst);
-                let bias = bias.map(|b| &b[rows.clone()]);
-                for t in 0..n {
-                    T::add_bias_to_act_dtype(dst.row(t, rows.clone()), bias);
+    let _ = (amx_min_n, bf16_weights);
+    let products = &*products;
+    tasks.into_par_iter().for_each(|(i, rows)| {
+        let (w, bias, dst) = (products[i].w, products[i].bias, dsts[i]);
+        let m = w.shape[0];
+        // SAFETY: tasks own disjoint row ranges of one product each, so each output entry is
+        // written by one task (the `&mut` outputs are not touched while the tasks run).
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            let rest = match (&packed, &paired, T::f32_ptr(dst.ptr)) {
+                (Some(p), _, Some(out)) if w.dtype == StoredDtype::BF16 => {
+                    amx::sums(p, n, k, w.bytes(), m, rows.clone(), out)
                 }
+                (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
+                    avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out);
+                    rows.end..rows.end
+                }
+                _ => rows.clone(),
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let rest = rows.clone();
+            // The kernel's rows (or the rows not filling an AMX tile, on AVX-512).
+            sums(kernel, x, n, k, w, rest, dst);
+            let bias = bias.map(|b| &b[rows.clone()]);
+            for t in 0..n {
+                T::add_bias_to_act_dtype(dst.row(t, rows.clone()), bias);
             }
-        });
+        }
+    });
 }
 
 /// Rows per rayon task: several tasks per thread (load balance) of at least ~64 KiB of weights
@@ -853,6 +910,65 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Several weights in one call (q/k/v-like shapes, with and without biases, BF16 and F32
+    /// weights mixed) give each output exactly what its own `linear` call gives, in every
+    /// compute type, for prefill and one-token shapes.
+    #[test]
+    fn linear_many_is_each_linear() {
+        fn check<T: Float>() {
+            let k = 96;
+            let shapes = [
+                (70, safetensors::Dtype::BF16),
+                (16, safetensors::Dtype::F32),
+                (5, safetensors::Dtype::BF16),
+            ];
+            let ws: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(m, dt))| tensor_from(&pseudo(m * k, 20 + i as u64), vec![m, k], dt))
+                .collect();
+            let biases: Vec<Vec<T>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(m, _))| {
+                    pseudo(m, 30 + i as u64)
+                        .iter()
+                        .map(|&v| T::from_f64(v as f64).to_act_dtype())
+                        .collect()
+                })
+                .collect();
+            for n in [1, 9] {
+                let x: Vec<T> = pseudo(n * k, 40)
+                    .iter()
+                    .map(|&v| T::from_f64(v as f64).to_act_dtype())
+                    .collect();
+                let mut outs: Vec<Vec<T>> =
+                    shapes.iter().map(|&(m, _)| vec![T::ZERO; n * m]).collect();
+                let mut products: Vec<Product<'_, T>> = outs
+                    .iter_mut()
+                    .zip(&ws)
+                    .zip(&biases)
+                    .enumerate()
+                    .map(|(i, ((out, (_d, w)), b))| Product {
+                        w,
+                        bias: (i != 1).then_some(&b[..]),
+                        out,
+                    })
+                    .collect();
+                linear_many(&x, n, &mut products);
+                for (i, ((_d, w), out)) in ws.iter().zip(&outs).enumerate() {
+                    let mut one = vec![T::ZERO; out.len()];
+                    linear(&x, n, w, (i != 1).then_some(&biases[i][..]), &mut one);
+                    let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(out), bits(&one), "{:?} n={n} weight {i}", T::PRECISION);
+                }
+            }
+        }
+        check::<f64>();
+        check::<f32>();
+        check::<Bf16>();
     }
 
     #[test]

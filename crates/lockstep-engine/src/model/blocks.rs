@@ -11,7 +11,7 @@ use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec};
-use crate::kernels::matmul::linear;
+use crate::kernels::matmul::{linear, linear_many, Product};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::rope::RopeTable;
 use crate::kernels::{decode_vec, residual_add, Float};
@@ -95,9 +95,27 @@ impl Model {
             .as_ref()
             .map(|b| b.each_ref().map(decode_vec::<T>));
         let bias_of = |i: usize| bias.as_ref().map(|b| &b[i][..]);
-        linear(&buf.normed, tn, &w.q_proj, bias_of(0), &mut buf.q);
-        linear(&buf.normed, tn, &w.k_proj, bias_of(1), &mut buf.k);
-        linear(&buf.normed, tn, &w.v_proj, bias_of(2), &mut buf.v);
+        linear_many(
+            &buf.normed,
+            tn,
+            &mut [
+                Product {
+                    w: &w.q_proj,
+                    bias: bias_of(0),
+                    out: &mut buf.q,
+                },
+                Product {
+                    w: &w.k_proj,
+                    bias: bias_of(1),
+                    out: &mut buf.k,
+                },
+                Product {
+                    w: &w.v_proj,
+                    bias: bias_of(2),
+                    out: &mut buf.v,
+                },
+            ],
+        );
         obs.tap(tap(LayerTap::Q), TapView::heads(&buf.q, heads, d));
         obs.tap(tap(LayerTap::K), TapView::heads(&buf.k, kv_heads, d));
         obs.tap(tap(LayerTap::V), TapView::heads(&buf.v, kv_heads, d));
@@ -197,8 +215,22 @@ impl Model {
         let post_norm = decode_vec(&w.post_norm);
         rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
-        linear(&buf.normed, tn, &mlp.gate_proj, None, &mut buf.gate);
-        linear(&buf.normed, tn, &mlp.up_proj, None, &mut buf.up);
+        linear_many(
+            &buf.normed,
+            tn,
+            &mut [
+                Product {
+                    w: &mlp.gate_proj,
+                    bias: None,
+                    out: &mut buf.gate,
+                },
+                Product {
+                    w: &mlp.up_proj,
+                    bias: None,
+                    out: &mut buf.up,
+                },
+            ],
+        );
         silu_mul_in_place(&mut buf.gate, &buf.up);
         obs.tap(tap(LayerTap::MlpAct), TapView::rows(&buf.gate, inter));
         linear(&buf.gate, tn, &mlp.down_proj, None, &mut buf.out);
