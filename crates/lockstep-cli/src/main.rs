@@ -77,9 +77,9 @@ fn main() -> ExitCode {
         Command::Compare(a) => commands::compare::run(a),
         Command::Verify(a) => commands::verify::run(a),
         Command::Selftest(a) => commands::selftest::run(a),
-        Command::Generate(a) => commands::generate::run(a),
-        Command::Chat(a) => commands::chat::run(a),
-        Command::Bench(a) => commands::bench::run(a),
+        Command::Generate(a) => on_pool(|| commands::generate::run(a)),
+        Command::Chat(a) => on_pool(|| commands::chat::run(a)),
+        Command::Bench(a) => on_pool(|| commands::bench::run(a)),
         Command::Serve(a) => commands::serve::run(a),
     };
     match result {
@@ -89,4 +89,13 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Runs `f` on a worker thread of rayon's global pool while this thread waits asleep, so that
+/// the engine's serial steps (norms, attention's bookkeeping, sampling) and its parallel
+/// matmuls share the pool's threads: otherwise this thread is one more than the cores, and
+/// between matmuls it competes with the pool's spinning workers for them. Not for `serve`,
+/// whose server would hold a worker for good.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
