@@ -167,7 +167,139 @@ impl<T: Float> Heads<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
     unsafe fn run_avx512(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
+        let spec = self.spec;
+        if as_f32(self.q).is_some()
+            && is_x86_feature_detected!("avx512dq")
+            && (spec.head_dim == 64 || spec.head_dim == 128)
+            && spec.window.is_none()
+            && self.key_mask.is_none()
+            && !spec.softmax_bf16
+        {
+            return self.head_blocked(head, o_head, p_head);
+        }
         self.head(head, o_head, p_head)
+    }
+
+    /// [`Heads::head`] for f32 (or bf16 held in f32) with no key hidden, four queries at a
+    /// time, so that each key and value row read from the cache serves four queries: every
+    /// query's dots, softmax and weighted sum are its own, computed by the same operations in
+    /// the same order as [`Heads::head`] (the same bits; unit-tested).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/DQ; `T` holds one f32; the head dimension is 64 or 128.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+    unsafe fn head_blocked(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+        const QB: usize = 4;
+        let spec = self.spec;
+        let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
+        let kv = spec.kv_head(head);
+        let stride = kvh * d;
+        let (q, k, v) = (
+            as_f32(self.q).expect("f32 inside"),
+            as_f32(&self.k[kv * d..]).expect("f32 inside"),
+            as_f32(&self.v[kv * d..]).expect("f32 inside"),
+        );
+        let mut rows = vec![T::ZERO; QB * s_len];
+        for t0 in (0..self.t_len).step_by(QB) {
+            let tb = QB.min(self.t_len - t0);
+            let visible = |j: usize| {
+                if spec.causal {
+                    spec.q_start + t0 + j + 1
+                } else {
+                    s_len
+                }
+            };
+            // Keys every query of the block sees (causal: the first query's), then each one's own.
+            let common = visible(0);
+            let qv = |j: usize| &q[((t0 + j) * h + head) * d..((t0 + j) * h + head + 1) * d];
+            {
+                let rf = as_f32_mut(&mut rows).expect("f32 inside");
+                let mut outs: Vec<&mut [f32]> = rf.chunks_mut(s_len).take(tb).collect();
+                if tb == QB {
+                    let [a, b, c, e] = &mut outs[..] else {
+                        unreachable!()
+                    };
+                    key_dots_avx512_4q(
+                        [qv(0), qv(1), qv(2), qv(3)],
+                        k,
+                        stride,
+                        [
+                            &mut a[..common],
+                            &mut b[..common],
+                            &mut c[..common],
+                            &mut e[..common],
+                        ],
+                    );
+                } else {
+                    for (j, o) in outs.iter_mut().enumerate() {
+                        key_dots_avx512(qv(j), k, stride, &mut o[..common]);
+                    }
+                }
+                for (j, o) in outs.iter_mut().enumerate() {
+                    let tail = &mut o[common..visible(j)];
+                    if !tail.is_empty() {
+                        key_dots_avx512(qv(j), &k[common * stride..], stride, tail);
+                    }
+                }
+            }
+            for (j, row) in rows.chunks_mut(s_len).take(tb).enumerate() {
+                let vis = visible(j);
+                for r in row.iter_mut().take(vis) {
+                    *r = (r.to_act_dtype() * self.scale).to_act_dtype();
+                }
+                let max = row_max(&row[..vis]);
+                softmax_unmasked(&mut row[..vis], max);
+                row[vis..].fill(T::ZERO);
+            }
+            {
+                let rf = as_f32(&rows).expect("f32 inside");
+                let of = as_f32_mut(&mut o_head[t0 * d..(t0 + tb) * d]).expect("f32 inside");
+                let ps: Vec<&[f32]> = rf
+                    .chunks(s_len)
+                    .take(tb)
+                    .enumerate()
+                    .map(|(j, r)| &r[..visible(j)])
+                    .collect();
+                let mut os: Vec<&mut [f32]> = of.chunks_mut(d).collect();
+                match (d, tb) {
+                    (64, QB) => {
+                        let [a, b, c, e] = &mut os[..] else {
+                            unreachable!()
+                        };
+                        weighted_sum_nq::<4, 4>(
+                            [a, b, c, e],
+                            [ps[0], ps[1], ps[2], ps[3]],
+                            common,
+                            v,
+                            stride,
+                        );
+                    }
+                    (128, QB) => {
+                        let [a, b, c, e] = &mut os[..] else {
+                            unreachable!()
+                        };
+                        let c23 = ps[2].len().min(ps[3].len());
+                        weighted_sum_nq::<2, 8>([a, b], [ps[0], ps[1]], common, v, stride);
+                        weighted_sum_nq::<2, 8>([c, e], [ps[2], ps[3]], c23, v, stride);
+                    }
+                    _ => {
+                        for (o, p) in os.iter_mut().zip(&ps) {
+                            weighted_sum(o, p, v, stride);
+                        }
+                    }
+                }
+            }
+            for (j, row) in rows.chunks(s_len).take(tb).enumerate() {
+                let t = t0 + j;
+                for oi in &mut o_head[t * d..(t + 1) * d] {
+                    *oi = oi.to_act_dtype();
+                }
+                if let Some(p) = p_head.as_deref_mut() {
+                    p[t * s_len..(t + 1) * s_len].copy_from_slice(row);
+                }
+            }
+        }
     }
 
     /// Whether key `s` is masked for a query whose window starts at `lo`.
@@ -404,21 +536,7 @@ unsafe fn key_dots_avx512(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) 
     let d = q.len();
     let n4 = out.len() / 4 * 4;
     let kp = |s: usize, i: usize| k.as_ptr().add(s * stride + i);
-    // Keys `s`, `s + 1` of a 256-bit chunk each, side by side.
-    let pair = |s: usize, i: usize| {
-        _mm512_insertf32x8::<1>(
-            _mm512_castps256_ps512(_mm256_loadu_ps(kp(s, i))),
-            _mm256_loadu_ps(kp(s + 1, i)),
-        )
-    };
-    // `[l0+l4, l1+l5, l2+l6, l3+l7]` of each key of a pair: quarters [A0+A1, B0+B1].
-    let fold = |acc: __m512| {
-        let v = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b00_00_10_00>(acc, acc),
-            _mm512_shuffle_f32x4::<0b00_00_11_01>(acc, acc),
-        );
-        (_mm512_castps512_ps128(v), _mm512_extractf32x4_ps::<1>(v))
-    };
+    let pair = |s: usize, i: usize| key_pair(kp(s, i), stride);
     for s in (0..n4).step_by(4) {
         let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for i in (0..d).step_by(8) {
@@ -426,17 +544,131 @@ unsafe fn key_dots_avx512(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) 
             a = _mm512_add_ps(a, _mm512_mul_ps(qv, pair(s, i)));
             b = _mm512_add_ps(b, _mm512_mul_ps(qv, pair(s + 2, i)));
         }
-        let ((h0, h1), (h2, h3)) = (fold(a), fold(b));
-        // hadd: [a0+a1, a2+a3] of each key, then their sum, then the empty tail's zero.
-        let ab = _mm_hadd_ps(h0, h1);
-        let cd = _mm_hadd_ps(h2, h3);
-        let sums = _mm_add_ps(_mm_hadd_ps(ab, cd), _mm_setzero_ps());
-        _mm_storeu_ps(out.as_mut_ptr().add(s), sums);
+        _mm_storeu_ps(out.as_mut_ptr().add(s), four_sums(a, b));
     }
     for (s, o) in out.iter_mut().enumerate().skip(n4) {
         let a = super::matmul::dot_lane_pairs(q.as_ptr(), kp(s, 0), d);
         let a = _mm_hadd_ps(a, a);
         *o = _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(a, a), _mm_setzero_ps()));
+    }
+}
+
+/// Eight values at `p` (of key `s`) and the eight `stride` later (key `s + 1`), side by side.
+///
+/// # Safety
+/// AVX-512F/DQ present; both reads inside one allocation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+unsafe fn key_pair(p: *const f32, stride: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_insertf32x8::<1>(
+        _mm512_castps256_ps512(_mm256_loadu_ps(p)),
+        _mm256_loadu_ps(p.add(stride)),
+    )
+}
+
+/// [`key_dots_avx512`] for four queries over the same keys: each key pair's chunk is loaded
+/// once for the four; every query's dots are its own accumulators, folded and summed as there
+/// (the same bits).
+///
+/// # Safety
+/// AVX-512F/DQ present; each query's length `d` a multiple of 8; all `out`s of one length `n`,
+/// with `k` holding `(n - 1)·stride + d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn key_dots_avx512_4q(q: [&[f32]; 4], k: &[f32], stride: usize, mut out: [&mut [f32]; 4]) {
+    use std::arch::x86_64::*;
+    let (d, n) = (q[0].len(), out[0].len());
+    let n4 = n / 4 * 4;
+    let pair = |s: usize, i: usize| key_pair(k.as_ptr().add(s * stride + i), stride);
+    for s in (0..n4).step_by(4) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        for i in (0..d).step_by(8) {
+            let (p0, p1) = (pair(s, i), pair(s + 2, i));
+            for (a, qj) in acc.iter_mut().zip(&q) {
+                let qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(qj.as_ptr().add(i)));
+                a[0] = _mm512_add_ps(a[0], _mm512_mul_ps(qv, p0));
+                a[1] = _mm512_add_ps(a[1], _mm512_mul_ps(qv, p1));
+            }
+        }
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            _mm_storeu_ps(o.as_mut_ptr().add(s), four_sums(a[0], a[1]));
+        }
+    }
+    for (qj, o) in q.iter().zip(out.iter_mut()) {
+        if n4 < n {
+            key_dots_avx512(qj, &k[n4 * stride..], stride, &mut o[n4..]);
+        }
+    }
+}
+
+/// The four dots of two key pairs' accumulators (`a`: keys `s`, `s + 1`; `b`: `s + 2`,
+/// `s + 3`): each half folded to `[l0+l4, …, l3+l7]`, then
+/// `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7)) + 0` by horizontal adds, as `matmul::dot` ends.
+///
+/// # Safety
+/// AVX-512F/DQ present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+unsafe fn four_sums(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let fold = |acc: __m512| {
+        let v = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b00_00_10_00>(acc, acc),
+            _mm512_shuffle_f32x4::<0b00_00_11_01>(acc, acc),
+        );
+        (_mm512_castps512_ps128(v), _mm512_extractf32x4_ps::<1>(v))
+    };
+    let ((h0, h1), (h2, h3)) = (fold(a), fold(b));
+    let ab = _mm_hadd_ps(h0, h1);
+    let cd = _mm_hadd_ps(h2, h3);
+    _mm_add_ps(_mm_hadd_ps(ab, cd), _mm_setzero_ps())
+}
+
+/// [`weighted_sum`] for `Q` queries of `16·C` values each: keys `0..common` with every
+/// query's accumulators in registers and each value row loaded once, then each query's own
+/// keys after `common` (`p[j].len()` of them in all). Each query's sum runs over its keys in
+/// order from zero, as [`weighted_sum`]'s (the same bits).
+///
+/// # Safety
+/// AVX-512F present; `o[j].len() == 16·C`; `p[j].len() ≥ common`; `v` holds
+/// `(p[j].len() - 1)·stride + 16·C` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
+    o: [&mut &mut [f32]; Q],
+    p: [&[f32]; Q],
+    common: usize,
+    v: &[f32],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); C]; Q];
+    for s in 0..common {
+        let vr = v.as_ptr().add(s * stride);
+        let vv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(vr.add(16 * c)));
+        for (a, pj) in acc.iter_mut().zip(&p) {
+            let ps = _mm512_set1_ps(pj[s]);
+            for (a, &vc) in a.iter_mut().zip(&vv) {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, vc));
+            }
+        }
+    }
+    for ((a, pj), oj) in acc.iter_mut().zip(&p).zip(o) {
+        for (s, &ps) in pj.iter().enumerate().skip(common) {
+            let (ps, vr) = (_mm512_set1_ps(ps), v.as_ptr().add(s * stride));
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, _mm512_loadu_ps(vr.add(16 * c))));
+            }
+        }
+        for (c, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(oj.as_mut_ptr().add(16 * c), *a);
+        }
     }
 }
 
@@ -675,8 +907,9 @@ mod tests {
     /// long enough for the vector exp and maximum (with remainders), large scores included.
     #[test]
     fn unmasked_rows_are_the_general_loops_bits() {
-        fn check<T: Float>() {
-            let (h, kvh, d, t) = (4, 2, 64, 70);
+        fn check<T: Float>(d: usize, causal: bool, past: usize) {
+            let (h, kvh, t) = (4, 2, 70);
+            let s_len = past + t;
             let mut seed = 11u64;
             let v = |n: usize, seed: &mut u64| -> Vec<T> {
                 mixed(n, seed, 13, 40.0)
@@ -686,15 +919,15 @@ mod tests {
             };
             let (q, k, vv) = (
                 v(t * h * d, &mut seed),
-                v(t * kvh * d, &mut seed),
-                v(t * kvh * d, &mut seed),
+                v(s_len * kvh * d, &mut seed),
+                v(s_len * kvh * d, &mut seed),
             );
             let spec = AttentionSpec {
                 heads: h,
                 kv_heads: kvh,
                 head_dim: d,
-                q_start: 0,
-                causal: true,
+                q_start: past,
+                causal,
                 window: None,
                 mapping: GqaMapping::Grouped,
                 softmax_bf16: false,
@@ -708,14 +941,14 @@ mod tests {
                     v: &vv,
                     key_mask,
                     t_len: t,
-                    s_len: t,
+                    s_len,
                     scale: T::from_f64((d as f64).powf(-0.5)),
                 };
                 let mut out = vec![T::ZERO; h * t * d];
-                let mut probs = vec![T::ZERO; h * t * t];
+                let mut probs = vec![T::ZERO; h * t * s_len];
                 for (head, (o, p)) in out
                     .chunks_mut(t * d)
-                    .zip(probs.chunks_mut(t * t))
+                    .zip(probs.chunks_mut(t * s_len))
                     .enumerate()
                 {
                     heads.run(head, o, Some(p));
@@ -724,11 +957,26 @@ mod tests {
                 (bits(out), bits(probs))
             };
             let fast: (Vec<u64>, Vec<u64>) = run(None);
-            let general = run(Some(&vec![true; t]));
-            assert!(fast == general, "{:?}", T::PRECISION);
+            let general = run(Some(&vec![true; s_len]));
+            assert!(
+                fast == general,
+                "{:?} d={d} causal={causal} past={past}",
+                T::PRECISION
+            );
         }
-        check::<f32>();
-        check::<crate::kernels::Bf16>();
+        // Four-query blocks with a tail of two; head dimensions 64 and 128 (the blocked
+        // paths), 32 (the per-query one); causal with and without past keys, and not causal.
+        for (d, causal, past) in [
+            (64, true, 0),
+            (128, true, 0),
+            (64, true, 5),
+            (128, false, 3),
+            (64, false, 0),
+            (32, true, 2),
+        ] {
+            check::<f32>(d, causal, past);
+            check::<crate::kernels::Bf16>(d, causal, past);
+        }
     }
 
     #[test]
