@@ -214,12 +214,13 @@ impl<T: Float> Heads<'_, T> {
             let common = visible(0);
             let qv = |j: usize| &q[((t0 + j) * h + head) * d..((t0 + j) * h + head + 1) * d];
             {
+                // The block's rows of dots (empty past the last query).
                 let rf = as_f32_mut(&mut rows).expect("f32 inside");
-                let mut outs: Vec<&mut [f32]> = rf.chunks_mut(s_len).take(tb).collect();
+                let mut chunks = rf.chunks_mut(s_len).take(tb);
+                let mut outs: [&mut [f32]; QB] =
+                    std::array::from_fn(|_| chunks.next().unwrap_or_default());
                 if tb == QB {
-                    let [a, b, c, e] = &mut outs[..] else {
-                        unreachable!()
-                    };
+                    let [a, b, c, e] = &mut outs;
                     key_dots_avx512_4q(
                         [qv(0), qv(1), qv(2), qv(3)],
                         k,
@@ -232,11 +233,11 @@ impl<T: Float> Heads<'_, T> {
                         ],
                     );
                 } else {
-                    for (j, o) in outs.iter_mut().enumerate() {
+                    for (j, o) in outs.iter_mut().take(tb).enumerate() {
                         key_dots_avx512(qv(j), k, stride, &mut o[..common]);
                     }
                 }
-                for (j, o) in outs.iter_mut().enumerate() {
+                for (j, o) in outs.iter_mut().take(tb).enumerate() {
                     let tail = &mut o[common..visible(j)];
                     if !tail.is_empty() {
                         key_dots_avx512(qv(j), &k[common * stride..], stride, tail);
@@ -253,38 +254,25 @@ impl<T: Float> Heads<'_, T> {
                 row[vis..].fill(T::ZERO);
             }
             {
+                // Each query's probabilities over its visible keys, and its output.
                 let rf = as_f32(&rows).expect("f32 inside");
+                let ps: [&[f32]; QB] = std::array::from_fn(|j| match j < tb {
+                    true => &rf[j * s_len..j * s_len + visible(j)],
+                    false => &[][..],
+                });
                 let of = as_f32_mut(&mut o_head[t0 * d..(t0 + tb) * d]).expect("f32 inside");
-                let ps: Vec<&[f32]> = rf
-                    .chunks(s_len)
-                    .take(tb)
-                    .enumerate()
-                    .map(|(j, r)| &r[..visible(j)])
-                    .collect();
-                let mut os: Vec<&mut [f32]> = of.chunks_mut(d).collect();
+                let mut chunks = of.chunks_mut(d);
+                let [a, b, c, e]: [&mut [f32]; QB] =
+                    std::array::from_fn(|_| chunks.next().unwrap_or_default());
                 match (d, tb) {
-                    (64, QB) => {
-                        let [a, b, c, e] = &mut os[..] else {
-                            unreachable!()
-                        };
-                        weighted_sum_nq::<4, 4>(
-                            [a, b, c, e],
-                            [ps[0], ps[1], ps[2], ps[3]],
-                            common,
-                            v,
-                            stride,
-                        );
-                    }
+                    (64, QB) => weighted_sum_nq::<4, 4>([a, b, c, e], ps, common, v, stride),
                     (128, QB) => {
-                        let [a, b, c, e] = &mut os[..] else {
-                            unreachable!()
-                        };
                         let c23 = ps[2].len().min(ps[3].len());
                         weighted_sum_nq::<2, 8>([a, b], [ps[0], ps[1]], common, v, stride);
                         weighted_sum_nq::<2, 8>([c, e], [ps[2], ps[3]], c23, v, stride);
                     }
                     _ => {
-                        for (o, p) in os.iter_mut().zip(&ps) {
+                        for (o, p) in [a, b, c, e].into_iter().zip(ps).take(tb) {
                             weighted_sum(o, p, v, stride);
                         }
                     }
@@ -338,10 +326,11 @@ impl<T: Float> Heads<'_, T> {
                 }
                 max = row_max(&row[..visible]);
             }
-            for (s, r) in row.iter_mut().enumerate().take(visible) {
-                if unmasked {
-                    break;
-                }
+            for (s, r) in row
+                .iter_mut()
+                .enumerate()
+                .take(if unmasked { 0 } else { visible })
+            {
                 if self.hidden(s, lo) {
                     *r = T::NEG_INFINITY;
                     continue;
@@ -516,9 +505,7 @@ unsafe fn key_dots_avx2(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
         _mm_storeu_ps(out.as_mut_ptr().add(s), sums);
     }
     for (s, o) in out.iter_mut().enumerate().skip(n4) {
-        let a = halves(s);
-        let a = _mm_hadd_ps(a, a);
-        *o = _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(a, a), _mm_setzero_ps()));
+        *o = one_sum(halves(s));
     }
 }
 
@@ -547,10 +534,22 @@ unsafe fn key_dots_avx512(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) 
         _mm_storeu_ps(out.as_mut_ptr().add(s), four_sums(a, b));
     }
     for (s, o) in out.iter_mut().enumerate().skip(n4) {
-        let a = super::matmul::dot_lane_pairs(q.as_ptr(), kp(s, 0), d);
-        let a = _mm_hadd_ps(a, a);
-        *o = _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(a, a), _mm_setzero_ps()));
+        *o = one_sum(super::matmul::dot_lane_pairs(q.as_ptr(), kp(s, 0), d));
     }
+}
+
+/// One key's dot from its `[l0+l4, l1+l5, l2+l6, l3+l7]`: `((p0+p1) + (p2+p3)) + 0` by
+/// horizontal adds, as `matmul::dot` ends.
+///
+/// # Safety
+/// AVX present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn one_sum(a: std::arch::x86_64::__m128) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm_hadd_ps(a, a);
+    _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(a, a), _mm_setzero_ps()))
 }
 
 /// Eight values at `p` (of key `s`) and the eight `stride` later (key `s + 1`), side by side.
@@ -641,7 +640,7 @@ unsafe fn four_sums(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
-    o: [&mut &mut [f32]; Q],
+    o: [&mut [f32]; Q],
     p: [&[f32]; Q],
     common: usize,
     v: &[f32],
