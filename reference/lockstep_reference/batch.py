@@ -216,10 +216,29 @@ def chat_batch(model_dir: str, conversations_path: str) -> None:
     print(answer_line(out))
 
 
+# Parameters from which a generation uses every core: below, one thread (see `generate_threads`).
+MANY_THREADS_PARAMS = 1_000_000_000
+
+
+def generate_threads(model, cores: int) -> int:
+    """Threads for generating with `model`: LOCKSTEP_REFERENCE_THREADS when set; else one thread for a
+    model under `MANY_THREADS_PARAMS` parameters (on a busy machine PyTorch's OpenMP threads spin
+    against other processes and run a small model's decode ~10x slower than one thread, measured
+    here on SmolLM2-135M), and every core (`cores`, torch's default) for a larger one, whose every
+    step is seconds of work per thread (a 7B model's 260-token prefill is ~4 TFLOP)."""
+    import os
+
+    if "LOCKSTEP_REFERENCE_THREADS" in os.environ:
+        return int(os.environ["LOCKSTEP_REFERENCE_THREADS"])
+    params = sum(p.numel() for p in model.parameters())
+    return cores if params >= MANY_THREADS_PARAMS else 1
+
+
 def generate_batch(jobs_path: str) -> None:
-    """Greedy `model.generate(do_sample=False, max_new_tokens=N)` in float32 with eager attention for
-    each job of a JSON list, loading each model once. A job is `{"model", "max_new_tokens",
-    "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies) plus its prompt:
+    """Greedy `model.generate(do_sample=False, max_new_tokens=N)` with eager attention for each job of
+    a JSON list, loading each model once per dtype. A job is `{"model", "max_new_tokens",
+    "ignore_eos"}` (optionally `"repetition_penalty"`, which greedy decoding applies, and `"dtype"`:
+    "f32", the default, or "bf16", the model loaded in that dtype as the tracer loads it) plus its prompt:
     `"tokens"` (ids), `"prompt"` (text, tokenized without special tokens), or `"messages"` (a
     conversation, rendered by `apply_chat_template` with the generation prompt and tokenized the
     same way), or `"token_batch"` (a list of id lists, generated as one
@@ -238,21 +257,20 @@ def generate_batch(jobs_path: str) -> None:
     import copy
     import os
 
-
-    # One thread unless told otherwise: on a busy machine PyTorch's OpenMP threads spin against
-    # other processes and run ~10x slower than one thread (measured here, SmolLM2-135M decode).
-    torch.set_num_threads(int(os.environ.get("LOCKSTEP_REFERENCE_THREADS", "1")))
-    loaded: dict[str, tuple] = {}
+    cores = torch.get_num_threads()
+    loaded: dict[tuple[str, str], tuple] = {}
     out = []
     for job in parse_list(GenerateJob, jobs_path):
-        if job.model not in loaded:
+        key = (job.model, job.dtype)
+        if key not in loaded:
             loaded.clear()
-            m = tracer.load_model(job.model, "f32")
-            loaded[job.model] = (m, copy.deepcopy(m.generation_config), None)
-        model, original, tok = loaded[job.model]
+            m = tracer.load_model(job.model, job.dtype)
+            torch.set_num_threads(generate_threads(m, cores))
+            loaded[key] = (m, copy.deepcopy(m.generation_config), None)
+        model, original, tok = loaded[key]
         if tok is None and (job.prompt is not None or job.messages is not None):
             tok = tracer.load_tokenizer(job.model)
-            loaded[job.model] = (model, original, tok)
+            loaded[key] = (model, original, tok)
         if job.token_batch is not None:
             prompt_ids = [[int(t) for t in row] for row in job.token_batch]
         elif job.tokens is not None:

@@ -57,12 +57,16 @@ class GenerateJob:
     prompt: str | None = None
     messages: list[dict] | None = None
     repetition_penalty: float = 1.0
+    #: The compute dtype the model is loaded in: "f32" (the default) or "bf16".
+    dtype: str = "f32"
 
     def __post_init__(self) -> None:
         given = [n for n in ("tokens", "token_batch", "prompt", "messages") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ProtocolError(f"generate job for {self.model}: give exactly one of tokens, token_batch, "
                                 f"prompt, messages (got {given or 'none'})")
+        if self.dtype not in ("f32", "bf16"):
+            raise ProtocolError(f"generate job for {self.model}: dtype must be f32 or bf16, not {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,71 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
     assert!(html.contains("<b>No divergence</b>"));
 }
 
+/// The bf16 tier's plan has its own greedy generation, lockstep in bf16 against
+/// `transformers.generate` with the model loaded in bf16 (ties judged against PyTorch bf16's own
+/// distance from the f64 oracle), and the report says where the time went. A missing q/k/v bias
+/// makes the bf16 generations part at the first token, and not on a near-tie.
+#[test]
+fn verify_bf16_generates_in_bf16_and_times_each_step() {
+    if reference_python().is_none() {
+        return;
+    }
+    let dir = scratch("verify-bf16-generation");
+    let model = fixtures().join("models/qwen2-default-bf16");
+    let model = model.to_str().unwrap();
+    let args = [
+        "--model",
+        model,
+        "--dtype",
+        "bf16",
+        "--generate-tokens",
+        "16",
+    ];
+    let run = verify_in(&dir, &args);
+    run.assert_exit(0);
+    run.assert_pass(&[
+        "KV-cache decode [bf16]",
+        "op-level (each op on its own inputs) [bf16]",
+        "greedy generation [bf16]",
+    ]);
+    assert!(
+        run.stdout.contains("16 new tokens in bf16 on 4 prompt(s)"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("greedy generation [f32]"));
+    // Every step timed, in order, and the times add up to about the run's length.
+    let steps = run.json["timings"].as_array().expect("timings in the JSON");
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    let at = |prefix: &str| names.iter().position(|n| n.starts_with(prefix));
+    let order = [
+        "phase 1: tokenization",
+        "running the reference",
+        "running lockstep in bf16",
+        "op-level in bf16",
+        "KV-cache decode in bf16",
+        "greedy generation in bf16",
+    ]
+    .map(|p| at(p).unwrap_or_else(|| panic!("no step {p}: {names:?}")));
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    assert!(steps.iter().all(|s| s["seconds"].as_f64().unwrap() >= 0.0));
+    let report = std::fs::read_to_string(dir.join("r.md")).unwrap();
+    assert!(report.contains("## Where the time went"), "{report}");
+
+    let broken = [&args[..], &["--single-only", "--inject", "no-qkv-bias"]].concat();
+    let run = verify_in(&dir, &broken);
+    run.assert_exit(1);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("greedy generation [bf16]"))
+        .unwrap_or_else(|| panic!("no bf16 generation phase: {}", run.stdout));
+    assert!(
+        line.contains("FAIL") && line.contains("at token 0") && !line.contains("near-tie"),
+        "{line}"
+    );
+}
+
 /// `num_hidden_layers` of a model folder.
 fn num_layers(model: &std::path::Path) -> usize {
     let c = json_of(&model.join("config.json"));

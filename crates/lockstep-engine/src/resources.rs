@@ -74,31 +74,34 @@ impl MemoryEstimate {
     }
 
     /// The estimate for `lockstep verify` on `config` run as `run` (its longest input, the
-    /// finest tier's value size): the engine's run, plus every tap of that input held three times
-    /// at f64 (lockstep's trace, the reference's and the oracle's are compared together: hidden
-    /// states, q/k/v, MLP intermediates, the attention probabilities and the logits of every
-    /// position), plus the Python reference's model (`reference_bytes_per_param` bytes per
-    /// parameter: 4 for the f32 reference, 2 for bf16; the f64 oracle streams one layer at a time
-    /// and adds one layer at 8 bytes).
+    /// finest tier's value size): the engine's run, plus every tap of that input (hidden states,
+    /// q/k/v and their norms and rotations, the MLP's activation, the attention probabilities and
+    /// the logits of every position) at `trace_bytes` per value: the traces compared together,
+    /// lockstep's in its tier, the reference's in that tier and the f64 oracle's (16 for f64 and
+    /// f32, 2 + 2 + 8 = 12 for bf16); plus the Python reference's model
+    /// (`reference_bytes_per_param` bytes per parameter: 4 for the f32 reference, 2 for bf16;
+    /// the f64 oracle streams one layer at a time and adds one layer at 8 bytes).
     pub fn for_verify(
         config: &ModelConfig,
         weights: u64,
         run: RunShape,
         reference_bytes_per_param: u64,
+        trace_bytes: u64,
     ) -> Self {
         let c = config;
         let mut e = Self::new(config, weights, run);
         let pos = run.prompt_len as u128;
         let qd = (c.num_heads as u128) * (c.head_dim as u128);
         let kvd = (c.num_kv_heads as u128) * (c.head_dim as u128);
-        let per_layer = 10 * c.hidden_size as u128
-            + 3 * c.intermediate_size as u128
-            + 2 * qd
-            + 2 * kvd
-            + (c.num_heads as u128) * pos;
-        let per_position = (c.num_layers as u128) * per_layer + c.vocab_size as u128;
+        let h = c.hidden_size as u128;
+        // input_norm, o_proj, resid_attn, post_norm, mlp_out, out; q, q_norm, q_rope, attn_out;
+        // k, k_norm, k_rope, v; mlp_act; one row of attention probabilities per head.
+        let per_layer =
+            6 * h + 4 * qd + 4 * kvd + c.intermediate_size as u128 + (c.num_heads as u128) * pos;
+        // Every layer, the embeddings, the final norm and the logits.
+        let per_position = (c.num_layers as u128) * per_layer + 2 * h + c.vocab_size as u128;
         let clamp = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
-        e.traces = clamp(3 * 8 * per_position * pos);
+        e.traces = clamp(trace_bytes as u128 * per_position * pos);
         let params = c.parameter_count() as u128;
         let one_layer = params / (c.num_layers as u128).max(1);
         e.reference = clamp(params * reference_bytes_per_param as u128 + 8 * one_layer);
@@ -444,27 +447,28 @@ mod tests {
             act_bytes: 8,
         };
         let plain = MemoryEstimate::new(&c, 1000, run(10));
-        let v = MemoryEstimate::for_verify(&c, 1000, run(10), 4);
+        let v = MemoryEstimate::for_verify(&c, 1000, run(10), 4, 16);
         assert_eq!(
             (v.weights, v.kv_cache, v.activations),
             (plain.weights, plain.kv_cache, plain.activations)
         );
-        // 3 traces x 8 bytes x 10 positions x (2 layers x (640 + 384 + 128 + 64 + 4 x 10) + 100).
+        // 16 bytes x 10 positions x (2 layers x (6 x 64 + 4 x 64 + 4 x 32 + 128 + 4 heads x 10)
+        // + 2 x 64 + 100).
         assert_eq!(
             v.traces,
-            3 * 8 * 10 * (2 * (640 + 384 + 128 + 64 + 40) + 100)
+            16 * 10 * (2 * (384 + 256 + 128 + 128 + 40) + 128 + 100)
         );
         let params = c.parameter_count() as u64;
         assert_eq!(v.reference, 4 * params + 8 * (params / 2));
         assert_eq!(v.total(), (plain.total() + v.traces).max(v.reference));
         assert!(v.describe().contains("traces") && !plain.describe().contains("traces"));
         // A streamed reference holds the head and two layers, not the model.
-        let s = MemoryEstimate::for_verify(&c, 1000, run(10), 4).with_streamed_reference(&c, 4);
+        let s = MemoryEstimate::for_verify(&c, 1000, run(10), 4, 16).with_streamed_reference(&c, 4);
         let layer = (params - 2 * 6400) / 2;
         assert_eq!(s.reference, 4 * (6400 + 2 * layer) + 8 * layer);
         assert!(s.reference < v.reference);
         // Attention probabilities grow with the square of the prompt: a million-token input is refused.
-        let long = MemoryEstimate::for_verify(&c, 1000, run(1 << 20), 4);
+        let long = MemoryEstimate::for_verify(&c, 1000, run(1 << 20), 4, 16);
         assert!(long.check(64 << 30).is_err());
     }
 }

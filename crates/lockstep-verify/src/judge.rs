@@ -73,6 +73,8 @@ pub struct VerifyOutcome {
     pub passed: bool,
     /// Op-level judgements per tier (each op on the test's own inputs), where they ran.
     pub local: Vec<(Tier, Vec<crate::local::NamedLocal>)>,
+    /// Wall-clock time per step of the run, in order (empty when not timed).
+    pub timings: Vec<crate::report::StepTime>,
 }
 
 impl VerifyOutcome {
@@ -84,12 +86,19 @@ impl VerifyOutcome {
             full,
             passed,
             local: vec![],
+            timings: vec![],
         }
     }
 
     /// The same outcome with its op-level judgements.
     pub fn with_local(mut self, local: Vec<(Tier, Vec<crate::local::NamedLocal>)>) -> Self {
         self.local = local;
+        self
+    }
+
+    /// The same outcome with the time each step took.
+    pub fn with_timings(mut self, timings: Vec<crate::report::StepTime>) -> Self {
+        self.timings = timings;
         self
     }
 

@@ -54,7 +54,7 @@ pub use compare::{
 pub use judge::{judge, overall_status, restrict, VerifyOutcome};
 pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};
 pub use port::{PortTrace, PortTraceError};
-pub use report::{NamedComparison, Phase, PhaseStatus};
+pub use report::{NamedComparison, Phase, PhaseStatus, StepTime};
 pub use stats::{DiffStats, LogitStats};
 pub use tolerance::{Bound, PolicyError, Tier, Tolerance, TolerancePolicy};
 

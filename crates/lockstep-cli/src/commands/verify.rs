@@ -49,7 +49,7 @@ pub struct Args {
     /// (for 7B-scale models on a CPU, where the full set takes long).
     #[arg(long)]
     pub single_only: bool,
-    /// New tokens of the greedy generation phase (f32 tier: lockstep vs transformers.generate,
+    /// New tokens of the greedy generation phase (f32 and bf16 tiers: lockstep vs transformers.generate,
     /// alone and batched); 0 skips it [default: 64, or 0 with --single-only].
     #[arg(long)]
     pub generate_tokens: Option<usize>,
@@ -289,10 +289,12 @@ fn check_memory(
         .map(|i| tokens(&i.text) + 16)
         .max()
         .unwrap_or(16);
-    let (act_bytes, reference_bytes) = match dtype {
-        TierChoice::One(Precision::F64) | TierChoice::All => (8, 4),
-        TierChoice::One(Precision::BF16) => (4, 2),
-        TierChoice::One(Precision::F32) => (4, 4),
+    // Bytes per value of the activations, of the Python reference's weights, and of the traces
+    // compared together (lockstep's and the reference's in the tier, plus the f64 oracle's).
+    let (act_bytes, reference_bytes, trace_bytes) = match dtype {
+        TierChoice::One(Precision::F64) | TierChoice::All => (8, 4, 16),
+        TierChoice::One(Precision::BF16) => (4, 2, 2 + 2 + 8),
+        TierChoice::One(Precision::F32) => (4, 4, 4 + 4 + 8),
     };
     let run = RunShape {
         batch: 2,
@@ -300,7 +302,7 @@ fn check_memory(
         context: prompt_len + generate_tokens,
         act_bytes,
     };
-    let mut estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes);
+    let mut estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes, trace_bytes);
     estimate.weights_streamed = streamed;
     let reference_dtype = if reference_bytes == 2 { "bf16" } else { "f32" };
     if crate::harness::pyref::streamed(model, reference_dtype) {
@@ -324,6 +326,7 @@ fn verify_json(title: &str, desc: &str, outcome: &VerifyOutcome) -> String {
     {
         r.first_divergence = Some(made);
     }
+    r.timings = &outcome.timings;
     r.op_level = Some(report::OpLevel {
         first_divergence_end_to_end: end_to_end,
         op_level: lockstep_verify::local::local_json(&outcome.local),
@@ -340,7 +343,8 @@ pub fn write_reports(
     outcome: &VerifyOutcome,
     plot_title: &str,
 ) -> CliResult<ExitCode> {
-    let md = report::phased_markdown(title, desc, &outcome.phases);
+    let md = report::phased_markdown(title, desc, &outcome.phases)
+        + &report::timings_markdown(&outcome.timings);
     let js = verify_json(title, desc, outcome);
     let plot_inputs = outcome
         .full
@@ -364,6 +368,13 @@ pub fn write_reports(
     println!("{title}");
     for p in &outcome.phases {
         println!("  {:4}  {:32} {}", p.status.label(), p.name, p.summary);
+    }
+    if !outcome.timings.is_empty() {
+        let total: f64 = outcome.timings.iter().map(|s| s.seconds).sum();
+        println!(
+            "  {total:.0} s in {} steps (each step's time in the report)",
+            outcome.timings.len()
+        );
     }
     println!(
         "{}: report {}, JSON {}, plot {}, HTML {}",

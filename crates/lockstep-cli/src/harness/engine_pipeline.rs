@@ -9,7 +9,7 @@
 //! 5. layer-by-layer: every tapped tensor, first divergence named;
 //! 6. attention weights;
 //! 7. bf16w (bf16 tier), q8dot (f32 tier, quantized GGUF), KV-cache decode per tier, greedy
-//!    generation (f32).
+//!    generation (f32 and bf16).
 //!
 //! Phases 3-6 run per precision tier; each comparison is [`lockstep_verify::judge`]'s.
 
@@ -20,15 +20,16 @@ use super::q8dot_phase::{q8dot_model, q8dot_phase};
 use super::reference::{Reference, TraceJob};
 use super::{
     create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, HarnessError,
-    HarnessResult, OpsInput,
+    HarnessResult, OpsInput, StepClock,
 };
 use lockstep_engine::kernels::matmul::Kernel;
 use lockstep_engine::trace_capture::trace_forward;
 use lockstep_engine::{with_float, Fault, Model};
+use lockstep_trace::TraceStore;
 use lockstep_verify::nonfinite::{nonfinite_summary, NonFiniteWeight};
 use lockstep_verify::{restrict, NamedComparison, Phase, Tier, TraceComparison, VerifyOutcome};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Options of one verification.
 #[derive(Debug, Clone)]
@@ -43,12 +44,26 @@ pub struct VerifyOptions {
     pub fault: Option<Fault>,
     /// Scratch folder for traces.
     pub work_dir: PathBuf,
-    /// New tokens of the greedy generation phase (f32 tier; 0 skips the phase).
+    /// New tokens of the greedy generation phases (f32 and bf16 tiers; 0 skips them).
     pub generate_tokens: usize,
 }
 
-/// Runs every phase. `progress` receives a short message before each step.
+/// Runs every phase. `progress` receives a short message before each step; the outcome carries
+/// the time each step took.
 pub fn run_verify(
+    opts: &VerifyOptions,
+    reference: &mut dyn Reference,
+    progress: &mut dyn FnMut(&str),
+) -> HarnessResult<VerifyOutcome> {
+    let mut clock = StepClock::default();
+    let outcome = run_phases(opts, reference, &mut |msg: &str| {
+        clock.step(msg);
+        progress(msg)
+    })?;
+    Ok(outcome.with_timings(clock.finish()))
+}
+
+fn run_phases(
     opts: &VerifyOptions,
     reference: &mut dyn Reference,
     progress: &mut dyn FnMut(&str),
@@ -124,6 +139,10 @@ pub fn run_verify(
         for (i, (input, tokens)) in opts.inputs.iter().zip(&ids).enumerate() {
             let ours =
                 with_float!(tier, T => trace_forward::<T>(&model, tokens, Some(&input.text)))?;
+            // The comparisons and the op-level phase read traces, not weights: the weights'
+            // pages leave our resident set meanwhile (they stay cached; the next pass maps them
+            // again). At 7B the traces of the long input take ~7.6 GB besides the 14 GB of weights.
+            model.checkpoint.release_pages();
             let cmp = judge_in_tier(tier, &ours, &|dt| read(&path(i, dt)))?;
             let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));
             ours.write(&ours_path).map_err(|e| {
@@ -191,27 +210,28 @@ pub fn run_verify(
             phases.push(q8dot_phase(q8, &opts.inputs, &ids, &path)?);
         }
         progress(&format!("KV-cache decode in {tier}"));
-        let bf16_noise = |i: usize| -> HarnessResult<f64> {
-            let (r, o) = (read(&path(i, "bf16"))?, read(&path(i, "f64"))?);
-            Ok(match (r.get("logits"), o.get("logits")) {
-                (Some(r), Some(o)) => r
-                    .data
-                    .to_f64()
-                    .iter()
-                    .zip(o.data.to_f64())
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max),
-                _ => 0.0,
-            })
-        };
+        let bf16_noise = |i: usize| bf16_logits_noise(&path(i, "bf16"), &path(i, "f64"));
         phases.push(kv_cache_phase(&model, tier, opts, &ids, &bf16_noise)?);
     }
-    if opts.tiers.contains(&Tier::F32) && opts.generate_tokens > 0 {
+    // Greedy generation in f32 and in bf16 (f64 has no generation phase: the reference would
+    // generate in float64).
+    for tier in [Tier::F32, Tier::BF16] {
+        if !opts.tiers.contains(&tier) || opts.generate_tokens == 0 {
+            continue;
+        }
         progress(&format!(
-            "greedy generation, {} new tokens (lockstep and transformers.generate)",
+            "greedy generation in {tier}, {} new tokens (lockstep and transformers.generate)",
             opts.generate_tokens
         ));
-        phases.push(generation_phase(&model, opts, &ids, reference)?);
+        // Two tokens closer than this are a tie rounding may break: the f32 logits tolerance, or
+        // the largest distance of PyTorch's bf16 logits from the f64 oracle over the inputs.
+        let tie = match tier {
+            Tier::BF16 => (0..ids.len()).try_fold(0.0, |m: f64, i| {
+                Ok::<_, HarnessError>(m.max(bf16_logits_noise(&path(i, "bf16"), &path(i, "f64"))?))
+            })?,
+            _ => lockstep_verify::tolerance::F32_LOGITS_TOLERANCE,
+        };
+        phases.push(generation_phase(&model, opts, &ids, reference, tier, tie)?);
     }
     // Non-finite values: where they come from (the checkpoint?) and where they first appear.
     let all_cmps: Vec<&TraceComparison> = full
@@ -226,6 +246,27 @@ pub fn run_verify(
         phases.insert(at, Phase::fail("non-finite values", sentence));
     }
     Ok(VerifyOutcome::new(phases, full).with_local(local))
+}
+
+/// How far PyTorch's own bf16 logits lie from the f64 oracle on one input: max |bf16 − f64| over
+/// the logits of the two reference traces (only the logits are read); 0 when either has none.
+fn bf16_logits_noise(bf16: &Path, f64: &Path) -> HarnessResult<f64> {
+    let logits = |p: &Path| {
+        TraceStore::open(p)
+            .and_then(|s| s.load(&["logits"]))
+            .map_err(|e| HarnessError::reference(format!("its trace is unreadable: {e}")))
+    };
+    let (r, o) = (logits(bf16)?, logits(f64)?);
+    Ok(match (r.get("logits"), o.get("logits")) {
+        (Some(r), Some(o)) => r
+            .data
+            .to_f64()
+            .iter()
+            .zip(o.data.to_f64())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max),
+        _ => 0.0,
+    })
 }
 
 /// How many leading positions a KV-cache decode must reproduce the full forward pass at: all,

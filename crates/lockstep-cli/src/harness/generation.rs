@@ -1,29 +1,33 @@
-//! The greedy generation phase: lockstep's `generate` against `transformers.generate`.
+//! The greedy generation phase: lockstep's `generate` against `transformers.generate`, per tier.
 
 use super::engine_pipeline::VerifyOptions;
 use super::inputs::InputKind;
 use super::reference::{GenerateJob, Reference};
 use super::HarnessResult;
 use lockstep_engine::chat::{ChatTemplate, Message};
-use lockstep_engine::{Model, Tokenizer};
+use lockstep_engine::generate::{generate_batch, GenerateOptions, GenerationDefaults};
+use lockstep_engine::{with_float, Float, KvCache, Model, Tokenizer};
 use lockstep_verify::near_tie::{judge_parting, GeneratedRow};
-use lockstep_verify::Phase;
+use lockstep_verify::{Phase, Tier};
 use std::fmt::Write as _;
 
-/// Greedy generation in f32: our `generate` against `transformers.generate`, token for token, on
-/// the first single-token prompt, the multi-token inputs and (when the checkpoint has a chat
-/// template) a chat-formatted question; then all of them again as one left-padded batch. Where
-/// the two part, it is a near-tie (rounding decides) only when the two tokens are within the f32
-/// logits tolerance in the reference's own logits and in ours ([`lockstep_verify::near_tie`]);
-/// otherwise a real difference.
+/// Greedy generation in the arithmetic of `tier` (f32 or bf16): our `generate` against
+/// `transformers.generate` with the model loaded in that dtype, token for token, on the first
+/// single-token prompt, the multi-token inputs and (when the checkpoint has a chat template) a
+/// chat-formatted question; then all of them again as one left-padded batch. Where the two part,
+/// it is a near-tie (rounding decides) only when the two tokens are within `tie` in the
+/// reference's own logits and in ours ([`lockstep_verify::near_tie`]); otherwise a real
+/// difference. `tie` is the reference's yardstick for the tier: the f32 logits tolerance, or for
+/// bf16 how far PyTorch's own bf16 logits lie from the f64 oracle on the inputs.
 pub fn generation_phase(
     model: &Model,
     opts: &VerifyOptions,
     ids: &[Vec<u32>],
     reference: &mut dyn Reference,
+    tier: Tier,
+    tie: f64,
 ) -> HarnessResult<Phase> {
-    use lockstep_engine::generate::{generate_batch, GenerateOptions, GenerationDefaults};
-    let name = "greedy generation [f32]";
+    let name = format!("greedy generation [{tier}]");
     let tok = Tokenizer::from_dir(&opts.model)?;
     let mut prompts: Vec<(String, Vec<u32>)> = vec![];
     let mut singles = opts
@@ -60,29 +64,18 @@ pub fn generation_phase(
         seed: 0,
     };
     let rows: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.clone()).collect();
-    let mut jobs: Vec<GenerateJob> = rows
-        .iter()
-        .map(|p| GenerateJob {
-            model: opts.model.clone(),
-            prompts: vec![p.clone()],
-            max_new_tokens: opts.generate_tokens,
-        })
-        .collect();
+    let job = |prompts: Vec<Vec<u32>>| GenerateJob {
+        model: opts.model.clone(),
+        dtype: tier.as_str().into(),
+        prompts,
+        max_new_tokens: opts.generate_tokens,
+    };
+    let mut jobs: Vec<GenerateJob> = rows.iter().map(|p| job(vec![p.clone()])).collect();
     if rows.len() > 1 {
-        jobs.push(GenerateJob {
-            model: opts.model.clone(),
-            prompts: rows.clone(),
-            max_new_tokens: opts.generate_tokens,
-        });
+        jobs.push(job(rows.clone()));
     }
     let theirs = reference.generate(&jobs)?;
-    let ours_alone: Vec<Vec<u32>> = match rows
-        .iter()
-        .map(|p| {
-            generate_batch::<f32>(model, &tok, std::slice::from_ref(p), &gen_opts, |_, _| {})
-                .map(|mut g| g.remove(0).generated)
-        })
-        .collect::<Result<_, _>>()
+    let (ours_alone, ours_batch) = match with_float!(tier, T => ours::<T>(model, &tok, &rows, &gen_opts))
     {
         Ok(v) => v,
         // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
@@ -91,16 +84,6 @@ pub fn generation_phase(
         }
         Err(e) => return Err(e.into()),
     };
-    let ours_batch: Vec<Vec<u32>> = if rows.len() > 1 {
-        generate_batch::<f32>(model, &tok, &rows, &gen_opts, |_, _| {})?
-            .into_iter()
-            .map(|g| g.generated)
-            .collect()
-    } else {
-        vec![]
-    };
-    // The f32 logits tolerance: two tokens closer than this are a tie rounding may break.
-    let tie = lockstep_verify::tolerance::F32_LOGITS_TOLERANCE;
     let mut table = String::from(
         "| prompt | run | prompt tokens | lockstep | transformers | identical | verdict |\n|---|---|---:|---:|---:|---:|---|\n",
     );
@@ -128,8 +111,7 @@ pub fn generation_phase(
             // Our own logits at the step where the two part, and the reference's own.
             let mut context = prompt.to_vec();
             context.extend_from_slice(&ours[..same]);
-            let mut cache = lockstep_engine::KvCache::<f32>::new(model.config.num_layers);
-            let logits = model.forward_last(&context, &mut cache)?;
+            let logits = with_float!(tier, T => logits_after::<T>(model, &context))?;
             let top = theirs_top.get(same).map_or(&[][..], |t| &t[..]);
             let p = judge_parting(ours[same], theirs[same], top, &logits, tie);
             if p.near_tie {
@@ -175,7 +157,7 @@ pub fn generation_phase(
     }
     let runs = rows.len() + if rows.len() > 1 { rows.len() } else { 0 };
     let summary = format!(
-        "greedy {} new tokens on {} prompt(s), alone and as one left-padded batch, vs transformers.generate: {identical}/{runs} identical{}",
+        "greedy {} new tokens in {tier} on {} prompt(s), alone and as one left-padded batch, vs transformers.generate in {tier}: {identical}/{runs} identical{}",
         opts.generate_tokens,
         rows.len(),
         if ties > 0 { format!(", {ties} parted on a near-tie (rounding)") } else { String::new() }
@@ -186,4 +168,37 @@ pub fn generation_phase(
         Phase::fail(name, format!("{summary}; differs: {}", bugs.join(", ")))
     }
     .with_details(table))
+}
+
+/// Our greedy generations in `T`'s arithmetic: each prompt alone, then (with more than one) all of
+/// them as one left-padded batch.
+fn ours<T: Float>(
+    model: &Model,
+    tok: &Tokenizer,
+    rows: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> lockstep_engine::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    let alone = rows
+        .iter()
+        .map(|p| {
+            generate_batch::<T>(model, tok, std::slice::from_ref(p), opts, |_, _| {})
+                .map(|mut g| g.remove(0).generated)
+        })
+        .collect::<Result<_, _>>()?;
+    let batch = if rows.len() > 1 {
+        generate_batch::<T>(model, tok, rows, opts, |_, _| {})?
+            .into_iter()
+            .map(|g| g.generated)
+            .collect()
+    } else {
+        vec![]
+    };
+    Ok((alone, batch))
+}
+
+/// Our logits for the token after `context`, in `T`'s arithmetic, as f32.
+fn logits_after<T: Float>(model: &Model, context: &[u32]) -> lockstep_engine::Result<Vec<f32>> {
+    let mut cache = KvCache::<T>::new(model.config.num_layers);
+    let logits = model.forward_last(context, &mut cache)?;
+    Ok(logits.iter().map(|v| v.to_f64() as f32).collect())
 }

@@ -23,6 +23,37 @@ use lockstep_trace::{LayerTap, TapName, Trace};
 use lockstep_verify::{judge, Tier, TraceComparison};
 use std::path::Path;
 
+/// Times the steps a pipeline announces through its progress callback: each step lasts from its
+/// announcement to the next one's (or to [`StepClock::finish`]).
+#[derive(Debug, Default)]
+pub struct StepClock {
+    current: Option<(String, std::time::Instant)>,
+    done: Vec<lockstep_verify::StepTime>,
+}
+
+impl StepClock {
+    /// Ends the step under way, if any, and starts `name`.
+    pub fn step(&mut self, name: &str) {
+        self.close();
+        self.current = Some((name.to_string(), std::time::Instant::now()));
+    }
+
+    fn close(&mut self) {
+        if let Some((step, start)) = self.current.take() {
+            self.done.push(lockstep_verify::StepTime {
+                step,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
+    /// Ends the step under way; every step with its time, in order.
+    pub fn finish(mut self) -> Vec<lockstep_verify::StepTime> {
+        self.close();
+        self.done
+    }
+}
+
 /// The tensors the logits phases judge: the input ids and the logits.
 pub fn is_logits_or_tokens(name: &str) -> bool {
     matches!(

@@ -42,6 +42,8 @@ pub struct OpsRequest<'a> {
 pub struct GenerateRequest<'a> {
     /// Model folder or GGUF file.
     pub model: &'a Path,
+    /// The dtype the model is loaded in: `f32` or `bf16`.
+    pub dtype: &'a str,
     /// New tokens at most.
     pub max_new_tokens: usize,
     /// Generate exactly `max_new_tokens` (no EOS).
@@ -112,6 +114,7 @@ mod tests {
         let p = [vec![1u32, 2]];
         let one = GenerateRequest {
             model: Path::new("m"),
+            dtype: "bf16",
             max_new_tokens: 4,
             ignore_eos: false,
             tokens: Some(&p[0]),
@@ -120,5 +123,6 @@ mod tests {
         let v = serde_json::to_value(&one).unwrap();
         assert_eq!(v["tokens"], serde_json::json!([1, 2]));
         assert!(v.get("token_batch").is_none());
+        assert_eq!(v["dtype"], "bf16");
     }
 }

@@ -137,7 +137,13 @@ fn generated_rows(r: &GenerateAnswer, prompts: &[Vec<u32>]) -> HarnessResult<Vec
 }
 
 fn generate_key(j: &GenerateJob) -> String {
-    format!("{}|{:?}|{}", j.model.display(), j.prompts, j.max_new_tokens)
+    format!(
+        "{}|{}|{:?}|{}",
+        j.model.display(),
+        j.dtype,
+        j.prompts,
+        j.max_new_tokens
+    )
 }
 
 /// What a cached reference trace depends on besides the job: the size and modification time of
@@ -315,6 +321,7 @@ impl Reference for PythonReference {
                     let one = j.prompts.len() == 1;
                     GenerateRequest {
                         model: &j.model,
+                        dtype: &j.dtype,
                         max_new_tokens: j.max_new_tokens,
                         ignore_eos: false,
                         tokens: one.then(|| &j.prompts[0][..]),

@@ -35,12 +35,14 @@ pub struct ReferenceWeights {
     pub dtype: String,
 }
 
-/// One greedy generation for the reference to run (float32, eager attention, the checkpoint's
-/// EOS ids, no repetition penalty): one prompt alone, or several as one left-padded batch.
+/// One greedy generation for the reference to run (eager attention, the checkpoint's EOS ids, no
+/// repetition penalty): one prompt alone, or several as one left-padded batch.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
     /// Model folder.
     pub model: PathBuf,
+    /// The dtype the reference loads the model in: `f32` or `bf16`.
+    pub dtype: String,
     /// The prompts' ids; more than one is a batch (left padding and an attention mask).
     pub prompts: Vec<Vec<u32>>,
     /// New tokens at most.

@@ -6,7 +6,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{overall_verdict, NamedComparison, Phase, PhaseStatus};
+use super::{overall_verdict, NamedComparison, Phase, PhaseStatus, StepTime};
 use crate::compare::{failure_cause, likely_cause, LayerError, Status, TensorComparison};
 use crate::nonfinite::{FirstNonFinite, NonFiniteSite};
 
@@ -205,6 +205,9 @@ pub struct VerifyReport<'a> {
     /// The op-level judgements, when they ran.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub op_level: Option<OpLevel>,
+    /// Wall-clock seconds per step of the run, in order (absent when not timed).
+    #[serde(skip_serializing_if = "<[StepTime]>::is_empty")]
+    pub timings: &'a [StepTime],
 }
 
 /// One phase of a [`VerifyReport`].
@@ -257,6 +260,7 @@ pub fn verify_report<'a>(title: &'a str, model: &'a str, phases: &'a [Phase]) ->
             })
             .collect(),
         op_level: None,
+        timings: &[],
     }
 }
 

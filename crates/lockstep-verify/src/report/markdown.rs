@@ -1,9 +1,10 @@
 //! The Markdown reports: one comparison ([`markdown`]) or the phased `lockstep verify` report
-//! ([`phased_markdown`]), each summary and failures first, details after.
+//! ([`phased_markdown`]), each summary and failures first, details after; and the time per step
+//! of a verification ([`timings_markdown`]).
 
 use std::fmt::Write as _;
 
-use super::{overall_verdict, NamedComparison, Phase, PhaseStatus};
+use super::{overall_verdict, NamedComparison, Phase, PhaseStatus, StepTime};
 use crate::compare::{sci, Against, LayerError, Status, TensorComparison, TraceComparison};
 use crate::stats::LogitStats;
 use crate::tolerance::TierRule;
@@ -94,6 +95,38 @@ pub fn phased_markdown(title: &str, model: &str, phases: &[Phase]) -> String {
             comparison_section(&mut out, 3, c, !c.comparison.passed);
         }
     }
+    out
+}
+
+/// Markdown: the steps of a verification in the order they ran, with their times and shares of
+/// the total (empty when no step was timed).
+pub fn timings_markdown(steps: &[StepTime]) -> String {
+    if steps.is_empty() {
+        return String::new();
+    }
+    let total: f64 = steps.iter().map(|s| s.seconds).sum();
+    let mut out = String::from("## Where the time went\n\n");
+    let _ = writeln!(
+        out,
+        "{} steps, {total:.1} s in all (wall clock).\n",
+        steps.len()
+    );
+    out.push_str("| # | Step | Seconds | Share |\n|---:|---|---:|---:|\n");
+    for (i, s) in steps.iter().enumerate() {
+        let share = if total > 0.0 {
+            100.0 * s.seconds / total
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {share:.0}% |",
+            i + 1,
+            s.step.replace('|', "\\|"),
+            s.seconds
+        );
+    }
+    out.push('\n');
     out
 }
 

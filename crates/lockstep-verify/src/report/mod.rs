@@ -48,6 +48,16 @@ impl PhaseStatus {
     }
 }
 
+/// The wall-clock time of one step of a verification (a progress step: loading the model, a
+/// phase, the reference's run), for the report's "where the time went" table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepTime {
+    /// The step, as the progress line named it.
+    pub step: String,
+    /// Seconds from the start of this step to the start of the next (or the end).
+    pub seconds: f64,
+}
+
 /// One phase of the verify report: "tokenization", "weights", "single-token forward",
 /// "multi-token forward", "layer-by-layer", "attention weights", ...
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -170,6 +180,6 @@ pub use json::{
     InputSummary, OpLevel, PhaseRecord, TensorRecord, VerifyReport, Versioned, SCHEMA_VERSION,
 };
 pub(crate) use markdown::element_line;
-pub use markdown::{markdown, phased_markdown};
+pub use markdown::{markdown, phased_markdown, timings_markdown};
 pub(crate) use svg::merged_layers;
 pub use svg::svg_per_layer;
