@@ -29,9 +29,11 @@ from .st_io import checkpoint_files, read_header
 
 _STORED = {"F32": "f32", "BF16": "bf16", "F64": "f64"}
 
-# Tokens of one group of streamed traces run together (`streamed_groups`): at a 14B model's size one
-# token's f64 trace is ~40 MB, so a group holds ~2.5 GB at most (or one longer input alone).
+# Tokens of one group of streamed traces run together (`streamed_groups`) at the least: a group may
+# hold more while its traces take at most `GROUP_MEMORY_SHARE` of the memory available
+# (`group_token_budget`): at a 7B model's size one token's f64 trace is ~16 MB, at 14B ~40 MB.
 STREAMED_GROUP_TOKENS = 64
+GROUP_MEMORY_SHARE = 1 / 3
 
 
 def trace_batch(jobs_path: str) -> None:
@@ -81,18 +83,63 @@ def trace_batch(jobs_path: str) -> None:
                   f"peak RSS {streamed.peak_rss_mib():.0f} MiB)", file=sys.stderr)
 
 
-def streamed_groups(jobs: list[TraceJob], token_budget: int = STREAMED_GROUP_TOKENS) -> list[list[TraceJob]]:
+def streamed_groups(jobs: list[TraceJob], token_budget: int | None = None,
+                    value_bytes=None) -> list[list[TraceJob]]:
     """Streamed jobs grouped by (model, dtype), in order, each group holding at most `token_budget`
     tokens in all or a single longer job: a group holds its traces in memory like one input of its
-    total length, so a group is never bigger than the longest input (or the budget) alone."""
-    by_key: dict[tuple[str, str], list[list[TraceJob]]] = {}
+    total length. Without a `token_budget`, each (model, dtype)'s is `group_token_budget` for its
+    jobs, with `value_bytes(dtype)` bytes per traced value (default: the dtype's stored size)."""
+    by_key: dict[tuple[str, str], list[TraceJob]] = {}
     for job in jobs:
-        groups = by_key.setdefault((job.model, job.dtype), [[]])
-        last = groups[-1]
-        if last and sum(len(j.tokens) for j in last) + len(job.tokens) > token_budget:
-            groups.append([])
-        groups[-1].append(job)
-    return [g for groups in by_key.values() for g in groups]
+        by_key.setdefault((job.model, job.dtype), []).append(job)
+    out = []
+    for (model, dtype), key_jobs in by_key.items():
+        budget = token_budget
+        if budget is None:
+            per_value = value_bytes(dtype) if value_bytes else STORED_BYTES.get(dtype, 4)
+            budget = group_token_budget(model, max(len(j.tokens) for j in key_jobs), per_value)
+        groups: list[list[TraceJob]] = [[]]
+        for job in key_jobs:
+            last = groups[-1]
+            if last and sum(len(j.tokens) for j in last) + len(job.tokens) > budget:
+                groups.append([])
+            groups[-1].append(job)
+        out.extend(groups)
+    return out
+
+
+# Bytes of one stored value of a trace in each dtype (q8dot traces are float32).
+STORED_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "q8dot": 4}
+
+
+def group_token_budget(model_dir: str, longest: int, value_bytes: int) -> int:
+    """Tokens one group of streamed jobs on `model_dir` may hold: as many as keep every tap of every
+    position (hidden states, q/k/v with their norms and rotations, the MLP activation, the attention
+    probabilities of a `longest`-token input, the logits) at `value_bytes` per value within
+    `GROUP_MEMORY_SHARE` of the memory available now (MemAvailable), and at least
+    `STREAMED_GROUP_TOKENS`. At 7B, 2 cores and ~21 GB available, every default input of `verify`
+    (286 tokens) is one group, so each layer is read once per dtype instead of once per group."""
+    from . import streamed
+
+    c = streamed.load_config(model_dir)
+    h, heads = c.hidden_size, c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    qd, kvd = heads * head_dim, c.num_key_value_heads * head_dim
+    per_layer = 6 * h + 4 * qd + 4 * kvd + c.intermediate_size + heads * longest
+    per_token = value_bytes * (c.num_hidden_layers * per_layer + 2 * h + c.vocab_size)
+    return max(STREAMED_GROUP_TOKENS, int(_available_bytes() * GROUP_MEMORY_SHARE) // per_token)
+
+
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where it cannot be read: the minimum budget)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def tokenize_batch(model_dir: str, texts_path: str) -> None:
@@ -255,7 +302,6 @@ def generate_batch(jobs_path: str) -> None:
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
     back and the logits are untouched (no EOS suppression)."""
     import copy
-    import os
 
     cores = torch.get_num_threads()
     loaded: dict[tuple[str, str], tuple] = {}

@@ -30,20 +30,57 @@ module objects themselves (RMSNorm, Linear, act_fn, rotary embedding) and the mo
 `apply_rotary_pos_emb`, `repeat_kv` and `eager_attention_forward` (looked up at call time, so the pure
 float64 patches apply). Only the glue (reshapes, residual adds, the causal mask) is written here, as
 the decoder layer writes it.
+
+The in-memory path (`local_ops`) runs on a loaded model. The streamed path (an `OpsJob` with
+`"streamed": true`, for models whose float64 copy does not fit in memory: a Qwen2.5-7B-size model is
+61 GB in float64) computes the same ops with the same modules and functions, as streamed.py
+computes a trace: the jobs of one model and tier run together (grouped as trace-batch
+groups streamed traces, `batch.streamed_groups`), each decoder layer is built alone
+(`streamed._load_layer`) and read from the checkpoint once in float64 and once in the tier's dtype,
+every job's ops of that layer are computed on it, and it is freed. The embed op gathers the tokens'
+rows of the stored embedding, final_norm is the RMSNorm module with the stored `model.norm.weight`,
+logits are lm_head (the embedding when tied) in row chunks of `streamed.ROW_CHUNK` in float64 and in
+one matmul in f32/bf16, as the model's lm_head runs it; the rotary embedding is a fresh module per
+job (the state `reset_dynamic_rope` gives a loaded model). The test traces are read tensor by tensor
+as the ops need them (safetensors `safe_open`), never whole. Held in memory: one decoder layer in
+float64 (~1.9 GB at 7B) or the tier's dtype at a time, one row chunk of lm_head (0.5 GB in float64 at
+7B; the whole head in f32/bf16), and the group's outputs until they are written (at 7B ~17 MB per
+token in float64 plus half that in f32, a quarter in bf16, the attention probabilities aside).
+Outputs carry "streamed": "true" in their metadata. Checked against the in-memory path in
+reference/tests/check_reference.py: bit-identical, except the float64 logits when the head is cut in
+chunks (a vocab above `ROW_CHUNK`): MKL's dgemm sums in an order that depends on the matrix's width,
+so they differ from the whole-head matmul in the last bits (~1e-15 on the fixtures). Measured on the
+0.5B-shape fixture (24 layers, bf16-stored), one 100-token input, 2 cores: bf16 tier 3.8 s and 1.7 GB
+peak RSS streamed against 7.5 s and 6.3 GB in memory; f64 tier 2.8 s, 1.6 GB against 6.0 s, 5.6 GB.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
+import types
+from collections.abc import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from .batch import streamed_groups
 from .protocol import OpsJob, parse_list
 from .rope_scaling import reset_dynamic_rope
-from .tracer import _ARCHS, STORE_DTYPES, load_model, pure_f64_patches, trace_names_for, write_safetensors
+from .streamed import _STREAMED_TYPES, ROW_CHUNK, _load_layer, _Weights, load_config, peak_rss_mib
+from .tracer import (
+    _ARCHS,
+    STORE_DTYPES,
+    TORCH_DTYPES,
+    load_model,
+    pure_f64_patches,
+    trace_names_for,
+    write_safetensors,
+)
 from .windows import hf_layer_windows
 
 
@@ -56,6 +93,51 @@ def _causal_mask(t: int, dtype: torch.dtype, window: int | None = None) -> torch
         blocked |= torch.ones(t, t, dtype=torch.bool).tril(-window)
     return torch.zeros(t, t, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
+
+def _numerics(pure: bool):
+    """`pure_f64_patches` when `pure` (float64 only), else nothing."""
+    return pure_f64_patches() if pure else contextlib.nullcontext()
+
+
+class _Test:
+    """A test trace's tensors as the ops read them: whether present, and each one cast to the compute
+    dtype `dtype` (exactly, for values the dtype holds). `get(name)` returns the stored tensor."""
+
+    def __init__(self, names: Iterable[str], get: Callable[[str], torch.Tensor], dtype: torch.dtype):
+        self.names = frozenset(names)
+        self.get = get
+        self.dtype = dtype
+
+    def have(self, *names: str) -> bool:
+        """Whether the test trace holds every one of `names`."""
+        return all(n in self.names for n in names)
+
+    def x(self, name: str) -> torch.Tensor:
+        """Tensor `name` in the compute dtype."""
+        return self.get(name).to(self.dtype)
+
+    def ids(self, name: str) -> torch.Tensor:
+        """Integer tensor `name` (token or expert ids) as int64."""
+        return self.get(name).to(torch.int64)
+
+
+class _Positions:
+    """What every layer's attention of one input shares: batch b, length t, the rotary tables
+    (`rope`, a rotary embedding module, on positions 0..t-1) and the causal mask of each layer's
+    sliding window (`hf_layer_windows`), in `dtype`. Built inside `_numerics(pure)`."""
+
+    def __init__(self, rope, config, b: int, t: int, dtype: torch.dtype):
+        self.b, self.t = b, t
+        positions = torch.arange(t, dtype=torch.int64).unsqueeze(0).expand(b, t)
+        self.cos, self.sin = rope(torch.zeros(1, dtype=dtype), positions)
+        self.windows = hf_layer_windows(config)
+        self.masks = {w: _causal_mask(t, dtype, w) for w in set(self.windows)}
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Layer `i`'s additive attention mask."""
+        return self.masks[self.windows[i]]
+
+
 def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, torch.Tensor]:
     """Each traced op of `model` applied to the test trace's own inputs of that op.
 
@@ -66,86 +148,85 @@ def local_ops(model, test: dict[str, torch.Tensor], pure: bool) -> dict[str, tor
     dt = model.dtype
     inner = model.model
     modeling = _ARCHS[model.config.model_type][0]
+    inputs = _Test(test, test.__getitem__, dt)
     out: dict[str, torch.Tensor] = {}
-
-    def have(*names: str) -> bool:
-        return all(n in test for n in names)
-
-    def x(name: str) -> torch.Tensor:
-        return test[name].to(dt)
-
     tokens = test["tokens"].to(torch.int64)
-    b, t = tokens.shape
-    ctx = pure_f64_patches() if pure else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), _numerics(pure):
         out["embed"] = inner.embed_tokens(tokens)
-        positions = torch.arange(t, dtype=torch.int64).unsqueeze(0).expand(b, t)
         reset_dynamic_rope(inner)
-        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dt), positions)
-        windows = hf_layer_windows(model.config)
-        masks = {w: _causal_mask(t, dt, w) for w in set(windows)}
-        prev = "embed"
+        pos = _Positions(inner.rotary_emb, model.config, *tokens.shape, dt)
         for i, layer in enumerate(inner.layers):
-            p = f"layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
-            hd = attn.head_dim
-
-            def heads(y: torch.Tensor, hd: int = hd) -> torch.Tensor:
-                return y.view(b, t, -1, hd).transpose(1, 2)
-
-            if have(prev):
-                out[p + "input_norm"] = layer.input_layernorm(x(prev))
-            if have(p + "input_norm"):
-                h = x(p + "input_norm")
-                out[p + "q"] = heads(attn.q_proj(h))
-                out[p + "k"] = heads(attn.k_proj(h))
-                out[p + "v"] = heads(attn.v_proj(h))
-            qk = (p + "q", p + "k")
-            if hasattr(attn, "q_norm"):  # Qwen3: the norm acts on [b, t, heads, D], as the module does
-                if have(*qk):
-                    out[p + "q_norm"] = attn.q_norm(x(p + "q").transpose(1, 2)).transpose(1, 2)
-                    out[p + "k_norm"] = attn.k_norm(x(p + "k").transpose(1, 2)).transpose(1, 2)
-                qk = (p + "q_norm", p + "k_norm")
-            if have(*qk):
-                q_rope, k_rope = modeling.apply_rotary_pos_emb(x(qk[0]), x(qk[1]), cos, sin)
-                out[p + "q_rope"], out[p + "k_rope"] = q_rope, k_rope
-            if have(p + "q_rope", p + "k_rope", p + "v"):
-                _, probs = modeling.eager_attention_forward(
-                    attn, x(p + "q_rope"), x(p + "k_rope"), x(p + "v"), masks[windows[i]],
-                    scaling=attn.scaling, dropout=0.0)
-                out[p + "attn_probs"] = probs
-            if have(p + "attn_probs", p + "v"):
-                v = modeling.repeat_kv(x(p + "v"), attn.num_key_value_groups)
-                o = torch.matmul(x(p + "attn_probs"), v).transpose(1, 2).contiguous()
-                out[p + "attn_out"] = o.reshape(b, t, -1)
-            if have(p + "attn_out"):
-                out[p + "o_proj"] = attn.o_proj(x(p + "attn_out"))
-            if have(prev, p + "o_proj"):
-                out[p + "resid_attn"] = x(prev) + x(p + "o_proj")
-            if have(p + "resid_attn"):
-                out[p + "post_norm"] = layer.post_attention_layernorm(x(p + "resid_attn"))
-            if hasattr(mlp, "experts"):  # Qwen3-MoE sparse layer
-                _moe_ops(mlp, p, x, lambda n: test[n].to(torch.int64), have, out, pure)
-            elif have(p + "post_norm"):
-                h = x(p + "post_norm")
-                out[p + "mlp_act"] = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-            if have(p + "mlp_act"):
-                out[p + "mlp_out"] = mlp.down_proj(x(p + "mlp_act"))
-            if have(p + "resid_attn", p + "mlp_out"):
-                out[p + "out"] = x(p + "resid_attn") + x(p + "mlp_out")
-            prev = p + "out"
-        if have(prev):
-            out["final_norm"] = inner.norm(x(prev))
-        if have("final_norm"):
-            out["logits"] = model.lm_head(x("final_norm"))
+            _layer_ops(layer, i, modeling, pos, inputs, out, pure)
+        last = f"layers.{len(inner.layers) - 1}.out"
+        if inputs.have(last):
+            out["final_norm"] = inner.norm(inputs.x(last))
+        if inputs.have("final_norm"):
+            out["logits"] = model.lm_head(inputs.x("final_norm"))
     return out
 
-def _moe_ops(mlp, p: str, x, ids_of, have, out: dict, pure: bool) -> None:
+
+def _layer_ops(layer, i: int, modeling, pos: _Positions, test: _Test, out: dict[str, torch.Tensor],
+              pure: bool) -> None:
+    """Decoder layer `i`'s ops (`layers.{i}.*`) on the test's inputs, into `out`: `layer` is the model's
+    layer or one loaded alone (`streamed._load_layer`), `modeling` its transformers modeling module.
+    Run inside `torch.no_grad()` and `_numerics(pure)`."""
+    p = f"layers.{i}."
+    prev = "embed" if i == 0 else f"layers.{i - 1}.out"
+    attn, mlp = layer.self_attn, layer.mlp
+    have, x = test.have, test.x
+
+    def heads(y: torch.Tensor) -> torch.Tensor:
+        return y.view(pos.b, pos.t, -1, attn.head_dim).transpose(1, 2)
+
+    if have(prev):
+        out[p + "input_norm"] = layer.input_layernorm(x(prev))
+    if have(p + "input_norm"):
+        h = x(p + "input_norm")
+        out[p + "q"] = heads(attn.q_proj(h))
+        out[p + "k"] = heads(attn.k_proj(h))
+        out[p + "v"] = heads(attn.v_proj(h))
+    qk = (p + "q", p + "k")
+    if hasattr(attn, "q_norm"):  # Qwen3: the norm acts on [b, t, heads, D], as the module does
+        if have(*qk):
+            out[p + "q_norm"] = attn.q_norm(x(p + "q").transpose(1, 2)).transpose(1, 2)
+            out[p + "k_norm"] = attn.k_norm(x(p + "k").transpose(1, 2)).transpose(1, 2)
+        qk = (p + "q_norm", p + "k_norm")
+    if have(*qk):
+        q_rope, k_rope = modeling.apply_rotary_pos_emb(x(qk[0]), x(qk[1]), pos.cos, pos.sin)
+        out[p + "q_rope"], out[p + "k_rope"] = q_rope, k_rope
+    if have(p + "q_rope", p + "k_rope", p + "v"):
+        _, probs = modeling.eager_attention_forward(
+            attn, x(p + "q_rope"), x(p + "k_rope"), x(p + "v"), pos.mask(i),
+            scaling=attn.scaling, dropout=0.0)
+        out[p + "attn_probs"] = probs
+    if have(p + "attn_probs", p + "v"):
+        v = modeling.repeat_kv(x(p + "v"), attn.num_key_value_groups)
+        o = torch.matmul(x(p + "attn_probs"), v).transpose(1, 2).contiguous()
+        out[p + "attn_out"] = o.reshape(pos.b, pos.t, -1)
+    if have(p + "attn_out"):
+        out[p + "o_proj"] = attn.o_proj(x(p + "attn_out"))
+    if have(prev, p + "o_proj"):
+        out[p + "resid_attn"] = x(prev) + x(p + "o_proj")
+    if have(p + "resid_attn"):
+        out[p + "post_norm"] = layer.post_attention_layernorm(x(p + "resid_attn"))
+    if hasattr(mlp, "experts"):  # Qwen3-MoE sparse layer
+        _moe_ops(mlp, p, test, out, pure)
+    elif have(p + "post_norm"):
+        h = x(p + "post_norm")
+        out[p + "mlp_act"] = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+    if have(p + "mlp_act"):
+        out[p + "mlp_out"] = mlp.down_proj(x(p + "mlp_act"))
+    if have(p + "resid_attn", p + "mlp_out"):
+        out[p + "out"] = x(p + "resid_attn") + x(p + "mlp_out")
+
+
+def _moe_ops(mlp, p: str, test: _Test, out: dict, pure: bool) -> None:
     """The sparse block's ops: router_logits <- post_norm; router_topk_weights <- router_logits
     (softmax in float32, float64 when `pure`, top-k, norm_topk_prob, cast to the model dtype);
     mlp_out <- post_norm, router_topk_ids, router_topk_weights (the experts on the test's routing).
     The ids are integers, not judged as an op (the end-to-end comparison checks them)."""
     gate = mlp.gate
+    have, x = test.have, test.x
     if have(p + "post_norm"):
         out[p + "router_logits"] = nn.functional.linear(x(p + "post_norm"), gate.weight)
     if have(p + "router_logits"):
@@ -158,55 +239,200 @@ def _moe_ops(mlp, p: str, x, ids_of, have, out: dict, pure: bool) -> None:
     if have(p + "post_norm", p + "router_topk_ids", p + "router_topk_weights"):
         h = x(p + "post_norm")
         b, t, hid = h.shape
-        ids = ids_of(p + "router_topk_ids").reshape(b * t, -1)
+        ids = test.ids(p + "router_topk_ids").reshape(b * t, -1)
         weights = x(p + "router_topk_weights").reshape(b * t, -1)
         out[p + "mlp_out"] = mlp.experts(h.reshape(b * t, hid), ids, weights).reshape(b, t, hid)
 
 
-def _ordered(model, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
+def _ordered(config, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
+    """`tokens`, then the computed ops in trace order, each in the `store` dtype."""
     res = {"tokens": tokens}
-    for name in trace_names_for(model.config):
+    for name in trace_names_for(config):
         if name in tensors:
             res[name] = tensors[name].detach().to(store).contiguous()
     return res
 
-def run_jobs(jobs: list[OpsJob]) -> None:
-    """Run op-level jobs: each `{"model", "test", "dtype", "out_exact", "out_reference"}` writes the
-    pure-f64 local ops (`out_exact`) and, unless dtype is f64, transformers' own local ops in `dtype`
-    (`out_reference`) for the test trace `test`. Models are loaded once per (model, dtype)."""
+
+def _metadata(job: OpsJob, tokens: torch.Tensor) -> dict[str, str]:
+    """What both outputs of `job` record (each adds its dtype and whether it is pure float64)."""
+    return {"producer": "transformers (op-level, on the test trace's inputs)",
+            "test_trace": job.test, "token_ids": json.dumps(tokens.flatten().tolist())}
+
+
+def _write(path: str, config, ops: dict[str, torch.Tensor], dtype: str, tokens: torch.Tensor,
+           meta: dict[str, str]) -> None:
+    """The ops of one output (`dtype`'s: "f64" is the pure-f64 one), stored as a trace of `dtype` is."""
+    write_safetensors(path, _ordered(config, ops, STORE_DTYPES[dtype], tokens),
+                      {**meta, "dtype": dtype, "pure_f64": "true" if dtype == "f64" else "false"})
+
+
+def run_jobs(jobs: list[OpsJob], row_chunk: int | None = None) -> None:
+    """Run op-level jobs: each `{"model", "test", "dtype", "out_exact", "out_reference", "streamed"}`
+    writes the pure-f64 local ops (`out_exact`) and, unless dtype is f64, transformers' own local ops in
+    `dtype` (`out_reference`) for the test trace `test`. Models are loaded once per (model, dtype); the jobs
+    with `"streamed": true` run layer by layer (`_run_streamed_group`, lm_head in row chunks of
+    `row_chunk`, default `streamed.ROW_CHUNK`), after the others."""
     models: dict[tuple[str, str], object] = {}
 
     def get(model_dir: str, dtype: str):
         key = (model_dir, dtype)
         if key not in models:
-            # Keep at most the f64 model and one other: fixtures are small, 7B models are refused
-            # by the caller (their f64 copy does not fit in memory).
+            # Keep at most the f64 model and one other: the jobs of models whose f64 copy does not fit
+            # in memory are streamed.
             for k in [k for k in models if k[1] != "f64" and k != key]:
                 del models[k]
             models[key] = load_model(model_dir, dtype)
         return models[key]
 
     for job in jobs:
+        if job.streamed:
+            continue
         test = load_file(job.test)
         if "tokens" not in test:
             raise ValueError(f"{job.test}: no tokens tensor")
         tokens = test["tokens"].to(torch.int64)
-        meta = {"producer": "transformers (op-level, on the test trace's inputs)",
-                "test_trace": job.test, "token_ids": json.dumps(tokens.flatten().tolist())}
+        meta = _metadata(job, tokens)
         exact_model = get(job.model, "f64")
-        exact = local_ops(exact_model, test, pure=True)
-        write_safetensors(job.out_exact, _ordered(exact_model, exact, torch.float64, tokens),
-                          {**meta, "dtype": "f64", "pure_f64": "true"})
+        _write(job.out_exact, exact_model.config, local_ops(exact_model, test, pure=True), "f64", tokens, meta)
         if job.dtype != "f64":
             m = get(job.model, job.dtype)
-            ref = local_ops(m, test, pure=False)
-            write_safetensors(job.out_reference, _ordered(m, ref, STORE_DTYPES[job.dtype], tokens),
-                              {**meta, "dtype": job.dtype, "pure_f64": "false"})
+            _write(job.out_reference, m.config, local_ops(m, test, pure=False), job.dtype, tokens, meta)
+    models.clear()
+    for group in _streamed_groups([j for j in jobs if j.streamed]):
+        _run_streamed_group(group, row_chunk)
 
 
 def ops_batch(jobs_file: str) -> None:
     """`python -m lockstep_reference ops-batch JOBS.json` (see `run_jobs`)."""
     run_jobs(parse_list(OpsJob, jobs_file))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed: one decoder layer in memory at a time
+
+
+def _test_reader(path: str) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """The tensor names of the test trace file `path` and a function reading one of them (the file
+    opened for each read, so nothing of it stays mapped)."""
+    with safe_open(path, framework="pt") as f:
+        names = list(f.keys())
+    if "tokens" not in names:
+        raise ValueError(f"{path}: no tokens tensor")
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    return names, get
+
+
+def _streamed_groups(jobs: list[OpsJob]) -> list[list[OpsJob]]:
+    """The streamed jobs grouped as trace-batch groups streamed traces (`batch.streamed_groups`: by
+    model and dtype, in order, as many tokens as the memory available holds or one longer job), the
+    number of tokens read from each test trace."""
+    sized = []
+    for job in jobs:
+        ids = _test_reader(job.test)[1]("tokens").flatten().tolist()
+        sized.append(types.SimpleNamespace(model=job.model, dtype=job.dtype, tokens=ids, job=job))
+    # Each group holds its exact ops in float64 and the reference's in the tier's stored dtype.
+    exact_and_reference = {"f64": 8, "f32": 8 + 4, "bf16": 8 + 2}
+    groups = streamed_groups(sized, value_bytes=lambda dt: exact_and_reference[dt])
+    return [[s.job for s in group] for group in groups]
+
+
+class _Pass:
+    """One dtype's computation over a group of jobs: "f64" (pure float64, the exact ops) or the tier's
+    (transformers' own ops). Holds the checkpoint reader in that dtype (`streamed._Weights`), each
+    job's test inputs, positions (rotary tables, masks) and ops computed so far."""
+
+    def __init__(self, model_dir: str, config, dtype: str, tests: list[tuple[list[str], Callable]]):
+        self.dtype = dtype
+        self.pure = dtype == "f64"
+        self.weights = _Weights(model_dir, TORCH_DTYPES[dtype])
+        self.tests = [_Test(names, get, self.weights.dtype) for names, get in tests]
+        self.outs: list[dict[str, torch.Tensor]] = [{} for _ in tests]
+        rope_cls = _ARCHS[config.model_type][2]
+        with torch.no_grad(), _numerics(self.pure):
+            self.positions = [_Positions(rope_cls(config=config), config, *t.ids("tokens").shape,
+                                         self.weights.dtype) for t in self.tests]
+
+    def embed(self) -> None:
+        """Each job's embed op: its tokens' rows of the stored embedding, in this pass's dtype."""
+        for test, pos, out in zip(self.tests, self.positions, self.outs, strict=True):
+            ids = test.ids("tokens").flatten().tolist()
+            out["embed"] = self.weights.rows("model.embed_tokens.weight", ids).view(pos.b, pos.t, -1)
+
+    def layer(self, config, i: int) -> None:
+        """Each job's ops of decoder layer `i`, the layer loaded alone from the checkpoint, then freed."""
+        layer = _load_layer(config, i, self.weights)
+        modeling = _ARCHS[config.model_type][0]
+        with torch.no_grad(), _numerics(self.pure):
+            for test, pos, out in zip(self.tests, self.positions, self.outs, strict=True):
+                _layer_ops(layer, i, modeling, pos, test, out, self.pure)
+
+    def head(self, config, row_chunk: int) -> None:
+        """Each job's final_norm (the RMSNorm module with the stored weight) and logits (lm_head, or the
+        embedding when tied: read once for all jobs, in row chunks of `row_chunk` in float64, in one
+        matmul otherwise)."""
+        norm_cls = _ARCHS[config.model_type][1]
+        last = f"layers.{config.num_hidden_layers - 1}.out"
+        with torch.no_grad(), _numerics(self.pure):
+            norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(self.weights.dtype)
+            norm.weight.copy_(self.weights.get("model.norm.weight"))
+            for test, out in zip(self.tests, self.outs, strict=True):
+                if test.have(last):
+                    out["final_norm"] = norm(test.x(last))
+            todo = [(test.x("final_norm"), out) for test, out in zip(self.tests, self.outs, strict=True)
+                    if test.have("final_norm")]
+            if todo:
+                self._logits(config, todo, row_chunk)
+
+    def _logits(self, config, todo: list[tuple[torch.Tensor, dict]], row_chunk: int) -> None:
+        """`out["logits"]` of each (hidden, out) in `todo`, the head read once in row chunks."""
+        head = "lm_head.weight" if "lm_head.weight" in self.weights.path else None
+        if head is None:
+            if not config.tie_word_embeddings:
+                raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
+            head = "model.embed_tokens.weight"
+        rows = self.weights.shape[head][0]
+        chunk = row_chunk if self.pure else rows
+        for hidden, out in todo:
+            out["logits"] = torch.empty((*hidden.shape[:-1], rows), dtype=self.weights.dtype)
+        for begin in range(0, rows, chunk):
+            end = min(begin + chunk, rows)
+            w = self.weights.row_range(head, begin, end)
+            for hidden, out in todo:
+                out["logits"][..., begin:end] = nn.functional.linear(hidden, w)
+            del w
+
+
+def _run_streamed_group(jobs: list[OpsJob], row_chunk: int | None) -> None:
+    """The jobs of one model and dtype, layer by layer: each decoder layer read once in float64 and once
+    in the tier's dtype for all of them. Each output is the in-memory path's (`run_jobs`; the float64
+    logits up to their last bits when lm_head is cut in chunks), its metadata with "streamed": "true".
+    Prints one line to stderr when done."""
+    t0 = time.time()
+    model_dir, tier = jobs[0].model, jobs[0].dtype
+    config = load_config(model_dir)
+    if config.model_type not in _STREAMED_TYPES:
+        raise ValueError(f"streamed op-level jobs support {sorted(_STREAMED_TYPES)}, not {config.model_type!r}")
+    tests = [_test_reader(j.test) for j in jobs]
+    passes = [_Pass(model_dir, config, dtype, tests) for dtype in dict.fromkeys(("f64", tier))]
+    for p in passes:
+        p.embed()
+    for i in range(config.num_hidden_layers):
+        for p in passes:
+            p.layer(config, i)
+    for p in passes:
+        p.head(config, ROW_CHUNK if row_chunk is None else row_chunk)
+    for j, job in enumerate(jobs):
+        tokens = tests[j][1]("tokens").to(torch.int64)
+        meta = {**_metadata(job, tokens), "streamed": "true"}
+        for p in passes:
+            _write(job.out_exact if p.pure else job.out_reference, config, p.outs[j], p.dtype, tokens, meta)
+            p.outs[j] = {}  # written: freed before the next output is
+    print(f"wrote {len(jobs)} streamed op-level job(s) of {model_dir} in dtype {tier} (each layer read once "
+          f"per dtype, {time.time() - t0:.0f} s, peak RSS {peak_rss_mib():.0f} MiB)", file=sys.stderr)
 
 
 def to_bf16(src: str, dst: str) -> None:

@@ -43,6 +43,9 @@ class OpsJob:
     out_exact: str
     #: transformers' own ops in `dtype`; None for the f64 tier.
     out_reference: str | None
+    #: The ops computed layer by layer (ops.py's streamed path), for models whose float64 copy does not
+    #: fit in memory.
+    streamed: bool = False
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,80 @@ def test_streamed_group_equals_each_input_alone():
     assert groups == [["m-1-f64", "m-1-f64", "m-3-f64"], ["m-300-f64"], ["m-2-f64"], ["n-1-f64"], ["m-1-bf16"]], groups
 
 
+def _ops_outputs(jobs, row_chunk: int | None = None) -> dict[str, tuple[dict, dict]]:
+    """`ops.run_jobs(jobs)`, then each output file written: path -> (metadata, tensors in file order)."""
+    from lockstep_reference import ops
+    from safetensors import safe_open
+
+    ops.run_jobs(jobs, row_chunk=row_chunk)
+    out = {}
+    for path in [p for j in jobs for p in (j.out_exact, j.out_reference) if p is not None]:
+        with safe_open(path, "pt") as f:
+            out[path] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _same_ops(got: dict, want: dict, streamed: bool, label, loose: tuple[str, ...] = ()) -> None:
+    """Streamed (or not) outputs `got` equal `want` bit for bit: metadata ("streamed": "true" added),
+    names, dtypes, values; the tensors named in `loose` of the pure-float64 outputs within 1e-12 instead."""
+    for path, (meta, tensors) in want.items():
+        got_meta, got_tensors = got[path]
+        assert got_meta == ({**meta, "streamed": "true"} if streamed else meta), (label, path)
+        assert list(got_tensors) == list(tensors), (label, path)
+        for k, t in tensors.items():
+            g = got_tensors[k]
+            assert g.dtype == t.dtype and g.shape == t.shape, (label, path, k)
+            if k in loose and meta["pure_f64"] == "true":
+                assert float((g - t).abs().max()) <= 1e-12, (label, path, k)
+            else:
+                assert torch.equal(g, t), (label, path, k)
+
+
+def test_streamed_ops_equal_the_in_memory_ops():
+    """The op-level reference streamed layer by layer (for models whose float64 copy does not fit in
+    memory) writes exactly the in-memory path's outputs: Qwen2, Llama (bf16-stored), Qwen3, sliding
+    windows (Mistral, Qwen2's per-layer types) and dynamic RoPE (an input past the original length, then
+    a short one), tiers f64/f32/bf16, test traces in f32 and bf16 of several lengths run together, each
+    output equal to the job's run alone. With lm_head in one chunk (a vocab of 2048, below ROW_CHUNK)
+    every tensor is bit-identical; cut in chunks (the 151936-row heads, or 700 rows) the float64 logits
+    differ in the last bits (MKL's dgemm sums in an order that depends on the matrix's width: measured
+    up to ~3e-15 here) and every other tensor is still bit-identical."""
+    import dataclasses
+    import tempfile
+
+    from lockstep_reference import ops, streamed
+    from lockstep_reference.protocol import OpsJob
+
+    cases = [("qwen2-gqa", (3, 12, 1)), ("llama-gqa-bf16", (9, 4)), ("qwen3-small", (7, 2)),
+             ("mistral-swa", (20, 5)), ("qwen2-swa", (15, 3)), ("qwen2-dynamic-small", (150, 20))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, lengths in cases:
+            d = _model(name)
+            assert os.path.exists(os.path.join(d, "config.json")), f"fixture {d} missing: bash scripts/fixtures.sh"
+            vocab = streamed.load_config(d).vocab_size
+            chunked = ("logits",) if vocab > streamed.ROW_CHUNK else ()
+            tests = []
+            for k, n in enumerate(lengths):
+                tests.append(os.path.join(tmp, f"{name}-{k}.test.safetensors"))
+                tracer.trace(d, tests[-1], ("f32", "bf16")[k % 2], token_ids=_ids(n, vocab, seed=30 + n))
+            for tier in ("f64", "f32", "bf16"):
+                jobs = [OpsJob(model=d, test=t, dtype=tier, out_exact=f"{t}.{tier}.x",
+                               out_reference=None if tier == "f64" else f"{t}.{tier}.r") for t in tests]
+                label = (name, tier)
+                want = _ops_outputs(jobs)
+                assert all(m.get("streamed") is None for m, _ in want.values()), label
+                stream = [dataclasses.replace(j, streamed=True) for j in jobs]
+                if sum(lengths) <= 64:  # one group: each layer read once for all the jobs
+                    assert ops._streamed_groups(stream) == [stream], label
+                _same_ops(_ops_outputs(stream), want, True, label, chunked)
+                for job in stream:
+                    alone = {p: v for p, v in want.items() if p in (job.out_exact, job.out_reference)}
+                    _same_ops(_ops_outputs([job]), alone, True, label + ("alone",), chunked)
+                if name == "qwen2-gqa":
+                    _same_ops(_ops_outputs(stream, row_chunk=700), want, True, label + ("chunked",),
+                              loose=("logits",))
+
+
 def test_streamed_weights_answer_equals_the_loaded_models():
     """`weights --streamed` (tensor by tensor, the model never loaded) gives the same checksums and facts
     as `weights` on the loaded model: untied and tied, f32- and bf16-stored, with and without biases."""

@@ -302,7 +302,8 @@ fn check_memory(
         context: prompt_len + generate_tokens,
         act_bytes,
     };
-    let mut estimate = MemoryEstimate::for_verify(&config, weights, run, reference_bytes, trace_bytes);
+    let mut estimate =
+        MemoryEstimate::for_verify(&config, weights, run, reference_bytes, trace_bytes);
     estimate.weights_streamed = streamed;
     let reference_dtype = if reference_bytes == 2 { "bf16" } else { "f32" };
     if crate::harness::pyref::streamed(model, reference_dtype) {

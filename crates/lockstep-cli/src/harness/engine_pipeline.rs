@@ -405,6 +405,7 @@ fn bf16w_phase(
     let mut worst_factor = f64::INFINITY;
     for (i, (input, tokens)) in opts.inputs.iter().zip(ids).enumerate() {
         let mut ours = trace_forward::<f32>(model, tokens, Some(&input.text))?;
+        model.checkpoint.release_pages(); // as in the tier's comparisons
         ours.metadata
             .insert("mode".into(), lockstep_engine::Dtype::Bf16w.name().into());
         let cmp = judge_in_tier(Tier::BF16, &ours, &|dt| read(&path(i, dt)))?;

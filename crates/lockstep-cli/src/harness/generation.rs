@@ -75,8 +75,7 @@ pub fn generation_phase(
         jobs.push(job(rows.clone()));
     }
     let theirs = reference.generate(&jobs)?;
-    let (ours_alone, ours_batch) = match with_float!(tier, T => ours::<T>(model, &tok, &rows, &gen_opts))
-    {
+    let ours = match with_float!(tier, T => ours::<T>(model, &tok, &rows, &gen_opts)) {
         Ok(v) => v,
         // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
         Err(e @ lockstep_engine::EngineError::NonFinite(_)) => {
@@ -144,14 +143,14 @@ pub fn generation_phase(
         Ok(())
     };
     for (i, (label, prompt)) in prompts.iter().enumerate() {
-        check(label, "alone", prompt, &ours_alone[i], &theirs[i][0])?;
+        check(label, "alone", prompt, &ours.alone[i], &theirs[i][0])?;
     }
     for (i, (label, prompt)) in prompts.iter().enumerate().filter(|_| rows.len() > 1) {
         check(
             label,
             "batched",
             prompt,
-            &ours_batch[i],
+            &ours.batch[i],
             &theirs[rows.len()][i],
         )?;
     }
@@ -170,6 +169,13 @@ pub fn generation_phase(
     .with_details(table))
 }
 
+/// Our new ids: each prompt's generated alone, and (with more than one prompt) each row's of
+/// the batch.
+struct Ours {
+    alone: Vec<Vec<u32>>,
+    batch: Vec<Vec<u32>>,
+}
+
 /// Our greedy generations in `T`'s arithmetic: each prompt alone, then (with more than one) all of
 /// them as one left-padded batch.
 fn ours<T: Float>(
@@ -177,7 +183,7 @@ fn ours<T: Float>(
     tok: &Tokenizer,
     rows: &[Vec<u32>],
     opts: &GenerateOptions,
-) -> lockstep_engine::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+) -> lockstep_engine::Result<Ours> {
     let alone = rows
         .iter()
         .map(|p| {
@@ -193,7 +199,7 @@ fn ours<T: Float>(
     } else {
         vec![]
     };
-    Ok((alone, batch))
+    Ok(Ours { alone, batch })
 }
 
 /// Our logits for the token after `context`, in `T`'s arithmetic, as f32.

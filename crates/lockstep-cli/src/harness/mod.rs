@@ -176,8 +176,9 @@ pub fn judge_ops(
 }
 
 /// The op-level phase of `tier` for these test traces ("ours" or "port" names the side in the
-/// progress line and the output files), with its judgements; skipped when the model's float64
-/// copy would not fit in memory (the op-level reference holds one).
+/// progress line and the output files), with its judgements; skipped only when the model's float64
+/// copy would not fit in memory and the reference cannot stream its architecture layer by layer
+/// ([`pyref::local_ops_supported`]).
 pub fn op_level_phase(
     reference: &mut dyn reference::Reference,
     model: &Path,
@@ -195,7 +196,7 @@ pub fn op_level_phase(
         return Ok((
             lockstep_verify::Phase::skip(
                 name,
-                "the model's float64 copy would not fit in memory (the op-level reference holds one)",
+                "the model's float64 copy would not fit in memory and the op-level reference cannot stream this model layer by layer (it streams Hugging Face folders of every architecture but Qwen3-MoE)",
             ),
             vec![],
         ));

@@ -34,6 +34,8 @@ pub struct OpsRequest<'a> {
     pub out_exact: &'a Path,
     /// Where transformers' own ops in `dtype` are written (none for f64).
     pub out_reference: Option<&'a Path>,
+    /// The ops computed layer by layer (for models whose float64 copy does not fit in memory).
+    pub streamed: bool,
 }
 
 /// One greedy generation for `generate-batch` (Python `GenerateJob`): one prompt (`tokens`) or a

@@ -245,9 +245,14 @@ impl PythonReference {
     }
 }
 
-/// Whether op-level judgement can run on this model: the reference holds a float64 copy of it.
+/// Whether op-level judgement can run on this model: the reference holds a float64 copy of it, or,
+/// when that copy must be streamed ([`streamed`] in f64), computes the ops layer by layer, as it
+/// does for a Hugging Face folder of every architecture but Qwen3-MoE (whose experts transformers
+/// fuses at load time: `reference/lockstep_reference/streamed.py` does not stream it).
 pub fn local_ops_supported(model: &Path) -> bool {
     !streamed(model, "f64")
+        || lockstep_engine::ModelConfig::from_file(&model.join("config.json"))
+            .is_ok_and(|c| c.arch != lockstep_engine::Architecture::Qwen3Moe)
 }
 
 impl Reference for PythonReference {
@@ -407,6 +412,7 @@ impl Reference for PythonReference {
                 dtype: &j.dtype,
                 out_exact: &j.out_exact,
                 out_reference: j.out_reference.as_deref(),
+                streamed: streamed(&j.model, "f64"),
             })
             .collect();
         let req = self.write_request("ops.json", &list)?;
