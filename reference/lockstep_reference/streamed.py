@@ -27,7 +27,9 @@ machine's RAM), one of its layers 0.6 GB.
 Measured on the make-7b model (Qwen2.5-7B config, bf16 shards), token [9707], 2 shared cores, f64: 88 s
 (28 layers 57 s, ~2 s each mostly loading; final norm + lm_head 4 s; the model fingerprint, sha256 of
 15 GB, 27 s), peak RSS 2.7 GB. On the small fixtures the streamed trace is bit-identical to the ordinary
-trace on every tensor, in every dtype.
+trace on every tensor, in every dtype, except the f64 logits of several tokens when the head is read in
+row chunks (a vocabulary above `row_chunk`): MKL's float64 matmul sums in an order that depends on the
+matrix's width, so those differ in the last bits (~1e-15; the checks allow 1e-12).
 
 Metadata is `tracer.trace_metadata`'s plus "streamed": "true". Checked in
 reference/tests/check_reference.py against the ordinary trace on the small fixtures, in each dtype.

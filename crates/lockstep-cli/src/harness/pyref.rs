@@ -55,7 +55,8 @@ impl PythonReference {
 }
 
 /// Whether the reference runs the model layer by layer (one decoder layer's weights in memory;
-/// bit-identical to the whole-model run): the pure-f64 oracle when a float64 copy of the model
+/// bit-identical to the whole-model run but for the last bits of f64 logits whose head is read in
+/// row chunks): the pure-f64 oracle when a float64 copy of the model
 /// would take more than 6 GB (a 7B model is 61 GB in f64), and any dtype when the model in it
 /// would take more than half the memory available now (a 14B model is 29.5 GB in bf16).
 pub fn streamed(model: &Path, dtype: &str) -> bool {
