@@ -75,7 +75,7 @@ pub fn generation_phase(
         jobs.push(job(rows.clone()));
     }
     let theirs = reference.generate(&jobs)?;
-    let ours = match with_float!(tier, T => ours::<T>(model, &tok, &rows, &gen_opts)) {
+    let ours = match with_float!(tier, T => generate_ours::<T>(model, &tok, &rows, &gen_opts)) {
         Ok(v) => v,
         // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
         Err(e @ lockstep_engine::EngineError::NonFinite(_)) => {
@@ -178,7 +178,7 @@ struct Ours {
 
 /// Our greedy generations in `T`'s arithmetic: each prompt alone, then (with more than one) all of
 /// them as one left-padded batch.
-fn ours<T: Float>(
+fn generate_ours<T: Float>(
     model: &Model,
     tok: &Tokenizer,
     rows: &[Vec<u32>],
