@@ -322,6 +322,32 @@ def test_streamed_ops_equal_the_in_memory_ops():
                               loose=("logits",))
 
 
+def test_streamed_group_budget_follows_the_memory_available():
+    """Streamed jobs are grouped by as many tokens as a third of the memory available holds (at least
+    `STREAMED_GROUP_TOKENS`): more memory, bigger groups; more bytes per traced value, smaller ones."""
+    from lockstep_reference import batch
+    from lockstep_reference.protocol import TraceJob
+
+    d = _model("qwen2-gqa")
+    available = batch._available_bytes
+    try:
+        batch._available_bytes = lambda: 0
+        assert batch.group_token_budget(d, 100, 8) == batch.STREAMED_GROUP_TOKENS
+        batch._available_bytes = lambda: 3 << 30
+        big = batch.group_token_budget(d, 100, 8)
+        assert big > batch.STREAMED_GROUP_TOKENS
+        assert abs(batch.group_token_budget(d, 100, 4) - 2 * big) <= 2
+        batch._available_bytes = lambda: 6 << 30
+        assert abs(batch.group_token_budget(d, 100, 8) - 2 * big) <= 2
+        # Three 100-token jobs: one group with plenty of memory, one per job with none.
+        jobs = [TraceJob(model=d, tokens=[1] * 100, dtype="f64", out=f"o{i}", streamed=True) for i in range(3)]
+        assert len(batch.streamed_groups(jobs)) == 1
+        batch._available_bytes = lambda: 0
+        assert len(batch.streamed_groups(jobs)) == 3
+    finally:
+        batch._available_bytes = available
+
+
 def test_streamed_weights_answer_equals_the_loaded_models():
     """`weights --streamed` (tensor by tensor, the model never loaded) gives the same checksums and facts
     as `weights` on the loaded model: untied and tied, f32- and bf16-stored, with and without biases."""

@@ -175,3 +175,20 @@ fn likely_causes_cover_every_tap() {
         assert!(!likely_cause(&TapName::Layer(0, tap).to_string()).contains("not a canonical"));
     }
 }
+
+#[test]
+fn time_per_step_lists_each_step_with_its_share() {
+    use crate::report::{timings_markdown, StepTime};
+    assert_eq!(timings_markdown(&[]), "");
+    let step = |s: &str, seconds| StepTime {
+        step: s.into(),
+        seconds,
+    };
+    let md = timings_markdown(&[step("reference | f64", 3.0), step("ours", 1.0)]);
+    assert!(md.starts_with("## Where the time went"), "{md}");
+    assert!(md.contains("2 steps, 4.0 s in all"), "{md}");
+    // In the order run, the pipe of a name escaped so the table keeps its columns.
+    assert!(md.contains("| 1 | reference \\| f64 | 3.0 | 75% |"), "{md}");
+    assert!(md.contains("| 2 | ours | 1.0 | 25% |"), "{md}");
+    assert!(md.find("reference").unwrap() < md.find("ours").unwrap());
+}

@@ -207,3 +207,22 @@ pub fn op_level_phase(
     let items = judge_ops(reference, model, tier, inputs, work, side)?;
     Ok((lockstep_verify::local::local_phase(name, &items), items))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StepClock;
+
+    #[test]
+    fn step_clock_times_each_step_until_the_next() {
+        let mut clock = StepClock::default();
+        clock.step("first");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        clock.step("second");
+        let steps = clock.finish();
+        let names: Vec<&str> = steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(names, ["first", "second"]);
+        assert!(steps[0].seconds >= 0.03, "{steps:?}");
+        assert!(steps[1].seconds < steps[0].seconds, "{steps:?}");
+        assert!(StepClock::default().finish().is_empty());
+    }
+}
