@@ -212,9 +212,12 @@ fn job_key(j: &TraceJob) -> String {
 /// bytes (a changed engine writes another trace).
 fn ops_key(j: &OpsJob) -> HarnessResult<String> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(&j.test)
-        .map_err(|e| HarnessError::io(format!("cannot read {}", j.test.display()), e))?;
-    let digest = Sha256::digest(&bytes);
+    // Streamed through the hasher: a 7B test trace is ~1.9 GB.
+    let cannot = |e| HarnessError::io(format!("cannot read {}", j.test.display()), e);
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(&j.test).map_err(cannot)?;
+    std::io::copy(&mut file, &mut hasher).map_err(cannot)?;
+    let digest = hasher.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!(
         "{}|{}|{hex}|{}",
