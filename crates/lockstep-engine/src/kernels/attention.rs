@@ -96,38 +96,64 @@ pub fn attention<T: Float>(
         s_len,
         scale: T::from_f64((d as f64).powf(-0.5)),
     };
-    let one_head =
-        |head: usize, o_head: &mut [T], p_head: Option<&mut [T]>| heads.run(head, o_head, p_head);
-
     // Heads are independent: spread them over threads when there is enough work (a long prompt),
-    // run them in order otherwise (decode steps, where thread wake-ups would cost more).
+    // run them in order otherwise (short decode steps, where thread wake-ups would cost more).
     let mut by_head = vec![T::ZERO; h * t_len * d];
     let parallel = h * t_len * s_len * d >= PARALLEL_MIN_WORK;
-    match (probs, parallel) {
-        (Some(p), true) => by_head
-            .par_chunks_mut(t_len * d)
-            .zip(p.par_chunks_mut(t_len * s_len))
-            .enumerate()
-            .for_each(|(head, (o, p))| one_head(head, o, Some(p))),
-        (None, true) => by_head
-            .par_chunks_mut(t_len * d)
-            .enumerate()
-            .for_each(|(head, o)| one_head(head, o, None)),
-        (Some(p), false) => by_head
-            .chunks_mut(t_len * d)
-            .zip(p.chunks_mut(t_len * s_len))
-            .enumerate()
-            .for_each(|(head, (o, p))| one_head(head, o, Some(p))),
-        (None, false) => by_head
-            .chunks_mut(t_len * d)
-            .enumerate()
-            .for_each(|(head, o)| one_head(head, o, None)),
+    if t_len == 1 && spec.mapping == GqaMapping::Grouped && kvh < h && heads.blocked() {
+        // One query position (a decode step): the heads sharing a kv head together, so that
+        // its keys and values are read once for several heads.
+        let group = h / kvh;
+        for_each_chunk(
+            &mut by_head,
+            group * d,
+            probs,
+            group * s_len,
+            parallel,
+            |kv, o, p| heads.run_group(kv, o, p),
+        );
+    } else {
+        for_each_chunk(
+            &mut by_head,
+            t_len * d,
+            probs,
+            t_len * s_len,
+            parallel,
+            |head, o, p| heads.run(head, o, p),
+        );
     }
     // `[heads][T][D]` -> `[T][heads][D]`.
     for (head, o_head) in by_head.chunks_exact(t_len * d).enumerate() {
         for (t, o) in o_head.chunks_exact(d).enumerate() {
             out[(t * h + head) * d..(t * h + head + 1) * d].copy_from_slice(o);
         }
+    }
+}
+
+/// `f(i, out_i, probs_i)` for the `i`-th chunk of `out` (`out_len` values) and of `probs`
+/// (`probs_len`), on the thread pool when `parallel`.
+fn for_each_chunk<T: Float>(
+    out: &mut [T],
+    out_len: usize,
+    probs: Option<&mut [T]>,
+    probs_len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync + Send,
+) {
+    // Unsplittable chunks (a minimum length past their number) run in order on this thread.
+    let min_len = if parallel { 1 } else { usize::MAX };
+    match probs {
+        Some(p) => out
+            .par_chunks_mut(out_len)
+            .zip(p.par_chunks_mut(probs_len))
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, (o, p))| f(i, o, Some(p))),
+        None => out
+            .par_chunks_mut(out_len)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o, None)),
     }
 }
 
@@ -150,6 +176,11 @@ impl<T: Float> Heads<'_, T> {
     /// bits are the plain build's).
     fn run(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
         #[cfg(target_arch = "x86_64")]
+        if self.blocked() {
+            // SAFETY: `blocked` checked the CPU features and the call's shape.
+            return unsafe { self.head_blocked(head, o_head, p_head) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
@@ -160,6 +191,47 @@ impl<T: Float> Heads<'_, T> {
         self.head(head, o_head, p_head)
     }
 
+    /// The query of every head sharing kv head `kv` (one query position, grouped mapping):
+    /// outputs `[heads of the group][D]` into `o_group`, probabilities `[..][S]` into
+    /// `p_group`, each head's bits those of [`Heads::run`].
+    fn run_group(&self, kv: usize, o_group: &mut [T], mut p_group: Option<&mut [T]>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.blocked() {
+            // SAFETY: `blocked` checked the CPU features and the call's shape.
+            return unsafe { self.group_blocked(kv, o_group, p_group) };
+        }
+        let (d, s_len) = (self.spec.head_dim, self.s_len);
+        let group = self.spec.heads / self.spec.kv_heads;
+        for (j, o) in o_group.chunks_mut(d).enumerate() {
+            let p = p_group
+                .as_deref_mut()
+                .map(|p| &mut p[j * s_len..(j + 1) * s_len]);
+            self.run(kv * group + j, o, p);
+        }
+    }
+
+    /// Whether the blocked paths ([`Heads::head_blocked`], [`Heads::group_blocked`]) apply:
+    /// AVX-512F/BW/VL/DQ, values held in f32, a head dimension of 64 or 128, no key hidden
+    /// (no window, no mask) and the softmax in the compute precision.
+    fn blocked(&self) -> bool {
+        let spec = self.spec;
+        #[cfg(target_arch = "x86_64")]
+        return as_f32(self.q).is_some()
+            && (spec.head_dim == 64 || spec.head_dim == 128)
+            && spec.window.is_none()
+            && self.key_mask.is_none()
+            && !spec.softmax_bf16
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq");
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = spec;
+            false
+        }
+    }
+
     /// [`Heads::head`] compiled for AVX-512.
     ///
     /// # Safety
@@ -167,16 +239,6 @@ impl<T: Float> Heads<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
     unsafe fn run_avx512(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
-        let spec = self.spec;
-        if as_f32(self.q).is_some()
-            && is_x86_feature_detected!("avx512dq")
-            && (spec.head_dim == 64 || spec.head_dim == 128)
-            && spec.window.is_none()
-            && self.key_mask.is_none()
-            && !spec.softmax_bf16
-        {
-            return self.head_blocked(head, o_head, p_head);
-        }
         self.head(head, o_head, p_head)
     }
 
@@ -190,102 +252,235 @@ impl<T: Float> Heads<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
     unsafe fn head_blocked(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
-        const QB: usize = 4;
         let spec = self.spec;
-        let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
-        let kv = spec.kv_head(head);
-        let stride = kvh * d;
-        let (q, k, v) = (
-            as_f32(self.q).expect("f32 inside"),
-            as_f32(&self.k[kv * d..]).expect("f32 inside"),
-            as_f32(&self.v[kv * d..]).expect("f32 inside"),
-        );
+        let (h, d, s_len) = (spec.heads, spec.head_dim, self.s_len);
+        let q = as_f32(self.q).expect("f32 inside");
         let mut rows = vec![T::ZERO; QB * s_len];
         for t0 in (0..self.t_len).step_by(QB) {
             let tb = QB.min(self.t_len - t0);
-            let visible = |j: usize| {
-                if spec.causal {
-                    spec.q_start + t0 + j + 1
-                } else {
-                    s_len
-                }
-            };
-            // Keys every query of the block sees (causal: the first query's), then each one's own.
-            let common = visible(0);
-            let qv = |j: usize| &q[((t0 + j) * h + head) * d..((t0 + j) * h + head + 1) * d];
-            {
-                // The block's rows of dots (empty past the last query).
-                let rf = as_f32_mut(&mut rows).expect("f32 inside");
-                let mut chunks = rf.chunks_mut(s_len).take(tb);
-                let mut outs: [&mut [f32]; QB] =
-                    std::array::from_fn(|_| chunks.next().unwrap_or_default());
-                if tb == QB {
-                    let [a, b, c, e] = &mut outs;
-                    key_dots_avx512_4q(
-                        [qv(0), qv(1), qv(2), qv(3)],
-                        k,
-                        stride,
-                        [
-                            &mut a[..common],
-                            &mut b[..common],
-                            &mut c[..common],
-                            &mut e[..common],
-                        ],
-                    );
-                } else {
-                    for (j, o) in outs.iter_mut().take(tb).enumerate() {
-                        key_dots_avx512(qv(j), k, stride, &mut o[..common]);
-                    }
-                }
-                for (j, o) in outs.iter_mut().take(tb).enumerate() {
-                    let tail = &mut o[common..visible(j)];
-                    if !tail.is_empty() {
-                        key_dots_avx512(qv(j), &k[common * stride..], stride, tail);
-                    }
-                }
-            }
-            for (j, row) in rows.chunks_mut(s_len).take(tb).enumerate() {
-                let vis = visible(j);
-                for r in row.iter_mut().take(vis) {
-                    *r = (r.to_act_dtype() * self.scale).to_act_dtype();
-                }
-                let max = row_max(&row[..vis]);
-                softmax_unmasked(&mut row[..vis], max);
-                row[vis..].fill(T::ZERO);
-            }
-            {
-                // Each query's probabilities over its visible keys, and its output.
-                let rf = as_f32(&rows).expect("f32 inside");
-                let ps: [&[f32]; QB] = std::array::from_fn(|j| match j < tb {
-                    true => &rf[j * s_len..j * s_len + visible(j)],
+            let qs: [&[f32]; QB] = std::array::from_fn(|j| match j < tb {
+                true => &q[((t0 + j) * h + head) * d..((t0 + j) * h + head + 1) * d],
+                false => &[][..],
+            });
+            let vis: [usize; QB] = std::array::from_fn(|j| self.visible(t0 + j));
+            self.query_block(
+                spec.kv_head(head),
+                &qs[..tb],
+                &vis[..tb],
+                &mut rows,
+                &mut o_head[t0 * d..(t0 + tb) * d],
+                p_head
+                    .as_deref_mut()
+                    .map(|p| &mut p[t0 * s_len..(t0 + tb) * s_len]),
+            );
+        }
+    }
+
+    /// The one query of each head that shares kv head `kv` (a decode step: one query
+    /// position, grouped mapping), in blocks of up to [`QB`] heads, the keys and values a
+    /// chunk of [`KEY_CHUNK`] rows at a time: each chunk is read from memory once and serves
+    /// every block of heads from the first-level cache. `o_group`: `[heads of the group][D]`;
+    /// `p_group`: `[heads of the group][S]`. Every head's dots, softmax and weighted sum are
+    /// [`Heads::head`]'s operations in its order (a weighted sum goes on from its partial sums
+    /// chunk after chunk), so the bits are its bits (unit-tested).
+    ///
+    /// # Safety
+    /// As [`Heads::head_blocked`]; one query position; grouped mapping.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+    unsafe fn group_blocked(&self, kv: usize, o_group: &mut [T], p_group: Option<&mut [T]>) {
+        let spec = self.spec;
+        let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.s_len);
+        let group = spec.heads / kvh;
+        let stride = kvh * d;
+        let q = as_f32(&self.q[kv * group * d..(kv + 1) * group * d]).expect("f32 inside");
+        let (k, v) = (
+            as_f32(&self.k[kv * d..]).expect("f32 inside"),
+            as_f32(&self.v[kv * d..]).expect("f32 inside"),
+        );
+        let vis = self.visible(0);
+        let blocks = || {
+            (0..group)
+                .step_by(QB)
+                .map(move |j0| (j0, QB.min(group - j0)))
+        };
+        let chunks = || {
+            (0..vis)
+                .step_by(KEY_CHUNK)
+                .map(move |c0| c0..(c0 + KEY_CHUNK).min(vis))
+        };
+        let mut rows = vec![T::ZERO; group * s_len];
+        let rf = as_f32_mut(&mut rows).expect("f32 inside");
+        for c in chunks() {
+            for (j0, tb) in blocks() {
+                let mut rs = rf[j0 * s_len..].chunks_mut(s_len);
+                let outs: [&mut [f32]; QB] = std::array::from_fn(|j| match j < tb {
+                    true => &mut rs.next().expect("a row per head")[c.clone()],
+                    false => &mut [][..],
+                });
+                let qs = std::array::from_fn(|j| match j < tb {
+                    true => &q[(j0 + j) * d..(j0 + j + 1) * d],
                     false => &[][..],
                 });
-                let of = as_f32_mut(&mut o_head[t0 * d..(t0 + tb) * d]).expect("f32 inside");
-                let mut chunks = of.chunks_mut(d);
-                let [a, b, c, e]: [&mut [f32]; QB] =
-                    std::array::from_fn(|_| chunks.next().unwrap_or_default());
-                match (d, tb) {
-                    (64, QB) => weighted_sum_nq::<4, 4>([a, b, c, e], ps, common, v, stride),
-                    (128, QB) => {
-                        let c23 = ps[2].len().min(ps[3].len());
-                        weighted_sum_nq::<2, 8>([a, b], [ps[0], ps[1]], common, v, stride);
-                        weighted_sum_nq::<2, 8>([c, e], [ps[2], ps[3]], c23, v, stride);
+                key_dots_block(tb, qs, &k[c.start * stride..], stride, outs);
+            }
+        }
+        for row in rows.chunks_mut(s_len) {
+            for r in row.iter_mut().take(vis) {
+                *r = (r.to_act_dtype() * self.scale).to_act_dtype();
+            }
+            let max = row_max(&row[..vis]);
+            softmax_unmasked(&mut row[..vis], max);
+            row[vis..].fill(T::ZERO);
+        }
+        let rf = as_f32(&rows).expect("f32 inside");
+        let of = as_f32_mut(o_group).expect("f32 inside");
+        for c in chunks() {
+            for (j0, tb) in blocks() {
+                let mut os = of[j0 * d..].chunks_mut(d);
+                let outs: [&mut [f32]; QB] = std::array::from_fn(|j| match j < tb {
+                    true => os.next().expect("an output per head"),
+                    false => &mut [][..],
+                });
+                let ps = std::array::from_fn(|j| match j < tb {
+                    true => &rf[(j0 + j) * s_len..][c.clone()],
+                    false => &[][..],
+                });
+                let vc = &v[c.start * stride..];
+                weighted_sum_block(tb, d, outs, ps, c.len(), vc, stride, c.start > 0);
+            }
+        }
+        if vis == 0 {
+            o_group.fill(T::ZERO);
+        }
+        for oi in o_group.iter_mut() {
+            *oi = oi.to_act_dtype();
+        }
+        if let Some(p) = p_group {
+            p.copy_from_slice(&rows);
+        }
+    }
+
+    /// The keys query `t` of this call sees: `0..visible(t)`.
+    #[inline(always)]
+    fn visible(&self, t: usize) -> usize {
+        match self.spec.causal {
+            true => self.spec.q_start + t + 1,
+            false => self.s_len,
+        }
+    }
+
+    /// Up to [`QB`] queries over kv head `kv`'s keys, query `j` (`qs[j]`, D values) seeing
+    /// keys `0..vis[j]` (`vis` ascending): their outputs into `out` (`[j][D]`) and, if wanted,
+    /// probabilities into `probs` (`[j][S]`), each by [`Heads::head`]'s operations in its
+    /// order. `rows`: scratch of `QB·S`.
+    ///
+    /// # Safety
+    /// As [`Heads::head_blocked`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn query_block(
+        &self,
+        kv: usize,
+        qs: &[&[f32]],
+        vis: &[usize],
+        rows: &mut [T],
+        out: &mut [T],
+        mut probs: Option<&mut [T]>,
+    ) {
+        let spec = self.spec;
+        let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.s_len);
+        let tb = qs.len();
+        let stride = kvh * d;
+        let (k, v) = (
+            as_f32(&self.k[kv * d..]).expect("f32 inside"),
+            as_f32(&self.v[kv * d..]).expect("f32 inside"),
+        );
+        // Keys every query of the block sees (causal: the first query's), then each one's own.
+        let common = vis[0];
+        {
+            // The block's rows of dots.
+            let rf = as_f32_mut(rows).expect("f32 inside");
+            let mut chunks = rf.chunks_mut(s_len);
+            let [a, b, c, e]: [&mut [f32]; QB] = std::array::from_fn(|j| match j < tb {
+                true => &mut chunks.next().expect("QB rows")[..common],
+                false => &mut [][..],
+            });
+            match tb {
+                4 => key_dots_avx512_nq([qs[0], qs[1], qs[2], qs[3]], k, stride, [a, b, c, e]),
+                3 => key_dots_avx512_nq([qs[0], qs[1], qs[2]], k, stride, [a, b, c]),
+                2 => key_dots_avx512_nq([qs[0], qs[1]], k, stride, [a, b]),
+                _ => key_dots_avx512(qs[0], k, stride, a),
+            }
+            // Each query's own keys after the common ones.
+            let rf = as_f32_mut(rows).expect("f32 inside");
+            let mut outs = rf.chunks_mut(s_len);
+            for (j, o) in outs.by_ref().take(tb).enumerate() {
+                let tail = &mut o[common..vis[j]];
+                if !tail.is_empty() {
+                    key_dots_avx512(qs[j], &k[common * stride..], stride, tail);
+                }
+            }
+        }
+        for (j, row) in rows.chunks_mut(s_len).take(tb).enumerate() {
+            let vis = vis[j];
+            for r in row.iter_mut().take(vis) {
+                *r = (r.to_act_dtype() * self.scale).to_act_dtype();
+            }
+            let max = row_max(&row[..vis]);
+            softmax_unmasked(&mut row[..vis], max);
+            row[vis..].fill(T::ZERO);
+        }
+        {
+            // Each query's probabilities over its visible keys, and its output.
+            let rf = as_f32(rows).expect("f32 inside");
+            let ps: [&[f32]; QB] = std::array::from_fn(|j| match j < tb {
+                true => &rf[j * s_len..j * s_len + vis[j]],
+                false => &[][..],
+            });
+            let of = as_f32_mut(out).expect("f32 inside");
+            let mut chunks = of.chunks_mut(d);
+            let [a, b, c, e]: [&mut [f32]; QB] =
+                std::array::from_fn(|_| chunks.next().unwrap_or_default());
+            match (d, tb) {
+                (64, 4) => weighted_sum_nq::<4, 4>([a, b, c, e], ps, common, v, stride, false),
+                (64, 3) => weighted_sum_nq::<3, 4>(
+                    [a, b, c],
+                    [ps[0], ps[1], ps[2]],
+                    common,
+                    v,
+                    stride,
+                    false,
+                ),
+                (64, 2) | (128, 2) | (128, 3) | (128, 4) => {
+                    let pair = [ps[0], ps[1]];
+                    match d {
+                        64 => weighted_sum_nq::<2, 4>([a, b], pair, common, v, stride, false),
+                        _ => weighted_sum_nq::<2, 8>([a, b], pair, common, v, stride, false),
                     }
-                    _ => {
-                        for (o, p) in [a, b, c, e].into_iter().zip(ps).take(tb) {
-                            weighted_sum(o, p, v, stride);
+                    match tb {
+                        4 => {
+                            let c23 = ps[2].len().min(ps[3].len());
+                            weighted_sum_nq::<2, 8>([c, e], [ps[2], ps[3]], c23, v, stride, false);
                         }
+                        3 => weighted_sum(c, ps[2], v, stride),
+                        _ => {}
+                    }
+                }
+                _ => {
+                    for (o, p) in [a, b, c, e].into_iter().zip(ps).take(tb) {
+                        weighted_sum(o, p, v, stride);
                     }
                 }
             }
-            for (j, row) in rows.chunks(s_len).take(tb).enumerate() {
-                let t = t0 + j;
-                for oi in &mut o_head[t * d..(t + 1) * d] {
-                    *oi = oi.to_act_dtype();
-                }
-                if let Some(p) = p_head.as_deref_mut() {
-                    p[t * s_len..(t + 1) * s_len].copy_from_slice(row);
-                }
+        }
+        for (j, row) in rows.chunks(s_len).take(tb).enumerate() {
+            for oi in &mut out[j * d..(j + 1) * d] {
+                *oi = oi.to_act_dtype();
+            }
+            if let Some(p) = probs.as_deref_mut() {
+                p[j * s_len..(j + 1) * s_len].copy_from_slice(row);
             }
         }
     }
@@ -567,22 +762,27 @@ unsafe fn key_pair(p: *const f32, stride: usize) -> std::arch::x86_64::__m512 {
     )
 }
 
-/// [`key_dots_avx512`] for four queries over the same keys: each key pair's chunk is loaded
-/// once for the four; every query's dots are its own accumulators, folded and summed as there
-/// (the same bits).
+/// [`key_dots_avx512`] for `Q` queries over the same keys: each key pair's chunk is loaded
+/// once for all of them; every query's dots are its own accumulators, folded and summed as
+/// there (the same bits).
 ///
 /// # Safety
 /// AVX-512F/DQ present; each query's length `d` a multiple of 8; all `out`s of one length `n`,
 /// with `k` holding `(n - 1)·stride + d`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn key_dots_avx512_4q(q: [&[f32]; 4], k: &[f32], stride: usize, mut out: [&mut [f32]; 4]) {
+unsafe fn key_dots_avx512_nq<const Q: usize>(
+    q: [&[f32]; Q],
+    k: &[f32],
+    stride: usize,
+    mut out: [&mut [f32]; Q],
+) {
     use std::arch::x86_64::*;
     let (d, n) = (q[0].len(), out[0].len());
     let n4 = n / 4 * 4;
     let pair = |s: usize, i: usize| key_pair(k.as_ptr().add(s * stride + i), stride);
     for s in (0..n4).step_by(4) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        let mut acc = [[_mm512_setzero_ps(); 2]; Q];
         for i in (0..d).step_by(8) {
             let (p0, p1) = (pair(s, i), pair(s + 2, i));
             for (a, qj) in acc.iter_mut().zip(&q) {
@@ -598,6 +798,65 @@ unsafe fn key_dots_avx512_4q(q: [&[f32]; 4], k: &[f32], stride: usize, mut out: 
     for (qj, o) in q.iter().zip(out.iter_mut()) {
         if n4 < n {
             key_dots_avx512(qj, &k[n4 * stride..], stride, &mut o[n4..]);
+        }
+    }
+}
+
+/// [`key_dots_avx512_nq`] for the first `tb` (1 to [`QB`]) of `q` and `out`.
+///
+/// # Safety
+/// As [`key_dots_avx512_nq`] for those.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn key_dots_block(
+    tb: usize,
+    q: [&[f32]; QB],
+    k: &[f32],
+    stride: usize,
+    out: [&mut [f32]; QB],
+) {
+    let [a, b, c, e] = out;
+    match tb {
+        4 => key_dots_avx512_nq(q, k, stride, [a, b, c, e]),
+        3 => key_dots_avx512_nq([q[0], q[1], q[2]], k, stride, [a, b, c]),
+        2 => key_dots_avx512_nq([q[0], q[1]], k, stride, [a, b]),
+        _ => key_dots_avx512(q[0], k, stride, a),
+    }
+}
+
+/// [`weighted_sum_nq`] for the first `tb` (1 to [`QB`]) of `o` and `p`, all with `common`
+/// keys, head dimension `d` 64 or 128 (four queries' accumulators at 64, two at 128).
+///
+/// # Safety
+/// As [`weighted_sum_nq`] for those.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_sum_block(
+    tb: usize,
+    d: usize,
+    o: [&mut [f32]; QB],
+    p: [&[f32]; QB],
+    common: usize,
+    v: &[f32],
+    stride: usize,
+    resume: bool,
+) {
+    let [a, b, c, e] = o;
+    let r = resume;
+    match (d, tb) {
+        (64, 4) => weighted_sum_nq::<4, 4>([a, b, c, e], p, common, v, stride, r),
+        (64, 3) => weighted_sum_nq::<3, 4>([a, b, c], [p[0], p[1], p[2]], common, v, stride, r),
+        (64, 2) => weighted_sum_nq::<2, 4>([a, b], [p[0], p[1]], common, v, stride, r),
+        (64, _) => weighted_sum_nq::<1, 4>([a], [p[0]], common, v, stride, r),
+        (_, 1) => weighted_sum_nq::<1, 8>([a], [p[0]], common, v, stride, r),
+        (_, _) => {
+            weighted_sum_nq::<2, 8>([a, b], [p[0], p[1]], common, v, stride, r);
+            match tb {
+                4 => weighted_sum_nq::<2, 8>([c, e], [p[2], p[3]], common, v, stride, r),
+                3 => weighted_sum_nq::<1, 8>([c], [p[2]], common, v, stride, r),
+                _ => {}
+            }
         }
     }
 }
@@ -632,7 +891,8 @@ unsafe fn four_sums(
 /// [`weighted_sum`] for `Q` queries of `16·C` values each: keys `0..common` with every
 /// query's accumulators in registers and each value row loaded once, then each query's own
 /// keys after `common` (`p[j].len()` of them in all). Each query's sum runs over its keys in
-/// order from zero, as [`weighted_sum`]'s (the same bits).
+/// order from zero, as [`weighted_sum`]'s (the same bits); with `resume` it goes on from the
+/// partial sums in `o` (a later chunk of keys: `p` and `v` start at the chunk's first key).
 ///
 /// # Safety
 /// AVX-512F present; `o[j].len() == 16·C`; `p[j].len() ≥ common`; `v` holds
@@ -645,9 +905,17 @@ unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
     common: usize,
     v: &[f32],
     stride: usize,
+    resume: bool,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); C]; Q];
+    if resume {
+        for (a, oj) in acc.iter_mut().zip(&o) {
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(oj.as_ptr().add(16 * c));
+            }
+        }
+    }
     for s in 0..common {
         let vr = v.as_ptr().add(s * stride);
         let vv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(vr.add(16 * c)));
@@ -744,6 +1012,14 @@ fn softmax_in_bf16<T: Float>(row: &mut [T], max: T, hidden: impl Fn(usize) -> bo
         };
     }
 }
+
+/// Queries blocked together over one pass of the keys and values.
+const QB: usize = 4;
+
+/// Keys per chunk of a decode step's grouped heads ([`Heads::group_blocked`]): 64 keys' rows
+/// of one kv head (16 KiB at a head dimension of 64 in f32) stay in the first-level cache
+/// while every block of heads passes over them.
+const KEY_CHUNK: usize = 64;
 
 /// Multiply-adds (heads x queries x keys x head_dim) below which heads run on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -975,6 +1251,79 @@ mod tests {
         ] {
             check::<f32>(d, causal, past);
             check::<crate::kernels::Bf16>(d, causal, past);
+        }
+    }
+
+    /// A decode step (one query position) runs the heads that share a kv head together
+    /// ([`Heads::group_blocked`]); each head's output and probabilities are the general per-key
+    /// loop's bits (forced with an all-true key mask), f32 and bf16, for groups of 2 to 7
+    /// heads (blocks of four and their tails), head dimensions 64 and 128, with and without
+    /// past keys.
+    #[test]
+    fn decode_step_grouped_heads_are_the_general_loops_bits() {
+        fn check<T: Float>(h: usize, kvh: usize, d: usize, past: usize) {
+            let s_len = past + 1;
+            let mut seed = 23u64;
+            let v = |n: usize, seed: &mut u64| -> Vec<T> {
+                mixed(n, seed, 11, 30.0)
+                    .into_iter()
+                    .map(|x| T::from_f64(x as f64).to_act_dtype())
+                    .collect()
+            };
+            let (q, k, vv) = (
+                v(h * d, &mut seed),
+                v(s_len * kvh * d, &mut seed),
+                v(s_len * kvh * d, &mut seed),
+            );
+            let spec = AttentionSpec {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                q_start: past,
+                causal: true,
+                window: None,
+                mapping: GqaMapping::Grouped,
+                softmax_bf16: false,
+            };
+            let mut out = vec![T::ZERO; h * d];
+            let mut probs = vec![T::ZERO; h * s_len];
+            attention(&spec, &q, &k, &vv, None, &mut out, Some(&mut probs));
+            let general = Heads {
+                spec: &spec,
+                q: &q,
+                k: &k,
+                v: &vv,
+                key_mask: Some(&vec![true; s_len]),
+                t_len: 1,
+                s_len,
+                scale: T::from_f64((d as f64).powf(-0.5)),
+            };
+            let bits = |x: &[T]| x.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            for head in 0..h {
+                let mut o = vec![T::ZERO; d];
+                let mut p = vec![T::ZERO; s_len];
+                general.head(head, &mut o, Some(&mut p));
+                let what = format!(
+                    "{:?} h={h} kvh={kvh} d={d} past={past} head {head}",
+                    T::PRECISION
+                );
+                assert!(
+                    bits(&o) == bits(&out[head * d..(head + 1) * d]),
+                    "output, {what}"
+                );
+                assert!(
+                    bits(&p) == bits(&probs[head * s_len..(head + 1) * s_len]),
+                    "probabilities, {what}"
+                );
+            }
+        }
+        for (h, kvh) in [(14, 2), (8, 2), (6, 3), (12, 4), (10, 2)] {
+            for d in [64, 128] {
+                for past in [0, 6, 301] {
+                    check::<f32>(h, kvh, d, past);
+                    check::<crate::kernels::Bf16>(h, kvh, d, past);
+                }
+            }
         }
     }
 

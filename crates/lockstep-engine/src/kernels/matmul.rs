@@ -826,6 +826,7 @@ pub(crate) mod tests {
             (48, 1037, 13),
             (8, 2100, 7),
             (5, 64, 1),
+            (25, 2100, 1),
             (12, 896, 6),
         ] {
             let (_d, w) = tensor_from(&pseudo(m * k, 5), vec![m, k], safetensors::Dtype::BF16);
