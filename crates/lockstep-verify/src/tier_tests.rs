@@ -62,10 +62,11 @@ fn bf16_logits_need_top1_agreement_with_the_oracle() {
     let o = set_logits(&o, &|_, x| x);
     // The reference: 0.1 of noise on the tail, argmax kept everywhere.
     let r = set_logits(&r, &|i, x| if i % VOCAB >= 2 { x + 0.1 } else { x });
-    // Ours: within 2 × 0.1 of the oracle everywhere, but the argmax flipped at position 2.
+    // Ours: within 2 × 0.1 of the oracle everywhere, but the argmax flipped at positions 1
+    // and 2 of the four.
     let flip = |i: usize, x: f64| match (i / VOCAB, i % VOCAB) {
-        (2, 0) => x - 0.06,
-        (2, 1) => x + 0.06,
+        (1 | 2, 0) => x - 0.06,
+        (1 | 2, 1) => x + 0.06,
         _ => x,
     };
     let t_bad = set_logits(&t, &flip);
@@ -73,14 +74,24 @@ fn bf16_logits_need_top1_agreement_with_the_oracle() {
     let l = cmp.get("logits").unwrap();
     let tol = l.tolerance.as_ref().unwrap();
     assert!(tol.measured <= tol.threshold, "{tol:?}");
-    assert_eq!(tol.min_top1_agreement, Some(0.98));
+    // Four positions: the slack is one position (0.25), more than 0.02.
+    assert_eq!(tol.min_top1_agreement, Some(0.75));
     assert_eq!(
         l.test_vs_oracle_logits.as_ref().unwrap().top1_agreement,
-        0.75
+        0.5
     );
     assert_eq!(l.status, Status::Fail);
     assert!(l.note.as_ref().unwrap().contains("top-1"));
     assert_eq!(cmp.first_divergence.as_deref(), Some("logits"));
+    // One parting more than the reference's (none) is the statistic's resolution: pass.
+    let one = |i: usize, x: f64| if i / VOCAB == 1 { x } else { flip(i, x) };
+    let cmp = compare(&r, &set_logits(&t, &one), Some(&o));
+    let l = cmp.get("logits").unwrap();
+    assert_eq!(
+        l.test_vs_oracle_logits.as_ref().unwrap().top1_agreement,
+        0.75
+    );
+    assert_eq!(l.status, Status::Pass, "{:?}", l.note);
     // Same distance without the flip: pass.
     let t_ok = set_logits(&t, &|i, x| if i % VOCAB >= 2 { x - 0.06 } else { x });
     let cmp = compare(&r, &t_ok, Some(&o));

@@ -360,7 +360,9 @@ fn apply(tol: &Tolerance, c: &TensorComparison) -> Option<AppliedTolerance> {
             let tvo = c.test_vs_oracle.as_ref()?;
             let floor = bf16_half_ulp(tvo.expected_magnitude);
             let min_top1 = match (top1_slack, c.ref_vs_oracle_logits.as_ref()) {
-                (Some(s), Some(l)) => Some((l.top1_agreement - s).max(0.0)),
+                (Some(s), Some(l)) => {
+                    Some((l.top1_agreement - s.max(1.0 / l.positions.max(1) as f64)).max(0.0))
+                }
                 _ => None,
             };
             (

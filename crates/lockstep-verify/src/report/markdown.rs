@@ -393,7 +393,7 @@ fn logits_table(out: &mut String, level: usize, l: &TensorComparison) {
     if let Some(min) = l.tolerance.as_ref().and_then(|t| t.min_top1_agreement) {
         let _ = writeln!(
             out,
-            "Required top-1 agreement of ours with the oracle: ≥ {min:.4} (the reference's minus 0.02)."
+            "Required top-1 agreement of ours with the oracle: ≥ {min:.4} (the reference's minus 0.02, or minus one position when that is more)."
         );
     }
     out.push('\n');
