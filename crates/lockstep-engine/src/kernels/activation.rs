@@ -13,24 +13,16 @@ pub fn silu<T: Float>(x: T) -> T {
 /// every element gets exactly what [`silu_mul_reference`] gives it.
 pub fn silu_mul_in_place<T: Float>(gate: &mut [T], up: &[T]) {
     assert_eq!(gate.len(), up.len());
-    const CHUNK: usize = 1 << 10;
     let chunk = |(g, u): (&mut [T], &[T])| {
-        let mut e = [0f32; CHUNK];
-        match super::as_f32(g) {
-            Some(gf) => {
-                let e = &mut e[..gf.len()];
-                for (e, &g) in e.iter_mut().zip(gf) {
-                    *e = -g;
-                }
-                super::expf::exp_in_place(e);
-                for ((g, &u), &e) in g.iter_mut().zip(u).zip(e.iter()) {
-                    // `e` is `(-g).exp()` as the compute type (f32 arithmetic in both).
-                    let s = (*g / (T::ONE + T::from_f64(e as f64))).to_act_dtype();
-                    *g = (s * u).to_act_dtype();
-                }
-            }
-            None => silu_mul_reference(g, u),
+        #[cfg(target_arch = "x86_64")]
+        if super::as_f32(g).is_some()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function is compiled with.
+            return unsafe { silu_mul_chunk_avx512(g, u) };
         }
+        silu_mul_chunk(g, u)
     };
     if gate.len() >= 16 * CHUNK {
         use rayon::prelude::*;
@@ -40,6 +32,41 @@ pub fn silu_mul_in_place<T: Float>(gate: &mut [T], up: &[T]) {
     } else {
         gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).for_each(chunk);
     }
+}
+
+/// Elements per chunk of [`silu_mul_in_place`] (its exps are formed a chunk at a time).
+const CHUNK: usize = 1 << 10;
+
+/// One chunk (at most [`CHUNK`] elements) of [`silu_mul_in_place`].
+#[inline(always)]
+fn silu_mul_chunk<T: Float>(g: &mut [T], u: &[T]) {
+    let mut e = [0f32; CHUNK];
+    match super::as_f32(g) {
+        Some(gf) => {
+            let e = &mut e[..gf.len()];
+            for (e, &g) in e.iter_mut().zip(gf) {
+                *e = -g;
+            }
+            super::expf::exp_in_place(e);
+            for ((g, &u), &e) in g.iter_mut().zip(u).zip(e.iter()) {
+                // `e` is `(-g).exp()` as the compute type (f32 arithmetic in both).
+                let s = (*g / (T::ONE + T::from_f64(e as f64))).to_act_dtype();
+                *g = (s * u).to_act_dtype();
+            }
+        }
+        None => silu_mul_reference(g, u),
+    }
+}
+
+/// [`silu_mul_chunk`] compiled for AVX-512: the same element-wise operations on sixteen lanes
+/// (never fused or reordered, so the same bits).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn silu_mul_chunk_avx512<T: Float>(g: &mut [T], u: &[T]) {
+    silu_mul_chunk(g, u)
 }
 
 /// [`silu_mul_in_place`] one element at a time (the reference).

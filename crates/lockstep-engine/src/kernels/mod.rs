@@ -260,15 +260,36 @@ impl Float for Bf16 {
     /// took longer than the AMX sums themselves).
     #[inline]
     fn add_bias_to_act_dtype(o: &mut [Self], bias: Option<&[Self]>) {
-        let o = Bf16::slice_as_f32_mut(o);
-        match bias.map(Bf16::slice_as_f32) {
-            Some(b) => o
-                .iter_mut()
-                .zip(b)
-                .for_each(|(o, &b)| *o = round_bf16_branch_free(*o + b)),
-            None => o.iter_mut().for_each(|o| *o = round_bf16_branch_free(*o)),
+        let (o, b) = (Bf16::slice_as_f32_mut(o), bias.map(Bf16::slice_as_f32));
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has the features the function is compiled with.
+            return unsafe { add_bias_round_bf16_avx512(o, b) };
         }
+        add_bias_round_bf16(o, b)
     }
+}
+
+/// `o[i] = round_bf16(o[i] + bias[i])` (or of `o[i]` alone), element by element.
+#[inline(always)]
+fn add_bias_round_bf16(o: &mut [f32], bias: Option<&[f32]>) {
+    match bias {
+        Some(b) => o
+            .iter_mut()
+            .zip(b)
+            .for_each(|(o, &b)| *o = round_bf16_branch_free(*o + b)),
+        None => o.iter_mut().for_each(|o| *o = round_bf16_branch_free(*o)),
+    }
+}
+
+/// [`add_bias_round_bf16`] compiled for AVX-512 (sixteen lanes, the same operations).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn add_bias_round_bf16_avx512(o: &mut [f32], bias: Option<&[f32]>) {
+    add_bias_round_bf16(o, bias)
 }
 
 impl Bf16 {
@@ -500,6 +521,26 @@ mod tests {
             let v = f32::from_bits(b);
             let h = half::bf16::from_f32(v).to_f32();
             assert_eq!(round_bf16_branch_free(v).to_bits(), h.to_bits(), "{b:#x}");
+        }
+    }
+
+    /// A matmul's finish in the bf16 tier (the vector build where the CPU has AVX-512) is
+    /// `half`'s rounding of each sum, with and without a bias, bit for bit, over a length that
+    /// leaves a remainder after sixteen lanes.
+    #[test]
+    fn bf16_bias_and_rounding_is_halfs() {
+        let n = 16 * 70_001 + 7;
+        let bits = |i: usize| (i as u32).wrapping_mul(2_654_435_761);
+        let sums: Vec<Bf16> = (0..n).map(|i| Bf16(f32::from_bits(bits(i)))).collect();
+        let bias: Vec<Bf16> = (0..n).map(|i| Bf16(f32::from_bits(bits(i + n)))).collect();
+        for with_bias in [false, true] {
+            let mut o = sums.clone();
+            Bf16::add_bias_to_act_dtype(&mut o, with_bias.then_some(&bias[..]));
+            for (i, (o, s)) in o.iter().zip(&sums).enumerate() {
+                let v = if with_bias { s.0 + bias[i].0 } else { s.0 };
+                let h = half::bf16::from_f32(v).to_f32();
+                assert_eq!(o.0.to_bits(), h.to_bits(), "[{i}] bias {with_bias}");
+            }
         }
     }
 }

@@ -412,33 +412,109 @@ impl<T: Float> RopeTable<T> {
 
     /// Rotates `x` (`[T][heads][D]`, token `t` at the table's `t`-th position) in place.
     pub fn apply(&self, x: &mut [T], heads: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if super::as_f32(x).is_some()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function is compiled with.
+            return unsafe { self.apply_avx512(x, heads) };
+        }
+        self.apply_plain(x, heads)
+    }
+
+    /// [`RopeTable::apply`] compiled for AVX-512: the same element-wise operations on sixteen
+    /// lanes (never fused or reordered, so the same bits).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn apply_avx512(&self, x: &mut [T], heads: usize) {
+        self.apply_plain(x, heads)
+    }
+
+    /// The body of [`RopeTable::apply`].
+    #[inline(always)]
+    fn apply_plain(&self, x: &mut [T], heads: usize) {
         let d = self.head_dim;
         let half = d / 2;
         for (t, tok) in x.chunks_exact_mut(heads * d).enumerate() {
             let cos = &self.cos[t * half..(t + 1) * half];
             let sin = &self.sin[t * half..(t + 1) * half];
             for head in tok.chunks_exact_mut(d) {
-                for i in 0..half {
-                    let (a, b) = match self.layout {
-                        RopeLayout::RotateHalf => (i, i + half),
-                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                    };
-                    let (x1, x2) = (head[a], head[b]);
-                    // q*cos + rotate_half(q)*sin, rotate_half(x) = (-x2, x1).
-                    head[a] = ((x1 * cos[i]).to_act_dtype() + ((-x2) * sin[i]).to_act_dtype())
-                        .to_act_dtype();
-                    head[b] = ((x2 * cos[i]).to_act_dtype() + (x1 * sin[i]).to_act_dtype())
-                        .to_act_dtype();
+                match self.layout {
+                    RopeLayout::RotateHalf => {
+                        let (lo, hi) = head.split_at_mut(half);
+                        for (((x1, x2), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                            (*x1, *x2) = rotate(*x1, *x2, c, s);
+                        }
+                    }
+                    RopeLayout::Interleaved => {
+                        for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                            (pair[0], pair[1]) = rotate(pair[0], pair[1], c, s);
+                        }
+                    }
                 }
             }
         }
     }
 }
 
+/// One rotated pair: `q·cos + rotate_half(q)·sin` with `rotate_half(x) = (-x2, x1)`, each product
+/// and the sum rounded to the activation dtype.
+#[inline(always)]
+fn rotate<T: Float>(x1: T, x2: T, cos: T, sin: T) -> (T, T) {
+    (
+        ((x1 * cos).to_act_dtype() + ((-x2) * sin).to_act_dtype()).to_act_dtype(),
+        ((x2 * cos).to_act_dtype() + (x1 * sin).to_act_dtype()).to_act_dtype(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::Bf16;
+
+    /// [`RopeTable::apply`] (the AVX-512 build where the CPU has it) gives the plain
+    /// element-by-element loop's bits, both layouts, f32 and bf16, values of mixed magnitude.
+    #[test]
+    fn apply_is_the_plain_loops_bits() {
+        fn check<T: Float>(layout: RopeLayout) {
+            let (d, heads, t) = (64, 3, 37);
+            let table = RopeTable::<T>::new(10000.0, d, 100, t, layout, RopeRounding::Careful);
+            let mut seed = 9u64;
+            let x: Vec<T> = (0..t * heads * d)
+                .map(|i| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    let v = ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 8.0;
+                    T::from_f64(if i % 17 == 0 { v * 1e3 } else { v }).to_act_dtype()
+                })
+                .collect();
+            let mut fast = x.clone();
+            table.apply(&mut fast, heads);
+            let mut plain = x;
+            let half = d / 2;
+            for (t, tok) in plain.chunks_exact_mut(heads * d).enumerate() {
+                for head in tok.chunks_exact_mut(d) {
+                    for i in 0..half {
+                        let (a, b) = match layout {
+                            RopeLayout::RotateHalf => (i, i + half),
+                            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        };
+                        let (c, s) = (table.cos[t * half + i], table.sin[t * half + i]);
+                        (head[a], head[b]) = rotate(head[a], head[b], c, s);
+                    }
+                }
+            }
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            assert!(bits(&fast) == bits(&plain), "{:?} {layout:?}", T::PRECISION);
+        }
+        for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
+            check::<f32>(layout);
+            check::<Bf16>(layout);
+        }
+    }
 
     #[test]
     fn rotate_half_matches_complex_rotation() {
