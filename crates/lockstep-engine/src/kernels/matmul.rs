@@ -828,6 +828,7 @@ pub(crate) mod tests {
             (5, 64, 1),
             (25, 2100, 1),
             (12, 896, 6),
+            (9, 100, 70),
         ] {
             let (_d, w) = tensor_from(&pseudo(m * k, 5), vec![m, k], safetensors::Dtype::BF16);
             let mut wd = vec![0f32; m * k];

@@ -410,36 +410,55 @@ impl<T: Float> RopeTable<T> {
         }
     }
 
-    /// Rotates `x` (`[T][heads][D]`, token `t` at the table's `t`-th position) in place.
+    /// Rotates `x` (`[T][heads][D]`, token `t` at the table's `t`-th position) in place: a long
+    /// prompt's tokens spread over threads, [`TOKENS_PER_TASK`] at a time (each token's rotation
+    /// is its own).
     pub fn apply(&self, x: &mut [T], heads: usize) {
+        let width = heads * self.head_dim;
+        if width == 0 {
+            return;
+        }
+        if x.len() / width >= 2 * TOKENS_PER_TASK {
+            use rayon::prelude::*;
+            x.par_chunks_mut(width * TOKENS_PER_TASK)
+                .enumerate()
+                .for_each(|(i, x)| self.rotate_widest(x, heads, i * TOKENS_PER_TASK));
+        } else {
+            self.rotate_widest(x, heads, 0)
+        }
+    }
+
+    /// [`RopeTable::rotate_tokens`] with this CPU's widest vectors where it has them.
+    fn rotate_widest(&self, x: &mut [T], heads: usize, t0: usize) {
         #[cfg(target_arch = "x86_64")]
         if super::as_f32(x).is_some()
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
         {
             // SAFETY: the CPU has the features the function is compiled with.
-            return unsafe { self.apply_avx512(x, heads) };
+            return unsafe { self.rotate_tokens_avx512(x, heads, t0) };
         }
-        self.apply_plain(x, heads)
+        self.rotate_tokens(x, heads, t0)
     }
 
-    /// [`RopeTable::apply`] compiled for AVX-512: the same element-wise operations on sixteen
-    /// lanes (never fused or reordered, so the same bits).
+    /// [`RopeTable::rotate_tokens`] compiled for AVX-512: the same element-wise operations on
+    /// sixteen lanes (never fused or reordered, so the same bits).
     ///
     /// # Safety
     /// The CPU has AVX-512F/BW.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn apply_avx512(&self, x: &mut [T], heads: usize) {
-        self.apply_plain(x, heads)
+    unsafe fn rotate_tokens_avx512(&self, x: &mut [T], heads: usize, t0: usize) {
+        self.rotate_tokens(x, heads, t0)
     }
 
-    /// The body of [`RopeTable::apply`].
+    /// Rotates the tokens of `x` (`[T][heads][D]`), the first at the table's `t0`-th position.
     #[inline(always)]
-    fn apply_plain(&self, x: &mut [T], heads: usize) {
+    fn rotate_tokens(&self, x: &mut [T], heads: usize, t0: usize) {
         let d = self.head_dim;
         let half = d / 2;
         for (t, tok) in x.chunks_exact_mut(heads * d).enumerate() {
+            let t = t0 + t;
             let cos = &self.cos[t * half..(t + 1) * half];
             let sin = &self.sin[t * half..(t + 1) * half];
             for head in tok.chunks_exact_mut(d) {
@@ -461,6 +480,9 @@ impl<T: Float> RopeTable<T> {
     }
 }
 
+/// Tokens of [`RopeTable::apply`] per task on the thread pool.
+const TOKENS_PER_TASK: usize = 32;
+
 /// One rotated pair: `q·cos + rotate_half(q)·sin` with `rotate_half(x) = (-x2, x1)`, each product
 /// and the sum rounded to the activation dtype.
 #[inline(always)]
@@ -481,7 +503,7 @@ mod tests {
     #[test]
     fn apply_is_the_plain_loops_bits() {
         fn check<T: Float>(layout: RopeLayout) {
-            let (d, heads, t) = (64, 3, 37);
+            let (d, heads, t) = (64, 3, 137);
             let table = RopeTable::<T>::new(10000.0, d, 100, t, layout, RopeRounding::Careful);
             let mut seed = 9u64;
             let x: Vec<T> = (0..t * heads * d)

@@ -75,11 +75,23 @@ impl Packed {
         assert!(k > 0 && x.len() == n * k);
         let stride = k.next_multiple_of(PAIRS);
         let mut data = vec![0u16; n * stride];
-        for (d, xt) in data.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+        let pack = |(d, xt): (&mut [u16], &[f32])| {
             for (d, &v) in d.iter_mut().zip(xt) {
                 debug_assert_eq!(v.to_bits() & 0xFFFF, 0, "activation not a bf16 value");
                 *d = (v.to_bits() >> 16) as u16;
             }
+        };
+        // A long prompt's tokens are packed on every thread.
+        if n >= 64 {
+            use rayon::prelude::*;
+            data.par_chunks_exact_mut(stride)
+                .zip(x.par_chunks_exact(k))
+                .with_min_len(16)
+                .for_each(pack);
+        } else {
+            data.chunks_exact_mut(stride)
+                .zip(x.chunks_exact(k))
+                .for_each(pack);
         }
         Packed { data, stride }
     }
