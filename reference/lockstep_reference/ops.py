@@ -71,7 +71,7 @@ from torch import nn
 from .batch import streamed_groups
 from .protocol import OpsJob, parse_list
 from .rope_scaling import reset_dynamic_rope
-from .streamed import _STREAMED_TYPES, ROW_CHUNK, _load_layer, _Weights, load_config, peak_rss_mib
+from .streamed import _STREAMED_TYPES, ROW_CHUNK, _load_layer, _Weights, lm_head_logits, load_config, peak_rss_mib
 from .tracer import (
     _ARCHS,
     STORE_DTYPES,
@@ -388,22 +388,12 @@ class _Pass:
                 self._logits(config, todo, row_chunk)
 
     def _logits(self, config, todo: list[tuple[torch.Tensor, dict]], row_chunk: int) -> None:
-        """`out["logits"]` of each (hidden, out) in `todo`, the head read once in row chunks."""
-        head = "lm_head.weight" if "lm_head.weight" in self.weights.path else None
-        if head is None:
-            if not config.tie_word_embeddings:
-                raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
-            head = "model.embed_tokens.weight"
-        rows = self.weights.shape[head][0]
-        chunk = row_chunk if self.pure else rows
-        for hidden, out in todo:
-            out["logits"] = torch.empty((*hidden.shape[:-1], rows), dtype=self.weights.dtype)
-        for begin in range(0, rows, chunk):
-            end = min(begin + chunk, rows)
-            w = self.weights.row_range(head, begin, end)
-            for hidden, out in todo:
-                out["logits"][..., begin:end] = nn.functional.linear(hidden, w)
-            del w
+        """`out["logits"]` of each (hidden, out) in `todo`, the head read once (in row chunks for the
+        pure pass)."""
+        logits, _ = lm_head_logits(self.weights, config, [hidden for hidden, _ in todo],
+                                   self.weights.dtype, row_chunk if self.pure else None)
+        for (_, out), lg in zip(todo, logits, strict=True):
+            out["logits"] = lg
 
 
 def _run_streamed_group(jobs: list[OpsJob], row_chunk: int | None) -> None:

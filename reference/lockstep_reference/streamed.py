@@ -256,21 +256,9 @@ def trace_models_streamed(model_dir: str, token_id_lists: list[list[int]], dtype
             recs[j].put("final_norm", finals[-1])
         del states
 
-        head = "lm_head.weight" if "lm_head.weight" in weights.path else None
-        if head is None:
-            if not config.tie_word_embeddings:
-                raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
-            head = "model.embed_tokens.weight"
-        rows = weights.shape[head][0]
-        if dtype != "f64":
-            row_chunk = rows
-        logits = [torch.empty((1, len(ids), rows), dtype=torch_dtype) for ids in token_id_lists]
-        for begin in range(0, rows, row_chunk):
-            end = min(begin + row_chunk, rows)
-            w = weights.row_range(head, begin, end)
-            for j, hidden in enumerate(finals):
-                logits[j][..., begin:end] = torch.nn.functional.linear(hidden, w)
-            del w
+        logits, rows = lm_head_logits(weights, config, finals, torch_dtype,
+                                      row_chunk if dtype == "f64" else None)
+        row_chunk = row_chunk if dtype == "f64" else rows
         for j in inputs:
             recs[j].put("logits", logits[j])
             logits[j] = None
@@ -288,6 +276,28 @@ def trace_models_streamed(model_dir: str, token_id_lists: list[list[int]], dtype
             raise RuntimeError(f"trace incomplete: missing {missing}, unexpected {extra}")
         out.append({name: recs[j].tensors[name] for name in expected if name in recs[j].tensors})
     return out, config
+
+
+def lm_head_logits(weights, config, hiddens: list[torch.Tensor], dtype: torch.dtype,
+                   row_chunk: int | None) -> tuple[list[torch.Tensor], int]:
+    """The logits of each hidden state (`[..., hidden]` -> `[..., vocab]` in `dtype`), with
+    lm_head.weight (model.embed_tokens.weight when tied) read once for all of them, `row_chunk`
+    rows at a time (None: whole); and the number of rows."""
+    head = "lm_head.weight" if "lm_head.weight" in weights.path else None
+    if head is None:
+        if not config.tie_word_embeddings:
+            raise ValueError("no lm_head.weight stored and tie_word_embeddings is false")
+        head = "model.embed_tokens.weight"
+    rows = weights.shape[head][0]
+    chunk = rows if row_chunk is None else row_chunk
+    logits = [torch.empty((*hidden.shape[:-1], rows), dtype=dtype) for hidden in hiddens]
+    for begin in range(0, rows, chunk):
+        end = min(begin + chunk, rows)
+        w = weights.row_range(head, begin, end)
+        for out, hidden in zip(logits, hiddens, strict=True):
+            out[..., begin:end] = torch.nn.functional.linear(hidden, w)
+        del w
+    return logits, rows
 
 
 def streamed_metadata(model_dir: str, config, token_ids: list[int], dtype: str,
