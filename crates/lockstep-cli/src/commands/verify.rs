@@ -214,8 +214,45 @@ pub fn open_session(model: Option<&Path>) -> CliResult<(PathBuf, PathBuf, Python
         None => default_model(&env)?,
     };
     let work = work_dir_for(&model);
+    // Silently, as caches are pruned: a message would be a second line under every one-line
+    // error about the input.
+    prune_work_folders(&work, &model);
     let reference = PythonReference::new(env, &work);
     Ok((model, work, reference))
+}
+
+/// The file in a work folder that names the model its traces are of.
+const MODEL_MARKER: &str = "model-path";
+
+/// Records `model` in its work folder `keep`, and removes the other work folders (its siblings)
+/// whose recorded model no longer exists: traces of a deleted model or of a checkout since
+/// removed, which no run can reuse (each checkout's fixtures get their own folders, so without
+/// this the cache grows by every clone's traces). Folders without a record are left, as is
+/// anything that cannot be read or removed. Returns how many folders it removed.
+fn prune_work_folders(keep: &Path, model: &Path) -> usize {
+    let canon = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
+    if std::fs::create_dir_all(keep).is_ok() {
+        let _ = std::fs::write(keep.join(MODEL_MARKER), canon.to_string_lossy().as_bytes());
+    }
+    let Some(Ok(entries)) = keep.parent().map(std::fs::read_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for dir in entries.flatten().map(|e| e.path()) {
+        if dir == keep || !dir.is_dir() {
+            continue;
+        }
+        let Ok(recorded) = std::fs::read_to_string(dir.join(MODEL_MARKER)) else {
+            continue;
+        };
+        if Path::new(recorded.trim_end()).exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Runs `verify`.
@@ -459,4 +496,45 @@ pub fn run_port(a: Args) -> CliResult<ExitCode> {
         &outcome,
         "max |port - transformers| per layer vs the reference's own noise",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work folders of models no longer on disk are removed; those of models still there, those
+    /// without a record and the current one are kept, and the current one records its model.
+    #[test]
+    fn work_folders_of_vanished_models_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let models = tempfile::tempdir().unwrap();
+        let (alive, gone, current) = (
+            models.path().join("alive"),
+            models.path().join("gone"),
+            models.path().join("current"),
+        );
+        std::fs::create_dir_all(&alive).unwrap();
+        std::fs::create_dir_all(&current).unwrap();
+        let folder = |name: &str, model: Option<&Path>| {
+            let d = root.path().join(name);
+            std::fs::create_dir_all(d.join("traces")).unwrap();
+            std::fs::write(d.join("traces/t.safetensors"), [0u8; 1000]).unwrap();
+            if let Some(m) = model {
+                std::fs::write(d.join(MODEL_MARKER), m.to_string_lossy().as_bytes()).unwrap();
+            }
+            d
+        };
+        let a = folder("a", Some(&alive));
+        let g = folder("g", Some(&gone));
+        let u = folder("u", None);
+        let keep = root.path().join("k");
+        assert_eq!(prune_work_folders(&keep, &current), 1);
+        assert!(a.exists() && u.exists() && !g.exists());
+        let recorded = std::fs::read_to_string(keep.join(MODEL_MARKER)).unwrap();
+        assert_eq!(Path::new(&recorded), current.canonicalize().unwrap());
+        // Once its model is gone too, a later run elsewhere removes it.
+        std::fs::remove_dir_all(&alive).unwrap();
+        assert_eq!(prune_work_folders(&keep, &current), 1);
+        assert!(!a.exists() && u.exists() && keep.exists());
+    }
 }
