@@ -224,14 +224,14 @@ pub fn open_session(model: Option<&Path>) -> CliResult<(PathBuf, PathBuf, Python
 /// The file in a work folder that names the model its traces are of.
 const MODEL_MARKER: &str = "model-path";
 
-/// Records `model` in its work folder `keep`, and removes the other work folders (its siblings)
+/// Records `model` (when it exists) in its work folder `keep`, and removes the other work folders (its siblings)
 /// whose recorded model no longer exists: traces of a deleted model or of a checkout since
 /// removed, which no run can reuse (each checkout's fixtures get their own folders, so without
 /// this the cache grows by every clone's traces). Folders without a record are left, as is
 /// anything that cannot be read or removed. Returns how many folders it removed.
 fn prune_work_folders(keep: &Path, model: &Path) -> usize {
     let canon = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
-    if std::fs::create_dir_all(keep).is_ok() {
+    if model.exists() && std::fs::create_dir_all(keep).is_ok() {
         let _ = std::fs::write(keep.join(MODEL_MARKER), canon.to_string_lossy().as_bytes());
     }
     let Some(Ok(entries)) = keep.parent().map(std::fs::read_dir) else {
