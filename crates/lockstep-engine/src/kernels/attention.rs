@@ -326,12 +326,7 @@ impl<T: Float> Heads<'_, T> {
             }
         }
         for row in rows.chunks_mut(s_len) {
-            for r in row.iter_mut().take(vis) {
-                *r = (r.to_act_dtype() * self.scale).to_act_dtype();
-            }
-            let max = row_max(&row[..vis]);
-            softmax_unmasked(&mut row[..vis], max);
-            row[vis..].fill(T::ZERO);
+            self.probabilities(row, vis);
         }
         let rf = as_f32(&rows).expect("f32 inside");
         let of = as_f32_mut(o_group).expect("f32 inside");
@@ -359,6 +354,18 @@ impl<T: Float> Heads<'_, T> {
         if let Some(p) = p_group {
             p.copy_from_slice(&rows);
         }
+    }
+
+    /// A row of dots (keys `0..vis` visible, none hidden) turned into probabilities in place, as
+    /// [`Heads::head`] does: scaled and rounded, then [`softmax_unmasked`]; zero past `vis`.
+    #[inline(always)]
+    fn probabilities(&self, row: &mut [T], vis: usize) {
+        for r in row.iter_mut().take(vis) {
+            *r = (r.to_act_dtype() * self.scale).to_act_dtype();
+        }
+        let max = row_max(&row[..vis]);
+        softmax_unmasked(&mut row[..vis], max);
+        row[vis..].fill(T::ZERO);
     }
 
     /// The keys query `t` of this call sees: `0..visible(t)`.
@@ -403,16 +410,12 @@ impl<T: Float> Heads<'_, T> {
             // The block's rows of dots.
             let rf = as_f32_mut(rows).expect("f32 inside");
             let mut chunks = rf.chunks_mut(s_len);
-            let [a, b, c, e]: [&mut [f32]; QB] = std::array::from_fn(|j| match j < tb {
+            let outs: [&mut [f32]; QB] = std::array::from_fn(|j| match j < tb {
                 true => &mut chunks.next().expect("QB rows")[..common],
                 false => &mut [][..],
             });
-            match tb {
-                4 => key_dots_avx512_nq([qs[0], qs[1], qs[2], qs[3]], k, stride, [a, b, c, e]),
-                3 => key_dots_avx512_nq([qs[0], qs[1], qs[2]], k, stride, [a, b, c]),
-                2 => key_dots_avx512_nq([qs[0], qs[1]], k, stride, [a, b]),
-                _ => key_dots_avx512(qs[0], k, stride, a),
-            }
+            let q4 = std::array::from_fn(|j| if j < tb { qs[j] } else { &[][..] });
+            key_dots_block(tb, q4, k, stride, outs);
             // Each query's own keys after the common ones.
             let rf = as_f32_mut(rows).expect("f32 inside");
             let mut outs = rf.chunks_mut(s_len);
@@ -424,13 +427,7 @@ impl<T: Float> Heads<'_, T> {
             }
         }
         for (j, row) in rows.chunks_mut(s_len).take(tb).enumerate() {
-            let vis = vis[j];
-            for r in row.iter_mut().take(vis) {
-                *r = (r.to_act_dtype() * self.scale).to_act_dtype();
-            }
-            let max = row_max(&row[..vis]);
-            softmax_unmasked(&mut row[..vis], max);
-            row[vis..].fill(T::ZERO);
+            self.probabilities(row, vis[j]);
         }
         {
             // Each query's probabilities over its visible keys, and its output.
@@ -441,39 +438,9 @@ impl<T: Float> Heads<'_, T> {
             });
             let of = as_f32_mut(out).expect("f32 inside");
             let mut chunks = of.chunks_mut(d);
-            let [a, b, c, e]: [&mut [f32]; QB] =
-                std::array::from_fn(|_| chunks.next().unwrap_or_default());
-            match (d, tb) {
-                (64, 4) => weighted_sum_nq::<4, 4>([a, b, c, e], ps, common, v, stride, false),
-                (64, 3) => weighted_sum_nq::<3, 4>(
-                    [a, b, c],
-                    [ps[0], ps[1], ps[2]],
-                    common,
-                    v,
-                    stride,
-                    false,
-                ),
-                (64, 2) | (128, 2) | (128, 3) | (128, 4) => {
-                    let pair = [ps[0], ps[1]];
-                    match d {
-                        64 => weighted_sum_nq::<2, 4>([a, b], pair, common, v, stride, false),
-                        _ => weighted_sum_nq::<2, 8>([a, b], pair, common, v, stride, false),
-                    }
-                    match tb {
-                        4 => {
-                            let c23 = ps[2].len().min(ps[3].len());
-                            weighted_sum_nq::<2, 8>([c, e], [ps[2], ps[3]], c23, v, stride, false);
-                        }
-                        3 => weighted_sum(c, ps[2], v, stride),
-                        _ => {}
-                    }
-                }
-                _ => {
-                    for (o, p) in [a, b, c, e].into_iter().zip(ps).take(tb) {
-                        weighted_sum(o, p, v, stride);
-                    }
-                }
-            }
+            let outs: [&mut [f32]; QB] = std::array::from_fn(|_| chunks.next().unwrap_or_default());
+            // Each query's sum runs over its keys in order whatever `common` is.
+            weighted_sum_block(tb, d, outs, ps, common, v, stride, false);
         }
         for (j, row) in rows.chunks(s_len).take(tb).enumerate() {
             for oi in &mut out[j * d..(j + 1) * d] {
@@ -824,8 +791,9 @@ unsafe fn key_dots_block(
     }
 }
 
-/// [`weighted_sum_nq`] for the first `tb` (1 to [`QB`]) of `o` and `p`, all with `common`
-/// keys, head dimension `d` 64 or 128 (four queries' accumulators at 64, two at 128).
+/// [`weighted_sum_nq`] for the first `tb` (1 to [`QB`]) of `o` and `p` (keys `0..common` shared,
+/// then each query's own), head dimension `d` 64 or 128 (four queries' accumulators at 64, two
+/// at 128).
 ///
 /// # Safety
 /// As [`weighted_sum_nq`] for those.
@@ -1186,12 +1154,7 @@ mod tests {
             let (h, kvh, t) = (4, 2, 70);
             let s_len = past + t;
             let mut seed = 11u64;
-            let v = |n: usize, seed: &mut u64| -> Vec<T> {
-                mixed(n, seed, 13, 40.0)
-                    .into_iter()
-                    .map(|x| T::from_f64(x as f64).to_act_dtype())
-                    .collect()
-            };
+            let v = |n: usize, seed: &mut u64| mixed_in::<T>(n, seed, 13, 40.0);
             let (q, k, vv) = (
                 v(t * h * d, &mut seed),
                 v(s_len * kvh * d, &mut seed),
@@ -1264,12 +1227,7 @@ mod tests {
         fn check<T: Float>(h: usize, kvh: usize, d: usize, past: usize) {
             let s_len = past + 1;
             let mut seed = 23u64;
-            let v = |n: usize, seed: &mut u64| -> Vec<T> {
-                mixed(n, seed, 11, 30.0)
-                    .into_iter()
-                    .map(|x| T::from_f64(x as f64).to_act_dtype())
-                    .collect()
-            };
+            let v = |n: usize, seed: &mut u64| mixed_in::<T>(n, seed, 11, 30.0);
             let (q, k, vv) = (
                 v(h * d, &mut seed),
                 v(s_len * kvh * d, &mut seed),
@@ -1390,6 +1348,14 @@ mod tests {
                 1 => x as f32 * big,
                 _ => x as f32,
             })
+            .collect()
+    }
+
+    /// [`mixed`] as values of the activation dtype of `T`.
+    fn mixed_in<T: Float>(n: usize, seed: &mut u64, every: usize, big: f32) -> Vec<T> {
+        mixed(n, seed, every, big)
+            .into_iter()
+            .map(|x| T::from_f64(x as f64).to_act_dtype())
             .collect()
     }
 
