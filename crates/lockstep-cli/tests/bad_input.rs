@@ -110,10 +110,12 @@ type ConfigEdit = dyn Fn(&mut Map<String, Value>);
 // ---- the undamaged control -----------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn undamaged_copy_and_hand_rewritten_weights_work() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("control");
     let a = lockstep_trace::Trace::read(&trace_ok(&m, &TOKENS)).unwrap();
     // Reading and rewriting the file by hand changes nothing the model sees.
@@ -128,10 +130,12 @@ fn undamaged_copy_and_hand_rewritten_weights_work() {
 // ---- bad token input -----------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn token_ids_out_of_range() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("token-range");
     // vocab_size is 2048: the last id is fine, 2048 is not.
     trace_ok(&m, &["--tokens", "2047"]);
@@ -140,10 +144,12 @@ fn token_ids_out_of_range() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn prompt_longer_than_context() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("context");
     edit_config(&m, |c| {
         c.insert("max_position_embeddings".into(), json!(8));
@@ -165,10 +171,12 @@ fn prompt_longer_than_context() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn garbled_tokens() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("garbled");
     trace_fails(&m, &["--tokens", ""], &["--tokens", "empty"]);
     trace_fails(&m, &["--tokens", " , ,"], &["--tokens", "empty"]);
@@ -185,10 +193,12 @@ fn garbled_tokens() {
 // ---- sharded checkpoints -------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn sharded_checkpoint() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     // Intact shards give the single-file result exactly.
     let single = model_copy("sharded-control-single");
     let want = lockstep_trace::Trace::read(&trace_ok(&single, &TOKENS)).unwrap();

@@ -7,6 +7,10 @@ use serde_json::Value;
 use support::*;
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn bench_json_fields_are_present_and_positive() {
     let model = fixtures().join("models/qwen2-tied-bf16");
     assert!(
@@ -73,6 +77,10 @@ fn bench_json_fields_are_present_and_positive() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn bench_rejects_bad_arguments() {
     let model = fixtures().join("models/qwen2-tied-bf16");
     for bad in [["--new-tokens", "1"], ["--repeat", "0"], ["--batch", "0"]] {

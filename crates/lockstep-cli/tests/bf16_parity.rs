@@ -138,10 +138,13 @@ fn check_ours(name: &str, dir: &std::path::Path, model: &std::path::Path) {
 macro_rules! bf16_test {
     ($fn:ident, $name:expr) => {
         #[test]
+        #[cfg_attr(
+            not(feature = "reference-tests"),
+            ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+        )]
         fn $fn() {
-            if let Some(py) = reference_python() {
-                check(&py, $name);
-            }
+            let py = reference_python();
+            check(&py, $name);
         }
     };
 }
@@ -155,34 +158,35 @@ bf16_test!(bf16_qwen2_swa, "qwen2-swa+to-bf16");
 // RoPE scaling in bf16 on a 2048-token vocabulary: llama3 (tied, factor 32) and yarn stored in
 // bf16; linear and dynamic (300 tokens past its 128-token original length) rounded to bf16.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn bf16_rope_scaling_small() {
-    if let Some(py) = reference_python() {
-        check_all(
-            &py,
-            &[
-                "llama3-rope-tied-bf16-small",
-                "qwen2-yarn-bf16-small",
-                "llama-linear-small+to-bf16",
-                "qwen2-dynamic-small+to-bf16",
-            ],
-        );
-    }
+    let py = reference_python();
+    check_all(
+        &py,
+        &[
+            "llama3-rope-tied-bf16-small",
+            "qwen2-yarn-bf16-small",
+            "llama-linear-small+to-bf16",
+            "qwen2-dynamic-small+to-bf16",
+        ],
+    );
 }
 // The same (llama3 tied, yarn) on the Qwen vocabulary (151936), heavy, outside CI:
-//   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test bf16_parity -- --ignored
+//   cargo test --release -p lockstep-cli --features reference-tests --test bf16_parity -- --ignored
 #[test]
 #[ignore = "heavy (vocab 151936): run with --ignored"]
 fn bf16_llama3_rope_tied() {
-    if let Some(py) = reference_python() {
-        check(&py, "llama3-rope-tied-bf16");
-    }
+    let py = reference_python();
+    check(&py, "llama3-rope-tied-bf16");
 }
 #[test]
 #[ignore = "heavy (vocab 151936): run with --ignored"]
 fn bf16_qwen2_yarn() {
-    if let Some(py) = reference_python() {
-        check(&py, "qwen2-yarn-bf16");
-    }
+    let py = reference_python();
+    check(&py, "qwen2-yarn-bf16");
 }
 bf16_test!(bf16_qwen3, "qwen3-bf16");
 // Qwen3-MoE stored in bf16: bf16 router logits route a few tokens differently from the oracle

@@ -519,6 +519,10 @@ fn cases() -> Vec<Case> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn damaged_inputs_are_refused_cleanly() {
     assert!(
         fixtures().join("models").join(FIXTURE).is_dir(),
@@ -593,6 +597,10 @@ fn damaged_inputs_are_refused_cleanly() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn the_undamaged_inputs_run() {
     // Controls: the fixture folder and the tiny GGUF the damaged cases start from both generate.
     let root = scratch("damaged-controls");
@@ -613,6 +621,10 @@ fn the_undamaged_inputs_run() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn ctrl_c_during_a_trace_leaves_no_file() {
     // SIGINT while the forward runs (the trace is written by temp file + rename at the end):
     // neither the trace nor a temporary file may remain.

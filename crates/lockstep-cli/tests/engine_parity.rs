@@ -177,10 +177,13 @@ fn check_ours(name: &str) {
 macro_rules! parity_test {
     ($fn:ident, $name:expr) => {
         #[test]
+        #[cfg_attr(
+            not(feature = "reference-tests"),
+            ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+        )]
         fn $fn() {
-            if let Some(py) = reference_python() {
-                check_model(&py, $name);
-            }
+            let py = reference_python();
+            check_model(&py, $name);
         }
     };
 }
@@ -199,31 +202,33 @@ parity_test!(parity_qwen2_swa, "qwen2-swa");
 // 2048-token vocabulary.
 // One test, one reference process for the five (a Python start costs ~18 s on the CI machine).
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn parity_rope_scaling_small() {
-    if let Some(py) = reference_python() {
-        check_models(
-            &py,
-            &[
-                "llama3-rope-small",
-                "llama3-rope-tied-bf16-small",
-                "qwen2-yarn-bf16-small",
-                "llama-linear-small",
-                "qwen2-dynamic-small",
-            ],
-        );
-    }
+    let py = reference_python();
+    check_models(
+        &py,
+        &[
+            "llama3-rope-small",
+            "llama3-rope-tied-bf16-small",
+            "qwen2-yarn-bf16-small",
+            "llama-linear-small",
+            "qwen2-dynamic-small",
+        ],
+    );
 }
 // The same on the Qwen tokenizer's vocabulary (151936, for `verify`'s text prompts): ~3 min each
 // on the shared CI machine (16 min for the five), beyond the CI budget: run them with
-//   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test engine_parity -- --ignored
+//   cargo test --release -p lockstep-cli --features reference-tests --test engine_parity -- --ignored
 macro_rules! heavy_parity_test {
     ($fn:ident, $name:expr) => {
         #[test]
         #[ignore = "heavy (vocab 151936 at 300 tokens): run with --ignored"]
         fn $fn() {
-            if let Some(py) = reference_python() {
-                check_model(&py, $name);
-            }
+            let py = reference_python();
+            check_model(&py, $name);
         }
     };
 }
@@ -240,6 +245,10 @@ parity_test!(parity_qwen3_moe, "qwen3-moe-small");
 /// (every tensor before it unchanged, it changed), in f64 (engine only; selftest judges them
 /// against the reference).
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn qwen3_faults_enter_where_they_say() {
     use lockstep_engine::{trace_capture::trace_forward, Fault, Model};
     for (name, faults) in [
@@ -276,6 +285,10 @@ fn qwen3_faults_enter_where_they_say() {
 /// (`experts.gate_up_proj` [E, 2I, H], gate rows first; `experts.down_proj` [E, H, I]) computes
 /// bit for bit what the per-expert checkpoint transformers saves computes.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn qwen3_moe_fused_experts_load_like_per_expert() {
     use lockstep_engine::{trace_capture::trace_forward, Model};
     let src = fixtures().join("models/qwen3-moe-small");

@@ -24,31 +24,29 @@ fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
 
-/// The SmolLM2 fixture, or None (skip) when the reference environment is not set up. With the
-/// reference required, a missing fixture is a failure.
-fn smollm2() -> Option<PathBuf> {
-    reference_python()?;
+/// The SmolLM2 fixture (a failure naming the fix when set-up has not made it).
+fn smollm2() -> PathBuf {
+    reference_python();
     let d = model_dir(SMOLLM2);
     assert!(
         d.join("lockstep-fixture.json").exists(),
         "fixture {} missing: create it with `bash scripts/fixtures.sh`",
         d.display()
     );
-    Some(d)
+    d
 }
 
-/// A fixture model folder, or None (skip) when the reference environment and fixtures are not set
-/// up at all (a failure under `LOCKSTEP_REQUIRE_REFERENCE=1`). A model missing from set-up
-/// fixtures is a failure naming it and how to make it.
-fn fixture_model(name: &str) -> Option<PathBuf> {
-    reference_python()?;
+/// A fixture model folder; a model missing from set-up fixtures is a failure naming it and how
+/// to make it.
+fn fixture_model(name: &str) -> PathBuf {
+    reference_python();
     let d = model_dir(name);
     assert!(
         d.join("config.json").exists(),
         "fixture {} missing: create it with `bash scripts/fixtures.sh`",
         d.display()
     );
-    Some(d)
+    d
 }
 
 /// Runs `lockstep generate ARGS --json`; returns (streamed stdout text before the JSON line, JSON).
@@ -87,9 +85,13 @@ struct Case {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn greedy_generation_matches_transformers_token_for_token() {
-    let Some(smol) = smollm2() else { return };
-    let py = reference_python().unwrap();
+    let smol = smollm2();
+    let py = reference_python();
     let smol_s = smol.to_str().unwrap().to_string();
     let n = NEW_TOKENS.to_string();
     let mut cases = vec![];
@@ -227,8 +229,12 @@ fn greedy_generation_matches_transformers_token_for_token() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn same_seed_same_sample_and_seeds_differ() {
-    let Some(smol) = smollm2() else { return };
+    let smol = smollm2();
     let m = smol.to_str().unwrap();
     let run = |seed: &str| {
         generate_json(&[
@@ -294,9 +300,13 @@ fn same_seed_same_sample_and_seeds_differ() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn smollm2_chat_template_renders_like_apply_chat_template() {
-    let Some(smol) = smollm2() else { return };
-    let py = reference_python().unwrap();
+    let smol = smollm2();
+    let py = reference_python();
     let conversations = json!([
         {"messages": [{"role": "user", "content": "What is the capital of France?"}], "tools": null},
         {"messages": [
@@ -367,13 +377,17 @@ fn smollm2_chat_template_renders_like_apply_chat_template() {
 /// `enable_thinking: true`) and off (`enable_thinking: false`), including an assistant turn
 /// whose `<think>` block the template strips.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn qwen3_tokenizer_and_chat_template_with_and_without_thinking() {
     let model = model_dir("qwen3");
     assert!(
         model.join("tokenizer_config.json").exists(),
         "fixture qwen3 missing"
     );
-    let py = reference_python().expect("the reference environment");
+    let py = reference_python();
     let mut conversations = vec![];
     let convs = [
         json!([{"role": "user", "content": "What is the capital of France?"}]),
@@ -485,8 +499,12 @@ fn qwen3_tokenizer_and_chat_template_with_and_without_thinking() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn stop_strings_end_the_text_before_them() {
-    let Some(smol) = smollm2() else { return };
+    let smol = smollm2();
     let (streamed, v) = generate_json(&[
         "--model",
         smol.to_str().unwrap(),
@@ -511,10 +529,12 @@ fn stop_strings_end_the_text_before_them() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn bad_generation_input_is_one_line_and_exit_2() {
-    let Some(m) = fixture_model("qwen2-gqa") else {
-        return;
-    };
+    let m = fixture_model("qwen2-gqa");
     // A model folder without a chat template.
     let bare = scratch("generation-no-template");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
@@ -591,12 +611,14 @@ fn bad_generation_input_is_one_line_and_exit_2() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn random_model_streams_byte_tokens_without_broken_characters() {
     // Random models over the byte-level Qwen vocabulary emit lone UTF-8 bytes often; the streamed
     // text must still equal the final decoded text, and the final text equal the tokenizer's decode.
-    let Some(m) = fixture_model("qwen2-mqa") else {
-        return;
-    };
+    let m = fixture_model("qwen2-mqa");
     let tok = Tokenizer::from_dir(&m).unwrap();
     for seed in 0..3 {
         let (streamed, v) = generate_json(&[
@@ -625,8 +647,12 @@ fn random_model_streams_byte_tokens_without_broken_characters() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn chat_session_keeps_history() {
-    let Some(smol) = smollm2() else { return };
+    let smol = smollm2();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args([
             "chat",
@@ -668,10 +694,12 @@ fn chat_session_keeps_history() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn smollm2_as_qwen2_verifies_and_a_missing_bias_is_caught() {
-    if smollm2().is_none() {
-        return;
-    }
+    smollm2();
     let m = model_dir(SMOLLM2_QWEN2);
     let dir = scratch("verify-smollm2-qwen2");
     let args = [

@@ -41,10 +41,12 @@ fn smollm2_gguf() -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn smollm2_q4_1_matches_transformers() {
-    let Some(py) = reference_python() else {
-        return;
-    };
+    let py = reference_python();
     let gguf = smollm2_gguf();
     let dir = scratch("gguf-smollm2");
     let saved = dir.join("saved");
@@ -150,10 +152,12 @@ fn smollm2_q4_1_matches_transformers() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn smollm2_tokenizer_from_gguf_metadata_matches_transformers() {
-    let Some(py) = reference_python() else {
-        return;
-    };
+    let py = reference_python();
     let gguf = smollm2_gguf();
     let texts = [
         "Hello, world!",
@@ -215,10 +219,12 @@ fn smollm2_tokenizer_from_gguf_metadata_matches_transformers() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn every_type_matches_transformers() {
-    let Some(py) = reference_python() else {
-        return;
-    };
+    let py = reference_python();
     let dir = scratch("gguf-types");
     let mut files = vec![];
     // Llama (q/k permuted, untied), Qwen2 (biases, untied), Qwen2 MQA (tied): the 2-D weights
@@ -290,6 +296,10 @@ fn every_type_matches_transformers() {
 /// not on it; on a checkpoint without block-quantized matrices it is a one-line error. (How far
 /// from exact math, judged against the reference's own q8 run: `verify_runs_on_a_gguf_file`.)
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn q8dot_runs_on_quantized_files_only() {
     let gguf = smollm2_gguf();
     let dir = scratch("gguf-q8dot");
@@ -575,10 +585,12 @@ fn damaged_gguf_files_are_one_line_errors() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn verify_runs_on_a_gguf_file() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let gguf = smollm2_gguf();
     let dir = scratch("gguf-verify");
     let run = verify_in(

@@ -19,10 +19,12 @@ use support::*;
 /// bit in the f32 and bf16 tiers on 300 tokens (f64: within 1e-9 of pure-f64 transformers on the safetensors;
 /// the GGUF stores `rms_norm_eps` as float32, so f64 is not bit-identical).
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn llama3_rope_scaling_loads_from_gguf() {
-    let Some(py) = reference_python() else {
-        return;
-    };
+    let py = reference_python();
     let dir = scratch("gguf-llama3");
     // (fixture, the 2-D weight type, the tiers)
     let cases = [

@@ -14,6 +14,10 @@ mod support;
 use support::*;
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn generate_on_a_q4_gguf_holds_about_the_file_plus_kv_cache() {
     let gguf = fixtures().join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(

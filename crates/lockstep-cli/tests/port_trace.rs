@@ -11,23 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::*;
 
-/// The reference python when it also has JAX (the example's dependency), else `None` (skip), or
-/// a panic under `LOCKSTEP_REQUIRE_REFERENCE=1`.
-fn jax_python() -> Option<PathBuf> {
-    let py = reference_python()?;
+/// The reference python, which must also have JAX (the example's dependency; a failure naming
+/// the fix when it does not).
+fn jax_python() -> PathBuf {
+    let py = reference_python();
     let ok = Command::new(&py)
         .args(["-c", "import jax"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !ok {
-        if std::env::var("LOCKSTEP_REQUIRE_REFERENCE").as_deref() == Ok("1") {
-            panic!("JAX missing from the reference environment; run bash scripts/setup.sh");
-        }
-        eprintln!("SKIPPED: JAX not installed in the reference environment");
-        return None;
-    }
-    Some(py)
+    assert!(
+        ok,
+        "JAX missing from the reference environment; run bash scripts/setup.sh"
+    );
+    py
 }
 
 /// Runs a Python script of the repo with JAX's compilation cache shared between runs (the example
@@ -135,10 +132,12 @@ fn logits_max_abs(js: &Value, phase_name: &str) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn writer_self_checks() {
-    let Some(py) = jax_python() else {
-        return;
-    };
+    let py = jax_python();
     let o = Command::new(py)
         .arg(repo_root().join("reference/tests/test_writer.py"))
         .env("LOCKSTEP_BIN", env!("CARGO_BIN_EXE_lockstep"))
@@ -157,10 +156,12 @@ fn writer_self_checks() {
 /// reference) and f32 on llama-gqa (qwen2-gqa: in `each_mistake_fails_where_it_enters`), and bf16
 /// judged against the oracle on the bf16-stored fixtures.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn jax_port_passes_f64_f32_and_bf16_tiers() {
-    let Some(py) = jax_python() else {
-        return;
-    };
+    let py = jax_python();
     let dir = scratch("port-tiers");
     let ids = ids_arg(&token_ids(16, 2048, 11));
     let model = fixtures().join("models/llama-gqa");
@@ -215,10 +216,12 @@ fn jax_port_passes_f64_f32_and_bf16_tiers() {
 /// the precision): its trace is bit-identical to the careful port's and passes; its TPU
 /// behaviour (`default-precision-tpu`) is caught in f32.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn each_mistake_fails_where_it_enters() {
-    let Some(py) = jax_python() else {
-        return;
-    };
+    let py = jax_python();
     let dir = scratch("port-mistakes");
     let model = fixtures().join("models/qwen2-gqa");
     let ids = ids_arg(&token_ids(8, 2048, 21));
@@ -283,10 +286,12 @@ fn each_mistake_fails_where_it_enters() {
 
 /// Port traces the verifier cannot use are refused with one line naming the file and the fix.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn bad_port_traces_are_refused() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("port-bad");
     let model = fixtures().join("models/qwen2-gqa");
     let good = dir.join("good.safetensors");
@@ -358,10 +363,12 @@ fn bad_port_traces_are_refused() {
 /// bf16: it is judged as f32, against transformers in f32, and the report says so (before, it was
 /// judged with the bf16 yardstick, or refused for the f32-stored checkpoint).
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn a_bf16_claim_with_f32_data_is_judged_as_f32() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("port-claim");
     let model = fixtures().join("models/qwen2-gqa");
     let f32_trace = dir.join("f32.safetensors");
@@ -399,10 +406,12 @@ fn a_bf16_claim_with_f32_data_is_judged_as_f32() {
 /// (zero false alarms). End-to-end tolerances cannot see these: the mistakes are the size of the
 /// rounding accumulated before them.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn upcast_mistakes_are_named_where_they_enter_in_bf16() {
-    let Some(py) = jax_python() else {
-        return;
-    };
+    let py = jax_python();
     let dir = scratch("port-upcast-bf16");
     let model = fixtures().join("models/qwen2-default-bf16");
     let prompt = "The quick brown fox jumps over the lazy dog, and 12 of";

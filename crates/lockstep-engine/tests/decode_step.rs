@@ -71,6 +71,10 @@ fn check<T: Float>(m: &Model) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the fixtures: bash scripts/test.sh"
+)]
 fn decode_step_rows_equal_each_row_alone() {
     let m = model();
     check::<f64>(&m);
@@ -79,6 +83,10 @@ fn decode_step_rows_equal_each_row_alone() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the fixtures: bash scripts/test.sh"
+)]
 fn decode_step_refuses_mismatched_inputs() {
     let m = model();
     let mut caches = vec![KvCache::<f32>::new(m.config.num_layers)];

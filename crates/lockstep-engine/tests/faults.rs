@@ -50,6 +50,10 @@ fn first_change(a: &Trace, b: &Trace) -> Option<(String, f64)> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the fixtures: bash scripts/test.sh"
+)]
 fn every_fault_enters_where_it_says_in_every_tier() {
     let config = Model::load(&model_dir()).expect("model loads").config;
     for p in [Precision::F64, Precision::F32, Precision::BF16] {
@@ -78,6 +82,10 @@ fn every_fault_enters_where_it_says_in_every_tier() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the fixtures: bash scripts/test.sh"
+)]
 fn upcast_faults_are_bf16_sized_at_their_entry() {
     let upcast = [
         Fault::SoftmaxBf16,

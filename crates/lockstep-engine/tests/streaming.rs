@@ -69,6 +69,10 @@ fn same_with_and_without_streaming<T: Float>(m: &mut Model, what: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the fixtures: bash scripts/test.sh"
+)]
 fn streaming_the_layers_changes_no_value() {
     let mut m = load("models/qwen2-gqa");
     same_with_and_without_streaming::<f64>(&mut m, "qwen2-gqa");

@@ -663,6 +663,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(
+        not(feature = "reference-tests"),
+        ignore = "needs the fixtures: bash scripts/test.sh"
+    )]
     fn echo_is_a_completion_flag_refused_with_stream() {
         let tok = std::sync::Arc::new(
             Tokenizer::from_dir(

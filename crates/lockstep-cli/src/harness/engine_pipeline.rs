@@ -441,6 +441,10 @@ mod tests {
     /// the phase's tolerance, on the default inputs (the long paragraph reaches ~300 positions):
     /// bit-identical in bf16 without AMX (measured: 0.0 on every bf16 fixture).
     #[test]
+    #[cfg_attr(
+        not(feature = "reference-tests"),
+        ignore = "needs the fixtures: bash scripts/test.sh"
+    )]
     fn kv_cache_decode_runs_in_the_tier_it_is_named_after() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
         for (name, tier) in [

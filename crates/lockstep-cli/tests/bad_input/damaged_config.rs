@@ -3,10 +3,12 @@
 use super::*;
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn invalid_config() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("config");
     let cfg = m.join("config.json");
     let good = std::fs::read_to_string(&cfg).unwrap();
@@ -106,10 +108,12 @@ fn invalid_config() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn absurd_config_sizes_do_not_panic() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("config-absurd");
     let cfg = m.join("config.json");
     let good = std::fs::read_to_string(&cfg).unwrap();
@@ -136,10 +140,12 @@ fn absurd_config_sizes_do_not_panic() {
 /// aborts with "memory allocation of 67200000000 bytes failed" instead of naming the missing
 /// layer. Needs `model.rs` to grow the layer list as it finds layers (e.g. `Vec::new()`).
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn huge_layer_count_does_not_abort() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("config-many-layers");
     edit_config(&m, |c| {
         c.insert("num_hidden_layers".into(), json!(40_000u64));
@@ -155,10 +161,12 @@ fn huge_layer_count_does_not_abort() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn missing_files() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("missing-config");
     std::fs::remove_file(m.join("config.json")).unwrap();
     trace_fails(&m, &TOKENS, &["config.json", "not found"]);
@@ -200,10 +208,12 @@ fn missing_files() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn unwritable_output() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("unwritable-out");
     let out = m.parent().unwrap().join("no-such-dir/out.safetensors");
     fails(

@@ -3,10 +3,12 @@
 use super::*;
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn truncated_weights() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("truncated");
     let p = m.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
@@ -32,10 +34,12 @@ fn truncated_weights() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn corrupt_header() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("corrupt-header");
     let p = m.join("model.safetensors");
     let good = std::fs::read(&p).unwrap();
@@ -86,10 +90,12 @@ fn corrupt_header() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn missing_tensor() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("missing-tensor");
     for name in [
         "model.layers.1.self_attn.k_proj.bias",
@@ -116,10 +122,12 @@ fn missing_tensor() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn unsupported_tensor_dtype() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("dtype");
     edit_weights(&m, |e| {
         let t = e
@@ -133,10 +141,12 @@ fn unsupported_tensor_dtype() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
 fn tensor_shape_disagrees_with_config() {
-    if reference_python().is_none() {
-        return;
-    }
+    reference_python();
     let m = model_copy("shape");
     edit_config(&m, |c| {
         c.insert("intermediate_size".into(), json!(320));
