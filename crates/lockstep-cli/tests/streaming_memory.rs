@@ -15,15 +15,11 @@
 mod support;
 
 use lockstep_engine::resources::{streamed_weight_bytes, MemoryEstimate, RunShape};
-use std::process::{Command, Output};
+use std::process::Output;
 use support::*;
 
 fn lockstep_streaming(mode: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(args)
-        .env("LOCKSTEP_STREAM_LAYERS", mode)
-        .output()
-        .expect("run lockstep")
+    lockstep_with_env(&[("LOCKSTEP_STREAM_LAYERS", mode)], args)
 }
 
 /// The generated text (stdout) and the speed line (stderr's last line) of a run that succeeded.

@@ -32,6 +32,7 @@ pub mod sampling;
 pub mod sequence;
 pub mod source;
 pub mod streaming;
+pub mod switch;
 pub mod tokenizer;
 pub mod trace_capture;
 pub mod weights;

@@ -262,11 +262,11 @@ pub fn weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<u64> {
 }
 
 /// Bytes of weights a run holds: [`weight_bytes`], or, when the forward pass will stream the
-/// layers ([`crate::streaming::StreamMode::from_env`] decides on the file's bytes against
+/// layers ([`crate::streaming::stream_layers`] decides on the file's bytes against
 /// `MemAvailable`), [`streamed_weight_bytes`] of it. Also returns whether it streams.
 pub fn held_weight_bytes(source: &ModelSource, config: &ModelConfig) -> Result<(u64, bool)> {
     let file = weight_bytes(source, config)?;
-    let stream = crate::streaming::StreamMode::from_env()?.decide(file, available_memory());
+    let stream = crate::streaming::stream_layers(file, available_memory())?;
     Ok(if stream {
         (streamed_weight_bytes(config, file), true)
     } else {

@@ -1,6 +1,7 @@
 //! Checkpoint tensors: `model.safetensors` or the shards of `model.safetensors.index.json`,
-//! memory-mapped and kept in their stored dtype (F32, BF16, F16, F64). Nothing is copied into RAM
-//! wholesale; kernels decode rows on the fly.
+//! memory-mapped and kept in their stored dtype (F32, BF16, F16, F64); kernels decode rows on
+//! the fly. A model that fits in memory with room to spare is copied, bytes unchanged, into
+//! 2 MiB pages at load ([`huge_pages`]), which memory streams faster.
 //!
 //! A GGUF file (llama.cpp) opens into the same [`Checkpoint`] with Hugging Face tensor names (see
 //! [`crate::gguf`]): its tensors stay memory-mapped in their stored dtype, quantized ones as ggml
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod advice;
+pub mod huge_pages;
 mod nonfinite;
 mod safetensors_files;
 mod view;
@@ -112,17 +114,21 @@ impl StoredDtype {
 }
 
 /// The bytes a tensor lives in: a memory-mapped file, or memory of its own (a GGUF tensor
-/// dequantized or reordered at load).
+/// dequantized or reordered at load; a whole file copied into 2 MiB pages, see
+/// [`huge_pages`]).
 #[derive(Clone)]
 enum Storage {
     Mapped(Arc<Mmap>),
     Owned(Arc<Vec<u8>>),
+    /// A file's bytes copied into anonymous memory (never advised: dropping its pages would
+    /// zero them).
+    Resident(Arc<Mmap>),
 }
 
 impl Storage {
     fn as_slice(&self) -> &[u8] {
         match self {
-            Storage::Mapped(m) => m,
+            Storage::Mapped(m) | Storage::Resident(m) => m,
             Storage::Owned(v) => v,
         }
     }
@@ -194,6 +200,12 @@ impl Tensor {
     /// True when the bytes are a view of a memory-mapped file (false: held in memory).
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped(_))
+    }
+
+    /// True when the bytes are a memory-mapped file's copied into 2 MiB pages at load
+    /// ([`huge_pages`]).
+    pub fn in_huge_pages(&self) -> bool {
+        matches!(self.storage, Storage::Resident(_))
     }
 
     /// Bytes of the tensor that live in a memory-mapped file (0 when held in memory).

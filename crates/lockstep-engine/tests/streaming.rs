@@ -6,8 +6,11 @@
 use lockstep_engine::{Bf16, Float, KvCache, Model, TraceRecorder};
 use std::path::PathBuf;
 
-/// A fixture by path under `fixtures/`. Missing fixtures fail the test.
+/// A fixture by path under `fixtures/`, its weights left memory-mapped (not copied into huge
+/// pages, where there are no pages to drop). Missing fixtures fail the test.
 fn load(rel: &str) -> Model {
+    // Every test of this file sets the same value.
+    std::env::set_var(lockstep_engine::weights::huge_pages::ENV, "off");
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures")
         .join(rel);
@@ -16,7 +19,15 @@ fn load(rel: &str) -> Model {
         "fixture {} is missing: run scripts/fixtures.sh",
         p.display()
     );
-    Model::load(&p).unwrap()
+    let m = Model::load(&p).unwrap();
+    assert!(
+        m.layers
+            .iter()
+            .flat_map(|l| l.tensors())
+            .all(|t| !t.in_huge_pages()),
+        "{rel}"
+    );
+    m
 }
 
 /// Every traced tensor of a prefill, then the logits of three decode steps, as bits.

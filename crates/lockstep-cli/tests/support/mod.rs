@@ -49,6 +49,15 @@ pub fn lockstep(args: &[&str]) -> Output {
         .expect("run lockstep")
 }
 
+/// Runs the `lockstep` binary with the environment variables `vars` set.
+pub fn lockstep_with_env(vars: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(args)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("run lockstep")
+}
+
 /// Runs `lockstep` and panics with its stderr unless it succeeds.
 pub fn lockstep_ok(args: &[&str]) -> String {
     let o = lockstep(args);

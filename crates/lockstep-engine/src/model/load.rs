@@ -10,7 +10,7 @@ use crate::kernels::norm::RmsNormMath;
 use crate::kernels::rope::{RopeLayout, RopeRounding, ScalingMistake};
 use crate::kernels::ResidualDtype;
 use crate::source::ModelSource;
-use crate::weights::{Checkpoint, Tensor};
+use crate::weights::{huge_pages, Checkpoint, Tensor};
 use lockstep_trace::Dtype;
 use std::path::Path;
 
@@ -67,6 +67,15 @@ impl Model {
                 (config, Checkpoint::open(dir)?)
             }
         };
+        // Stream the layers of a model too large to keep resident; copy one that fits with room
+        // to spare into 2 MiB pages (before any tensor is handed out, so every one reads the copy).
+        let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
+        let available = crate::resources::available_memory();
+        let stream_layers = crate::streaming::stream_layers(mapped, available)?;
+        ck.stream_pages = stream_layers;
+        if !stream_layers && huge_pages::copy_weights(mapped, available)? {
+            ck.copy_to_huge_pages();
+        }
         let c = &config;
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
@@ -134,10 +143,6 @@ impl Model {
                     )
                 })?,
         };
-        let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
-        let stream_layers = crate::streaming::StreamMode::from_env()?
-            .decide(mapped, crate::resources::available_memory());
-        ck.stream_pages = stream_layers;
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);

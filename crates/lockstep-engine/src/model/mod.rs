@@ -197,7 +197,7 @@ pub struct Model {
     /// Stream the decoder layers through the page cache: before layer `i` runs, read layer
     /// `i + 1`'s mapped weights ahead; after it, drop layer `i`'s pages from the mapping, so the
     /// process holds a few layers instead of the whole file. Chosen at load by
-    /// [`crate::streaming::StreamMode`] (`LOCKSTEP_STREAM_LAYERS`); may be set by hand. Never
+    /// [`crate::streaming::stream_layers`] (`LOCKSTEP_STREAM_LAYERS`); may be set by hand. Never
     /// changes a value.
     pub stream_layers: bool,
 }
