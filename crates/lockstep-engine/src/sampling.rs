@@ -242,6 +242,31 @@ pub fn apply_min_p(scores: &mut [f32], min_p: f32) {
 
 /// The first index of the largest score (`torch.argmax`); NaN never wins.
 pub fn argmax(scores: &[f32]) -> usize {
+    // Two passes that vectorize: the largest value that is not NaN (`f32::max` passes over NaN),
+    // in 16 lanes; then the first index holding it. The same index as the one-pass scan
+    // [`argmax_scan`], which the tests compare it with.
+    let mut lanes = [f32::NAN; 16];
+    let mut chunks = scores.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &s) in lanes.iter_mut().zip(c) {
+            *l = l.max(s);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NAN, |m, &s| m.max(s));
+    if max.is_nan() {
+        // Every score is NaN (or there are none): the scan ends on the last index.
+        return scores.len().saturating_sub(1);
+    }
+    scores.iter().position(|&s| s == max).unwrap_or(0)
+}
+
+/// [`argmax`] as one scan: the first maximum, a NaN never kept once a number follows it.
+#[cfg(test)]
+fn argmax_scan(scores: &[f32]) -> usize {
     let mut best = 0;
     for (i, &s) in scores.iter().enumerate() {
         if s > scores[best] || scores[best].is_nan() {
@@ -448,6 +473,46 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
         assert_eq!(argmax(&[NEG, NEG, 0.0]), 2);
+    }
+
+    /// The two-pass argmax gives the one-pass scan's index: ties, NaN anywhere (or everywhere),
+    /// signed zeros, infinities, empty input, lengths around the 16 lanes, and long random rows.
+    #[test]
+    fn argmax_is_the_scan() {
+        let nan = f32::NAN;
+        let mut cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![nan],
+            vec![nan, nan, nan],
+            vec![-0.0, 0.0],
+            vec![0.0, -0.0],
+            vec![NEG, NEG],
+            vec![f32::INFINITY, 1.0, f32::INFINITY],
+            vec![nan, NEG, nan],
+            vec![1.0, nan, 3.0, 3.0],
+        ];
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for len in [1, 15, 16, 17, 33, 151_936] {
+            for nans in [0, 1, 7] {
+                let mut v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        // Few distinct values, so ties are common.
+                        ((s >> 40) % 997) as f32 - 500.0
+                    })
+                    .collect();
+                for k in 0..nans {
+                    let i = (k * 7919) % len;
+                    v[i] = nan;
+                }
+                cases.push(v);
+            }
+        }
+        for c in &cases {
+            assert_eq!(argmax(c), argmax_scan(c), "{:?}", &c[..c.len().min(20)]);
+        }
     }
 
     #[test]

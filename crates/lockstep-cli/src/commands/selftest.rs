@@ -15,6 +15,8 @@ use crate::harness::inputs::{default_inputs, InputKind};
 use crate::harness::pyref::PythonReference;
 use crate::harness::reference::{Reference, TraceJob};
 use crate::harness::{judge_in_tier, judge_ops, read_reference_trace, OpsInput};
+use lockstep_engine::resources::config_of;
+use lockstep_engine::source::ModelSource;
 use lockstep_engine::trace_capture::trace_forward;
 use lockstep_engine::{with_float, Fault, Model};
 use lockstep_trace::{forward_rank, Trace};
@@ -106,10 +108,10 @@ fn run_tier(
     ));
     reference.traces(&jobs)?;
 
-    // The config as the engine reads it (a folder or a GGUF file); faults that cannot change
+    // The config as the engine reads it (a folder or a GGUF file; no weights loaded); faults that cannot change
     // this model (a window off by one without a window, a RoPE-scaling fault without that
     // scaling) are left out.
-    let config = Model::load(model_dir)?.config;
+    let config = config_of(&ModelSource::resolve(model_dir)?)?;
     let variants: Vec<Option<Fault>> = std::iter::once(None)
         .chain(
             Fault::ALL
@@ -205,7 +207,7 @@ fn run_tier(
 pub fn run(a: Args) -> CliResult<ExitCode> {
     let (model, work, mut reference) = open_session(a.model.as_deref())?;
     if !a.faults.is_empty() {
-        let config = Model::load(&model)?.config;
+        let config = config_of(&ModelSource::resolve(&model)?)?;
         if let Some(f) = a.faults.iter().find(|f| !f.applies_to(&config)) {
             return Err(CliError::input(format!(
                 "--faults: {f} cannot change this model ({}), so selftest cannot show it",
