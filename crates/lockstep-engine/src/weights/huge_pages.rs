@@ -10,8 +10,9 @@
 //! model's bf16 decode at 1.07-1.25× per round.
 //!
 //! Values never change: the bytes are copied as they are, and every kernel reads the same bytes
-//! at the same offsets. The copy is read from the mapping in 64 MiB pieces, each dropped from the
-//! mapping once copied, so the process never holds the file's pages and the copy at once.
+//! at the same offsets. Only the tensors' own byte ranges are copied, read from the mapping in
+//! 2 MiB pieces, each dropped from the mapping once copied, so the process never holds the file's
+//! pages and the copy at once.
 //!
 //! `LOCKSTEP_HUGE_PAGES` chooses: `auto` (the default, also when unset or empty) copies when the
 //! mapped weights are at most [`AUTO_FRACTION`] of `MemAvailable`, the layers are not streamed and
@@ -35,8 +36,9 @@ pub const ENV: &str = "LOCKSTEP_HUGE_PAGES";
 /// 23 GB machine stays mapped.
 pub const AUTO_FRACTION: f64 = 0.25;
 
-/// Bytes copied between drops of the mapping's pages.
-const PIECE: usize = 64 << 20;
+/// Bytes copied between drops of the mapping's pages: the most of the file the process holds
+/// on top of the copy while it is made.
+const PIECE: usize = 2 << 20;
 
 /// Whether to copy `mapped` bytes of weights into huge pages with `available` bytes of memory
 /// (the layers not streamed), as `LOCKSTEP_HUGE_PAGES` asks: in `auto`, when the kernel offers
@@ -58,50 +60,84 @@ fn kernel_offers_them() -> bool {
 }
 
 impl Checkpoint {
-    /// Copies every memory-mapped file's bytes into anonymous memory advised `MADV_HUGEPAGE`,
-    /// and points each tensor at its copy (same offsets, same bytes). Returns the bytes copied.
-    /// A file whose copy cannot be made (no memory for it, or the kernel refusing the advice)
-    /// stays mapped: the copy only makes reading faster.
+    /// Copies the bytes of every memory-mapped tensor into anonymous memory advised
+    /// `MADV_HUGEPAGE` (one region per file, each tensor at its offset in the file), and points
+    /// each tensor at its copy. Returns the bytes copied: only the tensors' own ranges, so the
+    /// bytes of a tensor already held in memory of its own (a GGUF tensor reordered at load) are
+    /// neither copied nor backed. A file whose copy cannot be made (no memory for it, or the
+    /// kernel refusing the advice) stays mapped: the copy only makes reading faster.
     pub fn copy_to_huge_pages(&mut self) -> u64 {
-        let mut copies: HashMap<*const Mmap, Option<Arc<Mmap>>> = HashMap::new();
+        // Each mapped file's tensor ranges.
+        let mut ranges: HashMap<*const Mmap, FileSpans> = HashMap::new();
+        for t in self.tensors.values() {
+            if let Storage::Mapped(map) = &t.storage {
+                let e = ranges
+                    .entry(Arc::as_ptr(map))
+                    .or_insert_with(|| (Arc::clone(map), vec![]));
+                e.1.push((t.start, t.end));
+            }
+        }
         let mut copied = 0u64;
+        let mut copies: HashMap<*const Mmap, Arc<Mmap>> = HashMap::new();
+        for (key, (map, mut spans)) in ranges {
+            spans.sort_unstable();
+            if let Some(copy) = huge_copy(&map, &spans) {
+                copied += merged(&spans).map(|(a, b)| (b - a) as u64).sum::<u64>();
+                copies.insert(key, Arc::new(copy));
+            }
+        }
         for t in self.tensors.values_mut() {
-            let Storage::Mapped(map) = &t.storage else {
-                continue;
-            };
-            let copy = copies.entry(Arc::as_ptr(map)).or_insert_with(|| {
-                let c = huge_copy(map).map(Arc::new);
-                if c.is_some() {
-                    copied += map.len() as u64;
+            if let Storage::Mapped(map) = &t.storage {
+                if let Some(c) = copies.get(&Arc::as_ptr(map)) {
+                    t.storage = Storage::Resident(Arc::clone(c));
                 }
-                c
-            });
-            if let Some(c) = copy {
-                t.storage = Storage::Resident(Arc::clone(c));
             }
         }
         copied
     }
 }
 
-/// `map`'s bytes in anonymous memory advised `MADV_HUGEPAGE`, read-only; `None` when the memory
-/// or the advice is refused. `map`'s pages are dropped from it piece by piece as they are copied.
-fn huge_copy(map: &Mmap) -> Option<Mmap> {
+/// A mapped file and the byte ranges `start..end` its tensors read.
+type FileSpans = (Arc<Mmap>, Vec<(usize, usize)>);
+
+/// `spans` (sorted by start) with overlapping and touching ones joined.
+fn merged(spans: &[(usize, usize)]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut it = spans.iter().copied().peekable();
+    std::iter::from_fn(move || {
+        let (a, mut b) = it.next()?;
+        while let Some(&(c, d)) = it.peek() {
+            if c > b {
+                break;
+            }
+            b = b.max(d);
+            it.next();
+        }
+        Some((a, b))
+    })
+}
+
+/// A region the size of `map`, anonymous and advised `MADV_HUGEPAGE`, holding `map`'s bytes in
+/// `spans` (sorted by start; the rest is never touched, so never backed), read-only; `None` when
+/// the memory or the advice is refused. `map`'s pages are dropped from it piece by piece as they
+/// are copied.
+fn huge_copy(map: &Mmap, spans: &[(usize, usize)]) -> Option<Mmap> {
     if map.is_empty() {
         return None;
     }
     let mut copy = MmapMut::map_anon(map.len()).ok()?;
     copy.advise(Advice::HugePage).ok()?;
-    for (start, (dst, src)) in (0..)
-        .step_by(PIECE)
-        .zip(copy.chunks_mut(PIECE).zip(map.chunks(PIECE)))
-    {
-        dst.copy_from_slice(src);
-        // SAFETY: MADV_DONTNEED on a read-only file mapping only unmaps the pages; a later read
-        // (a tensor not yet pointed at the copy) faults them back in from the file with the same
-        // bytes. `start` is a multiple of PIECE from the page-aligned start of the map, and the
-        // range lies inside it. Advice is a hint: an error changes nothing read.
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, src.len()) };
+    for (a, b) in merged(spans) {
+        for start in (a..b).step_by(PIECE) {
+            let end = (start + PIECE).min(b);
+            copy[start..end].copy_from_slice(&map[start..end]);
+            // SAFETY: MADV_DONTNEED on a read-only file mapping only unmaps the pages; a later
+            // read (a tensor not yet pointed at the copy) faults them back in from the file with
+            // the same bytes. memmap2 rounds `start` down to its page; the range lies inside the
+            // map. Advice is a hint: an error changes nothing read.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
     }
     copy.make_read_only().ok()
 }
@@ -109,7 +145,7 @@ fn huge_copy(map: &Mmap) -> Option<Mmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::PageAdvice;
+    use crate::weights::{PageAdvice, Tensor};
 
     /// The copy holds the same bytes at the same offsets, is no longer a file mapping, and
     /// survives `DontNeed` advice (which on anonymous memory would zero the pages, were it
@@ -140,7 +176,7 @@ mod tests {
         let before: Vec<Vec<u8>> = ck.tensors.values().map(|t| t.bytes().to_vec()).collect();
         assert!(ck.tensors.values().all(|t| t.is_mapped()));
         let copied = ck.copy_to_huge_pages();
-        assert!(copied >= (ab.len() + bb.len()) as u64, "{copied}");
+        assert_eq!(copied, (ab.len() + bb.len()) as u64);
         for (t, want) in ck.tensors.values().zip(&before) {
             assert!(!t.is_mapped());
             t.advise(PageAdvice::DontNeed);
@@ -148,5 +184,23 @@ mod tests {
         }
         // A second call finds nothing mapped left to copy.
         assert_eq!(ck.copy_to_huge_pages(), 0);
+
+        // A tensor already in memory of its own is not copied again: only the other's range is.
+        let mut ck = Checkpoint::open(dir.path()).unwrap();
+        let a = ck.tensors["a"].clone();
+        let own = Tensor::from_bytes(a.dtype, a.shape.clone(), a.bytes().to_vec());
+        ck.tensors.insert("a".into(), own);
+        assert_eq!(ck.copy_to_huge_pages(), bb.len() as u64);
+        assert_eq!(ck.tensors["a"].bytes(), &ab[..]);
+        assert_eq!(ck.tensors["b"].bytes(), &bb[..]);
+        assert!(ck.tensors["b"].in_huge_pages() && !ck.tensors["a"].in_huge_pages());
+    }
+
+    #[test]
+    fn spans_merge_when_they_overlap_or_touch() {
+        let spans = [(0, 4), (2, 6), (6, 8), (10, 12), (11, 11), (20, 30)];
+        let m: Vec<_> = merged(&spans).collect();
+        assert_eq!(m, [(0, 8), (10, 12), (20, 30)]);
+        assert_eq!(merged(&[]).count(), 0);
     }
 }
