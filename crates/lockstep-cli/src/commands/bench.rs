@@ -70,8 +70,13 @@ fn huge_page_weight_bytes(m: &Model) -> u64 {
 /// This process's anonymous memory in 2 MiB pages, as the kernel counts it (`AnonHugePages` in
 /// /proc/self/smaps_rollup), when it reports it.
 fn anon_huge_page_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
+}
+
+/// The value of the `key` line (`key   N kB`) of a /proc file, in bytes.
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -138,10 +143,7 @@ fn threads() -> usize {
 /// Peak resident memory of this process in bytes (`VmHWM` in /proc/self/status), when the OS
 /// reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_kib("/proc/self/status", "VmHWM:")
 }
 
 /// The median of `v` (the mean of the middle two for an even count).

@@ -108,8 +108,8 @@ fn run_tier(
     ));
     reference.traces(&jobs)?;
 
-    // The config as the engine reads it (a folder or a GGUF file; no weights loaded); faults that cannot change
-    // this model (a window off by one without a window, a RoPE-scaling fault without that
+    // The config as the engine reads it (a folder or a GGUF file; no weights loaded); faults
+    // that cannot change this model (a window off by one without a window, a RoPE-scaling fault without that
     // scaling) are left out.
     let config = config_of(&ModelSource::resolve(model_dir)?)?;
     let variants: Vec<Option<Fault>> = std::iter::once(None)
