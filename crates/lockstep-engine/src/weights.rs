@@ -1,7 +1,8 @@
 //! Checkpoint tensors: `model.safetensors` or the shards of `model.safetensors.index.json`,
 //! memory-mapped and kept in their stored dtype (F32, BF16, F16, F64); kernels decode rows on
-//! the fly. A model that fits in memory with room to spare is copied, bytes unchanged, into
-//! 2 MiB pages at load ([`huge_pages`]), which memory streams faster.
+//! the fly. At load the weights are put in 2 MiB pages, which memory streams faster: the page
+//! cache's own where the kernel can, else a copy, bytes unchanged, when the model fits with room
+//! to spare ([`huge_pages`]).
 //!
 //! A GGUF file (llama.cpp) opens into the same [`Checkpoint`] with Hugging Face tensor names (see
 //! [`crate::gguf`]): its tensors stay memory-mapped in their stored dtype, quantized ones as ggml
@@ -18,6 +19,7 @@ use std::sync::Arc;
 mod advice;
 pub mod huge_pages;
 mod nonfinite;
+pub mod page_cache;
 mod safetensors_files;
 mod view;
 

@@ -57,8 +57,8 @@ pub fn decode_weight_bytes(m: &Model) -> u64 {
 }
 
 /// Bytes of the weights one decode step reads ([`decode_weight_bytes`]) that were copied into
-/// 2 MiB pages at load.
-fn huge_page_weight_bytes(m: &Model) -> u64 {
+/// 2 MiB pages of the process's own at load (when the page cache could not hold them so).
+fn copied_weight_bytes(m: &Model) -> u64 {
     let layers = m.layers.iter().flat_map(|l| l.linears());
     layers
         .chain([&m.lm_head])
@@ -71,6 +71,12 @@ fn huge_page_weight_bytes(m: &Model) -> u64 {
 /// /proc/self/smaps_rollup), when it reports it.
 fn anon_huge_page_bytes() -> Option<u64> {
     proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
+}
+
+/// This process's mappings of the model's files (the weights, when mapped) in 2 MiB pages, as
+/// the kernel counts them (`FilePmdMapped`), when it reports them.
+fn file_huge_page_bytes(model: &std::path::Path) -> Option<u64> {
+    lockstep_engine::weights::page_cache::mapped_in_huge_pages(model)
 }
 
 /// The value of the `key` line (`key   N kB`) of a /proc file, in bytes.
@@ -234,9 +240,10 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     let wbytes = decode_weight_bytes(&loaded.model);
-    let (huge_weights, anon_huge) = (
-        huge_page_weight_bytes(&loaded.model),
+    let (copied, anon_huge, file_huge) = (
+        copied_weight_bytes(&loaded.model),
         anon_huge_page_bytes().unwrap_or(0),
+        file_huge_page_bytes(&a.model).unwrap_or(0),
     );
     let steps = median(steps_s);
     let achieved = wbytes as f64 * steps;
@@ -245,15 +252,17 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     eprintln!(
         "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
          weights {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads); \
-         weights in 2 MiB pages: {:.2} of {:.2} GB (the kernel counts {:.2} GB of such pages)",
+         of the {:.2} GB of weights, {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
+         of the model's mapped files and {:.2} GB of the process's own memory",
         loaded.load_s,
         peak_rss as f64 / 1e9,
         achieved / 1e9,
         100.0 * achieved / machine,
         machine / 1e9,
         threads(),
-        huge_weights as f64 / 1e9,
         wbytes as f64 / 1e9,
+        copied as f64 / 1e9,
+        file_huge as f64 / 1e9,
         anon_huge as f64 / 1e9
     );
     if a.json {
@@ -273,7 +282,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "achieved_weight_bytes_per_s": achieved,
             "read_bandwidth_bytes_per_s": machine,
             "bandwidth_fraction": achieved / machine,
-            "huge_page_weight_bytes": huge_weights,
+            "copied_weight_bytes": copied,
+            "file_huge_page_bytes": file_huge,
             "anon_huge_page_bytes": anon_huge,
         });
         println!("{obj}");

@@ -67,14 +67,14 @@ impl Model {
                 (config, Checkpoint::open(dir)?)
             }
         };
-        // Stream the layers of a model too large to keep resident; copy one that fits with room
-        // to spare into 2 MiB pages (before any tensor is handed out, so every one reads the copy).
+        // Stream the layers of a model too large to keep resident; put one that stays resident in
+        // 2 MiB pages (before any tensor is handed out, so every one reads them).
         let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
         let available = crate::resources::available_memory();
         let stream_layers = crate::streaming::stream_layers(mapped, available)?;
         ck.stream_pages = stream_layers;
-        if !stream_layers && huge_pages::copy_weights(mapped, available)? {
-            ck.copy_to_huge_pages();
+        if !stream_layers {
+            huge_pages::into_huge_pages(&mut ck, mapped, available)?;
         }
         let c = &config;
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);

@@ -1,55 +1,120 @@
-//! Copying a checkpoint's memory-mapped weights into memory of the process's own, backed by
-//! 2 MiB pages (transparent huge pages, `MADV_HUGEPAGE`), for a model that fits in memory with
-//! room to spare ([`crate::model::Model::load_source`] decides).
+//! Weights in 2 MiB pages, which memory streams faster: the page cache itself where the kernel
+//! can hold the file so ([`super::page_cache`]), otherwise a copy of the weights into memory of
+//! the process's own ([`Checkpoint::copy_to_huge_pages`]) for a model that fits with room to
+//! spare. [`crate::model::Model::load_source`] calls [`into_huge_pages`] unless it streams the
+//! layers.
 //!
 //! Why: a one-token decode step reads every weight once, so it runs at the speed memory streams
-//! them. The page cache maps a file in 4 KiB pages: a 1 GB model is 262,144 of them, one TLB miss
-//! and page walk each, and the hardware prefetchers stop at every 4 KiB boundary. Measured here
-//! (AMD EPYC, 2 cores, alternating passes in one process over 1 GiB): a two-thread read of
-//! anonymous memory in 2 MiB pages ran at 1.09-1.23× the same read in 4 KiB pages, and the 0.5B
-//! model's bf16 decode at 1.07-1.25× per round.
+//! them. In 4 KiB pages a 1 GB model is 262,144 pages, one TLB miss and page walk each, and the
+//! hardware prefetchers stop at every 4 KiB boundary. Measured here (AMD EPYC, 2 cores,
+//! alternating passes in one process over 1 GiB): a two-thread read of memory in 2 MiB pages ran
+//! at 1.09-1.23× the same read in 4 KiB pages, and the 0.5B model's bf16 decode at 1.07-1.25× per
+//! round. The page cache route costs nothing once the cache holds the file in 2 MiB pages (one
+//! re-read from disk when it held it in 4 KiB pages); the copy costs its size in memory a second
+//! time and the kernel's clearing of fresh 2 MiB pages at every load (0.3-3 s for 1 GB here).
 //!
-//! Values never change: the bytes are copied as they are, and every kernel reads the same bytes
-//! at the same offsets. Only the tensors' own byte ranges are copied, read from the mapping in
-//! 2 MiB pieces, each dropped from the mapping once copied, so the process never holds the file's
-//! pages and the copy at once.
+//! Values never change: every kernel reads the file's bytes at the same offsets. The copy takes
+//! only the tensors' own byte ranges, read from the mapping in 2 MiB pieces, each dropped from
+//! the mapping once copied, so the process never holds the file's pages and the copy at once.
 //!
-//! `LOCKSTEP_HUGE_PAGES` chooses: `auto` (the default, also when unset or empty) copies when the
-//! mapped weights are at most [`AUTO_FRACTION`] of `MemAvailable`, the layers are not streamed and
-//! the kernel offers transparent huge pages; `1` / `on` copies whenever the layers are not
-//! streamed; `0` / `off` never copies.
+//! `LOCKSTEP_HUGE_PAGES` chooses: `auto` (the default, also when unset or empty) tries the page
+//! cache when the kernel offers transparent huge pages, and copies when that fails and the mapped
+//! weights are at most [`AUTO_FRACTION`] of `MemAvailable`; `1` / `on` tries the page cache and
+//! copies whenever that fails; `copy` copies without trying the page cache; `0` / `off` does
+//! neither (the kernel may still map in 2 MiB pages a file its cache holds so).
 
+use super::page_cache::{self, HugePageCount};
 use super::{Checkpoint, Storage};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::switch::Switch;
 use memmap2::{Advice, Mmap, MmapMut, UncheckedAdvice};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The environment variable that forces the copy on or off.
+/// The environment variable that chooses the route (see the module docs).
 pub const ENV: &str = "LOCKSTEP_HUGE_PAGES";
 
-/// In `auto` mode, the weights are copied when they are at most this fraction of the memory
-/// available. The file's pages stay in the page cache after the copy (another process, such as
-/// the reference, may read the same file), so the copy costs its size in memory a second time:
-/// at a quarter each, the two fit in half of what is available. A 7B model in bf16 (15 GB) on a
-/// 23 GB machine stays mapped.
+/// In `auto` mode, the weights are copied (when the page cache cannot hold them in 2 MiB pages)
+/// when they are at most this fraction of the memory available. The file's pages stay in the
+/// page cache after the copy (another process, such as the reference, may read the same file),
+/// so the copy costs its size in memory a second time: at a quarter each, the two fit in half of
+/// what is available. A 7B model in bf16 (15 GB) on a 23 GB machine is never copied.
 pub const AUTO_FRACTION: f64 = 0.25;
 
 /// Bytes copied between drops of the mapping's pages: the most of the file the process holds
 /// on top of the copy while it is made.
 const PIECE: usize = 2 << 20;
 
-/// Whether to copy `mapped` bytes of weights into huge pages with `available` bytes of memory
-/// (the layers not streamed), as `LOCKSTEP_HUGE_PAGES` asks: in `auto`, when the kernel offers
-/// huge pages and `mapped` is at most [`AUTO_FRACTION`] of `available` (`None`: unknown, no
-/// copy). A bad value is a one-line error.
-pub fn copy_weights(mapped: u64, available: Option<u64>) -> Result<bool> {
-    Ok(Switch::from_env(ENV)?.is_on(|| {
-        mapped > 0
-            && available.is_some_and(|a| mapped as f64 <= AUTO_FRACTION * a as f64)
-            && kernel_offers_them()
-    }))
+/// What `LOCKSTEP_HUGE_PAGES` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `auto`, `on` or `off` (see the module docs).
+    Switch(Switch),
+    /// `copy`: copy the weights without trying the page cache.
+    Copy,
+}
+
+impl Route {
+    /// The route `LOCKSTEP_HUGE_PAGES` asks for; a bad value is a one-line error.
+    pub fn from_env() -> Result<Self> {
+        let v = std::env::var(ENV).unwrap_or_default();
+        if v.trim().eq_ignore_ascii_case("copy") {
+            return Ok(Route::Copy);
+        }
+        Switch::parse(ENV, &v).map(Route::Switch).map_err(|_| {
+            EngineError::Input(format!(
+                "{ENV}={v:?} is not one of auto, on (1), off (0), copy"
+            ))
+        })
+    }
+}
+
+/// What [`into_huge_pages`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HugePages {
+    /// Bytes of the weight files in 2 MiB pages of the page cache, as far as the kernel said.
+    pub page_cache: u64,
+    /// Bytes read again from disk to bring the files into 2 MiB pages.
+    pub reread: u64,
+    /// Bytes of weights copied into 2 MiB pages of the process's own.
+    pub copied: u64,
+}
+
+/// Puts `ck`'s weights (`mapped` bytes memory-mapped, `available` bytes of memory) in 2 MiB pages
+/// as `LOCKSTEP_HUGE_PAGES` asks (see the module docs), before any tensor is handed out. A bad
+/// value is a one-line error; a route the kernel refuses leaves the weights as they were.
+pub fn into_huge_pages(
+    ck: &mut Checkpoint,
+    mapped: u64,
+    available: Option<u64>,
+) -> Result<HugePages> {
+    let mut done = HugePages::default();
+    let switch = match Route::from_env()? {
+        Route::Switch(Switch::Off) => return Ok(done),
+        Route::Copy => {
+            done.copied = ck.copy_to_huge_pages();
+            return Ok(done);
+        }
+        Route::Switch(s) => s,
+    };
+    if mapped == 0 || (switch == Switch::Auto && !kernel_offers_them()) {
+        return Ok(done);
+    }
+    let mut cached = true;
+    for f in &ck.files {
+        let count: Option<HugePageCount> = page_cache::in_huge_pages(f);
+        cached &= count.is_some_and(|c| c.enough());
+        if let Some(c) = count {
+            done.page_cache += c.huge;
+            done.reread += c.reread;
+        }
+    }
+    let copy =
+        switch.is_on(|| available.is_some_and(|a| mapped as f64 <= AUTO_FRACTION * a as f64));
+    if !cached && copy {
+        done.copied = ck.copy_to_huge_pages();
+    }
+    Ok(done)
 }
 
 /// Whether the kernel offers transparent huge pages to a region that asks for them
