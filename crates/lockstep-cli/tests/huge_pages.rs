@@ -7,7 +7,6 @@
 
 mod support;
 
-use lockstep_trace::Trace;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -20,38 +19,11 @@ fn with_huge_pages(mode: &str, args: &[&str]) -> Output {
 }
 
 fn ok(mode: &str, args: &[&str]) -> String {
-    let o = with_huge_pages(mode, args);
-    assert!(
-        o.status.success(),
-        "lockstep {args:?} ({mode}) failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    lockstep_ok_with("LOCKSTEP_HUGE_PAGES", mode, args)
 }
 
 fn model() -> String {
-    reference_python();
-    let m = fixtures().join("models").join(MODEL);
-    assert!(
-        m.join("config.json").exists(),
-        "fixture {MODEL} missing: run bash scripts/fixtures.sh"
-    );
-    m.to_str().unwrap().to_string()
-}
-
-/// Every tensor of `a` and `b`, bit for bit (the same names, shapes and values).
-fn assert_same_bits(a: &Path, b: &Path) {
-    let (a, b) = (Trace::read(a).unwrap(), Trace::read(b).unwrap());
-    assert_eq!(a.names(), b.names());
-    for name in a.names() {
-        let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
-        assert_eq!(x.shape, y.shape, "{name}");
-        let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
-        assert!(
-            bits(x.data.to_f64()) == bits(y.data.to_f64()),
-            "{name} differs with the weights in huge pages"
-        );
-    }
+    fixture_folder(MODEL)
 }
 
 #[test]
@@ -80,8 +52,8 @@ fn huge_pages_change_no_value() {
                 ],
             );
         }
-        assert_same_bits(&out("on"), &out("off"));
-        assert_same_bits(&out("copy"), &out("off"));
+        assert_same_bits(&out("on"), &out("off"), "with the weights in huge pages");
+        assert_same_bits(&out("copy"), &out("off"), "with the weights copied");
     }
 }
 

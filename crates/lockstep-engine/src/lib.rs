@@ -33,6 +33,7 @@ pub mod sequence;
 pub mod source;
 pub mod streaming;
 pub mod switch;
+pub mod team;
 pub mod tokenizer;
 pub mod trace_capture;
 pub mod weights;

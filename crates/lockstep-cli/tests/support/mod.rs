@@ -58,6 +58,46 @@ pub fn lockstep_with_env(vars: &[(&str, &str)], args: &[&str]) -> Output {
         .expect("run lockstep")
 }
 
+/// Runs `lockstep` with the environment variable `var` set to `value`; its stdout, or a panic
+/// with its stderr unless it succeeds.
+pub fn lockstep_ok_with(var: &str, value: &str, args: &[&str]) -> String {
+    let o = lockstep_with_env(&[(var, value)], args);
+    assert!(
+        o.status.success(),
+        "lockstep {args:?} ({var}={value}) failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The folder of fixture model `name` as a string; a failure naming the fix when the reference
+/// environment or the fixture is missing.
+pub fn fixture_folder(name: &str) -> String {
+    reference_python();
+    let m = fixtures().join("models").join(name);
+    assert!(
+        m.join("config.json").exists(),
+        "fixture {name} missing: run bash scripts/fixtures.sh"
+    );
+    m.to_str().unwrap().to_string()
+}
+
+/// Every tensor of the traces `a` and `b`, bit for bit (the same names, shapes and values);
+/// `what` names the change between them in a failure.
+pub fn assert_same_bits(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (Trace::read(a).unwrap(), Trace::read(b).unwrap());
+    assert_eq!(a.names(), b.names());
+    for name in a.names() {
+        let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
+        assert_eq!(x.shape, y.shape, "{name}");
+        let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+        assert!(
+            bits(x.data.to_f64()) == bits(y.data.to_f64()),
+            "{name} differs {what}"
+        );
+    }
+}
+
 /// Runs `lockstep` and panics with its stderr unless it succeeds.
 pub fn lockstep_ok(args: &[&str]) -> String {
     let o = lockstep(args);

@@ -25,10 +25,12 @@ pub fn silu_mul_in_place<T: Float>(gate: &mut [T], up: &[T]) {
         silu_mul_chunk(g, u)
     };
     if gate.len() >= 16 * CHUNK {
-        use rayon::prelude::*;
-        gate.par_chunks_mut(CHUNK)
-            .zip(up.par_chunks(CHUNK))
-            .for_each(chunk);
+        let (len, g) = (gate.len(), crate::team::SendPtr(gate.as_mut_ptr()));
+        crate::team::for_each(len.div_ceil(CHUNK), |i| {
+            let (start, n) = (i * CHUNK, CHUNK.min(len - i * CHUNK));
+            // SAFETY: chunk `i` of `gate`, in bounds and no other iteration's.
+            chunk((unsafe { g.slice(start, n) }, &up[start..start + n]))
+        });
     } else {
         gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).for_each(chunk);
     }

@@ -5,7 +5,6 @@
 
 use super::{Float, Precision};
 use crate::weights::{StoredDtype, Tensor};
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -312,7 +311,8 @@ fn linear_min_n_many<T: Float>(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (amx_min_n, bf16_weights);
     let products = &*products;
-    tasks.into_par_iter().for_each(|(i, rows)| {
+    crate::team::for_each(tasks.len(), |task| {
+        let (i, rows) = tasks[task].clone();
         let (w, bias, dst) = (products[i].w, products[i].bias, dsts[i]);
         let m = w.shape[0];
         // SAFETY: tasks own disjoint row ranges of one product each, so each output entry is

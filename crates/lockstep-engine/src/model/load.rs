@@ -76,6 +76,8 @@ impl Model {
         if !stream_layers {
             huge_pages::into_huge_pages(&mut ck, mapped, available)?;
         }
+        // A bad LOCKSTEP_TEAM is an error before any work, not at the first decode step.
+        crate::team::wanted()?;
         let c = &config;
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);

@@ -7,7 +7,6 @@
 use super::{task_rows, Dst};
 use crate::kernels::quant::{self, q8act::ActFormat, q8act::Q8Acts};
 use crate::weights::Tensor;
-use rayon::prelude::*;
 
 /// The body of [`super::linear_q8dot`]; `simd` false forces the portable path (the tests).
 pub(super) fn linear(
@@ -47,35 +46,33 @@ pub(super) fn linear(
         row_len: m,
     };
     let bytes = w.bytes();
-    (0..m.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let rows = task * rows_per_task..((task + 1) * rows_per_task).min(m);
-            // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
-            unsafe {
-                #[cfg(target_arch = "x86_64")]
-                let done = simd && {
-                    quant::dot_avx2::sums(w.dtype, &acts, bytes, m, rows.clone(), dst.ptr);
-                    true
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let done = false;
-                for t in 0..n {
-                    let o = dst.row(t, rows.clone());
-                    if !done {
-                        for (o, j) in o.iter_mut().zip(rows.clone()) {
-                            let wr = &bytes[j * row..(j + 1) * row];
-                            *o = quant::dot_scalar::dot(w.dtype, wr, &acts, t);
-                        }
+    crate::team::for_each(m.div_ceil(rows_per_task), |task| {
+        let rows = task * rows_per_task..((task + 1) * rows_per_task).min(m);
+        // SAFETY: tasks own disjoint row ranges, so each output entry is written by one task.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            let done = simd && {
+                quant::dot_avx2::sums(w.dtype, &acts, bytes, m, rows.clone(), dst.ptr);
+                true
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            for t in 0..n {
+                let o = dst.row(t, rows.clone());
+                if !done {
+                    for (o, j) in o.iter_mut().zip(rows.clone()) {
+                        let wr = &bytes[j * row..(j + 1) * row];
+                        *o = quant::dot_scalar::dot(w.dtype, wr, &acts, t);
                     }
-                    if let Some(b) = bias {
-                        for (o, &b) in o.iter_mut().zip(&b[rows.clone()]) {
-                            *o += b;
-                        }
+                }
+                if let Some(b) = bias {
+                    for (o, &b) in o.iter_mut().zip(&b[rows.clone()]) {
+                        *o += b;
                     }
                 }
             }
-        });
+        }
+    });
     let _ = simd;
 }
 
