@@ -240,7 +240,10 @@ pub fn apply_min_p(scores: &mut [f32], min_p: f32) {
     }
 }
 
-/// The first index of the largest score (`torch.argmax`); NaN never wins.
+/// The first index of the largest score, as `torch.argmax` picks it among numbers. Unlike
+/// `torch.argmax`, which returns the index of a NaN, a NaN never wins here while a number is
+/// left (all NaN: the last index); generation stops on non-finite logits before it samples, so
+/// the two never meet a NaN in practice.
 pub fn argmax(scores: &[f32]) -> usize {
     // Two passes that vectorize: the largest value that is not NaN (`f32::max` passes over NaN),
     // in 16 lanes; then the first index holding it. The same index as the one-pass scan
