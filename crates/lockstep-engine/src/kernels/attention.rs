@@ -9,9 +9,9 @@
 //! The softmax is computed in the compute precision (float32 in the bf16 tier, as HF does) and
 //! rounded once; [`AttentionSpec::softmax_bf16`] computes it in bf16 instead (fault injection).
 
+#[cfg(target_arch = "x86_64")]
 use super::matmul::dot_lane_pairs;
 use super::{as_f32, as_f32_mut, round_bf16, Float};
-#[cfg(target_arch = "x86_64")]
 use crate::team::SendPtr;
 
 /// How query heads map to key/value heads.
@@ -140,21 +140,7 @@ fn for_each_chunk<T: Float>(
     parallel: bool,
     f: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync + Send,
 ) {
-    if !parallel {
-        match probs {
-            Some(p) => out
-                .chunks_mut(out_len)
-                .zip(p.chunks_mut(probs_len))
-                .enumerate()
-                .for_each(|(i, (o, p))| f(i, o, Some(p))),
-            None => out
-                .chunks_mut(out_len)
-                .enumerate()
-                .for_each(|(i, o)| f(i, o, None)),
-        }
-        return;
-    }
-    // The same chunks as `chunks_mut`, each handed to one iteration of the loop.
+    // The same chunks as `chunks_mut` cuts, each handed to one iteration of the loop.
     let chunks = |len: usize, of: usize| len.div_ceil(of);
     let n = match &probs {
         Some(p) => chunks(out.len(), out_len).min(chunks(p.len(), probs_len)),
@@ -162,15 +148,20 @@ fn for_each_chunk<T: Float>(
     };
     let (out_total, o) = (out.len(), SendPtr(out.as_mut_ptr()));
     let p = probs.map(|p| (p.len(), SendPtr(p.as_mut_ptr())));
-    crate::team::for_each(n, |i| {
-        // SAFETY: chunk `i` of each buffer, as `chunks_mut` cuts them: in bounds, and disjoint
-        // from every other iteration's; the buffers outlive the loop.
+    let chunk = |i: usize| {
+        // SAFETY: chunk `i` of each buffer: in bounds, and disjoint from every other
+        // iteration's; the buffers outlive the loop.
         let o = unsafe { o.slice(i * out_len, out_len.min(out_total - i * out_len)) };
         let p = p.map(|(total, p)| unsafe {
             p.slice(i * probs_len, probs_len.min(total - i * probs_len))
         });
         f(i, o, p)
-    });
+    };
+    if parallel {
+        crate::team::for_each(n, chunk);
+    } else {
+        (0..n).for_each(chunk);
+    }
 }
 
 /// One attention call's inputs, for computing it head by head.

@@ -23,7 +23,7 @@
 //! copies whenever that fails; `copy` copies without trying the page cache; `0` / `off` does
 //! neither (the kernel may still map in 2 MiB pages a file its cache holds so).
 
-use super::page_cache::{self, HugePageCount};
+use super::page_cache;
 use super::{Checkpoint, Storage};
 use crate::error::{EngineError, Result};
 use crate::switch::Switch;
@@ -69,52 +69,33 @@ impl Route {
     }
 }
 
-/// What [`into_huge_pages`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HugePages {
-    /// Bytes of the weight files in 2 MiB pages of the page cache, as far as the kernel said.
-    pub page_cache: u64,
-    /// Bytes read again from disk to bring the files into 2 MiB pages.
-    pub reread: u64,
-    /// Bytes of weights copied into 2 MiB pages of the process's own.
-    pub copied: u64,
-}
-
 /// Puts `ck`'s weights (`mapped` bytes memory-mapped, `available` bytes of memory) in 2 MiB pages
 /// as `LOCKSTEP_HUGE_PAGES` asks (see the module docs), before any tensor is handed out. A bad
 /// value is a one-line error; a route the kernel refuses leaves the weights as they were.
-pub fn into_huge_pages(
-    ck: &mut Checkpoint,
-    mapped: u64,
-    available: Option<u64>,
-) -> Result<HugePages> {
-    let mut done = HugePages::default();
+pub fn into_huge_pages(ck: &mut Checkpoint, mapped: u64, available: Option<u64>) -> Result<()> {
     let switch = match Route::from_env()? {
-        Route::Switch(Switch::Off) => return Ok(done),
+        Route::Switch(Switch::Off) => return Ok(()),
         Route::Copy => {
-            done.copied = ck.copy_to_huge_pages();
-            return Ok(done);
+            ck.copy_to_huge_pages();
+            return Ok(());
         }
         Route::Switch(s) => s,
     };
     if mapped == 0 || (switch == Switch::Auto && !kernel_offers_them()) {
-        return Ok(done);
+        return Ok(());
     }
-    let mut cached = true;
-    for f in &ck.files {
-        let count: Option<HugePageCount> = page_cache::in_huge_pages(f);
-        cached &= count.is_some_and(|c| c.enough());
-        if let Some(c) = count {
-            done.page_cache += c.huge;
-            done.reread += c.reread;
-        }
-    }
+    // Every file is brought in, even after one could not be.
+    let cached = ck
+        .files
+        .iter()
+        .map(|f| page_cache::in_huge_pages(f).is_some_and(|c| c.enough()))
+        .fold(true, |all, this| all & this);
     let copy =
         switch.is_on(|| available.is_some_and(|a| mapped as f64 <= AUTO_FRACTION * a as f64));
     if !cached && copy {
-        done.copied = ck.copy_to_huge_pages();
+        ck.copy_to_huge_pages();
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Whether the kernel offers transparent huge pages to a region that asks for them
