@@ -1,10 +1,12 @@
 //! A safetensors checkpoint and its shard index, opened as `Checkpoint::open` opens a model
 //! folder. The first byte picks the file the rest becomes: `model.safetensors`, or
-//! `model.safetensors.index.json` beside a small valid shard.
+//! `model.safetensors.index.json` beside a small valid shard. A checkpoint that opens is then
+//! read, brought into 2 MiB pages through the page cache, copied into anonymous memory, and read
+//! again: every tensor reads the same values from the copy as from the file.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lockstep_engine::weights::Checkpoint;
+use lockstep_engine::weights::{page_cache, Checkpoint};
 
 /// A valid one-tensor shard: `model.norm.weight`, F32, two values.
 fn shard() -> Vec<u8> {
@@ -29,8 +31,14 @@ fuzz_target!(|data: &[u8]| {
         std::fs::write(d.path().join("model.safetensors.index.json"), rest).unwrap();
         std::fs::write(d.path().join("model-00001-of-00001.safetensors"), shard()).unwrap();
     }
-    if let Ok(ck) = Checkpoint::open(d.path()) {
+    if let Ok(mut ck) = Checkpoint::open(d.path()) {
         let _ = ck.nonfinite_report();
-        let _ = ck.get("model.norm.weight", &[2]);
+        let before = ck.get("model.norm.weight", &[2]).map(|t| t.bytes().to_vec());
+        for f in std::fs::read_dir(d.path()).unwrap() {
+            let _ = page_cache::in_huge_pages(&f.unwrap().path());
+        }
+        ck.copy_to_huge_pages();
+        let after = ck.get("model.norm.weight", &[2]).map(|t| t.bytes().to_vec());
+        assert_eq!(before.ok(), after.ok(), "the copy changed a tensor");
     }
 });

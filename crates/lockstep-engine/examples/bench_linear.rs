@@ -173,7 +173,7 @@ fn main() {
     for (shape, k, m) in shapes {
         for dtype in [StoredDtype::BF16, StoredDtype::F32] {
             let w = weight(m, k, dtype);
-            for n in [1, 128] {
+            for n in [1, 128, 512] {
                 if n > 1 && m > 100_000 {
                     continue; // prefill computes the lm_head for the last token only
                 }

@@ -21,8 +21,15 @@
 //! ([`reduce4`]) and the chunks' sums in chunk order, so every output gets the same bits
 //! whatever `R`, `N` and the loop order: a prefill and a one-token decode of the same token
 //! agree exactly, as the bf16 tier's KV-cache check requires.
+//!
+//! A token's sums for four consecutive rows are stored as one vector ([`Out::rows4`]), and in
+//! prefill the next token group's output lines are prefetched for writing while this group's
+//! tiles run: a wide product's outputs (`[n][m]` f32, 20 MB for the 0.5B shape's gate/up at
+//! 512 tokens) are far from cache, and each tile stored into six of them. Measured on the
+//! 0.5B shape's four products at 512 tokens, 2 threads, 6 alternating rounds: 1.06× (median;
+//! 0.98-1.19) over scalar stores without the prefetch.
 
-use super::avx512::{each, groups};
+use super::avx512::groups;
 use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -127,6 +134,8 @@ pub(super) unsafe fn sums(
         if n >= 4 {
             for c0 in (0..k).step_by(KC) {
                 for (t, nt) in token_groups(n) {
+                    // The next group's outputs, so their first store finds them in cache.
+                    prefetch_out(out, m, b0..b1, (t + NT)..(t + 2 * NT).min(n));
                     for (j, nr) in groups(b0..b1) {
                         tile_into(p, k, w, m, (j, nr), (t, nt), c0, out);
                     }
@@ -145,6 +154,21 @@ pub(super) unsafe fn sums(
                 }
             }
         }
+    }
+}
+
+/// Asks for the cache lines of outputs `rows` of `tokens` to be brought in for writing.
+///
+/// # Safety
+/// `out` is `[n][m]` with `rows` inside `0..m` (not empty) and `tokens` inside `0..n`.
+#[inline(always)]
+unsafe fn prefetch_out(out: *mut f32, m: usize, rows: Range<usize>, tokens: Range<usize>) {
+    for t in tokens {
+        let row = out.add(t * m);
+        for r in (rows.start..rows.end).step_by(16) {
+            _mm_prefetch::<_MM_HINT_ET0>(row.add(r).cast());
+        }
+        _mm_prefetch::<_MM_HINT_ET0>(row.add(rows.end - 1).cast());
     }
 }
 
@@ -170,15 +194,16 @@ unsafe fn tile_rows(p: &Packed, k: usize, w: &[u8], (j, nr): (usize, usize), out
     for c0 in (0..k).step_by(KC) {
         let len = KC.min(k - c0);
         let (xp, wp) = (p.data.as_ptr().add(c0), w.as_ptr().add((j * k + c0) * 2));
-        let mut add = |r: usize, _: usize, v: f32| {
-            let o = out.add(j + r);
-            *o = if c0 == 0 { v } else { *o + v };
+        let out = Out {
+            ptr: out.add(j),
+            token_stride: 0,
+            first: c0 == 0,
         };
         match nr {
-            DECODE_ROWS => each(tile::<DECODE_ROWS, 1>(xp, 0, len, wp, k * 2), &mut add),
-            8 => each(tile::<8, 1>(xp, 0, len, wp, k * 2), &mut add),
-            4 => each(tile::<4, 1>(xp, 0, len, wp, k * 2), &mut add),
-            _ => each(tile::<1, 1>(xp, 0, len, wp, k * 2), &mut add),
+            DECODE_ROWS => out.rows4(tile::<DECODE_ROWS, 1>(xp, 0, len, wp, k * 2)),
+            8 => out.rows4(tile::<8, 1>(xp, 0, len, wp, k * 2)),
+            4 => out.rows4(tile::<4, 1>(xp, 0, len, wp, k * 2)),
+            _ => out.one_row(tile::<1, 1>(xp, 0, len, wp, k * 2)),
         }
     }
 }
@@ -209,28 +234,83 @@ unsafe fn tile_into(
     let xp = p.data.as_ptr().add(t * p.stride + c0);
     let wp = w.as_ptr().add((j * k + c0) * 2);
     let (xs, ws) = (p.stride, k * 2);
-    let mut add = |r: usize, tt: usize, v: f32| {
-        let o = out.add((t + tt) * m + j + r);
-        *o = if c0 == 0 { v } else { *o + v };
+    let out = Out {
+        ptr: out.add(t * m + j),
+        token_stride: m,
+        first: c0 == 0,
     };
     macro_rules! run {
-        ($r:literal, $($n:literal)*) => {
+        ($r:literal, $finish:ident, $($n:literal)*) => {
             match nt {
-                $($n => each(tile::<$r, $n>(xp, xs, len, wp, ws), &mut add),)*
+                $($n => out.$finish(tile::<$r, $n>(xp, xs, len, wp, ws)),)*
                 _ => unreachable!("token group of {nt}"),
             }
         };
     }
     if nr == 4 {
-        run!(4, 1 2 3 4 5 6)
+        run!(4, rows4, 1 2 3 4 5 6)
     } else {
-        run!(1, 1 2 3 4 5 6)
+        run!(1, one_row, 1 2 3 4 5 6)
     }
 }
 
-/// `sum[r][t] = Σ_{i<len} x[t·xs + i]·w[r·ws/2 + i]` for `r < R`, `t < N`: lane `l` of each
-/// accumulator adds elements `32s + 2l + 1` then `32s + 2l` (the instruction's order) for
-/// `s = 0, 1, …`, then [`reduce4`] adds the lanes.
+/// Where a tile's sums go: row `r`, token `t` at `ptr[t·token_stride + r]`, stored for the
+/// first chunk of `k` and added to what is there for the later ones.
+struct Out {
+    ptr: *mut f32,
+    token_stride: usize,
+    first: bool,
+}
+
+impl Out {
+    /// Finishes a tile of `R` rows (a multiple of 4): each token's rows four at a time, their
+    /// lanes added by [`reduce4`] and stored (or added) as one vector.
+    ///
+    /// # Safety
+    /// AVX-512F present; the `R × N` outputs are valid and nobody else's.
+    #[inline(always)]
+    unsafe fn rows4<const R: usize, const N: usize>(&self, acc: [[__m512; N]; R]) {
+        for (r, four) in acc.chunks_exact(4).enumerate() {
+            let rows = four[0].iter().zip(&four[1]).zip(&four[2]).zip(&four[3]);
+            for (t, (((&a, &b), &c), &d)) in rows.enumerate() {
+                let s = reduce4(a, b, c, d);
+                let o = self.ptr.add(t * self.token_stride + 4 * r);
+                let s = if self.first {
+                    s
+                } else {
+                    _mm_add_ps(_mm_loadu_ps(o), s)
+                };
+                _mm_storeu_ps(o, s);
+            }
+        }
+    }
+
+    /// Finishes a tile of one row: its tokens' lanes added by [`reduce4`] four at a time
+    /// (zero vectors fill the last four; each sum uses its own lanes only).
+    ///
+    /// # Safety
+    /// As [`Out::rows4`].
+    #[inline(always)]
+    unsafe fn one_row<const N: usize>(&self, acc: [[__m512; N]; 1]) {
+        let z = _mm512_setzero_ps();
+        let get = |t: usize| if t < N { acc[0][t] } else { z };
+        for t0 in (0..N).step_by(4) {
+            let mut s = [0f32; 4];
+            _mm_storeu_ps(
+                s.as_mut_ptr(),
+                reduce4(get(t0), get(t0 + 1), get(t0 + 2), get(t0 + 3)),
+            );
+            for (t, &v) in (t0..N).zip(&s) {
+                let o = self.ptr.add(t * self.token_stride);
+                *o = if self.first { v } else { *o + v };
+            }
+        }
+    }
+}
+
+/// The accumulators of `Σ_{i<len} x[t·xs + i]·w[r·ws/2 + i]` for `r < R`, `t < N`: lane `l` of
+/// each adds elements `32s + 2l + 1` then `32s + 2l` (the instruction's order) for
+/// `s = 0, 1, …`; [`Out`] then adds the lanes with [`reduce4`].
 ///
 /// # Safety
 /// AVX512_BF16 present; `x` valid for `N` rows of `len` rounded up to 32 elements, `xs` apart;
@@ -242,7 +322,7 @@ unsafe fn tile<const R: usize, const N: usize>(
     len: usize,
     w: *const u8,
     ws: usize,
-) -> [[f32; N]; R] {
+) -> [[__m512; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     let mut i = 0;
     while i + PAIRS <= len {
@@ -253,18 +333,7 @@ unsafe fn tile<const R: usize, const N: usize>(
         let mask = (1u32 << (len - i)) - 1;
         step::<R, N>(&mut acc, x.add(i), xs, w.add(i * 2), ws, mask);
     }
-    // The accumulators four at a time (zero vectors fill the last four; each output's sum
-    // uses its own lanes only).
-    let z = _mm512_setzero_ps();
-    let get = |e: usize| if e < R * N { acc[e / N][e % N] } else { z };
-    let mut sums = [[0f32; N]; R];
-    for e0 in (0..R * N).step_by(4) {
-        let s = reduce4(get(e0), get(e0 + 1), get(e0 + 2), get(e0 + 3));
-        for (e, &v) in (e0..R * N).zip(&s) {
-            sums[e / N][e % N] = v;
-        }
-    }
-    sums
+    acc
 }
 
 /// One step of [`tile`]: the 32 elements under `mask` (1 bits: lanes read) of each row, and
@@ -304,7 +373,7 @@ unsafe fn step<const R: usize, const N: usize>(
 /// # Safety
 /// AVX-512F present.
 #[inline(always)]
-unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> [f32; 4] {
+unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
     // [a.h | b.h] and [c.h | d.h].
     let ab = _mm512_add_ps(
         _mm512_shuffle_f32x4::<0x44>(a, b),
@@ -321,13 +390,10 @@ unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> [f32; 4] {
     );
     let e = _mm512_add_ps(q, _mm512_permute_ps::<0b01_00_11_10>(q));
     let s = _mm512_add_ps(e, _mm512_permute_ps::<0b10_11_00_01>(e));
-    let s = _mm512_permutexvar_ps(
+    _mm512_castps512_ps128(_mm512_permutexvar_ps(
         _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
         s,
-    );
-    let mut r = [0f32; 4];
-    _mm_storeu_ps(r.as_mut_ptr(), _mm512_castps512_ps128(s));
-    r
+    ))
 }
 
 /// The sums [`sums`] computes, in plain Rust: the instruction's per-lane order (the odd
