@@ -157,15 +157,6 @@ pub fn lead<R>(f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// [`lead`] when `team`, else just `f()`.
-pub fn lead_if<R>(team: bool, f: impl FnOnce() -> R) -> R {
-    if team {
-        lead(f)
-    } else {
-        f()
-    }
-}
-
 /// `f(i)` for every `i` in `0..n`, in parallel: on the team when this thread leads one
 /// ([`lead`]), otherwise on rayon's pool. Returns when every call has; a panic in one is raised
 /// here once all have run.

@@ -76,8 +76,8 @@ impl Model {
         if !stream_layers {
             huge_pages::into_huge_pages(&mut ck, mapped, available)?;
         }
-        // A bad LOCKSTEP_TEAM is an error before any work, not at the first decode step.
-        crate::team::wanted()?;
+        // LOCKSTEP_TEAM, read once (a bad value is an error before any work).
+        let team = crate::team::wanted()?;
         let c = &config;
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
@@ -159,6 +159,7 @@ impl Model {
             settings,
             fault,
             stream_layers,
+            team,
         })
     }
 }

@@ -204,6 +204,10 @@ pub struct Model {
     /// [`crate::streaming::stream_layers`] (`LOCKSTEP_STREAM_LAYERS`); may be set by hand. Never
     /// changes a value.
     pub stream_layers: bool,
+    /// Run short forward passes (decode steps, at most [`TEAM_TOKENS`] tokens) on a spinning
+    /// team ([`crate::team`]). Chosen at load by [`crate::team::wanted`] (`LOCKSTEP_TEAM`); may
+    /// be set by hand. Never changes a value.
+    pub team: bool,
 }
 
 /// Which positions' logits a forward pass computes.
@@ -351,83 +355,99 @@ impl Model {
         which: LogitsFor,
     ) -> Result<Vec<T>> {
         // A decode step's loops are short: the pool's threads spin between them as a team.
-        let team = tokens.len() <= TEAM_TOKENS && crate::team::wanted()?;
-        crate::team::lead_if(team, || {
-            let (c, s) = (&self.config, &self.settings);
-            let rows = caches.len();
-            let (n, h) = (tokens.len() / rows, c.hidden_size);
-            let rope = RopeTable::<T>::scaled(
-                s.rope_theta,
-                s.rope_scaling,
-                s.rope_mistake,
-                c.head_dim,
-                positions,
-                s.rope_layout,
-                s.rope_rounding,
+        if self.team && tokens.len() <= TEAM_TOKENS {
+            crate::team::lead(|| {
+                self.forward_rows_here(tokens, positions, caches, key_masks, obs, which)
+            })
+        } else {
+            self.forward_rows_here(tokens, positions, caches, key_masks, obs, which)
+        }
+    }
+
+    /// [`Model::forward_rows`] on this thread, its parallel loops on whatever team it leads.
+    fn forward_rows_here<T: Float>(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        caches: &mut [KvCache<T>],
+        key_masks: Option<&[Vec<bool>]>,
+        obs: &mut impl Observer<T>,
+        which: LogitsFor,
+    ) -> Result<Vec<T>> {
+        let (c, s) = (&self.config, &self.settings);
+        let rows = caches.len();
+        let (n, h) = (tokens.len() / rows, c.hidden_size);
+        let rope = RopeTable::<T>::scaled(
+            s.rope_theta,
+            s.rope_scaling,
+            s.rope_mistake,
+            c.head_dim,
+            positions,
+            s.rope_layout,
+            s.rope_rounding,
+        );
+        obs.tap(TapName::Tokens, TapView::Tokens(tokens));
+
+        let mut x = vec![T::ZERO; tokens.len() * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            let e = &self.embed_tokens;
+            T::decode(e.dtype, e.row_bytes(t as usize), row);
+        }
+        obs.tap(TapName::Embed, TapView::rows(&x, h));
+
+        let mut buf = Scratch::new(c, tokens.len());
+        let mut pass = Pass {
+            caches,
+            key_masks,
+            rope: &rope,
+            n,
+        };
+        let stream = |l: usize, advice| {
+            if let Some(w) = self.layers.get(l).filter(|_| self.stream_layers) {
+                advise_all(w.tensors(), advice);
+            }
+        };
+        stream(0, PageAdvice::WillNeed);
+        for (l, w) in self.layers.iter().enumerate() {
+            stream(l + 1, PageAdvice::WillNeed);
+            self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
+            self.mlp_or_moe_block(l, w, &mut x, &mut buf, obs);
+            stream(l, PageAdvice::DontNeed);
+        }
+        for cache in pass.caches.iter_mut() {
+            cache.len += n;
+        }
+
+        let normed = &mut buf.normed;
+        if s.final_norm {
+            rms_norm_with(
+                &x,
+                &decode_vec(&self.norm),
+                s.rms_norm_eps,
+                s.norm_math,
+                normed,
             );
-            obs.tap(TapName::Tokens, TapView::Tokens(tokens));
-
-            let mut x = vec![T::ZERO; tokens.len() * h];
-            for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                let e = &self.embed_tokens;
-                T::decode(e.dtype, e.row_bytes(t as usize), row);
+        } else {
+            normed.copy_from_slice(&x);
+        }
+        obs.tap(TapName::FinalNorm, TapView::rows(normed, h));
+        let picked: Vec<T>;
+        let head_in = match which {
+            LogitsFor::All => &normed[..],
+            LogitsFor::Last if rows == 1 => &normed[(n - 1) * h..],
+            LogitsFor::Last => {
+                picked = normed
+                    .chunks_exact(n * h)
+                    .flat_map(|row| &row[(n - 1) * h..])
+                    .copied()
+                    .collect();
+                &picked[..]
             }
-            obs.tap(TapName::Embed, TapView::rows(&x, h));
-
-            let mut buf = Scratch::new(c, tokens.len());
-            let mut pass = Pass {
-                caches,
-                key_masks,
-                rope: &rope,
-                n,
-            };
-            let stream = |l: usize, advice| {
-                if let Some(w) = self.layers.get(l).filter(|_| self.stream_layers) {
-                    advise_all(w.tensors(), advice);
-                }
-            };
-            stream(0, PageAdvice::WillNeed);
-            for (l, w) in self.layers.iter().enumerate() {
-                stream(l + 1, PageAdvice::WillNeed);
-                self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
-                self.mlp_or_moe_block(l, w, &mut x, &mut buf, obs);
-                stream(l, PageAdvice::DontNeed);
-            }
-            for cache in pass.caches.iter_mut() {
-                cache.len += n;
-            }
-
-            let normed = &mut buf.normed;
-            if s.final_norm {
-                rms_norm_with(
-                    &x,
-                    &decode_vec(&self.norm),
-                    s.rms_norm_eps,
-                    s.norm_math,
-                    normed,
-                );
-            } else {
-                normed.copy_from_slice(&x);
-            }
-            obs.tap(TapName::FinalNorm, TapView::rows(normed, h));
-            let picked: Vec<T>;
-            let head_in = match which {
-                LogitsFor::All => &normed[..],
-                LogitsFor::Last if rows == 1 => &normed[(n - 1) * h..],
-                LogitsFor::Last => {
-                    picked = normed
-                        .chunks_exact(n * h)
-                        .flat_map(|row| &row[(n - 1) * h..])
-                        .copied()
-                        .collect();
-                    &picked[..]
-                }
-            };
-            let m = head_in.len() / h;
-            let mut logits = vec![T::ZERO; m * c.vocab_size];
-            linear(head_in, m, &self.lm_head, None, &mut logits);
-            obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
-            Ok(logits)
-        })
+        };
+        let m = head_in.len() / h;
+        let mut logits = vec![T::ZERO; m * c.vocab_size];
+        linear(head_in, m, &self.lm_head, None, &mut logits);
+        obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
+        Ok(logits)
     }
 }
