@@ -14,9 +14,10 @@ use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 mod advice;
+pub mod bf16_coded;
 pub mod huge_pages;
 mod nonfinite;
 pub mod page_cache;
@@ -151,6 +152,10 @@ pub struct Tensor {
     /// [`crate::Model::use_dtype`]). False (exact dequantized math) unless asked for; ignored
     /// for other dtypes and other compute precisions.
     pub q8_dot: bool,
+    /// The matrix coded in 12 bits per value for the one-token bf16 decode
+    /// ([`bf16_coded`]), once [`Tensor::code_bf16`] made it; shared by clones (a tied LM head
+    /// and its embeddings).
+    coded: Arc<OnceLock<Option<bf16_coded::Bf16Coded>>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -177,6 +182,7 @@ impl Tensor {
             dtype,
             shape,
             q8_dot: false,
+            coded: Arc::default(),
         }
     }
 
@@ -196,7 +202,27 @@ impl Tensor {
             dtype,
             shape,
             q8_dot: false,
+            coded: Arc::default(),
         }
+    }
+
+    /// Makes the 12-bit coding of this BF16 matrix for one-token decode ([`bf16_coded`]) if it
+    /// was not made yet; a tensor that is not a 2-D BF16 matrix (or whose copy memory refused)
+    /// gets none. Returns whether it has one.
+    pub fn code_bf16(&self) -> bool {
+        self.coded
+            .get_or_init(|| bf16_coded::Bf16Coded::new(self))
+            .is_some()
+    }
+
+    /// Whether [`Tensor::code_bf16`] ran (made a coding or found it could not).
+    pub fn code_bf16_tried(&self) -> bool {
+        self.coded.get().is_some()
+    }
+
+    /// The 12-bit coding [`Tensor::code_bf16`] made, if it did.
+    pub fn coded(&self) -> Option<&bf16_coded::Bf16Coded> {
+        self.coded.get().and_then(Option::as_ref)
     }
 
     /// True when the bytes are a view of a memory-mapped file (false: held in memory).

@@ -4,7 +4,8 @@
 //! Loads the model (timed), then `R` times: a greedy generation from fixed token prompts (`B`
 //! rows of `N` tokens, EOS ignored, so every repeat does the same work). Reports the median
 //! prefill and decode speeds, the peak resident memory (`VmHWM`), and the weight bandwidth the
-//! decode achieves (bytes of weights one decode step streams × steps per second) as a fraction
+//! decode achieves (bytes of weights one decode step streams, coded where the engine codes them
+//! in 12 bits per value, × steps per second) as a fraction
 //! of the machine's read bandwidth, which it measures itself at the end (a multi-threaded read
 //! of a buffer much larger than the caches, best of a few passes).
 
@@ -44,16 +45,29 @@ pub struct Args {
     json: bool,
 }
 
-/// Bytes of weights one decode step reads: every linear layer and the LM head, as stored (for a
-/// mixture of experts every expert, more than one step reads; the
-/// norms and the one embedding row are too small to count).
+/// Bytes of weights one decode step reads, as stored: every linear layer and the LM head (for
+/// a mixture of experts every expert, more than one step reads; the norms and the one embedding
+/// row are too small to count).
 pub fn decode_weight_bytes(m: &Model) -> u64 {
-    let layers: usize = m
-        .layers
+    decode_matrices(m).map(|t| t.bytes().len() as u64).sum()
+}
+
+/// What a decode step reads of [`decode_weight_bytes`]: a matrix coded in 12 bits per value
+/// ([`lockstep_engine::weights::bf16_coded`], made at the first one-token bf16 step) is read
+/// coded; returns (bytes read, stored bytes of the coded matrices).
+fn decode_read_bytes(m: &Model) -> (u64, u64) {
+    decode_matrices(m).fold((0, 0), |(read, coded), t| match t.coded() {
+        Some(c) => (read + c.bytes() as u64, coded + t.bytes().len() as u64),
+        None => (read + t.bytes().len() as u64, coded),
+    })
+}
+
+/// The matrices of [`decode_weight_bytes`].
+fn decode_matrices(m: &Model) -> impl Iterator<Item = &lockstep_engine::weights::Tensor> {
+    m.layers
         .iter()
-        .map(|l| l.linears().iter().map(|t| t.bytes().len()).sum::<usize>())
-        .sum();
-    (layers + m.lm_head.bytes().len()) as u64
+        .flat_map(|l| l.linears())
+        .chain([&m.lm_head])
 }
 
 /// Bytes of the weights one decode step reads ([`decode_weight_bytes`]) that were copied into
@@ -240,19 +254,26 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     let wbytes = decode_weight_bytes(&loaded.model);
+    // A batch of one in bf16 reads the coded matrices; a batch of more, the stored ones.
+    let (read, coded) = if a.batch == 1 {
+        decode_read_bytes(&loaded.model)
+    } else {
+        (wbytes, 0)
+    };
     let (copied, anon_huge, file_huge) = (
         copied_weight_bytes(&loaded.model),
         anon_huge_page_bytes().unwrap_or(0),
         file_huge_page_bytes(&a.model).unwrap_or(0),
     );
     let steps = median(steps_s);
-    let achieved = wbytes as f64 * steps;
+    let achieved = read as f64 * steps;
     let machine = read_bandwidth();
     let (prefill, decode) = (median(prefill), median(decode));
     eprintln!(
         "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
-         weights {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads); \
-         of the {:.2} GB of weights, {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
+         weights read {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads); \
+         of the {:.2} GB of weights, {:.2} GB coded in 12 bits per value (a decode step reads {:.2} GB), \
+         {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
          of the model's mapped files and {:.2} GB of the process's own memory",
         loaded.load_s,
         peak_rss as f64 / 1e9,
@@ -261,6 +282,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         machine / 1e9,
         threads(),
         wbytes as f64 / 1e9,
+        coded as f64 / 1e9,
+        read as f64 / 1e9,
         copied as f64 / 1e9,
         file_huge as f64 / 1e9,
         anon_huge as f64 / 1e9
@@ -279,6 +302,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "decode_tok_s": decode,
             "peak_rss_bytes": peak_rss,
             "decode_weight_bytes": wbytes,
+            "decode_read_bytes": read,
+            "coded_weight_bytes": coded,
             "achieved_weight_bytes_per_s": achieved,
             "read_bandwidth_bytes_per_s": machine,
             "bandwidth_fraction": achieved / machine,

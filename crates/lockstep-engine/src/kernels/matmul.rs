@@ -130,6 +130,15 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
     linear_with(Kernel::detect(), x, n, w, bias, out)
 }
 
+/// Whether one-token products in bf16 compute read a BF16 matrix's 12-bit coding
+/// ([`crate::weights::bf16_coded`], made by [`Tensor::code_bf16`]) on this CPU.
+pub fn decodes_coded() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512_bf16::decodes_coded();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The inner loops [`linear`] can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -324,7 +333,11 @@ fn linear_min_n_many<T: Float>(
                     amx::sums(p, n, k, w.bytes(), m, rows.clone(), out)
                 }
                 (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
-                    avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out);
+                    // One token on a matrix coded in 12 bits: the same sums from fewer bytes.
+                    match w.coded().filter(|_| n == 1 && avx512_bf16::decodes_coded()) {
+                        Some(c) => avx512_bf16::sums_coded(p, k, c, rows.clone(), out),
+                        None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
+                    }
                     rows.end..rows.end
                 }
                 _ => rows.clone(),
@@ -862,6 +875,68 @@ pub(crate) mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// One token's sums from the 12-bit coded matrix ([`crate::weights::bf16_coded`]) are the
+    /// stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
+    /// chunks, and values whose high byte is outside the table (huge, tiny, infinite), whose
+    /// sums must come out the same too; and `linear` takes the coded path once it exists.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn coded_bf16_sums_are_the_stored_sums() {
+        if !avx512_bf16::decodes_coded() {
+            eprintln!("coded_bf16_sums_are_the_stored_sums: skipped, not used on this CPU");
+            return;
+        }
+        for (m, k) in [
+            (25, 2100),
+            (37, 29),
+            (13, 896),
+            (1, 32),
+            (44, 1056),
+            (9, 4864),
+        ] {
+            let mut vals = pseudo(m * k, 11);
+            for (i, v) in vals.iter_mut().enumerate() {
+                match i % 53 {
+                    // 40 binades from 2^-20 to 2^19, each rare: outside the table.
+                    0 => {
+                        *v = 2f32.powi((i / 53 % 40) as i32 - 20)
+                            * if i % 2 == 0 { 1.0 } else { -1.0 }
+                    }
+                    1 if i % 2 == 0 => *v = -1.0e-30,
+                    2 if i % 7 == 0 => *v = f32::INFINITY,
+                    _ => {}
+                }
+            }
+            let (_d, w) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            let x: Vec<f32> = pseudo(k, 12)
+                .iter()
+                .map(|&v| Bf16(v).to_act_dtype().0)
+                .collect();
+            let p = avx512_bf16::Packed::new(&x, 1, k);
+            let (mut plain, mut coded) = (vec![f32::NAN; m], vec![f32::NAN; m]);
+            assert!(w.code_bf16());
+            let c = w.coded().unwrap();
+            assert!(c.escapes() > 0 || m * k < 2000, "m={m} k={k}: no escapes");
+            // SAFETY: the kernels are available; shapes as they require; one caller.
+            unsafe {
+                avx512_bf16::sums(&p, 1, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
+                avx512_bf16::sums_coded(&p, k, c, 0..m, coded.as_mut_ptr());
+            }
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&coded), bits(&plain), "m={m} k={k}");
+            assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
+            // Through `linear` (the coded path for one token): the same outputs as an uncoded
+            // copy of the matrix.
+            let (_d2, fresh) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v)).collect();
+            let (mut a, mut b) = (vec![Bf16(0.0); m], vec![Bf16(0.0); m]);
+            linear_with(Kernel::Avx512Bf16, &xb, 1, &w, None, &mut a);
+            linear_with(Kernel::Avx512Bf16, &xb, 1, &fresh, None, &mut b);
+            let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "linear m={m} k={k}");
         }
     }
 

@@ -145,6 +145,16 @@ impl Model {
                     )
                 })?,
         };
+        // LOCKSTEP_CODED_BF16, read once.
+        let matrices: u64 = layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain([&lm_head])
+            .filter(|t| t.dtype == crate::weights::StoredDtype::BF16)
+            .map(|t| t.bytes().len() as u64)
+            .sum();
+        let code_bf16 =
+            crate::weights::bf16_coded::wanted(mapped, matrices, available, stream_layers)?;
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);
@@ -160,6 +170,7 @@ impl Model {
             fault,
             stream_layers,
             team,
+            code_bf16,
         })
     }
 }

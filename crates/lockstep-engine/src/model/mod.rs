@@ -28,7 +28,7 @@ use crate::kernels::attention::GqaMapping;
 use crate::kernels::matmul::linear;
 use crate::kernels::norm::{rms_norm_with, RmsNormMath};
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
-use crate::kernels::{decode_vec, Float, ResidualDtype};
+use crate::kernels::{decode_vec, Float, Precision, ResidualDtype};
 use crate::observer::{Observer, TapView};
 use crate::weights::{advise_all, Checkpoint, PageAdvice, Tensor};
 use blocks::{Pass, Scratch};
@@ -208,6 +208,11 @@ pub struct Model {
     /// team ([`crate::team`]). Chosen at load by [`crate::team::wanted`] (`LOCKSTEP_TEAM`); may
     /// be set by hand. Never changes a value.
     pub team: bool,
+    /// Code the BF16 matrices in 12 bits per value ([`crate::weights::bf16_coded`]) at the first
+    /// one-token forward pass in bf16 compute, which then reads 0.75 of the bytes. Chosen at
+    /// load by [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`); may be set by
+    /// hand. Never changes a value.
+    pub code_bf16: bool,
 }
 
 /// Which positions' logits a forward pass computes.
@@ -354,6 +359,9 @@ impl Model {
         obs: &mut impl Observer<T>,
         which: LogitsFor,
     ) -> Result<Vec<T>> {
+        if self.code_bf16 && T::PRECISION == Precision::BF16 && tokens.len() == 1 {
+            self.code_bf16_matrices();
+        }
         // A decode step's loops are short: the pool's threads spin between them as a team.
         if self.team && tokens.len() <= TEAM_TOKENS {
             crate::team::lead(|| {
@@ -362,6 +370,20 @@ impl Model {
         } else {
             self.forward_rows_here(tokens, positions, caches, key_masks, obs, which)
         }
+    }
+
+    /// Makes the 12-bit coding of every BF16 matrix a decode step reads (each layer's, the LM
+    /// head) that does not have one yet ([`Tensor::code_bf16`]), the matrices in parallel.
+    pub fn code_bf16_matrices(&self) {
+        use rayon::prelude::*;
+        let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
+        all.push(&self.lm_head);
+        if all.iter().all(|t| t.code_bf16_tried()) {
+            return;
+        }
+        all.par_iter().for_each(|t| {
+            t.code_bf16();
+        });
     }
 
     /// [`Model::forward_rows`] on this thread, its parallel loops on whatever team it leads.

@@ -19,6 +19,8 @@ impl Tensor {
             dtype: self.dtype,
             shape: vec![rows, cols],
             q8_dot: self.q8_dot,
+            // A view is its own matrix: its own coding, if one is made.
+            coded: Default::default(),
         })
     }
 }

@@ -30,6 +30,7 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
+use crate::weights::bf16_coded::{Bf16Coded, ESCAPE, GROUP, GROUP_BYTES};
 use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -206,6 +207,202 @@ unsafe fn tile_rows(p: &Packed, k: usize, w: &[u8], (j, nr): (usize, usize), out
             _ => out.one_row(tile::<1, 1>(xp, 0, len, wp, k * 2)),
         }
     }
+}
+
+/// Whether this CPU also sums [`Bf16Coded`] weights ([`sums_coded`]): [`available`] and
+/// AVX512_VBMI's two-source byte permute, which rebuilds a vector of bf16 from its low and
+/// high bytes.
+pub(super) fn decodes_coded() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| available() && is_x86_feature_detected!("avx512vbmi"))
+}
+
+/// [`sums`] for one token on the same matrix coded in 12 bits per value ([`Bf16Coded`]): each
+/// group of 32 values is rebuilt as the exact bf16 vector the stored bytes hold before it is
+/// summed, so the sums are [`sums`]' to the bit, from 0.75 of the bytes.
+///
+/// # Safety
+/// [`decodes_coded`]; `c` codes the `m × k` matrix; `p` packs one token of `k`; `out` is valid
+/// for `m` f32 and nobody else touches the entries in `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+pub(super) unsafe fn sums_coded(
+    p: &Packed,
+    k: usize,
+    c: &Bf16Coded,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    assert!(
+        c.k == k
+            && rows.end <= c.m
+            && p.data.len() == p.stride
+            && p.stride == k.next_multiple_of(PAIRS)
+    );
+    let codes = Codes::new(c);
+    for (j, nr) in decode_groups(rows) {
+        for c0 in (0..k).step_by(KC) {
+            let len = KC.min(k - c0);
+            let xp = p.data.as_ptr().add(c0);
+            let wp = c.as_ptr().add(j * c.row_bytes() + c0 / GROUP * GROUP_BYTES);
+            let at = (c, j, c0);
+            let out = Out {
+                ptr: out.add(j),
+                token_stride: 0,
+                first: c0 == 0,
+            };
+            let ws = c.row_bytes();
+            match nr {
+                DECODE_ROWS => out.rows4(tile_coded::<DECODE_ROWS>(xp, len, wp, ws, &codes, at)),
+                8 => out.rows4(tile_coded::<8>(xp, len, wp, ws, &codes, at)),
+                4 => out.rows4(tile_coded::<4>(xp, len, wp, ws, &codes, at)),
+                _ => out.one_row(tile_coded::<1>(xp, len, wp, ws, &codes, at)),
+            }
+        }
+    }
+}
+
+/// The constants that rebuild a group of a [`Bf16Coded`] matrix.
+struct Codes {
+    /// The code → high byte table, four times over (`vpermb` reads an index's low 6 bits).
+    table: __m512i,
+    /// The escape entry of the table, in every byte.
+    escape: __m512i,
+    /// Shifts by 0 for the first 256 bits, by 4 for the second (each byte's second code).
+    shifts: __m512i,
+    /// Byte `2j` takes the low bytes' byte `j`, byte `2j + 1` the high bytes' (`64 + j`).
+    first: __m512i,
+    /// [`Codes::first`] for the group's second 32 values.
+    second: __m512i,
+}
+
+impl Codes {
+    #[inline(always)]
+    unsafe fn new(c: &Bf16Coded) -> Codes {
+        let table: [u8; 64] = std::array::from_fn(|b| c.table[b % 16]);
+        let pick = |half: u8| -> [u8; 64] {
+            std::array::from_fn(|b| 32 * half + (b / 2) as u8 + if b % 2 == 0 { 0 } else { 64 })
+        };
+        let (first, second) = (pick(0), pick(1));
+        Codes {
+            table: _mm512_loadu_si512(table.as_ptr().cast()),
+            escape: _mm512_set1_epi8(c.table[ESCAPE as usize] as i8),
+            shifts: _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4)),
+            first: _mm512_loadu_si512(first.as_ptr().cast()),
+            second: _mm512_loadu_si512(second.as_ptr().cast()),
+        }
+    }
+
+    /// The 64 bf16 of the group at `g` as two vectors, as stored, with a mask of the values
+    /// whose high byte is in the side list (bit `b`: value `b`; left as the escape entry here).
+    #[inline(always)]
+    unsafe fn group(&self, g: *const u8) -> ([__m512i; 2], u64) {
+        // Byte b < 32: code b in its low nibble; byte 32 + j: code 32 + j (its byte's high
+        // nibble shifted down). `vpermb` ignores the bits above the index.
+        let codes = _mm512_srlv_epi16(
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(g.cast())),
+            self.shifts,
+        );
+        let high = _mm512_permutexvar_epi8(codes, self.table);
+        let low = _mm512_loadu_si512(g.add(32).cast());
+        (
+            [
+                _mm512_permutex2var_epi8(low, self.first, high),
+                _mm512_permutex2var_epi8(low, self.second, high),
+            ],
+            _mm512_cmpeq_epi8_mask(high, self.escape),
+        )
+    }
+}
+
+/// [`tile`] for one token on `R` rows of a [`Bf16Coded`] matrix: `w` at the rows' groups for
+/// this chunk, `ws` bytes apart; `(c, j, c0)` the matrix, the first row and the chunk's first
+/// column (for the side list). The same steps of 32 values as [`tile`], two per group (the
+/// second skipped where the row has ended, as [`tile`] has no step there).
+///
+/// # Safety
+/// As [`sums_coded`]; `x` valid for `len` rounded up to 32 elements.
+#[inline(always)]
+unsafe fn tile_coded<const R: usize>(
+    x: *const u16,
+    len: usize,
+    w: *const u8,
+    ws: usize,
+    codes: &Codes,
+    (c, j, c0): (&Bf16Coded, usize, usize),
+) -> [[__m512; 1]; R] {
+    let mut acc = [[_mm512_setzero_ps(); 1]; R];
+    for i in (0..len).step_by(GROUP) {
+        let g = w.add(i / GROUP * GROUP_BYTES);
+        // Every row's group rebuilt first, escapes put back (rarely) after: no call among the
+        // sums, so the accumulators stay in registers.
+        let mut escaped = [0u64; R];
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws).cast());
+            _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws + GROUP_BYTES - 1).cast());
+        }
+        let mut wv: [[__m512i; 2]; R] = std::array::from_fn(|r| {
+            let (v, e) = codes.group(g.add(r * ws));
+            escaped[r] = e;
+            v
+        });
+        if escaped.iter().any(|&e| e != 0) {
+            for (r, (v, &e)) in wv.iter_mut().zip(&escaped).enumerate() {
+                if e != 0 {
+                    *v = with_escapes(*v, e, c, j + r, c0 + i);
+                }
+            }
+        }
+        for half in 0..2 {
+            let at = i + half * PAIRS;
+            if at >= len {
+                break;
+            }
+            let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(x.add(at).cast()));
+            let mask = if len - at < PAIRS {
+                (1u32 << (len - at)) - 1
+            } else {
+                !0
+            };
+            for (a, v) in acc.iter_mut().zip(&wv) {
+                let v = if mask == !0 {
+                    v[half]
+                } else {
+                    _mm512_maskz_mov_epi16(mask, v[half])
+                };
+                a[0] = _mm512_dpbf16_ps(a[0], std::mem::transmute::<__m512i, __m512bh>(v), xv);
+            }
+        }
+    }
+    acc
+}
+
+/// `v` (the group at `row`, column `col`) with the high bytes of its `escaped` values (bit
+/// `b`: value `b`) put back from the side list.
+///
+/// # Safety
+/// AVX-512F present.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn with_escapes(
+    v: [__m512i; 2],
+    mut escaped: u64,
+    c: &Bf16Coded,
+    row: usize,
+    col: usize,
+) -> [__m512i; 2] {
+    let mut vals = [0u16; 64];
+    _mm512_storeu_si512(vals.as_mut_ptr().cast(), v[0]);
+    _mm512_storeu_si512(vals.as_mut_ptr().add(32).cast(), v[1]);
+    while escaped != 0 {
+        let b = escaped.trailing_zeros() as usize;
+        vals[b] = vals[b] & 0xFF | u16::from(c.escaped_high_byte(row, col + b)) << 8;
+        escaped &= escaped - 1;
+    }
+    [
+        _mm512_loadu_si512(vals.as_ptr().cast()),
+        _mm512_loadu_si512(vals.as_ptr().add(32).cast()),
+    ]
 }
 
 /// Groups of [`NT`] tokens, then one group of the rest: `(start, len)`.

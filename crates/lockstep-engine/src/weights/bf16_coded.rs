@@ -1,0 +1,340 @@
+//! BF16 weights held in 12 bits per value without losing a bit, for the one-token decode that
+//! reads every weight once per token and so runs at the speed memory delivers them.
+//!
+//! A bf16 value is two bytes: the low one (the exponent's last bit and the 7 mantissa bits) is
+//! close to random, but the high one (sign and the exponent's first 7 bits) takes few values in
+//! a weight matrix: a trained or randomly initialized matrix's values sit in a handful of
+//! binades. Measured on the high bytes of every matrix: 2.7 bits of entropy (SmolLM2-135M, a
+//! trained model) and 2.66 (the random 0.5B fixture), and the 15 most frequent values of each
+//! matrix cover all but 1.4-1.8 in 10,000 of its values. So each matrix keeps its 15 most
+//! frequent high bytes in a table ([`Bf16Coded::table`]) and stores for every value its low byte
+//! and a 4-bit code: the high byte's place in the table, or [`ESCAPE`] with the high byte in a
+//! sorted side list. The decode kernel rebuilds the exact bf16 vector from them
+//! (`kernels::matmul::avx512_bf16`) and sums exactly the values it would have read from the
+//! stored bytes: 0.75 of the bytes per token, the same bits.
+//!
+//! Layout: row by row, each row in groups of 64 values ([`GROUP_BYTES`] bytes): 32 bytes of
+//! codes (byte `j` holds value `j`'s code in its low nibble and value `j + 32`'s in its high
+//! one), then the 64 low bytes in order. A row's last group is padded with code 0 and low byte
+//! 0; the kernel masks the padding off as it masks the stored row's end.
+
+use crate::weights::{StoredDtype, Tensor};
+use memmap2::{Advice, MmapMut};
+use rayon::prelude::*;
+
+/// Values per group: two 512-bit vectors of bf16.
+pub const GROUP: usize = 64;
+
+/// Bytes per group: 32 of codes and 64 low bytes.
+pub const GROUP_BYTES: usize = 96;
+
+/// The code saying "high byte in the side list" (a value outside the table).
+pub const ESCAPE: u8 = 15;
+
+/// The environment variable that forces the coding on (`1`) or off (`0`); `auto` (unset) codes
+/// when [`auto`] says so.
+pub const ENV: &str = "LOCKSTEP_CODED_BF16";
+
+/// Whether a model should code its BF16 matrices for one-token decode, as [`ENV`] asks ([`auto`]
+/// when it does not); a bad value is a one-line error.
+///
+/// `mapped` is the model's mapped bytes, `matrices` its BF16 matrices' bytes, `available` the
+/// machine's free memory.
+pub fn wanted(
+    mapped: u64,
+    matrices: u64,
+    available: Option<u64>,
+    streamed: bool,
+) -> crate::error::Result<bool> {
+    Ok(crate::switch::Switch::from_env(ENV)?.is_on(|| auto(mapped, matrices, available, streamed)))
+}
+
+/// The `auto` rule: code when this CPU sums coded matrices, the model's matrices are BF16, it
+/// is not streamed, and the copy (0.75 of the matrices) fits beside the mapped weights within
+/// [`crate::streaming::AUTO_FRACTION`] of the free memory (the weights must stay in memory: a
+/// copy that pushed them out would cost more than it saves).
+pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> bool {
+    let copy = matrices as f64 * 0.75;
+    crate::kernels::matmul::decodes_coded()
+        && matrices > 0
+        && !streamed
+        && available
+            .is_some_and(|a| mapped as f64 + copy <= crate::streaming::AUTO_FRACTION * a as f64)
+}
+
+/// A `[m, k]` BF16 matrix coded losslessly in 12 bits per value (see the module docs).
+pub struct Bf16Coded {
+    /// Rows.
+    pub m: usize,
+    /// Values per row.
+    pub k: usize,
+    /// Code → high byte for codes `0..15`; entry 15 ([`ESCAPE`]) is a byte no other entry
+    /// holds, so a rebuilt high byte equal to it marks an escaped value.
+    pub table: [u8; 16],
+    /// The groups, row after row (anonymous memory, in 2 MiB pages where the kernel gives them).
+    data: MmapMut,
+    /// The escaped values' positions `row·k + column`, ascending.
+    escaped_at: Vec<u64>,
+    /// Their high bytes, in the same order.
+    escaped_high: Vec<u8>,
+}
+
+impl Bf16Coded {
+    /// Codes a BF16 matrix of `m` rows of `k` values (`None` when `w` is not a 2-D BF16 matrix
+    /// or memory for the copy is refused).
+    pub fn new(w: &Tensor) -> Option<Bf16Coded> {
+        let (m, k) = match (w.dtype, w.shape.as_slice()) {
+            (StoredDtype::BF16, &[m, k]) if m > 0 && k > 0 => (m, k),
+            _ => return None,
+        };
+        let bytes = w.bytes();
+        debug_assert_eq!(bytes.len(), m * k * 2);
+        let table = frequent_high_bytes(bytes);
+        let mut code_of = [ESCAPE; 256];
+        for (c, &h) in table.iter().enumerate().take(ESCAPE as usize) {
+            code_of[h as usize] = c as u8;
+        }
+        let row_bytes = k.div_ceil(GROUP) * GROUP_BYTES;
+        let mut data = MmapMut::map_anon(m * row_bytes).ok()?;
+        // Advice is a hint: without 2 MiB pages the copy is still right.
+        let _ = data.advise(Advice::HugePage);
+        // Rows in parallel, each returning its escapes in column order: together ascending.
+        let escapes: Vec<Vec<(u64, u8)>> = data
+            .par_chunks_mut(row_bytes)
+            .zip(bytes.par_chunks(k * 2))
+            .enumerate()
+            .with_min_len(64)
+            .map(|(r, (dst, src))| code_row(dst, src, &code_of, (r * k) as u64))
+            .collect();
+        let (escaped_at, escaped_high) = escapes.into_iter().flatten().unzip();
+        Some(Bf16Coded {
+            m,
+            k,
+            table,
+            data,
+            escaped_at,
+            escaped_high,
+        })
+    }
+
+    /// Bytes one pass over the matrix reads (the groups; the side list is a few in 10,000).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// How many values have their high byte in the side list.
+    pub fn escapes(&self) -> usize {
+        self.escaped_at.len()
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.k.div_ceil(GROUP) * GROUP_BYTES
+    }
+
+    /// The start of the groups (row `r`'s at `r·`[`Bf16Coded::row_bytes`]).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+
+    /// The start of row `r`'s groups.
+    ///
+    /// # Panics
+    /// When `r >= m`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The high byte of the escaped value at `row`, `col`.
+    ///
+    /// # Panics
+    /// When that value is not escaped (its code is not [`ESCAPE`]).
+    pub fn escaped_high_byte(&self, row: usize, col: usize) -> u8 {
+        let at = (row * self.k + col) as u64;
+        let i = self
+            .escaped_at
+            .binary_search(&at)
+            .unwrap_or_else(|_| panic!("value {row},{col} is not escaped"));
+        self.escaped_high[i]
+    }
+
+    /// Row `r` decoded back to bf16 bits (the plain version of the kernel's decoding).
+    pub fn decode_row(&self, r: usize) -> Vec<u16> {
+        let row = self.row(r);
+        (0..self.k)
+            .map(|c| {
+                let g = &row[c / GROUP * GROUP_BYTES..][..GROUP_BYTES];
+                let j = c % GROUP;
+                let code = (g[j % 32] >> (4 * (j / 32))) & 0xF;
+                let high = if code == ESCAPE {
+                    self.escaped_high_byte(r, c)
+                } else {
+                    self.table[code as usize]
+                };
+                u16::from_le_bytes([g[32 + j], high])
+            })
+            .collect()
+    }
+}
+
+/// The 15 most frequent high bytes of the bf16 values in `bytes` (ties to the smaller byte),
+/// and in the 16th entry the smallest byte not among them; fewer distinct bytes leave 0s that
+/// no value uses.
+fn frequent_high_bytes(bytes: &[u8]) -> [u8; 16] {
+    let counts = bytes
+        .par_chunks(1 << 16)
+        .map(|c| {
+            let mut n = [0u64; 256];
+            c.iter()
+                .skip(1)
+                .step_by(2)
+                .for_each(|&h| n[h as usize] += 1);
+            n
+        })
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    let mut order: Vec<u8> = (0..=255).filter(|&h| counts[h as usize] > 0).collect();
+    order.sort_by_key(|&h| (std::cmp::Reverse(counts[h as usize]), h));
+    let mut table = [0u8; 16];
+    for (t, &h) in table.iter_mut().zip(order.iter().take(ESCAPE as usize)) {
+        *t = h;
+    }
+    table[ESCAPE as usize] = (0..=255)
+        .find(|b| !table[..ESCAPE as usize].contains(b))
+        .expect("15 entries leave a byte out");
+    table
+}
+
+/// Codes one row (`src`: its bf16 bytes) into `dst` (its groups); returns its escapes as
+/// (position, high byte), positions counted from `first` (the row's first value).
+fn code_row(dst: &mut [u8], src: &[u8], code_of: &[u8; 256], first: u64) -> Vec<(u64, u8)> {
+    let mut escapes = Vec::new();
+    for (g, (d, s)) in dst
+        .chunks_exact_mut(GROUP_BYTES)
+        .zip(src.chunks(GROUP * 2))
+        .enumerate()
+    {
+        for (j, v) in s.chunks_exact(2).enumerate() {
+            let (low, high) = (v[0], v[1]);
+            let code = code_of[high as usize];
+            if code == ESCAPE {
+                escapes.push((first + (g * GROUP + j) as u64, high));
+            }
+            d[j % 32] |= code << (4 * (j / 32));
+            d[32 + j] = low;
+        }
+    }
+    escapes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `[m, k]` BF16 tensor of normal-looking values (a few binades) plus some far outside
+    /// them (escapes), zeros and negative zeros.
+    fn matrix(m: usize, k: usize, seed: u64) -> (Tensor, Vec<u16>) {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let bits: Vec<u16> = (0..m * k)
+            .map(|_| {
+                let r = next();
+                match r % 97 {
+                    0 => 0x8000,
+                    1 => 0,
+                    // Escapes: huge, tiny, infinite and NaN values.
+                    2 => 0x7F80 | (r >> 16) as u16 & 0x807F,
+                    3 => (r >> 8) as u16 & 0x80FF,
+                    4 => 0x4700 | (r >> 16) as u16 & 0x80FF,
+                    _ => {
+                        let exp = 112 + (r >> 8) % 14;
+                        (((r >> 20) & 1) << 15 | exp << 7 | (r & 0x7F)) as u16
+                    }
+                }
+            })
+            .collect();
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        (
+            Tensor::from_bytes(StoredDtype::BF16, vec![m, k], bytes),
+            bits,
+        )
+    }
+
+    #[test]
+    fn every_row_decodes_to_its_stored_bits() {
+        for (m, k) in [
+            (1, 1),
+            (3, 31),
+            (5, 32),
+            (7, 33),
+            (2, 64),
+            (3, 65),
+            (4, 100),
+            (17, 1056),
+        ] {
+            let (t, bits) = matrix(m, k, (m * 1000 + k) as u64);
+            let c = Bf16Coded::new(&t).expect("a BF16 matrix");
+            assert_eq!(c.bytes(), m * k.div_ceil(64) * 96);
+            assert!(!c.table[..15].contains(&c.table[15]));
+            for r in 0..m {
+                assert_eq!(c.decode_row(r), bits[r * k..(r + 1) * k], "{m}x{k} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_holds_the_most_frequent_high_bytes() {
+        let (t, bits) = matrix(64, 512, 7);
+        let c = Bf16Coded::new(&t).unwrap();
+        let mut counts = [0usize; 256];
+        bits.iter().for_each(|b| counts[(b >> 8) as usize] += 1);
+        let least_in = c.table[..15].iter().map(|&h| counts[h as usize]).min();
+        let most_out = (0..256)
+            .filter(|h| !c.table[..15].contains(&(*h as u8)))
+            .map(|h| counts[h])
+            .max();
+        assert!(least_in >= most_out, "{least_in:?} < {most_out:?}");
+        // The fixture's escapes are rarer than its common bytes but there are some.
+        assert!(!c.escaped_at.is_empty());
+        assert!(c.escaped_at.len() < bits.len() / 10);
+    }
+
+    #[test]
+    fn auto_codes_what_fits_beside_the_weights() {
+        let gib = 1u64 << 30;
+        // 1 GiB of matrices (0.75 coded) beside 1 GiB mapped, 10 GiB free: coded where the CPU
+        // sums coded matrices.
+        let here = crate::kernels::matmul::decodes_coded();
+        assert_eq!(auto(gib, gib, Some(10 * gib), false), here);
+        // Never when streamed, without BF16 matrices, or with free memory unknown.
+        assert!(!auto(gib, gib, Some(10 * gib), true));
+        assert!(!auto(gib, 0, Some(10 * gib), false));
+        assert!(!auto(gib, gib, None, false));
+        // The 7B shape on this 23 GB machine: 15.2 GB mapped + 11.4 coded > 0.8 of 22.
+        assert!(!auto(
+            15_200_000_000,
+            15_200_000_000,
+            Some(22_000_000_000),
+            false
+        ));
+    }
+
+    #[test]
+    fn only_2d_bf16_matrices_are_coded() {
+        let f32s = Tensor::from_bytes(StoredDtype::F32, vec![2, 2], vec![0; 16]);
+        assert!(Bf16Coded::new(&f32s).is_none());
+        let vector = Tensor::from_bytes(StoredDtype::BF16, vec![4], vec![0; 8]);
+        assert!(Bf16Coded::new(&vector).is_none());
+    }
+}
