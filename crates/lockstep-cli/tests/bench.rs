@@ -91,3 +91,53 @@ fn bench_rejects_bad_arguments() {
         assert!(err.starts_with("error:"), "{err}");
     }
 }
+
+/// In bf16 a decode step reads the matrices coded in 12 bits per value where this CPU sums
+/// them (`LOCKSTEP_CODED_BF16` auto): `bench` reports 0.75 of the stored bytes read (the groups
+/// of 64 values, 96 bytes), and every stored byte read with the coding off. The speed itself is
+/// a benchmark's business (README, "Speed").
+#[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
+fn bench_reports_the_coded_bytes_a_bf16_step_reads() {
+    let model = fixtures().join("models/qwen2-tied-bf16");
+    let run = |mode: &str| -> Value {
+        let out = lockstep_ok_with(
+            "LOCKSTEP_CODED_BF16",
+            mode,
+            &[
+                "bench",
+                "--model",
+                model.to_str().unwrap(),
+                "--dtype",
+                "bf16",
+                "--prompt-tokens",
+                "4",
+                "--new-tokens",
+                "3",
+                "--repeat",
+                "1",
+                "--json",
+            ],
+        );
+        serde_json::from_str(out.lines().last().expect("a JSON line")).unwrap()
+    };
+    let (auto, off) = (run("auto"), run("off"));
+    let stored = off["decode_weight_bytes"].as_u64().unwrap();
+    assert_eq!(off["decode_read_bytes"].as_u64(), Some(stored), "{off}");
+    assert_eq!(off["coded_weight_bytes"].as_u64(), Some(0), "{off}");
+    assert_eq!(auto["decode_weight_bytes"].as_u64(), Some(stored), "{auto}");
+    let read = auto["decode_read_bytes"].as_u64().unwrap();
+    if lockstep_engine::kernels::matmul::decodes_coded() {
+        assert_eq!(auto["coded_weight_bytes"].as_u64(), Some(stored), "{auto}");
+        // Every row rounds up to whole groups: at least 0.75 of the stored bytes, not much more.
+        assert!(
+            read >= stored / 4 * 3 && (read as f64) < 0.8 * stored as f64,
+            "{read} of {stored}"
+        );
+    } else {
+        assert_eq!(read, stored, "{auto}");
+    }
+}

@@ -53,8 +53,8 @@ pub fn decode_weight_bytes(m: &Model) -> u64 {
 }
 
 /// What a decode step reads of [`decode_weight_bytes`]: a matrix coded in 12 bits per value
-/// ([`lockstep_engine::weights::bf16_coded`], made at the first one-token bf16 step) is read
-/// coded; returns (bytes read, stored bytes of the coded matrices).
+/// ([`lockstep_engine::weights::bf16_coded`], made for bf16 runs) is read coded by a decode
+/// step of up to [`lockstep_engine::kernels::matmul::CODED_MAX_TOKENS`] rows; returns (bytes read, stored bytes of the coded matrices).
 fn decode_read_bytes(m: &Model) -> (u64, u64) {
     decode_matrices(m).fold((0, 0), |(read, coded), t| match t.coded() {
         Some(c) => (read + c.bytes() as u64, coded + t.bytes().len() as u64),
@@ -254,8 +254,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     let wbytes = decode_weight_bytes(&loaded.model);
-    // A batch of one in bf16 reads the coded matrices; a batch of more, the stored ones.
-    let (read, coded) = if a.batch == 1 {
+    // A decode step of a few rows reads the coded matrices (where bf16 made them); more rows,
+    // the stored ones.
+    let (read, coded) = if a.batch <= lockstep_engine::kernels::matmul::CODED_MAX_TOKENS {
         decode_read_bytes(&loaded.model)
     } else {
         (wbytes, 0)

@@ -139,6 +139,10 @@ pub fn decodes_coded() -> bool {
     false
 }
 
+/// Most tokens a product reads a coded matrix for ([`decodes_coded`]): a decode step of up to
+/// three sequences; more read the stored bytes.
+pub const CODED_MAX_TOKENS: usize = 3;
+
 /// The inner loops [`linear`] can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -333,9 +337,11 @@ fn linear_min_n_many<T: Float>(
                     amx::sums(p, n, k, w.bytes(), m, rows.clone(), out)
                 }
                 (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
-                    // One token on a matrix coded in 12 bits: the same sums from fewer bytes.
-                    match w.coded().filter(|_| n == 1 && avx512_bf16::decodes_coded()) {
-                        Some(c) => avx512_bf16::sums_coded(p, k, c, rows.clone(), out),
+                    // A decode step on a matrix coded in 12 bits: the same sums from fewer
+                    // bytes.
+                    let few = n <= avx512_bf16::CODED_MAX_TOKENS;
+                    match w.coded().filter(|_| few && avx512_bf16::decodes_coded()) {
+                        Some(c) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
                         None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
                     }
                     rows.end..rows.end
@@ -878,8 +884,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// One token's sums from the 12-bit coded matrix ([`crate::weights::bf16_coded`]) are the
-    /// stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
+    /// One to three tokens' sums from the 12-bit coded matrix ([`crate::weights::bf16_coded`])
+    /// are the stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
     /// chunks, and values whose high byte is outside the table (huge, tiny, infinite), whose
     /// sums must come out the same too; and `linear` takes the coded path once it exists.
     #[cfg(target_arch = "x86_64")]
@@ -911,32 +917,34 @@ pub(crate) mod tests {
                 }
             }
             let (_d, w) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
-            let x: Vec<f32> = pseudo(k, 12)
-                .iter()
-                .map(|&v| Bf16(v).to_act_dtype().0)
-                .collect();
-            let p = avx512_bf16::Packed::new(&x, 1, k);
-            let (mut plain, mut coded) = (vec![f32::NAN; m], vec![f32::NAN; m]);
+            let (_d2, fresh) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
             assert!(w.code_bf16());
             let c = w.coded().unwrap();
             assert!(c.escapes() > 0 || m * k < 2000, "m={m} k={k}: no escapes");
-            // SAFETY: the kernels are available; shapes as they require; one caller.
-            unsafe {
-                avx512_bf16::sums(&p, 1, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
-                avx512_bf16::sums_coded(&p, k, c, 0..m, coded.as_mut_ptr());
+            for n in 1..=avx512_bf16::CODED_MAX_TOKENS {
+                let x: Vec<f32> = pseudo(n * k, 12 + n as u64)
+                    .iter()
+                    .map(|&v| Bf16(v).to_act_dtype().0)
+                    .collect();
+                let p = avx512_bf16::Packed::new(&x, n, k);
+                let (mut plain, mut coded) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
+                // SAFETY: the kernels are available; shapes as they require; one caller.
+                unsafe {
+                    avx512_bf16::sums(&p, n, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
+                    avx512_bf16::sums_coded(&p, n, k, c, 0..m, coded.as_mut_ptr());
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&coded), bits(&plain), "m={m} k={k} n={n}");
+                assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
+                // Through `linear` (the coded path for a decode step's few tokens): the same
+                // outputs as an uncoded copy of the matrix.
+                let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v)).collect();
+                let (mut a, mut b) = (vec![Bf16(0.0); n * m], vec![Bf16(0.0); n * m]);
+                linear_with(Kernel::Avx512Bf16, &xb, n, &w, None, &mut a);
+                linear_with(Kernel::Avx512Bf16, &xb, n, &fresh, None, &mut b);
+                let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "linear m={m} k={k} n={n}");
             }
-            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&coded), bits(&plain), "m={m} k={k}");
-            assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
-            // Through `linear` (the coded path for one token): the same outputs as an uncoded
-            // copy of the matrix.
-            let (_d2, fresh) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
-            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v)).collect();
-            let (mut a, mut b) = (vec![Bf16(0.0); m], vec![Bf16(0.0); m]);
-            linear_with(Kernel::Avx512Bf16, &xb, 1, &w, None, &mut a);
-            linear_with(Kernel::Avx512Bf16, &xb, 1, &fresh, None, &mut b);
-            let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "linear m={m} k={k}");
         }
     }
 

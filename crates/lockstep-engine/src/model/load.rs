@@ -178,7 +178,9 @@ impl Model {
 impl Model {
     /// Prepares the loaded weights for computing in `dtype`: for [`Dtype::Q8dot`], every
     /// ggml block-quantized matrix (the layers' and the LM head) is marked for 8-bit integer dot
-    /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math).
+    /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math). For
+    /// [`Dtype::Bf16`] with [`Model::code_bf16`] the BF16 matrices are coded for one-token
+    /// decode now ([`Model::code_bf16_matrices`]), not at the first decode step.
     ///
     /// # Errors
     /// `q8dot` on a model without a block-quantized matrix: it would run plain f32, so say so.
@@ -194,6 +196,9 @@ impl Model {
             layer.linears_mut().into_iter().for_each(mark);
         }
         mark(&mut self.lm_head);
+        if dtype == Dtype::Bf16 && self.code_bf16 {
+            self.code_bf16_matrices();
+        }
         Ok(())
     }
 

@@ -217,45 +217,65 @@ pub(super) fn decodes_coded() -> bool {
     *OK.get_or_init(|| available() && is_x86_feature_detected!("avx512vbmi"))
 }
 
-/// [`sums`] for one token on the same matrix coded in 12 bits per value ([`Bf16Coded`]): each
-/// group of 32 values is rebuilt as the exact bf16 vector the stored bytes hold before it is
-/// summed, so the sums are [`sums`]' to the bit, from 0.75 of the bytes.
+pub(super) use super::CODED_MAX_TOKENS;
+
+/// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on the same matrix coded in 12 bits per value
+/// ([`Bf16Coded`]): each group of 64 values is rebuilt as the exact bf16 vectors the stored
+/// bytes hold before it is summed, so the sums are [`sums`]' to the bit, from 0.75 of the bytes.
+/// One token runs on [`DECODE_ROWS`]-row tiles as [`sums`] does, two or three on 4-row tiles.
 ///
 /// # Safety
-/// [`decodes_coded`]; `c` codes the `m × k` matrix; `p` packs one token of `k`; `out` is valid
-/// for `m` f32 and nobody else touches the entries in `rows`.
+/// [`decodes_coded`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
+/// for `n·m` f32 and nobody else touches the entries in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
 pub(super) unsafe fn sums_coded(
     p: &Packed,
+    n: usize,
     k: usize,
     c: &Bf16Coded,
     rows: Range<usize>,
     out: *mut f32,
 ) {
     assert!(
-        c.k == k
+        (1..=CODED_MAX_TOKENS).contains(&n)
+            && c.k == k
             && rows.end <= c.m
-            && p.data.len() == p.stride
+            && p.data.len() == n * p.stride
             && p.stride == k.next_multiple_of(PAIRS)
     );
     let codes = Codes::new(c);
-    for (j, nr) in decode_groups(rows) {
+    let (m, xs, ws) = (c.m, p.stride, c.row_bytes());
+    let tiles: Box<dyn Iterator<Item = (usize, usize)>> = if n == 1 {
+        Box::new(decode_groups(rows))
+    } else {
+        Box::new(groups(rows))
+    };
+    for (j, nr) in tiles {
         for c0 in (0..k).step_by(KC) {
             let len = KC.min(k - c0);
             let xp = p.data.as_ptr().add(c0);
-            let wp = c.as_ptr().add(j * c.row_bytes() + c0 / GROUP * GROUP_BYTES);
+            let wp = c.as_ptr().add(j * ws + c0 / GROUP * GROUP_BYTES);
             let at = (c, j, c0);
             let out = Out {
                 ptr: out.add(j),
-                token_stride: 0,
+                token_stride: m,
                 first: c0 == 0,
             };
-            let ws = c.row_bytes();
-            match nr {
-                DECODE_ROWS => out.rows4(tile_coded::<DECODE_ROWS>(xp, len, wp, ws, &codes, at)),
-                8 => out.rows4(tile_coded::<8>(xp, len, wp, ws, &codes, at)),
-                4 => out.rows4(tile_coded::<4>(xp, len, wp, ws, &codes, at)),
-                _ => out.one_row(tile_coded::<1>(xp, len, wp, ws, &codes, at)),
+            macro_rules! run {
+                ($r:literal, $n:literal, $finish:ident) => {
+                    out.$finish(tile_coded::<$r, $n>(xp, xs, len, wp, ws, &codes, at))
+                };
+            }
+            match (nr, n) {
+                (DECODE_ROWS, 1) => run!(12, 1, rows4),
+                (8, 1) => run!(8, 1, rows4),
+                (4, 1) => run!(4, 1, rows4),
+                (1, 1) => run!(1, 1, one_row),
+                (4, 2) => run!(4, 2, rows4),
+                (1, 2) => run!(1, 2, one_row),
+                (4, 3) => run!(4, 3, rows4),
+                (1, 3) => run!(1, 3, one_row),
+                _ => unreachable!("tile of {nr} rows × {n} tokens"),
             }
         }
     }
@@ -314,32 +334,37 @@ impl Codes {
     }
 }
 
-/// [`tile`] for one token on `R` rows of a [`Bf16Coded`] matrix: `w` at the rows' groups for
-/// this chunk, `ws` bytes apart; `(c, j, c0)` the matrix, the first row and the chunk's first
-/// column (for the side list). The same steps of 32 values as [`tile`], two per group (the
-/// second skipped where the row has ended, as [`tile`] has no step there).
+/// [`tile`] for `N` tokens (`xs` elements apart) on `R` rows of a [`Bf16Coded`] matrix: `w`
+/// at the rows' groups for this chunk, `ws` bytes apart; `(c, j, c0)` the matrix, the first row
+/// and the chunk's first column (for the side list). The same steps of 32 values as [`tile`],
+/// two per group (the second skipped where the row has ended, as [`tile`] has no step there).
 ///
 /// # Safety
-/// As [`sums_coded`]; `x` valid for `len` rounded up to 32 elements.
+/// As [`sums_coded`]; `x` valid for `N` rows of `len` rounded up to 32 elements.
 #[inline(always)]
-unsafe fn tile_coded<const R: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_coded<const R: usize, const N: usize>(
     x: *const u16,
+    xs: usize,
     len: usize,
     w: *const u8,
     ws: usize,
     codes: &Codes,
     (c, j, c0): (&Bf16Coded, usize, usize),
-) -> [[__m512; 1]; R] {
-    let mut acc = [[_mm512_setzero_ps(); 1]; R];
+) -> [[__m512; N]; R] {
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
         let g = w.add(i / GROUP * GROUP_BYTES);
-        // Every row's group rebuilt first, escapes put back (rarely) after: no call among the
-        // sums, so the accumulators stay in registers.
-        let mut escaped = [0u64; R];
+        // The next tile's groups at this column (its rows follow these), into cache early: a
+        // step here does more work per byte than a stored row's, so fewer of memory's reads are
+        // in flight without it.
         for r in 0..R {
             _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws).cast());
             _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws + GROUP_BYTES - 1).cast());
         }
+        // Every row's group rebuilt first, escapes put back (rarely) after: no call among the
+        // sums, so the accumulators stay in registers.
+        let mut escaped = [0u64; R];
         let mut wv: [[__m512i; 2]; R] = std::array::from_fn(|r| {
             let (v, e) = codes.group(g.add(r * ws));
             escaped[r] = e;
@@ -357,7 +382,11 @@ unsafe fn tile_coded<const R: usize>(
             if at >= len {
                 break;
             }
-            let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(x.add(at).cast()));
+            let xv: [__m512bh; N] = std::array::from_fn(|t| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    x.add(t * xs + at).cast(),
+                ))
+            });
             let mask = if len - at < PAIRS {
                 (1u32 << (len - at)) - 1
             } else {
@@ -369,7 +398,10 @@ unsafe fn tile_coded<const R: usize>(
                 } else {
                     _mm512_maskz_mov_epi16(mask, v[half])
                 };
-                a[0] = _mm512_dpbf16_ps(a[0], std::mem::transmute::<__m512i, __m512bh>(v), xv);
+                let v = std::mem::transmute::<__m512i, __m512bh>(v);
+                for (a, &xv) in a.iter_mut().zip(&xv) {
+                    *a = _mm512_dpbf16_ps(*a, v, xv);
+                }
             }
         }
     }
