@@ -32,6 +32,10 @@ pub struct MemoryEstimate {
     /// The Python reference's process (its model, as `verify` runs it; 0 for other runs). It
     /// runs in its own phases, so [`Self::total`] counts the larger of it and lockstep's side.
     pub reference: u64,
+    /// The bf16 decode's copy of the matrices coded in 12 bits per value
+    /// ([`crate::weights::bf16_coded`]), when the run will make it ([`Self::with_coded_copy`]);
+    /// 0 otherwise.
+    pub coded: u64,
 }
 
 /// What a run asks for, besides the model.
@@ -70,7 +74,23 @@ impl MemoryEstimate {
             activations: clamp(activations),
             traces: 0,
             reference: 0,
+            coded: 0,
         }
+    }
+
+    /// The estimate with the bf16 decode's coded copy of the matrices, for a run that computes in
+    /// bf16: 0.75 of the weights (erring high: embeddings and norms are not coded) when
+    /// [`crate::weights::bf16_coded::wanted`] will have the model make one with `available`
+    /// bytes free (the weights in place of its BF16 matrices, which it learns at load).
+    ///
+    /// # Errors
+    /// A bad `LOCKSTEP_CODED_BF16` (one line).
+    pub fn with_coded_copy(mut self, available: Option<u64>) -> Result<Self> {
+        let (w, streamed) = (self.weights, self.weights_streamed);
+        if crate::weights::bf16_coded::wanted(w, w, available, streamed)? {
+            self.coded = w / 4 * 3;
+        }
+        Ok(self)
     }
 
     /// The estimate for `lockstep verify` on `config` run as `run` (its longest input, the
@@ -128,7 +148,8 @@ impl MemoryEstimate {
         self
     }
 
-    /// Everything held at once: lockstep's side (weights, KV cache, activations, traces), or the
+    /// Everything held at once: lockstep's side (weights, KV cache, activations, traces, the
+    /// coded matrices), or the
     /// Python reference's model when that is larger (`verify` runs the reference in its own phases,
     /// not while lockstep's engine computes, so the two are not added).
     pub fn total(&self) -> u64 {
@@ -136,6 +157,7 @@ impl MemoryEstimate {
             .saturating_add(self.kv_cache)
             .saturating_add(self.activations)
             .saturating_add(self.traces)
+            .saturating_add(self.coded)
             .max(self.reference)
     }
 
@@ -152,6 +174,12 @@ impl MemoryEstimate {
             gib(self.kv_cache),
             gib(self.activations)
         );
+        if self.coded > 0 {
+            parts.push_str(&format!(
+                ", bf16 matrices coded for decode {}",
+                gib(self.coded)
+            ));
+        }
         if self.traces > 0 || self.reference > 0 {
             parts.push_str(&format!(
                 ", traces {}, the Python reference {}",
@@ -312,6 +340,39 @@ pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The coded copy counts on lockstep's side when the model will make it (this CPU sums coded
+    /// matrices and they fit), never when free memory is unknown or the layers are streamed.
+    #[test]
+    fn the_coded_copy_counts_where_it_will_be_made() {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "max_position_embeddings": 128}"#,
+        )
+        .unwrap();
+        let run = RunShape {
+            batch: 1,
+            prompt_len: 8,
+            context: 16,
+            act_bytes: 4,
+        };
+        let gib = 1u64 << 30;
+        let plain = MemoryEstimate::new(&c, gib, run);
+        let free = plain.with_coded_copy(Some(16 * gib)).unwrap();
+        if crate::kernels::matmul::decodes_coded() {
+            assert_eq!(free.coded, gib / 4 * 3);
+            assert_eq!(free.total(), plain.total() + gib / 4 * 3);
+            assert!(free.describe().contains("coded"), "{}", free.describe());
+        } else {
+            assert_eq!(free, plain);
+        }
+        assert_eq!(plain.with_coded_copy(None).unwrap().coded, 0);
+        let mut streamed = plain;
+        streamed.weights_streamed = true;
+        assert_eq!(streamed.with_coded_copy(Some(16 * gib)).unwrap().coded, 0);
+    }
 
     /// A quantized GGUF counts at its file size (plus Llama's reordered q/k copy), not as f32.
     #[test]

@@ -263,6 +263,9 @@ impl Preloaded {
         };
         let mut estimate = MemoryEstimate::new(&self.config, weights, run);
         estimate.weights_streamed = streamed;
+        if *dtype == lockstep_engine::Dtype::Bf16 {
+            estimate = estimate.with_coded_copy(resources::available_memory())?;
+        }
         super::common::enforce_memory_estimate(&estimate, &self.dir, force)
     }
 

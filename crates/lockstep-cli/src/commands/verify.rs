@@ -346,6 +346,10 @@ fn check_memory(
     if crate::harness::pyref::streamed(model, reference_dtype) {
         estimate = estimate.with_streamed_reference(&config, reference_bytes);
     }
+    // A bf16 tier decodes in bf16, which may code the matrices.
+    if tiers(dtype, model)?.contains(&Precision::BF16) {
+        estimate = estimate.with_coded_copy(resources::available_memory())?;
+    }
     super::common::enforce_memory_estimate(&estimate, model, force)
 }
 
