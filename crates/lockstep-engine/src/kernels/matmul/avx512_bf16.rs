@@ -176,10 +176,16 @@ unsafe fn prefetch_out(out: *mut f32, m: usize, rows: Range<usize>, tokens: Rang
 /// One-token decode's row groups: [`DECODE_ROWS`] rows at a time, then one group of 8 and
 /// one of 4 where the rest has them, then single rows: `(start, len)`.
 fn decode_groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    row_groups(r, &[DECODE_ROWS, 8, 4, 1])
+}
+
+/// Groups of rows of the first of `sizes` (descending, ending in 1) that fits what is left,
+/// in order: `(start, len)`.
+fn row_groups(r: Range<usize>, sizes: &'static [usize]) -> impl Iterator<Item = (usize, usize)> {
     let mut j = r.start;
     std::iter::from_fn(move || {
         let left = r.end - j;
-        let nr = [DECODE_ROWS, 8, 4, 1].into_iter().find(|&g| g <= left)?;
+        let nr = sizes.iter().copied().find(|&g| g <= left)?;
         j += nr;
         Some((j - nr, nr))
     })
@@ -222,7 +228,8 @@ pub(super) use super::CODED_MAX_TOKENS;
 /// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on the same matrix coded in 12 bits per value
 /// ([`Bf16Coded`]): each group of 64 values is rebuilt as the exact bf16 vectors the stored
 /// bytes hold before it is summed, so the sums are [`sums`]' to the bit, from 0.75 of the bytes.
-/// One token runs on [`DECODE_ROWS`]-row tiles as [`sums`] does, two or three on 4-row tiles.
+/// One token runs on [`DECODE_ROWS`]-row tiles as [`sums`] does, two or three on 4-row tiles
+/// (12 accumulators at most, as [`sums`]' tiles).
 ///
 /// # Safety
 /// [`decodes_coded`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
@@ -245,12 +252,12 @@ pub(super) unsafe fn sums_coded(
     );
     let codes = Codes::new(c);
     let (m, xs, ws) = (c.m, p.stride, c.row_bytes());
-    let tiles: Box<dyn Iterator<Item = (usize, usize)>> = if n == 1 {
-        Box::new(decode_groups(rows))
+    let sizes: &'static [usize] = if n == 1 {
+        &[DECODE_ROWS, 8, 4, 1]
     } else {
-        Box::new(groups(rows))
+        &[4, 1]
     };
-    for (j, nr) in tiles {
+    for (j, nr) in row_groups(rows, sizes) {
         for c0 in (0..k).step_by(KC) {
             let len = KC.min(k - c0);
             let xp = p.data.as_ptr().add(c0);
@@ -358,9 +365,12 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         // The next tile's groups at this column (its rows follow these), into cache early: a
         // step here does more work per byte than a stored row's, so fewer of memory's reads are
         // in flight without it.
+        // (Past the last tile the address lies outside the matrix: a prefetch never faults,
+        // and `wrapping_add` makes no claim that it is inside.)
         for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws).cast());
-            _mm_prefetch::<_MM_HINT_T0>(g.add((R + r) * ws + GROUP_BYTES - 1).cast());
+            let next = g.wrapping_add((R + r) * ws);
+            _mm_prefetch::<_MM_HINT_T0>(next.cast());
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(GROUP_BYTES - 1).cast());
         }
         // Every row's group rebuilt first, escapes put back (rarely) after: no call among the
         // sums, so the accumulators stay in registers.
