@@ -32,7 +32,7 @@ pub struct MemoryEstimate {
     /// The Python reference's process (its model, as `verify` runs it; 0 for other runs). It
     /// runs in its own phases, so [`Self::total`] counts the larger of it and lockstep's side.
     pub reference: u64,
-    /// The bf16 decode's copy of the matrices coded in 12 bits per value
+    /// The decode's copy of the BF16 matrices coded in 12 bits per value
     /// ([`crate::weights::bf16_coded`]), when the run will make it ([`Self::with_coded_copy`]);
     /// 0 otherwise.
     pub coded: u64,
@@ -78,8 +78,8 @@ impl MemoryEstimate {
         }
     }
 
-    /// The estimate with the bf16 decode's coded copy of the matrices, for a run that computes in
-    /// bf16: 0.75 of the weights (erring high: embeddings and norms are not coded) when
+    /// The estimate with the decode's coded copy of the matrices, for a run on a bf16 checkpoint
+    /// that computes in bf16 or f32: 0.75 of the weights (erring high: embeddings and norms are not coded) when
     /// [`crate::weights::bf16_coded::wanted`] will have the model make one with `available`
     /// bytes free (the weights in place of its BF16 matrices, which it learns at load).
     ///

@@ -53,7 +53,7 @@ pub fn decode_weight_bytes(m: &Model) -> u64 {
 }
 
 /// What a decode step reads of [`decode_weight_bytes`]: a matrix coded in 12 bits per value
-/// ([`lockstep_engine::weights::bf16_coded`], made for bf16 runs) is read coded by a decode
+/// ([`lockstep_engine::weights::bf16_coded`], made for bf16 and f32 runs) is read coded by a decode
 /// step of up to [`lockstep_engine::kernels::matmul::CODED_MAX_TOKENS`] rows; returns (bytes read, stored bytes of the coded matrices).
 fn decode_read_bytes(m: &Model) -> (u64, u64) {
     decode_matrices(m).fold((0, 0), |(read, coded), t| match t.coded() {

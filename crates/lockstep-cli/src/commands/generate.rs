@@ -263,7 +263,15 @@ impl Preloaded {
         };
         let mut estimate = MemoryEstimate::new(&self.config, weights, run);
         estimate.weights_streamed = streamed;
-        if *dtype == lockstep_engine::Dtype::Bf16 {
+        // A bf16 checkpoint decoded in bf16 or f32 compute may code its matrices.
+        let bf16 = self.config.declared_dtype.as_deref() == Some("bfloat16");
+        let reads_coding = matches!(
+            *dtype,
+            lockstep_engine::Dtype::Bf16
+                | lockstep_engine::Dtype::Bf16w
+                | lockstep_engine::Dtype::F32
+        );
+        if bf16 && reads_coding {
             estimate = estimate.with_coded_copy(resources::available_memory())?;
         }
         super::common::enforce_memory_estimate(&estimate, &self.dir, force)

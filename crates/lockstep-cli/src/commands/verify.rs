@@ -346,8 +346,10 @@ fn check_memory(
     if crate::harness::pyref::streamed(model, reference_dtype) {
         estimate = estimate.with_streamed_reference(&config, reference_bytes);
     }
-    // A bf16 tier decodes in bf16, which may code the matrices.
-    if tiers(dtype, model)?.contains(&Precision::BF16) {
+    // The bf16 and f32 tiers' decodes on a bf16 checkpoint may code its matrices.
+    let tiers = tiers(dtype, model)?;
+    let bf16 = config.declared_dtype.as_deref() == Some("bfloat16");
+    if bf16 && (tiers.contains(&Precision::BF16) || tiers.contains(&Precision::F32)) {
         estimate = estimate.with_coded_copy(resources::available_memory())?;
     }
     super::common::enforce_memory_estimate(&estimate, model, force)

@@ -20,6 +20,8 @@ mod blocks;
 mod blocks_avx2;
 #[cfg(target_arch = "x86_64")]
 mod blocks_avx512;
+#[cfg(target_arch = "x86_64")]
+mod coded_avx512;
 mod q8dot;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
@@ -437,6 +439,13 @@ unsafe fn sums<T: Float>(
             }
             (Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx, Some(r)) => {
                 use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
+                // A decode step on a matrix coded in 12 bits: the same sums from fewer bytes.
+                let coded = (n <= CODED_MAX_TOKENS && avx512_bf16::decodes_coded())
+                    .then(|| w.coded())
+                    .flatten();
+                if let (Reader::Bf16, Some(c)) = (&r, coded) {
+                    return avx512::sums_coded(xf, n, k, c, rows, out);
+                }
                 return match r {
                     Reader::Bf16 => run::<Bf16W>(xf, n, k, bytes, m, rows, out),
                     Reader::F32AsBf16 => run::<F32AsBf16W>(xf, n, k, bytes, m, rows, out),
@@ -884,8 +893,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// One to three tokens' sums from the 12-bit coded matrix ([`crate::weights::bf16_coded`])
-    /// are the stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
+    /// One to three tokens' sums from the 12-bit coded matrix ([`crate::weights::bf16_coded`]),
+    /// in bf16 and in f32 compute, are the stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
     /// chunks, and values whose high byte is outside the table (huge, tiny, infinite), whose
     /// sums must come out the same too; and `linear` takes the coded path once it exists.
     #[cfg(target_arch = "x86_64")]
@@ -944,6 +953,16 @@ pub(crate) mod tests {
                 linear_with(Kernel::Avx512Bf16, &xb, n, &fresh, None, &mut b);
                 let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "linear m={m} k={k} n={n}");
+                // f32 compute (the f32 and bf16w tiers) reads the coding through the widening
+                // FMA kernel, on either kernel choice that runs it: the stored matrix's bits.
+                let xf = pseudo(n * k, 20 + n as u64);
+                for kernel in [Kernel::Avx512, Kernel::Avx512Bf16] {
+                    let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
+                    linear_with(kernel, &xf, n, &w, None, &mut a);
+                    linear_with(kernel, &xf, n, &fresh, None, &mut b);
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "f32 {kernel:?} m={m} k={k} n={n}");
+                }
             }
         }
     }

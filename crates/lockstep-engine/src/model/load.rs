@@ -178,9 +178,9 @@ impl Model {
 impl Model {
     /// Prepares the loaded weights for computing in `dtype`: for [`Dtype::Q8dot`], every
     /// ggml block-quantized matrix (the layers' and the LM head) is marked for 8-bit integer dot
-    /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math). For
-    /// [`Dtype::Bf16`] with [`Model::code_bf16`] the BF16 matrices are coded for one-token
-    /// decode now ([`Model::code_bf16_matrices`]), not at the first decode step.
+    /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math). For a dtype
+    /// whose decode reads the 12-bit coding (bf16, bf16w, f32) with [`Model::code_bf16`], the
+    /// BF16 matrices are coded now ([`Model::code_bf16_matrices`]), not at the first decode step.
     ///
     /// # Errors
     /// `q8dot` on a model without a block-quantized matrix: it would run plain f32, so say so.
@@ -196,7 +196,8 @@ impl Model {
             layer.linears_mut().into_iter().for_each(mark);
         }
         mark(&mut self.lm_head);
-        if dtype == Dtype::Bf16 && self.code_bf16 {
+        let reads_coding = matches!(dtype, Dtype::Bf16 | Dtype::Bf16w | Dtype::F32);
+        if reads_coding && self.code_bf16 {
             self.code_bf16_matrices();
         }
         Ok(())

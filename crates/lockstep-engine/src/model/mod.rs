@@ -38,8 +38,9 @@ use lockstep_trace::TapName;
 /// parallel loops on a spinning team ([`crate::team`]); longer ones on rayon's pool.
 const TEAM_TOKENS: usize = 16;
 
-/// A forward pass over at most this many tokens (a decode step of up to three sequences)
-/// reads the matrices coded in 12 bits per value ([`Model::code_bf16`]), so it makes them.
+/// A forward pass over at most this many tokens (a decode step of up to three sequences) in
+/// bf16 or f32 compute reads the matrices coded in 12 bits per value ([`Model::code_bf16`]), so
+/// it makes them.
 const CODED_TOKENS: usize = crate::kernels::matmul::CODED_MAX_TOKENS;
 
 /// Weights of one decoder layer.
@@ -213,10 +214,10 @@ pub struct Model {
     /// be set by hand. Never changes a value.
     pub team: bool,
     /// Code the BF16 matrices in 12 bits per value ([`crate::weights::bf16_coded`]), which a
-    /// bf16 decode step (at most [`CODED_TOKENS`] tokens) then reads, 0.75 of the bytes: at
-    /// [`Model::use_dtype`] for [`crate::Dtype::Bf16`], else at the first such step. Chosen at load by
-    /// [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`); may be set by hand.
-    /// Never changes a value.
+    /// decode step (at most [`CODED_TOKENS`] tokens) in bf16 or f32 compute then reads, 0.75 of
+    /// the bytes: at [`Model::use_dtype`] for a dtype that computes so, else at the first such
+    /// step. Chosen at load by [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`);
+    /// may be set by hand. Never changes a value.
     pub code_bf16: bool,
 }
 
@@ -364,7 +365,8 @@ impl Model {
         obs: &mut impl Observer<T>,
         which: LogitsFor,
     ) -> Result<Vec<T>> {
-        if self.code_bf16 && T::PRECISION == Precision::BF16 && tokens.len() <= CODED_TOKENS {
+        let reads_coding = matches!(T::PRECISION, Precision::BF16 | Precision::F32);
+        if self.code_bf16 && reads_coding && tokens.len() <= CODED_TOKENS {
             self.code_bf16_matrices();
         }
         // A decode step's loops are short: the pool's threads spin between them as a team.

@@ -16,6 +16,9 @@
 //! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
 //! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
+use super::coded_avx512::Codes;
+use super::CODED_MAX_TOKENS;
+use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -238,6 +241,112 @@ unsafe fn sums<W: Weights>(
             }
         }
     }
+}
+
+/// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on a BF16 matrix coded in 12 bits per value
+/// ([`Bf16Coded`]): each group of 64 values rebuilt as the stored bf16 ([`Codes::rows`]),
+/// widened as [`Bf16W`] widens them, in the same steps of 16 and the same order, so the sums
+/// are `sums::<Bf16W>`' to the bit, from 0.75 of the bytes. 4-row tiles, as [`sums`]' decode.
+///
+/// # Safety
+/// [`super::avx512_bf16::decodes_coded`] (AVX-512 with AVX512_VBMI); `c` codes the `m × k`
+/// matrix; `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
+/// entries in `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+pub(super) unsafe fn sums_coded(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    c: &Bf16Coded,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    assert!((1..=CODED_MAX_TOKENS).contains(&n) && x.len() == n * k && c.k == k && rows.end <= c.m);
+    let codes = Codes::new(c);
+    let (m, ws) = (c.m, c.row_bytes());
+    for (j, nr) in groups(rows) {
+        for c0 in (0..k).step_by(KC) {
+            let len = KC.min(k - c0);
+            let xp = x.as_ptr().add(c0);
+            let wp = c.as_ptr().add(j * ws + c0 / GROUP * GROUP_BYTES);
+            let at = (c, j, c0);
+            let mut add = |r: usize, t: usize, v: f32| {
+                let o = out.add(t * m + j + r);
+                *o = if c0 == 0 { v } else { *o + v };
+            };
+            macro_rules! run {
+                ($r:literal, $n:literal) => {
+                    each(
+                        tile_coded::<$r, $n>(xp, k, len, wp, ws, &codes, at),
+                        &mut add,
+                    )
+                };
+            }
+            match (nr, n) {
+                (4, 1) => run!(4, 1),
+                (4, 2) => run!(4, 2),
+                (4, 3) => run!(4, 3),
+                (1, 1) => run!(1, 1),
+                (1, 2) => run!(1, 2),
+                (1, 3) => run!(1, 3),
+                _ => unreachable!("tile of {nr} rows × {n} tokens"),
+            }
+        }
+    }
+}
+
+/// [`tile`] for `N` tokens (`xrow` elements apart) on `R` rows of a [`Bf16Coded`] matrix: `w`
+/// at the rows' groups for this chunk of `len` columns, `ws` bytes apart; `(c, j, c0)` the
+/// matrix, the first row and the chunk's first column.
+///
+/// # Safety
+/// As [`sums_coded`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_coded<const R: usize, const N: usize>(
+    x: *const f32,
+    xrow: usize,
+    len: usize,
+    w: *const u8,
+    ws: usize,
+    codes: &Codes,
+    (c, j, c0): (&Bf16Coded, usize, usize),
+) -> [[f32; N]; R] {
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for i in (0..len).step_by(GROUP) {
+        let wv = codes.rows::<R>(w.add(i / GROUP * GROUP_BYTES), ws, (c, j, c0 + i));
+        // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it.
+        for q in 0..GROUP / LANES {
+            let at = i + q * LANES;
+            if at >= len {
+                break;
+            }
+            let mask = mask16(len - at);
+            let xv: [__m512; N] =
+                std::array::from_fn(|t| _mm512_maskz_loadu_ps(mask, x.add(t * xrow + at)));
+            for (a, v) in acc.iter_mut().zip(&wv) {
+                let half = v[q / 2];
+                let h = if q % 2 == 0 {
+                    _mm512_castsi512_si256(half)
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(half)
+                };
+                // As `Bf16W::load`: masked lanes zero, widened exactly.
+                let h = _mm256_maskz_mov_epi16(mask, h);
+                let wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                for (a, &xv) in a.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(wf, xv, *a);
+                }
+            }
+        }
+    }
+    let mut sums = [[0.0; N]; R];
+    for (s, a) in sums.iter_mut().zip(&acc) {
+        for (s, &a) in s.iter_mut().zip(a) {
+            *s = _mm512_reduce_add_ps(a);
+        }
+    }
+    sums
 }
 
 /// Groups of four (then single ones) covering `r`: `(start, len)`.

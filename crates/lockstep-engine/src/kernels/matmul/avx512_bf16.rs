@@ -30,7 +30,8 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
-use crate::weights::bf16_coded::{Bf16Coded, ESCAPE, GROUP, GROUP_BYTES};
+use super::coded_avx512::Codes;
+use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
 use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -288,59 +289,6 @@ pub(super) unsafe fn sums_coded(
     }
 }
 
-/// The constants that rebuild a group of a [`Bf16Coded`] matrix.
-struct Codes {
-    /// The code → high byte table, four times over (`vpermb` reads an index's low 6 bits).
-    table: __m512i,
-    /// The escape entry of the table, in every byte.
-    escape: __m512i,
-    /// Shifts by 0 for the first 256 bits, by 4 for the second (each byte's second code).
-    shifts: __m512i,
-    /// Byte `2j` takes the low bytes' byte `j`, byte `2j + 1` the high bytes' (`64 + j`).
-    first: __m512i,
-    /// [`Codes::first`] for the group's second 32 values.
-    second: __m512i,
-}
-
-impl Codes {
-    #[inline(always)]
-    unsafe fn new(c: &Bf16Coded) -> Codes {
-        let table: [u8; 64] = std::array::from_fn(|b| c.table[b % 16]);
-        let pick = |half: u8| -> [u8; 64] {
-            std::array::from_fn(|b| 32 * half + (b / 2) as u8 + if b % 2 == 0 { 0 } else { 64 })
-        };
-        let (first, second) = (pick(0), pick(1));
-        Codes {
-            table: _mm512_loadu_si512(table.as_ptr().cast()),
-            escape: _mm512_set1_epi8(c.table[ESCAPE as usize] as i8),
-            shifts: _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4)),
-            first: _mm512_loadu_si512(first.as_ptr().cast()),
-            second: _mm512_loadu_si512(second.as_ptr().cast()),
-        }
-    }
-
-    /// The 64 bf16 of the group at `g` as two vectors, as stored, with a mask of the values
-    /// whose high byte is in the side list (bit `b`: value `b`; left as the escape entry here).
-    #[inline(always)]
-    unsafe fn group(&self, g: *const u8) -> ([__m512i; 2], u64) {
-        // Byte b < 32: code b in its low nibble; byte 32 + j: code 32 + j (its byte's high
-        // nibble shifted down). `vpermb` ignores the bits above the index.
-        let codes = _mm512_srlv_epi16(
-            _mm512_broadcast_i64x4(_mm256_loadu_si256(g.cast())),
-            self.shifts,
-        );
-        let high = _mm512_permutexvar_epi8(codes, self.table);
-        let low = _mm512_loadu_si512(g.add(32).cast());
-        (
-            [
-                _mm512_permutex2var_epi8(low, self.first, high),
-                _mm512_permutex2var_epi8(low, self.second, high),
-            ],
-            _mm512_cmpeq_epi8_mask(high, self.escape),
-        )
-    }
-}
-
 /// [`tile`] for `N` tokens (`xs` elements apart) on `R` rows of a [`Bf16Coded`] matrix: `w`
 /// at the rows' groups for this chunk, `ws` bytes apart; `(c, j, c0)` the matrix, the first row
 /// and the chunk's first column (for the side list). The same steps of 32 values as [`tile`],
@@ -361,32 +309,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
 ) -> [[__m512; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
-        let g = w.add(i / GROUP * GROUP_BYTES);
-        // The next tile's groups at this column (its rows follow these), into cache early: a
-        // step here does more work per byte than a stored row's, so fewer of memory's reads are
-        // in flight without it.
-        // (Past the last tile the address lies outside the matrix: a prefetch never faults,
-        // and `wrapping_add` makes no claim that it is inside.)
-        for r in 0..R {
-            let next = g.wrapping_add((R + r) * ws);
-            _mm_prefetch::<_MM_HINT_T0>(next.cast());
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(GROUP_BYTES - 1).cast());
-        }
-        // Every row's group rebuilt first, escapes put back (rarely) after: no call among the
-        // sums, so the accumulators stay in registers.
-        let mut escaped = [0u64; R];
-        let mut wv: [[__m512i; 2]; R] = std::array::from_fn(|r| {
-            let (v, e) = codes.group(g.add(r * ws));
-            escaped[r] = e;
-            v
-        });
-        if escaped.iter().any(|&e| e != 0) {
-            for (r, (v, &e)) in wv.iter_mut().zip(&escaped).enumerate() {
-                if e != 0 {
-                    *v = with_escapes(*v, e, c, j + r, c0 + i);
-                }
-            }
-        }
+        let wv = codes.rows::<R>(w.add(i / GROUP * GROUP_BYTES), ws, (c, j, c0 + i));
         for half in 0..2 {
             let at = i + half * PAIRS;
             if at >= len {
@@ -416,35 +339,6 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         }
     }
     acc
-}
-
-/// `v` (the group at `row`, column `col`) with the high bytes of its `escaped` values (bit
-/// `b`: value `b`) put back from the side list.
-///
-/// # Safety
-/// AVX-512F present.
-#[cold]
-#[inline(never)]
-#[target_feature(enable = "avx512f")]
-unsafe fn with_escapes(
-    v: [__m512i; 2],
-    mut escaped: u64,
-    c: &Bf16Coded,
-    row: usize,
-    col: usize,
-) -> [__m512i; 2] {
-    let mut vals = [0u16; 64];
-    _mm512_storeu_si512(vals.as_mut_ptr().cast(), v[0]);
-    _mm512_storeu_si512(vals.as_mut_ptr().add(32).cast(), v[1]);
-    while escaped != 0 {
-        let b = escaped.trailing_zeros() as usize;
-        vals[b] = vals[b] & 0xFF | u16::from(c.escaped_high_byte(row, col + b)) << 8;
-        escaped &= escaped - 1;
-    }
-    [
-        _mm512_loadu_si512(vals.as_ptr().cast()),
-        _mm512_loadu_si512(vals.as_ptr().add(32).cast()),
-    ]
 }
 
 /// Groups of [`NT`] tokens, then one group of the rest: `(start, len)`.
