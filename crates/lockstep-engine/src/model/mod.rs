@@ -383,11 +383,14 @@ impl Model {
     /// head) that does not have one yet ([`Tensor::code_bf16`]), the matrices in parallel.
     pub fn code_bf16_matrices(&self) {
         use rayon::prelude::*;
-        let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
-        all.push(&self.lm_head);
-        if all.iter().all(|t| t.code_bf16_tried()) {
+        // Every matrix is tried in the one call below, which returns when all are done: once
+        // the LM head has been tried, so has every other (checked at each decode step, so no
+        // list is built then).
+        if self.lm_head.code_bf16_tried() {
             return;
         }
+        let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
+        all.push(&self.lm_head);
         all.par_iter().for_each(|t| {
             t.code_bf16();
         });
