@@ -136,7 +136,7 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
 /// ([`crate::weights::bf16_coded`], made by [`Tensor::code_bf16`]) on this CPU.
 pub fn decodes_coded() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return avx512_bf16::decodes_coded();
+    return coded_avx512::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -342,7 +342,7 @@ fn linear_min_n_many<T: Float>(
                     // A decode step on a matrix coded in 12 bits: the same sums from fewer
                     // bytes.
                     let few = n <= avx512_bf16::CODED_MAX_TOKENS;
-                    match w.coded().filter(|_| few && avx512_bf16::decodes_coded()) {
+                    match w.coded().filter(|_| few && coded_avx512::available()) {
                         Some(c) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
                         None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
                     }
@@ -440,7 +440,7 @@ unsafe fn sums<T: Float>(
             (Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx, Some(r)) => {
                 use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
                 // A decode step on a matrix coded in 12 bits: the same sums from fewer bytes.
-                let coded = (n <= CODED_MAX_TOKENS && avx512_bf16::decodes_coded())
+                let coded = (n <= CODED_MAX_TOKENS && coded_avx512::available())
                     .then(|| w.coded())
                     .flatten();
                 if let (Reader::Bf16, Some(c)) = (&r, coded) {
@@ -900,7 +900,7 @@ pub(crate) mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn coded_bf16_sums_are_the_stored_sums() {
-        if !avx512_bf16::decodes_coded() {
+        if !coded_avx512::available() {
             eprintln!("coded_bf16_sums_are_the_stored_sums: skipped, not used on this CPU");
             return;
         }
@@ -935,28 +935,40 @@ pub(crate) mod tests {
                     .iter()
                     .map(|&v| Bf16(v).to_act_dtype().0)
                     .collect();
-                let p = avx512_bf16::Packed::new(&x, n, k);
-                let (mut plain, mut coded) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
-                // SAFETY: the kernels are available; shapes as they require; one caller.
-                unsafe {
-                    avx512_bf16::sums(&p, n, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
-                    avx512_bf16::sums_coded(&p, n, k, c, 0..m, coded.as_mut_ptr());
-                }
-                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&coded), bits(&plain), "m={m} k={k} n={n}");
-                assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
-                // Through `linear` (the coded path for a decode step's few tokens): the same
-                // outputs as an uncoded copy of the matrix.
                 let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v)).collect();
-                let (mut a, mut b) = (vec![Bf16(0.0); n * m], vec![Bf16(0.0); n * m]);
-                linear_with(Kernel::Avx512Bf16, &xb, n, &w, None, &mut a);
-                linear_with(Kernel::Avx512Bf16, &xb, n, &fresh, None, &mut b);
                 let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "linear m={m} k={k} n={n}");
+                if avx512_bf16::available() {
+                    let p = avx512_bf16::Packed::new(&x, n, k);
+                    let (mut plain, mut coded) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
+                    // SAFETY: the kernels are available; shapes as they require; one caller.
+                    unsafe {
+                        avx512_bf16::sums(&p, n, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
+                        avx512_bf16::sums_coded(&p, n, k, c, 0..m, coded.as_mut_ptr());
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&coded), bits(&plain), "m={m} k={k} n={n}");
+                    assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
+                }
+                // Through `linear` (the coded path for a decode step's few tokens) in bf16
+                // compute, on every kernel choice that has a decode path (`vdpbf16ps` on AMD,
+                // the widening FMA kernel elsewhere): the same outputs as an uncoded copy.
+                for kernel in Kernel::available() {
+                    if matches!(kernel, Kernel::Portable | Kernel::Avx2) {
+                        continue;
+                    }
+                    let (mut a, mut b) = (vec![Bf16(0.0); n * m], vec![Bf16(0.0); n * m]);
+                    linear_with(kernel, &xb, n, &w, None, &mut a);
+                    linear_with(kernel, &xb, n, &fresh, None, &mut b);
+                    assert_eq!(bits(&a), bits(&b), "bf16 {kernel:?} m={m} k={k} n={n}");
+                    assert!(a.iter().any(|v| !v.0.is_finite()) || k < 100);
+                }
                 // f32 compute (the f32 and bf16w tiers) reads the coding through the widening
                 // FMA kernel, on either kernel choice that runs it: the stored matrix's bits.
                 let xf = pseudo(n * k, 20 + n as u64);
-                for kernel in [Kernel::Avx512, Kernel::Avx512Bf16] {
+                for kernel in Kernel::available() {
+                    if matches!(kernel, Kernel::Portable | Kernel::Avx2) {
+                        continue;
+                    }
                     let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
                     linear_with(kernel, &xf, n, &w, None, &mut a);
                     linear_with(kernel, &xf, n, &fresh, None, &mut b);

@@ -36,7 +36,9 @@ pub const ESCAPE: u8 = 15;
 pub const ENV: &str = "LOCKSTEP_CODED_BF16";
 
 /// Whether a model should code its BF16 matrices for one-token decode, as [`ENV`] asks ([`auto`]
-/// when it does not); a bad value is a one-line error.
+/// when it does not); a bad value is a one-line error. Never where this CPU's kernels do not
+/// read the coding ([`crate::kernels::matmul::decodes_coded`]), even when forced on: the copy
+/// would cost memory and load time and be read by nothing.
 ///
 /// `mapped` is the model's mapped bytes, `matrices` its BF16 matrices' bytes, `available` the
 /// machine's free memory.
@@ -46,7 +48,9 @@ pub fn wanted(
     available: Option<u64>,
     streamed: bool,
 ) -> crate::error::Result<bool> {
-    Ok(crate::switch::Switch::from_env(ENV)?.is_on(|| auto(mapped, matrices, available, streamed)))
+    let switch = crate::switch::Switch::from_env(ENV)?;
+    Ok(crate::kernels::matmul::decodes_coded()
+        && switch.is_on(|| auto(mapped, matrices, available, streamed)))
 }
 
 /// The `auto` rule: code when this CPU sums coded matrices, the model's matrices are BF16, it

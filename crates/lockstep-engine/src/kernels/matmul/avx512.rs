@@ -249,7 +249,7 @@ unsafe fn sums<W: Weights>(
 /// are `sums::<Bf16W>`' to the bit, from 0.75 of the bytes. 4-row tiles, as [`sums`]' decode.
 ///
 /// # Safety
-/// [`super::avx512_bf16::decodes_coded`] (AVX-512 with AVX512_VBMI); `c` codes the `m × k`
+/// [`super::coded_avx512::available`] (AVX-512 with AVX512_VBMI); `c` codes the `m × k`
 /// matrix; `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
 /// entries in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]

@@ -216,14 +216,6 @@ unsafe fn tile_rows(p: &Packed, k: usize, w: &[u8], (j, nr): (usize, usize), out
     }
 }
 
-/// Whether this CPU also sums [`Bf16Coded`] weights ([`sums_coded`]): [`available`] and
-/// AVX512_VBMI's two-source byte permute, which rebuilds a vector of bf16 from its low and
-/// high bytes.
-pub(super) fn decodes_coded() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| available() && is_x86_feature_detected!("avx512vbmi"))
-}
-
 pub(super) use super::CODED_MAX_TOKENS;
 
 /// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on the same matrix coded in 12 bits per value
@@ -233,7 +225,7 @@ pub(super) use super::CODED_MAX_TOKENS;
 /// (12 accumulators at most, as [`sums`]' tiles).
 ///
 /// # Safety
-/// [`decodes_coded`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
+/// [`available`] and [`super::coded_avx512::available`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
 /// for `n·m` f32 and nobody else touches the entries in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
 pub(super) unsafe fn sums_coded(
