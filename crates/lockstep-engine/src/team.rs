@@ -207,6 +207,12 @@ unsafe impl<T: Send> Send for SendPtr<T> {}
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
+    /// The pointer (a method, so that a closure calling it captures the whole `SendPtr`, not
+    /// its raw-pointer field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+
     /// The `len` elements from `start` on, as a mutable slice.
     ///
     /// # Safety
