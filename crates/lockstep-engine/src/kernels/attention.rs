@@ -8,6 +8,12 @@
 //!
 //! The softmax is computed in the compute precision (float32 in the bf16 tier, as HF does) and
 //! rounded once; [`AttentionSpec::softmax_bf16`] computes it in bf16 instead (fault injection).
+//!
+//! Every path sums each dot product and each weighted sum of values in one fixed order, so a
+//! decode step gets the bits a prefill gets for the same query, except a bf16 prefill on a CPU
+//! with AMX-BF16 ([`Heads::head_amx`]): there `q·kᵀ` and `p·v` run on AMX tiles, 32 queries at a
+//! time (exact bf16 products summed in f32 in the tiles' order), as the bf16 prefill's matmuls
+//! already do on such a CPU. The probabilities are formed from the scores exactly as elsewhere.
 
 #[cfg(target_arch = "x86_64")]
 use super::matmul::dot_lane_pairs;
@@ -95,6 +101,7 @@ pub fn attention<T: Float>(
         t_len,
         s_len,
         scale: T::from_f64((d as f64).powf(-0.5)),
+        amx: true,
     };
     // Heads are independent: spread them over threads when there is enough work (a long prompt),
     // run them in order otherwise (short decode steps, where thread wake-ups would cost more).
@@ -174,6 +181,9 @@ struct Heads<'a, T> {
     t_len: usize,
     s_len: usize,
     scale: T,
+    /// Whether a bf16 prefill may run on AMX tiles ([`Heads::on_amx`]); tests of the other
+    /// paths' bits turn it off.
+    amx: bool,
 }
 
 impl<T: Float> Heads<'_, T> {
@@ -182,6 +192,9 @@ impl<T: Float> Heads<'_, T> {
     /// vectorizes the same element-wise operations, never reassociating or fusing them, so the
     /// bits are the plain build's).
     fn run(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
+        if self.on_amx() {
+            return self.head_amx(head, o_head, p_head);
+        }
         #[cfg(target_arch = "x86_64")]
         if self.blocked() {
             // SAFETY: `blocked` checked the CPU features and the call's shape.
@@ -236,6 +249,88 @@ impl<T: Float> Heads<'_, T> {
         {
             let _ = spec;
             false
+        }
+    }
+
+    /// Whether this call runs on AMX tiles ([`Heads::head_amx`]): a bf16 prefill of at least
+    /// [`AMX_MIN_QUERIES`] queries on a CPU with AMX-BF16, on the blocked path's terms (no key
+    /// hidden, softmax in the compute precision, head dimension 64 or 128). One-token steps stay
+    /// on [`Heads::head_blocked`]'s sums, so prefill and decode differ by f32 summation order
+    /// here, as the AMX matmul makes them differ (the verifier's bf16 KV-cache phase holds them to
+    /// PyTorch bf16's own error on such a CPU).
+    fn on_amx(&self) -> bool {
+        self.amx
+            && T::PRECISION == super::Precision::BF16
+            && self.t_len >= AMX_MIN_QUERIES
+            && self.blocked()
+            && super::matmul::Kernel::detect() == super::matmul::Kernel::Amx
+    }
+
+    /// Head `head` as [`Heads::head`] computes it, with both products on AMX tiles: per block of
+    /// [`AMX_QUERIES`] queries, the scores `q·k` against the keys the block sees (exact bf16
+    /// products summed in f32, in the tiles' order), each row scaled, rounded and turned into
+    /// probabilities exactly as [`Heads::probabilities`] does, then `p·v` against the head's
+    /// values transposed (the probabilities are bf16 values, so again exact products summed in
+    /// f32), rounded to the compute dtype.
+    fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+        let spec = self.spec;
+        let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
+        let (stride, kv) = (kvh * d, spec.kv_head(head));
+        let bits = |v: f32| (v.to_bits() >> 16) as u16;
+        let (q, k, v) = (
+            as_f32(self.q).expect("f32 inside"),
+            as_f32(self.k).expect("f32 inside"),
+            as_f32(self.v).expect("f32 inside"),
+        );
+        // The head's keys as bf16 rows (zero rows up to a multiple of 16), and its values
+        // transposed: row `i` holds value dimension `i` of every key (zero past the last key,
+        // up to a multiple of 32).
+        let (s16, s32) = (s_len.next_multiple_of(16), s_len.next_multiple_of(32));
+        let mut keys = vec![0u8; s16 * d * 2];
+        for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
+            for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride + kv * d..][..d]) {
+                o.copy_from_slice(&bits(x).to_le_bytes());
+            }
+        }
+        let mut values = vec![0u8; d * s32 * 2];
+        for s in 0..s_len {
+            for (i, &x) in v[s * stride + kv * d..][..d].iter().enumerate() {
+                values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());
+            }
+        }
+        let mut qs = vec![0f32; AMX_QUERIES * d];
+        let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
+        let mut ps = vec![0f32; AMX_QUERIES * s32];
+        let mut outs = vec![0f32; AMX_QUERIES * d];
+        for t0 in (0..self.t_len).step_by(AMX_QUERIES) {
+            let tb = AMX_QUERIES.min(self.t_len - t0);
+            let seen = self.visible(t0 + tb - 1);
+            let (m, kk) = (seen.next_multiple_of(16), seen.next_multiple_of(32));
+            for (j, qj) in qs.chunks_exact_mut(d).take(tb).enumerate() {
+                qj.copy_from_slice(&q[((t0 + j) * h + head) * d..][..d]);
+            }
+            let scores = as_f32_mut(&mut rows[..tb * m]).expect("f32 inside");
+            let ran = super::matmul::amx_sums(&qs[..tb * d], tb, d, &keys, d * 2, m, scores);
+            assert!(ran, "on_amx checked AMX");
+            for (j, row) in rows[..tb * m].chunks_exact_mut(m).enumerate() {
+                self.probabilities(row, self.visible(t0 + j));
+                let p = as_f32(row).expect("f32 inside");
+                ps[j * kk..j * kk + m].copy_from_slice(p);
+                ps[j * kk + m..(j + 1) * kk].fill(0.0);
+                if let Some(pp) = p_head.as_deref_mut() {
+                    let dst = &mut pp[(t0 + j) * s_len..(t0 + j + 1) * s_len];
+                    dst[..seen].copy_from_slice(&row[..seen]);
+                    dst[seen..].fill(T::ZERO);
+                }
+            }
+            let out = &mut outs[..tb * d];
+            let ran = super::matmul::amx_sums(&ps[..tb * kk], tb, kk, &values, s32 * 2, d, out);
+            assert!(ran, "on_amx checked AMX");
+            let block = &mut o_head[t0 * d..(t0 + tb) * d];
+            as_f32_mut(block).expect("f32 inside").copy_from_slice(out);
+            for o in block.iter_mut() {
+                *o = o.to_act_dtype();
+            }
         }
     }
 
@@ -989,6 +1084,12 @@ fn softmax_in_bf16<T: Float>(row: &mut [T], max: T, hidden: impl Fn(usize) -> bo
 }
 
 /// Queries blocked together over one pass of the keys and values.
+/// Fewest queries in a call that runs on AMX tiles ([`Heads::on_amx`]).
+const AMX_MIN_QUERIES: usize = 16;
+
+/// Queries per block of [`Heads::head_amx`] (two 16-query tiles).
+const AMX_QUERIES: usize = 32;
+
 const QB: usize = 4;
 
 /// Keys per chunk of a decode step's grouped heads ([`Heads::group_blocked`]): 64 keys' rows
@@ -1152,6 +1253,81 @@ mod tests {
         assert_eq!(out, again, "with and without probabilities");
     }
 
+    /// A bf16 prefill on AMX tiles (blocks of 32 queries, a tail of 6, keys after a cache or
+    /// not, causal or not, head dimensions 64 and 128) is the AVX-512 path up to f32 summation
+    /// order: every probability and output within a few bf16 roundings of it, the keys a query
+    /// cannot see exactly zero, and the AMX path really taken.
+    #[test]
+    fn amx_prefill_is_the_blocked_path_up_to_summation_order() {
+        use crate::kernels::matmul::Kernel;
+        use crate::kernels::Bf16;
+        if !Kernel::available().contains(&Kernel::Amx) {
+            eprintln!("amx_prefill_is_the_blocked_path_up_to_summation_order: skipped, no AMX");
+            return;
+        }
+        for (d, past, causal) in [(64, 0, true), (64, 5, true), (128, 3, true), (64, 0, false)] {
+            let (h, kvh, t) = (4, 2, 70);
+            let s_len = past + t;
+            let mut seed = 3u64;
+            let mut bf = |n: usize| -> Vec<Bf16> {
+                random(n, &mut seed)
+                    .iter()
+                    .map(|&x| Bf16::from_f64(2.0 * x).to_act_dtype())
+                    .collect()
+            };
+            let (q, k, v) = (bf(t * h * d), bf(s_len * kvh * d), bf(s_len * kvh * d));
+            let spec = AttentionSpec {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                q_start: past,
+                causal,
+                window: None,
+                mapping: GqaMapping::Grouped,
+                softmax_bf16: false,
+            };
+            let heads = |amx| Heads {
+                spec: &spec,
+                q: &q,
+                k: &k,
+                v: &v,
+                key_mask: None,
+                t_len: t,
+                s_len,
+                scale: Bf16::from_f64((d as f64).powf(-0.5)),
+                amx,
+            };
+            assert!(heads(true).on_amx() && !heads(false).on_amx());
+            let what = format!("d={d} past={past} causal={causal}");
+            for head in 0..h {
+                let run = |amx| {
+                    let (mut o, mut p) = (vec![Bf16(0.0); t * d], vec![Bf16(0.0); t * s_len]);
+                    heads(amx).run(head, &mut o, Some(&mut p));
+                    (o, p)
+                };
+                let ((oa, pa), (ob, pb)) = (run(true), run(false));
+                for (i, (a, b)) in pa.iter().zip(&pb).enumerate() {
+                    let (tq, s) = (i / s_len, i % s_len);
+                    if causal && s > past + tq {
+                        assert!(a.0 == 0.0 && b.0 == 0.0, "{what}: hidden key {s} of {tq}");
+                    }
+                    // A score's bf16 rounding may flip (1/256 of it, scores here below 3).
+                    let tol = a.0.abs().max(b.0.abs()) / 32.0;
+                    assert!(
+                        (a.0 - b.0).abs() <= tol,
+                        "{what} p[{tq}][{s}]: {a:?} vs {b:?}"
+                    );
+                }
+                for (i, (a, b)) in oa.iter().zip(&ob).enumerate() {
+                    // Values below 1: the probabilities' differences, and one bf16 rounding.
+                    let tol = 1.0 / 64.0 + a.0.abs().max(b.0.abs()) / 128.0;
+                    assert!((a.0 - b.0).abs() <= tol, "{what} o[{i}]: {a:?} vs {b:?}");
+                }
+                assert!(oa.iter().all(|o| o.0.is_finite()), "{what}");
+            }
+        }
+    }
+
     /// The whole-row passes taken when no key is hidden give the general per-key loop's bits
     /// (forced with an all-true key mask): outputs and probabilities, f32 and bf16, over rows
     /// long enough for the vector exp and maximum (with remainders), large scores included.
@@ -1188,6 +1364,7 @@ mod tests {
                     t_len: t,
                     s_len,
                     scale: T::from_f64((d as f64).powf(-0.5)),
+                    amx: false,
                 };
                 let mut out = vec![T::ZERO; h * t * d];
                 let mut probs = vec![T::ZERO; h * t * s_len];
@@ -1262,6 +1439,7 @@ mod tests {
                 t_len: 1,
                 s_len,
                 scale: T::from_f64((d as f64).powf(-0.5)),
+                amx: false,
             };
             let bits = |x: &[T]| x.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
             for head in 0..h {

@@ -132,6 +132,34 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
     linear_with(Kernel::detect(), x, n, w, bias, out)
 }
 
+/// `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` on AMX-BF16 tiles, raw f32 sums (no rounding), for
+/// `n` rows of bf16 values held in f32 (`x`, `n·k`) and `m` rows of BF16 weights `wrow` bytes
+/// apart (`w`); `m` a multiple of 16. The products are exact and summed in f32 in the tiles'
+/// order. Returns `false`, touching nothing, where AMX does not run ([`Kernel::Amx`] not
+/// available). For attention's bf16 prefill ([`super::attention`]).
+pub(crate) fn amx_sums(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[u8],
+    wrow: usize,
+    m: usize,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        assert!(m.is_multiple_of(16) && x.len() == n * k && out.len() == n * m);
+        let p = amx::Packed::new(x, n, k);
+        // SAFETY: AMX available (and with it AVX-512F/BW); the shapes are checked here and
+        // by the kernel; `out` is this caller's alone.
+        let rest = unsafe { amx::sums_strided(&p, n, k, w, wrow, m, 0..m, out.as_mut_ptr()) };
+        debug_assert!(rest.is_empty());
+        return true;
+    }
+    let _ = (x, n, k, w, wrow, m, out);
+    false
+}
+
 /// Whether one-token products in bf16 compute read a BF16 matrix's 12-bit coding
 /// ([`crate::weights::bf16_coded`], made by [`Tensor::code_bf16`]) on this CPU.
 pub fn decodes_coded() -> bool {

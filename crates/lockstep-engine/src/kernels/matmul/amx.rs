@@ -266,7 +266,29 @@ pub(super) unsafe fn sums(
     rows: Range<usize>,
     out: *mut f32,
 ) -> Range<usize> {
-    assert!(w.len() == m * k * 2 && rows.end <= m && p.chunks == k.div_ceil(KT));
+    assert_eq!(w.len(), m * k * 2);
+    sums_strided(p, n, k, w, k * 2, m, rows, out)
+}
+
+/// [`sums`] on weight rows `wrow` bytes apart (at least `k·2`; `w` holds `m` of them, the last
+/// one `k·2` bytes at least).
+///
+/// # Safety
+/// As [`sums`].
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sums_strided(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    wrow: usize,
+    m: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+) -> Range<usize> {
+    assert!(wrow >= k * 2 && (m == 0 || w.len() >= (m - 1) * wrow + k * 2));
+    assert!(rows.end <= m && p.chunks == k.div_ceil(KT));
     let tiles = (rows.end - rows.start) / T16;
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
     // Pairs of row tiles × pairs of token groups (each A tile feeds two products, each B tile
@@ -276,10 +298,10 @@ pub(super) unsafe fn sums(
         let j = rows.start + rt * T16;
         for g in (0..groups).step_by(2) {
             match (tiles - rt >= 2, groups - g >= 2) {
-                (true, true) => block::<2, 2>(p, n, k, w, m, j, g, out),
-                (true, false) => block::<2, 1>(p, n, k, w, m, j, g, out),
-                (false, true) => block::<1, 2>(p, n, k, w, m, j, g, out),
-                (false, false) => block::<1, 1>(p, n, k, w, m, j, g, out),
+                (true, true) => block::<2, 2>(p, n, k, (w, wrow), m, j, g, out),
+                (true, false) => block::<2, 1>(p, n, k, (w, wrow), m, j, g, out),
+                (false, true) => block::<1, 2>(p, n, k, (w, wrow), m, j, g, out),
+                (false, false) => block::<1, 1>(p, n, k, (w, wrow), m, j, g, out),
             }
         }
     }
@@ -297,13 +319,12 @@ unsafe fn block<const R: usize, const N: usize>(
     p: &Packed,
     n: usize,
     k: usize,
-    w: &[u8],
+    (w, wrow): (&[u8], usize),
     m: usize,
     j: usize,
     g: usize,
     out: *mut f32,
 ) {
-    let wrow = k * 2;
     let a = w.as_ptr().add(j * wrow);
     zero::<0>();
     zero::<1>();
