@@ -282,11 +282,10 @@ impl<T: Float> Heads<'_, T> {
             as_f32(self.k).expect("f32 inside"),
             as_f32(self.v).expect("f32 inside"),
         );
-        // The head's keys as bf16 rows (zero rows up to a multiple of 16), and its values
-        // transposed: row `i` holds value dimension `i` of every key (zero past the last key,
-        // up to a multiple of 32).
-        let (s16, s32) = (s_len.next_multiple_of(16), s_len.next_multiple_of(32));
-        let mut keys = vec![0u8; s16 * d * 2];
+        // The head's keys as bf16 rows, and its values transposed: row `i` holds value
+        // dimension `i` of every key; both zero past the last key, up to a multiple of 32.
+        let s32 = s_len.next_multiple_of(32);
+        let mut keys = vec![0u8; s32 * d * 2];
         for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
             for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride + kv * d..][..d]) {
                 o.copy_from_slice(&bits(x).to_le_bytes());
@@ -300,23 +299,22 @@ impl<T: Float> Heads<'_, T> {
         }
         let mut qs = vec![0f32; AMX_QUERIES * d];
         let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
-        let mut ps = vec![0f32; AMX_QUERIES * s32];
         let mut outs = vec![0f32; AMX_QUERIES * d];
         for t0 in (0..self.t_len).step_by(AMX_QUERIES) {
             let tb = AMX_QUERIES.min(self.t_len - t0);
             let seen = self.visible(t0 + tb - 1);
-            let (m, kk) = (seen.next_multiple_of(16), seen.next_multiple_of(32));
+            // The block's scores against its keys (up to a multiple of 32, the zero keys past
+            // the last scoring zero), turned into probabilities in place: zero past each
+            // query's own keys, so the rows are the `p` of `p·v` as they stand.
+            let kk = seen.next_multiple_of(32);
             for (j, qj) in qs.chunks_exact_mut(d).take(tb).enumerate() {
                 qj.copy_from_slice(&q[((t0 + j) * h + head) * d..][..d]);
             }
-            let scores = as_f32_mut(&mut rows[..tb * m]).expect("f32 inside");
-            let ran = super::matmul::amx_sums(&qs[..tb * d], tb, d, &keys, d * 2, m, scores);
+            let scores = as_f32_mut(&mut rows[..tb * kk]).expect("f32 inside");
+            let ran = super::matmul::amx_sums(&qs[..tb * d], tb, d, &keys, d * 2, kk, scores);
             assert!(ran, "on_amx checked AMX");
-            for (j, row) in rows[..tb * m].chunks_exact_mut(m).enumerate() {
+            for (j, row) in rows[..tb * kk].chunks_exact_mut(kk).enumerate() {
                 self.probabilities(row, self.visible(t0 + j));
-                let p = as_f32(row).expect("f32 inside");
-                ps[j * kk..j * kk + m].copy_from_slice(p);
-                ps[j * kk + m..(j + 1) * kk].fill(0.0);
                 if let Some(pp) = p_head.as_deref_mut() {
                     let dst = &mut pp[(t0 + j) * s_len..(t0 + j + 1) * s_len];
                     dst[..seen].copy_from_slice(&row[..seen]);
@@ -324,7 +322,8 @@ impl<T: Float> Heads<'_, T> {
                 }
             }
             let out = &mut outs[..tb * d];
-            let ran = super::matmul::amx_sums(&ps[..tb * kk], tb, kk, &values, s32 * 2, d, out);
+            let ps = as_f32(&rows[..tb * kk]).expect("f32 inside");
+            let ran = super::matmul::amx_sums(ps, tb, kk, &values, s32 * 2, d, out);
             assert!(ran, "on_amx checked AMX");
             let block = &mut o_head[t0 * d..(t0 + tb) * d];
             as_f32_mut(block).expect("f32 inside").copy_from_slice(out);
@@ -1083,13 +1082,13 @@ fn softmax_in_bf16<T: Float>(row: &mut [T], max: T, hidden: impl Fn(usize) -> bo
     }
 }
 
-/// Queries blocked together over one pass of the keys and values.
 /// Fewest queries in a call that runs on AMX tiles ([`Heads::on_amx`]).
 const AMX_MIN_QUERIES: usize = 16;
 
 /// Queries per block of [`Heads::head_amx`] (two 16-query tiles).
 const AMX_QUERIES: usize = 32;
 
+/// Queries blocked together over one pass of the keys and values.
 const QB: usize = 4;
 
 /// Keys per chunk of a decode step's grouped heads ([`Heads::group_blocked`]): 64 keys' rows
