@@ -152,7 +152,8 @@ pub(crate) fn amx_sums(
         let p = amx::Packed::new(x, n, k);
         // SAFETY: AMX available (and with it AVX-512F/BW); the shapes are checked here and
         // by the kernel; `out` is this caller's alone.
-        let rest = unsafe { amx::sums_strided(&p, n, k, w, wrow, m, 0..m, out.as_mut_ptr()) };
+        let raw = amx::Finish::Raw;
+        let rest = unsafe { amx::sums_strided(&p, n, k, w, wrow, m, 0..m, out.as_mut_ptr(), raw) };
         debug_assert!(rest.is_empty());
         return true;
     }
@@ -361,10 +362,17 @@ fn linear_min_n_many<T: Float>(
         // SAFETY: tasks own disjoint row ranges of one product each, so each output entry is
         // written by one task (the `&mut` outputs are not touched while the tasks run).
         unsafe {
+            // The rows whose sums the kernel below leaves raw (AMX finishes its own).
+            let mut raw = rows.clone();
             #[cfg(target_arch = "x86_64")]
             let rest = match (&packed, &paired, T::f32_ptr(dst.ptr)) {
                 (Some(p), _, Some(out)) if w.dtype == StoredDtype::BF16 => {
-                    amx::sums(p, n, k, w.bytes(), m, rows.clone(), out)
+                    // Bf16 compute (the packing's condition): bias and rounding in the kernel.
+                    let bias = bias.map(|b| T::as_f32s(b).expect("Bf16 holds f32"));
+                    let finish = amx::Finish::Bf16 { bias };
+                    let rest = amx::sums(p, n, k, w.bytes(), m, rows.clone(), out, finish);
+                    raw = rest.clone();
+                    rest
                 }
                 (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
                     // A decode step on a matrix coded in 12 bits: the same sums from fewer
@@ -382,9 +390,9 @@ fn linear_min_n_many<T: Float>(
             let rest = rows.clone();
             // The kernel's rows (or the rows not filling an AMX tile, on AVX-512).
             sums(kernel, x, n, k, w, rest, dst);
-            let bias = bias.map(|b| &b[rows.clone()]);
+            let bias = bias.map(|b| &b[raw.clone()]);
             for t in 0..n {
-                T::add_bias_to_act_dtype(dst.row(t, rows.clone()), bias);
+                T::add_bias_to_act_dtype(dst.row(t, raw.clone()), bias);
             }
         }
     });
@@ -846,7 +854,8 @@ pub(crate) mod tests {
             let p = amx::Packed::new(&x, n, k);
             let mut out = vec![f32::NAN; n * m];
             // SAFETY: AMX available; shapes as `amx::sums` requires; one caller.
-            let rest = unsafe { amx::sums(&p, n, k, w.bytes(), m, 0..m, out.as_mut_ptr()) };
+            let raw = amx::Finish::Raw;
+            let rest = unsafe { amx::sums(&p, n, k, w.bytes(), m, 0..m, out.as_mut_ptr(), raw) };
             assert_eq!(rest, m / 16 * 16..m);
             for t in 0..n {
                 for j in 0..rest.start {

@@ -8,10 +8,13 @@
 pub mod activation;
 pub mod attention;
 pub mod expf;
+pub mod line_aligned;
 pub mod matmul;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd512;
 
 use crate::weights::StoredDtype;
 use std::fmt::Debug;
@@ -311,7 +314,7 @@ impl Bf16 {
 /// `half::bf16::from_f32(v).to_f32()` without branches: nearest-even at bit 16 (overflow to
 /// infinity), a NaN kept NaN with its quiet bit set.
 #[inline(always)]
-fn round_bf16_branch_free(v: f32) -> f32 {
+pub(crate) fn round_bf16_branch_free(v: f32) -> f32 {
     let b = v.to_bits();
     let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
     let nan = b & 0x7FFF_FFFF > 0x7F80_0000;

@@ -11,6 +11,7 @@ use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec};
+use crate::kernels::line_aligned::LineAligned;
 use crate::kernels::matmul::{linear, linear_many, Product};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::rope::RopeTable;
@@ -18,31 +19,32 @@ use crate::kernels::{decode_vec, residual_add, Float};
 use crate::observer::{Observer, TapView};
 use lockstep_trace::{LayerTap, TapName};
 
-/// The buffers of one forward pass, allocated once and reused by every layer.
+/// The buffers of one forward pass, allocated once and reused by every layer, each starting a
+/// cache line (the AMX matmul's stores then never straddle two).
 pub(crate) struct Scratch<T> {
     /// The normed residual stream, `[tn][H]`.
-    pub normed: Vec<T>,
+    pub normed: LineAligned<T>,
     /// Queries, `[tn][heads][D]`.
-    q: Vec<T>,
+    q: LineAligned<T>,
     /// Keys, `[tn][kv_heads][D]`.
-    k: Vec<T>,
+    k: LineAligned<T>,
     /// Values, `[tn][kv_heads][D]`.
-    v: Vec<T>,
+    v: LineAligned<T>,
     /// Attention output before `o_proj`, `[tn][heads*D]` (before that, the q/k norm's output).
-    attn: Vec<T>,
+    attn: LineAligned<T>,
     /// A block's output before the residual add, `[tn][H]`.
-    pub out: Vec<T>,
+    pub out: LineAligned<T>,
     /// `gate_proj` output, then `act(gate) * up`, `[tn][I]`.
-    gate: Vec<T>,
+    gate: LineAligned<T>,
     /// `up_proj` output, `[tn][I]`.
-    up: Vec<T>,
+    up: LineAligned<T>,
 }
 
 impl<T: Float> Scratch<T> {
     /// Buffers for `tn` tokens (all rows together) of a model shaped like `c`.
     pub fn new(c: &ModelConfig, tn: usize) -> Self {
         let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let zeros = |len: usize| vec![T::ZERO; len];
+        let zeros = |len: usize| LineAligned::new(len, T::ZERO);
         Scratch {
             normed: zeros(tn * h),
             q: zeros(tn * c.num_heads * d),

@@ -24,8 +24,12 @@
 //! tiles needs the kernel's permission, asked once per process ([`available`]); every thread
 //! loads its own tile configuration before using them and releases them after ([`sums`]).
 
+use crate::kernels::simd512::{round_bf16_x16, transpose16};
 use std::arch::asm;
-use std::arch::x86_64::{_mm512_loadu_si512, _mm512_setzero_si512, _mm512_storeu_si512};
+use std::arch::x86_64::{
+    _mm512_add_ps, _mm512_castsi512_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_setzero_si512,
+    _mm512_storeu_ps,
+};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -161,42 +165,6 @@ unsafe fn pack_group(x: &[f32], n: usize, k: usize, g: usize, dst: *mut u16) {
     }
 }
 
-/// Transposes 16 × 16 32-bit lanes: lane `j` of row `i` goes to lane `i` of row `j`.
-///
-/// # Safety
-/// AVX-512F.
-#[inline(always)]
-unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; T16]) {
-    use std::arch::x86_64::*;
-    // Pairs of rows interleaved, then pairs of pairs: `u[4i + q]`'s 128-bit lane `L` holds
-    // column `4L + q` of rows `4i..4i + 4`.
-    let mut t = [_mm512_setzero_si512(); T16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    let mut u = [_mm512_setzero_si512(); T16];
-    for i in 0..4 {
-        let b = 4 * i;
-        u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
-        u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
-        u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
-        u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
-    }
-    // Then the 128-bit lanes: column `4L + q` is lane `L` of `u[q]`, `u[4 + q]`, `u[8 + q]`,
-    // `u[12 + q]`.
-    for q in 0..4 {
-        let s1 = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
-        let s2 = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
-        let s3 = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
-        let s4 = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
-        r[q] = _mm512_shuffle_i32x4::<0x88>(s1, s3);
-        r[8 + q] = _mm512_shuffle_i32x4::<0xDD>(s1, s3);
-        r[4 + q] = _mm512_shuffle_i32x4::<0x88>(s2, s4);
-        r[12 + q] = _mm512_shuffle_i32x4::<0xDD>(s2, s4);
-    }
-}
-
 /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig {
@@ -249,14 +217,26 @@ unsafe fn dot<const C: u8, const A: u8, const B: u8>() {
         options(nomem, nostack, preserves_flags));
 }
 
-/// Raw sums `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` for every token and every row `j` of the
-/// whole 16-row tiles in `rows` (from `rows.start`); returns the rows it did not do (fewer than
-/// 16, at the end) for the caller.
+/// What [`sums`] does with each finished sum before storing it.
+#[derive(Clone, Copy)]
+pub(super) enum Finish<'a> {
+    /// Stores the raw f32 sum.
+    Raw,
+    /// Adds the row's bias (indexed by row, `m` long) and rounds to bf16 (nearest even, NaN
+    /// kept quiet), as [`crate::kernels::Float::add_bias_to_act_dtype`] does for `Bf16`: the
+    /// same operations on sixteen lanes, while the outputs are in registers.
+    Bf16 { bias: Option<&'a [f32]> },
+}
+
+/// Sums `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]`, finished as `finish` says, for every token
+/// and every row `j` of the whole 16-row tiles in `rows` (from `rows.start`); returns the rows
+/// it did not do (fewer than 16, at the end) for the caller.
 ///
 /// # Safety
 /// [`available`]; `w` holds `m` BF16 rows of `k`; `p` packs `n` tokens of `k`; `out` is valid for
 /// `n·m` f32 and nobody else touches the entries in `rows`.
 #[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn sums(
     p: &Packed,
     n: usize,
@@ -265,9 +245,10 @@ pub(super) unsafe fn sums(
     m: usize,
     rows: Range<usize>,
     out: *mut f32,
+    finish: Finish<'_>,
 ) -> Range<usize> {
     assert_eq!(w.len(), m * k * 2);
-    sums_strided(p, n, k, w, k * 2, m, rows, out)
+    sums_strided(p, n, k, w, k * 2, m, rows, out, finish)
 }
 
 /// [`sums`] on weight rows `wrow` bytes apart (at least `k·2`; `w` holds `m` of them, the last
@@ -286,22 +267,30 @@ pub(super) unsafe fn sums_strided(
     m: usize,
     rows: Range<usize>,
     out: *mut f32,
+    finish: Finish<'_>,
 ) -> Range<usize> {
     assert!(wrow >= k * 2 && (m == 0 || w.len() >= (m - 1) * wrow + k * 2));
     assert!(rows.end <= m && p.chunks == k.div_ceil(KT));
+    if let Finish::Bf16 { bias: Some(b) } = finish {
+        assert_eq!(b.len(), m);
+    }
     let tiles = (rows.end - rows.start) / T16;
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-    // Pairs of row tiles × pairs of token groups (each A tile feeds two products, each B tile
-    // two), then the odd ones.
+    // Pairs of token groups × pairs of row tiles (each A tile feeds two products, each B tile
+    // two), then the odd ones. Token groups outside: a pair's packed activations are read
+    // again by every row tile of the task while still in cache, and its outputs are written
+    // as 32 tokens' rows growing line by line (rows outside: 0.5B gate product of 512 tokens
+    // 6.2 -> 5.3 ms, down 4.0 -> 3.3).
     let groups = n.div_ceil(T16);
-    for rt in (0..tiles).step_by(2) {
-        let j = rows.start + rt * T16;
-        for g in (0..groups).step_by(2) {
+    for g in (0..groups).step_by(2) {
+        for rt in (0..tiles).step_by(2) {
+            let j = rows.start + rt * T16;
+            let wj = (w, wrow);
             match (tiles - rt >= 2, groups - g >= 2) {
-                (true, true) => block::<2, 2>(p, n, k, (w, wrow), m, j, g, out),
-                (true, false) => block::<2, 1>(p, n, k, (w, wrow), m, j, g, out),
-                (false, true) => block::<1, 2>(p, n, k, (w, wrow), m, j, g, out),
-                (false, false) => block::<1, 1>(p, n, k, (w, wrow), m, j, g, out),
+                (true, true) => block::<2, 2>(p, n, k, wj, m, j, g, out, finish),
+                (true, false) => block::<2, 1>(p, n, k, wj, m, j, g, out, finish),
+                (false, true) => block::<1, 2>(p, n, k, wj, m, j, g, out, finish),
+                (false, false) => block::<1, 1>(p, n, k, wj, m, j, g, out, finish),
             }
         }
     }
@@ -324,6 +313,7 @@ unsafe fn block<const R: usize, const N: usize>(
     j: usize,
     g: usize,
     out: *mut f32,
+    finish: Finish<'_>,
 ) {
     let a = w.as_ptr().add(j * wrow);
     zero::<0>();
@@ -380,8 +370,19 @@ unsafe fn block<const R: usize, const N: usize>(
                 *v = _mm512_loadu_si512(c.as_ptr().cast());
             }
             transpose16(&mut v);
+            let bias = match finish {
+                Finish::Bf16 { bias: Some(b) } => Some(_mm512_loadu_ps(b[j0..j0 + T16].as_ptr())),
+                _ => None,
+            };
             for (tok, v) in v.iter().enumerate().take(T16.min(n.saturating_sub(t0))) {
-                _mm512_storeu_si512(out.add((t0 + tok) * m + j0).cast(), *v);
+                let v = match (finish, bias) {
+                    (Finish::Raw, _) => _mm512_castsi512_ps(*v),
+                    (Finish::Bf16 { .. }, None) => round_bf16_x16(_mm512_castsi512_ps(*v)),
+                    (Finish::Bf16 { .. }, Some(b)) => {
+                        round_bf16_x16(_mm512_add_ps(_mm512_castsi512_ps(*v), b))
+                    }
+                };
+                _mm512_storeu_ps(out.add((t0 + tok) * m + j0), v);
             }
         }
     }
@@ -390,6 +391,55 @@ unsafe fn block<const R: usize, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The finish inside the kernel (bias, then bf16 rounding, in registers) gives exactly
+    /// the raw sums finished by `add_bias_to_act_dtype`, bias or not, a NaN input included.
+    #[test]
+    fn bf16_finish_is_the_raw_sums_finished_after() {
+        use crate::kernels::{Bf16, Float};
+        if !available() {
+            eprintln!("bf16_finish_is_the_raw_sums_finished_after: skipped, no AMX-BF16 here");
+            return;
+        }
+        let (n, k, m) = (40, 96, 48);
+        let value = |i: usize, salt: u32| {
+            let h = (i as u32 ^ salt).wrapping_mul(0x9E37_79B9).rotate_left(13);
+            Bf16(h as f32 / u32::MAX as f32 - 0.5).to_act_dtype().0
+        };
+        let mut x: Vec<f32> = (0..n * k).map(|i| value(i, 1)).collect();
+        x[5 * k + 7] = f32::NAN;
+        let w: Vec<u8> = (0..m * k)
+            .flat_map(|i| ((value(i, 2).to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let bias: Vec<f32> = (0..m).map(|i| value(i, 3)).collect();
+        let p = Packed::new(&x, n, k);
+        for b in [None, Some(&bias[..])] {
+            let (mut raw, mut fin) = (vec![0f32; n * m], vec![0f32; n * m]);
+            // SAFETY: AMX available; `w` is `m` rows of `k` BF16, `p` packs `n` tokens of `k`.
+            unsafe {
+                sums(&p, n, k, &w, m, 0..m, raw.as_mut_ptr(), Finish::Raw);
+                let finish = Finish::Bf16 { bias: b };
+                sums(&p, n, k, &w, m, 0..m, fin.as_mut_ptr(), finish);
+            }
+            let mut want: Vec<Bf16> = raw.iter().map(|&v| Bf16(v)).collect();
+            let bias16: Option<Vec<Bf16>> = b.map(|b| b.iter().map(|&v| Bf16(v)).collect());
+            for row in want.chunks_exact_mut(m) {
+                Bf16::add_bias_to_act_dtype(row, bias16.as_deref());
+            }
+            assert!(
+                fin[5 * m].is_nan(),
+                "the NaN input reaches its token's outputs"
+            );
+            for (i, (w, f)) in want.iter().zip(&fin).enumerate() {
+                assert_eq!(
+                    w.0.to_bits(),
+                    f.to_bits(),
+                    "output {i}, bias {}",
+                    b.is_some()
+                );
+            }
+        }
+    }
 
     /// The vectorized packing writes what the layout says, value by value: token `t`'s pair
     /// `(x[t][32c + 2r], x[t][32c + 2r + 1])` at row `r` of tile `(t / 16, c)`, zero past `n`
