@@ -3,9 +3,10 @@
 
 use std::arch::x86_64::*;
 
-/// [`super::round_bf16_branch_free`] on sixteen f32 lanes, the same integer operations: nearest even
-/// by adding `0x7FFF` plus the kept part's lowest bit, a NaN made quiet instead, then the low
-/// half cleared.
+/// `v` rounded to bf16 and widened back, as `half::bf16::from_f32(v).to_f32()` per lane: the
+/// integer operations of [`super::round_bf16_branch_free`] on sixteen f32 lanes (nearest even by
+/// adding `0x7FFF` plus the kept part's lowest bit, a NaN made quiet instead, then the low half
+/// cleared), the bits of `matmul::avx2::to_bf16`.
 ///
 /// # Safety
 /// AVX-512F.
@@ -63,8 +64,8 @@ pub(crate) unsafe fn transpose16(r: &mut [__m512i; 16]) {
 mod tests {
     use super::*;
 
-    /// The sixteen-lane rounding ([`round_bf16_x16`]) is `round_bf16_branch_free` bit for bit: halfway cases both
-    /// ways, the largest finite values (rounding to infinity), infinities, NaNs with and
+    /// The sixteen-lane rounding ([`round_bf16_x16`]) is `round_bf16_branch_free` bit for bit:
+    /// halfway cases both ways, the largest finite values (rounding to infinity), infinities, NaNs with and
     /// without the quiet bit, signed zeros, subnormals, and a sweep of ordinary values.
     #[test]
     fn vector_rounding_is_the_scalar_rounding() {

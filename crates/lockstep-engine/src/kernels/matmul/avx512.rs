@@ -18,6 +18,7 @@
 
 use super::coded_avx512::Codes;
 use super::CODED_MAX_TOKENS;
+use crate::kernels::simd512::round_bf16_x16;
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -86,32 +87,11 @@ impl Weights for F32AsBf16W {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load(p: *const u8, len: usize) -> __m512 {
-        to_bf16(_mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
+        round_bf16_x16(_mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
             mask16(len),
             p.cast(),
         )))
     }
-}
-
-/// `v` rounded to bf16 (nearest-even; NaN kept quiet) and widened back, as
-/// `half::bf16::from_f32(v).to_f32()` per lane (the bits of `avx2::to_bf16`).
-///
-/// # Safety
-/// AVX-512F present.
-#[inline(always)]
-pub(super) unsafe fn to_bf16(v: __m512) -> __m512 {
-    let b = _mm512_castps_si512(v);
-    let one = _mm512_set1_epi32(1);
-    // Nearest-even at bit 16: add 0x7FFF plus the lowest kept bit, drop the low half.
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
-    let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    let abs = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF));
-    let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
-    let r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)));
-    _mm512_castsi512_ps(_mm512_and_si512(
-        r,
-        _mm512_set1_epi32(0xFFFF_0000u32 as i32),
-    ))
 }
 
 /// `acc[r][t] = Σ_{i<k} x[t·xrow + i]·w[r·wrow/WSIZE + i]` for `r < R`, `t < N`.

@@ -497,7 +497,11 @@ unsafe fn tile<B: Paired, const BF: bool, const P: usize, const N: usize>(
             let mut wv = [_mm512_setzero_ps(); P];
             for p in 0..P {
                 let v = B::sixteen(bp[p].0, bp[p].1, &prep[p], g);
-                wv[p] = if BF { avx512::to_bf16(v) } else { v };
+                wv[p] = if BF {
+                    crate::kernels::simd512::round_bf16_x16(v)
+                } else {
+                    v
+                };
             }
             for t in 0..N {
                 let xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xb.add(t * xrow + 8 * g)));
