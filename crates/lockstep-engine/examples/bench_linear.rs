@@ -7,6 +7,7 @@
 //! AVX-512, Avx512/Amx with AMX; AMX runs only for bf16 compute on BF16 weights with enough
 //! tokens, elsewhere its column is the AVX-512 kernel again).
 
+use lockstep_engine::kernels::line_aligned::LineAligned;
 use lockstep_engine::kernels::matmul::{dot, linear, linear_with, Kernel};
 use lockstep_engine::weights::{StoredDtype, Tensor};
 use lockstep_engine::{Bf16, Float};
@@ -101,16 +102,16 @@ fn case<T: Float>(name: &str, w: &Tensor, n: usize, runs: usize) {
         .collect();
     let x = &x;
     // The old implementation, every kernel, then `linear` itself (the kernel it picks).
-    let mut out = vec![T::ZERO; n * m];
+    let mut out = LineAligned::new(n * m, T::ZERO);
     let mut fs: Vec<Box<dyn FnMut() + '_>> =
         vec![Box::new(move || linear_blockwise(x, n, w, None, &mut out))];
     for kernel in Kernel::available() {
-        let mut out = vec![T::ZERO; n * m];
+        let mut out = LineAligned::new(n * m, T::ZERO);
         fs.push(Box::new(move || {
             linear_with(kernel, x, n, w, None, &mut out)
         }));
     }
-    let mut out = vec![T::ZERO; n * m];
+    let mut out = LineAligned::new(n * m, T::ZERO);
     fs.push(Box::new(move || linear(x, n, w, None, &mut out)));
     let mut refs: Vec<&mut dyn FnMut()> = fs
         .iter_mut()
