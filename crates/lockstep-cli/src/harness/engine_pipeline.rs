@@ -210,8 +210,13 @@ fn run_phases(
             phases.push(q8dot_phase(q8, &opts.inputs, &ids, &path)?);
         }
         progress(&format!("KV-cache decode in {tier}"));
-        let bf16_noise = |i: usize| bf16_logits_noise(&path(i, "bf16"), &path(i, "f64"));
-        phases.push(kv_cache_phase(&model, tier, opts, &ids, &bf16_noise)?);
+        let bf16_yardstick = |i: usize| {
+            Ok(Some(Bf16Yardstick {
+                noise: bf16_logits_noise(&path(i, "bf16"), &path(i, "f64"))?,
+                oracle: trace_logits(&path(i, "f64"))?,
+            }))
+        };
+        phases.push(kv_cache_phase(&model, tier, opts, &ids, &bf16_yardstick)?);
     }
     // Greedy generation in f32 and in bf16 (f64 has no generation phase: the reference would
     // generate in float64).
@@ -246,6 +251,23 @@ fn run_phases(
         phases.insert(at, Phase::fail("non-finite values", sentence));
     }
     Ok(VerifyOutcome::new(phases, full).with_local(local))
+}
+
+/// The logits of a reference trace as f64 (empty when it has none).
+fn trace_logits(p: &Path) -> HarnessResult<Vec<f64>> {
+    let t = TraceStore::open(p)
+        .and_then(|s| s.load(&["logits"]))
+        .map_err(|e| HarnessError::reference(format!("its trace is unreadable: {e}")))?;
+    Ok(t.get("logits").map(|l| l.data.to_f64()).unwrap_or_default())
+}
+
+/// What a bf16 KV-cache decode is held to where the AMX kernel serves the prefill, for one
+/// input: the f64 oracle's logits at every position, and PyTorch bf16's own distance from them.
+struct Bf16Yardstick {
+    /// max |PyTorch bf16 − f64 oracle| over the input's logits.
+    noise: f64,
+    /// The oracle's logits, `[positions][vocab]`.
+    oracle: Vec<f64>,
 }
 
 /// How far PyTorch's own bf16 logits lie from the f64 oracle on one input: max |bf16 − f64| over
@@ -286,22 +308,38 @@ fn decode_limit(model: &Model) -> usize {
 
 /// KV-cache decoding, in the arithmetic of the tier: feeding the multi-token inputs one token at a
 /// time through the cache must give the logits of the full-sequence forward pass (f64: 1e-9,
-/// f32: 1e-4; bf16: bit-identical, 0, as measured on the bf16 fixtures, except where the AMX
-/// kernel serves the prefill: its f32 sums run in another order than a one-token decode's, and
-/// the yardstick is then the bf16 tier's own, max |PyTorch bf16 − f64 oracle| on that input's
-/// logits, which `bf16_noise` gives by input index).
+/// f32: 1e-4; bf16: bit-identical, 0, as measured on the bf16 fixtures), except where the AMX
+/// kernel serves the bf16 prefill: its f32 sums run in another order than a one-token decode's,
+/// so the two are two bf16 computations of the same logits, each with its own roundings. There
+/// the decode is judged as the tier judges any bf16 run, against the f64 oracle: its logits at
+/// every position no further from the oracle's than [`BF16_NOISE_MULTIPLE`] × PyTorch bf16's
+/// own distance on that input (`bf16_yardstick` gives both by input index); its distance from
+/// the full forward is reported beside. (Held to PyTorch's distance itself, the full forward
+/// and the decode of the 7B shape's 260-token input, each within the tier's rule, differed by
+/// 2.11e-1 against 1.72e-1.)
 fn kv_cache_phase(
     model: &Model,
     tier: Tier,
     opts: &VerifyOptions,
     ids: &[Vec<u32>],
-    bf16_noise: &dyn Fn(usize) -> HarnessResult<f64>,
+    bf16_yardstick: &dyn Fn(usize) -> HarnessResult<Option<Bf16Yardstick>>,
 ) -> HarnessResult<Phase> {
-    /// max |decode − full forward| over the logits, and the arithmetic it ran in.
+    /// NaN/inf never agree (f64::max would drop a NaN difference).
+    fn gap(a: f64, b: f64) -> f64 {
+        if a.is_finite() && b.is_finite() {
+            (a - b).abs()
+        } else {
+            f64::INFINITY
+        }
+    }
+    /// max |decode − full forward| over the logits, max |decode − oracle| where `oracle` is
+    /// given (`[positions][vocab]`; infinite when it is shorter than the tokens), and the
+    /// arithmetic it ran in.
     fn run<T: lockstep_engine::Float>(
         model: &Model,
         tokens: &[u32],
-    ) -> HarnessResult<(f64, &'static str)> {
+        oracle: Option<&[f64]>,
+    ) -> HarnessResult<(f64, f64, &'static str)> {
         // Both passes on the positions below the limit only: a full pass longer than dynamic
         // RoPE's original length scales every position's frequencies, the early ones included.
         let tokens = &tokens[..tokens.len().min(decode_limit(model))];
@@ -310,65 +348,92 @@ fn kv_cache_phase(
         let full = model.forward(tokens, &mut cache, &mut obs)?;
         let mut cache = lockstep_engine::KvCache::<T>::new(model.config.num_layers);
         let v = model.config.vocab_size;
-        let mut worst = 0.0f64;
+        let (mut worst, mut worst_oracle) = (0.0f64, 0.0f64);
         for (i, t) in tokens.iter().enumerate() {
             let step = model.forward(std::slice::from_ref(t), &mut cache, &mut obs)?;
             for (a, b) in step.iter().zip(&full[i * v..(i + 1) * v]) {
-                let (a, b) = (a.to_f64(), b.to_f64());
-                // NaN/inf never agree (f64::max would drop a NaN difference).
-                let d = if a.is_finite() && b.is_finite() {
-                    (a - b).abs()
-                } else {
-                    f64::INFINITY
-                };
-                worst = worst.max(d);
+                worst = worst.max(gap(a.to_f64(), b.to_f64()));
+            }
+            if let Some(o) = oracle {
+                match o.get(i * v..(i + 1) * v) {
+                    Some(o) => {
+                        for (a, &b) in step.iter().zip(o) {
+                            worst_oracle = worst_oracle.max(gap(a.to_f64(), b));
+                        }
+                    }
+                    None => worst_oracle = f64::INFINITY,
+                }
             }
         }
-        Ok((worst, T::PRECISION.as_str()))
+        Ok((worst, worst_oracle, T::PRECISION.as_str()))
     }
     let name = format!("KV-cache decode [{tier}]");
-    let amx = Kernel::detect() == Kernel::Amx;
-    let tol_for = |i: usize| -> HarnessResult<f64> {
-        Ok(match tier {
-            Tier::F64 => lockstep_verify::tolerance::F64_TOLERANCE,
-            Tier::F32 => lockstep_verify::tolerance::F32_LOGITS_TOLERANCE,
-            Tier::BF16 if amx => bf16_noise(i)?,
-            Tier::BF16 => 0.0,
-        })
-    };
-    let show_tol = |t: f64| match tier {
-        Tier::BF16 if amx => format!("{t:.2e}: PyTorch bf16's own error, AMX prefill"),
-        Tier::BF16 => "0: bit-identical".to_string(),
-        _ => format!("{t:.0e}"),
-    };
+    // bf16 on AMX: the decode judged against the oracle, by the tier's own rule.
+    let against_oracle = tier == Tier::BF16 && Kernel::detect() == Kernel::Amx;
+    let multiple = lockstep_verify::tolerance::BF16_NOISE_MULTIPLE;
     let mut tol_all = 0.0f64;
-    let mut table = String::from(
-        "| input | tokens | max \\|decode − full forward\\| (logits) | tolerance | status |\n|---|---:|---:|---:|---|\n",
-    );
+    let mut table = String::from(match against_oracle {
+        true => "| input | tokens | max \\|decode − full forward\\| (logits) | max \\|decode − f64 oracle\\| | tolerance | status |\n|---|---:|---:|---:|---:|---|\n",
+        false => "| input | tokens | max \\|decode − full forward\\| (logits) | tolerance | status |\n|---|---:|---:|---:|---|\n",
+    });
     let mut all_ok = true;
-    let mut worst_all = 0.0f64;
+    let (mut worst_all, mut worst_oracle_all) = (0.0f64, 0.0f64);
     let mut n = 0;
     let mut arithmetic = tier.as_str();
     for (i, (input, tokens)) in opts.inputs.iter().zip(ids).enumerate() {
         if input.kind != InputKind::Multi {
             continue;
         }
-        let tol = tol_for(i)?;
-        tol_all = tol_all.max(tol);
-        let worst;
-        (worst, arithmetic) = with_float!(tier, T => run::<T>(model, tokens)?);
-        let ok = worst <= tol;
+        let yardstick = match against_oracle {
+            true => bf16_yardstick(i)?,
+            false => None,
+        };
+        let oracle = yardstick.as_ref().map(|y| &y.oracle[..]);
+        let (worst, worst_oracle);
+        (worst, worst_oracle, arithmetic) =
+            with_float!(tier, T => run::<T>(model, tokens, oracle)?);
+        let positions = tokens.len().min(decode_limit(model));
+        let row = match (tier, against_oracle, &yardstick) {
+            (Tier::F64, ..) => (worst, lockstep_verify::tolerance::F64_TOLERANCE, None),
+            (Tier::F32, ..) => (
+                worst,
+                lockstep_verify::tolerance::F32_LOGITS_TOLERANCE,
+                None,
+            ),
+            // Without the reference there is no yardstick: nothing passes.
+            (Tier::BF16, true, None) => (worst, f64::NAN, None),
+            (Tier::BF16, true, Some(y)) => (worst_oracle, multiple * y.noise, Some(y.noise)),
+            (Tier::BF16, false, _) => (worst, 0.0, None),
+        };
+        let (judged, tol, noise) = row;
+        let ok = judged <= tol;
         all_ok &= ok;
+        tol_all = tol_all.max(tol);
         worst_all = worst_all.max(worst);
+        worst_oracle_all = worst_oracle_all.max(worst_oracle);
         n += 1;
-        let _ = writeln!(
-            table,
-            "| {} | {} | {worst:.2e} | {} | {} |",
-            input.label,
-            tokens.len().min(decode_limit(model)),
-            show_tol(tol),
-            if ok { "PASS" } else { "**FAIL**" }
-        );
+        let status = if ok { "PASS" } else { "**FAIL**" };
+        let _ = match (against_oracle, noise) {
+            (true, Some(noise)) => writeln!(
+                table,
+                "| {} | {positions} | {worst:.2e} | {worst_oracle:.2e} | {tol:.2e}: {multiple} × PyTorch bf16's own {noise:.2e} | {status} |",
+                input.label
+            ),
+            (true, None) => writeln!(
+                table,
+                "| {} | {positions} | {worst:.2e} | - | none: no reference | {status} |",
+                input.label
+            ),
+            (false, _) => writeln!(
+                table,
+                "| {} | {positions} | {worst:.2e} | {} | {status} |",
+                input.label,
+                match tier {
+                    Tier::BF16 => "0: bit-identical".to_string(),
+                    _ => format!("{tol:.0e}"),
+                }
+            ),
+        };
     }
     if n == 0 {
         return Ok(Phase::skip(name, "no multi-token input"));
@@ -377,10 +442,16 @@ fn kv_cache_phase(
         usize::MAX => String::new(),
         l => format!(" (positions below {l}, dynamic RoPE's original length)"),
     };
-    let summary = format!(
-        "token-by-token decoding through the KV cache vs the full forward pass, both in {arithmetic} arithmetic, on {n} sequence(s){limit}: max |Δlogits| {worst_all:.2e} (tolerance {})",
-        show_tol(tol_all)
+    let head = format!(
+        "token-by-token decoding through the KV cache vs the full forward pass, both in {arithmetic} arithmetic, on {n} sequence(s){limit}: max |Δlogits| {worst_all:.2e}"
     );
+    let summary = match (against_oracle, tier) {
+        (true, _) => format!(
+            "{head}; the AMX prefill sums in another order than a decode step, so the decode is judged as any bf16 run, against the f64 oracle: max |decode − oracle| {worst_oracle_all:.2e} (tolerance {tol_all:.2e}: {multiple} × PyTorch bf16's own distance)"
+        ),
+        (false, Tier::BF16) => format!("{head} (tolerance 0: bit-identical)"),
+        (false, _) => format!("{head} (tolerance {tol_all:.0e})"),
+    };
     Ok(if all_ok {
         Phase::pass(name, summary)
     } else {
@@ -480,10 +551,10 @@ mod tests {
                 generate_tokens: 0,
             };
             // Without the reference there is no bf16 yardstick: where the AMX kernel serves the
-            // prefill (bf16 tolerance = PyTorch bf16's own error) only the arithmetic is checked.
+            // prefill (the decode judged against the oracle) only the arithmetic is checked.
             let amx = Kernel::detect() == Kernel::Amx;
-            let no_noise = |_: usize| -> HarnessResult<f64> { Ok(f64::NAN) };
-            let phase = kv_cache_phase(&model, tier, &opts, &ids, &no_noise).unwrap();
+            let no_yardstick = |_: usize| -> HarnessResult<Option<Bf16Yardstick>> { Ok(None) };
+            let phase = kv_cache_phase(&model, tier, &opts, &ids, &no_yardstick).unwrap();
             eprintln!("{name} [{tier}]: {}", phase.summary);
             assert!(
                 phase

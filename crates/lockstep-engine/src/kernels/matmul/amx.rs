@@ -11,7 +11,12 @@
 //!   a register and transposes the 16 × 16 pairs (it was a serial loop of scalar stores: 0.6 ms
 //!   of a 1.2 ms q/o product of 512 tokens, 2.7 of 8.6 ms for the MLP's down product);
 //! - C: `[16 weight rows][16 tokens]` f32, transposed in registers and written as each token's
-//!   16 consecutive outputs into `out[tok][row]`.
+//!   16 consecutive outputs into `out[tok][row]`, finished on the way ([`Finish`]: for a bf16
+//!   linear, the bias added and the sum rounded to bf16, so no second pass reads them back).
+//!
+//! The products are bound by the tile loads on the machines measured: a `tileloadd` costs about
+//! three `tdpbf16ps`, and the 2 × 2 block of four accumulators (the most eight tile registers
+//! hold) needs one load per product, which caps one core near 1.1 TFLOP/s (README, "Speed").
 //!
 //! Each product of two bf16 is exact in f32; the instruction adds them to the f32 accumulator
 //! one pair at a time with nearest-even rounding, but treats subnormal inputs as zero and flushes
