@@ -211,10 +211,9 @@ fn run_phases(
         }
         progress(&format!("KV-cache decode in {tier}"));
         let bf16_yardstick = |i: usize| {
-            Ok(Some(Bf16Yardstick {
-                noise: bf16_logits_noise(&path(i, "bf16"), &path(i, "f64"))?,
-                oracle: trace_logits(&path(i, "f64"))?,
-            }))
+            let oracle = trace_logits(&path(i, "f64"))?;
+            let noise = max_gap(&trace_logits(&path(i, "bf16"))?, &oracle);
+            Ok(Some(Bf16Yardstick { noise, oracle }))
         };
         phases.push(kv_cache_phase(&model, tier, opts, &ids, &bf16_yardstick)?);
     }
@@ -273,22 +272,15 @@ struct Bf16Yardstick {
 /// How far PyTorch's own bf16 logits lie from the f64 oracle on one input: max |bf16 − f64| over
 /// the logits of the two reference traces (only the logits are read); 0 when either has none.
 fn bf16_logits_noise(bf16: &Path, f64: &Path) -> HarnessResult<f64> {
-    let logits = |p: &Path| {
-        TraceStore::open(p)
-            .and_then(|s| s.load(&["logits"]))
-            .map_err(|e| HarnessError::reference(format!("its trace is unreadable: {e}")))
-    };
-    let (r, o) = (logits(bf16)?, logits(f64)?);
-    Ok(match (r.get("logits"), o.get("logits")) {
-        (Some(r), Some(o)) => r
-            .data
-            .to_f64()
-            .iter()
-            .zip(o.data.to_f64())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max),
-        _ => 0.0,
-    })
+    Ok(max_gap(&trace_logits(bf16)?, &trace_logits(f64)?))
+}
+
+/// max |a − b| over the values both hold (0 when either is empty).
+fn max_gap(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
 }
 
 /// How many leading positions a KV-cache decode must reproduce the full forward pass at: all,

@@ -256,8 +256,8 @@ impl<T: Float> Heads<'_, T> {
     /// [`AMX_MIN_QUERIES`] queries on a CPU with AMX-BF16, on the blocked path's terms (no key
     /// hidden, softmax in the compute precision, head dimension 64 or 128). One-token steps stay
     /// on [`Heads::head_blocked`]'s sums, so prefill and decode differ by f32 summation order
-    /// here, as the AMX matmul makes them differ (the verifier's bf16 KV-cache phase holds them to
-    /// PyTorch bf16's own error on such a CPU).
+    /// here, as the AMX matmul makes them differ (the verifier's bf16 KV-cache phase then judges
+    /// the decode against the f64 oracle on such a CPU).
     fn on_amx(&self) -> bool {
         self.amx
             && T::PRECISION == super::Precision::BF16
@@ -269,7 +269,7 @@ impl<T: Float> Heads<'_, T> {
     /// Head `head` as [`Heads::head`] computes it, with both products on AMX tiles: per block of
     /// [`AMX_QUERIES`] queries, the scores `q·k` against the keys the block sees (exact bf16
     /// products summed in f32, in the tiles' order), each row scaled, rounded and turned into
-    /// probabilities exactly as [`Heads::probabilities`] does, then `p·v` against the head's
+    /// probabilities exactly as elsewhere ([`probabilities_rows`]), then `p·v` against the head's
     /// values transposed (the probabilities are bf16 values, so again exact products summed in
     /// f32), rounded to the compute dtype.
     fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
@@ -315,8 +315,8 @@ impl<T: Float> Heads<'_, T> {
             assert!(ran, "on_amx checked AMX");
             let vis: [usize; AMX_QUERIES] = std::array::from_fn(|j| self.visible(t0 + j));
             probabilities_rows(&mut rows[..tb * kk], kk, &vis[..tb], self.scale);
-            for (j, row) in rows[..tb * kk].chunks_exact_mut(kk).enumerate() {
-                if let Some(pp) = p_head.as_deref_mut() {
+            if let Some(pp) = p_head.as_deref_mut() {
+                for (j, row) in rows[..tb * kk].chunks_exact(kk).enumerate() {
                     let dst = &mut pp[(t0 + j) * s_len..(t0 + j + 1) * s_len];
                     dst[..seen].copy_from_slice(&row[..seen]);
                     dst[seen..].fill(T::ZERO);
@@ -427,11 +427,7 @@ impl<T: Float> Heads<'_, T> {
                 key_dots_block(tb, qs, &k[c.start * stride..], stride, outs);
             }
         }
-        let all = [vis; MAX_GROUP];
-        for chunk in rows.chunks_mut(s_len * MAX_GROUP) {
-            let n = chunk.len() / s_len;
-            probabilities_rows(chunk, s_len, &all[..n], self.scale);
-        }
+        probabilities_rows(&mut rows, s_len, &vec![vis; group], self.scale);
         let rf = as_f32(&rows).expect("f32 inside");
         let of = as_f32_mut(o_group).expect("f32 inside");
         for c in chunks() {
@@ -696,10 +692,6 @@ fn probabilities<T: Float>(row: &mut [T], vis: usize, scale: T) {
     row[vis..].fill(T::ZERO);
 }
 
-/// Most rows [`Heads::group_blocked`] hands [`probabilities_rows`] at once (a group of heads is
-/// cut into calls of this many).
-const MAX_GROUP: usize = 16;
-
 /// [`probabilities`] on each of `vis.len()` rows `stride` apart (row `j` seeing keys
 /// `0..vis[j]`), bit for bit. In f32 and bf16 compute on AVX-512 the element-wise steps run on
 /// sixteen lanes and each row's sum of exps, still added one key at a time in key order, runs
@@ -745,10 +737,9 @@ unsafe fn probabilities_x16<const BF16: bool>(
     vis: &[usize],
     scale: f32,
 ) {
-    use super::simd512::{round_bf16_x16, transpose16};
+    use super::simd512::{mask16 as mask, round_bf16_x16, transpose16};
     use std::arch::x86_64::*;
     let round = |v: __m512| if BF16 { round_bf16_x16(v) } else { v };
-    let mask = |len: usize| (1u32 << len.min(16)).wrapping_sub(1) as __mmask16;
     let scale = _mm512_set1_ps(scale);
     for g0 in (0..vis.len()).step_by(16) {
         let count = 16.min(vis.len() - g0);

@@ -1,7 +1,18 @@
-//! AVX-512 helpers shared by the kernels: bf16 rounding on sixteen lanes, and the 16 × 16
-//! transpose of 32-bit lanes. Each is `#[inline(always)]`, for callers compiled with AVX-512.
+//! AVX-512 helpers shared by the kernels: the mask of a partial vector, bf16 rounding on sixteen
+//! lanes, and the 16 × 16 transpose of 32-bit lanes. Each is inlined, for callers compiled with
+//! AVX-512.
 
 use std::arch::x86_64::*;
+
+/// The mask of the first `len` of sixteen lanes (all of them from 16 on).
+#[inline]
+pub(crate) fn mask16(len: usize) -> __mmask16 {
+    if len >= 16 {
+        !0
+    } else {
+        ((1u32 << len) - 1) as __mmask16
+    }
+}
 
 /// `v` rounded to bf16 and widened back, as `half::bf16::from_f32(v).to_f32()` per lane: the
 /// integer operations of [`super::round_bf16_branch_free`] on sixteen f32 lanes (nearest even by

@@ -29,7 +29,7 @@
 //! tiles needs the kernel's permission, asked once per process ([`available`]); every thread
 //! loads its own tile configuration before using them and releases them after ([`sums`]).
 
-use crate::kernels::simd512::{round_bf16_x16, transpose16};
+use crate::kernels::simd512::{mask16, round_bf16_x16, transpose16};
 use std::arch::asm;
 use std::arch::x86_64::{
     _mm512_add_ps, _mm512_castsi512_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_setzero_si512,
@@ -154,8 +154,7 @@ unsafe fn pack_group(x: &[f32], n: usize, k: usize, g: usize, dst: *mut u16) {
     let tokens = T16.min(n - g * T16);
     for c in 0..k.div_ceil(KT) {
         let len = KT.min(k - c * KT);
-        let lo: __mmask16 = (1u32 << len.min(16)).wrapping_sub(1) as u16;
-        let hi: __mmask16 = (1u32 << len.saturating_sub(16)).wrapping_sub(1) as u16;
+        let (lo, hi) = (mask16(len), mask16(len.saturating_sub(16)));
         let mut v = [_mm512_setzero_si512(); T16];
         for (tok, v) in v.iter_mut().enumerate().take(tokens) {
             let p = x.as_ptr().add((g * T16 + tok) * k + c * KT);

@@ -18,7 +18,7 @@
 
 use super::coded_avx512::Codes;
 use super::CODED_MAX_TOKENS;
-use crate::kernels::simd512::round_bf16_x16;
+use crate::kernels::simd512::{mask16, round_bf16_x16};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -53,15 +53,6 @@ pub(super) struct F32W;
 pub(super) struct Bf16W;
 /// F32 weights rounded to bf16 (nearest-even; NaN kept quiet), as `half::bf16::from_f32`.
 pub(super) struct F32AsBf16W;
-
-#[inline]
-fn mask16(len: usize) -> __mmask16 {
-    if len >= 16 {
-        !0
-    } else {
-        ((1u32 << len) - 1) as __mmask16
-    }
-}
 
 impl Weights for F32W {
     const SIZE: usize = 4;
