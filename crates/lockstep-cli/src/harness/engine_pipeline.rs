@@ -224,7 +224,7 @@ fn run_phases(
             continue;
         }
         progress(&format!(
-            "greedy generation in {tier}, {} new tokens (lockstep and transformers.generate)",
+            "greedy generation in {tier}, {} new tokens: the near-tie yardstick",
             opts.generate_tokens
         ));
         // Two tokens closer than this are a tie rounding may break: the f32 logits tolerance, or
@@ -235,7 +235,9 @@ fn run_phases(
             })?,
             _ => lockstep_verify::tolerance::F32_LOGITS_TOLERANCE,
         };
-        phases.push(generation_phase(&model, opts, &ids, reference, tier, tie)?);
+        phases.push(generation_phase(
+            &model, opts, &ids, reference, tier, tie, progress,
+        )?);
     }
     // Non-finite values: where they come from (the checkpoint?) and where they first appear.
     let all_cmps: Vec<&TraceComparison> = full
@@ -298,8 +300,32 @@ fn decode_limit(model: &Model) -> usize {
     }
 }
 
-/// KV-cache decoding, in the arithmetic of the tier: feeding the multi-token inputs one token at a
-/// time through the cache must give the logits of the full-sequence forward pass (f64: 1e-9,
+/// One-token decode steps at the end of each input in the KV-cache phase ([`cache_schedule`]).
+const DECODE_STEPS: usize = 32;
+
+/// How the KV-cache phase feeds an input of `len` tokens through the cache: chunks of 1, 2, 4, 8,
+/// ... tokens (chunked prefill: each chunk's queries attend to every key cached before it and to
+/// its own), the last one cut to fit, then the last [`DECODE_STEPS`] positions one token at a
+/// time (the decode). Every position's logits are judged. Each token alone costs a read of every
+/// weight: the 7B shape's 260-token input took 281 such steps, 154 s of the whole plan's ~13 min
+/// (2026-12-02), where this schedule makes 8 chunks and 32 steps.
+fn cache_schedule(len: usize) -> Vec<usize> {
+    let prefix = len.saturating_sub(DECODE_STEPS);
+    let mut chunks = vec![];
+    let (mut done, mut size) = (0, 1);
+    while done < prefix {
+        let c = size.min(prefix - done);
+        chunks.push(c);
+        done += c;
+        size *= 2;
+    }
+    chunks.extend(std::iter::repeat_n(1, len - prefix));
+    chunks
+}
+
+/// KV-cache decoding, in the arithmetic of the tier: feeding the multi-token inputs through the
+/// cache ([`cache_schedule`]: growing chunks, then one token at a time) must give the logits of
+/// the full-sequence forward pass at every position (f64: 1e-9,
 /// f32: 1e-4; bf16: bit-identical, 0, as measured on the bf16 fixtures), except where the AMX
 /// kernel serves the bf16 prefill: its f32 sums run in another order than a one-token decode's,
 /// so the two are two bf16 computations of the same logits, each with its own roundings. There
@@ -341,21 +367,27 @@ fn kv_cache_phase(
         let mut cache = lockstep_engine::KvCache::<T>::new(model.config.num_layers);
         let v = model.config.vocab_size;
         let (mut worst, mut worst_oracle) = (0.0f64, 0.0f64);
-        for (i, t) in tokens.iter().enumerate() {
-            let step = model.forward(std::slice::from_ref(t), &mut cache, &mut obs)?;
-            for (a, b) in step.iter().zip(&full[i * v..(i + 1) * v]) {
-                worst = worst.max(gap(a.to_f64(), b.to_f64()));
-            }
-            if let Some(o) = oracle {
-                match o.get(i * v..(i + 1) * v) {
-                    Some(o) => {
-                        for (a, &b) in step.iter().zip(o) {
-                            worst_oracle = worst_oracle.max(gap(a.to_f64(), b));
+        let mut start = 0;
+        for len in cache_schedule(tokens.len()) {
+            let chunk = &tokens[start..start + len];
+            let rows = model.forward(chunk, &mut cache, &mut obs)?;
+            for (j, row) in rows.chunks_exact(v).enumerate() {
+                let i = start + j;
+                for (a, b) in row.iter().zip(&full[i * v..(i + 1) * v]) {
+                    worst = worst.max(gap(a.to_f64(), b.to_f64()));
+                }
+                if let Some(o) = oracle {
+                    match o.get(i * v..(i + 1) * v) {
+                        Some(o) => {
+                            for (a, &b) in row.iter().zip(o) {
+                                worst_oracle = worst_oracle.max(gap(a.to_f64(), b));
+                            }
                         }
+                        None => worst_oracle = f64::INFINITY,
                     }
-                    None => worst_oracle = f64::INFINITY,
                 }
             }
+            start += len;
         }
         Ok((worst, worst_oracle, T::PRECISION.as_str()))
     }
@@ -435,7 +467,7 @@ fn kv_cache_phase(
         l => format!(" (positions below {l}, dynamic RoPE's original length)"),
     };
     let head = format!(
-        "token-by-token decoding through the KV cache vs the full forward pass, both in {arithmetic} arithmetic, on {n} sequence(s){limit}: max |Δlogits| {worst_all:.2e}"
+        "each input through the KV cache (chunks of 1, 2, 4, ... tokens, then the last {DECODE_STEPS} positions one token at a time) vs the full forward pass, both in {arithmetic} arithmetic, on {n} sequence(s){limit}: max |Δlogits| {worst_all:.2e}"
     );
     let summary = match (against_oracle, tier) {
         (true, _) => format!(
@@ -498,6 +530,32 @@ mod tests {
     use super::*;
     use crate::harness::inputs::default_inputs;
     use lockstep_verify::PhaseStatus;
+
+    /// The schedule covers every position once, in order: chunks doubling from one token, then
+    /// one-token steps for the last `DECODE_STEPS` (all of a short input).
+    #[test]
+    fn cache_schedule_covers_every_position_and_ends_in_single_steps() {
+        assert!(cache_schedule(0).is_empty());
+        assert_eq!(cache_schedule(3), [1, 1, 1]);
+        assert_eq!(
+            cache_schedule(260)[..8],
+            [1, 2, 4, 8, 16, 32, 64, 101],
+            "228 positions in doubling chunks, the last cut to fit"
+        );
+        for len in [1, 21, 31, 32, 33, 40, 260, 1000] {
+            let s = cache_schedule(len);
+            assert_eq!(s.iter().sum::<usize>(), len, "len {len}");
+            let tail = len.min(DECODE_STEPS);
+            assert!(
+                s[s.len() - tail..].iter().all(|&c| c == 1),
+                "len {len}: {s:?}"
+            );
+            let head = &s[..s.len() - tail];
+            for (i, &c) in head.iter().enumerate() {
+                assert!(c >= 1 && c <= 1 << i, "len {len}: {s:?}");
+            }
+        }
+    }
 
     /// KV-cache decode runs in the arithmetic of the tier it is named after (the bf16 phase ran
     /// f32 before), and decoding through the cache gives the full forward pass's logits within

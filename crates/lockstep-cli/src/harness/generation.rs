@@ -26,6 +26,7 @@ pub fn generation_phase(
     reference: &mut dyn Reference,
     tier: Tier,
     tie: f64,
+    progress: &mut dyn FnMut(&str),
 ) -> HarnessResult<Phase> {
     let name = format!("greedy generation [{tier}]");
     let tok = Tokenizer::from_dir(&opts.model)?;
@@ -74,7 +75,15 @@ pub fn generation_phase(
     if rows.len() > 1 {
         jobs.push(job(rows.clone()));
     }
+    progress(&format!(
+        "greedy generation in {tier}: transformers.generate, {} run(s)",
+        jobs.len()
+    ));
     let theirs = reference.generate(&jobs)?;
+    progress(&format!(
+        "greedy generation in {tier}: lockstep, {} prompt(s) alone and batched",
+        rows.len()
+    ));
     let ours = match with_float!(tier, T => generate_ours::<T>(model, &tok, &rows, &gen_opts)) {
         Ok(v) => v,
         // Non-finite logits: our generate refuses to pick tokens; the phase fails, saying where.
