@@ -17,6 +17,7 @@
 //! - [`sequence`]: one generating row, and the decode step of rows with their own caches
 //!   (continuous batching).
 
+pub mod allocator;
 pub mod chat;
 pub mod chat_py;
 pub mod config;

@@ -53,6 +53,7 @@ impl Model {
 
     /// Loads the model at a resolved [`ModelSource`], with a deliberate bug when `fault` is given.
     pub fn load_source(source: &ModelSource, fault: Option<Fault>) -> Result<Self> {
+        crate::allocator::keep_buffers_in_heap();
         // A GGUF: config from its metadata.
         let (config, mut ck) = match source {
             ModelSource::Gguf { file, .. } => crate::gguf::load(file)?,

@@ -13,6 +13,10 @@
 //! - C: `[16 weight rows][16 tokens]` f32, transposed in registers and written as each token's
 //!   16 consecutive outputs into `out[tok][row]`, finished on the way ([`Finish`]: for a bf16
 //!   linear, the bias added and the sum rounded to bf16, so no second pass reads them back).
+//!   Those outputs' cache lines are asked for with write intent (`prefetchw`) while the block's
+//!   tiles work, spread over its `k` steps: the stores no longer wait for each line to arrive
+//!   (0.5B shape, 512 tokens, alternating with the build before: the gate product 4.4-5.0 ms →
+//!   3.4-3.8, the down product 3.1-3.4 → 2.7-3.2; `prefill_profile` 810-880 → 960-1010 tok/s).
 //!
 //! The products are bound by the tile loads on the machines measured: a `tileloadd` costs about
 //! three `tdpbf16ps`, and the 2 × 2 block of four accumulators (the most eight tile registers
@@ -33,7 +37,7 @@ use crate::kernels::simd512::{mask16, round_bf16_x16, transpose16};
 use std::arch::asm;
 use std::arch::x86_64::{
     _mm512_add_ps, _mm512_castsi512_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_setzero_si512,
-    _mm512_storeu_ps,
+    _mm512_storeu_ps, _mm_prefetch, _MM_HINT_ET0,
 };
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -328,7 +332,19 @@ unsafe fn block<const R: usize, const N: usize>(
     // in place would run into the next row or past the tensor).
     let mut tail = [0u8; 2 * T16 * ROW];
     let full = k / KT;
+    // The outputs' lines, asked for with write intent while the tiles work: token `tok` of the
+    // block (of `16N`) at chunk `tok·chunks / 16N`, so the stores below do not wait for them.
+    let tokens = (N * T16).min(n.saturating_sub(g * T16));
+    let mut next = 0;
     for c in 0..p.chunks {
+        while next < tokens && next * p.chunks < (c + 1) * (N * T16) {
+            let line = out.add((g * T16 + next) * m + j).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_ET0>(line);
+            if R == 2 {
+                _mm_prefetch::<_MM_HINT_ET0>(line.add(ROW));
+            }
+            next += 1;
+        }
         let (a0, stride) = if c < full {
             (a.add(c * KT * 2), wrow)
         } else {
