@@ -19,6 +19,7 @@
 use super::matmul::dot_lane_pairs;
 use super::{as_f32, as_f32_mut, round_bf16, Float};
 use crate::team::SendPtr;
+use std::sync::OnceLock;
 
 /// How query heads map to key/value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,21 @@ pub struct AttentionSpec {
 }
 
 impl AttentionSpec {
+    /// A model's causal attention from position 0: `heads` query heads sharing `kv_heads`
+    /// key/value heads as `repeat_kv` maps them, no window, the softmax in the compute precision.
+    pub fn causal(heads: usize, kv_heads: usize, head_dim: usize) -> AttentionSpec {
+        AttentionSpec {
+            heads,
+            kv_heads,
+            head_dim,
+            q_start: 0,
+            causal: true,
+            window: None,
+            mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
+        }
+    }
+
     /// The kv head used by query head `h`.
     pub fn kv_head(&self, h: usize) -> usize {
         match self.mapping {
@@ -102,6 +118,7 @@ pub fn attention<T: Float>(
         s_len,
         scale: T::from_f64((d as f64).powf(-0.5)),
         amx: true,
+        amx_kv: amx_kv_slots(kvh),
     };
     // Heads are independent: spread them over threads when there is enough work (a long prompt),
     // run them in order otherwise (short decode steps, where thread wake-ups would cost more).
@@ -184,6 +201,48 @@ struct Heads<'a, T> {
     /// Whether a bf16 prefill may run on AMX tiles ([`Heads::on_amx`]); tests of the other
     /// paths' bits turn it off.
     amx: bool,
+    /// Per kv head, its keys and values as [`Heads::head_amx`] reads them, made by the first
+    /// query head that needs them ([`AmxKv::new`]) and read by the rest of its group.
+    amx_kv: Vec<OnceLock<AmxKv>>,
+}
+
+/// One kv head's keys and values in the layout of [`Heads::head_amx`]'s tile products: the keys
+/// as bf16 rows `[S][D]`, the values transposed as bf16 rows `[D][S]` (row `i` holds value
+/// dimension `i` of every key), both zero past the last key up to a multiple of 32 keys. Made
+/// once per kv head, not once per query head: the conversions were a quarter of the AMX
+/// attention's thread time at 512 tokens of the 0.5B shape (7 query heads per kv head).
+struct AmxKv {
+    /// `[s32][D]` bf16 bits, little-endian.
+    keys: Vec<u8>,
+    /// `[D][s32]` bf16 bits, little-endian.
+    values: Vec<u8>,
+}
+
+impl AmxKv {
+    /// kv head `kv` of `k` and `v` (`[S][kv_heads][D]` f32 holding bf16 values).
+    fn new(k: &[f32], v: &[f32], s_len: usize, kvh: usize, d: usize, kv: usize) -> AmxKv {
+        let stride = kvh * d;
+        let bits = |v: f32| (v.to_bits() >> 16) as u16;
+        let s32 = s_len.next_multiple_of(32);
+        let mut keys = vec![0u8; s32 * d * 2];
+        for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
+            for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride + kv * d..][..d]) {
+                o.copy_from_slice(&bits(x).to_le_bytes());
+            }
+        }
+        let mut values = vec![0u8; d * s32 * 2];
+        for s in 0..s_len {
+            for (i, &x) in v[s * stride + kv * d..][..d].iter().enumerate() {
+                values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());
+            }
+        }
+        AmxKv { keys, values }
+    }
+}
+
+/// One empty [`AmxKv`] slot per kv head.
+fn amx_kv_slots(kv_heads: usize) -> Vec<OnceLock<AmxKv>> {
+    (0..kv_heads).map(|_| OnceLock::new()).collect()
 }
 
 impl<T: Float> Heads<'_, T> {
@@ -275,28 +334,20 @@ impl<T: Float> Heads<'_, T> {
     fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
         let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
-        let (stride, kv) = (kvh * d, spec.kv_head(head));
-        let bits = |v: f32| (v.to_bits() >> 16) as u16;
-        let (q, k, v) = (
-            as_f32(self.q).expect("f32 inside"),
-            as_f32(self.k).expect("f32 inside"),
-            as_f32(self.v).expect("f32 inside"),
-        );
-        // The head's keys as bf16 rows, and its values transposed: row `i` holds value
-        // dimension `i` of every key; both zero past the last key, up to a multiple of 32.
+        let kv = spec.kv_head(head);
+        let q = as_f32(self.q).expect("f32 inside");
+        let AmxKv { keys, values } = self.amx_kv[kv].get_or_init(|| {
+            let (k, v) = (as_f32(self.k), as_f32(self.v));
+            AmxKv::new(
+                k.expect("f32 inside"),
+                v.expect("f32 inside"),
+                s_len,
+                kvh,
+                d,
+                kv,
+            )
+        });
         let s32 = s_len.next_multiple_of(32);
-        let mut keys = vec![0u8; s32 * d * 2];
-        for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
-            for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride + kv * d..][..d]) {
-                o.copy_from_slice(&bits(x).to_le_bytes());
-            }
-        }
-        let mut values = vec![0u8; d * s32 * 2];
-        for s in 0..s_len {
-            for (i, &x) in v[s * stride + kv * d..][..d].iter().enumerate() {
-                values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());
-            }
-        }
         let mut qs = vec![0f32; AMX_QUERIES * d];
         let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
         let mut outs = vec![0f32; AMX_QUERIES * d];
@@ -311,7 +362,7 @@ impl<T: Float> Heads<'_, T> {
                 qj.copy_from_slice(&q[((t0 + j) * h + head) * d..][..d]);
             }
             let scores = as_f32_mut(&mut rows[..tb * kk]).expect("f32 inside");
-            let ran = super::matmul::amx_sums(&qs[..tb * d], tb, d, &keys, d * 2, kk, scores);
+            let ran = super::matmul::amx_sums(&qs[..tb * d], tb, d, keys, d * 2, kk, scores);
             assert!(ran, "on_amx checked AMX");
             let vis: [usize; AMX_QUERIES] = std::array::from_fn(|j| self.visible(t0 + j));
             probabilities_rows(&mut rows[..tb * kk], kk, &vis[..tb], self.scale);
@@ -324,7 +375,7 @@ impl<T: Float> Heads<'_, T> {
             }
             let out = &mut outs[..tb * d];
             let ps = as_f32(&rows[..tb * kk]).expect("f32 inside");
-            let ran = super::matmul::amx_sums(ps, tb, kk, &values, s32 * 2, d, out);
+            let ran = super::matmul::amx_sums(ps, tb, kk, values, s32 * 2, d, out);
             assert!(ran, "on_amx checked AMX");
             let block = &mut o_head[t0 * d..(t0 + tb) * d];
             as_f32_mut(block).expect("f32 inside").copy_from_slice(out);
@@ -745,21 +796,20 @@ unsafe fn probabilities_x16<const BF16: bool>(
         let count = 16.min(vis.len() - g0);
         let group = &mut rows[g0 * stride..(g0 + count) * stride];
         let vis = &vis[g0..g0 + count];
-        // Scaled and rounded, less the maximum, exponentiated: each row as `probabilities`.
+        // Scaled and rounded, less the maximum, exponentiated: each row as `probabilities`, in
+        // two passes: the scaled values stored while their maximum is taken (`row_max`'s: a
+        // NaN in `y` keeps the running maximum), then `exp(s - max)`.
         for (row, &v) in group.chunks_exact_mut(stride).zip(vis) {
             let live = &mut row[..v];
+            let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
             for c in live.chunks_mut(16) {
                 let m = mask(c.len());
                 let x = _mm512_maskz_loadu_ps(m, c.as_ptr());
-                _mm512_mask_storeu_ps(c.as_mut_ptr(), m, round(_mm512_mul_ps(round(x), scale)));
+                let y = round(_mm512_mul_ps(round(x), scale));
+                _mm512_mask_storeu_ps(c.as_mut_ptr(), m, y);
+                acc = _mm512_mask_max_ps(acc, m, y, acc);
             }
-            let max = _mm512_set1_ps(row_max_avx512(live));
-            for c in live.chunks_mut(16) {
-                let m = mask(c.len());
-                let x = _mm512_maskz_loadu_ps(m, c.as_ptr());
-                _mm512_mask_storeu_ps(c.as_mut_ptr(), m, _mm512_sub_ps(x, max));
-            }
-            super::expf::exp_in_place(live);
+            super::expf::exp_shifted_in_place(live, _mm512_reduce_max_ps(acc));
         }
         // The sums: lane `i` adds row `i`'s exps in key order from +0.0 (a key past the row's
         // own adds +0.0, which leaves every sum of exps as it is).
@@ -1441,6 +1491,7 @@ mod tests {
                 s_len,
                 scale: Bf16::from_f64((d as f64).powf(-0.5)),
                 amx,
+                amx_kv: amx_kv_slots(kvh),
             };
             assert!(heads(true).on_amx() && !heads(false).on_amx());
             let what = format!("d={d} past={past} causal={causal}");
@@ -1510,6 +1561,7 @@ mod tests {
                     s_len,
                     scale: T::from_f64((d as f64).powf(-0.5)),
                     amx: false,
+                    amx_kv: amx_kv_slots(kvh),
                 };
                 let mut out = vec![T::ZERO; h * t * d];
                 let mut probs = vec![T::ZERO; h * t * s_len];
@@ -1585,6 +1637,7 @@ mod tests {
                 s_len,
                 scale: T::from_f64((d as f64).powf(-0.5)),
                 amx: false,
+                amx_kv: amx_kv_slots(kvh),
             };
             let bits = |x: &[T]| x.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
             for head in 0..h {

@@ -61,10 +61,23 @@ pub fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vector_ok() {
         // SAFETY: `vector_ok` checked the CPU features.
-        return unsafe { exp_avx512(x) };
+        return unsafe { exp_avx512(x, None) };
     }
     for v in x {
         *v = v.exp();
+    }
+}
+
+/// `x[i] = (x[i] - shift).exp()` for every element (the difference in f32, then the scalar
+/// `f32::exp`'s bits): a softmax's `exp(s - max)` in one pass over the row.
+pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if vector_ok() {
+        // SAFETY: `vector_ok` checked the CPU features.
+        return unsafe { exp_avx512(x, Some(shift)) };
+    }
+    for v in x {
+        *v = (*v - shift).exp();
     }
 }
 
@@ -80,7 +93,7 @@ fn vector_ok() -> bool {
         let sample = check_sample();
         let mut got = sample.clone();
         // SAFETY: the features were checked above.
-        unsafe { exp_avx512(&mut got) };
+        unsafe { exp_avx512(&mut got, None) };
         got.iter()
             .zip(&sample)
             .all(|(g, x)| g.to_bits() == x.exp().to_bits())
@@ -112,23 +125,29 @@ fn check_sample() -> Vec<f32> {
     s
 }
 
-/// [`exp_in_place`] on AVX-512: eight lanes of f64 per step, the lanes of magnitude ≥ 88 (and
-/// NaN) redone by the scalar call.
+/// [`exp_in_place`] on AVX-512 (of `x - minus` when `minus` is given, the difference in f32):
+/// eight lanes of f64 per step, the lanes of magnitude ≥ 88 (and NaN) redone by the scalar
+/// call.
 ///
 /// # Safety
 /// The CPU has AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn exp_avx512(x: &mut [f32]) {
+unsafe fn exp_avx512(x: &mut [f32], minus: Option<f32>) {
     use std::arch::x86_64::*;
     let c = |bits: u64| _mm512_set1_pd(f64::from_bits(bits));
     let (inv_ln2_n, shift) = (c(INV_LN2_N), c(SHIFT));
     let (c0, c1, c2, one) = (c(POLY[0]), c(POLY[1]), c(POLY[2]), _mm512_set1_pd(1.0));
     let tab: [__m512i; 4] =
         std::array::from_fn(|q| _mm512_loadu_si512(TABLE[8 * q..].as_ptr().cast()));
+    let by = _mm256_set1_ps(minus.unwrap_or(0.0));
     let mut chunks = x.chunks_exact_mut(8);
     for v in &mut chunks {
         let xs = _mm256_loadu_ps(v.as_ptr());
+        let xs = match minus {
+            Some(_) => _mm256_sub_ps(xs, by),
+            None => xs,
+        };
         let xd = _mm512_cvtps_pd(xs);
         // kd = round(x·32/ln2) (nearest-even, via the shift); r = x·32/ln2 − kd.
         let z = _mm512_fmadd_pd(inv_ln2_n, xd, shift);
@@ -163,13 +182,49 @@ unsafe fn exp_avx512(x: &mut [f32]) {
         }
     }
     for v in chunks.into_remainder() {
-        *v = v.exp();
+        *v = match minus {
+            Some(by) => (*v - by).exp(),
+            None => v.exp(),
+        };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shifted form is the difference in f32, then the scalar exp, bit for bit: shifts of
+    /// every sign and size (zero, a softmax's maximum, an infinity, NaN) on inputs from large
+    /// negative to large positive, NaN and infinities included, in slices of odd lengths.
+    #[test]
+    fn exp_shifted_is_the_difference_then_the_scalar_exp() {
+        let mut xs: Vec<f32> = (0..u32::MAX / 4099)
+            .map(|i| f32::from_bits(i * 4099))
+            .collect();
+        xs.extend((0..20_000).map(|i| -60.0 + i as f32 * 0.0061));
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            88.5,
+            -103.9,
+        ]);
+        for shift in [0.0, -0.0, 3.25, -7.5, 41.0, 90.0, f32::INFINITY, f32::NAN] {
+            for chunk in xs.chunks(1001) {
+                let mut got = chunk.to_vec();
+                exp_shifted_in_place(&mut got, shift);
+                for (g, &x) in got.iter().zip(chunk) {
+                    let want = (x - shift).exp();
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "exp({x:e} - {shift:e}) = {g:e}, want {want:e}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Bit for bit the scalar `f32::exp` on every 97th bit pattern of f32 (44 million values:
     /// every exponent, both signs, NaNs) and on every 16th float in [-1, -0.5] (softmax's

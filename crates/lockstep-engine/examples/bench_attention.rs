@@ -1,0 +1,48 @@
+//! Times `kernels::attention::attention` on the 0.5B shape's heads (14 query heads, 2 key/value
+//! heads, head dimension 64), causal, for a prefill of N tokens (default 512) in bf16 compute:
+//! the median of 9 calls, with and without the probabilities stored.
+//!
+//! `cargo run --release -p lockstep-engine --example bench_attention [N]`.
+
+use lockstep_engine::kernels::attention::{attention, AttentionSpec};
+use lockstep_engine::{Bf16, Float};
+use std::time::Instant;
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(512, |a| a.parse().expect("N"));
+    let (h, kvh, d) = (14, 2, 64);
+    let mut s = 7u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Bf16::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64 - 0.5) * 4.0).to_act_dtype()
+    };
+    let q: Vec<Bf16> = (0..n * h * d).map(|_| next()).collect();
+    let k: Vec<Bf16> = (0..n * kvh * d).map(|_| next()).collect();
+    let v: Vec<Bf16> = (0..n * kvh * d).map(|_| next()).collect();
+    let spec = AttentionSpec::causal(h, kvh, d);
+    let mut out = vec![Bf16::ZERO; n * h * d];
+    let mut probs = vec![Bf16::ZERO; h * n * n];
+    for with_probs in [false, true] {
+        let mut t = vec![];
+        for _ in 0..10 {
+            let s = Instant::now();
+            let p = with_probs.then_some(&mut probs[..]);
+            attention(&spec, &q, &k, &v, None, &mut out, p);
+            t.push(s.elapsed().as_secs_f64());
+        }
+        t.remove(0);
+        t.sort_by(f64::total_cmp);
+        println!(
+            "{n} tokens, probabilities {}: {:.3} ms (median of 9)",
+            if with_probs { "stored" } else { "not stored" },
+            t[4] * 1e3
+        );
+    }
+    // A checksum of the outputs, to compare builds.
+    let sum: f64 = out.iter().map(|x| x.to_f64()).sum();
+    println!("checksum {sum:.6e}");
+}
