@@ -8,6 +8,7 @@ pub mod names;
 pub mod precision;
 pub mod store;
 
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -298,19 +299,29 @@ impl Trace {
         if let Some(m) = meta.metadata() {
             trace.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
-        for (name, view) in st.tensors() {
-            // Zero elements make zero bytes whatever the shape claims ([0, 2^60] is accepted by
-            // safetensors); a tensor without values says nothing, and its shape must not size
-            // anything downstream.
-            if view.shape().contains(&0) {
+        // Zero elements make zero bytes whatever the shape claims ([0, 2^60] is accepted by
+        // safetensors); a tensor without values says nothing, and its shape must not size
+        // anything downstream.
+        let holds_no_values =
+            |view: &safetensors::tensor::TensorView<'_>| view.shape().contains(&0);
+        // Decoded in parallel, then checked and inserted in the file's order (the first error
+        // in that order is the one reported).
+        let views = st.tensors();
+        let decoded: Vec<Option<Result<TensorData, TraceError>>> = views
+            .par_iter()
+            .map(|(name, view)| {
+                (!holds_no_values(view))
+                    .then(|| decode_tensor(path, name, &format!("{:?}", view.dtype()), view.data()))
+            })
+            .collect();
+        for ((name, view), data) in views.into_iter().zip(decoded) {
+            let Some(data) = data else {
                 return Err(fmt(format!(
                     "tensor '{name}' has shape {:?}, which holds no values",
                     view.shape()
                 )));
-            }
-            let dtype = format!("{:?}", view.dtype());
-            let data = decode_tensor(path, &name, &dtype, view.data())?;
-            trace.insert(name, view.shape().to_vec(), data)?;
+            };
+            trace.insert(name, view.shape().to_vec(), data?)?;
         }
         Ok(trace)
     }
@@ -325,10 +336,18 @@ impl Trace {
         };
         let mut f = std::fs::File::open(path).map_err(io)?;
         check_header(&mut f, &shown)?;
-        let mut bytes = vec![];
-        std::io::Read::read_to_end(&mut f, &mut bytes).map_err(io)?;
+        // Decoded straight from the page cache: no copy of the file's bytes.
+        let bytes = map_file(&f).map_err(io)?;
         Self::from_bytes(&bytes, &shown)
     }
+}
+
+/// The file's bytes, mapped read-only (traces are written atomically, by rename, so a mapped
+/// file is never rewritten in place).
+fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the map is only read, and lives no longer than the read that made it; a trace
+    // file is replaced by rename, never truncated or written in place by lockstep.
+    unsafe { memmap2::Mmap::map(f) }
 }
 
 /// The values of a stored tensor: its little-endian `bytes` as safetensors' `dtype` (`F64`,

@@ -7,9 +7,10 @@
 //! together they are the single-file trace; [`TraceStore`] opens either form from its headers
 //! alone and loads the tensors of one [`Part`] at a time.
 
-use crate::{check_header, decode_tensor, Trace, TraceError};
+use crate::{check_header, decode_tensor, map_file, TensorData, Trace, TraceError};
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Where a tensor belongs when a trace is split: before the layers, in layer `i`, or after.
@@ -158,23 +159,44 @@ impl TraceStore {
     pub fn load(&self, names: &[&str]) -> Result<Trace, TraceError> {
         let mut t = Trace::new();
         t.metadata = self.metadata.clone();
-        for &name in names {
-            let Some(e) = self.entries.get(name) else {
+        let wanted: Vec<(&str, &Entry)> = names
+            .iter()
+            .filter_map(|&n| self.entries.get(n).map(|e| (n, e)))
+            .collect();
+        // Each file holding a wanted tensor, mapped once (the map is dropped, and its pages
+        // leave the resident set, when this load returns).
+        let mut maps: HashMap<usize, memmap2::Mmap> = HashMap::new();
+        for (_, e) in &wanted {
+            if maps.contains_key(&e.file) {
                 continue;
-            };
+            }
             let path = &self.files[e.file];
-            let shown = path.display().to_string();
             let io = |source| TraceError::Io {
-                path: shown.clone(),
+                path: path.display().to_string(),
                 source,
             };
-            let mut f = std::fs::File::open(path).map_err(io)?;
-            f.seek(SeekFrom::Start(self.data_start[e.file] + e.begin))
-                .map_err(io)?;
-            let mut bytes = vec![0u8; (e.end - e.begin) as usize];
-            f.read_exact(&mut bytes).map_err(io)?;
-            let data = decode_tensor(&shown, name, &e.dtype, &bytes)?;
-            t.insert(name, e.shape.clone(), data)?;
+            let f = std::fs::File::open(path).map_err(io)?;
+            maps.insert(e.file, map_file(&f).map_err(io)?);
+        }
+        let decoded: Vec<Result<TensorData, TraceError>> = wanted
+            .par_iter()
+            .map(|&(name, e)| {
+                let shown = self.files[e.file].display().to_string();
+                let map = &maps[&e.file];
+                let start = self.data_start[e.file] + e.begin;
+                let len = e.end - e.begin;
+                let bytes = usize::try_from(start)
+                    .ok()
+                    .and_then(|s| map.get(s..s.checked_add(usize::try_from(len).ok()?)?))
+                    .ok_or_else(|| TraceError::Io {
+                        path: shown.clone(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    })?;
+                decode_tensor(&shown, name, &e.dtype, bytes)
+            })
+            .collect();
+        for ((name, e), data) in wanted.into_iter().zip(decoded) {
+            t.insert(name, e.shape.clone(), data?)?;
         }
         Ok(t)
     }

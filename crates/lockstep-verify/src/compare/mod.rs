@@ -14,8 +14,12 @@ use std::fmt;
 use lockstep_trace::{TensorData, Trace};
 use serde::Serialize;
 
-use crate::nonfinite::{first_nonfinite, nonfinite_source, FirstNonFinite};
+#[cfg(doc)]
+use crate::nonfinite::first_nonfinite;
+use crate::nonfinite::{nonfinite_in, nonfinite_source, FirstNonFinite};
 use crate::tolerance::{Tier, TolerancePolicy};
+use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// The overall verdict on a trace comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -280,15 +284,16 @@ pub fn compare_traces(
     if let Some(t) = check_tokens(reference, test, oracle) {
         tensors.push(t);
     }
-    for name in names.iter().filter(|n| n.as_str() != "tokens") {
-        let c = match (reference.get(name), test.get(name)) {
+    // Tensors are compared in parallel (each record depends on its own tensors only), then
+    // kept in forward order; a router's top-k ids are re-judged after, in order, from the
+    // records before them (their layer's router logits among them).
+    let records: Vec<TensorComparison> = names
+        .par_iter()
+        .filter(|n| n.as_str() != "tokens")
+        .map(|name| match (reference.get(name), test.get(name)) {
             (Some(r), Some(t)) => {
                 let tol = policy.tolerance_for(name);
-                let mut c = compare_tensors(name, r, t, oracle.and_then(|o| o.get(name)), &tol);
-                if crate::router::is_topk_ids(name) {
-                    crate::router::judge_topk_ids(&mut c, name, reference, test, &tensors, tol);
-                }
-                c
+                compare_tensors(name, r, t, oracle.and_then(|o| o.get(name)), &tol)
             }
             (r, t) => {
                 let mut c = TensorComparison::bare(name, Status::Missing);
@@ -300,7 +305,15 @@ pub fn compare_traces(
                 ));
                 c
             }
-        };
+        })
+        .collect();
+    for mut c in records {
+        let name = c.name.clone();
+        let in_both = reference.get(&name).is_some() && test.get(&name).is_some();
+        if in_both && crate::router::is_topk_ids(&name) {
+            let tol = policy.tolerance_for(&name);
+            crate::router::judge_topk_ids(&mut c, &name, reference, test, &tensors, tol);
+        }
         tensors.push(c);
     }
 
@@ -332,11 +345,7 @@ pub fn compare_traces(
         has_oracle: oracle.is_some(),
         passed,
         first_divergence,
-        first_nonfinite: FirstNonFinite {
-            reference: first_nonfinite(reference),
-            test: first_nonfinite(test),
-            oracle: oracle.and_then(first_nonfinite),
-        },
+        first_nonfinite: first_nonfinite_sites(&tensors, reference, test, oracle),
         token_ids,
         token_shape,
         tensors,
@@ -344,6 +353,58 @@ pub fn compare_traces(
         reference_producer: producer(reference),
         test_producer: producer(test),
         oracle_producer: oracle.and_then(producer),
+    }
+}
+
+/// Where each trace first holds a non-finite value, as [`first_nonfinite`] finds it, without
+/// scanning again the tensors whose statistics in `records` already counted no non-finite value
+/// on that side (every one, in the common case).
+fn first_nonfinite_sites(
+    records: &[TensorComparison],
+    reference: &Trace,
+    test: &Trace,
+    oracle: Option<&Trace>,
+) -> FirstNonFinite {
+    let counted: HashMap<&str, &TensorComparison> =
+        records.iter().map(|c| (c.name.as_str(), c)).collect();
+    let stats_of = |name: &str| counted.get(name).and_then(|c| c.stats.as_ref());
+    let first = |trace: &Trace, finite: &dyn Fn(&str) -> bool| {
+        // As `first_nonfinite`: the first tensor in forward order holding one.
+        let names = trace.names();
+        names
+            .into_iter()
+            .find_map(|n| (!finite(n)).then(|| trace.get(n).and_then(|t| nonfinite_in(n, t)))?)
+    };
+    let ((r, t), o) = rayon::join(
+        || {
+            rayon::join(
+                || {
+                    first(reference, &|n| {
+                        stats_of(n).is_some_and(|s| s.expected_nonfinite == 0)
+                    })
+                },
+                || {
+                    first(test, &|n| {
+                        stats_of(n).is_some_and(|s| s.actual_nonfinite == 0)
+                    })
+                },
+            )
+        },
+        || {
+            oracle.and_then(|o| {
+                first(o, &|n| {
+                    counted
+                        .get(n)
+                        .and_then(|c| c.ref_vs_oracle.as_ref())
+                        .is_some_and(|s| s.expected_nonfinite == 0)
+                })
+            })
+        },
+    );
+    FirstNonFinite {
+        reference: r,
+        test: t,
+        oracle: o,
     }
 }
 

@@ -19,7 +19,12 @@ pub enum StreamCompareError {
 /// What the policy is made from: each trace's metadata and its logits (the tier is inferred from
 /// their storage when a trace has no `dtype` metadata).
 fn probe(store: &TraceStore) -> Result<Trace, TraceError> {
-    store.load(&["logits"])
+    // The `dtype` metadata decides the tier when present: the logits are not read then.
+    if store.metadata().contains_key("dtype") {
+        store.load(&[])
+    } else {
+        store.load(&["logits"])
+    }
 }
 
 /// The tolerance policy of three stored traces, as [`TolerancePolicy::for_traces_with_tier`]
@@ -51,11 +56,11 @@ pub fn compare_stores(
     parts.extend(test.parts());
     parts.sort();
     parts.dedup();
-    let mut merged: Option<TraceComparison> = None;
-    for part in parts {
+    // The tensors of one part of each trace, and the oracle's `tokens` with its first part (the
+    // ids are checked against it).
+    let load = |part: Part| -> Result<(Trace, Trace, Option<Trace>), TraceError> {
         let r = reference.load_part(part)?;
         let t = test.load_part(part)?;
-        // The oracle's tensors of this part, and its `tokens` (the ids are checked against it).
         let o = match oracle {
             Some(o) => {
                 let mut names: Vec<&str> = o
@@ -70,7 +75,18 @@ pub fn compare_stores(
             }
             None => None,
         };
-        let c = compare_traces(&r, &t, o.as_ref(), policy);
+        Ok((r, t, o))
+    };
+    let mut merged: Option<TraceComparison> = None;
+    let mut next = parts.first().map(|&p| load(p)).transpose()?;
+    for i in 0..parts.len() {
+        let (r, t, o) = next.take().expect("loaded before its turn");
+        // The next part is read while this one is compared.
+        let (c, following) = rayon::join(
+            || compare_traces(&r, &t, o.as_ref(), policy),
+            || parts.get(i + 1).map(|&p| load(p)).transpose(),
+        );
+        next = following?;
         merged = Some(match merged {
             None => c,
             Some(m) => merge(m, c),

@@ -1,13 +1,12 @@
 //! One tensor's comparison: its status, the tolerance applied and the statistics behind it.
 
-use std::borrow::Cow;
 use std::fmt;
 
-use lockstep_trace::{TapName, TensorData, TraceTensor};
+use lockstep_trace::{TapName, TraceTensor};
 use serde::Serialize;
 
 use crate::nonfinite::NonFiniteCounts;
-use crate::stats::{diff_stats, logit_stats, DiffStats, LogitStats};
+use crate::stats::{diff_stats_fused, logit_stats_fused, DiffStats, LogitStats, StoredValues};
 use crate::tolerance::{bf16_half_ulp, finite_noise, Tolerance};
 
 /// The verdict on one tensor.
@@ -210,11 +209,10 @@ pub fn compare_tensors(
         return c;
     }
     let shape = &reference.shape;
-    let r = values_f64(&reference.data);
-    let t = values_f64(&test.data);
-    let stats = diff_stats(&r, &t, shape);
+    let r = StoredValues::of(&reference.data);
+    let t = StoredValues::of(&test.data);
     let oracle = match oracle {
-        Some(o) if o.shape == *shape && o.data.len() == r.len() => Some(values_f64(&o.data)),
+        Some(o) if o.shape == *shape && o.data.len() == r.len() => Some(StoredValues::of(&o.data)),
         Some(o) => {
             c.note = Some(format!(
                 "oracle shape {:?} differs from {:?}: oracle ignored",
@@ -224,26 +222,33 @@ pub fn compare_tensors(
         }
         None => None,
     };
-    if let Some(o) = &oracle {
-        c.ref_vs_oracle = Some(diff_stats(o, &r, shape));
-        c.test_vs_oracle = Some(diff_stats(o, &t, shape));
+    // One pass over the values for every difference statistic, beside the logits' statistics
+    // (their own pass, parallel over positions).
+    let vocab = match TapName::parse(name) {
+        Some(TapName::Logits) => shape.last().copied(),
+        _ => None,
+    };
+    let ((stats, vs_oracle), logits) = rayon::join(
+        || diff_stats_fused(r, t, oracle, shape),
+        || vocab.map(|v| logit_stats_fused(r, t, oracle, v)),
+    );
+    if let Some((ro, to)) = vs_oracle {
+        c.ref_vs_oracle = Some(ro);
+        c.test_vs_oracle = Some(to);
     }
-    if TapName::parse(name) == Some(TapName::Logits) {
-        if let Some(&vocab) = shape.last() {
-            c.logits = logit_stats(&r, &t, vocab);
-            if let Some(o) = &oracle {
-                c.ref_vs_oracle_logits = logit_stats(o, &r, vocab);
-                c.test_vs_oracle_logits = logit_stats(o, &t, vocab);
-            }
-        }
+    if let Some([rt, ro, to]) = logits {
+        c.logits = rt;
+        c.ref_vs_oracle_logits = ro;
+        c.test_vs_oracle_logits = to;
     }
-    // The oracle counts when the rule uses it (every rule but a fixed bound).
+    // The oracle counts when the rule uses it (every rule but a fixed bound); its non-finite
+    // values are the expected side's of the reference-vs-oracle statistics.
     let oracle_used = !matches!(tol, Tolerance::Fixed { .. });
     let counts = NonFiniteCounts {
         test: stats.actual_nonfinite,
         reference: stats.expected_nonfinite,
-        oracle: match (&oracle, oracle_used) {
-            (Some(o), true) => o.iter().filter(|v| !v.is_finite()).count(),
+        oracle: match (&c.ref_vs_oracle, oracle_used) {
+            (Some(o), true) => o.expected_nonfinite,
             _ => 0,
         },
     };
@@ -283,15 +288,6 @@ pub fn compare_tensors(
         Status::Fail
     };
     c
-}
-
-/// The values as f64, borrowed when they already are (logits of a large model in three traces
-/// would otherwise be copied needlessly).
-fn values_f64(d: &TensorData) -> Cow<'_, [f64]> {
-    match d {
-        TensorData::F64(v) => Cow::Borrowed(v),
-        other => Cow::Owned(other.to_f64()),
-    }
 }
 
 /// Resolves `tol` into numbers for the tensor compared in `c`; `None` when it cannot be judged.
