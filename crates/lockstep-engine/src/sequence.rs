@@ -185,6 +185,7 @@ pub fn decode_step<T: Float>(
             &positions,
             caches,
             None,
+            None,
             &mut crate::NoObserver,
             LogitsFor::Last,
         )?);

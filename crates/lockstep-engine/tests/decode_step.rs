@@ -2,36 +2,14 @@
 //! decoded together, give bit for bit the logits each row gives alone (f64, f32 and bf16), step
 //! after step, also after a row leaves the batch.
 
+mod common;
+use common::{bits, fixture_model, uneven_prompts};
 use lockstep_engine::sequence::decode_step;
 use lockstep_engine::{Bf16, Float, KvCache, Model};
-use std::path::PathBuf;
-
-/// A random-weight GQA fixture. Missing fixtures fail the test.
-fn model() -> Model {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-gqa");
-    assert!(
-        dir.join("config.json").exists(),
-        "fixture {} is missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    Model::load(&dir).unwrap()
-}
-
-fn bits<T: Float>(x: &[T]) -> Vec<u64> {
-    x.iter().map(|v| v.to_f64().to_bits()).collect()
-}
 
 fn check<T: Float>(m: &Model) {
     let vocab = m.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = [7usize, 1, 12, 3]
-        .iter()
-        .enumerate()
-        .map(|(r, &n)| {
-            (0..n)
-                .map(|i| ((i * 131 + r * 977 + 5) % vocab) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = uneven_prompts(vocab);
     let next = |r: usize, step: usize| ((r * 53 + step * 301 + 11) % vocab) as u32;
     let layers = m.config.num_layers;
     // Together: each prompt prefilled alone, then decode steps over all rows; row 1 leaves
@@ -76,7 +54,7 @@ fn check<T: Float>(m: &Model) {
     ignore = "needs the fixtures: bash scripts/test.sh"
 )]
 fn decode_step_rows_equal_each_row_alone() {
-    let m = model();
+    let m = fixture_model("qwen2-gqa");
     check::<f64>(&m);
     check::<f32>(&m);
     check::<Bf16>(&m);
@@ -88,7 +66,7 @@ fn decode_step_rows_equal_each_row_alone() {
     ignore = "needs the fixtures: bash scripts/test.sh"
 )]
 fn decode_step_refuses_mismatched_inputs() {
-    let m = model();
+    let m = fixture_model("qwen2-gqa");
     let mut caches = vec![KvCache::<f32>::new(m.config.num_layers)];
     assert!(decode_step::<f32>(&m, &[1, 2], &mut caches).is_err());
     assert!(decode_step::<f32>(&m, &[], &mut []).is_err());

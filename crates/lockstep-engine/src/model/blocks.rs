@@ -64,6 +64,10 @@ pub(crate) struct Pass<'a, T> {
     pub caches: &'a mut [KvCache<T>],
     /// Per row, which cached positions attention may see (padding hidden); `None`: all.
     pub key_masks: Option<&'a [Vec<bool>]>,
+    /// Per row, the left padding among its `n` new positions that is not computed (its keys
+    /// and values cached as zeros); the rows' computed tokens follow one another in the
+    /// buffers. `None`: every row computes all `n`.
+    pub skipped: Option<&'a [usize]>,
     /// cos/sin at every new position.
     pub rope: &'a RopeTable<T>,
     /// New tokens per row.
@@ -145,32 +149,40 @@ impl Model {
         obs.tap(tap(LayerTap::QRope), TapView::heads(&buf.q, heads, d));
         obs.tap(tap(LayerTap::KRope), TapView::heads(&buf.k, kv_heads, d));
 
-        // Attention per row, over that row's cache with this step's keys and values appended.
-        let (qd, kvd) = (n * heads * d, n * kv_heads * d);
+        // Attention per row, over that row's cache with this step's keys and values appended
+        // (zeros for skipped padding, which the key mask hides).
+        let (qd, kvd) = (heads * d, kv_heads * d);
+        let mut first = 0;
         for (b, cache) in pass.caches.iter_mut().enumerate() {
             let past = cache.len;
-            cache.k[l].extend_from_slice(&buf.k[b * kvd..(b + 1) * kvd]);
-            cache.v[l].extend_from_slice(&buf.v[b * kvd..(b + 1) * kvd]);
+            let skip = pass.skipped.map_or(0, |p| p[b]);
+            let own = first..first + n - skip;
+            first = own.end;
+            for kv in [&mut cache.k[l], &mut cache.v[l]] {
+                kv.resize(kv.len() + skip * kvd, T::ZERO);
+            }
+            cache.k[l].extend_from_slice(&buf.k[own.start * kvd..own.end * kvd]);
+            cache.v[l].extend_from_slice(&buf.v[own.start * kvd..own.end * kvd]);
             let keys = past + n;
             let spec = AttentionSpec {
                 heads,
                 kv_heads,
                 head_dim: d,
-                q_start: past,
+                q_start: past + skip,
                 causal: s.causal,
                 window: s.windows[l],
                 mapping: s.gqa,
                 softmax_bf16: s.softmax_bf16,
             };
-            let mut probs =
-                (rows == 1 && obs.wants_attention_probs()).then(|| vec![T::ZERO; heads * n * keys]);
+            let mut probs = (rows == 1 && obs.wants_attention_probs())
+                .then(|| vec![T::ZERO; heads * own.len() * keys]);
             attention(
                 &spec,
-                &buf.q[b * qd..(b + 1) * qd],
+                &buf.q[own.start * qd..own.end * qd],
                 &cache.k[l],
                 &cache.v[l],
                 pass.key_masks.map(|m| &m[b][..]),
-                &mut buf.attn[b * qd..(b + 1) * qd],
+                &mut buf.attn[own.start * qd..own.end * qd],
                 probs.as_deref_mut(),
             );
             if let Some(p) = &probs {

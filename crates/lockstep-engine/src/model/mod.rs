@@ -295,6 +295,7 @@ impl Model {
             &positions,
             std::slice::from_mut(cache),
             None,
+            None,
             obs,
             which,
         )
@@ -344,24 +345,50 @@ impl Model {
             rows: caches,
             key_mask,
         } = cache;
+        // Left padding whose logits are not asked for is not computed: no real query ever sees
+        // it (the key mask hides it) and its keys and values are cached as zeros. Only the real
+        // tokens go through the matmuls: the verifier's batched generation at the 7B shape
+        // (four prompts of 1 to 260 tokens) prefilled 1,040 positions for 302 tokens.
+        let pads: Vec<usize> = mask
+            .chunks(n)
+            .map(|m| m.iter().take_while(|&&real| !real).count())
+            .collect();
+        let left_padded = mask
+            .chunks(n)
+            .zip(&pads)
+            .all(|(m, &p)| p < n && m[p..].iter().all(|&real| real));
+        let skip = which == LogitsFor::Last && left_padded && pads.iter().any(|&p| p > 0);
+        let (tokens, positions): (Vec<u32>, Vec<usize>) = tokens
+            .iter()
+            .zip(positions)
+            .zip(mask)
+            .filter(|(_, &real)| real || !skip)
+            .map(|((&t, p), _)| (t, p))
+            .unzip();
         self.forward_rows(
-            tokens,
+            &tokens,
             &positions,
             caches,
             Some(key_mask),
+            skip.then_some(&pads[..]),
             &mut crate::NoObserver,
             which,
         )
     }
 
-    /// The forward pass proper: `caches.len()` rows of `n` new tokens each, run through every
-    /// matmul together; attention per row over that row's cache (minus keys `key_masks` hides).
+    /// The forward pass proper: `caches.len()` rows of `n` new positions each, run through
+    /// every matmul together; attention per row over that row's cache (minus keys `key_masks`
+    /// hides). With `skipped`, row `b`'s first `skipped[b]` new positions are left padding that
+    /// is not computed (`tokens` and `positions` hold only the rest, row after row; their keys
+    /// and values are cached as zeros, hidden by the key mask); only [`LogitsFor::Last`] then.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_rows<T: Float>(
         &self,
         tokens: &[u32],
         positions: &[usize],
         caches: &mut [KvCache<T>],
         key_masks: Option<&[Vec<bool>]>,
+        skipped: Option<&[usize]>,
         obs: &mut impl Observer<T>,
         which: LogitsFor,
     ) -> Result<Vec<T>> {
@@ -372,10 +399,10 @@ impl Model {
         // A decode step's loops are short: the pool's threads spin between them as a team.
         if self.team && tokens.len() <= TEAM_TOKENS {
             crate::team::lead(|| {
-                self.forward_rows_here(tokens, positions, caches, key_masks, obs, which)
+                self.forward_rows_here(tokens, positions, caches, key_masks, skipped, obs, which)
             })
         } else {
-            self.forward_rows_here(tokens, positions, caches, key_masks, obs, which)
+            self.forward_rows_here(tokens, positions, caches, key_masks, skipped, obs, which)
         }
     }
 
@@ -397,18 +424,22 @@ impl Model {
     }
 
     /// [`Model::forward_rows`] on this thread, its parallel loops on whatever team it leads.
+    #[allow(clippy::too_many_arguments)]
     fn forward_rows_here<T: Float>(
         &self,
         tokens: &[u32],
         positions: &[usize],
         caches: &mut [KvCache<T>],
         key_masks: Option<&[Vec<bool>]>,
+        skipped: Option<&[usize]>,
         obs: &mut impl Observer<T>,
         which: LogitsFor,
     ) -> Result<Vec<T>> {
         let (c, s) = (&self.config, &self.settings);
         let rows = caches.len();
-        let (n, h) = (tokens.len() / rows, c.hidden_size);
+        let skipped_total: usize = skipped.map_or(0, |p| p.iter().sum());
+        let (n, h) = ((tokens.len() + skipped_total) / rows, c.hidden_size);
+        assert!(skipped.is_none() || which == LogitsFor::Last);
         let rope = RopeTable::<T>::scaled(
             s.rope_theta,
             s.rope_scaling,
@@ -431,6 +462,7 @@ impl Model {
         let mut pass = Pass {
             caches,
             key_masks,
+            skipped,
             rope: &rope,
             n,
         };
@@ -466,11 +498,15 @@ impl Model {
         let picked: Vec<T>;
         let head_in = match which {
             LogitsFor::All => &normed[..],
-            LogitsFor::Last if rows == 1 => &normed[(n - 1) * h..],
+            LogitsFor::Last if rows == 1 => &normed[normed.len() - h..],
             LogitsFor::Last => {
-                picked = normed
-                    .chunks_exact(n * h)
-                    .flat_map(|row| &row[(n - 1) * h..])
+                // Each row's last token: rows of `n` tokens, or fewer where padding was skipped.
+                let mut end = 0;
+                picked = (0..rows)
+                    .flat_map(|b| {
+                        end += n - skipped.map_or(0, |p| p[b]);
+                        &normed[(end - 1) * h..end * h]
+                    })
                     .copied()
                     .collect();
                 &picked[..]
