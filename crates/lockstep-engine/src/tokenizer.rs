@@ -8,18 +8,6 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
 
-/// Hands the heap pages freed since the last call back to the OS (glibc otherwise keeps them
-/// resident). Building a tokenizer from GGUF metadata goes through a JSON document of the whole
-/// vocabulary: for Qwen2.5's 151,643 words it peaks at ~200 MB of heap, of which ~86 MiB stays
-/// live, and the model's mapped weights would otherwise page in on top of the rest.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl Tokenizer {
     /// Loads `tokenizer.json` from a model folder. For a GGUF checkpoint (a `.gguf` file, or a
     /// folder holding one and no safetensors): the `tokenizer.json` beside it, else the tokenizer
@@ -33,7 +21,7 @@ impl Tokenizer {
         let dir = match source {
             crate::source::ModelSource::Gguf { file, .. } => {
                 let inner = crate::gguf::tokenizer(file);
-                release_freed_heap();
+                crate::allocator::release_freed_heap();
                 return Ok(Tokenizer::for_prompts(inner?));
             }
             crate::source::ModelSource::Folder(dir) => dir.as_path(),

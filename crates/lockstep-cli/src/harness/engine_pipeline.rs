@@ -154,6 +154,10 @@ fn run_phases(
                 end_to_end: Some(cmp.clone()),
             });
             comps.push((input.kind, NamedComparison::new(input.label.clone(), cmp)));
+            // The traces just judged (7B: ~10 GB at the long input) go back to the system, not
+            // into the heap the next pass's weights would page in beside.
+            drop(ours);
+            lockstep_engine::allocator::release_freed_heap();
         }
         let pick = |kind: Option<InputKind>, keep: &dyn Fn(&str) -> bool| -> Vec<NamedComparison> {
             comps
@@ -516,6 +520,8 @@ fn bf16w_phase(
             }
         }
         comps.push(NamedComparison::new(input.label.clone(), cmp));
+        drop(ours);
+        lockstep_engine::allocator::release_freed_heap();
     }
     let mut phase = Phase::from_comparisons("bf16w: bf16 weights, f32 activations [bf16]", comps);
     phase.summary = format!(
