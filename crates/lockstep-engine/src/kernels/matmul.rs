@@ -269,6 +269,80 @@ pub fn linear_many<T: Float>(x: &[T], n: usize, products: &mut [Product<'_, T>])
     linear_min_n_many(Kernel::detect(), AMX_MIN_N, x, n, products)
 }
 
+/// The MLP's gated activation: `act[t][j] = silu(x·gateᵀ)[t][j] · (x·upᵀ)[t][j]`, each product
+/// rounded to the activation dtype and the activation computed as
+/// [`silu_mul_in_place`](super::activation::silu_mul_in_place) does, into `act` (`n·m`); `up_out`
+/// (`n·m`) is scratch for the up product. In the faithful bf16 tier on AMX ([`AMX_MIN_N`] tokens
+/// or more, BF16 weights, `m` a multiple of 16) the two products and the activation run in one
+/// pass, each 16 × 16 block's gate and up sums meeting in registers ([`amx::swiglu_sums`]): the
+/// same bits, without writing both products out and reading them back (`up_out` is then left
+/// as it was). Elsewhere [`linear_many`], then the activation.
+pub fn linear_swiglu<T: Float>(
+    x: &[T],
+    n: usize,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &mut [T],
+    up_out: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if swiglu_amx(x, n, gate, up, act) {
+        return;
+    }
+    linear_many(
+        x,
+        n,
+        &mut [
+            Product {
+                w: gate,
+                bias: None,
+                out: act,
+            },
+            Product {
+                w: up,
+                bias: None,
+                out: up_out,
+            },
+        ],
+    );
+    super::activation::silu_mul_in_place(act, up_out);
+}
+
+/// [`linear_swiglu`]'s single pass on AMX; `false`, touching nothing, where it does not apply.
+#[cfg(target_arch = "x86_64")]
+fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut [T]) -> bool {
+    let (m, k) = (gate.shape[0], gate.shape[1]);
+    let applies = T::PRECISION == Precision::BF16
+        && Kernel::detect() == Kernel::Amx
+        && gate.dtype == StoredDtype::BF16
+        && up.dtype == StoredDtype::BF16
+        && gate.shape == up.shape
+        && n >= AMX_MIN_N
+        && k > 0
+        && m.is_multiple_of(16);
+    let (Some(xf), Some(out)) = (T::as_f32s(x), T::f32_ptr(act.as_mut_ptr())) else {
+        return false;
+    };
+    if !applies {
+        return false;
+    }
+    assert_eq!(x.len(), n * k, "linear_swiglu: input length");
+    assert_eq!(act.len(), n * m, "linear_swiglu: output length");
+    let p = amx::Packed::new(xf, n, k);
+    let per = task_rows(m, 2 * k * 2);
+    let dst = crate::team::SendPtr(out);
+    crate::team::for_each(m.div_ceil(per), |t| {
+        let rows = t * per..((t + 1) * per).min(m);
+        // SAFETY: AMX available (`Kernel::Amx`); both weights are `m` BF16 rows of `k`, `p`
+        // packs `n` tokens of `k`, and `act` holds `n·m` f32 (`f32_ptr`); each task writes its
+        // own rows' entries.
+        let rest =
+            unsafe { amx::swiglu_sums(&p, n, k, gate.bytes(), up.bytes(), m, rows, dst.get()) };
+        debug_assert!(rest.is_empty(), "m is a multiple of 16");
+    });
+    true
+}
+
 /// [`linear_with`] with AMX used from `amx_min_n` tokens (the tests force it on small `n`).
 fn linear_min_n<T: Float>(
     kernel: Kernel,
@@ -1116,6 +1190,43 @@ pub(crate) mod tests {
                     linear(&x, n, w, (i != 1).then_some(&biases[i][..]), &mut one);
                     let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(out), bits(&one), "{:?} n={n} weight {i}", T::PRECISION);
+                }
+            }
+        }
+        check::<f64>();
+        check::<f32>();
+        check::<Bf16>();
+    }
+
+    /// The fused gate/up/SwiGLU gives exactly what the two products and the activation give
+    /// apart, in every compute type (the single AMX pass in bf16 where this CPU has AMX), on
+    /// prefill and one-token shapes, `k` with and without a tail, a NaN input included.
+    #[test]
+    fn linear_swiglu_is_the_products_then_the_activation() {
+        fn check<T: Float>() {
+            for (k, m) in [(96, 48), (109, 32), (64, 40)] {
+                let (_dg, gate) =
+                    tensor_from(&pseudo(m * k, 50), vec![m, k], safetensors::Dtype::BF16);
+                let (_du, up) =
+                    tensor_from(&pseudo(m * k, 51), vec![m, k], safetensors::Dtype::BF16);
+                for n in [1, 9, 40] {
+                    let mut x: Vec<T> = pseudo(n * k, 52)
+                        .iter()
+                        .map(|&v| T::from_f64(30.0 * v as f64).to_act_dtype())
+                        .collect();
+                    x[(n / 2) * k + 3] = T::from_f64(f64::NAN);
+                    let (mut act, mut up_out) = (vec![T::ZERO; n * m], vec![T::ZERO; n * m]);
+                    linear_swiglu(&x, n, &gate, &up, &mut act, &mut up_out);
+                    let (mut g, mut u) = (vec![T::ZERO; n * m], vec![T::ZERO; n * m]);
+                    linear(&x, n, &gate, None, &mut g);
+                    linear(&x, n, &up, None, &mut u);
+                    crate::kernels::activation::silu_mul_reference(&mut g, &u);
+                    let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        act[(n / 2) * m].to_f64().is_nan(),
+                        "the NaN reaches its token"
+                    );
+                    assert_eq!(bits(&act), bits(&g), "{:?} k={k} m={m} n={n}", T::PRECISION);
                 }
             }
         }

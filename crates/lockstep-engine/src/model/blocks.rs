@@ -9,10 +9,9 @@
 
 use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
-use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::attention::{attention, AttentionSpec};
 use crate::kernels::line_aligned::LineAligned;
-use crate::kernels::matmul::{linear, linear_many, Product};
+use crate::kernels::matmul::{linear, linear_many, linear_swiglu, Product};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::rope::RopeTable;
 use crate::kernels::{decode_vec, residual_add, Float};
@@ -34,9 +33,9 @@ pub(crate) struct Scratch<T> {
     attn: LineAligned<T>,
     /// A block's output before the residual add, `[tn][H]`.
     pub out: LineAligned<T>,
-    /// `gate_proj` output, then `act(gate) * up`, `[tn][I]`.
+    /// `act(gate) * up`, `[tn][I]` (see [`linear_swiglu`]).
     gate: LineAligned<T>,
-    /// `up_proj` output, `[tn][I]`.
+    /// `up_proj` output where [`linear_swiglu`] writes it, `[tn][I]`.
     up: LineAligned<T>,
 }
 
@@ -229,23 +228,8 @@ impl Model {
         let post_norm = decode_vec(&w.post_norm);
         rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
-        linear_many(
-            &buf.normed,
-            tn,
-            &mut [
-                Product {
-                    w: &mlp.gate_proj,
-                    bias: None,
-                    out: &mut buf.gate,
-                },
-                Product {
-                    w: &mlp.up_proj,
-                    bias: None,
-                    out: &mut buf.up,
-                },
-            ],
-        );
-        silu_mul_in_place(&mut buf.gate, &buf.up);
+        let (gate, up) = (&mlp.gate_proj, &mlp.up_proj);
+        linear_swiglu(&buf.normed, tn, gate, up, &mut buf.gate, &mut buf.up);
         obs.tap(tap(LayerTap::MlpAct), TapView::rows(&buf.gate, inter));
         linear(&buf.gate, tn, &mlp.down_proj, None, &mut buf.out);
         obs.tap(tap(LayerTap::MlpOut), TapView::rows(&buf.out, h));
