@@ -216,6 +216,8 @@ struct AmxKv {
     keys: Vec<u8>,
     /// `[D][s32]` bf16 bits, little-endian.
     values: Vec<u8>,
+    /// `s32`: the keys counted up to a multiple of 32 (the zero keys past the last included).
+    s32: usize,
 }
 
 impl AmxKv {
@@ -236,7 +238,7 @@ impl AmxKv {
                 values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());
             }
         }
-        AmxKv { keys, values }
+        AmxKv { keys, values, s32 }
     }
 }
 
@@ -336,7 +338,7 @@ impl<T: Float> Heads<'_, T> {
         let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
         let kv = spec.kv_head(head);
         let q = as_f32(self.q).expect("f32 inside");
-        let AmxKv { keys, values } = self.amx_kv[kv].get_or_init(|| {
+        let AmxKv { keys, values, s32 } = self.amx_kv[kv].get_or_init(|| {
             let (k, v) = (as_f32(self.k), as_f32(self.v));
             AmxKv::new(
                 k.expect("f32 inside"),
@@ -347,7 +349,7 @@ impl<T: Float> Heads<'_, T> {
                 kv,
             )
         });
-        let s32 = s_len.next_multiple_of(32);
+        let s32 = *s32;
         let mut qs = vec![0f32; AMX_QUERIES * d];
         let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
         let mut outs = vec![0f32; AMX_QUERIES * d];

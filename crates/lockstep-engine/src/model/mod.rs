@@ -358,13 +358,19 @@ impl Model {
             .zip(&pads)
             .all(|(m, &p)| p < n && m[p..].iter().all(|&real| real));
         let skip = which == LogitsFor::Last && left_padded && pads.iter().any(|&p| p > 0);
-        let (tokens, positions): (Vec<u32>, Vec<usize>) = tokens
-            .iter()
-            .zip(positions)
-            .zip(mask)
-            .filter(|(_, &real)| real || !skip)
-            .map(|((&t, p), _)| (t, p))
-            .unzip();
+        let (tokens, positions) = match skip {
+            false => (std::borrow::Cow::Borrowed(tokens), positions),
+            true => {
+                let (t, p): (Vec<u32>, Vec<usize>) = tokens
+                    .iter()
+                    .zip(positions)
+                    .zip(mask)
+                    .filter(|(_, &real)| real)
+                    .map(|((&t, p), _)| (t, p))
+                    .unzip();
+                (std::borrow::Cow::Owned(t), p)
+            }
+        };
         self.forward_rows(
             &tokens,
             &positions,
