@@ -141,7 +141,8 @@ fn run_phases(
             let ours = with_float!(tier, T => streamed(&mut model, |m| trace_forward::<T>(m, tokens, text)))?;
             // The comparisons and the op-level phase read traces, not weights: the weights'
             // pages leave our resident set meanwhile (they stay cached; the next pass maps them
-            // again). At 7B the traces of the long input take ~7.6 GB besides the 14 GB of weights.
+            // again). At 7B the traces of the long input take ~7.6 GB; the pass itself streamed
+            // the layers ([`streamed`]), and this also drops the embeddings and the head.
             model.checkpoint.release_pages();
             let cmp = judge_in_tier(tier, &ours, &|dt| read(&path(i, dt)))?;
             let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));

@@ -312,13 +312,10 @@ pub fn linear_swiglu<T: Float>(
 #[cfg(target_arch = "x86_64")]
 fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut [T]) -> bool {
     let (m, k) = (gate.shape[0], gate.shape[1]);
-    let applies = T::PRECISION == Precision::BF16
-        && Kernel::detect() == Kernel::Amx
+    let applies = amx_rule::<T>(Kernel::detect(), AMX_MIN_N, n, k)
         && gate.dtype == StoredDtype::BF16
         && up.dtype == StoredDtype::BF16
         && gate.shape == up.shape
-        && n >= AMX_MIN_N
-        && k > 0
         && m.is_multiple_of(16);
     let (Some(xf), Some(out)) = (T::as_f32s(x), T::f32_ptr(act.as_mut_ptr())) else {
         return false;
@@ -341,6 +338,15 @@ fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut
         debug_assert!(rest.is_empty(), "m is a multiple of 16");
     });
     true
+}
+
+/// Whether the AMX kernel serves `n` tokens of `k` on `kernel` in compute type `T` (on BF16
+/// weights, which the callers check): the faithful bf16 tier only (never f32/f64, whose
+/// activations it would round to bf16), from `amx_min_n` tokens. [`linear_min_n_many`] and
+/// [`linear_swiglu`] decide by it.
+#[cfg(target_arch = "x86_64")]
+fn amx_rule<T: Float>(kernel: Kernel, amx_min_n: usize, n: usize, k: usize) -> bool {
+    kernel == Kernel::Amx && T::PRECISION == Precision::BF16 && n >= amx_min_n && k > 0
 }
 
 /// [`linear_with`] with AMX used from `amx_min_n` tokens (the tests force it on small `n`).
@@ -413,11 +419,7 @@ fn linear_min_n_many<T: Float>(
     // AMX: Bf16 compute (never f32/f64: it would round their activations), BF16 weights,
     // enough tokens; the activations are packed once for every task.
     #[cfg(target_arch = "x86_64")]
-    let packed = (kernel == Kernel::Amx
-        && T::PRECISION == Precision::BF16
-        && bf16_weights
-        && n >= amx_min_n
-        && k > 0)
+    let packed = (amx_rule::<T>(kernel, amx_min_n, n, k) && bf16_weights)
         .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
         .flatten();
     // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens.
