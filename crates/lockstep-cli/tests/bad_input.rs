@@ -23,7 +23,7 @@ const FIXTURE: &str = "qwen2-gqa";
 /// A copy of the fixture model in `target/test-scratch/bad-<name>/model`.
 fn model_copy(name: &str) -> PathBuf {
     let src = fixtures().join("models").join(FIXTURE);
-    let dir = scratch(&format!("bad-{name}")).join("model");
+    let dir = scratch(&format!("bad-{name}")).kept().join("model");
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));

@@ -53,7 +53,9 @@ type Job = (
 fn model_jobs(name: &str) -> Vec<Job> {
     let model = fixtures().join("models").join(name);
     assert!(model.join("config.json").exists(), "fixture {name} missing");
-    let dir = scratch(&format!("parity-{name}"));
+    // Kept past this function: the reference writes here, then [`check_ours`] reads and
+    // removes it.
+    let dir = scratch(&format!("parity-{name}")).kept();
     let vocab = vocab_of(&model);
     let mut jobs = vec![];
     for &n in &LENGTHS {
@@ -80,6 +82,11 @@ fn check_models(py: &Path, names: &[&str]) {
     reference_batch(py, &jobs);
     for name in names {
         check_ours(name);
+        // Passed: its traces are no longer needed (a failure panics above and keeps them).
+        let dir = repo_root()
+            .join("target/test-scratch")
+            .join(format!("parity-{name}"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

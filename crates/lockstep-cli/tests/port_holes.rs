@@ -62,7 +62,7 @@ print(json.dumps({"missing": w.missing()}))
 
 struct Setup {
     py: PathBuf,
-    dir: PathBuf,
+    dir: Scratch,
     model: PathBuf,
     /// lockstep's own f32 trace of the model on [`IDS`].
     source: PathBuf,

@@ -71,7 +71,8 @@ fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
     let (text_on, speed_on) = generate("1", &args);
     let peak_on = children_max_rss();
     // A trace also hashes every tensor for the model fingerprint: one tensor resident at a time.
-    let out = scratch("streaming_memory").join("trace.safetensors");
+    let scratch_dir = scratch("streaming_memory");
+    let out = scratch_dir.join("trace.safetensors");
     let short: Vec<&str> = ids.split(',').take(8).collect();
     let o = lockstep_streaming(
         "1",

@@ -189,7 +189,7 @@ fn missing_files() {
     std::fs::write(m.join("tokenizer.json"), "{\"model\": 17}").unwrap();
     trace_fails(&m, &["--prompt", "Hello"], &["tokenizer"]);
 
-    let gone = scratch("bad-no-dir").join("does-not-exist");
+    let gone = scratch("bad-no-dir").kept().join("does-not-exist");
     trace_fails(&gone, &TOKENS, &["does-not-exist", "not found"]);
     trace_fails(
         &gone,
@@ -202,7 +202,7 @@ fn missing_files() {
     );
 
     // A file where the model folder should be.
-    let f = scratch("bad-file-as-dir").join("model");
+    let f = scratch("bad-file-as-dir").kept().join("model");
     std::fs::write(&f, "not a folder").unwrap();
     trace_fails(&f, &TOKENS, &["not found"]);
 }

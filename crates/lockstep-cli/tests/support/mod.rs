@@ -186,12 +186,48 @@ pub fn max_abs(t: &Trace, name: &str) -> f64 {
         .fold(0.0, |m, x| m.max(x.abs()))
 }
 
-/// A scratch directory for one test.
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch directory for one test, emptied when made: removed when the guard drops after
+/// the test passed, kept for inspection when it failed. The verifier's tests each leave
+/// reference traces of hundreds of MB here; kept until the run's end they once filled CI's disk.
+pub fn scratch(name: &str) -> Scratch {
     let d = repo_root().join("target/test-scratch").join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+/// The folder [`scratch`] made; derefs to its path. Hold it for as long as the test uses the
+/// folder (`scratch(..).join(..)` would remove the folder at the end of that statement).
+#[must_use = "the folder is removed when this guard drops"]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// The path, the folder kept after the test (for small folders a helper hands out).
+    pub fn kept(self) -> PathBuf {
+        let me = std::mem::ManuallyDrop::new(self);
+        me.0.clone()
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The ids of a JSON array of token ids (panics on anything else).
