@@ -1,8 +1,8 @@
 //! Peak memory of `lockstep generate` streaming the layers through the page cache
 //! (`LOCKSTEP_STREAM_LAYERS=1`) on the 0.5B-shape fixture (988 MB of bf16 safetensors, 24
 //! layers): the process holds the embeddings (tied to the LM head), a few layers and the KV
-//! cache, not the whole file; so does `lockstep trace`, whose model fingerprint reads every
-//! tensor. The same generation without streaming holds the whole file, and generates the same
+//! cache, not the whole file; so does `lockstep trace` by default (`auto`, where it streams
+//! whatever the model's size), whose model fingerprint reads every tensor. The same generation without streaming holds the whole file, and generates the same
 //! tokens.
 //!
 //! The peak is the kernel's (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of the child processes),
@@ -74,8 +74,9 @@ fn generate_streaming_the_layers_holds_a_few_layers_not_the_file() {
     let scratch_dir = scratch("streaming_memory");
     let out = scratch_dir.join("trace.safetensors");
     let short: Vec<&str> = ids.split(',').take(8).collect();
+    // `trace` streams by default: one pass reads each layer once either way.
     let o = lockstep_streaming(
-        "1",
+        "auto",
         &[
             "trace",
             "--model",

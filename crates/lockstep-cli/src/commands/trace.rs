@@ -46,7 +46,12 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let t0 = Instant::now();
     let mut model =
         crate::progress::with_spinner(format!("loading {}", a.model.display()), || {
-            Model::load(&a.model)
+            // One traced pass reads each layer once whether or not it streams, so streaming
+            // costs it nothing and keeps the mapped weights from sitting in memory beside the
+            // trace (the 7B shape's 260-token trace: 20.5 GB of RSS in 35.1 s resident, 5.6 GB
+            // in 36.5 s streamed); the fingerprint's hashing drops each tensor's pages after it
+            // too. `LOCKSTEP_STREAM_LAYERS=off` keeps the file mapped.
+            Model::load_for_one_pass(&a.model)
         })?;
     model.use_dtype(*a.dtype)?;
     let load_s = t0.elapsed().as_secs_f64();

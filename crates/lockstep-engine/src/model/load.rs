@@ -53,6 +53,19 @@ impl Model {
 
     /// Loads the model at a resolved [`ModelSource`], with a deliberate bug when `fault` is given.
     pub fn load_source(source: &ModelSource, fault: Option<Fault>) -> Result<Self> {
+        Self::load_source_for(source, fault, false)
+    }
+
+    /// [`Model::load`] for a single forward pass (`lockstep trace`): the layers are streamed
+    /// through the page cache whatever the model's size (unless `LOCKSTEP_STREAM_LAYERS=off`),
+    /// since one pass reads each layer once either way, and nothing is copied into 2 MiB
+    /// pages. Values never change.
+    pub fn load_for_one_pass(dir: &Path) -> Result<Self> {
+        Self::load_source_for(&ModelSource::resolve(dir)?, None, true)
+    }
+
+    /// [`Model::load_source`]; `one_pass`: as [`Model::load_for_one_pass`].
+    fn load_source_for(source: &ModelSource, fault: Option<Fault>, one_pass: bool) -> Result<Self> {
         crate::allocator::keep_buffers_in_heap();
         // A GGUF: config from its metadata.
         let (config, mut ck) = match source {
@@ -72,7 +85,11 @@ impl Model {
         // 2 MiB pages (before any tensor is handed out, so every one reads them).
         let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
         let available = crate::resources::available_memory();
-        let stream_layers = crate::streaming::stream_layers(mapped, available)?;
+        let stream_layers = if one_pass {
+            crate::switch::Switch::from_env(crate::streaming::ENV)? != crate::switch::Switch::Off
+        } else {
+            crate::streaming::stream_layers(mapped, available)?
+        };
         ck.stream_pages = stream_layers;
         if !stream_layers {
             huge_pages::into_huge_pages(&mut ck, mapped, available)?;
