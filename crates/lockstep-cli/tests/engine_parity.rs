@@ -50,12 +50,9 @@ type Job = (
     std::path::PathBuf,
 );
 
-fn model_jobs(name: &str) -> Vec<Job> {
+fn model_jobs(name: &str, dir: &Path) -> Vec<Job> {
     let model = fixtures().join("models").join(name);
     assert!(model.join("config.json").exists(), "fixture {name} missing");
-    // Kept past this function: the reference writes here, then [`check_ours`] reads and
-    // removes it.
-    let dir = scratch(&format!("parity-{name}")).kept();
     let vocab = vocab_of(&model);
     let mut jobs = vec![];
     for &n in &LENGTHS {
@@ -78,24 +75,26 @@ fn check_model(py: &Path, name: &str) {
 
 /// Parity of several fixtures, their reference traces computed in one Python process.
 fn check_models(py: &Path, names: &[&str]) {
-    let jobs: Vec<Job> = names.iter().flat_map(|n| model_jobs(n)).collect();
+    // Each fixture's folder: the reference writes there, then `check_ours` reads it; removed
+    // when every check passed (kept on a failure).
+    let dirs: Vec<Scratch> = names
+        .iter()
+        .map(|n| scratch(&format!("parity-{n}")))
+        .collect();
+    let jobs: Vec<Job> = names
+        .iter()
+        .zip(&dirs)
+        .flat_map(|(n, d)| model_jobs(n, d))
+        .collect();
     reference_batch(py, &jobs);
-    for name in names {
-        check_ours(name);
-        // Passed: its traces are no longer needed (a failure panics above and keeps them).
-        let dir = repo_root()
-            .join("target/test-scratch")
-            .join(format!("parity-{name}"));
-        let _ = std::fs::remove_dir_all(dir);
+    for (name, dir) in names.iter().zip(&dirs) {
+        check_ours(name, dir);
     }
 }
 
 /// Compares lockstep's traces of `name` with the reference's already written by [`model_jobs`].
-fn check_ours(name: &str) {
+fn check_ours(name: &str, dir: &Path) {
     let model = fixtures().join("models").join(name);
-    let dir = repo_root()
-        .join("target/test-scratch")
-        .join(format!("parity-{name}"));
     let vocab = vocab_of(&model);
     let mut report = vec![];
     for &n in &LENGTHS {

@@ -2,8 +2,8 @@
 //! (`LOCKSTEP_STREAM_LAYERS=1`) on the 0.5B-shape fixture (988 MB of bf16 safetensors, 24
 //! layers): the process holds the embeddings (tied to the LM head), a few layers and the KV
 //! cache, not the whole file; so does `lockstep trace` by default (`auto`, where it streams
-//! whatever the model's size), whose model fingerprint reads every tensor. The same generation without streaming holds the whole file, and generates the same
-//! tokens.
+//! whatever the model's size), whose model fingerprint reads every tensor. The same generation
+//! without streaming holds the whole file, and generates the same tokens.
 //!
 //! The peak is the kernel's (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of the child processes),
 //! never a number lockstep prints; a running maximum, so the runs go from the smallest to the

@@ -32,6 +32,12 @@ pub fn stream_layers(mapped: u64, available: Option<u64>) -> Result<bool> {
     Ok(Switch::from_env(ENV)?.is_on(|| auto(mapped, available)))
 }
 
+/// Whether to stream for a single forward pass (`lockstep trace`): it reads each layer once
+/// either way, so `auto` streams whatever the model's size; `off` keeps the file mapped.
+pub fn stream_layers_for_one_pass() -> Result<bool> {
+    Ok(Switch::from_env(ENV)?.is_on(|| true))
+}
+
 /// The `auto` rule: stream when `mapped` exceeds [`AUTO_FRACTION`] of `available` (`None`:
 /// unknown, and it does not stream).
 pub fn auto(mapped: u64, available: Option<u64>) -> bool {

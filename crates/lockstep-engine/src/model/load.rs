@@ -86,7 +86,7 @@ impl Model {
         let mapped: u64 = ck.tensors.values().map(|t| t.mapped_bytes() as u64).sum();
         let available = crate::resources::available_memory();
         let stream_layers = if one_pass {
-            crate::switch::Switch::from_env(crate::streaming::ENV)? != crate::switch::Switch::Off
+            crate::streaming::stream_layers_for_one_pass()?
         } else {
             crate::streaming::stream_layers(mapped, available)?
         };
