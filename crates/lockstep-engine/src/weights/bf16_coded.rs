@@ -14,9 +14,14 @@
 //! stored bytes: 0.75 of the bytes per token, the same bits.
 //!
 //! Layout: row by row, each row in groups of 64 values ([`GROUP_BYTES`] bytes): 32 bytes of
-//! codes (byte `j` holds value `j`'s code in its low nibble and value `j + 32`'s in its high
-//! one), then the 64 low bytes in order. A row's last group is padded with code 0 and low byte
-//! 0; the kernel masks the padding off as it masks the stored row's end.
+//! codes, then 64 low bytes. The 64 values sit in 64 slots in the order that lets the kernel
+//! rebuild them with in-lane byte shuffles alone ([`slot`]): in each 16-byte lane `l` of the
+//! low bytes, slots `16l..16l + 8` hold values `8l..8l + 8` and slots `16l + 8..16l + 16` hold
+//! values `32 + 8l..32 + 8l + 8`, so interleaving the low bytes with the rebuilt high bytes
+//! lane by lane gives values `0..32` (the low halves of the lanes) and `32..64` (the high
+//! halves) in order. Code byte `q` holds slot `q`'s code in its low nibble and slot `q + 32`'s
+//! in its high one. A row's last group is padded with code 0 and low byte 0; the kernel masks
+//! the padding off as it masks the stored row's end.
 
 use crate::weights::{StoredDtype, Tensor};
 use memmap2::{Advice, MmapMut};
@@ -30,6 +35,18 @@ pub const GROUP_BYTES: usize = 96;
 
 /// The code saying "high byte in the side list" (a value outside the table).
 pub const ESCAPE: u8 = 15;
+
+/// The slot of a group's value `j` (`0..64`; see the module docs).
+pub const fn slot(j: usize) -> usize {
+    let (half, r) = (j / 32, j % 32);
+    r / 8 * 16 + half * 8 + r % 8
+}
+
+/// The value a group's slot `q` holds (`0..64`): the inverse of [`slot`].
+pub const fn value_in_slot(q: usize) -> usize {
+    let (lane, i) = (q / 16, q % 16);
+    i / 8 * 32 + lane * 8 + i % 8
+}
 
 /// The environment variable that forces the coding on (`1`) or off (`0`); `auto` (unset) codes
 /// when [`auto`] says so.
@@ -154,6 +171,7 @@ impl Bf16Coded {
     ///
     /// # Panics
     /// When that value is not escaped (its code is not [`ESCAPE`]).
+    #[inline]
     pub fn escaped_high_byte(&self, row: usize, col: usize) -> u8 {
         let at = (row * self.k + col) as u64;
         let i = self
@@ -169,14 +187,14 @@ impl Bf16Coded {
         (0..self.k)
             .map(|c| {
                 let g = &row[c / GROUP * GROUP_BYTES..][..GROUP_BYTES];
-                let j = c % GROUP;
-                let code = (g[j % 32] >> (4 * (j / 32))) & 0xF;
+                let q = slot(c % GROUP);
+                let code = (g[q % 32] >> (4 * (q / 32))) & 0xF;
                 let high = if code == ESCAPE {
                     self.escaped_high_byte(r, c)
                 } else {
                     self.table[code as usize]
                 };
-                u16::from_le_bytes([g[32 + j], high])
+                u16::from_le_bytes([g[32 + q], high])
             })
             .collect()
     }
@@ -230,8 +248,9 @@ fn code_row(dst: &mut [u8], src: &[u8], code_of: &[u8; 256], first: u64) -> Vec<
             if code == ESCAPE {
                 escapes.push((first + (g * GROUP + j) as u64, high));
             }
-            d[j % 32] |= code << (4 * (j / 32));
-            d[32 + j] = low;
+            let q = slot(j);
+            d[q % 32] |= code << (4 * (q / 32));
+            d[32 + q] = low;
         }
     }
     escapes
@@ -295,6 +314,21 @@ mod tests {
                 assert_eq!(c.decode_row(r), bits[r * k..(r + 1) * k], "{m}x{k} row {r}");
             }
         }
+    }
+
+    #[test]
+    fn slots_are_a_permutation_and_value_in_slot_inverts_it() {
+        let mut seen = [false; GROUP];
+        for j in 0..GROUP {
+            assert!(
+                !std::mem::replace(&mut seen[slot(j)], true),
+                "slot {} twice",
+                slot(j)
+            );
+            assert_eq!(value_in_slot(slot(j)), j);
+        }
+        // Lane 1's low half holds values 8..16, its high half values 40..48.
+        assert_eq!((slot(8), slot(15), slot(40), slot(47)), (16, 23, 24, 31));
     }
 
     #[test]

@@ -220,10 +220,10 @@ unsafe fn sums<W: Weights>(
 /// are `sums::<Bf16W>`' to the bit, from 0.75 of the bytes. 4-row tiles, as [`sums`]' decode.
 ///
 /// # Safety
-/// [`super::coded_avx512::available`] (AVX-512 with AVX512_VBMI); `c` codes the `m × k`
+/// [`super::coded_avx512::available`]; `c` codes the `m × k`
 /// matrix; `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
 /// entries in `rows`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn sums_coded(
     x: &[f32],
     n: usize,

@@ -227,7 +227,7 @@ pub(super) use super::CODED_MAX_TOKENS;
 /// # Safety
 /// [`available`] and [`super::coded_avx512::available`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
 /// for `n·m` f32 and nobody else touches the entries in `rows`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn sums_coded(
     p: &Packed,
     n: usize,
@@ -300,35 +300,75 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     (c, j, c0): (&Bf16Coded, usize, usize),
 ) -> [[__m512; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
-    for i in (0..len).step_by(GROUP) {
-        let wv = codes.rows::<R>(w.add(i / GROUP * GROUP_BYTES), ws, (c, j, c0 + i));
-        for half in 0..2 {
-            let at = i + half * PAIRS;
-            if at >= len {
-                break;
-            }
-            let xv: [__m512bh; N] = std::array::from_fn(|t| {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    x.add(t * xs + at).cast(),
-                ))
-            });
-            let mask = if len - at < PAIRS {
-                (1u32 << (len - at)) - 1
-            } else {
-                !0
-            };
-            for (a, v) in acc.iter_mut().zip(&wv) {
-                let v = if mask == !0 {
-                    v[half]
+    // One group: each token's two steps of 32 values, then row by row the group rebuilt and
+    // summed at once, so only one row's values are live beside the accumulators (all rows
+    // rebuilt first spilled them to the stack at R = 12). The rows are spelled out so that each
+    // accumulator stays a register. `$masked`: the row ends inside this group, so the values
+    // past it are masked off as [`tile`] masks them, and a step wholly past it is skipped.
+    // (Macros, not closures: a closure does not take this function's target features, and
+    // its intrinsics become calls.)
+    macro_rules! group {
+        ($i:expr, $masked:expr) => {{
+            let i = $i;
+            let g = w.add(i / GROUP * GROUP_BYTES);
+            Codes::prefetch_next::<R>(g, ws);
+            let steps = if !$masked || len - i > PAIRS { 2 } else { 1 };
+            let mask = |half: usize| {
+                let left = (len - i).saturating_sub(half * PAIRS);
+                if !$masked || left >= PAIRS {
+                    !0u32
                 } else {
-                    _mm512_maskz_mov_epi16(mask, v[half])
-                };
-                let v = std::mem::transmute::<__m512i, __m512bh>(v);
-                for (a, &xv) in a.iter_mut().zip(&xv) {
-                    *a = _mm512_dpbf16_ps(*a, v, xv);
+                    (1u32 << left) - 1
                 }
+            };
+            let masks = [mask(0), mask(1)];
+            let xv: [[__m512bh; N]; 2] = std::array::from_fn(|half| {
+                std::array::from_fn(|t| {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        x.add(t * xs + i + (half * PAIRS).min(len - 1 - i) / PAIRS * PAIRS)
+                            .cast(),
+                    ))
+                })
+            });
+            macro_rules! sum_row {
+                ($r:literal) => {
+                    if $r < R {
+                        let v = codes.row(g.add($r * ws), (c, j + $r, c0 + i));
+                        for half in 0..steps {
+                            let v = if !$masked {
+                                v[half]
+                            } else {
+                                _mm512_maskz_mov_epi16(masks[half], v[half])
+                            };
+                            let v = std::mem::transmute::<__m512i, __m512bh>(v);
+                            for (a, &xv) in acc[$r].iter_mut().zip(&xv[half]) {
+                                *a = _mm512_dpbf16_ps(*a, v, xv);
+                            }
+                        }
+                    }
+                };
             }
-        }
+            const { assert!(R <= DECODE_ROWS) };
+            sum_row!(0);
+            sum_row!(1);
+            sum_row!(2);
+            sum_row!(3);
+            sum_row!(4);
+            sum_row!(5);
+            sum_row!(6);
+            sum_row!(7);
+            sum_row!(8);
+            sum_row!(9);
+            sum_row!(10);
+            sum_row!(11);
+        }};
+    }
+    let full = len / GROUP * GROUP;
+    for i in (0..full).step_by(GROUP) {
+        group!(i, false);
+    }
+    if full < len {
+        group!(full, true);
     }
     acc
 }
