@@ -1061,6 +1061,19 @@ pub(crate) mod tests {
                     let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&coded), bits(&plain), "m={m} k={k} n={n}");
                     assert!(plain.iter().any(|v| !v.is_finite()) || k < 100);
+                    // Rows in pieces, some starting and ending inside a tile of the coding:
+                    // the same sums.
+                    let mut pieces = vec![f32::NAN; n * m];
+                    let cuts = [0, 5.min(m), 21.min(m), 32.min(m), m];
+                    for r in cuts
+                        .windows(2)
+                        .map(|c| c[0]..c[1])
+                        .filter(|r| !r.is_empty())
+                    {
+                        // SAFETY: as above; the pieces are disjoint.
+                        unsafe { avx512_bf16::sums_coded(&p, n, k, c, r, pieces.as_mut_ptr()) };
+                    }
+                    assert_eq!(bits(&pieces), bits(&plain), "pieces m={m} k={k} n={n}");
                 }
                 // Through `linear` (the coded path for a decode step's few tokens) in bf16
                 // compute, on every kernel choice that has a decode path (`vdpbf16ps` on AMD,

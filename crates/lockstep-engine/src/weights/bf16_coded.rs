@@ -13,15 +13,18 @@
 //! (`kernels::matmul::avx512_bf16`) and sums exactly the values it would have read from the
 //! stored bytes: 0.75 of the bytes per token, the same bits.
 //!
-//! Layout: row by row, each row in groups of 64 values ([`GROUP_BYTES`] bytes): 32 bytes of
-//! codes, then 64 low bytes. The 64 values sit in 64 slots in the order that lets the kernel
-//! rebuild them with in-lane byte shuffles alone ([`slot`]): in each 16-byte lane `l` of the
-//! low bytes, slots `16l..16l + 8` hold values `8l..8l + 8` and slots `16l + 8..16l + 16` hold
-//! values `32 + 8l..32 + 8l + 8`, so interleaving the low bytes with the rebuilt high bytes
-//! lane by lane gives values `0..32` (the low halves of the lanes) and `32..64` (the high
-//! halves) in order. Code byte `q` holds slot `q`'s code in its low nibble and slot `q + 32`'s
-//! in its high one. A row's last group is padded with code 0 and low byte 0; the kernel masks
-//! the padding off as it masks the stored row's end.
+//! Layout: the rows in tiles of [`TILE_ROWS`] (the last tile takes what is left), each row in
+//! groups of 64 values ([`GROUP_BYTES`] bytes), and within a tile group by group, each group's
+//! rows one after another: a decode tile of rows reads its bytes in one forward stream instead
+//! of one per row. A group is 32 bytes of codes, then 64 low bytes. The 64 values sit in 64
+//! slots in the order that lets the kernel rebuild them with in-lane byte shuffles alone
+//! ([`slot`]): in each 16-byte lane `l` of the low bytes, slots `16l..16l + 8` hold values
+//! `8l..8l + 8` and slots `16l + 8..16l + 16` hold values `32 + 8l..32 + 8l + 8`, so
+//! interleaving the low bytes with the rebuilt high bytes lane by lane gives values `0..32`
+//! (the low halves of the lanes) and `32..64` (the high halves) in order. Code byte `q` holds
+//! slot `q`'s code in its low nibble and slot `q + 32`'s in its high one. A row's last group is
+//! padded with code 0 and low byte 0; the kernel masks the padding off as it masks the stored
+//! row's end.
 
 use crate::weights::{StoredDtype, Tensor};
 use memmap2::{Advice, MmapMut};
@@ -32,6 +35,10 @@ pub const GROUP: usize = 64;
 
 /// Bytes per group: 32 of codes and 64 low bytes.
 pub const GROUP_BYTES: usize = 96;
+
+/// Rows per tile, whose groups are stored interleaved (see the module docs): the one-token
+/// decode kernel's tile, and a divisor of the rows every parallel task starts at.
+pub const TILE_ROWS: usize = 16;
 
 /// The code saying "high byte in the side list" (a value outside the table).
 pub const ESCAPE: u8 = 15;
@@ -92,7 +99,8 @@ pub struct Bf16Coded {
     /// Code → high byte for codes `0..15`; entry 15 ([`ESCAPE`]) is a byte no other entry
     /// holds, so a rebuilt high byte equal to it marks an escaped value.
     pub table: [u8; 16],
-    /// The groups, row after row (anonymous memory, in 2 MiB pages where the kernel gives them).
+    /// The groups, tile after tile (anonymous memory, in 2 MiB pages where the kernel gives
+    /// them).
     data: MmapMut,
     /// The escaped values' positions `row·k + column`, ascending.
     escaped_at: Vec<u64>,
@@ -119,13 +127,14 @@ impl Bf16Coded {
         let mut data = MmapMut::map_anon(m * row_bytes).ok()?;
         // Advice is a hint: without 2 MiB pages the copy is still right.
         let _ = data.advise(Advice::HugePage);
-        // Rows in parallel, each returning its escapes in column order: together ascending.
+        // Tiles in parallel, each returning its escapes row by row in column order: together
+        // ascending.
         let escapes: Vec<Vec<(u64, u8)>> = data
-            .par_chunks_mut(row_bytes)
-            .zip(bytes.par_chunks(k * 2))
+            .par_chunks_mut(TILE_ROWS * row_bytes)
+            .zip(bytes.par_chunks(TILE_ROWS * k * 2))
             .enumerate()
-            .with_min_len(64)
-            .map(|(r, (dst, src))| code_row(dst, src, &code_of, (r * k) as u64))
+            .with_min_len(4)
+            .map(|(t, (dst, src))| code_tile(dst, src, k, &code_of, (t * TILE_ROWS * k) as u64))
             .collect();
         let (escaped_at, escaped_high) = escapes.into_iter().flatten().unzip();
         Some(Bf16Coded {
@@ -148,23 +157,60 @@ impl Bf16Coded {
         self.escaped_at.len()
     }
 
-    /// Bytes per row.
-    pub fn row_bytes(&self) -> usize {
-        self.k.div_ceil(GROUP) * GROUP_BYTES
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(GROUP)
     }
 
-    /// The start of the groups (row `r`'s at `r·`[`Bf16Coded::row_bytes`]).
-    pub fn as_ptr(&self) -> *const u8 {
-        self.data.as_ptr()
+    /// The rows of the tile holding row `r`: its first row and how many it has.
+    pub fn tile(&self, r: usize) -> (usize, usize) {
+        let first = r / TILE_ROWS * TILE_ROWS;
+        (first, TILE_ROWS.min(self.m - first))
     }
 
-    /// The start of row `r`'s groups.
+    /// Bytes from a group of row `r` to the same row's next group (the tile's rows times
+    /// [`GROUP_BYTES`]); within a group, the tile's rows are [`GROUP_BYTES`] apart.
+    pub fn group_step(&self, r: usize) -> usize {
+        self.tile(r).1 * GROUP_BYTES
+    }
+
+    /// Offset of group `g` of row `r` in the groups.
+    fn offset(&self, r: usize, g: usize) -> usize {
+        let (first, rows) = self.tile(r);
+        first * self.groups() * GROUP_BYTES + (g * rows + r - first) * GROUP_BYTES
+    }
+
+    /// Group `g` of row `r` (its [`GROUP_BYTES`] bytes).
     ///
     /// # Panics
-    /// When `r >= m`.
-    pub fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+    /// When `r >= m` or `g` is past the row's groups.
+    pub fn group(&self, r: usize, g: usize) -> &[u8] {
+        assert!(r < self.m && g < self.groups(), "group {g} of row {r}");
+        &self.data[self.offset(r, g)..][..GROUP_BYTES]
+    }
+
+    /// The start of group `g` of row `r` (as [`Bf16Coded::group`], for the kernels).
+    ///
+    /// # Panics
+    /// As [`Bf16Coded::group`].
+    pub fn group_ptr(&self, r: usize, g: usize) -> *const u8 {
+        self.group(r, g).as_ptr()
+    }
+
+    /// `rows` cut where tiles end: each piece lies in one tile, whose rows it gives.
+    pub fn tile_spans(
+        &self,
+        rows: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> + '_ {
+        let mut at = rows.start;
+        std::iter::from_fn(move || {
+            (at < rows.end).then(|| {
+                let (first, n) = self.tile(at);
+                let span = at..rows.end.min(first + n);
+                at = span.end;
+                (span, n)
+            })
+        })
     }
 
     /// The high byte of the escaped value at `row`, `col`.
@@ -183,10 +229,9 @@ impl Bf16Coded {
 
     /// Row `r` decoded back to bf16 bits (the plain version of the kernel's decoding).
     pub fn decode_row(&self, r: usize) -> Vec<u16> {
-        let row = self.row(r);
         (0..self.k)
             .map(|c| {
-                let g = &row[c / GROUP * GROUP_BYTES..][..GROUP_BYTES];
+                let g = self.group(r, c / GROUP);
                 let q = slot(c % GROUP);
                 let code = (g[q % 32] >> (4 * (q / 32))) & 0xF;
                 let high = if code == ESCAPE {
@@ -233,24 +278,31 @@ fn frequent_high_bytes(bytes: &[u8]) -> [u8; 16] {
     table
 }
 
-/// Codes one row (`src`: its bf16 bytes) into `dst` (its groups); returns its escapes as
-/// (position, high byte), positions counted from `first` (the row's first value).
-fn code_row(dst: &mut [u8], src: &[u8], code_of: &[u8; 256], first: u64) -> Vec<(u64, u8)> {
+/// Codes one tile (`src`: its rows' bf16 bytes, `k` values each) into `dst` (its groups, row
+/// by row within each group); returns its escapes as (position, high byte), positions counted
+/// from `first` (the tile's first value), ascending.
+fn code_tile(
+    dst: &mut [u8],
+    src: &[u8],
+    k: usize,
+    code_of: &[u8; 256],
+    first: u64,
+) -> Vec<(u64, u8)> {
+    let rows = src.len() / (k * 2);
     let mut escapes = Vec::new();
-    for (g, (d, s)) in dst
-        .chunks_exact_mut(GROUP_BYTES)
-        .zip(src.chunks(GROUP * 2))
-        .enumerate()
-    {
-        for (j, v) in s.chunks_exact(2).enumerate() {
-            let (low, high) = (v[0], v[1]);
-            let code = code_of[high as usize];
-            if code == ESCAPE {
-                escapes.push((first + (g * GROUP + j) as u64, high));
+    for (r, row) in src.chunks_exact(k * 2).enumerate() {
+        for (g, s) in row.chunks(GROUP * 2).enumerate() {
+            let d = &mut dst[(g * rows + r) * GROUP_BYTES..][..GROUP_BYTES];
+            for (j, v) in s.chunks_exact(2).enumerate() {
+                let (low, high) = (v[0], v[1]);
+                let code = code_of[high as usize];
+                if code == ESCAPE {
+                    escapes.push((first + (r * k + g * GROUP + j) as u64, high));
+                }
+                let q = slot(j);
+                d[q % 32] |= code << (4 * (q / 32));
+                d[32 + q] = low;
             }
-            let q = slot(j);
-            d[q % 32] |= code << (4 * (q / 32));
-            d[32 + q] = low;
         }
     }
     escapes
@@ -305,6 +357,8 @@ mod tests {
             (3, 65),
             (4, 100),
             (17, 1056),
+            (35, 130),
+            (48, 64),
         ] {
             let (t, bits) = matrix(m, k, (m * 1000 + k) as u64);
             let c = Bf16Coded::new(&t).expect("a BF16 matrix");
@@ -313,6 +367,23 @@ mod tests {
             for r in 0..m {
                 assert_eq!(c.decode_row(r), bits[r * k..(r + 1) * k], "{m}x{k} row {r}");
             }
+            // Tiles of 16 rows (the last what is left), group after group, row after row.
+            let (last, rows) = c.tile(m - 1);
+            assert_eq!((last, rows), ((m - 1) / 16 * 16, m - (m - 1) / 16 * 16));
+            let groups = k.div_ceil(64);
+            if m > 1 {
+                let gap =
+                    |r: usize, g: usize| c.group_ptr(r, g) as usize - c.group_ptr(0, 0) as usize;
+                assert_eq!(gap(1, 0), 96);
+                assert_eq!(gap(0, groups - 1), (groups - 1) * c.group_step(0));
+                assert_eq!(gap(last, 0), last * groups * 96);
+            }
+            let spans: Vec<_> = c.tile_spans(1..m).collect();
+            assert_eq!(spans.first().map(|s| s.0.start), (m > 1).then_some(1));
+            assert!(spans
+                .iter()
+                .all(|(s, n)| c.tile(s.start) == c.tile(s.end - 1) && c.tile(s.start).1 == *n));
+            assert_eq!(spans.iter().map(|s| s.0.len()).sum::<usize>(), m - 1);
         }
     }
 

@@ -19,7 +19,7 @@
 use super::coded_avx512::Codes;
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
-use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
+use crate::weights::bf16_coded::{Bf16Coded, GROUP};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -234,40 +234,46 @@ pub(super) unsafe fn sums_coded(
 ) {
     assert!((1..=CODED_MAX_TOKENS).contains(&n) && x.len() == n * k && c.k == k && rows.end <= c.m);
     let codes = Codes::new(c);
-    let (m, ws) = (c.m, c.row_bytes());
-    for (j, nr) in groups(rows) {
-        for c0 in (0..k).step_by(KC) {
-            let len = KC.min(k - c0);
-            let xp = x.as_ptr().add(c0);
-            let wp = c.as_ptr().add(j * ws + c0 / GROUP * GROUP_BYTES);
-            let at = (c, j, c0);
-            let mut add = |r: usize, t: usize, v: f32| {
-                let o = out.add(t * m + j + r);
-                *o = if c0 == 0 { v } else { *o + v };
-            };
-            macro_rules! run {
-                ($r:literal, $n:literal) => {
-                    each(
-                        tile_coded::<$r, $n>(xp, k, len, wp, ws, &codes, at),
-                        &mut add,
-                    )
+    let m = c.m;
+    // Tile by tile of the coding (a kernel tile never straddles two: their groups are stored
+    // interleaved), and within each the kernel's tiles.
+    for (span, _) in c.tile_spans(rows) {
+        for (j, nr) in groups(span) {
+            let gs = c.group_step(j);
+            for c0 in (0..k).step_by(KC) {
+                let len = KC.min(k - c0);
+                let xp = x.as_ptr().add(c0);
+                let wp = c.group_ptr(j, c0 / GROUP);
+                let at = (c, j, c0);
+                let mut add = |r: usize, t: usize, v: f32| {
+                    let o = out.add(t * m + j + r);
+                    *o = if c0 == 0 { v } else { *o + v };
                 };
-            }
-            match (nr, n) {
-                (4, 1) => run!(4, 1),
-                (4, 2) => run!(4, 2),
-                (4, 3) => run!(4, 3),
-                (1, 1) => run!(1, 1),
-                (1, 2) => run!(1, 2),
-                (1, 3) => run!(1, 3),
-                _ => unreachable!("tile of {nr} rows × {n} tokens"),
+                macro_rules! run {
+                    ($r:literal, $n:literal) => {
+                        each(
+                            tile_coded::<$r, $n>(xp, k, len, wp, gs, &codes, at),
+                            &mut add,
+                        )
+                    };
+                }
+                match (nr, n) {
+                    (4, 1) => run!(4, 1),
+                    (4, 2) => run!(4, 2),
+                    (4, 3) => run!(4, 3),
+                    (1, 1) => run!(1, 1),
+                    (1, 2) => run!(1, 2),
+                    (1, 3) => run!(1, 3),
+                    _ => unreachable!("tile of {nr} rows × {n} tokens"),
+                }
             }
         }
     }
 }
 
-/// [`tile`] for `N` tokens (`xrow` elements apart) on `R` rows of a [`Bf16Coded`] matrix: `w`
-/// at the rows' groups for this chunk of `len` columns, `ws` bytes apart; `(c, j, c0)` the
+/// [`tile`] for `N` tokens (`xrow` elements apart) on `R` rows of a [`Bf16Coded`] matrix, all
+/// in one tile of its coding: `w` at the first row's group for this chunk of `len` columns,
+/// the rows' groups [`GROUP_BYTES`] apart and a row's groups `gs` apart; `(c, j, c0)` the
 /// matrix, the first row and the chunk's first column.
 ///
 /// # Safety
@@ -279,13 +285,13 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     xrow: usize,
     len: usize,
     w: *const u8,
-    ws: usize,
+    gs: usize,
     codes: &Codes,
     (c, j, c0): (&Bf16Coded, usize, usize),
 ) -> [[f32; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
-        let wv = codes.rows::<R>(w.add(i / GROUP * GROUP_BYTES), ws, (c, j, c0 + i));
+        let wv = codes.rows::<R>(w.add(i / GROUP * gs), gs, (c, j, c0 + i));
         // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it.
         for q in 0..GROUP / LANES {
             let at = i + q * LANES;

@@ -31,7 +31,7 @@
 
 use super::avx512::groups;
 use super::coded_avx512::Codes;
-use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES};
+use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -244,45 +244,51 @@ pub(super) unsafe fn sums_coded(
             && p.stride == k.next_multiple_of(PAIRS)
     );
     let codes = Codes::new(c);
-    let (m, xs, ws) = (c.m, p.stride, c.row_bytes());
+    let (m, xs) = (c.m, p.stride);
     let sizes: &'static [usize] = if n == 1 {
-        &[DECODE_ROWS, 8, 4, 1]
+        &[TILE_ROWS, 8, 4, 1]
     } else {
         &[4, 1]
     };
-    for (j, nr) in row_groups(rows, sizes) {
-        for c0 in (0..k).step_by(KC) {
-            let len = KC.min(k - c0);
-            let xp = p.data.as_ptr().add(c0);
-            let wp = c.as_ptr().add(j * ws + c0 / GROUP * GROUP_BYTES);
-            let at = (c, j, c0);
-            let out = Out {
-                ptr: out.add(j),
-                token_stride: m,
-                first: c0 == 0,
-            };
-            macro_rules! run {
-                ($r:literal, $n:literal, $finish:ident) => {
-                    out.$finish(tile_coded::<$r, $n>(xp, xs, len, wp, ws, &codes, at))
+    // Tile by tile of the coding (a kernel tile never straddles two: their groups are stored
+    // interleaved), and within each the kernel's tiles.
+    for (span, _) in c.tile_spans(rows) {
+        for (j, nr) in row_groups(span, sizes) {
+            let gs = c.group_step(j);
+            for c0 in (0..k).step_by(KC) {
+                let len = KC.min(k - c0);
+                let xp = p.data.as_ptr().add(c0);
+                let wp = c.group_ptr(j, c0 / GROUP);
+                let at = (c, j, c0);
+                let out = Out {
+                    ptr: out.add(j),
+                    token_stride: m,
+                    first: c0 == 0,
                 };
-            }
-            match (nr, n) {
-                (DECODE_ROWS, 1) => run!(12, 1, rows4),
-                (8, 1) => run!(8, 1, rows4),
-                (4, 1) => run!(4, 1, rows4),
-                (1, 1) => run!(1, 1, one_row),
-                (4, 2) => run!(4, 2, rows4),
-                (1, 2) => run!(1, 2, one_row),
-                (4, 3) => run!(4, 3, rows4),
-                (1, 3) => run!(1, 3, one_row),
-                _ => unreachable!("tile of {nr} rows × {n} tokens"),
+                macro_rules! run {
+                    ($r:literal, $n:literal, $finish:ident) => {
+                        out.$finish(tile_coded::<$r, $n>(xp, xs, len, wp, gs, &codes, at))
+                    };
+                }
+                match (nr, n) {
+                    (TILE_ROWS, 1) => run!(16, 1, rows4),
+                    (8, 1) => run!(8, 1, rows4),
+                    (4, 1) => run!(4, 1, rows4),
+                    (1, 1) => run!(1, 1, one_row),
+                    (4, 2) => run!(4, 2, rows4),
+                    (1, 2) => run!(1, 2, one_row),
+                    (4, 3) => run!(4, 3, rows4),
+                    (1, 3) => run!(1, 3, one_row),
+                    _ => unreachable!("tile of {nr} rows × {n} tokens"),
+                }
             }
         }
     }
 }
 
-/// [`tile`] for `N` tokens (`xs` elements apart) on `R` rows of a [`Bf16Coded`] matrix: `w`
-/// at the rows' groups for this chunk, `ws` bytes apart; `(c, j, c0)` the matrix, the first row
+/// [`tile`] for `N` tokens (`xs` elements apart) on `R` rows of a [`Bf16Coded`] matrix, all in
+/// one tile of its coding: `w` at the first row's group for this chunk, the rows' groups
+/// [`GROUP_BYTES`] apart and a row's groups `gs` apart; `(c, j, c0)` the matrix, the first row
 /// and the chunk's first column (for the side list). The same steps of 32 values as [`tile`],
 /// two per group (the second skipped where the row has ended, as [`tile`] has no step there).
 ///
@@ -295,7 +301,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     xs: usize,
     len: usize,
     w: *const u8,
-    ws: usize,
+    gs: usize,
     codes: &Codes,
     (c, j, c0): (&Bf16Coded, usize, usize),
 ) -> [[__m512; N]; R] {
@@ -310,8 +316,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     macro_rules! group {
         ($i:expr, $masked:expr) => {{
             let i = $i;
-            let g = w.add(i / GROUP * GROUP_BYTES);
-            Codes::prefetch_next::<R>(g, ws);
+            let g = w.add(i / GROUP * gs);
+            Codes::prefetch_ahead::<R>(g, gs);
             let steps = if !$masked || len - i > PAIRS { 2 } else { 1 };
             let mask = |half: usize| {
                 let left = (len - i).saturating_sub(half * PAIRS);
@@ -333,7 +339,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             macro_rules! sum_row {
                 ($r:literal) => {
                     if $r < R {
-                        let v = codes.row(g.add($r * ws), (c, j + $r, c0 + i));
+                        let v = codes.row(g.add($r * GROUP_BYTES), (c, j + $r, c0 + i));
                         for half in 0..steps {
                             let v = if !$masked {
                                 v[half]
@@ -348,7 +354,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                     }
                 };
             }
-            const { assert!(R <= DECODE_ROWS) };
+            const { assert!(R <= TILE_ROWS) };
             sum_row!(0);
             sum_row!(1);
             sum_row!(2);
@@ -361,6 +367,10 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             sum_row!(9);
             sum_row!(10);
             sum_row!(11);
+            sum_row!(12);
+            sum_row!(13);
+            sum_row!(14);
+            sum_row!(15);
         }};
     }
     let full = len / GROUP * GROUP;

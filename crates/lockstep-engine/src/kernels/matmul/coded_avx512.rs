@@ -91,40 +91,42 @@ impl Codes {
         ]
     }
 
-    /// Asks for the groups of the `R` rows after the `R` at `g` (`ws` bytes apart; the next
-    /// tile's, which follow these) at this column: a step here does more work per byte than a
-    /// stored row's, so fewer of memory's reads are in flight without it.
+    /// Asks for the bytes [`PREFETCH_GROUPS`] groups ahead of the `R` rows' groups at `g`
+    /// (a row's groups `gs` apart, the rows' [`GROUP_BYTES`]): a tile's groups are one forward
+    /// stream, and a step here does more work per byte than a stored row's, so fewer of
+    /// memory's reads are in flight without it.
     #[inline(always)]
-    pub(super) fn prefetch_next<const R: usize>(g: *const u8, ws: usize) {
-        // (Past the last tile the address lies outside the matrix: a prefetch never faults,
-        // and `wrapping_add` makes no claim that it is inside.)
-        for r in 0..R {
-            let next = g.wrapping_add((R + r) * ws);
+    pub(super) fn prefetch_ahead<const R: usize>(g: *const u8, gs: usize) {
+        // (Past the matrix's end the address lies outside it: a prefetch never faults, and
+        // `wrapping_add` makes no claim that it is inside.)
+        let ahead = g.wrapping_add(PREFETCH_GROUPS * gs);
+        for line in 0..(R * GROUP_BYTES).div_ceil(64) {
             // SAFETY: a prefetch reads nothing and never faults; SSE is baseline on x86_64.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(next.cast());
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(GROUP_BYTES - 1).cast());
-            }
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) };
         }
     }
 
-    /// The groups at `g` of `R` rows `ws` bytes apart, rebuilt as stored ([`Codes::row`]);
-    /// `(c, j, col)`: the matrix, the first row, the group's first column. Asks for the next
-    /// tile's groups too ([`Codes::prefetch_next`]).
+    /// The groups at `g` of `R` rows of one tile ([`GROUP_BYTES`] apart), rebuilt as stored
+    /// ([`Codes::row`]); `gs`: bytes to the rows' next groups; `(c, j, col)`: the matrix, the
+    /// first row, the group's first column. Asks for the groups ahead too
+    /// ([`Codes::prefetch_ahead`]).
     ///
     /// # Safety
-    /// As [`Codes::group`], for each of the `R` rows.
+    /// As [`Codes::row`], for each of the `R` rows.
     #[inline(always)]
     pub(super) unsafe fn rows<const R: usize>(
         &self,
         g: *const u8,
-        ws: usize,
+        gs: usize,
         (c, j, col): (&Bf16Coded, usize, usize),
     ) -> [[__m512i; 2]; R] {
-        Self::prefetch_next::<R>(g, ws);
-        std::array::from_fn(|r| self.row(g.add(r * ws), (c, j + r, col)))
+        Self::prefetch_ahead::<R>(g, gs);
+        std::array::from_fn(|r| self.row(g.add(r * GROUP_BYTES), (c, j + r, col)))
     }
 }
+
+/// How many groups ahead of the ones being summed [`Codes::prefetch_ahead`] asks for.
+const PREFETCH_GROUPS: usize = 4;
 
 /// `high` (the rebuilt high bytes of the group at `row`, column `col`, by slot) with the
 /// `escaped` slots' bytes (bit `q`: slot `q`) taken from the side list.
