@@ -291,7 +291,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
 ) -> [[f32; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
-        let wv = codes.rows::<R>(w.add(i / GROUP * gs), gs, (c, j, c0 + i));
+        let wv = codes.rows::<R>(w.add(i / GROUP * gs), (c, j, c0 + i));
         // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it.
         for q in 0..GROUP / LANES {
             let at = i + q * LANES;

@@ -317,7 +317,6 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         ($i:expr, $masked:expr) => {{
             let i = $i;
             let g = w.add(i / GROUP * gs);
-            Codes::prefetch_ahead::<R>(g, gs);
             let steps = if !$masked || len - i > PAIRS { 2 } else { 1 };
             let mask = |half: usize| {
                 let left = (len - i).saturating_sub(half * PAIRS);

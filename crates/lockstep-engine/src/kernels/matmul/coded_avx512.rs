@@ -8,8 +8,8 @@
 //! each byte's second code down in the second half and an `and` to keep the nibble, `vpshufb`
 //! against the 16-entry table (one per 128-bit lane), one 64-byte load of the low bytes,
 //! `vpunpcklbw` and `vpunpckhbw` that interleave low and high bytes into values `0..32` and
-//! `32..64`, and one `vpcmpeqb` that finds the escaped values, put back from the side list by
-//! a cold call. (The first version read the codes in value order and needed three cross-lane
+//! `32..64`, and one `vpcmpeqb` that finds the escaped values, put back from the side list on
+//! a rare path of integer code. (The first version read the codes in value order and needed three cross-lane
 //! byte permutes, `vpermb` and two `vpermt2b`: on a 2-core AMD EPYC, `bench_coded`'s 4864×896
 //! product in L3 ran at 24-28 Gweights/s coded against 45-55 stored.)
 
@@ -91,25 +91,12 @@ impl Codes {
         ]
     }
 
-    /// Asks for the bytes [`PREFETCH_GROUPS`] groups ahead of the `R` rows' groups at `g`
-    /// (a row's groups `gs` apart, the rows' [`GROUP_BYTES`]): a tile's groups are one forward
-    /// stream, and a step here does more work per byte than a stored row's, so fewer of
-    /// memory's reads are in flight without it.
-    #[inline(always)]
-    pub(super) fn prefetch_ahead<const R: usize>(g: *const u8, gs: usize) {
-        // (Past the matrix's end the address lies outside it: a prefetch never faults, and
-        // `wrapping_add` makes no claim that it is inside.)
-        let ahead = g.wrapping_add(PREFETCH_GROUPS * gs);
-        for line in 0..(R * GROUP_BYTES).div_ceil(64) {
-            // SAFETY: a prefetch reads nothing and never faults; SSE is baseline on x86_64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) };
-        }
-    }
-
     /// The groups at `g` of `R` rows of one tile ([`GROUP_BYTES`] apart), rebuilt as stored
-    /// ([`Codes::row`]); `gs`: bytes to the rows' next groups; `(c, j, col)`: the matrix, the
-    /// first row, the group's first column. Asks for the groups ahead too
-    /// ([`Codes::prefetch_ahead`]).
+    /// ([`Codes::row`]); `(c, j, col)`: the matrix, the first row, the group's first column.
+    /// (Nothing is prefetched: a tile's groups are one forward stream, which the hardware
+    /// prefetcher follows; asking for the groups 4 groups ahead cost a third of the decode
+    /// speed, measured with `lockstep bench --dtype bf16` on the 0.5B shape on a 2-core AMD
+    /// EPYC, three rounds: 20.6-22.5 tok/s with, 27.3-33.0 without.)
     ///
     /// # Safety
     /// As [`Codes::row`], for each of the `R` rows.
@@ -117,16 +104,11 @@ impl Codes {
     pub(super) unsafe fn rows<const R: usize>(
         &self,
         g: *const u8,
-        gs: usize,
         (c, j, col): (&Bf16Coded, usize, usize),
     ) -> [[__m512i; 2]; R] {
-        Self::prefetch_ahead::<R>(g, gs);
         std::array::from_fn(|r| self.row(g.add(r * GROUP_BYTES), (c, j + r, col)))
     }
 }
-
-/// How many groups ahead of the ones being summed [`Codes::prefetch_ahead`] asks for.
-const PREFETCH_GROUPS: usize = 4;
 
 /// `high` (the rebuilt high bytes of the group at `row`, column `col`, by slot) with the
 /// `escaped` slots' bytes (bit `q`: slot `q`) taken from the side list.
