@@ -221,12 +221,13 @@ pub(super) use super::CODED_MAX_TOKENS;
 /// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on the same matrix coded in 12 bits per value
 /// ([`Bf16Coded`]): each group of 64 values is rebuilt as the exact bf16 vectors the stored
 /// bytes hold before it is summed, so the sums are [`sums`]' to the bit, from 0.75 of the bytes.
-/// One token runs on [`DECODE_ROWS`]-row tiles as [`sums`] does, two or three on 4-row tiles
-/// (12 accumulators at most, as [`sums`]' tiles).
+/// One token runs on tiles of the coding's [`TILE_ROWS`] rows (each one forward stream of
+/// bytes), two or three on 4-row tiles (12 accumulators at most, as [`sums`]' tiles).
 ///
 /// # Safety
-/// [`available`] and [`super::coded_avx512::available`]; `c` codes the `m × k` matrix; `p` packs `n` tokens of `k`; `out` is valid
-/// for `n·m` f32 and nobody else touches the entries in `rows`.
+/// [`available`] and [`super::coded_avx512::available`]; `c` codes the `m × k` matrix; `p`
+/// packs `n` tokens of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries
+/// in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn sums_coded(
     p: &Packed,
@@ -245,11 +246,7 @@ pub(super) unsafe fn sums_coded(
     );
     let codes = Codes::new(c);
     let (m, xs) = (c.m, p.stride);
-    let sizes: &'static [usize] = if n == 1 {
-        &[TILE_ROWS, 8, 4, 1]
-    } else {
-        &[4, 1]
-    };
+    let sizes: &'static [usize] = if n == 1 { &[TILE_ROWS, 4, 1] } else { &[4, 1] };
     // Tile by tile of the coding (a kernel tile never straddles two: their groups are stored
     // interleaved), and within each the kernel's tiles.
     for (span, _) in c.tile_spans(rows) {
@@ -271,8 +268,7 @@ pub(super) unsafe fn sums_coded(
                     };
                 }
                 match (nr, n) {
-                    (TILE_ROWS, 1) => run!(16, 1, rows4),
-                    (8, 1) => run!(8, 1, rows4),
+                    (TILE_ROWS, 1) => run!(8, 1, rows4),
                     (4, 1) => run!(4, 1, rows4),
                     (1, 1) => run!(1, 1, one_row),
                     (4, 2) => run!(4, 2, rows4),
@@ -308,7 +304,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     // One group: each token's two steps of 32 values, then row by row the group rebuilt and
     // summed at once, so only one row's values are live beside the accumulators (all rows
-    // rebuilt first spilled them to the stack at R = 12). The rows are spelled out so that each
+    // rebuilt first spilled them to the stack at 12 rows). The rows are spelled out so that each
     // accumulator stays a register. `$masked`: the row ends inside this group, so the values
     // past it are masked off as [`tile`] masks them, and a step wholly past it is skipped.
     // (Macros, not closures: a closure does not take this function's target features, and
@@ -353,7 +349,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                     }
                 };
             }
-            const { assert!(R <= TILE_ROWS) };
+            // Rows 0..8 spelled out: the one-token tile is TILE_ROWS = 8 rows.
+            const { assert!(R <= 8 && TILE_ROWS == 8) };
             sum_row!(0);
             sum_row!(1);
             sum_row!(2);
@@ -362,14 +359,6 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             sum_row!(5);
             sum_row!(6);
             sum_row!(7);
-            sum_row!(8);
-            sum_row!(9);
-            sum_row!(10);
-            sum_row!(11);
-            sum_row!(12);
-            sum_row!(13);
-            sum_row!(14);
-            sum_row!(15);
         }};
     }
     let full = len / GROUP * GROUP;
