@@ -266,9 +266,12 @@ fn run_phases(
 /// in the bf16w step (`lockstep trace` of that input: 20.5 GB, 35.1 s; streamed: 5.6 GB,
 /// 36.5 s; on the 0.5B shape 2.7 s either way). The KV-cache and generation phases, whose
 /// one-token steps would map every layer again per token, keep the load's setting. Values
-/// never change.
+/// never change. `LOCKSTEP_STREAM_LAYERS=off` keeps the file mapped here too, as it does for
+/// `lockstep trace` ([`lockstep_engine::streaming::stream_layers_for_one_pass`]; the load has
+/// already refused a bad value).
 fn streamed<R>(model: &mut Model, pass: impl FnOnce(&Model) -> R) -> R {
-    let was = std::mem::replace(&mut model.stream_layers, true);
+    let one_pass = lockstep_engine::streaming::stream_layers_for_one_pass().unwrap_or(true);
+    let was = std::mem::replace(&mut model.stream_layers, one_pass);
     let out = pass(model);
     model.stream_layers = was;
     out

@@ -19,7 +19,7 @@
 use super::coded_avx512::Codes;
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
-use crate::weights::bf16_coded::{Bf16Coded, GROUP};
+use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -238,7 +238,11 @@ pub(super) unsafe fn sums_coded(
     // Tile by tile of the coding (a kernel tile never straddles two: their groups are stored
     // interleaved), and within each the kernel's tiles.
     for (span, _) in c.tile_spans(rows) {
-        for (j, nr) in groups(span) {
+        // One token: whole tiles of the coding at once (a 4-row kernel tile would read half of
+        // each group band and skip the other half, which the prefetcher follows badly).
+        let whole = n == 1 && span.len() == TILE_ROWS;
+        let tiles = whole.then_some((span.start, TILE_ROWS)).into_iter();
+        for (j, nr) in tiles.chain(groups(if whole { 0..0 } else { span })) {
             let gs = c.group_step(j);
             for c0 in (0..k).step_by(KC) {
                 let len = KC.min(k - c0);
@@ -258,6 +262,7 @@ pub(super) unsafe fn sums_coded(
                     };
                 }
                 match (nr, n) {
+                    (TILE_ROWS, 1) => run!(8, 1),
                     (4, 1) => run!(4, 1),
                     (4, 2) => run!(4, 2),
                     (4, 3) => run!(4, 3),
@@ -291,31 +296,51 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
 ) -> [[f32; N]; R] {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
-        let wv = codes.rows::<R>(w.add(i / GROUP * gs), (c, j, c0 + i));
-        // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it.
-        for q in 0..GROUP / LANES {
-            let at = i + q * LANES;
-            if at >= len {
-                break;
-            }
-            let mask = mask16(len - at);
-            let xv: [__m512; N] =
-                std::array::from_fn(|t| _mm512_maskz_loadu_ps(mask, x.add(t * xrow + at)));
-            for (a, v) in acc.iter_mut().zip(&wv) {
-                let half = v[q / 2];
-                let h = if q % 2 == 0 {
-                    _mm512_castsi512_si256(half)
-                } else {
-                    _mm512_extracti64x4_epi64::<1>(half)
-                };
-                // As `Bf16W::load`: masked lanes zero, widened exactly.
-                let h = _mm256_maskz_mov_epi16(mask, h);
-                let wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-                for (a, &xv) in a.iter_mut().zip(&xv) {
-                    *a = _mm512_fmadd_ps(wf, xv, *a);
-                }
+        let g = w.add(i / GROUP * gs);
+        // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it; each
+        // token's values for them.
+        let steps = (len - i).div_ceil(LANES).min(GROUP / LANES);
+        let masks: [__mmask16; GROUP / LANES] =
+            std::array::from_fn(|q| mask16((len - i).saturating_sub(q * LANES)));
+        let mut xv = [[_mm512_setzero_ps(); N]; GROUP / LANES];
+        for (q, xq) in xv.iter_mut().enumerate().take(steps) {
+            for (t, v) in xq.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(masks[q], x.add(t * xrow + i + q * LANES));
             }
         }
+        // Row by row: rebuilt, then summed at once, each accumulator a register (the rows
+        // spelled out; macros, not closures, which would not take the target features).
+        macro_rules! sum_row {
+            ($r:literal) => {
+                if $r < R {
+                    let v = codes.row(g.add($r * GROUP_BYTES), (c, j + $r, c0 + i));
+                    for q in 0..steps {
+                        let half = v[q / 2];
+                        let h = if q % 2 == 0 {
+                            _mm512_castsi512_si256(half)
+                        } else {
+                            _mm512_extracti64x4_epi64::<1>(half)
+                        };
+                        // As `Bf16W::load`: masked lanes zero, widened exactly.
+                        let h = _mm256_maskz_mov_epi16(masks[q], h);
+                        let wf =
+                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                        for (a, &xv) in acc[$r].iter_mut().zip(&xv[q]) {
+                            *a = _mm512_fmadd_ps(wf, xv, *a);
+                        }
+                    }
+                }
+            };
+        }
+        const { assert!(R <= 8) };
+        sum_row!(0);
+        sum_row!(1);
+        sum_row!(2);
+        sum_row!(3);
+        sum_row!(4);
+        sum_row!(5);
+        sum_row!(6);
+        sum_row!(7);
     }
     let mut sums = [[0.0; N]; R];
     for (s, a) in sums.iter_mut().zip(&acc) {

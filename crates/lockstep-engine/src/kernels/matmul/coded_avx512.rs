@@ -13,7 +13,7 @@
 //! byte permutes, `vpermb` and two `vpermt2b`: on a 2-core AMD EPYC, `bench_coded`'s 4864×896
 //! product in L3 ran at 24-28 Gweights/s coded against 45-55 stored.)
 
-use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE, GROUP_BYTES};
+use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE};
 use std::arch::x86_64::*;
 
 /// Whether this CPU sums [`Bf16Coded`] weights: where [`super::avx512_bf16`] runs (AMD Zen 4/5).
@@ -60,7 +60,7 @@ impl Codes {
     /// crosses a call and the common path keeps its values in registers.
     ///
     /// # Safety
-    /// AVX-512F/BW present; `g` valid for [`GROUP_BYTES`] bytes.
+    /// AVX-512F/BW present; `g` valid for [`crate::weights::bf16_coded::GROUP_BYTES`] bytes.
     #[inline(always)]
     pub(super) unsafe fn row(
         &self,
@@ -89,24 +89,6 @@ impl Codes {
             _mm512_unpacklo_epi8(low, high),
             _mm512_unpackhi_epi8(low, high),
         ]
-    }
-
-    /// The groups at `g` of `R` rows of one tile ([`GROUP_BYTES`] apart), rebuilt as stored
-    /// ([`Codes::row`]); `(c, j, col)`: the matrix, the first row, the group's first column.
-    /// (Nothing is prefetched: a tile's groups are one forward stream, which the hardware
-    /// prefetcher follows; asking for the groups 4 groups ahead cost a third of the decode
-    /// speed, measured with `lockstep bench --dtype bf16` on the 0.5B shape on a 2-core AMD
-    /// EPYC, three rounds: 20.6-22.5 tok/s with, 27.3-33.0 without.)
-    ///
-    /// # Safety
-    /// As [`Codes::row`], for each of the `R` rows.
-    #[inline(always)]
-    pub(super) unsafe fn rows<const R: usize>(
-        &self,
-        g: *const u8,
-        (c, j, col): (&Bf16Coded, usize, usize),
-    ) -> [[__m512i; 2]; R] {
-        std::array::from_fn(|r| self.row(g.add(r * GROUP_BYTES), (c, j + r, col)))
     }
 }
 
