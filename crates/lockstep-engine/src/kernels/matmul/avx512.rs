@@ -16,7 +16,7 @@
 //! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
 //! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
-use super::coded_avx512::Codes;
+use super::coded_avx512::{each_tile_row, Codes};
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
@@ -332,15 +332,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 }
             };
         }
-        const { assert!(R <= 8) };
-        sum_row!(0);
-        sum_row!(1);
-        sum_row!(2);
-        sum_row!(3);
-        sum_row!(4);
-        sum_row!(5);
-        sum_row!(6);
-        sum_row!(7);
+        const { assert!(R <= 8 && TILE_ROWS == 8) };
+        each_tile_row!(sum_row);
     }
     let mut sums = [[0.0; N]; R];
     for (s, a) in sums.iter_mut().zip(&acc) {

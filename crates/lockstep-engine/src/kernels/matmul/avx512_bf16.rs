@@ -30,7 +30,7 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
-use super::coded_avx512::Codes;
+use super::coded_avx512::{each_tile_row, Codes};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -349,16 +349,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                     }
                 };
             }
-            // Rows 0..8 spelled out: the one-token tile is TILE_ROWS = 8 rows.
             const { assert!(R <= 8 && TILE_ROWS == 8) };
-            sum_row!(0);
-            sum_row!(1);
-            sum_row!(2);
-            sum_row!(3);
-            sum_row!(4);
-            sum_row!(5);
-            sum_row!(6);
-            sum_row!(7);
+            each_tile_row!(sum_row);
         }};
     }
     let full = len / GROUP * GROUP;

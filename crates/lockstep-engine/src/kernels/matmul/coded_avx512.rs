@@ -16,6 +16,23 @@
 use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE};
 use std::arch::x86_64::*;
 
+/// `$row!(r)` for `r` in `0..8`: the rows of a one-token tile of the coding
+/// ([`crate::weights::bf16_coded::TILE_ROWS`]) spelled out, so that each row's accumulator
+/// stays a register instead of an array entry indexed in a loop.
+macro_rules! each_tile_row {
+    ($row:ident) => {
+        $row!(0);
+        $row!(1);
+        $row!(2);
+        $row!(3);
+        $row!(4);
+        $row!(5);
+        $row!(6);
+        $row!(7);
+    };
+}
+pub(super) use each_tile_row;
+
 /// Whether this CPU sums [`Bf16Coded`] weights: where [`super::avx512_bf16`] runs (AMD Zen 4/5).
 /// Not on Intel, though its AVX-512 FMA kernel could read the coding
 /// ([`super::avx512::sums_coded`]): there the rebuild cost more than the bytes it saves
