@@ -39,12 +39,6 @@ use std::sync::OnceLock;
 /// Elements of `k` per chunk: six tokens' activations (12 KiB) stay in L1.
 const KC: usize = 1024;
 
-/// Weight rows per one-token decode tile: twelve independent accumulators, and twelve rows
-/// read at once, keep more of memory's reads in flight than four (measured on AMD EPYC, 2
-/// threads, the 0.5B shape's decode, alternating builds: rows of 4: 36.5-38.1 tok/s; 8:
-/// 39.8-40.0; 12: 40.3-41.0; 16: 38.5-39.6).
-const DECODE_ROWS: usize = 12;
-
 /// bf16 elements per vector (16 lanes of pairs).
 const PAIRS: usize = 32;
 
@@ -144,8 +138,8 @@ pub(super) unsafe fn sums(
                 }
             }
         } else if n == 1 {
-            for (j, nr) in decode_groups(b0..b1) {
-                tile_rows(p, k, w, (j, nr), out);
+            for j in b0..b1 {
+                decode_row(p, k, w, j, out);
             }
         } else {
             for (j, nr) in groups(b0..b1) {
@@ -174,12 +168,6 @@ unsafe fn prefetch_out(out: *mut f32, m: usize, rows: Range<usize>, tokens: Rang
     }
 }
 
-/// One-token decode's row groups: [`DECODE_ROWS`] rows at a time, then one group of 8 and
-/// one of 4 where the rest has them, then single rows: `(start, len)`.
-fn decode_groups(r: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
-    row_groups(r, &[DECODE_ROWS, 8, 4, 1])
-}
-
 /// Groups of rows of the first of `sizes` (descending, ending in 1) that fits what is left,
 /// in order: `(start, len)`.
 fn row_groups(r: Range<usize>, sizes: &'static [usize]) -> impl Iterator<Item = (usize, usize)> {
@@ -192,13 +180,18 @@ fn row_groups(r: Range<usize>, sizes: &'static [usize]) -> impl Iterator<Item = 
     })
 }
 
-/// The sums of one token (packed alone in `p`) with rows `j..j + nr` (`nr` one of
-/// [`decode_groups`]' sizes), chunk by chunk, into `out`.
+/// The sums of one token (packed alone in `p`) with row `j`, chunk by chunk, into `out`. One
+/// row at a time, so that a thread reads its rows' bytes as one forward stream, which the
+/// hardware prefetcher follows: on a 2-core AMD EPYC (2026-12-03, `lockstep bench --dtype bf16`
+/// on the 0.5B shape with the 12-bit coding off, alternating builds) tiles of 12 rows read as
+/// 12 streams decoded at 19.3-20.9 tok/s, of 4 rows at 19.7-21.4, one row at 27.8-35.0. (On
+/// 2026-12-01, with twice the memory bandwidth, 12 rows had measured 40.3-41.0 against 4 rows'
+/// 36.5-38.1; one row was not tried then.)
 ///
 /// # Safety
 /// As [`sums`], with `n = 1`.
 #[inline(always)]
-unsafe fn tile_rows(p: &Packed, k: usize, w: &[u8], (j, nr): (usize, usize), out: *mut f32) {
+unsafe fn decode_row(p: &Packed, k: usize, w: &[u8], j: usize, out: *mut f32) {
     for c0 in (0..k).step_by(KC) {
         let len = KC.min(k - c0);
         let (xp, wp) = (p.data.as_ptr().add(c0), w.as_ptr().add((j * k + c0) * 2));
@@ -207,12 +200,7 @@ unsafe fn tile_rows(p: &Packed, k: usize, w: &[u8], (j, nr): (usize, usize), out
             token_stride: 0,
             first: c0 == 0,
         };
-        match nr {
-            DECODE_ROWS => out.rows4(tile::<DECODE_ROWS, 1>(xp, 0, len, wp, k * 2)),
-            8 => out.rows4(tile::<8, 1>(xp, 0, len, wp, k * 2)),
-            4 => out.rows4(tile::<4, 1>(xp, 0, len, wp, k * 2)),
-            _ => out.one_row(tile::<1, 1>(xp, 0, len, wp, k * 2)),
-        }
+        out.one_row(tile::<1, 1>(xp, 0, len, wp, k * 2));
     }
 }
 
