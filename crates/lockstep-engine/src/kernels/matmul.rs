@@ -1010,6 +1010,87 @@ pub(crate) mod tests {
     /// in bf16 and in f32 compute, are the stored matrix's bit for bit: every decode row group (12, 8, 4, 1), `k` tails, several
     /// chunks, and values whose high byte is outside the table (huge, tiny, infinite), whose
     /// sums must come out the same too; and `linear` takes the coded path once it exists.
+    /// `linear_with` on a coded matrix `w` and its uncoded copy `fresh`, on every kernel choice
+    /// with a decode path (`vdpbf16ps` on AMD, the widening FMA kernel elsewhere), `n` tokens of
+    /// `x`: the same bits; returns the coded outputs of the last such kernel.
+    fn coded_as_stored<T: Float + Default>(
+        x: &[T],
+        n: usize,
+        (w, fresh): (&Tensor, &Tensor),
+        label: &str,
+    ) -> Vec<T> {
+        let m = w.shape[0];
+        let bits = |v: &[T]| v.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+        let mut last = Vec::new();
+        for kernel in Kernel::available() {
+            if matches!(kernel, Kernel::Portable | Kernel::Avx2) {
+                continue;
+            }
+            let (mut a, mut b) = (vec![T::default(); n * m], vec![T::default(); n * m]);
+            linear_with(kernel, x, n, w, None, &mut a);
+            linear_with(kernel, x, n, fresh, None, &mut b);
+            assert_eq!(bits(&a), bits(&b), "{label} {kernel:?} n={n}");
+            last = a;
+        }
+        last
+    }
+
+    /// Where escapes are rare, most bands of the coding have none and the kernels skip looking
+    /// for them ([`crate::weights::bf16_coded::Bf16Coded::band_escapes`]): the sums are still
+    /// the stored matrix's, in the bands with an escape and in those without, bf16 and f32
+    /// compute, one to three tokens.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn coded_sums_skip_looking_for_escapes_only_where_there_are_none() {
+        if !coded_avx512::available() {
+            eprintln!("coded_sums_skip_looking_for_escapes: skipped, not used on this CPU");
+            return;
+        }
+        let (m, k) = (40, 1000);
+        // Values of exactly 15 high bytes (sign and the exponent's first 7 bits: 8 pairs of
+        // binades positive, 7 negative), all in the table, then three escapes.
+        let mut vals: Vec<f32> = pseudo(m * k, 31)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let pair = (i * 7 + (v.abs() * 1e4) as usize) % 15;
+                let (sign, pair) = if pair < 8 {
+                    (1.0, pair)
+                } else {
+                    (-1.0, pair - 8)
+                };
+                let exp = 2 * pair as i32 - 7 + (i % 2) as i32;
+                sign * 2f32.powi(exp) * (1.0 + 0.99 * v.abs().fract())
+            })
+            .collect();
+        for (at, v) in [
+            (5, 3.0e30f32),
+            (8 * k + 700, -1.0e-30),
+            (37 * k + 999, 7.0e20),
+        ] {
+            vals[at] = v;
+        }
+        let (_d, w) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+        let (_d2, fresh) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+        assert!(w.code_bf16());
+        let c = w.coded().unwrap();
+        assert_eq!(c.escapes(), 3);
+        let flagged = (0..m)
+            .step_by(8)
+            .flat_map(|r| (0..c.groups()).map(move |g| (r, g)))
+            .filter(|&(r, g)| c.band_escapes(r, g))
+            .count();
+        assert_eq!(flagged, 3);
+        for n in 1..=CODED_MAX_TOKENS {
+            let x: Vec<f32> = pseudo(n * k, 40 + n as u64);
+            let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(Bf16(v).to_act_dtype().0)).collect();
+            coded_as_stored(&xb, n, (&w, &fresh), "bf16");
+            let a = coded_as_stored(&x, n, (&w, &fresh), "f32");
+            // The escapes reach the outputs: rows 0 and 37 are huge there.
+            assert!(a[37].abs() > 1e15 && a[0].abs() > 1e25, "n={n}");
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn coded_bf16_sums_are_the_stored_sums() {
@@ -1049,7 +1130,6 @@ pub(crate) mod tests {
                     .map(|&v| Bf16(v).to_act_dtype().0)
                     .collect();
                 let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v)).collect();
-                let bits = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
                 if avx512_bf16::available() {
                     let p = avx512_bf16::Packed::new(&x, n, k);
                     let (mut plain, mut coded) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
@@ -1076,31 +1156,13 @@ pub(crate) mod tests {
                     assert_eq!(bits(&pieces), bits(&plain), "pieces m={m} k={k} n={n}");
                 }
                 // Through `linear` (the coded path for a decode step's few tokens) in bf16
-                // compute, on every kernel choice that has a decode path (`vdpbf16ps` on AMD,
-                // the widening FMA kernel elsewhere): the same outputs as an uncoded copy.
-                for kernel in Kernel::available() {
-                    if matches!(kernel, Kernel::Portable | Kernel::Avx2) {
-                        continue;
-                    }
-                    let (mut a, mut b) = (vec![Bf16(0.0); n * m], vec![Bf16(0.0); n * m]);
-                    linear_with(kernel, &xb, n, &w, None, &mut a);
-                    linear_with(kernel, &xb, n, &fresh, None, &mut b);
-                    assert_eq!(bits(&a), bits(&b), "bf16 {kernel:?} m={m} k={k} n={n}");
-                    assert!(a.iter().any(|v| !v.0.is_finite()) || k < 100);
-                }
+                // compute: the same outputs as an uncoded copy.
+                let a = coded_as_stored(&xb, n, (&w, &fresh), &format!("bf16 m={m} k={k}"));
+                assert!(a.iter().any(|v| !v.0.is_finite()) || k < 100);
                 // f32 compute (the f32 and bf16w tiers) reads the coding through the widening
                 // FMA kernel, on either kernel choice that runs it: the stored matrix's bits.
                 let xf = pseudo(n * k, 20 + n as u64);
-                for kernel in Kernel::available() {
-                    if matches!(kernel, Kernel::Portable | Kernel::Avx2) {
-                        continue;
-                    }
-                    let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
-                    linear_with(kernel, &xf, n, &w, None, &mut a);
-                    linear_with(kernel, &xf, n, &fresh, None, &mut b);
-                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a), bits(&b), "f32 {kernel:?} m={m} k={k} n={n}");
-                }
+                coded_as_stored(&xf, n, (&w, &fresh), &format!("f32 m={m} k={k}"));
             }
         }
     }

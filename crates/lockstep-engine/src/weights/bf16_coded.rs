@@ -110,6 +110,11 @@ pub struct Bf16Coded {
     escaped_at: Vec<u64>,
     /// Their high bytes, in the same order.
     escaped_high: Vec<u8>,
+    /// Per tile and group (`tile · groups + group`): whether any of the tile's rows has an
+    /// escaped value in that group. Where none has, the kernel skips looking for escapes (a
+    /// comparison and a branch per row and group, a sixth of its instructions); measured on the
+    /// fixtures' 2 escapes in 10,000 values, about one band in ten of 8 × 64 values has one.
+    band_escapes: Vec<bool>,
 }
 
 impl Bf16Coded {
@@ -140,7 +145,13 @@ impl Bf16Coded {
             .with_min_len(4)
             .map(|(t, (dst, src))| code_tile(dst, src, k, &code_of, (t * TILE_ROWS * k) as u64))
             .collect();
-        let (escaped_at, escaped_high) = escapes.into_iter().flatten().unzip();
+        let (escaped_at, escaped_high): (Vec<u64>, Vec<u8>) = escapes.into_iter().flatten().unzip();
+        let groups = k.div_ceil(GROUP);
+        let mut band_escapes = vec![false; m.div_ceil(TILE_ROWS) * groups];
+        for &at in &escaped_at {
+            let (r, c) = (at as usize / k, at as usize % k);
+            band_escapes[r / TILE_ROWS * groups + c / GROUP] = true;
+        }
         Some(Bf16Coded {
             m,
             k,
@@ -148,6 +159,7 @@ impl Bf16Coded {
             data,
             escaped_at,
             escaped_high,
+            band_escapes,
         })
     }
 
@@ -199,6 +211,12 @@ impl Bf16Coded {
     /// As [`Bf16Coded::group`].
     pub fn group_ptr(&self, r: usize, g: usize) -> *const u8 {
         self.group(r, g).as_ptr()
+    }
+
+    /// Whether any row of the tile holding row `r` has an escaped value in group `g`.
+    #[inline]
+    pub fn band_escapes(&self, r: usize, g: usize) -> bool {
+        self.band_escapes[r / TILE_ROWS * self.groups() + g]
     }
 
     /// `rows` cut where tiles end: each piece lies in one tile, whose rows it gives.
@@ -384,6 +402,16 @@ mod tests {
                 assert_eq!(gap(0, groups - 1), (groups - 1) * c.group_step(0));
                 assert_eq!(gap(last, 0), last * groups * 96);
             }
+            // A band is flagged exactly where one of its values is escaped.
+            for r in 0..m {
+                for g in 0..groups {
+                    let any = (0..rows_of(&c, r)).map(|i| c.tile(r).0 + i).any(|rr| {
+                        (g * 64..k.min(g * 64 + 64))
+                            .any(|col| c.escaped_at.binary_search(&((rr * k + col) as u64)).is_ok())
+                    });
+                    assert_eq!(c.band_escapes(r, g), any, "{m}x{k} row {r} group {g}");
+                }
+            }
             let spans: Vec<_> = c.tile_spans(1..m).collect();
             assert_eq!(spans.first().map(|s| s.0.start), (m > 1).then_some(1));
             assert!(spans
@@ -391,6 +419,11 @@ mod tests {
                 .all(|(s, n)| c.tile(s.start) == c.tile(s.end - 1) && c.tile(s.start).1 == *n));
             assert_eq!(spans.iter().map(|s| s.0.len()).sum::<usize>(), m - 1);
         }
+    }
+
+    /// Rows in the tile holding row `r`.
+    fn rows_of(c: &Bf16Coded, r: usize) -> usize {
+        c.tile(r).1
     }
 
     #[test]

@@ -297,6 +297,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
         let g = w.add(i / GROUP * gs);
+        let check = c.band_escapes(j, (c0 + i) / GROUP);
         // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it; each
         // token's values for them.
         let steps = (len - i).div_ceil(LANES).min(GROUP / LANES);
@@ -311,9 +312,10 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         // Row by row: rebuilt, then summed at once, each accumulator a register (the rows
         // spelled out; macros, not closures, which would not take the target features).
         macro_rules! sum_row {
-            ($r:literal) => {
+            ($r:literal, $check:literal) => {
                 if $r < R {
-                    let v = codes.row(g.add($r * GROUP_BYTES), (c, j + $r, c0 + i));
+                    let at = g.add($r * GROUP_BYTES);
+                    let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                     for q in 0..steps {
                         let half = v[q / 2];
                         let h = if q % 2 == 0 {
@@ -333,7 +335,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             };
         }
         const { assert!(R <= 8 && TILE_ROWS == 8) };
-        each_tile_row!(sum_row);
+        // The band's escapes looked for only where it has some: one branch for its rows.
+        each_tile_row!(sum_row, check);
     }
     let mut sums = [[0.0; N]; R];
     for (s, a) in sums.iter_mut().zip(&acc) {

@@ -301,6 +301,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         ($i:expr, $masked:expr) => {{
             let i = $i;
             let g = w.add(i / GROUP * gs);
+            let check = c.band_escapes(j, (c0 + i) / GROUP);
             let steps = if !$masked || len - i > PAIRS { 2 } else { 1 };
             let mask = |half: usize| {
                 let left = (len - i).saturating_sub(half * PAIRS);
@@ -320,9 +321,10 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 })
             });
             macro_rules! sum_row {
-                ($r:literal) => {
+                ($r:literal, $check:literal) => {
                     if $r < R {
-                        let v = codes.row(g.add($r * GROUP_BYTES), (c, j + $r, c0 + i));
+                        let at = g.add($r * GROUP_BYTES);
+                        let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                         for half in 0..steps {
                             let v = if !$masked {
                                 v[half]
@@ -338,7 +340,8 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 };
             }
             const { assert!(R <= 8 && TILE_ROWS == 8) };
-            each_tile_row!(sum_row);
+            // The band's escapes looked for only where it has some: one branch for its rows.
+            each_tile_row!(sum_row, check);
         }};
     }
     let full = len / GROUP * GROUP;

@@ -16,19 +16,31 @@
 use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE};
 use std::arch::x86_64::*;
 
-/// `$row!(r)` for `r` in `0..8`: the rows of a one-token tile of the coding
-/// ([`crate::weights::bf16_coded::TILE_ROWS`]) spelled out, so that each row's accumulator
-/// stays a register instead of an array entry indexed in a loop.
+/// `$row!(r, CHECK)` for `r` in `0..8`, `CHECK` the literal `true` where `$check` holds and
+/// `false` where not (one branch for the eight rows): the rows of a one-token tile of the
+/// coding ([`crate::weights::bf16_coded::TILE_ROWS`]) spelled out, so that each row's
+/// accumulator stays a register instead of an array entry indexed in a loop.
 macro_rules! each_tile_row {
-    ($row:ident) => {
-        $row!(0);
-        $row!(1);
-        $row!(2);
-        $row!(3);
-        $row!(4);
-        $row!(5);
-        $row!(6);
-        $row!(7);
+    ($row:ident, $check:expr) => {
+        if $check {
+            $row!(0, true);
+            $row!(1, true);
+            $row!(2, true);
+            $row!(3, true);
+            $row!(4, true);
+            $row!(5, true);
+            $row!(6, true);
+            $row!(7, true);
+        } else {
+            $row!(0, false);
+            $row!(1, false);
+            $row!(2, false);
+            $row!(3, false);
+            $row!(4, false);
+            $row!(5, false);
+            $row!(6, false);
+            $row!(7, false);
+        }
     };
 }
 pub(super) use each_tile_row;
@@ -72,14 +84,15 @@ impl Codes {
     }
 
     /// The 64 bf16 of the group at `g` (row `row`, first column `col` of matrix `c`) as two
-    /// vectors, as stored: escaped values (their rebuilt high byte the escape entry) are put
+    /// vectors, as stored (`CHECK` false: where [`Bf16Coded::band_escapes`] says the group has
+    /// no escaped value, which is then not looked for): escaped values (their rebuilt high byte the escape entry) are put
     /// back from the side list by a cold call that works on bytes in memory, so no vector
     /// crosses a call and the common path keeps its values in registers.
     ///
     /// # Safety
     /// AVX-512F/BW present; `g` valid for [`crate::weights::bf16_coded::GROUP_BYTES`] bytes.
     #[inline(always)]
-    pub(super) unsafe fn row(
+    pub(super) unsafe fn row<const CHECK: bool>(
         &self,
         g: *const u8,
         (c, row, col): (&Bf16Coded, usize, usize),
@@ -94,7 +107,11 @@ impl Codes {
             self.nibble,
         );
         let mut high = _mm512_shuffle_epi8(self.table, codes);
-        let escaped = _mm512_cmpeq_epi8_mask(high, self.escape);
+        let escaped = if CHECK {
+            _mm512_cmpeq_epi8_mask(high, self.escape)
+        } else {
+            0
+        };
         if escaped != 0 {
             let mut bytes = [0u8; 64];
             _mm512_storeu_si512(bytes.as_mut_ptr().cast(), high);
