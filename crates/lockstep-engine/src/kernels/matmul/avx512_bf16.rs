@@ -312,6 +312,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 }
             };
             let masks = [mask(0), mask(1)];
+            // (Unaligned loads are plain reads, which a closure compiles as well as the kernel.)
             let xv: [[__m512bh; N]; 2] = std::array::from_fn(|half| {
                 std::array::from_fn(|t| {
                     std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(

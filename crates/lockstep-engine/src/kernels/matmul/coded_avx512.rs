@@ -8,10 +8,11 @@
 //! each byte's second code down in the second half and an `and` to keep the nibble, `vpshufb`
 //! against the 16-entry table (one per 128-bit lane), one 64-byte load of the low bytes,
 //! `vpunpcklbw` and `vpunpckhbw` that interleave low and high bytes into values `0..32` and
-//! `32..64`, and one `vpcmpeqb` that finds the escaped values, put back from the side list on
-//! a rare path of integer code. (The first version read the codes in value order and needed three cross-lane
-//! byte permutes, `vpermb` and two `vpermt2b`: on a 2-core AMD EPYC, `bench_coded`'s 4864×896
-//! product in L3 ran at 24-28 Gweights/s coded against 45-55 stored.)
+//! `32..64`, and (only in bands that have escapes, [`Bf16Coded::band_escapes`]) one `vpcmpeqb`
+//! that finds the escaped values, put back from the side list on a rare path of integer code.
+//! (The first version read the codes in value order and needed three cross-lane byte permutes,
+//! `vpermb` and two `vpermt2b`: on a 2-core AMD EPYC, `bench_coded`'s 4864×896 product in L3
+//! ran at 24-28 Gweights/s coded against 45-55 stored.)
 
 use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE};
 use std::arch::x86_64::*;
@@ -84,10 +85,10 @@ impl Codes {
     }
 
     /// The 64 bf16 of the group at `g` (row `row`, first column `col` of matrix `c`) as two
-    /// vectors, as stored (`CHECK` false: where [`Bf16Coded::band_escapes`] says the group has
-    /// no escaped value, which is then not looked for): escaped values (their rebuilt high byte the escape entry) are put
-    /// back from the side list by a cold call that works on bytes in memory, so no vector
-    /// crosses a call and the common path keeps its values in registers.
+    /// vectors, as stored. With `CHECK`, escaped values (their rebuilt high byte the escape
+    /// entry) are put back from the side list by inline integer code on bytes in memory, so no
+    /// vector crosses a call and the common path keeps its values in registers; without, none
+    /// are looked for (where [`Bf16Coded::band_escapes`] says the group has none).
     ///
     /// # Safety
     /// AVX-512F/BW present; `g` valid for [`crate::weights::bf16_coded::GROUP_BYTES`] bytes.
