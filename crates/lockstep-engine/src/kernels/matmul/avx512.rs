@@ -217,7 +217,8 @@ unsafe fn sums<W: Weights>(
 /// [`sums`] for `n` ≤ [`CODED_MAX_TOKENS`] tokens on a BF16 matrix coded in 12 bits per value
 /// ([`Bf16Coded`]): each group of 64 values rebuilt as the stored bf16 ([`Codes::row`]),
 /// widened as [`Bf16W`] widens them, in the same steps of 16 and the same order, so the sums
-/// are `sums::<Bf16W>`' to the bit, from 0.75 of the bytes. 4-row tiles, as [`sums`]' decode.
+/// are `sums::<Bf16W>`' to the bit, from 0.75 of the bytes. One token runs on the coding's
+/// whole tiles ([`TILE_ROWS`] rows, one forward stream), two or three on 4-row tiles.
 ///
 /// # Safety
 /// [`super::coded_avx512::available`]; `c` codes the `m × k`
