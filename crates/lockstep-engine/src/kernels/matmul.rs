@@ -1163,6 +1163,32 @@ pub(crate) mod tests {
                 // FMA kernel, on either kernel choice that runs it: the stored matrix's bits.
                 let xf = pseudo(n * k, 20 + n as u64);
                 coded_as_stored(&xf, n, (&w, &fresh), &format!("f32 m={m} k={k}"));
+                // Its rows in pieces, some starting and ending inside a tile of the coding.
+                let mut plain = vec![f32::NAN; n * m];
+                let mut pieces = vec![f32::NAN; n * m];
+                let cuts = [0, 5.min(m), 21.min(m), 32.min(m), m];
+                // SAFETY: AVX-512 is present where the coding is read; shapes as the kernels
+                // require; the pieces are disjoint; one caller.
+                unsafe {
+                    avx512::sums_fma::<avx512::Bf16W>(
+                        &xf,
+                        n,
+                        k,
+                        w.bytes(),
+                        m,
+                        0..m,
+                        plain.as_mut_ptr(),
+                    );
+                    for r in cuts
+                        .windows(2)
+                        .map(|c| c[0]..c[1])
+                        .filter(|r| !r.is_empty())
+                    {
+                        avx512::sums_coded(&xf, n, k, c, r, pieces.as_mut_ptr());
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&pieces), bits(&plain), "f32 pieces m={m} k={k} n={n}");
             }
         }
     }
