@@ -241,9 +241,8 @@ pub(super) unsafe fn sums_coded(
     for (span, _) in c.tile_spans(rows) {
         // One token: whole tiles of the coding at once (a 4-row kernel tile would read half of
         // each group band and skip the other half, which the prefetcher follows badly).
-        let whole = n == 1 && span.len() == TILE_ROWS;
-        let tiles = whole.then_some((span.start, TILE_ROWS)).into_iter();
-        for (j, nr) in tiles.chain(groups(if whole { 0..0 } else { span })) {
+        let sizes: &'static [usize] = if n == 1 { &[TILE_ROWS, 4, 1] } else { &[4, 1] };
+        for (j, nr) in super::avx512_bf16::row_groups(span, sizes) {
             let gs = c.group_step(j);
             for c0 in (0..k).step_by(KC) {
                 let len = KC.min(k - c0);

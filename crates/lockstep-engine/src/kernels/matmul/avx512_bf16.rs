@@ -170,7 +170,10 @@ unsafe fn prefetch_out(out: *mut f32, m: usize, rows: Range<usize>, tokens: Rang
 
 /// Groups of rows of the first of `sizes` (descending, ending in 1) that fits what is left,
 /// in order: `(start, len)`.
-fn row_groups(r: Range<usize>, sizes: &'static [usize]) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn row_groups(
+    r: Range<usize>,
+    sizes: &'static [usize],
+) -> impl Iterator<Item = (usize, usize)> {
     let mut j = r.start;
     std::iter::from_fn(move || {
         let left = r.end - j;
