@@ -215,6 +215,22 @@ impl Tensor {
             .is_some()
     }
 
+    /// [`Tensor::code_bf16`] for each of `ts` not tried yet, all coded into one region of 2 MiB
+    /// pages ([`bf16_coded::code_together`]); a tensor listed twice, or sharing its coding
+    /// with another listed (a clone), is coded once.
+    pub fn code_bf16_together(ts: &[&Tensor]) {
+        let mut seen = std::collections::HashSet::new();
+        let todo: Vec<&Tensor> = ts
+            .iter()
+            .copied()
+            .filter(|t| !t.code_bf16_tried() && seen.insert(Arc::as_ptr(&t.coded)))
+            .collect();
+        for (t, c) in todo.iter().zip(bf16_coded::code_together(&todo)) {
+            // Another thread may have coded it meanwhile: then its coding stays.
+            let _ = t.coded.set(c);
+        }
+    }
+
     /// Whether [`Tensor::code_bf16`] ran (made a coding or found it could not).
     pub fn code_bf16_tried(&self) -> bool {
         self.coded.get().is_some()

@@ -413,9 +413,9 @@ impl Model {
     }
 
     /// Makes the 12-bit coding of every BF16 matrix a decode step reads (each layer's, the LM
-    /// head) that does not have one yet ([`Tensor::code_bf16`]), the matrices in parallel.
+    /// head) that does not have one yet ([`Tensor::code_bf16`]), the matrices in parallel and
+    /// all in one region of 2 MiB pages ([`Tensor::code_bf16_together`]).
     pub fn code_bf16_matrices(&self) {
-        use rayon::prelude::*;
         // Every matrix is tried in the one call below, which returns when all are done: once
         // the LM head has been tried, so has every other (checked at each decode step, so no
         // list is built then).
@@ -424,9 +424,7 @@ impl Model {
         }
         let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
         all.push(&self.lm_head);
-        all.par_iter().for_each(|t| {
-            t.code_bf16();
-        });
+        Tensor::code_bf16_together(&all);
     }
 
     /// [`Model::forward_rows`] on this thread, its parallel loops on whatever team it leads.
