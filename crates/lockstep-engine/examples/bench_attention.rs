@@ -2,7 +2,11 @@
 //! heads, head dimension 64), causal, for a prefill of N tokens (default 512) in bf16 compute:
 //! the median of 9 calls, with and without the probabilities stored.
 //!
-//! `cargo run --release -p lockstep-engine --example bench_attention [N]`.
+//! With `decode`, a decode step's attention instead: one query after N tokens of context, in
+//! each of 24 layers' caches in turn (48 MB at N = 2048, as the 0.5B shape's step reads them),
+//! the median of 9 steps.
+//!
+//! `cargo run --release -p lockstep-engine --example bench_attention [N] [decode]`.
 
 use lockstep_engine::kernels::attention::{attention, AttentionSpec};
 use lockstep_engine::{Bf16, Float};
@@ -23,6 +27,35 @@ fn main() {
     let q: Vec<Bf16> = (0..n * h * d).map(|_| next()).collect();
     let k: Vec<Bf16> = (0..n * kvh * d).map(|_| next()).collect();
     let v: Vec<Bf16> = (0..n * kvh * d).map(|_| next()).collect();
+    if std::env::args().nth(2).as_deref() == Some("decode") {
+        let layers: usize = std::env::var("LAYERS").map_or(24, |v| v.parse().expect("a count"));
+        let mut next_layer = || -> Vec<Bf16> { (0..n * kvh * d).map(|_| next()).collect() };
+        let caches: Vec<(Vec<Bf16>, Vec<Bf16>)> =
+            (0..layers).map(|_| (next_layer(), next_layer())).collect();
+        let spec = AttentionSpec {
+            q_start: n - 1,
+            ..AttentionSpec::causal(h, kvh, d)
+        };
+        let q = &q[..h * d];
+        let mut out = vec![Bf16::ZERO; h * d];
+        let mut t = vec![];
+        for _ in 0..std::env::var("STEPS").map_or(10, |v| v.parse().expect("a count")) {
+            let s = Instant::now();
+            for (k, v) in &caches {
+                attention(&spec, q, k, v, None, &mut out, None);
+            }
+            t.push(s.elapsed().as_secs_f64());
+        }
+        t.remove(0);
+        t.sort_by(f64::total_cmp);
+        println!(
+            "decode after {n} tokens, {layers} layers: {:.3} ms a step (median of 9)",
+            t[4] * 1e3
+        );
+        let sum: f64 = out.iter().map(|x| x.to_f64()).sum();
+        println!("checksum {sum:.6e}");
+        return;
+    }
     let spec = AttentionSpec::causal(h, kvh, d);
     let mut out = vec![Bf16::ZERO; n * h * d];
     let mut probs = vec![Bf16::ZERO; h * n * n];
