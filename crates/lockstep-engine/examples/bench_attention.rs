@@ -3,12 +3,14 @@
 //! the median of 9 calls, with and without the probabilities stored.
 //!
 //! With `decode`, a decode step's attention instead: one query after N tokens of context, in
-//! each of 24 layers' caches in turn (48 MB at N = 2048, as the 0.5B shape's step reads them),
-//! the median of 9 steps.
+//! each of 24 layers' caches in turn (48 MB at N = 2048, as the 0.5B shape's step reads them;
+//! `LAYERS` for another count), the median of 9 steps, with the keys and values side by side
+//! (`[S][kv_heads][D]`, as a projection writes them) and held by head (as the KV cache holds
+//! them), in turns.
 //!
 //! `cargo run --release -p lockstep-engine --example bench_attention [N] [decode]`.
 
-use lockstep_engine::kernels::attention::{attention, AttentionSpec};
+use lockstep_engine::kernels::attention::{attention, attention_in, AttentionSpec, KvLayout};
 use lockstep_engine::{Bf16, Float};
 use std::time::Instant;
 
@@ -32,26 +34,48 @@ fn main() {
         let mut next_layer = || -> Vec<Bf16> { (0..n * kvh * d).map(|_| next()).collect() };
         let caches: Vec<(Vec<Bf16>, Vec<Bf16>)> =
             (0..layers).map(|_| (next_layer(), next_layer())).collect();
+        // The same keys and values held by head, as the KV cache holds them.
+        let by_head = |x: &[Bf16]| -> Vec<Bf16> {
+            (0..kvh)
+                .flat_map(|kv| (0..n).flat_map(move |s| &x[(s * kvh + kv) * d..][..d]))
+                .copied()
+                .collect()
+        };
+        let cached: Vec<(Vec<Bf16>, Vec<Bf16>)> = caches
+            .iter()
+            .map(|(k, v)| (by_head(k), by_head(v)))
+            .collect();
         let spec = AttentionSpec {
             q_start: n - 1,
             ..AttentionSpec::causal(h, kvh, d)
         };
         let q = &q[..h * d];
         let mut out = vec![Bf16::ZERO; h * d];
-        let mut t = vec![];
-        for _ in 0..std::env::var("STEPS").map_or(10, |v| v.parse().expect("a count")) {
+        let (mut side_by_side, mut held_by_head) = (vec![], vec![]);
+        for _ in 0..10 {
             let s = Instant::now();
             for (k, v) in &caches {
                 attention(&spec, q, k, v, None, &mut out, None);
             }
-            t.push(s.elapsed().as_secs_f64());
+            side_by_side.push(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            let layout = KvLayout::by_head(n, n, d);
+            for (k, v) in &cached {
+                attention_in(&spec, q, k, v, layout, None, &mut out, None);
+            }
+            held_by_head.push(s.elapsed().as_secs_f64());
         }
-        t.remove(0);
-        t.sort_by(f64::total_cmp);
-        println!(
-            "decode after {n} tokens, {layers} layers: {:.3} ms a step (median of 9)",
-            t[4] * 1e3
-        );
+        for (name, mut t) in [
+            ("[S][kv_heads][D]", side_by_side),
+            ("[kv_heads][S][D]", held_by_head),
+        ] {
+            t.remove(0);
+            t.sort_by(f64::total_cmp);
+            println!(
+                "decode after {n} tokens, {layers} layers, keys {name}: {:.3} ms a step (median of 9)",
+                t[4] * 1e3
+            );
+        }
         let sum: f64 = out.iter().map(|x| x.to_f64()).sum();
         println!("checksum {sum:.6e}");
         return;

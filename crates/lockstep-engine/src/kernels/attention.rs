@@ -79,6 +79,48 @@ impl AttentionSpec {
     }
 }
 
+/// Where the keys (or values) of an attention call lie in their slice: position `s` of kv
+/// head `kv` at `kv·head + s·row`, its `D` values one after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Positions `S`.
+    pub keys: usize,
+    /// Elements from one kv head's first position to the next head's.
+    pub head: usize,
+    /// Elements from one position to the next.
+    pub row: usize,
+}
+
+impl KvLayout {
+    /// `[S][kv_heads][D]`: each position's heads side by side, as a projection writes them.
+    pub fn interleaved(keys: usize, kv_heads: usize, head_dim: usize) -> KvLayout {
+        KvLayout {
+            keys,
+            head: head_dim,
+            row: kv_heads * head_dim,
+        }
+    }
+
+    /// `[kv_heads][capacity][D]`: each kv head's positions one after another (the first `keys`
+    /// of `capacity` used), so that a decode step reads each head's as one stream
+    /// ([`crate::KvCache`]).
+    pub fn by_head(keys: usize, capacity: usize, head_dim: usize) -> KvLayout {
+        KvLayout {
+            keys,
+            head: capacity * head_dim,
+            row: head_dim,
+        }
+    }
+
+    /// Elements a slice must hold for `kv_heads` heads of `head_dim` values.
+    fn span(&self, kv_heads: usize, head_dim: usize) -> usize {
+        match self.keys {
+            0 => 0,
+            s => (kv_heads - 1) * self.head + (s - 1) * self.row + head_dim,
+        }
+    }
+}
+
 /// `q`: `[T][heads][D]`; `k`, `v`: `[S][kv_heads][D]` (all positions `0..S`); `out`:
 /// `[T][heads][D]`. When `probs` is given (`[heads][T][S]`) the softmax output is stored there.
 ///
@@ -94,9 +136,33 @@ pub fn attention<T: Float>(
     out: &mut [T],
     probs: Option<&mut [T]>,
 ) {
+    let (kvh, d) = (spec.kv_heads, spec.head_dim);
+    assert_eq!(k.len(), v.len(), "attention: keys and values");
+    let layout = KvLayout::interleaved(k.len() / (kvh * d), kvh, d);
+    attention_in(spec, q, k, v, layout, key_mask, out, probs)
+}
+
+/// [`attention`] with the keys and values laid out as `layout` says (the same bits for the
+/// same values, whatever the layout).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in<T: Float>(
+    spec: &AttentionSpec,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    layout: KvLayout,
+    key_mask: Option<&[bool]>,
+    out: &mut [T],
+    probs: Option<&mut [T]>,
+) {
     let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
     let t_len = q.len() / (h * d);
-    let s_len = k.len() / (kvh * d);
+    let s_len = layout.keys;
+    let span = layout.span(kvh, d);
+    assert!(
+        k.len() >= span && v.len() >= span,
+        "attention: keys and values"
+    );
     assert_eq!(out.len(), q.len());
     assert!(spec.q_start + t_len <= s_len);
     if let Some(p) = probs.as_deref() {
@@ -113,6 +179,7 @@ pub fn attention<T: Float>(
         q,
         k,
         v,
+        layout,
         key_mask,
         t_len,
         s_len,
@@ -194,6 +261,8 @@ struct Heads<'a, T> {
     q: &'a [T],
     k: &'a [T],
     v: &'a [T],
+    /// Where `k` and `v` hold each kv head's positions.
+    layout: KvLayout,
     key_mask: Option<&'a [bool]>,
     t_len: usize,
     s_len: usize,
@@ -221,20 +290,21 @@ struct AmxKv {
 }
 
 impl AmxKv {
-    /// kv head `kv` of `k` and `v` (`[S][kv_heads][D]` f32 holding bf16 values).
-    fn new(k: &[f32], v: &[f32], s_len: usize, kvh: usize, d: usize, kv: usize) -> AmxKv {
-        let stride = kvh * d;
+    /// kv head `kv` of `k` and `v` (f32 holding bf16 values, laid out as `layout`).
+    fn new(k: &[f32], v: &[f32], layout: KvLayout, d: usize, kv: usize) -> AmxKv {
+        let (s_len, stride) = (layout.keys, layout.row);
+        let (k, v) = (&k[kv * layout.head..], &v[kv * layout.head..]);
         let bits = |v: f32| (v.to_bits() >> 16) as u16;
         let s32 = s_len.next_multiple_of(32);
         let mut keys = vec![0u8; s32 * d * 2];
         for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
-            for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride + kv * d..][..d]) {
+            for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride..][..d]) {
                 o.copy_from_slice(&bits(x).to_le_bytes());
             }
         }
         let mut values = vec![0u8; d * s32 * 2];
         for s in 0..s_len {
-            for (i, &x) in v[s * stride + kv * d..][..d].iter().enumerate() {
+            for (i, &x) in v[s * stride..][..d].iter().enumerate() {
                 values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());
             }
         }
@@ -335,7 +405,7 @@ impl<T: Float> Heads<'_, T> {
     /// f32), rounded to the compute dtype.
     fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
-        let (h, kvh, d, s_len) = (spec.heads, spec.kv_heads, spec.head_dim, self.s_len);
+        let (h, d, s_len) = (spec.heads, spec.head_dim, self.s_len);
         let kv = spec.kv_head(head);
         let q = as_f32(self.q).expect("f32 inside");
         let AmxKv { keys, values, s32 } = self.amx_kv[kv].get_or_init(|| {
@@ -343,8 +413,7 @@ impl<T: Float> Heads<'_, T> {
             AmxKv::new(
                 k.expect("f32 inside"),
                 v.expect("f32 inside"),
-                s_len,
-                kvh,
+                self.layout,
                 d,
                 kv,
             )
@@ -447,11 +516,11 @@ impl<T: Float> Heads<'_, T> {
         let spec = self.spec;
         let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.s_len);
         let group = spec.heads / kvh;
-        let stride = kvh * d;
+        let (stride, first) = (self.layout.row, kv * self.layout.head);
         let q = as_f32(&self.q[kv * group * d..(kv + 1) * group * d]).expect("f32 inside");
         let (k, v) = (
-            as_f32(&self.k[kv * d..]).expect("f32 inside"),
-            as_f32(&self.v[kv * d..]).expect("f32 inside"),
+            as_f32(&self.k[first..]).expect("f32 inside"),
+            as_f32(&self.v[first..]).expect("f32 inside"),
         );
         let vis = self.visible(0);
         let blocks = || {
@@ -538,12 +607,12 @@ impl<T: Float> Heads<'_, T> {
         mut probs: Option<&mut [T]>,
     ) {
         let spec = self.spec;
-        let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.s_len);
+        let (d, s_len) = (spec.head_dim, self.s_len);
         let tb = qs.len();
-        let stride = kvh * d;
+        let (stride, first) = (self.layout.row, kv * self.layout.head);
         let (k, v) = (
-            as_f32(&self.k[kv * d..]).expect("f32 inside"),
-            as_f32(&self.v[kv * d..]).expect("f32 inside"),
+            as_f32(&self.k[first..]).expect("f32 inside"),
+            as_f32(&self.v[first..]).expect("f32 inside"),
         );
         // Keys every query of the block sees (causal: the first query's), then each one's own.
         let common = vis[0];
@@ -601,7 +670,7 @@ impl<T: Float> Heads<'_, T> {
     #[inline(always)]
     fn head(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
-        let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let (h, d) = (spec.heads, spec.head_dim);
         let (q, k, v, s_len) = (self.q, self.k, self.v, self.s_len);
         let kv = spec.kv_head(head);
         let mut row = vec![T::ZERO; s_len];
@@ -618,7 +687,8 @@ impl<T: Float> Heads<'_, T> {
                 .map_or(0, |w| (spec.q_start + t + 1).saturating_sub(w));
             let mut max = T::NEG_INFINITY;
             // Every visible key's `dot(q, k)` at once where there is a fast path for it.
-            let dots = key_dots(qv, &k[kv * d..], kvh * d, &mut row[..visible]);
+            let (first, stride) = (kv * self.layout.head, self.layout.row);
+            let dots = key_dots(qv, &k[first..], stride, &mut row[..visible]);
             // No key hidden (no padding, no window start): whole-row passes that vectorize.
             let unmasked = dots && lo == 0 && self.key_mask.is_none();
             if unmasked {
@@ -639,7 +709,7 @@ impl<T: Float> Heads<'_, T> {
                 let dot = if dots {
                     *r
                 } else {
-                    super::matmul::dot(qv, &k[(s * kvh + kv) * d..(s * kvh + kv + 1) * d])
+                    super::matmul::dot(qv, &k[first + s * stride..][..d])
                 };
                 *r = (dot.to_act_dtype() * self.scale).to_act_dtype();
                 if *r > max {
@@ -672,7 +742,7 @@ impl<T: Float> Heads<'_, T> {
                 *r = T::ZERO;
             }
             let o = &mut o_head[t * d..(t + 1) * d];
-            weighted_sum(o, &row[..visible], &v[kv * d..], kvh * d);
+            weighted_sum(o, &row[..visible], &v[first..], stride);
             for oi in o.iter_mut() {
                 *oi = oi.to_act_dtype();
             }
@@ -1515,6 +1585,7 @@ mod tests {
                 q: &q,
                 k: &k,
                 v: &v,
+                layout: KvLayout::interleaved(s_len, kvh, d),
                 key_mask: None,
                 t_len: t,
                 s_len,
@@ -1585,6 +1656,7 @@ mod tests {
                     q: &q,
                     k: &k,
                     v: &vv,
+                    layout: KvLayout::interleaved(s_len, kvh, d),
                     key_mask,
                     t_len: t,
                     s_len,
@@ -1661,6 +1733,7 @@ mod tests {
                 q: &q,
                 k: &k,
                 v: &vv,
+                layout: KvLayout::interleaved(s_len, kvh, d),
                 key_mask: Some(&vec![true; s_len]),
                 t_len: 1,
                 s_len,
@@ -1747,6 +1820,79 @@ mod tests {
         check::<f64>("f64");
         check::<f32>("f32");
         check::<crate::kernels::Bf16>("bf16");
+    }
+
+    /// Keys and values held by head with room to spare (`[kv_heads][capacity][D]`, NaN in
+    /// the spare rows, which nothing may read) give the bits of the same keys and values side
+    /// by side, on every path: a decode step (grouped and round-robin heads, head dimensions
+    /// 64, 128 and 40), a prefill, a key mask, a sliding window, f32 and bf16.
+    #[test]
+    fn keys_held_by_head_give_the_interleaved_bits() {
+        fn check<T: Float>(seed: &mut u64) {
+            for (h, kvh, d, t, s_len, window, masked, mapping) in [
+                (14, 2, 64, 1, 300, None, false, GqaMapping::Grouped),
+                (8, 2, 128, 1, 77, None, false, GqaMapping::Grouped),
+                (6, 3, 40, 1, 50, None, false, GqaMapping::Grouped),
+                (4, 2, 64, 1, 90, None, false, GqaMapping::RoundRobin),
+                (4, 2, 64, 37, 37, None, false, GqaMapping::Grouped),
+                (4, 2, 64, 5, 60, Some(16), false, GqaMapping::Grouped),
+                (4, 1, 64, 1, 70, None, true, GqaMapping::Grouped),
+            ] {
+                let q: Vec<T> = mixed_in(t * h * d, seed, 13, 8.0);
+                let k: Vec<T> = mixed_in(s_len * kvh * d, seed, 11, 8.0);
+                let v: Vec<T> = mixed_in(s_len * kvh * d, seed, 7, 8.0);
+                let spec = AttentionSpec {
+                    q_start: s_len - t,
+                    window,
+                    mapping,
+                    ..AttentionSpec::causal(h, kvh, d)
+                };
+                let mask: Vec<bool> = (0..s_len).map(|s| !masked || s % 5 != 2).collect();
+                let mask = masked.then_some(&mask[..]);
+                let (mut want, mut want_p) =
+                    (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
+                attention(&spec, &q, &k, &v, mask, &mut want, Some(&mut want_p));
+                let cap = s_len + 9;
+                let by_head = |x: &[T]| {
+                    let mut out = vec![T::from_f64(f64::NAN); kvh * cap * d];
+                    for s in 0..s_len {
+                        for kv in 0..kvh {
+                            out[(kv * cap + s) * d..][..d]
+                                .copy_from_slice(&x[(s * kvh + kv) * d..][..d]);
+                        }
+                    }
+                    out
+                };
+                let (kh, vh) = (by_head(&k), by_head(&v));
+                let layout = KvLayout::by_head(s_len, cap, d);
+                let (mut got, mut got_p) = (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
+                attention_in(
+                    &spec,
+                    &q,
+                    &kh,
+                    &vh,
+                    layout,
+                    mask,
+                    &mut got,
+                    Some(&mut got_p),
+                );
+                let bits = |x: &[T]| x.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+                let what = (h, kvh, d, t, s_len, window, masked, mapping);
+                assert_eq!(bits(&got), bits(&want), "outputs {what:?}");
+                assert_eq!(bits(&got_p), bits(&want_p), "probabilities {what:?}");
+                // Without probabilities stored (the decode's grouped path).
+                let mut plain = vec![T::ZERO; t * h * d];
+                attention_in(&spec, &q, &kh, &vh, layout, mask, &mut plain, None);
+                assert_eq!(
+                    bits(&plain),
+                    bits(&want),
+                    "outputs, no probabilities {what:?}"
+                );
+            }
+        }
+        let mut seed = 41u64;
+        check::<f32>(&mut seed);
+        check::<crate::Bf16>(&mut seed);
     }
 
     /// `n` f32 test values of mixed magnitude: every `every`-th a negative zero, the one after

@@ -9,7 +9,7 @@
 
 use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
-use crate::kernels::attention::{attention, AttentionSpec};
+use crate::kernels::attention::{attention_in, AttentionSpec};
 use crate::kernels::line_aligned::LineAligned;
 use crate::kernels::matmul::{linear, linear_many, linear_swiglu, Product};
 use crate::kernels::norm::rms_norm_with;
@@ -157,12 +157,13 @@ impl Model {
             let skip = pass.skipped.map_or(0, |p| p[b]);
             let own = first..first + n - skip;
             first = own.end;
-            for kv in [&mut cache.k[l], &mut cache.v[l]] {
-                kv.resize(kv.len() + skip * kvd, T::ZERO);
-            }
-            cache.k[l].extend_from_slice(&buf.k[own.start * kvd..own.end * kvd]);
-            cache.v[l].extend_from_slice(&buf.v[own.start * kvd..own.end * kvd]);
+            let own_kv = (
+                &buf.k[own.start * kvd..own.end * kvd],
+                &buf.v[own.start * kvd..own.end * kvd],
+            );
+            let layout = cache.append(l, skip, own_kv, kv_heads, d);
             let keys = past + n;
+            debug_assert_eq!(layout.keys, keys);
             let spec = AttentionSpec {
                 heads,
                 kv_heads,
@@ -175,11 +176,12 @@ impl Model {
             };
             let mut probs = (rows == 1 && obs.wants_attention_probs())
                 .then(|| vec![T::ZERO; heads * own.len() * keys]);
-            attention(
+            attention_in(
                 &spec,
                 &buf.q[own.start * qd..own.end * qd],
                 &cache.k[l],
                 &cache.v[l],
+                layout,
                 pass.key_masks.map(|m| &m[b][..]),
                 &mut buf.attn[own.start * qd..own.end * qd],
                 probs.as_deref_mut(),

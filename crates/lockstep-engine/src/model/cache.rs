@@ -1,12 +1,24 @@
 //! The KV cache of one sequence and of a padded batch, and left-padding of prompts.
 
+use crate::kernels::attention::KvLayout;
 use crate::kernels::Float;
 
 /// Keys and values of past positions, per layer, in the compute type.
+///
+/// Each layer's keys (and values) are held `[kv_heads][capacity][D]`
+/// ([`KvLayout::by_head`]): each kv head's positions one after another, so that a decode step,
+/// whose threads each take one kv head, reads a head's keys as one stream. Laid out as the
+/// projections write them (`[S][kv_heads][D]`), a thread read 256 bytes of every 512 at the
+/// 0.5B shape: `bench_attention 2048 decode` (24 layers' caches, 2-core AMD EPYC, 2026-12-03,
+/// the machine busy with a test run, both layouts in turns) took 9.1 and 11.8 ms a step side by
+/// side against 6.2 and 7.1 by head (one thread: 8.9 and 12.4 against 5.8 and 9.3). The bits
+/// are the same (unit-tested).
 #[derive(Debug, Clone)]
 pub struct KvCache<T> {
     pub(crate) k: Vec<Vec<T>>,
     pub(crate) v: Vec<Vec<T>>,
+    /// Per layer, the positions its buffers have room for.
+    capacity: Vec<usize>,
     pub(crate) len: usize,
 }
 
@@ -16,8 +28,52 @@ impl<T: Float> KvCache<T> {
         KvCache {
             k: vec![Vec::new(); layers],
             v: vec![Vec::new(); layers],
+            capacity: vec![0; layers],
             len: 0,
         }
+    }
+
+    /// Appends to layer `l`, after its [`KvCache::len`] positions, `skip` positions of zeros
+    /// (padding, which a key mask hides) and then the positions of `k` and `v` (`[n][kv_heads]
+    /// [D]`, as the projections write them); returns where the layer's keys and values now lie.
+    /// A layer out of room moves to twice its capacity (or exactly what it needs the first
+    /// time: a prompt without decode steps holds no spare room).
+    pub(crate) fn append(
+        &mut self,
+        l: usize,
+        skip: usize,
+        (k, v): (&[T], &[T]),
+        kv_heads: usize,
+        d: usize,
+    ) -> KvLayout {
+        let kvd = kv_heads * d;
+        debug_assert!(k.len() == v.len() && k.len().is_multiple_of(kvd));
+        let (past, own) = (self.len, k.len() / kvd);
+        let keys = past + skip + own;
+        let cap = self.capacity[l];
+        if keys > cap {
+            let grown = if cap == 0 { keys } else { keys.max(2 * cap) };
+            for buf in [&mut self.k[l], &mut self.v[l]] {
+                let mut moved = vec![T::ZERO; kv_heads * grown * d];
+                for h in 0..kv_heads {
+                    moved[h * grown * d..][..past * d]
+                        .copy_from_slice(&buf[h * cap * d..][..past * d]);
+                }
+                *buf = moved;
+            }
+            self.capacity[l] = grown;
+        }
+        let cap = self.capacity[l];
+        for (buf, new) in [(&mut self.k[l], k), (&mut self.v[l], v)] {
+            for h in 0..kv_heads {
+                let head = &mut buf[h * cap * d..][..keys * d];
+                head[past * d..(past + skip) * d].fill(T::ZERO);
+                for (t, row) in new.chunks_exact(kvd).enumerate() {
+                    head[(past + skip + t) * d..][..d].copy_from_slice(&row[h * d..][..d]);
+                }
+            }
+        }
+        KvLayout::by_head(keys, cap, d)
     }
 
     /// Number of cached positions.
