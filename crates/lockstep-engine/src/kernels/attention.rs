@@ -182,7 +182,6 @@ pub fn attention_in<T: Float>(
         layout,
         key_mask,
         t_len,
-        s_len,
         scale: T::from_f64((d as f64).powf(-0.5)),
         amx: true,
         amx_kv: amx_kv_slots(kvh),
@@ -265,7 +264,6 @@ struct Heads<'a, T> {
     layout: KvLayout,
     key_mask: Option<&'a [bool]>,
     t_len: usize,
-    s_len: usize,
     scale: T,
     /// Whether a bf16 prefill may run on AMX tiles ([`Heads::on_amx`]); tests of the other
     /// paths' bits turn it off.
@@ -351,7 +349,7 @@ impl<T: Float> Heads<'_, T> {
             // SAFETY: `blocked` checked the CPU features and the call's shape.
             return unsafe { self.group_blocked(kv, o_group, p_group) };
         }
-        let (d, s_len) = (self.spec.head_dim, self.s_len);
+        let (d, s_len) = (self.spec.head_dim, self.layout.keys);
         let group = self.spec.heads / self.spec.kv_heads;
         for (j, o) in o_group.chunks_mut(d).enumerate() {
             let p = p_group
@@ -405,7 +403,7 @@ impl<T: Float> Heads<'_, T> {
     /// f32), rounded to the compute dtype.
     fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
-        let (h, d, s_len) = (spec.heads, spec.head_dim, self.s_len);
+        let (h, d, s_len) = (spec.heads, spec.head_dim, self.layout.keys);
         let kv = spec.kv_head(head);
         let q = as_f32(self.q).expect("f32 inside");
         let AmxKv { keys, values, s32 } = self.amx_kv[kv].get_or_init(|| {
@@ -477,7 +475,7 @@ impl<T: Float> Heads<'_, T> {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
     unsafe fn head_blocked(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
-        let (h, d, s_len) = (spec.heads, spec.head_dim, self.s_len);
+        let (h, d, s_len) = (spec.heads, spec.head_dim, self.layout.keys);
         let q = as_f32(self.q).expect("f32 inside");
         let mut rows = vec![T::ZERO; QB * s_len];
         for t0 in (0..self.t_len).step_by(QB) {
@@ -514,7 +512,7 @@ impl<T: Float> Heads<'_, T> {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
     unsafe fn group_blocked(&self, kv: usize, o_group: &mut [T], p_group: Option<&mut [T]>) {
         let spec = self.spec;
-        let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.s_len);
+        let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.layout.keys);
         let group = spec.heads / kvh;
         let (stride, first) = (self.layout.row, kv * self.layout.head);
         let q = as_f32(&self.q[kv * group * d..(kv + 1) * group * d]).expect("f32 inside");
@@ -583,7 +581,7 @@ impl<T: Float> Heads<'_, T> {
     fn visible(&self, t: usize) -> usize {
         match self.spec.causal {
             true => self.spec.q_start + t + 1,
-            false => self.s_len,
+            false => self.layout.keys,
         }
     }
 
@@ -607,7 +605,7 @@ impl<T: Float> Heads<'_, T> {
         mut probs: Option<&mut [T]>,
     ) {
         let spec = self.spec;
-        let (d, s_len) = (spec.head_dim, self.s_len);
+        let (d, s_len) = (spec.head_dim, self.layout.keys);
         let tb = qs.len();
         let (stride, first) = (self.layout.row, kv * self.layout.head);
         let (k, v) = (
@@ -671,7 +669,7 @@ impl<T: Float> Heads<'_, T> {
     fn head(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
         let spec = self.spec;
         let (h, d) = (spec.heads, spec.head_dim);
-        let (q, k, v, s_len) = (self.q, self.k, self.v, self.s_len);
+        let (q, k, v, s_len) = (self.q, self.k, self.v, self.layout.keys);
         let kv = spec.kv_head(head);
         let mut row = vec![T::ZERO; s_len];
         for t in 0..self.t_len {
@@ -1588,7 +1586,6 @@ mod tests {
                 layout: KvLayout::interleaved(s_len, kvh, d),
                 key_mask: None,
                 t_len: t,
-                s_len,
                 scale: Bf16::from_f64((d as f64).powf(-0.5)),
                 amx,
                 amx_kv: amx_kv_slots(kvh),
@@ -1659,7 +1656,6 @@ mod tests {
                     layout: KvLayout::interleaved(s_len, kvh, d),
                     key_mask,
                     t_len: t,
-                    s_len,
                     scale: T::from_f64((d as f64).powf(-0.5)),
                     amx: false,
                     amx_kv: amx_kv_slots(kvh),
@@ -1736,7 +1732,6 @@ mod tests {
                 layout: KvLayout::interleaved(s_len, kvh, d),
                 key_mask: Some(&vec![true; s_len]),
                 t_len: 1,
-                s_len,
                 scale: T::from_f64((d as f64).powf(-0.5)),
                 amx: false,
                 amx_kv: amx_kv_slots(kvh),

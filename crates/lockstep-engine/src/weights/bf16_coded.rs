@@ -144,16 +144,17 @@ pub fn code_together(ws: &[&Tensor]) -> Vec<Option<Bf16Coded>> {
             _ => None,
         })
         .collect();
+    let none = || ws.iter().map(|_| None).collect();
     let lens: Vec<usize> = shapes
         .iter()
         .map(|s| s.map_or(0, |(m, k)| m * row_bytes(k)))
         .collect();
     let total: usize = lens.iter().map(|l| l.next_multiple_of(64)).sum();
     if total == 0 {
-        return ws.iter().map(|_| None).collect();
+        return none();
     }
     let Ok(mut region) = MmapMut::map_anon(total + HUGE_PAGE) else {
-        return ws.iter().map(|_| None).collect();
+        return none();
     };
     // Advice is a hint: without 2 MiB pages the codings are still right.
     let _ = region.advise(Advice::HugePage);
@@ -175,7 +176,7 @@ pub fn code_together(ws: &[&Tensor]) -> Vec<Option<Bf16Coded>> {
         .map(|((w, shape), (at, part))| shape.map(|(m, k)| (at, code_matrix(w, m, k, part))))
         .collect();
     let Ok(region) = region.make_read_only().map(Arc::new) else {
-        return ws.iter().map(|_| None).collect();
+        return none();
     };
     codings
         .into_iter()
