@@ -4,13 +4,15 @@
 //!
 //! With `decode`, a decode step's attention instead: one query after N tokens of context, in
 //! each of 24 layers' caches in turn (48 MB at N = 2048, as the 0.5B shape's step reads them;
-//! `LAYERS` for another count), the median of 9 steps, with the keys and values side by side
-//! (`[S][kv_heads][D]`, as a projection writes them) and held by head (as the KV cache holds
-//! them), in turns.
+//! `LAYERS` for another count), the median of 9 steps, with the keys and values held by head
+//! (`[kv_heads][S][D]`, as the KV cache holds them) as bf16 values in f32 and as bf16 (as the
+//! bf16 tier's cache holds them, half the bytes), in turns; the outputs must agree bit for bit.
 //!
 //! `cargo run --release -p lockstep-engine --example bench_attention [N] [decode]`.
 
-use lockstep_engine::kernels::attention::{attention, attention_in, AttentionSpec, KvLayout};
+use lockstep_engine::kernels::attention::{
+    attention, attention_in, AttentionSpec, KvElement, KvLayout,
+};
 use lockstep_engine::{Bf16, Float};
 use std::time::Instant;
 
@@ -45,34 +47,42 @@ fn main() {
             .iter()
             .map(|(k, v)| (by_head(k), by_head(v)))
             .collect();
+        drop(caches);
+        let halved =
+            |x: &[Bf16]| -> Vec<half::bf16> { x.iter().map(|&x| half::bf16::hold(x)).collect() };
+        let cached_bf16: Vec<(Vec<half::bf16>, Vec<half::bf16>)> =
+            cached.iter().map(|(k, v)| (halved(k), halved(v))).collect();
         let spec = AttentionSpec {
             q_start: n - 1,
             ..AttentionSpec::causal(h, kvh, d)
         };
         let q = &q[..h * d];
-        let mut out = vec![Bf16::ZERO; h * d];
-        let (mut side_by_side, mut held_by_head) = (vec![], vec![]);
+        let (mut out, mut out_bf16) = (vec![Bf16::ZERO; h * d], vec![Bf16::ZERO; h * d]);
+        let (mut in_f32, mut in_bf16) = (vec![], vec![]);
+        let layout = KvLayout::by_head(n, n, d);
         for _ in 0..10 {
             let s = Instant::now();
-            for (k, v) in &caches {
-                attention(&spec, q, k, v, None, &mut out, None);
-            }
-            side_by_side.push(s.elapsed().as_secs_f64());
-            let s = Instant::now();
-            let layout = KvLayout::by_head(n, n, d);
             for (k, v) in &cached {
                 attention_in(&spec, q, k, v, layout, None, &mut out, None);
             }
-            held_by_head.push(s.elapsed().as_secs_f64());
+            in_f32.push(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            for (k, v) in &cached_bf16 {
+                attention_in(&spec, q, k, v, layout, None, &mut out_bf16, None);
+            }
+            in_bf16.push(s.elapsed().as_secs_f64());
         }
-        for (name, mut t) in [
-            ("[S][kv_heads][D]", side_by_side),
-            ("[kv_heads][S][D]", held_by_head),
-        ] {
+        let bits = |x: &[Bf16]| x.iter().map(|x| x.0.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&out),
+            bits(&out_bf16),
+            "the same bits from either holding"
+        );
+        for (name, mut t) in [("f32", in_f32), ("bf16", in_bf16)] {
             t.remove(0);
             t.sort_by(f64::total_cmp);
             println!(
-                "decode after {n} tokens, {layers} layers, keys {name}: {:.3} ms a step (median of 9)",
+                "decode after {n} tokens, {layers} layers, keys held as {name}: {:.3} ms a step (median of 9)",
                 t[4] * 1e3
             );
         }

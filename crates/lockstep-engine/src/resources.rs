@@ -47,7 +47,8 @@ pub struct RunShape {
     pub prompt_len: usize,
     /// Tokens each row may reach (prompt plus new tokens; capped by the context length).
     pub context: usize,
-    /// Bytes of one activation value (8 for f64, 4 for f32, 2 for bf16).
+    /// Bytes of one value of the compute dtype (8 for f64, 4 for f32, 2 for bf16): what the KV
+    /// cache holds a key or value in. Activations are held in at least 4 (bf16 values in f32).
     pub act_bytes: usize,
 }
 
@@ -55,13 +56,15 @@ impl MemoryEstimate {
     /// The estimate for `config` run as `run`, with `weights` bytes of weights.
     pub fn new(config: &ModelConfig, weights: u64, run: RunShape) -> Self {
         let c = config;
-        let s = run.act_bytes as u128;
+        let kv_bytes = run.act_bytes as u128;
+        // The bf16 tier holds its activations in f32 (`Bf16`), its KV cache in bf16.
+        let s = kv_bytes.max(4);
         let batch = run.batch as u128;
         let ctx = run.context.min(c.max_position_embeddings) as u128;
         let prompt = run.prompt_len as u128;
         let kvd = (c.num_kv_heads as u128) * (c.head_dim as u128);
         let qd = (c.num_heads as u128) * (c.head_dim as u128);
-        let kv_cache = 2 * (c.num_layers as u128) * kvd * ctx * batch * s;
+        let kv_cache = 2 * (c.num_layers as u128) * kvd * ctx * batch * kv_bytes;
         let per_token = 4 * c.hidden_size as u128 + 3 * c.intermediate_size as u128 + qd + 2 * kvd;
         let activations = batch * prompt * per_token * s
             + batch * (c.num_heads as u128) * prompt * prompt * s

@@ -169,7 +169,7 @@ pub fn run<T: Float>(engine: Engine, jobs: Receiver<Job>) {
 }
 
 /// Removes the rows (and their caches) whose flag is set.
-fn drop_rows<T>(rows: &mut Vec<Row>, caches: &mut Vec<KvCache<T>>, drop: &[bool]) {
+fn drop_rows<T: Float>(rows: &mut Vec<Row>, caches: &mut Vec<KvCache<T>>, drop: &[bool]) {
     if !drop.contains(&true) {
         return;
     }

@@ -17,9 +17,133 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::matmul::dot_lane_pairs;
-use super::{as_f32, as_f32_mut, round_bf16, Float};
+use super::{as_f32, as_f32_mut, round_bf16, Bf16, Float};
 use crate::team::SendPtr;
+use std::fmt::Debug;
 use std::sync::OnceLock;
+
+/// How a KV cache holds a key or value of compute type `T`: as `T` itself, or in the bf16 tier,
+/// whose keys and values are bf16 values (rounded where PyTorch materializes them), as the bf16
+/// value alone ([`half::bf16`]): half the bytes for a decode step to read, the same values, so
+/// the same bits out of every path.
+pub trait KvElement<T: Float>: Copy + Send + Sync + Default + Debug + 'static {
+    /// `x` as held (a bf16 cache rounds a value that is not a bf16 one to the nearest that is;
+    /// the model only gives it bf16 values).
+    fn hold(x: T) -> Self;
+    /// The value held.
+    fn value(self) -> T;
+    /// `s` as values of `T`, when they are held as such.
+    fn as_values(s: &[Self]) -> Option<&[T]>;
+    /// `s` as the vectorized sums read it: f32 lanes, or bf16 ones widened exactly on load.
+    fn lanes(s: &[Self]) -> Option<KvLanes<'_>>;
+}
+
+/// Keys or values as the vectorized sums read them.
+#[derive(Debug, Clone, Copy)]
+pub enum KvLanes<'a> {
+    /// f32 values (the f32 tier, and bf16 values held in f32).
+    F32(&'a [f32]),
+    /// bf16 values.
+    Bf16(&'a [half::bf16]),
+}
+
+impl<T: Float> KvElement<T> for T {
+    #[inline(always)]
+    fn hold(x: T) -> T {
+        x
+    }
+    #[inline(always)]
+    fn value(self) -> T {
+        self
+    }
+    #[inline(always)]
+    fn as_values(s: &[T]) -> Option<&[T]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn lanes(s: &[T]) -> Option<KvLanes<'_>> {
+        as_f32(s).map(KvLanes::F32)
+    }
+}
+
+impl KvElement<Bf16> for half::bf16 {
+    #[inline(always)]
+    fn hold(x: Bf16) -> half::bf16 {
+        half::bf16::from_f32(x.0)
+    }
+    #[inline(always)]
+    fn value(self) -> Bf16 {
+        Bf16(self.to_f32())
+    }
+    #[inline(always)]
+    fn as_values(_: &[half::bf16]) -> Option<&[Bf16]> {
+        None
+    }
+    #[inline(always)]
+    fn lanes(s: &[half::bf16]) -> Option<KvLanes<'_>> {
+        Some(KvLanes::Bf16(s))
+    }
+}
+
+/// An element of the key and value rows the vectorized sums read ([`KvLanes`]).
+trait Lane: Copy + 'static {
+    /// Whether it is bf16 (else f32).
+    const BF16: bool;
+    /// Its bf16 bits (of an f32: the upper half, exact for a bf16 value).
+    fn bf16_bits(self) -> u16;
+}
+
+impl Lane for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        (self.to_bits() >> 16) as u16
+    }
+}
+
+impl Lane for half::bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// Eight lanes at `p` as f32 (bf16 widened exactly: its bits are an f32's upper half).
+///
+/// # Safety
+/// AVX-512F present; eight elements readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load8<L: Lane>(p: *const L) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    match L::BF16 {
+        true => {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+        false => _mm256_loadu_ps(p.cast()),
+    }
+}
+
+/// Sixteen lanes at `p` as f32 ([`load8`]'s widening).
+///
+/// # Safety
+/// AVX-512F present; sixteen elements readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load16<L: Lane>(p: *const L) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    match L::BF16 {
+        true => {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+        false => _mm512_loadu_ps(p.cast()),
+    }
+}
 
 /// How query heads map to key/value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,14 +266,14 @@ pub fn attention<T: Float>(
     attention_in(spec, q, k, v, layout, key_mask, out, probs)
 }
 
-/// [`attention`] with the keys and values laid out as `layout` says (the same bits for the
-/// same values, whatever the layout).
+/// [`attention`] with the keys and values laid out as `layout` says and held as `C` (a KV
+/// cache's [`Float::Kv`]): the same bits for the same values, whatever the layout and holding.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_in<T: Float>(
+pub fn attention_in<T: Float, C: KvElement<T>>(
     spec: &AttentionSpec,
     q: &[T],
-    k: &[T],
-    v: &[T],
+    k: &[C],
+    v: &[C],
     layout: KvLayout,
     key_mask: Option<&[bool]>,
     out: &mut [T],
@@ -255,11 +379,11 @@ fn for_each_chunk<T: Float>(
 }
 
 /// One attention call's inputs, for computing it head by head.
-struct Heads<'a, T> {
+struct Heads<'a, T, C> {
     spec: &'a AttentionSpec,
     q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
+    k: &'a [C],
+    v: &'a [C],
     /// Where `k` and `v` hold each kv head's positions.
     layout: KvLayout,
     key_mask: Option<&'a [bool]>,
@@ -288,11 +412,11 @@ struct AmxKv {
 }
 
 impl AmxKv {
-    /// kv head `kv` of `k` and `v` (f32 holding bf16 values, laid out as `layout`).
-    fn new(k: &[f32], v: &[f32], layout: KvLayout, d: usize, kv: usize) -> AmxKv {
+    /// kv head `kv` of `k` and `v` (bf16 values, laid out as `layout`).
+    fn new<L: Lane>(k: &[L], v: &[L], layout: KvLayout, d: usize, kv: usize) -> AmxKv {
         let (s_len, stride) = (layout.keys, layout.row);
         let (k, v) = (&k[kv * layout.head..], &v[kv * layout.head..]);
-        let bits = |v: f32| (v.to_bits() >> 16) as u16;
+        let bits = |v: L| v.bf16_bits();
         let s32 = s_len.next_multiple_of(32);
         let mut keys = vec![0u8; s32 * d * 2];
         for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
@@ -310,12 +434,19 @@ impl AmxKv {
     }
 }
 
+/// One kv head's keys and values, from its first position, as the blocked paths read them.
+#[cfg(target_arch = "x86_64")]
+enum HeadLanes<'a> {
+    F32((&'a [f32], &'a [f32])),
+    Bf16((&'a [half::bf16], &'a [half::bf16])),
+}
+
 /// One empty [`AmxKv`] slot per kv head.
 fn amx_kv_slots(kv_heads: usize) -> Vec<OnceLock<AmxKv>> {
     (0..kv_heads).map(|_| OnceLock::new()).collect()
 }
 
-impl<T: Float> Heads<'_, T> {
+impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     /// Head `head`'s queries' outputs `[T][D]` into `o_head` and, if wanted, probabilities
     /// `[T][S]` into `p_head`: with this CPU's widest vectors where it has them (the compiler
     /// vectorizes the same element-wise operations, never reassociating or fusing them, so the
@@ -366,6 +497,7 @@ impl<T: Float> Heads<'_, T> {
         let spec = self.spec;
         #[cfg(target_arch = "x86_64")]
         return as_f32(self.q).is_some()
+            && C::lanes(self.k).is_some()
             && (spec.head_dim == 64 || spec.head_dim == 128)
             && spec.window.is_none()
             && self.key_mask.is_none()
@@ -406,16 +538,16 @@ impl<T: Float> Heads<'_, T> {
         let (h, d, s_len) = (spec.heads, spec.head_dim, self.layout.keys);
         let kv = spec.kv_head(head);
         let q = as_f32(self.q).expect("f32 inside");
-        let AmxKv { keys, values, s32 } = self.amx_kv[kv].get_or_init(|| {
-            let (k, v) = (as_f32(self.k), as_f32(self.v));
-            AmxKv::new(
-                k.expect("f32 inside"),
-                v.expect("f32 inside"),
-                self.layout,
-                d,
-                kv,
-            )
-        });
+        let AmxKv { keys, values, s32 } =
+            self.amx_kv[kv].get_or_init(|| match (C::lanes(self.k), C::lanes(self.v)) {
+                (Some(KvLanes::F32(k)), Some(KvLanes::F32(v))) => {
+                    AmxKv::new(k, v, self.layout, d, kv)
+                }
+                (Some(KvLanes::Bf16(k)), Some(KvLanes::Bf16(v))) => {
+                    AmxKv::new(k, v, self.layout, d, kv)
+                }
+                _ => unreachable!("on_amx checked the lanes"),
+            });
         let s32 = *s32;
         let mut qs = vec![0f32; AMX_QUERIES * d];
         let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
@@ -485,16 +617,20 @@ impl<T: Float> Heads<'_, T> {
                 false => &[][..],
             });
             let vis: [usize; QB] = std::array::from_fn(|j| self.visible(t0 + j));
-            self.query_block(
-                spec.kv_head(head),
-                &qs[..tb],
-                &vis[..tb],
-                &mut rows,
+            let (out, probs) = (
                 &mut o_head[t0 * d..(t0 + tb) * d],
                 p_head
                     .as_deref_mut()
                     .map(|p| &mut p[t0 * s_len..(t0 + tb) * s_len]),
             );
+            match self.head_lanes(spec.kv_head(head)) {
+                HeadLanes::F32(kv) => {
+                    self.query_block(kv, &qs[..tb], &vis[..tb], &mut rows, out, probs)
+                }
+                HeadLanes::Bf16(kv) => {
+                    self.query_block(kv, &qs[..tb], &vis[..tb], &mut rows, out, probs)
+                }
+            }
         }
     }
 
@@ -511,15 +647,31 @@ impl<T: Float> Heads<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
     unsafe fn group_blocked(&self, kv: usize, o_group: &mut [T], p_group: Option<&mut [T]>) {
+        match self.head_lanes(kv) {
+            HeadLanes::F32(lanes) => self.group_blocked_in(kv, lanes, o_group, p_group),
+            HeadLanes::Bf16(lanes) => self.group_blocked_in(kv, lanes, o_group, p_group),
+        }
+    }
+
+    /// [`Heads::group_blocked`] over kv head `kv`'s keys and values `(k, v)` (from its first
+    /// position).
+    ///
+    /// # Safety
+    /// As [`Heads::group_blocked`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+    unsafe fn group_blocked_in<L: Lane>(
+        &self,
+        kv: usize,
+        (k, v): (&[L], &[L]),
+        o_group: &mut [T],
+        p_group: Option<&mut [T]>,
+    ) {
         let spec = self.spec;
         let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.layout.keys);
         let group = spec.heads / kvh;
-        let (stride, first) = (self.layout.row, kv * self.layout.head);
+        let stride = self.layout.row;
         let q = as_f32(&self.q[kv * group * d..(kv + 1) * group * d]).expect("f32 inside");
-        let (k, v) = (
-            as_f32(&self.k[first..]).expect("f32 inside"),
-            as_f32(&self.v[first..]).expect("f32 inside"),
-        );
         let vis = self.visible(0);
         let blocks = || {
             (0..group)
@@ -585,7 +737,8 @@ impl<T: Float> Heads<'_, T> {
         }
     }
 
-    /// Up to [`QB`] queries over kv head `kv`'s keys, query `j` (`qs[j]`, D values) seeing
+    /// Up to [`QB`] queries over the keys `k` and values `v` of one kv head (from its first
+    /// position), query `j` (`qs[j]`, D values) seeing
     /// keys `0..vis[j]` (`vis` ascending): their outputs into `out` (`[j][D]`) and, if wanted,
     /// probabilities into `probs` (`[j][S]`), each by [`Heads::head`]'s operations in its
     /// order. `rows`: scratch of `QB·S`.
@@ -595,9 +748,9 @@ impl<T: Float> Heads<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn query_block(
+    unsafe fn query_block<L: Lane>(
         &self,
-        kv: usize,
+        (k, v): (&[L], &[L]),
         qs: &[&[f32]],
         vis: &[usize],
         rows: &mut [T],
@@ -607,11 +760,7 @@ impl<T: Float> Heads<'_, T> {
         let spec = self.spec;
         let (d, s_len) = (spec.head_dim, self.layout.keys);
         let tb = qs.len();
-        let (stride, first) = (self.layout.row, kv * self.layout.head);
-        let (k, v) = (
-            as_f32(&self.k[first..]).expect("f32 inside"),
-            as_f32(&self.v[first..]).expect("f32 inside"),
-        );
+        let stride = self.layout.row;
         // Keys every query of the block sees (causal: the first query's), then each one's own.
         let common = vis[0];
         {
@@ -658,6 +807,17 @@ impl<T: Float> Heads<'_, T> {
         }
     }
 
+    /// kv head `kv`'s keys and values from its first position, as the blocked paths read them.
+    #[cfg(target_arch = "x86_64")]
+    fn head_lanes(&self, kv: usize) -> HeadLanes<'_> {
+        let first = kv * self.layout.head;
+        match (C::lanes(&self.k[first..]), C::lanes(&self.v[first..])) {
+            (Some(KvLanes::F32(k)), Some(KvLanes::F32(v))) => HeadLanes::F32((k, v)),
+            (Some(KvLanes::Bf16(k)), Some(KvLanes::Bf16(v))) => HeadLanes::Bf16((k, v)),
+            _ => unreachable!("blocked checked the lanes"),
+        }
+    }
+
     /// Whether key `s` is masked for a query whose window starts at `lo`.
     #[inline(always)]
     fn hidden(&self, s: usize, lo: usize) -> bool {
@@ -672,6 +832,8 @@ impl<T: Float> Heads<'_, T> {
         let (q, k, v, s_len) = (self.q, self.k, self.v, self.layout.keys);
         let kv = spec.kv_head(head);
         let mut row = vec![T::ZERO; s_len];
+        // A key widened to `T` where the fallback dot needs one (a bf16 cache).
+        let mut widened = Vec::with_capacity(d);
         for t in 0..self.t_len {
             let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
             let visible = if spec.causal {
@@ -707,7 +869,15 @@ impl<T: Float> Heads<'_, T> {
                 let dot = if dots {
                     *r
                 } else {
-                    super::matmul::dot(qv, &k[first + s * stride..][..d])
+                    let key = &k[first + s * stride..][..d];
+                    match C::as_values(key) {
+                        Some(key) => super::matmul::dot(qv, key),
+                        None => {
+                            widened.clear();
+                            widened.extend(key.iter().map(|x| x.value()));
+                            super::matmul::dot(qv, &widened)
+                        }
+                    }
                 };
                 *r = (dot.to_act_dtype() * self.scale).to_act_dtype();
                 if *r > max {
@@ -946,21 +1116,23 @@ fn softmax_unmasked<T: Float>(row: &mut [T], max: T) {
 /// when there is a fast path for it (f32, a head dimension that is a multiple of 8, AVX2):
 /// returns whether it computed them.
 #[inline(always)]
-fn key_dots<T: Float>(q: &[T], k: &[T], stride: usize, out: &mut [T]) -> bool {
+fn key_dots<T: Float, C: KvElement<T>>(q: &[T], k: &[C], stride: usize, out: &mut [T]) -> bool {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if let (Some(q), Some(k), Some(out)) = (as_f32(q), as_f32(k), as_f32_mut(out)) {
+    if let (Some(q), Some(lanes), Some(out)) = (as_f32(q), C::lanes(k), as_f32_mut(out)) {
         if d.is_multiple_of(8) && (out.is_empty() || (out.len() - 1) * stride + d <= k.len()) {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
-                // SAFETY: AVX-512F/DQ present; every key read is inside `k`.
-                unsafe { key_dots_avx512(q, k, stride, out) };
-                return true;
+            let avx512 =
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq");
+            match lanes {
+                // SAFETY (each call): the features present; every key read is inside `k`.
+                KvLanes::F32(k) if avx512 => unsafe { key_dots_avx512(q, k, stride, out) },
+                KvLanes::Bf16(k) if avx512 => unsafe { key_dots_avx512(q, k, stride, out) },
+                KvLanes::F32(k) if is_x86_feature_detected!("avx2") => unsafe {
+                    key_dots_avx2(q, k, stride, out)
+                },
+                _ => return false,
             }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 present; every key read is inside `k`.
-                unsafe { key_dots_avx2(q, k, stride, out) };
-                return true;
-            }
+            return true;
         }
     }
     let _ = (d, q, k, stride, out);
@@ -1002,7 +1174,7 @@ unsafe fn key_dots_avx2(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
 /// AVX-512F/DQ present; `q.len()` a multiple of 8; `k` holds `(out.len() - 1)·stride + q.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn key_dots_avx512(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+unsafe fn key_dots_avx512<L: Lane>(q: &[f32], k: &[L], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
     let n4 = out.len() / 4 * 4;
@@ -1018,7 +1190,7 @@ unsafe fn key_dots_avx512(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) 
         _mm_storeu_ps(out.as_mut_ptr().add(s), four_sums(a, b));
     }
     for (s, o) in out.iter_mut().enumerate().skip(n4) {
-        *o = one_sum(super::matmul::dot_lane_pairs(q.as_ptr(), kp(s, 0), d));
+        *o = one_sum(lane_pairs(q.as_ptr(), kp(s, 0), d));
     }
 }
 
@@ -1043,12 +1215,38 @@ unsafe fn one_sum(a: std::arch::x86_64::__m128) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
-unsafe fn key_pair(p: *const f32, stride: usize) -> std::arch::x86_64::__m512 {
+unsafe fn key_pair<L: Lane>(p: *const L, stride: usize) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    _mm512_insertf32x8::<1>(
-        _mm512_castps256_ps512(_mm256_loadu_ps(p)),
-        _mm256_loadu_ps(p.add(stride)),
-    )
+    match L::BF16 {
+        // Both keys' sixteen bf16 side by side, widened at once.
+        true => {
+            let both = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
+                _mm_loadu_si128(p.add(stride).cast()),
+            );
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(both)))
+        }
+        false => _mm512_insertf32x8::<1>(_mm512_castps256_ps512(load8(p)), load8(p.add(stride))),
+    }
+}
+
+/// `matmul::dot_lane_pairs` of `q` and a row of lanes: the same multiplies and adds.
+///
+/// # Safety
+/// AVX-512F present; `d` (a multiple of 8) values readable at `q` and at `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn lane_pairs<L: Lane>(q: *const f32, k: *const L, d: usize) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..d).step_by(8) {
+        acc = _mm256_add_ps(
+            acc,
+            _mm256_mul_ps(_mm256_loadu_ps(q.add(i)), load8(k.add(i))),
+        );
+    }
+    _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc))
 }
 
 /// [`key_dots_avx512`] for `Q` queries over the same keys: each key pair's chunk is loaded
@@ -1060,9 +1258,9 @@ unsafe fn key_pair(p: *const f32, stride: usize) -> std::arch::x86_64::__m512 {
 /// with `k` holding `(n - 1)·stride + d`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn key_dots_avx512_nq<const Q: usize>(
+unsafe fn key_dots_avx512_nq<const Q: usize, L: Lane>(
     q: [&[f32]; Q],
-    k: &[f32],
+    k: &[L],
     stride: usize,
     mut out: [&mut [f32]; Q],
 ) {
@@ -1076,7 +1274,7 @@ unsafe fn key_dots_avx512_nq<const Q: usize>(
         let ahead = s + PREFETCH_KEYS;
         if (ahead + 3) * stride + d <= k.len() {
             for key in ahead..ahead + 4 {
-                for i in (0..d).step_by(16) {
+                for i in (0..d).step_by(64 / size_of::<L>()) {
                     _mm_prefetch::<_MM_HINT_T1>(k.as_ptr().add(key * stride + i).cast());
                 }
             }
@@ -1107,10 +1305,10 @@ unsafe fn key_dots_avx512_nq<const Q: usize>(
 /// As [`key_dots_avx512_nq`] for those.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn key_dots_block(
+unsafe fn key_dots_block<L: Lane>(
     tb: usize,
     q: [&[f32]; QB],
-    k: &[f32],
+    k: &[L],
     stride: usize,
     out: [&mut [f32]; QB],
 ) {
@@ -1132,29 +1330,29 @@ unsafe fn key_dots_block(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn weighted_sum_block(
+unsafe fn weighted_sum_block<L: Lane>(
     tb: usize,
     d: usize,
     o: [&mut [f32]; QB],
     p: [&[f32]; QB],
     common: usize,
-    v: &[f32],
+    v: &[L],
     stride: usize,
     resume: bool,
 ) {
     let [a, b, c, e] = o;
     let r = resume;
     match (d, tb) {
-        (64, 4) => weighted_sum_nq::<4, 4>([a, b, c, e], p, common, v, stride, r),
-        (64, 3) => weighted_sum_nq::<3, 4>([a, b, c], [p[0], p[1], p[2]], common, v, stride, r),
-        (64, 2) => weighted_sum_nq::<2, 4>([a, b], [p[0], p[1]], common, v, stride, r),
-        (64, _) => weighted_sum_nq::<1, 4>([a], [p[0]], common, v, stride, r),
-        (_, 1) => weighted_sum_nq::<1, 8>([a], [p[0]], common, v, stride, r),
+        (64, 4) => weighted_sum_nq::<4, 4, _>([a, b, c, e], p, common, v, stride, r),
+        (64, 3) => weighted_sum_nq::<3, 4, _>([a, b, c], [p[0], p[1], p[2]], common, v, stride, r),
+        (64, 2) => weighted_sum_nq::<2, 4, _>([a, b], [p[0], p[1]], common, v, stride, r),
+        (64, _) => weighted_sum_nq::<1, 4, _>([a], [p[0]], common, v, stride, r),
+        (_, 1) => weighted_sum_nq::<1, 8, _>([a], [p[0]], common, v, stride, r),
         (_, _) => {
-            weighted_sum_nq::<2, 8>([a, b], [p[0], p[1]], common, v, stride, r);
+            weighted_sum_nq::<2, 8, _>([a, b], [p[0], p[1]], common, v, stride, r);
             match tb {
-                4 => weighted_sum_nq::<2, 8>([c, e], [p[2], p[3]], common, v, stride, r),
-                3 => weighted_sum_nq::<1, 8>([c], [p[2]], common, v, stride, r),
+                4 => weighted_sum_nq::<2, 8, _>([c, e], [p[2], p[3]], common, v, stride, r),
+                3 => weighted_sum_nq::<1, 8, _>([c], [p[2]], common, v, stride, r),
                 _ => {}
             }
         }
@@ -1199,11 +1397,11 @@ unsafe fn four_sums(
 /// `(p[j].len() - 1)·stride + 16·C` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
+unsafe fn weighted_sum_nq<const Q: usize, const C: usize, L: Lane>(
     o: [&mut [f32]; Q],
     p: [&[f32]; Q],
     common: usize,
-    v: &[f32],
+    v: &[L],
     stride: usize,
     resume: bool,
 ) {
@@ -1220,12 +1418,12 @@ unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
         // Past this chunk's keys too (`v` runs on to the last key).
         if (s + PREFETCH_KEYS) * stride + 16 * C <= v.len() {
             let ahead = v.as_ptr().add((s + PREFETCH_KEYS) * stride);
-            for c in 0..C {
+            for c in (0..C).step_by(4 / size_of::<L>()) {
                 _mm_prefetch::<_MM_HINT_T1>(ahead.add(16 * c).cast());
             }
         }
         let vr = v.as_ptr().add(s * stride);
-        let vv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(vr.add(16 * c)));
+        let vv: [__m512; C] = std::array::from_fn(|c| load16(vr.add(16 * c)));
         for (a, pj) in acc.iter_mut().zip(&p) {
             let ps = _mm512_set1_ps(pj[s]);
             for (a, &vc) in a.iter_mut().zip(&vv) {
@@ -1237,7 +1435,7 @@ unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
         for (s, &ps) in pj.iter().enumerate().skip(common) {
             let (ps, vr) = (_mm512_set1_ps(ps), v.as_ptr().add(s * stride));
             for (c, a) in a.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, _mm512_loadu_ps(vr.add(16 * c))));
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, load16(vr.add(16 * c))));
             }
         }
         for (c, a) in a.iter().enumerate() {
@@ -1251,19 +1449,21 @@ unsafe fn weighted_sum_nq<const Q: usize, const C: usize>(
 /// a head dimension of 64 or 128 and AVX-512, `o` stays in registers across the keys (the same
 /// operations in the same order, so the same bits).
 #[inline(always)]
-fn weighted_sum<T: Float>(o: &mut [T], p: &[T], v: &[T], stride: usize) {
+fn weighted_sum<T: Float, C: KvElement<T>>(o: &mut [T], p: &[T], v: &[C], stride: usize) {
     let d = o.len();
     #[cfg(target_arch = "x86_64")]
-    if let (Some(o), Some(p), Some(v)) = (as_f32_mut(o), as_f32(p), as_f32(v)) {
+    if let (Some(o), Some(p), Some(lanes)) = (as_f32_mut(o), as_f32(p), C::lanes(v)) {
         if (d == 64 || d == 128)
             && (p.is_empty() || (p.len() - 1) * stride + d <= v.len())
             && is_x86_feature_detected!("avx512f")
         {
             // SAFETY: AVX-512F present; every row read is inside `v`.
             unsafe {
-                match d {
-                    64 => weighted_sum_avx512::<4>(o, p, v, stride),
-                    _ => weighted_sum_avx512::<8>(o, p, v, stride),
+                match (d, lanes) {
+                    (64, KvLanes::F32(v)) => weighted_sum_avx512::<4, _>(o, p, v, stride),
+                    (_, KvLanes::F32(v)) => weighted_sum_avx512::<8, _>(o, p, v, stride),
+                    (64, KvLanes::Bf16(v)) => weighted_sum_avx512::<4, _>(o, p, v, stride),
+                    (_, KvLanes::Bf16(v)) => weighted_sum_avx512::<8, _>(o, p, v, stride),
                 }
             }
             return;
@@ -1273,7 +1473,7 @@ fn weighted_sum<T: Float>(o: &mut [T], p: &[T], v: &[T], stride: usize) {
     for (s, &ps) in p.iter().enumerate() {
         let vr = &v[s * stride..s * stride + d];
         for (oi, &vi) in o.iter_mut().zip(vr) {
-            *oi += ps * vi;
+            *oi += ps * vi.value();
         }
     }
 }
@@ -1284,13 +1484,18 @@ fn weighted_sum<T: Float>(o: &mut [T], p: &[T], v: &[T], stride: usize) {
 /// AVX-512F present; `o.len() == 16·C`; `v` holds `(p.len() - 1)·stride + 16·C` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_avx512<const C: usize>(o: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
+unsafe fn weighted_sum_avx512<const C: usize, L: Lane>(
+    o: &mut [f32],
+    p: &[f32],
+    v: &[L],
+    stride: usize,
+) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); C];
     for (s, &ps) in p.iter().enumerate() {
         let (ps, vr) = (_mm512_set1_ps(ps), v.as_ptr().add(s * stride));
         for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, _mm512_loadu_ps(vr.add(16 * c))));
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(ps, load16(vr.add(16 * c))));
         }
     }
     for (c, a) in acc.iter().enumerate() {
@@ -1820,10 +2025,12 @@ mod tests {
     /// Keys and values held by head with room to spare (`[kv_heads][capacity][D]`, NaN in
     /// the spare rows, which nothing may read) give the bits of the same keys and values side
     /// by side, on every path: a decode step (grouped and round-robin heads, head dimensions
-    /// 64, 128 and 40), a prefill, a key mask, a sliding window, f32 and bf16.
+    /// 64, 128 and 40), a prefill, a key mask, a sliding window, the softmax in bf16, f32 and
+    /// bf16, and bf16 values held as bf16 (a bf16 KV cache; the prefills on AMX where the CPU
+    /// has it).
     #[test]
     fn keys_held_by_head_give_the_interleaved_bits() {
-        fn check<T: Float>(seed: &mut u64) {
+        fn check<T: Float, C: KvElement<T>>(seed: &mut u64) {
             for (h, kvh, d, t, s_len, window, masked, mapping) in [
                 (14, 2, 64, 1, 300, None, false, GqaMapping::Grouped),
                 (8, 2, 128, 1, 77, None, false, GqaMapping::Grouped),
@@ -1832,62 +2039,70 @@ mod tests {
                 (4, 2, 64, 37, 37, None, false, GqaMapping::Grouped),
                 (4, 2, 64, 5, 60, Some(16), false, GqaMapping::Grouped),
                 (4, 1, 64, 1, 70, None, true, GqaMapping::Grouped),
+                (4, 2, 128, 40, 50, None, false, GqaMapping::Grouped),
             ] {
-                let q: Vec<T> = mixed_in(t * h * d, seed, 13, 8.0);
-                let k: Vec<T> = mixed_in(s_len * kvh * d, seed, 11, 8.0);
-                let v: Vec<T> = mixed_in(s_len * kvh * d, seed, 7, 8.0);
-                let spec = AttentionSpec {
-                    q_start: s_len - t,
-                    window,
-                    mapping,
-                    ..AttentionSpec::causal(h, kvh, d)
-                };
-                let mask: Vec<bool> = (0..s_len).map(|s| !masked || s % 5 != 2).collect();
-                let mask = masked.then_some(&mask[..]);
-                let (mut want, mut want_p) =
-                    (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
-                attention(&spec, &q, &k, &v, mask, &mut want, Some(&mut want_p));
-                let cap = s_len + 9;
-                let by_head = |x: &[T]| {
-                    let mut out = vec![T::from_f64(f64::NAN); kvh * cap * d];
-                    for s in 0..s_len {
-                        for kv in 0..kvh {
-                            out[(kv * cap + s) * d..][..d]
-                                .copy_from_slice(&x[(s * kvh + kv) * d..][..d]);
+                for softmax_bf16 in [false, true] {
+                    let q: Vec<T> = mixed_in(t * h * d, seed, 13, 8.0);
+                    let k: Vec<T> = mixed_in(s_len * kvh * d, seed, 11, 8.0);
+                    let v: Vec<T> = mixed_in(s_len * kvh * d, seed, 7, 8.0);
+                    let spec = AttentionSpec {
+                        q_start: s_len - t,
+                        window,
+                        mapping,
+                        softmax_bf16,
+                        ..AttentionSpec::causal(h, kvh, d)
+                    };
+                    let mask: Vec<bool> = (0..s_len).map(|s| !masked || s % 5 != 2).collect();
+                    let mask = masked.then_some(&mask[..]);
+                    let (mut want, mut want_p) =
+                        (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
+                    attention(&spec, &q, &k, &v, mask, &mut want, Some(&mut want_p));
+                    let cap = s_len + 9;
+                    let by_head = |x: &[T]| {
+                        let mut out = vec![C::hold(T::from_f64(f64::NAN)); kvh * cap * d];
+                        for s in 0..s_len {
+                            for kv in 0..kvh {
+                                let to = &mut out[(kv * cap + s) * d..][..d];
+                                for (o, &x) in to.iter_mut().zip(&x[(s * kvh + kv) * d..][..d]) {
+                                    *o = C::hold(x);
+                                }
+                            }
                         }
-                    }
-                    out
-                };
-                let (kh, vh) = (by_head(&k), by_head(&v));
-                let layout = KvLayout::by_head(s_len, cap, d);
-                let (mut got, mut got_p) = (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
-                attention_in(
-                    &spec,
-                    &q,
-                    &kh,
-                    &vh,
-                    layout,
-                    mask,
-                    &mut got,
-                    Some(&mut got_p),
-                );
-                let bits = |x: &[T]| x.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
-                let what = (h, kvh, d, t, s_len, window, masked, mapping);
-                assert_eq!(bits(&got), bits(&want), "outputs {what:?}");
-                assert_eq!(bits(&got_p), bits(&want_p), "probabilities {what:?}");
-                // Without probabilities stored (the decode's grouped path).
-                let mut plain = vec![T::ZERO; t * h * d];
-                attention_in(&spec, &q, &kh, &vh, layout, mask, &mut plain, None);
-                assert_eq!(
-                    bits(&plain),
-                    bits(&want),
-                    "outputs, no probabilities {what:?}"
-                );
+                        out
+                    };
+                    let (kh, vh) = (by_head(&k), by_head(&v));
+                    let layout = KvLayout::by_head(s_len, cap, d);
+                    let (mut got, mut got_p) =
+                        (vec![T::ZERO; t * h * d], vec![T::ZERO; h * t * s_len]);
+                    attention_in(
+                        &spec,
+                        &q,
+                        &kh,
+                        &vh,
+                        layout,
+                        mask,
+                        &mut got,
+                        Some(&mut got_p),
+                    );
+                    let bits = |x: &[T]| x.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+                    let what = (h, kvh, d, t, s_len, window, masked, mapping, softmax_bf16);
+                    assert_eq!(bits(&got), bits(&want), "outputs {what:?}");
+                    assert_eq!(bits(&got_p), bits(&want_p), "probabilities {what:?}");
+                    // Without probabilities stored (the decode's grouped path).
+                    let mut plain = vec![T::ZERO; t * h * d];
+                    attention_in(&spec, &q, &kh, &vh, layout, mask, &mut plain, None);
+                    assert_eq!(
+                        bits(&plain),
+                        bits(&want),
+                        "outputs, no probabilities {what:?}"
+                    );
+                }
             }
         }
         let mut seed = 41u64;
-        check::<f32>(&mut seed);
-        check::<crate::Bf16>(&mut seed);
+        check::<f32, f32>(&mut seed);
+        check::<crate::Bf16, crate::Bf16>(&mut seed);
+        check::<crate::Bf16, half::bf16>(&mut seed);
     }
 
     /// `n` f32 test values of mixed magnitude: every `every`-th a negative zero, the one after

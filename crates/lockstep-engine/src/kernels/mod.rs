@@ -70,6 +70,9 @@ pub trait Float:
 {
     /// The precision this type computes in.
     const PRECISION: Precision;
+    /// How a KV cache holds this type's keys and values: the type itself, or for [`Bf16`] the
+    /// bf16 value alone (half the bytes; [`attention::KvElement`]).
+    type Kv: attention::KvElement<Self>;
     /// Zero.
     const ZERO: Self;
     /// One.
@@ -122,6 +125,7 @@ pub trait Float:
 
 impl Float for f64 {
     const PRECISION: Precision = Precision::F64;
+    type Kv = f64;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
@@ -147,6 +151,7 @@ impl Float for f64 {
 
 impl Float for f32 {
     const PRECISION: Precision = Precision::F32;
+    type Kv = f32;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
@@ -219,6 +224,7 @@ impl AddAssign for Bf16 {
 
 impl Float for Bf16 {
     const PRECISION: Precision = Precision::BF16;
+    type Kv = half::bf16;
     const ZERO: Self = Bf16(0.0);
     const ONE: Self = Bf16(1.0);
     const NEG_INFINITY: Self = Bf16(f32::NEG_INFINITY);

@@ -58,7 +58,7 @@ impl<T: Float> Scratch<T> {
 }
 
 /// What every layer of one forward pass shares: the rows' caches and masks, and the RoPE table.
-pub(crate) struct Pass<'a, T> {
+pub(crate) struct Pass<'a, T: Float> {
     /// One cache per row.
     pub caches: &'a mut [KvCache<T>],
     /// Per row, which cached positions attention may see (padding hidden); `None`: all.

@@ -1,9 +1,11 @@
 //! The KV cache of one sequence and of a padded batch, and left-padding of prompts.
 
-use crate::kernels::attention::KvLayout;
+use crate::kernels::attention::{KvElement, KvLayout};
 use crate::kernels::Float;
 
-/// Keys and values of past positions, per layer, in the compute type.
+/// Keys and values of past positions, per layer, held as the compute type's [`Float::Kv`]: the
+/// compute type itself, or in the bf16 tier the bf16 values alone (half the bytes of f32 for a
+/// decode step to read; the same values, so the same bits).
 ///
 /// Each layer's keys (and values) are held `[kv_heads][capacity][D]`
 /// ([`KvLayout::by_head`]): each kv head's positions one after another, so that a decode step,
@@ -14,9 +16,9 @@ use crate::kernels::Float;
 /// side against 6.2 and 7.1 by head (one thread: 8.9 and 12.4 against 5.8 and 9.3). The bits
 /// are the same (unit-tested).
 #[derive(Debug, Clone)]
-pub struct KvCache<T> {
-    pub(crate) k: Vec<Vec<T>>,
-    pub(crate) v: Vec<Vec<T>>,
+pub struct KvCache<T: Float> {
+    pub(crate) k: Vec<Vec<T::Kv>>,
+    pub(crate) v: Vec<Vec<T::Kv>>,
     /// Per layer, the positions its buffers have room for.
     capacity: Vec<usize>,
     pub(crate) len: usize,
@@ -54,7 +56,7 @@ impl<T: Float> KvCache<T> {
         if keys > cap {
             let grown = if cap == 0 { keys } else { keys.max(2 * cap) };
             for buf in [&mut self.k[l], &mut self.v[l]] {
-                let mut moved = vec![T::ZERO; kv_heads * grown * d];
+                let mut moved = vec![T::Kv::hold(T::ZERO); kv_heads * grown * d];
                 for h in 0..kv_heads {
                     moved[h * grown * d..][..past * d]
                         .copy_from_slice(&buf[h * cap * d..][..past * d]);
@@ -67,9 +69,12 @@ impl<T: Float> KvCache<T> {
         for (buf, new) in [(&mut self.k[l], k), (&mut self.v[l], v)] {
             for h in 0..kv_heads {
                 let head = &mut buf[h * cap * d..][..keys * d];
-                head[past * d..(past + skip) * d].fill(T::ZERO);
+                head[past * d..(past + skip) * d].fill(T::Kv::hold(T::ZERO));
                 for (t, row) in new.chunks_exact(kvd).enumerate() {
-                    head[(past + skip + t) * d..][..d].copy_from_slice(&row[h * d..][..d]);
+                    let to = &mut head[(past + skip + t) * d..][..d];
+                    for (o, &x) in to.iter_mut().zip(&row[h * d..][..d]) {
+                        *o = T::Kv::hold(x);
+                    }
                 }
             }
         }
@@ -89,7 +94,7 @@ impl<T: Float> KvCache<T> {
 
 /// Per-row caches of a padded batch, with each row's attention mask over every cached position.
 #[derive(Debug, Clone)]
-pub struct BatchKvCache<T> {
+pub struct BatchKvCache<T: Float> {
     pub(crate) rows: Vec<KvCache<T>>,
     pub(crate) key_mask: Vec<Vec<bool>>,
 }
