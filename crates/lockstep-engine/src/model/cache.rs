@@ -24,6 +24,9 @@ pub struct KvCache<T: Float> {
     pub(crate) len: usize,
 }
 
+/// Fewest positions a layer of a [`KvCache`] grows by when it is out of room.
+const GROW_MIN: usize = 16;
+
 impl<T: Float> KvCache<T> {
     /// An empty cache for `layers` layers.
     pub fn new(layers: usize) -> Self {
@@ -38,8 +41,13 @@ impl<T: Float> KvCache<T> {
     /// Appends to layer `l`, after its [`KvCache::len`] positions, `skip` positions of zeros
     /// (padding, which a key mask hides) and then the positions of `k` and `v` (`[n][kv_heads]
     /// [D]`, as the projections write them); returns where the layer's keys and values now lie.
-    /// A layer out of room moves to twice its capacity (or exactly what it needs the first
-    /// time: a prompt without decode steps holds no spare room).
+    /// A layer out of room grows by a quarter of its capacity, at least [`GROW_MIN`] positions
+    /// (or to exactly what it needs the first time: a prompt without decode steps holds no
+    /// spare room). Each move copies the layer once; a quarter more room makes that four
+    /// positions copied per position appended, against the whole cache a decode step reads,
+    /// and leaves at most a fifth of what it holds unused (doubling left up to half: 2048
+    /// positions of room after a 2048-token prompt's first decode step, twice the cache the
+    /// memory estimate counts).
     pub(crate) fn append(
         &mut self,
         l: usize,
@@ -54,7 +62,10 @@ impl<T: Float> KvCache<T> {
         let keys = past + skip + own;
         let cap = self.capacity[l];
         if keys > cap {
-            let grown = if cap == 0 { keys } else { keys.max(2 * cap) };
+            let grown = match cap {
+                0 => keys,
+                _ => keys.max(cap + (cap / 4).max(GROW_MIN)),
+            };
             for buf in [&mut self.k[l], &mut self.v[l]] {
                 let mut moved = vec![T::Kv::hold(T::ZERO); kv_heads * grown * d];
                 for h in 0..kv_heads {
@@ -163,6 +174,65 @@ impl PaddedBatch {
             mask,
             rows: prompts.len(),
             len,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prompt's first append holds exactly its positions; decode steps then grow a layer by a
+    /// quarter of its capacity (at least `GROW_MIN` positions), and every position's key and
+    /// value stays where the returned layout says, across the moves.
+    #[test]
+    fn a_layer_grows_by_a_quarter_and_keeps_every_position() {
+        let (kvh, d) = (2, 4);
+        // Position t, kv head h, element i: t·16 + h·4 + i (exact in f32), values negated.
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from..from + n)
+                .flat_map(|t| (0..kvh * d).map(move |j| (t * 16 + j) as f32))
+                .collect()
+        };
+        let mut cache = KvCache::<f32>::new(1);
+        let mut grew_to = vec![];
+        let mut step = |cache: &mut KvCache<f32>, n: usize| {
+            let k = rows(cache.len, n);
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            let before = cache.capacity[0];
+            let layout = cache.append(0, 0, (&k, &v), kvh, d);
+            cache.len += n;
+            if cache.capacity[0] != before {
+                grew_to.push(cache.capacity[0]);
+            }
+            layout
+        };
+        step(&mut cache, 1000);
+        for _ in 0..1400 {
+            step(&mut cache, 1);
+        }
+        let layout = step(&mut cache, 1);
+        assert_eq!(grew_to, vec![1000, 1250, 1562, 1952, 2440]);
+        // A small cache (a chat request's) grows by `GROW_MIN`.
+        let mut small = KvCache::<f32>::new(1);
+        let one = rows(0, 1);
+        small.append(0, 0, (&rows(0, 17), &rows(0, 17)), kvh, d);
+        small.len = 17;
+        small.append(0, 0, (&one, &one), kvh, d);
+        assert_eq!(small.capacity[0], 17 + GROW_MIN);
+        assert_eq!(layout.keys, 2401);
+        for t in 0..layout.keys {
+            for h in 0..kvh {
+                for i in 0..d {
+                    let at = h * layout.head + t * layout.row + i;
+                    let want = (t * 16 + h * d + i) as f32;
+                    assert_eq!(
+                        (cache.k[0][at], cache.v[0][at]),
+                        (want, -want),
+                        "{t} {h} {i}"
+                    );
+                }
+            }
         }
     }
 }
