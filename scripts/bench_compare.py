@@ -62,7 +62,7 @@ def stored_dtype(model):
 
 
 def lockstep_run(model, dtype, prompt_tokens, new_tokens):
-    """(prefill tok/s, decode tok/s) of one `lockstep bench` run."""
+    """The JSON report of one `lockstep bench` run."""
     out = subprocess.run(
         [
             str(LOCKSTEP),
@@ -83,8 +83,7 @@ def lockstep_run(model, dtype, prompt_tokens, new_tokens):
         capture_output=True,
         text=True,
     )
-    v = json.loads(out.stdout.strip().splitlines()[-1])
-    return v["prefill_tok_s"], v["decode_tok_s"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def llama_cpp_bin() -> Path:
@@ -144,16 +143,22 @@ class LlamaCpp:
 
 
 class Lockstep:
-    """`lockstep bench` in one dtype."""
+    """`lockstep bench` in one dtype. `notes`: what its decode runs of the round report beside the
+    speed (the process's memory in 2 MiB pages, the measured read bandwidth and the fraction of it the
+    decode read), to tell a slow machine from a slow run."""
 
     def __init__(self, model: Path, dtype: str):
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype, self.notes = model, dtype, []
 
     def prefill(self, n):
-        return lockstep_run(self.model, self.dtype, n, 2)[0]
+        return lockstep_run(self.model, self.dtype, n, 2)["prefill_tok_s"]
 
     def decode(self, steps, depth=0):
-        return lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1)[1]
+        v = lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1)
+        self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: {v['anon_huge_page_bytes'] / 1e9:.2f} GB in 2 MiB "
+                          f"pages, bandwidth {v['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+                          f"{100 * v['bandwidth_fraction']:.0f}% read")
+        return v["decode_tok_s"]
 
 
 class Torch:
@@ -246,9 +251,12 @@ def main():
                 res[name]["decode"].append(h.decode(args.decode))
                 if args.depth:
                     res[name][f"decode @{args.depth}"].append(h.decode(args.decode, args.depth))
+                notes = getattr(h, "notes", [])
                 print(f"round {r + 1} {model.name} {name}: "
-                      + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols),
+                      + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols)
+                      + (f" ({'; '.join(notes)})" if notes else ""),
                       file=sys.stderr, flush=True)
+                notes.clear()
         med = {e: {c: statistics.median(v) for c, v in cs.items()} for e, cs in res.items()}
         for e in engines:
             base = med[baseline[e]]
