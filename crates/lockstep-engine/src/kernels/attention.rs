@@ -1535,7 +1535,7 @@ const AMX_QUERIES: usize = 32;
 const QB: usize = 4;
 
 /// Keys per chunk of a decode step's grouped heads ([`Heads::group_blocked`]): 64 keys' rows
-/// of one kv head (16 KiB at a head dimension of 64 in f32) stay in the first-level cache
+/// of one kv head (16 KiB at a head dimension of 64 in f32, 8 in bf16) stay in the first-level cache
 /// while every block of heads passes over them.
 const KEY_CHUNK: usize = 64;
 
@@ -1543,9 +1543,10 @@ const KEY_CHUNK: usize = 64;
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// How many keys ahead the blocked sums over keys and values ([`key_dots_avx512_nq`],
-/// [`weighted_sum_nq`]) ask for their rows, into L2. A decode step reads the whole cache once
-/// (48 MB per step at 2048 tokens of the 0.5B shape, each kv head's rows 256 bytes of every 512),
-/// more than the hardware prefetcher keeps up with. Measured on a 2-core AMD EPYC
+/// [`weighted_sum_nq`]) ask for their rows (one cache line per prefetch), into L2. A decode step
+/// reads the whole cache once (48 MB per step at 2048 tokens of the 0.5B shape in f32, 24 in
+/// bf16), more than the hardware prefetcher kept up with when each kv head's rows were 256 bytes
+/// of every 512 (the cache's layout then). Measured on a 2-core AMD EPYC
 /// (2026-12-03, `bench_attention 2048 decode`, 24 layers' caches, alternating builds): no
 /// prefetch 6.1-7.7 ms a step, 16 keys ahead into L1 5.5-6.4, into L2 5.0-5.9, 64 ahead into L2
 /// 6.0-6.3; `lockstep bench --dtype bf16 --prompt-tokens 2048`: 31.1-31.5 tok/s without,
