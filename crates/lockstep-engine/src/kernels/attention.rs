@@ -412,10 +412,10 @@ struct AmxKv {
 }
 
 impl AmxKv {
-    /// kv head `kv` of `k` and `v` (bf16 values, laid out as `layout`).
-    fn new<L: Lane>(k: &[L], v: &[L], layout: KvLayout, d: usize, kv: usize) -> AmxKv {
+    /// One kv head's keys and values `(k, v)` (bf16 values from its first position, laid out
+    /// as `layout`).
+    fn new<L: Lane>((k, v): (&[L], &[L]), layout: KvLayout, d: usize) -> AmxKv {
         let (s_len, stride) = (layout.keys, layout.row);
-        let (k, v) = (&k[kv * layout.head..], &v[kv * layout.head..]);
         let bits = |v: L| v.bf16_bits();
         let s32 = s_len.next_multiple_of(32);
         let mut keys = vec![0u8; s32 * d * 2];
@@ -434,8 +434,8 @@ impl AmxKv {
     }
 }
 
-/// One kv head's keys and values, from its first position, as the blocked paths read them.
-#[cfg(target_arch = "x86_64")]
+/// One kv head's keys and values, from its first position, as the blocked and AMX paths read
+/// them.
 enum HeadLanes<'a> {
     F32((&'a [f32], &'a [f32])),
     Bf16((&'a [half::bf16], &'a [half::bf16])),
@@ -539,14 +539,9 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
         let kv = spec.kv_head(head);
         let q = as_f32(self.q).expect("f32 inside");
         let AmxKv { keys, values, s32 } =
-            self.amx_kv[kv].get_or_init(|| match (C::lanes(self.k), C::lanes(self.v)) {
-                (Some(KvLanes::F32(k)), Some(KvLanes::F32(v))) => {
-                    AmxKv::new(k, v, self.layout, d, kv)
-                }
-                (Some(KvLanes::Bf16(k)), Some(KvLanes::Bf16(v))) => {
-                    AmxKv::new(k, v, self.layout, d, kv)
-                }
-                _ => unreachable!("on_amx checked the lanes"),
+            self.amx_kv[kv].get_or_init(|| match self.head_lanes(kv) {
+                HeadLanes::F32(kv) => AmxKv::new(kv, self.layout, d),
+                HeadLanes::Bf16(kv) => AmxKv::new(kv, self.layout, d),
             });
         let s32 = *s32;
         let mut qs = vec![0f32; AMX_QUERIES * d];
@@ -807,14 +802,14 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
         }
     }
 
-    /// kv head `kv`'s keys and values from its first position, as the blocked paths read them.
-    #[cfg(target_arch = "x86_64")]
+    /// kv head `kv`'s keys and values from its first position, as the blocked and AMX paths
+    /// read them.
     fn head_lanes(&self, kv: usize) -> HeadLanes<'_> {
         let first = kv * self.layout.head;
         match (C::lanes(&self.k[first..]), C::lanes(&self.v[first..])) {
             (Some(KvLanes::F32(k)), Some(KvLanes::F32(v))) => HeadLanes::F32((k, v)),
             (Some(KvLanes::Bf16(k)), Some(KvLanes::Bf16(v))) => HeadLanes::Bf16((k, v)),
-            _ => unreachable!("blocked checked the lanes"),
+            _ => unreachable!("blocked (and so on_amx) checked the lanes"),
         }
     }
 
