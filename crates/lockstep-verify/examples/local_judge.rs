@@ -1,19 +1,20 @@
 //! Judge a test trace op by op from the op-level reference traces:
 //! `cargo run --release -p lockstep-verify --example local_judge -- TEST EXACT TIER [REFERENCE]`
 //! (make EXACT and REFERENCE with `python -m lockstep_reference ops-batch`).
-use lockstep_trace::Trace;
-use lockstep_verify::{judge_local, Tier};
+use lockstep_trace::TraceStore;
+use lockstep_verify::{judge_local_stored, Tier};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 3 {
         return Err("usage: local_judge TEST EXACT TIER [REFERENCE]".into());
     }
-    let test = Trace::read(a[0].as_ref())?;
-    let exact = Trace::read(a[1].as_ref())?;
+    let test = TraceStore::open(a[0].as_ref())?;
+    let exact = TraceStore::open(a[1].as_ref())?;
     let tier = Tier::from_dtype(&a[2]).ok_or("tier must be f64, f32 or bf16")?;
-    let reference = a.get(3).map(|p| Trace::read(p.as_ref())).transpose()?;
-    let local = judge_local(&test, reference.as_ref(), &exact, tier);
+    let reference = a.get(3).map(|p| TraceStore::open(p.as_ref())).transpose()?;
+    let local = judge_local_stored(&test, reference.as_ref(), &exact, tier)
+        .map_err(|(side, e)| format!("{side:?}: {e}"))?;
     for o in &local.ops {
         let t = o.test.as_ref();
         let r = o.reference.as_ref();

@@ -52,7 +52,10 @@ pub use compare::{
     Verdict,
 };
 pub use judge::{judge, overall_status, restrict, VerifyOutcome};
-pub use local::{judge_local, LocalComparison, LocalRule, LocalStats, OpJudgement, OpStatus};
+pub use local::{
+    judge_local, judge_local_stored, LocalComparison, LocalRule, LocalSide, LocalStats,
+    OpJudgement, OpStatus,
+};
 pub use port::{PortTrace, PortTraceError};
 pub use report::{NamedComparison, Phase, PhaseStatus, StepTime};
 pub use stats::{DiffStats, LogitStats};

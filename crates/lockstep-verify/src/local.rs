@@ -17,8 +17,10 @@
 //!
 //! The yardstick comes only from the reference: the exact op and the reference's rounding of it.
 
-use lockstep_trace::{LayerTap, TapName, Trace};
+use lockstep_trace::{LayerTap, Part, TapName, TensorData, Trace, TraceError, TraceStore};
+use rayon::prelude::*;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use crate::compare::{likely_cause, TraceComparison};
@@ -62,7 +64,16 @@ pub struct LocalStats {
 }
 
 /// Computes [`LocalStats`] of `side` against `exact` (same length, row-major, rows of `row`).
-pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> LocalStats {
+///
+/// The side is read in its own stored type (`f64`, `f32`, `bf16`, `f16`), each value widened to
+/// `f64` exactly as it is used: a 7B trace's ops are ~470M values a side, and a widened copy of
+/// each op was a third of judging them.
+pub fn local_stats<S: Copy + Into<f64>>(
+    exact: &[f64],
+    side: &[S],
+    shape: &[usize],
+    tier: Tier,
+) -> LocalStats {
     let p = significand_bits(tier);
     let row = shape.last().copied().unwrap_or(1).max(1);
     let n = exact.len().min(side.len());
@@ -75,15 +86,14 @@ pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> 
         let rms = (xs.iter().map(|x| x * x).sum::<f64>() / xs.len() as f64).sqrt();
         let (mut rel_sum, mut rel_n) = (0.0f64, 0usize);
         for i in start..end {
-            let (x, s) = (exact[i], side[i]);
+            let (x, s) = (exact[i], side[i].into());
             if !x.is_finite() || !s.is_finite() {
                 nonfinite += 1;
                 continue;
             }
             let e = s - x;
             let scale = x.abs().max(rms / 16.0).max(tiny);
-            let ulp = 2f64.powi(scale.log2().floor() as i32 - (p - 1));
-            let u = e.abs() / ulp;
+            let u = e.abs() / ulp_at(scale, p);
             sum_sq += u * u;
             if u > max_ulps {
                 max_ulps = u;
@@ -116,6 +126,23 @@ pub fn local_stats(exact: &[f64], side: &[f64], shape: &[usize], tier: Tier) -> 
         },
         max_abs,
         nonfinite,
+    }
+}
+
+/// The ulp `2^(floor(log2 scale) − (p − 1))` of a value of magnitude `scale` (positive, at least
+/// the smallest normal `f64`) with `p` significand bits, from `scale`'s exponent bits: exact,
+/// where `log2` rounds a value just below a power of two up to it (and costs ~20 times as much).
+/// Infinite for an infinite `scale`.
+pub fn ulp_at(scale: f64, p: i32) -> f64 {
+    if !scale.is_finite() {
+        return f64::INFINITY;
+    }
+    let k = ((scale.to_bits() >> 52) & 0x7ff) as i32 - 1023 - (p - 1);
+    match k {
+        -1022.. => f64::from_bits(((k + 1023) as u64) << 52),
+        // Below the normal range: a subnormal power of two.
+        -1074..=-1023 => f64::from_bits(1u64 << (k + 1074)),
+        _ => 0.0,
     }
 }
 
@@ -256,8 +283,27 @@ pub struct LocalComparison {
     pub passed: bool,
 }
 
-fn values(t: &Trace, name: &str) -> Option<(Vec<usize>, Vec<f64>)> {
-    t.get(name).map(|x| (x.shape.clone(), x.data.to_f64()))
+/// The exact op's shape and values as `f64` (borrowed when stored in `f64`, as the reference
+/// writes them).
+fn exact_values<'a>(t: &'a Trace, name: &str) -> Option<(&'a [usize], Cow<'a, [f64]>)> {
+    t.get(name).map(|x| {
+        let v = match &x.data {
+            TensorData::F64(v) => Cow::Borrowed(&v[..]),
+            other => Cow::Owned(other.to_f64()),
+        };
+        (&x.shape[..], v)
+    })
+}
+
+/// [`local_stats`] of a side's tensor, read in its stored type.
+fn side_stats(exact: &[f64], side: &TensorData, shape: &[usize], tier: Tier) -> LocalStats {
+    match side {
+        TensorData::F64(v) => local_stats(exact, v, shape, tier),
+        TensorData::F32(v) => local_stats(exact, v, shape, tier),
+        TensorData::BF16(v) => local_stats(exact, v, shape, tier),
+        TensorData::F16(v) => local_stats(exact, v, shape, tier),
+        TensorData::I64(_) => local_stats(exact, &side.to_f64(), shape, tier),
+    }
 }
 
 /// Judges every op of `test` on its own inputs. `exact` holds the pure-f64 ops recomputed on the
@@ -270,24 +316,71 @@ pub fn judge_local(
     tier: Tier,
 ) -> LocalComparison {
     let rule = LocalRule::for_tier(tier);
+    // Ops are independent: judged on every core, kept in the exact trace's order.
+    let ops: Vec<OpJudgement> = exact
+        .names()
+        .into_par_iter()
+        .filter(|name| *name != "tokens")
+        .map(|name| judge_op(name, test, reference, exact, tier, &rule))
+        .collect();
+    LocalComparison::from_ops(tier, ops)
+}
+
+/// Which trace of an op-level judgement on disk could not be read ([`judge_local_stored`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalSide {
+    /// The test trace.
+    Test,
+    /// The reference's ops in the tier's dtype.
+    Reference,
+    /// The exact (pure-f64) ops.
+    Exact,
+}
+
+/// [`judge_local`] of traces on disk, one part of them in memory at a time (the tensors before the
+/// layers, each decoder layer's, those after: [`Part`]), with the same judgements in the same
+/// order. At the 7B shape a 260-token input's three traces are 7.6 GB decoded; a layer's ~0.2 GB.
+pub fn judge_local_stored(
+    test: &TraceStore,
+    reference: Option<&TraceStore>,
+    exact: &TraceStore,
+    tier: Tier,
+) -> Result<LocalComparison, (LocalSide, TraceError)> {
+    let names = exact.names();
     let mut ops = vec![];
-    for name in exact.names() {
-        if name == "tokens" {
-            continue;
-        }
-        ops.push(judge_op(name, test, reference, exact, tier, &rule));
+    for part in exact.parts() {
+        let names: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| Part::of(n) == part)
+            .collect();
+        let x = exact.load(&names).map_err(|e| (LocalSide::Exact, e))?;
+        let t = test.load(&names).map_err(|e| (LocalSide::Test, e))?;
+        let r = reference
+            .map(|r| r.load(&names))
+            .transpose()
+            .map_err(|e| (LocalSide::Reference, e))?;
+        ops.extend(judge_local(&t, r.as_ref(), &x, tier).ops);
     }
-    let first_divergence = ops
-        .iter()
-        .find(|o| o.status.is_failure())
-        .map(|o| o.name.clone());
-    let passed = first_divergence.is_none() && ops.iter().any(|o| o.status == OpStatus::Pass);
-    LocalComparison {
-        tier,
-        rule,
-        ops,
-        first_divergence,
-        passed,
+    Ok(LocalComparison::from_ops(tier, ops))
+}
+
+impl LocalComparison {
+    /// The comparison of these judged ops (in forward order): the first failure is the first
+    /// divergence; it passes when nothing failed and at least one op passed.
+    fn from_ops(tier: Tier, ops: Vec<OpJudgement>) -> LocalComparison {
+        let first_divergence = ops
+            .iter()
+            .find(|o| o.status.is_failure())
+            .map(|o| o.name.clone());
+        let passed = first_divergence.is_none() && ops.iter().any(|o| o.status == OpStatus::Pass);
+        LocalComparison {
+            tier,
+            rule: LocalRule::for_tier(tier),
+            ops,
+            first_divergence,
+            passed,
+        }
     }
 }
 
@@ -307,26 +400,26 @@ fn judge_op(
         ratio: 0.0,
         reasons: vec![],
     };
-    let Some((shape, x)) = values(exact, name) else {
+    let Some((shape, x)) = exact_values(exact, name) else {
         return j;
     };
-    let Some((tshape, t)) = values(test, name) else {
+    let Some(t) = test.get(name) else {
         j.status = OpStatus::Missing;
         j.reasons.push("absent from the test trace".into());
         return j;
     };
-    if tshape != shape {
+    if t.shape != shape {
         j.status = OpStatus::Missing;
         j.reasons
-            .push(format!("test shape {tshape:?}, the op gives {shape:?}"));
+            .push(format!("test shape {:?}, the op gives {shape:?}", t.shape));
         return j;
     }
-    let ts = local_stats(&x, &t, &shape, tier);
+    let ts = side_stats(&x, &t.data, shape, tier);
     let exact_bad = x.iter().filter(|v| !v.is_finite()).count();
     let rs = match (tier, reference) {
         (Tier::F64, _) => None,
-        (_, Some(r)) => match values(r, name) {
-            Some((rshape, rv)) if rshape == shape => Some(local_stats(&x, &rv, &shape, tier)),
+        (_, Some(r)) => match r.get(name) {
+            Some(rt) if rt.shape == shape => Some(side_stats(&x, &rt.data, shape, tier)),
             _ => {
                 j.reasons
                     .push("the reference's op is missing: cannot judge".into());

@@ -117,3 +117,118 @@ fn a_missing_op_fails_and_nothing_judged_does_not_pass() {
     let p = local_phase("op-level [f64]", &[]);
     assert_eq!(p.status, crate::report::PhaseStatus::Fail);
 }
+
+/// The largest power of two at most `x` (positive, normal), found by exact doubling and halving.
+fn power_of_two_below(x: f64) -> i32 {
+    let mut e = x.log2().floor() as i32;
+    while 2f64.powi(e) > x {
+        e -= 1;
+    }
+    while 2f64.powi(e + 1) <= x {
+        e += 1;
+    }
+    e
+}
+
+#[test]
+fn ulp_at_is_the_power_of_two_below_the_scale() {
+    let mut xs: Vec<f64> = values(2000, 9)
+        .iter()
+        .map(|v| v.abs() * 1e3 + 1e-300)
+        .collect();
+    for e in [-1000, -60, -1, 0, 1, 7, 40, 1000] {
+        let p = 2f64.powi(e);
+        // A power of two, and the doubles just below and above it: `log2` rounds the one below
+        // up to `e` for large enough `e`.
+        xs.extend([
+            p,
+            f64::from_bits(p.to_bits() - 1),
+            f64::from_bits(p.to_bits() + 1),
+        ]);
+    }
+    for x in xs {
+        for p in [8, 24, 53] {
+            let want = 2f64.powi(power_of_two_below(x)) * 2f64.powi(1 - p);
+            assert_eq!(ulp_at(x, p), want, "x {x:e}, p {p}");
+        }
+    }
+    assert_eq!(ulp_at(10.0 - 1e-15, 8), 2f64.powi(3 - 7));
+    // Below the normal range the ulp is a subnormal power of two.
+    assert_eq!(ulp_at(f64::MIN_POSITIVE, 53), f64::from_bits(1));
+    assert_eq!(ulp_at(f64::INFINITY, 8), f64::INFINITY);
+}
+
+#[test]
+fn judged_from_disk_a_layer_at_a_time_as_in_memory() {
+    // Three parts (embed, two layers, logits), the test stored in bf16 as lockstep's bf16 traces
+    // are, one op rounded twice (fails), one missing from the test.
+    let names: [(&str, [usize; 2]); 5] = [
+        ("embed", [8, 64]),
+        ("layers.0.input_norm", [8, 64]),
+        ("layers.0.o_proj", [8, 64]),
+        ("layers.1.input_norm", [8, 64]),
+        ("logits", [8, 96]),
+    ];
+    let (mut exact, mut reference, mut test) = (Trace::new(), Trace::new(), Trace::new());
+    for t in [&mut exact, &mut reference, &mut test] {
+        t.insert("tokens", vec![1, 8], TensorData::I64(vec![0; 8]))
+            .unwrap();
+    }
+    for (i, &(name, shape)) in names.iter().enumerate() {
+        let x = values(shape[0] * shape[1], 20 + i as u64);
+        let r = bf16(&x);
+        let t: Vec<f64> = match name {
+            // Rounded to f32 first, then to bf16: double rounding.
+            "layers.0.o_proj" => bf16(
+                &x.iter()
+                    .map(|&v| v as f32 as f64 * (1.0 + 2f64.powi(-9)))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => r.clone(),
+        };
+        exact
+            .insert(name, shape.to_vec(), TensorData::F64(x))
+            .unwrap();
+        reference
+            .insert(name, shape.to_vec(), TensorData::F64(r))
+            .unwrap();
+        if name != "layers.1.input_norm" {
+            let stored = t.iter().map(|&v| half::bf16::from_f64(v)).collect();
+            test.insert(name, shape.to_vec(), TensorData::BF16(stored))
+                .unwrap();
+        }
+    }
+    let in_memory = judge_local(&test, Some(&reference), &exact, Tier::BF16);
+    let dir = tempfile::tempdir().unwrap();
+    let open = |t: &Trace, file: &str| {
+        let p = dir.path().join(file);
+        t.write(&p).unwrap();
+        TraceStore::open(&p).unwrap()
+    };
+    let (e, r, t) = (
+        open(&exact, "e.safetensors"),
+        open(&reference, "r.safetensors"),
+        open(&test, "t.safetensors"),
+    );
+    let stored = judge_local_stored(&t, Some(&r), &e, Tier::BF16).unwrap();
+    let summary = |l: &LocalComparison| -> Vec<(String, OpStatus, f64, Option<LocalStats>)> {
+        l.ops
+            .iter()
+            .map(|o| (o.name.clone(), o.status, o.ratio, o.test.clone()))
+            .collect()
+    };
+    assert_eq!(summary(&stored), summary(&in_memory));
+    assert_eq!(stored.first_divergence.as_deref(), Some("layers.0.o_proj"));
+    assert_eq!(
+        stored.get("layers.1.input_norm").unwrap().status,
+        OpStatus::Missing
+    );
+    assert_eq!(stored.get("logits").unwrap().status, OpStatus::Pass);
+    assert!(!stored.passed);
+    // A side that cannot be read is named.
+    std::fs::write(dir.path().join("t.safetensors"), b"short").unwrap();
+    assert!(TraceStore::open(&dir.path().join("t.safetensors")).is_err());
+    std::fs::remove_file(dir.path().join("r.safetensors")).unwrap();
+    let err = judge_local_stored(&t, Some(&r), &e, Tier::BF16).unwrap_err();
+    assert_eq!(err.0, LocalSide::Test);
+}
