@@ -369,6 +369,7 @@ class _Pass:
         with torch.no_grad(), _numerics(self.pure):
             for test, pos, out in zip(self.tests, self.positions, self.outs, strict=True):
                 _layer_ops(layer, i, modeling, pos, test, out, self.pure)
+        self.weights.recycle(layer)
 
     def head(self, config, row_chunk: int) -> None:
         """Each job's final_norm (the RMSNorm module with the stored weight) and logits (lm_head, or the
@@ -414,6 +415,7 @@ def _run_streamed_group(jobs: list[OpsJob], row_chunk: int | None) -> None:
         for p in passes:
             p.layer(config, i)
     for p in passes:
+        p.weights.drop_spares()
         p.head(config, ROW_CHUNK if row_chunk is None else row_chunk)
     for j, job in enumerate(jobs):
         tokens = tests[j][1]("tokens").to(torch.int64)

