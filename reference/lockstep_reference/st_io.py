@@ -134,8 +134,6 @@ def _fingerprint_uncached(model_dir: str) -> str:
         for _name, path, _entry, _begin, _end in items:
             if path not in maps:
                 with open(path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size == 0:
-                        raise ValueError(f"{path} is empty")
                     maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             lines = dict(pool.map(one, items))

@@ -17,7 +17,7 @@
 //!
 //! The yardstick comes only from the reference: the exact op and the reference's rounding of it.
 
-use lockstep_trace::{LayerTap, Part, TapName, TensorData, Trace, TraceError, TraceStore};
+use lockstep_trace::{LayerTap, TapName, TensorData, Trace, TraceError, TraceStore};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::borrow::Cow;
@@ -338,7 +338,7 @@ pub enum LocalSide {
 }
 
 /// [`judge_local`] of traces on disk, one part of them in memory at a time (the tensors before the
-/// layers, each decoder layer's, those after: [`Part`]), with the same judgements in the same
+/// layers, each decoder layer's, those after: [`lockstep_trace::Part`]), with the same judgements in the same
 /// order. At the 7B shape a 260-token input's three traces are 7.6 GB decoded; a layer's ~0.2 GB.
 pub fn judge_local_stored(
     test: &TraceStore,
@@ -346,15 +346,10 @@ pub fn judge_local_stored(
     exact: &TraceStore,
     tier: Tier,
 ) -> Result<LocalComparison, (LocalSide, TraceError)> {
-    let names = exact.names();
     let mut ops = vec![];
     for part in exact.parts() {
-        let names: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| Part::of(n) == part)
-            .collect();
-        let x = exact.load(&names).map_err(|e| (LocalSide::Exact, e))?;
+        let x = exact.load_part(part).map_err(|e| (LocalSide::Exact, e))?;
+        let names = x.names();
         let t = test.load(&names).map_err(|e| (LocalSide::Test, e))?;
         let r = reference
             .map(|r| r.load(&names))

@@ -108,7 +108,12 @@ pub fn judge_in_tier(
 
 /// Reads a trace the reference wrote (a failure is the reference's).
 pub fn read_reference_trace(path: &Path) -> HarnessResult<Trace> {
-    Trace::read(path).map_err(|e| HarnessError::reference(format!("its trace is unreadable: {e}")))
+    Trace::read(path).map_err(reference_trace_unreadable)
+}
+
+/// A trace the reference wrote that cannot be read: the reference's failure.
+fn reference_trace_unreadable(e: lockstep_trace::TraceError) -> HarnessError {
+    HarnessError::reference(format!("its trace is unreadable: {e}"))
 }
 
 /// Creates the work folder.
@@ -161,10 +166,7 @@ pub fn judge_ops(
         .collect();
     reference.local_ops(&jobs)?;
     let mut out = vec![];
-    let reference_file = |p: &Path| {
-        TraceStore::open(p)
-            .map_err(|e| HarnessError::reference(format!("its trace is unreadable: {e}")))
-    };
+    let reference_file = |p: &Path| TraceStore::open(p).map_err(reference_trace_unreadable);
     for (inp, (x, r)) in inputs.into_iter().zip(paths) {
         let test_error = |e| HarnessError::input(format!("{}: {e}", inp.test.display()));
         let test = TraceStore::open(&inp.test).map_err(test_error)?;
@@ -176,7 +178,7 @@ pub fn judge_ops(
         let local = lockstep_verify::judge_local_stored(&test, rtrace.as_ref(), &exact, tier)
             .map_err(|(side, e)| match side {
                 lockstep_verify::LocalSide::Test => test_error(e),
-                _ => HarnessError::reference(format!("its trace is unreadable: {e}")),
+                _ => reference_trace_unreadable(e),
             })?;
         out.push(lockstep_verify::local::NamedLocal {
             label: inp.label,
