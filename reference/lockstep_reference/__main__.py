@@ -297,8 +297,18 @@ def main(argv: list[str] | None = None) -> None:
 
     p.set_defaults(fn=_gguf_make)
 
+    p = sub.add_parser("serve", help="run commands read from stdin (a JSON list of arguments a line) in this one "
+                       "process, answering one JSON line each (serve.py): torch and transformers imported once")
+    p.set_defaults(fn=lambda a: _serve())
+
     args = ap.parse_args(argv)
     args.fn(args)
+
+
+def _serve() -> None:
+    from .serve import serve
+
+    serve(main)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,37 @@ def test_fingerprint_matches_safetensors_library():
     assert model_fingerprint(d) == hashlib.sha256(payload.encode()).hexdigest()
 
 
+def test_serve_answers_each_command_as_a_one_shot_run_does():
+    """`serve`: two commands in one process answer what one-shot runs print on stdout, a failing one
+    answers its one-line error and the process goes on, a malformed request is refused, and the
+    process ends at the end of stdin."""
+    import json
+    import subprocess
+    import tempfile
+
+    d = _model("qwen2-gqa")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = os.path.join(tmp, "texts.json")
+        with open(texts, "w") as f:
+            json.dump(["Hello world", "The quick brown fox"], f)
+        tokenize = ["tokenize-batch", "--model", d, "--texts", texts]
+        weights = ["weights", "--model", d]
+        one_shot = [subprocess.run([sys.executable, "-m", "lockstep_reference", *argv], env=env, check=True,
+                                   capture_output=True, text=True).stdout for argv in (tokenize, weights)]
+        requests = [tokenize, ["weights", "--model", os.path.join(tmp, "missing")], "not a list", weights]
+        served = subprocess.run([sys.executable, "-m", "lockstep_reference", "serve"], env=env, check=True,
+                                input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True,
+                                text=True, timeout=600)
+    answers = [json.loads(line) for line in served.stdout.splitlines()]
+    assert len(answers) == 4, served.stdout
+    assert answers[0] == {"ok": True, "stdout": one_shot[0]}
+    assert answers[1]["ok"] is False and "missing" in answers[1]["error"], answers[1]
+    assert "\n" not in answers[1]["error"].strip()
+    assert answers[2]["ok"] is False and answers[2]["error"].startswith("bad request"), answers[2]
+    assert answers[3] == {"ok": True, "stdout": one_shot[1]}
+
+
 def test_llama_cpp_vocab_cases():
     n, bad = check_tokenizer(os.path.join(ROOT, "tokenizer", "qwen"),
                              os.path.join(ROOT, "llama-cpp", "ggml-vocab-qwen2.gguf.inp"))

@@ -1,8 +1,9 @@
-//! The Python reference as the verifier's [`Reference`]: one Python process per batch of work,
-//! with results cached so repeated runs (e.g. `selftest`) do not recompute them.
+//! The Python reference as the verifier's [`Reference`]: one Python process serving every batch
+//! of work ([`ReferenceServer`]), with results cached so repeated runs (e.g. `selftest`) do not
+//! recompute them.
 
 use super::protocol::{ChatAnswer, GenerateAnswer, GenerateRequest, OpsRequest, TraceRequest};
-use super::python::ReferenceEnv;
+use super::python::{ReferenceEnv, ReferenceServer};
 use super::reference::{GenerateJob, OpsJob, Reference, ReferenceWeights, TraceJob};
 use super::{HarnessError, HarnessResult};
 use lockstep_verify::near_tie::GeneratedRow;
@@ -16,6 +17,8 @@ pub struct PythonReference {
     tokenized: HashMap<(PathBuf, Vec<String>), Vec<Vec<u32>>>,
     weights: HashMap<PathBuf, ReferenceWeights>,
     generated: HashMap<String, Vec<GeneratedRow>>,
+    /// The reference process, started at the first command and kept for the next ones.
+    server: Option<ReferenceServer>,
     /// [`code_stamp`] of the reference's code, part of every cached trace's key.
     code: String,
 }
@@ -28,6 +31,7 @@ impl PythonReference {
             tokenized: HashMap::new(),
             weights: HashMap::new(),
             generated: HashMap::new(),
+            server: None,
             code: code_stamp(&env),
             env,
         }
@@ -41,6 +45,20 @@ impl PythonReference {
         std::fs::write(&p, text)
             .map_err(|e| HarnessError::io(format!("cannot write {}", p.display()), e))?;
         Ok(p)
+    }
+
+    /// Runs the reference command `args` in the server, started here at the first command (and
+    /// again after one that killed it); its stdout.
+    fn run(&mut self, args: &[&str]) -> HarnessResult<String> {
+        let server = match &mut self.server {
+            Some(s) => s,
+            None => self.server.insert(self.env.serve()?),
+        };
+        let out = server.run(args);
+        if out.is_err() && !server.is_alive() {
+            self.server = None;
+        }
+        out
     }
 
     fn last_json_line(stdout: &str) -> HarnessResult<serde_json::Value> {
@@ -266,7 +284,7 @@ impl Reference for PythonReference {
             return Ok(v.clone());
         }
         let req = self.write_request("tokenize.json", &serde_json::json!(texts))?;
-        let out = self.env.run(&[
+        let out = self.run(&[
             "tokenize-batch",
             "--model",
             &model.to_string_lossy(),
@@ -290,7 +308,7 @@ impl Reference for PythonReference {
         conversations: &serde_json::Value,
     ) -> HarnessResult<Vec<(String, Vec<u32>)>> {
         let req = self.write_request("chat.json", conversations)?;
-        let out = self.env.run(&[
+        let out = self.run(&[
             "chat-batch",
             "--model",
             &model.to_string_lossy(),
@@ -311,7 +329,7 @@ impl Reference for PythonReference {
         if weights_streamed(model) {
             args.push("--streamed");
         }
-        let out = self.env.run(&args)?;
+        let out = self.run(&args)?;
         let w: ReferenceWeights = serde_json::from_value(Self::last_json_line(&out)?)
             .map_err(|e| bad_output("weights", e))?;
         self.weights.insert(model.to_path_buf(), w.clone());
@@ -339,7 +357,7 @@ impl Reference for PythonReference {
                 })
                 .collect();
             let req = self.write_request("generate.json", &request)?;
-            let out = self.env.run(&["generate-batch", &req.to_string_lossy()])?;
+            let out = self.run(&["generate-batch", &req.to_string_lossy()])?;
             let results: Vec<GenerateAnswer> = serde_json::from_value(Self::last_json_line(&out)?)
                 .map_err(|e| bad_output("generate-batch", e))?;
             if results.len() != todo.len() {
@@ -383,7 +401,7 @@ impl Reference for PythonReference {
             })
             .collect();
         let req = self.write_request("traces.json", &list)?;
-        self.env.run(&["trace-batch", &req.to_string_lossy()])?;
+        self.run(&["trace-batch", &req.to_string_lossy()])?;
         for j in todo {
             std::fs::write(sidecar(j), self.keyed(job_key(j))).map_err(|e| {
                 HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
@@ -420,7 +438,7 @@ impl Reference for PythonReference {
             })
             .collect();
         let req = self.write_request("ops.json", &list)?;
-        self.env.run(&["ops-batch", &req.to_string_lossy()])?;
+        self.run(&["ops-batch", &req.to_string_lossy()])?;
         for (j, key) in todo {
             std::fs::write(sidecar(j), key).map_err(|e| {
                 HarnessError::io(format!("cannot write {}", sidecar(j).display()), e)
