@@ -108,17 +108,37 @@ def model_fingerprint(model_dir: str) -> str:
 
 
 def _fingerprint_uncached(model_dir: str) -> str:
-    """`model_fingerprint` computed: the tensors hashed on every core (hashlib releases the GIL),
-    each read from a read-only map of its file. A 7B bf16 checkpoint (15.2 GB, 2 cores, in the page
-    cache): 6.1 s, against 14-24 s read and hashed one tensor at a time (2026-12-03)."""
+    """`model_fingerprint` computed from `stored_tensor_sha256s`."""
+    sums = stored_tensor_sha256s(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        config_hash = hashlib.sha256(f.read()).hexdigest()
+    payload = "\n".join(f"{name}:{sums[name][1]}" for name in sorted(sums)) + "\n" + config_hash
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+_TENSOR_SUMS: dict[tuple, dict[str, tuple[str, str]]] = {}
+
+
+def stored_tensor_sha256s(model_dir: str) -> dict[str, tuple[str, str]]:
+    """Every stored tensor's safetensors dtype and the sha256 hex of its bytes as stored (its
+    data_offsets range): what the fingerprint is made of and, for a tensor loaded in its stored
+    dtype, what the weights check compares. Computed once per process for the same files (as
+    `model_fingerprint`): `verify`'s weights check and its traces' fingerprint share one read.
+
+    The tensors are hashed on every core (hashlib releases the GIL), each read from a read-only map
+    of its file. A 7B bf16 checkpoint (15.2 GB, 2 cores, in the page cache): 6.1 s, against 14-24 s
+    read and hashed one tensor at a time (2026-12-03). A truncated file is refused."""
+    key = _stat_key(model_dir)
+    if key in _TENSOR_SUMS:
+        return _TENSOR_SUMS[key]
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     items = list(_iter_raw(model_dir))
     maps: dict[str, mmap.mmap] = {}
 
-    def one(item) -> tuple[str, str]:
-        name, path, _entry, begin, end = item
+    def one(item) -> tuple[str, tuple[str, str]]:
+        name, path, entry, begin, end = item
         view = memoryview(maps[path])
         try:
             if end > len(view):
@@ -128,7 +148,7 @@ def _fingerprint_uncached(model_dir: str) -> str:
                 h.update(view[at:min(end, at + (1 << 24))])
         finally:
             view.release()
-        return name, f"{name}:{h.hexdigest()}"
+        return name, (entry["dtype"], h.hexdigest())
 
     try:
         for _name, path, _entry, _begin, _end in items:
@@ -136,14 +156,13 @@ def _fingerprint_uncached(model_dir: str) -> str:
                 with open(path, "rb") as f:
                     maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            lines = dict(pool.map(one, items))
+            sums = dict(pool.map(one, items))
     finally:
         for m in maps.values():
             m.close()
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        config_hash = hashlib.sha256(f.read()).hexdigest()
-    payload = "\n".join(lines[name] for name in sorted(lines)) + "\n" + config_hash
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    _TENSOR_SUMS.clear()  # one checkpoint's sums held at a time
+    _TENSOR_SUMS[key] = sums
+    return sums
 
 
 def load_f64(model_dir: str) -> dict[str, np.ndarray]:

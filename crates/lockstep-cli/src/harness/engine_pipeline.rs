@@ -72,6 +72,9 @@ fn run_phases(
     create_work_dir(&opts.work_dir)?;
 
     progress("loading the model");
+    // The reference imports torch and transformers meanwhile (~7 s of one core), while the load
+    // waits on the disk when the weights are not in the page cache.
+    reference.warm_up();
     let mut model = Model::load_with_fault(&opts.model, opts.fault)?;
 
     // 1. Tokenization.

@@ -278,6 +278,12 @@ pub fn local_ops_supported(model: &Path) -> bool {
 }
 
 impl Reference for PythonReference {
+    fn warm_up(&mut self) {
+        if self.server.is_none() {
+            self.server = self.env.serve().ok();
+        }
+    }
+
     fn tokenize(&mut self, model: &Path, texts: &[String]) -> HarnessResult<Vec<Vec<u32>>> {
         let key = (model.to_path_buf(), texts.to_vec());
         if let Some(v) = self.tokenized.get(&key) {

@@ -86,4 +86,8 @@ pub trait Reference {
     fn generate(&mut self, jobs: &[GenerateJob]) -> HarnessResult<Vec<Vec<GeneratedRow>>>;
     /// Writes every op-level job's traces.
     fn local_ops(&mut self, jobs: &[OpsJob]) -> HarnessResult<()>;
+    /// Starts whatever the reference needs before its first answer (a process, its imports), so
+    /// that it gets ready while the caller does other work (loading the model). A failure here is
+    /// not reported: the first request reports it.
+    fn warm_up(&mut self) {}
 }
