@@ -19,8 +19,8 @@ use super::inputs::{Input, InputKind};
 use super::q8dot_phase::{q8dot_model, q8dot_phase};
 use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, HarnessError,
-    HarnessResult, OpsInput, StepClock,
+    create_work_dir, judge_in_tier, judge_stored_in_tier, op_level_phase, read_reference_trace,
+    HarnessError, HarnessResult, OpsInput, StepClock,
 };
 use lockstep_engine::kernels::matmul::Kernel;
 use lockstep_engine::trace_capture::trace_forward;
@@ -131,7 +131,6 @@ fn run_phases(
         }
     }
     reference.traces(&jobs)?;
-    let read = read_reference_trace;
 
     let mut full = vec![];
     let mut local = vec![];
@@ -147,21 +146,21 @@ fn run_phases(
             // again). At 7B the traces of the long input take ~7.6 GB; the pass itself streamed
             // the layers ([`streamed`]), and this also drops the embeddings and the head.
             model.checkpoint.release_pages();
-            let cmp = judge_in_tier(tier, &ours, &|dt| read(&path(i, dt)))?;
+            // Written first, then judged a layer at a time beside the reference's traces
+            // ([`judge_stored_in_tier`]): our trace and theirs are never all in memory at once.
             let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));
             ours.write(&ours_path).map_err(|e| {
                 HarnessError::input(format!("cannot write {}: {e}", ours_path.display()))
             })?;
+            drop(ours);
+            lockstep_engine::allocator::release_freed_heap();
+            let cmp = judge_stored_in_tier(tier, &ours_path, &|dt| path(i, dt))?;
             ops_inputs.push(OpsInput {
                 label: input.label.clone(),
                 test: ours_path,
                 end_to_end: Some(cmp.clone()),
             });
             comps.push((input.kind, NamedComparison::new(input.label.clone(), cmp)));
-            // The traces just judged (7B: ~10 GB at the long input) go back to the system, not
-            // into the heap the next pass's weights would page in beside.
-            drop(ours);
-            lockstep_engine::allocator::release_freed_heap();
         }
         let pick = |kind: Option<InputKind>, keep: &dyn Fn(&str) -> bool| -> Vec<NamedComparison> {
             comps

@@ -106,6 +106,38 @@ pub fn judge_in_tier(
     })
 }
 
+/// [`judge_in_tier`] with the test trace already written to `test` and every trace read a
+/// decoder layer at a time ([`lockstep_verify::compare_stores`]: the same records and verdict as
+/// whole traces give). At 7B the whole traces of the 260-token input took 12.8 GB beside the
+/// mapped weights (the f64 oracle 3.8 GB, PyTorch bf16 1.9, ours), pushing the weights out of the
+/// page cache; a layer at a time they take ~1.8 GB.
+pub fn judge_stored_in_tier(
+    tier: Tier,
+    test: &Path,
+    reference: &dyn Fn(&str) -> std::path::PathBuf,
+) -> HarnessResult<TraceComparison> {
+    use lockstep_verify::{compare_stores, policy_for_stores, StreamCompareError};
+    let open_reference =
+        |dt: &str| TraceStore::open(&reference(dt)).map_err(reference_trace_unreadable);
+    let oracle = open_reference(Tier::F64.as_str())?;
+    let test_store = TraceStore::open(test)
+        .map_err(|e| HarnessError::input(format!("cannot read {}: {e}", test.display())))?;
+    let tier_reference = (tier != Tier::F64)
+        .then(|| open_reference(tier.as_str()))
+        .transpose()?;
+    let (reference, oracle) = match &tier_reference {
+        Some(r) => (r, Some(&oracle)),
+        None => (&oracle, None),
+    };
+    let policy =
+        policy_for_stores(reference, &test_store, oracle, Some(tier)).map_err(|e| match e {
+            StreamCompareError::Policy(p) => HarnessError::from(p),
+            StreamCompareError::Trace(t) => reference_trace_unreadable(t),
+        })?;
+    compare_stores(reference, &test_store, oracle, &policy)
+        .map_err(|e| HarnessError::input(format!("cannot read the traces to compare: {e}")))
+}
+
 /// Reads a trace the reference wrote (a failure is the reference's).
 pub fn read_reference_trace(path: &Path) -> HarnessResult<Trace> {
     Trace::read(path).map_err(reference_trace_unreadable)
