@@ -44,7 +44,9 @@ def trace_batch(jobs_path: str) -> None:
 
     A job with `"streamed": true` is the same trace computed layer by layer (streamed.py): for models
     too big for RAM in the job's dtype; nothing stays loaded for it. Streamed jobs of the same model
-    and dtype run together, each layer read once for the group (`streamed_groups`)."""
+    and dtype run together, each layer read once for the group (`streamed_groups`). An `out` that is a
+    trace folder (`tracer.is_trace_folder`) gets the trace as part files, a streamed one written a part
+    at a time as each layer is done."""
     jobs = parse_list(TraceJob, jobs_path)
     loaded: dict[tuple[str, str], object] = {}
     for job in jobs:
@@ -68,7 +70,7 @@ def trace_batch(jobs_path: str) -> None:
         meta = tracer.trace_metadata(job.model, model, job.tokens, dtype, None)
         if job.dtype == "q8dot":
             meta["mode"] = "q8dot"
-        tracer.write_safetensors(job.out, tensors, meta)
+        tracer.write_trace(job.out, tensors, meta)
         print(f"wrote {job.out}: {len(job.tokens)} tokens, dtype {job.dtype}", file=sys.stderr)
     loaded.clear()
     groups = streamed_groups([j for j in jobs if j.streamed])

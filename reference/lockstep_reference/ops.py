@@ -76,10 +76,13 @@ from .tracer import (
     _ARCHS,
     STORE_DTYPES,
     TORCH_DTYPES,
+    clear_parts,
+    is_trace_folder,
     load_model,
     pure_f64_patches,
     trace_names_for,
-    write_safetensors,
+    write_part,
+    write_trace,
 )
 from .windows import hf_layer_windows
 
@@ -245,8 +248,9 @@ def _moe_ops(mlp, p: str, test: _Test, out: dict, pure: bool) -> None:
 
 
 def _ordered(config, tensors: dict[str, torch.Tensor], store: torch.dtype, tokens) -> dict[str, torch.Tensor]:
-    """`tokens`, then the computed ops in trace order, each in the `store` dtype."""
-    res = {"tokens": tokens}
+    """`tokens` (unless None: a later part of a trace folder), then the computed ops in trace order, each
+    in the `store` dtype."""
+    res = {} if tokens is None else {"tokens": tokens}
     for name in trace_names_for(config):
         if name in tensors:
             res[name] = tensors[name].detach().to(store).contiguous()
@@ -254,16 +258,21 @@ def _ordered(config, tensors: dict[str, torch.Tensor], store: torch.dtype, token
 
 
 def _metadata(job: OpsJob, tokens: torch.Tensor) -> dict[str, str]:
-    """What both outputs of `job` record (each adds its dtype and whether it is pure float64)."""
+    """What both outputs of `job` record (each adds its dtype and whether it is pure float64: `_output_metadata`)."""
     return {"producer": "transformers (op-level, on the test trace's inputs)",
             "test_trace": job.test, "token_ids": json.dumps(tokens.flatten().tolist())}
 
 
+def _output_metadata(meta: dict[str, str], dtype: str) -> dict[str, str]:
+    """`meta` of the output in `dtype` ("f64" is the pure-f64 one)."""
+    return {**meta, "dtype": dtype, "pure_f64": "true" if dtype == "f64" else "false"}
+
+
 def _write(path: str, config, ops: dict[str, torch.Tensor], dtype: str, tokens: torch.Tensor,
            meta: dict[str, str]) -> None:
-    """The ops of one output (`dtype`'s: "f64" is the pure-f64 one), stored as a trace of `dtype` is."""
-    write_safetensors(path, _ordered(config, ops, STORE_DTYPES[dtype], tokens),
-                      {**meta, "dtype": dtype, "pure_f64": "true" if dtype == "f64" else "false"})
+    """The ops of one output (`dtype`'s: "f64" is the pure-f64 one), stored as a trace of `dtype` is: a
+    trace file, or a trace folder when `path` is one (`tracer.write_trace`)."""
+    write_trace(path, _ordered(config, ops, STORE_DTYPES[dtype], tokens), _output_metadata(meta, dtype))
 
 
 def run_jobs(jobs: list[OpsJob], row_chunk: int | None = None) -> None:
@@ -414,11 +423,59 @@ class _Pass:
             out["logits"] = lg
 
 
+class _Outputs:
+    """Where the ops of one group's jobs go. A job whose output is a trace folder (`tracer.is_trace_folder`:
+    the verifier names one when the model is streamed) gets each part as soon as it is complete (part 0
+    the tokens and embed, part i + 1 layer i, then final_norm and logits), so the group holds one
+    layer's ops; a file output is written whole at the end."""
+
+    def __init__(self, config, jobs: list[OpsJob], passes: list[_Pass], tokens: list[torch.Tensor]):
+        self.config = config
+        self.jobs = jobs
+        self.passes = passes
+        self.tokens = tokens
+        self.meta = [{**_metadata(job, t), "streamed": "true"} for job, t in zip(jobs, tokens, strict=True)]
+        for path in self._paths():
+            if is_trace_folder(path):
+                clear_parts(path)
+
+    def _paths(self):
+        for job in self.jobs:
+            yield job.out_exact
+            if job.out_reference is not None:
+                yield job.out_reference
+
+    def _path(self, job: OpsJob, p: _Pass) -> str:
+        return job.out_exact if p.pure else job.out_reference
+
+    def part_done(self, index: int) -> None:
+        """Writes part `index` (the ops computed since the last part) of every folder output and frees it."""
+        for j, job in enumerate(self.jobs):
+            for p in self.passes:
+                path = self._path(job, p)
+                if not is_trace_folder(path):
+                    continue
+                tokens = self.tokens[j] if index == 0 else None
+                part = _ordered(self.config, p.outs[j], STORE_DTYPES[p.dtype], tokens)
+                if part:
+                    write_part(path, index, part, _output_metadata(self.meta[j], p.dtype))
+                p.outs[j] = {}
+
+    def finish(self) -> None:
+        """Writes the file outputs (whole)."""
+        for j, job in enumerate(self.jobs):
+            for p in self.passes:
+                path = self._path(job, p)
+                if not is_trace_folder(path):
+                    _write(path, self.config, p.outs[j], p.dtype, self.tokens[j], self.meta[j])
+                p.outs[j] = {}  # written: freed before the next output is
+
+
 def _run_streamed_group(jobs: list[OpsJob], row_chunk: int | None) -> None:
     """The jobs of one model and dtype, layer by layer: each decoder layer read once in float64 and once
     in the tier's dtype for all of them. Each output is the in-memory path's (`run_jobs`; the float64
-    logits up to their last bits when lm_head is cut in chunks), its metadata with "streamed": "true".
-    Prints one line to stderr when done."""
+    logits up to their last bits when lm_head is cut in chunks), its metadata with "streamed": "true";
+    folder outputs are written a part at a time (`_Outputs`). Prints one line to stderr when done."""
     t0 = time.time()
     model_dir, tier = jobs[0].model, jobs[0].dtype
     config = load_config(model_dir)
@@ -430,24 +487,23 @@ def _run_streamed_group(jobs: list[OpsJob], row_chunk: int | None) -> None:
     caches = [_LayerCache(get) for _, get in readers]
     tests = [(names, cache.get) for (names, _), cache in zip(readers, caches, strict=True)]
     passes = [_Pass(model_dir, config, dtype, tests) for dtype in dict.fromkeys(("f64", tier))]
+    outputs = _Outputs(config, jobs, passes, [get("tokens").to(torch.int64) for _, get in readers])
     for p in passes:
         p.embed()
+    outputs.part_done(0)
     for i in range(config.num_hidden_layers):
         for cache in caches:
             cache.clear()
         for p in passes:
             p.layer(config, i)
+        outputs.part_done(i + 1)
     for cache in caches:
         cache.clear()
     for p in passes:
         p.weights.drop_spares()
         p.head(config, ROW_CHUNK if row_chunk is None else row_chunk)
-    for j, job in enumerate(jobs):
-        tokens = tests[j][1]("tokens").to(torch.int64)
-        meta = {**_metadata(job, tokens), "streamed": "true"}
-        for p in passes:
-            _write(job.out_exact if p.pure else job.out_reference, config, p.outs[j], p.dtype, tokens, meta)
-            p.outs[j] = {}  # written: freed before the next output is
+    outputs.part_done(config.num_hidden_layers + 1)
+    outputs.finish()
     print(f"wrote {len(jobs)} streamed op-level job(s) of {model_dir} in dtype {tier} (each layer read once "
           f"per dtype, {time.time() - t0:.0f} s, peak RSS {peak_rss_mib():.0f} MiB)", file=sys.stderr)
 

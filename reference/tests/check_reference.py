@@ -279,6 +279,44 @@ def test_streamed_group_equals_each_input_alone():
     assert groups == [["m-1-f64", "m-1-f64", "m-3-f64"], ["m-300-f64"], ["m-2-f64"], ["n-1-f64"], ["m-1-bf16"]], groups
 
 
+def test_trace_batch_writes_files_and_folders():
+    """`trace-batch` writes each job's trace as a file, or as a trace folder (one part file before the
+    layers, one per layer, one after) when its `out` is a folder, whole-model and streamed alike: read
+    back, the same tensors and metadata."""
+    import json
+    import tempfile
+
+    from lockstep_reference import batch, streamed
+    from safetensors import safe_open
+
+    d = _model("qwen2-gqa")
+    config = streamed.load_config(d)
+    ids = _ids(6, config.vocab_size, seed=41)
+
+    def read(path):
+        files = [os.path.join(path, p) for p in sorted(os.listdir(path))] if path.endswith(os.sep) else [path]
+        metas, tensors = [], {}
+        for f in files:
+            with safe_open(f, "pt") as g:
+                metas.append(g.metadata())
+                tensors.update({k: g.get_tensor(k) for k in g.keys()})
+        assert all(m == metas[0] for m in metas), path
+        return metas[0], tensors, len(files)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for stream in (False, True):
+            outs = [os.path.join(tmp, f"{stream}.safetensors"), os.path.join(tmp, f"{stream}.trace") + os.sep]
+            jobs = [{"model": d, "tokens": ids, "dtype": "f32", "out": o, "streamed": stream} for o in outs]
+            jobs_file = os.path.join(tmp, "jobs.json")
+            with open(jobs_file, "w") as f:
+                json.dump(jobs, f)
+            batch.trace_batch(jobs_file)
+            (m1, t1, _), (m2, t2, parts) = read(outs[0]), read(outs[1])
+            assert parts == config.num_hidden_layers + 2, (stream, parts)
+            assert m1 == m2 and sorted(t1) == sorted(t2), stream
+            assert all(torch.equal(t1[k], t2[k]) for k in t1), stream
+
+
 def _ops_outputs(jobs, row_chunk: int | None = None) -> dict[str, tuple[dict, dict]]:
     """`ops.run_jobs(jobs)`, then each output file written: path -> (metadata, tensors in file order)."""
     from lockstep_reference import ops
@@ -287,6 +325,17 @@ def _ops_outputs(jobs, row_chunk: int | None = None) -> dict[str, tuple[dict, di
     ops.run_jobs(jobs, row_chunk=row_chunk)
     out = {}
     for path in [p for j in jobs for p in (j.out_exact, j.out_reference) if p is not None]:
+        if path.endswith(os.sep):
+            # A trace folder: its parts read in name order, each with the same metadata.
+            metas, tensors = [], {}
+            for part in sorted(os.listdir(path)):
+                with safe_open(os.path.join(path, part), "pt") as f:
+                    metas.append(f.metadata())
+                    assert not set(f.keys()) & set(tensors), (path, part)
+                    tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            assert metas and all(m == metas[0] for m in metas), path
+            out[path] = (metas[0], tensors)
+            continue
         with safe_open(path, "pt") as f:
             out[path] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
     return out
@@ -298,7 +347,7 @@ def _same_ops(got: dict, want: dict, streamed: bool, label, loose: tuple[str, ..
     for path, (meta, tensors) in want.items():
         got_meta, got_tensors = got[path]
         assert got_meta == ({**meta, "streamed": "true"} if streamed else meta), (label, path)
-        assert list(got_tensors) == list(tensors), (label, path)
+        assert sorted(got_tensors) == sorted(tensors), (label, path)
         for k, t in tensors.items():
             g = got_tensors[k]
             assert g.dtype == t.dtype and g.shape == t.shape, (label, path, k)
@@ -316,7 +365,8 @@ def test_streamed_ops_equal_the_in_memory_ops():
     output equal to the job's run alone. With lm_head in one chunk (a vocab of 2048, below ROW_CHUNK)
     every tensor is bit-identical; cut in chunks (the 151936-row heads, or 700 rows) the float64 logits
     differ in the last bits (MKL's dgemm sums in an order that depends on the matrix's width: measured
-    up to ~3e-15 here) and every other tensor is still bit-identical."""
+    up to ~3e-15 here) and every other tensor is still bit-identical. Written as trace folders (one part
+    per layer, as each is done) they read back as the same traces."""
     import dataclasses
     import tempfile
 
@@ -345,6 +395,15 @@ def test_streamed_ops_equal_the_in_memory_ops():
                 if sum(lengths) <= 64:  # one group: each layer read once for all the jobs
                     assert ops._streamed_groups(stream) == [stream], label
                 _same_ops(_ops_outputs(stream), want, True, label, chunked)
+                # Trace folders (as the verifier names them for a streamed model): each part written as
+                # soon as its layer is done, read together the same trace.
+                folder = {p: f"{p}.d{os.sep}" for j in jobs for p in (j.out_exact, j.out_reference) if p}
+                parted = [dataclasses.replace(j, out_exact=folder[j.out_exact],
+                                              out_reference=folder.get(j.out_reference)) for j in stream]
+                got = _ops_outputs(parted)
+                assert all(len(os.listdir(folder[p])) == streamed.load_config(d).num_hidden_layers + 2
+                           for p in want), label
+                _same_ops({p: got[folder[p]] for p in want}, want, True, label + ("folders",), chunked)
                 for job in stream:
                     alone = {p: v for p, v in want.items() if p in (job.out_exact, job.out_reference)}
                     _same_ops(_ops_outputs([job]), alone, True, label + ("alone",), chunked)

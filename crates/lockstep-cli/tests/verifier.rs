@@ -203,6 +203,66 @@ fn verify_bf16_generates_in_bf16_and_times_each_step() {
     );
 }
 
+/// A model the reference streams layer by layer (by size a 7B one; forced here with
+/// `LOCKSTEP_REFERENCE_STREAMED=always`) gets its reference traces and op-level outputs as trace
+/// folders, each layer's part written as soon as it is done: every phase reads them and passes as
+/// it does with files, and the bf16w trace, read by nothing else, is removed once judged.
+#[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
+fn verify_reads_a_streamed_reference_from_trace_folders() {
+    reference_python();
+    let dir = scratch("verify-streamed-folders");
+    let model = fixtures().join("models/qwen2-default-bf16");
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--generate-tokens",
+        "4",
+    ];
+    let run = verify_in_with_env(&dir, &args, &[("LOCKSTEP_REFERENCE_STREAMED", "always")]);
+    run.assert_exit(0);
+    run.assert_pass(&[
+        "layer-by-layer [bf16]",
+        "op-level (each op on its own inputs) [bf16]",
+        "bf16w: bf16 weights, f32 activations [bf16]",
+        "KV-cache decode [bf16]",
+        "greedy generation [bf16]",
+    ]);
+    let works: Vec<_> = std::fs::read_dir(dir.join("cache/work"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(works.len(), 1, "{works:?}");
+    let work = &works[0];
+    let parts = |folder: &std::path::Path| -> usize {
+        std::fs::read_dir(folder)
+            .unwrap_or_else(|e| panic!("{}: {e}", folder.display()))
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("part-") && name.ends_with(".safetensors")
+            })
+            .count()
+    };
+    // Before the layers, one per layer, after them.
+    let want = num_layers(&model) + 2;
+    for stem in [
+        "ref-0-f64",
+        "ref-0-bf16",
+        "ours-0-bf16.ops-exact",
+        "ours-0-bf16.ops-ref",
+    ] {
+        assert_eq!(parts(&work.join(format!("{stem}.trace"))), want, "{stem}");
+        assert!(!work.join(format!("{stem}.safetensors")).exists(), "{stem}");
+    }
+    assert!(!work.join("ours-0-bf16w.safetensors").exists());
+}
+
 /// `num_hidden_layers` of a model folder.
 fn num_layers(model: &std::path::Path) -> usize {
     let c = json_of(&model.join("config.json"));

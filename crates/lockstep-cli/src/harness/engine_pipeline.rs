@@ -19,8 +19,8 @@ use super::inputs::{Input, InputKind};
 use super::q8dot_phase::{q8dot_model, q8dot_phase};
 use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, judge_stored_in_tier, op_level_phase, read_reference_trace,
-    HarnessError, HarnessResult, OpsInput, StepClock,
+    create_work_dir, judge_stored_in_tier, op_level_phase, reference_output, HarnessError,
+    HarnessResult, OpsInput, StepClock,
 };
 use lockstep_engine::kernels::matmul::Kernel;
 use lockstep_engine::trace_capture::trace_forward;
@@ -109,7 +109,9 @@ fn run_phases(
     // the q8dot arithmetic's, where that phase runs).
     progress("running the reference (transformers)");
     let mut jobs = vec![];
-    let path = |i: usize, dt: &str| opts.work_dir.join(format!("ref-{i}-{dt}.safetensors"));
+    let folders = super::pyref::streamed(&opts.model, "f64");
+    let path =
+        |i: usize, dt: &str| reference_output(&opts.work_dir, &format!("ref-{i}-{dt}"), folders);
     for (i, tokens) in ids.iter().enumerate() {
         let mut dtypes = vec!["f64"];
         dtypes.extend(
@@ -148,12 +150,10 @@ fn run_phases(
             model.checkpoint.release_pages();
             // Written first, then judged a layer at a time beside the reference's traces
             // ([`judge_stored_in_tier`]): our trace and theirs are never all in memory at once.
-            let ours_path = opts.work_dir.join(format!("ours-{i}-{tier}.safetensors"));
-            ours.write(&ours_path).map_err(|e| {
-                HarnessError::input(format!("cannot write {}: {e}", ours_path.display()))
-            })?;
-            drop(ours);
-            lockstep_engine::allocator::release_freed_heap();
+            let ours_path = write_and_free(
+                ours,
+                opts.work_dir.join(format!("ours-{i}-{tier}.safetensors")),
+            )?;
             let cmp = judge_stored_in_tier(tier, &ours_path, &|dt| path(i, dt))?;
             ops_inputs.push(OpsInput {
                 label: input.label.clone(),
@@ -277,6 +277,16 @@ fn streamed<R>(model: &mut Model, pass: impl FnOnce(&Model) -> R) -> R {
     let out = pass(model);
     model.stream_layers = was;
     out
+}
+
+/// Writes our trace `ours` to `path` and frees its memory (back to the system: it is the
+/// largest allocation of a traced pass); returns `path`.
+fn write_and_free(ours: lockstep_trace::Trace, path: PathBuf) -> HarnessResult<PathBuf> {
+    ours.write(&path)
+        .map_err(|e| HarnessError::input(format!("cannot write {}: {e}", path.display())))?;
+    drop(ours);
+    lockstep_engine::allocator::release_freed_heap();
+    Ok(path)
 }
 
 /// The logits of a reference trace as f64 (empty when it has none).
@@ -517,7 +527,6 @@ fn bf16w_phase(
     ids: &[Vec<u32>],
     path: &dyn Fn(usize, &str) -> PathBuf,
 ) -> HarnessResult<Phase> {
-    let read = read_reference_trace;
     let mut comps = vec![];
     let mut table = String::from(
         "| input | max \\|bf16w − oracle\\| (logits) | max \\|PyTorch bf16 − oracle\\| | closer by |\n|---|---:|---:|---:|\n",
@@ -528,7 +537,16 @@ fn bf16w_phase(
         model.checkpoint.release_pages(); // as in the tier's comparisons
         ours.metadata
             .insert("mode".into(), lockstep_engine::Dtype::Bf16w.name().into());
-        let cmp = judge_in_tier(Tier::BF16, &ours, &|dt| read(&path(i, dt)))?;
+        // As in the tier's comparisons: written, dropped, then judged a layer at a time from the
+        // files (at 7B the long input's trace is ~1.9 GB in f32 and the reference's ~5.8 GB).
+        // Nothing else reads it: removed once judged.
+        let ours_path = write_and_free(
+            ours,
+            opts.work_dir.join(format!("ours-{i}-bf16w.safetensors")),
+        )?;
+        let judged = judge_stored_in_tier(Tier::BF16, &ours_path, &|dt| path(i, dt));
+        let _ = std::fs::remove_file(&ours_path);
+        let cmp = judged?;
         if let Some(l) = cmp.get("logits") {
             if let (Some(t), Some(r)) = (&l.test_vs_oracle, &l.ref_vs_oracle) {
                 let factor = r.max_abs / t.max_abs.max(f64::MIN_POSITIVE);
@@ -541,8 +559,6 @@ fn bf16w_phase(
             }
         }
         comps.push(NamedComparison::new(input.label.clone(), cmp));
-        drop(ours);
-        lockstep_engine::allocator::release_freed_heap();
     }
     let mut phase = Phase::from_comparisons("bf16w: bf16 weights, f32 activations [bf16]", comps);
     phase.summary = format!(

@@ -140,7 +140,27 @@ pub fn judge_stored_in_tier(
 
 /// Reads a trace the reference wrote (a failure is the reference's).
 pub fn read_reference_trace(path: &Path) -> HarnessResult<Trace> {
+    if path.is_dir() {
+        let store = TraceStore::open(path).map_err(reference_trace_unreadable)?;
+        return store
+            .load(&store.names())
+            .map_err(reference_trace_unreadable);
+    }
     Trace::read(path).map_err(reference_trace_unreadable)
+}
+
+/// Where the reference writes the trace `stem` in `work`: with `folder` (a model the reference
+/// streams: [`pyref::streamed`] in f64, decided once per run) a trace folder (`{stem}.trace/`, one
+/// part file per decoder layer), which its streamed passes write a layer at a time as each is done
+/// instead of holding the whole trace (at the 7B shape's 260-token input the float64 trace is
+/// 3.8 GB and its op-level outputs ~5 GB); else a single file (`{stem}.safetensors`). Both read
+/// through [`TraceStore`].
+pub fn reference_output(work: &Path, stem: &str, folder: bool) -> std::path::PathBuf {
+    if folder {
+        work.join(format!("{stem}.trace{}", std::path::MAIN_SEPARATOR))
+    } else {
+        work.join(format!("{stem}.safetensors"))
+    }
 }
 
 /// A trace the reference wrote that cannot be read: the reference's failure.
@@ -176,12 +196,14 @@ pub fn judge_ops(
     work: &Path,
     prefix: &str,
 ) -> HarnessResult<Vec<lockstep_verify::local::NamedLocal>> {
+    let folders = pyref::streamed(model, "f64");
     let paths: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)> = (0..inputs.len())
         .map(|i| {
             let base = format!("{prefix}-{i}-{tier}");
             (
-                work.join(format!("{base}.ops-exact.safetensors")),
-                (tier != Tier::F64).then(|| work.join(format!("{base}.ops-ref.safetensors"))),
+                reference_output(work, &format!("{base}.ops-exact"), folders),
+                (tier != Tier::F64)
+                    .then(|| reference_output(work, &format!("{base}.ops-ref"), folders)),
             )
         })
         .collect();

@@ -252,8 +252,14 @@ pub struct VerifyRun {
 /// Runs `lockstep verify ARGS` with its reports (`r.md`, `r.json`, `r.svg`, `r.html`) and its cache (the
 /// default model, cached reference traces) inside `dir`, so nothing is reused from other runs.
 pub fn verify_in(dir: &Path, args: &[&str]) -> VerifyRun {
+    verify_in_with_env(dir, args, &[])
+}
+
+/// [`verify_in`] with extra environment variables.
+pub fn verify_in_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> VerifyRun {
     let s = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .envs(env.iter().copied())
         .arg("verify")
         .args(args)
         .args([
