@@ -261,6 +261,9 @@ fn verify_reads_a_streamed_reference_from_trace_folders() {
         assert!(!work.join(format!("{stem}.safetensors")).exists(), "{stem}");
     }
     assert!(!work.join("ours-0-bf16w.safetensors").exists());
+    // The run says what it left and where.
+    let kept = format!("traces kept in {} (", work.display());
+    assert!(run.stdout.contains(&kept), "{}", run.stdout);
 }
 
 /// `num_hidden_layers` of a model folder.

@@ -288,13 +288,36 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         title.push_str(&format!(" (injected fault: {f})"));
     }
     let desc = describe_model(&model);
-    write_reports(
+    let code = write_reports(
         &a,
         &title,
         &desc,
         &outcome,
         "max |ours - transformers| per layer vs the reference's own noise",
-    )
+    )?;
+    // What the run leaves behind (a 7B run: ~14 GB), so the space is never a surprise.
+    println!(
+        "traces kept in {} ({:.2} GB, reused by the next run of this model; delete the folder to free it)",
+        work.display(),
+        folder_bytes(&work) as f64 / 1e9
+    );
+    Ok(code)
+}
+
+/// Bytes of the files in `dir` and in its folders (trace folders), recursively; what cannot be
+/// read counts 0.
+fn folder_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => folder_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Refuses a `verify` whose memory estimate exceeds the available memory, before any weights are
