@@ -22,8 +22,8 @@ const MMAP_THRESHOLD: i32 = 32 << 20;
 /// (twice the mapping threshold, as glibc's sliding value).
 const TRIM_THRESHOLD: i32 = 64 << 20;
 
-/// Sets glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` once per process ([`MMAP_THRESHOLD`],
-/// [`TRIM_THRESHOLD`]); elsewhere (another C library, another OS) it does nothing. Called when a
+/// Sets glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` once per process (`MMAP_THRESHOLD`,
+/// `TRIM_THRESHOLD`); elsewhere (another C library, another OS) it does nothing. Called when a
 /// model is loaded.
 pub fn keep_buffers_in_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

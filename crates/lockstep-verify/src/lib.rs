@@ -8,8 +8,8 @@
 //! how far the reference itself is from exact math. Each tensor is judged by the tolerance of the
 //! traces' precision tier ([`tolerance`]): 1e-9 in f64, a small multiple of the reference's own
 //! noise in f32, and no worse than twice the reference's distance from the oracle in bf16.
-//! [`judge`] is that judgement in one call; the crate depends on `lockstep_trace` only: the
-//! pipelines that produce traces (lockstep's engine, the Python reference) live in the CLI.
+//! [`judge`](fn@judge) is that judgement in one call; the crate depends on `lockstep_trace` only:
+//! the pipelines that produce traces (lockstep's engine, the Python reference) live in the CLI.
 //!
 //! ```no_run
 //! use lockstep_trace::Trace;

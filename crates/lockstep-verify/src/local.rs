@@ -617,7 +617,7 @@ pub struct NamedLocal {
     pub end_to_end: Option<TraceComparison>,
 }
 
-/// The phase "op-level (each op on its own inputs) [tier]": passes when every input's ops pass; a
+/// The phase "op-level (each op on its own inputs) \[tier\]": passes when every input's ops pass; a
 /// phase that judged no op fails. The details show, per input, the made-vs-inherited table.
 pub fn local_phase(name: impl Into<String>, items: &[NamedLocal]) -> crate::report::Phase {
     use crate::report::Phase;

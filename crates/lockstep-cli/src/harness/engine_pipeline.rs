@@ -11,7 +11,8 @@
 //! 7. bf16w (bf16 tier), q8dot (f32 tier, quantized GGUF), KV-cache decode per tier, greedy
 //!    generation (f32 and bf16).
 //!
-//! Phases 3-6 run per precision tier; each comparison is [`lockstep_verify::judge`]'s.
+//! Phases 3-6 run per precision tier; each comparison is
+//! [`lockstep_verify::judge`](fn@lockstep_verify::judge)'s.
 
 use super::checks::{tokenization_phase, weights_phase};
 use super::generation::generation_phase;
@@ -365,7 +366,8 @@ fn cache_schedule(len: usize) -> Vec<usize> {
 /// kernel serves the bf16 prefill: its f32 sums run in another order than a one-token decode's,
 /// so the two are two bf16 computations of the same logits, each with its own roundings. There
 /// the decode is judged as the tier judges any bf16 run, against the f64 oracle: its logits at
-/// every position no further from the oracle's than [`BF16_NOISE_MULTIPLE`] × PyTorch bf16's
+/// every position no further from the oracle's than
+/// [`BF16_NOISE_MULTIPLE`](lockstep_verify::tolerance::BF16_NOISE_MULTIPLE) × PyTorch bf16's
 /// own distance on that input (`bf16_yardstick` gives both by input index); its distance from
 /// the full forward is reported beside. (Held to PyTorch's distance itself, the full forward
 /// and the decode of the 7B shape's 260-token input, each within the tier's rule, differed by

@@ -11,7 +11,7 @@
 //!
 //! Every path sums each dot product and each weighted sum of values in one fixed order, so a
 //! decode step gets the bits a prefill gets for the same query, except a bf16 prefill on a CPU
-//! with AMX-BF16 ([`Heads::head_amx`]): there `q·kᵀ` and `p·v` run on AMX tiles, 32 queries at a
+//! with AMX-BF16 (`Heads::head_amx`): there `q·kᵀ` and `p·v` run on AMX tiles, 32 queries at a
 //! time (exact bf16 products summed in f32 in the tiles' order), as the bf16 prefill's matmuls
 //! already do on such a CPU. The probabilities are formed from the scores exactly as elsewhere.
 

@@ -6,7 +6,7 @@
 //! fused multiply-adds, in the same order, with the same constants) on eight doubles per
 //! AVX-512 register, and hands inputs of magnitude 88 or more (overflow, underflow, infinities,
 //! NaN: glibc's special cases) to the scalar call. Whether the scalar function really is that
-//! algorithm is checked once per process against a spread of inputs ([`vector_ok`]); where it
+//! algorithm is checked once per process against a spread of inputs (`vector_ok`); where it
 //! is not (another libm, no FMA), every value goes through the scalar call.
 
 /// `2^(i/32)` as f64 bits, minus `i << 47` (glibc's `__exp2f_data.tab`).

@@ -274,7 +274,7 @@ pub fn linear_many<T: Float>(x: &[T], n: usize, products: &mut [Product<'_, T>])
 /// [`silu_mul_in_place`](super::activation::silu_mul_in_place) does, into `act` (`n·m`); `up_out`
 /// (`n·m`) is scratch for the up product. In the faithful bf16 tier on AMX ([`AMX_MIN_N`] tokens
 /// or more, BF16 weights, `m` a multiple of 16) the two products and the activation run in one
-/// pass, each 16 × 16 block's gate and up sums meeting in registers ([`amx::swiglu_sums`]): the
+/// pass, each 16 × 16 block's gate and up sums meeting in registers (`amx::swiglu_sums`): the
 /// same bits, without writing both products out and reading them back (`up_out` is then left
 /// as it was). Elsewhere [`linear_many`], then the activation.
 pub fn linear_swiglu<T: Float>(

@@ -46,7 +46,7 @@ pub fn rms_norm<T: Float>(x: &[T], weight: &[T], eps: f64, out: &mut [T]) {
 }
 
 /// [`rms_norm`] with the normalizing factor computed as `math` says. Rows are independent: a
-/// long prompt's are spread over threads, [`ROWS_PER_TASK`] at a time.
+/// long prompt's are spread over threads, `ROWS_PER_TASK` at a time.
 pub fn rms_norm_with<T: Float>(x: &[T], weight: &[T], eps: f64, math: RmsNormMath, out: &mut [T]) {
     let h = weight.len();
     assert_eq!(x.len(), out.len());

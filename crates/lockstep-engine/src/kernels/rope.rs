@@ -411,7 +411,7 @@ impl<T: Float> RopeTable<T> {
     }
 
     /// Rotates `x` (`[T][heads][D]`, token `t` at the table's `t`-th position) in place: a long
-    /// prompt's tokens spread over threads, [`TOKENS_PER_TASK`] at a time (each token's rotation
+    /// prompt's tokens spread over threads, `TOKENS_PER_TASK` at a time (each token's rotation
     /// is its own).
     pub fn apply(&self, x: &mut [T], heads: usize) {
         let width = heads * self.head_dim;

@@ -46,7 +46,7 @@ const CODED_TOKENS: usize = crate::kernels::matmul::CODED_MAX_TOKENS;
 /// Weights of one decoder layer.
 #[derive(Debug)]
 pub struct LayerWeights {
-    /// `input_layernorm.weight`, [H].
+    /// `input_layernorm.weight`, \[H\].
     pub input_norm: Tensor,
     /// `self_attn.q_proj.weight`, [heads*D, H].
     pub q_proj: Tensor,
@@ -56,11 +56,11 @@ pub struct LayerWeights {
     pub v_proj: Tensor,
     /// q/k/v biases when the architecture has them.
     pub qkv_bias: Option<[Tensor; 3]>,
-    /// `self_attn.q_norm.weight` and `self_attn.k_norm.weight`, [D] each (Qwen3).
+    /// `self_attn.q_norm.weight` and `self_attn.k_norm.weight`, \[D\] each (Qwen3).
     pub qk_norm: Option<[Tensor; 2]>,
     /// `self_attn.o_proj.weight`, [H, heads*D].
     pub o_proj: Tensor,
-    /// `post_attention_layernorm.weight`, [H].
+    /// `post_attention_layernorm.weight`, \[H\].
     pub post_norm: Tensor,
     /// The MLP: dense, or (Qwen3-MoE's sparse layers) routed experts.
     pub mlp: Mlp,
@@ -195,7 +195,7 @@ pub struct Model {
     pub embed_tokens: Tensor,
     /// Decoder layers.
     pub layers: Vec<LayerWeights>,
-    /// `model.norm.weight`, [H].
+    /// `model.norm.weight`, \[H\].
     pub norm: Tensor,
     /// The LM head, [V, H] (the embedding matrix when tied).
     pub lm_head: Tensor,
@@ -209,12 +209,12 @@ pub struct Model {
     /// [`crate::streaming::stream_layers`] (`LOCKSTEP_STREAM_LAYERS`); may be set by hand. Never
     /// changes a value.
     pub stream_layers: bool,
-    /// Run short forward passes (decode steps, at most [`TEAM_TOKENS`] tokens) on a spinning
+    /// Run short forward passes (decode steps, at most `TEAM_TOKENS` tokens) on a spinning
     /// team ([`crate::team`]). Chosen at load by [`crate::team::wanted`] (`LOCKSTEP_TEAM`); may
     /// be set by hand. Never changes a value.
     pub team: bool,
     /// Code the BF16 matrices in 12 bits per value ([`crate::weights::bf16_coded`]), which a
-    /// decode step (at most [`CODED_TOKENS`] tokens) in bf16 or f32 compute then reads, 0.75 of
+    /// decode step (at most `CODED_TOKENS` tokens) in bf16 or f32 compute then reads, 0.75 of
     /// the bytes: at [`Model::use_dtype`] for a dtype that computes so, else at the first such
     /// step. Chosen at load by [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`);
     /// may be set by hand. Never changes a value.

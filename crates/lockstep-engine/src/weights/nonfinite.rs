@@ -59,7 +59,8 @@ fn count_nonfinite(bytes: &[u8], size: usize, exp: u64, man: u64, offset: usize)
     }
 }
 
-/// A checkpoint tensor holding non-finite values ([`Checkpoint::nonfinite_report`]).
+/// A checkpoint tensor holding non-finite values
+/// ([`Checkpoint::nonfinite_report`](super::Checkpoint::nonfinite_report)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NonFiniteTensor {
     /// The tensor's checkpoint name, e.g. `model.layers.1.mlp.down_proj.weight`.

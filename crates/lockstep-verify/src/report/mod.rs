@@ -1,5 +1,5 @@
 //! Rendering comparisons: Markdown reports ([`markdown`]), JSON ([`json`]) and a hand-written
-//! SVG plot of the per-layer error ([`svg`]); the self-contained HTML report is [`crate::html`].
+//! SVG plot of the per-layer error (`svg`); the self-contained HTML report is [`crate::html`].
 //! Every function returns a `String`; writing files is the caller's job.
 
 use serde::Serialize;

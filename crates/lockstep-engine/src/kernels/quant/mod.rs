@@ -3,7 +3,7 @@
 //!
 //! - **Format** ([`block`]): elements and bytes of one block of each type; a row of `k` elements
 //!   is `k / elements` whole blocks.
-//! - **Block math** ([`scalar`]): one block to its 32 or 256 f32 values with exactly the float32
+//! - **Block math** (`scalar`): one block to its 32 or 256 f32 values with exactly the float32
 //!   operations of [`crate::gguf::dequantize`] (which matches `gguf-py` bit for bit), the
 //!   reference these are tested against.
 //! - **Per ISA**: `avx2` decodes 8 values at a time with the same float32 operations;
