@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import types
@@ -296,9 +297,7 @@ def run_jobs(jobs: list[OpsJob], row_chunk: int | None = None) -> None:
     for job in jobs:
         if job.streamed:
             continue
-        test = load_file(job.test)
-        if "tokens" not in test:
-            raise ValueError(f"{job.test}: no tokens tensor")
+        test = _load_test(job.test)
         tokens = test["tokens"].to(torch.int64)
         meta = _metadata(job, tokens)
         exact_model = get(job.model, "f64")
@@ -321,18 +320,33 @@ def ops_batch(jobs_file: str) -> None:
 
 
 def _test_reader(path: str) -> tuple[list[str], Callable[[str], torch.Tensor]]:
-    """The tensor names of the test trace file `path` and a function reading one of them (the file
-    opened for each read, so nothing of it stays mapped)."""
-    with safe_open(path, framework="pt") as f:
-        names = list(f.keys())
-    if "tokens" not in names:
+    """The tensor names of the test trace `path` (a file, or a trace folder of part files) and a function
+    reading one of them (its file opened for each read, so nothing of it stays mapped)."""
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+             if os.path.isdir(path) else [path])
+    where: dict[str, str] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    if "tokens" not in where:
         raise ValueError(f"{path}: no tokens tensor")
 
     def get(name: str) -> torch.Tensor:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(where[name], framework="pt") as f:
             return f.get_tensor(name)
 
-    return names, get
+    return list(where), get
+
+
+def _load_test(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the test trace `path` (a file, or a trace folder)."""
+    if not os.path.isdir(path):
+        test = load_file(path)
+        if "tokens" not in test:
+            raise ValueError(f"{path}: no tokens tensor")
+        return test
+    names, get = _test_reader(path)
+    return {name: get(name) for name in names}
 
 
 class _LayerCache:

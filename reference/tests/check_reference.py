@@ -412,6 +412,39 @@ def test_streamed_ops_equal_the_in_memory_ops():
                               loose=("logits",))
 
 
+def test_ops_read_a_test_trace_folder():
+    """A test trace given as a trace folder (one part file per layer, as a port may write it) gives the
+    op-level reference, in memory and streamed, exactly the ops the same trace as one file gives (but the
+    f32 logits, within f32 rounding: MKL's sgemm rounds by the input's alignment in memory)."""
+    import tempfile
+
+    from lockstep_reference import streamed
+    from lockstep_reference.protocol import OpsJob
+
+    d = _model("qwen2-gqa")
+    ids = _ids(7, streamed.load_config(d).vocab_size, seed=43)
+    with tempfile.TemporaryDirectory() as tmp:
+        file, folder = os.path.join(tmp, "t.safetensors"), os.path.join(tmp, "t.trace") + os.sep
+        for out in (file, folder):
+            tracer.trace(d, out, "f32", token_ids=ids)
+        assert len(os.listdir(folder)) > 2
+        for stream in (False, True):
+            got = []
+            for k, test in enumerate((file, folder)):
+                job = OpsJob(model=d, test=test, dtype="f32", out_exact=os.path.join(tmp, f"{stream}{k}.x"),
+                             out_reference=os.path.join(tmp, f"{stream}{k}.r"), streamed=stream)
+                got.append(list(_ops_outputs([job]).values()))
+            for (meta, a), (_, b) in zip(got[0], got[1], strict=True):
+                assert sorted(a) == sorted(b), stream
+                for n in a:
+                    if n == "logits" and meta["pure_f64"] == "false":
+                        # MKL's sgemm rounds by where its input lies in memory (the tensor's offset in
+                        # the file it was read from: 16 vs 24 bytes past a 64-byte line here).
+                        assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-5), (stream, n)
+                    else:
+                        assert torch.equal(a[n], b[n]), (stream, n)
+
+
 def test_streamed_group_budget_follows_the_memory_available():
     """Streamed jobs are grouped by as many tokens as a third of the memory available holds (at least
     `STREAMED_GROUP_TOKENS`): more memory, bigger groups; more bytes per traced value, smaller ones."""

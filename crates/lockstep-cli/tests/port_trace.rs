@@ -193,6 +193,22 @@ fn jax_port_passes_f64_f32_and_bf16_tiers() {
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     let layers = layers["num_hidden_layers"].as_u64().unwrap() as usize;
     assert_html_renders(&dir.join("verify.html"), 2, layers, "port-pass");
+    // The same f32 trace as a trace folder (one part file per layer, as a port of a model bigger
+    // than memory would write it): the same verdict, every op judged from the folder too.
+    let folder = dir.join("llama-f32.trace");
+    lockstep_trace::write_parts(&Trace::read(&f32_trace).unwrap(), &folder).unwrap();
+    let (code, js_folder, out) = verify_port(&dir, &model, &[&folder]);
+    assert_eq!(code, Some(0), "{out}");
+    for p in ["forward logits [f32]", "layer-by-layer [f32]"] {
+        assert_eq!(phase(&js_folder, p)["status"], "pass", "{p}: {out}");
+    }
+    let ops = phase(&js_folder, "op-level (each op on its own inputs) [f32]");
+    assert_eq!(ops["status"], "pass", "{out}");
+    assert_eq!(
+        logits_max_abs(&js_folder, "forward logits [f32]"),
+        d32,
+        "the folder is the file's trace"
+    );
 
     for name in ["qwen2-gqa-bf16", "llama-gqa-bf16"] {
         let model = fixtures().join("models").join(name);

@@ -326,9 +326,13 @@ impl Trace {
         Ok(trace)
     }
 
-    /// Reads a trace file.
-    /// The header is checked against the file's size before the file is read whole.
+    /// Reads a trace file, or a trace folder whole (its parts together: [`store::TraceStore`]).
+    /// A file's header is checked against its size before the file is read whole.
     pub fn read(path: &Path) -> Result<Self, TraceError> {
+        if path.is_dir() {
+            let store = store::TraceStore::open(path)?;
+            return store.load(&store.names());
+        }
         let shown = path.display().to_string();
         let io = |source| TraceError::Io {
             path: shown.clone(),

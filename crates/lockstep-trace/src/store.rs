@@ -395,8 +395,12 @@ mod tests {
             assert_eq!(l1.names(), vec!["layers.1.out"]);
             assert_eq!(l1.get("layers.1.out"), t.get("layers.1.out"));
             let all = s.load(&t.names()).unwrap();
+            let read = Trace::read(&p).unwrap();
+            assert_eq!(read.names(), t.names());
+            assert_eq!(read.metadata, t.metadata);
             for n in t.names() {
                 assert_eq!(all.get(n), t.get(n), "{n}");
+                assert_eq!(read.get(n), t.get(n), "{n}");
             }
         }
     }

@@ -140,12 +140,6 @@ pub fn judge_stored_in_tier(
 
 /// Reads a trace the reference wrote (a failure is the reference's).
 pub fn read_reference_trace(path: &Path) -> HarnessResult<Trace> {
-    if path.is_dir() {
-        let store = TraceStore::open(path).map_err(reference_trace_unreadable)?;
-        return store
-            .load(&store.names())
-            .map_err(reference_trace_unreadable);
-    }
     Trace::read(path).map_err(reference_trace_unreadable)
 }
 
