@@ -1,14 +1,16 @@
 //! Traces written by other ports (JAX, C++, ...): what the verifier reads from their metadata.
 
 use crate::tolerance::Tier;
-use lockstep_trace::{TensorData, Trace};
+use lockstep_trace::{TensorData, Trace, TraceStore};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A trace written by another port (JAX, C++, ... e.g. through `lockstep_reference.writer`), with
-/// what the verifier needs from its metadata.
+/// what the verifier needs from its metadata; the tensors stay in the file (or trace folder), read
+/// a part at a time when judged.
 #[derive(Debug)]
 pub struct PortTrace {
-    /// The file.
+    /// The file or trace folder.
     pub path: PathBuf,
     /// Label for tables: the prompt when the trace names one, else the file name.
     pub label: String,
@@ -23,8 +25,8 @@ pub struct PortTrace {
     pub tokens: Vec<u32>,
     /// The `prompt` metadata, when the ids came from a text.
     pub prompt: Option<String>,
-    /// The tensors.
-    pub trace: Trace,
+    /// The trace's metadata.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Why a port's trace cannot be judged: the file is unreadable, or its metadata does not say what
@@ -52,13 +54,13 @@ impl PortTrace {
             path: p.to_string(),
             msg,
         };
-        let trace = Trace::read(path)?;
-        let producer = trace
-            .metadata
+        let store = TraceStore::open(path)?;
+        let metadata = store.metadata().clone();
+        let producer = metadata
             .get("producer")
             .cloned()
             .unwrap_or_else(|| "unnamed port".into());
-        let claimed = match trace.metadata.get("dtype") {
+        let claimed = match metadata.get("dtype") {
             Some(d) => Tier::from_dtype(d).ok_or_else(|| {
                 meta(format!("dtype '{d}' names no precision tier (f64, f32 or bf16)"))
             })?,
@@ -66,7 +68,7 @@ impl PortTrace {
                 return Err(meta("no `dtype` metadata: the verifier runs the reference in the port's compute dtype (f64, f32 or bf16)".into()))
             }
         };
-        let from_meta: Option<Vec<i64>> = match trace.metadata.get("token_ids") {
+        let from_meta: Option<Vec<i64>> = match metadata.get("token_ids") {
             Some(s) => Some(serde_json::from_str(s).map_err(|e| {
                 meta(format!(
                     "token_ids metadata is not a JSON array of ids ({e})"
@@ -74,9 +76,13 @@ impl PortTrace {
             })?),
             None => None,
         };
-        let from_tensor: Option<Vec<i64>> = trace
-            .get("tokens")
-            .map(|t| t.data.to_f64().iter().map(|&v| v as i64).collect());
+        let from_tensor: Option<Vec<i64>> = if store.contains("tokens") {
+            let t = store.load(&["tokens"])?;
+            t.get("tokens")
+                .map(|t| t.data.to_f64().iter().map(|&v| v as i64).collect())
+        } else {
+            None
+        };
         let ids = match (from_meta, from_tensor) {
             (Some(a), Some(b)) if a != b => {
                 return Err(meta(
@@ -97,14 +103,21 @@ impl PortTrace {
             .iter()
             .map(|&i| u32::try_from(i).map_err(|_| meta(format!("token id {i} is not valid"))))
             .collect::<Result<Vec<u32>, PortTraceError>>()?;
-        let prompt = trace.metadata.get("prompt").cloned();
+        let prompt = metadata.get("prompt").cloned();
         let label = match &prompt {
             Some(t) => format!("{:?}", t.chars().take(30).collect::<String>()),
             None => path
                 .file_name()
                 .map_or_else(|| p.to_string(), |f| f.to_string_lossy().into_owned()),
         };
-        let data = data_tier(&trace);
+        // A part at a time: a trace folder of a model bigger than memory is never read whole.
+        let mut data = Tier::BF16;
+        for part in store.parts() {
+            let part_tier = data_tier(&store.load_part(part)?);
+            if finer(part_tier, data) {
+                data = part_tier;
+            }
+        }
         let tier = if finer(data, claimed) { data } else { claimed };
         Ok(PortTrace {
             path: path.to_path_buf(),
@@ -114,7 +127,7 @@ impl PortTrace {
             claimed,
             tokens,
             prompt,
-            trace,
+            metadata,
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use super::reference::{Reference, TraceJob};
 use super::{
-    create_work_dir, judge_in_tier, op_level_phase, read_reference_trace, short, show_ids,
+    create_work_dir, judge_stored_in_tier, op_level_phase, reference_output, short, show_ids,
     HarnessError, HarnessResult, OpsInput,
 };
 use lockstep_verify::{restrict, NamedComparison, Phase, PortTrace, Tier, VerifyOutcome};
@@ -83,7 +83,9 @@ pub fn run_port_verify(
     progress("phase 2: weights");
     phases.push(port_weights_phase(&checkpoint, &ports));
 
-    // Reference traces: the oracle for every trace's ids, and the reference in the trace's dtype.
+    // Reference traces: the oracle for every trace's ids, and the reference in the trace's dtype
+    // (trace folders for a model the reference streams, as in `verify`).
+    let folders = super::pyref::streamed(&opts.model, "f64");
     let path = |tokens: &[u32], dt: &str| {
         let mut h: u64 = 0xcbf29ce484222325;
         for t in tokens {
@@ -91,8 +93,8 @@ pub fn run_port_verify(
                 h = (h ^ b as u64).wrapping_mul(0x100000001b3);
             }
         }
-        opts.work_dir
-            .join(format!("port-{h:016x}-{}-{dt}.safetensors", tokens.len()))
+        let stem = format!("port-{h:016x}-{}-{dt}", tokens.len());
+        reference_output(&opts.work_dir, &stem, folders)
     };
     let mut jobs: Vec<TraceJob> = vec![];
     for port in &ports {
@@ -110,7 +112,6 @@ pub fn run_port_verify(
     }
     progress("running the reference (transformers) on the port's ids");
     reference.traces(&jobs)?;
-    let read = read_reference_trace;
 
     let mut producers: Vec<&str> = ports.iter().map(|p| p.producer.as_str()).collect();
     producers.sort_unstable();
@@ -126,7 +127,9 @@ pub fn run_port_verify(
         progress(&format!("comparing the {tier} trace(s)"));
         let mut comps = vec![];
         for port in &mine {
-            let mut cmp = judge_in_tier(tier, &port.trace, &|dt| read(&path(&port.tokens, dt)))
+            // Judged a decoder layer at a time from the files: neither the port's trace nor the
+            // reference's is ever whole in memory.
+            let mut cmp = judge_stored_in_tier(tier, &port.path, &|dt| path(&port.tokens, dt))
                 .map_err(|e| match e {
                     HarnessError::Policy(e) => {
                         HarnessError::input(format!("{}: {e}", port.path.display()))
@@ -270,7 +273,7 @@ fn port_weights_phase(
     if let Ok(ck) = lockstep_verify::port_weights::CheckpointWeights::new(stored) {
         let traces: Vec<(String, &std::collections::BTreeMap<String, String>)> = ports
             .iter()
-            .map(|p| (p.path.display().to_string(), &p.trace.metadata))
+            .map(|p| (p.path.display().to_string(), &p.metadata))
             .collect();
         if let Some(phase) = lockstep_verify::port_weights::weights_phase(&ck, &traces) {
             return phase;
@@ -278,7 +281,7 @@ fn port_weights_phase(
     }
     let with_fp: Vec<(&PortTrace, &String)> = ports
         .iter()
-        .filter_map(|p| p.trace.metadata.get("model_fingerprint").map(|f| (p, f)))
+        .filter_map(|p| p.metadata.get("model_fingerprint").map(|f| (p, f)))
         .collect();
     if with_fp.is_empty() {
         return Phase::skip(
