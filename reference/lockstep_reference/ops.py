@@ -44,8 +44,10 @@ one matmul in f32/bf16, as the model's lm_head runs it; the rotary embedding is 
 job (the state `reset_dynamic_rope` gives a loaded model). The test traces are read tensor by tensor
 as the ops need them (safetensors `safe_open`), never whole. Held in memory: one decoder layer in
 float64 (~1.9 GB at 7B) or the tier's dtype at a time, one row chunk of lm_head (0.5 GB in float64 at
-7B; the whole head in f32/bf16), and the group's outputs until they are written (at 7B ~17 MB per
-token in float64 plus half that in f32, a quarter in bf16, the attention probabilities aside).
+7B; the whole head in f32/bf16), and the group's outputs until they are written: one layer's when the
+outputs are trace folders (what the verifier asks for when it streams; each part written as its layer
+is done), all of them for files (at 7B ~17 MB per token in float64 plus half that in f32, a quarter in
+bf16, the attention probabilities aside). A test trace may be a file or a trace folder.
 Outputs carry "streamed": "true" in their metadata. Checked against the in-memory path in
 reference/tests/check_reference.py: bit-identical, except the float64 logits when the head is cut in
 chunks (a vocab above `ROW_CHUNK`): MKL's dgemm sums in an order that depends on the matrix's width,
