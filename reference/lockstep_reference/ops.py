@@ -451,15 +451,10 @@ class _Outputs:
         self.passes = passes
         self.tokens = tokens
         self.meta = [{**_metadata(job, t), "streamed": "true"} for job, t in zip(jobs, tokens, strict=True)]
-        for path in self._paths():
-            if is_trace_folder(path):
-                clear_parts(path)
-
-    def _paths(self):
-        for job in self.jobs:
-            yield job.out_exact
-            if job.out_reference is not None:
-                yield job.out_reference
+        for job in jobs:
+            for p in passes:
+                if is_trace_folder(self._path(job, p)):
+                    clear_parts(self._path(job, p))
 
     def _path(self, job: OpsJob, p: _Pass) -> str:
         return job.out_exact if p.pure else job.out_reference

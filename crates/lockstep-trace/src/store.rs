@@ -130,6 +130,11 @@ impl TraceStore {
         &self.path
     }
 
+    /// Its files, in the order they are read: the trace file, or a folder's part files by name.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// The trace's metadata.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata

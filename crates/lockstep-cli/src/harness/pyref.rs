@@ -236,22 +236,13 @@ fn job_key(j: &TraceJob) -> String {
 fn ops_key(j: &OpsJob) -> HarnessResult<String> {
     use sha2::{Digest, Sha256};
     // Streamed through the hasher: a 7B test trace is ~1.9 GB. A trace folder: each part file's
-    // name and bytes, in name order (the order it is read in).
+    // name and bytes, in the order the store reads them.
     let cannot = |e| HarnessError::io(format!("cannot read {}", j.test.display()), e);
-    let mut hasher = Sha256::new();
+    let store = lockstep_trace::TraceStore::open(&j.test)
+        .map_err(|e| HarnessError::input(format!("{}: {e}", j.test.display())))?;
     let folder = j.test.is_dir();
-    let files = if folder {
-        let mut parts: Vec<std::path::PathBuf> = std::fs::read_dir(&j.test)
-            .map_err(cannot)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        parts.sort();
-        parts
-    } else {
-        vec![j.test.clone()]
-    };
-    for path in &files {
+    let mut hasher = Sha256::new();
+    for path in store.files() {
         if let Some(name) = path.file_name().filter(|_| folder) {
             hasher.update(name.as_encoded_bytes());
         }
