@@ -313,7 +313,8 @@ def generate_batch(jobs_path: str) -> None:
     with `pad_token_id`, as transformers returns it. `eos_token_ids` (empty with `ignore_eos`) and
     `pad_token_id` are the ones this generation used, so a reader can cut each row at its own EOS.
     `top_ids` / `top_logits`: per generated step (per row for a batch), the reference's own best
-    `TOP_K` tokens and their scores (`top_of_scores`), so a parting of two implementations can be
+    tokens and their scores: its best `TOP_K` and every token within the job's `tie_within` of
+    its best (`top_of_scores`), so a parting of two implementations can be
     judged a near-tie from the reference's logits, not only from the other side's.
 
     With `ignore_eos` the generation config carries no EOS id, so exactly `max_new_tokens` tokens come
@@ -371,7 +372,7 @@ def generate_batch(jobs_path: str) -> None:
                                  output_scores=True, return_dict_in_generate=True)
         seq = res.sequences
         new = seq[:, ids.shape[1]:].tolist()
-        top_ids, top_logits = top_of_scores(res.scores)
+        top_ids, top_logits = top_of_scores(res.scores, job.tie_within)
         eos = gc.eos_token_id
         eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         one = job.token_batch is None
@@ -384,23 +385,31 @@ def generate_batch(jobs_path: str) -> None:
 
 
 TOP_K = 2
+#: Most tokens listed per step (the Rust side's `reference::TOP_MAX`).
+TOP_MAX = 256
 
 
-def top_of_scores(scores) -> tuple[list, list]:
-    """Per row, per generated step: the ids and the scores of the `TOP_K` best tokens of the
-    reference's own scores at that step (what greedy decoding took its argmax of: the logits after
-    the generation config's processors, e.g. a repetition penalty), best first. A non-finite score
-    is written as null (JSON has no NaN or infinity)."""
+def top_of_scores(scores, within: float = 0.0) -> tuple[list, list]:
+    """Per row, per generated step: the ids and the scores of the reference's own best tokens at
+    that step (what greedy decoding took its argmax of: the logits after the generation config's
+    processors, e.g. a repetition penalty), best first: the `TOP_K` best and every other token
+    whose score is within `within` of the best, at most `TOP_MAX`. So a token another
+    implementation picked on a near-tie is listed with its exact score, and one not listed is
+    further than `within` from the best (unless `TOP_MAX` were listed). A non-finite score is
+    written as null (JSON has no NaN or infinity)."""
     ids: list[list[list[int]]] = []
     vals: list[list[list[float | None]]] = []
     for step in scores:
-        v, i = torch.topk(step.float(), min(TOP_K, step.shape[-1]), dim=-1)
+        v, i = torch.topk(step.float(), min(TOP_MAX, step.shape[-1]), dim=-1)
         for r in range(step.shape[0]):
             if len(ids) <= r:
                 ids.append([])
                 vals.append([])
-            ids[r].append([int(t) for t in i[r].tolist()])
-            vals[r].append([float(x) if math.isfinite(x) else None for x in v[r].tolist()])
+            row = v[r].tolist()
+            # NaN compares false: a NaN best lists only TOP_K.
+            n = max(TOP_K, sum(1 for x in row if x >= row[0] - within))
+            ids[r].append([int(t) for t in i[r].tolist()[:n]])
+            vals[r].append([float(x) if math.isfinite(x) else None for x in row[:n]])
     return ids, vals
 
 

@@ -62,6 +62,9 @@ class GenerateJob:
     repetition_penalty: float = 1.0
     #: The compute dtype the model is loaded in: "f32" (the default) or "bf16".
     dtype: str = "f32"
+    #: List, per generated step, every token whose score is within this of the step's best (at
+    #: least `TOP_K`, at most `TOP_MAX`): the verifier's near-tie tolerance.
+    tie_within: float = 0.0
 
     def __post_init__(self) -> None:
         given = [n for n in ("tokens", "token_batch", "prompt", "messages") if getattr(self, n) is not None]

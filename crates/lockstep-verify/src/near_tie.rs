@@ -53,12 +53,15 @@ impl Parting {
 /// Judges the parting at one step: `ours` / `theirs` the two sides' tokens, `reference_top` the
 /// reference's best tokens with their scores at that step (best first), `our_logits` our logits at
 /// that step, `tolerance` the largest gap rounding can close (the f32 logits tolerance).
+/// `listed_within`: the reference listed every token within this of its best, so ours, when not
+/// listed, is further than that (the lower bound on its gap is at least this).
 pub fn judge_parting(
     ours: u32,
     theirs: u32,
     reference_top: &[(u32, Option<f32>)],
     our_logits: &[f32],
     tolerance: f64,
+    listed_within: Option<f64>,
 ) -> Parting {
     let logit = |t: u32| our_logits.get(t as usize).map_or(f64::NAN, |&v| v as f64);
     let our_gap = logit(ours) - logit(theirs);
@@ -72,7 +75,10 @@ pub fn judge_parting(
         (Some(a), Some(b)) => (Some(a - b), true),
         // Ours ranks below every token listed: at least the spread of the list.
         (Some(a), None) => match reference_top.last().and_then(|(_, v)| *v) {
-            Some(last) => (Some(a - last as f64), false),
+            Some(last) => (
+                Some((a - last as f64).max(listed_within.unwrap_or(f64::NEG_INFINITY))),
+                false,
+            ),
             None => (None, false),
         },
         _ => (None, false),
@@ -106,7 +112,7 @@ mod tests {
     fn a_tie_both_sides_see_is_a_near_tie() {
         let top = [(3, Some(5.00003f32)), (4, Some(5.0))];
         let ours = logits(&[(4, 5.00002), (3, 5.0)]);
-        let p = judge_parting(4, 3, &top, &ours, TOL);
+        let p = judge_parting(4, 3, &top, &ours, TOL, None);
         assert!(p.near_tie, "{p:?}");
         assert!(p.exact);
         assert!((p.ref_gap.unwrap() - 3e-5).abs() < 1e-6);
@@ -118,7 +124,7 @@ mod tests {
         // Our logits flat (e.g. a bug that flattens them); the reference clearly prefers 3.
         let top = [(3, Some(7.0f32)), (4, Some(5.0))];
         let ours = logits(&[(4, 1.0), (3, 1.0)]);
-        let p = judge_parting(4, 3, &top, &ours, TOL);
+        let p = judge_parting(4, 3, &top, &ours, TOL, None);
         assert!(!p.near_tie, "{p:?}");
         assert_eq!(p.ref_gap, Some(2.0));
         // This was a near-tie when judged from our logits alone.
@@ -129,7 +135,7 @@ mod tests {
     fn a_tie_only_the_reference_sees_is_a_real_difference() {
         let top = [(3, Some(5.00001f32)), (4, Some(5.0))];
         let ours = logits(&[(4, 6.0), (3, 5.0)]);
-        assert!(!judge_parting(4, 3, &top, &ours, TOL).near_tie);
+        assert!(!judge_parting(4, 3, &top, &ours, TOL, None).near_tie);
     }
 
     #[test]
@@ -137,29 +143,42 @@ mod tests {
         // The reference's list spans 0.5: ours is at least that far below its token.
         let top = [(3, Some(5.5f32)), (6, Some(5.0))];
         let ours = logits(&[(4, 5.0), (3, 5.0)]);
-        let p = judge_parting(4, 3, &top, &ours, TOL);
+        let p = judge_parting(4, 3, &top, &ours, TOL, None);
         assert!(!p.near_tie);
         assert!(!p.exact);
         assert_eq!(p.ref_gap, Some(0.5));
         assert!(p.describe().contains("≥ 5.0e-1"), "{}", p.describe());
         // A list within the tolerance proves nothing about ours: not shown to be a tie.
         let top = [(3, Some(5.00001f32)), (6, Some(5.0))];
-        assert!(!judge_parting(4, 3, &top, &ours, TOL).near_tie);
+        assert!(!judge_parting(4, 3, &top, &ours, TOL, None).near_tie);
     }
 
     #[test]
     fn nothing_reported_or_not_finite_is_no_tie() {
         let ours = logits(&[(4, 5.0), (3, 5.0)]);
-        let p = judge_parting(4, 3, &[], &ours, TOL);
+        let p = judge_parting(4, 3, &[], &ours, TOL, None);
         assert!(!p.near_tie);
         assert_eq!(p.ref_gap, None);
         assert!(p.describe().contains("unknown"));
         let top = [(3, None), (4, None)];
-        assert!(!judge_parting(4, 3, &top, &ours, TOL).near_tie);
+        assert!(!judge_parting(4, 3, &top, &ours, TOL, None).near_tie);
         let top = [(3, Some(5.0f32)), (4, Some(5.0))];
         let nan = logits(&[(4, f32::NAN), (3, f32::NAN)]);
-        assert!(!judge_parting(4, 3, &top, &nan, TOL).near_tie);
+        assert!(!judge_parting(4, 3, &top, &nan, TOL, None).near_tie);
         // A token id beyond our logits.
-        assert!(!judge_parting(40, 3, &top, &ours, TOL).near_tie);
+        assert!(!judge_parting(40, 3, &top, &ours, TOL, None).near_tie);
+    }
+
+    #[test]
+    fn ours_missing_from_a_list_of_every_close_token_is_further_than_it() {
+        // The reference listed every token within 0.2 of its best; ours (4) is not among them.
+        let top = [(3, Some(5.0f32)), (5, Some(4.97))];
+        let ours = logits(&[(4, 5.0), (3, 4.99)]);
+        let p = judge_parting(4, 3, &top, &ours, 0.2, Some(0.2));
+        assert!(!p.near_tie && !p.exact, "{p:?}");
+        assert_eq!(p.ref_gap, Some(0.2));
+        // Without that promise only the list's spread bounds it.
+        let p = judge_parting(4, 3, &top, &ours, 0.2, None);
+        assert!((p.ref_gap.unwrap() - 0.03).abs() < 1e-5, "{p:?}");
     }
 }

@@ -2,11 +2,11 @@
 
 use super::engine_pipeline::VerifyOptions;
 use super::inputs::InputKind;
-use super::reference::{GenerateJob, Reference};
+use super::reference::{GenerateJob, Reference, TOP_MAX};
 use super::HarnessResult;
 use lockstep_engine::chat::{ChatTemplate, Message};
 use lockstep_engine::generate::{generate_batch, GenerateOptions, GenerationDefaults};
-use lockstep_engine::{with_float, Float, KvCache, Model, Tokenizer};
+use lockstep_engine::{with_float, BatchKvCache, Float, LogitsFor, Model, PaddedBatch, Tokenizer};
 use lockstep_verify::near_tie::{judge_parting, GeneratedRow};
 use lockstep_verify::{Phase, Tier};
 use std::fmt::Write as _;
@@ -70,6 +70,7 @@ pub fn generation_phase(
         dtype: tier.as_str().into(),
         prompts,
         max_new_tokens: opts.generate_tokens,
+        tie_within: tie,
     };
     let mut jobs: Vec<GenerateJob> = rows.iter().map(|p| job(vec![p.clone()])).collect();
     if rows.len() > 1 {
@@ -100,12 +101,15 @@ pub fn generation_phase(
         "| prompt | run | prompt tokens | lockstep | transformers | identical | verdict |\n|---|---|---:|---:|---:|---:|---|\n",
     );
     let (mut identical, mut ties, mut bugs) = (0, 0, vec![]);
+    // `batch`: the prompts of our run that made `ours` (one, or all of them), `generated` its
+    // rows' tokens, `row` this one's place in it.
     let mut check = |label: &str,
                      run: &str,
                      prompt: &[u32],
-                     ours: &[u32],
+                     (batch, generated, row): (&[Vec<u32>], &[Vec<u32>], usize),
                      theirs: &GeneratedRow|
      -> HarnessResult<()> {
+        let ours = &generated[row][..];
         let (theirs, theirs_top) = (&theirs.ids[..], &theirs.top);
         // transformers pads a batch row that ended (EOS) until the batch ends: cut after its EOS.
         let theirs = match theirs
@@ -120,12 +124,15 @@ pub fn generation_phase(
             identical += 1;
             "PASS".to_string()
         } else if same < ours.len() && same < theirs.len() {
-            // Our own logits at the step where the two part, and the reference's own.
-            let mut context = prompt.to_vec();
-            context.extend_from_slice(&ours[..same]);
-            let logits = with_float!(tier, T => logits_after::<T>(model, &context))?;
+            // Our own logits at the step where the two part, as the run that picked our token
+            // computed them, and the reference's own.
+            let logits =
+                with_float!(tier, T => replayed_logits::<T>(model, batch, generated, row, same))?;
             let top = theirs_top.get(same).map_or(&[][..], |t| &t[..]);
-            let p = judge_parting(ours[same], theirs[same], top, &logits, tie);
+            // The reference lists every token within `tie` of its best (up to TOP_MAX): ours
+            // missing from a shorter list is further than that.
+            let listed_within = (top.len() < TOP_MAX).then_some(tie);
+            let p = judge_parting(ours[same], theirs[same], top, &logits, tie, listed_within);
             if p.near_tie {
                 ties += 1;
                 format!("near-tie at token {same}: lockstep {} vs transformers {}: {} (both ≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same], p.describe())
@@ -156,14 +163,19 @@ pub fn generation_phase(
         Ok(())
     };
     for (i, (label, prompt)) in prompts.iter().enumerate() {
-        check(label, "alone", prompt, &ours.alone[i], &theirs[i][0])?;
+        let alone = (
+            std::slice::from_ref(&rows[i]),
+            std::slice::from_ref(&ours.alone[i]),
+            0,
+        );
+        check(label, "alone", prompt, alone, &theirs[i][0])?;
     }
     for (i, (label, prompt)) in prompts.iter().enumerate().filter(|_| rows.len() > 1) {
         check(
             label,
             "batched",
             prompt,
-            &ours.batch[i],
+            (&rows[..], &ours.batch[..], i),
             &theirs[rows.len()][i],
         )?;
     }
@@ -215,9 +227,41 @@ fn generate_ours<T: Float>(
     Ok(Ours { alone, batch })
 }
 
-/// Our logits for the token after `context`, in `T`'s arithmetic, as f32.
-fn logits_after<T: Float>(model: &Model, context: &[u32]) -> lockstep_engine::Result<Vec<f32>> {
-    let mut cache = KvCache::<T>::new(model.config.num_layers);
-    let logits = model.forward_last(context, &mut cache)?;
-    Ok(logits.iter().map(|v| v.to_f64() as f32).collect())
+/// Our logits (as f32, in `T`'s arithmetic) at generated step `step` of row `row`, replayed as
+/// [`generate_batch`] computed them: `prompts` prefilled as one left-padded batch, then each
+/// row's own `generated` tokens fed back a step at a time, a row leaving the batch after its last
+/// token. These are the logits that picked our token at that step: a full forward pass over the
+/// context can differ from them (in bf16 on AMX by more than the last bit: the prefill's tiles
+/// sum in another order than a decode step, and a row alone is prefilled with fewer tokens than
+/// in a batch, which can decide the kernel).
+fn replayed_logits<T: Float>(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    generated: &[Vec<u32>],
+    row: usize,
+    step: usize,
+) -> lockstep_engine::Result<Vec<f32>> {
+    let vocab = model.config.vocab_size;
+    let batch = PaddedBatch::left_padded(prompts, 0);
+    let mut cache = BatchKvCache::<T>::new(model.config.num_layers, prompts.len());
+    let mut logits =
+        model.forward_batch::<T>(&batch.tokens, &batch.mask, &mut cache, LogitsFor::Last)?;
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    for s in 0..step {
+        let stays = |r: &usize| generated[*r].len() > s + 1;
+        let keep: Vec<bool> = active.iter().map(stays).collect();
+        cache.keep_rows(&keep);
+        active.retain(stays);
+        let next: Vec<u32> = active.iter().map(|&r| generated[r][s]).collect();
+        let all = vec![true; next.len()];
+        logits = model.forward_batch::<T>(&next, &all, &mut cache, LogitsFor::Last)?;
+    }
+    let slot = active
+        .iter()
+        .position(|&r| r == row)
+        .expect("the row generated past `step`");
+    Ok(logits[slot * vocab..(slot + 1) * vocab]
+        .iter()
+        .map(|v| v.to_f64() as f32)
+        .collect())
 }

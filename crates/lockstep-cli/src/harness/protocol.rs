@@ -50,6 +50,8 @@ pub struct GenerateRequest<'a> {
     pub max_new_tokens: usize,
     /// Generate exactly `max_new_tokens` (no EOS).
     pub ignore_eos: bool,
+    /// List per step every token within this of the best (see `GenerateJob::tie_within`).
+    pub tie_within: f64,
     /// One prompt's ids.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<&'a [u32]>,
@@ -119,6 +121,7 @@ mod tests {
             dtype: "bf16",
             max_new_tokens: 4,
             ignore_eos: false,
+            tie_within: 0.0,
             tokens: Some(&p[0]),
             token_batch: None,
         };

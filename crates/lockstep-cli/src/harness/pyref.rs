@@ -162,11 +162,12 @@ fn generated_rows(r: &GenerateAnswer, prompts: &[Vec<u32>]) -> HarnessResult<Vec
 
 fn generate_key(j: &GenerateJob) -> String {
     format!(
-        "{}|{}|{:?}|{}",
+        "{}|{}|{:?}|{}|{}",
         j.model.display(),
         j.dtype,
         j.prompts,
-        j.max_new_tokens
+        j.max_new_tokens,
+        j.tie_within
     )
 }
 
@@ -371,6 +372,7 @@ impl Reference for PythonReference {
                         dtype: &j.dtype,
                         max_new_tokens: j.max_new_tokens,
                         ignore_eos: false,
+                        tie_within: j.tie_within,
                         tokens: one.then(|| &j.prompts[0][..]),
                         token_batch: (!one).then_some(&j.prompts[..]),
                     }

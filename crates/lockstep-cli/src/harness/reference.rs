@@ -47,7 +47,14 @@ pub struct GenerateJob {
     pub prompts: Vec<Vec<u32>>,
     /// New tokens at most.
     pub max_new_tokens: usize,
+    /// The reference lists, per generated step, every token whose score is within this of its
+    /// best (at least its best two, at most [`TOP_MAX`]): the near-tie tolerance, so that a
+    /// parting on a near-tie finds our token among them with its exact score.
+    pub tie_within: f64,
 }
+
+/// Most tokens the reference lists per generated step (`batch.TOP_MAX`).
+pub const TOP_MAX: usize = 256;
 
 /// One op-level job: every op of a test trace recomputed by the reference on the test's own
 /// inputs of that op (docs/numerics.md, "Op-level judgement").
