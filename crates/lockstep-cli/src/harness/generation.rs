@@ -133,7 +133,12 @@ pub fn generation_phase(
             // missing from a shorter list is further than that.
             let listed_within = (top.len() < TOP_MAX).then_some(tie);
             let p = judge_parting(ours[same], theirs[same], top, &logits, tie, listed_within);
-            if p.near_tie {
+            if p.our_gap.is_nan() || p.our_gap < 0.0 {
+                // The replay's argmax is not the token our run picked (greedy, no penalty in
+                // this phase): our generation does not reproduce, whatever the reference says.
+                bugs.push(format!("{label} ({run}) at token {same}: not reproducible"));
+                format!("**FAIL** at token {same}: lockstep picked {} but its own logits replayed at that step rank {} {:.1e} higher: its generation does not reproduce", ours[same], theirs[same], -p.our_gap)
+            } else if p.near_tie {
                 ties += 1;
                 format!("near-tie at token {same}: lockstep {} vs transformers {}: {} (both ≤ {tie:.0e}): rounding decides, not a bug", ours[same], theirs[same], p.describe())
             } else {
