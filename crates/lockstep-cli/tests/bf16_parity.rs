@@ -192,3 +192,79 @@ bf16_test!(bf16_qwen3, "qwen3-bf16");
 // Qwen3-MoE stored in bf16: bf16 router logits route a few tokens differently from the oracle
 // (near-ties), in PyTorch's bf16 run as in ours.
 bf16_test!(bf16_qwen3_moe, "qwen3-moe-bf16");
+
+/// The faithful bf16 tier on a float32 checkpoint computes on its matrices rounded to bf16 once
+/// (`weights::bf16_copy`, then the BF16 kernels and, for decode, their 12-bit coding where this
+/// CPU reads it): its trace is bit for bit the trace of the bf16-stored copy that the reference
+/// makes (`to-bf16`: transformers' own `.to(torch.bfloat16)`), prefill and greedy generation
+/// alike; and with the copies turned off (`LOCKSTEP_BF16_COPY=off`: each F32 weight rounded as
+/// it is summed) it stays within the bf16 tier of the reference.
+#[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
+fn bf16_on_a_float32_checkpoint_is_its_bf16_copy_bit_for_bit() {
+    let py = reference_python();
+    for name in ["qwen2-default", "qwen2-tied-3layer"] {
+        let dir = scratch(&format!("bf16-copy-{name}"));
+        let src = fixtures().join("models").join(name);
+        let rounded = dir.join("model");
+        reference(
+            &py,
+            &["to-bf16", src.to_str().unwrap(), rounded.to_str().unwrap()],
+        );
+        let ids = ids_arg(&token_ids(40, 2048, 7));
+        let (a, b) = (dir.join("f32.safetensors"), dir.join("bf16.safetensors"));
+        trace_to(&src, &ids, "bf16", &a);
+        trace_to(&rounded, &ids, "bf16", &b);
+        assert_same_bits(&a, &b, &format!("{name}: F32 checkpoint vs its bf16 copy"));
+        let generate = |model: &std::path::Path| {
+            let out = lockstep_ok(&[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--tokens",
+                &ids,
+                "--max-new-tokens",
+                "16",
+                "--ignore-eos",
+                "--dtype",
+                "bf16",
+                "--json",
+            ]);
+            let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+            v["generated_tokens"].clone()
+        };
+        let (ga, gb) = (generate(&src), generate(&rounded));
+        assert!(ga.as_array().is_some_and(|a| a.len() == 16), "{ga}");
+        assert_eq!(
+            ga, gb,
+            "{name}: greedy ids, F32 checkpoint vs its bf16 copy"
+        );
+        // Per-use rounding (no copy): the same values summed perhaps in another order.
+        let off = dir.join("off.safetensors");
+        lockstep_ok_with(
+            "LOCKSTEP_BF16_COPY",
+            "off",
+            &[
+                "trace",
+                "--model",
+                src.to_str().unwrap(),
+                "--tokens",
+                &ids,
+                "--dtype",
+                "bf16",
+                "--out",
+                off.to_str().unwrap(),
+            ],
+        );
+        let (t_off, t_copy) = (Trace::read(&off).unwrap(), Trace::read(&a).unwrap());
+        let d = max_abs_diff(&t_off, &t_copy, "logits");
+        let scale = max_abs(&t_copy, "logits");
+        assert!(
+            d <= 0.05 * scale,
+            "{name}: logits without the copy {d:.3e} from it (max |logits| {scale:.3e})"
+        );
+    }
+}

@@ -36,6 +36,10 @@ pub struct MemoryEstimate {
     /// ([`crate::weights::bf16_coded`]), when the run will make it ([`Self::with_coded_copy`]);
     /// 0 otherwise.
     pub coded: u64,
+    /// The bf16 copies of an f32 checkpoint's matrices for a bf16-compute run
+    /// ([`crate::weights::bf16_copy`]), when the run will make them
+    /// ([`Self::with_bf16_copies`]); 0 otherwise.
+    pub bf16_copies: u64,
 }
 
 /// What a run asks for, besides the model.
@@ -78,6 +82,7 @@ impl MemoryEstimate {
             traces: 0,
             reference: 0,
             coded: 0,
+            bf16_copies: 0,
         }
     }
 
@@ -92,6 +97,25 @@ impl MemoryEstimate {
         let (w, streamed) = (self.weights, self.weights_streamed);
         if crate::weights::bf16_coded::wanted(w, w, available, streamed)? {
             self.coded = w / 4 * 3;
+        }
+        Ok(self)
+    }
+
+    /// The estimate with the bf16 copies of the matrices, for a bf16-compute run on an f32
+    /// checkpoint: half the weights (erring high: embeddings and norms are not copied) when
+    /// [`crate::weights::bf16_copy::wanted`] will have the model make them with `available`
+    /// bytes free, and their 12-bit coding for decode (0.75 of the copies) when
+    /// [`crate::weights::bf16_coded::wanted`] will code them.
+    ///
+    /// # Errors
+    /// A bad `LOCKSTEP_BF16_COPY` or `LOCKSTEP_CODED_BF16` (one line).
+    pub fn with_bf16_copies(mut self, available: Option<u64>) -> Result<Self> {
+        let (w, streamed) = (self.weights, self.weights_streamed);
+        if crate::weights::bf16_copy::wanted(w, w, available)? {
+            self.bf16_copies = w / 2;
+            if crate::weights::bf16_coded::wanted(w + w / 2, w / 2, available, streamed)? {
+                self.coded = w / 2 / 4 * 3;
+            }
         }
         Ok(self)
     }
@@ -152,7 +176,7 @@ impl MemoryEstimate {
     }
 
     /// Everything held at once: lockstep's side (weights, KV cache, activations, traces, the
-    /// coded matrices), or the
+    /// coded matrices, the bf16 copies), or the
     /// Python reference's model when that is larger (`verify` runs the reference in its own phases,
     /// not while lockstep's engine computes, so the two are not added).
     pub fn total(&self) -> u64 {
@@ -161,6 +185,7 @@ impl MemoryEstimate {
             .saturating_add(self.activations)
             .saturating_add(self.traces)
             .saturating_add(self.coded)
+            .saturating_add(self.bf16_copies)
             .max(self.reference)
     }
 
@@ -177,6 +202,12 @@ impl MemoryEstimate {
             gib(self.kv_cache),
             gib(self.activations)
         );
+        if self.bf16_copies > 0 {
+            parts.push_str(&format!(
+                ", f32 matrices rounded to bf16 copies {}",
+                gib(self.bf16_copies)
+            ));
+        }
         if self.coded > 0 {
             parts.push_str(&format!(
                 ", bf16 matrices coded for decode {}",
@@ -375,6 +406,43 @@ mod tests {
         let mut streamed = plain;
         streamed.weights_streamed = true;
         assert_eq!(streamed.with_coded_copy(Some(16 * gib)).unwrap().coded, 0);
+    }
+
+    /// An f32 checkpoint's bf16 copies count (half the weights, and their coding where this CPU
+    /// reads it) when they fit; none without room or when free memory is unknown.
+    #[test]
+    fn the_bf16_copies_count_where_they_will_be_made() {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "max_position_embeddings": 128}"#,
+        )
+        .unwrap();
+        let run = RunShape {
+            batch: 1,
+            prompt_len: 8,
+            context: 16,
+            act_bytes: 2,
+        };
+        let gib = 1u64 << 30;
+        let plain = MemoryEstimate::new(&c, gib, run);
+        let free = plain.with_bf16_copies(Some(16 * gib)).unwrap();
+        assert_eq!(free.bf16_copies, gib / 2);
+        let coded = if crate::kernels::matmul::decodes_coded() {
+            gib / 2 / 4 * 3
+        } else {
+            0
+        };
+        assert_eq!(free.coded, coded);
+        assert_eq!(free.total(), plain.total() + gib / 2 + coded);
+        assert!(
+            free.describe().contains("bf16 copies"),
+            "{}",
+            free.describe()
+        );
+        assert_eq!(plain.with_bf16_copies(None).unwrap(), plain);
+        assert_eq!(plain.with_bf16_copies(Some(gib)).unwrap(), plain);
     }
 
     /// A quantized GGUF counts at its file size (plus Llama's reordered q/k copy), not as f32.

@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 mod advice;
 pub mod bf16_coded;
+pub mod bf16_copy;
 pub mod huge_pages;
 mod nonfinite;
 pub mod page_cache;
@@ -156,6 +157,9 @@ pub struct Tensor {
     /// ([`bf16_coded`]), once [`Tensor::code_bf16`] made it; shared by clones (a tied LM head
     /// and its embeddings).
     coded: Arc<OnceLock<Option<bf16_coded::Bf16Coded>>>,
+    /// This F32 matrix's values rounded to bf16, for products in bf16 compute
+    /// ([`bf16_copy`]), once [`Tensor::round_to_bf16_together`] made it; shared by clones.
+    bf16_copy: Arc<OnceLock<Option<Tensor>>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -183,6 +187,7 @@ impl Tensor {
             shape,
             q8_dot: false,
             coded: Arc::default(),
+            bf16_copy: Arc::default(),
         }
     }
 
@@ -203,6 +208,7 @@ impl Tensor {
             shape,
             q8_dot: false,
             coded: Arc::default(),
+            bf16_copy: Arc::default(),
         }
     }
 
@@ -234,6 +240,36 @@ impl Tensor {
     /// Whether [`Tensor::code_bf16`] ran (made a coding or found it could not).
     pub fn code_bf16_tried(&self) -> bool {
         self.coded.get().is_some()
+    }
+
+    /// [`bf16_copy`] for each of `ts` not tried yet, all into one region of 2 MiB pages
+    /// ([`bf16_copy::round_together`]); a tensor listed twice, or sharing its copy with
+    /// another listed (a clone), is rounded once. Tensors that are not 2-D F32 matrices get
+    /// none.
+    pub fn round_to_bf16_together(ts: &[&Tensor]) {
+        let mut seen = std::collections::HashSet::new();
+        let todo: Vec<&Tensor> = ts
+            .iter()
+            .copied()
+            .filter(|t| t.bf16_copy.get().is_none() && seen.insert(Arc::as_ptr(&t.bf16_copy)))
+            .collect();
+        for (t, c) in todo.iter().zip(bf16_copy::round_together(&todo)) {
+            // Another thread may have made it meanwhile: then its copy stays.
+            let _ = t.bf16_copy.set(c);
+        }
+    }
+
+    /// Whether [`Tensor::round_to_bf16_together`] ran on this tensor (made a copy or found it
+    /// could not).
+    pub fn round_to_bf16_tried(&self) -> bool {
+        self.bf16_copy.get().is_some()
+    }
+
+    /// This F32 matrix rounded to bf16 ([`bf16_copy`]), if [`Tensor::round_to_bf16_together`]
+    /// made the copy: what bf16-compute products read instead of rounding the F32 values on
+    /// each use.
+    pub fn bf16_copy(&self) -> Option<&Tensor> {
+        self.bf16_copy.get().and_then(Option::as_ref)
     }
 
     /// The 12-bit coding [`Tensor::code_bf16`] made, if it did.

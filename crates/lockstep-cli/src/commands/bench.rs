@@ -52,13 +52,23 @@ pub fn decode_weight_bytes(m: &Model) -> u64 {
     decode_matrices(m).map(|t| t.bytes().len() as u64).sum()
 }
 
-/// What a decode step reads of [`decode_weight_bytes`]: a matrix coded in 12 bits per value
-/// ([`lockstep_engine::weights::bf16_coded`], made for bf16 and f32 runs) is read coded by a decode
-/// step of up to [`lockstep_engine::kernels::matmul::CODED_MAX_TOKENS`] rows; returns (bytes read, stored bytes of the coded matrices).
-fn decode_read_bytes(m: &Model) -> (u64, u64) {
-    decode_matrices(m).fold((0, 0), |(read, coded), t| match t.coded() {
-        Some(c) => (read + c.bytes() as u64, coded + t.bytes().len() as u64),
-        None => (read + t.bytes().len() as u64, coded),
+/// What a decode step of `rows` rows reads of [`decode_weight_bytes`]: in bf16 compute an F32
+/// matrix's bf16 copy ([`lockstep_engine::weights::bf16_copy`]) instead of its stored bytes, and
+/// a matrix coded in 12 bits per value ([`lockstep_engine::weights::bf16_coded`], made for bf16
+/// and f32 runs) coded when the step has up to
+/// [`lockstep_engine::kernels::matmul::CODED_MAX_TOKENS`] rows; returns (bytes read, stored
+/// bytes of the matrices read coded).
+fn decode_read_bytes(m: &Model, bf16_compute: bool, rows: usize) -> (u64, u64) {
+    let few = rows <= lockstep_engine::kernels::matmul::CODED_MAX_TOKENS;
+    decode_matrices(m).fold((0, 0), |(read, coded), t| {
+        let r = match t.bf16_copy() {
+            Some(c) if bf16_compute => c,
+            _ => t,
+        };
+        match r.coded().filter(|_| few) {
+            Some(c) => (read + c.bytes() as u64, coded + t.bytes().len() as u64),
+            None => (read + r.bytes().len() as u64, coded),
+        }
     })
 }
 
@@ -254,13 +264,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     }
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     let wbytes = decode_weight_bytes(&loaded.model);
-    // A decode step of a few rows reads the coded matrices (where bf16 made them); more rows,
-    // the stored ones.
-    let (read, coded) = if a.batch <= lockstep_engine::kernels::matmul::CODED_MAX_TOKENS {
-        decode_read_bytes(&loaded.model)
-    } else {
-        (wbytes, 0)
-    };
+    let (read, coded) = decode_read_bytes(&loaded.model, a.dtype.name() == "bf16", a.batch);
     let (copied, anon_huge, file_huge) = (
         copied_weight_bytes(&loaded.model),
         anon_huge_page_bytes().unwrap_or(0),
@@ -270,11 +274,17 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let achieved = read as f64 * steps;
     let machine = read_bandwidth();
     let (prefill, decode) = (median(prefill), median(decode));
+    let kernels = kernel_names();
+    let rounded: u64 = decode_matrices(&loaded.model)
+        .filter(|t| t.bf16_copy().is_some())
+        .map(|t| t.bytes().len() as u64)
+        .sum();
     eprintln!(
         "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
-         weights read {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads); \
-         of the {:.2} GB of weights, {:.2} GB coded in 12 bits per value (a decode step reads {:.2} GB), \
-         {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
+         weights read {:.1} GB/s per decode = {:.0}% of the measured {:.1} GB/s read bandwidth ({} threads, \
+         kernels {}); \
+         of the {:.2} GB of weights, {:.2} GB rounded from f32 to bf16 copies, {:.2} GB coded in 12 bits \
+         per value (a decode step reads {:.2} GB), {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
          of the model's mapped files and {:.2} GB of the process's own memory",
         loaded.load_s,
         peak_rss as f64 / 1e9,
@@ -282,7 +292,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         100.0 * achieved / machine,
         machine / 1e9,
         threads(),
+        kernels,
         wbytes as f64 / 1e9,
+        rounded as f64 / 1e9,
         coded as f64 / 1e9,
         read as f64 / 1e9,
         copied as f64 / 1e9,
@@ -294,6 +306,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "model": a.model.display().to_string(),
             "dtype": a.dtype.name(),
             "threads": threads(),
+            "kernels": kernels,
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,
@@ -305,6 +318,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "decode_weight_bytes": wbytes,
             "decode_read_bytes": read,
             "coded_weight_bytes": coded,
+            "bf16_copied_weight_bytes": rounded,
             "achieved_weight_bytes_per_s": achieved,
             "read_bandwidth_bytes_per_s": machine,
             "bandwidth_fraction": achieved / machine,
@@ -315,6 +329,18 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         println!("{obj}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fastest matmul kernel this CPU runs, and "coded decode" where this CPU reads 12-bit codings:
+/// which code paths the figures above come from (`Amx` means the bf16 prefill ran on AMX tiles).
+fn kernel_names() -> String {
+    use lockstep_engine::kernels::matmul::{decodes_coded, Kernel};
+    let fastest = format!("{:?}", Kernel::detect());
+    if decodes_coded() {
+        format!("{fastest} + coded decode")
+    } else {
+        fastest
+    }
 }
 
 fn rate(n: usize, s: f64) -> f64 {

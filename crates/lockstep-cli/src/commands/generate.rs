@@ -274,6 +274,11 @@ impl Preloaded {
         if bf16 && reads_coding {
             estimate = estimate.with_coded_copy(resources::available_memory())?;
         }
+        // An f32 checkpoint in bf16 compute may round its matrices to bf16 copies.
+        let f32_stored = self.config.declared_dtype.as_deref() == Some("float32");
+        if f32_stored && *dtype == lockstep_engine::Dtype::Bf16 {
+            estimate = estimate.with_bf16_copies(resources::available_memory())?;
+        }
         super::common::enforce_memory_estimate(&estimate, &self.dir, force)
     }
 

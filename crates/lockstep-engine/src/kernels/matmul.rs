@@ -285,6 +285,7 @@ pub fn linear_swiglu<T: Float>(
     act: &mut [T],
     up_out: &mut [T],
 ) {
+    let (gate, up) = (weights_for::<T>(gate), weights_for::<T>(up));
     #[cfg(target_arch = "x86_64")]
     if swiglu_amx(x, n, gate, up, act) {
         return;
@@ -340,6 +341,16 @@ fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut
     true
 }
 
+/// The tensor a product in compute type `T` reads: in bf16 compute an F32 matrix's bf16 copy
+/// when the model made one ([`Tensor::bf16_copy`]: exactly the values the F32 ones round to), so
+/// that the BF16 kernels run; else `w`.
+fn weights_for<T: Float>(w: &Tensor) -> &Tensor {
+    match w.bf16_copy() {
+        Some(c) if T::PRECISION == Precision::BF16 => c,
+        _ => w,
+    }
+}
+
 /// Whether the AMX kernel serves `n` tokens of `k` on `kernel` in compute type `T` (on BF16
 /// weights, which the callers check): the faithful bf16 tier only (never f32/f64, whose
 /// activations it would round to bf16), from `amx_min_n` tokens. [`linear_min_n_many`] and
@@ -375,6 +386,9 @@ fn linear_min_n_many<T: Float>(
         Kernel::available().contains(&kernel),
         "{kernel:?} is not available on this CPU"
     );
+    for p in products.iter_mut() {
+        p.w = weights_for::<T>(p.w);
+    }
     let Some(first) = products.first() else {
         return;
     };

@@ -163,16 +163,26 @@ impl Model {
                     )
                 })?,
         };
-        // LOCKSTEP_CODED_BF16, read once.
-        let matrices: u64 = layers
-            .iter()
-            .flat_map(|l| l.linears())
-            .chain([&lm_head])
-            .filter(|t| t.dtype == crate::weights::StoredDtype::BF16)
-            .map(|t| t.bytes().len() as u64)
-            .sum();
-        let code_bf16 =
-            crate::weights::bf16_coded::wanted(mapped, matrices, available, stream_layers)?;
+        // LOCKSTEP_BF16_COPY and LOCKSTEP_CODED_BF16, each read once. The codings count the
+        // bf16 copies of F32 matrices among the BF16 matrices, and the copies beside the map.
+        let matrix_bytes = |dtype: crate::weights::StoredDtype| -> u64 {
+            layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .chain([&lm_head])
+                .filter(|t| t.dtype == dtype)
+                .map(|t| t.bytes().len() as u64)
+                .sum()
+        };
+        let f32_matrices = matrix_bytes(crate::weights::StoredDtype::F32);
+        let bf16_copy = crate::weights::bf16_copy::wanted(mapped, f32_matrices, available)?;
+        let copies = if bf16_copy { f32_matrices / 2 } else { 0 };
+        let code_bf16 = crate::weights::bf16_coded::wanted(
+            mapped + copies,
+            matrix_bytes(crate::weights::StoredDtype::BF16) + copies,
+            available,
+            stream_layers,
+        )?;
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);
@@ -189,6 +199,7 @@ impl Model {
             stream_layers,
             team,
             code_bf16,
+            bf16_copy,
         })
     }
 }
@@ -198,7 +209,9 @@ impl Model {
     /// ggml block-quantized matrix (the layers' and the LM head) is marked for 8-bit integer dot
     /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math). For a dtype
     /// whose decode reads the 12-bit coding (bf16, bf16w, f32) with [`Model::code_bf16`], the
-    /// BF16 matrices are coded now ([`Model::code_bf16_matrices`]), not at the first decode step.
+    /// BF16 matrices are coded now ([`Model::code_bf16_matrices`]), not at the first decode step;
+    /// for `bf16` with [`Model::bf16_copy`], the F32 matrices are rounded to their bf16 copies
+    /// now too ([`Model::round_f32_matrices`]).
     ///
     /// # Errors
     /// `q8dot` on a model without a block-quantized matrix: it would run plain f32, so say so.
@@ -214,6 +227,9 @@ impl Model {
             layer.linears_mut().into_iter().for_each(mark);
         }
         mark(&mut self.lm_head);
+        if dtype == Dtype::Bf16 && self.bf16_copy {
+            self.round_f32_matrices();
+        }
         let reads_coding = matches!(dtype, Dtype::Bf16 | Dtype::Bf16w | Dtype::F32);
         if reads_coding && self.code_bf16 {
             self.code_bf16_matrices();

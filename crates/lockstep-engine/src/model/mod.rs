@@ -219,6 +219,12 @@ pub struct Model {
     /// step. Chosen at load by [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`);
     /// may be set by hand. Never changes a value.
     pub code_bf16: bool,
+    /// Round the F32 matrices (each layer's, the LM head) to bf16 once, into copies that
+    /// products in bf16 compute read ([`crate::weights::bf16_copy`]): at [`Model::use_dtype`]
+    /// for `bf16`, else at the first bf16 forward pass; the copies are coded too where
+    /// [`Model::code_bf16`] holds. Chosen at load by [`crate::weights::bf16_copy::wanted`]
+    /// (`LOCKSTEP_BF16_COPY`); may be set by hand. Never changes a value.
+    pub bf16_copy: bool,
 }
 
 /// Which positions' logits a forward pass computes.
@@ -398,6 +404,9 @@ impl Model {
         obs: &mut impl Observer<T>,
         which: LogitsFor,
     ) -> Result<Vec<T>> {
+        if self.bf16_copy && T::PRECISION == Precision::BF16 {
+            self.round_f32_matrices();
+        }
         let reads_coding = matches!(T::PRECISION, Precision::BF16 | Precision::F32);
         if self.code_bf16 && reads_coding && tokens.len() <= CODED_TOKENS {
             self.code_bf16_matrices();
@@ -425,6 +434,24 @@ impl Model {
         let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
         all.push(&self.lm_head);
         Tensor::code_bf16_together(&all);
+    }
+
+    /// Makes the bf16 copy of every F32 matrix a forward pass reads (each layer's, the LM head)
+    /// that has none yet ([`Tensor::round_to_bf16_together`]), all in one region of 2 MiB
+    /// pages, and codes the copies for decode where [`Model::code_bf16`] holds.
+    pub fn round_f32_matrices(&self) {
+        // Every matrix is tried in the one call below: once the LM head has been, so has
+        // every other (checked at each bf16 pass, so no list is built then).
+        if self.lm_head.round_to_bf16_tried() {
+            return;
+        }
+        let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
+        all.push(&self.lm_head);
+        Tensor::round_to_bf16_together(&all);
+        if self.code_bf16 {
+            let copies: Vec<&Tensor> = all.iter().filter_map(|t| t.bf16_copy()).collect();
+            Tensor::code_bf16_together(&copies);
+        }
     }
 
     /// [`Model::forward_rows`] on this thread, its parallel loops on whatever team it leads.

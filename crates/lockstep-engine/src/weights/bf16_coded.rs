@@ -27,7 +27,7 @@
 //! row's end.
 
 use crate::weights::{StoredDtype, Tensor};
-use memmap2::{Advice, Mmap, MmapMut};
+use memmap2::Mmap;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -120,10 +120,6 @@ pub struct Bf16Coded {
     band_escapes: Vec<bool>,
 }
 
-/// Bytes from the start of one 2 MiB page to the next: where a region of codings starts, so
-/// that all of it can sit in 2 MiB pages.
-const HUGE_PAGE: usize = 2 << 20;
-
 /// Codes every matrix in `ws` into one region of anonymous memory that starts on a 2 MiB
 /// boundary and is advised `MADV_HUGEPAGE`, one matrix after another (each at a multiple of 64
 /// bytes): the entry of each is its coding, or `None` where it is not a 2-D BF16 matrix (all
@@ -149,30 +145,14 @@ pub fn code_together(ws: &[&Tensor]) -> Vec<Option<Bf16Coded>> {
         .iter()
         .map(|s| s.map_or(0, |(m, k)| m * row_bytes(k)))
         .collect();
-    let total: usize = lens.iter().map(|l| l.next_multiple_of(64)).sum();
-    if total == 0 {
-        return none();
-    }
-    let Ok(mut region) = MmapMut::map_anon(total + HUGE_PAGE) else {
+    let Some((mut region, starts)) = super::huge_pages::shared_region(&lens) else {
         return none();
     };
-    // Advice is a hint: without 2 MiB pages the codings are still right.
-    let _ = region.advise(Advice::HugePage);
-    let first = region.as_ptr().align_offset(HUGE_PAGE);
-    // The region cut into each matrix's part, in order.
-    let mut places = Vec::with_capacity(ws.len());
-    let mut rest = &mut region[first..];
-    let mut at = first;
-    for &len in &lens {
-        let step = len.next_multiple_of(64);
-        let (part, tail) = rest.split_at_mut(step);
-        places.push((at, &mut part[..len]));
-        (rest, at) = (tail, at + step);
-    }
+    let parts = super::huge_pages::region_parts(&mut region, &starts, &lens);
     let codings: Vec<Option<(usize, Parts)>> = ws
         .par_iter()
         .zip(&shapes)
-        .zip(places)
+        .zip(starts.into_par_iter().zip(parts))
         .map(|((w, shape), (at, part))| shape.map(|(m, k)| (at, code_matrix(w, m, k, part))))
         .collect();
     let Ok(region) = region.make_read_only().map(Arc::new) else {
@@ -577,7 +557,10 @@ mod tests {
         let (ca, cb) = (coded[0].as_ref().unwrap(), coded[2].as_ref().unwrap());
         assert!(coded[1].is_none());
         assert!(Arc::ptr_eq(&ca.region, &cb.region));
-        assert_eq!(ca.group_ptr(0, 0) as usize % HUGE_PAGE, 0);
+        assert_eq!(
+            ca.group_ptr(0, 0) as usize % crate::weights::page_cache::HUGE_PAGE,
+            0
+        );
         // One after the other, each from a multiple of 64 bytes, not overlapping.
         assert_eq!(ca.at.start % 64, 0);
         assert_eq!(cb.at.start, ca.at.end.next_multiple_of(64));

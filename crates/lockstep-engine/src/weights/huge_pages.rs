@@ -162,6 +162,51 @@ fn merged(spans: &[(usize, usize)]) -> impl Iterator<Item = (usize, usize)> + '_
     })
 }
 
+/// One region of anonymous memory for many matrices' derived bytes (their 12-bit codings, their
+/// bf16 copies), so that all of it can sit in 2 MiB pages: parts of `lens` bytes one after
+/// another, each at a multiple of 64 bytes, from a 2 MiB boundary, advised `MADV_HUGEPAGE` (a
+/// hint: without such pages the bytes are still right). Returns the region and each part's
+/// start in it; `None` when there is nothing to hold or the memory is refused. Coded alone, a
+/// matrix smaller than 2 MiB could never have such a page, and a larger one only the whole
+/// pages inside its own mapping.
+pub(crate) fn shared_region(lens: &[usize]) -> Option<(MmapMut, Vec<usize>)> {
+    let total: usize = lens.iter().map(|l| l.next_multiple_of(64)).sum();
+    if total == 0 {
+        return None;
+    }
+    let region = MmapMut::map_anon(total + page_cache::HUGE_PAGE).ok()?;
+    let _ = region.advise(Advice::HugePage);
+    let first = region.as_ptr().align_offset(page_cache::HUGE_PAGE);
+    let starts = lens
+        .iter()
+        .scan(first, |at, &len| {
+            let start = *at;
+            *at += len.next_multiple_of(64);
+            Some(start)
+        })
+        .collect();
+    Some((region, starts))
+}
+
+/// The parts of a [`shared_region`] to fill, `lens` bytes at `starts` each (disjoint: they
+/// can be filled in parallel).
+pub(crate) fn region_parts<'a>(
+    region: &'a mut MmapMut,
+    starts: &[usize],
+    lens: &[usize],
+) -> Vec<&'a mut [u8]> {
+    let mut parts = Vec::with_capacity(lens.len());
+    let mut rest = &mut region[..];
+    let mut at = 0;
+    for (&start, &len) in starts.iter().zip(lens) {
+        let (_, tail) = rest.split_at_mut(start - at);
+        let (part, tail) = tail.split_at_mut(len);
+        parts.push(part);
+        (rest, at) = (tail, start + len);
+    }
+    parts
+}
+
 /// A region the size of `map`, anonymous and advised `MADV_HUGEPAGE`, holding `map`'s bytes in
 /// `spans` (sorted by start; the rest is never touched, so never backed), read-only; `None` when
 /// the memory or the advice is refused. `map`'s pages are dropped from it piece by piece as they

@@ -21,6 +21,7 @@ impl Tensor {
             q8_dot: self.q8_dot,
             // A view is its own matrix: its own coding, if one is made.
             coded: Default::default(),
+            bf16_copy: Default::default(),
         })
     }
 }
