@@ -20,7 +20,7 @@ Run with the reference environment's python from the repository root, after a re
 
     cargo build --release -p lockstep-cli
     .venv/bin/python scripts/bench_compare.py [--models DIR ...] [--rounds 3] [--prefill 128 512] [--decode 32]
-        [--depth 2048] [--llama-cpp] [--quantized Q8_0 Q4_K_M]
+        [--depth 2048] [--llama-cpp] [--quantized Q8_0 Q4_K_M] [--engines REGEX]
 
 `--llama-cpp` builds llama.cpp first when needed (`bash scripts/llama_cpp.sh`, ~10 min once).
 (`LOCKSTEP_BIN` overrides the lockstep binary.)
@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -211,6 +212,9 @@ def main():
     ap.add_argument("--quantized", nargs="+", default=[], metavar="TYPE",
                     help="with --llama-cpp: also these llama-quantize types (Q8_0, Q4_K_M, ...): lockstep exact "
                          "and q8dot against llama.cpp on the same file")
+    ap.add_argument("--engines", metavar="REGEX",
+                    help="measure only the engines whose row name matches (re.search), e.g. 'bf16'; the ratio "
+                         "column's baseline is always measured")
     args = ap.parse_args()
     if args.quantized and not args.llama_cpp:
         sys.exit("error: --quantized needs --llama-cpp (the files are made and compared with llama.cpp)")
@@ -218,28 +222,35 @@ def main():
         sys.exit(f"error: {LOCKSTEP} missing; run cargo build --release -p lockstep-cli")
     import torch
 
-    threads = int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1))
+    threads = int(os.environ.get("RAYON_NUM_THREADS", len(os.sched_getaffinity(0))))
     torch.set_num_threads(threads)
     llama_bin = llama_cpp_bin() if args.llama_cpp else None
     rows = []
     for model in args.models:
         lock_dtypes = ["f32", "bf16"] + (["bf16w"] if stored_dtype(model) == "bfloat16" else [])
-        engines = {f"lockstep {d}": Lockstep(model, d) for d in lock_dtypes}
-        engines["PyTorch bf16 sdpa"] = Torch(model, "bfloat16", "sdpa")
-        engines["PyTorch f32 sdpa"] = Torch(model, "float32", "sdpa")
+        # Each engine as a maker, so that those --engines leaves out are never loaded or converted.
+        makers = {f"lockstep {d}": (lambda d=d, m=model: Lockstep(m, d)) for d in lock_dtypes}
+        makers["PyTorch bf16 sdpa"] = lambda m=model: Torch(m, "bfloat16", "sdpa")
+        makers["PyTorch f32 sdpa"] = lambda m=model: Torch(m, "float32", "sdpa")
         if llama_bin is not None:
             for outtype in ("bf16", "f16"):
-                engines[f"llama.cpp {outtype}"] = LlamaCpp(llama_bin, llama_cpp_gguf(model, outtype), threads)
+                makers[f"llama.cpp {outtype}"] = (
+                    lambda o=outtype, m=model: LlamaCpp(llama_bin, llama_cpp_gguf(m, o), threads))
         # Quantized files: each row's ratio is to llama.cpp on the same file.
-        baseline = {e: "PyTorch bf16 sdpa" for e in engines}
+        baseline = {e: "PyTorch bf16 sdpa" for e in makers}
         for qtype in args.quantized:
-            gguf = llama_cpp_quantized(llama_bin, model, qtype)
             llama = f"llama.cpp {qtype}"
-            engines[llama] = LlamaCpp(llama_bin, gguf, threads)
+            makers[llama] = lambda q=qtype, m=model: LlamaCpp(llama_bin, llama_cpp_quantized(llama_bin, m, q), threads)
             for d, mode in (("f32", "exact"), ("q8dot", "fast")):
-                engines[f"lockstep {qtype} {mode} ({d})"] = Lockstep(gguf, d)
+                makers[f"lockstep {qtype} {mode} ({d})"] = (
+                    lambda q=qtype, d=d, m=model: Lockstep(llama_cpp_quantized(llama_bin, m, q), d))
                 baseline[f"lockstep {qtype} {mode} ({d})"] = llama
             baseline[llama] = llama
+        if args.engines:
+            keep = re.compile(args.engines)
+            wanted = [e for e in makers if keep.search(e)]
+            makers = {e: m for e, m in makers.items() if e in wanted or e in {baseline[w] for w in wanted}}
+        engines = {e: m() for e, m in makers.items()}
         cols = [f"prefill {p}" for p in args.prefill] + ["decode"] + ([f"decode @{args.depth}"] if args.depth else [])
         res = {e: {c: [] for c in cols} for e in engines}
         for r in range(args.rounds):
