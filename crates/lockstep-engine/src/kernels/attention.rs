@@ -20,6 +20,7 @@ use super::matmul::dot_lane_pairs;
 use super::{as_f32, as_f32_mut, round_bf16, Bf16, Float};
 use crate::team::SendPtr;
 use std::fmt::Debug;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 /// How a KV cache holds a key or value of compute type `T`: as `T` itself, or in the bf16 tier,
@@ -279,6 +280,23 @@ pub fn attention_in<T: Float, C: KvElement<T>>(
     out: &mut [T],
     probs: Option<&mut [T]>,
 ) {
+    attention_split(spec, q, k, v, layout, key_mask, out, probs, None)
+}
+
+/// [`attention_in`]; `heads_per_task` (tests) fixes how many heads of a kv group one task of a
+/// decode step runs, else [`decode_heads_per_task`] chooses.
+#[allow(clippy::too_many_arguments)]
+fn attention_split<T: Float, C: KvElement<T>>(
+    spec: &AttentionSpec,
+    q: &[T],
+    k: &[C],
+    v: &[C],
+    layout: KvLayout,
+    key_mask: Option<&[bool]>,
+    out: &mut [T],
+    probs: Option<&mut [T]>,
+    heads_per_task: Option<usize>,
+) {
     let (h, kvh, d) = (spec.heads, spec.kv_heads, spec.head_dim);
     let t_len = q.len() / (h * d);
     let s_len = layout.keys;
@@ -316,15 +334,30 @@ pub fn attention_in<T: Float, C: KvElement<T>>(
     let parallel = h * t_len * s_len * d >= PARALLEL_MIN_WORK;
     if t_len == 1 && spec.mapping == GqaMapping::Grouped && kvh < h && heads.blocked() {
         // One query position (a decode step): the heads sharing a kv head together, so that
-        // its keys and values are read once for several heads.
+        // its keys and values are read once for several heads; a group split over several
+        // tasks when the threads outnumber the kv heads (each head's sums are its own: the
+        // same bits however the heads are grouped).
         let group = h / kvh;
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let sub = heads_per_task.unwrap_or_else(|| decode_heads_per_task(group, kvh, threads));
+        assert!(
+            sub > 0 && group.is_multiple_of(sub),
+            "heads per task divide the group"
+        );
         for_each_chunk(
             &mut by_head,
-            group * d,
+            sub * d,
             probs,
-            group * s_len,
+            sub * s_len,
             parallel,
-            |kv, o, p| heads.run_group(kv, o, p),
+            |i, o, p| {
+                let (kv, j0) = (i * sub / group, i * sub % group);
+                heads.run_group(kv, j0..j0 + sub, o, p)
+            },
         );
     } else {
         for_each_chunk(
@@ -342,6 +375,19 @@ pub fn attention_in<T: Float, C: KvElement<T>>(
             out[(t * h + head) * d..(t * h + head + 1) * d].copy_from_slice(o);
         }
     }
+}
+
+/// Heads of a kv group that one task of a parallel decode step runs: the whole group (its keys
+/// and values read once) when the kv heads alone give every thread a task, else the largest
+/// divisor of the group that does (one head per task at the least). The 0.5B shape (14 heads, 2
+/// kv heads) on 16 threads: one head per task, 14 tasks, where whole groups left 14 threads
+/// idle; on 2 threads, whole groups.
+fn decode_heads_per_task(group: usize, kv_heads: usize, threads: usize) -> usize {
+    (1..=group)
+        .rev()
+        .filter(|s| group.is_multiple_of(*s))
+        .find(|s| kv_heads * (group / s) >= threads)
+        .unwrap_or(1)
 }
 
 /// `f(i, out_i, probs_i)` for the `i`-th chunk of `out` (`out_len` values) and of `probs`
@@ -471,14 +517,20 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
         self.head(head, o_head, p_head)
     }
 
-    /// The query of every head sharing kv head `kv` (one query position, grouped mapping):
-    /// outputs `[heads of the group][D]` into `o_group`, probabilities `[..][S]` into
-    /// `p_group`, each head's bits those of [`Heads::run`].
-    fn run_group(&self, kv: usize, o_group: &mut [T], mut p_group: Option<&mut [T]>) {
+    /// The query of heads `heads` (counted within the group) of those sharing kv head `kv` (one
+    /// query position, grouped mapping): outputs `[heads][D]` into `o_group`, probabilities
+    /// `[..][S]` into `p_group`, each head's bits those of [`Heads::run`].
+    fn run_group(
+        &self,
+        kv: usize,
+        heads: Range<usize>,
+        o_group: &mut [T],
+        mut p_group: Option<&mut [T]>,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if self.blocked() {
             // SAFETY: `blocked` checked the CPU features and the call's shape.
-            return unsafe { self.group_blocked(kv, o_group, p_group) };
+            return unsafe { self.group_blocked(kv, heads, o_group, p_group) };
         }
         let (d, s_len) = (self.spec.head_dim, self.layout.keys);
         let group = self.spec.heads / self.spec.kv_heads;
@@ -486,7 +538,7 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             let p = p_group
                 .as_deref_mut()
                 .map(|p| &mut p[j * s_len..(j + 1) * s_len]);
-            self.run(kv * group + j, o, p);
+            self.run(kv * group + heads.start + j, o, p);
         }
     }
 
@@ -641,10 +693,16 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     /// As [`Heads::head_blocked`]; one query position; grouped mapping.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
-    unsafe fn group_blocked(&self, kv: usize, o_group: &mut [T], p_group: Option<&mut [T]>) {
+    unsafe fn group_blocked(
+        &self,
+        kv: usize,
+        heads: Range<usize>,
+        o_group: &mut [T],
+        p_group: Option<&mut [T]>,
+    ) {
         match self.head_lanes(kv) {
-            HeadLanes::F32(lanes) => self.group_blocked_in(kv, lanes, o_group, p_group),
-            HeadLanes::Bf16(lanes) => self.group_blocked_in(kv, lanes, o_group, p_group),
+            HeadLanes::F32(lanes) => self.group_blocked_in(kv, heads, lanes, o_group, p_group),
+            HeadLanes::Bf16(lanes) => self.group_blocked_in(kv, heads, lanes, o_group, p_group),
         }
     }
 
@@ -658,15 +716,17 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     unsafe fn group_blocked_in<L: Lane>(
         &self,
         kv: usize,
+        heads: Range<usize>,
         (k, v): (&[L], &[L]),
         o_group: &mut [T],
         p_group: Option<&mut [T]>,
     ) {
         let spec = self.spec;
         let (kvh, d, s_len) = (spec.kv_heads, spec.head_dim, self.layout.keys);
-        let group = spec.heads / kvh;
+        let first = kv * (spec.heads / kvh) + heads.start;
+        let group = heads.len();
         let stride = self.layout.row;
-        let q = as_f32(&self.q[kv * group * d..(kv + 1) * group * d]).expect("f32 inside");
+        let q = as_f32(&self.q[first * d..(first + group) * d]).expect("f32 inside");
         let vis = self.visible(0);
         let blocks = || {
             (0..group)
@@ -1896,6 +1956,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn decode_tasks_give_every_thread_work_in_whole_divisors() {
+        assert_eq!(decode_heads_per_task(7, 2, 2), 7);
+        assert_eq!(decode_heads_per_task(7, 2, 16), 1);
+        assert_eq!(decode_heads_per_task(8, 2, 4), 4);
+        assert_eq!(decode_heads_per_task(8, 2, 8), 2);
+        assert_eq!(decode_heads_per_task(8, 8, 16), 4);
+        assert_eq!(decode_heads_per_task(6, 4, 1), 6);
+    }
+
     /// A decode step (one query position) runs the heads that share a kv head together
     /// ([`Heads::group_blocked`]); each head's output and probabilities are the general per-key
     /// loop's bits (forced with an all-true key mask), f32 and bf16, for groups of 2 to 7
@@ -1925,6 +1995,34 @@ mod tests {
             let mut out = vec![T::ZERO; h * d];
             let mut probs = vec![T::ZERO; h * s_len];
             attention(&spec, &q, &k, &vv, None, &mut out, Some(&mut probs));
+            let bits = |x: &[T]| x.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            // Each group split over tasks of any size that divides it: the same bits.
+            let group = h / kvh;
+            for sub in (1..=group).filter(|s| group.is_multiple_of(*s)) {
+                let (mut o2, mut p2) = (vec![T::ZERO; h * d], vec![T::ZERO; h * s_len]);
+                let layout = KvLayout::interleaved(s_len, kvh, d);
+                let (k, v) = (&k[..], &vv[..]);
+                attention_split(
+                    &spec,
+                    &q,
+                    k,
+                    v,
+                    layout,
+                    None,
+                    &mut o2,
+                    Some(&mut p2),
+                    Some(sub),
+                );
+                let what = format!("{:?} h={h} kvh={kvh} d={d} past={past}", T::PRECISION);
+                assert!(
+                    bits(&o2) == bits(&out),
+                    "{sub} heads a task: output, {what}"
+                );
+                assert!(
+                    bits(&p2) == bits(&probs),
+                    "{sub} heads a task: probabilities, {what}"
+                );
+            }
             let general = Heads {
                 spec: &spec,
                 q: &q,
@@ -1937,7 +2035,6 @@ mod tests {
                 amx: false,
                 amx_kv: amx_kv_slots(kvh),
             };
-            let bits = |x: &[T]| x.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
             for head in 0..h {
                 let mut o = vec![T::ZERO; d];
                 let mut p = vec![T::ZERO; s_len];
