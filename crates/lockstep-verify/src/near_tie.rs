@@ -6,11 +6,13 @@
 //! only one side sees is a real difference (e.g. our logits flat where the reference's are not,
 //! which is what a bug that flattens logits looks like).
 //!
-//! The reference reports, per generated step, its best few tokens and their scores (`top_ids` /
-//! `top_logits` of `generate-batch`). When `ours` is among them its gap is exact; when it is not,
-//! the reference's gap is at least the spread of those it listed, which decides the case when that
-//! spread exceeds the tolerance; otherwise (or with nothing reported) the parting is not shown to
-//! be a tie, and is a failure.
+//! The reference reports, per generated step, its best tokens and their scores (`top_ids` /
+//! `top_logits` of `generate-batch`): its best two and every other token within the tolerance of
+//! its best (at most 256). When `ours` is among them its gap is exact; when it is not, the
+//! reference's gap is at least the spread of those it listed and, when the list holds every token
+//! within the tolerance (`listed_within`), more than the tolerance: a real difference. With
+//! nothing reported the parting is not shown to be a tie, and is a failure. Our logits are the
+//! ones the run that picked our token computed (the verifier replays that run to the step).
 
 /// One greedy generation by the reference: its new ids and, per generated step, its best tokens
 /// with their scores, best first (`None`: not finite).
