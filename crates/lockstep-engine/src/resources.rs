@@ -375,10 +375,9 @@ pub fn config_of(source: &ModelSource) -> Result<ModelConfig> {
 mod tests {
     use super::*;
 
-    /// The coded copy counts on lockstep's side when the model will make it (this CPU sums coded
-    /// matrices and they fit), never when free memory is unknown or the layers are streamed.
-    #[test]
-    fn the_coded_copy_counts_where_it_will_be_made() {
+    /// 1 GiB of weights for a small Qwen2 config, an 8-token prompt in 16 positions, values of
+    /// `act_bytes`: (1 GiB, the estimate).
+    fn one_gib_estimate(act_bytes: usize) -> (u64, MemoryEstimate) {
         let c = ModelConfig::from_json_str(
             r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -390,10 +389,17 @@ mod tests {
             batch: 1,
             prompt_len: 8,
             context: 16,
-            act_bytes: 4,
+            act_bytes,
         };
         let gib = 1u64 << 30;
-        let plain = MemoryEstimate::new(&c, gib, run);
+        (gib, MemoryEstimate::new(&c, gib, run))
+    }
+
+    /// The coded copy counts on lockstep's side when the model will make it (this CPU sums coded
+    /// matrices and they fit), never when free memory is unknown or the layers are streamed.
+    #[test]
+    fn the_coded_copy_counts_where_it_will_be_made() {
+        let (gib, plain) = one_gib_estimate(4);
         let free = plain.with_coded_copy(Some(16 * gib)).unwrap();
         if crate::kernels::matmul::decodes_coded() {
             assert_eq!(free.coded, gib / 4 * 3);
@@ -412,21 +418,7 @@ mod tests {
     /// reads it) when they fit; none without room or when free memory is unknown.
     #[test]
     fn the_bf16_copies_count_where_they_will_be_made() {
-        let c = ModelConfig::from_json_str(
-            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "max_position_embeddings": 128}"#,
-        )
-        .unwrap();
-        let run = RunShape {
-            batch: 1,
-            prompt_len: 8,
-            context: 16,
-            act_bytes: 2,
-        };
-        let gib = 1u64 << 30;
-        let plain = MemoryEstimate::new(&c, gib, run);
+        let (gib, plain) = one_gib_estimate(2);
         let free = plain.with_bf16_copies(Some(16 * gib)).unwrap();
         assert_eq!(free.bf16_copies, gib / 2);
         let coded = if crate::kernels::matmul::decodes_coded() {
