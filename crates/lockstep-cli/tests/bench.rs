@@ -131,17 +131,30 @@ fn bench_reports_the_coded_bytes_a_bf16_step_reads() {
     assert_eq!(off["coded_weight_bytes"].as_u64(), Some(0), "{off}");
     assert_eq!(auto["decode_weight_bytes"].as_u64(), Some(stored), "{auto}");
     let read = auto["decode_read_bytes"].as_u64().unwrap();
-    if lockstep_engine::kernels::matmul::decodes_coded() {
-        assert_eq!(auto["coded_weight_bytes"].as_u64(), Some(stored), "{auto}");
-        // Every row rounds up to whole groups: at least 0.75 of the stored bytes, not much more.
+    // Every row rounds up to whole groups: at least 0.75 of the stored bytes, not much more.
+    let coded_read = |v: &Value| {
+        assert_eq!(v["coded_weight_bytes"].as_u64(), Some(stored), "{v}");
+        let read = v["decode_read_bytes"].as_u64().unwrap();
         assert!(
             read >= stored / 4 * 3 && (read as f64) < 0.8 * stored as f64,
             "{read} of {stored}"
         );
+        assert!(
+            v["kernels"].as_str().unwrap().contains("coded decode"),
+            "{v}"
+        );
+    };
+    use lockstep_engine::kernels::matmul::{codes_by_default, reads_coded};
+    if codes_by_default() {
+        coded_read(&auto);
     } else {
         assert_eq!(read, stored, "{auto}");
-        // Forced on, a CPU whose kernels cannot read the coding still makes no copy.
-        let on = run("on");
+    }
+    // Forced on: coded wherever the kernels read the coding (AVX-512), else still no copy.
+    let on = run("on");
+    if reads_coded() {
+        coded_read(&on);
+    } else {
         assert_eq!(on["coded_weight_bytes"].as_u64(), Some(0), "{on}");
         assert_eq!(on["decode_read_bytes"].as_u64(), Some(stored), "{on}");
     }

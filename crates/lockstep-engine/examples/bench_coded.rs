@@ -1,4 +1,5 @@
-//! Times one-token bf16 products (`linear` on the AVX512_BF16 kernel) on a BF16 matrix as
+//! Times one-token bf16 products (`linear` on this CPU's fastest kernel, whose decode reads
+//! the coding: `vdpbf16ps` on AMD, the widening FMA kernel on Intel) on a BF16 matrix as
 //! stored against the same matrix coded in 12 bits per value (`weights::bf16_coded`), on the
 //! 0.5B shape's MLP and LM head and a matrix small enough for L2, alternating, 3 rounds. Each
 //! figure is the fastest of its round's calls (the least disturbed by whatever else runs).
@@ -42,10 +43,11 @@ fn weights(len: usize, seed: u64) -> Vec<f32> {
 }
 
 fn main() {
-    if !lockstep_engine::kernels::matmul::decodes_coded() {
-        eprintln!("this CPU does not sum coded matrices (AVX512_BF16 + AVX512_VBMI on AMD)");
+    if !lockstep_engine::kernels::matmul::reads_coded() {
+        eprintln!("this CPU's kernels do not sum coded matrices (they need AVX-512F/BW/VL)");
         std::process::exit(1);
     }
+    let kernel = Kernel::detect();
     for (m, k, reps) in [
         (256usize, 896usize, 2000usize),
         (4864, 896, 200),
@@ -79,7 +81,7 @@ fn main() {
                 let s = (0..reps)
                     .map(|_| {
                         let t = Instant::now();
-                        pool.install(|| linear_with(Kernel::Avx512Bf16, &x, 1, w, None, &mut out));
+                        pool.install(|| linear_with(kernel, &x, 1, w, None, &mut out));
                         t.elapsed().as_secs_f64()
                     })
                     .fold(f64::INFINITY, f64::min);

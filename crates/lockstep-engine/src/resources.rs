@@ -401,7 +401,7 @@ mod tests {
     fn the_coded_copy_counts_where_it_will_be_made() {
         let (gib, plain) = one_gib_estimate(4);
         let free = plain.with_coded_copy(Some(16 * gib)).unwrap();
-        if crate::kernels::matmul::decodes_coded() {
+        if crate::kernels::matmul::codes_by_default() {
             assert_eq!(free.coded, gib / 4 * 3);
             assert_eq!(free.total(), plain.total() + gib / 4 * 3);
             assert!(free.describe().contains("coded"), "{}", free.describe());
@@ -421,7 +421,7 @@ mod tests {
         let (gib, plain) = one_gib_estimate(2);
         let free = plain.with_bf16_copies(Some(16 * gib)).unwrap();
         assert_eq!(free.bf16_copies, gib / 2);
-        let coded = if crate::kernels::matmul::decodes_coded() {
+        let coded = if crate::kernels::matmul::codes_by_default() {
             gib / 2 / 4 * 3
         } else {
             0

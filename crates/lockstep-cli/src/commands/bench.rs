@@ -274,7 +274,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let achieved = read as f64 * steps;
     let machine = read_bandwidth();
     let (prefill, decode) = (median(prefill), median(decode));
-    let kernels = kernel_names();
+    let kernels = kernel_names(coded);
     let rounded: u64 = decode_matrices(&loaded.model)
         .filter(|t| t.bf16_copy().is_some())
         .map(|t| t.bytes().len() as u64)
@@ -331,12 +331,13 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The fastest matmul kernel this CPU runs, and "coded decode" where this CPU reads 12-bit codings:
-/// which code paths the figures above come from (`Amx` means the bf16 prefill ran on AMX tiles).
-fn kernel_names() -> String {
-    use lockstep_engine::kernels::matmul::{decodes_coded, Kernel};
+/// The fastest matmul kernel this CPU runs, and "coded decode" where the decode read 12-bit codings
+/// (`coded`: the bytes of the matrices it read coded): which code paths the figures above come
+/// from (`Amx` means the bf16 prefill ran on AMX tiles).
+fn kernel_names(coded: u64) -> String {
+    use lockstep_engine::kernels::matmul::Kernel;
     let fastest = format!("{:?}", Kernel::detect());
-    if decodes_coded() {
+    if coded > 0 {
         format!("{fastest} + coded decode")
     } else {
         fastest

@@ -161,16 +161,27 @@ pub(crate) fn amx_sums(
     false
 }
 
-/// Whether one-token products in bf16 compute read a BF16 matrix's 12-bit coding
-/// ([`crate::weights::bf16_coded`], made by [`Tensor::code_bf16`]) on this CPU.
-pub fn decodes_coded() -> bool {
+/// Whether this CPU's kernels can sum a BF16 matrix's 12-bit coding
+/// ([`crate::weights::bf16_coded`], made by [`Tensor::code_bf16`]) in a decode step's products:
+/// where `LOCKSTEP_CODED_BF16=1` has a model code its matrices.
+pub fn reads_coded() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return coded_avx512::available();
+    return coded_avx512::readable();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// Most tokens a product reads a coded matrix for ([`decodes_coded`]): a decode step of up to
+/// Whether a model codes its BF16 matrices for decode when `LOCKSTEP_CODED_BF16` does not say
+/// (and they fit, [`crate::weights::bf16_coded::auto`]): on the CPUs where reading the coding
+/// was measured faster than reading the stored bytes (AMD Zen 4/5; a subset of [`reads_coded`]).
+pub fn codes_by_default() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return coded_avx512::preferred();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Most tokens a product reads a coded matrix for ([`reads_coded`]): a decode step of up to
 /// three sequences; more read the stored bytes.
 pub const CODED_MAX_TOKENS: usize = 3;
 
@@ -468,7 +479,7 @@ fn linear_min_n_many<T: Float>(
                     // A decode step on a matrix coded in 12 bits: the same sums from fewer
                     // bytes.
                     let few = n <= avx512_bf16::CODED_MAX_TOKENS;
-                    match w.coded().filter(|_| few && coded_avx512::available()) {
+                    match w.coded().filter(|_| few && coded_avx512::readable()) {
                         Some(c) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
                         None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
                     }
@@ -566,7 +577,7 @@ unsafe fn sums<T: Float>(
             (Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx, Some(r)) => {
                 use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
                 // A decode step on a matrix coded in 12 bits: the same sums from fewer bytes.
-                let coded = (n <= CODED_MAX_TOKENS && coded_avx512::available())
+                let coded = (n <= CODED_MAX_TOKENS && coded_avx512::readable())
                     .then(|| w.coded())
                     .flatten();
                 if let (Reader::Bf16, Some(c)) = (&r, coded) {
@@ -1056,7 +1067,7 @@ pub(crate) mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn coded_sums_skip_looking_for_escapes_only_where_there_are_none() {
-        if !coded_avx512::available() {
+        if !coded_avx512::readable() {
             eprintln!("coded_sums_skip_looking_for_escapes: skipped, not used on this CPU");
             return;
         }
@@ -1108,7 +1119,7 @@ pub(crate) mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn coded_bf16_sums_are_the_stored_sums() {
-        if !coded_avx512::available() {
+        if !coded_avx512::readable() {
             eprintln!("coded_bf16_sums_are_the_stored_sums: skipped, not used on this CPU");
             return;
         }

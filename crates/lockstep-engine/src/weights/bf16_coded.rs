@@ -65,9 +65,10 @@ pub const fn value_in_slot(q: usize) -> usize {
 pub const ENV: &str = "LOCKSTEP_CODED_BF16";
 
 /// Whether a model should code its BF16 matrices for one-token decode, as [`ENV`] asks ([`auto`]
-/// when it does not); a bad value is a one-line error. Never where this CPU's kernels do not
-/// read the coding ([`crate::kernels::matmul::decodes_coded`]), even when forced on: the copy
-/// would cost memory and load time and be read by nothing.
+/// when it does not); a bad value is a one-line error. Forced on, wherever this CPU's kernels
+/// read the coding ([`crate::kernels::matmul::reads_coded`]: any with AVX-512F/BW/VL); never
+/// elsewhere, even when forced on: the copy would cost memory and load time and be read by
+/// nothing.
 ///
 /// `mapped` is the model's mapped bytes, `matrices` its BF16 matrices' bytes, `available` the
 /// machine's free memory.
@@ -78,17 +79,18 @@ pub fn wanted(
     streamed: bool,
 ) -> crate::error::Result<bool> {
     let switch = crate::switch::Switch::from_env(ENV)?;
-    Ok(crate::kernels::matmul::decodes_coded()
+    Ok(crate::kernels::matmul::reads_coded()
         && switch.is_on(|| auto(mapped, matrices, available, streamed)))
 }
 
-/// The `auto` rule: code when this CPU sums coded matrices, the model's matrices are BF16, it
+/// The `auto` rule: code on the CPUs where the coding was measured faster
+/// ([`crate::kernels::matmul::codes_by_default`]) when the model's matrices are BF16, it
 /// is not streamed, and the copy (0.75 of the matrices) fits beside the mapped weights within
 /// [`crate::streaming::AUTO_FRACTION`] of the free memory (the weights must stay in memory: a
 /// copy that pushed them out would cost more than it saves).
 pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> bool {
     let copy = matrices as f64 * 0.75;
-    crate::kernels::matmul::decodes_coded()
+    crate::kernels::matmul::codes_by_default()
         && matrices > 0
         && !streamed
         && available
@@ -532,7 +534,7 @@ mod tests {
         let gib = 1u64 << 30;
         // 1 GiB of matrices (0.75 coded) beside 1 GiB mapped, 10 GiB free: coded where the CPU
         // sums coded matrices.
-        let here = crate::kernels::matmul::decodes_coded();
+        let here = crate::kernels::matmul::codes_by_default();
         assert_eq!(auto(gib, gib, Some(10 * gib), false), here);
         // Never when streamed, without BF16 matrices, or with free memory unknown.
         assert!(!auto(gib, gib, Some(10 * gib), true));

@@ -221,7 +221,7 @@ unsafe fn sums<W: Weights>(
 /// whole tiles ([`TILE_ROWS`] rows, one forward stream), two or three on 4-row tiles.
 ///
 /// # Safety
-/// [`super::coded_avx512::available`]; `c` codes the `m × k`
+/// [`super::coded_avx512::readable`]; `c` codes the `m × k`
 /// matrix; `x` holds `n` rows of `k`; `out` is valid for `n·m` f32 and nobody else touches the
 /// entries in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

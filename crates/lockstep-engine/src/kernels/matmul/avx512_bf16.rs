@@ -216,7 +216,7 @@ pub(super) use super::CODED_MAX_TOKENS;
 /// bytes), two or three on 4-row tiles (12 accumulators at most, as [`sums`]' tiles).
 ///
 /// # Safety
-/// [`available`] and [`super::coded_avx512::available`]; `c` codes the `m × k` matrix; `p`
+/// [`available`] and [`super::coded_avx512::readable`]; `c` codes the `m × k` matrix; `p`
 /// packs `n` tokens of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries
 /// in `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]

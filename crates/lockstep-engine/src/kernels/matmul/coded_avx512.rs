@@ -46,13 +46,21 @@ macro_rules! each_tile_row {
 }
 pub(super) use each_tile_row;
 
-/// Whether this CPU sums [`Bf16Coded`] weights: where [`super::avx512_bf16`] runs (AMD Zen 4/5).
-/// Not on Intel, though its AVX-512 FMA kernel could read the coding
-/// ([`super::avx512::sums_coded`]): there the rebuild cost more than the bytes it saves
-/// (measured with the first, cross-lane rebuild on a 2-core Xeon with AMX, `lockstep bench
-/// --dtype bf16`, the 0.5B shape, coding forced off then on, three rounds: 29.3 → 26.3,
-/// 28.6 → 26.2, 28.5 → 25.6 tok/s, the stored matrices read at 83% of the 35 GB/s measured).
-pub(super) fn available() -> bool {
+/// Whether this CPU's kernels can sum [`Bf16Coded`] weights: wherever the AVX-512 FMA kernel
+/// runs ([`super::avx512::sums_coded`]; on AMD Zen 4/5 [`super::avx512_bf16::sums_coded`] too).
+pub(super) fn readable() -> bool {
+    super::avx512::available()
+}
+
+/// Whether a model codes its BF16 matrices when nobody asks (`LOCKSTEP_CODED_BF16` unset or
+/// `auto`): where [`super::avx512_bf16`] runs (AMD Zen 4/5), where it was measured faster. Not
+/// yet on Intel, though its FMA kernel reads the coding ([`readable`]; `LOCKSTEP_CODED_BF16=1`
+/// makes it): there the first rebuild, three cross-lane byte permutes per group, cost more
+/// than the bytes it saved (a 2-core Xeon with AMX, `lockstep bench --dtype bf16`, the 0.5B
+/// shape, coding forced off then on, three rounds: 29.3 → 26.3, 28.6 → 26.2, 28.5 → 25.6
+/// tok/s, the stored matrices read at 83% of the 35 GB/s measured). The in-lane rebuild that
+/// replaced it has not been measured on Intel.
+pub(super) fn preferred() -> bool {
     super::avx512_bf16::available()
 }
 
