@@ -8,7 +8,8 @@ measured in turns, round after round, so a load elsewhere on the machine hits th
 number is the median over the rounds. Prefill: one forward pass over P random token ids (P = 128
 and 512 by default). Decode: greedy steps with the KV cache after a short prompt, and with
 `--depth D` also after D tokens of context. Prints a Markdown table with each row's ratio to
-PyTorch bf16.
+PyTorch bf16, then each lockstep row's ratios round by round (to its baseline, to llama.cpp bf16
+when measured, and its decode after D tokens over its own short decode).
 
 `--quantized Q8_0 Q4_K_M` (needs `--llama-cpp`) adds quantized GGUF files that llama.cpp's own
 `llama-quantize` makes from the bf16 conversion: lockstep in the exact mode (`--dtype f32`: the
@@ -201,6 +202,23 @@ class Torch:
             return steps / (time.perf_counter() - t)
 
 
+def round_ratios(model, res, baseline, cols, depth):
+    """Lines giving, for each lockstep row, its ratio in each round to its baseline and to llama.cpp
+    bf16 (when measured) per column, and its decode after `depth` tokens over its short decode."""
+    lines = []
+    for e, cs in res.items():
+        if not e.startswith("lockstep"):
+            continue
+        against = [baseline[e]] + ["llama.cpp bf16"] * ("llama.cpp bf16" in res and baseline[e] == "PyTorch bf16 sdpa")
+        for b in against:
+            parts = [f"{c} " + ", ".join(f"{x / y:.2f}×" for x, y in zip(cs[c], res[b][c], strict=True)) for c in cols]
+            lines.append(f"- {model}, {e} against {b}: " + "; ".join(parts))
+        if depth:
+            own = ", ".join(f"{x / y:.2f}×" for x, y in zip(cs[f"decode @{depth}"], cs["decode"], strict=True))
+            lines.append(f"- {model}, {e}: decode @{depth} over its own short decode: {own}")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", type=Path, default=DEFAULT_MODELS)
@@ -225,7 +243,7 @@ def main():
     threads = int(os.environ.get("RAYON_NUM_THREADS", len(os.sched_getaffinity(0))))
     torch.set_num_threads(threads)
     llama_bin = llama_cpp_bin() if args.llama_cpp else None
-    rows = []
+    rows, by_round = [], []
     for model in args.models:
         lock_dtypes = ["f32", "bf16"] + (["bf16w"] if stored_dtype(model) == "bfloat16" else [])
         # Each engine as a maker, so that those --engines leaves out are never loaded or converted.
@@ -272,6 +290,7 @@ def main():
         for e in engines:
             base = med[baseline[e]]
             rows.append((model.name, e, [(med[e][c], med[e][c] / base[c]) for c in cols]))
+        by_round.extend(round_ratios(model.name, res, baseline, cols, args.depth))
         del engines
     print(f"\n{datetime.date.today()}, {cpu_name()}, {threads} threads, medians of {args.rounds} "
           f"alternating rounds; prefill: one forward pass over P random token ids; decode: "
@@ -282,6 +301,9 @@ def main():
     print("|---|---|" + "---:|" * len(cols))
     for model, e, vals in rows:
         print(f"| {model} | {e} | " + " | ".join(f"{v:.1f} ({r:.2f}×)" for v, r in vals) + " |")
+    if by_round:
+        print("\nRound by round (each round's own ratio; the table's ratios are of the medians):\n")
+        print("\n".join(by_round))
 
 
 if __name__ == "__main__":
