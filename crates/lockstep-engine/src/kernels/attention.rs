@@ -1425,10 +1425,12 @@ const TILE_KEYS: usize = 16;
 const PREFILL_KV_MIN_QUERIES: usize = 16;
 
 /// One kv head's keys and values as a prefill's blocked path reads them, the same values in
-/// another layout (so the same bits out). Made once per kv head per call: at 2048 tokens of
-/// the 0.5B shape in bf16 (2-core AMD EPYC, `prefill_profile`), the key dots with the key rows
-/// as stored took 15% of the pass (a fold of eight lanes per key and query), 8.6% from the
-/// tiles, and the attention went from 2.53 to 2.0 s a pass.
+/// another layout (so the same bits out). Made once per kv head per call and dropped with it
+/// (`8·S·D` bytes at most: the keys and values in f32, far below the scores the memory
+/// estimate counts). At 2048 tokens of the 0.5B shape in bf16 (2-core AMD EPYC,
+/// `prefill_profile`), the key dots with the key rows as stored took 15% of the pass (a fold of
+/// eight lanes per key and query), 8.6% from the tiles; the attention went from 2.53 to 2.0 s a
+/// pass with the tiles and to 1.65-1.74 s with the values widened once.
 struct PrefillKv {
     /// The keys transposed in tiles of [`TILE_KEYS`] keys, as f32 (bf16 widened exactly):
     /// dimension `i` of key `16t + j` at `(t·D + i)·16 + j`, so one vector holds one dimension
