@@ -21,7 +21,7 @@ Run with the reference environment's python from the repository root, after a re
 
     cargo build --release -p lockstep-cli
     .venv/bin/python scripts/bench_compare.py [--models DIR ...] [--rounds 3] [--prefill 128 512] [--decode 32]
-        [--depth 2048] [--llama-cpp] [--quantized Q8_0 Q4_K_M] [--engines REGEX]
+        [--depth 2048] [--llama-cpp] [--quantized Q8_0 Q4_K_M] [--coded-bf16] [--engines REGEX]
 
 `--llama-cpp` builds llama.cpp first when needed (`bash scripts/llama_cpp.sh`, ~10 min once).
 (`LOCKSTEP_BIN` overrides the lockstep binary.)
@@ -63,8 +63,8 @@ def stored_dtype(model):
     return cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
 
 
-def lockstep_run(model, dtype, prompt_tokens, new_tokens):
-    """The JSON report of one `lockstep bench` run."""
+def lockstep_run(model, dtype, prompt_tokens, new_tokens, env=None):
+    """The JSON report of one `lockstep bench` run (`env`: variables set for it alone)."""
     out = subprocess.run(
         [
             str(LOCKSTEP),
@@ -84,6 +84,7 @@ def lockstep_run(model, dtype, prompt_tokens, new_tokens):
         check=True,
         capture_output=True,
         text=True,
+        env=dict(os.environ, **(env or {})),
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -149,14 +150,14 @@ class Lockstep:
     speed (the process's memory in 2 MiB pages, the measured read bandwidth and the fraction of it the
     decode read), to tell a slow machine from a slow run."""
 
-    def __init__(self, model: Path, dtype: str):
-        self.model, self.dtype, self.notes = model, dtype, []
+    def __init__(self, model: Path, dtype: str, env=None):
+        self.model, self.dtype, self.env, self.notes = model, dtype, env, []
 
     def prefill(self, n):
-        return lockstep_run(self.model, self.dtype, n, 2)["prefill_tok_s"]
+        return lockstep_run(self.model, self.dtype, n, 2, self.env)["prefill_tok_s"]
 
     def decode(self, steps, depth=0):
-        v = lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1)
+        v = lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1, self.env)
         self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: {v['anon_huge_page_bytes'] / 1e9:.2f} GB in 2 MiB "
                           f"pages, bandwidth {v['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
                           f"{100 * v['bandwidth_fraction']:.0f}% read")
@@ -230,6 +231,10 @@ def main():
     ap.add_argument("--quantized", nargs="+", default=[], metavar="TYPE",
                     help="with --llama-cpp: also these llama-quantize types (Q8_0, Q4_K_M, ...): lockstep exact "
                          "and q8dot against llama.cpp on the same file")
+    ap.add_argument("--coded-bf16", action="store_true",
+                    help="also a 'lockstep bf16 coded' row: the bf16 tier with LOCKSTEP_CODED_BF16=on (its "
+                         "decode reads the 12-bit coding on any AVX-512 CPU; the plain row keeps the default, which "
+                         "codes on AMD Zen 4/5 only), so the trade is measured in the same run")
     ap.add_argument("--engines", metavar="REGEX",
                     help="measure only the engines whose row name matches (re.search), e.g. 'bf16'; the ratio "
                          "column's baseline is always measured")
@@ -248,6 +253,8 @@ def main():
         lock_dtypes = ["f32", "bf16"] + (["bf16w"] if stored_dtype(model) == "bfloat16" else [])
         # Each engine as a maker, so that those --engines leaves out are never loaded or converted.
         makers = {f"lockstep {d}": (lambda d=d, m=model: Lockstep(m, d)) for d in lock_dtypes}
+        if args.coded_bf16:
+            makers["lockstep bf16 coded"] = lambda m=model: Lockstep(m, "bf16", {"LOCKSTEP_CODED_BF16": "on"})
         makers["PyTorch bf16 sdpa"] = lambda m=model: Torch(m, "bfloat16", "sdpa")
         makers["PyTorch f32 sdpa"] = lambda m=model: Torch(m, "float32", "sdpa")
         if llama_bin is not None:
