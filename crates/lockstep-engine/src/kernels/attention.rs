@@ -371,22 +371,45 @@ fn attention_split<T: Float, C: KvElement<T>>(
             },
         );
     } else {
-        for_each_chunk(
+        // Each head's queries in parts of about equal work when the heads alone would leave
+        // threads idle (14 heads on 16 threads) or unevenly loaded; one part otherwise.
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let parts = query_parts(spec, t_len, threads);
+        for_each_part(
             &mut by_head,
-            t_len * d,
+            d,
             probs,
-            t_len * s_len,
+            s_len,
+            t_len,
+            &parts,
             parallel,
-            |head, o, p| heads.run(head, o, p),
+            |head, r, o, p| heads.run(head, r, o, p),
         );
     }
-    // `[heads][T][D]` -> `[T][heads][D]`.
-    for (head, o_head) in by_head.chunks_exact(t_len * d).enumerate() {
-        for (t, o) in o_head.chunks_exact(d).enumerate() {
-            out[(t * h + head) * d..(t * h + head + 1) * d].copy_from_slice(o);
+    // `[heads][T][D]` -> `[T][heads][D]`, a prefill's tokens in chunks on the threads.
+    let transpose = |t0: usize, rows: &mut [T]| {
+        for (i, o) in rows.chunks_exact_mut(h * d).enumerate() {
+            for (head, o) in o.chunks_exact_mut(d).enumerate() {
+                o.copy_from_slice(&by_head[(head * t_len + t0 + i) * d..][..d]);
+            }
         }
+    };
+    if parallel && t_len >= 2 * TRANSPOSE_TOKENS {
+        use rayon::prelude::*;
+        out.par_chunks_mut(TRANSPOSE_TOKENS * h * d)
+            .enumerate()
+            .for_each(|(i, rows)| transpose(i * TRANSPOSE_TOKENS, rows));
+    } else {
+        transpose(0, out);
     }
 }
+
+/// Tokens per task of the transposition that ends a parallel attention call.
+const TRANSPOSE_TOKENS: usize = 64;
 
 /// Heads of a kv group that one task of a parallel decode step runs: the whole group (its keys
 /// and values read once) when the kv heads alone give every thread a task, else the largest
@@ -399,6 +422,77 @@ fn decode_heads_per_task(group: usize, kv_heads: usize, threads: usize) -> usize
         .filter(|s| group.is_multiple_of(*s))
         .find(|s| kv_heads * (group / s) >= threads)
         .unwrap_or(1)
+}
+
+/// The ranges of queries (of `t_len`) that the tasks of a prefill's attention run for each
+/// head: one range per head when the heads give every thread at least [`TASKS_PER_THREAD`]
+/// tasks, else each head's queries cut into as many parts (at most one per block of
+/// [`QUERY_ALIGN`] queries) of about equal work: a causal query sees one key more than the one
+/// before it, so the later parts hold fewer queries. Every cut is at a multiple of
+/// [`QUERY_ALIGN`], so the blocks of queries the kernels form are those of one whole range.
+fn query_parts(spec: &AttentionSpec, t_len: usize, threads: usize) -> Vec<Range<usize>> {
+    let wanted = (TASKS_PER_THREAD * threads).div_ceil(spec.heads);
+    let parts = wanted.min(t_len / QUERY_ALIGN).max(1);
+    if parts == 1 {
+        return std::iter::once(0..t_len).collect();
+    }
+    // Keys seen by the queries before `t` (all keys for each query when not causal).
+    let work = |t: usize| match spec.causal {
+        true => t * spec.q_start + t * (t + 1) / 2,
+        false => t,
+    };
+    let total = work(t_len);
+    let mut cuts = vec![0];
+    for j in 1..parts {
+        let goal = total * j / parts;
+        let t = (0..t_len)
+            .step_by(QUERY_ALIGN)
+            .find(|&t| work(t) >= goal)
+            .unwrap_or(t_len);
+        if t > *cuts.last().expect("starts at 0") && t < t_len {
+            cuts.push(t);
+        }
+    }
+    cuts.push(t_len);
+    cuts.windows(2).map(|c| c[0]..c[1]).collect()
+}
+
+/// `f(head, queries, out, probs)` for every head and range of `parts`: `out` the range's
+/// outputs in `by_head` (`[heads][t_len][d]`), `probs` its rows of `probs`
+/// (`[heads][t_len][s_len]`), on the thread pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn for_each_part<T: Float>(
+    by_head: &mut [T],
+    d: usize,
+    probs: Option<&mut [T]>,
+    s_len: usize,
+    t_len: usize,
+    parts: &[Range<usize>],
+    parallel: bool,
+    f: impl Fn(usize, Range<usize>, &mut [T], Option<&mut [T]>) + Sync + Send,
+) {
+    let heads = by_head.len() / (t_len * d);
+    if let Some(p) = probs.as_deref() {
+        assert_eq!(p.len(), heads * t_len * s_len);
+    }
+    let o = SendPtr(by_head.as_mut_ptr());
+    let p = probs.map(|p| SendPtr(p.as_mut_ptr()));
+    let task = |i: usize| {
+        let (head, r) = (i / parts.len(), parts[i % parts.len()].clone());
+        let row = head * t_len + r.start;
+        // SAFETY: task `i`'s rows of each buffer: in bounds (the ranges lie in `0..t_len`),
+        // and disjoint from every other task's (the ranges do not overlap); the buffers
+        // outlive the loop.
+        let o = unsafe { o.slice(row * d, r.len() * d) };
+        let p = p.map(|p| unsafe { p.slice(row * s_len, r.len() * s_len) });
+        f(head, r, o, p)
+    };
+    let n = heads * parts.len();
+    if parallel {
+        crate::team::for_each(n, task);
+    } else {
+        (0..n).for_each(task);
+    }
 }
 
 /// `f(i, out_i, probs_i)` for the `i`-th chunk of `out` (`out_len` values) and of `probs`
@@ -507,18 +601,20 @@ fn kv_slots<X>(kv_heads: usize) -> Vec<OnceLock<X>> {
 }
 
 impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
-    /// Head `head`'s queries' outputs `[T][D]` into `o_head` and, if wanted, probabilities
-    /// `[T][S]` into `p_head`: with this CPU's widest vectors where it has them (the compiler
+    /// Head `head`'s queries `queries` (of this call's `T`): their outputs `[queries][D]` into
+    /// `o_head` and, if wanted, probabilities `[queries][S]` into `p_head`, each query's the
+    /// same bits whichever range it is computed in (ranges start at a multiple of
+    /// [`QUERY_ALIGN`]): with this CPU's widest vectors where it has them (the compiler
     /// vectorizes the same element-wise operations, never reassociating or fusing them, so the
     /// bits are the plain build's).
-    fn run(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
+    fn run(&self, head: usize, queries: Range<usize>, o_head: &mut [T], p_head: Option<&mut [T]>) {
         if self.on_amx() {
-            return self.head_amx(head, o_head, p_head);
+            return self.head_amx(head, queries, o_head, p_head);
         }
         #[cfg(target_arch = "x86_64")]
         if self.blocked() {
             // SAFETY: `blocked` checked the CPU features and the call's shape.
-            return unsafe { self.head_blocked(head, o_head, p_head) };
+            return unsafe { self.head_blocked(head, queries, o_head, p_head) };
         }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f")
@@ -526,9 +622,9 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             && is_x86_feature_detected!("avx512vl")
         {
             // SAFETY: the CPU has the features the function is compiled with.
-            return unsafe { self.run_avx512(head, o_head, p_head) };
+            return unsafe { self.run_avx512(head, queries, o_head, p_head) };
         }
-        self.head(head, o_head, p_head)
+        self.head(head, queries, o_head, p_head)
     }
 
     /// The query of heads `heads` (counted within the group) of those sharing kv head `kv` (one
@@ -552,7 +648,7 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             let p = p_group
                 .as_deref_mut()
                 .map(|p| &mut p[j * s_len..(j + 1) * s_len]);
-            self.run(kv * group + heads.start + j, o, p);
+            self.run(kv * group + heads.start + j, 0..self.t_len, o, p);
         }
     }
 
@@ -599,7 +695,13 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     /// probabilities exactly as elsewhere ([`probabilities_rows`]), then `p·v` against the head's
     /// values transposed (the probabilities are bf16 values, so again exact products summed in
     /// f32), rounded to the compute dtype.
-    fn head_amx(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+    fn head_amx(
+        &self,
+        head: usize,
+        queries: Range<usize>,
+        o_head: &mut [T],
+        mut p_head: Option<&mut [T]>,
+    ) {
         let spec = self.spec;
         let (h, d, s_len) = (spec.heads, spec.head_dim, self.layout.keys);
         let kv = spec.kv_head(head);
@@ -613,8 +715,9 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
         let mut qs = vec![0f32; AMX_QUERIES * d];
         let mut rows = vec![T::ZERO; AMX_QUERIES * s32];
         let mut outs = vec![0f32; AMX_QUERIES * d];
-        for t0 in (0..self.t_len).step_by(AMX_QUERIES) {
-            let tb = AMX_QUERIES.min(self.t_len - t0);
+        let first = queries.start;
+        for t0 in queries.clone().step_by(AMX_QUERIES) {
+            let tb = AMX_QUERIES.min(queries.end - t0);
             let seen = self.visible(t0 + tb - 1);
             // The block's scores against its keys (up to a multiple of 32, the zero keys past
             // the last scoring zero), turned into probabilities in place: zero past each
@@ -630,7 +733,7 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             probabilities_rows(&mut rows[..tb * kk], kk, &vis[..tb], self.scale);
             if let Some(pp) = p_head.as_deref_mut() {
                 for (j, row) in rows[..tb * kk].chunks_exact(kk).enumerate() {
-                    let dst = &mut pp[(t0 + j) * s_len..(t0 + j + 1) * s_len];
+                    let dst = &mut pp[(t0 - first + j) * s_len..(t0 - first + j + 1) * s_len];
                     dst[..seen].copy_from_slice(&row[..seen]);
                     dst[seen..].fill(T::ZERO);
                 }
@@ -639,7 +742,7 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             let ps = as_f32(&rows[..tb * kk]).expect("f32 inside");
             let ran = super::matmul::amx_sums(ps, tb, kk, values, s32 * 2, d, out);
             assert!(ran, "on_amx checked AMX");
-            let block = &mut o_head[t0 * d..(t0 + tb) * d];
+            let block = &mut o_head[(t0 - first) * d..(t0 - first + tb) * d];
             as_f32_mut(block).expect("f32 inside").copy_from_slice(out);
             for o in block.iter_mut() {
                 *o = o.to_act_dtype();
@@ -653,8 +756,14 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     /// The CPU has AVX-512F/BW/VL.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-    unsafe fn run_avx512(&self, head: usize, o_head: &mut [T], p_head: Option<&mut [T]>) {
-        self.head(head, o_head, p_head)
+    unsafe fn run_avx512(
+        &self,
+        head: usize,
+        queries: Range<usize>,
+        o_head: &mut [T],
+        p_head: Option<&mut [T]>,
+    ) {
+        self.head(head, queries, o_head, p_head)
     }
 
     /// [`Heads::head`] for f32 (or bf16 held in f32) with no key hidden, four queries at a
@@ -666,7 +775,13 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
     /// The CPU has AVX-512F/DQ; `T` holds one f32; the head dimension is 64 or 128.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
-    unsafe fn head_blocked(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+    unsafe fn head_blocked(
+        &self,
+        head: usize,
+        queries: Range<usize>,
+        o_head: &mut [T],
+        mut p_head: Option<&mut [T]>,
+    ) {
         let spec = self.spec;
         let (h, d, s_len) = (spec.heads, spec.head_dim, self.layout.keys);
         let q = as_f32(self.q).expect("f32 inside");
@@ -678,18 +793,20 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             })
         });
         let mut rows = vec![T::ZERO; QB * s_len];
-        for t0 in (0..self.t_len).step_by(QB) {
-            let tb = QB.min(self.t_len - t0);
+        let first = queries.start;
+        for t0 in queries.clone().step_by(QB) {
+            let tb = QB.min(queries.end - t0);
             let qs: [&[f32]; QB] = std::array::from_fn(|j| match j < tb {
                 true => &q[((t0 + j) * h + head) * d..((t0 + j) * h + head + 1) * d],
                 false => &[][..],
             });
             let vis: [usize; QB] = std::array::from_fn(|j| self.visible(t0 + j));
+            let (i0, i1) = (t0 - first, t0 - first + tb);
             let (out, probs) = (
-                &mut o_head[t0 * d..(t0 + tb) * d],
+                &mut o_head[i0 * d..i1 * d],
                 p_head
                     .as_deref_mut()
-                    .map(|p| &mut p[t0 * s_len..(t0 + tb) * s_len]),
+                    .map(|p| &mut p[i0 * s_len..i1 * s_len]),
             );
             let (qs, vis) = (&qs[..tb], &vis[..tb]);
             match self.head_lanes(kv) {
@@ -921,7 +1038,13 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
 
     /// The body of [`Heads::run`].
     #[inline(always)]
-    fn head(&self, head: usize, o_head: &mut [T], mut p_head: Option<&mut [T]>) {
+    fn head(
+        &self,
+        head: usize,
+        queries: Range<usize>,
+        o_head: &mut [T],
+        mut p_head: Option<&mut [T]>,
+    ) {
         let spec = self.spec;
         let (h, d) = (spec.heads, spec.head_dim);
         let (q, k, v, s_len) = (self.q, self.k, self.v, self.layout.keys);
@@ -929,7 +1052,8 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
         let mut row = vec![T::ZERO; s_len];
         // A key widened to `T` where the fallback dot needs one (a bf16 cache).
         let mut widened = Vec::with_capacity(d);
-        for t in 0..self.t_len {
+        let first_query = queries.start;
+        for t in queries {
             let qv = &q[(t * h + head) * d..(t * h + head + 1) * d];
             let visible = if spec.causal {
                 spec.q_start + t + 1
@@ -1004,13 +1128,13 @@ impl<T: Float, C: KvElement<T>> Heads<'_, T, C> {
             for r in row.iter_mut().skip(visible) {
                 *r = T::ZERO;
             }
-            let o = &mut o_head[t * d..(t + 1) * d];
+            let o = &mut o_head[(t - first_query) * d..(t - first_query + 1) * d];
             weighted_sum(o, &row[..visible], &v[first..], stride);
             for oi in o.iter_mut() {
                 *oi = oi.to_act_dtype();
             }
             if let Some(p) = p_head.as_deref_mut() {
-                p[t * s_len..(t + 1) * s_len].copy_from_slice(&row);
+                p[(t - first_query) * s_len..(t - first_query + 1) * s_len].copy_from_slice(&row);
             }
         }
     }
@@ -1751,6 +1875,14 @@ const AMX_QUERIES: usize = 32;
 /// Queries blocked together over one pass of the keys and values.
 const QB: usize = 4;
 
+/// Where a prefill's attention may cut a head's queries into parts ([`query_parts`]): a
+/// multiple of [`AMX_QUERIES`] and of [`QB`], so every block is one of the whole head's.
+const QUERY_ALIGN: usize = 32;
+
+/// Tasks per thread below which a prefill's attention cuts each head's queries into parts: a few
+/// per thread, so that threads that finish early take the remaining ones.
+const TASKS_PER_THREAD: usize = 3;
+
 /// Keys per chunk of a decode step's grouped heads ([`Heads::group_blocked`]): 64 keys' rows
 /// of one kv head (16 KiB at a head dimension of 64 in f32, 8 in bf16) stay in the first-level cache
 /// while every block of heads passes over them.
@@ -1990,36 +2122,15 @@ mod tests {
                     .map(|&x| Bf16::from_f64(2.0 * x).to_act_dtype())
                     .collect()
             };
-            let (q, k, v) = (bf(t * h * d), bf(s_len * kvh * d), bf(s_len * kvh * d));
-            let spec = AttentionSpec {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                q_start: past,
-                causal,
-                window: None,
-                mapping: GqaMapping::Grouped,
-                softmax_bf16: false,
-            };
-            let heads = |amx| Heads {
-                spec: &spec,
-                q: &q,
-                k: &k,
-                v: &v,
-                layout: KvLayout::interleaved(s_len, kvh, d),
-                key_mask: None,
-                t_len: t,
-                scale: Bf16::from_f64((d as f64).powf(-0.5)),
-                amx,
-                amx_kv: kv_slots(kvh),
-                prefill_kv: kv_slots(kvh),
-            };
+            let qkv = [bf(t * h * d), bf(s_len * kvh * d), bf(s_len * kvh * d)];
+            let spec = prefill_spec(d, causal, past);
+            let heads = |amx| prefill_heads(&spec, &qkv, t, None, amx);
             assert!(heads(true).on_amx() && !heads(false).on_amx());
             let what = format!("d={d} past={past} causal={causal}");
             for head in 0..h {
                 let run = |amx| {
                     let (mut o, mut p) = (vec![Bf16(0.0); t * d], vec![Bf16(0.0); t * s_len]);
-                    heads(amx).run(head, &mut o, Some(&mut p));
+                    heads(amx).run(head, 0..t, &mut o, Some(&mut p));
                     (o, p)
                 };
                 let ((oa, pa), (ob, pb)) = (run(true), run(false));
@@ -2051,40 +2162,12 @@ mod tests {
     #[test]
     fn unmasked_rows_are_the_general_loops_bits() {
         fn check<T: Float>(d: usize, causal: bool, past: usize) {
-            let (h, kvh, t) = (4, 2, 70);
-            let s_len = past + t;
-            let mut seed = 11u64;
-            let v = |n: usize, seed: &mut u64| mixed_in::<T>(n, seed, 13, 40.0);
-            let (q, k, vv) = (
-                v(t * h * d, &mut seed),
-                v(s_len * kvh * d, &mut seed),
-                v(s_len * kvh * d, &mut seed),
-            );
-            let spec = AttentionSpec {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                q_start: past,
-                causal,
-                window: None,
-                mapping: GqaMapping::Grouped,
-                softmax_bf16: false,
-            };
+            let t = 70;
+            let (spec, qkv) = prefill_case::<T>(d, t, causal, past, 11);
+            let (h, s_len) = (spec.heads, past + t);
             // `Heads` directly: `attention` drops an all-true mask.
             let run = |key_mask: Option<&[bool]>| {
-                let heads = Heads {
-                    spec: &spec,
-                    q: &q,
-                    k: &k,
-                    v: &vv,
-                    layout: KvLayout::interleaved(s_len, kvh, d),
-                    key_mask,
-                    t_len: t,
-                    scale: T::from_f64((d as f64).powf(-0.5)),
-                    amx: false,
-                    amx_kv: kv_slots(kvh),
-                    prefill_kv: kv_slots(kvh),
-                };
+                let heads = prefill_heads(&spec, &qkv, t, key_mask, false);
                 let mut out = vec![T::ZERO; h * t * d];
                 let mut probs = vec![T::ZERO; h * t * s_len];
                 for (head, (o, p)) in out
@@ -2092,7 +2175,7 @@ mod tests {
                     .zip(probs.chunks_mut(t * s_len))
                     .enumerate()
                 {
-                    heads.run(head, o, Some(p));
+                    heads.run(head, 0..t, o, Some(p));
                 }
                 let bits = |x: Vec<T>| x.into_iter().map(|x| x.to_f64().to_bits()).collect();
                 (bits(out), bits(probs))
@@ -2117,6 +2200,166 @@ mod tests {
         ] {
             check::<f32>(d, causal, past);
             check::<crate::kernels::Bf16>(d, causal, past);
+        }
+    }
+
+    /// A prefill's heads cut into parts of their queries ([`query_parts`], as many threads would
+    /// cut them) give every query the bits of the whole head's run: outputs and
+    /// probabilities, f32 and bf16, on the blocked path (head dimension 64), the per-query one
+    /// (32) and, where the CPU has it, AMX; causal with and without past keys, and not causal.
+    #[test]
+    fn query_parts_are_the_whole_heads_bits() {
+        fn check<T: Float>(d: usize, causal: bool, past: usize, amx: bool) {
+            let t = 150;
+            let (spec, qkv) = prefill_case::<T>(d, t, causal, past, 5);
+            let (h, s_len) = (spec.heads, past + t);
+            let heads = prefill_heads(&spec, &qkv, t, None, amx);
+            let what = format!(
+                "{:?} d={d} causal={causal} past={past} amx={amx}",
+                T::PRECISION
+            );
+            let run = |parts: &[Range<usize>]| {
+                let mut out = vec![T::ZERO; h * t * d];
+                let mut probs = vec![T::ZERO; h * t * s_len];
+                for_each_part(
+                    &mut out,
+                    d,
+                    Some(&mut probs),
+                    s_len,
+                    t,
+                    parts,
+                    false,
+                    |head, r, o, p| heads.run(head, r, o, p),
+                );
+                let bits = |x: Vec<T>| {
+                    x.into_iter()
+                        .map(|x| x.to_f64().to_bits())
+                        .collect::<Vec<_>>()
+                };
+                (bits(out), bits(probs))
+            };
+            let whole = run(std::slice::from_ref(&(0..t)));
+            let mut cut = false;
+            for threads in [2, 8, 16, 64] {
+                let parts = query_parts(&spec, t, threads);
+                cut |= parts.len() > 1;
+                assert!(run(&parts) == whole, "{what}, parts {parts:?}");
+            }
+            assert!(cut, "{what}: some thread count cuts the heads");
+        }
+        let amx = crate::kernels::matmul::Kernel::available()
+            .contains(&crate::kernels::matmul::Kernel::Amx);
+        for (d, causal, past) in [(64, true, 0), (64, true, 7), (64, false, 3), (32, true, 2)] {
+            check::<f32>(d, causal, past, false);
+            check::<crate::kernels::Bf16>(d, causal, past, false);
+            if amx && d == 64 {
+                check::<crate::kernels::Bf16>(d, causal, past, true);
+            }
+        }
+    }
+
+    /// A prefill of `t` queries for the bit-identity tests ([`prefill_spec`]), random queries,
+    /// keys and values `[q, k, v]` (one in 13 large, up to 40).
+    fn prefill_case<T: Float>(
+        d: usize,
+        t: usize,
+        causal: bool,
+        past: usize,
+        mut seed: u64,
+    ) -> (AttentionSpec, [Vec<T>; 3]) {
+        let spec = prefill_spec(d, causal, past);
+        let (h, kvh, s_len) = (spec.heads, spec.kv_heads, past + t);
+        let mut v = |n: usize| mixed_in::<T>(n, &mut seed, 13, 40.0);
+        let qkv = [v(t * h * d), v(s_len * kvh * d), v(s_len * kvh * d)];
+        (spec, qkv)
+    }
+
+    /// 4 heads sharing 2 kv heads of dimension `d` (grouped), the queries after `past` keys.
+    fn prefill_spec(d: usize, causal: bool, past: usize) -> AttentionSpec {
+        AttentionSpec {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: d,
+            q_start: past,
+            causal,
+            window: None,
+            mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
+        }
+    }
+
+    /// The [`Heads`] of a [`prefill_case`]: `t` queries over its keys and values laid out
+    /// interleaved, with `key_mask`, AMX allowed where `amx`.
+    fn prefill_heads<'a, T: Float>(
+        spec: &'a AttentionSpec,
+        [q, k, v]: &'a [Vec<T>; 3],
+        t: usize,
+        key_mask: Option<&'a [bool]>,
+        amx: bool,
+    ) -> Heads<'a, T, T> {
+        let (kvh, d) = (spec.kv_heads, spec.head_dim);
+        Heads {
+            spec,
+            q,
+            k,
+            v,
+            layout: KvLayout::interleaved(spec.q_start + t, kvh, d),
+            key_mask,
+            t_len: t,
+            scale: T::from_f64((d as f64).powf(-0.5)),
+            amx,
+            amx_kv: kv_slots(kvh),
+            prefill_kv: kv_slots(kvh),
+        }
+    }
+
+    /// The parts of a head's queries cover them in order, are cut at multiples of
+    /// [`QUERY_ALIGN`], give each thread a few tasks, and hold about equal causal work.
+    #[test]
+    fn query_parts_cover_the_queries_in_aligned_parts_of_equal_work() {
+        let spec = |heads, q_start, causal| AttentionSpec {
+            heads,
+            kv_heads: 2,
+            head_dim: 64,
+            q_start,
+            causal,
+            window: None,
+            mapping: GqaMapping::Grouped,
+            softmax_bf16: false,
+        };
+        // Enough heads for the threads: one part.
+        let one = |t: usize| std::iter::once(0..t).collect::<Vec<_>>();
+        assert_eq!(query_parts(&spec(14, 0, true), 2048, 2), one(2048));
+        // Too few queries to cut.
+        assert_eq!(query_parts(&spec(14, 0, true), 40, 16), one(40));
+        for (q_start, causal) in [(0, true), (100, true), (0, false)] {
+            let s = spec(14, q_start, causal);
+            let parts = query_parts(&s, 2048, 16);
+            assert_eq!(parts.len(), 4, "{parts:?}");
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts.last().unwrap().end, 2048);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[1].start.is_multiple_of(QUERY_ALIGN));
+            }
+            let work = |r: &Range<usize>| -> usize {
+                r.clone()
+                    .map(|t| if causal { q_start + t + 1 } else { 2048 })
+                    .sum()
+            };
+            let (lo, hi) = (
+                parts.iter().map(work).min().unwrap(),
+                parts.iter().map(work).max().unwrap(),
+            );
+            // Each cut at most one block of 32 queries past its share: parts within two
+            // blocks' work of each other.
+            assert!(
+                hi - lo <= 2 * 32 * (q_start + 2048),
+                "{parts:?}: {lo}..{hi}"
+            );
+            if causal {
+                assert!(parts[0].len() > parts[3].len(), "{parts:?}");
+            }
         }
     }
 
@@ -2203,7 +2446,7 @@ mod tests {
             for head in 0..h {
                 let mut o = vec![T::ZERO; d];
                 let mut p = vec![T::ZERO; s_len];
-                general.head(head, &mut o, Some(&mut p));
+                general.head(head, 0..1, &mut o, Some(&mut p));
                 let what = format!(
                     "{:?} h={h} kvh={kvh} d={d} past={past} head {head}",
                     T::PRECISION

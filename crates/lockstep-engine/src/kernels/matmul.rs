@@ -136,7 +136,8 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
 /// `n` rows of bf16 values held in f32 (`x`, `n·k`) and `m` rows of BF16 weights `wrow` bytes
 /// apart (`w`); `m` a multiple of 16. The products are exact and summed in f32 in the tiles'
 /// order. Returns `false`, touching nothing, where AMX does not run ([`Kernel::Amx`] not
-/// available). For attention's bf16 prefill ([`super::attention`]).
+/// available). For attention's bf16 prefill ([`super::attention`]), where each call is one
+/// task of a parallel loop: it runs on the calling thread alone.
 pub(crate) fn amx_sums(
     x: &[f32],
     n: usize,
@@ -149,7 +150,7 @@ pub(crate) fn amx_sums(
     #[cfg(target_arch = "x86_64")]
     if amx::available() {
         assert!(m.is_multiple_of(16) && x.len() == n * k && out.len() == n * m);
-        let p = amx::Packed::new(x, n, k);
+        let p = amx::Packed::here(x, n, k);
         // SAFETY: AMX available (and with it AVX-512F/BW); the shapes are checked here and
         // by the kernel; `out` is this caller's alone.
         let raw = amx::Finish::Raw;

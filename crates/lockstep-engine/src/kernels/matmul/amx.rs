@@ -122,17 +122,33 @@ impl Packed {
     /// one 16-token group per task on the threads: per tile, each token's 32 values gathered
     /// into 16 pairs in a register, then the 16 × 16 pairs transposed.
     pub(super) fn new(x: &[f32], n: usize, k: usize) -> Packed {
+        Packed::pack(x, n, k, true)
+    }
+
+    /// [`Packed::new`] on this thread alone: for a product that is itself one task of a
+    /// parallel loop (attention's, per head and block of queries), where a nested loop over two
+    /// groups would hand half of a few microseconds' work to another thread and wait for it.
+    pub(super) fn here(x: &[f32], n: usize, k: usize) -> Packed {
+        Packed::pack(x, n, k, false)
+    }
+
+    fn pack(x: &[f32], n: usize, k: usize, parallel: bool) -> Packed {
         assert!(x.len() >= n * k);
         let chunks = k.div_ceil(KT);
         let groups = n.div_ceil(T16);
         let per_group = chunks * T16 * ROW / 2;
         let mut data = Vec::<u16>::with_capacity(groups * per_group);
         let dst = crate::team::SendPtr(data.as_mut_ptr());
-        crate::team::for_each(groups, |g| {
+        let group = |g: usize| {
             // SAFETY: AVX-512F/BW come with AMX ([`available`], checked by the caller); group
             // `g` writes its own `per_group` values, inside the capacity.
             unsafe { pack_group(x, n, k, g, dst.get().add(g * per_group)) }
-        });
+        };
+        if parallel {
+            crate::team::for_each(groups, group);
+        } else {
+            (0..groups).for_each(group);
+        }
         // SAFETY: every group wrote all of its values (each chunk's 16 tile rows).
         unsafe { data.set_len(groups * per_group) };
         Packed { data, chunks }
