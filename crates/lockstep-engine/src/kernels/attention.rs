@@ -431,7 +431,7 @@ fn decode_heads_per_task(group: usize, kv_heads: usize, threads: usize) -> usize
 /// before it, so the later parts hold fewer queries. Every cut is at a multiple of
 /// [`QUERY_ALIGN`], so the blocks of queries the kernels form are those of one whole range.
 fn query_parts(spec: &AttentionSpec, t_len: usize, threads: usize) -> Vec<Range<usize>> {
-    let wanted = (TASKS_PER_THREAD * threads).div_ceil(spec.heads);
+    let wanted = (TASKS_PER_THREAD * threads).div_ceil(spec.heads.max(1));
     let parts = wanted.min(t_len / QUERY_ALIGN).max(1);
     if parts == 1 {
         return std::iter::once(0..t_len).collect();
@@ -1878,6 +1878,7 @@ const QB: usize = 4;
 /// Where a prefill's attention may cut a head's queries into parts ([`query_parts`]): a
 /// multiple of [`AMX_QUERIES`] and of [`QB`], so every block is one of the whole head's.
 const QUERY_ALIGN: usize = 32;
+const _: () = assert!(QUERY_ALIGN.is_multiple_of(AMX_QUERIES) && QUERY_ALIGN.is_multiple_of(QB));
 
 /// Tasks per thread below which a prefill's attention cuts each head's queries into parts: a few
 /// per thread, so that threads that finish early take the remaining ones.
