@@ -195,10 +195,37 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
+/// `f(i, piece)` for each `chunk`-long piece of `data` (the last one shorter where `chunk` does
+/// not divide it), through [`for_each`]: on the team inside [`lead`], else on rayon's pool. For
+/// element-wise work on long buffers that a decode step may also reach (a rayon loop of its own
+/// started there would find every worker but one spinning on the team).
+pub(crate) fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    assert!(chunk > 0, "pieces of at least one element");
+    let (len, p) = (data.len(), SendPtr(data.as_mut_ptr()));
+    for_each(len.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        // SAFETY: piece `i` lies inside `data`, no other iteration's piece overlaps it, and
+        // `data`'s borrow outlives the loop.
+        let piece = unsafe { p.slice(start, chunk.min(len - start)) };
+        f(i, piece)
+    });
+}
+
 /// A raw pointer that may cross threads: for loops whose iterations write disjoint parts of one
 /// buffer ([`for_each`] callers split `&mut` slices through it).
-#[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
+
+// Copied as the pointer it is, whatever `T` is (a derive would ask `T: Copy`).
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 
 // SAFETY: only used to hand disjoint ranges of one live buffer to the iterations of a loop that
 // ends before the buffer's borrow does.
@@ -277,6 +304,32 @@ mod tests {
             }
         });
         assert_eq!(sum.load(SeqCst), 2000 * 10);
+    }
+
+    /// Each piece of `for_each_chunk_mut` is its own part of the buffer, numbered in order,
+    /// the last one shorter, in and out of a team.
+    #[test]
+    fn chunks_cover_the_buffer_once() {
+        pool(3).install(|| {
+            for len in [0, 1, 9, 10, 11, 1000] {
+                let run = || {
+                    let mut v = vec![0usize; len];
+                    for_each_chunk_mut(&mut v, 10, |i, piece| {
+                        assert!(
+                            piece.len() == 10 || (i + 1) * 10 >= len,
+                            "piece {i} of {len}"
+                        );
+                        for (j, x) in piece.iter_mut().enumerate() {
+                            *x += i * 10 + j + 1;
+                        }
+                    });
+                    v
+                };
+                let want: Vec<usize> = (1..=len).collect();
+                assert_eq!(lead(run), want);
+                assert_eq!(run(), want);
+            }
+        });
     }
 
     /// A panic in an iteration, on whichever thread, reaches the caller after the loop, and the

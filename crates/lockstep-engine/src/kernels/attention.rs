@@ -399,10 +399,9 @@ fn attention_split<T: Float, C: KvElement<T>>(
         }
     };
     if parallel && t_len >= 2 * TRANSPOSE_TOKENS {
-        use rayon::prelude::*;
-        out.par_chunks_mut(TRANSPOSE_TOKENS * h * d)
-            .enumerate()
-            .for_each(|(i, rows)| transpose(i * TRANSPOSE_TOKENS, rows));
+        crate::team::for_each_chunk_mut(out, TRANSPOSE_TOKENS * h * d, |i, rows| {
+            transpose(i * TRANSPOSE_TOKENS, rows)
+        });
     } else {
         transpose(0, out);
     }

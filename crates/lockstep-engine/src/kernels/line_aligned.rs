@@ -33,8 +33,7 @@ impl<T: Copy + Send + Sync> LineAligned<T> {
             }
         };
         if n >= 2 * FILL_CHUNK {
-            use rayon::prelude::*;
-            spare.par_chunks_mut(FILL_CHUNK).for_each(write);
+            crate::team::for_each_chunk_mut(spare, FILL_CHUNK, |_, c| write(c));
         } else {
             write(spare);
         }

@@ -397,10 +397,9 @@ pub fn add_in_place<T: Float>(a: &mut [T], b: &[T]) {
     // A prefill's residual stream (458,752 values at 512 tokens of the 0.5B shape) in chunks on
     // the threads; each value's sum is its own, so the same bits.
     if a.len() >= 2 * ADD_CHUNK {
-        use rayon::prelude::*;
-        a.par_chunks_mut(ADD_CHUNK)
-            .zip(b.par_chunks(ADD_CHUNK))
-            .for_each(|(a, b)| add(a, b));
+        crate::team::for_each_chunk_mut(a, ADD_CHUNK, |i, a| {
+            add(a, &b[i * ADD_CHUNK..][..a.len()])
+        });
     } else {
         add(a, b)
     }
