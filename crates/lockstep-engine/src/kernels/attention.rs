@@ -359,11 +359,13 @@ fn attention_split<T: Float, C: KvElement<T>>(
             sub > 0 && group.is_multiple_of(sub),
             "heads per task divide the group"
         );
-        for_each_chunk(
+        // Task `i`: heads `i·sub..(i + 1)·sub`, one row each of the outputs and probabilities.
+        for_each_rows(
             &mut by_head,
-            sub * d,
+            d,
             probs,
-            sub * s_len,
+            s_len,
+            (h / sub, |i| i * sub..(i + 1) * sub),
             parallel,
             |i, o, p| {
                 let (kv, j0) = (i * sub / group, i * sub % group);
@@ -470,61 +472,66 @@ fn for_each_part<T: Float>(
     parallel: bool,
     f: impl Fn(usize, Range<usize>, &mut [T], Option<&mut [T]>) + Sync + Send,
 ) {
-    let heads = by_head.len() / (t_len * d);
-    if let Some(p) = probs.as_deref() {
-        assert_eq!(p.len(), heads * t_len * s_len);
+    let (heads, np) = (by_head.len() / (t_len * d), parts.len());
+    // Task `i`: part `i % np` of head `i / np`, rows `head·t_len + part`.
+    let rows = |i: usize| {
+        let (row, r) = ((i / np) * t_len, &parts[i % np]);
+        row + r.start..row + r.end
+    };
+    for_each_rows(
+        by_head,
+        d,
+        probs,
+        s_len,
+        (heads * np, rows),
+        parallel,
+        |i, o, p| f(i / np, parts[i % np].clone(), o, p),
+    );
+}
+
+/// `f(i, out_i, probs_i)` for tasks `i < n`, task `i` given rows `rows(i)` of `out` (`out_row`
+/// values a row) and of `probs` (`probs_row` values a row), on the thread pool when `parallel`.
+/// The rows of task after task must ascend without overlapping and lie inside both buffers
+/// (checked before the loop).
+fn for_each_rows<T: Float, R: Fn(usize) -> Range<usize> + Sync>(
+    out: &mut [T],
+    out_row: usize,
+    probs: Option<&mut [T]>,
+    probs_row: usize,
+    (n, rows): (usize, R),
+    parallel: bool,
+    f: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync + Send,
+) {
+    let mut end = 0;
+    for i in 0..n {
+        let r = rows(i);
+        assert!(
+            end <= r.start && r.start <= r.end,
+            "tasks' rows ascend apart"
+        );
+        end = r.end;
     }
-    let o = SendPtr(by_head.as_mut_ptr());
+    assert!(end * out_row <= out.len(), "tasks' rows inside the outputs");
+    if let Some(p) = probs.as_deref() {
+        assert!(
+            end * probs_row <= p.len(),
+            "tasks' rows inside the probabilities"
+        );
+    }
+    let o = SendPtr(out.as_mut_ptr());
     let p = probs.map(|p| SendPtr(p.as_mut_ptr()));
     let task = |i: usize| {
-        let (head, r) = (i / parts.len(), parts[i % parts.len()].clone());
-        let row = head * t_len + r.start;
-        // SAFETY: task `i`'s rows of each buffer: in bounds (the ranges lie in `0..t_len`),
-        // and disjoint from every other task's (the ranges do not overlap); the buffers
-        // outlive the loop.
-        let o = unsafe { o.slice(row * d, r.len() * d) };
-        let p = p.map(|p| unsafe { p.slice(row * s_len, r.len() * s_len) });
-        f(head, r, o, p)
+        let r = rows(i);
+        // SAFETY: task `i`'s rows of each buffer: in bounds and disjoint from every other
+        // task's (both checked above); the buffers outlive the loop.
+        let o = unsafe { o.slice(r.start * out_row, r.len() * out_row) };
+        let p = p.map(|p| unsafe { p.slice(r.start * probs_row, r.len() * probs_row) });
+        f(i, o, p)
     };
-    let n = heads * parts.len();
     if parallel {
         crate::team::for_each(n, task);
     } else {
         (0..n).for_each(task);
-    }
-}
-
-/// `f(i, out_i, probs_i)` for the `i`-th chunk of `out` (`out_len` values) and of `probs`
-/// (`probs_len`), on the thread pool when `parallel`.
-fn for_each_chunk<T: Float>(
-    out: &mut [T],
-    out_len: usize,
-    probs: Option<&mut [T]>,
-    probs_len: usize,
-    parallel: bool,
-    f: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync + Send,
-) {
-    // The same chunks as `chunks_mut` cuts, each handed to one iteration of the loop.
-    let chunks = |len: usize, of: usize| len.div_ceil(of);
-    let n = match &probs {
-        Some(p) => chunks(out.len(), out_len).min(chunks(p.len(), probs_len)),
-        None => chunks(out.len(), out_len),
-    };
-    let (out_total, o) = (out.len(), SendPtr(out.as_mut_ptr()));
-    let p = probs.map(|p| (p.len(), SendPtr(p.as_mut_ptr())));
-    let chunk = |i: usize| {
-        // SAFETY: chunk `i` of each buffer: in bounds, and disjoint from every other
-        // iteration's; the buffers outlive the loop.
-        let o = unsafe { o.slice(i * out_len, out_len.min(out_total - i * out_len)) };
-        let p = p.map(|(total, p)| unsafe {
-            p.slice(i * probs_len, probs_len.min(total - i * probs_len))
-        });
-        f(i, o, p)
-    };
-    if parallel {
-        crate::team::for_each(n, chunk);
-    } else {
-        (0..n).for_each(chunk);
     }
 }
 
