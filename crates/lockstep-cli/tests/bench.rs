@@ -1,5 +1,6 @@
 //! `lockstep bench` on a small fixture: every JSON field is present and positive (numbers that
-//! depend on the machine are not asserted beyond that), and bad arguments exit 2.
+//! depend on the machine are not asserted beyond that), the bandwidth is measured beside each
+//! repeat without its buffer counted in the peak memory, and bad arguments exit 2.
 
 mod support;
 
@@ -54,6 +55,22 @@ fn bench_json_fields_are_present_and_positive() {
                 .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"));
             assert!(x > 0.0 && x.is_finite(), "{field} = {x} in {v}");
         }
+        // The bandwidth was measured before the first repeat and after each (Linux resets the
+        // peak-memory mark around the tests), and the tests' 512 MiB buffer is not in the peak:
+        // this small model's run stays far below it.
+        let tests = v["read_bandwidth_tests_bytes_per_s"]
+            .as_array()
+            .unwrap_or_else(|| panic!("read_bandwidth_tests_bytes_per_s missing in {v}"));
+        assert_eq!(tests.len(), 3, "{v}");
+        assert!(
+            tests.iter().all(|t| t.as_f64().is_some_and(|t| t > 0.0)),
+            "{v}"
+        );
+        let peak = v["peak_rss_bytes"].as_u64().unwrap();
+        assert!(
+            peak < 512 << 20,
+            "peak RSS {peak} counts the bandwidth test's buffer"
+        );
         // The fixture's linear layers and head, as stored: bf16, 2 bytes per parameter.
         let c: Value =
             serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
