@@ -11,6 +11,13 @@ and 512 by default). Decode: greedy steps with the KV cache after a short prompt
 PyTorch bf16, then each lockstep row's ratios round by round (to its baseline, to llama.cpp bf16
 when measured, and its decode after D tokens over its own short decode).
 
+Every decode is set beside lockstep's read-bandwidth test, run just before and just after it
+(lockstep's inside `lockstep bench`, llama.cpp's bf16 and f16 ones through `lockstep bench
+--bandwidth-only`): each round's line gives the bandwidth and the fraction of it the decode read
+(llama.cpp's weights as its GGUF stores them, 2 bytes a value), and the round-by-round section also
+gives lockstep's decode against llama.cpp bf16's per GB/s of the bandwidth measured beside each, so a
+round whose memory was busier for one engine than the other can be told from a slower engine.
+
 `--quantized Q8_0 Q4_K_M` (needs `--llama-cpp`) adds quantized GGUF files that llama.cpp's own
 `llama-quantize` makes from the bf16 conversion: lockstep in the exact mode (`--dtype f32`: the
 stored blocks decoded to exactly transformers' dequantized values) and in the fast mode
@@ -89,6 +96,26 @@ def lockstep_run(model, dtype, prompt_tokens, new_tokens, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def read_bandwidth():
+    """The machine's read bandwidth now, in bytes/s: lockstep's own test (`lockstep bench
+    --bandwidth-only`, the one each lockstep decode is judged against)."""
+    out = subprocess.run([str(LOCKSTEP), "bench", "--bandwidth-only", "--json"], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["read_bandwidth_bytes_per_s"]
+
+
+def matrix_values(model: Path):
+    """Values in the linear layers and the LM head of a dense Qwen2/Llama folder, the weights one decode
+    step reads (None for a mixture of experts, whose steps read only some)."""
+    c = json.loads((model / "config.json").read_text())
+    if c.get("num_experts") or c.get("num_local_experts"):
+        return None
+    h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    d = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * d, c.get("num_key_value_heads", c["num_attention_heads"]) * d
+    return layers * (h * q + 2 * h * kv + q * h + 3 * h * i) + vocab * h
+
+
 def llama_cpp_bin() -> Path:
     """The folder of llama.cpp's programs (built by scripts/llama_cpp.sh when missing)."""
     out = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp.sh")], check=True, capture_output=True, text=True)
@@ -128,10 +155,14 @@ def llama_cpp_quantized(binary: Path, model: Path, qtype: str) -> Path:
 
 
 class LlamaCpp:
-    """llama.cpp's `llama-bench` on one GGUF file (its defaults: flash attention auto, f16 KV cache)."""
+    """llama.cpp's `llama-bench` on one GGUF file (its defaults: flash attention auto, f16 KV cache).
+    `read_bytes`: the bytes of weights one decode step reads (bf16 and f16 files), when known: then
+    each decode is set beside lockstep's read-bandwidth test, run just before and just after it, as
+    lockstep's own decodes are (`notes`, `last_bandwidth`)."""
 
-    def __init__(self, binary: Path, gguf: Path, threads: int):
-        self.bench, self.gguf, self.threads = binary / "llama-bench", gguf, threads
+    def __init__(self, binary: Path, gguf: Path, threads: int, read_bytes=None):
+        self.bench, self.gguf, self.threads, self.read_bytes = binary / "llama-bench", gguf, threads, read_bytes
+        self.notes, self.last_bandwidth = [], None
 
     def _run(self, *args) -> float:
         out = subprocess.run([str(self.bench), "-m", str(self.gguf), "-t", str(self.threads), "-r", "1",
@@ -142,7 +173,14 @@ class LlamaCpp:
         return self._run("-p", n, "-n", 0)
 
     def decode(self, steps, depth=0):
-        return self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+        if self.read_bytes is None:
+            return self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+        before = read_bandwidth()
+        tok_s = self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+        self.last_bandwidth = max(before, read_bandwidth())
+        self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: bandwidth {self.last_bandwidth / 1e9:.1f} GB/s, "
+                          f"{100 * tok_s * self.read_bytes / self.last_bandwidth:.0f}% read")
+        return tok_s
 
 
 class Lockstep:
@@ -151,7 +189,7 @@ class Lockstep:
     decode read), to tell a slow machine from a slow run."""
 
     def __init__(self, model: Path, dtype: str, env=None):
-        self.model, self.dtype, self.env, self.notes = model, dtype, env, []
+        self.model, self.dtype, self.env, self.notes, self.last_bandwidth = model, dtype, env, [], None
 
     def prefill(self, n):
         return lockstep_run(self.model, self.dtype, n, 2, self.env)["prefill_tok_s"]
@@ -161,6 +199,7 @@ class Lockstep:
         self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: {v['anon_huge_page_bytes'] / 1e9:.2f} GB in 2 MiB "
                           f"pages, bandwidth {v['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
                           f"{100 * v['bandwidth_fraction']:.0f}% read")
+        self.last_bandwidth = v["read_bandwidth_bytes_per_s"]
         return v["decode_tok_s"]
 
 
@@ -203,9 +242,12 @@ class Torch:
             return steps / (time.perf_counter() - t)
 
 
-def round_ratios(model, res, baseline, cols, depth):
+def round_ratios(model, res, baseline, cols, depth, bandwidth):
     """Lines giving, for each lockstep row, its ratio in each round to its baseline and to llama.cpp
-    bf16 (when measured) per column, and its decode after `depth` tokens over its short decode."""
+    bf16 (when measured) per column, and its decode after `depth` tokens over its short decode. Where
+    both decodes were set beside the read-bandwidth test (`bandwidth`), also the ratio of their speeds
+    per unit of the bandwidth measured beside each: what is left of the ratio once a round's luck with
+    a memory other machines share is taken out."""
     lines = []
     for e, cs in res.items():
         if not e.startswith("lockstep"):
@@ -214,6 +256,14 @@ def round_ratios(model, res, baseline, cols, depth):
         for b in against:
             parts = [f"{c} " + ", ".join(f"{x / y:.2f}×" for x, y in zip(cs[c], res[b][c], strict=True)) for c in cols]
             lines.append(f"- {model}, {e} against {b}: " + "; ".join(parts))
+            per_bandwidth = [
+                f"{c} " + ", ".join(f"{(x / bx) / (y / by):.2f}×" for x, bx, y, by in
+                                    zip(cs[c], bandwidth[e][c], res[b][c], bandwidth[b][c], strict=True))
+                for c in bandwidth.get(b, {})
+                if all(bandwidth[e][c]) and all(bandwidth[b][c])]
+            if per_bandwidth:
+                lines.append(f"- {model}, {e} against {b}, each decode per GB/s of the read bandwidth measured "
+                             f"beside it: " + "; ".join(per_bandwidth))
         if depth:
             own = ", ".join(f"{x / y:.2f}×" for x, y in zip(cs[f"decode @{depth}"], cs["decode"], strict=True))
             lines.append(f"- {model}, {e}: decode @{depth} over its own short decode: {own}")
@@ -259,8 +309,10 @@ def main():
         makers["PyTorch f32 sdpa"] = lambda m=model: Torch(m, "float32", "sdpa")
         if llama_bin is not None:
             for outtype in ("bf16", "f16"):
+                values = matrix_values(model)
                 makers[f"llama.cpp {outtype}"] = (
-                    lambda o=outtype, m=model: LlamaCpp(llama_bin, llama_cpp_gguf(m, o), threads))
+                    lambda o=outtype, m=model, v=values: LlamaCpp(llama_bin, llama_cpp_gguf(m, o), threads,
+                                                                  v and 2 * v))
         # Quantized files: each row's ratio is to llama.cpp on the same file.
         baseline = {e: "PyTorch bf16 sdpa" for e in makers}
         for qtype in args.quantized:
@@ -278,15 +330,17 @@ def main():
         engines = {e: m() for e, m in makers.items()}
         cols = [f"prefill {p}" for p in args.prefill] + ["decode"] + ([f"decode @{args.depth}"] if args.depth else [])
         res = {e: {c: [] for c in cols} for e in engines}
+        # The read bandwidth measured beside each decode (None where it was not), by engine and column.
+        bandwidth = {e: {c: [] for c in cols if c.startswith("decode")} for e in engines}
         for r in range(args.rounds):
             for name, h in engines.items():
                 for p in args.prefill:
                     if isinstance(h, Torch):
                         h.prefill(p)  # warm-up at this length
                     res[name][f"prefill {p}"].append(h.prefill(p))
-                res[name]["decode"].append(h.decode(args.decode))
-                if args.depth:
-                    res[name][f"decode @{args.depth}"].append(h.decode(args.decode, args.depth))
+                for c, depth in [("decode", 0)] + [(f"decode @{args.depth}", args.depth)] * bool(args.depth):
+                    res[name][c].append(h.decode(args.decode, depth))
+                    bandwidth[name][c].append(getattr(h, "last_bandwidth", None))
                 notes = getattr(h, "notes", [])
                 print(f"round {r + 1} {model.name} {name}: "
                       + ", ".join(f"{c} {res[name][c][-1]:.1f}" for c in cols)
@@ -297,7 +351,7 @@ def main():
         for e in engines:
             base = med[baseline[e]]
             rows.append((model.name, e, [(med[e][c], med[e][c] / base[c]) for c in cols]))
-        by_round.extend(round_ratios(model.name, res, baseline, cols, args.depth))
+        by_round.extend(round_ratios(model.name, res, baseline, cols, args.depth, bandwidth))
         del engines
     print(f"\n{datetime.date.today()}, {cpu_name()}, {threads} threads, medians of {args.rounds} "
           f"alternating rounds; prefill: one forward pass over P random token ids; decode: "

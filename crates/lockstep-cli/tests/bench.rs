@@ -109,6 +109,36 @@ fn bench_rejects_bad_arguments() {
     }
 }
 
+/// `bench --bandwidth-only` measures the read bandwidth alone (no model), and refuses a model
+/// beside it, or no model without it, with exit 2.
+#[test]
+#[cfg_attr(
+    not(feature = "reference-tests"),
+    ignore = "needs the reference environment and fixtures: bash scripts/test.sh"
+)]
+fn bench_measures_the_bandwidth_alone() {
+    let out = lockstep_ok(&["bench", "--bandwidth-only", "--json"]);
+    let v: Value = serde_json::from_str(out.lines().last().expect("a JSON line")).unwrap();
+    let bw = v["read_bandwidth_bytes_per_s"].as_f64().unwrap_or(0.0);
+    assert!(bw > 0.0 && bw.is_finite(), "{v}");
+    assert!(v["threads"].as_u64().is_some_and(|t| t > 0), "{v}");
+    let model = fixtures().join("models/qwen2-tied-bf16");
+    for args in [
+        &[
+            "bench",
+            "--bandwidth-only",
+            "--model",
+            model.to_str().unwrap(),
+        ][..],
+        &["bench"][..],
+    ] {
+        let o = lockstep(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.starts_with("error:"), "{err}");
+    }
+}
+
 /// In bf16 a decode step reads the matrices coded in 12 bits per value where this CPU sums
 /// them (`LOCKSTEP_CODED_BF16` auto): `bench` reports 0.75 of the stored bytes read (the groups
 /// of 64 values, 96 bytes), and every stored byte read with the coding off (or on a CPU that

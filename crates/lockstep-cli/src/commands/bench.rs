@@ -1,5 +1,6 @@
 //! `lockstep bench --model DIR|FILE.gguf [--dtype ..] [--prompt-tokens N] [--new-tokens N]
-//! [--batch B] [--repeat R] [--json]`: how fast this machine runs a model.
+//! [--batch B] [--repeat R] [--json]`: how fast this machine runs a model (`lockstep bench
+//! --bandwidth-only [--json]`: the machine's read bandwidth alone).
 //!
 //! Loads the model (timed), then `R` times: a greedy generation from fixed token prompts (`B`
 //! rows of `N` tokens, EOS ignored, so every repeat does the same work). Reports the median
@@ -28,8 +29,14 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama.cpp .gguf file.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "bandwidth_only")]
+    model: Option<PathBuf>,
+    /// Only measure this machine's read bandwidth (the test a decode is judged against: every
+    /// thread reading its part of a 512 MiB buffer, best of 5 passes) and exit; no model. For
+    /// setting another engine's decode beside the same test (scripts/bench_compare.py does so
+    /// for llama.cpp).
+    #[arg(long, conflicts_with = "model")]
+    bandwidth_only: bool,
     /// Compute precision.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
@@ -241,12 +248,15 @@ fn prompts(rows: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 
 /// Runs `bench`.
 pub fn run(a: Args) -> CliResult<ExitCode> {
+    let Some(model) = a.model.clone() else {
+        return bandwidth_only(a.json);
+    };
     if a.prompt_tokens == 0 || a.new_tokens < 2 || a.batch == 0 || a.repeat == 0 {
         return Err(CliError::input(
             "--prompt-tokens, --batch and --repeat must be at least 1, --new-tokens at least 2 (one decode step)",
         ));
     }
-    let pre = preload(&a.model)?;
+    let pre = preload(&model)?;
     let max_ctx = pre.config.max_position_embeddings;
     let context = a.prompt_tokens + a.new_tokens;
     if context > max_ctx {
@@ -271,7 +281,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     };
     eprintln!(
         "loaded {} in {:.2} s ({}, {} layers); {} × {} prompt tokens, {} new, {} repeats",
-        a.model.display(),
+        model.display(),
         loaded.load_s,
         a.dtype.name(),
         loaded.model.config.num_layers,
@@ -322,7 +332,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let (copied, anon_huge, file_huge) = (
         copied_weight_bytes(&loaded.model),
         anon_huge_page_bytes().unwrap_or(0),
-        file_huge_page_bytes(&a.model).unwrap_or(0),
+        file_huge_page_bytes(&model).unwrap_or(0),
     );
     let peak_rss = peak.bytes;
     // Each repeat's bandwidth: the better test beside it (the one test when not interleaved).
@@ -376,7 +386,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     );
     if a.json {
         let obj = serde_json::json!({
-            "model": a.model.display().to_string(),
+            "model": model.display().to_string(),
             "dtype": a.dtype.name(),
             "threads": threads(),
             "kernels": kernels,
@@ -399,6 +409,24 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "copied_weight_bytes": copied,
             "file_huge_page_bytes": file_huge,
             "anon_huge_page_bytes": anon_huge,
+        });
+        println!("{obj}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench --bandwidth-only`: the read-bandwidth test alone, printed (and as JSON with `json`).
+fn bandwidth_only(json: bool) -> CliResult<ExitCode> {
+    let bandwidth = read_bandwidth();
+    eprintln!(
+        "read bandwidth {:.1} GB/s ({} threads, best of 5 passes over 512 MiB)",
+        bandwidth / 1e9,
+        threads()
+    );
+    if json {
+        let obj = serde_json::json!({
+            "threads": threads(),
+            "read_bandwidth_bytes_per_s": bandwidth,
         });
         println!("{obj}");
     }
