@@ -247,7 +247,8 @@ def round_ratios(model, res, baseline, cols, depth, bandwidth):
     bf16 (when measured) per column, and its decode after `depth` tokens over its short decode. Where
     both decodes were set beside the read-bandwidth test (`bandwidth`), also the ratio of their speeds
     per unit of the bandwidth measured beside each: what is left of the ratio once a round's luck with
-    a memory other machines share is taken out."""
+    a memory other machines share is taken out (a decode that cannot follow a memory at its fastest is
+    marked down by it, so read it beside the plain ratio)."""
     lines = []
     for e, cs in res.items():
         if not e.startswith("lockstep"):
