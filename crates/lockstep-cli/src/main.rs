@@ -59,14 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's message without the usage block.
-            let msg = e.to_string();
-            let first = msg
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("bad arguments");
-            let first = first.trim().trim_start_matches("error: ");
-            eprintln!("error: {first} (see lockstep --help)");
+            eprintln!("error: {} (see lockstep --help)", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -91,6 +84,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Clap's message on one line: its first paragraph (the usage block and tips after it dropped),
+/// lines joined, so that "the following required arguments were not provided:" keeps the
+/// names listed under it.
+fn one_line(msg: &str) -> String {
+    let text: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let text = text.join(" ");
+    match text.trim_start_matches("error: ") {
+        "" => "bad arguments".to_string(),
+        t => t.to_string(),
+    }
+}
+
 /// Runs `f` on a worker thread of rayon's global pool while this thread waits asleep, so that
 /// the engine's serial steps (norms, attention's bookkeeping, sampling) and its parallel
 /// matmuls share the pool's threads: otherwise this thread is one more than the cores, and
@@ -98,4 +108,22 @@ fn main() -> ExitCode {
 /// whose server would hold a worker for good.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn clap_messages_keep_their_first_paragraph_on_one_line() {
+        let missing = "error: the following required arguments were not provided:\n  --model <MODEL>\n\n\
+                       Usage: lockstep bench --model <MODEL>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(missing),
+            "the following required arguments were not provided: --model <MODEL>"
+        );
+        let unexpected = "error: unexpected argument '--x' found\n\n  tip: to pass '--x' as a value, use '-- --x'\n\nUsage: lockstep bench\n";
+        assert_eq!(one_line(unexpected), "unexpected argument '--x' found");
+        assert_eq!(one_line("\n\n"), "bad arguments");
+    }
 }

@@ -110,7 +110,7 @@ fn bench_rejects_bad_arguments() {
 }
 
 /// `bench --bandwidth-only` measures the read bandwidth alone (no model), and refuses a model
-/// beside it, or no model without it, with exit 2.
+/// beside it, or no model without it, with exit 2 and one line that names the arguments.
 #[test]
 #[cfg_attr(
     not(feature = "reference-tests"),
@@ -123,19 +123,23 @@ fn bench_measures_the_bandwidth_alone() {
     assert!(bw > 0.0 && bw.is_finite(), "{v}");
     assert!(v["threads"].as_u64().is_some_and(|t| t > 0), "{v}");
     let model = fixtures().join("models/qwen2-tied-bf16");
-    for args in [
-        &[
-            "bench",
-            "--bandwidth-only",
-            "--model",
-            model.to_str().unwrap(),
-        ][..],
-        &["bench"][..],
+    for (args, names) in [
+        (
+            &[
+                "bench",
+                "--bandwidth-only",
+                "--model",
+                model.to_str().unwrap(),
+            ][..],
+            "'--bandwidth-only' cannot be used with '--model <MODEL>'",
+        ),
+        (&["bench"][..], "not provided: --model <MODEL>"),
     ] {
         let o = lockstep(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.starts_with("error:"), "{err}");
+        assert!(err.starts_with("error:") && err.contains(names), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
 
