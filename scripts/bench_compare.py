@@ -173,10 +173,12 @@ class LlamaCpp:
         return self._run("-p", n, "-n", 0)
 
     def decode(self, steps, depth=0):
-        if self.read_bytes is None:
+        def run():
             return self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+        if self.read_bytes is None:
+            return run()
         before = read_bandwidth()
-        tok_s = self._run("-p", 0, "-n", steps, "-d", max(depth, DECODE_PROMPT))
+        tok_s = run()
         self.last_bandwidth = max(before, read_bandwidth())
         self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: bandwidth {self.last_bandwidth / 1e9:.1f} GB/s, "
                           f"{100 * tok_s * self.read_bytes / self.last_bandwidth:.0f}% read")

@@ -323,10 +323,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         }
     }
     let interleaved = beside.len() == a.repeat + 1;
-    if !interleaved {
-        // Refused resets: one test at the end, after the peak is read.
-        peak.note();
-    }
+    peak.note();
     let wbytes = decode_weight_bytes(&loaded.model);
     let (read, coded) = decode_read_bytes(&loaded.model, a.dtype.name() == "bf16", a.batch);
     let (copied, anon_huge, file_huge) = (
@@ -335,13 +332,12 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         file_huge_page_bytes(&model).unwrap_or(0),
     );
     let peak_rss = peak.bytes;
-    // Each repeat's bandwidth: the better test beside it (the one test when not interleaved).
-    if !interleaved {
-        beside = vec![read_bandwidth()];
-    }
+    // Each repeat's bandwidth: the better test beside it; where the resets were refused, one
+    // test at the end, after the peak is read.
     let bandwidths: Vec<f64> = if interleaved {
         beside.windows(2).map(|w| w[0].max(w[1])).collect()
     } else {
+        beside = vec![read_bandwidth()];
         vec![beside[0]; steps_s.len()]
     };
     let fraction = median(
@@ -351,7 +347,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             .map(|(s, bw)| read as f64 * s / bw)
             .collect(),
     );
-    let machine = median(bandwidths.clone());
+    let machine = median(bandwidths);
     let steps = median(steps_s);
     let achieved = read as f64 * steps;
     let (prefill, decode) = (median(prefill), median(decode));
