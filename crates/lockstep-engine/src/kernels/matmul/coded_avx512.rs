@@ -65,17 +65,19 @@ pub(super) fn preferred() -> bool {
 }
 
 /// How far ahead of the group being summed the decode kernels ask for the coded bytes
-/// ([`prefetch_ahead`]): 6 KiB, eight groups of an 8-row tile.
+/// ([`prefetch_ahead`]): 8 KiB, about ten groups of an 8-row tile.
 ///
-/// The hardware's own prefetch alone left the kernel behind the memory: over every matrix of a
+/// The hardware's own prefetch alone left the kernel behind the memory. Over every matrix of a
 /// 0.5B-shape decode step (169 products in turn on a team of two, 0.74 GB coded), against a
 /// plain sum of the same bytes in the same loops, alternating round by round (2-core AMD EPYC
-/// Zen 5, 2026-12-04, medians of 9-11 rounds, four runs): no prefetch 85-92% of the plain
-/// read's rate; 2 KiB ahead 85-86%; 4 KiB 91%; 6 KiB 93-98%; 8 KiB 92-97%; 12 KiB 94-95%;
-/// 16 KiB 90-95%. Into L2 (`T1`, 4 and 16 KiB) 83-85%, non-temporal (4 KiB) 87%. Whole
-/// decode steps (`lockstep bench`, 0.5B shape, three alternating pairs): bf16 48.0-52.2 →
-/// 52.9-68.1 tok/s, f32 34.0-34.8 → 43.3-51.7.
-pub(super) const PREFETCH_AHEAD: usize = 6 << 10;
+/// Zen 5, 2026-12-04, medians of 9-11 rounds): with the memory streaming ~42 GB/s, no prefetch
+/// 90% of the plain read's rate, every line 4 KiB ahead 99%, 6 KiB 98%, 8 KiB 98%, 10 KiB
+/// 98%, every other line 6 KiB ahead 91%; at ~54 GB/s, no prefetch 78-83%, 4 KiB 90-94%,
+/// 6 KiB 93-98%, 7 KiB 97-98%, 8 KiB 96-101%, 9 KiB 98%, 10 KiB 96-97%, 12 KiB 94-97%. Into
+/// L2 (`T1`, 4 and 16 KiB) 83-85%, non-temporal (4 KiB) 87%. Whole decode steps
+/// (`lockstep bench`, 0.5B shape, three alternating pairs, 6 KiB): bf16 48.0-52.2 → 52.9-68.1
+/// tok/s, f32 34.0-34.8 → 43.3-51.7.
+pub(super) const PREFETCH_AHEAD: usize = 8 << 10;
 
 /// Asks for the `bytes` bytes [`PREFETCH_AHEAD`] past `g` (a group's first row) to be brought
 /// into L1, one request per cache line. A hint: an address past the matrix (its last groups)

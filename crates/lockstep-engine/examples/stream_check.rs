@@ -1,0 +1,169 @@
+//! How close a decode step comes to the memory's speed, measured at the same moments: in turns,
+//! round after round, the whole step (`forward_last`), its coded products alone (each of the
+//! step's matrices through `linear`, on a team as the step runs them), a plain sum of the same
+//! coded bytes in the same loops (16 tasks a matrix, on the team), the same bytes summed as
+//! two contiguous halves (one thread each), and a 512 MiB buffer summed the same way (the
+//! buffer `lockstep bench` measures the read bandwidth with). Each
+//! figure is coded bytes per second; the medians are printed with each round.
+//!
+//! The memory of a shared machine changes speed within seconds, so only figures taken in turns
+//! compare: "products" against "plain loops" is the kernels' efficiency, "step" against
+//! "products" the cost of the work between them.
+//!
+//! `cargo run --release -p lockstep-engine --example stream_check MODEL_DIR [ROUNDS]`
+//! (a BF16 model; its matrices are coded as a bf16 decode codes them).
+
+use lockstep_engine::kernels::matmul::linear;
+use lockstep_engine::{Bf16, Float, KvCache, Model};
+use std::path::Path;
+use std::time::Instant;
+
+/// Wrapping sum of `c` in eight independent lanes (vectorized, bound by memory).
+fn sum_words(c: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for v in c.chunks_exact(8) {
+        for l in 0..8 {
+            acc[l] = acc[l].wrapping_add(v[l]);
+        }
+    }
+    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+/// Sums `words` in one contiguous part per thread.
+fn sum_halves(words: &[u64], threads: usize) {
+    let part = words.len().div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        for c in words.chunks(part) {
+            sc.spawn(move || std::hint::black_box(sum_words(c)));
+        }
+    });
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = args.next().expect("MODEL_DIR");
+    let rounds: usize = args.next().map_or(12, |r| r.parse().expect("ROUNDS"));
+    let m = Model::load(Path::new(&dir)).expect("model");
+    m.code_bf16_matrices();
+    let mut mats: Vec<_> = m.layers.iter().flat_map(|l| l.linears()).collect();
+    mats.push(&m.lm_head);
+    // Each matrix's coded groups, as words (the coding starts each matrix on 64 bytes).
+    let coded: Vec<&[u64]> = mats
+        .iter()
+        .map(|w| {
+            let c = w.coded().expect("a BF16 matrix the decode step codes");
+            // SAFETY: the groups are `bytes()` bytes from the first group, 64-byte aligned,
+            // and live as long as the model.
+            unsafe { std::slice::from_raw_parts(c.group_ptr(0, 0).cast::<u64>(), c.bytes() / 8) }
+        })
+        .collect();
+    let total: usize = coded.iter().map(|s| s.len() * 8).sum();
+    // The matrices lie one after another in one region: its span, summed in halves.
+    let lo = coded.iter().map(|s| s.as_ptr() as usize).min().unwrap();
+    let hi = coded
+        .iter()
+        .map(|s| s.as_ptr() as usize + s.len() * 8)
+        .max()
+        .unwrap();
+    // SAFETY: the span lies inside the coding's one region (`code_bf16_matrices`).
+    let region: &[u64] = unsafe { std::slice::from_raw_parts(lo as *const u64, (hi - lo) / 8) };
+    // In 2 MiB pages where the kernel grants them, as `lockstep bench`'s test buffer.
+    let mut map = memmap2::MmapMut::map_anon(512 << 20).expect("512 MiB");
+    let _ = map.advise(memmap2::Advice::HugePage);
+    map.fill(1);
+    // SAFETY: an anonymous map is page-aligned and 512 MiB long; any bits are a u64.
+    let buffer: &[u64] =
+        unsafe { std::slice::from_raw_parts(map.as_ptr().cast(), (512 << 20) / 8) };
+    let threads = rayon::current_num_threads();
+    println!(
+        "{} matrices, {:.3} GB coded ({:.3} GB span); {threads} threads",
+        mats.len(),
+        total as f64 / 1e9,
+        (hi - lo) as f64 / 1e9
+    );
+
+    let widest = m.config.intermediate_size.max(m.config.hidden_size);
+    let x: Vec<Bf16> = (0..widest)
+        .map(|i| Bf16::from_f64(((i * 7919) % 1000) as f64 / 1000.0 - 0.5).to_act_dtype())
+        .collect();
+    let mut out = vec![Bf16::ZERO; m.config.vocab_size.max(widest)];
+    let mut cache = KvCache::<Bf16>::new(m.config.num_layers);
+    m.forward_last::<Bf16>(&[1, 2, 3, 4], &mut cache)
+        .expect("prompt");
+
+    let names = [
+        "step",
+        "products",
+        "plain loops",
+        "plain halves",
+        "512 MiB buffer",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let reps = 4;
+    for round in 0..=rounds {
+        let mut line = vec![];
+        for (v, rate) in rates.iter_mut().enumerate() {
+            let bytes = match v {
+                3 => region.len() * 8,
+                4 => buffer.len() * 8,
+                _ => total,
+            };
+            let t = Instant::now();
+            for r in 0..reps {
+                match v {
+                    0 => {
+                        let token = (r as u32 * 13 + round as u32) % 1000;
+                        m.forward_last::<Bf16>(&[token], &mut cache).expect("step");
+                    }
+                    1 => lockstep_engine::team::lead(|| {
+                        for w in &mats {
+                            let (rows, k) = (w.shape[0], w.shape[1]);
+                            linear(&x[..k], 1, w, None, &mut out[..rows]);
+                        }
+                    }),
+                    2 => lockstep_engine::team::lead(|| {
+                        for s in &coded {
+                            let per = s.len().div_ceil(16).next_multiple_of(8);
+                            lockstep_engine::team::for_each(s.len().div_ceil(per), |t| {
+                                let part = &s[t * per..((t + 1) * per).min(s.len())];
+                                std::hint::black_box(sum_words(part));
+                            });
+                        }
+                    }),
+                    3 => sum_halves(region, threads),
+                    _ => sum_halves(buffer, threads),
+                }
+            }
+            let gbs = (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            line.push(format!("{} {gbs:.1}", names[v]));
+            // Round 0 warms up (faults the buffer in, fills the cache).
+            if round > 0 {
+                rate.push(gbs);
+            }
+        }
+        if round > 0 {
+            println!("round {round}: {} GB/s", line.join(", "));
+        }
+    }
+    let med: Vec<f64> = rates.iter().map(|r| median(r.clone())).collect();
+    let ratio =
+        |a: usize, b: usize| median(rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect());
+    let line: Vec<String> = names
+        .iter()
+        .zip(&med)
+        .map(|(n, r)| format!("{n} {r:.1}"))
+        .collect();
+    println!("medians: {} GB/s", line.join(", "));
+    println!(
+        "round by round (medians): products / plain loops {:.0}%, step / products {:.0}%, step / plain halves {:.0}%, plain loops / plain halves {:.0}%",
+        100.0 * ratio(1, 2),
+        100.0 * ratio(0, 1),
+        100.0 * ratio(0, 3),
+        100.0 * ratio(2, 3)
+    );
+}
