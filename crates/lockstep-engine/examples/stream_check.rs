@@ -3,8 +3,8 @@
 //! step's matrices through `linear`, on a team as the step runs them), a plain sum of the same
 //! coded bytes in the same loops (16 tasks a matrix, on the team), the same bytes summed as
 //! two contiguous halves (one thread each), and a 512 MiB buffer summed the same way (the
-//! buffer `lockstep bench` measures the read bandwidth with). Each
-//! figure is coded bytes per second; the medians are printed with each round.
+//! buffer `lockstep bench` measures the read bandwidth with). Each figure is bytes read per
+//! second; every round's are printed, then their medians and the medians of the rounds' ratios.
 //!
 //! The memory of a shared machine changes speed within seconds, so only figures taken in turns
 //! compare: "products" against "plain loops" is the kernels' efficiency, "step" against
@@ -70,7 +70,12 @@ fn main() {
         .map(|s| s.as_ptr() as usize + s.len() * 8)
         .max()
         .unwrap();
-    // SAFETY: the span lies inside the coding's one region (`code_bf16_matrices`).
+    // The matrices are coded together, one after another 64 bytes apart at most.
+    assert!(
+        hi - lo < total + 64 * coded.len(),
+        "the codings lie in one region"
+    );
+    // SAFETY: the span lies inside the coding's one region (`code_bf16_matrices`, checked above).
     let region: &[u64] = unsafe { std::slice::from_raw_parts(lo as *const u64, (hi - lo) / 8) };
     // In 2 MiB pages where the kernel grants them, as `lockstep bench`'s test buffer.
     let mut map = memmap2::MmapMut::map_anon(512 << 20).expect("512 MiB");
