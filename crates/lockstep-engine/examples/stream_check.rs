@@ -2,9 +2,10 @@
 //! round after round, the whole step (`forward_last`), its coded products alone (each of the
 //! step's matrices through `linear`, on a team as the step runs them), a plain sum of the same
 //! coded bytes in the same loops (16 tasks a matrix, on the team), the same bytes summed as
-//! two contiguous halves (one thread each), and a 512 MiB buffer summed the same way (the
-//! buffer `lockstep bench` measures the read bandwidth with). Each figure is bytes read per
-//! second; every round's are printed, then their medians and the medians of the rounds' ratios.
+//! two contiguous halves (one thread each), and the 512 MiB buffer `lockstep bench` measures the
+//! read bandwidth with, summed the same way (the test's own pieces, `lockstep_engine::bandwidth`).
+//! Each figure is bytes read per second; every round's are printed, then their medians and the
+//! medians of the rounds' ratios.
 //!
 //! The memory of a shared machine changes speed within seconds, so only figures taken in turns
 //! compare: "products" against "plain loops" is the kernels' efficiency, "step" against
@@ -13,31 +14,11 @@
 //! `cargo run --release -p lockstep-engine --example stream_check MODEL_DIR [ROUNDS]`
 //! (a BF16 model; its matrices are coded as a bf16 decode codes them).
 
+use lockstep_engine::bandwidth::{sum_in_parts, sum_words, TestBuffer};
 use lockstep_engine::kernels::matmul::linear;
 use lockstep_engine::{Bf16, Float, KvCache, Model};
 use std::path::Path;
 use std::time::Instant;
-
-/// Wrapping sum of `c` in eight independent lanes (vectorized, bound by memory).
-fn sum_words(c: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    for v in c.chunks_exact(8) {
-        for l in 0..8 {
-            acc[l] = acc[l].wrapping_add(v[l]);
-        }
-    }
-    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-}
-
-/// Sums `words` in one contiguous part per thread.
-fn sum_halves(words: &[u64], threads: usize) {
-    let part = words.len().div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for c in words.chunks(part) {
-            sc.spawn(move || std::hint::black_box(sum_words(c)));
-        }
-    });
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -77,14 +58,10 @@ fn main() {
     );
     // SAFETY: the span lies inside the coding's one region (`code_bf16_matrices`, checked above).
     let region: &[u64] = unsafe { std::slice::from_raw_parts(lo as *const u64, (hi - lo) / 8) };
-    // In 2 MiB pages where the kernel grants them, as `lockstep bench`'s test buffer.
-    let mut map = memmap2::MmapMut::map_anon(512 << 20).expect("512 MiB");
-    let _ = map.advise(memmap2::Advice::HugePage);
-    map.fill(1);
-    // SAFETY: an anonymous map is page-aligned and 512 MiB long; any bits are a u64.
-    let buffer: &[u64] =
-        unsafe { std::slice::from_raw_parts(map.as_ptr().cast(), (512 << 20) / 8) };
-    let threads = rayon::current_num_threads();
+    // `lockstep bench`'s test buffer.
+    let test = TestBuffer::new().expect("the read test's buffer");
+    let buffer = test.words();
+    let threads = lockstep_engine::bandwidth::threads();
     println!(
         "{} matrices, {:.3} GB coded ({:.3} GB span); {threads} threads",
         mats.len(),
@@ -140,8 +117,12 @@ fn main() {
                             });
                         }
                     }),
-                    3 => sum_halves(region, threads),
-                    _ => sum_halves(buffer, threads),
+                    3 => {
+                        std::hint::black_box(sum_in_parts(region, threads));
+                    }
+                    _ => {
+                        std::hint::black_box(sum_in_parts(buffer, threads));
+                    }
                 }
             }
             let gbs = (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;

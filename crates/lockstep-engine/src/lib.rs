@@ -14,10 +14,12 @@
 //!   min-p), argmax and a seeded sampler.
 //! - [`streaming`]: whether a forward pass streams the layers through the page cache.
 //! - [`generate`]: prefill + KV-cache decode, stop conditions, streaming detokenization.
+//! - [`bandwidth`]: the machine's read bandwidth, the rate a decode step is judged against.
 //! - [`sequence`]: one generating row, and the decode step of rows with their own caches
 //!   (continuous batching).
 
 pub mod allocator;
+pub mod bandwidth;
 pub mod chat;
 pub mod chat_py;
 pub mod config;

@@ -20,10 +20,9 @@ use super::generate::{generate_rows, preload};
 use crate::cli_error::{CliError, CliResult};
 use lockstep_engine::generate::GenerateOptions;
 use lockstep_engine::sampling::SamplingParams;
-use lockstep_engine::Model;
+use lockstep_engine::{bandwidth, Model};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// Arguments of `bench`.
 #[derive(clap::Args)]
@@ -123,63 +122,16 @@ fn proc_kib(path: &str, key: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The machine's read bandwidth in bytes/s: one thread per core sums its own part of a 512 MiB
-/// buffer (far beyond any cache), best of five passes after one that faults the pages in. The
-/// buffer asks for 2 MiB pages (`MADV_HUGEPAGE`), as the weights do, which read faster than
-/// 4 KiB ones where the kernel grants them: the figure is the best this machine streams.
-pub fn read_bandwidth() -> f64 {
-    let words = (512usize << 20) / 8;
-    let mut map = memmap2::MmapMut::map_anon(words * 8).expect("512 MiB for the bandwidth test");
-    // A hint: refused, the test reads 4 KiB pages.
-    let _ = map.advise(memmap2::Advice::HugePage);
-    // SAFETY: an anonymous map is page-aligned (so 8-byte aligned) and `words * 8` bytes long;
-    // any bit pattern is a u64.
-    let buf: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().cast(), words) };
-    for (i, w) in buf.iter_mut().enumerate() {
-        *w = i as u64;
-    }
-    let buf: &[u64] = buf;
-    let threads = threads();
-    let part = words.div_ceil(threads);
-    let mut best = f64::INFINITY;
-    for pass in 0..6 {
-        let t = Instant::now();
-        let s = std::thread::scope(|sc| {
-            let hs: Vec<_> = buf
-                .chunks(part)
-                .map(|c| sc.spawn(move || sum_words(c)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
-        });
-        std::hint::black_box(s);
-        if pass > 0 {
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-    }
-    (words * 8) as f64 / best
-}
-
-/// Wrapping sum of `c` in eight independent lanes (the loop vectorizes and is bound by memory).
-fn sum_words(c: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    for v in c.chunks_exact(8) {
-        for l in 0..8 {
-            acc[l] = acc[l].wrapping_add(v[l]);
-        }
-    }
-    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-}
-
-/// Threads the engine's kernels run on: `RAYON_NUM_THREADS` when set, else the cores.
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
+/// The machine's read bandwidth in bytes/s ([`bandwidth::read_bandwidth`]: 512 MiB summed by
+/// the engine's threads, best of five passes); an input-side error where the OS refuses the
+/// test's memory.
+fn read_bandwidth() -> CliResult<f64> {
+    bandwidth::read_bandwidth().map_err(|e| {
+        CliError::input(format!(
+            "the read-bandwidth test could not map its {} MiB buffer: {e}",
+            bandwidth::TEST_BYTES >> 20
+        ))
+    })
 }
 
 /// Peak resident memory of this process in bytes (`VmHWM` in /proc/self/status), when the OS
@@ -204,15 +156,16 @@ impl PeakRss {
     }
 
     /// Notes the mark, then runs `test` between two resets of it, so that the test's memory is
-    /// not counted; `Err`, without running `test`, where the kernel refuses the reset (a refusal
+    /// not counted, and returns what `test` returns; `Err`, without running `test`, where the kernel refuses the reset (a refusal
     /// of the second reset alone, just after the first succeeded, would leave the test in the
     /// mark).
-    fn note_and_reset(&mut self, test: impl FnOnce()) -> std::io::Result<()> {
+    fn note_and_reset<T>(&mut self, test: impl FnOnce() -> T) -> std::io::Result<T> {
         self.note();
         let reset = || std::fs::write("/proc/self/clear_refs", "5");
         reset()?;
-        test();
-        reset()
+        let value = test();
+        reset()?;
+        Ok(value)
     }
 }
 
@@ -295,11 +248,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     // kernel's peak-memory mark can be reset around the test's buffer.
     let mut peak = PeakRss::default();
     let mut beside = vec![];
-    if peak
-        .note_and_reset(|| beside.push(read_bandwidth()))
-        .is_err()
-    {
-        beside.clear();
+    match peak.note_and_reset(read_bandwidth) {
+        Ok(bw) => beside.push(bw?),
+        Err(_) => beside.clear(),
     }
     for r in 0..a.repeat {
         let g = generate_rows(&loaded, a.dtype, &prompts, &opts)?;
@@ -314,12 +265,11 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         prefill.push(p);
         decode.push(steps * a.batch as f64);
         steps_s.push(steps);
-        if !beside.is_empty()
-            && peak
-                .note_and_reset(|| beside.push(read_bandwidth()))
-                .is_err()
-        {
-            beside.clear();
+        if !beside.is_empty() {
+            match peak.note_and_reset(read_bandwidth) {
+                Ok(bw) => beside.push(bw?),
+                Err(_) => beside.clear(),
+            }
         }
     }
     let interleaved = beside.len() == a.repeat + 1;
@@ -337,7 +287,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     let bandwidths: Vec<f64> = if interleaved {
         beside.windows(2).map(|w| w[0].max(w[1])).collect()
     } else {
-        beside = vec![read_bandwidth()];
+        beside = vec![read_bandwidth()?];
         vec![beside[0]; steps_s.len()]
     };
     let fraction = median(
@@ -370,7 +320,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         100.0 * fraction,
         if a.repeat > 1 { "median " } else { "" },
         machine / 1e9,
-        threads(),
+        bandwidth::threads(),
         kernels,
         wbytes as f64 / 1e9,
         rounded as f64 / 1e9,
@@ -384,7 +334,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         let obj = serde_json::json!({
             "model": model.display().to_string(),
             "dtype": a.dtype.name(),
-            "threads": threads(),
+            "threads": bandwidth::threads(),
             "kernels": kernels,
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,
@@ -413,16 +363,16 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 
 /// `bench --bandwidth-only`: the read-bandwidth test alone, printed (and as JSON with `json`).
 fn bandwidth_only(json: bool) -> CliResult<ExitCode> {
-    let bandwidth = read_bandwidth();
+    let bw = read_bandwidth()?;
     eprintln!(
         "read bandwidth {:.1} GB/s ({} threads, best of 5 passes over 512 MiB)",
-        bandwidth / 1e9,
-        threads()
+        bw / 1e9,
+        bandwidth::threads()
     );
     if json {
         let obj = serde_json::json!({
-            "threads": threads(),
-            "read_bandwidth_bytes_per_s": bandwidth,
+            "threads": bandwidth::threads(),
+            "read_bandwidth_bytes_per_s": bw,
         });
         println!("{obj}");
     }
