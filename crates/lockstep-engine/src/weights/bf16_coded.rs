@@ -9,7 +9,7 @@
 //! matrix cover all but 1.4-1.8 in 10,000 of its values. So each matrix keeps its 15 most
 //! frequent high bytes in a table ([`Bf16Coded::table`]) and stores for every value its low byte
 //! and a 4-bit code: the high byte's place in the table, or [`ESCAPE`] with the high byte in a
-//! sorted side list. The decode kernel rebuilds the exact bf16 vector from them
+//! side list kept band by band. The decode kernel rebuilds the exact bf16 vector from them
 //! (`kernels::matmul::avx512_bf16`) and sums exactly the values it would have read from the
 //! stored bytes: 0.75 of the bytes per token, the same bits.
 //!
@@ -111,15 +111,22 @@ pub struct Bf16Coded {
     region: Arc<Mmap>,
     /// Where in `region` the groups lie, tile after tile.
     at: std::ops::Range<usize>,
-    /// The escaped values' positions `row·k + column`, ascending.
-    escaped_at: Vec<u64>,
+    /// Per band (the tile holding row `r` and group `g`: band `r / TILE_ROWS · groups + g`),
+    /// where its escaped values start in `escape_keys` and `escaped_high`; one entry more ends
+    /// the last band. A band with none is empty, and there the kernels skip looking for escapes
+    /// (a comparison and a branch per row and group, a sixth of their instructions): on the
+    /// fixtures' 2 escapes in 10,000 values, about one band in ten of 8 × 64 values has one.
+    band_start: Vec<u32>,
+    /// The escaped values band after band, each as `row_in_tile · GROUP + column_in_group`,
+    /// ascending within its band: a kernel finds a group's escapes among its band's few entries
+    /// next to one another. The first side list, every escaped position of the matrix sorted,
+    /// was binary-searched per escape, a chain of dependent loads that held up the stream:
+    /// `examples/stream_check` (0.5B shape, 2-core AMD EPYC Zen 5, 2026-12-05, builds in turns)
+    /// had the products at 91-97% of a plain read of the same bytes with the search and
+    /// 100-102% with the bands, the whole step at 87-96% of the test buffer's rate and 90-92%.
+    escape_keys: Vec<u16>,
     /// Their high bytes, in the same order.
     escaped_high: Vec<u8>,
-    /// Per tile and group (`tile · groups + group`): whether any of the tile's rows has an
-    /// escaped value in that group. Where none has, the kernel skips looking for escapes (a
-    /// comparison and a branch per row and group, a sixth of its instructions); measured on the
-    /// fixtures' 2 escapes in 10,000 values, about one band in ten of 8 × 64 values has one.
-    band_escapes: Vec<bool>,
 }
 
 /// Codes every matrix in `ws` into one region of anonymous memory that starts on a 2 MiB
@@ -155,7 +162,9 @@ pub fn code_together(ws: &[&Tensor]) -> Vec<Option<Bf16Coded>> {
         .par_iter()
         .zip(&shapes)
         .zip(starts.into_par_iter().zip(parts))
-        .map(|((w, shape), (at, part))| shape.map(|(m, k)| (at, code_matrix(w, m, k, part))))
+        .map(|((w, shape), (at, part))| {
+            shape.and_then(|(m, k)| Some((at, code_matrix(w, m, k, part)?)))
+        })
         .collect();
     let Ok(region) = region.make_read_only().map(Arc::new) else {
         return none();
@@ -171,9 +180,9 @@ pub fn code_together(ws: &[&Tensor]) -> Vec<Option<Bf16Coded>> {
                 table: parts.table,
                 region: Arc::clone(&region),
                 at: at..at + len,
-                escaped_at: parts.escaped_at,
+                band_start: parts.band_start,
+                escape_keys: parts.escape_keys,
                 escaped_high: parts.escaped_high,
-                band_escapes: parts.band_escapes,
             })
         })
         .collect()
@@ -187,14 +196,14 @@ fn row_bytes(k: usize) -> usize {
 /// What coding a matrix makes besides its groups.
 struct Parts {
     table: [u8; 16],
-    escaped_at: Vec<u64>,
+    band_start: Vec<u32>,
+    escape_keys: Vec<u16>,
     escaped_high: Vec<u8>,
-    band_escapes: Vec<bool>,
 }
 
 /// Codes the `m × k` BF16 matrix `w` into `dst` (its groups, zeroed, `m` rows of
-/// [`row_bytes`]), tiles in parallel.
-fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Parts {
+/// [`row_bytes`]), tiles in parallel; `None` where its escapes are too many to index in 32 bits.
+fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Option<Parts> {
     let bytes = w.bytes();
     debug_assert_eq!((bytes.len(), dst.len()), (m * k * 2, m * row_bytes(k)));
     let table = frequent_high_bytes(bytes);
@@ -211,19 +220,43 @@ fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Parts {
         .with_min_len(4)
         .map(|(t, (dst, src))| code_tile(dst, src, k, &code_of, (t * TILE_ROWS * k) as u64))
         .collect();
-    let (escaped_at, escaped_high): (Vec<u64>, Vec<u8>) = escapes.into_iter().flatten().unzip();
+    // Band by band: counted, then placed in the tiles' order (each band's row by row, each
+    // row's in column order: ascending keys).
     let groups = k.div_ceil(GROUP);
-    let mut band_escapes = vec![false; m.div_ceil(TILE_ROWS) * groups];
-    for &at in &escaped_at {
+    let band_of = |at: u64| {
         let (r, c) = (at as usize / k, at as usize % k);
-        band_escapes[r / TILE_ROWS * groups + c / GROUP] = true;
+        (
+            r / TILE_ROWS * groups + c / GROUP,
+            (r % TILE_ROWS * GROUP + c % GROUP) as u16,
+        )
+    };
+    let total: usize = escapes.iter().map(Vec::len).sum();
+    let mut next = vec![0usize; m.div_ceil(TILE_ROWS) * groups + 1];
+    for &(at, _) in escapes.iter().flatten() {
+        next[band_of(at).0 + 1] += 1;
     }
-    Parts {
+    for b in 1..next.len() {
+        next[b] += next[b - 1];
+    }
+    // Positions into the side list fit 32 bits (checked: a matrix of more than 4G escaped
+    // values is left uncoded).
+    let band_start = next
+        .iter()
+        .map(|&i| u32::try_from(i).ok())
+        .collect::<Option<_>>()?;
+    let (mut escape_keys, mut escaped_high) = (vec![0u16; total], vec![0u8; total]);
+    for &(at, high) in escapes.iter().flatten() {
+        let (band, key) = band_of(at);
+        let i = next[band];
+        next[band] += 1;
+        (escape_keys[i], escaped_high[i]) = (key, high);
+    }
+    Some(Parts {
         table,
-        escaped_at,
+        band_start,
+        escape_keys,
         escaped_high,
-        band_escapes,
-    }
+    })
 }
 
 impl Bf16Coded {
@@ -241,7 +274,7 @@ impl Bf16Coded {
 
     /// How many values have their high byte in the side list.
     pub fn escapes(&self) -> usize {
-        self.escaped_at.len()
+        self.escaped_high.len()
     }
 
     /// Groups per row.
@@ -287,7 +320,22 @@ impl Bf16Coded {
     /// Whether any row of the tile holding row `r` has an escaped value in group `g`.
     #[inline]
     pub fn band_escapes(&self, r: usize, g: usize) -> bool {
-        self.band_escapes[r / TILE_ROWS * self.groups() + g]
+        let b = r / TILE_ROWS * self.groups() + g;
+        self.band_start[b] != self.band_start[b + 1]
+    }
+
+    /// The escaped values of row `r` in group `g`: (column within the group, high byte),
+    /// ascending; a scan of the band's few entries.
+    #[inline]
+    pub fn group_escapes(&self, r: usize, g: usize) -> impl Iterator<Item = (usize, u8)> + '_ {
+        let b = r / TILE_ROWS * self.groups() + g;
+        let band = self.band_start[b] as usize..self.band_start[b + 1] as usize;
+        let row = r % TILE_ROWS;
+        self.escape_keys[band.clone()]
+            .iter()
+            .zip(&self.escaped_high[band])
+            .filter(move |(&key, _)| usize::from(key) / GROUP == row)
+            .map(|(&key, &high)| (usize::from(key) % GROUP, high))
     }
 
     /// `rows` cut where tiles end: each piece lies in one tile, whose rows it gives.
@@ -312,12 +360,10 @@ impl Bf16Coded {
     /// When that value is not escaped (its code is not [`ESCAPE`]).
     #[inline]
     pub fn escaped_high_byte(&self, row: usize, col: usize) -> u8 {
-        let at = (row * self.k + col) as u64;
-        let i = self
-            .escaped_at
-            .binary_search(&at)
-            .unwrap_or_else(|_| panic!("value {row},{col} is not escaped"));
-        self.escaped_high[i]
+        self.group_escapes(row, col / GROUP)
+            .find(|&(j, _)| j == col % GROUP)
+            .unwrap_or_else(|| panic!("value {row},{col} is not escaped"))
+            .1
     }
 
     /// Row `r` decoded back to bf16 bits (the plain version of the kernel's decoding).
@@ -477,8 +523,7 @@ mod tests {
             for r in 0..m {
                 for g in 0..groups {
                     let any = (0..rows_of(&c, r)).map(|i| c.tile(r).0 + i).any(|rr| {
-                        (g * 64..k.min(g * 64 + 64))
-                            .any(|col| c.escaped_at.binary_search(&((rr * k + col) as u64)).is_ok())
+                        (g * 64..k.min(g * 64 + 64)).any(|col| escaped(&c, &bits, rr * k + col))
                     });
                     assert_eq!(c.band_escapes(r, g), any, "{m}x{k} row {r} group {g}");
                 }
@@ -490,6 +535,12 @@ mod tests {
                 .all(|(s, n)| c.tile(s.start) == c.tile(s.end - 1) && c.tile(s.start).1 == *n));
             assert_eq!(spans.iter().map(|s| s.0.len()).sum::<usize>(), m - 1);
         }
+    }
+
+    /// Whether value `at` (`row·k + column`) of the matrix whose bits are `bits` is escaped:
+    /// its high byte is not among the table's 15 (the side list is not asked).
+    fn escaped(c: &Bf16Coded, bits: &[u16], at: usize) -> bool {
+        !c.table[..ESCAPE as usize].contains(&((bits[at] >> 8) as u8))
     }
 
     /// Rows in the tile holding row `r`.
@@ -525,8 +576,8 @@ mod tests {
             .max();
         assert!(least_in >= most_out, "{least_in:?} < {most_out:?}");
         // The fixture's escapes are rarer than its common bytes but there are some.
-        assert!(!c.escaped_at.is_empty());
-        assert!(c.escaped_at.len() < bits.len() / 10);
+        assert!(c.escapes() > 0);
+        assert!(c.escapes() < bits.len() / 10);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! `vpermb` and two `vpermt2b`: on a 2-core AMD EPYC, `bench_coded`'s 4864×896 product in L3
 //! ran at 24-28 Gweights/s coded against 45-55 stored.)
 
-use crate::weights::bf16_coded::{value_in_slot, Bf16Coded, ESCAPE};
+use crate::weights::bf16_coded::{slot, Bf16Coded, ESCAPE, GROUP};
 use std::arch::x86_64::*;
 
 /// `$row!(r, CHECK)` for `r` in `0..8`, `CHECK` the literal `true` where `$check` holds and
@@ -153,7 +153,7 @@ impl Codes {
         if escaped != 0 {
             let mut bytes = [0u8; 64];
             _mm512_storeu_si512(bytes.as_mut_ptr().cast(), high);
-            put_escapes(&mut bytes, escaped, c, row, col);
+            put_escapes(&mut bytes, c, row, col);
             high = _mm512_loadu_si512(bytes.as_ptr().cast());
         }
         let low = _mm512_loadu_si512(g.add(32).cast());
@@ -164,17 +164,15 @@ impl Codes {
     }
 }
 
-/// `high` (the rebuilt high bytes of the group at `row`, column `col`, by slot) with the
-/// `escaped` slots' bytes (bit `q`: slot `q`) taken from the side list.
+/// `high` (the rebuilt high bytes of the group at `row` whose first column is `col`, by slot)
+/// with the escaped values' bytes taken from the side list (the band's few entries).
 ///
 /// Inlined: a call here would make every vector register the caller holds (its accumulators)
 /// live across a call, which LLVM answers by keeping them on the stack on the common path too.
 /// Inlined, the rare path is integer code that leaves them alone.
 #[inline(always)]
-fn put_escapes(high: &mut [u8; 64], mut escaped: u64, c: &Bf16Coded, row: usize, col: usize) {
-    while escaped != 0 {
-        let q = escaped.trailing_zeros() as usize;
-        high[q] = c.escaped_high_byte(row, col + value_in_slot(q));
-        escaped &= escaped - 1;
+fn put_escapes(high: &mut [u8; 64], c: &Bf16Coded, row: usize, col: usize) {
+    for (j, byte) in c.group_escapes(row, col / GROUP) {
+        high[slot(j)] = byte;
     }
 }
