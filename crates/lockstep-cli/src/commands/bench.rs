@@ -7,8 +7,8 @@
 //! prefill and decode speeds, the peak resident memory (`VmHWM`), and the weight bandwidth the
 //! decode achieves (bytes of weights one decode step streams, coded where the engine codes them
 //! in 12 bits per value, × steps per second) as a fraction of the machine's read bandwidth,
-//! which it measures itself (a multi-threaded read of a buffer much larger than the caches, best
-//! of a few passes) before the first repeat and after each one: on a machine whose memory other
+//! which it measures itself (a multi-threaded read of a buffer much larger than the caches, the
+//! best of fifteen passes, plain and with a software prefetch) before the first repeat and after each one: on a machine whose memory other
 //! machines share, the bandwidth moves by half within a minute, so each repeat is judged against
 //! the better of the two measurements beside it and the fraction is the median of the repeats'.
 //! The test's buffer is left out of the peak resident memory (the peak is noted and the kernel's
@@ -31,7 +31,8 @@ pub struct Args {
     #[arg(long, required_unless_present = "bandwidth_only")]
     model: Option<PathBuf>,
     /// Only measure this machine's read bandwidth (the test a decode is judged against: every
-    /// thread reading its part of a 512 MiB buffer, best of 5 passes) and exit; no model. For
+    /// thread reading its part of a 512 MiB buffer, best of 15 passes, plain and prefetched) and
+    /// exit; no model. For
     /// setting another engine's decode beside the same test (scripts/bench_compare.py does so
     /// for llama.cpp).
     #[arg(long, conflicts_with = "model")]
@@ -123,7 +124,7 @@ fn proc_kib(path: &str, key: &str) -> Option<u64> {
 }
 
 /// The machine's read bandwidth in bytes/s ([`bandwidth::read_bandwidth`]: 512 MiB summed by
-/// the engine's threads, best of five passes); an input-side error where the OS refuses the
+/// the engine's threads, best of five passes of each kind it reads in); an input-side error where the OS refuses the
 /// test's memory.
 fn read_bandwidth() -> CliResult<f64> {
     bandwidth::read_bandwidth().map_err(|e| {
@@ -365,9 +366,10 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
 fn bandwidth_only(json: bool) -> CliResult<ExitCode> {
     let bw = read_bandwidth()?;
     eprintln!(
-        "read bandwidth {:.1} GB/s ({} threads, best of 5 passes over 512 MiB)",
+        "read bandwidth {:.1} GB/s ({} threads, best of {} passes over 512 MiB, plain and prefetched)",
         bw / 1e9,
-        bandwidth::threads()
+        bandwidth::threads(),
+        bandwidth::PASSES * bandwidth::READS.len()
     );
     if json {
         let obj = serde_json::json!({
