@@ -16,7 +16,7 @@
 //! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
 //! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
-use super::coded_avx512::{each_tile_row, prefetch_ahead, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_row, Codes};
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
@@ -297,7 +297,6 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for i in (0..len).step_by(GROUP) {
         let g = w.add(i / GROUP * gs);
-        prefetch_ahead(g, R * GROUP_BYTES);
         let check = c.band_escapes(j, (c0 + i) / GROUP);
         // [`tile`]'s steps of 16: the masked one where the chunk ends, none past it; each
         // token's values for them.
@@ -316,6 +315,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             ($r:literal, $check:literal) => {
                 if $r < R {
                     let at = g.add($r * GROUP_BYTES);
+                    prefetch_row(at);
                     let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                     for q in 0..steps {
                         let half = v[q / 2];

@@ -30,7 +30,7 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
-use super::coded_avx512::{each_tile_row, prefetch_ahead, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_row, Codes};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -304,7 +304,6 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
         ($i:expr, $masked:expr) => {{
             let i = $i;
             let g = w.add(i / GROUP * gs);
-            prefetch_ahead(g, R * GROUP_BYTES);
             let check = c.band_escapes(j, (c0 + i) / GROUP);
             let steps = if !$masked || len - i > PAIRS { 2 } else { 1 };
             let mask = |half: usize| {
@@ -329,6 +328,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 ($r:literal, $check:literal) => {
                     if $r < R {
                         let at = g.add($r * GROUP_BYTES);
+                        prefetch_row(at);
                         let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                         for half in 0..steps {
                             let v = if !$masked {
