@@ -8,8 +8,9 @@
 //! decode achieves (bytes of weights one decode step streams, coded where the engine codes them
 //! in 12 bits per value, × steps per second) as a fraction of the machine's read bandwidth,
 //! which it measures itself (a multi-threaded read of a buffer much larger than the caches, the
-//! best of fifteen passes, plain and with a software prefetch) before the first repeat and after each one: on a machine whose memory other
-//! machines share, the bandwidth moves by half within a minute, so each repeat is judged against
+//! best of fifteen passes, plain and with a software prefetch) before the first repeat and after
+//! each one: on a machine whose memory other machines share, the bandwidth moves by half within
+//! a minute, so each repeat is judged against
 //! the better of the two measurements beside it and the fraction is the median of the repeats'.
 //! The test's buffer is left out of the peak resident memory (the peak is noted and the kernel's
 //! high-water mark reset around each test, `/proc/self/clear_refs`); where that reset is refused
@@ -32,9 +33,8 @@ pub struct Args {
     model: Option<PathBuf>,
     /// Only measure this machine's read bandwidth (the test a decode is judged against: every
     /// thread reading its part of a 512 MiB buffer, best of 15 passes, plain and prefetched) and
-    /// exit; no model. For
-    /// setting another engine's decode beside the same test (scripts/bench_compare.py does so
-    /// for llama.cpp).
+    /// exit; no model. For setting another engine's decode beside the same test
+    /// (scripts/bench_compare.py does so for llama.cpp).
     #[arg(long, conflicts_with = "model")]
     bandwidth_only: bool,
     /// Compute precision.
@@ -124,8 +124,8 @@ fn proc_kib(path: &str, key: &str) -> Option<u64> {
 }
 
 /// The machine's read bandwidth in bytes/s ([`bandwidth::read_bandwidth`]: 512 MiB summed by
-/// the engine's threads, best of five passes of each kind it reads in); an input-side error where the OS refuses the
-/// test's memory.
+/// the engine's threads, best of five passes of each kind it reads in); an input-side error
+/// where the OS refuses the test's memory.
 fn read_bandwidth() -> CliResult<f64> {
     bandwidth::read_bandwidth().map_err(|e| {
         CliError::input(format!(
@@ -157,9 +157,9 @@ impl PeakRss {
     }
 
     /// Notes the mark, then runs `test` between two resets of it, so that the test's memory is
-    /// not counted, and returns what `test` returns; `Err`, without running `test`, where the kernel refuses the reset (a refusal
-    /// of the second reset alone, just after the first succeeded, would leave the test in the
-    /// mark).
+    /// not counted, and returns what `test` returns; `Err`, without running `test`, where the
+    /// kernel refuses the reset (a refusal of the second reset alone, just after the first
+    /// succeeded, would leave the test in the mark).
     fn note_and_reset<T>(&mut self, test: impl FnOnce() -> T) -> std::io::Result<T> {
         self.note();
         let reset = || std::fs::write("/proc/self/clear_refs", "5");
@@ -167,6 +167,17 @@ impl PeakRss {
         let value = test();
         reset()?;
         Ok(value)
+    }
+
+    /// Measures the read bandwidth between two resets of the mark ([`PeakRss::note_and_reset`])
+    /// and adds it to `beside`; where the kernel refuses the reset, clears `beside` (the caller
+    /// then measures once at the end). `Err` where the test's memory is refused.
+    fn test_beside(&mut self, beside: &mut Vec<f64>) -> CliResult<()> {
+        match self.note_and_reset(read_bandwidth) {
+            Ok(bw) => beside.push(bw?),
+            Err(_) => beside.clear(),
+        }
+        Ok(())
     }
 }
 
@@ -249,10 +260,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
     // kernel's peak-memory mark can be reset around the test's buffer.
     let mut peak = PeakRss::default();
     let mut beside = vec![];
-    match peak.note_and_reset(read_bandwidth) {
-        Ok(bw) => beside.push(bw?),
-        Err(_) => beside.clear(),
-    }
+    peak.test_beside(&mut beside)?;
     for r in 0..a.repeat {
         let g = generate_rows(&loaded, a.dtype, &prompts, &opts)?;
         let g0 = &g[0];
@@ -267,10 +275,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         decode.push(steps * a.batch as f64);
         steps_s.push(steps);
         if !beside.is_empty() {
-            match peak.note_and_reset(read_bandwidth) {
-                Ok(bw) => beside.push(bw?),
-                Err(_) => beside.clear(),
-            }
+            peak.test_beside(&mut beside)?;
         }
     }
     let interleaved = beside.len() == a.repeat + 1;
