@@ -23,6 +23,7 @@ mod blocks_avx512;
 #[cfg(target_arch = "x86_64")]
 mod coded_avx512;
 mod q8dot;
+mod shares;
 
 /// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
 /// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
@@ -406,10 +407,10 @@ fn linear_min_n_many<T: Float>(
     };
     let k = first.w.shape[1];
     assert_eq!(x.len(), n * k, "linear: input length");
-    // Per product: its output, and its rows cut into tasks.
-    let mut tasks = Vec::new();
+    // Per product: its output, and its rows' size (the tasks are cut from them below).
+    let mut sizes = Vec::with_capacity(products.len());
     let mut dsts = Vec::with_capacity(products.len());
-    for (i, p) in products.iter_mut().enumerate() {
+    for p in products.iter_mut() {
         let (m, wk) = (p.w.shape[0], p.w.shape[1]);
         assert_eq!(wk, k, "linear_many: weights of different input sizes");
         assert_eq!(p.out.len(), n * m, "linear: output length");
@@ -425,9 +426,6 @@ fn linear_min_n_many<T: Float>(
             ptr: p.out.as_mut_ptr(),
             row_len: m,
         });
-        if n == 0 || m == 0 {
-            continue;
-        }
         // Block rows are sized by their decoded f32 (decoding them is the work, not reading
         // them).
         let task_bytes = if p.w.dtype.is_block() {
@@ -435,14 +433,9 @@ fn linear_min_n_many<T: Float>(
         } else {
             row_bytes
         };
-        let per = if n <= CODED_MAX_TOKENS {
-            streaming_task_rows(m, task_bytes)
-        } else {
-            task_rows(m, task_bytes)
-        };
-        tasks.extend((0..m.div_ceil(per)).map(|t| (i, t * per..((t + 1) * per).min(m))));
+        sizes.push((if n == 0 { 0 } else { m }, task_bytes));
     }
-    if tasks.is_empty() {
+    if sizes.iter().all(|&(m, _)| m == 0) {
         return;
     }
     let bf16_weights = products.iter().any(|p| p.w.dtype == StoredDtype::BF16);
@@ -461,8 +454,7 @@ fn linear_min_n_many<T: Float>(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (amx_min_n, bf16_weights);
     let products = &*products;
-    crate::team::for_each(tasks.len(), |task| {
-        let (i, rows) = tasks[task].clone();
+    let run = |i: usize, rows: std::ops::Range<usize>| {
         let (w, bias, dst) = (products[i].w, products[i].bias, dsts[i]);
         let m = w.shape[0];
         // SAFETY: tasks own disjoint row ranges of one product each, so each output entry is
@@ -501,33 +493,27 @@ fn linear_min_n_many<T: Float>(
                 T::add_bias_to_act_dtype(dst.row(t, raw.clone()), bias);
             }
         }
-    });
+    };
+    if n <= CODED_MAX_TOKENS {
+        // A decode step: each thread streams one share of the rows (see `shares`).
+        shares::Shares::new(&sizes, rayon::current_num_threads()).run(run);
+    } else {
+        let tasks: Vec<(usize, std::ops::Range<usize>)> = (sizes.iter().enumerate())
+            .flat_map(|(i, &(m, bytes))| {
+                let per = task_rows(m, bytes);
+                (0..m.div_ceil(per)).map(move |t| (i, t * per..((t + 1) * per).min(m)))
+            })
+            .collect();
+        crate::team::for_each(tasks.len(), |t| run(tasks[t].0, tasks[t].1.clone()));
+    }
 }
 
-/// Rows per rayon task: several tasks per thread (load balance) of at least ~64 KiB of weights
-/// (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the 4-row AVX-512 ones).
+/// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
+/// products split their rows by [`shares`]): eight tasks per thread (load balance) of at least
+/// ~64 KiB of weights (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the
+/// 4-row AVX-512 ones).
 fn task_rows(m: usize, row_bytes: usize) -> usize {
-    rows_per_task(m, row_bytes, 8)
-}
-
-/// [`task_rows`] for a product of at most [`CODED_MAX_TOKENS`] tokens, which streams the
-/// weights from memory: two tasks per thread, not eight. Each task starts a new stream, and a
-/// stream's first bytes come slower than the rest; with eight tasks a thread (0.5B shape, 16
-/// tasks for most matrices, ~9 µs each) the starts cost a decode step about 5% of its rate.
-/// Whole steps against a plain read of the same bytes in the same loops, in turns (2-core AMD
-/// EPYC Zen 5, 2026-12-05, 20-30 rounds each, three runs): eight tasks a thread 94.5%, 92.0%,
-/// 90.5%; four 96.1% (one run); two 97.4%, 96.8%, 92.6%; one 97.7%, 93.9% (two runs), which
-/// leaves a thread that starts late (a helper yielding its core) no task to catch up with.
-/// Front-loaded sizes (each task a quarter to an eighth of the rows left, down to the 64 KiB
-/// least) made more tasks and read slower: 94.4%, 91.8%, 90.2% against two a thread's 96.4%.
-fn streaming_task_rows(m: usize, row_bytes: usize) -> usize {
-    rows_per_task(m, row_bytes, 2)
-}
-
-/// Rows per task for `per_thread` tasks a thread, at least ~64 KiB of weights each, a multiple
-/// of 16 rows.
-fn rows_per_task(m: usize, row_bytes: usize, per_thread: usize) -> usize {
-    let balanced = m.div_ceil(per_thread * rayon::current_num_threads());
+    let balanced = m.div_ceil(8 * rayon::current_num_threads());
     let min = (64usize << 10).div_ceil(row_bytes.max(1));
     balanced.max(min).next_multiple_of(16)
 }
