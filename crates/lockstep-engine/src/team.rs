@@ -10,6 +10,10 @@
 //! iterations, and so every value, are exactly those of the rayon loop they replace: each
 //! iteration writes its own outputs, whichever thread runs it.
 //!
+//! A helper waiting for the next loop may read ahead bytes an iteration named
+//! ([`read_ahead_while_idle`]: the next matrix a decode step streams), so that the leader's
+//! serial work between loops is not time the memory goes unread.
+//!
 //! `LOCKSTEP_TEAM=off` (or `0`) turns the team off and every loop runs on rayon's pool;
 //! `auto` (the default) and `on` use it ([`wanted`]).
 //!
@@ -84,10 +88,13 @@ impl Board {
         while !self.closed.load(SeqCst) {
             let posted = self.posted.load(SeqCst);
             if posted == seen {
-                idle.wait();
+                if !read_ahead_a_little() {
+                    idle.wait();
+                }
                 continue;
             }
             (seen, idle) = (posted, Idle::default());
+            IDLE_READ.set((0, 0));
             self.inside.fetch_add(1, SeqCst);
             let p = self.job.load(SeqCst);
             // SAFETY: a job stays alive while `inside` is non-zero and it is posted: the leader
@@ -120,7 +127,43 @@ impl Idle {
     }
 }
 
+/// Bytes a helper brings into its cache at a turn of its wait ([`read_ahead_while_idle`]):
+/// small enough that a loop posted meanwhile starts within about a microsecond.
+const READ_AHEAD_TURN: usize = 1 << 10;
+
+/// Asks this thread, where it is a team's helper, to bring the `bytes` bytes from `from` into
+/// its second-level cache while it waits for the next loop ([`lead`]): a hint given at the end
+/// of a loop's iteration about what the thread will read in the next loop, so that the time the
+/// leader spends on serial work between loops is not time the memory goes unread. Only the
+/// helper's wait reads them, a little at each turn, and a posted loop ends it; on the leader,
+/// or outside a team, it does nothing.
+pub fn read_ahead_while_idle(from: *const u8, bytes: usize) {
+    IDLE_READ.set((from as usize, bytes));
+}
+
+/// One turn of the read-ahead [`read_ahead_while_idle`] asked for; `false` when none is left.
+fn read_ahead_a_little() -> bool {
+    let (at, left) = IDLE_READ.get();
+    if left == 0 {
+        return false;
+    }
+    let n = left.min(READ_AHEAD_TURN);
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..n).step_by(64) {
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                (at + line) as *const i8,
+            )
+        };
+    }
+    IDLE_READ.set((at.wrapping_add(n), left - n));
+    true
+}
+
 thread_local! {
+    /// What this thread, a helper, still reads ahead while it waits: (address, bytes).
+    static IDLE_READ: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
     /// The board this thread leads, and whether it is inside one of its loops' iterations.
     static LEADING: Cell<(*const Board, bool)> = const { Cell::new((ptr::null(), false)) };
 }
@@ -298,6 +341,30 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// Read-ahead asked for in iterations (of any size, at any address: prefetches never
+    /// fault) leaves every loop's iterations run once, and a posted loop ends a helper's.
+    #[test]
+    fn read_ahead_between_loops() {
+        pool(2).install(|| {
+            let data = vec![7u8; 4 << 20];
+            let sum = AtomicU64::new(0);
+            lead(|| {
+                for round in 0..200 {
+                    for_each(4, |i| {
+                        sum.fetch_add(i as u64, SeqCst);
+                        let from = if round % 2 == 0 {
+                            data.as_ptr()
+                        } else {
+                            ptr::null()
+                        };
+                        read_ahead_while_idle(from, data.len());
+                    });
+                }
+            });
+            assert_eq!(sum.load(SeqCst), 200 * 6);
+        });
     }
 
     /// A lead from a thread outside the pool works the same, and many loops in a row too.

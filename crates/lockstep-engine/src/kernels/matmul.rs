@@ -496,7 +496,17 @@ fn linear_min_n_many<T: Float>(
     };
     if n <= CODED_MAX_TOKENS {
         // A decode step: each thread streams one share of the rows (see `shares`).
-        shares::Shares::new(&sizes, rayon::current_num_threads()).run(run);
+        // Where the next product's bytes begin: after the last product's coding, where the
+        // step reads coded matrices (laid out in the order it reads them).
+        #[cfg(target_arch = "x86_64")]
+        let next = (products.last())
+            .and_then(|p| p.w.coded())
+            .filter(|_| coded_avx512::readable())
+            .map(|c| c.group_ptr(0, 0).wrapping_add(c.bytes()));
+        #[cfg(not(target_arch = "x86_64"))]
+        let next = None;
+        let shares = shares::Shares::new(&sizes, rayon::current_num_threads());
+        shares.then(next).run(run);
     } else {
         let tasks: Vec<(usize, std::ops::Range<usize>)> = (sizes.iter().enumerate())
             .flat_map(|(i, &(m, bytes))| {

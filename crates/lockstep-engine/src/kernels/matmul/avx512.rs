@@ -16,7 +16,7 @@
 //! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
 //! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
-use super::coded_avx512::{each_tile_row, prefetch_row, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_row, prefetch_start, Codes};
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
@@ -234,6 +234,7 @@ pub(super) unsafe fn sums_coded(
     out: *mut f32,
 ) {
     assert!((1..=CODED_MAX_TOKENS).contains(&n) && x.len() == n * k && c.k == k && rows.end <= c.m);
+    prefetch_start(c, &rows);
     let codes = Codes::new(c);
     let m = c.m;
     // Tile by tile of the coding (a kernel tile never straddles two: their groups are stored

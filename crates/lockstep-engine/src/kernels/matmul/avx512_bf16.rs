@@ -30,7 +30,7 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
-use super::coded_avx512::{each_tile_row, prefetch_row, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_row, prefetch_start, Codes};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -235,6 +235,7 @@ pub(super) unsafe fn sums_coded(
             && p.data.len() == n * p.stride
             && p.stride == k.next_multiple_of(PAIRS)
     );
+    prefetch_start(c, &rows);
     let codes = Codes::new(c);
     let (m, xs) = (c.m, p.stride);
     let sizes: &'static [usize] = if n == 1 { &[TILE_ROWS, 4, 1] } else { &[4, 1] };
