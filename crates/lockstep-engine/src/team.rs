@@ -200,14 +200,6 @@ pub fn lead<R>(f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// Whether this thread leads a team ([`lead`]) and is not inside one of its loops' iterations:
-/// a [`for_each`] here starts without waking anyone, so loops too short for rayon's pool may run
-/// in parallel.
-pub fn leading() -> bool {
-    let (board, in_loop) = LEADING.get();
-    !board.is_null() && !in_loop
-}
-
 /// `f(i)` for every `i` in `0..n`, in parallel: on the team when this thread leads one
 /// ([`lead`]), otherwise on rayon's pool. Returns when every call has; a panic in one is raised
 /// here once all have run.

@@ -339,15 +339,11 @@ fn attention_split<T: Float, C: KvElement<T>>(
         amx_kv: kv_slots(kvh),
         prefill_kv: kv_slots(kvh),
     };
-    // Heads are independent: spread them over threads when there is enough work (a long prompt,
-    // a decode step on a team), run them in order otherwise (where thread wake-ups would cost
-    // more).
+    // Heads are independent: spread them over threads when there is enough work (a long prompt
+    // or context), run them in order otherwise (short decode steps, where thread wake-ups would
+    // cost more, and where on a team the helper reads the next weights ahead meanwhile).
     let mut by_head = vec![T::ZERO; h * t_len * d];
-    let least = match t_len == 1 && crate::team::leading() {
-        true => TEAM_PARALLEL_MIN_WORK,
-        false => PARALLEL_MIN_WORK,
-    };
-    let parallel = h * t_len * s_len * d >= least;
+    let parallel = h * t_len * s_len * d >= PARALLEL_MIN_WORK;
     if t_len == 1 && spec.mapping == GqaMapping::Grouped && kvh < h && heads.blocked() {
         // One query position (a decode step): the heads sharing a kv head together, so that
         // its keys and values are read once for several heads; a group split over several
@@ -1901,16 +1897,15 @@ const TASKS_PER_THREAD: usize = 3;
 const KEY_CHUNK: usize = 64;
 
 /// Multiply-adds (heads x queries x keys x head_dim) below which heads run on one thread.
+///
+/// A decode step on a team (whose loops start in about a microsecond) was tried from 1 << 14
+/// (the 0.5B shape parallel from 19 keys instead of 293): with the helper reading the next
+/// weights ahead while the leader runs the heads alone ([`crate::team::read_ahead_while_idle`]),
+/// the heads on one thread were the faster where the memory is fast, the slower where it is
+/// slow. 2 cores of an AMD EPYC Zen 5, 2026-12-05, the two in turns from the same context:
+/// 17-47 keys, serial 0.988× the step's time at ~62 GB/s (14 pairs), 1.007× at ~45 (6 pairs);
+/// 200-230 keys, 0.992× and 1.027× (12 and 8 pairs).
 const PARALLEL_MIN_WORK: usize = 1 << 18;
-
-/// [`PARALLEL_MIN_WORK`] for a decode step's one query on a team ([`crate::team::leading`]),
-/// whose helpers spin between loops: a loop starts in about a microsecond, and a helper left
-/// idle while the leader ran the heads alone was time the memory went unread. The 0.5B shape
-/// (14 heads of 64) goes parallel from 19 keys instead of 293; its decode steps at 129-250
-/// tokens of context on 2 cores of an AMD EPYC Zen 5 (2026-12-05, in turns, 20 pairs of 24
-/// steps, the memory at ~62 GB/s) took 0.8% less time, the helper idle 8% of a step instead
-/// of 11-13%.
-const TEAM_PARALLEL_MIN_WORK: usize = 1 << 14;
 
 /// How many keys ahead the blocked sums over keys and values ([`key_dots_avx512_nq`],
 /// [`weighted_sum_nq`]) ask for their rows (one cache line per prefetch), into L2. A decode step
