@@ -96,10 +96,11 @@ pub(super) struct Shares {
 
 /// Bytes of the next product that the thread owning the first share reads ahead while it waits
 /// for the next loop ([`crate::team::read_ahead_while_idle`]): most of a 1 MiB second-level
-/// cache. On 2 cores of an AMD EPYC Zen 5 (2026-12-05, 0.5B-shape decode steps at 17-97 tokens
-/// of context, read-ahead on and off in turns in one process, 30 pairs each) with the memory at
-/// ~62 GB/s: 256 KiB 0.996× the step's time, 768 KiB 0.985× (q/k/v read 8% faster, o 4%,
-/// down 3%); at ~45 GB/s 512 KiB to 1.5 MiB all 0.990-0.992×.
+/// cache. On 2 cores of an AMD EPYC Zen 5 (2026-12-05, 0.5B-shape decode steps of 17-47 tokens
+/// of context, the sizes in turns in one process, each from the same context) with the memory at
+/// ~62 GB/s: against none, 256 KiB 0.991× the step's time and 768 KiB 0.984× (25 rounds; q/k/v
+/// read 7% faster, o 4%); against 768 KiB, 1 MiB 1.011× and 1.5 MiB 1.025× (8 rounds). At ~45-48
+/// GB/s, 512 KiB to 1.5 MiB all 0.990-0.997× against none.
 const READ_AHEAD: usize = 768 << 10;
 
 /// One product's rows cut into pieces: `rows` rows, `per` a piece, the first numbered `first`.
