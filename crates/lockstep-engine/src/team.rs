@@ -85,6 +85,8 @@ impl Board {
     /// A helper's life: spin until a job is posted, help with it, until the board closes.
     fn help(&self) {
         let (mut seen, mut idle) = (0, Idle::default());
+        // A hint this thread was given outside this team (as a leader, or in another) is stale.
+        IDLE_READ.set((0, 0));
         while !self.closed.load(SeqCst) {
             let posted = self.posted.load(SeqCst);
             if posted == seen {
@@ -136,7 +138,7 @@ const READ_AHEAD_TURN: usize = 1 << 10;
 /// of a loop's iteration about what the thread will read in the next loop, so that the time the
 /// leader spends on serial work between loops is not time the memory goes unread. Only the
 /// helper's wait reads them, a little at each turn, and a posted loop ends it; on the leader,
-/// or outside a team, it does nothing.
+/// or outside a team, nothing reads them (a helper's wait forgets a hint from before it began).
 pub fn read_ahead_while_idle(from: *const u8, bytes: usize) {
     IDLE_READ.set((from as usize, bytes));
 }
@@ -153,7 +155,7 @@ fn read_ahead_a_little() -> bool {
         // SAFETY: a prefetch is a hint: it never faults, whatever the address.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                (at + line) as *const i8,
+                at.wrapping_add(line) as *const i8,
             )
         };
     }

@@ -497,9 +497,10 @@ fn linear_min_n_many<T: Float>(
     if n <= CODED_MAX_TOKENS {
         // A decode step: each thread streams one share of the rows (see `shares`).
         // Where the next product's bytes begin: after the last product's coding, where the
-        // step reads coded matrices (laid out in the order it reads them).
+        // step reads coded matrices (laid out in the order it reads them; bf16 and f32 compute).
         #[cfg(target_arch = "x86_64")]
         let next = (products.last())
+            .filter(|_| matches!(T::PRECISION, Precision::BF16 | Precision::F32))
             .and_then(|p| p.w.coded())
             .filter(|_| coded_avx512::readable())
             .map(|c| c.group_ptr(0, 0).wrapping_add(c.bytes()));
