@@ -10,8 +10,8 @@
 //! which it measures itself (a multi-threaded read of a buffer much larger than the caches, the
 //! best of fifteen passes, plain and with a software prefetch) before the first repeat and after
 //! each one: on a machine whose memory other machines share, the bandwidth moves by half within
-//! a minute, so each repeat is judged against
-//! the better of the two measurements beside it and the fraction is the median of the repeats'.
+//! a minute, so each repeat is judged against the better of the two measurements beside it and
+//! the fraction is the median of the repeats'.
 //! The test's buffer is left out of the peak resident memory (the peak is noted and the kernel's
 //! high-water mark reset around each test, `/proc/self/clear_refs`); where that reset is refused
 //! the bandwidth is measured once, after the last repeat, as before.

@@ -506,8 +506,7 @@ fn linear_min_n_many<T: Float>(
             .map(|c| c.group_ptr(0, 0).wrapping_add(c.bytes()));
         #[cfg(not(target_arch = "x86_64"))]
         let next = None;
-        let shares = shares::Shares::new(&sizes, rayon::current_num_threads());
-        shares.then(next).run(run);
+        shares::Shares::new(&sizes, rayon::current_num_threads(), next).run(run);
     } else {
         let tasks: Vec<(usize, std::ops::Range<usize>)> = (sizes.iter().enumerate())
             .flat_map(|(i, &(m, bytes))| {

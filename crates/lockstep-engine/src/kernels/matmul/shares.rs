@@ -28,11 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Rows of a piece: a multiple of every decode kernel's tile (the coding's 8-row tiles, the
 /// AVX-512 kernels' 4 and 1).
-pub(super) const PIECE_ROWS: usize = 8;
+const PIECE_ROWS: usize = 8;
 
 /// Bytes of stored weights a piece holds at least (whole [`PIECE_ROWS`]-row tiles): the most a
 /// thread whose share is done may wait for another's last piece.
-pub(super) const PIECE_BYTES: usize = 32 << 10;
+const PIECE_BYTES: usize = 32 << 10;
 
 /// One share's pieces not yet taken, `front << 32 | back`, alone on its cache lines so that an
 /// owner taking from its front does not pull another share's word away from its owner.
@@ -90,7 +90,7 @@ pub(super) struct Shares {
     products: Vec<Cut>,
     /// Each share's pieces not yet taken.
     left: Vec<Left>,
-    /// Where the bytes of the next product a step reads begin, when known (see [`Shares::run`]).
+    /// Where the bytes of the product a step reads next begin, when known (see [`Shares::new`]).
     next: Option<usize>,
 }
 
@@ -103,50 +103,65 @@ pub(super) struct Shares {
 /// GB/s, 512 KiB to 1.5 MiB all 0.990-0.997× against none.
 const READ_AHEAD: usize = 768 << 10;
 
-/// One product's rows cut into pieces: `rows` rows, `per` a piece, the first numbered `first`.
+/// One product's rows cut into pieces: `rows` rows, `per` a piece, the first numbered `first`,
+/// `piece_bytes` the stored bytes of a whole piece.
 #[derive(Clone, Copy)]
 struct Cut {
     rows: usize,
     per: usize,
     first: usize,
+    piece_bytes: usize,
+}
+
+/// The product (index into `cuts`) that piece `p` belongs to (`cuts` ends with the entry past
+/// the last product).
+fn product_of(cuts: &[Cut], p: usize) -> usize {
+    cuts.partition_point(|c| c.first <= p) - 1
 }
 
 impl Shares {
     /// Pieces and `threads` shares of the products whose rows and bytes per row are `sizes`
-    /// (in the call's order; products without rows have no pieces).
-    pub(super) fn new(sizes: &[(usize, usize)], threads: usize) -> Shares {
+    /// (in the call's order; products without rows have no pieces). `next`: where the bytes of
+    /// the product a step reads next begin (the byte after the last product's), for the first
+    /// share's owner to read ahead while the leader works between products; known where the
+    /// step reads codings, which lay a step's matrices out in the order the step reads them
+    /// ([`crate::weights::bf16_coded::code_together`]).
+    pub(super) fn new(sizes: &[(usize, usize)], threads: usize, next: Option<*const u8>) -> Shares {
         let mut products = Vec::with_capacity(sizes.len() + 1);
         let mut first = 0;
         for &(rows, row_bytes) in sizes {
             let per = PIECE_BYTES
                 .div_ceil(row_bytes.max(1))
                 .next_multiple_of(PIECE_ROWS);
-            products.push(Cut { rows, per, first });
+            let piece_bytes = per * row_bytes;
+            products.push(Cut {
+                rows,
+                per,
+                first,
+                piece_bytes,
+            });
             first += rows.div_ceil(per);
         }
         products.push(Cut {
             rows: 0,
             per: 1,
             first,
+            piece_bytes: 0,
         });
         // Share boundaries: the first piece at or past each thread's part of the bytes, a
         // piece's bytes taken as a whole piece's (the last of a product may be shorter).
         let pieces = first;
         let threads = threads.clamp(1, pieces.max(1));
-        let bytes_of = |p: usize| {
-            let i = products.partition_point(|c| c.first <= p) - 1;
-            sizes[i].1 * products[i].per
-        };
-        let total: usize = (0..sizes.len())
-            .map(|i| sizes[i].0.div_ceil(products[i].per) * products[i].per * sizes[i].1)
+        let total: usize = (products.windows(2))
+            .map(|c| (c[1].first - c[0].first) * c[0].piece_bytes)
             .sum();
         let mut left = Vec::with_capacity(threads);
         let (mut start, mut sum, mut p) = (0, 0, 0);
         while left.len() + 1 < threads {
             // Whole products at a time while the next boundary lies beyond them.
             let share = left.len() + 1;
-            let i = products.partition_point(|c| c.first <= p) - 1;
-            let (end, product_bytes) = (products[i + 1].first, bytes_of(p));
+            let i = product_of(&products, p);
+            let (end, product_bytes) = (products[i + 1].first, products[i].piece_bytes);
             let to_end = (end - p) * product_bytes;
             if (sum + to_end) * threads < total * share {
                 (sum, p) = (sum + to_end, end);
@@ -162,7 +177,7 @@ impl Shares {
         Shares {
             products,
             left,
-            next: None,
+            next: next.map(|p| p as usize),
         }
     }
 
@@ -172,7 +187,7 @@ impl Shares {
     /// is done taking pieces from the back of the others'. Two loop iterations a share: the
     /// second only takes from the backs, for a thread that arrives when every share has its
     /// owner. The first share's owner, a helper where the team has one, then reads ahead the
-    /// next product's first bytes ([`Shares::then`]) while the leader works between loops.
+    /// next product's first bytes ([`Shares::new`]) while the leader works between loops.
     pub(super) fn run(&self, f: impl Fn(usize, Range<usize>) + Sync + Send) {
         let shares = self.left.len();
         crate::team::for_each(2 * shares, |i| {
@@ -199,22 +214,11 @@ impl Shares {
         });
     }
 
-    /// These shares, with the owner of the first one told where the bytes of the product a
-    /// step reads next begin (the byte after the last product's), to read ahead while the
-    /// leader works between products. The coding lays a step's matrices out in the order a
-    /// step reads them ([`crate::weights::bf16_coded::code_together`]).
-    pub(super) fn then(self, next: Option<*const u8>) -> Shares {
-        Shares {
-            next: next.map(|p| p as usize),
-            ..self
-        }
-    }
-
     /// `f` on consecutive pieces `taken`, one call per product they cover.
     fn run_pieces(&self, taken: Range<usize>, mut f: impl FnMut(usize, Range<usize>)) {
         let mut p = taken.start;
         while p < taken.end {
-            let i = self.products.partition_point(|c| c.first <= p) - 1;
+            let i = product_of(&self.products, p);
             let (c, next) = (self.products[i], self.products[i + 1].first);
             let end = taken.end.min(next);
             f(
@@ -260,7 +264,7 @@ mod tests {
                 let hits: Vec<Mutex<Vec<u8>>> =
                     sizes.iter().map(|&(m, _)| Mutex::new(vec![0; m])).collect();
                 let run = || {
-                    Shares::new(&sizes, threads).run(|p, rows| {
+                    Shares::new(&sizes, threads, None).run(|p, rows| {
                         for r in rows {
                             hits[p].lock().unwrap()[r] += 1;
                         }
@@ -281,7 +285,7 @@ mod tests {
     /// Shares are contiguous, about equal in bytes, and one a thread.
     #[test]
     fn shares_split_the_bytes_evenly() {
-        let s = Shares::new(&[(9728, 1792)], 2);
+        let s = Shares::new(&[(9728, 1792)], 2, None);
         assert_eq!(s.left.len(), 2);
         let lens: Vec<usize> = s.left.iter().map(Left::len).collect();
         let pieces = s.pieces();
@@ -293,7 +297,7 @@ mod tests {
             .all(|(_, r)| r.len() % PIECE_ROWS == 0 && r.len() * 1792 >= PIECE_BYTES));
         // Three products of unequal sizes over three threads: each share about a third.
         let sizes = [(896, 1792), (128, 1792), (4864, 9728)];
-        let s = Shares::new(&sizes, 3);
+        let s = Shares::new(&sizes, 3, None);
         let bytes: Vec<usize> = s
             .left
             .iter()
