@@ -528,15 +528,17 @@ fn task_rows(m: usize, row_bytes: usize) -> usize {
     balanced.max(min).next_multiple_of(16)
 }
 
-/// Tasks per thread that [`task_rows`] cuts a prefill's product into. Each task passes every
-/// token's activations over its rows' weights, a block of rows at a time, so each task (and
-/// each block it ends with a part of) reads the activations once more: fewer tasks read them
-/// fewer times, more balance the threads' loads better. Whole 0.5B-shape bf16 prefills, the
-/// counts in turns in one process (2 cores of an AMD EPYC Zen 5, AVX512_BF16, 2026-12-05,
-/// medians of the ratios): 4 against 8, 0.98-0.99× the time at 512 tokens (12 and 20 rounds),
-/// 0.95× at 2048 (8 rounds), 0.99-1.00× at 128 (30 rounds); at 2048, against 4, 2 took 1.03×,
-/// 1 1.02×, 8 1.05× (8 rounds); at 512, against 8, 3 took 1.01×, 1 1.00×, 16 1.02-1.03×.
-/// (Not measured on a CPU whose prefill runs on AMX tiles.)
+/// Tasks per thread that [`task_rows`] cuts a product of more than [`CODED_MAX_TOKENS`] tokens
+/// into (a prefill, a batch's decode step). Each task passes every token's activations over its
+/// rows' weights, a block of rows at a time, so every task, and every partial block a task ends
+/// with, reads all the activations once more: fewer tasks read them fewer times, more balance
+/// the threads' loads better. Whole 0.5B-shape bf16 prefills, the counts in turns in one process
+/// (2 cores of an AMD EPYC Zen 5, AVX512_BF16, 2026-12-05, medians of the ratios): 4 against 8,
+/// 0.98-0.99× the time at 512 tokens (12 and 20 rounds), 0.95× at 2048 (8 rounds), 0.99-1.00×
+/// at 128 (30 rounds); at 2048, against 4, 2 took 1.03×, 1 1.02×, 8 1.05× (8 rounds); at 512,
+/// against 8, 3 took 1.01×, 1 1.00×, 16 1.02-1.03×. A batch's decode (`lockstep bench --batch`,
+/// three pairs in turns): 4 rows 143.5, 165.0, 164.2 → 159.3, 173.8, 165.6 tok/s, 8 rows 242.8,
+/// 242.2, 241.8 → 241.6, 253.1, 256.7. (Not measured on a CPU whose prefill runs on AMX tiles.)
 const TASKS_PER_THREAD: usize = 4;
 
 /// The output `[n][m]` shared by the tasks, each writing its own rows.
