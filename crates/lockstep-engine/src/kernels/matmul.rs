@@ -475,8 +475,7 @@ fn linear_min_n_many<T: Float>(
                 (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
                     // A decode step on a matrix coded in 12 bits: the same sums from fewer
                     // bytes.
-                    let few = n <= avx512_bf16::CODED_MAX_TOKENS;
-                    match w.coded().filter(|_| few && coded_avx512::readable()) {
+                    match decode_coding(w, n) {
                         Some(c) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
                         None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
                     }
@@ -501,8 +500,7 @@ fn linear_min_n_many<T: Float>(
         #[cfg(target_arch = "x86_64")]
         let next = (products.last())
             .filter(|_| matches!(T::PRECISION, Precision::BF16 | Precision::F32))
-            .and_then(|p| p.w.coded())
-            .filter(|_| coded_avx512::readable())
+            .and_then(|p| decode_coding(p.w, n))
             .map(|c| c.group_ptr(0, 0).wrapping_add(c.bytes()));
         #[cfg(not(target_arch = "x86_64"))]
         let next = None;
@@ -516,6 +514,15 @@ fn linear_min_n_many<T: Float>(
             .collect();
         crate::team::for_each(tasks.len(), |t| run(tasks[t].0, tasks[t].1.clone()));
     }
+}
+
+/// The 12-bit coding of `w` that a product of `n` tokens reads instead of its stored bytes: a
+/// decode step's ([`CODED_MAX_TOKENS`] tokens at most) where this CPU's kernels sum codings and
+/// `w` has one.
+#[cfg(target_arch = "x86_64")]
+fn decode_coding(w: &Tensor, n: usize) -> Option<&crate::weights::bf16_coded::Bf16Coded> {
+    w.coded()
+        .filter(|_| n <= CODED_MAX_TOKENS && coded_avx512::readable())
 }
 
 /// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
@@ -611,10 +618,7 @@ unsafe fn sums<T: Float>(
             (Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx, Some(r)) => {
                 use avx512::{sums_fma as run, Bf16W, F32AsBf16W, F32W};
                 // A decode step on a matrix coded in 12 bits: the same sums from fewer bytes.
-                let coded = (n <= CODED_MAX_TOKENS && coded_avx512::readable())
-                    .then(|| w.coded())
-                    .flatten();
-                if let (Reader::Bf16, Some(c)) = (&r, coded) {
+                if let (Reader::Bf16, Some(c)) = (&r, decode_coding(w, n)) {
                     return avx512::sums_coded(xf, n, k, c, rows, out);
                 }
                 return match r {
