@@ -14,11 +14,13 @@ use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 mod advice;
 pub mod bf16_coded;
 pub mod bf16_copy;
+pub mod coded_cache;
 pub mod huge_pages;
 mod nonfinite;
 pub mod page_cache;
@@ -160,6 +162,9 @@ pub struct Tensor {
     /// This F32 matrix's values rounded to bf16, for products in bf16 compute
     /// ([`bf16_copy`]), once [`Tensor::round_to_bf16_together`] made it; shared by clones.
     bf16_copy: Arc<OnceLock<Option<Tensor>>>,
+    /// Set once the coding replaced the stored bytes in memory
+    /// ([`Tensor::replace_stored_by_coding`]); shared by clones.
+    coding_replaces: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -188,6 +193,7 @@ impl Tensor {
             q8_dot: false,
             coded: Arc::default(),
             bf16_copy: Arc::default(),
+            coding_replaces: Arc::default(),
         }
     }
 
@@ -209,6 +215,7 @@ impl Tensor {
             q8_dot: false,
             coded: Arc::default(),
             bf16_copy: Arc::default(),
+            coding_replaces: Arc::default(),
         }
     }
 
@@ -270,6 +277,34 @@ impl Tensor {
     /// each use.
     pub fn bf16_copy(&self) -> Option<&Tensor> {
         self.bf16_copy.get().and_then(Option::as_ref)
+    }
+
+    /// Makes the coding what every bf16-compute product of this matrix reads, a prefill's too
+    /// (`kernels::matmul`), and drops the stored bytes from this process's memory: a mapped
+    /// file's pages leave the mapping ([`PageAdvice::DontNeed`]; they stay in the page cache
+    /// while memory allows, and a product in another compute type reads them back, the same
+    /// bytes); bytes held in memory of their own stay. For a model whose coding fits in memory
+    /// but not beside its stored matrices ([`crate::Model::code_bf16_instead`]). Returns
+    /// whether it did (false where the matrix has no coding).
+    pub fn replace_stored_by_coding(&self) -> bool {
+        if self.coded().is_none() {
+            return false;
+        }
+        self.coding_replaces.store(true, Ordering::Relaxed);
+        self.advise(PageAdvice::DontNeed);
+        true
+    }
+
+    /// Gives this matrix `coding` (read back from a file, [`coded_cache`]) where it has none
+    /// yet; returns whether it took it.
+    pub fn set_coding(&self, coding: bf16_coded::Bf16Coded) -> bool {
+        self.coded.set(Some(coding)).is_ok()
+    }
+
+    /// Whether [`Tensor::replace_stored_by_coding`] made the coding what bf16-compute products
+    /// read.
+    pub fn coding_replaces_stored(&self) -> bool {
+        self.coding_replaces.load(Ordering::Relaxed)
     }
 
     /// The 12-bit coding [`Tensor::code_bf16`] made, if it did.

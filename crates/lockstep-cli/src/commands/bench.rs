@@ -312,6 +312,30 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         .filter(|t| t.bf16_copy().is_some())
         .map(|t| t.bytes().len() as u64)
         .sum();
+    // Where the codings came from when they replace the matrices: a file kept between runs.
+    use lockstep_engine::weights::{coded_cache::CacheUse, page_cache::mapped_in_huge_pages};
+    let (cache, cache_path, cache_note) = match loaded.model.coded_cache.get() {
+        Some(CacheUse::Read(p)) => (
+            "read",
+            Some(p),
+            format!("; codings read from {}", p.display()),
+        ),
+        Some(CacheUse::Written(p)) => (
+            "written",
+            Some(p),
+            format!(
+                "; codings made and written to {} (read from it by later runs)",
+                p.display()
+            ),
+        ),
+        Some(CacheUse::Skipped(why)) => {
+            ("memory", None, format!("; codings made in memory ({why})"))
+        }
+        None => ("none", None, String::new()),
+    };
+    let cache_huge = cache_path
+        .and_then(|p| mapped_in_huge_pages(p))
+        .unwrap_or(0);
     eprintln!(
         "load {:.2} s; prefill {prefill:.1} tok/s; decode {decode:.2} tok/s; peak RSS {:.2} GB; \
          weights read {:.1} GB/s per decode = {:.0}% of the read bandwidth measured beside each repeat \
@@ -319,7 +343,8 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
          kernels {}); \
          of the {:.2} GB of weights, {:.2} GB rounded from f32 to bf16 copies, {:.2} GB coded in 12 bits \
          per value (a decode step reads {:.2} GB), {:.2} GB copied; in 2 MiB pages the kernel counts {:.2} GB \
-         of the model's mapped files and {:.2} GB of the process's own memory",
+         of the model's mapped files, {:.2} GB of the codings' file and {:.2} GB of the process's own \
+         memory{cache_note}",
         loaded.load_s,
         peak_rss as f64 / 1e9,
         achieved / 1e9,
@@ -334,6 +359,7 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
         read as f64 / 1e9,
         copied as f64 / 1e9,
         file_huge as f64 / 1e9,
+        cache_huge as f64 / 1e9,
         anon_huge as f64 / 1e9
     );
     if a.json {
@@ -361,6 +387,9 @@ pub fn run(a: Args) -> CliResult<ExitCode> {
             "copied_weight_bytes": copied,
             "file_huge_page_bytes": file_huge,
             "anon_huge_page_bytes": anon_huge,
+            "coded_cache": cache,
+            "coded_cache_path": cache_path.map(|p| p.display().to_string()),
+            "coded_cache_huge_page_bytes": cache_huge,
         });
         println!("{obj}");
     }

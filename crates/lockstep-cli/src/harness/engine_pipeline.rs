@@ -77,6 +77,10 @@ fn run_phases(
     // waits on the disk when the weights are not in the page cache.
     reference.warm_up();
     let mut model = Model::load_with_fault(&opts.model, opts.fault)?;
+    // Verify computes in several types: a coding that replaced the stored matrices for the bf16
+    // phases would have the f32 and bf16w phases read the stored bytes back beside it, both
+    // held at once.
+    model.code_bf16_instead = false;
 
     // 1. Tokenization.
     progress("phase 1: tokenization");

@@ -474,10 +474,12 @@ fn linear_min_n_many<T: Float>(
                 }
                 (_, Some(p), Some(out)) if w.dtype == StoredDtype::BF16 => {
                     // A decode step on a matrix coded in 12 bits: the same sums from fewer
-                    // bytes.
-                    match decode_coding(w, n) {
-                        Some(c) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
-                        None => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
+                    // bytes; a prefill on one whose coding replaced the stored bytes, the
+                    // coding rebuilt block by block.
+                    match (decode_coding(w, n), replacing_coding(w)) {
+                        (Some(c), _) => avx512_bf16::sums_coded(p, n, k, c, rows.clone(), out),
+                        (None, Some(c)) => avx512_bf16::sums_rebuilt(p, n, k, c, rows.clone(), out),
+                        (None, None) => avx512_bf16::sums(p, n, k, w.bytes(), m, rows.clone(), out),
                     }
                     rows.end..rows.end
                 }
@@ -523,6 +525,15 @@ fn linear_min_n_many<T: Float>(
 fn decode_coding(w: &Tensor, n: usize) -> Option<&crate::weights::bf16_coded::Bf16Coded> {
     w.coded()
         .filter(|_| n <= CODED_MAX_TOKENS && coded_avx512::readable())
+}
+
+/// The 12-bit coding of `w` that a bf16-compute product of any number of tokens reads: where
+/// it replaced the stored bytes in memory ([`Tensor::replace_stored_by_coding`]) and this CPU's
+/// kernels sum codings.
+#[cfg(target_arch = "x86_64")]
+fn replacing_coding(w: &Tensor) -> Option<&crate::weights::bf16_coded::Bf16Coded> {
+    w.coded()
+        .filter(|_| w.coding_replaces_stored() && coded_avx512::readable())
 }
 
 /// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
@@ -1252,6 +1263,90 @@ pub(crate) mod tests {
                 }
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&pieces), bits(&plain), "f32 pieces m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// A prefill on a matrix whose coding replaced its stored bytes
+    /// ([`Tensor::replace_stored_by_coding`]) rebuilds the coding block by block
+    /// (`avx512_bf16::sums_rebuilt`): the stored sums bit for bit, for one token to more than a
+    /// token group, rows past one 128-row block and in pieces, `k` tails and several chunks,
+    /// escaped values. And `linear` reads the coding once it replaces the bytes: with the file's
+    /// bytes overwritten by zeros after coding, a prefill still gives the matrix's outputs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_prefill_on_a_coding_that_replaced_the_bytes_gives_the_stored_sums() {
+        if !avx512_bf16::available() {
+            eprintln!(
+                "a_prefill_on_a_coding_that_replaced_the_bytes: skipped, not this CPU's kernel"
+            );
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (m, k) in [(300, 2100), (37, 29), (131, 896), (9, 4864), (4, 64)] {
+            let mut vals = pseudo(m * k, 17 + m as u64);
+            for (i, v) in vals.iter_mut().enumerate().filter(|(i, _)| i % 61 == 0) {
+                // 40 binades from 2^-20 to 2^19, each rare: outside the table.
+                *v = 2f32.powi((i / 61 % 40) as i32 - 20);
+            }
+            let (dir, w) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            let (_d2, fresh) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            assert!(w.code_bf16());
+            let c = w.coded().unwrap();
+            assert!(c.escapes() > 0 || m * k < 2000, "m={m} k={k}: no escapes");
+            for n in [1, 2, 4, 7, 13] {
+                let x: Vec<f32> = pseudo(n * k, 30 + n as u64)
+                    .iter()
+                    .map(|&v| Bf16(v).to_act_dtype().0)
+                    .collect();
+                let p = avx512_bf16::Packed::new(&x, n, k);
+                let mut plain = vec![f32::NAN; n * m];
+                let mut rebuilt = vec![f32::NAN; n * m];
+                let mut pieces = vec![f32::NAN; n * m];
+                let cuts = [0, 5.min(m), 130.min(m), 131.min(m), m];
+                // SAFETY: the kernels are available; shapes as they require; the pieces are
+                // disjoint; one caller.
+                unsafe {
+                    avx512_bf16::sums(&p, n, k, w.bytes(), m, 0..m, plain.as_mut_ptr());
+                    avx512_bf16::sums_rebuilt(&p, n, k, c, 0..m, rebuilt.as_mut_ptr());
+                    for r in cuts
+                        .windows(2)
+                        .map(|c| c[0]..c[1])
+                        .filter(|r| !r.is_empty())
+                    {
+                        avx512_bf16::sums_rebuilt(&p, n, k, c, r, pieces.as_mut_ptr());
+                    }
+                }
+                assert_eq!(bits(&rebuilt), bits(&plain), "m={m} k={k} n={n}");
+                assert_eq!(bits(&pieces), bits(&plain), "pieces m={m} k={k} n={n}");
+                assert!(plain.iter().any(|v| v.is_finite() && *v != 0.0));
+            }
+            // The coding replaces the bytes; then the file's bytes (the single tensor's, at the
+            // file's end) are overwritten with zeros: a product reading them would sum zeros.
+            assert!(w.replace_stored_by_coding() && w.coding_replaces_stored());
+            let path = dir.path().join("model.safetensors");
+            let len = std::fs::metadata(&path).unwrap().len();
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            use std::io::{Seek, Write};
+            f.seek(std::io::SeekFrom::Start(len - (m * k * 2) as u64))
+                .unwrap();
+            f.write_all(&vec![0u8; m * k * 2]).unwrap();
+            drop(f);
+            assert!(
+                w.bytes().iter().all(|&b| b == 0),
+                "the mapping sees the zeros"
+            );
+            for n in [5, 16] {
+                let xb: Vec<Bf16> = pseudo(n * k, 50 + n as u64)
+                    .iter()
+                    .map(|&v| Bf16(Bf16(v).to_act_dtype().0))
+                    .collect();
+                let (mut a, mut b) = (vec![Bf16::default(); n * m], vec![Bf16::default(); n * m]);
+                linear_with(Kernel::Avx512Bf16, &xb, n, &w, None, &mut a);
+                linear_with(Kernel::Avx512Bf16, &xb, n, &fresh, None, &mut b);
+                let b64 = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
+                assert_eq!(b64(&a), b64(&b), "linear m={m} k={k} n={n}");
+                assert!(b.iter().any(|v| v.0 != 0.0));
             }
         }
     }

@@ -91,7 +91,29 @@ impl Model {
             crate::streaming::stream_layers(mapped, available)?
         };
         ck.stream_pages = stream_layers;
-        if !stream_layers {
+        // Whether the BF16 matrices' 12-bit coding will replace them in memory, decided before
+        // the pages are arranged: then each matrix is read once, to code it (or not at all, its
+        // coding read from a file), and bringing the file into 2 MiB pages would read it all
+        // for nothing. Not for one pass, which would read each matrix to code it and again
+        // coded. The matrices: every 2-D BF16 tensor but an untied embedding (read by rows).
+        let code_bf16_instead = !one_pass && {
+            let embed = (!config.tie_word_embeddings).then_some("model.embed_tokens.weight");
+            let (all_bf16, matrices) =
+                ck.tensors.iter().fold((true, 0u64), |(all, sum), (n, t)| {
+                    let matrix = t.shape.len() == 2 && Some(n.as_str()) != embed;
+                    let bf16 = t.dtype == crate::weights::StoredDtype::BF16;
+                    let bytes = if matrix && bf16 {
+                        t.mapped_bytes() as u64
+                    } else {
+                        0
+                    };
+                    (all && (bf16 || !matrix), sum + bytes)
+                });
+            all_bf16
+                && crate::weights::bf16_coded::place(mapped, matrices, available, stream_layers)?
+                    == crate::weights::bf16_coded::Place::Instead
+        };
+        if !stream_layers && !code_bf16_instead {
             huge_pages::into_huge_pages(&mut ck, mapped, available)?;
         }
         // LOCKSTEP_TEAM, read once (a bad value is an error before any work).
@@ -183,6 +205,7 @@ impl Model {
             available,
             stream_layers,
         )?;
+        let code_bf16 = code_bf16 && !code_bf16_instead;
         let mut settings = Settings::from_config(c);
         if let Some(f) = fault {
             f.apply(&mut settings, c);
@@ -199,6 +222,8 @@ impl Model {
             stream_layers,
             team,
             code_bf16,
+            code_bf16_instead,
+            coded_cache: Default::default(),
             bf16_copy,
         })
     }
@@ -209,7 +234,9 @@ impl Model {
     /// ggml block-quantized matrix (the layers' and the LM head) is marked for 8-bit integer dot
     /// products ([`Tensor::q8_dot`]); any other dtype clears the marks (exact math). For a dtype
     /// whose decode reads the 12-bit coding (bf16, bf16w, f32) with [`Model::code_bf16`], the
-    /// BF16 matrices are coded now ([`Model::code_bf16_matrices`]), not at the first decode step;
+    /// BF16 matrices are coded now ([`Model::code_bf16_matrices`]), not at the first decode step
+    /// (for `bf16` with [`Model::code_bf16_instead`], coded to replace them,
+    /// [`Model::code_bf16_matrices_instead`]);
     /// for `bf16` with [`Model::bf16_copy`], the F32 matrices are rounded to their bf16 copies
     /// now too ([`Model::round_f32_matrices`]).
     ///
@@ -233,6 +260,9 @@ impl Model {
         let reads_coding = matches!(dtype, Dtype::Bf16 | Dtype::Bf16w | Dtype::F32);
         if reads_coding && self.code_bf16 {
             self.code_bf16_matrices();
+        }
+        if dtype == Dtype::Bf16 && self.code_bf16_instead {
+            self.code_bf16_matrices_instead();
         }
         Ok(())
     }

@@ -219,6 +219,21 @@ pub struct Model {
     /// step. Chosen at load by [`crate::weights::bf16_coded::wanted`] (`LOCKSTEP_CODED_BF16`);
     /// may be set by hand. Never changes a value.
     pub code_bf16: bool,
+    /// Code the BF16 matrices in 12 bits per value to replace them in memory, not to sit beside
+    /// them: for a model whose coding fits in memory but not beside its mapped files
+    /// (Qwen2.5-7B's 11.4 GB of codings beside its 15.2 GB of weights on a 23 GB machine). At
+    /// the first bf16-compute use ([`Model::use_dtype`] for `bf16`, else the first bf16 forward
+    /// pass) the matrices are coded a layer at a time, each layer's stored pages dropped from
+    /// the mapping once coded ([`Tensor::replace_stored_by_coding`]); from then on every bf16
+    /// product reads the coding, a prefill's too, and products in another compute type read
+    /// the stored bytes back from the file. Chosen at load by
+    /// [`crate::weights::bf16_coded::place`] (`LOCKSTEP_CODED_BF16`) where
+    /// [`Model::code_bf16`] is not; may be set by hand (`lockstep verify`, which computes in
+    /// several types, clears it). Never changes a value.
+    pub code_bf16_instead: bool,
+    /// Where [`Model::code_bf16_matrices_instead`] got the codings: read from the cache file,
+    /// written to it, or coded in memory and why ([`crate::weights::coded_cache`]); unset before.
+    pub coded_cache: std::sync::OnceLock<crate::weights::coded_cache::CacheUse>,
     /// Round the F32 matrices (each layer's, the LM head) to bf16 once, into copies that
     /// products in bf16 compute read ([`crate::weights::bf16_copy`]): at [`Model::use_dtype`]
     /// for `bf16`, else at the first bf16 forward pass; the copies are coded too where
@@ -411,6 +426,9 @@ impl Model {
         if self.code_bf16 && reads_coding && tokens.len() <= CODED_TOKENS {
             self.code_bf16_matrices();
         }
+        if self.code_bf16_instead && T::PRECISION == Precision::BF16 {
+            self.code_bf16_matrices_instead();
+        }
         // A decode step's loops are short: the pool's threads spin between them as a team.
         if self.team && tokens.len() <= TEAM_TOKENS {
             crate::team::lead(|| {
@@ -434,6 +452,56 @@ impl Model {
         let mut all: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.linears()).collect();
         all.push(&self.lm_head);
         Tensor::code_bf16_together(&all);
+    }
+
+    /// [`Model::code_bf16_matrices`] for [`Model::code_bf16_instead`]: a layer at a time (each
+    /// layer's codings in one region of 2 MiB pages), each layer's stored pages dropped from the
+    /// mapping once it is coded ([`Tensor::replace_stored_by_coding`]), so the process holds
+    /// one layer's stored bytes beside the codings, not the whole file; the next layer's pages
+    /// are asked for from the file while one is coded. Then the LM head.
+    ///
+    /// The codings are kept in a file between runs ([`crate::weights::coded_cache`]): read from
+    /// it where it exists, else coded and written to it; in memory only where no file can be
+    /// used. [`Model::coded_cache`] says which.
+    pub fn code_bf16_matrices_instead(&self) {
+        if self.lm_head.code_bf16_tried() {
+            return;
+        }
+        let mut groups: Vec<Vec<&Tensor>> = self.layers.iter().map(|l| l.linears()).collect();
+        groups.push(vec![&self.lm_head]);
+        let cached = match crate::weights::coded_cache::folder() {
+            Some(folder) => {
+                let ck = &self.checkpoint;
+                crate::weights::coded_cache::codings(&folder, &ck.dir, &ck.files, &groups)
+            }
+            None => Err(format!("{} is off", crate::weights::coded_cache::ENV)),
+        };
+        match cached {
+            Ok((codings, how)) => {
+                for (t, c) in groups.iter().flatten().zip(codings) {
+                    t.set_coding(c);
+                    t.replace_stored_by_coding();
+                }
+                let _ = self.coded_cache.set(how);
+                return;
+            }
+            Err(why) => {
+                let _ = (self.coded_cache).set(crate::weights::coded_cache::CacheUse::Skipped(why));
+            }
+        }
+        let mut layers = self.layers.iter().peekable();
+        while let Some(layer) = layers.next() {
+            if let Some(next) = layers.peek() {
+                crate::weights::advise_all(next.linears(), crate::weights::PageAdvice::WillNeed);
+            }
+            let matrices = layer.linears();
+            Tensor::code_bf16_together(&matrices);
+            for t in matrices {
+                t.replace_stored_by_coding();
+            }
+        }
+        Tensor::code_bf16_together(&[&self.lm_head]);
+        self.lm_head.replace_stored_by_coding();
     }
 
     /// Makes the bf16 copy of every F32 matrix a forward pass reads (each layer's, the LM head)

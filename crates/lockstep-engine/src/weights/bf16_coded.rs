@@ -78,23 +78,60 @@ pub fn wanted(
     available: Option<u64>,
     streamed: bool,
 ) -> crate::error::Result<bool> {
-    let switch = crate::switch::Switch::from_env(ENV)?;
-    Ok(crate::kernels::matmul::reads_coded()
-        && switch.is_on(|| auto(mapped, matrices, available, streamed)))
+    Ok(place(mapped, matrices, available, streamed)? == Place::Beside)
 }
 
-/// The `auto` rule: code on the CPUs where the coding was measured faster
-/// ([`crate::kernels::matmul::codes_by_default`]) when the model's matrices are BF16, it
-/// is not streamed, and the copy (0.75 of the matrices) fits beside the mapped weights within
+/// Where a model's coding goes, if it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Not made.
+    Nowhere,
+    /// Beside the stored matrices ([`crate::Model::code_bf16`]).
+    Beside,
+    /// In their place ([`crate::Model::code_bf16_instead`]): the coding fits in memory, but not
+    /// beside them.
+    Instead,
+}
+
+/// Where [`ENV`] and this CPU have a model's coding go (arguments as [`wanted`]'s): nowhere
+/// where the kernels do not read codings or `0`; beside the matrices for `1`; as [`auto`]
+/// says for `auto` (unset). A bad value is a one-line error.
+pub fn place(
+    mapped: u64,
+    matrices: u64,
+    available: Option<u64>,
+    streamed: bool,
+) -> crate::error::Result<Place> {
+    let switch = crate::switch::Switch::from_env(ENV)?;
+    Ok(match switch {
+        _ if !crate::kernels::matmul::reads_coded() => Place::Nowhere,
+        crate::switch::Switch::Off => Place::Nowhere,
+        crate::switch::Switch::On => Place::Beside,
+        crate::switch::Switch::Auto => auto(mapped, matrices, available, streamed),
+    })
+}
+
+/// The `auto` rule: on the CPUs where the coding was measured faster
+/// ([`crate::kernels::matmul::codes_by_default`], whose bf16 prefill can rebuild it too), for
+/// a model whose matrices are BF16 and which is not streamed, the coding (0.75 of the matrices)
+/// goes beside the mapped weights where it fits with them within
 /// [`crate::streaming::AUTO_FRACTION`] of the free memory (the weights must stay in memory: a
-/// copy that pushed them out would cost more than it saves).
-pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> bool {
-    let copy = matrices as f64 * 0.75;
-    crate::kernels::matmul::codes_by_default()
-        && matrices > 0
-        && !streamed
-        && available
-            .is_some_and(|a| mapped as f64 + copy <= crate::streaming::AUTO_FRACTION * a as f64)
+/// copy that pushed them out would cost more than it saves), else in the matrices' place where
+/// it fits so. Qwen2.5-7B in bf16 on a 23 GB machine: 15.2 GB of weights and 10.6 GB of codings
+/// do not fit together, 1.1 GB of embeddings and norms and the codings do.
+pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> Place {
+    let fits =
+        |held: f64| available.is_some_and(|a| held <= crate::streaming::AUTO_FRACTION * a as f64);
+    let (mapped, coding) = (mapped as f64, matrices as f64 * 0.75);
+    if !crate::kernels::matmul::codes_by_default() || matrices == 0 || streamed {
+        Place::Nowhere
+    } else if fits(mapped + coding) {
+        Place::Beside
+    } else if fits((mapped - matrices as f64).max(0.0) + coding) {
+        Place::Instead
+    } else {
+        Place::Nowhere
+    }
 }
 
 /// A `[m, k]` BF16 matrix coded losslessly in 12 bits per value (see the module docs).
@@ -203,10 +240,17 @@ struct Parts {
 
 /// Codes the `m × k` BF16 matrix `w` into `dst` (its groups, zeroed, `m` rows of
 /// [`row_bytes`]), tiles in parallel; `None` where its escapes are too many to index in 32 bits.
+/// With the AVX-512 coder where this CPU has it ([`avx512_coder`]).
 fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Option<Parts> {
+    code_matrix_on(w, m, k, dst, avx512_coder())
+}
+
+/// [`code_matrix`], with the AVX-512 coder when `fast` (and this CPU has it), else the scalar
+/// reference: the same bytes either way.
+fn code_matrix_on(w: &Tensor, m: usize, k: usize, dst: &mut [u8], fast: bool) -> Option<Parts> {
     let bytes = w.bytes();
     debug_assert_eq!((bytes.len(), dst.len()), (m * k * 2, m * row_bytes(k)));
-    let table = frequent_high_bytes(bytes);
+    let table = frequent_high_bytes(bytes, fast);
     let mut code_of = [ESCAPE; 256];
     for (c, &h) in table.iter().enumerate().take(ESCAPE as usize) {
         code_of[h as usize] = c as u8;
@@ -218,10 +262,13 @@ fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Option<Parts> 
         .zip(bytes.par_chunks(TILE_ROWS * k * 2))
         .enumerate()
         .with_min_len(4)
-        .map(|(t, (dst, src))| code_tile(dst, src, k, &code_of, (t * TILE_ROWS * k) as u64))
+        .map(|(t, (dst, src))| code_tile(dst, src, k, &code_of, (t * TILE_ROWS * k) as u64, fast))
         .collect();
     // Band by band: counted, then placed in the tiles' order (each band's row by row, each
-    // row's in column order: ascending keys).
+    // row's in column order: ascending keys). Counted in place in 32 bits, and not at all for
+    // a matrix without escapes: the band lists of the 18944 × 3584 matrix of `examples/tmp_code`
+    // (none escaped) took 0.6-1.1 ms through a vector of `usize` counts copied into 32 bits, and
+    // take 0.01-0.2 ms so (2-core AMD EPYC Zen 5, 2026-12-05).
     let groups = k.div_ceil(GROUP);
     let band_of = |at: u64| {
         let (r, c) = (at as usize / k, at as usize % k);
@@ -231,25 +278,25 @@ fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Option<Parts> 
         )
     };
     let total: usize = escapes.iter().map(Vec::len).sum();
-    let mut next = vec![0usize; m.div_ceil(TILE_ROWS) * groups + 1];
-    for &(at, _) in escapes.iter().flatten() {
-        next[band_of(at).0 + 1] += 1;
-    }
-    for b in 1..next.len() {
-        next[b] += next[b - 1];
-    }
     // Positions into the side list fit 32 bits (checked: a matrix of more than 4G escaped
     // values is left uncoded).
-    let band_start = next
-        .iter()
-        .map(|&i| u32::try_from(i).ok())
-        .collect::<Option<_>>()?;
+    u32::try_from(total).ok()?;
+    let mut band_start = vec![0u32; m.div_ceil(TILE_ROWS) * groups + 1];
     let (mut escape_keys, mut escaped_high) = (vec![0u16; total], vec![0u8; total]);
-    for &(at, high) in escapes.iter().flatten() {
-        let (band, key) = band_of(at);
-        let i = next[band];
-        next[band] += 1;
-        (escape_keys[i], escaped_high[i]) = (key, high);
+    if total > 0 {
+        for &(at, _) in escapes.iter().flatten() {
+            band_start[band_of(at).0 + 1] += 1;
+        }
+        for b in 1..band_start.len() {
+            band_start[b] += band_start[b - 1];
+        }
+        let mut next = band_start.clone();
+        for &(at, high) in escapes.iter().flatten() {
+            let (band, key) = band_of(at);
+            let i = next[band] as usize;
+            next[band] += 1;
+            (escape_keys[i], escaped_high[i]) = (key, high);
+        }
     }
     Some(Parts {
         table,
@@ -260,6 +307,60 @@ fn code_matrix(w: &Tensor, m: usize, k: usize, dst: &mut [u8]) -> Option<Parts> 
 }
 
 impl Bf16Coded {
+    /// What the coding holds besides its shape and table, for writing it to a file
+    /// ([`super::coded_cache`]): the groups' bytes, the bands' starts, the escaped values' keys
+    /// and high bytes.
+    pub(crate) fn parts(&self) -> (&[u8], &[u32], &[u16], &[u8]) {
+        (
+            &self.region[self.at.clone()],
+            &self.band_start,
+            &self.escape_keys,
+            &self.escaped_high,
+        )
+    }
+
+    /// The coding of an `m × k` matrix read back from a file: its groups at `at` in `region`,
+    /// its side lists as [`Bf16Coded::parts`] gave them. `None` unless every part has the size
+    /// the shape implies, the groups start on 64 bytes, the escape entry is in no other table
+    /// slot, the bands' starts rise from 0 to the side list's length, and every key names a
+    /// value of its band: what the kernels rely on never to read outside the coding (a damaged
+    /// file can still change values, as a damaged checkpoint can).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        (m, k): (usize, usize),
+        table: [u8; 16],
+        region: Arc<Mmap>,
+        at: std::ops::Range<usize>,
+        band_start: Vec<u32>,
+        escape_keys: Vec<u16>,
+        escaped_high: Vec<u8>,
+    ) -> Option<Bf16Coded> {
+        let bands = m.div_ceil(TILE_ROWS).checked_mul(k.div_ceil(GROUP))?;
+        let ok = m > 0
+            && k > 0
+            && at.start <= at.end
+            && at.end <= region.len()
+            && at.start.is_multiple_of(64)
+            && Some(at.len()) == m.checked_mul(row_bytes(k))
+            && !table[..ESCAPE as usize].contains(&table[ESCAPE as usize])
+            && band_start.len() == bands + 1
+            && band_start.first() == Some(&0)
+            && band_start.windows(2).all(|w| w[0] <= w[1])
+            && band_start.last().map(|&e| e as usize) == Some(escape_keys.len())
+            && escape_keys.len() == escaped_high.len()
+            && (escape_keys.iter()).all(|&key| usize::from(key) < TILE_ROWS * GROUP);
+        ok.then_some(Bf16Coded {
+            m,
+            k,
+            table,
+            region,
+            at,
+            band_start,
+            escape_keys,
+            escaped_high,
+        })
+    }
+
     /// Codes a BF16 matrix of `m` rows of `k` values in a region of its own (`None` when `w`
     /// is not a 2-D BF16 matrix or memory for the copy is refused). A model codes its matrices
     /// together ([`code_together`]).
@@ -386,17 +487,20 @@ impl Bf16Coded {
 
 /// The 15 most frequent high bytes of the bf16 values in `bytes` (ties to the smaller byte),
 /// and in the 16th entry the smallest byte not among them; fewer distinct bytes leave 0s that
-/// no value uses.
-fn frequent_high_bytes(bytes: &[u8]) -> [u8; 16] {
+/// no value uses. Counted by [`count_high_bytes_avx512`] when `fast` and this CPU has it, else
+/// by [`count_high_bytes`]: the same counts either way.
+fn frequent_high_bytes(bytes: &[u8], fast: bool) -> [u8; 16] {
     let counts = bytes
-        .par_chunks(1 << 16)
+        .par_chunks(COUNT_CHUNK)
         .map(|c| {
-            let mut n = [0u64; 256];
-            c.iter()
-                .skip(1)
-                .step_by(2)
-                .for_each(|&h| n[h as usize] += 1);
-            n
+            #[cfg(target_arch = "x86_64")]
+            if fast && avx512_coder() {
+                // SAFETY: the CPU has AVX-512F/BW/VBMI (`avx512_coder`).
+                return unsafe { count_high_bytes_avx512(c) };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = fast;
+            count_high_bytes(c)
         })
         .reduce(
             || [0u64; 256],
@@ -417,10 +521,203 @@ fn frequent_high_bytes(bytes: &[u8]) -> [u8; 16] {
     table
 }
 
+/// Bytes of bf16 values per parallel task of [`frequent_high_bytes`] (even: whole values).
+const COUNT_CHUNK: usize = 1 << 20;
+
+/// How often each high byte occurs among the bf16 values in `bytes` (an even length): the
+/// scalar reference of [`count_high_bytes_avx512`]. Each value is an increment of a counter
+/// that the same byte's last increment wrote, so runs of one byte wait on each other: with
+/// this as the whole count, the 18944 × 3584 matrix of `examples/tmp_code` took 19-23 ms of
+/// its coding's 95-120 ms (2-core AMD EPYC Zen 5, 2026-12-05).
+fn count_high_bytes(bytes: &[u8]) -> [u64; 256] {
+    let mut n = [0u64; 256];
+    bytes
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .for_each(|&h| n[h as usize] += 1);
+    n
+}
+
+/// Leading bytes of each [`count_high_bytes_avx512`] task counted by [`count_high_bytes`],
+/// whose most frequent high bytes are the ones the rest counts in vectors.
+#[cfg(target_arch = "x86_64")]
+const SAMPLE_BYTES: usize = 4096;
+
+/// Vectors of 64 high bytes counted into byte-wide lanes before they are summed (each lane
+/// counts at most one per vector: 255 fit a byte).
+#[cfg(target_arch = "x86_64")]
+const COUNT_BLOCK: usize = 255;
+
+/// [`count_high_bytes`] with AVX-512: exactly the same counts. The first [`SAMPLE_BYTES`] are
+/// counted one by one; their 16 most frequent high bytes (distinct; any bytes fill up a sample
+/// with fewer) are then counted 64 values at a time, one byte-wide counter per lane and byte
+/// (three vector operations each), summed every [`COUNT_BLOCK`] vectors; the values whose high
+/// byte is none of the 16, found through a 256-entry lookup ([`ByteLut`]), are counted one by
+/// one. A model's matrix has 1.4-1.8 in 10,000 values outside its 15 most frequent high bytes
+/// (module docs), so nearly every vector is counted in vectors alone. Where the 16 are less
+/// than half of the sample the rest is counted by [`count_high_bytes`]: on uniformly random
+/// bytes held in cache (512 KiB) one core counted 3.1-3.2 GB/s in vectors, 7.9-8.0 one by one.
+/// On the 18944 × 3584 matrix of `examples/tmp_code` (2-core AMD EPYC Zen 5, 2026-12-05) the
+/// count took 19-23 ms with [`count_high_bytes`] and takes 2.5-3.8 ms with this, about one
+/// read of its 136 MB (with a compare into a mask register and a masked add per byte, which
+/// LLVM made three operations, two on the mask registers' few ports: 5.0-5.7 ms); one core
+/// counts 32-33 GB/s of its bf16 bytes held in cache (512 KiB, 200 times).
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX-512BW and AVX-512VBMI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn count_high_bytes_avx512(bytes: &[u8]) -> [u64; 256] {
+    use std::arch::x86_64::*;
+    let (sample, rest) = bytes.split_at(bytes.len().min(SAMPLE_BYTES));
+    let mut n = count_high_bytes(sample);
+    // The sample's 16 most frequent bytes (ties in any order: which 16 only sets the speed).
+    let mut order: [u8; 256] = std::array::from_fn(|h| h as u8);
+    order.select_nth_unstable_by_key(15, |&h| std::cmp::Reverse(n[h as usize]));
+    let wanted: [u8; 16] = std::array::from_fn(|i| order[i]);
+    // Less than half the sample: one by one.
+    if 2 * wanted.iter().map(|&h| n[h as usize]).sum::<u64>() < (sample.len() / 2) as u64 {
+        count_high_bytes(rest)
+            .iter()
+            .zip(&mut n)
+            .for_each(|(r, n)| *n += r);
+        return n;
+    }
+    // 0x80 (top bit set) for the bytes counted one by one, 0 for the 16.
+    let mut other = [0x80u8; 256];
+    wanted.iter().for_each(|&h| other[h as usize] = 0);
+    let other = ByteLut::new(&other);
+    let want: [__m512i; 16] = std::array::from_fn(|i| _mm512_set1_epi8(wanted[i] as i8));
+    // SAFETY: `HIGH_OF_VALUE` is 64 bytes.
+    let high_of_value = _mm512_loadu_si512(HIGH_OF_VALUE.as_ptr().cast());
+    let one = _mm512_set1_epi8(1);
+    for block in rest.chunks(COUNT_BLOCK * GROUP * 2) {
+        let mut acc = [_mm512_setzero_si512(); 16];
+        let vectors = block.chunks_exact(GROUP * 2);
+        for &h in vectors.remainder().iter().skip(1).step_by(2) {
+            n[h as usize] += 1;
+        }
+        for v in vectors {
+            // SAFETY: `v` is 128 bytes.
+            let (a, b) = (
+                _mm512_loadu_si512(v.as_ptr().cast()),
+                _mm512_loadu_si512(v.as_ptr().add(64).cast()),
+            );
+            let high = _mm512_permutex2var_epi8(a, high_of_value, b);
+            // 1 where `high` is `want`: `1 - (high ^ want)` saturated at 0, without a mask
+            // register.
+            for (acc, &want) in acc.iter_mut().zip(&want) {
+                let same = _mm512_subs_epu8(one, _mm512_xor_si512(high, want));
+                *acc = _mm512_add_epi8(*acc, same);
+            }
+            let mut rest = _mm512_movepi8_mask(other.get(high));
+            while rest != 0 {
+                n[v[2 * rest.trailing_zeros() as usize + 1] as usize] += 1;
+                rest &= rest - 1;
+            }
+        }
+        for (acc, &h) in acc.iter().zip(&wanted) {
+            let sums = _mm512_sad_epu8(*acc, _mm512_setzero_si512());
+            n[h as usize] += _mm512_reduce_add_epi64(sums) as u64;
+        }
+    }
+    n
+}
+
+/// Whether this CPU runs the AVX-512 coder ([`code_tile_avx512`], [`count_high_bytes_avx512`]):
+/// AVX-512F, BW and VBMI (`vpermi2b`, a byte shuffle across a whole pair of vectors).
+fn avx512_coder() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Byte `q`: where slot `q`'s low byte lies among a group's 128 source bytes
+/// (`2 · value_in_slot(q)`).
+#[cfg(target_arch = "x86_64")]
+const LOW_OF_SLOT: [u8; GROUP] = {
+    let mut a = [0u8; GROUP];
+    let mut q = 0;
+    while q < GROUP {
+        a[q] = (2 * value_in_slot(q)) as u8;
+        q += 1;
+    }
+    a
+};
+
+/// Byte `j`: where value `j`'s high byte lies among a group's 128 source bytes (`2j + 1`).
+#[cfg(target_arch = "x86_64")]
+const HIGH_OF_VALUE: [u8; GROUP] = {
+    let mut a = [0u8; GROUP];
+    let mut j = 0;
+    while j < GROUP {
+        a[j] = (2 * j + 1) as u8;
+        j += 1;
+    }
+    a
+};
+
+/// A 256-entry byte table looked up 64 bytes at a time: two `vpermi2b` (each over 128 entries,
+/// the index's low 7 bits) and a blend on the index's top bit.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct ByteLut([std::arch::x86_64::__m512i; 4]);
+
+#[cfg(target_arch = "x86_64")]
+impl ByteLut {
+    /// The table `t` in four vectors.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    fn new(t: &[u8; 256]) -> ByteLut {
+        use std::arch::x86_64::*;
+        // SAFETY: each load reads 64 of `t`'s 256 bytes.
+        ByteLut(std::array::from_fn(|i| unsafe {
+            _mm512_loadu_si512(t[64 * i..].as_ptr().cast())
+        }))
+    }
+
+    /// The entries of the 64 bytes of `i`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    fn get(&self, i: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let low = _mm512_permutex2var_epi8(self.0[0], i, self.0[1]);
+        let high = _mm512_permutex2var_epi8(self.0[2], i, self.0[3]);
+        _mm512_mask_blend_epi8(_mm512_movepi8_mask(i), low, high)
+    }
+}
+
 /// Codes one tile (`src`: its rows' bf16 bytes, `k` values each) into `dst` (its groups, row
-/// by row within each group); returns its escapes as (position, high byte), positions counted
-/// from `first` (the tile's first value), ascending.
+/// by row within each group, zeroed); returns its escapes as (position, high byte), positions
+/// counted from `first` (the tile's first value), ascending. With [`code_tile_avx512`] when
+/// `fast` and this CPU has it, else [`code_tile_scalar`]: the same bytes either way.
 fn code_tile(
+    dst: &mut [u8],
+    src: &[u8],
+    k: usize,
+    code_of: &[u8; 256],
+    first: u64,
+    fast: bool,
+) -> Vec<(u64, u8)> {
+    #[cfg(target_arch = "x86_64")]
+    if fast && avx512_coder() {
+        // SAFETY: the CPU has AVX-512F/BW/VBMI (`avx512_coder`).
+        return unsafe { code_tile_avx512(dst, src, k, code_of, first) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
+    code_tile_scalar(dst, src, k, code_of, first)
+}
+
+/// [`code_tile`] one value at a time: the reference of [`code_tile_avx512`].
+fn code_tile_scalar(
     dst: &mut [u8],
     src: &[u8],
     k: usize,
@@ -432,16 +729,97 @@ fn code_tile(
     for (r, row) in src.chunks_exact(k * 2).enumerate() {
         for (g, s) in row.chunks(GROUP * 2).enumerate() {
             let d = &mut dst[(g * rows + r) * GROUP_BYTES..][..GROUP_BYTES];
-            for (j, v) in s.chunks_exact(2).enumerate() {
-                let (low, high) = (v[0], v[1]);
-                let code = code_of[high as usize];
-                if code == ESCAPE {
-                    escapes.push((first + (r * k + g * GROUP + j) as u64, high));
+            let at = first + (r * k + g * GROUP) as u64;
+            code_group(d, s, code_of, at, &mut escapes);
+        }
+    }
+    escapes
+}
+
+/// Codes one group's values (`s`: their bf16 bytes, at most [`GROUP`]) into `d` (its
+/// [`GROUP_BYTES`], zeroed), pushing its escapes (position from `at`, the group's first value,
+/// and high byte) onto `escapes` in column order.
+fn code_group(d: &mut [u8], s: &[u8], code_of: &[u8; 256], at: u64, escapes: &mut Vec<(u64, u8)>) {
+    for (j, v) in s.chunks_exact(2).enumerate() {
+        let (low, high) = (v[0], v[1]);
+        let code = code_of[high as usize];
+        if code == ESCAPE {
+            escapes.push((at + j as u64, high));
+        }
+        let q = slot(j);
+        d[q % 32] |= code << (4 * (q / 32));
+        d[32 + q] = low;
+    }
+}
+
+/// [`code_tile_scalar`] with AVX-512, a whole group of 64 values at a time: the same bytes and
+/// escapes. From the group's 128 source bytes, one `vpermi2b` gathers the low bytes in slot
+/// order ([`LOW_OF_SLOT`]) and one the high bytes; a [`ByteLut`] of `code_of` turns those into
+/// codes (the table itself, so a duplicate entry codes as `code_of` does); slot `q + 32`'s code
+/// shifted into slot `q`'s byte packs the nibbles. A group with an escaped value (a code of
+/// [`ESCAPE`] in the vector) lists its escapes one value at a time; a row's last group, when
+/// `k` is not a multiple of [`GROUP`], is coded by [`code_group`]. On the 18944 × 3584 matrix
+/// of `examples/tmp_code` (2-core AMD EPYC Zen 5, 2026-12-05) the tiles took 71-100 ms with
+/// [`code_tile_scalar`] and take 5.2-6.6 ms with this, the faults of the region's fresh pages
+/// included where the VM backs them at once (2.7-4 ms of the 5.2-6.6 when touched alone; this
+/// VM's host sometimes takes 20-40 ms, or 0.3 s, to). One core codes 31-33 GB/s of bf16 bytes
+/// held in its cache (48 rows, 200 times). Tried and dropped, all slower on the same matrix
+/// with the region already faulted (5.2-6.2 ms here): the groups in storage order (each group
+/// of the tile's 8 rows in turn, 8 read streams), 7.8-8.8 ms; that with non-temporal stores of
+/// whole cache lines (two groups are three), 7.9-8.7 ms; rows in pairs with such stores,
+/// 6.2-7.5 ms.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX-512BW and AVX-512VBMI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn code_tile_avx512(
+    dst: &mut [u8],
+    src: &[u8],
+    k: usize,
+    code_of: &[u8; 256],
+    first: u64,
+) -> Vec<(u64, u8)> {
+    use std::arch::x86_64::*;
+    let rows = src.len() / (k * 2);
+    let full = k / GROUP;
+    assert!(dst.len() >= rows * row_bytes(k), "code_tile_avx512: dst");
+    let code = ByteLut::new(code_of);
+    // SAFETY: `LOW_OF_SLOT` is 64 bytes.
+    let low_of_slot = _mm512_loadu_si512(LOW_OF_SLOT.as_ptr().cast());
+    let high_of_slot = _mm512_add_epi8(low_of_slot, _mm512_set1_epi8(1));
+    let escape = _mm512_set1_epi8(ESCAPE as i8);
+    let mut escapes = Vec::new();
+    for (r, row) in src.chunks_exact(k * 2).enumerate() {
+        for g in 0..full {
+            let s = &row[g * GROUP * 2..][..GROUP * 2];
+            // SAFETY: `s` is 128 bytes; group `g` of row `r` is the `GROUP_BYTES` at `d`, inside
+            // `dst` (asserted above).
+            let d = dst.as_mut_ptr().add((g * rows + r) * GROUP_BYTES);
+            let (a, b) = (
+                _mm512_loadu_si512(s.as_ptr().cast()),
+                _mm512_loadu_si512(s.as_ptr().add(64).cast()),
+            );
+            let low = _mm512_permutex2var_epi8(a, low_of_slot, b);
+            let codes = code.get(_mm512_permutex2var_epi8(a, high_of_slot, b));
+            // Codes are below 16: shifting 16-bit lanes by 4 keeps each in its byte.
+            let high_nibbles = _mm256_slli_epi16(_mm512_extracti64x4_epi64::<1>(codes), 4);
+            let packed = _mm256_or_si256(_mm512_castsi512_si256(codes), high_nibbles);
+            _mm256_storeu_si256(d.cast(), packed);
+            _mm512_storeu_si512(d.add(32).cast(), low);
+            if _mm512_cmpeq_epi8_mask(codes, escape) != 0 {
+                let at = first + (r * k + g * GROUP) as u64;
+                for (j, v) in s.chunks_exact(2).enumerate() {
+                    if code_of[v[1] as usize] == ESCAPE {
+                        escapes.push((at + j as u64, v[1]));
+                    }
                 }
-                let q = slot(j);
-                d[q % 32] |= code << (4 * (q / 32));
-                d[32 + q] = low;
             }
+        }
+        if full < k.div_ceil(GROUP) {
+            let d = &mut dst[(full * rows + r) * GROUP_BYTES..][..GROUP_BYTES];
+            let at = first + (r * k + full * GROUP) as u64;
+            code_group(d, &row[full * GROUP * 2..], code_of, at, &mut escapes);
         }
     }
     escapes
@@ -581,23 +959,28 @@ mod tests {
     }
 
     #[test]
-    fn auto_codes_what_fits_beside_the_weights() {
+    fn auto_codes_beside_the_weights_what_fits_there_and_in_their_place_what_fits_so() {
         let gib = 1u64 << 30;
-        // 1 GiB of matrices (0.75 coded) beside 1 GiB mapped, 10 GiB free: coded where the CPU
-        // sums coded matrices.
-        let here = crate::kernels::matmul::codes_by_default();
-        assert_eq!(auto(gib, gib, Some(10 * gib), false), here);
+        let (beside, instead) = match crate::kernels::matmul::codes_by_default() {
+            true => (Place::Beside, Place::Instead),
+            false => (Place::Nowhere, Place::Nowhere),
+        };
+        // 1 GiB of matrices (0.75 coded) beside 1 GiB mapped, 10 GiB free: beside them where the
+        // CPU sums coded matrices.
+        assert_eq!(auto(gib, gib, Some(10 * gib), false), beside);
         // Never when streamed, without BF16 matrices, or with free memory unknown.
-        assert!(!auto(gib, gib, Some(10 * gib), true));
-        assert!(!auto(gib, 0, Some(10 * gib), false));
-        assert!(!auto(gib, gib, None, false));
-        // The 7B shape on this 23 GB machine: 15.2 GB mapped + 11.4 coded > 0.8 of 22.
-        assert!(!auto(
-            15_200_000_000,
-            15_200_000_000,
-            Some(22_000_000_000),
-            false
-        ));
+        assert_eq!(auto(gib, gib, Some(10 * gib), true), Place::Nowhere);
+        assert_eq!(auto(gib, 0, Some(10 * gib), false), Place::Nowhere);
+        assert_eq!(auto(gib, gib, None, false), Place::Nowhere);
+        // The 7B shape on this 23 GB machine (22.7 GiB free): 15.23 GB mapped, 14.14 GB of
+        // matrices; 15.23 + 10.61 > 0.8 × 24.4 GB, 1.09 + 10.61 fits: in their place.
+        let free = Some(22_700_000_000 / 1_000_000_000 * gib);
+        assert_eq!(auto(15_230_000_000, 14_140_000_000, free, false), instead);
+        // A 14B (29.5 GB, 27.5 of matrices): the codings alone (22.6 GB) do not fit either.
+        assert_eq!(
+            auto(29_500_000_000, 27_500_000_000, free, false),
+            Place::Nowhere
+        );
     }
 
     #[test]
@@ -634,6 +1017,133 @@ mod tests {
         ));
         // Nothing to code: no region.
         assert!(code_together(&[&f32s]).iter().all(Option::is_none));
+    }
+
+    /// `n` values' bf16 bits of kind `kind`: 0, every bit random (most values escaped); 1, three
+    /// high bytes, 0 among them (fewer than 15 distinct: the table's trailing 0s repeat a used
+    /// entry); 2, 17 high bytes evenly (some escaped in every group); 3, one value throughout;
+    /// 4, all zeros.
+    fn bits_of(kind: usize, n: usize, seed: u64) -> Vec<u16> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = (s >> 33) as u32;
+                let high = match kind {
+                    0 => (r >> 8) as u8,
+                    1 => [0x00, 0x3C, 0xBC][(r >> 8) as usize % 3],
+                    2 => 0x30 + ((r >> 8) % 17) as u8,
+                    3 => 0x3F,
+                    _ => 0,
+                };
+                let low = if kind >= 3 {
+                    0x80 * (kind == 3) as u8
+                } else {
+                    r as u8
+                };
+                u16::from_le_bytes([low, high])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_avx512_coder_writes_the_scalar_references_bytes() {
+        // Required on x86_64, not skipped: the machine these tests run on (AMD EPYC Zen 5) has
+        // the features. The AVX-512 coder exists on x86_64 alone: elsewhere both codings below
+        // are the scalar reference's, and the comparison checks nothing.
+        #[cfg(target_arch = "x86_64")]
+        assert!(avx512_coder(), "this CPU lacks AVX-512F/BW/VBMI");
+        #[cfg(not(target_arch = "x86_64"))]
+        eprintln!("skipped: no AVX-512 coder off x86_64");
+        let shapes = [
+            (1, 1),
+            (1, 64),
+            (3, 63),
+            (7, 65),
+            (9, 128),
+            (8, 200),
+            (17, 1056),
+            (13, 5 * 64 + 17),
+            // 1.2 MB: two tasks of the count (`COUNT_CHUNK`).
+            (300, 2000),
+        ];
+        let mut escaped = 0;
+        // Kinds 0-4 as `bits_of`; 5, the fixture of `matrix` (a few escapes).
+        for kind in 0..6 {
+            for (i, &(m, k)) in shapes.iter().enumerate() {
+                let seed = (kind * 100 + i) as u64;
+                let t = if kind == 5 {
+                    matrix(m, k, seed).0
+                } else {
+                    let bytes = bits_of(kind, m * k, seed)
+                        .iter()
+                        .flat_map(|b| b.to_le_bytes())
+                        .collect();
+                    Tensor::from_bytes(StoredDtype::BF16, vec![m, k], bytes)
+                };
+                let mut fast = vec![0u8; m * row_bytes(k)];
+                let mut reference = fast.clone();
+                let f = code_matrix_on(&t, m, k, &mut fast, true).unwrap();
+                let r = code_matrix_on(&t, m, k, &mut reference, false).unwrap();
+                let what = format!("kind {kind}, {m}x{k}");
+                assert_eq!(f.table, r.table, "{what}");
+                assert!(fast == reference, "{what}: groups differ");
+                assert_eq!(f.band_start, r.band_start, "{what}");
+                assert_eq!(f.escape_keys, r.escape_keys, "{what}");
+                assert_eq!(f.escaped_high, r.escaped_high, "{what}");
+                escaped += r.escaped_high.len();
+            }
+        }
+        assert!(escaped > 500_000, "{escaped} escapes");
+    }
+
+    #[test]
+    fn the_avx512_count_is_the_scalar_count() {
+        #[cfg(not(target_arch = "x86_64"))]
+        eprintln!("skipped: no AVX-512 count off x86_64");
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Required, not skipped, as in the test above.
+            assert!(avx512_coder(), "this CPU lacks AVX-512F/BW/VBMI");
+            let block = COUNT_BLOCK * GROUP * 2;
+            let lens = [
+                0,
+                2,
+                130,
+                SAMPLE_BYTES,
+                SAMPLE_BYTES + 2,
+                SAMPLE_BYTES + 128,
+                SAMPLE_BYTES + block,
+                SAMPLE_BYTES + block + 2,
+                SAMPLE_BYTES + 3 * block + 7 * 128 + 6,
+            ];
+            // Kinds 0-4 as `bits_of`; 5, a sample unlike the rest (its 16 most frequent bytes,
+            // of 20, are none of the rest's); 6, a sample of random bytes (the rest counted one
+            // by one) before three bytes.
+            for kind in 0..7 {
+                for (i, &len) in lens.iter().enumerate() {
+                    let of = if kind == 6 { 0 } else { kind.min(4) };
+                    let mut bytes: Vec<u8> = bits_of(of, len / 2, i as u64)
+                        .iter()
+                        .flat_map(|b| b.to_le_bytes())
+                        .collect();
+                    for (j, h) in bytes.iter_mut().skip(1).step_by(2).enumerate() {
+                        let sample = j < SAMPLE_BYTES / 2;
+                        match kind {
+                            5 if sample => *h = (j % 20) as u8,
+                            5 => *h = (100 + j % 40) as u8,
+                            6 if !sample => *h = (j % 3) as u8,
+                            _ => {}
+                        }
+                    }
+                    // SAFETY: the CPU has the features (asserted above).
+                    let fast = unsafe { count_high_bytes_avx512(&bytes) };
+                    assert_eq!(fast, count_high_bytes(&bytes), "kind {kind}, {len} bytes");
+                }
+            }
+        }
     }
 
     #[test]

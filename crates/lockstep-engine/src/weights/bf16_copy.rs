@@ -89,6 +89,7 @@ pub fn round_together(ws: &[&Tensor]) -> Vec<Option<Tensor>> {
                 q8_dot: false,
                 coded: Arc::default(),
                 bf16_copy: Arc::default(),
+                coding_replaces: Arc::default(),
             })
         })
         .collect()

@@ -22,6 +22,7 @@ impl Tensor {
             // A view is its own matrix: its own coding, if one is made.
             coded: Default::default(),
             bf16_copy: Default::default(),
+            coding_replaces: Default::default(),
         })
     }
 }

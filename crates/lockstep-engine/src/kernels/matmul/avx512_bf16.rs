@@ -360,6 +360,91 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
     acc
 }
 
+/// [`sums`] for any number of tokens on a matrix coded in 12 bits per value ([`Bf16Coded`])
+/// whose stored bytes products no longer read: where the coding replaced them in memory
+/// ([`crate::weights::Tensor::coding_replaces_stored`]), a prefill reads the coding too. The
+/// loops are [`sums`]' prefill loops, block by block of rows and chunk by chunk of `k`; before
+/// the tiles pass over a block's chunk, its rows are rebuilt from the coding into exact bf16 in
+/// a buffer of [`KC`]-value rows (256 KiB, which stays in L2 while every token group passes
+/// over it), and the tiles read the buffer instead of the stored rows. The same tiles in the
+/// same order on the same values: [`sums`]' bits.
+///
+/// # Safety
+/// [`available`] and [`super::coded_avx512::readable`]; `c` codes the `m × k` matrix; `p`
+/// packs `n` tokens of `k`; `out` is valid for `n·m` f32 and nobody else touches the entries
+/// in `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn sums_rebuilt(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    c: &Bf16Coded,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
+    assert!(
+        c.k == k
+            && rows.end <= c.m
+            && p.data.len() == n * p.stride
+            && p.stride == k.next_multiple_of(PAIRS)
+    );
+    let (m, block) = (c.m, (256 << 10) / (KC * 2));
+    let codes = Codes::new(c);
+    let mut buf = vec![0u16; block.min(rows.len()) * KC];
+    for b0 in rows.clone().step_by(block) {
+        let b1 = (b0 + block).min(rows.end);
+        for c0 in (0..k).step_by(KC) {
+            let len = KC.min(k - c0);
+            rebuild(c, &codes, b0..b1, c0..c0 + len, buf.as_mut_ptr());
+            for (t, nt) in token_groups(n) {
+                // The next group's outputs, so their first store finds them in cache.
+                prefetch_out(out, m, b0..b1, (t + NT)..(t + 2 * NT).min(n));
+                for (j, nr) in groups(b0..b1) {
+                    let wp = buf.as_ptr().add((j - b0) * KC).cast();
+                    tile_at(p, (wp, KC * 2), len, m, (j, nr), (t, nt), c0, out);
+                }
+            }
+        }
+    }
+}
+
+/// Rows `rows` of `c`, columns `cols` (whole groups from a multiple of [`GROUP`]), rebuilt as
+/// the exact bf16 the stored matrix holds into `buf`, row `r` at `(r - rows.start)·KC`: tile by
+/// tile of the coding, group by group, the tile's rows in turn (the coding's byte order).
+/// Values past the row's end (its last group's padding) are written too, and never read: the
+/// tiles mask them off.
+///
+/// # Safety
+/// AVX-512F/BW present; `rows` inside `c`, `cols` inside `0..c.k` and at most [`KC`] long;
+/// `buf` valid for `rows.len()` rows of [`KC`] values.
+#[inline(always)]
+unsafe fn rebuild(
+    c: &Bf16Coded,
+    codes: &Codes,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    buf: *mut u16,
+) {
+    let (g0, g1) = (cols.start / GROUP, cols.end.div_ceil(GROUP));
+    for (span, _) in c.tile_spans(rows.clone()) {
+        for g in g0..g1 {
+            let at = c.group_ptr(span.start, g);
+            let check = c.band_escapes(span.start, g);
+            for (i, r) in span.clone().enumerate() {
+                let src = at.add(i * GROUP_BYTES);
+                let v = if check {
+                    codes.row::<true>(src, (c, r, g * GROUP))
+                } else {
+                    codes.row::<false>(src, (c, r, g * GROUP))
+                };
+                let dst = buf.add((r - rows.start) * KC + (g - g0) * GROUP);
+                _mm512_storeu_si512(dst.cast(), v[0]);
+                _mm512_storeu_si512(dst.add(PAIRS).cast(), v[1]);
+            }
+        }
+    }
+}
+
 /// Groups of [`NT`] tokens, then one group of the rest: `(start, len)`.
 fn token_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(NT).map(move |t| (t, NT.min(n - t)))
@@ -383,9 +468,29 @@ unsafe fn tile_into(
     out: *mut f32,
 ) {
     let len = KC.min(k - c0);
-    let xp = p.data.as_ptr().add(t * p.stride + c0);
     let wp = w.as_ptr().add((j * k + c0) * 2);
-    let (xs, ws) = (p.stride, k * 2);
+    tile_at(p, (wp, k * 2), len, m, (j, nr), (t, nt), c0, out)
+}
+
+/// [`tile_into`] on rows whose chunk starts at `wp`, `ws` bytes apart (the stored rows, or
+/// [`sums_rebuilt`]'s buffer), `len` elements of it.
+///
+/// # Safety
+/// As [`sums`]; `wp` valid for `nr` rows of `len` elements `ws` bytes apart.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_at(
+    p: &Packed,
+    (wp, ws): (*const u8, usize),
+    len: usize,
+    m: usize,
+    (j, nr): (usize, usize),
+    (t, nt): (usize, usize),
+    c0: usize,
+    out: *mut f32,
+) {
+    let xp = p.data.as_ptr().add(t * p.stride + c0);
+    let xs = p.stride;
     let out = Out {
         ptr: out.add(t * m + j),
         token_stride: m,
