@@ -89,7 +89,10 @@ impl MemoryEstimate {
     /// The estimate with the decode's coded copy of the matrices, for a run on a bf16 checkpoint
     /// that computes in bf16 or f32: 0.75 of the weights (erring high: embeddings and norms are not coded) when
     /// [`crate::weights::bf16_coded::wanted`] will have the model make one with `available`
-    /// bytes free (the weights in place of its BF16 matrices, which it learns at load).
+    /// bytes free (the weights in place of its BF16 matrices, which it learns at load). Where
+    /// the coding will replace the matrices instead ([`crate::weights::bf16_coded::Place`]),
+    /// nothing is added: the weights' bytes bound what is held then (0.75 of the matrices and
+    /// the rest as mapped).
     ///
     /// # Errors
     /// A bad `LOCKSTEP_CODED_BF16` (one line).
