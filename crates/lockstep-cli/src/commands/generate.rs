@@ -286,11 +286,26 @@ impl Preloaded {
     pub fn load_model(self, dtype: DtypeArg) -> CliResult<LoadedModel> {
         let dir = &self.dir;
         let source = &self.source;
-        let mut model =
-            crate::progress::with_spinner(format!("loading {}", dir.display()), || {
-                Model::load_source(source, None)
-            })?;
-        model.use_dtype(*dtype)?;
+        // The dtype's preparation (the 12-bit codings, which a large model's first run makes
+        // and writes to the cache: a minute at 7B) under the same spinner.
+        let model = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
+            let mut model = Model::load_source(source, None)?;
+            model.use_dtype(*dtype).map(|()| model)
+        })?;
+        use lockstep_engine::weights::coded_cache::CacheUse;
+        match model.coded_cache.get() {
+            Some(CacheUse::Written(p)) => eprintln!(
+                "coded the matrices in 12 bits per value into {} ({:.1} GB, kept for later runs; \
+                 LOCKSTEP_CODED_CACHE chooses the folder)",
+                p.display(),
+                std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1e9)
+            ),
+            Some(CacheUse::Skipped(why)) => eprintln!(
+                "coded the matrices in 12 bits per value in memory, no cache file ({why}): \
+                 every run codes them again"
+            ),
+            _ => {}
+        }
         Ok(LoadedModel {
             model,
             tokenizer: self.tokenizer,

@@ -474,7 +474,10 @@ impl Model {
                 let ck = &self.checkpoint;
                 crate::weights::coded_cache::codings(&folder, &ck.dir, &ck.files, &groups)
             }
-            None => Err(format!("{} is off", crate::weights::coded_cache::ENV)),
+            None => Err(format!(
+                "{} is off, or there is no HOME to put a cache folder under",
+                crate::weights::coded_cache::ENV
+            )),
         };
         match cached {
             Ok((codings, how)) => {
