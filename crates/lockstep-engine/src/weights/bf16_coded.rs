@@ -266,9 +266,9 @@ fn code_matrix_on(w: &Tensor, m: usize, k: usize, dst: &mut [u8], fast: bool) ->
         .collect();
     // Band by band: counted, then placed in the tiles' order (each band's row by row, each
     // row's in column order: ascending keys). Counted in place in 32 bits, and not at all for
-    // a matrix without escapes: the band lists of the 18944 × 3584 matrix of `examples/tmp_code`
-    // (none escaped) took 0.6-1.1 ms through a vector of `usize` counts copied into 32 bits, and
-    // take 0.01-0.2 ms so (2-core AMD EPYC Zen 5, 2026-12-05).
+    // a matrix without escapes: the band lists of a random 18944 × 3584 matrix timed through
+    // `Bf16Coded::new` (none escaped) took 0.6-1.1 ms through a vector of `usize` counts
+    // copied into 32 bits, and take 0.01-0.2 ms so (2-core AMD EPYC Zen 5, 2026-12-05).
     let groups = k.div_ceil(GROUP);
     let band_of = |at: u64| {
         let (r, c) = (at as usize / k, at as usize % k);
@@ -527,8 +527,8 @@ const COUNT_CHUNK: usize = 1 << 20;
 /// How often each high byte occurs among the bf16 values in `bytes` (an even length): the
 /// scalar reference of [`count_high_bytes_avx512`]. Each value is an increment of a counter
 /// that the same byte's last increment wrote, so runs of one byte wait on each other: with
-/// this as the whole count, the 18944 × 3584 matrix of `examples/tmp_code` took 19-23 ms of
-/// its coding's 95-120 ms (2-core AMD EPYC Zen 5, 2026-12-05).
+/// this as the whole count, a random 18944 × 3584 matrix timed through `Bf16Coded::new` took
+/// 19-23 ms of its coding's 95-120 ms (2-core AMD EPYC Zen 5, 2026-12-05).
 fn count_high_bytes(bytes: &[u8]) -> [u64; 256] {
     let mut n = [0u64; 256];
     bytes
@@ -550,19 +550,19 @@ const SAMPLE_BYTES: usize = 4096;
 const COUNT_BLOCK: usize = 255;
 
 /// [`count_high_bytes`] with AVX-512: exactly the same counts. The first [`SAMPLE_BYTES`] are
-/// counted one by one; their 16 most frequent high bytes (distinct; any bytes fill up a sample
-/// with fewer) are then counted 64 values at a time, one byte-wide counter per lane and byte
-/// (three vector operations each), summed every [`COUNT_BLOCK`] vectors; the values whose high
-/// byte is none of the 16, found through a 256-entry lookup ([`ByteLut`]), are counted one by
-/// one. A model's matrix has 1.4-1.8 in 10,000 values outside its 15 most frequent high bytes
-/// (module docs), so nearly every vector is counted in vectors alone. Where the 16 are less
-/// than half of the sample the rest is counted by [`count_high_bytes`]: on uniformly random
-/// bytes held in cache (512 KiB) one core counted 3.1-3.2 GB/s in vectors, 7.9-8.0 one by one.
-/// On the 18944 × 3584 matrix of `examples/tmp_code` (2-core AMD EPYC Zen 5, 2026-12-05) the
-/// count took 19-23 ms with [`count_high_bytes`] and takes 2.5-3.8 ms with this, about one
-/// read of its 136 MB (with a compare into a mask register and a masked add per byte, which
-/// LLVM made three operations, two on the mask registers' few ports: 5.0-5.7 ms); one core
-/// counts 32-33 GB/s of its bf16 bytes held in cache (512 KiB, 200 times).
+/// counted one by one; their 16 most frequent high bytes (distinct; any bytes fill up a sample with
+/// fewer) are then counted 64 values at a time, one byte-wide counter per lane and byte (three
+/// vector operations each), summed every [`COUNT_BLOCK`] vectors; the values whose high byte is
+/// none of the 16, found through a 256-entry lookup ([`ByteLut`]), are counted one by one. A
+/// model's matrix has 1.4-1.8 in 10,000 values outside its 15 most frequent high bytes (module
+/// docs), so nearly every vector is counted in vectors alone. Where the 16 are less than half of
+/// the sample the rest is counted by [`count_high_bytes`]: on uniformly random bytes held in cache
+/// (512 KiB) one core counted 3.1-3.2 GB/s in vectors, 7.9-8.0 one by one. On a random 18944 × 3584
+/// matrix timed through `Bf16Coded::new` (2-core AMD EPYC Zen 5, 2026-12-05) the count took 19-23
+/// ms with [`count_high_bytes`] and takes 2.5-3.8 ms with this, about one read of its 136 MB (with
+/// a compare into a mask register and a masked add per byte, which LLVM made three operations, two
+/// on the mask registers' few ports: 5.0-5.7 ms); one core counts 32-33 GB/s of its bf16 bytes held
+/// in cache (512 KiB, 200 times).
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512BW and AVX-512VBMI.
@@ -753,21 +753,20 @@ fn code_group(d: &mut [u8], s: &[u8], code_of: &[u8; 256], at: u64, escapes: &mu
 }
 
 /// [`code_tile_scalar`] with AVX-512, a whole group of 64 values at a time: the same bytes and
-/// escapes. From the group's 128 source bytes, one `vpermi2b` gathers the low bytes in slot
-/// order ([`LOW_OF_SLOT`]) and one the high bytes; a [`ByteLut`] of `code_of` turns those into
-/// codes (the table itself, so a duplicate entry codes as `code_of` does); slot `q + 32`'s code
-/// shifted into slot `q`'s byte packs the nibbles. A group with an escaped value (a code of
-/// [`ESCAPE`] in the vector) lists its escapes one value at a time; a row's last group, when
-/// `k` is not a multiple of [`GROUP`], is coded by [`code_group`]. On the 18944 × 3584 matrix
-/// of `examples/tmp_code` (2-core AMD EPYC Zen 5, 2026-12-05) the tiles took 71-100 ms with
+/// escapes. From the group's 128 source bytes, one `vpermi2b` gathers the low bytes in slot order
+/// ([`LOW_OF_SLOT`]) and one the high bytes; a [`ByteLut`] of `code_of` turns those into codes (the
+/// table itself, so a duplicate entry codes as `code_of` does); slot `q + 32`'s code shifted into
+/// slot `q`'s byte packs the nibbles. A group with an escaped value (a code of [`ESCAPE`] in the
+/// vector) lists its escapes one value at a time; a row's last group, when `k` is not a multiple of
+/// [`GROUP`], is coded by [`code_group`]. On a random 18944 × 3584 matrix timed through
+/// `Bf16Coded::new` (2-core AMD EPYC Zen 5, 2026-12-05) the tiles took 71-100 ms with
 /// [`code_tile_scalar`] and take 5.2-6.6 ms with this, the faults of the region's fresh pages
-/// included where the VM backs them at once (2.7-4 ms of the 5.2-6.6 when touched alone; this
-/// VM's host sometimes takes 20-40 ms, or 0.3 s, to). One core codes 31-33 GB/s of bf16 bytes
-/// held in its cache (48 rows, 200 times). Tried and dropped, all slower on the same matrix
-/// with the region already faulted (5.2-6.2 ms here): the groups in storage order (each group
-/// of the tile's 8 rows in turn, 8 read streams), 7.8-8.8 ms; that with non-temporal stores of
-/// whole cache lines (two groups are three), 7.9-8.7 ms; rows in pairs with such stores,
-/// 6.2-7.5 ms.
+/// included where the VM backs them at once (2.7-4 ms of the 5.2-6.6 when touched alone; this VM's
+/// host sometimes takes 20-40 ms, or 0.3 s, to). One core codes 31-33 GB/s of bf16 bytes held in
+/// its cache (48 rows, 200 times). Tried and dropped, all slower on the same matrix with the region
+/// already faulted (5.2-6.2 ms here): the groups in storage order (each group of the tile's 8 rows
+/// in turn, 8 read streams), 7.8-8.8 ms; that with non-temporal stores of whole cache lines (two
+/// groups are three), 7.9-8.7 ms; rows in pairs with such stores, 6.2-7.5 ms.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512BW and AVX-512VBMI.
