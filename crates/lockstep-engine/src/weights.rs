@@ -165,6 +165,25 @@ pub struct Tensor {
     /// Set once the coding replaced the stored bytes in memory
     /// ([`Tensor::replace_stored_by_coding`]); shared by clones.
     coding_replaces: Arc<AtomicBool>,
+    /// This tensor's values decoded to each compute precision, once [`Tensor::decoded`] was
+    /// asked for them; shared by clones.
+    decoded: Arc<Decoded>,
+}
+
+/// A tensor's values decoded to each compute precision ([`Tensor::decoded`]), in the order of
+/// [`Decoded::slot`]: `f64`, `f32`, bf16.
+#[derive(Default)]
+pub(crate) struct Decoded([OnceLock<Box<[f64]>>; 3]);
+
+impl Decoded {
+    /// The slot of `T`'s values.
+    fn slot<T: Float>() -> usize {
+        match T::PRECISION {
+            crate::kernels::Precision::F64 => 0,
+            crate::kernels::Precision::F32 => 1,
+            crate::kernels::Precision::BF16 => 2,
+        }
+    }
 }
 
 impl std::fmt::Debug for Tensor {
@@ -194,7 +213,32 @@ impl Tensor {
             coded: Arc::default(),
             bf16_copy: Arc::default(),
             coding_replaces: Arc::default(),
+            decoded: Arc::default(),
         }
+    }
+
+    /// This tensor's values as `T`, as [`crate::kernels::decode_vec`] gives them, decoded at the
+    /// first call for `T` and kept (with the tensor's clones): for the small vectors a forward
+    /// pass reads at every layer of every step (norm weights, biases), whose decoding into a
+    /// new vector each time cost a 0.5B-shape decode step ~2-4 µs a layer.
+    pub fn decoded<T: Float>(&self) -> &[T] {
+        let n = self.numel();
+        let size = std::mem::size_of::<T>();
+        // Every `Float` is `f64`, `f32` or `Bf16` (an `f32`, `repr(transparent)`).
+        assert!(
+            (size == 4 || size == 8) && std::mem::align_of::<T>() <= 8,
+            "a Float is 4 or 8 bytes"
+        );
+        let words = self.decoded.0[Decoded::slot::<T>()].get_or_init(|| {
+            let mut words = vec![0f64; (n * size).div_ceil(8)].into_boxed_slice();
+            // SAFETY: `words` holds at least `n * size` bytes, aligned to 8 ≥ `T`'s alignment;
+            // every bit pattern is a valid `T` (a float).
+            let values = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), n) };
+            T::decode(self.dtype, self.bytes(), values);
+            words
+        });
+        // SAFETY: as above: the slot of `T` holds `n` values of `T`, written by `T::decode`.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), n) }
     }
 
     /// A view of bytes `start..end` of a memory-mapped file (the caller checked the range).
@@ -216,6 +260,7 @@ impl Tensor {
             coded: Arc::default(),
             bf16_copy: Arc::default(),
             coding_replaces: Arc::default(),
+            decoded: Arc::default(),
         }
     }
 
@@ -630,6 +675,48 @@ mod tests {
             })
             .collect();
         Tensor::from_bytes(dtype, shape, bytes)
+    }
+
+    /// `decoded` gives `decode_vec`'s values bit for bit, in each precision, from each float
+    /// storage dtype (odd lengths: the f32 slots end inside a word), decoded once and shared by
+    /// the tensor's clones.
+    #[test]
+    fn decoded_values_are_decode_vecs_kept() {
+        use crate::kernels::{decode_vec, Bf16};
+        fn same<T: Float>(t: &Tensor) {
+            let want: Vec<u64> = decode_vec::<T>(t)
+                .iter()
+                .map(|v| v.to_f64().to_bits())
+                .collect();
+            let got: Vec<u64> = t
+                .decoded::<T>()
+                .iter()
+                .map(|v| v.to_f64().to_bits())
+                .collect();
+            assert_eq!(got, want, "{:?} as {:?}", t.dtype, T::PRECISION);
+            let clone = t.clone();
+            assert!(
+                std::ptr::eq(t.decoded::<T>(), clone.decoded::<T>()),
+                "kept and shared"
+            );
+        }
+        for dtype in [
+            StoredDtype::F32,
+            StoredDtype::BF16,
+            StoredDtype::F16,
+            StoredDtype::F64,
+        ] {
+            for n in [1, 7, 896] {
+                // Values that bf16 cannot hold, so a rounding that went missing would show.
+                let v: Vec<f64> = (0..n)
+                    .map(|i| (i as f64 * 0.7311 - 3.1).sin() * 1.0e-3 + 0.1234567)
+                    .collect();
+                let t = tensor_of(dtype, vec![n], &v);
+                same::<f64>(&t);
+                same::<f32>(&t);
+                same::<Bf16>(&t);
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::kernels::line_aligned::LineAligned;
 use crate::kernels::matmul::{linear, linear_many, linear_swiglu, Product};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::rope::RopeTable;
-use crate::kernels::{decode_vec, residual_add, Float};
+use crate::kernels::{residual_add, Float};
 use crate::observer::{Observer, TapView};
 use lockstep_trace::{LayerTap, TapName};
 
@@ -91,15 +91,15 @@ impl Model {
         let rows = pass.caches.len();
         let (n, tn) = (pass.n, x.len() / h);
 
-        let input_norm = decode_vec(&w.input_norm);
-        rms_norm_with(x, &input_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
+        let input_norm = w.input_norm.decoded::<T>();
+        rms_norm_with(x, input_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::InputNorm), TapView::rows(&buf.normed, h));
 
         let bias = w
             .qkv_bias
             .as_ref()
-            .map(|b| b.each_ref().map(decode_vec::<T>));
-        let bias_of = |i: usize| bias.as_ref().map(|b| &b[i][..]);
+            .map(|b| b.each_ref().map(|t| t.decoded::<T>()));
+        let bias_of = |i: usize| bias.map(|b| b[i]);
         linear_many(
             &buf.normed,
             tn,
@@ -129,7 +129,7 @@ impl Model {
         let qk_norm = w
             .qk_norm
             .as_ref()
-            .map(|n| n.each_ref().map(decode_vec::<T>));
+            .map(|n| n.each_ref().map(|t| t.decoded::<T>()));
         if let Some([qn, kn]) = &qk_norm {
             if s.qk_norm == QkNorm::BeforeRope {
                 self.head_norm(&mut buf.q, qn, &mut buf.attn);
@@ -227,8 +227,8 @@ impl Model {
         let tap = |t| TapName::Layer(l, t);
         let tn = x.len() / h;
 
-        let post_norm = decode_vec(&w.post_norm);
-        rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
+        let post_norm = w.post_norm.decoded::<T>();
+        rms_norm_with(x, post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
         let (gate, up) = (&mlp.gate_proj, &mlp.up_proj);
         linear_swiglu(&buf.normed, tn, gate, up, &mut buf.gate, &mut buf.up);

@@ -28,7 +28,7 @@ use crate::kernels::attention::GqaMapping;
 use crate::kernels::matmul::linear;
 use crate::kernels::norm::{rms_norm_with, RmsNormMath};
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
-use crate::kernels::{decode_vec, Float, Precision, ResidualDtype};
+use crate::kernels::{Float, Precision, ResidualDtype};
 use crate::observer::{Observer, TapView};
 use crate::weights::{advise_all, Checkpoint, PageAdvice, Tensor};
 use blocks::{Pass, Scratch};
@@ -588,7 +588,7 @@ impl Model {
         if s.final_norm {
             rms_norm_with(
                 &x,
-                &decode_vec(&self.norm),
+                self.norm.decoded::<T>(),
                 s.rms_norm_eps,
                 s.norm_math,
                 normed,

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::kernels::activation::silu_mul_in_place;
 use crate::kernels::matmul::linear;
 use crate::kernels::norm::rms_norm_with;
-use crate::kernels::{decode_vec, residual_add, Float, Precision};
+use crate::kernels::{residual_add, Float, Precision};
 use crate::observer::{Observer, TapView};
 use crate::weights::{Checkpoint, Tensor};
 use lockstep_trace::{LayerTap, TapName};
@@ -157,8 +157,8 @@ impl Model {
         let experts = moe.experts.len();
         let k = c.moe.as_ref().map_or(1, |m| m.top_k);
 
-        let post_norm = decode_vec(&w.post_norm);
-        rms_norm_with(x, &post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
+        let post_norm = w.post_norm.decoded::<T>();
+        rms_norm_with(x, post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
 
         let mut logits = vec![T::ZERO; tn * experts];

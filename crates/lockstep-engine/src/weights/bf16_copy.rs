@@ -90,6 +90,7 @@ pub fn round_together(ws: &[&Tensor]) -> Vec<Option<Tensor>> {
                 coded: Arc::default(),
                 bf16_copy: Arc::default(),
                 coding_replaces: Arc::default(),
+                decoded: Arc::default(),
             })
         })
         .collect()

@@ -23,6 +23,7 @@ impl Tensor {
             coded: Default::default(),
             bf16_copy: Default::default(),
             coding_replaces: Default::default(),
+            decoded: Default::default(),
         })
     }
 }
