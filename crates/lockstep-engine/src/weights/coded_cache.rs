@@ -96,11 +96,11 @@ pub fn codings(
         })
         .collect::<Result<_, _>>()?;
     let (id, path) = name(dir, files, &shapes, folder)?;
-    if let Some(c) = open(&path, &id, &shapes) {
+    if let Some(c) = open(&path, &id, &shapes, files) {
         return Ok((c, CacheUse::Read(path)));
     }
     write(&path, &id, groups)?;
-    let c = open(&path, &id, &shapes).ok_or("the file just written does not read back")?;
+    let c = open(&path, &id, &shapes, files).ok_or("the file just written does not read back")?;
     Ok((c, CacheUse::Written(path)))
 }
 
@@ -151,8 +151,27 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// The codings in the file at `path`, when it is whole, has identity `id` and codes matrices of
-/// `shapes`; `None` otherwise.
-fn open(path: &Path, id: &[u8; 32], shapes: &[(usize, usize)]) -> Option<Vec<Bf16Coded>> {
+/// `shapes`; `None` otherwise. `checkpoint`: the files whose matrices the codings replace.
+fn open(
+    path: &Path,
+    id: &[u8; 32],
+    shapes: &[(usize, usize)],
+    checkpoint: &[PathBuf],
+) -> Option<Vec<Bf16Coded>> {
+    // A file partly pushed out of the page cache (another process read 15 GB meanwhile: PyTorch
+    // loading the same checkpoint, say) comes back from disk in 2 MiB pages only where the
+    // kernel finds free 2 MiB blocks, and a memory full of cached pages has few: after such a
+    // run, 8.56 of the 7B's 10.67 GB came back in them, and that decode read 78% of the
+    // bandwidth (90-92% in whole pages). The checkpoint's cached pages (its matrices, which
+    // this process never reads again once coded) are dropped first to make room; pages another
+    // process maps stay.
+    // (The data's pages only: the file has a hole between its records and the data.)
+    let data = (HEADER + shapes.len() * RECORD).next_multiple_of(HUGE_PAGE);
+    if super::page_cache::cached_fraction(path, data).is_some_and(|f| f < 1.0) {
+        for f in checkpoint {
+            let _ = super::page_cache::drop_cached(f);
+        }
+    }
     // Brought into the page cache in 2 MiB pages where the kernel can, as the checkpoints are.
     let _ = super::page_cache::in_huge_pages(path);
     let map = Arc::new(super::safetensors_files::map_readonly(path).ok()?);
@@ -355,6 +374,47 @@ mod tests {
         Tensor::from_bytes(StoredDtype::BF16, vec![m, k], bytes)
     }
 
+    /// Opening a cache file the page cache holds whole leaves the checkpoint's cached pages be;
+    /// opening one partly pushed out of it drops them first (room for its 2 MiB pages).
+    #[test]
+    fn a_partly_evicted_file_makes_room_from_the_checkpoint() {
+        use crate::weights::page_cache::{cached_fraction, drop_cached};
+        // Under the crate, on the disk the build runs from: a tmpfs `/tmp` never drops pages.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let weights = model.join("model.safetensors");
+        std::fs::write(&weights, vec![5u8; 1 << 20]).unwrap();
+        std::fs::File::open(&weights).unwrap().sync_all().unwrap();
+        let cache = dir.path().join("cache");
+        let ts = [matrix(64, 512, 4)];
+        let groups = vec![vec![&ts[0]]];
+        let files = vec![weights.clone()];
+        let (_, how) = codings(&cache, &model, &files, &groups).unwrap();
+        let CacheUse::Written(path) = how else {
+            panic!("{how:?}")
+        };
+        let data = (HEADER + RECORD).next_multiple_of(HUGE_PAGE);
+        assert_eq!(cached_fraction(&path, data), Some(1.0));
+        assert_eq!(cached_fraction(&weights, 0), Some(1.0));
+        let (_, how) = codings(&cache, &model, &files, &groups).unwrap();
+        assert_eq!(how, CacheUse::Read(path.clone()));
+        assert_eq!(
+            cached_fraction(&weights, 0),
+            Some(1.0),
+            "nothing to make room for"
+        );
+        drop_cached(&path).unwrap();
+        assert!(cached_fraction(&path, data).unwrap() < 1.0);
+        let (again, how) = codings(&cache, &model, &files, &groups).unwrap();
+        assert_eq!(how, CacheUse::Read(path));
+        assert!(
+            cached_fraction(&weights, 0).unwrap() < 1.0,
+            "the checkpoint made room"
+        );
+        assert_eq!(again[0].decode_row(3).len(), 512);
+    }
+
     /// Written, then read back: every matrix's rows decode to the stored bits; a second read
     /// finds the file; another identity, a changed shape, a cut or damaged header are not used;
     /// writing another checkpoint's file for the same folder removes the first.
@@ -391,21 +451,21 @@ mod tests {
         let shapes: Vec<(usize, usize)> = ts.iter().map(|t| (t.shape[0], t.shape[1])).collect();
         let (id, named) = name(&model, &files, &shapes, &cache).unwrap();
         assert_eq!(named, path);
-        assert!(open(&path, &id, &shapes).is_some());
-        assert!(open(&path, &[0; 32], &shapes).is_none());
-        assert!(open(&path, &id, &shapes[..2]).is_none());
+        assert!(open(&path, &id, &shapes, &[]).is_some());
+        assert!(open(&path, &[0; 32], &shapes, &[]).is_none());
+        assert!(open(&path, &id, &shapes[..2], &[]).is_none());
         let mut other = shapes.clone();
         other[1] = (9, 131);
-        assert!(open(&path, &id, &other).is_none());
+        assert!(open(&path, &id, &other, &[]).is_none());
         // Cut short, or a record pointing past the end: not used.
         let whole = std::fs::read(&path).unwrap();
         let cut = dir.path().join("cut.coded");
         std::fs::write(&cut, &whole[..whole.len() - 1]).unwrap();
-        assert!(open(&cut, &id, &shapes).is_none());
+        assert!(open(&cut, &id, &shapes, &[]).is_none());
         let mut damaged = whole.clone();
         damaged[HEADER + 16..HEADER + 24].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&cut, &damaged).unwrap();
-        assert!(open(&cut, &id, &shapes).is_none());
+        assert!(open(&cut, &id, &shapes, &[]).is_none());
         // The checkpoint changes (its modification time): a new file, the old one removed.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&weights, b"stand-in, changed").unwrap();

@@ -80,6 +80,54 @@ pub fn in_huge_pages(path: &Path) -> Option<HugePageCount> {
     Some(count)
 }
 
+/// The fraction of `path`'s 4 KiB pages from byte `from` (a multiple of 4096) on that the page
+/// cache holds now (`mincore` over a fresh mapping: no byte is read, nothing is brought in; a
+/// hole in a sparse file counts as not held); `None` when that cannot be told (no such file, no
+/// mapping, `from` not a page boundary, or not Linux). 1 where no page lies past `from`.
+pub fn cached_fraction(path: &Path, from: usize) -> Option<f64> {
+    let file = File::open(path).ok()?;
+    let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+    if len <= from {
+        return Some(1.0);
+    }
+    if !from.is_multiple_of(4096) {
+        return None;
+    }
+    // SAFETY: read-only mapping that is never read (mincore looks at the page cache only).
+    let map = unsafe { memmap2::MmapOptions::new().offset(from as u64).map(&file) }.ok()?;
+    let resident = resident_pages(&map)?;
+    Some(resident as f64 / map.len().div_ceil(4096) as f64)
+}
+
+/// How many of `map`'s 4 KiB pages the page cache holds (`mincore`).
+#[cfg(target_os = "linux")]
+fn resident_pages(map: &Mmap) -> Option<usize> {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    if page != 4096 || map.is_empty() {
+        return None;
+    }
+    let mut vec = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: `map` is a live mapping of `map.len()` bytes starting on a page; `vec` holds one
+    // byte per page of it, as mincore writes.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
+    (rc == 0).then(|| vec.iter().filter(|&&b| b & 1 == 1).count())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn resident_pages(_: &Mmap) -> Option<usize> {
+    None
+}
+
+/// Asks the kernel to drop `path`'s clean pages that no mapping holds from the page cache
+/// (`POSIX_FADV_DONTNEED`): room for another file's pages. `None` when it cannot be asked.
+/// Never changes a byte of the file.
+pub fn drop_cached(path: &Path) -> Option<()> {
+    let file = File::open(path).ok()?;
+    let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+    drop_from_page_cache(&file, 0, len)
+}
+
 /// Maps `file` afresh (so no page table of an earlier mapping stands in the way of a 2 MiB
 /// entry), advised `MADV_HUGEPAGE`, reads one byte of each 2 MiB in `from..to` (faulting in
 /// whole 2 MiB pages where the cache has them, or where a read from disk can make them), and
@@ -211,6 +259,33 @@ VmFlags: rd mr me
         let other = tempfile::tempdir().unwrap();
         assert_eq!(mapped_in_huge_pages(other.path()), Some(0));
         drop(map);
+    }
+
+    /// A file just written is cached; dropped from the cache (nothing maps it), less of it is,
+    /// and reading it brings it back; its bytes never change.
+    #[test]
+    fn cached_fraction_follows_drops_and_reads() {
+        // Under the crate, on the disk the build runs from: a tmpfs `/tmp` never drops pages.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let p = dir.path().join("w.bin");
+        let bytes: Vec<u8> = (0..3 * HUGE_PAGE + 5).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &bytes).unwrap();
+        File::open(&p).unwrap().sync_all().unwrap();
+        assert_eq!(cached_fraction(&p, 0), Some(1.0));
+        drop_cached(&p).unwrap();
+        let after = cached_fraction(&p, 0).unwrap();
+        assert!(after < 1.0, "{after}");
+        assert_eq!(std::fs::read(&p).unwrap(), bytes);
+        assert_eq!(cached_fraction(&p, 0), Some(1.0));
+        // From a page on: only what lies past it; past the end, nothing to hold.
+        drop_cached(&p).unwrap();
+        assert!(cached_fraction(&p, HUGE_PAGE).unwrap() < 1.0);
+        assert_eq!(cached_fraction(&p, 4 * HUGE_PAGE), Some(1.0));
+        assert_eq!(cached_fraction(&p, 100), None);
+        let empty = dir.path().join("e.bin");
+        std::fs::write(&empty, []).unwrap();
+        assert_eq!(cached_fraction(&empty, 0), Some(1.0));
+        assert_eq!(cached_fraction(&dir.path().join("none"), 0), None);
     }
 
     /// Whatever the kernel does, the file's bytes read the same afterwards, and the count covers
