@@ -143,6 +143,12 @@ fn hex16(b: &[u8]) -> String {
     b[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where a file of `count` matrices' codings puts their data: past the header and the records,
+/// on the next 2 MiB boundary (the bytes between are a hole).
+fn data_start(count: usize) -> usize {
+    (HEADER + count * RECORD).next_multiple_of(HUGE_PAGE)
+}
+
 /// Reads a little-endian u64 at `at` of `b`, `None` past its end.
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(
@@ -166,7 +172,7 @@ fn open(
     // this process never reads again once coded) are dropped first to make room; pages another
     // process maps stay.
     // (The data's pages only: the file has a hole between its records and the data.)
-    let data = (HEADER + shapes.len() * RECORD).next_multiple_of(HUGE_PAGE);
+    let data = data_start(shapes.len());
     if super::page_cache::cached_fraction(path, data).is_some_and(|f| f < 1.0) {
         for f in checkpoint {
             let _ = super::page_cache::drop_cached(f);
@@ -277,8 +283,7 @@ fn write_to(
 ) -> std::io::Result<()> {
     let bad = |what: &str| std::io::Error::other(what.to_string());
     let mut f = std::fs::File::create(tmp)?;
-    let data_start = (HEADER + count * RECORD).next_multiple_of(HUGE_PAGE);
-    let mut at = data_start as u64;
+    let mut at = data_start(count) as u64;
     f.seek(SeekFrom::Start(at))?;
     let mut records = Vec::with_capacity(count * RECORD);
     // Side lists, written after the groups: (bands' starts, keys, high bytes) per matrix.
@@ -394,7 +399,7 @@ mod tests {
         let CacheUse::Written(path) = how else {
             panic!("{how:?}")
         };
-        let data = (HEADER + RECORD).next_multiple_of(HUGE_PAGE);
+        let data = data_start(1);
         assert_eq!(cached_fraction(&path, data), Some(1.0));
         assert_eq!(cached_fraction(&weights, 0), Some(1.0));
         let (_, how) = codings(&cache, &model, &files, &groups).unwrap();
