@@ -226,6 +226,30 @@ macro_rules! each_row {
     };
 }
 
+/// Asks for the row's group [`AHEAD`] bytes on (two lines), as the engine's decode does.
+///
+/// # Safety
+/// SSE present (every x86-64); a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    let ahead = p.wrapping_add(AHEAD);
+    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+}
+
+/// `acc` plus the products of the group's 64 values (low bytes `low`, high bytes `high`, by
+/// slot) with `x0` (values 0..32) and `x1` (32..64): the two interleaves put them in order.
+///
+/// # Safety
+/// AVX-512BW/BF16 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn summed(acc: __m512, low: __m512i, high: __m512i, x0: __m512bh, x1: __m512bh) -> __m512 {
+    let acc = _mm512_dpbf16_ps(acc, bh(_mm512_unpacklo_epi8(low, high)), x0);
+    _mm512_dpbf16_ps(acc, bh(_mm512_unpackhi_epi8(low, high)), x1)
+}
+
 /// The 32 bf16 in `v`, typed for `vdpbf16ps`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -254,19 +278,12 @@ unsafe fn sums4(c: &Coded4, x: &[u16], tiles: std::ops::Range<usize>, out: &mut 
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * CUR_BYTES);
-                    let ahead = p.wrapping_add(AHEAD);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                    prefetch(p);
                     let codes = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
                     let codes = _mm512_and_si512(_mm512_srlv_epi16(codes, shifts), nibble);
                     let high = _mm512_shuffle_epi8(table, codes);
                     let low = _mm512_loadu_si512(p.add(32).cast());
-                    let (v0, v1) = (
-                        _mm512_unpacklo_epi8(low, high),
-                        _mm512_unpackhi_epi8(low, high),
-                    );
-                    acc[$r] = _mm512_dpbf16_ps(acc[$r], bh(v0), x0);
-                    acc[$r] = _mm512_dpbf16_ps(acc[$r], bh(v1), x1);
+                    acc[$r] = summed(acc[$r], low, high, x0, x1);
                 }};
             }
             each_row!(row);
@@ -318,9 +335,7 @@ unsafe fn sums_pairs<const ESCAPES: bool>(
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * PAIR_BYTES);
-                    let ahead = p.wrapping_add(AHEAD);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                    prefetch(p);
                     let codes = _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast()));
                     let codes = _mm512_permutexvar_epi8(spread, codes);
                     let codes = _mm512_multishift_epi64_epi8(shifts, codes);
@@ -334,12 +349,7 @@ unsafe fn sums_pairs<const ESCAPES: bool>(
                         side = side.add(escaped.count_ones() as usize);
                     }
                     let low = _mm512_loadu_si512(p.add(24).cast());
-                    let (v0, v1) = (
-                        _mm512_unpacklo_epi8(low, high),
-                        _mm512_unpackhi_epi8(low, high),
-                    );
-                    acc[$r] = _mm512_dpbf16_ps(acc[$r], bh(v0), x0);
-                    acc[$r] = _mm512_dpbf16_ps(acc[$r], bh(v1), x1);
+                    acc[$r] = summed(acc[$r], low, high, x0, x1);
                 }};
             }
             each_row!(row);
