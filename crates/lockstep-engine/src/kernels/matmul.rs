@@ -217,29 +217,39 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs (found once: every product of a decode step asks).
     pub fn detect() -> Kernel {
-        *Kernel::available().last().unwrap()
+        static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *FASTEST.get_or_init(|| *Kernel::available().last().unwrap())
     }
 
     /// Every kernel this CPU runs, slowest first.
     pub fn available() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Portable];
+        [
+            Kernel::Portable,
+            Kernel::Avx2,
+            Kernel::Avx512,
+            Kernel::Avx512Bf16,
+            Kernel::Amx,
+        ]
+        .into_iter()
+        .filter(|k| k.runs_here())
+        .collect()
+    }
+
+    /// Whether this CPU runs this kernel (one of [`Kernel::available`], without making the list).
+    pub fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            k.push(Kernel::Avx2);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            k.push(Kernel::Avx512);
-            if avx512_bf16::available() {
-                k.push(Kernel::Avx512Bf16);
-            }
-            if amx::available() {
-                k.push(Kernel::Amx);
-            }
-        }
-        k
+        let x86 = match self {
+            Kernel::Portable => true,
+            Kernel::Avx2 => avx2::available(),
+            Kernel::Avx512 => avx512::available(),
+            Kernel::Avx512Bf16 => avx512::available() && avx512_bf16::available(),
+            Kernel::Amx => avx512::available() && amx::available(),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let x86 = self == Kernel::Portable;
+        x86
     }
 }
 
@@ -396,7 +406,7 @@ fn linear_min_n_many<T: Float>(
     products: &mut [Product<'_, T>],
 ) {
     assert!(
-        Kernel::available().contains(&kernel),
+        kernel.runs_here(),
         "{kernel:?} is not available on this CPU"
     );
     for p in products.iter_mut() {

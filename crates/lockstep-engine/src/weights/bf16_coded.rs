@@ -379,11 +379,13 @@ impl Bf16Coded {
     }
 
     /// Groups per row.
+    #[inline]
     pub fn groups(&self) -> usize {
         self.k.div_ceil(GROUP)
     }
 
     /// The rows of the tile holding row `r`: its first row and how many it has.
+    #[inline]
     pub fn tile(&self, r: usize) -> (usize, usize) {
         let first = r / TILE_ROWS * TILE_ROWS;
         (first, TILE_ROWS.min(self.m - first))
@@ -391,11 +393,13 @@ impl Bf16Coded {
 
     /// Bytes from a group of row `r` to the same row's next group (the tile's rows times
     /// [`GROUP_BYTES`]); within a group, the tile's rows are [`GROUP_BYTES`] apart.
+    #[inline]
     pub fn group_step(&self, r: usize) -> usize {
         self.tile(r).1 * GROUP_BYTES
     }
 
     /// Offset of group `g` of row `r` in the groups.
+    #[inline]
     fn offset(&self, r: usize, g: usize) -> usize {
         let (first, rows) = self.tile(r);
         first * self.groups() * GROUP_BYTES + (g * rows + r - first) * GROUP_BYTES
@@ -405,17 +409,25 @@ impl Bf16Coded {
     ///
     /// # Panics
     /// When `r >= m` or `g` is past the row's groups.
+    #[inline]
     pub fn group(&self, r: usize, g: usize) -> &[u8] {
         assert!(r < self.m && g < self.groups(), "group {g} of row {r}");
         &self.region[self.at.clone()][self.offset(r, g)..][..GROUP_BYTES]
     }
 
-    /// The start of group `g` of row `r` (as [`Bf16Coded::group`], for the kernels).
+    /// The start of group `g` of row `r` (as [`Bf16Coded::group`], for the kernels, which ask
+    /// at every tile: the bounds the construction checked are not checked again).
     ///
     /// # Panics
     /// As [`Bf16Coded::group`].
+    #[inline(always)]
     pub fn group_ptr(&self, r: usize, g: usize) -> *const u8 {
-        self.group(r, g).as_ptr()
+        assert!(r < self.m && g < self.groups(), "group {g} of row {r}");
+        // In bounds: `at` lies inside the region and holds every row's groups (checked when
+        // the coding was made), and `offset` of a valid group is below `at.len()`.
+        let at = self.at.start + self.offset(r, g);
+        debug_assert!(at + GROUP_BYTES <= self.at.end);
+        self.region.as_ptr().wrapping_add(at)
     }
 
     /// Whether any row of the tile holding row `r` has an escaped value in group `g`.
@@ -1004,6 +1016,19 @@ mod tests {
         }
         for r in 0..3 {
             assert_eq!(cb.decode_row(r), b_bits[r * 5..(r + 1) * 5], "b row {r}");
+        }
+        // The kernels' pointers are the groups' own, the second matrix's and a short last
+        // tile's included.
+        for (c, m) in [(ca, 9), (cb, 3)] {
+            for r in 0..m {
+                for g in 0..c.groups() {
+                    assert_eq!(
+                        c.group_ptr(r, g),
+                        c.group(r, g).as_ptr(),
+                        "row {r} group {g}"
+                    );
+                }
+            }
         }
         // Through tensors: a clone shares its original's coding, made once.
         let a2 = a.clone();
