@@ -28,8 +28,8 @@
 //! Measured on a 2-core AMD EPYC Zen 5 (2026-12-05, README): in L2, one thread, 98-102
 //! Gvalues/s (4-bit) against 53-57 (pairs; 89-94 without the escapes' expand, which is where the
 //! time goes); streamed on two threads, pairs 0.96× the 4-bit coding's values a second where the
-//! memory streamed ~77 GB/s, 0.99× (1.02-1.07× in another run) at ~50 GB/s, 0.99× at ~40: the
-//! bytes they save are not time saved.
+//! memory streamed ~77 GB/s, 0.99× at ~50 GB/s (1.02-1.07× in an earlier version of this
+//! harness), 0.99× at ~40: the bytes they save are not time saved.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

@@ -240,16 +240,17 @@ impl Kernel {
     /// Whether this CPU runs this kernel (one of [`Kernel::available`], without making the list).
     pub fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        let x86 = match self {
+        let runs = match self {
             Kernel::Portable => true,
             Kernel::Avx2 => avx2::available(),
             Kernel::Avx512 => avx512::available(),
-            Kernel::Avx512Bf16 => avx512::available() && avx512_bf16::available(),
+            // (It checks AVX-512F/BW/VL itself.)
+            Kernel::Avx512Bf16 => avx512_bf16::available(),
             Kernel::Amx => avx512::available() && amx::available(),
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let x86 = self == Kernel::Portable;
-        x86
+        let runs = self == Kernel::Portable;
+        runs
     }
 }
 
