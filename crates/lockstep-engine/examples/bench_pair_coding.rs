@@ -34,30 +34,21 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use lockstep_engine::weights::bf16_coded::{slot, value_in_slot, GROUP, GROUP_BYTES, TILE_ROWS};
+
 /// Columns (the 0.5B shape's hidden size) and 64-value groups a row.
 const K: usize = 896;
-const GROUPS: usize = K / 64;
-/// Rows of a tile, whose groups are stored interleaved (as the engine's coding).
-const TILE: usize = 8;
-/// Bytes of a row's group: 4-bit (32 of codes, 64 low) and pair (24 of codes, 64 low) codings.
-const CUR_BYTES: usize = 96;
+const GROUPS: usize = K / GROUP;
+/// Rows of a tile, whose groups are stored interleaved (the engine's coding's).
+const TILE: usize = TILE_ROWS;
+/// Bytes of a row's group: 4-bit (the engine's: 32 of codes, 64 low) and pair (24 of codes, 64
+/// low) codings.
+const CUR_BYTES: usize = GROUP_BYTES;
 const PAIR_BYTES: usize = 88;
 /// Pair code meaning "in the side list".
 const PAIR_ESCAPE: usize = 63;
-/// How far ahead the kernels prefetch (the engine's `PREFETCH_AHEAD`).
+/// How far ahead the kernels prefetch (the engine's decode kernels' distance).
 const AHEAD: usize = 8 << 10;
-
-/// The slot of a group's value `j` (the engine's `bf16_coded::slot`).
-const fn slot(j: usize) -> usize {
-    let (half, r) = (j / 32, j % 32);
-    r / 8 * 16 + half * 8 + r % 8
-}
-
-/// The value in a group's slot `q` (the inverse of [`slot`]).
-const fn value_in_slot(q: usize) -> usize {
-    let (lane, i) = (q / 16, q % 16);
-    i / 8 * 32 + lane * 8 + i % 8
-}
 
 /// `len` values from a 64-bit LCG, uniform in `[0, 1)`.
 fn uniform(len: usize, seed: u64) -> Vec<f64> {
@@ -114,8 +105,8 @@ fn code4(w: &mut [u16], rows: usize) -> Coded4 {
     for row in 0..rows {
         for g in 0..GROUPS {
             let o = ((row / TILE * GROUPS + g) * TILE + row % TILE) * CUR_BYTES;
-            for j in 0..64 {
-                let (v, s) = (w[row * K + g * 64 + j], slot(j));
+            for j in 0..GROUP {
+                let (v, s) = (w[row * K + g * GROUP + j], slot(j));
                 let c = code[(v >> 8) as usize];
                 data[o + s % 32] |= if s < 32 { c } else { c << 4 };
                 data[o + 32 + s] = v as u8;
@@ -137,7 +128,7 @@ struct CodedPairs {
 
 /// The values of slots `2i` and `2i + 1` of group `g` of `row`.
 fn pair(w: &[u16], row: usize, g: usize, i: usize) -> (u16, u16) {
-    let at = row * K + g * 64;
+    let at = row * K + g * GROUP;
     (
         w[at + value_in_slot(2 * i)],
         w[at + value_in_slot(2 * i + 1)],
@@ -273,8 +264,8 @@ unsafe fn sums4(c: &Coded4, x: &[u16], tiles: std::ops::Range<usize>, out: &mut 
         let mut acc = [_mm512_setzero_ps(); TILE];
         let tile = c.data.as_ptr().add(t * GROUPS * TILE * CUR_BYTES);
         for g in 0..GROUPS {
-            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * 64).cast()));
-            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * 64 + 32).cast()));
+            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP).cast()));
+            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP + 32).cast()));
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * CUR_BYTES);
@@ -330,8 +321,8 @@ unsafe fn sums_pairs<const ESCAPES: bool>(
         let tile = c.data.as_ptr().add(t * GROUPS * TILE * PAIR_BYTES);
         let mut side = c.side.as_ptr().add(c.side_at[t]);
         for g in 0..GROUPS {
-            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * 64).cast()));
-            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * 64 + 32).cast()));
+            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP).cast()));
+            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP + 32).cast()));
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * PAIR_BYTES);
