@@ -181,7 +181,7 @@ class LlamaCpp:
         tok_s = run()
         self.last_bandwidth = max(before, read_bandwidth())
         self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: bandwidth {self.last_bandwidth / 1e9:.1f} GB/s, "
-                          f"{100 * tok_s * self.read_bytes / self.last_bandwidth:.0f}% read")
+                          f"{100 * tok_s * self.read_bytes / self.last_bandwidth:.1f}% read")
         return tok_s
 
 
@@ -200,7 +200,7 @@ class Lockstep:
         v = lockstep_run(self.model, self.dtype, max(depth, DECODE_PROMPT), steps + 1, self.env)
         self.notes.append(f"decode @{max(depth, DECODE_PROMPT)}: {v['anon_huge_page_bytes'] / 1e9:.2f} GB in 2 MiB "
                           f"pages, bandwidth {v['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-                          f"{100 * v['bandwidth_fraction']:.0f}% read")
+                          f"{100 * v['bandwidth_fraction']:.1f}% read")
         self.last_bandwidth = v["read_bandwidth_bytes_per_s"]
         return v["decode_tok_s"]
 
