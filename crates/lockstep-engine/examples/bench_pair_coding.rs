@@ -241,6 +241,32 @@ unsafe fn summed(acc: __m512, low: __m512i, high: __m512i, x0: __m512bh, x1: __m
     _mm512_dpbf16_ps(acc, bh(_mm512_unpackhi_epi8(low, high)), x1)
 }
 
+/// Group `g`'s 64 activations as two vectors of 32 bf16 (values 0..32 and 32..64).
+///
+/// # Safety
+/// AVX-512F present; `x` holds group `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn activations(x: &[u16], g: usize) -> (__m512bh, __m512bh) {
+    let at = x.as_ptr().add(g * GROUP);
+    (
+        bh(_mm512_loadu_si512(at.cast())),
+        bh(_mm512_loadu_si512(at.add(32).cast())),
+    )
+}
+
+/// Each row's sum: the lanes of its accumulator added, into `out`.
+///
+/// # Safety
+/// AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_sums(out: &mut [f32], acc: [__m512; TILE]) {
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(a);
+    }
+}
+
 /// The 32 bf16 in `v`, typed for `vdpbf16ps`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -264,8 +290,7 @@ unsafe fn sums4(c: &Coded4, x: &[u16], tiles: std::ops::Range<usize>, out: &mut 
         let mut acc = [_mm512_setzero_ps(); TILE];
         let tile = c.data.as_ptr().add(t * GROUPS * TILE * CUR_BYTES);
         for g in 0..GROUPS {
-            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP).cast()));
-            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP + 32).cast()));
+            let (x0, x1) = activations(x, g);
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * CUR_BYTES);
@@ -279,9 +304,7 @@ unsafe fn sums4(c: &Coded4, x: &[u16], tiles: std::ops::Range<usize>, out: &mut 
             }
             each_row!(row);
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = _mm512_reduce_add_ps(a);
-        }
+        store_sums(out, acc);
     }
 }
 
@@ -321,8 +344,7 @@ unsafe fn sums_pairs<const ESCAPES: bool>(
         let tile = c.data.as_ptr().add(t * GROUPS * TILE * PAIR_BYTES);
         let mut side = c.side.as_ptr().add(c.side_at[t]);
         for g in 0..GROUPS {
-            let x0: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP).cast()));
-            let x1: __m512bh = bh(_mm512_loadu_si512(x.as_ptr().add(g * GROUP + 32).cast()));
+            let (x0, x1) = activations(x, g);
             macro_rules! row {
                 ($r:literal) => {{
                     let p = tile.add((g * TILE + $r) * PAIR_BYTES);
@@ -345,9 +367,7 @@ unsafe fn sums_pairs<const ESCAPES: bool>(
             }
             each_row!(row);
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = _mm512_reduce_add_ps(a);
-        }
+        store_sums(out, acc);
     }
 }
 
@@ -405,16 +425,15 @@ impl Matrix {
     }
 }
 
-/// Both codings of a random `rows × K` matrix, checked against plain sums of its values.
+/// Both codings of `w` (`rows × K` bf16 bits), checked against plain sums of its values.
 #[cfg(target_arch = "x86_64")]
-fn matrix(rows: usize, x: &[u16], seed: u64) -> Matrix {
-    let w = weights(rows, seed);
-    let pairs = code_pairs(&w, rows);
-    let mut moved = w.clone();
+fn matrix(w: &[u16], rows: usize, x: &[u16]) -> Matrix {
+    let pairs = code_pairs(w, rows);
+    let mut moved = w.to_vec();
     let four = code4(&mut moved, rows);
     let m = Matrix { rows, four, pairs };
     let mut out = vec![0f32; rows];
-    for (run, w) in [(Run::Four, &moved), (Run::Pairs, &w)] {
+    for (run, w) in [(Run::Four, &moved[..]), (Run::Pairs, w)] {
         m.time(run, x, &mut out, 2);
         let want = plain_sums(w, x, rows);
         let off = (out.iter().zip(&want))
@@ -468,7 +487,7 @@ fn main() {
         ("pairs, escapes not read", Run::PairsWithoutEscapes),
     ];
 
-    let small = matrix(64, &x, 5);
+    let small = matrix(&weights(64, 5), 64, &x);
     let mut out = vec![0f32; small.rows];
     println!("64x{K} (in L2), one thread, medians of 5 rounds of 20,000 products:");
     for (name, run) in runs {
@@ -487,7 +506,8 @@ fn main() {
         );
     }
 
-    let big = matrix(rows, &x, 9);
+    let big_weights = weights(rows, 9);
+    let big = matrix(&big_weights, rows, &x);
     let escaped = (big.pairs.side.len() - 64) / 2;
     println!(
         "{rows}x{K}: 4-bit {:.0} MB, pairs {:.0} MB with a {:.1} MB side list ({:.2}% of pairs escaped)",
@@ -498,10 +518,7 @@ fn main() {
     );
     // The engine's own product on its coding of the same values, as a check on the harness.
     let engine = {
-        let bytes: Vec<u8> = weights(rows, 9)
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = (big_weights.iter()).flat_map(|v| v.to_le_bytes()).collect();
         let t = lockstep_engine::weights::Tensor::from_bytes(
             lockstep_engine::weights::StoredDtype::BF16,
             vec![rows, K],
