@@ -351,7 +351,7 @@ fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut
     assert_eq!(x.len(), n * k, "linear_swiglu: input length");
     assert_eq!(act.len(), n * m, "linear_swiglu: output length");
     let p = amx::Packed::new(xf, n, k);
-    let per = task_rows(m, 2 * k * 2);
+    let per = task_rows(m, 2 * k * 2, AMX_TASKS_PER_THREAD);
     let dst = crate::team::SendPtr(out);
     crate::team::for_each(m.div_ceil(per), |t| {
         let rows = t * per..((t + 1) * per).min(m);
@@ -519,9 +519,16 @@ fn linear_min_n_many<T: Float>(
         let next = None;
         shares::Shares::new(&sizes, rayon::current_num_threads(), next).run(run);
     } else {
+        #[cfg(target_arch = "x86_64")]
+        let per_thread = match packed {
+            Some(_) => AMX_TASKS_PER_THREAD,
+            None => TASKS_PER_THREAD,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let per_thread = TASKS_PER_THREAD;
         let tasks: Vec<(usize, std::ops::Range<usize>)> = (sizes.iter().enumerate())
             .flat_map(|(i, &(m, bytes))| {
-                let per = task_rows(m, bytes);
+                let per = task_rows(m, bytes, per_thread);
                 (0..m.div_ceil(per)).map(move |t| (i, t * per..((t + 1) * per).min(m)))
             })
             .collect();
@@ -548,11 +555,12 @@ fn replacing_coding(w: &Tensor) -> Option<&crate::weights::bf16_coded::Bf16Coded
 }
 
 /// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
-/// products split their rows by [`shares`]): [`TASKS_PER_THREAD`] tasks per thread (load
-/// balance) of at least ~64 KiB of weights (to amortize scheduling), a multiple of the 16-row
-/// AMX tiles (and of the 4-row AVX-512 ones).
-fn task_rows(m: usize, row_bytes: usize) -> usize {
-    let balanced = m.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads());
+/// products split their rows by [`shares`]): `per_thread` tasks per thread (load balance;
+/// [`TASKS_PER_THREAD`], or [`AMX_TASKS_PER_THREAD`] on AMX tiles) of at least ~64 KiB of
+/// weights (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the 4-row
+/// AVX-512 ones).
+fn task_rows(m: usize, row_bytes: usize, per_thread: usize) -> usize {
+    let balanced = m.div_ceil(per_thread * rayon::current_num_threads());
     let min = (64usize << 10).div_ceil(row_bytes.max(1));
     balanced.max(min).next_multiple_of(16)
 }
@@ -567,8 +575,20 @@ fn task_rows(m: usize, row_bytes: usize) -> usize {
 /// at 128 (30 rounds); at 2048, against 4, 2 took 1.03×, 1 1.02×, 8 1.05× (8 rounds); at 512,
 /// against 8, 3 took 1.01×, 1 1.00×, 16 1.02-1.03×. A batch's decode (`lockstep bench --batch`,
 /// three pairs in turns): 4 rows 143.5, 165.0, 164.2 → 159.3, 173.8, 165.6 tok/s, 8 rows 242.8,
-/// 242.2, 241.8 → 241.6, 253.1, 256.7. (Not measured on a CPU whose prefill runs on AMX tiles.)
+/// 242.2, 241.8 → 241.6, 253.1, 256.7. On AMX tiles: [`AMX_TASKS_PER_THREAD`].
 const TASKS_PER_THREAD: usize = 4;
+
+/// [`TASKS_PER_THREAD`] for the products that run on AMX tiles (`amx::sums`,
+/// `amx::swiglu_sums`). Each task passes every token pair's packed activations over all of its
+/// rows' weights, so a task whose weights do not stay in L2 beside them reads its weights
+/// again from further out for every pair of token groups: the 0.5B shape's gate and up rows of
+/// a four-task share are 2.2 MB, of an eight-task share 1.1 MB (2 MiB of L2 a core here).
+/// Whole 0.5B-shape bf16 prefills, 2 cores of an Intel Xeon with AMX (2026-12-05,
+/// `prefill_profile`, the counts in turns): 8 against 4 took 0.86-0.95× the time at 512 tokens
+/// (7 rounds; the gate/up/SwiGLU step 0.82-0.96×), 0.83-0.92× at 128 (2), 0.90-0.94× at 2048
+/// (2); 16 and 32 made the down product slower again at 512 (1.07-1.23× and 1.39-1.57× the
+/// time of 8 on it, 3 rounds).
+const AMX_TASKS_PER_THREAD: usize = 8;
 
 /// The output `[n][m]` shared by the tasks, each writing its own rows.
 #[derive(Clone, Copy)]
@@ -1487,8 +1507,17 @@ pub(crate) mod tests {
                         .map(|&v| T::from_f64(30.0 * v as f64).to_act_dtype())
                         .collect();
                     x[(n / 2) * k + 3] = T::from_f64(f64::NAN);
-                    let (mut act, mut up_out) = (vec![T::ZERO; n * m], vec![T::ZERO; n * m]);
+                    // NaN where nothing was written, so an output left out shows.
+                    let nan = T::from_f64(f64::NAN);
+                    let (mut act, mut up_out) = (vec![nan; n * m], vec![T::ZERO; n * m]);
                     linear_swiglu(&x, n, &gate, &up, &mut act, &mut up_out);
+                    for (t, row) in act.chunks_exact(m).enumerate() {
+                        assert!(
+                            t == n / 2 || row.iter().all(|v| v.to_f64().is_finite()),
+                            "{:?} k={k} m={m} n={n}: token {t} has an output not written",
+                            T::PRECISION
+                        );
+                    }
                     let (mut g, mut u) = (vec![T::ZERO; n * m], vec![T::ZERO; n * m]);
                     linear(&x, n, &gate, None, &mut g);
                     linear(&x, n, &up, None, &mut u);

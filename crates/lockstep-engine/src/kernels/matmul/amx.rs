@@ -13,6 +13,8 @@
 //! - C: `[16 weight rows][16 tokens]` f32, transposed in registers and written as each token's
 //!   16 consecutive outputs into `out[tok][row]`, finished on the way ([`Finish`]: for a bf16
 //!   linear, the bias added and the sum rounded to bf16, so no second pass reads them back).
+//!   A block's C tiles are stored when its steps end and finished by the next block, before
+//!   its last steps, so that this vector work runs while tiles work ([`Pending`]).
 //!   Those outputs' cache lines are asked for with write intent (`prefetchw`) while the block's
 //!   tiles work, spread over its `k` steps: the stores no longer wait for each line to arrive
 //!   (0.5B shape, 512 tokens, alternating with the build before: the gate product 4.4-5.0 ms →
@@ -314,19 +316,22 @@ pub(super) unsafe fn sums_strided(
     // as 32 tokens' rows growing line by line (rows outside: 0.5B gate product of 512 tokens
     // 6.2 -> 5.3 ms, down 4.0 -> 3.3).
     let groups = n.div_ceil(T16);
+    let mut pending = Pending::new(Target { n, m, out, finish });
     for g in (0..groups).step_by(2) {
         for rt in (0..tiles).step_by(2) {
             let j = rows.start + rt * T16;
             let a0 = w.as_ptr().add(j * wrow);
             let a = ([a0, a0.wrapping_add(T16 * wrow)], wrow);
+            let pd = &mut pending;
             match (tiles - rt >= 2, groups - g >= 2) {
-                (true, true) => block::<2, 2>(p, n, k, a, m, j, g, out, finish),
-                (true, false) => block::<2, 1>(p, n, k, a, m, j, g, out, finish),
-                (false, true) => block::<1, 2>(p, n, k, a, m, j, g, out, finish),
-                (false, false) => block::<1, 1>(p, n, k, a, m, j, g, out, finish),
+                (true, true) => block::<2, 2>(p, n, k, a, m, j, g, out, pd),
+                (true, false) => block::<2, 1>(p, n, k, a, m, j, g, out, pd),
+                (false, true) => block::<1, 2>(p, n, k, a, m, j, g, out, pd),
+                (false, false) => block::<1, 1>(p, n, k, a, m, j, g, out, pd),
             }
         }
     }
+    pending.finish();
     asm!("tilerelease", options(nomem, nostack, preserves_flags));
     rows.start + tiles * T16..rows.end
 }
@@ -357,6 +362,8 @@ pub(super) unsafe fn swiglu_sums(
     let tiles = (rows.end - rows.start) / T16;
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
     let groups = n.div_ceil(T16);
+    let finish = Finish::SwiGlu;
+    let mut pending = Pending::new(Target { n, m, out, finish });
     for g in (0..groups).step_by(2) {
         for rt in 0..tiles {
             let j = rows.start + rt * T16;
@@ -364,25 +371,28 @@ pub(super) unsafe fn swiglu_sums(
                 [gate.as_ptr().add(j * k * 2), up.as_ptr().add(j * k * 2)],
                 k * 2,
             );
-            let finish = Finish::SwiGlu;
+            let pd = &mut pending;
             match groups - g >= 2 {
-                true => block::<2, 2>(p, n, k, a, m, j, g, out, finish),
-                false => block::<2, 1>(p, n, k, a, m, j, g, out, finish),
+                true => block::<2, 2>(p, n, k, a, m, j, g, out, pd),
+                false => block::<2, 1>(p, n, k, a, m, j, g, out, pd),
             }
         }
     }
+    pending.finish();
     asm!("tilerelease", options(nomem, nostack, preserves_flags));
     rows.start + tiles * T16..rows.end
 }
 
-/// `R` row tiles × `N` token groups from group `g`, over all of `k`, into `out`: row tile `r`
-/// is the 16 weight rows from `a.0[r]`, `a.1` bytes apart. For every finish but
-/// [`Finish::SwiGlu`] they are rows `j..j + 16R` of one matrix, and their outputs go to those
-/// rows; for [`Finish::SwiGlu`] they are the gate's and the up's rows `j..j + 16`, whose
-/// outputs go to rows `j..j + 16`.
+/// `R` row tiles × `N` token groups from group `g`, over all of `k`: row tile `r` is the 16
+/// weight rows from `a.0[r]`, `a.1` bytes apart. For every finish but [`Finish::SwiGlu`] they
+/// are rows `j..j + 16R` of one matrix, and their outputs go to those rows; for
+/// [`Finish::SwiGlu`] they are the gate's and the up's rows `j..j + 16`, whose outputs go to
+/// rows `j..j + 16`. The block's sums are left in `pending` for the next block (or the caller,
+/// after the last) to finish; the previous block's are finished here ([`Pending`]).
 ///
 /// # Safety
-/// As [`sums`], with the tile configuration loaded; the `R` row tiles exist.
+/// As [`sums`], with the tile configuration loaded; the `R` row tiles exist; `pending`'s
+/// target is `out` (`[n][m]`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<const R: usize, const N: usize>(
@@ -394,9 +404,9 @@ unsafe fn block<const R: usize, const N: usize>(
     j: usize,
     g: usize,
     out: *mut f32,
-    finish: Finish<'_>,
+    pending: &mut Pending<'_>,
 ) {
-    let swiglu = matches!(finish, Finish::SwiGlu);
+    let swiglu = matches!(pending.target.finish, Finish::SwiGlu);
     zero::<0>();
     zero::<1>();
     zero::<2>();
@@ -409,6 +419,9 @@ unsafe fn block<const R: usize, const N: usize>(
     // block (of `16N`) at chunk `tok·chunks / 16N`, so the stores below do not wait for them.
     let tokens = (N * T16).min(n.saturating_sub(g * T16));
     let mut next = 0;
+    // The previous block's sums are finished after step `finish_at` is issued, while it and
+    // the last [`FINISH_AHEAD`] steps work.
+    let finish_at = p.chunks.saturating_sub(FINISH_AHEAD + 1);
     for c in 0..p.chunks {
         while next < tokens && next * p.chunks < (c + 1) * (N * T16) {
             let line = out.add((g * T16 + next) * m + j).cast::<i8>();
@@ -443,101 +456,179 @@ unsafe fn block<const R: usize, const N: usize>(
                 dot::<3, 5, 7>();
             }
         }
+        if c == finish_at {
+            pending.finish();
+        }
     }
-    if swiglu {
-        return swiglu_epilogue::<N>(n, m, j, g, out);
+    // (Already done in the loop unless `k` is empty.)
+    pending.finish();
+    // C tile (r, t) is tmm(2r + t); for SwiGLU the gate's token groups are tmm0 and tmm1, the
+    // up's tmm2 and tmm3.
+    let c = pending.c.as_mut_ptr();
+    store::<0>(c.add(0).cast(), ROW);
+    if N == 2 {
+        store::<1>(c.add(1).cast(), ROW);
     }
-    // C tile (r, t) is tmm(2r + t): [16 rows][16 tokens] f32, transposed in registers and
-    // written as each token's 16 consecutive outputs.
-    let mut c = [[0f32; T16]; T16];
-    for r in 0..R {
-        for t in 0..N {
-            let cp = c.as_mut_ptr().cast::<u8>();
-            match (r, t) {
-                (0, 0) => store::<0>(cp, ROW),
-                (0, _) => store::<1>(cp, ROW),
-                (_, 0) => store::<2>(cp, ROW),
-                _ => store::<3>(cp, ROW),
+    if R == 2 {
+        store::<2>(c.add(2).cast(), ROW);
+        if N == 2 {
+            store::<3>(c.add(3).cast(), ROW);
+        }
+    }
+    pending.block = Some(Done { r: R, n: N, j, g });
+}
+
+/// How many of a block's `k` steps are issued after the previous block's finish ([`Pending`],
+/// which comes right after the step before them). 0.5B shape, 512 tokens, 2 cores of an Intel
+/// Xeon with AMX (2026-12-05, `prefill_profile`, builds in turns): the gate/up/SwiGLU step
+/// 204-214 ms a pass against 223-232 with the finish at each block's end (4 rounds); with the
+/// finish spread over the next block's steps instead (a C tile or a token group between two
+/// steps) 254-278 against 201-228 (3 rounds): the tiles then wait for the vector work.
+const FINISH_AHEAD: usize = 2;
+
+/// Where a product's outputs go and how they are finished (one per [`sums_strided`] or
+/// [`swiglu_sums`] call).
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    /// Tokens.
+    n: usize,
+    /// Outputs per token.
+    m: usize,
+    /// `[n][m]` outputs.
+    out: *mut f32,
+    finish: Finish<'a>,
+}
+
+/// Which block's sums [`Pending`] holds: `r` row tiles × `n` token groups from row `j` and
+/// token group `g`.
+#[derive(Clone, Copy)]
+struct Done {
+    r: usize,
+    n: usize,
+    j: usize,
+    g: usize,
+}
+
+/// One block's sums, stored from the C tiles at its end, waiting to be finished and written
+/// out. The finish (a 16 × 16 transpose per C tile, the bias and bf16 rounding, SwiGLU's exps
+/// and division) is vector work that would otherwise stand between one block's last
+/// `tdpbf16ps` and the next block's first: the next block does it before issuing its last
+/// [`FINISH_AHEAD`] steps ([`block`]), so it runs while the tiles work. Each output is
+/// finished by the same operations as before, so the bits are unchanged.
+#[repr(C, align(64))]
+struct Pending<'a> {
+    /// The C tiles as stored: tile `i` at `c[i]`, `[16 rows][16 tokens]` f32.
+    c: [[[f32; T16]; T16]; 4],
+    target: Target<'a>,
+    /// The block whose sums `c` holds, if they are still to be finished.
+    block: Option<Done>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(target: Target<'a>) -> Self {
+        Pending {
+            c: [[[0.0; T16]; T16]; 4],
+            target,
+            block: None,
+        }
+    }
+
+    /// Finishes the held block's sums (if any) and writes its outputs.
+    ///
+    /// # Safety
+    /// AVX-512F/BW present; the target's outputs of the held block are valid and nobody
+    /// else's.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn finish(&mut self) {
+        let Some(b) = self.block.take() else { return };
+        let Target { n, m, out, finish } = self.target;
+        if let Finish::SwiGlu = finish {
+            // Token group `g + t`: the gate's sums in tile t, the up's in tile 2 + t.
+            for t in 0..b.n {
+                swiglu_epilogue(&self.c[t], &self.c[2 + t], n, m, b.j, b.g + t, out);
             }
-            let (j0, t0) = (j + r * T16, (g + t) * T16);
-            // (A loop, not `array::from_fn`: a closure may not be inlined into this function's
-            // AVX-512 context.)
-            let mut v = [_mm512_setzero_si512(); T16];
-            for (v, c) in v.iter_mut().zip(&c) {
-                *v = _mm512_loadu_si512(c.as_ptr().cast());
-            }
-            transpose16(&mut v);
-            let bias = match finish {
-                Finish::Bf16 { bias: Some(b) } => Some(_mm512_loadu_ps(b[j0..j0 + T16].as_ptr())),
-                _ => None,
-            };
-            for (tok, v) in v.iter().enumerate().take(T16.min(n.saturating_sub(t0))) {
-                let v = match (finish, bias) {
-                    (Finish::Raw, _) => _mm512_castsi512_ps(*v),
-                    (Finish::Bf16 { .. }, None) => round_bf16_x16(_mm512_castsi512_ps(*v)),
-                    (Finish::Bf16 { .. }, Some(b)) => {
-                        round_bf16_x16(_mm512_add_ps(_mm512_castsi512_ps(*v), b))
+            return;
+        }
+        // C tile (r, t) is tile 2r + t.
+        for r in 0..b.r {
+            for t in 0..b.n {
+                let (j0, t0) = (b.j + r * T16, (b.g + t) * T16);
+                // (A loop, not `array::from_fn`: a closure may not be inlined into this
+                // function's AVX-512 context.)
+                let mut v = [_mm512_setzero_si512(); T16];
+                for (v, c) in v.iter_mut().zip(&self.c[2 * r + t]) {
+                    *v = _mm512_loadu_si512(c.as_ptr().cast());
+                }
+                transpose16(&mut v);
+                let bias = match finish {
+                    Finish::Bf16 { bias: Some(b) } => {
+                        Some(_mm512_loadu_ps(b[j0..j0 + T16].as_ptr()))
                     }
-                    (Finish::SwiGlu, _) => unreachable!("finished above"),
+                    _ => None,
                 };
-                _mm512_storeu_ps(out.add((t0 + tok) * m + j0), v);
+                for (tok, v) in v.iter().enumerate().take(T16.min(n.saturating_sub(t0))) {
+                    let v = match (finish, bias) {
+                        (Finish::Raw, _) => _mm512_castsi512_ps(*v),
+                        (Finish::Bf16 { .. }, None) => round_bf16_x16(_mm512_castsi512_ps(*v)),
+                        (Finish::Bf16 { .. }, Some(b)) => {
+                            round_bf16_x16(_mm512_add_ps(_mm512_castsi512_ps(*v), b))
+                        }
+                        (Finish::SwiGlu, _) => unreachable!("finished above"),
+                    };
+                    _mm512_storeu_ps(out.add((t0 + tok) * m + j0), v);
+                }
             }
         }
     }
 }
 
-/// [`block`]'s end for [`Finish::SwiGlu`]: C tiles 0, 1 hold the gate's sums of token groups
-/// `g`, `g + 1` (`[16 rows][16 tokens]`), tiles 2, 3 the up's. Per token group, both tiles are
-/// transposed in registers; the gates rounded to bf16, their negatives' exps taken by
-/// [`crate::kernels::expf::exp_in_place`] (the scalar `f32::exp`'s bits), then per token
-/// `silu = round(g / (1 + e))`, `out = round(silu · round(u))`: the operations of
-/// [`crate::kernels::activation::silu_mul_in_place`] in the same order, sixteen lanes at once.
+/// [`Finish::SwiGlu`] of one token group `g`: `gate` and `up` its `[16 rows][16 tokens]` sums
+/// (rows `j..j + 16`). Both are transposed in registers; the gates rounded to bf16, their
+/// negatives' exps taken by [`crate::kernels::expf::exp_in_place`] (the scalar `f32::exp`'s
+/// bits), then per token `silu = round(g / (1 + e))`, `out = round(silu · round(u))`: the
+/// operations of [`crate::kernels::activation::silu_mul_in_place`] in the same order, sixteen
+/// lanes at once.
 ///
 /// # Safety
-/// As [`swiglu_sums`], tiles 0-3 holding the block's sums.
+/// AVX-512F/BW present; `out` is `[n][m]` and its rows `j..j + 16` of the group's tokens are
+/// nobody else's.
 #[inline(always)]
-unsafe fn swiglu_epilogue<const N: usize>(n: usize, m: usize, j: usize, g: usize, out: *mut f32) {
+unsafe fn swiglu_epilogue(
+    gate: &[[f32; T16]; T16],
+    up: &[[f32; T16]; T16],
+    n: usize,
+    m: usize,
+    j: usize,
+    g: usize,
+    out: *mut f32,
+) {
     use std::arch::x86_64::{_mm512_castps_si512, _mm512_storeu_si512, _mm512_xor_si512};
     use std::arch::x86_64::{_mm512_div_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps};
-    let (mut cg, mut cu) = ([[0f32; T16]; T16], [[0f32; T16]; T16]);
-    for t in 0..N {
-        let t0 = (g + t) * T16;
-        let tokens = T16.min(n.saturating_sub(t0));
-        let (gp, up) = (cg.as_mut_ptr().cast::<u8>(), cu.as_mut_ptr().cast::<u8>());
-        match t {
-            0 => {
-                store::<0>(gp, ROW);
-                store::<2>(up, ROW);
-            }
-            _ => {
-                store::<1>(gp, ROW);
-                store::<3>(up, ROW);
-            }
-        }
-        let (mut vg, mut vu) = ([_mm512_setzero_si512(); T16], [_mm512_setzero_si512(); T16]);
-        for i in 0..T16 {
-            vg[i] = _mm512_loadu_si512(cg[i].as_ptr().cast());
-            vu[i] = _mm512_loadu_si512(cu[i].as_ptr().cast());
-        }
-        transpose16(&mut vg);
-        transpose16(&mut vu);
-        // Each token's 16 gates rounded; their negatives (the sign bit flipped, as `-g`).
-        let mut e = [[0f32; T16]; T16];
-        let sign = _mm512_set1_epi32(i32::MIN);
-        for (v, e) in vg.iter_mut().zip(e.iter_mut()).take(tokens) {
-            *v = _mm512_castps_si512(round_bf16_x16(_mm512_castsi512_ps(*v)));
-            _mm512_storeu_si512(e.as_mut_ptr().cast(), _mm512_xor_si512(*v, sign));
-        }
-        crate::kernels::expf::exp_in_place(&mut e.as_flattened_mut()[..tokens * T16]);
-        let one = _mm512_set1_ps(1.0);
-        for tok in 0..tokens {
-            let gate = _mm512_castsi512_ps(vg[tok]);
-            let ex = _mm512_loadu_ps(e[tok].as_ptr());
-            let silu = round_bf16_x16(_mm512_div_ps(gate, _mm512_add_ps(one, ex)));
-            let up = round_bf16_x16(_mm512_castsi512_ps(vu[tok]));
-            let v = round_bf16_x16(_mm512_mul_ps(silu, up));
-            _mm512_storeu_ps(out.add((t0 + tok) * m + j), v);
-        }
+    let t0 = g * T16;
+    let tokens = T16.min(n.saturating_sub(t0));
+    let (mut vg, mut vu) = ([_mm512_setzero_si512(); T16], [_mm512_setzero_si512(); T16]);
+    for i in 0..T16 {
+        vg[i] = _mm512_loadu_si512(gate[i].as_ptr().cast());
+        vu[i] = _mm512_loadu_si512(up[i].as_ptr().cast());
+    }
+    transpose16(&mut vg);
+    transpose16(&mut vu);
+    // Each token's 16 gates rounded; their negatives (the sign bit flipped, as `-g`).
+    let mut e = [[0f32; T16]; T16];
+    let sign = _mm512_set1_epi32(i32::MIN);
+    for (v, e) in vg.iter_mut().zip(e.iter_mut()).take(tokens) {
+        *v = _mm512_castps_si512(round_bf16_x16(_mm512_castsi512_ps(*v)));
+        _mm512_storeu_si512(e.as_mut_ptr().cast(), _mm512_xor_si512(*v, sign));
+    }
+    crate::kernels::expf::exp_in_place(&mut e.as_flattened_mut()[..tokens * T16]);
+    let one = _mm512_set1_ps(1.0);
+    for tok in 0..tokens {
+        let gate = _mm512_castsi512_ps(vg[tok]);
+        let ex = _mm512_loadu_ps(e[tok].as_ptr());
+        let silu = round_bf16_x16(_mm512_div_ps(gate, _mm512_add_ps(one, ex)));
+        let up = round_bf16_x16(_mm512_castsi512_ps(vu[tok]));
+        let v = round_bf16_x16(_mm512_mul_ps(silu, up));
+        _mm512_storeu_ps(out.add((t0 + tok) * m + j), v);
     }
 }
 

@@ -4,7 +4,7 @@
 //! weight row with it ([`quant::dot_scalar`], on AVX2 `quant::dot_avx2`), the rows split over
 //! rayon tasks as [`super::linear`] splits them; the bias is added in f32.
 
-use super::{task_rows, Dst};
+use super::{task_rows, Dst, TASKS_PER_THREAD};
 use crate::kernels::quant::{self, q8act::ActFormat, q8act::Q8Acts};
 use crate::weights::Tensor;
 
@@ -40,7 +40,7 @@ pub(super) fn linear(
     let acts = Q8Acts::quantize(format, x, n, k);
     #[cfg(target_arch = "x86_64")]
     let simd = simd && quant::dot_avx2::available();
-    let rows_per_task = task_rows(m, row);
+    let rows_per_task = task_rows(m, row, TASKS_PER_THREAD);
     let dst = Dst {
         ptr: out.as_mut_ptr(),
         row_len: m,
