@@ -322,12 +322,11 @@ pub(super) unsafe fn sums_strided(
             let j = rows.start + rt * T16;
             let a0 = w.as_ptr().add(j * wrow);
             let a = ([a0, a0.wrapping_add(T16 * wrow)], wrow);
-            let pd = &mut pending;
             match (tiles - rt >= 2, groups - g >= 2) {
-                (true, true) => block::<2, 2>(p, n, k, a, m, j, g, out, pd),
-                (true, false) => block::<2, 1>(p, n, k, a, m, j, g, out, pd),
-                (false, true) => block::<1, 2>(p, n, k, a, m, j, g, out, pd),
-                (false, false) => block::<1, 1>(p, n, k, a, m, j, g, out, pd),
+                (true, true) => block::<2, 2>(p, k, a, j, g, &mut pending),
+                (true, false) => block::<2, 1>(p, k, a, j, g, &mut pending),
+                (false, true) => block::<1, 2>(p, k, a, j, g, &mut pending),
+                (false, false) => block::<1, 1>(p, k, a, j, g, &mut pending),
             }
         }
     }
@@ -371,10 +370,9 @@ pub(super) unsafe fn swiglu_sums(
                 [gate.as_ptr().add(j * k * 2), up.as_ptr().add(j * k * 2)],
                 k * 2,
             );
-            let pd = &mut pending;
             match groups - g >= 2 {
-                true => block::<2, 2>(p, n, k, a, m, j, g, out, pd),
-                false => block::<2, 1>(p, n, k, a, m, j, g, out, pd),
+                true => block::<2, 2>(p, k, a, j, g, &mut pending),
+                false => block::<2, 1>(p, k, a, j, g, &mut pending),
             }
         }
     }
@@ -383,30 +381,27 @@ pub(super) unsafe fn swiglu_sums(
     rows.start + tiles * T16..rows.end
 }
 
-/// `R` row tiles × `N` token groups from group `g`, over all of `k`: row tile `r` is the 16
-/// weight rows from `a.0[r]`, `a.1` bytes apart. For every finish but [`Finish::SwiGlu`] they
-/// are rows `j..j + 16R` of one matrix, and their outputs go to those rows; for
-/// [`Finish::SwiGlu`] they are the gate's and the up's rows `j..j + 16`, whose outputs go to
-/// rows `j..j + 16`. The block's sums are left in `pending` for the next block (or the caller,
+/// `R` row tiles × `N` token groups from group `g`, over all of `k`, for `pending`'s target:
+/// row tile `r` is the 16 weight rows from `a.0[r]`, `a.1` bytes apart. For every finish but
+/// [`Finish::SwiGlu`] they are rows `j..j + 16R` of one matrix, and their outputs go to those
+/// rows; for [`Finish::SwiGlu`] they are the gate's and the up's rows `j..j + 16`, whose
+/// outputs go to rows `j..j + 16`. The block's sums are left in `pending` for the next block (or the caller,
 /// after the last) to finish; the previous block's are finished here ([`Pending`]).
 ///
 /// # Safety
-/// As [`sums`], with the tile configuration loaded; the `R` row tiles exist; `pending`'s
-/// target is `out` (`[n][m]`).
+/// As [`sums`] (`pending`'s target its `n`, `m`, `out`), with the tile configuration loaded;
+/// the `R` row tiles exist.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn block<const R: usize, const N: usize>(
     p: &Packed,
-    n: usize,
     k: usize,
     (a, wrow): ([*const u8; 2], usize),
-    m: usize,
     j: usize,
     g: usize,
-    out: *mut f32,
     pending: &mut Pending<'_>,
 ) {
-    let swiglu = matches!(pending.target.finish, Finish::SwiGlu);
+    let Target { n, m, out, finish } = pending.target;
+    let swiglu = matches!(finish, Finish::SwiGlu);
     zero::<0>();
     zero::<1>();
     zero::<2>();
