@@ -6,7 +6,7 @@
 //! (those whose name contains FILTER), medians of 7 passes over ~400 MB of copies, the stored bytes read per second, the
 //! nanoseconds per 1000 weights, and the time relative to Q8_0 of the same shape per weight.
 
-use lockstep_engine::kernels::matmul::linear;
+use lockstep_engine::kernels::matmul::{linear, PassKind};
 use lockstep_engine::weights::{StoredDtype, Tensor};
 use std::time::Instant;
 
@@ -67,7 +67,7 @@ fn pass(ws: &[Tensor]) -> f64 {
     let mut out = vec![0f32; m];
     let s = Instant::now();
     for w in ws {
-        linear(&x, 1, w, None, &mut out);
+        linear(PassKind::Decode, &x, 1, w, None, &mut out);
     }
     s.elapsed().as_secs_f64() / ws.len() as f64
 }

@@ -7,7 +7,7 @@
 //! `cargo run --release -p lockstep-engine --example bench_coded` (`BENCH_THREADS=1` for one
 //! thread). The 4864×896 matrix shows the rebuild's cost per core best: the L2-sized one's
 //! calls (10-20 µs) are mostly the call's fixed cost (packing, the pool), not the sums.
-use lockstep_engine::kernels::matmul::{linear_with, Kernel};
+use lockstep_engine::kernels::matmul::{linear_with, Kernel, PassKind};
 use lockstep_engine::weights::{StoredDtype, Tensor};
 use lockstep_engine::Bf16;
 use std::time::Instant;
@@ -81,7 +81,9 @@ fn main() {
                 let s = (0..reps)
                     .map(|_| {
                         let t = Instant::now();
-                        pool.install(|| linear_with(kernel, &x, 1, w, None, &mut out));
+                        pool.install(|| {
+                            linear_with(kernel, PassKind::Decode, &x, 1, w, None, &mut out)
+                        });
                         t.elapsed().as_secs_f64()
                     })
                     .fold(f64::INFINITY, f64::min);

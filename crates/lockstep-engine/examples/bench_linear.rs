@@ -8,7 +8,7 @@
 //! tokens, elsewhere its column is the AVX-512 kernel again).
 
 use lockstep_engine::kernels::line_aligned::LineAligned;
-use lockstep_engine::kernels::matmul::{dot, linear, linear_with, Kernel};
+use lockstep_engine::kernels::matmul::{dot, linear, linear_with, Kernel, PassKind};
 use lockstep_engine::weights::{StoredDtype, Tensor};
 use lockstep_engine::{Bf16, Float};
 use rayon::prelude::*;
@@ -108,11 +108,13 @@ fn case<T: Float>(name: &str, w: &Tensor, n: usize, runs: usize) {
     for kernel in Kernel::available() {
         let mut out = LineAligned::new(n * m, T::ZERO);
         fs.push(Box::new(move || {
-            linear_with(kernel, x, n, w, None, &mut out)
+            linear_with(kernel, PassKind::of(n), x, n, w, None, &mut out)
         }));
     }
     let mut out = LineAligned::new(n * m, T::ZERO);
-    fs.push(Box::new(move || linear(x, n, w, None, &mut out)));
+    fs.push(Box::new(move || {
+        linear(PassKind::of(n), x, n, w, None, &mut out)
+    }));
     let mut refs: Vec<&mut dyn FnMut()> = fs
         .iter_mut()
         .map(|f| &mut **f as &mut dyn FnMut())

@@ -554,6 +554,7 @@ fn main() {
         pool.install(|| {
             lockstep_engine::kernels::matmul::linear_with(
                 kernel,
+                lockstep_engine::kernels::matmul::PassKind::Decode,
                 &xs,
                 1,
                 &engine,

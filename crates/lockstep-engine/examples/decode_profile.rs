@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p lockstep-engine --example decode_profile MODEL_DIR [f32|bf16] [CONTEXT]`
 
-use lockstep_engine::kernels::matmul::linear;
+use lockstep_engine::kernels::matmul::{linear, PassKind};
 use lockstep_engine::{Bf16, Float, KvCache, Model};
 use std::path::Path;
 use std::time::Instant;
@@ -22,11 +22,18 @@ fn linears<T: Float>(m: &Model, x: &[T], out: &mut [T]) {
     for l in &m.layers {
         for w in l.linears() {
             let (rows, k) = (w.shape[0], w.shape[1]);
-            linear(&x[..k], 1, w, None, &mut out[..rows]);
+            linear(PassKind::Decode, &x[..k], 1, w, None, &mut out[..rows]);
         }
     }
     let v = m.lm_head.shape[0];
-    linear(&x[..h], 1, &m.lm_head, None, &mut out[..v]);
+    linear(
+        PassKind::Decode,
+        &x[..h],
+        1,
+        &m.lm_head,
+        None,
+        &mut out[..v],
+    );
 }
 
 fn run<T: Float>(m: &Model, context: usize) {

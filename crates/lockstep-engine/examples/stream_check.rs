@@ -17,7 +17,7 @@
 //! (a BF16 model; its matrices are coded as a bf16 decode codes them).
 
 use lockstep_engine::bandwidth::{sum_in_parts, sum_words, Read, TestBuffer};
-use lockstep_engine::kernels::matmul::linear;
+use lockstep_engine::kernels::matmul::{linear, PassKind};
 use lockstep_engine::{Bf16, Float, KvCache, Model};
 use std::path::Path;
 use std::time::Instant;
@@ -111,7 +111,7 @@ fn main() {
                     1 => lockstep_engine::team::lead(|| {
                         for w in &mats {
                             let (rows, k) = (w.shape[0], w.shape[1]);
-                            linear(&x[..k], 1, w, None, &mut out[..rows]);
+                            linear(PassKind::Decode, &x[..k], 1, w, None, &mut out[..rows]);
                         }
                     }),
                     2 => lockstep_engine::team::lead(|| {

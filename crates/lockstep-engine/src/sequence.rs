@@ -6,14 +6,14 @@
 //! runs one new token per row through every matmul together while each row attends over its own
 //! [`KvCache`] at its own position. Every kernel on a row's path computes that row the same way
 //! whatever else is in the batch (matmul sums in a fixed order per token, attention and norms per
-//! row), so a row's logits, and therefore its tokens, are bit for bit what it gets alone; the one
-//! exception is the AMX tiles of the faithful bf16 tier ([`crate::kernels::matmul::AMX_MIN_N`]),
-//! which [`decode_step`] avoids by splitting such a batch into smaller groups.
+//! row), so a row's logits, and therefore its tokens, are bit for bit what it gets alone. (The
+//! AMX tiles of the faithful bf16 tier, which sum in another order, serve prefills only: a
+//! step of one new token per row is a [`crate::kernels::matmul::PassKind::Decode`] pass
+//! however many rows it has.)
 
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerateOptions, StreamDecoder};
-use crate::kernels::matmul::{Kernel, AMX_MIN_N};
-use crate::kernels::{Float, Precision};
+use crate::kernels::Float;
 use crate::model::{KvCache, LogitsFor, Model};
 use crate::sampling::Sampler;
 
@@ -170,27 +170,16 @@ pub fn decode_step<T: Float>(
     for (t, c) in tokens.iter().zip(caches.iter()) {
         model.check_tokens(std::slice::from_ref(t), c.len())?;
     }
-    // The AMX tiles add a sum in another order than one row alone does: keep bf16 groups below
-    // the size that switches them on.
-    let group = if T::PRECISION == Precision::BF16 && Kernel::detect() == Kernel::Amx {
-        AMX_MIN_N - 1
-    } else {
-        tokens.len()
-    };
-    let mut logits = Vec::with_capacity(tokens.len() * model.config.vocab_size);
-    for (toks, caches) in tokens.chunks(group).zip(caches.chunks_mut(group)) {
-        let positions: Vec<usize> = caches.iter().map(KvCache::len).collect();
-        logits.extend(model.forward_rows(
-            toks,
-            &positions,
-            caches,
-            None,
-            None,
-            &mut crate::NoObserver,
-            LogitsFor::Last,
-        )?);
-    }
-    Ok(logits)
+    let positions: Vec<usize> = caches.iter().map(KvCache::len).collect();
+    model.forward_rows(
+        tokens,
+        &positions,
+        caches,
+        None,
+        None,
+        &mut crate::NoObserver,
+        LogitsFor::Last,
+    )
 }
 
 #[cfg(test)]

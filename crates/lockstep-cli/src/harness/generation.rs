@@ -237,8 +237,7 @@ fn generate_ours<T: Float>(
 /// row's own `generated` tokens fed back a step at a time, a row leaving the batch after its last
 /// token. These are the logits that picked our token at that step: a full forward pass over the
 /// context can differ from them (in bf16 on AMX by more than the last bit: the prefill's tiles
-/// sum in another order than a decode step, and a row alone is prefilled with fewer tokens than
-/// in a batch, which can decide the kernel).
+/// sum in another order than a decode step).
 fn replayed_logits<T: Float>(
     model: &Model,
     prompts: &[Vec<u32>],

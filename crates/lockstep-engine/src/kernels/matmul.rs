@@ -25,11 +25,34 @@ mod coded_avx512;
 mod q8dot;
 mod shares;
 
-/// Fewest tokens for which [`Kernel::Amx`] uses the AMX tiles (below, it runs as
-/// [`Kernel::Avx512`]). Measured on 2 cores, AMX vs AVX-512 on 896×4864 / 3584×18944 BF16
-/// weights: n=2 0.84x / 1.9x, n=4 1.2x / 2.8x, n=8 1.7x / 3.9x, n=16 2.8x / 4.5x; 8 leaves a
-/// margin on the small shape.
-pub const AMX_MIN_N: usize = 8;
+/// What kind of forward pass a product belongs to, which decides, once for the whole pass,
+/// whether its bf16 products may run on AMX tiles ([`Kernel::Amx`]), whose f32 sums run in
+/// another order than the row kernels'. Never decided per product from its token count: a
+/// token's bits would then depend on how many tokens share the product (a batch's rows, the
+/// tokens routed to an expert, each row's last logits against every position's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    /// More than one new position per row (a prefill): on AMX, the tiles, for any number of
+    /// tokens (AMX against AVX-512, 2 cores, 896×4864 / 3584×18944 BF16 weights: 2 tokens 0.84× /
+    /// 1.9×, 4 tokens 1.2× / 2.8×, 8 tokens 1.7× / 3.9×, 16 tokens 2.8× / 4.5×).
+    Prefill,
+    /// One new position per row (a decode step, or prompts of one token): the row kernels,
+    /// whose sums do not depend on the other rows, so that a row decodes the same in any batch.
+    /// (One token on the tiles decoded 15% slower than on AVX-512: 23.1-23.4 against
+    /// 27.0-27.6 tok/s on the 0.5B shape, 2026-12-06.)
+    Decode,
+}
+
+impl PassKind {
+    /// The kind of a pass computing `new_per_row` new positions in each row (padding included).
+    pub fn of(new_per_row: usize) -> PassKind {
+        if new_per_row > 1 {
+            PassKind::Prefill
+        } else {
+            PassKind::Decode
+        }
+    }
+}
 
 /// Dot product with eight independent accumulators (vectorizes, and keeps rounding error low).
 #[inline]
@@ -117,11 +140,19 @@ pub(crate) unsafe fn dot_lane_pairs(
 ///
 /// Computes what [`linear_reference`] computes up to the order of the f32 (f64) summation:
 /// weight rows are split over threads, and each thread reads the stored weight bytes in place
-/// (no per-call copy of the weights) with the fastest kernel this CPU has (see [`Kernel`]).
+/// (no per-call copy of the weights) with the fastest kernel this CPU has (see [`Kernel`]) for
+/// a pass of kind `kind` ([`PassKind`]: on AMX, the tiles for a prefill's bf16 products only).
 ///
 /// A block weight marked [`Tensor::q8_dot`] in f32 compute runs [`linear_q8dot`] instead
 /// (llama.cpp's 8-bit arithmetic, not exact; `--dtype q8dot`).
-pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: &mut [T]) {
+pub fn linear<T: Float>(
+    kind: PassKind,
+    x: &[T],
+    n: usize,
+    w: &Tensor,
+    bias: Option<&[T]>,
+    out: &mut [T],
+) {
     if w.q8_dot && w.dtype.is_block() && T::PRECISION == Precision::F32 {
         if let (Some(xf), Some(of)) = (T::as_f32s(x), T::f32_ptr(out.as_mut_ptr())) {
             // SAFETY: an f32-compute type holds exactly one f32 per value (`f32_ptr`).
@@ -130,7 +161,7 @@ pub fn linear<T: Float>(x: &[T], n: usize, w: &Tensor, bias: Option<&[T]>, out: 
             return linear_q8dot(xf, n, w, bias, of);
         }
     }
-    linear_with(Kernel::detect(), x, n, w, bias, out)
+    linear_with(Kernel::detect(), kind, x, n, w, bias, out)
 }
 
 /// `out[t·m + j] = Σ_i x[t·k + i]·w[j][i]` on AMX-BF16 tiles, raw f32 sums (no rounding), for
@@ -209,10 +240,11 @@ pub enum Kernel {
     /// the same bits whatever the batch; everything else as [`Kernel::Avx512`].
     Avx512Bf16,
     /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
-    /// [`Bf16`](super::Bf16) compute on BF16 weights with at least [`AMX_MIN_N`] tokens (bf16×bf16 products summed in
-    /// f32, as PyTorch's bf16 matmul); everything else as [`Kernel::Avx512`]. Its sums are
-    /// added in another order than AVX-512's, so there a prefill and a one-token decode of the
-    /// same token may differ in the last bit of a sum (both within f32 reordering error).
+    /// [`Bf16`](super::Bf16) compute on BF16 weights in a [`PassKind::Prefill`] pass, any
+    /// number of tokens (bf16×bf16 products summed in f32, as PyTorch's bf16 matmul);
+    /// everything else as [`Kernel::Avx512`]. Its sums are added in another order than
+    /// AVX-512's, so there a prefill and a one-token decode of the same token may differ in the
+    /// last bit of a sum (both within f32 reordering error).
     Amx,
 }
 
@@ -260,13 +292,15 @@ impl Kernel {
 /// When the lengths do not match `w`'s shape, or `kernel` is not available on this CPU.
 pub fn linear_with<T: Float>(
     kernel: Kernel,
+    kind: PassKind,
     x: &[T],
     n: usize,
     w: &Tensor,
     bias: Option<&[T]>,
     out: &mut [T],
 ) {
-    linear_min_n(kernel, AMX_MIN_N, x, n, w, bias, out)
+    let mut one = [Product { w, bias, out }];
+    linear_many_with(kernel, kind, x, n, &mut one)
 }
 
 /// One product of [`linear_many`]: `out[n][m] = x · wᵀ (+ bias)`.
@@ -282,26 +316,27 @@ pub struct Product<'a, T> {
 /// [`linear`] for several weights applied to the same input (q/k/v, gate/up) in one parallel
 /// region: one wake-up of the threads instead of one per weight, and the activations packed
 /// once. Each output gets exactly what [`linear`] gives it (the tasks only split rows).
-pub fn linear_many<T: Float>(x: &[T], n: usize, products: &mut [Product<'_, T>]) {
+pub fn linear_many<T: Float>(kind: PassKind, x: &[T], n: usize, products: &mut [Product<'_, T>]) {
     let q8 = |w: &Tensor| w.q8_dot && w.dtype.is_block() && T::PRECISION == Precision::F32;
     if products.iter().any(|p| q8(p.w)) {
         for p in products {
-            linear(x, n, p.w, p.bias, p.out);
+            linear(kind, x, n, p.w, p.bias, p.out);
         }
         return;
     }
-    linear_min_n_many(Kernel::detect(), AMX_MIN_N, x, n, products)
+    linear_many_with(Kernel::detect(), kind, x, n, products)
 }
 
 /// The MLP's gated activation: `act[t][j] = silu(x·gateᵀ)[t][j] · (x·upᵀ)[t][j]`, each product
 /// rounded to the activation dtype and the activation computed as
 /// [`silu_mul_in_place`](super::activation::silu_mul_in_place) does, into `act` (`n·m`); `up_out`
-/// (`n·m`) is scratch for the up product. In the faithful bf16 tier on AMX ([`AMX_MIN_N`] tokens
-/// or more, BF16 weights, `m` a multiple of 16) the two products and the activation run in one
+/// (`n·m`) is scratch for the up product. In the faithful bf16 tier on AMX (a
+/// [`PassKind::Prefill`] pass, BF16 weights, `m` a multiple of 16) the two products and the activation run in one
 /// pass, each 16 × 16 block's gate and up sums meeting in registers (`amx::swiglu_sums`): the
 /// same bits, without writing both products out and reading them back (`up_out` is then left
 /// as it was). Elsewhere [`linear_many`], then the activation.
 pub fn linear_swiglu<T: Float>(
+    kind: PassKind,
     x: &[T],
     n: usize,
     gate: &Tensor,
@@ -311,10 +346,11 @@ pub fn linear_swiglu<T: Float>(
 ) {
     let (gate, up) = (weights_for::<T>(gate), weights_for::<T>(up));
     #[cfg(target_arch = "x86_64")]
-    if swiglu_amx(x, n, gate, up, act) {
+    if swiglu_amx(kind, x, n, gate, up, act) {
         return;
     }
     linear_many(
+        kind,
         x,
         n,
         &mut [
@@ -335,9 +371,16 @@ pub fn linear_swiglu<T: Float>(
 
 /// [`linear_swiglu`]'s single pass on AMX; `false`, touching nothing, where it does not apply.
 #[cfg(target_arch = "x86_64")]
-fn swiglu_amx<T: Float>(x: &[T], n: usize, gate: &Tensor, up: &Tensor, act: &mut [T]) -> bool {
+fn swiglu_amx<T: Float>(
+    kind: PassKind,
+    x: &[T],
+    n: usize,
+    gate: &Tensor,
+    up: &Tensor,
+    act: &mut [T],
+) -> bool {
     let (m, k) = (gate.shape[0], gate.shape[1]);
-    let applies = amx_rule::<T>(Kernel::detect(), AMX_MIN_N, n, k)
+    let applies = amx_rule::<T>(Kernel::detect(), kind, n, k)
         && gate.dtype == StoredDtype::BF16
         && up.dtype == StoredDtype::BF16
         && gate.shape == up.shape
@@ -377,31 +420,21 @@ fn weights_for<T: Float>(w: &Tensor) -> &Tensor {
 
 /// Whether the AMX kernel serves `n` tokens of `k` on `kernel` in compute type `T` (on BF16
 /// weights, which the callers check): the faithful bf16 tier only (never f32/f64, whose
-/// activations it would round to bf16), from `amx_min_n` tokens. [`linear_min_n_many`] and
-/// [`linear_swiglu`] decide by it.
+/// activations it would round to bf16), in a [`PassKind::Prefill`] pass.
+/// [`linear_many_with`] and [`linear_swiglu`] decide by it.
 #[cfg(target_arch = "x86_64")]
-fn amx_rule<T: Float>(kernel: Kernel, amx_min_n: usize, n: usize, k: usize) -> bool {
-    kernel == Kernel::Amx && T::PRECISION == Precision::BF16 && n >= amx_min_n && k > 0
+fn amx_rule<T: Float>(kernel: Kernel, kind: PassKind, n: usize, k: usize) -> bool {
+    kernel == Kernel::Amx
+        && T::PRECISION == Precision::BF16
+        && kind == PassKind::Prefill
+        && n > 0
+        && k > 0
 }
 
-/// [`linear_with`] with AMX used from `amx_min_n` tokens (the tests force it on small `n`).
-fn linear_min_n<T: Float>(
+/// [`linear_with`] for several weights of the same `k` at once (see [`linear_many`]).
+fn linear_many_with<T: Float>(
     kernel: Kernel,
-    amx_min_n: usize,
-    x: &[T],
-    n: usize,
-    w: &Tensor,
-    bias: Option<&[T]>,
-    out: &mut [T],
-) {
-    let mut one = [Product { w, bias, out }];
-    linear_min_n_many(kernel, amx_min_n, x, n, &mut one)
-}
-
-/// [`linear_min_n`] for several weights of the same `k` at once (see [`linear_many`]).
-fn linear_min_n_many<T: Float>(
-    kernel: Kernel,
-    amx_min_n: usize,
+    kind: PassKind,
     x: &[T],
     n: usize,
     products: &mut [Product<'_, T>],
@@ -453,7 +486,7 @@ fn linear_min_n_many<T: Float>(
     // AMX: Bf16 compute (never f32/f64: it would round their activations), BF16 weights,
     // enough tokens; the activations are packed once for every task.
     #[cfg(target_arch = "x86_64")]
-    let packed = (amx_rule::<T>(kernel, amx_min_n, n, k) && bf16_weights)
+    let packed = (amx_rule::<T>(kernel, kind, n, k) && bf16_weights)
         .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
         .flatten();
     // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens.
@@ -463,7 +496,7 @@ fn linear_min_n_many<T: Float>(
             .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
             .flatten();
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (amx_min_n, bf16_weights);
+    let _ = (kind, bf16_weights);
     let products = &*products;
     let run = |i: usize, rows: std::ops::Range<usize>| {
         let (w, bias, dst) = (products[i].w, products[i].bias, dsts[i]);
@@ -875,7 +908,7 @@ pub(crate) mod tests {
                         let r = linear_reference(&x, n, &w, bias);
                         for &kernel in &kernels {
                             let mut out = vec![T::ZERO; n * m];
-                            linear_with(kernel, &x, n, &w, bias, &mut out);
+                            linear_with(kernel, PassKind::Prefill, &x, n, &w, bias, &mut out);
                             for (i, (a, c)) in out.iter().zip(&r).enumerate() {
                                 let (t, j) = (i / m, i % m);
                                 // Error bound of a reordered sum, plus one output rounding.
@@ -947,7 +980,7 @@ pub(crate) mod tests {
         let r = linear_reference(&x, 1, &w, None);
         for kernel in Kernel::available() {
             let mut out = vec![Bf16(0.0); special.len()];
-            linear_with(kernel, &x, 1, &w, None, &mut out);
+            linear_with(kernel, PassKind::Prefill, &x, 1, &w, None, &mut out);
             for (a, c) in out.iter().zip(&r) {
                 assert!(
                     a.0.to_bits() == c.0.to_bits() || (a.0.is_nan() && c.0.is_nan()),
@@ -957,7 +990,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// The AMX path (forced from one token) against [`linear_reference`], Bf16 compute on BF16
+    /// The AMX path (a prefill's, so from one token) against [`linear_reference`], Bf16 compute on BF16
     /// weights, with row, token and `k` tails (m, n, k not multiples of 16/16/32) and `k` over
     /// several chunks: raw sums within f32 reordering error, so after the bf16 `.to_act_dtype()` one
     /// bf16 ulp at most (plus the reordering error near a rounding boundary).
@@ -992,7 +1025,7 @@ pub(crate) mod tests {
                 for bias in [None, Some(&b[..])] {
                     let r = linear_reference(&x, n, &w, bias);
                     let mut out = vec![Bf16(f32::NAN); n * m];
-                    linear_min_n(Kernel::Amx, 1, &x, n, &w, bias, &mut out);
+                    linear_with(Kernel::Amx, PassKind::Prefill, &x, n, &w, bias, &mut out);
                     for (i, (a, c)) in out.iter().zip(&r).enumerate() {
                         let (t, j) = (i / m, i % m);
                         let scale = abs_sum(
@@ -1132,8 +1165,8 @@ pub(crate) mod tests {
                 continue;
             }
             let (mut a, mut b) = (vec![T::default(); n * m], vec![T::default(); n * m]);
-            linear_with(kernel, x, n, w, None, &mut a);
-            linear_with(kernel, x, n, fresh, None, &mut b);
+            linear_with(kernel, PassKind::Prefill, x, n, w, None, &mut a);
+            linear_with(kernel, PassKind::Prefill, x, n, fresh, None, &mut b);
             assert_eq!(bits(&a), bits(&b), "{label} {kernel:?} n={n}");
             last = a;
         }
@@ -1373,8 +1406,24 @@ pub(crate) mod tests {
                     .map(|&v| Bf16(Bf16(v).to_act_dtype().0))
                     .collect();
                 let (mut a, mut b) = (vec![Bf16::default(); n * m], vec![Bf16::default(); n * m]);
-                linear_with(Kernel::Avx512Bf16, &xb, n, &w, None, &mut a);
-                linear_with(Kernel::Avx512Bf16, &xb, n, &fresh, None, &mut b);
+                linear_with(
+                    Kernel::Avx512Bf16,
+                    PassKind::Prefill,
+                    &xb,
+                    n,
+                    &w,
+                    None,
+                    &mut a,
+                );
+                linear_with(
+                    Kernel::Avx512Bf16,
+                    PassKind::Prefill,
+                    &xb,
+                    n,
+                    &fresh,
+                    None,
+                    &mut b,
+                );
                 let b64 = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
                 assert_eq!(b64(&a), b64(&b), "linear m={m} k={k} n={n}");
                 assert!(b.iter().any(|v| v.0 != 0.0));
@@ -1383,13 +1432,19 @@ pub(crate) mod tests {
     }
 
     /// The SIMD kernels' sums do not depend on the tile shape or loop order: every token of a
-    /// prefill (tiles of several tokens, the prefill loop order) gets bit for bit what it gets
-    /// alone (one-token tiles, the decode order), on row, token and `k` tails.
+    /// product of several tokens (tiles of several tokens, the prefill loop order) gets bit for
+    /// bit what it gets alone (one-token tiles, the decode order), on row, token and `k` tails,
+    /// in either kind of pass (on AMX: the tiles for a prefill's, whatever its token count).
     #[test]
     fn simd_sums_do_not_depend_on_batch() {
         let kernels: Vec<Kernel> = Kernel::available()
             .into_iter()
-            .filter(|k| matches!(k, Kernel::Avx2 | Kernel::Avx512 | Kernel::Avx512Bf16))
+            .filter(|k| {
+                matches!(
+                    k,
+                    Kernel::Avx2 | Kernel::Avx512 | Kernel::Avx512Bf16 | Kernel::Amx
+                )
+            })
             .collect();
         assert!(
             cfg!(not(target_arch = "x86_64")) || !kernels.is_empty(),
@@ -1401,28 +1456,32 @@ pub(crate) mod tests {
                 let n = 17;
                 let x: Vec<f32> = pseudo(n * k, 9);
                 let xb: Vec<Bf16> = x.iter().map(|&v| Bf16(v).to_act_dtype()).collect();
-                for &kernel in &kernels {
+                let runs = kernels
+                    .iter()
+                    .flat_map(|&k| [(k, PassKind::Prefill), (k, PassKind::Decode)]);
+                for (kernel, kind) in runs {
                     let mut all = vec![0f32; n * m];
-                    linear_with(kernel, &x, n, &w, None, &mut all);
+                    linear_with(kernel, kind, &x, n, &w, None, &mut all);
                     let mut allb = vec![Bf16(0.0); n * m];
-                    linear_with(kernel, &xb, n, &w, None, &mut allb);
+                    linear_with(kernel, kind, &xb, n, &w, None, &mut allb);
                     for t in 0..n {
+                        let (x1, xb1) = (&x[t * k..(t + 1) * k], &xb[t * k..(t + 1) * k]);
                         let mut one = vec![0f32; m];
-                        linear_with(kernel, &x[t * k..(t + 1) * k], 1, &w, None, &mut one);
+                        linear_with(kernel, kind, x1, 1, &w, None, &mut one);
                         let mut oneb = vec![Bf16(0.0); m];
-                        linear_with(kernel, &xb[t * k..(t + 1) * k], 1, &w, None, &mut oneb);
+                        linear_with(kernel, kind, xb1, 1, &w, None, &mut oneb);
                         for j in 0..m {
                             let (a, b) = (all[t * m + j], one[j]);
                             assert_eq!(
                                 a.to_bits(),
                                 b.to_bits(),
-                                "{kernel:?} {dtype:?} m={m} k={k} [{t}][{j}]"
+                                "{kernel:?} {kind:?} {dtype:?} m={m} k={k} [{t}][{j}]"
                             );
                             let (a, b) = (allb[t * m + j].0, oneb[j].0);
                             assert_eq!(
                                 a.to_bits(),
                                 b.to_bits(),
-                                "{kernel:?} {dtype:?} bf16 m={m} k={k} [{t}][{j}]"
+                                "{kernel:?} {kind:?} {dtype:?} bf16 m={m} k={k} [{t}][{j}]"
                             );
                         }
                     }
@@ -1458,7 +1517,10 @@ pub(crate) mod tests {
                         .collect()
                 })
                 .collect();
-            for n in [1, 9] {
+            let runs = [1, 9]
+                .into_iter()
+                .flat_map(|n| [(n, PassKind::Prefill), (n, PassKind::Decode)]);
+            for (n, kind) in runs {
                 let x: Vec<T> = pseudo(n * k, 40)
                     .iter()
                     .map(|&v| T::from_f64(v as f64).to_act_dtype())
@@ -1476,12 +1538,13 @@ pub(crate) mod tests {
                         out,
                     })
                     .collect();
-                linear_many(&x, n, &mut products);
+                linear_many(kind, &x, n, &mut products);
                 for (i, ((_d, w), out)) in ws.iter().zip(&outs).enumerate() {
                     let mut one = vec![T::ZERO; out.len()];
-                    linear(&x, n, w, (i != 1).then_some(&biases[i][..]), &mut one);
+                    linear(kind, &x, n, w, (i != 1).then_some(&biases[i][..]), &mut one);
                     let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(out), bits(&one), "{:?} n={n} weight {i}", T::PRECISION);
+                    let what = format!("{:?} {kind:?} n={n} weight {i}", T::PRECISION);
+                    assert_eq!(bits(out), bits(&one), "{what}");
                 }
             }
         }
@@ -1501,7 +1564,10 @@ pub(crate) mod tests {
                     tensor_from(&pseudo(m * k, 50), vec![m, k], safetensors::Dtype::BF16);
                 let (_du, up) =
                     tensor_from(&pseudo(m * k, 51), vec![m, k], safetensors::Dtype::BF16);
-                for n in [1, 9, 40] {
+                let runs = [1, 9, 40]
+                    .into_iter()
+                    .flat_map(|n| [(n, PassKind::Prefill), (n, PassKind::Decode)]);
+                for (n, kind) in runs {
                     let mut x: Vec<T> = pseudo(n * k, 52)
                         .iter()
                         .map(|&v| T::from_f64(30.0 * v as f64).to_act_dtype())
@@ -1510,24 +1576,25 @@ pub(crate) mod tests {
                     // NaN where nothing was written, so an output left out shows.
                     let nan = T::from_f64(f64::NAN);
                     let (mut act, mut up_out) = (vec![nan; n * m], vec![T::ZERO; n * m]);
-                    linear_swiglu(&x, n, &gate, &up, &mut act, &mut up_out);
+                    linear_swiglu(kind, &x, n, &gate, &up, &mut act, &mut up_out);
                     for (t, row) in act.chunks_exact(m).enumerate() {
                         assert!(
                             t == n / 2 || row.iter().all(|v| v.to_f64().is_finite()),
-                            "{:?} k={k} m={m} n={n}: token {t} has an output not written",
+                            "{:?} {kind:?} k={k} m={m} n={n}: token {t} has an output not written",
                             T::PRECISION
                         );
                     }
                     let (mut g, mut u) = (vec![T::ZERO; n * m], vec![T::ZERO; n * m]);
-                    linear(&x, n, &gate, None, &mut g);
-                    linear(&x, n, &up, None, &mut u);
+                    linear(kind, &x, n, &gate, None, &mut g);
+                    linear(kind, &x, n, &up, None, &mut u);
                     crate::kernels::activation::silu_mul_reference(&mut g, &u);
                     let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
                     assert!(
                         act[(n / 2) * m].to_f64().is_nan(),
                         "the NaN reaches its token"
                     );
-                    assert_eq!(bits(&act), bits(&g), "{:?} k={k} m={m} n={n}", T::PRECISION);
+                    let what = format!("{:?} {kind:?} k={k} m={m} n={n}", T::PRECISION);
+                    assert_eq!(bits(&act), bits(&g), "{what}");
                 }
             }
         }
@@ -1540,6 +1607,6 @@ pub(crate) mod tests {
     fn linear_handles_empty_inputs() {
         let (_d, w) = tensor_from(&pseudo(6, 1), vec![3, 2], safetensors::Dtype::BF16);
         let mut out: Vec<f32> = vec![];
-        linear(&[], 0, &w, None, &mut out);
+        linear(PassKind::Prefill, &[], 0, &w, None, &mut out);
     }
 }

@@ -11,7 +11,7 @@ use super::{KvCache, LayerWeights, MlpWeights, Model, QkNorm};
 use crate::config::ModelConfig;
 use crate::kernels::attention::{attention_in, AttentionSpec};
 use crate::kernels::line_aligned::LineAligned;
-use crate::kernels::matmul::{linear, linear_many, linear_swiglu, Product};
+use crate::kernels::matmul::{linear, linear_many, linear_swiglu, PassKind, Product};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::rope::RopeTable;
 use crate::kernels::{residual_add, Float};
@@ -73,6 +73,13 @@ pub(crate) struct Pass<'a, T: Float> {
     pub n: usize,
 }
 
+impl<T: Float> Pass<'_, T> {
+    /// The kind of this pass, which chooses its products' kernels ([`PassKind::of`]).
+    pub fn kind(&self) -> PassKind {
+        PassKind::of(self.n)
+    }
+}
+
 impl Model {
     /// The self-attention block of layer `l`: `x = x + o_proj(attention(rope(q), rope(k), v))`.
     pub(crate) fn attention_block<T: Float>(
@@ -101,6 +108,7 @@ impl Model {
             .map(|b| b.each_ref().map(|t| t.decoded::<T>()));
         let bias_of = |i: usize| bias.map(|b| b[i]);
         linear_many(
+            pass.kind(),
             &buf.normed,
             tn,
             &mut [
@@ -197,7 +205,7 @@ impl Model {
         }
         obs.tap(tap(LayerTap::AttnOut), TapView::rows(&buf.attn, heads * d));
 
-        linear(&buf.attn, tn, &w.o_proj, None, &mut buf.out);
+        linear(pass.kind(), &buf.attn, tn, &w.o_proj, None, &mut buf.out);
         obs.tap(tap(LayerTap::OProj), TapView::rows(&buf.out, h));
         residual_add(x, &buf.out, s.residual);
         obs.tap(tap(LayerTap::ResidAttn), TapView::rows(x, h));
@@ -212,12 +220,15 @@ impl Model {
         x.copy_from_slice(tmp);
     }
 
-    /// The MLP block of layer `l`: `x = x + down(act(gate(h)) * up(h))`, `h = rms_norm(x)`.
+    /// The MLP block of layer `l`: `x = x + down(act(gate(h)) * up(h))`, `h = rms_norm(x)`, in
+    /// a pass of kind `kind`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn mlp_block<T: Float>(
         &self,
         l: usize,
         w: &LayerWeights,
         mlp: &MlpWeights,
+        kind: PassKind,
         x: &mut [T],
         buf: &mut Scratch<T>,
         obs: &mut impl Observer<T>,
@@ -231,9 +242,9 @@ impl Model {
         rms_norm_with(x, post_norm, s.rms_norm_eps, s.norm_math, &mut buf.normed);
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
         let (gate, up) = (&mlp.gate_proj, &mlp.up_proj);
-        linear_swiglu(&buf.normed, tn, gate, up, &mut buf.gate, &mut buf.up);
+        linear_swiglu(kind, &buf.normed, tn, gate, up, &mut buf.gate, &mut buf.up);
         obs.tap(tap(LayerTap::MlpAct), TapView::rows(&buf.gate, inter));
-        linear(&buf.gate, tn, &mlp.down_proj, None, &mut buf.out);
+        linear(kind, &buf.gate, tn, &mlp.down_proj, None, &mut buf.out);
         obs.tap(tap(LayerTap::MlpOut), TapView::rows(&buf.out, h));
         residual_add(x, &buf.out, s.residual);
         obs.tap(tap(LayerTap::Out), TapView::rows(x, h));

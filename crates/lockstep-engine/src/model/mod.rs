@@ -25,7 +25,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
 use crate::kernels::attention::GqaMapping;
-use crate::kernels::matmul::linear;
+use crate::kernels::matmul::{linear, PassKind};
 use crate::kernels::norm::{rms_norm_with, RmsNormMath};
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
 use crate::kernels::{Float, Precision, ResidualDtype};
@@ -577,7 +577,7 @@ impl Model {
         for (l, w) in self.layers.iter().enumerate() {
             stream(l + 1, PageAdvice::WillNeed);
             self.attention_block(l, w, &mut x, &mut pass, &mut buf, obs);
-            self.mlp_or_moe_block(l, w, &mut x, &mut buf, obs);
+            self.mlp_or_moe_block(l, w, pass.kind(), &mut x, &mut buf, obs);
             stream(l, PageAdvice::DontNeed);
         }
         for cache in pass.caches.iter_mut() {
@@ -616,7 +616,14 @@ impl Model {
         };
         let m = head_in.len() / h;
         let mut logits = vec![T::ZERO; m * c.vocab_size];
-        linear(head_in, m, &self.lm_head, None, &mut logits);
+        linear(
+            PassKind::of(n),
+            head_in,
+            m,
+            &self.lm_head,
+            None,
+            &mut logits,
+        );
         obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
         Ok(logits)
     }

@@ -22,7 +22,7 @@ use super::{LayerWeights, Mlp, MlpWeights, Model};
 use crate::config::MoeConfig;
 use crate::error::Result;
 use crate::kernels::activation::silu_mul_in_place;
-use crate::kernels::matmul::linear;
+use crate::kernels::matmul::{linear, PassKind};
 use crate::kernels::norm::rms_norm_with;
 use crate::kernels::{residual_add, Float, Precision};
 use crate::observer::{Observer, TapView};
@@ -137,17 +137,19 @@ pub(crate) fn load_experts(
 
 impl Model {
     /// The MLP block of layer `l`: the dense MLP, or for a sparse layer of Qwen3-MoE the routed
-    /// experts (`x = x + Σ_top-k weight_e · expert_e(h)`, `h = rms_norm(x)`).
+    /// experts (`x = x + Σ_top-k weight_e · expert_e(h)`, `h = rms_norm(x)`), in a pass of kind
+    /// `kind` (every expert's products on the same kernels, however many tokens it was routed).
     pub(crate) fn mlp_or_moe_block<T: Float>(
         &self,
         l: usize,
         w: &LayerWeights,
+        kind: PassKind,
         x: &mut [T],
         buf: &mut super::blocks::Scratch<T>,
         obs: &mut impl Observer<T>,
     ) {
         let moe = match &w.mlp {
-            Mlp::Dense(d) => return self.mlp_block(l, w, d, x, buf, obs),
+            Mlp::Dense(d) => return self.mlp_block(l, w, d, kind, x, buf, obs),
             Mlp::Sparse(m) => m,
         };
         let (c, s) = (&self.config, &self.settings);
@@ -162,7 +164,7 @@ impl Model {
         obs.tap(tap(LayerTap::PostNorm), TapView::rows(&buf.normed, h));
 
         let mut logits = vec![T::ZERO; tn * experts];
-        linear(&buf.normed, tn, &moe.router, None, &mut logits);
+        linear(kind, &buf.normed, tn, &moe.router, None, &mut logits);
         obs.tap(tap(LayerTap::RouterLogits), TapView::rows(&logits, experts));
 
         let mut ids = Vec::with_capacity(tn * k);
@@ -208,10 +210,10 @@ impl Model {
             }
             let mut gate = vec![T::ZERO; m * inter];
             let mut up = vec![T::ZERO; m * inter];
-            linear(&xs, m, &ew.gate_proj, None, &mut gate);
-            linear(&xs, m, &ew.up_proj, None, &mut up);
+            linear(kind, &xs, m, &ew.gate_proj, None, &mut gate);
+            linear(kind, &xs, m, &ew.up_proj, None, &mut up);
             silu_mul_in_place(&mut gate, &up);
-            linear(&gate, m, &ew.down_proj, None, &mut xs);
+            linear(kind, &gate, m, &ew.down_proj, None, &mut xs);
             for (j, &p) in pairs.iter().enumerate() {
                 let t = p / k;
                 let wt = weights[p];

@@ -122,7 +122,7 @@ fn round_into(w: &Tensor, dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::matmul::{linear, linear_with, Kernel};
+    use crate::kernels::matmul::{linear, linear_with, Kernel, PassKind};
 
     /// Random-looking f32 values with rounding ties both ways and subnormals among them.
     fn values(n: usize) -> Vec<f32> {
@@ -193,7 +193,7 @@ mod tests {
             for kernel in Kernel::available() {
                 let run = |w: &Tensor| {
                     let mut out = vec![Bf16::ZERO; n * m];
-                    linear_with(kernel, &x, n, w, None, &mut out);
+                    linear_with(kernel, PassKind::Prefill, &x, n, w, None, &mut out);
                     out.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>()
                 };
                 assert_eq!(run(&copy), run(&stored), "{kernel:?}, {n} tokens");
@@ -201,8 +201,8 @@ mod tests {
             // The F32 tensor read per use: the same values, summed perhaps in another order.
             let mut a = vec![Bf16::ZERO; n * m];
             let mut b = vec![Bf16::ZERO; n * m];
-            linear(&x, n, &w, None, &mut a);
-            linear(&x, n, &copy, None, &mut b);
+            linear(PassKind::Prefill, &x, n, &w, None, &mut a);
+            linear(PassKind::Prefill, &x, n, &copy, None, &mut b);
             for (p, q) in a.iter().zip(&b) {
                 let (p, q) = (p.to_f64(), q.to_f64());
                 // Both rounded to bf16 from sums that differ by f32 reordering: at most one

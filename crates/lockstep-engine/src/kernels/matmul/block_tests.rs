@@ -60,9 +60,9 @@ fn check<T: Float>() {
                         let fused = kernel != Kernel::Portable && n < avx2::PN;
                         let f32_kernel = if fused { Kernel::Avx2 } else { kernel };
                         let mut want = vec![T::ZERO; n * m];
-                        linear_with(f32_kernel, &x, n, &f, bias, &mut want);
+                        linear_with(f32_kernel, PassKind::Prefill, &x, n, &f, bias, &mut want);
                         let mut got = vec![T::NEG_INFINITY; n * m];
-                        linear_with(kernel, &x, n, &q, bias, &mut got);
+                        linear_with(kernel, PassKind::Prefill, &x, n, &q, bias, &mut got);
                         assert!(
                             same_bits(&got, &want),
                             "{kernel:?} {dtype:?} {:?} m={m} k={k} n={n} bias={}",

@@ -88,9 +88,9 @@ fn linear_check<T: Float>() {
                 .collect();
             for bias in [None, Some(&bias[..])] {
                 let mut want = vec![T::ZERO; n * m];
-                linear_with(Kernel::Avx2, &x, n, &f, bias, &mut want);
+                linear_with(Kernel::Avx2, PassKind::Prefill, &x, n, &f, bias, &mut want);
                 let mut got = vec![T::NEG_INFINITY; n * m];
-                linear_with(Kernel::Avx2, &x, n, &q, bias, &mut got);
+                linear_with(Kernel::Avx2, PassKind::Prefill, &x, n, &q, bias, &mut got);
                 assert!(
                     got.iter()
                         .zip(&want)

@@ -78,9 +78,9 @@ pub(super) fn linear(
 
 #[cfg(test)]
 mod tests {
-    use super::super::linear_with;
     use super::super::tests::pseudo;
     use super::super::Kernel;
+    use super::super::{linear_with, PassKind};
     use super::*;
     use crate::kernels::quant::decode_blocks;
     use crate::kernels::quant::tests::{activations, random_blocks, zero_quants, BLOCK_TYPES};
@@ -171,7 +171,15 @@ mod tests {
             let x: Vec<f32> = activations(n, k, 12).iter().map(|v| v + 0.3).collect();
             let acts = Q8Acts::quantize(format, &x, n, k);
             let mut exact = vec![0f32; n * m];
-            linear_with(Kernel::Portable, &x, n, &w, None, &mut exact);
+            linear_with(
+                Kernel::Portable,
+                PassKind::Prefill,
+                &x,
+                n,
+                &w,
+                None,
+                &mut exact,
+            );
             let mut fast = vec![0f32; n * m];
             crate::kernels::matmul::linear_q8dot(&x, n, &w, None, &mut fast);
             let sum_err = (k / 8 + k / per + 24) as f64 * f32::EPSILON as f64;
@@ -219,7 +227,7 @@ mod tests {
 /// `cargo test --release -p lockstep-engine --lib -- --ignored bench_q8dot --nocapture`.
 #[cfg(test)]
 mod bench {
-    use super::super::{linear_with, Kernel};
+    use super::super::{linear_with, Kernel, PassKind};
     use crate::kernels::quant::tests::{random_blocks, BLOCK_TYPES};
     use crate::weights::Tensor;
     use std::time::Instant;
@@ -282,7 +290,7 @@ mod bench {
                                 )
                             } else {
                                 let (x, o) = (&x[..n * k], &mut out[..n * m]);
-                                linear_with(Kernel::Avx2, x, n, w, None, o)
+                                linear_with(Kernel::Avx2, PassKind::Prefill, x, n, w, None, o)
                             }
                         });
                     }
