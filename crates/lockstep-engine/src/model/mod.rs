@@ -25,7 +25,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::faults::Fault;
 use crate::kernels::attention::GqaMapping;
-use crate::kernels::matmul::{linear, PassKind};
+use crate::kernels::matmul::linear;
 use crate::kernels::norm::{rms_norm_with, RmsNormMath};
 use crate::kernels::rope::{RopeLayout, RopeRounding, RopeScaling, RopeTable, ScalingMistake};
 use crate::kernels::{Float, Precision, ResidualDtype};
@@ -616,14 +616,8 @@ impl Model {
         };
         let m = head_in.len() / h;
         let mut logits = vec![T::ZERO; m * c.vocab_size];
-        linear(
-            PassKind::of(n),
-            head_in,
-            m,
-            &self.lm_head,
-            None,
-            &mut logits,
-        );
+        // The pass's kind, however many rows' logits are asked for.
+        linear(pass.kind(), head_in, m, &self.lm_head, None, &mut logits);
         obs.tap(TapName::Logits, TapView::rows(&logits, c.vocab_size));
         Ok(logits)
     }
