@@ -38,8 +38,8 @@ pub enum PassKind {
     Prefill,
     /// One new position per row (a decode step, or prompts of one token): the row kernels,
     /// whose sums do not depend on the other rows, so that a row decodes the same in any batch.
-    /// (One token on the tiles decoded 15% slower than on AVX-512: 23.1-23.4 against
-    /// 27.0-27.6 tok/s on the 0.5B shape, 2026-12-06.)
+    /// (One token on the tiles decoded 15% slower than on AVX-512: 22.9-24.3 against
+    /// 27.0-28.2 tok/s on the 0.5B shape, four runs each in turns, 2026-12-06.)
     Decode,
 }
 
