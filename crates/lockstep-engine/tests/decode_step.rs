@@ -1,6 +1,6 @@
 //! `sequence::decode_step`: rows of different lengths, each with its own cache and position,
 //! decoded together, give bit for bit the logits each row gives alone (f64, f32 and bf16), step
-//! after step, also after a row leaves the batch; with four rows, and with nine on bf16 weights
+//! after step, also after a row leaves the batch; with four rows, and with twelve on bf16 weights
 //! and experts (more than the eight tokens from which a bf16 product once switched to AMX tiles
 //! on such CPUs, which the step then avoided by splitting its batch: a step is now a
 //! `PassKind::Decode` pass at any size).
