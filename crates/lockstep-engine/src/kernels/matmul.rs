@@ -206,7 +206,9 @@ pub fn reads_coded() -> bool {
 
 /// Whether a model codes its BF16 matrices for decode when `LOCKSTEP_CODED_BF16` does not say
 /// (and they fit, [`crate::weights::bf16_coded::auto`]): on the CPUs where reading the coding
-/// was measured faster than reading the stored bytes (AMD Zen 4/5; a subset of [`reads_coded`]).
+/// was measured faster than reading the stored bytes, those whose bf16 decode runs on
+/// `vdpbf16ps` ([`Kernel::decodes_in_pairs`]: AMD Zen 4/5, Intel with AMX; a subset of
+/// [`reads_coded`]).
 pub fn codes_by_default() -> bool {
     #[cfg(target_arch = "x86_64")]
     return coded_avx512::preferred();
@@ -234,25 +236,53 @@ pub enum Kernel {
     /// `f32` and `Bf16` compute, and GGUF block weights as [`Kernel::Avx2`] decodes them (not
     /// run on an AVX-512 machine yet); f64 compute and F16/F64 weights as [`Kernel::Portable`].
     Avx512,
-    /// AVX512_BF16 where it is the faster way (AMD Zen 4/5): [`Bf16`](super::Bf16) compute on
-    /// BF16 weights summed with `vdpbf16ps` (bf16×bf16 products summed in f32, as PyTorch's
-    /// bf16 matmul, in another order than [`Kernel::Avx512`]'s) for any number of tokens, with
-    /// the same bits whatever the batch; everything else as [`Kernel::Avx512`].
+    /// AVX512_BF16: [`Bf16`](super::Bf16) compute on BF16 weights summed with `vdpbf16ps`
+    /// (bf16×bf16 products summed in f32, as PyTorch's bf16 matmul, in another order than
+    /// [`Kernel::Avx512`]'s) for any number of tokens, with the same bits whatever the batch;
+    /// everything else as [`Kernel::Avx512`]. [`Kernel::detect`] picks it where it is the
+    /// faster way for every product (AMD Zen 4/5); on Intel it runs a decode pass of
+    /// [`Kernel::Amx`].
     Avx512Bf16,
-    /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier only:
+    /// AMX-BF16 tiles (x86-64, Linux) for prefill in the faithful bf16 tier:
     /// [`Bf16`](super::Bf16) compute on BF16 weights in a [`PassKind::Prefill`] pass, any
-    /// number of tokens (bf16×bf16 products summed in f32, as PyTorch's bf16 matmul);
-    /// everything else as [`Kernel::Avx512`]. Its sums are added in another order than
-    /// AVX-512's, so there a prefill and a one-token decode of the same token may differ in the
-    /// last bit of a sum (both within f32 reordering error).
+    /// number of tokens (bf16×bf16 products summed in f32, as PyTorch's bf16 matmul). A
+    /// [`PassKind::Decode`] pass's products of the same kind run as [`Kernel::Avx512Bf16`]
+    /// (every AMX CPU has AVX512_BF16), one-token steps on the 12-bit coding where the model
+    /// made it; everything else as [`Kernel::Avx512`]. The tiles add their sums in another
+    /// order than `vdpbf16ps`, so there a prefill and a one-token decode of the same token may
+    /// differ in the last bit of a sum (both within f32 reordering error).
     Amx,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs (found once: every product of a decode step asks).
+    /// The fastest kernel this CPU runs (found once: every product of a decode step asks):
+    /// the last of [`Kernel::available`], but [`Kernel::Avx512Bf16`] only where it is the faster
+    /// way for every product (AMD Zen 4/5; elsewhere [`Kernel::Avx512`] before it, or
+    /// [`Kernel::Amx`] after it, which runs it for decode).
     pub fn detect() -> Kernel {
         static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *FASTEST.get_or_init(|| *Kernel::available().last().unwrap())
+        *FASTEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            let pairs_first = avx512_bf16::preferred();
+            #[cfg(not(target_arch = "x86_64"))]
+            let pairs_first = false;
+            let usable = |k: &Kernel| *k != Kernel::Avx512Bf16 || pairs_first;
+            *Kernel::available().iter().rfind(|k| usable(k)).unwrap()
+        })
+    }
+
+    /// Whether this kernel sums a [`PassKind::Decode`] pass's bf16-compute products on BF16
+    /// weights with `vdpbf16ps` ([`Kernel::Avx512Bf16`] itself, and [`Kernel::Amx`] where the
+    /// CPU has AVX512_BF16).
+    pub fn decodes_in_pairs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            Kernel::Avx512Bf16 => true,
+            Kernel::Amx => avx512_bf16::available(),
+            _ => false,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// Every kernel this CPU runs, slowest first.
@@ -383,6 +413,8 @@ fn swiglu_amx<T: Float>(
     let applies = amx_rule::<T>(Kernel::detect(), kind, n, k)
         && gate.dtype == StoredDtype::BF16
         && up.dtype == StoredDtype::BF16
+        && replacing_coding(gate).is_none()
+        && replacing_coding(up).is_none()
         && gate.shape == up.shape
         && m.is_multiple_of(16);
     let (Some(xf), Some(out)) = (T::as_f32s(x), T::f32_ptr(act.as_mut_ptr())) else {
@@ -489,12 +521,22 @@ fn linear_many_with<T: Float>(
     let packed = (amx_rule::<T>(kernel, kind, n, k) && bf16_weights)
         .then(|| T::as_f32s(x).map(|x| amx::Packed::new(x, n, k)))
         .flatten();
-    // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens.
+    // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens; on AMX a decode pass,
+    // and any pass on a coding that replaced the stored bytes (the tiles read stored bytes).
     #[cfg(target_arch = "x86_64")]
-    let paired =
-        (kernel == Kernel::Avx512Bf16 && T::PRECISION == Precision::BF16 && bf16_weights && k > 0)
-            .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
-            .flatten();
+    let pairs = match kernel {
+        Kernel::Avx512Bf16 => true,
+        Kernel::Amx => {
+            kernel.decodes_in_pairs()
+                && (kind == PassKind::Decode
+                    || products.iter().any(|p| replacing_coding(p.w).is_some()))
+        }
+        _ => false,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let paired = (pairs && T::PRECISION == Precision::BF16 && bf16_weights && k > 0)
+        .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))
+        .flatten();
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (kind, bf16_weights);
     let products = &*products;
@@ -508,7 +550,9 @@ fn linear_many_with<T: Float>(
             let mut raw = rows.clone();
             #[cfg(target_arch = "x86_64")]
             let rest = match (&packed, &paired, T::f32_ptr(dst.ptr)) {
-                (Some(p), _, Some(out)) if w.dtype == StoredDtype::BF16 => {
+                (Some(p), _, Some(out))
+                    if w.dtype == StoredDtype::BF16 && replacing_coding(w).is_none() =>
+                {
                     // Bf16 compute (the packing's condition): bias and rounding in the kernel.
                     let bias = bias.map(|b| T::as_f32s(b).expect("Bf16 holds f32"));
                     let finish = amx::Finish::Bf16 { bias };
@@ -1427,7 +1471,78 @@ pub(crate) mod tests {
                 let b64 = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
                 assert_eq!(b64(&a), b64(&b), "linear m={m} k={k} n={n}");
                 assert!(b.iter().any(|v| v.0 != 0.0));
+                // On AMX, whose tiles read stored bytes, a prefill on the replaced matrix
+                // rebuilds the coding as well (the zeros would give zeros).
+                if Kernel::Amx.runs_here() {
+                    let mut c = vec![Bf16::default(); n * m];
+                    linear_with(Kernel::Amx, PassKind::Prefill, &xb, n, &w, None, &mut c);
+                    assert_eq!(b64(&c), b64(&b), "AMX linear m={m} k={k} n={n}");
+                }
             }
+        }
+    }
+
+    /// On AMX, a decode pass's bf16 products are `vdpbf16ps`'s ([`Kernel::Avx512Bf16`]) bit for
+    /// bit, on the stored bytes for any number of tokens and on the 12-bit coding for one to
+    /// three, while a prefill's stay on the tiles. Each row's second half is its first negated
+    /// and each token's halves alike, so every exact dot is 0 and an output is what the
+    /// kernel's order of adding leaves over: another order (the tiles', the FMA kernel's) shows
+    /// in the bf16 outputs, where a last-bit difference of a sum of normal size would mostly
+    /// round away.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_decode_pass_on_amx_sums_in_pairs() {
+        if !Kernel::Amx.runs_here() {
+            eprintln!("a_decode_pass_on_amx_sums_in_pairs: skipped, no AMX on this CPU");
+            return;
+        }
+        assert!(Kernel::Amx.decodes_in_pairs());
+        let b64 = |v: &[Bf16]| v.iter().map(|v| v.0.to_bits()).collect::<Vec<_>>();
+        // `v`'s rows of `k` with each second half the first half times `sign`.
+        let halves = |v: Vec<f32>, k: usize, sign: f32| -> Vec<f32> {
+            let mut v = v;
+            for row in v.chunks_mut(k) {
+                let (a, b) = row.split_at_mut(k / 2);
+                for (b, a) in b.iter_mut().zip(a.iter()) {
+                    *b = sign * *a;
+                }
+            }
+            v
+        };
+        for (m, k) in [(37, 1030), (131, 896), (20, 2100)] {
+            let vals = halves(pseudo(m * k, 61 + m as u64), k, -1.0);
+            let (_d, stored) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            let (_d2, coded) = tensor_from(&vals, vec![m, k], safetensors::Dtype::BF16);
+            assert!(coded.code_bf16());
+            let mut tiles_differ = false;
+            for n in [1, 2, 3, 4, 12] {
+                let x: Vec<Bf16> = halves(pseudo(n * k, 70 + n as u64), k, 1.0)
+                    .iter()
+                    .map(|&v| Bf16(Bf16(v).to_act_dtype().0))
+                    .collect();
+                let run = |kernel, kind, w: &Tensor| {
+                    let mut out = vec![Bf16::default(); n * m];
+                    linear_with(kernel, kind, &x, n, w, None, &mut out);
+                    b64(&out)
+                };
+                let pairs = run(Kernel::Avx512Bf16, PassKind::Decode, &stored);
+                let what = format!("m={m} k={k} n={n}");
+                assert_eq!(run(Kernel::Amx, PassKind::Decode, &stored), pairs, "{what}");
+                assert_eq!(
+                    run(Kernel::Amx, PassKind::Decode, &coded),
+                    pairs,
+                    "coded {what}"
+                );
+                assert_ne!(
+                    run(Kernel::Avx512, PassKind::Decode, &stored),
+                    pairs,
+                    "{what}"
+                );
+                if n > 1 {
+                    tiles_differ |= run(Kernel::Amx, PassKind::Prefill, &stored) != pairs;
+                }
+            }
+            assert!(tiles_differ, "m={m} k={k}: the tiles gave vdpbf16ps's bits");
         }
     }
 

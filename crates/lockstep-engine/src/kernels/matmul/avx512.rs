@@ -16,7 +16,7 @@
 //! lane accumulates its own strided partial sum, reduced at the end of the chunk, and the
 //! chunks' sums are added in order: the same arithmetic whatever `R`, `N` and the loop order.
 
-use super::coded_avx512::{each_tile_row, prefetch_row, prefetch_start, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_start, Codes};
 use super::CODED_MAX_TOKENS;
 use crate::kernels::simd512::{mask16, round_bf16_x16};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
@@ -316,7 +316,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
             ($r:literal, $check:literal) => {
                 if $r < R {
                     let at = g.add($r * GROUP_BYTES);
-                    prefetch_row(at);
+                    codes.prefetch_row(at);
                     let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                     for q in 0..steps {
                         let half = v[q / 2];

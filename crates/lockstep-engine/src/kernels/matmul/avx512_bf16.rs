@@ -6,12 +6,15 @@
 //! subnormals are below 1.2e-38, irrelevant to a model's activations and weights). Never used
 //! for f32 or f64 compute: it would need their activations rounded to bf16.
 //!
-//! Used only where it is the faster way ([`available`]): on AMD Zen 4/5 `vdpbf16ps` issues as
-//! often as an f32 FMA, so it does twice the work per instruction and needs no widening of the
-//! weights (measured here, AMD EPYC with 2 cores: 0.127 ns per `vdpbf16ps` against 0.115 ns per
-//! FMA, both on 512-bit vectors, 12 independent accumulators). On Intel's Sapphire Rapids it
-//! issues once per cycle against two FMAs and measured slower than widening + FMA
-//! ([`super::avx512`]); there the AMX tiles serve prefill.
+//! Used where it is the faster way. On AMD Zen 4/5 ([`preferred`]) for every bf16 product:
+//! `vdpbf16ps` issues as often as an f32 FMA, so it does twice the work per instruction and
+//! needs no widening of the weights (measured here, AMD EPYC with 2 cores: 0.127 ns per
+//! `vdpbf16ps` against 0.115 ns per FMA, both on 512-bit vectors, 12 independent
+//! accumulators). On Intel's Sapphire Rapids and later it issues once per cycle against two
+//! FMAs, and the AMX tiles serve prefill; there it serves a decode pass's products
+//! ([`super::Kernel::Amx`]), whose one-token steps read the 12-bit coding: rebuilt groups go
+//! straight into `vdpbf16ps`, where the FMA kernel ([`super::avx512`]) must widen them first
+//! (figures in [`super::coded_avx512::preferred`]).
 //!
 //! The activations are packed once per call as bf16 ([`Packed`], each token's row zero-padded
 //! to a multiple of 32); the weights are read in place. A tile is `R` weight rows × `N` tokens
@@ -30,7 +33,7 @@
 //! 0.98-1.19) over scalar stores without the prefetch.
 
 use super::avx512::groups;
-use super::coded_avx512::{each_tile_row, prefetch_row, prefetch_start, Codes};
+use super::coded_avx512::{each_tile_row, prefetch_start, Codes};
 use crate::weights::bf16_coded::{Bf16Coded, GROUP, GROUP_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -46,22 +49,32 @@ const PAIRS: usize = 32;
 /// fit the 32 vector registers.
 const NT: usize = 6;
 
-/// Whether this CPU runs `vdpbf16ps` and it is the faster kernel (AMD: see the module docs).
+/// Whether this CPU runs `vdpbf16ps` (AVX512_BF16, with AVX-512F/BW/VL): where this kernel
+/// can run and its tests run; [`preferred`] and [`super::Kernel::Amx`] say where products use
+/// it.
 pub(super) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        super::avx512::available() && is_x86_feature_detected!("avx512bf16") && is_amd()
-    })
+    *OK.get_or_init(|| super::avx512::available() && is_x86_feature_detected!("avx512bf16"))
 }
 
-/// CPUID leaf 0's vendor string is "AuthenticAMD".
-fn is_amd() -> bool {
-    let r = __cpuid(0);
-    let mut v = [0u8; 12];
-    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
-    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
-    &v == b"AuthenticAMD"
+/// Whether this is the faster kernel for every bf16 product here, a prefill's too (AMD: see the
+/// module docs): [`super::Kernel::detect`] picks it there.
+pub(super) fn preferred() -> bool {
+    available() && is_amd()
+}
+
+/// CPUID leaf 0's vendor string is "AuthenticAMD" (asked once: in a virtual machine each
+/// `cpuid` exits to the host).
+pub(super) fn is_amd() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
+        let r = __cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    })
 }
 
 /// The activations as bf16: token `t`'s `k` values at `t·stride`, zero-padded to `stride`
@@ -329,7 +342,7 @@ unsafe fn tile_coded<const R: usize, const N: usize>(
                 ($r:literal, $check:literal) => {
                     if $r < R {
                         let at = g.add($r * GROUP_BYTES);
-                        prefetch_row(at);
+                        codes.prefetch_row(at);
                         let v = codes.row::<$check>(at, (c, j + $r, c0 + i));
                         for half in 0..steps {
                             let v = if !$masked {

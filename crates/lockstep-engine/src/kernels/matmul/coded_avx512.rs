@@ -53,19 +53,23 @@ pub(super) fn readable() -> bool {
 }
 
 /// Whether a model codes its BF16 matrices when nobody asks (`LOCKSTEP_CODED_BF16` unset or
-/// `auto`): where [`super::avx512_bf16`] runs (AMD Zen 4/5), where it was measured faster. Not
-/// yet on Intel, though its FMA kernel reads the coding ([`readable`]; `LOCKSTEP_CODED_BF16=1`
-/// makes it): there the first rebuild, three cross-lane byte permutes per group, cost more
-/// than the bytes it saved (a 2-core Xeon with AMX, `lockstep bench --dtype bf16`, the 0.5B
-/// shape, coding forced off then on, three rounds: 29.3 → 26.3, 28.6 → 26.2, 28.5 → 25.6
-/// tok/s, the stored matrices read at 83% of the 35 GB/s measured). The in-lane rebuild that
-/// replaced it has not been measured on Intel.
+/// `auto`): where a bf16 decode step reads the coding with `vdpbf16ps`
+/// ([`super::Kernel::Avx512Bf16`] on AMD Zen 4/5, a decode pass of [`super::Kernel::Amx`] on
+/// Intel), where it was measured faster than the stored matrices.
+///
+/// On Intel the first rebuild (three cross-lane byte permutes per group) read by the FMA kernel
+/// cost more than the bytes it saved (a 2-core Xeon with AMX, 0.5B shape, coding off then on:
+/// 29.3 → 26.3, 28.6 → 26.2, 28.5 → 25.6 tok/s). With the in-lane rebuild, `vdpbf16ps` (no
+/// widening of the rebuilt vectors) and the lines asked into L2 ([`PREFETCH_AHEAD`]), the same
+/// kind of machine (2026-12-06, `lockstep bench --dtype bf16 --prompt-tokens 16 --new-tokens
+/// 64 --repeat 3`, in turns): stored, FMA 23.4 and 23.7 tok/s; coded, `vdpbf16ps`, lines into
+/// L1 23.2-24.3; into L2 27.1-28.2.
 pub(super) fn preferred() -> bool {
-    super::avx512_bf16::available()
+    super::Kernel::detect().decodes_in_pairs()
 }
 
 /// How far ahead of the group being summed the decode kernels ask for the coded bytes
-/// ([`prefetch_row`]): 8 KiB, about ten groups of an 8-row tile.
+/// ([`Codes::prefetch_row`]): 8 KiB, about ten groups of an 8-row tile.
 ///
 /// The hardware's own prefetch alone left the kernel behind the memory. Over every matrix of a
 /// 0.5B-shape decode step (169 products in turn on a team of two, 0.74 GB coded), against a
@@ -79,10 +83,39 @@ pub(super) fn preferred() -> bool {
 /// tok/s, f32 34.0-34.8 → 43.3-51.7.
 pub(super) const PREFETCH_AHEAD: usize = 8 << 10;
 
+/// Into which cache [`Codes::prefetch_row`] asks for the lines ahead: L1 on AMD, L2 on Intel
+/// (see there).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// `prefetcht0`.
+    IntoL1,
+    /// `prefetcht1`.
+    IntoL2,
+}
+
+impl Ahead {
+    /// This CPU's.
+    fn here() -> Ahead {
+        match super::avx512_bf16::is_amd() {
+            true => Ahead::IntoL1,
+            false => Ahead::IntoL2,
+        }
+    }
+}
+
 /// Asks for the two cache lines that hold the row's group [`PREFETCH_AHEAD`] past `at` (a
 /// row's group in a tile: 96 bytes that start on a line or half-way through one, the region
-/// starting on 64 bytes) to be brought into L1. A hint: an address past the matrix (its last
-/// groups) is never read, and asking for it cannot fault.
+/// starting on 64 bytes) to be brought into L1 on AMD and into L2 on Intel. A hint: an address
+/// past the matrix (its last groups) is never read, and asking for it cannot fault.
+///
+/// Into L2 on Intel: a line asked into L1 holds one of the core's few L1 fill buffers until it
+/// arrives, and the rebuild's work per byte leaves the core fewer of its own loads in flight
+/// than a plain read has. On a 2-core Xeon with AMX (2026-12-06, the coded 0.5B-shape LM head
+/// alone, 151936 × 896, `examples/bench_coded` with `vdpbf16ps`, two rounds of three): into L1
+/// 18.3-21.3 GB/s of coded bytes, into L2 21.9-23.2, into L3 (`T2`) 20.3-23.4, into L2 8 KiB
+/// ahead and into L1 1 KiB ahead 22.1-23.9, non-temporal 11.2-13.1; into L2 2-16 KiB ahead
+/// within the noise of each other. Whole decode steps in the doc of [`preferred`]. On AMD (Zen
+/// 5) into L2 read 83-85% of a plain read where into L1 read 96-101% (below).
 ///
 /// Asked row by row, between the rows' sums, rather than a group's twelve lines at once ahead of
 /// its eight rows: the same lines, the requests spread over the work. Over every product of a
@@ -95,14 +128,22 @@ pub(super) const PREFETCH_AHEAD: usize = 8 << 10;
 /// # Safety
 /// SSE present (every x86-64).
 #[inline(always)]
-pub(super) unsafe fn prefetch_row(at: *const u8) {
+unsafe fn prefetch_row(at: *const u8, into: Ahead) {
     let ahead = at.wrapping_add(PREFETCH_AHEAD);
-    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+    match into {
+        Ahead::IntoL1 => {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+        }
+        Ahead::IntoL2 => {
+            _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64).cast());
+        }
+    }
 }
 
 /// Asks for the first [`PREFETCH_AHEAD`] bytes of the groups of `rows`, where a kernel call
-/// starts: [`prefetch_row`] asks for each row's lines that far ahead, so without this a call's
+/// starts: [`Codes::prefetch_row`] asks for each row's lines that far ahead, so without this a call's
 /// first bytes come on demand, one miss after another (a decode step makes a call for every
 /// run of pieces a thread takes, [`super::shares`]). Measured with the memory at ~45 GB/s
 /// only: 0.993× a 0.5B-shape step's time (30 pairs in turns, 2 cores of an AMD EPYC Zen 5).
@@ -130,6 +171,8 @@ pub(super) struct Codes {
     shifts: __m512i,
     /// 0x0F in every byte: a code's nibble (`vpshufb` zeroes a byte whose index has bit 7).
     nibble: __m512i,
+    /// Where [`Codes::prefetch_row`] asks for the lines ahead.
+    ahead: Ahead,
 }
 
 impl Codes {
@@ -145,7 +188,17 @@ impl Codes {
             escape: _mm512_set1_epi8(c.table[ESCAPE as usize] as i8),
             shifts: _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4)),
             nibble: _mm512_set1_epi8(0x0F),
+            ahead: Ahead::here(),
         }
+    }
+
+    /// [`prefetch_row`] into this CPU's cache ([`Ahead`]).
+    ///
+    /// # Safety
+    /// SSE present (every x86-64).
+    #[inline(always)]
+    pub(super) unsafe fn prefetch_row(&self, at: *const u8) {
+        prefetch_row(at, self.ahead)
     }
 
     /// The 64 bf16 of the group at `g` (row `row`, first column `col` of matrix `c`) as two
