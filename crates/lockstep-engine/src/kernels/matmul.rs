@@ -216,6 +216,19 @@ pub fn codes_by_default() -> bool {
     false
 }
 
+/// Whether a model whose codings fit in memory only in place of its BF16 matrices gets them so
+/// by default ([`crate::weights::bf16_coded::auto`]): where [`codes_by_default`] and a prefill
+/// sums with `vdpbf16ps` too ([`Kernel::Avx512Bf16`] picked for every product: AMD Zen 4/5),
+/// so that rebuilding the coding costs the prefill little. Not on AMX, whose tiles read stored
+/// bytes: there a prefill on codings in place would run on `vdpbf16ps`, 5.8× the tiles' time
+/// on the 7B shape's gate matrix at 128 tokens (`examples/bench_linear`, stored bytes: 113.2
+/// against 19.4 ms, a 2-core Xeon, 2026-12-06), while that shape's decode was no faster for the
+/// coding (`lockstep bench`, one repeat each in turns: 1.47 and 1.84 tok/s coded against 1.80
+/// and 1.57 stored).
+pub fn codes_in_place_by_default() -> bool {
+    codes_by_default() && Kernel::detect() == Kernel::Avx512Bf16
+}
+
 /// Most tokens a product reads a coded matrix for ([`reads_coded`]): a decode step of up to
 /// three sequences; more read the stored bytes.
 pub const CODED_MAX_TOKENS: usize = 3;

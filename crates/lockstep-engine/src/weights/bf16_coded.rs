@@ -117,7 +117,8 @@ pub fn place(
 /// goes beside the mapped weights where it fits with them within
 /// [`crate::streaming::AUTO_FRACTION`] of the free memory (the weights must stay in memory: a
 /// copy that pushed them out would cost more than it saves), else in the matrices' place where
-/// it fits so. Qwen2.5-7B in bf16 on a 23 GB machine: 15.2 GB of weights and 10.6 GB of codings
+/// it fits so and the prefill reads codings at its own speed
+/// ([`crate::kernels::matmul::codes_in_place_by_default`]: not on AMX). Qwen2.5-7B in bf16 on a 23 GB machine: 15.2 GB of weights and 10.6 GB of codings
 /// do not fit together, 1.1 GB of embeddings and norms and the codings do.
 pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> Place {
     let fits =
@@ -127,7 +128,9 @@ pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) 
         Place::Nowhere
     } else if fits(mapped + coding) {
         Place::Beside
-    } else if fits((mapped - matrices as f64).max(0.0) + coding) {
+    } else if crate::kernels::matmul::codes_in_place_by_default()
+        && fits((mapped - matrices as f64).max(0.0) + coding)
+    {
         Place::Instead
     } else {
         Place::Nowhere
@@ -972,9 +975,14 @@ mod tests {
     #[test]
     fn auto_codes_beside_the_weights_what_fits_there_and_in_their_place_what_fits_so() {
         let gib = 1u64 << 30;
-        let (beside, instead) = match crate::kernels::matmul::codes_by_default() {
-            true => (Place::Beside, Place::Instead),
-            false => (Place::Nowhere, Place::Nowhere),
+        use crate::kernels::matmul::{codes_by_default, codes_in_place_by_default};
+        let beside = match codes_by_default() {
+            true => Place::Beside,
+            false => Place::Nowhere,
+        };
+        let instead = match codes_in_place_by_default() {
+            true => Place::Instead,
+            false => Place::Nowhere,
         };
         // 1 GiB of matrices (0.75 coded) beside 1 GiB mapped, 10 GiB free: beside them where the
         // CPU sums coded matrices.
