@@ -118,8 +118,9 @@ pub fn place(
 /// [`crate::streaming::AUTO_FRACTION`] of the free memory (the weights must stay in memory: a
 /// copy that pushed them out would cost more than it saves), else in the matrices' place where
 /// it fits so and the prefill reads codings at its own speed
-/// ([`crate::kernels::matmul::codes_in_place_by_default`]: not on AMX). Qwen2.5-7B in bf16 on a 23 GB machine: 15.2 GB of weights and 10.6 GB of codings
-/// do not fit together, 1.1 GB of embeddings and norms and the codings do.
+/// ([`crate::kernels::matmul::codes_in_place_by_default`]: not on AMX). Qwen2.5-7B in bf16 on
+/// a 23 GB machine: 15.2 GB of weights and 10.6 GB of codings do not fit together, 1.1 GB of
+/// embeddings and norms and the codings do.
 pub fn auto(mapped: u64, matrices: u64, available: Option<u64>, streamed: bool) -> Place {
     let fits =
         |held: f64| available.is_some_and(|a| held <= crate::streaming::AUTO_FRACTION * a as f64);
