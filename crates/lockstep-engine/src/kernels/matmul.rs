@@ -537,15 +537,10 @@ fn linear_many_with<T: Float>(
     // AVX512_BF16: Bf16 compute on BF16 weights, any number of tokens; on AMX a decode pass,
     // and any pass on a coding that replaced the stored bytes (the tiles read stored bytes).
     #[cfg(target_arch = "x86_64")]
-    let pairs = match kernel {
-        Kernel::Avx512Bf16 => true,
-        Kernel::Amx => {
-            kernel.decodes_in_pairs()
-                && (kind == PassKind::Decode
-                    || products.iter().any(|p| replacing_coding(p.w).is_some()))
-        }
-        _ => false,
-    };
+    let pairs = kernel.decodes_in_pairs()
+        && (kernel == Kernel::Avx512Bf16
+            || kind == PassKind::Decode
+            || products.iter().any(|p| replacing_coding(p.w).is_some()));
     #[cfg(target_arch = "x86_64")]
     let paired = (pairs && T::PRECISION == Precision::BF16 && bf16_weights && k > 0)
         .then(|| T::as_f32s(x).map(|x| avx512_bf16::Packed::new(x, n, k)))

@@ -143,9 +143,9 @@ unsafe fn prefetch_row(at: *const u8, into: Ahead) {
 }
 
 /// Asks for the first [`PREFETCH_AHEAD`] bytes of the groups of `rows`, where a kernel call
-/// starts: [`Codes::prefetch_row`] asks for each row's lines that far ahead, so without this a call's
-/// first bytes come on demand, one miss after another (a decode step makes a call for every
-/// run of pieces a thread takes, [`super::shares`]). Measured with the memory at ~45 GB/s
+/// starts: [`Codes::prefetch_row`] asks for each row's lines that far ahead, so without this a
+/// call's first bytes come on demand, one miss after another (a decode step makes a call for
+/// every run of pieces a thread takes, [`super::shares`]). Measured with the memory at ~45 GB/s
 /// only: 0.993× a 0.5B-shape step's time (30 pairs in turns, 2 cores of an AMD EPYC Zen 5).
 ///
 /// # Safety
