@@ -15,6 +15,7 @@
 //! time (exact bf16 products summed in f32 in the tiles' order), as the bf16 prefill's matmuls
 //! already do on such a CPU. The probabilities are formed from the scores exactly as elsewhere.
 
+use super::line_aligned::LineAligned;
 #[cfg(target_arch = "x86_64")]
 use super::matmul::dot_lane_pairs;
 use super::{as_f32, as_f32_mut, round_bf16, Bf16, Float};
@@ -564,10 +565,11 @@ struct Heads<'a, T, C> {
 /// once per kv head, not once per query head: the conversions were a quarter of the AMX
 /// attention's thread time at 512 tokens of the 0.5B shape (7 query heads per kv head).
 struct AmxKv {
-    /// `[s32][D]` bf16 bits, little-endian.
-    keys: Vec<u8>,
-    /// `[D][s32]` bf16 bits, little-endian.
-    values: Vec<u8>,
+    /// `[s32][D]` bf16 bits, little-endian, from a cache line (so that the tiles read them in
+    /// place, [`super::matmul::amx_sums`]).
+    keys: LineAligned<u8>,
+    /// `[D][s32]` bf16 bits, little-endian, from a cache line.
+    values: LineAligned<u8>,
     /// `s32`: the keys counted up to a multiple of 32 (the zero keys past the last included).
     s32: usize,
 }
@@ -579,13 +581,13 @@ impl AmxKv {
         let (s_len, stride) = (layout.keys, layout.row);
         let bits = |v: L| v.bf16_bits();
         let s32 = s_len.next_multiple_of(32);
-        let mut keys = vec![0u8; s32 * d * 2];
+        let mut keys = LineAligned::new(s32 * d * 2, 0u8);
         for (s, row) in keys.chunks_exact_mut(d * 2).take(s_len).enumerate() {
             for (o, &x) in row.chunks_exact_mut(2).zip(&k[s * stride..][..d]) {
                 o.copy_from_slice(&bits(x).to_le_bytes());
             }
         }
-        let mut values = vec![0u8; d * s32 * 2];
+        let mut values = LineAligned::new(d * s32 * 2, 0u8);
         for s in 0..s_len {
             for (i, &x) in v[s * stride..][..d].iter().enumerate() {
                 values[(i * s32 + s) * 2..][..2].copy_from_slice(&bits(x).to_le_bytes());

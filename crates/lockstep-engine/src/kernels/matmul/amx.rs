@@ -4,7 +4,10 @@
 //! activations rounded to bf16.
 //!
 //! `tdpbf16ps` computes `C[M×N] += A[M×K]·B[K×N]` on tiles of 16 rows × 64 bytes:
-//! - A: 16 consecutive weight rows, 32 bf16 of `k` each, read in place (row stride `k·2` bytes);
+//! - A: 16 consecutive weight rows, 32 bf16 of `k` each, from a [`Panel`]: a block of rows and of
+//!   `k` copied onto cache lines (the files' rows start wherever the file put them, and a tile
+//!   load from rows off a line boundary costs ~6.5 times as much), read in place where the rows
+//!   already start on lines;
 //! - B: 16 tokens' activations in AMX's pair layout, packed once per call by [`Packed::new`]:
 //!   tile row `r` holds, for each token, the pair `(x[tok][2r], x[tok][2r+1])`. The packing
 //!   runs on the threads, a 16-token group each, and per tile gathers each token's 16 pairs in
@@ -24,9 +27,15 @@
 //!   (`prefill_profile`'s gate/up/SwiGLU step, 0.5B shape, 512 tokens: 208-212 → 177-190 ms a
 //!   pass).
 //!
-//! The products are bound by the tile loads on the machines measured: a `tileloadd` costs about
-//! three `tdpbf16ps`, and the 2 × 2 block of four accumulators (the most eight tile registers
-//! hold) needs one load per product, which caps one core near 1.1 TFLOP/s (README, "Speed").
+//! A product runs in blocks ([`run`]): token groups 32 at a time, `k` in blocks whose packed
+//! activations stay in L2, rows a panel at a time, the next panel's bytes asked into L2 while
+//! one runs ([`Ahead`]); a block's sums wait between blocks of `k` in memory, stored and loaded
+//! back exactly, so the sums are those of one pass over `k`. The 2 × 2 block of four
+//! accumulators (the most eight tile registers hold) needs one tile load per product: on an
+//! Intel Xeon with AMX (2026-12-06) a `tdpbf16ps` takes 14 cycles, a `tileloadd` 6.8 from L1 on
+//! cache lines and 44 off them (every row split over two lines), and the loop of loads and
+//! products runs at 14 cycles a product from L1, ~22 from L2 (plain loops of these instructions).
+//! (The "one load costs about three products" measured before was the misaligned load.)
 //!
 //! Each product of two bf16 is exact in f32; the instruction adds them to the f32 accumulator
 //! one pair at a time with nearest-even rounding, but treats subnormal inputs as zero and flushes
@@ -114,10 +123,19 @@ const T16: usize = 16;
 /// The activations packed for B tiles: token group `g` (16 tokens), chunk `c` of 32 elements of
 /// `k` is one 1 KiB tile at `(g·chunks + c)·512` u16, row `r` = 16 pairs
 /// `(x[16g + tok][32c + 2r], x[16g + tok][32c + 2r + 1])`; padding tokens and elements are zero.
+/// The data start on a cache line: a tile load from an address that is not 64-byte aligned
+/// splits each of its 16 rows over two lines and costs ~6.5 times as much (this machine's AMX:
+/// 44 against 6.8 cycles a `tileloadd` from L1, 14 a `tdpbf16ps`), so the tiles waited on the
+/// loads.
 pub(super) struct Packed {
-    data: Vec<u16>,
+    data: Vec<TileRow>,
     chunks: usize,
 }
+
+/// One 64-byte tile row of 32 bf16, on a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct TileRow([u16; ROW / 2]);
 
 impl Packed {
     /// Packs `n` tokens of `k` activations (bf16 values held in f32: the high half is exact),
@@ -139,8 +157,8 @@ impl Packed {
         let chunks = k.div_ceil(KT);
         let groups = n.div_ceil(T16);
         let per_group = chunks * T16 * ROW / 2;
-        let mut data = Vec::<u16>::with_capacity(groups * per_group);
-        let dst = crate::team::SendPtr(data.as_mut_ptr());
+        let mut data = Vec::<TileRow>::with_capacity(groups * chunks * T16);
+        let dst = crate::team::SendPtr(data.as_mut_ptr().cast::<u16>());
         let group = |g: usize| {
             // SAFETY: AVX-512F/BW come with AMX ([`available`], checked by the caller); group
             // `g` writes its own `per_group` values, inside the capacity.
@@ -152,15 +170,13 @@ impl Packed {
             (0..groups).for_each(group);
         }
         // SAFETY: every group wrote all of its values (each chunk's 16 tile rows).
-        unsafe { data.set_len(groups * per_group) };
+        unsafe { data.set_len(groups * chunks * T16) };
         Packed { data, chunks }
     }
 
     /// The B tile of token group `g`, chunk `c`.
     fn tile(&self, g: usize, c: usize) -> *const u8 {
-        self.data[(g * self.chunks + c) * T16 * ROW / 2..]
-            .as_ptr()
-            .cast()
+        self.data[(g * self.chunks + c) * T16..].as_ptr().cast()
     }
 }
 
@@ -308,31 +324,11 @@ pub(super) unsafe fn sums_strided(
     if let Finish::Bf16 { bias: Some(b) } = finish {
         assert_eq!(b.len(), m);
     }
-    let tiles = (rows.end - rows.start) / T16;
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-    // Pairs of token groups × pairs of row tiles (each A tile feeds two products, each B tile
-    // two), then the odd ones. Token groups outside: a pair's packed activations are read
-    // again by every row tile of the task while still in cache, and its outputs are written
-    // as 32 tokens' rows growing line by line (rows outside: 0.5B gate product of 512 tokens
-    // 6.2 -> 5.3 ms, down 4.0 -> 3.3).
-    let groups = n.div_ceil(T16);
-    let mut pending = Pending::new(Target { n, m, out, finish });
-    for g in (0..groups).step_by(2) {
-        for rt in (0..tiles).step_by(2) {
-            let j = rows.start + rt * T16;
-            let a0 = w.as_ptr().add(j * wrow);
-            let a = ([a0, a0.wrapping_add(T16 * wrow)], wrow);
-            match (tiles - rt >= 2, groups - g >= 2) {
-                (true, true) => block::<2, 2>(p, k, a, j, g, &mut pending),
-                (true, false) => block::<2, 1>(p, k, a, j, g, &mut pending),
-                (false, true) => block::<1, 2>(p, k, a, j, g, &mut pending),
-                (false, false) => block::<1, 1>(p, k, a, j, g, &mut pending),
-            }
-        }
-    }
-    pending.finish();
-    asm!("tilerelease", options(nomem, nostack, preserves_flags));
-    rows.start + tiles * T16..rows.end
+    let src = Source {
+        w: [w.as_ptr(), std::ptr::null()],
+        wrow,
+    };
+    whole_tiles(p, n, k, src, rows, Target { n, m, out, finish })
 }
 
 /// The MLP's `out[t·m + j] = silu(Σ_i x[t·k + i]·gate[j][i]) · Σ_i x[t·k + i]·up[j][i]`,
@@ -358,67 +354,376 @@ pub(super) unsafe fn swiglu_sums(
 ) -> Range<usize> {
     assert!(gate.len() == m * k * 2 && up.len() == m * k * 2);
     assert!(rows.end <= m && p.chunks == k.div_ceil(KT));
-    let tiles = (rows.end - rows.start) / T16;
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-    let groups = n.div_ceil(T16);
+    let src = Source {
+        w: [gate.as_ptr(), up.as_ptr()],
+        wrow: k * 2,
+    };
     let finish = Finish::SwiGlu;
-    let mut pending = Pending::new(Target { n, m, out, finish });
-    for g in (0..groups).step_by(2) {
-        for rt in 0..tiles {
-            let j = rows.start + rt * T16;
-            let a = (
-                [gate.as_ptr().add(j * k * 2), up.as_ptr().add(j * k * 2)],
-                k * 2,
-            );
-            match groups - g >= 2 {
-                true => block::<2, 2>(p, k, a, j, g, &mut pending),
-                false => block::<2, 1>(p, k, a, j, g, &mut pending),
+    whole_tiles(p, n, k, src, rows, Target { n, m, out, finish })
+}
+
+/// [`run`] over the whole 16-row tiles of `rows`; returns the rows left (fewer than 16).
+///
+/// # Safety
+/// As [`run`].
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn whole_tiles(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    src: Source,
+    rows: Range<usize>,
+    target: Target,
+) -> Range<usize> {
+    let done = rows.start + (rows.end - rows.start) / T16 * T16;
+    run(p, n, k, src, rows.start..done, target, BLOCKING);
+    done..rows.end
+}
+
+/// The weight rows a product reads: one matrix (`w[1]` null), or the gate's and the up's.
+#[derive(Clone, Copy)]
+struct Source {
+    w: [*const u8; 2],
+    /// Bytes from one row to the next, in each.
+    wrow: usize,
+}
+
+/// How [`run`] cuts a product: token groups, blocks of `k`, panels of rows.
+#[derive(Clone, Copy)]
+struct Blocking {
+    /// Token groups (of 16) taken at a time: their packed activations for one block of `k`
+    /// stay in L2 while every panel of weights passes over them.
+    groups: usize,
+    /// Bytes of packed activations (of `groups` token groups) for one block of `k`: the tiles
+    /// read them again for every pair of row tiles, so they should stay in L2 (2 MiB a core on
+    /// the machines measured) beside a panel, the next panel coming in ([`Ahead`]) and the
+    /// partial sums ([`Panel`]).
+    k_block_bytes: usize,
+    /// Bytes of weights (one matrix's rows, or the gate's and the up's together) for one block
+    /// of `k` copied onto cache lines at a time ([`Panel`]): they are read again for every
+    /// pair of token groups.
+    panel_bytes: usize,
+}
+
+/// The products' [`Blocking`]. 0.5B shape, 512 tokens, 2 cores of an Intel Xeon with AMX
+/// (2026-12-06, `prefill_profile`, two rounds each, the gate/up/SwiGLU step and the down
+/// product): 32 groups, 1 MiB, 128 KiB: 140.0 and 139.3, 101.5 and 102.6 ms a pass; with
+/// 256 KiB panels 149.2 and 147.1, 104.2 and 102.7; 16 groups with 512 KiB of `k` blocks 158.5
+/// and 162.3, 107.1 and 111.3; 8 groups 172.5 and 172.7, 111.9 and 115.2; 32 groups with
+/// 512 KiB 184.3 and 182.3, 106.5 and 109.3. Before the panels (the rows read in place, 32
+/// bytes into their lines, all of a task's rows for every pair of token groups): 177.5-194.4
+/// and 104.7-114.0.
+const BLOCKING: Blocking = Blocking {
+    groups: 32,
+    k_block_bytes: 1 << 20,
+    panel_bytes: 128 << 10,
+};
+
+/// Runs every block of `rows` (whole 16-row tiles) × every token of `p` for `target`: token
+/// groups `blocking.groups` at a time; for those, the rows a panel at a time; for a panel,
+/// `k` a block at a time (the panel's rows of that block copied onto cache lines, [`Panel`]),
+/// every pair of token groups × pair of row tiles over it. A block's sums stay in the tiles
+/// over its `k` block and wait in the panel's partial sums between blocks of `k`: stored and
+/// loaded back exactly, and added to in the same order of `k`, so the sums are the bits of one
+/// pass over all of `k`.
+///
+/// # Safety
+/// As [`sums`] for `src`'s matrices (each `wrow` bytes a row, every row of `rows` there) and
+/// `target`; `rows` whole tiles.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn run(
+    p: &Packed,
+    n: usize,
+    k: usize,
+    src: Source,
+    rows: Range<usize>,
+    target: Target,
+    blocking: Blocking,
+) {
+    let Blocking {
+        groups: at_a_time,
+        k_block_bytes,
+        panel_bytes,
+    } = blocking;
+    let swiglu = !src.w[1].is_null();
+    let mats = if swiglu { 2 } else { 1 };
+    let groups = n.div_ceil(T16);
+    // Chunks of `k` per block (the blocks as even as they can be).
+    let most = (k_block_bytes / (at_a_time * T16 * ROW)).max(1);
+    let kb = p.chunks.div_ceil(p.chunks.div_ceil(most).max(1)).max(1);
+    let line = kb * ROW;
+    // A plain product's blocks take two row tiles of one matrix, SwiGLU's one of each.
+    let unit = if swiglu { T16 } else { 2 * T16 };
+    let per_panel = (panel_bytes / (mats * line) / unit).max(1) * unit;
+    // Rows that already start on cache lines, whole chunks long, are read where they are.
+    let in_place = k.is_multiple_of(KT)
+        && src.wrow.is_multiple_of(ROW)
+        && src.w.iter().all(|w| (*w as usize).is_multiple_of(ROW));
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+    let mut pending = Pending::new(target);
+    // Every (token groups, panel, block of `k`) in the order they run; the next one's bytes
+    // are asked for while one runs.
+    let mut steps = vec![];
+    for g0 in (0..groups).step_by(at_a_time) {
+        for start in (rows.start..rows.end).step_by(per_panel) {
+            for c0 in (0..p.chunks).step_by(kb) {
+                let gs = g0..(g0 + at_a_time).min(groups);
+                let ps = start..(start + per_panel).min(rows.end);
+                steps.push((gs, ps, c0..(c0 + kb).min(p.chunks)));
             }
         }
     }
+    PANEL.with_borrow_mut(|panel| {
+        for (i, (gs, ps, cs)) in steps.iter().enumerate() {
+            let tiles = ps.len() / T16;
+            let (a, line) = if in_place {
+                let at = |w: *const u8| w.wrapping_add(ps.start * src.wrow + cs.start * KT * 2);
+                (src.w.map(at), src.wrow)
+            } else {
+                (panel.fill(src, ps.clone(), cs.clone(), k, line), line)
+            };
+            let pairs = if swiglu { tiles } else { tiles.div_ceil(2) };
+            let sums = panel.partial(pairs * gs.len().div_ceil(2));
+            let issued = pairs * gs.len().div_ceil(2) * cs.len();
+            let mut ahead = match steps.get(i + 1) {
+                Some((_, ps, cs)) if !in_place => {
+                    Ahead::new(src, ps.clone(), cs.clone(), k, issued)
+                }
+                _ => Ahead::none(),
+            };
+            let acc = |g: usize, pair: usize| Acc {
+                first: cs.start == 0,
+                last: cs.end == p.chunks,
+                sums: sums.add(((g - gs.start) / 2 * pairs + pair) * 4),
+            };
+            for g in gs.clone().step_by(2) {
+                let two = gs.end - g >= 2;
+                for pair in 0..pairs {
+                    let (rt, acc) = (if swiglu { pair } else { 2 * pair }, acc(g, pair));
+                    let j = ps.start + rt * T16;
+                    let blk = (
+                        if swiglu {
+                            [a[0], a[1]].map(|w| w.add(rt * T16 * line))
+                        } else {
+                            let a0 = a[0].add(rt * T16 * line);
+                            [a0, a0.wrapping_add(T16 * line)]
+                        },
+                        line,
+                    );
+                    let (cs, pd, ah) = (cs.clone(), &mut pending, &mut ahead);
+                    match (swiglu || tiles - rt >= 2, two) {
+                        (true, true) => block::<2, 2>(p, blk, j, g, cs, acc, pd, ah),
+                        (true, false) => block::<2, 1>(p, blk, j, g, cs, acc, pd, ah),
+                        (false, true) => block::<1, 2>(p, blk, j, g, cs, acc, pd, ah),
+                        (false, false) => block::<1, 1>(p, blk, j, g, cs, acc, pd, ah),
+                    }
+                }
+            }
+        }
+    });
     pending.finish();
     asm!("tilerelease", options(nomem, nostack, preserves_flags));
-    rows.start + tiles * T16..rows.end
 }
 
-/// `R` row tiles × `N` token groups from group `g`, over all of `k`, for `pending`'s target:
-/// row tile `r` is the 16 weight rows from `a.0[r]`, `a.1` bytes apart. For every finish but
-/// [`Finish::SwiGlu`] they are rows `j..j + 16R` of one matrix, and their outputs go to those
-/// rows; for [`Finish::SwiGlu`] they are the gate's and the up's rows `j..j + 16`, whose
-/// outputs go to rows `j..j + 16`. The block's sums are left in `pending` for the next block (or the caller,
-/// after the last) to finish; the previous block's are finished here ([`Pending`]).
+/// Where a block's sums start and end for one block of `k`.
+#[derive(Clone, Copy)]
+struct Acc {
+    /// The block of `k` is the first: the sums start at zero (else they are loaded from `sums`).
+    first: bool,
+    /// It is the last: the sums go to [`Pending`] to be finished (else back to `sums`).
+    last: bool,
+    /// The block's four C tiles between blocks of `k` (tile `i` at `sums[i]`).
+    sums: *mut [[f32; T16]; T16],
+}
+
+thread_local! {
+    /// This thread's [`Panel`], grown to the largest it has held.
+    static PANEL: std::cell::RefCell<Panel> = const {
+        std::cell::RefCell::new(Panel { rows: Vec::new(), sums: Vec::new() })
+    };
+}
+
+/// Weight rows copied onto cache lines for the A tiles, each row zero-padded to a whole number
+/// of 32-value chunks, and the partial sums of the blocks over them. The matrices' rows in the
+/// files start wherever the file put them (a safetensors file's tensors 32 bytes into a line
+/// in the 0.5B fixture); a tile load from rows that are not 64-byte aligned splits each row over
+/// two lines and costs ~6.5 times as much (44 against 6.8 cycles a `tileloadd` from L1 on an
+/// Intel Xeon with AMX, 14 a `tdpbf16ps`). The copy also gives the last chunk of `k` its zero
+/// padding, which the tiles read past the row's end.
+struct Panel {
+    rows: Vec<TileRow>,
+    sums: Vec<CTile>,
+}
+
+/// One C tile's sums, `[16 rows][16 tokens]` f32, on cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CTile([[f32; T16]; T16]);
+
+impl Panel {
+    /// Copies the chunks `cs` of `k` of rows `ps` of each of `src`'s matrices into this panel,
+    /// each row `line` bytes (`cs.len()` chunks or more) with zeros after its values; returns
+    /// where each matrix's rows start (the second null for one matrix).
+    ///
+    /// # Safety
+    /// `src`'s matrices hold the rows `ps`, each `k·2` bytes long.
+    unsafe fn fill(
+        &mut self,
+        src: Source,
+        ps: Range<usize>,
+        cs: Range<usize>,
+        k: usize,
+        line: usize,
+    ) -> [*const u8; 2] {
+        let mats = if src.w[1].is_null() { 1 } else { 2 };
+        let lines = mats * ps.len() * line / ROW;
+        if self.rows.len() < lines {
+            self.rows = vec![TileRow([0; ROW / 2]); lines];
+        }
+        let (from, len) = (cs.start * KT * 2, (k.min(cs.end * KT) - cs.start * KT) * 2);
+        let base = self.rows.as_mut_ptr().cast::<u8>();
+        let mut starts = [std::ptr::null(); 2];
+        for (i, w) in src.w.iter().take(mats).enumerate() {
+            let dst = base.add(i * ps.len() * line);
+            for (r, row) in ps.clone().enumerate() {
+                let d = dst.add(r * line);
+                std::ptr::copy_nonoverlapping(w.add(row * src.wrow + from), d, len);
+                std::ptr::write_bytes(d.add(len), 0, line - len);
+            }
+            starts[i] = dst.cast_const();
+        }
+        starts
+    }
+
+    /// Room for `blocks` blocks' four C tiles each.
+    fn partial(&mut self, blocks: usize) -> *mut [[f32; T16]; T16] {
+        if self.sums.len() < 4 * blocks {
+            self.sums = vec![CTile([[0.0; T16]; T16]); 4 * blocks];
+        }
+        self.sums.as_mut_ptr().cast()
+    }
+}
+
+/// The next panel's source bytes, asked into L2 (`prefetcht1`) a few lines at every `k` step
+/// of this panel's blocks, so that [`Panel::fill`] copies them from L2 instead of the tiles
+/// standing idle while it waits on memory.
+struct Ahead {
+    src: Source,
+    /// The rows still to ask for.
+    rows: Range<usize>,
+    /// Byte range of each row asked for.
+    cols: Range<usize>,
+    /// The byte of the current row asked for next.
+    at: usize,
+    /// Lines asked for (each matrix) at each step.
+    per_step: usize,
+}
+
+impl Ahead {
+    /// The chunks `cs` of rows `ps` of `src`, spread over `steps` steps.
+    fn new(src: Source, ps: Range<usize>, cs: Range<usize>, k: usize, steps: usize) -> Self {
+        let cols = cs.start * KT * 2..k.min(cs.end * KT) * 2;
+        let lines = ps.len() * cols.len().div_ceil(ROW);
+        let per_step = lines.div_ceil(steps.max(1));
+        let at = cols.start;
+        Ahead {
+            src,
+            rows: ps,
+            cols,
+            at,
+            per_step,
+        }
+    }
+
+    /// Nothing to ask for.
+    fn none() -> Self {
+        Ahead {
+            src: Source {
+                w: [std::ptr::null(); 2],
+                wrow: 0,
+            },
+            rows: 0..0,
+            cols: 0..0,
+            at: 0,
+            per_step: 0,
+        }
+    }
+
+    /// Asks for this step's lines.
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        use std::arch::x86_64::_MM_HINT_T1;
+        for _ in 0..self.per_step {
+            if self.rows.is_empty() {
+                return;
+            }
+            for w in self.src.w {
+                if !w.is_null() {
+                    let p = w.wrapping_add(self.rows.start * self.src.wrow + self.at);
+                    _mm_prefetch::<_MM_HINT_T1>(p.cast());
+                }
+            }
+            self.at += ROW;
+            if self.at >= self.cols.end {
+                self.rows.start += 1;
+                self.at = self.cols.start;
+            }
+        }
+    }
+}
+
+/// `R` row tiles × `N` token groups from group `g`, over the chunks `cs` of `k`, for
+/// `pending`'s target: row tile `r` is the 16 weight rows from `a.0[r]`, `a.1` bytes apart,
+/// holding those chunks (a [`Panel`]'s). For every finish but [`Finish::SwiGlu`] they are rows
+/// `j..j + 16R` of one matrix, and their outputs go to those rows; for [`Finish::SwiGlu`] they
+/// are the gate's and the up's rows `j..j + 16`, whose outputs go to rows `j..j + 16`. The sums
+/// start and end as `acc` says; after the last chunk they are left in `pending` for the next
+/// block (or the caller, after the last) to finish; the previous block's are finished here
+/// ([`Pending`]).
 ///
 /// # Safety
 /// As [`sums`] (`pending`'s target its `n`, `m`, `out`), with the tile configuration loaded;
-/// the `R` row tiles exist.
+/// the `R` row tiles exist; `acc.sums` holds four tiles.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn block<const R: usize, const N: usize>(
     p: &Packed,
-    k: usize,
     (a, wrow): ([*const u8; 2], usize),
     j: usize,
     g: usize,
+    cs: Range<usize>,
+    acc: Acc,
     pending: &mut Pending<'_>,
+    ahead: &mut Ahead,
 ) {
     let Target { n, m, out, finish } = pending.target;
     let swiglu = matches!(finish, Finish::SwiGlu);
-    zero::<0>();
-    zero::<1>();
-    zero::<2>();
-    zero::<3>();
-    // The last 32 elements of `k` when it is not a multiple of 32: a zero-padded copy (reading
-    // in place would run into the next row or past the tensor).
-    let mut tail = [0u8; 2 * T16 * ROW];
-    let full = k / KT;
-    // The outputs' lines, asked for with write intent while the tiles work: token `tok` of the
-    // block (of `16N`) at chunk `tok·chunks / 16N`, so the stores below do not wait for them.
-    let tokens = (N * T16).min(n.saturating_sub(g * T16));
+    // C tile (r, t) is tmm(2r + t); for SwiGLU the gate's token groups are tmm0 and tmm1, the
+    // up's tmm2 and tmm3.
+    let s = acc.sums;
+    if acc.first {
+        zero::<0>();
+        zero::<1>();
+        zero::<2>();
+        zero::<3>();
+    } else {
+        c_tiles::<R, N, true>(s);
+    }
+    // The outputs' lines, asked for with write intent while the tiles work over the last block
+    // of `k`: token `tok` of the block (of `16N`) at step `tok·steps / 16N`, so the stores of
+    // the finish do not wait for them.
+    let tokens = if acc.last {
+        (N * T16).min(n.saturating_sub(g * T16))
+    } else {
+        0
+    };
     let mut next = 0;
     // The previous block's sums are finished after step `finish_at` is issued, while it and
     // the last [`FINISH_AHEAD`] steps work.
-    let finish_at = p.chunks.saturating_sub(FINISH_AHEAD + 1);
-    for c in 0..p.chunks {
-        while next < tokens && next * p.chunks < (c + 1) * (N * T16) {
+    let finish_at = cs.end.saturating_sub(FINISH_AHEAD + 1).max(cs.start);
+    let steps = cs.len();
+    for c in cs.clone() {
+        while next < tokens && next * steps < (c - cs.start + 1) * (N * T16) {
             let line = out.add((g * T16 + next) * m + j).cast::<i8>();
             _mm_prefetch::<_MM_HINT_ET0>(line);
             if R == 2 && !swiglu {
@@ -426,18 +731,9 @@ unsafe fn block<const R: usize, const N: usize>(
             }
             next += 1;
         }
-        let (a0, a1, stride) = if c < full {
-            (a[0].add(c * KT * 2), a[1].wrapping_add(c * KT * 2), wrow)
-        } else {
-            let len = (k - c * KT) * 2;
-            for r in 0..R * T16 {
-                let row = a[r / T16].add((r % T16) * wrow + c * KT * 2);
-                let src = std::slice::from_raw_parts(row, len);
-                tail[r * ROW..r * ROW + len].copy_from_slice(src);
-            }
-            (tail.as_ptr(), tail[T16 * ROW..].as_ptr(), ROW)
-        };
-        load::<4>(a0, stride);
+        ahead.step();
+        let at = (c - cs.start) * KT * 2;
+        load::<4>(a[0].add(at), wrow);
         load::<6>(p.tile(g, c), ROW);
         dot::<0, 4, 6>();
         if N == 2 {
@@ -445,7 +741,7 @@ unsafe fn block<const R: usize, const N: usize>(
             dot::<1, 4, 7>();
         }
         if R == 2 {
-            load::<5>(a1, stride);
+            load::<5>(a[1].wrapping_add(at), wrow);
             dot::<2, 5, 6>();
             if N == 2 {
                 dot::<3, 5, 7>();
@@ -455,22 +751,41 @@ unsafe fn block<const R: usize, const N: usize>(
             pending.finish();
         }
     }
-    // (Already done in the loop unless `k` is empty.)
+    // (Already done in the loop unless the block of `k` is empty.)
     pending.finish();
-    // C tile (r, t) is tmm(2r + t); for SwiGLU the gate's token groups are tmm0 and tmm1, the
-    // up's tmm2 and tmm3.
-    let c = pending.c.as_mut_ptr();
-    store::<0>(c.add(0).cast(), ROW);
-    if N == 2 {
-        store::<1>(c.add(1).cast(), ROW);
-    }
-    if R == 2 {
-        store::<2>(c.add(2).cast(), ROW);
-        if N == 2 {
-            store::<3>(c.add(3).cast(), ROW);
+    let s = if acc.last {
+        pending.block = Some(Done { r: R, n: N, j, g });
+        pending.c.as_mut_ptr()
+    } else {
+        s
+    };
+    c_tiles::<R, N, false>(s);
+}
+
+/// Loads (`LOAD`) or stores a block's C tiles from or to `s`: tile (r, t) is tmm(2r + t), at
+/// `s[2r + t]`.
+///
+/// # Safety
+/// `s` holds four tiles, on cache lines; the tile configuration is loaded.
+#[inline(always)]
+unsafe fn c_tiles<const R: usize, const N: usize, const LOAD: bool>(s: *mut [[f32; T16]; T16]) {
+    #[inline(always)]
+    unsafe fn one<const T: u8, const LOAD: bool>(p: *mut [[f32; T16]; T16]) {
+        match LOAD {
+            true => load::<T>(p.cast(), ROW),
+            false => store::<T>(p.cast(), ROW),
         }
     }
-    pending.block = Some(Done { r: R, n: N, j, g });
+    one::<0, LOAD>(s);
+    if N == 2 {
+        one::<1, LOAD>(s.add(1));
+    }
+    if R == 2 {
+        one::<2, LOAD>(s.add(2));
+        if N == 2 {
+            one::<3, LOAD>(s.add(3));
+        }
+    }
 }
 
 /// How many of a block's `k` steps are issued after the previous block's finish ([`Pending`],
@@ -680,6 +995,112 @@ mod tests {
         }
     }
 
+    /// However a product is cut (token groups, blocks of `k`, panels of rows) and wherever its
+    /// rows start (read in place on cache lines, or copied from 32 bytes into a line), every
+    /// sum has the bits of one pass over all of `k`: the partial sums between blocks of `k` are
+    /// stored and loaded back exactly and added to in the same order. Plain products (bias,
+    /// bf16 finish) and SwiGLU, with token, row and `k` tails.
+    #[test]
+    fn every_blocking_gives_the_same_bits() {
+        if !available() {
+            eprintln!("every_blocking_gives_the_same_bits: skipped, no AMX-BF16 here");
+            return;
+        }
+        let value = |i: usize, salt: u32| {
+            let h = (i as u32 ^ salt).wrapping_mul(0x9E37_79B9).rotate_left(11);
+            (h as f32 / u32::MAX as f32 - 0.5) * 4.0
+        };
+        let bf16_bits = |v: f32| ((v.to_bits() >> 16) as u16).to_le_bytes();
+        let cuts = [
+            BLOCKING,
+            // Two token groups, three chunks of `k`, two row tiles (one for SwiGLU) at a time.
+            Blocking {
+                groups: 2,
+                k_block_bytes: 2 * T16 * ROW * 3,
+                panel_bytes: 1,
+            },
+            // Three groups (a single one after each pair), five chunks, 64 rows.
+            Blocking {
+                groups: 3,
+                k_block_bytes: 3 * T16 * ROW * 5,
+                panel_bytes: 64 * 8 * ROW,
+            },
+        ];
+        for (n, k, m) in [(70, 1037, 112), (33, 256, 64), (16, 96, 48), (5, 29, 32)] {
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| f32::from_bits(value(i, 1).to_bits() & 0xFFFF_0000))
+                .collect();
+            let p = Packed::new(&x, n, k);
+            let bias: Vec<f32> = (0..m).map(|i| value(i, 4)).collect();
+            // Each matrix once on a cache line and once 32 bytes into one.
+            let mats: Vec<Vec<TileRow>> = (0..2)
+                .map(|salt| {
+                    let mut v = vec![TileRow([0; ROW / 2]); (m * k * 2).div_ceil(ROW) + 1];
+                    let bytes = v.as_mut_ptr().cast::<u8>();
+                    for i in 0..m * k {
+                        for (o, b) in bf16_bits(value(i, 2 + salt)).iter().enumerate() {
+                            // SAFETY: inside the vector (one spare line).
+                            unsafe { *bytes.add(2 * i + o) = *b };
+                        }
+                    }
+                    v
+                })
+                .collect();
+            let at = |mat: usize, shift: usize| {
+                let mut v = vec![TileRow([0; ROW / 2]); mats[mat].len() + 1];
+                let bytes = v.as_mut_ptr().cast::<u8>();
+                // SAFETY: `m·k·2` bytes from `shift` fit the one spare line.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        mats[mat].as_ptr().cast::<u8>(),
+                        bytes.add(shift),
+                        m * k * 2,
+                    );
+                }
+                (v, shift)
+            };
+            let finishes = [
+                Finish::Raw,
+                Finish::Bf16 { bias: Some(&bias) },
+                Finish::SwiGlu,
+            ];
+            for finish in finishes {
+                let mut first: Option<Vec<u32>> = None;
+                for shift in [0, 32] {
+                    let (gate, _) = at(0, shift);
+                    let (up, _) = at(1, shift);
+                    let w = |v: &Vec<TileRow>| v.as_ptr().cast::<u8>().wrapping_add(shift);
+                    let swiglu = matches!(finish, Finish::SwiGlu);
+                    let src = Source {
+                        w: [w(&gate), if swiglu { w(&up) } else { std::ptr::null() }],
+                        wrow: k * 2,
+                    };
+                    for cut in cuts {
+                        let mut out = vec![f32::NAN; n * m];
+                        let target = Target {
+                            n,
+                            m,
+                            out: out.as_mut_ptr(),
+                            finish,
+                        };
+                        // SAFETY: AMX available; both matrices hold `m` rows of `k` BF16; `p`
+                        // packs `n` tokens of `k`; `out` holds `n·m`; `m` whole tiles.
+                        unsafe { run(&p, n, k, src, 0..m, target, cut) };
+                        let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                        assert!(out.iter().all(|v| !v.is_nan()), "every output written");
+                        match &first {
+                            None => first = Some(bits),
+                            Some(f) => assert!(
+                                *f == bits,
+                                "n={n} k={k} m={m} shift {shift}: a blocking changed the bits"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The vectorized packing writes what the layout says, value by value: token `t`'s pair
     /// `(x[t][32c + 2r], x[t][32c + 2r + 1])` at row `r` of tile `(t / 16, c)`, zero past `n`
     /// and `k` (token and `k` tails, one and several groups and chunks).
@@ -696,8 +1117,10 @@ mod tests {
                 .collect();
             let p = Packed::new(&x, n, k);
             let chunks = k.div_ceil(KT);
-            assert_eq!(p.data.len(), n.div_ceil(T16) * chunks * T16 * ROW / 2);
-            for (i, &got) in p.data.iter().enumerate() {
+            let data: Vec<u16> = p.data.iter().flat_map(|r| r.0).collect();
+            assert_eq!(data.len(), n.div_ceil(T16) * chunks * T16 * ROW / 2);
+            assert_eq!(p.data.as_ptr() as usize % ROW, 0, "tiles start on a line");
+            for (i, &got) in data.iter().enumerate() {
                 let (tile, within) = (i / (T16 * ROW / 2), i % (T16 * ROW / 2));
                 let (g, c) = (tile / chunks, tile % chunks);
                 let (r, tok, half) = (within / (ROW / 2), within % (ROW / 2) / 2, within % 2);
