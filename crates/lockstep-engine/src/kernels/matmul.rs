@@ -439,7 +439,7 @@ fn swiglu_amx<T: Float>(
     assert_eq!(x.len(), n * k, "linear_swiglu: input length");
     assert_eq!(act.len(), n * m, "linear_swiglu: output length");
     let p = amx::Packed::new(xf, n, k);
-    let per = task_rows(m, 2 * k * 2, AMX_TASKS_PER_THREAD);
+    let per = task_rows(m, 2 * k * 2, AMX_SWIGLU_TASKS_PER_THREAD);
     let dst = crate::team::SendPtr(out);
     crate::team::for_each(m.div_ceil(per), |t| {
         let rows = t * per..((t + 1) * per).min(m);
@@ -606,7 +606,7 @@ fn linear_many_with<T: Float>(
     } else {
         #[cfg(target_arch = "x86_64")]
         let per_thread = match packed {
-            Some(_) => AMX_TASKS_PER_THREAD,
+            Some(_) => AMX_LINEAR_TASKS_PER_THREAD,
             None => TASKS_PER_THREAD,
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -641,7 +641,7 @@ fn replacing_coding(w: &Tensor) -> Option<&crate::weights::bf16_coded::Bf16Coded
 
 /// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
 /// products split their rows by [`shares`]): `per_thread` tasks per thread (load balance;
-/// [`TASKS_PER_THREAD`], or [`AMX_TASKS_PER_THREAD`] on AMX tiles) of at least ~64 KiB of
+/// [`TASKS_PER_THREAD`], or [`AMX_SWIGLU_TASKS_PER_THREAD`] on AMX tiles) of at least ~64 KiB of
 /// weights (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the 4-row
 /// AVX-512 ones).
 fn task_rows(m: usize, row_bytes: usize, per_thread: usize) -> usize {
@@ -660,20 +660,34 @@ fn task_rows(m: usize, row_bytes: usize, per_thread: usize) -> usize {
 /// at 128 (30 rounds); at 2048, against 4, 2 took 1.03×, 1 1.02×, 8 1.05× (8 rounds); at 512,
 /// against 8, 3 took 1.01×, 1 1.00×, 16 1.02-1.03×. A batch's decode (`lockstep bench --batch`,
 /// three pairs in turns): 4 rows 143.5, 165.0, 164.2 → 159.3, 173.8, 165.6 tok/s, 8 rows 242.8,
-/// 242.2, 241.8 → 241.6, 253.1, 256.7. On AMX tiles: [`AMX_TASKS_PER_THREAD`].
+/// 242.2, 241.8 → 241.6, 253.1, 256.7. On AMX tiles: [`AMX_SWIGLU_TASKS_PER_THREAD`] and
+/// [`AMX_LINEAR_TASKS_PER_THREAD`].
 const TASKS_PER_THREAD: usize = 4;
 
-/// [`TASKS_PER_THREAD`] for the products that run on AMX tiles (`amx::sums`,
-/// `amx::swiglu_sums`). Each task passes every token pair's packed activations over all of its
-/// rows' weights, so a task whose weights do not stay in L2 beside them reads its weights
+/// [`TASKS_PER_THREAD`] for the MLP's gate and up products on AMX tiles (`amx::swiglu_sums`;
+/// the plain products: [`AMX_LINEAR_TASKS_PER_THREAD`]). Each task passes every token pair's
+/// packed activations over all of its rows' weights, so a task whose weights do not stay in L2 beside them reads its weights
 /// again from further out for every pair of token groups: the 0.5B shape's gate and up rows of
 /// a four-task share are 2.2 MB, of an eight-task share 1.1 MB (2 MiB of L2 a core here).
 /// Whole 0.5B-shape bf16 prefills, 2 cores of an Intel Xeon with AMX (2026-12-05,
 /// `prefill_profile`, the counts in turns): 8 against 4 took 0.86-0.95× the time at 512 tokens
 /// (7 rounds; the gate/up/SwiGLU step 0.82-0.96×), 0.83-0.92× at 128 (2), 0.90-0.94× at 2048
 /// (2); 16 and 32 made the down product slower again at 512 (1.07-1.23× and 1.39-1.57× the
-/// time of 8 on it, 3 rounds).
-const AMX_TASKS_PER_THREAD: usize = 8;
+/// time of 8 on it, 3 rounds). Those were measured before the products ran in panels
+/// (`amx::run`); with them, 1, 2 and 4 measured within the noise of 8 on the gate/up step
+/// (2026-12-06, 137-178 against 141-162 ms a pass, 2 rounds each).
+const AMX_SWIGLU_TASKS_PER_THREAD: usize = 8;
+
+/// [`TASKS_PER_THREAD`] for the plain products on AMX tiles (`amx::sums`: q/k/v, o, down; the
+/// gate and up products run as one with [`AMX_SWIGLU_TASKS_PER_THREAD`]). Since the products run in
+/// blocks of `k` with the panels of a task inside each block (`amx::run`), a task reads all the
+/// tokens' packed activations once per block of `k` from further out than L2 and then serves
+/// every panel of its rows from L2: the fewer tasks, the fewer such reads. The down product's
+/// `k` of 4864 is five blocks at 512 tokens, 5 MB of activations per task. 0.5B shape,
+/// 2 cores of an Intel Xeon with AMX (2026-12-06, `prefill_profile`, in turns): the down product
+/// 98-109 ms a pass with 8 against 87-91 with 2 or 4 (512 tokens, 4 rounds), 399-420 against
+/// 366-370 with 2 (2048 tokens; q/k/v 104-105 against 93-95); 128 tokens alike.
+const AMX_LINEAR_TASKS_PER_THREAD: usize = 2;
 
 /// The output `[n][m]` shared by the tasks, each writing its own rows.
 #[derive(Clone, Copy)]

@@ -412,7 +412,8 @@ struct Blocking {
 /// and 162.3, 107.1 and 111.3; 8 groups 172.5 and 172.7, 111.9 and 115.2; 32 groups with
 /// 512 KiB 184.3 and 182.3, 106.5 and 109.3. Before the panels (the rows read in place, 32
 /// bytes into their lines, all of a task's rows for every pair of token groups): 177.5-194.4
-/// and 104.7-114.0.
+/// and 104.7-114.0. (Measured with the panels outside the blocks of `k`, before [`run`]'s
+/// present order.)
 const BLOCKING: Blocking = Blocking {
     groups: 32,
     k_block_bytes: 1 << 20,
@@ -420,12 +421,17 @@ const BLOCKING: Blocking = Blocking {
 };
 
 /// Runs every block of `rows` (whole 16-row tiles) × every token of `p` for `target`: token
-/// groups `blocking.groups` at a time; for those, the rows a panel at a time; for a panel,
-/// `k` a block at a time (the panel's rows of that block copied onto cache lines, [`Panel`]),
-/// every pair of token groups × pair of row tiles over it. A block's sums stay in the tiles
-/// over its `k` block and wait in the panel's partial sums between blocks of `k`: stored and
-/// loaded back exactly, and added to in the same order of `k`, so the sums are the bits of one
-/// pass over all of `k`.
+/// groups `blocking.groups` at a time; for those, `k` a block at a time (the groups' packed
+/// activations of that block stay in L2); for a block, the rows a panel at a time (the panel's
+/// rows of that block copied onto cache lines, [`Panel`]), every pair of token groups × pair of
+/// row tiles over it. A block's sums stay in the tiles over its `k` block and wait in the
+/// partial sums between blocks of `k` (every panel's, all of the rows' for the groups):
+/// stored and loaded back exactly, and added to in the same order of `k`, so the sums are the
+/// bits of one pass over all of `k`. With the blocks of `k` outside the panels, a task reads
+/// the activations from further out than L2 once per block of `k` and no more, so fewer,
+/// larger tasks read them fewer times (`matmul::AMX_LINEAR_TASKS_PER_THREAD`: the 0.5B down
+/// product, `k` 4864, 87-91 ms a 512-token pass with two or four tasks a thread against 98-109
+/// with eight).
 ///
 /// # Safety
 /// As [`sums`] for `src`'s matrices (each `wrow` bytes a row, every row of `rows` there) and
@@ -465,15 +471,19 @@ unsafe fn run(
     // are asked for while one runs.
     let mut steps = vec![];
     for g0 in (0..groups).step_by(at_a_time) {
-        for start in (rows.start..rows.end).step_by(per_panel) {
-            for c0 in (0..p.chunks).step_by(kb) {
+        for c0 in (0..p.chunks).step_by(kb) {
+            for start in (rows.start..rows.end).step_by(per_panel) {
                 let gs = g0..(g0 + at_a_time).min(groups);
                 let ps = start..(start + per_panel).min(rows.end);
                 steps.push((gs, ps, c0..(c0 + kb).min(p.chunks)));
             }
         }
     }
+    let panels = (rows.end - rows.start).div_ceil(per_panel);
+    // Blocks of a whole panel (each C tile pair's four tiles parked between blocks of `k`).
+    let per_panel_blocks = per_panel / unit * at_a_time.div_ceil(2);
     PANEL.with_borrow_mut(|panel| {
+        let all_sums = panel.partial(panels * per_panel_blocks);
         for (i, (gs, ps, cs)) in steps.iter().enumerate() {
             let tiles = ps.len() / T16;
             let (a, line) = if in_place {
@@ -483,7 +493,7 @@ unsafe fn run(
                 (panel.fill(src, ps.clone(), cs.clone(), k, line), line)
             };
             let pairs = if swiglu { tiles } else { tiles.div_ceil(2) };
-            let sums = panel.partial(pairs * gs.len().div_ceil(2));
+            let sums = all_sums.add((ps.start - rows.start) / per_panel * per_panel_blocks * 4);
             let issued = pairs * gs.len().div_ceil(2) * cs.len();
             let mut ahead = match steps.get(i + 1) {
                 Some((_, ps, cs)) if !in_place => {
