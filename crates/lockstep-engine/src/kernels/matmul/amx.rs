@@ -461,10 +461,14 @@ unsafe fn run(
     // A plain product's blocks take two row tiles of one matrix, SwiGLU's one of each.
     let unit = if swiglu { T16 } else { 2 * T16 };
     let per_panel = (panel_bytes / (mats * line) / unit).max(1) * unit;
-    // Rows that already start on cache lines, whole chunks long, are read where they are.
+    // Rows of whole chunks (else the last chunk would read past the row) are read where they
+    // are if they start on cache lines, or if one pair of token groups reads each once (a
+    // prefill's logits for its last token, 151936 rows on the 0.5B shape: copying them first
+    // took 20-21 ms a pass against 16-17 read in place, `prefill_profile`).
     let in_place = k.is_multiple_of(KT)
-        && src.wrow.is_multiple_of(ROW)
-        && src.w.iter().all(|w| (*w as usize).is_multiple_of(ROW));
+        && (groups <= 2
+            || src.wrow.is_multiple_of(ROW)
+                && src.w.iter().all(|w| (*w as usize).is_multiple_of(ROW)));
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
     let mut pending = Pending::new(target);
     // Every (token groups, panel, block of `k`) in the order they run; the next one's bytes
