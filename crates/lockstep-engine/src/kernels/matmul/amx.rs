@@ -471,7 +471,7 @@ unsafe fn run(
                 && src.w.iter().all(|w| (*w as usize).is_multiple_of(ROW)));
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
     let mut pending = Pending::new(target);
-    // Every (token groups, panel, block of `k`) in the order they run; the next one's bytes
+    // Every (token groups, block of `k`, panel) in the order they run; the next one's bytes
     // are asked for while one runs.
     let mut steps = vec![];
     for g0 in (0..groups).step_by(at_a_time) {
