@@ -641,8 +641,8 @@ fn replacing_coding(w: &Tensor) -> Option<&crate::weights::bf16_coded::Bf16Coded
 
 /// Rows per rayon task of a product of more than [`CODED_MAX_TOKENS`] tokens (a decode step's
 /// products split their rows by [`shares`]): `per_thread` tasks per thread (load balance;
-/// [`TASKS_PER_THREAD`], or [`AMX_SWIGLU_TASKS_PER_THREAD`] on AMX tiles) of at least ~64 KiB of
-/// weights (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the 4-row
+/// [`TASKS_PER_THREAD`], or on AMX tiles [`AMX_SWIGLU_TASKS_PER_THREAD`] and
+/// [`AMX_LINEAR_TASKS_PER_THREAD`]) of at least ~64 KiB of weights (to amortize scheduling), a multiple of the 16-row AMX tiles (and of the 4-row
 /// AVX-512 ones).
 fn task_rows(m: usize, row_bytes: usize, per_thread: usize) -> usize {
     let balanced = m.div_ceil(per_thread * rayon::current_num_threads());
@@ -666,8 +666,8 @@ const TASKS_PER_THREAD: usize = 4;
 
 /// [`TASKS_PER_THREAD`] for the MLP's gate and up products on AMX tiles (`amx::swiglu_sums`;
 /// the plain products: [`AMX_LINEAR_TASKS_PER_THREAD`]). Each task passes every token pair's
-/// packed activations over all of its rows' weights, so a task whose weights do not stay in L2 beside them reads its weights
-/// again from further out for every pair of token groups: the 0.5B shape's gate and up rows of
+/// packed activations over all of its rows' weights, so a task whose weights do not stay in L2
+/// beside them reads its weights again from further out for every pair of token groups: the 0.5B shape's gate and up rows of
 /// a four-task share are 2.2 MB, of an eight-task share 1.1 MB (2 MiB of L2 a core here).
 /// Whole 0.5B-shape bf16 prefills, 2 cores of an Intel Xeon with AMX (2026-12-05,
 /// `prefill_profile`, the counts in turns): 8 against 4 took 0.86-0.95× the time at 512 tokens

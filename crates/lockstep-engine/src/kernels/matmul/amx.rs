@@ -328,7 +328,7 @@ pub(super) unsafe fn sums_strided(
         w: [w.as_ptr(), std::ptr::null()],
         wrow,
     };
-    whole_tiles(p, n, k, src, rows, Target { n, m, out, finish })
+    run(p, n, k, src, rows, Target { n, m, out, finish }, BLOCKING)
 }
 
 /// The MLP's `out[t·m + j] = silu(Σ_i x[t·k + i]·gate[j][i]) · Σ_i x[t·k + i]·up[j][i]`,
@@ -359,25 +359,7 @@ pub(super) unsafe fn swiglu_sums(
         wrow: k * 2,
     };
     let finish = Finish::SwiGlu;
-    whole_tiles(p, n, k, src, rows, Target { n, m, out, finish })
-}
-
-/// [`run`] over the whole 16-row tiles of `rows`; returns the rows left (fewer than 16).
-///
-/// # Safety
-/// As [`run`].
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn whole_tiles(
-    p: &Packed,
-    n: usize,
-    k: usize,
-    src: Source,
-    rows: Range<usize>,
-    target: Target,
-) -> Range<usize> {
-    let done = rows.start + (rows.end - rows.start) / T16 * T16;
-    run(p, n, k, src, rows.start..done, target, BLOCKING);
-    done..rows.end
+    run(p, n, k, src, rows, Target { n, m, out, finish }, BLOCKING)
 }
 
 /// The weight rows a product reads: one matrix (`w[1]` null), or the gate's and the up's.
@@ -420,7 +402,8 @@ const BLOCKING: Blocking = Blocking {
     panel_bytes: 128 << 10,
 };
 
-/// Runs every block of `rows` (whole 16-row tiles) × every token of `p` for `target`: token
+/// Runs every block of the whole 16-row tiles of `rows` × every token of `p` for `target`, and
+/// returns the rows left (fewer than 16, at the end) for the caller: token
 /// groups `blocking.groups` at a time; for those, `k` a block at a time (the groups' packed
 /// activations of that block stay in L2); for a block, the rows a panel at a time (the panel's
 /// rows of that block copied onto cache lines, [`Panel`]), every pair of token groups × pair of
@@ -435,7 +418,7 @@ const BLOCKING: Blocking = Blocking {
 ///
 /// # Safety
 /// As [`sums`] for `src`'s matrices (each `wrow` bytes a row, every row of `rows` there) and
-/// `target`; `rows` whole tiles.
+/// `target`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn run(
     p: &Packed,
@@ -445,7 +428,9 @@ unsafe fn run(
     rows: Range<usize>,
     target: Target,
     blocking: Blocking,
-) {
+) -> Range<usize> {
+    let done = rows.start + (rows.end - rows.start) / T16 * T16;
+    let (rest, rows) = (done..rows.end, rows.start..done);
     let Blocking {
         groups: at_a_time,
         k_block_bytes,
@@ -537,6 +522,7 @@ unsafe fn run(
     });
     pending.finish();
     asm!("tilerelease", options(nomem, nostack, preserves_flags));
+    rest
 }
 
 /// Where a block's sums start and end for one block of `k`.
